@@ -1,0 +1,66 @@
+"""`domainlm <command>`: thin wrappers that turn flags (+ an optional YAML) into a typed config and call the
+stage's function. Heavy imports happen inside the commands so that `--help` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from domainlm import __version__
+from domainlm import config as cfglib
+from domainlm.errors import DomainLMError
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    from domainlm.data.prepare import PrepareConfig, format_stats, prepare
+
+    stats = prepare(cfglib.from_args(PrepareConfig, args))
+    print(format_stats(stats))
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from domainlm.data.prepare import inspect
+
+    print(inspect(args.corpus, samples=args.samples, tokenizer=args.tokenizer))
+
+
+def _pretrain(args: argparse.Namespace) -> None:
+    from domainlm.pretrain.command import PretrainConfig, pretrain
+
+    pretrain(cfglib.from_args(PretrainConfig, args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from domainlm.data.prepare import PrepareConfig
+    parser = argparse.ArgumentParser(prog="domainlm", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"domainlm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="raw documents -> tokenized corpus store + stats")
+    cfglib.add_arguments(p, PrepareConfig)
+    p.set_defaults(func=_prepare)
+
+    p = sub.add_parser("inspect", help="print a corpus store's stats and decode sample sentences")
+    p.add_argument("corpus", help="corpus store folder")
+    p.add_argument("--samples", type=int, default=5, help="sentences to decode (default: 5)")
+    p.add_argument("--tokenizer", help="tokenizer to decode with (default: the one stored with the corpus)")
+    p.set_defaults(func=_inspect)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except DomainLMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Typed configs: one dataclass per command, loadable from YAML, overridable by flags, validated, written out.
+
+A field's metadata carries its help text and its constraints:
+    max_lr: float = option(1e-4, "peak learning rate", low=0, high=1, low_open=True)
+Flags are the field names with dashes (`--max-lr`). Precedence: defaults < YAML (`--config`) < flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+
+from domainlm.errors import DomainLMError
+
+C = TypeVar("C")
+
+
+def option(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    positional: bool = False,
+) -> Any:
+    """A config field with help text and an optional [low, high] range (low exclusive if low_open)."""
+    meta = {"help": help, "low": low, "high": high, "low_open": low_open, "positional": positional}
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda d=default: list(d), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML or flag value to the field's type, or raise an error naming `where`."""
+    tp, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise DomainLMError(f"{where}: a value is required")
+    origin = get_origin(tp)
+    try:
+        if origin is Literal:
+            choices = get_args(tp)
+            if value not in choices:
+                raise DomainLMError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
+            return value
+        if origin is list:
+            (item,) = get_args(tp)
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v != ""]
+            if not isinstance(value, list | tuple):
+                raise DomainLMError(f"{where}: expected a list, got {value!r}")
+            return [_coerce(v, item, where) for v in value]
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+                return value.lower() in ("true", "yes", "1")
+            raise DomainLMError(f"{where}: expected true or false, got {value!r}")
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if tp is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise DomainLMError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}") from None
+    return value
+
+
+def validate(cfg: Any) -> None:
+    """Check every field's range; the message names the field (as a flag) and the allowed range."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        low, high = f.metadata.get("low"), f.metadata.get("high")
+        if value is None or (low is None and high is None):
+            continue
+        too_low = low is not None and (value <= low if f.metadata.get("low_open") else value < low)
+        too_high = high is not None and value > high
+        if too_low or too_high:
+            lo = "-inf" if low is None else low
+            hi = "inf" if high is None else high
+            bracket = "(" if f.metadata.get("low_open") else "["
+            raise DomainLMError(f"{_flag(f.name)} = {value} is out of range {bracket}{lo}, {hi}]")
+    check = getattr(cfg, "check", None)
+    if check is not None:
+        check()
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field; defaults are suppressed so that only flags the user typed override YAML."""
+    parser.add_argument("--config", help="YAML file with any of the options below (flags override it)")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, _ = _unwrap_optional(hints[f.name])
+        if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            shown = f"default: {f.default_factory()}"  # type: ignore[misc]
+        elif f.default is dataclasses.MISSING:
+            shown = "required"
+        else:
+            shown = f"default: {f.default}"
+        help_text = f"{f.metadata.get('help', '')} ({shown})"
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, nargs="*", default=argparse.SUPPRESS, help=f.metadata.get("help"))
+        elif tp is bool:
+            parser.add_argument(
+                _flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
+            )
+        elif get_origin(tp) is Literal:
+            parser.add_argument(
+                _flag(f.name), choices=get_args(tp), default=argparse.SUPPRESS, help=help_text
+            )
+        else:
+            parser.add_argument(_flag(f.name), default=argparse.SUPPRESS, help=help_text, metavar="VALUE")
+
+
+def load(cls: type[C], yaml_path: str | None = None, overrides: dict[str, Any] | None = None) -> C:
+    """Build a validated config: defaults, then the YAML file, then explicit overrides."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    if yaml_path:
+        path = Path(yaml_path)
+        if not path.is_file():
+            raise DomainLMError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise DomainLMError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise DomainLMError(f"{path}: expected a mapping of option: value")
+        for key, value in raw.items():
+            name = str(key).replace("-", "_")
+            if name not in names:
+                raise DomainLMError(f"{path}: unknown option {key!r} (known: {', '.join(sorted(names))})")
+            values[name] = _coerce(value, hints[name], f"{path}: {key}")
+    for name, value in (overrides or {}).items():
+        if name not in names:
+            raise DomainLMError(f"unknown option {_flag(name)}")
+        values[name] = _coerce(value, hints[name], _flag(name))
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+    ]
+    if missing:
+        raise DomainLMError("missing required option(s): " + ", ".join(_flag(m) for m in missing))
+    cfg = cls(**values)
+    validate(cfg)
+    return cfg
+
+
+def from_args(cls: type[C], args: argparse.Namespace) -> C:
+    given = {k: v for k, v in vars(args).items() if k not in ("config", "command", "func")}
+    return load(cls, getattr(args, "config", None), given)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def write(cfg: Any, folder: str | Path, name: str = "config.yaml") -> Path:
+    """The resolved config, so that every output folder says exactly how it was made."""
+    path = Path(folder) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return path

@@ -1,0 +1,324 @@
+"""`domainlm prepare` (raw documents -> corpus store + stats) and `domainlm inspect`.
+
+Reading and duplicate decisions run in this process, in input order; cleaning, sentence splitting,
+segmentation, tokenization and MinHash run in a pool of worker processes with a bounded number of chunks in
+flight, so memory stays flat. The store is written into a hidden sibling folder and renamed into place when
+complete: an interrupted run never leaves a store that a later stage could take for a good one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from collections import Counter, deque
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from domainlm import __version__
+from domainlm import config as cfglib
+from domainlm.config import option
+from domainlm.data.clean import Deduplicator
+from domainlm.data.readers import Document, ReadOptions, discover, read_file
+from domainlm.data.store import Corpus, CorpusWriter, read_megatron, read_paddlenlp
+from domainlm.data.tokenize import (
+    DocumentEncoder,
+    EncodedDocument,
+    EncodeOptions,
+    encode_chunk,
+    init_worker,
+    load_fast_tokenizer,
+    vocab_hash,
+)
+from domainlm.errors import DomainLMError
+
+
+@dataclass(kw_only=True)
+class PrepareConfig:
+    input: list[str] = option([], "files or folders of raw documents (txt, jsonl, md, pdf, docx, .gz; "
+                              "or a PaddleNLP *_ids.npy / Megatron .bin corpus to import)", positional=True)
+    out: str = option(help="output folder for the corpus store")
+    tokenizer: str = option(help="Hugging Face fast tokenizer: a name or a path")
+    language: Literal["auto", "zh", "en"] = option("auto", "document language; auto detects per document")
+    segment: bool = option(False, "Chinese word segmentation for whole-word masking")
+    segmenter: Literal["rjieba", "jieba"] = option("rjieba", "word segmenter (rjieba is ~25x faster)")
+    user_dict: str | None = option(None, "user dictionary of domain terms for the segmenter (jieba format)")
+    text_field: str = option("text", "JSONL field holding the document text")
+    encoding: Literal["auto", "utf-8", "gb18030"] = option("auto", "text file encoding (GBK is read as gb18030)")
+    skip_bad_lines: bool = option(False, "skip and count malformed JSONL lines instead of failing")
+    normalize: Literal["NFC", "NFKC", "none"] = option("NFC", "Unicode normalisation form")
+    min_doc_chars: int = option(10, "drop documents shorter than this after cleaning", low=0)
+    max_sentence_tokens: int = option(510, "cut longer sentences into pieces of this many tokens", low=8)
+    near_dup_threshold: float = option(0.8, "MinHash Jaccard threshold for near duplicates (0: off)", low=0, high=1)
+    workers: int = option(-1, "worker processes (-1: one per core, 0: in this process)", low=-1)
+    overwrite: bool = option(False, "replace an existing, different corpus in --out")
+
+    def check(self) -> None:
+        if not self.input:
+            raise DomainLMError("no input given: name files or folders of documents")
+
+
+def _is_import(path: str) -> bool:
+    return path.endswith("_ids.npy") or path.endswith(".bin")
+
+
+def _fingerprint(cfg: PrepareConfig, files: list[Path], vocab: str) -> str:
+    """What the corpus depends on: inputs (path, size, mtime), vocabulary and the options that change output."""
+    ignore = {"out", "workers", "overwrite"}
+    options = {k: v for k, v in asdict(cfg).items() if k not in ignore}
+    inputs = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    blob = json.dumps([options, inputs, vocab, __version__], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def _documents(files: list[Path], options: ReadOptions, counters: Counter) -> Iterator[Document]:
+    for path in files:
+        counters["files"] += 1
+        for doc in read_file(path, options, counters):
+            counters["documents_read"] += 1
+            yield doc
+
+
+def _chunks(docs: Iterator[Document], chunk_chars: int = 1 << 17) -> Iterator[list[Document]]:
+    buf, size = [], 0
+    for doc in docs:
+        buf.append(doc)
+        size += len(doc.text)
+        if size >= chunk_chars:
+            yield buf
+            buf, size = [], 0
+    if buf:
+        yield buf
+
+
+def _encode_all(
+    chunks: Iterator[list[Document]], options: EncodeOptions, workers: int
+) -> Iterator[tuple[list[Document], list[EncodedDocument | None]]]:
+    """Results in input order, at most 2 chunks per worker in flight (reading never runs far ahead)."""
+    if workers == 0:
+        encoder = DocumentEncoder(options)
+        for chunk in chunks:
+            yield chunk, [encoder.encode(d) for d in chunk]
+        return
+    # spawn, not fork: the parent has loaded a Rust tokenizer whose thread pool does not survive a fork
+    with mp.get_context("spawn").Pool(workers, initializer=init_worker, initargs=(options,)) as pool:
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append((chunk, pool.apply_async(encode_chunk, (chunk,))))
+            if len(pending) >= 2 * workers:
+                chunk_done, result = pending.popleft()
+                yield chunk_done, result.get()
+        while pending:
+            chunk_done, result = pending.popleft()
+            yield chunk_done, result.get()
+
+
+def _continuation_table(tokenizer) -> np.ndarray:
+    """True for `##` continuation entries: word starts of imported corpora that have no word flags."""
+    table = np.zeros(len(tokenizer), dtype=bool)
+    for token, i in tokenizer.get_vocab().items():
+        if token.startswith("##") and i < len(table):
+            table[i] = True
+    return table
+
+
+def _import(paths: list[Path], writer: CorpusWriter, tokenizer, counters: Counter) -> None:
+    continuation = _continuation_table(tokenizer)
+    for path in paths:
+        counters["files"] += 1
+        reader = read_paddlenlp(path) if path.name.endswith("_ids.npy") else read_megatron(path)
+        for ids, lengths in reader:
+            counters["documents_read"] += 1
+            if ids.size and ids.max() >= len(continuation):
+                raise DomainLMError(
+                    f"{path}: token id {int(ids.max())} is outside the vocabulary of --tokenizer "
+                    f"({len(continuation)} entries): the corpus was made with another tokenizer"
+                )
+            starts = ~continuation[ids]
+            starts[np.concatenate([[0], np.cumsum(lengths)[:-1]])] = True
+            writer.add(ids, lengths, starts)
+
+
+def _check_out(out: Path, fingerprint: str, overwrite: bool) -> bool:
+    """True if `out` already holds this very corpus. Refuses to replace anything else without --overwrite."""
+    meta_path = out / "meta.json"
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            meta = {}
+        if meta.get("fingerprint") == fingerprint:
+            return True
+        if not overwrite:
+            raise DomainLMError(
+                f"{out} already holds a different corpus (made from other inputs or options); "
+                "pass --overwrite to replace it, or choose another --out"
+            )
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise DomainLMError(f"{out} exists and is not a corpus store; choose another --out or pass --overwrite")
+    return False
+
+
+def _corpus_stats(corpus: Corpus, counters: Counter, seconds: float, n_bytes: int) -> dict:
+    lengths = corpus.sentence_lengths()
+    doc_sentences = np.diff(np.asarray(corpus.document_offsets))
+    doc_tokens = np.diff(np.asarray(corpus.sentence_offsets)[np.asarray(corpus.document_offsets)])
+    stats = {
+        "documents": corpus.n_documents,
+        "sentences": corpus.n_sentences,
+        "tokens": corpus.n_tokens,
+        "tokens_per_sentence": round(float(lengths.mean()), 2) if len(lengths) else 0.0,
+        "tokens_per_document": round(float(doc_tokens.mean()), 2) if len(doc_tokens) else 0.0,
+        "sentences_per_document": round(float(doc_sentences.mean()), 2) if len(doc_sentences) else 0.0,
+        "sentence_tokens_p50_p95_max": [int(np.percentile(lengths, q)) for q in (50, 95)] + [int(lengths.max())]
+        if len(lengths) else [0, 0, 0],
+        "single_sentence_documents": int((doc_sentences == 1).sum()),
+        "files": counters["files"],
+        "documents_read": counters["documents_read"],
+        "dropped_empty": counters["dropped_empty"],
+        "dropped_short": counters["dropped_short"],
+        "duplicates_exact": counters["duplicates_exact"],
+        "duplicates_near": counters["duplicates_near"],
+        "bad_lines_skipped": counters["bad_lines_skipped"],
+        "sentences_cut": counters["sentences_cut"],
+        "languages": {k[len("lang_"):]: v for k, v in counters.items() if k.startswith("lang_")},
+        "seconds": round(seconds, 2),
+        "mb_per_second": round(n_bytes / 1e6 / max(seconds, 1e-9), 2),
+        "tokens_per_second": round(corpus.n_tokens / max(seconds, 1e-9), 1),
+    }
+    return stats
+
+
+def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
+    """Run the prepare stage; returns the stats (also in <out>/stats.json)."""
+    from tqdm import tqdm
+
+    out = Path(cfg.out)
+    tokenizer = load_fast_tokenizer(cfg.tokenizer)
+    imports = [Path(p) for p in cfg.input if _is_import(p)]
+    for p in imports:
+        if not p.is_file():
+            raise DomainLMError(f"input {p} does not exist")
+    raw = [p for p in cfg.input if not _is_import(p)]
+    files = discover(raw) if raw else []
+    vocab = vocab_hash(tokenizer)
+    fingerprint = _fingerprint(cfg, files + imports, vocab)
+    if _check_out(out, fingerprint, cfg.overwrite):
+        print(f"{out} is up to date (same inputs and options); nothing to do", file=sys.stderr)
+        return json.loads((out / "stats.json").read_text(encoding="utf-8"))
+
+    partial = out.parent / f".{out.name}.partial"
+    if partial.exists():
+        print(f"removing {partial} left by an interrupted run", file=sys.stderr)
+        shutil.rmtree(partial)
+    workers = (os.cpu_count() or 1) if cfg.workers < 0 else cfg.workers
+    started = time.perf_counter()
+    counters: Counter = Counter()
+    writer = CorpusWriter(partial, len(tokenizer))
+    total_bytes = sum(p.stat().st_size for p in files + imports)
+    n_bytes = 0
+    try:
+        _import(imports, writer, tokenizer, counters)
+        encode_options = EncodeOptions(
+            tokenizer=cfg.tokenizer, language=cfg.language, segment=cfg.segment, segmenter=cfg.segmenter,
+            user_dict=cfg.user_dict, normalize=cfg.normalize, max_sentence_tokens=cfg.max_sentence_tokens,
+            near_dup_threshold=cfg.near_dup_threshold,
+        )
+        dedup = Deduplicator(cfg.near_dup_threshold, encode_options.num_perm)
+        read_options = ReadOptions(cfg.text_field, cfg.encoding, cfg.skip_bad_lines)
+        chunks = _chunks(_documents(files, read_options, counters))
+        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=not progress,
+                   file=sys.stderr, smoothing=0.1)
+        for docs, encoded in _encode_all(chunks, encode_options, workers):
+            for doc, enc in zip(docs, encoded):
+                n = len(doc.text.encode("utf-8"))
+                n_bytes += n
+                bar.update(n)
+                if enc is None:
+                    counters["dropped_empty"] += 1
+                elif enc.n_chars < cfg.min_doc_chars:
+                    counters["dropped_short"] += 1
+                elif (dup := dedup.check(enc.key, enc.signature)) is not None:
+                    counters[f"duplicates_{dup}"] += 1
+                else:
+                    counters["sentences_cut"] += enc.n_cut
+                    counters[f"lang_{enc.language}"] += 1
+                    writer.add(enc.ids, enc.lengths, enc.word_starts)
+        bar.close()
+        if writer.n_documents == 0:
+            raise DomainLMError(
+                f"no documents left from {', '.join(cfg.input)} "
+                f"(read {counters['documents_read']}, empty {counters['dropped_empty']}, "
+                f"too short {counters['dropped_short']}, duplicates "
+                f"{counters['duplicates_exact'] + counters['duplicates_near']})"
+            )
+        word_source = f"segmenter:{cfg.segmenter}" if cfg.segment else "tokenizer"
+        writer.close({
+            "tokenizer": cfg.tokenizer, "vocab_hash": vocab, "word_starts": word_source,
+            "fingerprint": fingerprint, "domainlm_version": __version__,
+        })
+        stats = _corpus_stats(Corpus(partial), counters, time.perf_counter() - started, n_bytes or total_bytes)
+        (partial / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False), encoding="utf-8")
+        cfglib.write(cfg, partial)
+        tokenizer.save_pretrained(partial / "tokenizer")
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    _swap_into_place(partial, out)
+    return stats
+
+
+def _swap_into_place(partial: Path, out: Path) -> None:
+    """Rename the finished store into place; an old store is removed only after the new one is there."""
+    old = out.parent / f".{out.name}.old"
+    if old.exists():
+        shutil.rmtree(old)
+    if out.exists():
+        out.rename(old)
+    partial.rename(out)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def format_stats(stats: dict) -> str:
+    width = max(len(k) for k in stats)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in stats.items())
+
+
+def decode_with_words(tokenizer, ids: np.ndarray, starts: np.ndarray, sep: str = "|") -> str:
+    """A sentence as text with word boundaries shown, e.g. 我们|在|北京大学|学习."""
+    tokens = tokenizer.convert_ids_to_tokens([int(i) for i in ids])
+    words, current = [], []
+    for token, start in zip(tokens, starts):
+        if start and current:
+            words.append(current)
+            current = []
+        current.append(token)
+    if current:
+        words.append(current)
+    return sep.join(tokenizer.convert_tokens_to_string(w).replace(" ", "") for w in words)
+
+
+def inspect(path: str, samples: int = 5, tokenizer: str | None = None, seed: int = 0) -> str:
+    corpus = Corpus(path)
+    stats_path = Path(path) / "stats.json"
+    stats = json.loads(stats_path.read_text(encoding="utf-8")) if stats_path.is_file() else corpus.meta
+    lines = [f"corpus {path} (format v{corpus.meta['version']}, {corpus.meta['dtype']}, "
+             f"word starts from {corpus.meta.get('word_starts')})", format_stats(stats)]
+    local = Path(path) / "tokenizer"
+    tok = load_fast_tokenizer(tokenizer or (str(local) if local.is_dir() else corpus.meta["tokenizer"]))
+    rng = np.random.default_rng(seed)
+    picks = sorted(rng.choice(corpus.n_sentences, size=min(samples, corpus.n_sentences), replace=False))
+    lines.append(f"\n{len(picks)} sample sentences (| marks word boundaries):")
+    for i in picks:
+        ids, starts = corpus.span(int(i), int(i) + 1)
+        lines.append(f"[{i}] {decode_with_words(tok, ids, starts)}")
+    return "\n".join(lines)

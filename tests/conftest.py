@@ -1,0 +1,42 @@
+"""Shared fixtures: a WordPiece tokenizer trained here from a few KB of text, and small documents."""
+
+from __future__ import annotations
+
+import pytest
+
+ZH_DOCS = [
+    "酒店的服务非常好，房间干净整洁。早餐的品种很丰富！下次还会再来入住。",
+    "这本书写得很好，内容丰富，值得一读。作者的观点很有启发性；我推荐给朋友们。",
+    "电脑的性能不错，屏幕清晰，电池也耐用。只是键盘的手感一般。",
+    "工程的进度计划需要按时完成。质量验收标准必须严格执行。成本数据每月统计一次。",
+    "我们在北京大学学习自然语言处理。老师说：“机器学习很重要。”大家都同意。",
+    "价格有点贵，但是服务很周到。交通方便，离地铁站很近。总体来说很满意！",
+]
+EN_DOCS = [
+    "Dr. Smith reviewed the quality acceptance report. The schedule slipped by 3.5 days. Costs stayed flat.",
+    "The hotel was clean and quiet. Breakfast was good! Would we stay again? Yes, we would.",
+]
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    from domainlm.vocab import train_wordpiece
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_wordpiece((ZH_DOCS + EN_DOCS) * 3, out, vocab_size=600)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+@pytest.fixture
+def zh_txt(tmp_path):
+    """A txt file: documents separated by blank lines, one sentence or free text per line."""
+    path = tmp_path / "docs.txt"
+    path.write_text("\n\n".join(ZH_DOCS) + "\n", encoding="utf-8")
+    return path
