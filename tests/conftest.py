@@ -40,3 +40,47 @@ def zh_txt(tmp_path):
     path = tmp_path / "docs.txt"
     path.write_text("\n\n".join(ZH_DOCS) + "\n", encoding="utf-8")
     return path
+
+
+def make_documents(n_docs: int, seed: int = 0) -> list[str]:
+    """Documents of 3-8 sentences drawn from the sample texts, so that SOP has sentences to order."""
+    import random
+
+    rng = random.Random(seed)
+    sentences = [s + "。" for d in ZH_DOCS for s in d.replace("！", "。").replace("；", "。").split("。") if s]
+    return ["\n".join(rng.sample(sentences, rng.randint(3, 8))) for _ in range(n_docs)]
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory, tokenizer_dir):
+    from domainlm.data.prepare import PrepareConfig, prepare
+
+    root = tmp_path_factory.mktemp("corpus")
+    src = root / "docs.txt"
+    src.write_text("\n\n".join(make_documents(80)), encoding="utf-8")
+    cfg = PrepareConfig(input=[str(src)], out=str(root / "store"), tokenizer=tokenizer_dir, workers=0,
+                        segment=True, near_dup_threshold=0)
+    prepare(cfg, progress=False)
+    return str(root / "store")
+
+
+def save_tiny_model(out, tokenizer, kind: str = "bert", heads: bool = True):
+    """A 2-layer, 32-wide encoder saved with its tokenizer (the shape of a released checkpoint)."""
+    import torch
+    from transformers import BertConfig, BertForPreTraining, BertModel, ErnieConfig, ErnieForPreTraining
+
+    torch.manual_seed(0)
+    shape = dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=64, max_position_embeddings=64)
+    if kind == "ernie":  # ERNIE 3.0 specifics: task type embeddings, 4 token types
+        model = ErnieForPreTraining(ErnieConfig(**shape, type_vocab_size=4, use_task_id=True, task_type_vocab_size=3))
+    else:
+        model = (BertForPreTraining if heads else BertModel)(BertConfig(**shape))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, tokenizer):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-bert"), tokenizer)

@@ -69,7 +69,7 @@ def test_markdown_keeps_text_drops_markup():
 
 
 def test_pdf_text_layer_headers_footers_page_numbers_removed(tmp_path):
-    pages = [[f"ACME Handbook", f"Chapter text on page {i} continues here.", "It ends.", f"- {i} -"] for i in range(1, 5)]
+    pages = [["ACME Handbook", f"Chapter text on page {i} continues here.", "It ends.", f"- {i} -"] for i in range(1, 5)]
     p = tmp_path / "h.pdf"
     write_pdf(p, pages)
     docs, _ = read(p)

@@ -2,11 +2,17 @@
 
 import numpy as np
 
-from tests.conftest import EN_DOCS, ZH_DOCS
-
-from domainlm.data.clean import Deduplicator, exact_key, minhash_signature, normalize_text, reflow_lines, strip_page_furniture
+from domainlm.data.clean import (
+    Deduplicator,
+    exact_key,
+    minhash_signature,
+    normalize_text,
+    reflow_lines,
+    strip_page_furniture,
+)
 from domainlm.data.segment import Segmenter
 from domainlm.data.sentences import detect_language, split_en, split_zh
+from tests.conftest import EN_DOCS, ZH_DOCS
 
 
 def test_normalize_removes_control_invisible_and_extra_space_keeps_fullwidth():

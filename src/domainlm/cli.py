@@ -25,13 +25,16 @@ def _inspect(args: argparse.Namespace) -> None:
 
 
 def _pretrain(args: argparse.Namespace) -> None:
-    from domainlm.pretrain.command import PretrainConfig, pretrain
+    from domainlm.pretrain.command import pretrain
+    from domainlm.pretrain.config import PretrainConfig
 
     pretrain(cfglib.from_args(PretrainConfig, args))
 
 
 def build_parser() -> argparse.ArgumentParser:
     from domainlm.data.prepare import PrepareConfig
+    from domainlm.pretrain.config import PretrainConfig
+
     parser = argparse.ArgumentParser(prog="domainlm", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"domainlm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -46,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer to decode with (default: the one stored with the corpus)")
     p.set_defaults(func=_inspect)
 
+    p = sub.add_parser("pretrain", help="continued (domain-adaptive) MLM + SOP pretraining on a corpus store")
+    cfglib.add_arguments(p, PretrainConfig)
+    p.set_defaults(func=_pretrain)
     return parser
 
 
