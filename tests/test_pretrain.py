@@ -291,3 +291,23 @@ def test_two_processes_data_parallel_with_resume(tmp_path, corpus_dir, tiny_mode
     rows = read_log(out / "log.jsonl", "train")
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in rows)
     assert (out / "checkpoints" / "step-000004" / "rng-1.pt").is_file()
+
+
+def test_extend_vocabulary_initialises_new_rows_from_their_pieces(tmp_path, tiny_model, zh_txt, capsys):
+    terms = tmp_path / "terms.txt"
+    terms.write_text("# domain terms\n验收批次\n酒店\n", encoding="utf-8")
+    out = tmp_path / "extended"
+    assert main(["extend-vocab", "--model", tiny_model, "--tokens", str(terms), "--out", str(out)]) == 0
+    assert "2 tokens added" in capsys.readouterr().out
+    from transformers import AutoModelForPreTraining, AutoTokenizer
+
+    old_tok, tok = AutoTokenizer.from_pretrained(tiny_model), AutoTokenizer.from_pretrained(out)
+    assert len(tok) == len(old_tok) + 2 and "验收批次" in tok.tokenize("本验收批次合格")
+    old = AutoModelForPreTraining.from_pretrained(tiny_model).get_input_embeddings().weight
+    new = AutoModelForPreTraining.from_pretrained(out).get_input_embeddings().weight
+    pieces = old_tok("验收批次", add_special_tokens=False)["input_ids"]
+    assert torch.allclose(new[tok.convert_tokens_to_ids("验收批次")], old[pieces].mean(0))
+    assert torch.equal(new[: len(old_tok)], old[: len(old_tok)])
+    # the corpus is prepared again with the new tokenizer; the added token is one id there
+    assert main(["prepare", str(zh_txt), "--tokenizer", str(out), "--out", str(tmp_path / "c"), "--workers", "0"]) == 0
+    assert tok.convert_tokens_to_ids("酒店") in np.asarray(Corpus(tmp_path / "c").tokens).tolist()

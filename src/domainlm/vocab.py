@@ -32,3 +32,49 @@ def train_wordpiece(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
     )
     tokenizer.save_pretrained(str(out_dir))
     return tokenizer
+
+
+def read_terms(path: str | Path) -> list[str]:
+    """One new token per line (blank lines and `#` comments ignored)."""
+    from domainlm.errors import DomainLMError
+
+    p = Path(path)
+    if not p.is_file():
+        raise DomainLMError(f"token list {p} does not exist")
+    return [t.strip() for t in p.read_text(encoding="utf-8").splitlines() if t.strip() and not t.startswith("#")]
+
+
+def extend_vocabulary(model: str, terms: list[str], out: str | Path) -> dict:
+    """Add domain tokens to a model's tokenizer and embeddings; each new row starts as the mean of the rows
+    of the pieces the old tokenizer split the term into, so the model starts where it was, not at noise.
+
+    Prepare the corpus again with the new tokenizer afterwards (its ids change): `prepare` checks the store's
+    token dtype (uint16 / int32) against the new vocabulary size, and `pretrain` the vocabulary hash.
+    """
+    import torch
+    from transformers import AutoModelForPreTraining
+
+    from domainlm.data.tokenize import load_fast_tokenizer
+    from domainlm.errors import DomainLMError
+
+    tokenizer = load_fast_tokenizer(model)
+    hf = AutoModelForPreTraining.from_pretrained(model)
+    vocab = tokenizer.get_vocab()
+    new = list(dict.fromkeys(t for t in terms if t not in vocab))
+    pieces = {t: tokenizer(t, add_special_tokens=False)["input_ids"] for t in new}
+    empty = [t for t, ids in pieces.items() if not ids]
+    if empty:
+        raise DomainLMError(f"these terms tokenize to nothing and cannot be added: {', '.join(empty[:5])}")
+    old_size = hf.get_input_embeddings().weight.shape[0]
+    from tokenizers import AddedToken
+
+    # normalized=False: match the raw text; BERT's normaliser would first space out Chinese characters
+    tokenizer.add_tokens([AddedToken(t, normalized=False) for t in new])
+    hf.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows are set from their pieces below
+    with torch.no_grad():
+        emb = hf.get_input_embeddings().weight
+        for t in new:
+            emb[tokenizer.convert_tokens_to_ids(t)] = emb[pieces[t]].mean(dim=0)
+    hf.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {"added": len(new), "already_present": len(terms) - len(new), "vocab_size": len(tokenizer), "old_embeddings": old_size}

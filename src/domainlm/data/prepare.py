@@ -223,12 +223,13 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
     started = time.perf_counter()
     counters: Counter = Counter()
     writer = CorpusWriter(partial, len(tokenizer))
+    tokenizer.save_pretrained(partial / "tokenizer")
     total_bytes = sum(p.stat().st_size for p in files + imports)
     n_bytes = 0
     try:
         _import(imports, writer, tokenizer, counters)
         encode_options = EncodeOptions(
-            tokenizer=cfg.tokenizer, language=cfg.language, segment=cfg.segment, segmenter=cfg.segmenter,
+            tokenizer_file=str(partial / "tokenizer" / "tokenizer.json"), language=cfg.language, segment=cfg.segment, segmenter=cfg.segmenter,
             user_dict=cfg.user_dict, normalize=cfg.normalize, max_sentence_tokens=cfg.max_sentence_tokens,
             near_dup_threshold=cfg.near_dup_threshold,
         )
@@ -268,7 +269,6 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
         stats = _corpus_stats(Corpus(partial), counters, time.perf_counter() - started, n_bytes or total_bytes)
         (partial / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False), encoding="utf-8")
         cfglib.write(cfg, partial)
-        tokenizer.save_pretrained(partial / "tokenizer")
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

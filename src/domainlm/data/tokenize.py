@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from domainlm.data import fastpath
 from domainlm.data.clean import exact_key, minhash_signature, normalize_text
+from domainlm.data.fastpath import CharTableTokenizer
 from domainlm.data.readers import Document
 from domainlm.data.sentences import detect_language, split_sentences
 from domainlm.errors import DomainLMError
@@ -56,7 +58,7 @@ class EncodedDocument:
 
 @dataclass
 class EncodeOptions:
-    tokenizer: str
+    tokenizer_file: str  # tokenizer.json: workers load the Rust tokenizer alone, without importing transformers
     language: str = "auto"  # auto | zh | en
     segment: bool = False
     segmenter: str = "rjieba"
@@ -70,13 +72,33 @@ class EncodeOptions:
 class DocumentEncoder:
     def __init__(self, options: EncodeOptions):
         self.options = options
-        self.tokenizer = load_fast_tokenizer(options.tokenizer)
-        self.backend = self.tokenizer.backend_tokenizer
+        from tokenizers import Tokenizer
+
+        self.backend = Tokenizer.from_file(options.tokenizer_file)
+        self.fast = CharTableTokenizer(self.backend) if fastpath.supports(self.backend) else None
         self.segmenter = None
         if options.segment:
             from domainlm.data.segment import Segmenter
 
             self.segmenter = Segmenter(options.segmenter, options.user_dict)
+
+    def _tokenize(self, sentences: list[str]) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
+        """The document as one text (sentences joined by newlines) and, per token: id, character offset in
+        that text, and whether it starts a word of the tokenizer's pre-tokenizer."""
+        text = "\n".join(sentences)
+        if self.fast is not None:  # newlines are whitespace to a BERT-style tokenizer: one pass per document
+            (ids, offsets, first), = self.fast.encode_batch([text])
+            return text, ids, offsets, first
+        ids, offsets, first, start = [], [], [], 0
+        for sentence, enc in zip(sentences, self.backend.encode_batch(sentences, add_special_tokens=False)):
+            words = np.asarray([-1 if w is None else w for w in enc.word_ids], dtype=np.int64)
+            f = np.ones(len(words), dtype=bool)
+            f[1:] = words[1:] != words[:-1]
+            ids.append(np.asarray(enc.ids, np.int64))
+            offsets.append(start + np.asarray([o[0] for o in enc.offsets], np.int64))
+            first.append(f)
+            start += len(sentence) + 1
+        return text, np.concatenate(ids), np.concatenate(offsets), np.concatenate(first)
 
     def encode(self, doc: Document) -> EncodedDocument | None:
         """None for a document with no text left after cleaning."""
@@ -86,41 +108,29 @@ class DocumentEncoder:
             return None
         language = detect_language(text) if opts.language == "auto" else opts.language
         sentences = split_sentences(text, language)
-        encodings = self.backend.encode_batch(sentences, add_special_tokens=False)
-        ids, lengths, starts, n_cut = [], [], [], 0
-        for sentence, enc in zip(sentences, encodings):
-            if not enc.ids:
-                continue
-            sentence_ids = np.asarray(enc.ids, dtype=np.int64)
-            if self.segmenter is not None and language == "zh":
-                char_starts = self.segmenter.word_starts(sentence)
-                flags = char_starts[np.fromiter((s for s, _ in enc.offsets), dtype=np.int64, count=len(enc.ids))]
-            else:
-                word_ids = np.asarray([-1 if w is None else w for w in enc.word_ids], dtype=np.int64)
-                flags = np.ones(len(word_ids), dtype=bool)
-                flags[1:] = word_ids[1:] != word_ids[:-1]
-            flags[0] = True
-            # Over-long sentences are cut here, where it is visible in the stats, not dropped later.
-            step = opts.max_sentence_tokens
-            if len(sentence_ids) > step:
-                n_cut += 1
-                for start in range(0, len(sentence_ids), step):
-                    piece = flags[start : start + step].copy()
-                    piece[0] = True
-                    ids.append(sentence_ids[start : start + step])
-                    starts.append(piece)
-                    lengths.append(len(piece))
-            else:
-                ids.append(sentence_ids)
-                starts.append(flags)
-                lengths.append(len(sentence_ids))
-        if not ids:
+        if not sentences:
             return None
+        joined, ids, offsets, flags = self._tokenize(sentences)
+        if not len(ids):
+            return None
+        if self.segmenter is not None and language == "zh":
+            flags = self.segmenter.word_starts(joined)[offsets]
+        sentence_starts = np.cumsum([0] + [len(s) + 1 for s in sentences[:-1]])
+        sentence_of = np.searchsorted(sentence_starts, offsets, side="right") - 1
+        lengths = np.bincount(sentence_of, minlength=len(sentences))
+        lengths = lengths[lengths > 0]  # sentences with no tokens vanish
+        # Over-long sentences are cut here, where it is visible in the stats, not dropped later.
+        step = opts.max_sentence_tokens
+        n_cut = int((lengths > step).sum())
+        if n_cut:
+            lengths = np.asarray([p for n in lengths.tolist() for p in [step] * (n // step) + ([n % step] if n % step else [])])
+        flags = flags.copy()
+        flags[np.concatenate([[0], np.cumsum(lengths)[:-1]])] = True  # a sentence (piece) starts a word
         signature = minhash_signature(text, opts.num_perm) if opts.near_dup_threshold > 0 else None
         return EncodedDocument(
-            ids=np.concatenate(ids),
-            lengths=np.asarray(lengths, dtype=np.int64),
-            word_starts=np.concatenate(starts),
+            ids=ids,
+            lengths=lengths.astype(np.int64),
+            word_starts=flags,
             key=exact_key(text),
             signature=signature,
             n_chars=len(text),
