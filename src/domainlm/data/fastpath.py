@@ -21,6 +21,14 @@ _CJK_RANGES = [(0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700,
 _UNKNOWN, _NOT_ISOLATED = -2, -1
 
 
+def word_firsts(word_ids) -> np.ndarray:
+    """True where the pre-tokenizer's word id changes: the token starts a word."""
+    words = np.asarray([-1 if w is None else w for w in word_ids], dtype=np.int64)
+    first = np.ones(len(words), dtype=bool)
+    first[1:] = words[1:] != words[:-1]
+    return first
+
+
 def _isolated(cp: int) -> bool:
     """A character BERT's normaliser and pre-tokenizer always make a word of its own."""
     if any(lo <= cp <= hi for lo, hi in _CJK_RANGES):
@@ -79,11 +87,8 @@ class CharTableTokenizer:
         pieces: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in sentences]
         for (i, start), enc in zip(where, run_encodings):
             if enc.ids:
-                words = np.asarray(enc.word_ids, np.int64)
-                first = np.ones(len(words), dtype=bool)
-                first[1:] = words[1:] != words[:-1]
                 offsets = start + np.asarray([o[0] for o in enc.offsets], np.int64)
-                pieces[i].append((np.asarray(enc.ids, np.int64), offsets, first))
+                pieces[i].append((np.asarray(enc.ids, np.int64), offsets, word_firsts(enc.word_ids)))
         out = []
         for (ids, _), extra in zip(plans, pieces):
             keep = ids >= 0

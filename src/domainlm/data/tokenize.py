@@ -16,7 +16,7 @@ import numpy as np
 
 from domainlm.data import fastpath
 from domainlm.data.clean import exact_key, minhash_signature, normalize_text
-from domainlm.data.fastpath import CharTableTokenizer
+from domainlm.data.fastpath import CharTableTokenizer, word_firsts
 from domainlm.data.readers import Document
 from domainlm.data.sentences import detect_language, split_sentences
 from domainlm.errors import DomainLMError
@@ -91,12 +91,9 @@ class DocumentEncoder:
             return text, ids, offsets, first
         ids, offsets, first, start = [], [], [], 0
         for sentence, enc in zip(sentences, self.backend.encode_batch(sentences, add_special_tokens=False)):
-            words = np.asarray([-1 if w is None else w for w in enc.word_ids], dtype=np.int64)
-            f = np.ones(len(words), dtype=bool)
-            f[1:] = words[1:] != words[:-1]
             ids.append(np.asarray(enc.ids, np.int64))
             offsets.append(start + np.asarray([o[0] for o in enc.offsets], np.int64))
-            first.append(f)
+            first.append(word_firsts(enc.word_ids))
             start += len(sentence) + 1
         return text, np.concatenate(ids), np.concatenate(offsets), np.concatenate(first)
 
