@@ -179,11 +179,14 @@ def pretrain(cfg: PretrainConfig) -> dict:
     logger = RunLogger(out, cfg.max_steps, state.step, accelerator.is_main_process, cfg.tensorboard)
     unwrapped = lambda: accelerator.unwrap_model(model).hf  # noqa: E731
 
+    last_valid: dict[int, dict] = {}
+
     def on_eval(step: int) -> None:
         if "valid" in samples:
             # eval must not consume the global RNG, or a resumed run would diverge from an uninterrupted one
             with torch.random.fork_rng(devices=[]):
-                logger.log(step, "valid", evaluate(model, accelerator, eval_loader("valid"), cfg.eval_iters))
+                last_valid[step] = evaluate(model, accelerator, eval_loader("valid"), cfg.eval_iters)
+            logger.log(step, "valid", last_valid[step])
 
     def on_checkpoint(st: TrainState) -> None:
         save_checkpoint(accelerator, checkpoints, unwrapped(), optimizer, scheduler, st, cfg.keep_last)
@@ -205,7 +208,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
         results = {}
         with torch.random.fork_rng(devices=[]):
             for name in ("valid", "test"):
-                if name in samples:
+                if name == "valid" and state.step in last_valid and cfg.eval_iters * cfg.micro_batch_size >= len(samples["valid"]):
+                    results[name] = last_valid[state.step]  # the periodic evaluation at this step saw the whole set
+                elif name in samples:
                     results[name] = evaluate(model, accelerator, eval_loader(name))
                     logger.log(state.step, name, results[name])
     finally:
