@@ -74,12 +74,12 @@ class CharTableTokenizer:
         encoded = [np.frombuffer(s.encode("utf-32-le"), dtype=np.uint32).astype(np.int64) for s in sentences]
         if encoded:
             self._learn(np.concatenate(encoded))
-        runs, where, plans = [], [], []  # runs: the stretches between table characters, tokenized in one batch
+        runs, where, table_ids = [], [], []  # runs: the stretches between table characters, tokenized in one batch
         for i, (s, codes) in enumerate(zip(sentences, encoded)):
             ids = self.table[codes]
             other = ids < 0
             edges = np.flatnonzero(np.diff(np.concatenate([[0], other.view(np.int8), [0]])))
-            plans.append((ids, edges))
+            table_ids.append(ids)
             for a, b in zip(edges[::2], edges[1::2]):
                 runs.append(s[a:b])
                 where.append((i, int(a)))
@@ -90,7 +90,7 @@ class CharTableTokenizer:
                 offsets = start + np.asarray([o[0] for o in enc.offsets], np.int64)
                 pieces[i].append((np.asarray(enc.ids, np.int64), offsets, word_firsts(enc.word_ids)))
         out = []
-        for (ids, _), extra in zip(plans, pieces):
+        for ids, extra in zip(table_ids, pieces):
             keep = ids >= 0
             pos = np.flatnonzero(keep)
             tok = ids[keep].astype(np.int64)

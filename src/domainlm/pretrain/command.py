@@ -22,7 +22,7 @@ from domainlm.errors import DomainLMError
 from domainlm.pretrain.config import PretrainConfig
 from domainlm.pretrain.dataset import PretrainDataset, StepBatchSampler, collate
 from domainlm.pretrain.masking import MaskingOptions, default_max_predictions
-from domainlm.pretrain.model import PretrainingModel, load_pretraining_model
+from domainlm.pretrain.model import PretrainingModel, load_config, load_pretraining_model
 from domainlm.pretrain.samples import cached_samples, parse_split, split_documents
 from domainlm.train.checkpoint import (
     TrainState,
@@ -59,15 +59,6 @@ def _load_tokenizer(cfg: PretrainConfig, corpus: Corpus):
     if (model_dir / "tokenizer_config.json").is_file() or (model_dir / "tokenizer.json").is_file():
         return load_fast_tokenizer(cfg.model)
     return load_fast_tokenizer(str(corpus.path / "tokenizer"))
-
-
-def _config(name_or_path: str):
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(name_or_path)
-    except (OSError, ValueError) as e:
-        raise DomainLMError(f"model {name_or_path!r} could not be loaded: {str(e).splitlines()[0]}") from None
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
@@ -145,7 +136,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     model = PretrainingModel(hf_model, sop)
     optimizer = build_optimizer(model, cfg.max_lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon)
     scheduler = build_scheduler(optimizer, cfg.max_steps, cfg.warmup_rate, cfg.max_lr, cfg.min_lr, cfg.lr_decay)
-    state = TrainState(global_batch_size=global_batch, model_fingerprint=model_fingerprint(_config(cfg.model)))
+    state = TrainState(global_batch_size=global_batch, model_fingerprint=model_fingerprint(load_config(cfg.model)))
     if resume_from is not None:
         state = load_checkpoint(accelerator, resume_from, optimizer, scheduler, state)
         log(f"resumed from {resume_from} at step {state.step} ({state.consumed_samples} samples consumed)")

@@ -20,18 +20,25 @@ def _has_weights(path: Path) -> bool:
     return any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin")) or any(path.glob("*.safetensors.index.json"))
 
 
+def load_config(name_or_path: str):
+    """A model's config by name or path; a missing or unreadable one is a user error naming it."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        raise DomainLMError(f"model {name_or_path!r} could not be loaded: {str(e).splitlines()[0]}") from None
+
+
 def load_pretraining_model(name_or_path: str, from_scratch: bool, log=print):
     """An `AutoModelForPreTraining` (BERT/ERNIE: MLM + 2-way head; RoBERTa: MLM only).
 
     Missing head weights are reported and initialised; missing encoder weights are an error unless
     from_scratch, so that a mistyped name never trains from random weights unnoticed.
     """
-    from transformers import AutoConfig, AutoModelForPreTraining
+    from transformers import AutoModelForPreTraining
 
-    try:
-        config = AutoConfig.from_pretrained(name_or_path)
-    except (OSError, ValueError) as e:
-        raise DomainLMError(f"model {name_or_path!r} could not be loaded: {str(e).splitlines()[0]}") from None
+    config = load_config(name_or_path)
     local = Path(name_or_path)
     if from_scratch or (local.is_dir() and not _has_weights(local)):
         if not from_scratch:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 
@@ -29,7 +28,6 @@ class RunLogger:
 
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", file=sys.stderr,
                         dynamic_ncols=True, disable=not sys.stderr.isatty())
-        self.started = time.perf_counter()
 
     def log(self, step: int, split: str, values: dict) -> None:
         if not self.enabled:
