@@ -99,14 +99,14 @@ def exact_key(text: str) -> bytes:
     return hashlib.blake2b("".join(text.split()).encode("utf-8"), digest_size=16).digest()
 
 
-_PRIME = np.uint64((1 << 61) - 1)
 _rng = np.random.default_rng(1)
-_A = _rng.integers(1, 1 << 32, size=256, dtype=np.uint64)
-_B = _rng.integers(0, 1 << 32, size=256, dtype=np.uint64)
+_A = _rng.integers(1, 1 << 63, size=256, dtype=np.uint64) | np.uint64(1)  # odd multipliers
+_B = _rng.integers(0, 1 << 63, size=256, dtype=np.uint64)
 
 
 def shingle_hashes(text: str, ngram: int = 5) -> np.ndarray:
-    """Unique 32-bit hashes of character n-grams, computed as one rolling polynomial over code points."""
+    """32-bit hashes of character n-grams, computed as one rolling polynomial over code points. Repeats are
+    kept: a minimum over them is the same, and deduplicating them cost more than it saved."""
     codes = np.frombuffer("".join(text.split()).encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
     if len(codes) < ngram:
         codes = np.concatenate([codes, np.zeros(ngram - len(codes), dtype=np.uint64)])
@@ -116,14 +116,15 @@ def shingle_hashes(text: str, ngram: int = 5) -> np.ndarray:
         h = h * np.uint64(0x100000001B3) + codes[k : k + n]
     h ^= h >> np.uint64(29)
     h *= np.uint64(0xBF58476D1CE4E5B9)
-    return np.unique(h >> np.uint64(32))
+    return h >> np.uint64(32)
 
 
 def minhash_signature(text: str, num_perm: int, ngram: int = 5, block: int = 4096) -> np.ndarray:
     """MinHash of character n-grams (language-agnostic: Chinese needs no segmentation).
 
     Vectorised: datasketch's `update_batch` hashes each shingle with sha1 in Python, which cost more than
-    tokenization here; the permutations are the same universal-hash family ((a*h + b) mod p, 32 bits).
+    tokenization here. Permutations are multiply-shift hashes (high 32 bits of a*h + b mod 2**64, a odd), a
+    universal family that needs no modulo; datasketch's LSH index takes the resulting values.
     """
     if num_perm > len(_A):
         raise ValueError(f"num_perm must be <= {len(_A)}")
@@ -132,7 +133,7 @@ def minhash_signature(text: str, num_perm: int, ngram: int = 5, block: int = 409
     signature = np.full(num_perm, np.iinfo(np.uint32).max, dtype=np.uint64)
     for i in range(0, len(hashes), block):  # blocks bound memory to block x num_perm
         h = hashes[i : i + block, None]
-        np.minimum(signature, (((h * a + b) % _PRIME) & np.uint64(0xFFFFFFFF)).min(axis=0), out=signature)
+        np.minimum(signature, ((h * a + b) >> np.uint64(32)).min(axis=0), out=signature)
     return signature
 
 
@@ -154,9 +155,10 @@ class Deduplicator:
         if key in self.seen:
             return "exact"
         if self.lsh is not None and signature is not None:
-            from datasketch import MinHash
+            from datasketch import LeanMinHash
 
-            m = MinHash(num_perm=self.num_perm, hashvalues=signature, scheme="affine32")
+            # LeanMinHash holds the values only; MinHash(hashvalues=...) would rebuild its permutations per document
+            m = LeanMinHash(seed=1, hashvalues=signature, scheme="affine32")
             if self.lsh.query(m):
                 return "near"
             self.lsh.insert(str(self.n), m)
