@@ -4,6 +4,7 @@ stage's function. Heavy imports happen inside the commands so that `--help` is i
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from domainlm import __version__
@@ -45,12 +46,38 @@ def _extend_vocab(args: argparse.Namespace) -> None:
           f"vocabulary {report['vocab_size']}; model and tokenizer in {args.out}")
 
 
+def _finetune(args: argparse.Namespace) -> None:
+    from domainlm.classify.command import finetune
+    from domainlm.classify.config import FinetuneConfig
+
+    summary = finetune(cfglib.from_args(FinetuneConfig, args))
+    shown = summary.get("mean_std") or {k: v for k, v in summary.get(summary["evaluated_on"], {}).items() if isinstance(v, float)}
+    print(json.dumps({"evaluated_on": summary["evaluated_on"], "runs": summary["runs"], "metrics": shown}, indent=2))
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from domainlm.classify.command import evaluate_command
+    from domainlm.classify.config import EvaluateConfig
+
+    metrics = evaluate_command(cfglib.from_args(EvaluateConfig, args))
+    print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, float)}, indent=2))
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from domainlm.classify.command import predict_command
+    from domainlm.classify.config import PredictConfig
+
+    predict_command(cfglib.from_args(PredictConfig, args))
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from domainlm.classify.config import EvaluateConfig, FinetuneConfig, PredictConfig
     from domainlm.data.prepare import PrepareConfig
     from domainlm.demo import DemoConfig
     from domainlm.pretrain.config import PretrainConfig
 
-    parser = argparse.ArgumentParser(prog="domainlm", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="domainlm", description="Domain documents -> corpus -> continued pretraining -> a better small classifier.")
     parser.add_argument("--version", action="version", version=f"domainlm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -67,6 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="continued (domain-adaptive) MLM + SOP pretraining on a corpus store")
     cfglib.add_arguments(p, PretrainConfig)
     p.set_defaults(func=_pretrain)
+
+    p = sub.add_parser("finetune", help="text classification (multi-class / multi-label), full or LoRA")
+    cfglib.add_arguments(p, FinetuneConfig)
+    p.set_defaults(func=_finetune)
+
+    p = sub.add_parser("evaluate", help="metrics, bad cases and a report for a fine-tuned classifier on labelled data")
+    cfglib.add_arguments(p, EvaluateConfig)
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("predict", help="labels and scores for texts (a file or stdin) as JSONL")
+    cfglib.add_arguments(p, PredictConfig)
+    p.set_defaults(func=_predict)
 
     p = sub.add_parser("extend-vocab", help="add domain tokens to a model's tokenizer and embeddings")
     p.add_argument("--model", required=True, help="HF model with a tokenizer (name or path)")

@@ -162,6 +162,10 @@ def load(cls: type[C], yaml_path: str | None = None, overrides: dict[str, Any] |
         if name not in names:
             raise DomainLMError(f"unknown option {_flag(name)}")
         values[name] = _coerce(value, hints[name], _flag(name))
+    preset = values.get("preset")
+    if preset:  # a named preset fills the options that YAML and flags left unset
+        for name, value in getattr(cls, "PRESETS", {})[preset].items():
+            values.setdefault(name, value)
     missing = [
         f.name
         for f in dataclasses.fields(cls)

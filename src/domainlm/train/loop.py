@@ -89,7 +89,7 @@ def train_loop(
     state: TrainState,
     options: LoopOptions,
     logger,
-    on_eval: Callable[[int], None] | None = None,
+    on_eval: Callable[[int], bool | None] | None = None,
     on_checkpoint: Callable[[TrainState], None] | None = None,
     on_snapshot: Callable[[int], None] | None = None,
 ) -> TrainState:
@@ -126,12 +126,13 @@ def train_loop(
             logger.log(state.step, "train", values)
             window.clear()
             tokens, window_started = 0, time.perf_counter()
-        if on_eval and options.eval_freq and state.step % options.eval_freq == 0:
-            on_eval(state.step)
+        stop = bool(on_eval and options.eval_freq and state.step % options.eval_freq == 0 and on_eval(state.step))
         if on_checkpoint and options.checkpoint_steps and (
             state.step % options.checkpoint_steps == 0 or state.step == options.max_steps
         ):
             on_checkpoint(state)
         if on_snapshot and options.save_steps and state.step % options.save_steps == 0:
             on_snapshot(state.step)
+        if stop:  # on_eval asked to stop early (no improvement for its patience)
+            break
     return state

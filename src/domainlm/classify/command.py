@@ -1,0 +1,291 @@
+"""`domainlm finetune | evaluate | predict`.
+
+finetune: data -> validation split (or --dev) -> one run per seed or per fold -> best model by the validation
+metric (early stopping) -> metrics on dev and --test, predictions, bad cases, report; mean and std over runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from domainlm import config as cfglib
+from domainlm.classify import metrics as M
+from domainlm.classify.batching import encode, eval_batches, train_batches
+from domainlm.classify.config import EvaluateConfig, FinetuneConfig, PredictConfig
+from domainlm.classify.data import (
+    Columns,
+    Dataset,
+    check_labels,
+    kfold,
+    label_list,
+    read_examples,
+    split_validation,
+    targets,
+)
+from domainlm.classify.model import Classifier, load_classifier, load_trained, predict_scores, save_classifier
+from domainlm.errors import DomainLMError
+from domainlm.train.checkpoint import TrainState
+from domainlm.train.logging import RunLogger
+from domainlm.train.loop import LoopOptions, build_optimizer, build_scheduler, train_loop
+
+
+def _columns(cfg) -> Columns:
+    return Columns(cfg.text_column, cfg.pair_column, cfg.label_column, cfg.group_column, cfg.label_delimiter)
+
+
+def score(probs: np.ndarray, data: Dataset, labels: list[str], multilabel: bool, tolerant_k: int,
+          thresholds: np.ndarray | None = None) -> dict:
+    gold = targets(data, labels, multilabel)
+    groups = [ex.group or "" for ex in data.examples] if any(ex.group for ex in data.examples) else None
+    if multilabel:
+        t = np.full(len(labels), 0.5) if thresholds is None else thresholds
+        return M.multilabel_metrics(probs, gold, labels, t, groups)
+    return M.multiclass_metrics(probs, gold, labels, tolerant_k, groups)
+
+
+def _scalars(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float) and k != "n"}
+
+
+def write_outputs(out: Path, name: str, data: Dataset, probs: np.ndarray, labels: list[str], multilabel: bool,
+                  metrics: dict, thresholds: np.ndarray | None) -> None:
+    """<name>_predictions.jsonl (every row) and <name>_bad_cases.jsonl (wrong ones, with scores)."""
+    with open(out / f"{name}_predictions.jsonl", "w", encoding="utf-8") as preds, \
+            open(out / f"{name}_bad_cases.jsonl", "w", encoding="utf-8") as bad:
+        for ex, p in zip(data.examples, probs):
+            if multilabel:
+                t = np.full(len(labels), 0.5) if thresholds is None else thresholds
+                predicted = [labels[j] for j in np.flatnonzero(p >= t)]
+                wrong = sorted(predicted) != sorted(ex.labels)
+            else:
+                predicted = [labels[int(p.argmax())]]
+                wrong = predicted != ex.labels
+            row = {"line": ex.line, "text": ex.text, "gold": ex.labels, "predicted": predicted,
+                   "scores": {labels[j]: round(float(p[j]), 4) for j in np.argsort(-p)[:5]}}
+            if ex.group:
+                row["group"] = ex.group
+            line = json.dumps(row, ensure_ascii=False) + "\n"
+            preds.write(line)
+            if wrong:
+                bad.write(line)
+    if "confusion_matrix" in metrics:
+        M.confusion_png(metrics["confusion_matrix"], labels, out / f"{name}_confusion.png")
+
+
+def report_markdown(title: str, sections: dict[str, dict], labels: list[str]) -> str:
+    lines = [f"# {title}", ""]
+    for name, m in sections.items():
+        lines += [f"## {name} ({m.get('n', '?')} rows)", "", "| metric | value |", "| --- | --- |"]
+        lines += [f"| {k} | {v:.4f} |" for k, v in _scalars(m).items()]
+        lines += ["", "| class | precision | recall | f1 | support |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {c} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {v['support']} |" for c, v in m["per_class"].items()]
+        if "per_group" in m:
+            keys = [k for k in next(iter(m["per_group"].values())) if k != "n"]
+            lines += ["", "| group | n | " + " | ".join(keys) + " |", "| --- " * (len(keys) + 2) + "|"]
+            lines += [f"| {g} | {v['n']} | " + " | ".join(f"{v[k]:.3f}" for k in keys) + " |" for g, v in m["per_group"].items()]
+        if "confusion_matrix" in m:
+            lines += ["", "Confusion matrix (rows gold, columns predicted):", "", "| | " + " | ".join(labels) + " |",
+                      "| --- " * (len(labels) + 1) + "|"]
+            lines += [f"| {labels[i]} | " + " | ".join(map(str, row)) + " |" for i, row in enumerate(m["confusion_matrix"])]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _run(cfg: FinetuneConfig, accelerator, tokenizer, train: Dataset, dev: Dataset, test: Dataset | None,
+         labels: list[str], seed: int, out: Path) -> dict:
+    """One fine-tuning run: train with early stopping on dev, restore the best weights, evaluate, save."""
+    from accelerate.utils import set_seed
+
+    set_seed(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    log = print if accelerator.is_main_process else (lambda *a, **k: None)
+    hf = load_classifier(cfg.model, labels, cfg.multilabel, cfg.method, cfg.lora_rank, cfg.lora_alpha, log=log)
+    model = Classifier(hf, cfg.multilabel)
+    features, dev_features = encode(tokenizer, train, cfg.max_seq_len), encode(tokenizer, dev, cfg.max_seq_len)
+    y = targets(train, labels, cfg.multilabel)
+    per_step = cfg.batch_size * accelerator.num_processes
+    steps_per_epoch = math.ceil(len(train) / per_step)
+    max_steps = cfg.epochs * steps_per_epoch
+    optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay)
+    scheduler = build_scheduler(optimizer, max_steps, cfg.warmup_ratio, cfg.learning_rate,
+                                cfg.learning_rate * cfg.min_lr_ratio, cfg.lr_decay)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    unwrapped = lambda: accelerator.unwrap_model(model)  # noqa: E731
+    pad = tokenizer.pad_token_id or 0
+    batches = train_batches(features, y, cfg.batch_size, pad, seed)
+    if accelerator.num_processes > 1:  # each process takes every n-th batch
+        batches = (b for i, b in enumerate(batches) if i % accelerator.num_processes == accelerator.process_index)
+
+    def dev_probs():
+        return predict_scores(unwrapped().hf, eval_batches(dev_features, cfg.batch_size * 2, pad), cfg.multilabel, accelerator.device)
+
+    logger = RunLogger(out, max_steps, 0, accelerator.is_main_process, tensorboard=True)
+    best = {"value": -math.inf, "step": 0, "state": None, "bad": 0}
+
+    def on_eval(step: int) -> bool:
+        with torch.random.fork_rng(devices=[]):
+            m = score(dev_probs(), dev, labels, cfg.multilabel, cfg.tolerant_k)
+        if cfg.best_metric not in m:
+            raise DomainLMError(f"--metric {cfg.best_metric!r} is not computed; choose one of {', '.join(_scalars(m))}")
+        logger.log(step, "valid", _scalars(m))
+        if m[cfg.best_metric] > best["value"]:
+            best.update(value=m[cfg.best_metric], step=step, bad=0,
+                        state={k: v.detach().clone() for k, v in unwrapped().state_dict().items()})
+        else:
+            best["bad"] += 1
+        return bool(cfg.early_stopping_patience) and best["bad"] >= cfg.early_stopping_patience
+
+    def on_snapshot(step: int) -> None:
+        if accelerator.is_main_process:
+            save_classifier(unwrapped().hf, tokenizer, out / f"step-{step:06d}", labels, cfg.multilabel)
+
+    options = LoopOptions(max_steps=max_steps, accumulation=1, global_batch_size=per_step, logging_freq=cfg.logging_freq,
+                          eval_freq=cfg.eval_steps or steps_per_epoch, save_steps=cfg.save_steps)
+    try:
+        state = train_loop(model=model, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator, batches=batches,
+                           state=TrainState(), options=options, logger=logger, on_eval=on_eval, on_snapshot=on_snapshot)
+        if best["state"] is None or state.step % options.eval_freq:
+            on_eval(state.step)
+    finally:
+        logger.close()
+    unwrapped().load_state_dict(best["state"])
+    log(f"best {cfg.best_metric} {best['value']:.4f} at step {best['step']} (stopped at step {state.step} of {max_steps})")
+
+    probs = dev_probs()
+    thresholds = M.tune_thresholds(probs, targets(dev, labels, True)) if cfg.multilabel else None
+    result = {"seed": seed, "best_step": best["step"], "steps": state.step, "train_rows": len(train),
+              "dev": score(probs, dev, labels, cfg.multilabel, cfg.tolerant_k, thresholds)}
+    sections = {"dev": result["dev"]}
+    if accelerator.is_main_process:
+        write_outputs(out, "dev", dev, probs, labels, cfg.multilabel, result["dev"], thresholds)
+        if test is not None:
+            test_features = encode(tokenizer, test, cfg.max_seq_len)
+            test_probs = predict_scores(unwrapped().hf, eval_batches(test_features, cfg.batch_size * 2, pad), cfg.multilabel, accelerator.device)
+            result["test"] = sections["test"] = score(test_probs, test, labels, cfg.multilabel, cfg.tolerant_k, thresholds)
+            write_outputs(out, "test", test, test_probs, labels, cfg.multilabel, result["test"], thresholds)
+        save_classifier(unwrapped().hf, tokenizer, out, labels, cfg.multilabel, thresholds)
+        (out / "metrics.json").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
+        (out / "report.md").write_text(report_markdown(f"Fine-tuning {cfg.model}", sections, labels), encoding="utf-8")
+    return result
+
+
+def finetune(cfg: FinetuneConfig) -> dict:
+    from accelerate import Accelerator
+    from transformers.utils import logging as hf_logging
+
+    from domainlm.data.tokenize import load_fast_tokenizer
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected; domainlm reports what matters
+    accelerator = Accelerator()
+    out = Path(cfg.out)
+    columns = _columns(cfg)
+    train = read_examples(cfg.train, columns, cfg.multilabel, skip_bad=cfg.skip_bad_rows)
+    labels = label_list(train, cfg.labels or None)
+    if len(labels) < 2 and not cfg.multilabel:
+        raise DomainLMError(f"{cfg.train}: only one label ({labels}); a classifier needs at least two")
+    dev_given = read_examples(cfg.dev, columns, cfg.multilabel, skip_bad=cfg.skip_bad_rows) if cfg.dev else None
+    test = read_examples(cfg.test, columns, cfg.multilabel, skip_bad=cfg.skip_bad_rows) if cfg.test else None
+    for data in (dev_given, test):
+        if data is not None:
+            check_labels(data, labels)
+    tokenizer = load_fast_tokenizer(cfg.model)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        cfglib.write(cfg, out)
+
+    def split(data: Dataset, seed: int) -> tuple[Dataset, Dataset]:
+        return (data, dev_given) if dev_given is not None else split_validation(data, cfg.valid_ratio, cfg.valid_max_rows, seed)
+
+    runs = []
+    if cfg.folds:
+        seed = cfg.seeds[0]
+        for k, (fold_train, held_out) in enumerate(kfold(train, cfg.folds, seed), 1):
+            fit, dev = split(fold_train, seed)
+            runs.append(_run(cfg, accelerator, tokenizer, fit, dev, held_out, labels, seed, out / f"fold-{k}"))
+        evaluated = "test"  # each fold's held-out part
+    else:
+        for seed in cfg.seeds:
+            fit, dev = split(train, seed)
+            runs.append(_run(cfg, accelerator, tokenizer, fit, dev, test, labels, seed,
+                             out if len(cfg.seeds) == 1 else out / f"seed-{seed}"))
+        evaluated = "test" if test is not None else "dev"
+    summary = {"runs": len(runs), "evaluated_on": evaluated, "labels": labels, "skipped_rows": dict(train.skipped)}
+    if len(runs) > 1:
+        summary["mean_std"] = M.aggregate([r[evaluated] for r in runs])
+        summary["per_run"] = [{"seed": r["seed"], **_scalars(r[evaluated])} for r in runs]
+        if accelerator.is_main_process:
+            (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
+            lines = [f"# {len(runs)} runs ({'folds' if cfg.folds else 'seeds'}), metrics on {evaluated}", "",
+                     "| metric | mean | std |", "| --- | --- | --- |"]
+            lines += [f"| {k} | {v['mean']:.4f} | {v['std']:.4f} |" for k, v in summary["mean_std"].items()]
+            (out / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    else:
+        summary.update(runs[0])
+    return summary
+
+
+# ---- evaluate and predict ------------------------------------------------------------------------------
+
+def evaluate_command(cfg: EvaluateConfig) -> dict:
+    model, tokenizer, meta = load_trained(cfg.model)
+    labels, multilabel = meta["labels"], meta["multilabel"]
+    data = read_examples(cfg.data, _columns(cfg), multilabel)
+    unknown = sorted({label for ex in data.examples for label in ex.labels} - set(labels))
+    if unknown:
+        raise DomainLMError(f"{cfg.data}: labels {unknown} are not among the model's labels ({', '.join(labels)})")
+    probs = _predict(model, tokenizer, data, cfg.batch_size, cfg.max_seq_len, multilabel)
+    thresholds = np.asarray(meta["thresholds"]) if meta.get("thresholds") else None
+    metrics = score(probs, data, labels, multilabel, cfg.tolerant_k, thresholds)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_outputs(out, "eval", data, probs, labels, multilabel, metrics, thresholds)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
+    (out / "report.md").write_text(report_markdown(f"Evaluation of {cfg.model} on {cfg.data}", {"eval": metrics}, labels), encoding="utf-8")
+    cfglib.write(cfg, out)
+    return metrics
+
+
+def _predict(model, tokenizer, data: Dataset, batch_size: int, max_seq_len: int, multilabel: bool) -> np.ndarray:
+    from tqdm import tqdm
+
+    features = encode(tokenizer, data, max_seq_len)
+    order = np.argsort([len(f["input_ids"]) for f in features], kind="stable")  # similar lengths batch together
+    batches = eval_batches([features[i] for i in order], batch_size, tokenizer.pad_token_id or 0)
+    total = math.ceil(len(features) / batch_size)
+    sorted_probs = predict_scores(model, tqdm(batches, total=total, desc="predict", file=sys.stderr,
+                                              disable=not sys.stderr.isatty()), multilabel)
+    probs = np.empty_like(sorted_probs)
+    probs[order] = sorted_probs
+    return probs
+
+
+def predict_command(cfg: PredictConfig) -> int:
+    from domainlm.classify.data import Example
+
+    model, tokenizer, meta = load_trained(cfg.model)
+    labels, multilabel = meta["labels"], meta["multilabel"]
+    if cfg.input == "-":
+        data = Dataset("<stdin>", [Example(line.strip(), [], line=i) for i, line in enumerate(sys.stdin, 1) if line.strip()])
+    else:
+        columns = Columns(cfg.text_column, cfg.pair_column, "label", None)
+        data = read_examples(cfg.input, columns, multilabel, require_labels=False)
+    probs = _predict(model, tokenizer, data, cfg.batch_size, cfg.max_seq_len, multilabel)
+    thresholds = np.asarray(meta.get("thresholds") or [0.5] * len(labels))
+    sink = sys.stdout if cfg.out == "-" else open(cfg.out, "w", encoding="utf-8")  # noqa: SIM115
+    try:
+        for ex, p in zip(data.examples, probs):
+            chosen = [labels[j] for j in np.flatnonzero(p >= thresholds)] if multilabel else [labels[int(p.argmax())]]
+            top = {labels[j]: round(float(p[j]), 4) for j in np.argsort(-p)[: cfg.top_k]}
+            sink.write(json.dumps({"text": ex.text, "labels": chosen, "scores": top}, ensure_ascii=False) + "\n")
+    finally:
+        if sink is not sys.stdout:
+            sink.close()
+    return len(data)
+

@@ -1,0 +1,207 @@
+"""Labelled data for classification: CSV / TSV / JSONL rows, label maps, validation split, k-fold.
+
+A row has a text (and optional text pair), one label (multi-class) or several (multi-label: a JSON list, or a
+string split on a delimiter), and an optional group (per-group accuracy). Errors name the file and line.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from domainlm.errors import DomainLMError
+
+
+@dataclass
+class Example:
+    text: str
+    labels: list[str]
+    text_pair: str | None = None
+    group: str | None = None
+    line: int = 0
+
+
+@dataclass
+class Columns:
+    text: str = "text"
+    text_pair: str | None = None
+    label: str = "label"
+    group: str | None = None
+    label_delimiter: str = ","
+
+
+@dataclass
+class Dataset:
+    path: str
+    examples: list[Example] = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+def _rows(path: Path):
+    """(line number, dict) for CSV, TSV and JSONL files."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".jsonl":
+            with open(path, encoding="utf-8-sig") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DomainLMError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                    if not isinstance(row, dict):
+                        raise DomainLMError(f"{path}:{lineno}: expected a JSON object")
+                    yield lineno, row
+        elif suffix in (".csv", ".tsv"):
+            with open(path, encoding="utf-8-sig", newline="") as f:
+                reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+                for row in reader:
+                    yield reader.line_num, row
+        else:
+            raise DomainLMError(f"{path}: unsupported file type {suffix or '(none)'}; use .csv, .tsv or .jsonl")
+    except UnicodeDecodeError as e:
+        raise DomainLMError(f"{path}: not UTF-8 ({e.reason})") from None
+
+
+def _labels(value, delimiter: str) -> list[str]:
+    """A cell's labels: a JSON list, or a string split on the delimiter. Parsed alike for both tasks, so that
+    a multi-label file given to a multi-class task is caught rather than read as one compound label."""
+    if isinstance(value, list):
+        return [str(v).strip() for v in value if str(v).strip()]
+    if value is None:
+        return []
+    text = str(value).strip()
+    if text.startswith("["):
+        try:
+            parsed = json.loads(text)
+            if isinstance(parsed, list):
+                return [str(v).strip() for v in parsed if str(v).strip()]
+        except json.JSONDecodeError:
+            pass
+    return [t.strip() for t in text.split(delimiter) if t.strip()]
+
+
+def read_examples(path: str, columns: Columns, multilabel: bool, require_labels: bool = True, skip_bad: bool = False) -> Dataset:
+    p = Path(path)
+    if not p.is_file():
+        raise DomainLMError(f"data file {p} does not exist")
+    data = Dataset(str(p))
+    checked = False
+    for lineno, row in _rows(p):
+        if not checked:
+            wanted = [c for c in (columns.text, columns.text_pair, columns.group) if c]
+            if require_labels:
+                wanted.append(columns.label)
+            missing = [c for c in wanted if c not in row]
+            if missing:
+                raise DomainLMError(
+                    f"{p}:{lineno}: missing column(s) {', '.join(missing)} (found: {', '.join(map(str, row)) or 'none'}); "
+                    "set --text-column / --label-column / --pair-column / --group-column"
+                )
+            checked = True
+        text = str(row.get(columns.text) or "").strip()
+        labels = _labels(row.get(columns.label), columns.label_delimiter) if require_labels else []
+        problem = None
+        if not text:
+            problem = "empty text"
+        elif require_labels and not labels:
+            problem = "no label"
+        elif require_labels and not multilabel and len(labels) > 1:
+            problem = (f"several labels {labels} in a multiclass task (use --task multilabel, or --label-delimiter "
+                       "if the delimiter is part of a label)")
+        if problem:
+            if skip_bad:
+                data.skipped[problem.split(" (")[0]] += 1
+                continue
+            raise DomainLMError(f"{p}:{lineno}: {problem} (pass --skip-bad-rows to skip and count such rows)")
+        pair = str(row.get(columns.text_pair) or "") if columns.text_pair else None
+        group = str(row.get(columns.group) or "") if columns.group else None
+        data.examples.append(Example(text, labels, pair, group, lineno))
+    if not data.examples:
+        raise DomainLMError(f"{p}: no usable rows")
+    return data
+
+
+def label_list(train: Dataset, given: list[str] | None = None) -> list[str]:
+    """The label set: given explicitly, or every label seen in training, sorted."""
+    seen = sorted({label for ex in train.examples for label in ex.labels})
+    if given:
+        unknown = [label for label in seen if label not in given]
+        if unknown:
+            raise DomainLMError(f"{train.path}: labels {unknown} are not in the given label list")
+        return list(given)
+    return seen
+
+
+def check_labels(data: Dataset, labels: list[str]) -> None:
+    known = set(labels)
+    for ex in data.examples:
+        unknown = [label for label in ex.labels if label not in known]
+        if unknown:
+            raise DomainLMError(
+                f"{data.path}:{ex.line}: label(s) {unknown} never seen in training (known: {', '.join(labels)})"
+            )
+
+
+def targets(data: Dataset, labels: list[str], multilabel: bool) -> np.ndarray:
+    index = {label: i for i, label in enumerate(labels)}
+    if multilabel:
+        y = np.zeros((len(data), len(labels)), dtype=np.float32)
+        for i, ex in enumerate(data.examples):
+            y[i, [index[label] for label in ex.labels]] = 1.0
+        return y
+    return np.asarray([index[ex.labels[0]] for ex in data.examples], dtype=np.int64)
+
+
+def _strata(data: Dataset) -> np.ndarray:
+    """Stratify on the (first) label; multi-label rows stratify on their first label too."""
+    return np.asarray([ex.labels[0] for ex in data.examples])
+
+
+def split_validation(data: Dataset, ratio: float, cap: int, seed: int) -> tuple[Dataset, Dataset]:
+    """A stratified share of train as validation (ratio in [0.01, 0.5], at most `cap` rows). Fails if a class
+    would be left without a training example."""
+    if not 0.01 <= ratio <= 0.5:
+        raise DomainLMError(f"--valid-ratio {ratio} is out of range [0.01, 0.5]")
+    from sklearn.model_selection import train_test_split
+
+    n_valid = min(cap, max(1, round(ratio * len(data))))
+    strata = _strata(data)
+    counts = Counter(strata.tolist())
+    indices = np.arange(len(data))
+    try:
+        stratify = strata if min(counts.values()) >= 2 and n_valid >= len(counts) else None
+        train_idx, valid_idx = train_test_split(indices, test_size=n_valid, random_state=seed, stratify=stratify)
+    except ValueError as e:
+        raise DomainLMError(f"{data.path}: cannot split {n_valid} validation rows from {len(data)}: {e}") from None
+    train_labels = {label for i in train_idx for label in data.examples[i].labels}
+    lost = sorted({label for ex in data.examples for label in ex.labels} - train_labels)
+    if lost:
+        raise DomainLMError(
+            f"{data.path}: the validation split leaves no training example for {lost}; "
+            "add examples, lower --valid-ratio, or give a --dev file"
+        )
+    pick = lambda idx: Dataset(data.path, [data.examples[i] for i in sorted(idx)])  # noqa: E731
+    return pick(train_idx), pick(valid_idx)
+
+
+def kfold(data: Dataset, k: int, seed: int) -> list[tuple[Dataset, Dataset]]:
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    strata = _strata(data)
+    stratified = min(Counter(strata.tolist()).values()) >= k
+    splitter = StratifiedKFold(k, shuffle=True, random_state=seed) if stratified else KFold(k, shuffle=True, random_state=seed)
+    folds = []
+    for train_idx, test_idx in splitter.split(np.zeros(len(data)), strata if stratified else None):
+        folds.append((Dataset(data.path, [data.examples[i] for i in train_idx]),
+                      Dataset(data.path, [data.examples[i] for i in test_idx])))
+    return folds

@@ -1,0 +1,113 @@
+"""Classification metrics (scikit-learn underneath), per group, and the tolerant accuracy.
+
+Tolerant accuracy (configurable k):
+- multi-class: the gold label is among the k highest-scoring predictions (k=1 is plain accuracy; default k=2);
+- multi-label: the predicted label set and the gold set share at least one label.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+
+
+def topk_accuracy(scores: np.ndarray, gold: np.ndarray, k: int) -> float:
+    k = min(k, scores.shape[1])
+    top = np.argsort(-scores, axis=1)[:, :k]
+    return float((top == gold[:, None]).any(axis=1).mean())
+
+
+def multiclass_metrics(scores: np.ndarray, gold: np.ndarray, labels: list[str], tolerant_k: int = 2,
+                       groups: list[str] | None = None) -> dict:
+    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+    pred = scores.argmax(axis=1)
+    ids = list(range(len(labels)))
+    result = {"n": int(len(gold)), "accuracy": float(accuracy_score(gold, pred)),
+              f"tolerant_accuracy@{tolerant_k}": topk_accuracy(scores, gold, tolerant_k)}
+    for avg in ("macro", "micro", "weighted"):
+        p, r, f, _ = precision_recall_fscore_support(gold, pred, labels=ids, average=avg, zero_division=0)
+        result.update({f"precision_{avg}": float(p), f"recall_{avg}": float(r), f"f1_{avg}": float(f)})
+    p, r, f, s = precision_recall_fscore_support(gold, pred, labels=ids, average=None, zero_division=0)
+    result["per_class"] = {labels[i]: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+                           for i in ids}
+    result["confusion_matrix"] = confusion_matrix(gold, pred, labels=ids).tolist()
+    if groups is not None:
+        correct = pred == gold
+        tolerant = (np.argsort(-scores, axis=1)[:, :tolerant_k] == gold[:, None]).any(axis=1)
+        result["per_group"] = _per_group(groups, correct, tolerant, tolerant_k)
+    return result
+
+
+def multilabel_metrics(probs: np.ndarray, gold: np.ndarray, labels: list[str], thresholds: np.ndarray,
+                       groups: list[str] | None = None) -> dict:
+    from sklearn.metrics import accuracy_score, hamming_loss, precision_recall_fscore_support
+
+    pred = (probs >= thresholds[None, :]).astype(int)
+    gold = gold.astype(int)
+    overlap = ((pred & gold).sum(axis=1) > 0)
+    result = {"n": int(len(gold)), "subset_accuracy": float(accuracy_score(gold, pred)),
+              "hamming_loss": float(hamming_loss(gold, pred)), "tolerant_accuracy": float(overlap.mean())}
+    for avg in ("macro", "micro", "weighted"):
+        p, r, f, _ = precision_recall_fscore_support(gold, pred, average=avg, zero_division=0)
+        result.update({f"precision_{avg}": float(p), f"recall_{avg}": float(r), f"f1_{avg}": float(f)})
+    p, r, f, s = precision_recall_fscore_support(gold, pred, average=None, zero_division=0)
+    result["per_class"] = {labels[i]: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
+                                       "support": int(s[i]), "threshold": float(thresholds[i])} for i in range(len(labels))}
+    if groups is not None:
+        exact = (pred == gold).all(axis=1)
+        result["per_group"] = _per_group(groups, exact, overlap, None)
+    return result
+
+
+def _per_group(groups: list[str], correct: np.ndarray, tolerant: np.ndarray, k: int | None) -> dict:
+    by = defaultdict(list)
+    for i, g in enumerate(groups):
+        by[g].append(i)
+    name = f"tolerant_accuracy@{k}" if k else "tolerant_accuracy"
+    return {g: {"n": len(idx), "accuracy": float(correct[idx].mean()), name: float(tolerant[idx].mean())}
+            for g, idx in sorted(by.items())}
+
+
+def tune_thresholds(probs: np.ndarray, gold: np.ndarray, grid: np.ndarray | None = None) -> np.ndarray:
+    """Per label, the threshold that maximises F1 on the given (dev) data; 0.5 where the label never occurs."""
+    from sklearn.metrics import f1_score
+
+    grid = np.linspace(0.05, 0.95, 19) if grid is None else grid
+    best = np.full(probs.shape[1], 0.5)
+    for j in range(probs.shape[1]):
+        if gold[:, j].sum() == 0:
+            continue
+        f1s = [f1_score(gold[:, j], probs[:, j] >= t, zero_division=0) for t in grid]
+        best[j] = grid[int(np.argmax(f1s))]
+    return best
+
+
+def aggregate(runs: list[dict]) -> dict:
+    """Mean and standard deviation of every scalar metric over runs (folds or seeds)."""
+    keys = [k for k, v in runs[0].items() if isinstance(v, int | float) and k != "n"]
+    return {k: {"mean": float(np.mean([r[k] for r in runs])), "std": float(np.std([r[k] for r in runs], ddof=1)) if len(runs) > 1 else 0.0}
+            for k in keys}
+
+
+def confusion_png(matrix: list[list[int]], labels: list[str], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = np.asarray(matrix)
+    size = max(4, 0.6 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(m, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("gold")
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            ax.text(j, i, str(m[i, j]), ha="center", va="center", color="white" if m[i, j] > m.max() / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

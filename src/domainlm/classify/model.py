@@ -1,0 +1,118 @@
+"""A sequence classifier from any encoder (HF name/path or a `pretrain` snapshot), full or LoRA (peft)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from domainlm.errors import DomainLMError
+
+LORA_RANKS = (8, 16, 32, 64)
+# attention projections of BERT-family encoders (BERT, ERNIE, RoBERTa name them alike)
+LORA_TARGETS = ["query", "key", "value"]
+HEAD_PREFIXES = ("classifier.", "pooler.", "score.")
+
+
+class Classifier(nn.Module):
+    """forward(**batch) -> (loss, metrics), the contract of the shared training loop."""
+
+    def __init__(self, hf_model: nn.Module, multilabel: bool):
+        super().__init__()
+        self.hf, self.multilabel = hf_model, multilabel
+
+    def logits(self, input_ids, attention_mask, token_type_ids=None):
+        return self.hf(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
+
+    def forward(self, input_ids, attention_mask, labels, token_type_ids=None):
+        logits = self.logits(input_ids, attention_mask, token_type_ids).float()
+        if self.multilabel:
+            loss = F.binary_cross_entropy_with_logits(logits, labels.float())
+            acc = ((logits > 0) == labels.bool()).all(dim=-1).float().mean()
+        else:
+            loss = F.cross_entropy(logits, labels)
+            acc = (logits.argmax(-1) == labels).float().mean()
+        return loss, {"loss": loss.detach(), "acc": acc}
+
+
+def load_classifier(name_or_path: str, labels: list[str], multilabel: bool, method: str, lora_rank: int, lora_alpha: int, log=print):
+    from transformers import AutoModelForSequenceClassification
+
+    from domainlm.pretrain.model import load_config
+
+    load_config(name_or_path)  # a clear error for a missing model before transformers' own
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        name_or_path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={v: i for i, v in enumerate(labels)},
+        problem_type="multi_label_classification" if multilabel else "single_label_classification",
+        ignore_mismatched_sizes=True, output_loading_info=True,
+    )
+    missing = [k for k in info.get("missing_keys", []) if not k.startswith(HEAD_PREFIXES)]
+    if missing:
+        raise DomainLMError(f"{name_or_path}: {len(missing)} encoder weights are missing (e.g. {', '.join(missing[:3])}); "
+                            "it is not a trained encoder")
+    if method == "lora":
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        config = LoraConfig(task_type=TaskType.SEQ_CLS, r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.1,
+                            target_modules=LORA_TARGETS)
+        model = get_peft_model(model, config)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        log(f"LoRA rank {lora_rank}: {trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)")
+    return model
+
+
+def save_classifier(model, tokenizer, out: Path, labels: list[str], multilabel: bool, thresholds=None) -> Path:
+    """<out>/model: a plain HF classifier (LoRA merged in); <out>/adapter: the LoRA adapter alone."""
+    if hasattr(model, "merge_and_unload"):
+        model.save_pretrained(out / "adapter")
+        import copy
+
+        model = copy.deepcopy(model).merge_and_unload()
+    model.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    meta = {"labels": labels, "multilabel": multilabel}
+    if thresholds is not None:
+        meta["thresholds"] = [float(t) for t in thresholds]
+    (out / "model" / "domainlm_labels.json").write_text(json.dumps(meta, ensure_ascii=False, indent=2), encoding="utf-8")
+    return out / "model"
+
+
+def load_trained(path: str):
+    """A classifier written by `finetune` (or any HF sequence classifier): model, tokenizer, labels, multilabel,
+    thresholds."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from domainlm.pretrain.model import load_config
+
+    config = load_config(path)
+    archs = config.architectures or []
+    if not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise DomainLMError(f"{path} is not a sequence classifier (architectures: {archs or 'none'}); "
+                            "fine-tune one with `domainlm finetune`")
+    meta_path = Path(path) / "domainlm_labels.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    else:
+        meta = {"labels": [config.id2label[i] for i in range(config.num_labels)],
+                "multilabel": config.problem_type == "multi_label_classification"}
+    model = AutoModelForSequenceClassification.from_pretrained(path)
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(path), meta
+
+
+@torch.no_grad()
+def predict_scores(model: nn.Module, batches, multilabel: bool, device="cpu"):
+    """Probabilities [n, labels]: softmax (multi-class) or sigmoid (multi-label)."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        logits = model(**batch).logits.float()
+        out.append(torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=-1))
+    model.train(was_training)  # evaluation in the middle of training must not leave dropout off
+    return torch.cat(out).cpu().numpy()
