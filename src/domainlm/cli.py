@@ -70,11 +70,25 @@ def _predict(args: argparse.Namespace) -> None:
     predict_command(cfglib.from_args(PredictConfig, args))
 
 
+def _sweep(args: argparse.Namespace) -> None:
+    from domainlm.sweep.command import SweepConfig, sweep
+
+    overrides = {k: v for k, v in vars(args).items() if k not in ("spec", "command", "func")}
+    sweep(cfglib.load(SweepConfig, args.spec, overrides))
+
+
+def _report(args: argparse.Namespace) -> None:
+    from domainlm.sweep.report import report_run
+
+    print(report_run(args.run, args.out))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from domainlm.classify.config import EvaluateConfig, FinetuneConfig, PredictConfig
     from domainlm.data.prepare import PrepareConfig
     from domainlm.demo import DemoConfig
     from domainlm.pretrain.config import PretrainConfig
+    from domainlm.sweep.command import SweepConfig
 
     parser = argparse.ArgumentParser(
         prog="domainlm", description="Domain documents -> corpus -> continued pretraining -> a better small classifier.")
@@ -106,6 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="labels and scores for texts (a file or stdin) as JSONL")
     cfglib.add_arguments(p, PredictConfig)
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("sweep", help="base models x pretraining checkpoints x seeds, fine-tuned alike, tabulated and tested")
+    p.add_argument("spec", help="SWEEP.yaml: out, models (name, base, snapshots, steps), finetune, seeds, metrics")
+    cfglib.add_arguments(p, SweepConfig, config_flag=False)
+    p.set_defaults(func=_sweep)
+
+    p = sub.add_parser("report", help="curves, stats and config of a pretrain or finetune folder (Markdown + HTML)")
+    p.add_argument("run", help="output folder of `domainlm pretrain` or `domainlm finetune`")
+    p.add_argument("--out", help="folder for the report (default: the run folder)")
+    p.set_defaults(func=_report)
 
     p = sub.add_parser("extend-vocab", help="add domain tokens to a model's tokenizer and embeddings")
     p.add_argument("--model", required=True, help="HF model with a tokenizer (name or path)")

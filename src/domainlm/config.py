@@ -71,6 +71,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             if not isinstance(value, list | tuple):
                 raise DomainLMError(f"{where}: expected a list, got {value!r}")
             return [_coerce(v, item, where) for v in value]
+        if tp is dict:  # nested sections (YAML only), checked by the config's own check()
+            if not isinstance(value, dict):
+                raise DomainLMError(f"{where}: expected a mapping, got {value!r}")
+            return value
         if tp is bool:
             if isinstance(value, bool):
                 return value
@@ -111,12 +115,16 @@ def validate(cfg: Any) -> None:
         check()
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per field; defaults are suppressed so that only flags the user typed override YAML."""
-    parser.add_argument("--config", help="YAML file with any of the options below (flags override it)")
+def add_arguments(parser: argparse.ArgumentParser, cls: type, config_flag: bool = True) -> None:
+    """One flag per field (nested mappings are YAML only); defaults are suppressed so that only flags the user
+    typed override YAML."""
+    if config_flag:
+        parser.add_argument("--config", help="YAML file with any of the options below (flags override it)")
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp, _ = _unwrap_optional(hints[f.name])
+        if tp is dict or (get_origin(tp) is list and get_args(tp) == (dict,)):
+            continue
         if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             shown = f"default: {f.default_factory()}"  # type: ignore[misc]
         elif f.default is dataclasses.MISSING:

@@ -41,9 +41,11 @@ class Classifier(nn.Module):
 def load_classifier(name_or_path: str, labels: list[str], multilabel: bool, method: str, lora_rank: int, lora_alpha: int, log=print):
     from transformers import AutoModelForSequenceClassification
 
-    from domainlm.pretrain.model import load_config
+    from domainlm.pretrain.model import has_weights, load_config
 
     load_config(name_or_path)  # a clear error for a missing model before transformers' own
+    if Path(name_or_path).is_dir() and not has_weights(Path(name_or_path)):
+        raise DomainLMError(f"{name_or_path} holds a config but no weights; fine-tuning needs a trained encoder")
     model, info = AutoModelForSequenceClassification.from_pretrained(
         name_or_path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={v: i for i, v in enumerate(labels)},
         problem_type="multi_label_classification" if multilabel else "single_label_classification",

@@ -16,7 +16,7 @@ from domainlm.errors import DomainLMError
 HEAD_PREFIXES = ("cls.", "lm_head.")
 
 
-def _has_weights(path: Path) -> bool:
+def has_weights(path: Path) -> bool:
     return any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin")) or any(path.glob("*.safetensors.index.json"))
 
 
@@ -40,7 +40,7 @@ def load_pretraining_model(name_or_path: str, from_scratch: bool, log=print):
 
     config = load_config(name_or_path)
     local = Path(name_or_path)
-    if from_scratch or (local.is_dir() and not _has_weights(local)):
+    if from_scratch or (local.is_dir() and not has_weights(local)):
         if not from_scratch:
             raise DomainLMError(
                 f"{name_or_path} holds a config but no weights; pass --from-scratch to train from random weights"

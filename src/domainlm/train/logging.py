@@ -38,7 +38,7 @@ class RunLogger:
         if self.tb is not None:
             for k, v in values.items():
                 self.tb.add_scalar(f"{split}/{k}", float(v), step)
-        summary = " ".join(f"{k}={float(v):.4g}" for k, v in values.items() if k in ("loss", "mlm_acc", "sop_acc", "lr", "tokens_per_s"))
+        summary = " ".join(f"{k}={float(v):.4g}" for k, v in values.items() if k in ("loss", "mlm_acc", "sop_acc", "accuracy", "f1_micro", "lr", "tokens_per_s"))
         if self.bar is not None and self.bar.disable:
             print(f"[{split}] step {step} {summary}", file=sys.stderr, flush=True)
         elif self.bar is not None:
