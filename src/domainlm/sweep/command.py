@@ -12,7 +12,8 @@ against its base model.
     seeds: [1, 2, 3]
     metrics: [accuracy, tolerant_accuracy@2]
 
-Cells run one after another and are resumable: a finished cell (marked DONE) is never rerun, a crashed one is.
+Cells run one after another and are resumable: a finished cell (marked DONE) is not rerun while its options are
+unchanged; a crashed one, or one whose options changed, is.
 A failing cell is reported in the table and in failures.json; the others go on.
 """
 
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from domainlm import config as cfglib
 from domainlm.config import option
@@ -103,12 +105,18 @@ def run_cell(cfg: SweepConfig, cell: Cell, root: Path) -> dict:
     from domainlm.classify.config import FinetuneConfig
 
     folder = root / "cells" / cell.folder
-    if (folder / "DONE").is_file():
-        return {"status": "done", "skipped": True}
-    if folder.exists():  # a crashed or failed earlier attempt
-        shutil.rmtree(folder)
     try:
         ft = cfglib.load(FinetuneConfig, None, {**cfg.finetune, "model": cell.path, "out": str(folder), "seeds": [cell.seed]})
+    except DomainLMError as e:
+        raise DomainLMError(f"finetune: {e}") from None
+    if (folder / "DONE").is_file():
+        # finished with the same options: reuse; with other options (the sweep file changed): run again
+        if yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")) == cfglib.to_dict(ft):
+            return {"status": "done", "skipped": True}
+        print(f"cell {cell.folder}: options changed since it ran; running it again", file=sys.stderr)
+    if folder.exists():  # a crashed, failed or outdated earlier attempt
+        shutil.rmtree(folder)
+    try:
         finetune(ft)
     except Exception as e:  # one failed cell must not stop the sweep
         folder.mkdir(parents=True, exist_ok=True)
