@@ -28,8 +28,8 @@ from domainlm.errors import DomainLMError
 @dataclass(kw_only=True)
 class DemoConfig:
     out: str = option("runs/demo", "output folder")
-    base_steps: int = option(300, "pretraining steps of the base model on the general corpus", low=1)
-    domain_steps: int = option(300, "continued pretraining steps on the reviews", low=3)
+    base_steps: int = option(1000, "pretraining steps of the base model on the general corpus", low=1)
+    domain_steps: int = option(400, "continued pretraining steps on the reviews", low=3)
     train_rows: int = option(1000, "labelled training rows for the sentiment task", low=20)
     test_rows: int = option(1000, "test rows", low=20)
     seed: int = option(1234, "seed")
@@ -145,7 +145,8 @@ def demo(cfg: DemoConfig) -> dict:
 
     _stage(3, "continue pretraining the base model on the reviews, with snapshots")
     domain_run = out / "domain-pretrain"
-    run_pretrain(str(out / "corpus-reviews"), str(base_run / "final"), domain_run, cfg.domain_steps, False, cfg.domain_steps // 3)
+    run_pretrain(str(out / "corpus-reviews"), str(base_run / "final"), domain_run, cfg.domain_steps, False,
+                 max(1, cfg.domain_steps // 4))
 
     _stage(4, "sentiment task: a small labelled training set, a disjoint test set")
     train, test = sentiment_task(data["reviews"], out / "data", cfg.train_rows, cfg.test_rows, cfg.seed)

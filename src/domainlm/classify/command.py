@@ -32,7 +32,7 @@ from domainlm.classify.model import Classifier, load_classifier, load_trained, p
 from domainlm.errors import DomainLMError
 from domainlm.train.checkpoint import TrainState
 from domainlm.train.logging import RunLogger
-from domainlm.train.loop import LoopOptions, build_optimizer, build_scheduler, train_loop
+from domainlm.train.loop import LoopOptions, build_optimizer, build_scheduler, mixed_precision, train_loop
 
 
 def _columns(cfg) -> Columns:
@@ -183,7 +183,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected; domainlm reports what matters
-    accelerator = Accelerator()
+    accelerator = Accelerator(mixed_precision=mixed_precision(cfg.precision))
     out = Path(cfg.out)
     columns = _columns(cfg)
     train = read_examples(cfg.train, columns, cfg.multilabel, skip_bad=cfg.skip_bad_rows)

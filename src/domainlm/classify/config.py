@@ -56,6 +56,7 @@ class FinetuneConfig:
     folds: int = option(0, "k-fold cross-validation on --train (0: off)", low=0, high=20)
     seeds: list[int] = option([1234], "repeat with each seed; metrics reported as mean and std")
     logging_freq: int = option(10, "log every N steps", low=1)
+    precision: Literal["auto", "no", "bf16", "fp16"] = option("auto", "mixed precision (auto: bf16 on a GPU that has it)")
 
     def check(self) -> None:
         if self.method == "lora" and self.lora_rank not in (8, 16, 32, 64):

@@ -34,13 +34,14 @@ from domainlm.train.checkpoint import (
     step_name,
 )
 from domainlm.train.logging import RunLogger
-from domainlm.train.loop import LoopOptions, build_optimizer, build_scheduler, evaluate, train_loop
-
-
-def _precision(choice: str) -> str:
-    if choice != "auto":
-        return choice
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+from domainlm.train.loop import (
+    LoopOptions,
+    build_optimizer,
+    build_scheduler,
+    evaluate,
+    mixed_precision,
+    train_loop,
+)
 
 
 def _special_ids(tokenizer) -> dict[str, int]:
@@ -71,7 +72,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     ddp = DistributedDataParallelKwargs(find_unused_parameters=not cfg.binary_head)  # pooler unused without SOP
     # Several processes without CUDA: Accelerate runs data parallel on CPU (gloo) only when told so.
     cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    accelerator = Accelerator(mixed_precision=_precision(cfg.precision), kwargs_handlers=[ddp], cpu=cpu_ddp)
+    accelerator = Accelerator(mixed_precision=mixed_precision(cfg.precision), kwargs_handlers=[ddp], cpu=cpu_ddp)
     log = print if accelerator.is_main_process else (lambda *a, **k: None)
     out = Path(cfg.out)
     world = accelerator.num_processes

@@ -31,6 +31,13 @@ class LoopOptions:
     save_steps: int = 0
 
 
+def mixed_precision(choice: str) -> str:
+    """`auto`: bf16 on a GPU that has it, else full precision (CPU autocast is slower on most CPUs)."""
+    if choice != "auto":
+        return choice
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999), eps=1e-8):
     """AdamW; biases and LayerNorm weights get no weight decay. The fused kernel (CPU and CUDA) updates all
     parameters in one pass instead of a chain of per-tensor ops."""
