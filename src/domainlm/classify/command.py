@@ -44,9 +44,13 @@ def score(probs: np.ndarray, data: Dataset, labels: list[str], multilabel: bool,
     gold = targets(data, labels, multilabel)
     groups = [ex.group or "" for ex in data.examples] if any(ex.group for ex in data.examples) else None
     if multilabel:
-        t = np.full(len(labels), 0.5) if thresholds is None else thresholds
-        return M.multilabel_metrics(probs, gold, labels, t, groups)
+        return M.multilabel_metrics(probs, gold, labels, _thresholds(labels, thresholds), groups)
     return M.multiclass_metrics(probs, gold, labels, tolerant_k, groups)
+
+
+def _thresholds(labels: list[str], tuned) -> np.ndarray:
+    """Multi-label decision thresholds: the tuned ones where there are, else 0.5."""
+    return np.full(len(labels), 0.5) if tuned is None else np.asarray(tuned, dtype=float)
 
 
 def _scalars(metrics: dict) -> dict:
@@ -60,8 +64,7 @@ def write_outputs(out: Path, name: str, data: Dataset, probs: np.ndarray, labels
             open(out / f"{name}_bad_cases.jsonl", "w", encoding="utf-8") as bad:
         for ex, p in zip(data.examples, probs):
             if multilabel:
-                t = np.full(len(labels), 0.5) if thresholds is None else thresholds
-                predicted = [labels[j] for j in np.flatnonzero(p >= t)]
+                predicted = [labels[j] for j in np.flatnonzero(p >= _thresholds(labels, thresholds))]
                 wrong = sorted(predicted) != sorted(ex.labels)
             else:
                 predicted = [labels[int(p.argmax())]]
@@ -241,7 +244,7 @@ def evaluate_command(cfg: EvaluateConfig) -> dict:
     if unknown:
         raise DomainLMError(f"{cfg.data}: labels {unknown} are not among the model's labels ({', '.join(labels)})")
     probs = _predict(model, tokenizer, data, cfg.batch_size, cfg.max_seq_len, multilabel)
-    thresholds = np.asarray(meta["thresholds"]) if meta.get("thresholds") else None
+    thresholds = meta.get("thresholds")
     metrics = score(probs, data, labels, multilabel, cfg.tolerant_k, thresholds)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -277,7 +280,7 @@ def predict_command(cfg: PredictConfig) -> int:
         columns = Columns(cfg.text_column, cfg.pair_column, "label", None)
         data = read_examples(cfg.input, columns, multilabel, require_labels=False)
     probs = _predict(model, tokenizer, data, cfg.batch_size, cfg.max_seq_len, multilabel)
-    thresholds = np.asarray(meta.get("thresholds") or [0.5] * len(labels))
+    thresholds = _thresholds(labels, meta.get("thresholds"))
     sink = sys.stdout if cfg.out == "-" else open(cfg.out, "w", encoding="utf-8")  # noqa: SIM115
     try:
         for ex, p in zip(data.examples, probs):
