@@ -17,6 +17,52 @@ LORA_TARGETS = ["query", "key", "value"]
 HEAD_PREFIXES = ("classifier.", "pooler.", "score.")
 
 
+# classifiers whose head reads the pooled [CLS] state only, with the BERT module layout (embeddings, encoder.layer[i]
+# .attention.self.query/key/value, .attention.output, .intermediate, .output, pooler, dropout, classifier)
+CLS_ONLY = ("BertForSequenceClassification", "ErnieForSequenceClassification")
+
+
+def _cls_only_ready(hf: nn.Module) -> bool:
+    config = getattr(hf, "config", None)
+    return (type(hf).__name__ in CLS_ONLY and config is not None and not config.is_decoder
+            and getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
+            and not getattr(config, "chunk_size_feed_forward", 0)
+            and getattr(config, "position_embedding_type", "absolute") == "absolute")
+
+
+def classifier_logits(hf: nn.Module, input_ids, attention_mask, token_type_ids=None):
+    """The model's logits, with the last layer computed for the [CLS] position only.
+
+    The head reads nothing but the last layer's [CLS] state, so the other positions of that layer (its query and
+    output projections, and its feed-forward block: 5/6 of its work) are never used. Skipping them gives the same
+    logits and gradients (dropout aside, drawn for fewer positions) at a fraction of the cost: 1/4 less work for a
+    4-layer encoder, 40% less for 2 layers. Other models run their own forward.
+    """
+    if not _cls_only_ready(hf):
+        return hf(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
+    from transformers.masking_utils import create_bidirectional_mask
+
+    encoder = hf.base_model
+    hidden = encoder.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+    mask = create_bidirectional_mask(config=encoder.config, inputs_embeds=hidden, attention_mask=attention_mask)
+    *layers, last = encoder.encoder.layer
+    for layer in layers:
+        hidden = layer(hidden, mask)
+    attention = last.attention.self
+    batch, length, _ = hidden.shape
+    heads, size = attention.num_attention_heads, attention.attention_head_size
+    query = attention.query(hidden[:, :1]).view(batch, 1, heads, size).transpose(1, 2)
+    key = attention.key(hidden).view(batch, length, heads, size).transpose(1, 2)
+    value = attention.value(hidden).view(batch, length, heads, size).transpose(1, 2)
+    if mask is not None:
+        mask = mask[:, :, :1] if mask.dtype == torch.bool else mask[:, :, :1].to(query.dtype)
+    context = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=attention.scaling,
+                                             dropout_p=attention.dropout.p if attention.training else 0.0)
+    context = last.attention.output(context.transpose(1, 2).reshape(batch, 1, heads * size), hidden[:, :1])
+    cls = last.output(last.intermediate(context), context)
+    return hf.classifier(hf.dropout(encoder.pooler(cls)))
+
+
 class Classifier(nn.Module):
     """forward(**batch) -> (loss, metrics), the contract of the shared training loop."""
 
@@ -25,7 +71,7 @@ class Classifier(nn.Module):
         self.hf, self.multilabel = hf_model, multilabel
 
     def logits(self, input_ids, attention_mask, token_type_ids=None):
-        return self.hf(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
+        return classifier_logits(self.hf, input_ids, attention_mask, token_type_ids)
 
     def forward(self, input_ids, attention_mask, labels, token_type_ids=None):
         logits = self.logits(input_ids, attention_mask, token_type_ids).float()
@@ -114,7 +160,7 @@ def predict_scores(model: nn.Module, batches, multilabel: bool, device="cpu"):
     out = []
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-        logits = model(**batch).logits.float()
+        logits = classifier_logits(model, **batch).float()
         out.append(torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=-1))
     model.train(was_training)  # evaluation in the middle of training must not leave dropout off
     return torch.cat(out).cpu().numpy()
