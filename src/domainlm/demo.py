@@ -30,15 +30,19 @@ from domainlm.errors import DomainLMError
 class DemoConfig:
     out: str = option("runs/demo", "output folder")
     base_steps: int = option(1000, "pretraining steps of the base model on the general corpus", low=1)
-    domain_steps: int = option(400, "continued pretraining steps on the reviews", low=3)
+    domain_steps: int = option(800, "continued pretraining steps on the reviews (MLM only), 4 snapshots", low=4)
     base_lr: float = option(1e-3, "peak learning rate of the base model's pretraining", low=0, high=1, low_open=True)
     domain_lr: float = option(5e-4, "peak learning rate of the continued pretraining", low=0, high=1, low_open=True)
     train_rows: int = option(1000, "labelled training rows for the sentiment task", low=20)
     test_rows: int = option(1000, "test rows (excluded from the domain corpus)", low=20)
     epochs: int = option(5, "fine-tuning epochs", low=1, high=50)
     learning_rate: float = option(1e-3, "fine-tuning learning rate", low=0, high=1, low_open=True)
-    seeds: list[int] = option([1, 2], "fine-tuning seeds per checkpoint")
+    seeds: list[int] = option([1, 2, 3], "fine-tuning seeds per checkpoint (3 or more: the test over seeds applies)")
     seed: int = option(1234, "seed of the data split and the pretraining")
+
+    def check(self) -> None:
+        if not self.seeds:
+            raise DomainLMError("--seeds needs at least one seed")
 
 
 def _package_file(package: str, relative: str) -> Path:
@@ -199,5 +203,7 @@ def demo(cfg: DemoConfig) -> dict:
         finetune={"train": str(train), "test": str(test), "epochs": cfg.epochs, "learning_rate": cfg.learning_rate,
                   "batch_size": 32, "max_seq_len": 128, "early_stopping_patience": 3},
     ))
-    print(f"\ntable: {out / 'sweep' / 'table.md'}\nreport: {out / 'sweep' / 'report.html'}")
+    print(f"\nno test row was seen in pretraining: the domain corpus left out {domain['dropped']} reviews whose text is in "
+          f"the test set ({out / 'data' / 'domain.jsonl'})")
+    print(f"table: {out / 'sweep' / 'table.md'}\nreport: {out / 'sweep' / 'report.html'}")
     return result
