@@ -2,7 +2,10 @@
 
 import json
 
+import pytest
+
 from domainlm.demo import domain_corpus, people_daily_documents, sentiment_task, write_sample_data
+from domainlm.errors import DomainLMError
 
 
 def _rows(path):
@@ -44,8 +47,6 @@ def test_the_domain_corpus_holds_no_test_row_but_every_other_review(tmp_path):
 
 
 def test_the_test_set_does_not_depend_on_the_number_of_training_rows(tmp_path):
-    from domainlm.errors import DomainLMError
-
     data = write_sample_data(tmp_path / "data")
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -53,7 +54,5 @@ def test_the_test_set_does_not_depend_on_the_number_of_training_rows(tmp_path):
     large = sentiment_task(data["reviews"], tmp_path / "b", 2000, 300, seed=3)
     assert small[1].read_text(encoding="utf-8") == large[1].read_text(encoding="utf-8")
     assert len(_rows(large[0])) == 2000
-    import pytest
-
     with pytest.raises(DomainLMError, match="--train-rows 40000"):
         sentiment_task(data["reviews"], tmp_path / "b", 40000, 300, seed=3)
