@@ -33,6 +33,7 @@ from domainlm.data.tokenize import (
     DocumentEncoder,
     EncodedDocument,
     EncodeOptions,
+    corpus_forbidden_ids,
     encode_chunk,
     init_worker,
     load_fast_tokenizer,
@@ -144,7 +145,10 @@ def _import(paths: list[Path], writer: CorpusWriter, tokenizer, counters: Counte
                 )
             starts = ~continuation[ids]
             starts[np.concatenate([[0], np.cumsum(lengths)[:-1]])] = True
-            writer.add(ids, lengths, starts)
+            try:
+                writer.add(ids, lengths, starts)
+            except DomainLMError as e:
+                raise DomainLMError(f"{path}: {e}") from None
 
 
 def _check_out(out: Path, fingerprint: str, overwrite: bool) -> bool:
@@ -222,7 +226,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
     workers = (os.cpu_count() or 1) if cfg.workers < 0 else cfg.workers
     started = time.perf_counter()
     counters: Counter = Counter()
-    writer = CorpusWriter(partial, len(tokenizer))
+    writer = CorpusWriter(partial, len(tokenizer), forbidden_ids=corpus_forbidden_ids(tokenizer))
     tokenizer.save_pretrained(partial / "tokenizer")
     total_bytes = sum(p.stat().st_size for p in files + imports)
     n_bytes = 0
