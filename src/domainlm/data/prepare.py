@@ -83,8 +83,13 @@ def _fingerprint(cfg: PrepareConfig, files: list[Path], vocab: str) -> str:
 def _documents(files: list[Path], options: ReadOptions, counters: Counter) -> Iterator[Document]:
     for path in files:
         counters["files"] += 1
+        first = True
         for doc in read_file(path, options, counters):
             counters["documents_read"] += 1
+            if doc.split:  # a book format: which rule cut it into documents
+                counters[f"split_documents:{doc.split}"] += 1
+                counters[f"split_files:{doc.split}"] += first
+            first = False
             yield doc
 
 
@@ -194,6 +199,9 @@ def _corpus_stats(corpus: Corpus, counters: Counter, seconds: float, n_bytes: in
         "bad_lines_skipped": counters["bad_lines_skipped"],
         "sentences_cut": counters["sentences_cut"],
         "languages": {k[len("lang_"):]: v for k, v in counters.items() if k.startswith("lang_")},
+        # pdf/docx/md files per rule that cut them into documents (data/sections.py), and the documents read
+        "document_split": {k.split(":", 1)[1]: {"files": v, "documents": counters[f"split_documents:{k.split(':', 1)[1]}"]}
+                           for k, v in sorted(counters.items()) if k.startswith("split_files:")},
         "seconds": round(seconds, 2),
         "mb_per_second": round(n_bytes / 1e6 / max(seconds, 1e-9), 2),
         "tokens_per_second": round(corpus.n_tokens / max(seconds, 1e-9), 1),
