@@ -13,6 +13,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
 import time
 from collections import Counter, deque
@@ -23,12 +24,13 @@ from typing import Literal
 
 import numpy as np
 
-from domainlm import __version__
+from domainlm import __version__, outputs
 from domainlm import config as cfglib
 from domainlm.config import option
 from domainlm.data.clean import Deduplicator
 from domainlm.data.readers import Document, ReadOptions, discover, read_file
-from domainlm.data.store import Corpus, CorpusWriter, read_megatron, read_paddlenlp
+from domainlm.data.store import FILES, Corpus, CorpusWriter, read_megatron, read_paddlenlp
+from domainlm.data.store import FORMAT as STORE_FORMAT
 from domainlm.data.tokenize import (
     DocumentEncoder,
     EncodedDocument,
@@ -114,8 +116,20 @@ def _encode_all(
         for chunk in chunks:
             yield chunk, [encoder.encode(d) for d in chunk]
         return
-    # spawn, not fork: the parent has loaded a Rust tokenizer whose thread pool does not survive a fork
-    with mp.get_context("spawn").Pool(workers, initializer=init_worker, initargs=(options,)) as pool:
+    # spawn, not fork: the parent has loaded a Rust tokenizer whose thread pool does not survive a fork.
+    # Workers start with Ctrl-C ignored (an ignored signal stays ignored in the child): the main process alone
+    # handles it, stops the pool and removes the partial store, and the user sees one line, not a traceback
+    # per worker.
+    try:
+        previous, changed = signal.signal(signal.SIGINT, signal.SIG_IGN), True
+    except ValueError:  # not the main thread: signals are not ours to change
+        previous, changed = None, False
+    try:
+        pool = mp.get_context("spawn").Pool(workers, initializer=init_worker, initargs=(options,))
+    finally:
+        if changed:
+            signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
+    with pool:
         pending: deque = deque()
         for chunk in chunks:
             pending.append((chunk, pool.apply_async(encode_chunk, (chunk,))))
@@ -156,23 +170,44 @@ def _import(paths: list[Path], writer: CorpusWriter, tokenizer, counters: Counte
                 raise DomainLMError(f"{path}: {e}") from None
 
 
+STORE_ENTRIES = (*FILES, "stats.json", "config.yaml", "tokenizer")
+
+
+def _store_meta(out: Path) -> dict | None:
+    """meta.json of a domainlm corpus store in `out`, else None."""
+    try:
+        meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("format") == STORE_FORMAT else None
+
+
 def _check_out(out: Path, fingerprint: str, overwrite: bool) -> bool:
-    """True if `out` already holds this very corpus. Refuses to replace anything else without --overwrite."""
-    meta_path = out / "meta.json"
-    if meta_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            meta = {}
-        if meta.get("fingerprint") == fingerprint:
-            return True
-        if not overwrite:
-            raise DomainLMError(
-                f"{out} already holds a different corpus (made from other inputs or options); "
-                "pass --overwrite to replace it, or choose another --out"
-            )
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise DomainLMError(f"{out} exists and is not a corpus store; choose another --out or pass --overwrite")
+    """True if `out` already holds this very corpus. Replaces only a corpus store (holding nothing but its own
+    files), and only with --overwrite, or an empty folder; anything else is an error naming it."""
+    outputs.folder(out)
+    if not out.exists() or not any(out.iterdir()):
+        return False
+    meta = _store_meta(out)
+    if meta is None:
+        held = ", ".join(sorted(p.name for p in out.iterdir())[:5])
+        raise DomainLMError(
+            f"{out} exists and is not a corpus store (it holds {held}); prepare replaces only a corpus store or an "
+            "empty folder, with or without --overwrite: choose another --out"
+        )
+    if meta.get("fingerprint") == fingerprint:
+        return True
+    if not overwrite:
+        raise DomainLMError(
+            f"{out} already holds a different corpus (made from other inputs or options); "
+            "pass --overwrite to replace it, or choose another --out"
+        )
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in STORE_ENTRIES)
+    if foreign:
+        raise DomainLMError(
+            f"{out} is a corpus store that also holds {', '.join(foreign[:5])}; --overwrite would delete them: "
+            "move them out or choose another --out"
+        )
     return False
 
 
@@ -209,29 +244,52 @@ def _corpus_stats(corpus: Corpus, counters: Counter, seconds: float, n_bytes: in
     return stats
 
 
+def _workers(requested: int) -> int:
+    """-1: one per core; more than the cores is capped (each worker holds a tokenizer and a chunk in memory)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if requested < 0:
+        return cores
+    if requested > cores:
+        print(f"--workers {requested} is more than the {cores} cores available; using {cores}", file=sys.stderr)
+        return cores
+    return requested
+
+
 def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
     """Run the prepare stage; returns the stats (also in <out>/stats.json)."""
+    out = outputs.folder(cfg.out)
+    partial = out.parent / f".{out.name}.partial"
+    for item in cfg.input:
+        if outputs.inside(item, out) or outputs.inside(item, partial):
+            raise DomainLMError(f"input {item} lies inside --out {out}, which prepare replaces: move it or choose another --out")
+    workers = _workers(cfg.workers)
+    outputs.claim(out)  # before anything is read or written: a second run on this --out stops here
+    try:
+        return _prepare(cfg, out, partial, workers, progress)
+    finally:
+        outputs.release(out)
+
+
+def _prepare(cfg: PrepareConfig, out: Path, partial: Path, workers: int, progress: bool) -> dict:
     from tqdm import tqdm
 
-    out = Path(cfg.out)
     tokenizer = load_fast_tokenizer(cfg.tokenizer)
     imports = [Path(p) for p in cfg.input if _is_import(p)]
     for p in imports:
         if not p.is_file():
             raise DomainLMError(f"input {p} does not exist")
     raw = [p for p in cfg.input if not _is_import(p)]
-    files = discover(raw) if raw else []
+    # a folder input may hold this very store (prepare docs/ --out docs/corpus): its files are not documents
+    files = [f for f in (discover(raw) if raw else []) if not (outputs.inside(f, out) or outputs.inside(f, partial))]
     vocab = vocab_hash(tokenizer)
     fingerprint = _fingerprint(cfg, files + imports, vocab)
     if _check_out(out, fingerprint, cfg.overwrite):
         print(f"{out} is up to date (same inputs and options); nothing to do", file=sys.stderr)
         return json.loads((out / "stats.json").read_text(encoding="utf-8"))
 
-    partial = out.parent / f".{out.name}.partial"
-    if partial.exists():
+    if partial.exists():  # not a live run's: this process holds the lock of --out
         print(f"removing {partial} left by an interrupted run", file=sys.stderr)
         shutil.rmtree(partial)
-    workers = (os.cpu_count() or 1) if cfg.workers < 0 else cfg.workers
     started = time.perf_counter()
     counters: Counter = Counter()
     writer = CorpusWriter(partial, len(tokenizer), forbidden_ids=corpus_forbidden_ids(tokenizer))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 from dataclasses import dataclass
 
 import numpy as np
@@ -157,6 +158,7 @@ _ENCODER: DocumentEncoder | None = None
 
 def init_worker(options: EncodeOptions) -> None:
     global _ENCODER
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle (prepare._encode_all)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism; avoid oversubscription
     _ENCODER = DocumentEncoder(options)
 
