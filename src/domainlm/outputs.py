@@ -5,6 +5,7 @@ claim(out)         an exclusive lock on <parent>/.<name>.lock (flock: released b
                    --out stops at once, naming the holder's PID. Under torchrun / accelerate launch only global
                    rank 0 takes it. release(out) / release_all() give it back and remove the file.
 folder(out)        --out must be a folder (or not exist yet), never an existing file.
+check_earlier_run  an earlier run in --out: refused unless --overwrite, or when it is another command's.
 clear_known(out)   remove only the files and folders a command itself writes, never anything else.
 remove_tree(p, r)  shutil.rmtree, only for a path that lies inside the run folder r.
 """
@@ -127,3 +128,46 @@ def clear_known(out: Path, patterns: tuple[str, ...]) -> list[Path]:
     for p in found:
         remove_tree(p, out)
     return found
+
+
+# What each command writes into its --out, so a rerun clears exactly these and nothing of the user's.
+FINETUNE_OUTPUTS = ("config.yaml", "model", "adapter", "metrics.json", "report.md", "report.html", "log.jsonl",
+                    "tensorboard", "*_predictions.jsonl", "*_bad_cases.jsonl", "*_confusion.png", "curve_*.png",
+                    "step-*", "seed-*", "fold-*", "summary.json", "summary.md")
+EVALUATE_OUTPUTS = ("config.yaml", "metrics.json", "report.md", "eval_predictions.jsonl", "eval_bad_cases.jsonl",
+                    "eval_confusion.png")
+
+
+def _config_keys(out: Path) -> set[str] | None:
+    import yaml
+
+    try:
+        config = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    return set(config) if isinstance(config, dict) else None
+
+
+def check_earlier_run(out: Path, command: str, patterns: tuple[str, ...], marker: str,
+                      overwrite: bool | None = None) -> list[Path]:
+    """Before a run writes into `out`: the entries an earlier run of `command` left there (cleared later, when
+    every check has passed, with clear_known). Refuses a folder whose entries belong to another command (its
+    config.yaml lacks the option `marker`), and, when the command has --overwrite (`overwrite` not None), an
+    earlier run unless it is given."""
+    earlier = known_entries(folder(out), patterns)
+    if not earlier:
+        return []
+    keys = _config_keys(out)
+    names = ", ".join(p.name for p in earlier[:4])
+    if keys is None or marker not in keys:
+        raise DomainLMError(
+            f"--out {out} holds {names}, not from `domainlm {command}`; {command} would overwrite them: "
+            "choose another --out"
+        )
+    if overwrite is False:
+        finished = any(p.name in ("metrics.json", "summary.json") for p in earlier)
+        raise DomainLMError(
+            f"--out {out} holds an earlier {'finished' if finished else 'interrupted'} {command} run ({names}); "
+            f"pass --overwrite to replace it (its files are removed first, nothing else), or choose another --out"
+        )
+    return earlier

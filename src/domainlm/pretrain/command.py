@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from domainlm import config as cfglib
+from domainlm import outputs
 from domainlm.data.store import Corpus
 from domainlm.data.tokenize import load_fast_tokenizer, vocab_hash
 from domainlm.errors import DomainLMError
@@ -68,6 +69,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-shard load/save bars would drown the training log
+    outputs.folder(cfg.out)
+    outputs.claim(cfg.out)  # one run per --out: a second one stops here, naming this one's PID
 
     ddp = DistributedDataParallelKwargs(find_unused_parameters=not cfg.binary_head)  # pooler unused without SOP
     # Several processes without CUDA: Accelerate runs data parallel on CPU (gloo) only when told so.
