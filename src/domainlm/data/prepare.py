@@ -296,6 +296,7 @@ def _prepare(cfg: PrepareConfig, out: Path, partial: Path, workers: int, progres
     tokenizer.save_pretrained(partial / "tokenizer")
     total_bytes = sum(p.stat().st_size for p in files + imports)
     n_bytes = 0
+    bar = None
     try:
         _import(imports, writer, tokenizer, counters)
         encode_options = EncodeOptions(
@@ -340,6 +341,8 @@ def _prepare(cfg: PrepareConfig, out: Path, partial: Path, workers: int, progres
         (partial / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False), encoding="utf-8")
         cfglib.write(cfg, partial)
     except BaseException:
+        if bar is not None:
+            bar.close()  # its last state before the error message, not after it
         shutil.rmtree(partial, ignore_errors=True)
         raise
     _swap_into_place(partial, out)
