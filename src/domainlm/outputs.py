@@ -154,6 +154,8 @@ def check_earlier_run(out: Path, command: str, patterns: tuple[str, ...], marker
     every check has passed, with clear_known). Refuses a folder whose entries belong to another command (its
     config.yaml lacks the option `marker`), and, when the command has --overwrite (`overwrite` not None), an
     earlier run unless it is given."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return []  # rank 0 decides (the others would see the files it has just started writing)
     earlier = known_entries(folder(out), patterns)
     if not earlier:
         return []
