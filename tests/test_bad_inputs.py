@@ -301,3 +301,17 @@ def test_a_tokenizer_error_is_shown_whole(tmp_path, zh_txt, err, monkeypatch):
     message = err("prepare", zh_txt, "--out", tmp_path / "o", "--tokenizer", "some/model")
     assert "could not be loaded: Couldn't instantiate" in message and "You need to have sentencepiece installed." in message
     assert len(message.strip().splitlines()) == 1
+
+
+def test_evaluate_into_a_finetune_run_or_its_model_folder_is_refused(tmp_path, classifier, labelled, err):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(classifier, run)
+    before = snapshot(run)
+    assert "not from `domainlm evaluate`" in err("evaluate", "--model", run / "model", "--data", labelled["test"], "--out", run)
+    assert "lies inside --model" in err("evaluate", "--model", run / "model", "--data", labelled["test"], "--out", run / "model")
+    assert snapshot(run) == before
+    ev = tmp_path / "ev"  # evaluating again into the same folder replaces its own files
+    err("evaluate", "--model", run / "model", "--data", labelled["test"], "--out", ev, code=0)
+    err("evaluate", "--model", run / "model", "--data", labelled["test"], "--out", ev, code=0)

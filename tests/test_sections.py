@@ -130,6 +130,9 @@ def test_prepare_records_the_rule_in_stats(tmp_path, tokenizer_dir, capsys):
     assert stats["document_split"] == {"outline": {"files": 1, "documents": 2}}
     assert stats["documents"] == 4
     assert "document_split" in capsys.readouterr().out
+    assert main(["prepare", str(p), "--out", str(tmp_path / "w"), "--tokenizer", tokenizer_dir, "--workers", "0",
+                 "--no-split-books"]) == 0
+    assert json.loads((tmp_path / "w" / "stats.json").read_text())["document_split"] == {"whole": {"files": 1, "documents": 1}}
 
 
 def test_utf16_text_with_bom_is_read(tmp_path):

@@ -57,6 +57,8 @@ class PrepareConfig:
     text_field: str = option("text", "JSONL field holding the document text")
     encoding: Literal["auto", "utf-8", "gb18030"] = option("auto", "text file encoding (GBK is read as gb18030)")
     skip_bad_lines: bool = option(False, "skip and count malformed JSONL lines instead of failing")
+    split_books: bool = option(True, "cut long pdf/docx/md files into documents at their outline (PDF bookmarks), "
+                               "headings or page groups; the rule used per file is in the stats")
     normalize: Literal["NFC", "NFKC", "none"] = option("NFC", "Unicode normalisation form")
     min_doc_chars: int = option(10, "drop documents shorter than this after cleaning", low=0)
     max_sentence_tokens: int = option(510, "cut longer sentences into pieces of this many tokens", low=8)
@@ -305,7 +307,7 @@ def _prepare(cfg: PrepareConfig, out: Path, partial: Path, workers: int, progres
             near_dup_threshold=cfg.near_dup_threshold,
         )
         dedup = Deduplicator(cfg.near_dup_threshold, encode_options.num_perm)
-        read_options = ReadOptions(cfg.text_field, cfg.encoding, cfg.skip_bad_lines)
+        read_options = ReadOptions(cfg.text_field, cfg.encoding, cfg.skip_bad_lines, cfg.split_books)
         chunks = _chunks(_documents(files, read_options, counters))
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=not progress,
                    file=sys.stderr, smoothing=0.1)

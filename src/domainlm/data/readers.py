@@ -40,6 +40,7 @@ class ReadOptions:
     text_field: str = "text"
     encoding: str = "auto"  # auto | utf-8 | gb18030
     skip_bad_lines: bool = False
+    split_books: bool = True  # cut long pdf/docx/md files into documents (sections.py)
 
 
 def format_of(path: Path) -> str:
@@ -212,7 +213,7 @@ def read_md(path: Path, options: ReadOptions) -> Iterator[Document]:
             fenced = not fenced
         elif not fenced and (m := _MD_HEADING.match(line)):
             levels[i] = len(m.group(1))
-    parts, rule = sections.split_text(lines, levels)
+    parts, rule = sections.split_text(lines, levels if options.split_books else None, whole=not options.split_books)
     for part in parts:
         yield Document(markdown_to_text(part.text + "\n"), str(path), part.line, rule)
 
@@ -242,7 +243,7 @@ def read_pdf(path: Path, options: ReadOptions) -> Iterator[Document]:
             f"{path}: the PDF has no text layer ({len(pages)} pages, scanned images?); run OCR on it first"
         )
     pages = [reflow_lines(p) for p in strip_page_furniture(pages)]
-    parts, rule = sections.split_pages(pages, outline)
+    parts, rule = sections.split_pages(pages, outline, whole=not options.split_books)
     for part in parts:
         yield Document(part.text, str(path), 0, rule)
 
@@ -264,7 +265,7 @@ def read_docx(path: Path, options: ReadOptions) -> Iterator[Document]:
         if style.startswith("Heading ") and style[8:].isdigit():  # "Title" names the whole file: no cut
             levels[len(lines)] = int(style[8:])
         lines.append(block.text)
-    parts, rule = sections.split_text(lines, levels)
+    parts, rule = sections.split_text(lines, levels if options.split_books else None, whole=not options.split_books)
     for part in parts:
         yield Document(part.text, str(path), 0, rule)
 

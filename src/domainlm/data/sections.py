@@ -10,7 +10,8 @@ documents, so a handbook read as one document leaves nothing to validate on. The
     page-groups   PDF pages in groups of PAGES_PER_DOCUMENT
     whole         one document (a short file, or nothing to cut at)
 
-Files shorter than LONG_CHARS stay whole unless they have an outline, and a section shorter than
+`prepare --no-split-books` keeps every file whole. Files shorter than LONG_CHARS stay whole unless they have an
+outline, and a section shorter than
 MIN_SECTION_CHARS (a heading followed at once by a sub-heading) joins the next one. The rule used per file is
 counted in the prepare stats (`document_split`).
 """
@@ -102,10 +103,11 @@ def top_levels(levels: list[int]) -> set[int]:
     return set(present[:2])
 
 
-def split_text(lines: list[str], heading_levels: dict[int, int] | None = None, first_line: int = 1) -> tuple[list[Section], str]:
+def split_text(lines: list[str], heading_levels: dict[int, int] | None = None, first_line: int = 1,
+               whole: bool = False) -> tuple[list[Section], str]:
     """docx / Markdown / any text: at styled headings (line index -> level), else heading text, else whole."""
     text = "\n".join(lines)
-    if len(text) < LONG_CHARS:
+    if whole or len(text) < LONG_CHARS:
         return [Section(text, first_line)], "whole"
     if heading_levels:
         keep = top_levels(list(heading_levels.values()))
@@ -120,13 +122,15 @@ def split_text(lines: list[str], heading_levels: dict[int, int] | None = None, f
     return [Section(text, first_line)], "whole"
 
 
-def split_pages(pages: list[str], outline: list[tuple[int, str]]) -> tuple[list[Section], str]:
+def split_pages(pages: list[str], outline: list[tuple[int, str]], whole: bool = False) -> tuple[list[Section], str]:
     """A PDF's cleaned page texts -> sections. `outline`: (page index, title) of its bookmarks."""
     offsets, pos = [], 0
     for page in pages:
         offsets.append(pos)
         pos += len(page) + 1
     text = "\n".join(pages)
+    if whole:
+        return [Section(text)], "whole"
     starts = set()
     for page, title in outline:
         if not 0 <= page < len(pages):
