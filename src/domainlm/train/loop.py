@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from domainlm.errors import DomainLMError
 from domainlm.train.checkpoint import TrainState
 from domainlm.train.setup import build_optimizer, build_scheduler, mixed_precision  # noqa: F401  (re-exported)
 
@@ -55,24 +56,36 @@ def evaluate(model, accelerator, batches: Iterable[dict], max_batches: int | Non
     micro batches over all processes, which equals a one-process evaluation of the same micro batches. Metrics
     with a batch dimension (a classifier's scores) are per-row outputs: they are gathered exactly, each
     process's contiguous shard in rank order, with no row repeated or dropped."""
-    was_training = model.training
-    model.eval()
+    from accelerate.utils import DistributedType
+
+    batches = list(batches)[:max_batches]
+    runs = len(batches)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # a sharded forward gathers parameters from every process: all run the same number of forwards, the
+        # processes with fewer batches repeat one and drop its result
+        runs = int(accelerator.reduce(torch.tensor(runs, device=accelerator.device), reduction="max"))
+        if runs and not batches:
+            raise DomainLMError(f"an evaluation set has fewer batches than the {accelerator.num_processes} processes")
+        net = model
+    else:  # the bare module: DDP's forward would broadcast buffers, a collective the processes need not share here
+        net = accelerator.unwrap_model(model)
+    was_training = net.training
+    net.eval()
     sums: dict[str, torch.Tensor] = {}
     rows: dict[str, list[torch.Tensor]] = {}
-    n = 0
-    for i, batch in enumerate(batches):
-        if max_batches is not None and i >= max_batches:
-            break
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+    for i in range(runs):
+        batch = {k: v.to(accelerator.device) for k, v in batches[min(i, len(batches) - 1)].items()}
         with accelerator.autocast():
-            _, metrics = model(**batch)
+            _, metrics = net(**batch)
+        if i >= len(batches):
+            continue
         for k, v in metrics.items():
             if v.ndim:
                 rows.setdefault(k, []).append(v.detach().float().cpu())
             else:
                 sums[k] = sums.get(k, 0) + v.detach().float()
-        n += 1
-    model.train(was_training)
+    n = len(batches)
+    net.train(was_training)
     local_rows = {k: torch.cat(v).numpy() for k, v in rows.items()}
     if accelerator.num_processes == 1:
         return Evaluation({k: float(v) / max(n, 1) for k, v in sums.items()}, local_rows)

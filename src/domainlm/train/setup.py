@@ -6,6 +6,7 @@ One accelerator setup for `pretrain` and `finetune`, so that both run alike unde
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -33,6 +34,9 @@ def make_accelerator(precision: str = "auto", find_unused_parameters: bool = Fal
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-shard load/save bars would drown the training log
+    # save_state drops the aliases of tied and wrapped weights (the MLM decoder is the word embedding) and warns
+    # about it at every checkpoint; loading restores them
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
     cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
     return Accelerator(mixed_precision=mixed_precision(precision), cpu=cpu, kwargs_handlers=[ddp],
