@@ -167,7 +167,7 @@ def _run(cfg: FinetuneConfig, accelerator, tokenizer, train: Dataset, dev: Datas
     try:
         state = train_loop(model=model, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator, batches=batches,
                            state=TrainState(), options=options, logger=logger, on_eval=on_eval, on_snapshot=on_snapshot)
-        if best["state"] is None or state.step % options.eval_freq:
+        if best["state"] is None:  # the loop evaluates after its last step; only a run of no steps has not
             on_eval(state.step)
     finally:
         logger.close()

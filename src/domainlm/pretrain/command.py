@@ -232,13 +232,13 @@ def train(run: Run) -> TrainState:
                        batches=iter(run.train_loader), state=run.state, options=run.options, logger=run.logger,
                        on_eval=on_eval, on_checkpoint=on_checkpoint,
                        on_snapshot=lambda step: run.snapshot(out / step_name(step)))
-    if state.step not in run.last_valid:
-        on_eval(state.step)
     return state
 
 
 def finish(run: Run, state: TrainState) -> dict:
-    results = {"valid": run.last_valid[state.step]} if state.step in run.last_valid else {}
+    results = {}
+    if "valid" in run.datasets:  # evaluated after the last step, unless this run resumed from that step's checkpoint
+        results["valid"] = run.last_valid.get(state.step) or run.evaluate("valid", run.cfg.eval_iters)
     if "test" in run.datasets:
         results["test"] = run.evaluate("test", run.cfg.test_iters)
         run.logger.log(state.step, "test", results["test"])

@@ -127,10 +127,16 @@ def save_checkpoint(accelerator, folder: Path, state: TrainState, keep_last: int
 
 
 def _prune(folder: Path, keep_last: int) -> None:
+    for left in folder.glob(f".{STEP_PREFIX}*.deleting"):  # an interrupted removal
+        if _inside(left, folder) and not left.is_symlink():
+            shutil.rmtree(left, ignore_errors=True)
     if keep_last <= 0:
         return
     done = sorted(p for p in folder.glob(f"{STEP_PREFIX}*") if p.is_dir())
     for old in done[:-keep_last]:
+        if old.is_symlink() or not _inside(old, folder):  # a link to somewhere else is not ours to delete
+            print(f"warning: not removing {old}: it is not a checkpoint folder inside {folder}", file=sys.stderr)
+            continue
         _remove(old, folder)
 
 
