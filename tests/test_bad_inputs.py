@@ -315,3 +315,14 @@ def test_evaluate_into_a_finetune_run_or_its_model_folder_is_refused(tmp_path, c
     ev = tmp_path / "ev"  # evaluating again into the same folder replaces its own files
     err("evaluate", "--model", run / "model", "--data", labelled["test"], "--out", ev, code=0)
     err("evaluate", "--model", run / "model", "--data", labelled["test"], "--out", ev, code=0)
+
+
+def test_an_imported_corpus_holding_special_ids_is_refused(tmp_path, tokenizer_dir, tokenizer, err):
+    import numpy as np
+
+    ids = np.array(tokenizer.encode("酒店很好。", add_special_tokens=True))  # [CLS] ... [SEP], as some tools write
+    np.save(tmp_path / "pd_ids.npy", ids)
+    np.savez(tmp_path / "pd_idx.npz", lens=np.array([len(ids)]), docs=np.array([0, 1]))
+    message = err("prepare", tmp_path / "pd_ids.npy", "--out", tmp_path / "c", "--tokenizer", tokenizer_dir, "--workers", "0")
+    assert f"pd_ids.npy: special token id {tokenizer.cls_token_id} at position 0 of document 1" in message
+    assert not (tmp_path / "c").exists() and not (tmp_path / ".c.partial").exists()
