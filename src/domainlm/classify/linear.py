@@ -4,7 +4,8 @@ Every comparison shows it, because on short Chinese texts it is often hard to be
 right answer (`domainlm finetune --method linear`). The choices are made on the dev rows only:
 - features: character n-grams within word boundaries (char_wb, 1-3) or across them (char, 2-4), sublinear tf;
 - classifier: logistic regression or a linear SVM, C in {0.1, 1, 10};
-- multi-label: one binary classifier per label, per-label thresholds tuned on dev.
+- multi-label: one binary classifier per label (candidates compared at threshold 0.5), then per-label
+  thresholds tuned on dev for the chosen one.
 Candidates are ranked by the same metric that picks the transformer's best epoch.
 
 Saved as plain data, never pickled: `linear.json` (options, labels, thresholds, n-gram vocabulary) and
@@ -125,8 +126,7 @@ def fit(train: Dataset, dev: Dataset, labels: list[str], multilabel: bool, metri
             for c in C_GRID:
                 coef, intercept = _fit_weights(x, y, kind, c, len(labels), multilabel)
                 probs = _scores(x_dev, coef, intercept, multilabel)
-                thresholds = tune_thresholds(probs, dev_gold) if multilabel else None
-                m = score(probs, dev, labels, multilabel, tolerant_k, thresholds)
+                m = score(probs, dev, labels, multilabel, tolerant_k)  # multi-label: thresholds tuned for the pick only
                 if metric not in m:
                     raise DomainLMError(f"--metric {metric!r} is not computed; choose one of "
                                         f"{', '.join(k for k, v in m.items() if isinstance(v, float))}")
@@ -135,8 +135,11 @@ def fit(train: Dataset, dev: Dataset, labels: list[str], multilabel: bool, metri
                 if m[metric] > best_value:
                     best_value = m[metric]
                     best = LinearModel(labels, multilabel, analyzer, ngrams, kind, c, vec.get_feature_names_out().tolist(),
-                                       vec.idf_.copy(), coef, intercept, thresholds)
+                                       vec.idf_.copy(), coef, intercept)
+                    best_probs = probs
     best.selection = selection
+    if multilabel:
+        best.thresholds = tune_thresholds(best_probs, dev_gold)
     return best
 
 
@@ -184,3 +187,66 @@ def load(folder: str | Path) -> LinearModel:
     thresholds = None if meta["thresholds"] is None else np.asarray(meta["thresholds"])
     return LinearModel(meta["labels"], meta["multilabel"], meta["analyzer"], tuple(meta["ngram_range"]), meta["classifier"],
                        meta["C"], meta["vocabulary"], idf, coef, intercept, thresholds, meta.get("selection", []))
+
+
+def _scalars(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float) and k != "n"}
+
+
+def run(cfg, train: Dataset, dev: Dataset, test: Dataset | None, labels: list[str], seed: int, out: Path) -> dict:
+    """`finetune --method linear`: the floor alone, saved and reported like a fine-tuning run."""
+    from domainlm.classify.command import report_markdown, write_outputs
+
+    out.mkdir(parents=True, exist_ok=True)
+    model, result = evaluate(train, dev, test, labels, cfg.multilabel, cfg.best_metric, cfg.tolerant_k)
+    print(f"{model.description}: dev {cfg.best_metric} {result['dev'][cfg.best_metric]:.4f} "
+          f"(best of {len(model.selection)} candidates, {result['seconds']} s)")
+    save(model, out)
+    result = {"seed": seed, **result}
+    write_outputs(out, "dev", dev, model.scores(dev), labels, cfg.multilabel, result["dev"], model.thresholds)
+    if test is not None:
+        write_outputs(out, "test", test, model.scores(test), labels, cfg.multilabel, result["test"], model.thresholds)
+    (out / "metrics.json").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
+    sections = {k: result[k] for k in ("dev", "test") if k in result}
+    (out / "report.md").write_text(report_markdown(f"Linear floor: {model.description}", sections, labels), encoding="utf-8")
+    return result
+
+
+def floor_line(floor: dict, split: str, metric: str, model_value: float | None = None) -> str:
+    value = floor[split][metric]
+    line = (f"Classical floor ({floor['method']}, fitted on the same {floor['train_rows']} training rows, chosen on dev): "
+            f"{split} {metric} {value:.4f}.")
+    if model_value is not None:
+        gap = 100 * (model_value - value)
+        line += (f" The model scores {model_value:.4f}: {abs(gap):.1f} points "
+                 f"{'above' if gap > 0 else 'below'} the floor." if gap else " The model scores the same.")
+    return line
+
+
+def floor_beside(cfg, splits: list[tuple], labels: list[str], evaluated: str, out: Path, single: bool) -> dict:
+    """The floor on the rows the transformer runs used: once (seeds share the data; the first seed's validation
+    split), or once per fold. Written to floor/ and, for a single run, into metrics.json and report.md."""
+    from domainlm.classify.metrics import aggregate
+
+    folds = cfg.folds > 0
+    results = []
+    for i, (fit_rows, dev, test) in enumerate(splits if folds else splits[:1]):
+        model, result = evaluate(fit_rows, dev, test, labels, cfg.multilabel, cfg.best_metric, cfg.tolerant_k)
+        folder = out / "floor" / (f"fold-{i + 1}" if folds else "")
+        save(model, folder)
+        (folder / "metrics.json").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
+        results.append(result)
+    floor = {"method": results[0]["method"], "train_rows": results[0]["train_rows"], "selected_on": results[0]["selected_on"]}
+    for split in ("dev", "test"):
+        if all(split in r for r in results):
+            floor[split] = (_scalars(results[0][split]) if len(results) == 1 else
+                            {k: v["mean"] for k, v in aggregate([r[split] for r in results]).items()})
+    if single and (out / "metrics.json").is_file():
+        metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+        metrics["floor"] = floor
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
+        line = floor_line(floor, evaluated, cfg.best_metric, metrics.get(evaluated, {}).get(cfg.best_metric))
+        with open(out / "report.md", "a", encoding="utf-8") as f:
+            f.write("\n" + line + "\n")
+    print(floor_line(floor, evaluated, cfg.best_metric))
+    return floor

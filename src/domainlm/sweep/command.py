@@ -35,7 +35,7 @@ from domainlm import config as cfglib
 from domainlm.config import option
 from domainlm.errors import DomainLMError
 from domainlm.sweep.report import html_page, markdown_table, plot_curves
-from domainlm.sweep.stats import mean_std, paired_bootstrap
+from domainlm.sweep.stats import compare as paired_bootstrap, mean_std
 from domainlm.train.logging import read_log
 
 
