@@ -56,7 +56,7 @@ def html_page(title: str, blocks: list[tuple[str, object]]) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
-             "td:first-child,td:nth-child(2){text-align:left}th{background:#f4f4f4}tr.floor td{background:#fff7e0}"
+             "td:first-child,td:nth-child(2),th:first-child,th:nth-child(2){text-align:left}th{background:#f4f4f4}tr.floor td{background:#fff7e0}"
              "tr.win td{background:#eaf7ea}.lead{font-size:1.2em;border-left:5px solid #2a7;background:#f3fbf6;"
              "padding:.8em 1em}pre{background:#f8f8f8;padding:1em;overflow:auto}.note{color:#555;font-size:.9em}"
              "</style></head><body>", f"<h1>{html.escape(title)}</h1>"]

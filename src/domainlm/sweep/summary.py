@@ -124,30 +124,39 @@ def conclusion(cfg, results: list[dict], floor: dict | None, split: str) -> str:
     if not done:
         return "No cell finished: there is nothing to compare (see the failures below)."
     best = next(r for r in done if r.get("best"))
-    floor_value = floor[split][primary] if floor else None
-    floor_text = ""
-    if floor_value is not None:
-        gap = 100 * (best[primary]["mean"] - floor_value)
-        if gap > 0:
-            floor_text = f" and {gap:.1f} points above the classical floor ({pct(floor_value)})"
-        else:
-            floor_text = (f"; but the classical floor (char n-gram TF-IDF + linear model) scores {pct(floor_value)}, "
-                          f"{-gap:.1f} points higher: no transformer cell beats it, so on this task the floor is the better choice")
-    seeds = f"over {len(best['seeds'])} seed{'s' if len(best['seeds']) > 1 else ''}"
+    cell = (f"{best['model']} {best['checkpoint']}, {pct(best[primary]['mean'])} ± {pct(best[primary]['std'])} over "
+            f"{len(best['seeds'])} seed{'s' if len(best['seeds']) > 1 else ''}")
+    tested = [r for r in results if "vs_base" in r]
     if best.get("star"):
         vs = best["vs_base"]
         base = next(r for r in done if r["model"] == best["model"] and r["step"] == 0)
-        return (f"Ship {best['model']} {best['checkpoint']}: {primary} {pct(best[primary]['mean'])} ± {pct(best[primary]['std'])} "
-                f"{seeds}, {100 * vs['metric_difference']:+.1f} points over its base model ({pct(base[primary]['mean'])}; "
-                f"Holm-adjusted p = {vs['p_holm']:.3f}){floor_text}.")
-    tested = [r for r in results if "vs_base" in r]
-    if tested:
-        lowest = min(r["vs_base"]["p_holm"] for r in tested)
-        text = (f"No checkpoint is distinguishable from its base model (smallest Holm-adjusted p = {lowest:.2f}); the best cell "
-                f"is {best['model']} {best['checkpoint']} at {pct(best[primary]['mean'])} ± {pct(best[primary]['std'])} {seeds}")
+        versus_base = (f"{best['model']} {best['checkpoint']} beats its base model ({pct(base[primary]['mean'])}) by "
+                       f"{100 * vs['metric_difference']:.1f} points (Holm-adjusted p = {vs['p_holm']:.3f})")
+    elif tested:
+        versus_base = (f"no checkpoint is distinguishable from its base model "
+                       f"(smallest Holm-adjusted p = {min(r['vs_base']['p_holm'] for r in tested):.2f})")
     else:
-        text = f"The best cell is {best['model']} {best['checkpoint']} at {pct(best[primary]['mean'])} ± {pct(best[primary]['std'])} {seeds}"
-    return text + floor_text + "."
+        versus_base = "no pretraining checkpoint was compared with its base model"
+    floor_value = floor[split][primary] if floor else None
+    if floor_value is not None and floor_value >= best[primary]["mean"]:
+        return (f"Ship the classical floor ({floor['method']}): {primary} {pct(floor_value)} on {split}, "
+                f"{100 * (floor_value - best[primary]['mean']):.1f} points above the best transformer cell ({cell}); "
+                f"no transformer cell beats it, and {versus_base}.")
+    def above_floor(r: dict) -> str:
+        if floor_value is None:
+            return ""
+        return f", {100 * (r[primary]['mean'] - floor_value):.1f} points above the classical floor ({pct(floor_value)})"
+
+    if best.get("star"):
+        return (f"Ship {best['model']} {best['checkpoint']}: {primary} {cell.split(', ', 1)[1]}{above_floor(best)}; "
+                f"{versus_base.replace(best['model'] + ' ' + best['checkpoint'], 'it', 1)}.")
+    bases = [r for r in done if r["step"] == 0]
+    if not bases:
+        return f"The best cell is {cell}{above_floor(best)}; {versus_base}."
+    keep = max(bases, key=lambda r: r[primary]["mean"])
+    text = (f"{versus_base[0].upper()}{versus_base[1:]}: keep the base model {keep['model']} ({primary} "
+            f"{pct(keep[primary]['mean'])} ± {pct(keep[primary]['std'])}{above_floor(keep)})")
+    return text + (f"; the best cell, {cell}, is within the noise." if keep is not best else ".")
 
 
 # ---- table, plots, pages ----------------------------------------------------------------------------------
