@@ -21,6 +21,10 @@ def pct(value: float) -> str:
     return f"{100 * value:.1f}"
 
 
+def pval(p: float) -> str:
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
 # ---- the floor, once per task -------------------------------------------------------------------------------
 
 def fit_floor(cfg, root: Path) -> dict:
@@ -131,7 +135,7 @@ def conclusion(cfg, results: list[dict], floor: dict | None, split: str) -> str:
         vs = best["vs_base"]
         base = next(r for r in done if r["model"] == best["model"] and r["step"] == 0)
         versus_base = (f"{best['model']} {best['checkpoint']} beats its base model ({pct(base[primary]['mean'])}) by "
-                       f"{100 * vs['metric_difference']:.1f} points (Holm-adjusted p = {vs['p_holm']:.3f})")
+                       f"{100 * vs['metric_difference']:.1f} points (Holm-adjusted p {'< 0.001' if vs['p_holm'] < 0.001 else '= ' + pval(vs['p_holm'])})")
     elif tested:
         versus_base = (f"no checkpoint is distinguishable from its base model "
                        f"(smallest Holm-adjusted p = {min(r['vs_base']['p_holm'] for r in tested):.2f})")
@@ -180,7 +184,7 @@ def table(cfg, results: list[dict], floor: dict | None, split: str) -> tuple[lis
         else:
             cells = ["failed", "", *["" for _ in others]]
         cells += [f"{100 * vs['metric_difference']:+.1f}" if "metric_difference" in vs else "",
-                  f"{vs['p_value']:.3f}" if vs else "", (f"{vs['p_holm']:.3f}" + ("*" if vs["win"] else "")) if vs else ""]
+                  pval(vs["p_value"]) if vs else "", (pval(vs["p_holm"]) + ("*" if vs["win"] else "")) if vs else ""]
         cells += [pct(r["per_group"][g]) if g in r["per_group"] else "" for g in group_names]
         rows.append([r["model"], ("★ " if r.get("star") else "") + r["checkpoint"], *cells])
         csv_rows.append([r["model"], r["checkpoint"], r["step"], *[r.get(m, {}).get(k, "") for m in cfg.metrics for k in ("mean", "std")],
@@ -202,7 +206,7 @@ def plots(cfg, results: list[dict], floor: dict | None, split: str, root: Path) 
 
     plt = _pyplot()
     primary = cfg.metrics[0]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
     models = list(dict.fromkeys(r["model"] for r in results))
     steps = sorted({r["step"] for r in results})
     spread = (max(steps) - min(steps) or 1) * 0.012
@@ -226,7 +230,7 @@ def plots(cfg, results: list[dict], floor: dict | None, split: str, root: Path) 
     ax.set_xlabel("pretraining step")
     ax.set_ylabel(f"{primary} (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     fig.tight_layout()
     path = root / "metric_vs_step.png"
     fig.savefig(path, dpi=100)
