@@ -42,7 +42,7 @@ def test_sweep_table_floor_resume_and_failed_cell(tmp_path, tiny_model, pretrain
     spec = {"out": str(tmp_path / "sweep"), "seeds": [1, 2], "metrics": ["accuracy", "tolerant_accuracy@2"],
             "models": [{"name": "tiny", "base": tiny_model, "snapshots": str(pretrain_run)},
                        {"name": "broken", "base": str(broken)}],
-            "finetune": {**task_files, **FT}}
+            "finetune": {**task_files, **FT, "group_column": "group"}}
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(spec))
     assert main(["sweep", str(path)]) == 2  # cells failed: the table is written, the status says so
@@ -82,8 +82,14 @@ def test_sweep_table_floor_resume_and_failed_cell(tmp_path, tiny_model, pretrain
     crashed = root / "cells" / "tiny" / "step-000004" / "seed-2"
     (crashed / "DONE").unlink()
     spec["models"] = spec["models"][:1]
+    spec["groups"] = True  # per-group columns: a table option, the cells stay valid
     path.write_text(yaml.safe_dump(spec))
     assert main(["sweep", str(path)]) == 0
+    table = (root / "table.md").read_text()
+    assert "| 质量验收 accuracy | 成本数据 accuracy |" in table.replace("| 成本数据 accuracy | 质量验收 accuracy |", "| 质量验收 accuracy | 成本数据 accuracy |")
+    base = json.loads((root / "results.json").read_text())["cells"][0]
+    groups = [json.loads((root / "cells" / "tiny" / "base" / f"seed-{s}" / "metrics.json").read_text())["test"]["per_group"] for s in (1, 2)]
+    assert base["per_group"]["成本数据"] == pytest.approx(np.mean([g["成本数据"]["accuracy"] for g in groups]))
     assert (done / "metrics.json").stat().st_mtime_ns == stamp and (root / "floor" / "metrics.json").stat().st_mtime_ns == floor_stamp
     assert (crashed / "DONE").is_file() and (crashed / "metrics.json").stat().st_mtime_ns > stamp
     # changed fine-tuning options make finished cells outdated
@@ -167,6 +173,22 @@ def test_sweep_runs_its_pretrain_section_first_and_not_again(tmp_path, tiny_mode
     stamp = (snapshot / "config.json").stat().st_mtime_ns
     assert main(["sweep", str(path)]) == 0
     assert "pretraining tiny" not in capsys.readouterr().err and (snapshot / "config.json").stat().st_mtime_ns == stamp
+
+
+def test_cells_in_their_own_processes(tmp_path, tiny_model, task_files):
+    """The path taken with several GPUs (one process per cell, CUDA_VISIBLE_DEVICES set), run here on CPU."""
+    from domainlm.sweep.command import plan, run_cells
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    cfg = SweepConfig(out=str(tmp_path / "sweep"), seeds=[1], floor=False, finetune={**task_files, **FT, "epochs": 1},
+                      models=[{"name": "tiny", "base": tiny_model}, {"name": "broken", "base": str(broken)}])
+    cells = plan(cfg)
+    run_cells(cfg, cells, tmp_path / "sweep", ["", ""])
+    ok, bad = tmp_path / "sweep" / "cells" / "tiny" / "base" / "seed-1", tmp_path / "sweep" / "cells" / "broken" / "base" / "seed-1"
+    assert (ok / "DONE").is_file() and json.loads((ok / "metrics.json").read_text())["test"]["n"] == 30
+    assert (bad / "FAILED").read_text().startswith("RuntimeError: exit status 2: error:") and not (bad / "DONE").exists()
 
 
 def test_device_plan_and_removal_fence(tmp_path):
