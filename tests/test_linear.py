@@ -84,3 +84,15 @@ def test_bad_options_are_rejected_before_any_work(tmp_path, files, tiny_model, c
     assert main(["finetune", "--model", tiny_model, "--train", files["train"], "--out", str(tmp_path / "x"), "--metric", "bogus"]) == 2
     assert "--metric 'bogus' is not computed for a multiclass task; choose one of accuracy" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_floor_per_fold_is_the_mean_of_the_folds(tmp_path, files):
+    from domainlm.classify.config import FinetuneConfig
+    from domainlm.classify.data import kfold, split_validation
+
+    cfg = FinetuneConfig(train=files["train"], out=str(tmp_path), model="m", folds=2)
+    data = read_examples(files["train"], Columns(), False)
+    splits = [(*split_validation(fit, 0.2, 0, 1), held) for fit, held in kfold(data, 2, 1)]
+    floor = linear.floor_beside(cfg, splits, ["book", "hotel", "pc"], "test", tmp_path, single=False)
+    folds = [json.loads((tmp_path / "floor" / f"fold-{k}" / "metrics.json").read_text())["test"]["accuracy"] for k in (1, 2)]
+    assert floor["test"]["accuracy"] == pytest.approx(np.mean(folds)) and floor["train_rows"] == 48
