@@ -226,11 +226,11 @@ def check_data(cfg: SweepConfig) -> dict:
     from domainlm.classify.data import check_labels, label_list, read_examples
 
     ft = cell_config(cfg, "model", "out", cfg.seeds[0])
-    read = lambda path, what: read_examples(path, _columns(ft), ft.multilabel, skip_bad=ft.skip_bad_rows) if path else None  # noqa: E731
+    read = lambda path: read_examples(path, _columns(ft), ft.multilabel, skip_bad=ft.skip_bad_rows) if path else None  # noqa: E731
     try:
-        train = read(ft.train, "train")
+        train = read(ft.train)
         labels = label_list(train, ft.labels or None)
-        dev, test = read(ft.dev, "dev"), read(ft.test, "test")
+        dev, test = read(ft.dev), read(ft.test)
         for data in (dev, test):
             if data is not None:
                 check_labels(data, labels)

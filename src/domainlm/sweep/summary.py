@@ -131,11 +131,15 @@ def conclusion(cfg, results: list[dict], floor: dict | None, split: str) -> str:
     cell = (f"{best['model']} {best['checkpoint']}, {pct(best[primary]['mean'])} ± {pct(best[primary]['std'])} over "
             f"{len(best['seeds'])} seed{'s' if len(best['seeds']) > 1 else ''}")
     tested = [r for r in results if "vs_base" in r]
+    wins = [r for r in tested if r["vs_base"]["win"]]
     if best.get("star"):
         vs = best["vs_base"]
         base = next(r for r in done if r["model"] == best["model"] and r["step"] == 0)
         versus_base = (f"{best['model']} {best['checkpoint']} beats its base model ({pct(base[primary]['mean'])}) by "
                        f"{100 * vs['metric_difference']:.1f} points (Holm-adjusted p {'< 0.001' if vs['p_holm'] < 0.001 else '= ' + pval(vs['p_holm'])})")
+    elif wins:
+        names = ", ".join(f"{r['model']} {r['checkpoint']}" for r in wins)
+        versus_base = f"{names} {'beats its' if len(wins) == 1 else 'beat their'} base model after Holm adjustment"
     elif tested:
         versus_base = (f"no checkpoint is distinguishable from its base model "
                        f"(smallest Holm-adjusted p = {min(r['vs_base']['p_holm'] for r in tested):.2f})")
@@ -146,6 +150,7 @@ def conclusion(cfg, results: list[dict], floor: dict | None, split: str) -> str:
         return (f"Ship the classical floor ({floor['method']}): {primary} {pct(floor_value)} on {split}, "
                 f"{100 * (floor_value - best[primary]['mean']):.1f} points above the best transformer cell ({cell}); "
                 f"no transformer cell beats it, and {versus_base}.")
+
     def above_floor(r: dict) -> str:
         if floor_value is None:
             return ""
@@ -155,6 +160,10 @@ def conclusion(cfg, results: list[dict], floor: dict | None, split: str) -> str:
         return (f"Ship {best['model']} {best['checkpoint']}: {primary} {cell.split(', ', 1)[1]}{above_floor(best)}; "
                 f"{versus_base.replace(best['model'] + ' ' + best['checkpoint'], 'it', 1)}.")
     bases = [r for r in done if r["step"] == 0]
+    if wins:  # a checkpoint beats its base, but another model's cell scores higher and is not shown to beat its own
+        what = "a base model" if best["step"] == 0 else "a checkpoint not shown to beat its own base model"
+        return (f"The best cell is {cell} ({what}){above_floor(best)}; "
+                f"{versus_base}, but score{'s' if len(wins) == 1 else ''} lower.")
     if not bases:
         return f"The best cell is {cell}{above_floor(best)}; {versus_base}."
     keep = max(bases, key=lambda r: r[primary]["mean"])
