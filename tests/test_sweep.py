@@ -257,3 +257,22 @@ def test_report_for_pretrain_and_finetune_runs(tmp_path, pretrain_run, tiny_mode
     assert "metrics.json" in (ft / "report.html").read_text()
     assert main(["report", str(tmp_path)]) == 2
     assert "has no log.jsonl" in capsys.readouterr().err
+
+
+def test_conclusion_when_a_winning_checkpoint_is_not_the_best_cell(tmp_path):
+    rng = np.random.default_rng(0)
+    cells = []
+    for model, accuracies in (("a", ((0, 0.5), (10, 0.7))), ("b", ((0, 0.8), (10, 0.8)))):
+        for step, p in accuracies:
+            for seed in (1, 2, 3):
+                cell = Cell(model, "base" if step == 0 else f"step {step}", step, "x", seed)
+                _fake_cell(tmp_path, cell.folder, (rng.random(400) < p).astype(float))
+                cells.append(cell)
+    cfg = SweepConfig(out=str(tmp_path), models=[{"name": "a", "base": "x"}, {"name": "b", "base": "x"}], finetune={}, seeds=[1, 2, 3])
+    task = {"task": "multiclass", "labels": ["a", "b"], "train": "t.jsonl", "train_rows": 100, "dev": None, "valid_rows": 20,
+            "fit_rows": 80, "test": "test.jsonl", "test_rows": 400, "evaluated_on": "test", "metric": "accuracy",
+            "seeds": [1, 2, 3], "selection_metric": "accuracy"}
+    result = summarize(cfg, cells, tmp_path, task, None)
+    assert result["conclusion"].startswith("The best cell is b base, ")
+    assert "(a base model); a step 10 beats its base model after Holm adjustment, but scores lower." in result["conclusion"]
+    assert not any(r.get("star") for r in result["cells"])
