@@ -157,6 +157,14 @@ def test_sweep_bad_inputs_fail_before_any_work(tmp_path, tiny_model, pretrain_ru
     assert not (tmp_path / "sweep").exists()  # nothing started, nothing written
 
 
+def test_sweep_offline_hub_name_is_a_missing_folder(tmp_path, tiny_model, task_files, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = {"out": str(tmp_path / "sweep"), "models": [{"name": "m", "base": "bert-base-chinse"}], "finetune": {**task_files, **FT}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["sweep", str(tmp_path / "s.yaml")]) == 2
+    assert "base bert-base-chinse: no such folder (and HF_HUB_OFFLINE is set)" in capsys.readouterr().err
+
+
 def test_sweep_runs_its_pretrain_section_first_and_not_again(tmp_path, tiny_model, corpus_dir, task_files, capsys):
     pt = {"corpus": corpus_dir, "max_steps": 2, "save_steps": 2, "max_seq_len": 48, "micro_batch_size": 4, "num_workers": 0,
           "tensorboard": False, "eval_freq": 0, "logging_freq": 1}

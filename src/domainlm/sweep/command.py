@@ -205,8 +205,9 @@ def _snapshots(cfg: SweepConfig, spec: dict) -> list[tuple[int, str]]:
 
 def _check_base(name: str, base: str) -> None:
     looks_local = base.startswith((".", "/", "~")) or "\\" in base or base.count("/") > 1  # hub names: NAME or ORG/NAME
-    if not Path(base).exists() and looks_local:
-        raise DomainLMError(f"models: {name}: base {base}: no such folder")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if not Path(base).exists() and (looks_local or offline):
+        raise DomainLMError(f"models: {name}: base {base}: no such folder" + ("" if looks_local else " (and HF_HUB_OFFLINE is set)"))
 
 
 def plan(cfg: SweepConfig) -> list[Cell]:
