@@ -99,7 +99,7 @@ class FinetuneConfig:
 
 @dataclass(kw_only=True)
 class EvaluateConfig:
-    model: str = option(help="a classifier folder written by `domainlm finetune` (its model/ folder)")
+    model: str = option(help="a classifier folder written by `domainlm finetune` (its model/ folder, or the --out of --method linear)")
     data: str = option(help="labelled data to evaluate on: .csv, .tsv or .jsonl")
     out: str = option(help="output folder: metrics.json, predictions, bad cases, confusion matrix, report.md")
     text_column: str = option("text", "column with the text")
@@ -114,7 +114,7 @@ class EvaluateConfig:
 
 @dataclass(kw_only=True)
 class PredictConfig:
-    model: str = option(help="a classifier folder written by `domainlm finetune` (its model/ folder)")
+    model: str = option(help="a classifier folder written by `domainlm finetune` (its model/ folder, or the --out of --method linear)")
     input: str = option("-", "texts to classify: .csv, .tsv or .jsonl, or - for one text per line on stdin")
     out: str = option("-", "JSONL output file (- for stdout)")
     text_column: str = option("text", "column with the text")
