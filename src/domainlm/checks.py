@@ -55,7 +55,8 @@ def metric(name: str, multilabel: bool, tolerant_k: int = 2) -> None:
 
 def label_map(labels: list[str], model, path: str) -> None:
     """A label list that does not match the classifier's outputs would score phantom (or lost) classes."""
-    outputs = getattr(model.config, "num_labels", len(labels))
+    config = getattr(model, "config", None)  # a transformer; a linear model keeps its own labels
+    outputs = getattr(config, "num_labels", len(labels))
     if len(labels) != outputs:
         where = Path(path) / "domainlm_labels.json"
         raise DomainLMError(
