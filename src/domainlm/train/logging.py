@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from domainlm.errors import DomainLMError
+
 
 class RunLogger:
     def __init__(self, out: Path, total_steps: int, start_step: int, enabled: bool, tensorboard: bool = True):
@@ -16,8 +18,10 @@ class RunLogger:
         if not enabled:
             return
         out.mkdir(parents=True, exist_ok=True)
-        # A resumed run drops what the interrupted one logged after its checkpoint; a fresh run starts over.
-        kept = [r for r in read_log(self.path) if r["step"] <= start_step] if start_step else []
+        # A resumed run drops what the interrupted one logged after its checkpoint (at the checkpoint's own step,
+        # training and validation come before it, the test after); a fresh run starts over.
+        kept = [r for r in read_log(self.path) if r["step"] < start_step or (r["step"] == start_step and r["split"] != "test")]
+        kept = kept if start_step else []
         self._file = open(self.path, "w", encoding="utf-8")
         self._file.writelines(json.dumps(r) + "\n" for r in kept)
         if tensorboard:
@@ -59,7 +63,24 @@ class RunLogger:
 
 
 def read_log(path: Path, split: str | None = None) -> list[dict]:
+    """The records of a log.jsonl. A torn last line (a run killed while writing it) is skipped with a warning;
+    a damaged line elsewhere is an error naming it."""
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    rows = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or "step" not in record or "split" not in record:
+                raise ValueError("not a log record")
+        except ValueError:
+            if lineno == len(lines):
+                print(f"warning: {path}:{lineno}: incomplete last record ignored (the run was stopped while "
+                      "writing it)", file=sys.stderr)
+                break
+            raise DomainLMError(f"{path}:{lineno}: damaged log record {line[:40]!r}") from None
+        rows.append(record)
     return [r for r in rows if split is None or r["split"] == split]
