@@ -27,7 +27,10 @@ def _cls_only_ready(hf: nn.Module) -> bool:
     return (type(hf).__name__ in CLS_ONLY and config is not None and not config.is_decoder
             and getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
             and not getattr(config, "chunk_size_feed_forward", 0)
-            and getattr(config, "position_embedding_type", "absolute") == "absolute")
+            and getattr(config, "position_embedding_type", "absolute") == "absolute"
+            # sharded (FSDP) layers gather their weights in their own forward: calling their parts directly would not
+            and not any("FSDP" in type(m).__name__ or "FullySharded" in type(m).__name__ for m in hf.modules())
+            and type(next(hf.parameters())).__name__ != "DTensor")
 
 
 def classifier_logits(hf: nn.Module, input_ids, attention_mask, token_type_ids=None):
