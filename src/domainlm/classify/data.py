@@ -40,6 +40,7 @@ class Dataset:
     path: str
     examples: list[Example] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)
+    bad_rows: list[tuple[int, str]] = field(default_factory=list)  # (line, problem) of each skipped row
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -121,6 +122,7 @@ def read_examples(path: str, columns: Columns, multilabel: bool, require_labels:
         if problem:
             if skip_bad:
                 data.skipped[problem.split(" (")[0]] += 1
+                data.bad_rows.append((lineno, problem.split(" (")[0]))
                 continue
             raise DomainLMError(f"{p}:{lineno}: {problem} (pass --skip-bad-rows to skip and count such rows)")
         pair = str(row.get(columns.text_pair) or "") if columns.text_pair else None

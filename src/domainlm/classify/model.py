@@ -11,7 +11,6 @@ from torch import nn
 
 from domainlm.errors import DomainLMError
 
-LORA_RANKS = (8, 16, 32, 64)
 # attention projections of BERT-family encoders (BERT, ERNIE, RoBERTa name them alike)
 LORA_TARGETS = ["query", "key", "value"]
 HEAD_PREFIXES = ("classifier.", "pooler.", "score.")
