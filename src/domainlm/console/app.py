@@ -66,7 +66,7 @@ class Console:
         payload = {"event": f"job.{kind}", "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                    "job": {"id": job.id, "name": job.name, "command": job.command, "status": job.status,
                            "url": f"{self.url}/jobs/{job.id}" if self.url else ""},
-                   "summary": f"[domainlm] job {job.id} '{job.name}' {kind}" + (f": {message}" if message else "")}
+                   "summary": f"[domainlm] job {job.id} '{job.name}' {kind}" + (f": {message}" if message and kind != "started" else "")}
         if kind == "succeeded":
             payload["metric"] = catalog.headline(job, self.home / job.folder)
         if kind in ("failed", "interrupted"):

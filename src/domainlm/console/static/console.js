@@ -49,8 +49,8 @@ function drawChart(canvas, series, ylabel) {
   if (!pts.length) { ctx.fillText("no points yet", W / 2 - 36, H / 2); return; }
   let [x0, x1] = [Math.min(...pts.map(p => p[0])), Math.max(...pts.map(p => p[0]))];
   let [y0, y1] = [Math.min(...pts.map(p => p[1])), Math.max(...pts.map(p => p[1]))];
-  if (x1 === x0) x1 = x0 + 1;
-  if (y1 === y0) { y0 -= 0.5; y1 += 0.5; }
+  if (x1 === x0) { x0 -= 1; x1 += 1; }
+  if (y1 === y0) { y0 -= 0.1; y1 += 0.1; }
   const pad = (y1 - y0) * 0.08; y0 -= pad; y1 += pad;
   const X = x => L + (x - x0) / (x1 - x0) * (W - L - R), Y = y => T + (1 - (y - y0) / (y1 - y0)) * (H - T - B);
   ctx.strokeStyle = "#e4e7ec"; ctx.lineWidth = 1;
@@ -59,10 +59,8 @@ function drawChart(canvas, series, ylabel) {
     ctx.beginPath(); ctx.moveTo(L, Y(y)); ctx.lineTo(W - R, Y(y)); ctx.stroke();
     ctx.fillText(y.toPrecision(3), 4, Y(y) + 4);
   }
-  for (let i = 0; i <= 4; i++) {
-    const x = x0 + (x1 - x0) * i / 4;
-    ctx.fillText(String(Math.round(x)), X(x) - 8, H - B + 16);
-  }
+  const xticks = [...new Set([0, 1, 2, 3, 4].map(i => Math.round(x0 + (x1 - x0) * i / 4)))];
+  for (const x of xticks) ctx.fillText(String(x), X(x) - 8, H - B + 16);
   ctx.fillText("step", W - R - 28, H - 4);
   let lx = L + 6;
   series.forEach((s, i) => {
