@@ -20,6 +20,7 @@ def serve(cfg: ConsoleConfig) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((cfg.host, cfg.port))
+        sock.listen(128)  # connections wait in the backlog from the moment the URL is printed
     except OSError as e:
         raise DomainLMError(f"--host {cfg.host} --port {cfg.port}: cannot listen there ({e.strerror})") from None
     port = sock.getsockname()[1]
