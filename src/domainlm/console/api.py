@@ -191,7 +191,8 @@ async def upload(request: Request) -> Dataset:
     """Shared by the API and the datasets page: stream, check, keep (raises DomainLMError or UploadTooLarge)."""
     c = _console(request)
     fields, tmp, filename = await receive_upload(request, c.home / "datasets", int(c.cfg.max_upload_mb * 1e6))
-    if not getattr(request.state, "csrf_checked", False) and not check_csrf(c.token, fields.get("csrf")):
+    supplied = request.headers.get("x-csrf-token") or fields.get("csrf")
+    if not getattr(request.state, "csrf_checked", False) and not check_csrf(c.token, supplied):
         if tmp is not None:
             tmp.unlink(missing_ok=True)
         raise HTTPException(403, "missing or wrong CSRF token: reload the page and try again")

@@ -129,7 +129,8 @@ class JobFactory:
             self._check_data(cfg, errors)
         if errors or cfg is None:
             return None, errors
-        job = Job(name=(name or "").strip()[:200] or f"{command} {cfg.model if hasattr(cfg, 'model') else ''}".strip(),
+        default_name = f"{command} {Path(str(getattr(cfg, 'model', ''))).name}".strip()
+        job = Job(name=(name or "").strip()[:200] or default_name,
                   description=(description or "").strip(), command=command, notify=notify,
                   base_model_id=base_model.id if base_model else None)
         s.add(job)
