@@ -113,7 +113,7 @@ def test_train_watch_try_cancel_and_restart_in_the_browser(tmp_path, tiny_model)
             # my models: lineage, then try it
             page.click("text=My models")
             row = page.locator("tr[data-model='1']")
-            assert [s.strip() for s in row.locator(".lineage").inner_text().split("→")] == [tiny_model, "job 1", "reviews sentiment"]
+            assert [s.strip() for s in row.locator(".lineage").inner_text().split("→")] == [Path(tiny_model).name, "job 1", "reviews sentiment"]
             page.screenshot(path=str(shots / "models.png"))
             row.locator("text=Try").click()
             page.fill("#f-text", "酒店的服务非常好\nthe schedule slipped")

@@ -90,7 +90,7 @@ def headline(job: Job, folder: Path) -> dict | None:
             if "mlm_acc" in results.get(split, {}):
                 return {"name": f"mlm_acc ({split})", "value": round(results[split]["mlm_acc"], 4)}
     if job.command == "prepare":
-        stats = _read_json(folder / "stats.json")
+        stats = _read_json(folder / "corpus" / "stats.json")
         if "tokens" in stats:
             return {"name": "tokens", "value": stats["tokens"]}
     return None
@@ -144,11 +144,12 @@ def register_outputs(session, job: Job, home: Path) -> list[Model]:
                       size_bytes=folder_size(path))
         session.add(model)
         added.append(model)
-    if job.command == "prepare" and (folder / "meta.json").is_file():
-        rel = job.folder
+    corpus = folder / "corpus"
+    if job.command == "prepare" and (corpus / "meta.json").is_file():
+        rel = str(corpus.relative_to(home))
         if not session.query(Dataset).filter(Dataset.path == rel).first():
-            stats = _read_json(folder / "stats.json")
-            session.add(Dataset(name=job.name, path=rel, kind="corpus", size_bytes=folder_size(folder),
+            stats = _read_json(corpus / "stats.json")
+            session.add(Dataset(name=job.name, path=rel, kind="corpus", size_bytes=folder_size(corpus),
                                 rows=int(stats.get("documents", 0)), columns={"stats": stats}, job_id=job.id))
     return added
 

@@ -138,7 +138,7 @@ class JobFactory:
         job.folder = f"jobs/{job.id:04d}-{slug(job.name)}"
         folder = self.home / job.folder
         folder.mkdir(parents=True, exist_ok=True)
-        cfg.out = str(folder)
+        cfg.out = str(folder / settings.OUT_SUBFOLDER.get(command, ""))
         if command == "finetune" and cfg.dev:  # the dev file's first rows, as the validation set
             dev = folder / ("dev" + Path(cfg.dev).suffix.lower())
             head_rows(Path(cfg.dev), dev, cfg.valid_max_rows)

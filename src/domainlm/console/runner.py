@@ -22,7 +22,7 @@ from domainlm.console import catalog
 from domainlm.console.db import Event, Job, now
 
 LOG_NAME = "job.log"
-DONE_MARKERS = {"finetune": ("metrics.json", "summary.json"), "pretrain": ("results.json",), "prepare": ("meta.json",)}
+DONE_MARKERS = {"finetune": ("metrics.json", "summary.json"), "pretrain": ("results.json",), "prepare": ("corpus/meta.json",)}
 
 
 def proc_start_time(pid: int) -> str | None:

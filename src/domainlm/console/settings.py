@@ -59,6 +59,8 @@ PRETRAIN_PRESETS = {
                      "save_steps": 5000},
 }
 
+# `out` inside the job folder (which also holds job.yaml and job.log); `prepare` wants a folder of its own.
+OUT_SUBFOLDER = {"prepare": "corpus"}
 # Fields the console sets itself (never shown or accepted).
 CONTROLLED = {"out", "resume"}
 # Fields naming files or folders; all must resolve inside --home (the model also may be a listed base model).
