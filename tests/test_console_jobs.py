@@ -98,6 +98,27 @@ def test_each_job_type_has_its_form(idle):
     assert fields["max_lr"]["range"] == "(0, 1]" and schema["presets"]["large-corpus"]["max_steps"] == 20000
 
 
+def test_prepare_writes_its_corpus_in_a_folder_of_its_own(idle, tmp_path):
+    client, console, home, _, tiny = idle
+    (tmp_path / "docs.txt").write_text("第一句。第二句。\n\n第三句。第四句。\n", encoding="utf-8")
+    docs = client.post("/api/datasets", headers={"X-CSRF-Token": console.csrf},
+                       files={"file": ("docs.txt", open(tmp_path / "docs.txt", "rb"))}).json()
+    assert docs["kind"] == "documents"
+    r = client.post("/jobs/new", data={"csrf": console.csrf, "command": "prepare", "input": docs["path"],
+                                       "tokenizer": tiny, "segment": "true"}, follow_redirects=False)
+    assert r.status_code == 303
+    config = client.get("/api/jobs/1").json()["config"]
+    assert config["input"] == [str(home.resolve() / docs["path"])] and config["segment"] is True
+    assert config["out"] == str(home.resolve() / "jobs" / "0001-prepare" / "corpus")
+
+
+def test_api_docs_page_lists_the_routes_without_a_cdn(idle):
+    client = idle[0]
+    docs = client.get("/docs").text
+    assert "<code>/api/jobs/{job_id}/cancel</code>" in docs and "JobCreate" in docs
+    assert "://" not in "".join(re.findall(r'(?:src|href)="([^"]*)"', docs))  # nothing loaded from elsewhere
+
+
 def test_pretraining_snapshots_carry_lineage_into_fine_tuning(idle, corpus_dir):
     client, console, home, train, tiny = idle
     shutil.copytree(corpus_dir, home / "corpora" / "reviews")

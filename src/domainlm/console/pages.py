@@ -249,3 +249,22 @@ def dataset_page(request: Request, dataset_id: int):
             raise HTTPException(404, f"dataset {dataset_id} does not exist")
         summary = dataset_summary(d)
     return render(request, "dataset.html", dataset=summary, stats=catalog._read_json(c.home / d.path / "stats.json"))
+
+
+@router.get("/docs")
+def api_docs(request: Request):
+    """Every API route from the OpenAPI document: method, path, summary, parameters, body and responses."""
+    spec = request.app.openapi()
+    routes = []
+    for path, methods in spec["paths"].items():
+        for method, op in methods.items():
+            body = op.get("requestBody", {}).get("content", {})
+            schema = next(iter(body.values()), {}).get("schema", {}) if body else {}
+            routes.append({"method": method.upper(), "path": path, "summary": op.get("summary", ""),
+                           "description": op.get("description", ""),
+                           "params": [(p["name"], p["in"], p.get("required", False)) for p in op.get("parameters", [])],
+                           "body": schema.get("$ref", "").rsplit("/", 1)[-1] or ("form or file" if body else ""),
+                           "responses": sorted(op.get("responses", {}))})
+    schemas = {name: {k: v.get("description", v.get("type", "")) for k, v in s.get("properties", {}).items()}
+               for name, s in spec.get("components", {}).get("schemas", {}).items() if not name.startswith(("HTTP", "Validation"))}
+    return render(request, "docs.html", routes=routes, schemas=schemas, info=spec["info"])
