@@ -163,3 +163,38 @@ def test_restart_adopts_a_job_that_is_still_running(runner_env):
     assert status(sessions, job).status == "running" and job not in restarted.procs
     wait_for(lambda: status(sessions, job).status == "succeeded", 20, what="the adopted job to finish")
     assert gone(leader)
+
+
+def test_notifications_never_block_and_give_up_after_retries():
+    import json
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from domainlm.console.notify import Notifier
+
+    seen, results = [], []
+
+    class Slow(BaseHTTPRequestHandler):
+        def do_POST(self):
+            seen.append(self.rfile.read(int(self.headers["Content-Length"])))
+            time.sleep(0.3)  # a slow receiver that always fails
+            self.send_response(503)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    notifier = Notifier(b"k", retries=2, backoff=0.05, on_result=lambda item, ok, msg: results.append((ok, msg)))
+    try:
+        started = time.monotonic()
+        notifier.send({"event": "job.failed", "job": {"id": 1}}, webhook=f"http://127.0.0.1:{server.server_address[1]}/")
+        assert time.monotonic() - started < 0.05  # queued, not delivered, by the caller
+        wait_for(lambda: results, 10, 0.05, "the delivery to give up")
+        assert len(seen) == 3 and results == [(False, "gave up after 3 attempts: HTTP Error 503: Service Unavailable")]
+        assert json.loads(seen[0]) == {"event": "job.failed", "job": {"id": 1}}
+    finally:
+        notifier.stop()
+        server.shutdown()
