@@ -87,6 +87,12 @@ def test_train_watch_try_cancel_and_restart_in_the_browser(tmp_path, tiny_model)
 
             # the create form: an out-of-range value comes back next to its field, the rest as typed
             page.click("text=Create job")
+            assert page.is_hidden("#field-lora_rank") and page.is_hidden("#field-dev")  # full method, split validation
+            page.select_option("#f-method", "lora")
+            assert page.is_visible("#field-lora_rank")
+            page.select_option("#f-method", "full")
+            page.click("[data-preset=few-shot]")  # fills the fields from the CLI's preset
+            assert page.input_value("#f-epochs") == "20" and float(page.input_value("#f-learning_rate")) == 5e-05
             page.fill("#f-epochs", "99")
             page.fill("#f-batch_size", "8")
             page.fill("#f-max_seq_len", "32")

@@ -14,7 +14,7 @@ from domainlm.console.db import Dataset, Job, Model
 from domainlm.train.logging import read_log
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -76,28 +76,28 @@ def headline(job: Job, folder: Path) -> dict | None:
     """The metric a notification and the jobs list show: fine-tuning's best metric, pretraining's MLM accuracy."""
     if job.command == "finetune":
         name = job.config.get("metric") or ("f1_micro" if job.config.get("task") == "multilabel" else "accuracy")
-        summary = _read_json(folder / "summary.json")
+        summary = read_json(folder / "summary.json")
         if summary.get("mean_std", {}).get(name):
             return {"name": f"{name} ({summary['evaluated_on']}, mean of {summary['runs']})",
                     "value": round(summary["mean_std"][name]["mean"], 4)}
-        metrics = _read_json(folder / "metrics.json")
+        metrics = read_json(folder / "metrics.json")
         split = "test" if "test" in metrics else "dev"
         if name in metrics.get(split, {}):
             return {"name": f"{name} ({split})", "value": round(metrics[split][name], 4)}
     if job.command == "pretrain":
-        results = _read_json(folder / "results.json")
+        results = read_json(folder / "results.json")
         for split in ("valid", "test"):
             if "mlm_acc" in results.get(split, {}):
                 return {"name": f"mlm_acc ({split})", "value": round(results[split]["mlm_acc"], 4)}
     if job.command == "prepare":
-        stats = _read_json(folder / "corpus" / "stats.json")
+        stats = read_json(folder / "corpus" / "stats.json")
         if "tokens" in stats:
             return {"name": "tokens", "value": stats["tokens"]}
     return None
 
 
 def _classifier_metrics(run: Path) -> dict:
-    metrics = _read_json(run / "metrics.json")
+    metrics = read_json(run / "metrics.json")
     out = {}
     for split in ("dev", "test"):
         for k, v in metrics.get(split, {}).items():
@@ -108,7 +108,7 @@ def _classifier_metrics(run: Path) -> dict:
 
 def _snapshot_metrics(folder: Path, step: int | None) -> dict:
     if step is None:  # final: results.json holds the full validation and test evaluation
-        results = _read_json(folder / "results.json")
+        results = read_json(folder / "results.json")
         return {f"{split} {k}": round(float(v), 4) for split in ("valid", "test") for k, v in results.get(split, {}).items()
                 if k in ("loss", "mlm_acc", "sop_acc")}
     rows = [r for r in read_log(folder / "log.jsonl", "valid") if r["step"] <= step]
@@ -126,13 +126,13 @@ def register_outputs(session, job: Job, home: Path) -> list[Model]:
                 step = int(snap.name[5:])
                 found.append((snap, "snapshot", step, _snapshot_metrics(folder, step)))
         if (folder / "final" / "config.json").is_file():
-            step = _read_json(folder / "results.json").get("step")
+            step = read_json(folder / "results.json").get("step")
             found.append((folder / "final", "final", step, _snapshot_metrics(folder, None)))
     elif job.command == "finetune":
         runs = [folder] + sorted(folder.glob("seed-*")) + sorted(folder.glob("fold-*"))
         for run in runs:
             if (run / "model" / "config.json").is_file():
-                found.append((run / "model", "classifier", _read_json(run / "metrics.json").get("best_step"),
+                found.append((run / "model", "classifier", read_json(run / "metrics.json").get("best_step"),
                               _classifier_metrics(run)))
     added = []
     for path, kind, step, metrics in found:
@@ -148,7 +148,7 @@ def register_outputs(session, job: Job, home: Path) -> list[Model]:
     if job.command == "prepare" and (corpus / "meta.json").is_file():
         rel = str(corpus.relative_to(home))
         if not session.query(Dataset).filter(Dataset.path == rel).first():
-            stats = _read_json(corpus / "stats.json")
+            stats = read_json(corpus / "stats.json")
             session.add(Dataset(name=job.name, path=rel, kind="corpus", size_bytes=folder_size(corpus),
                                 rows=int(stats.get("documents", 0)), columns={"stats": stats}, job_id=job.id))
     return added

@@ -13,7 +13,7 @@ from domainlm.console import catalog, jobs, settings
 from domainlm.console.api import dataset_summary, upload
 from domainlm.console.app import HERE, Conflict, Console
 from domainlm.console.db import Dataset, Job, Model
-from domainlm.console.security import PathError, UploadTooLarge, check_csrf
+from domainlm.console.security import PathError, UploadTooLarge, check_csrf, inside
 from domainlm.errors import DomainLMError
 
 router = APIRouter(include_in_schema=False)
@@ -248,7 +248,7 @@ def dataset_page(request: Request, dataset_id: int):
         if d is None:
             raise HTTPException(404, f"dataset {dataset_id} does not exist")
         summary = dataset_summary(d)
-    return render(request, "dataset.html", dataset=summary, stats=catalog._read_json(c.home / d.path / "stats.json"))
+    return render(request, "dataset.html", dataset=summary, stats=catalog.read_json(inside(c.home, d.path) / "stats.json"))
 
 
 @router.get("/docs")
