@@ -19,6 +19,10 @@ from tests.console_support import wait_for  # noqa: E402
 # A job that starts a child in its own process group, reports both pids, and ignores SIGTERM when told to.
 PROGRAM = textwrap.dedent("""
     import os, signal, subprocess, sys, time
+    if sys.argv[1] == "fail":  # what the CLI does with bad input: one `error:` line, exit status 2
+        print("loading...")
+        print("error: data/train.jsonl:7: no label (pass --skip-bad-rows to skip and count such rows)", file=sys.stderr)
+        sys.exit(2)
     stubborn = sys.argv[1] == "stubborn"
     if stubborn:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -198,3 +202,13 @@ def test_notifications_never_block_and_give_up_after_retries():
     finally:
         notifier.stop()
         server.shutdown()
+
+
+def test_a_failing_command_is_failed_with_the_clis_error_line(runner_env):
+    sessions, make, add, home = runner_env
+    runner = make()
+    runner.start()
+    job = add(command="finetune", mode="fail")
+    wait_for(lambda: status(sessions, job).status == "failed", 20, what="the failure")
+    j = status(sessions, job)
+    assert j.exit_code == 2 and j.error == "data/train.jsonl:7: no label (pass --skip-bad-rows to skip and count such rows)"

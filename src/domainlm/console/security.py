@@ -173,7 +173,10 @@ async def receive_upload(request: Request, folder: Path, limit: int) -> tuple[di
             fields[state["name"]] = bytes(state["value"]).decode("utf-8", "replace")
 
     content_type, params = parse_options_header(request.headers.get("content-type", ""))
+    declared = request.headers.get("content-length", "")
     try:
+        if declared.isdigit() and int(declared) > limit:  # refused before reading; others are counted as they come
+            raise UploadTooLarge(f"the upload is larger than the limit of {limit / 1e6:g} MB")
         if content_type == b"multipart/form-data":
             parser = MultipartParser(params.get(b"boundary", b""), {
                 "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
