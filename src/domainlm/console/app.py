@@ -156,42 +156,42 @@ class Console:
     def model_summary(self, m: Model) -> dict:
         return {"id": m.id, "name": m.name, "kind": m.kind, "path": str(self.home / m.path), "job_id": m.job_id,
                 "step": m.step, "metrics": m.metrics, "size_bytes": m.size_bytes, "created_at": _iso(m.created_at),
-                "lineage": catalog.lineage(m), "can_try": m.kind == "classifier"}
+                "lineage": catalog.lineage(m), "can_try": m.kind in ("classifier", "linear")}
 
     def _load(self, m: Model):
+        """The model, tokenizer and label metadata as `domainlm predict` loads them (transformer or linear)."""
         from transformers.utils import logging as hf_logging
 
-        from domainlm.classify.model import load_trained
+        from domainlm.classify.command import _load
 
         hf_logging.disable_progress_bar()
         path = str(inside(self.home, m.path))
         with self._models_lock:
             if path not in self._models:
-                self._models[path] = load_trained(path)
+                self._models[path] = _load(path)
                 while len(self._models) > 2:
                     self._models.popitem(last=False)
             self._models.move_to_end(path)
             return self._models[path]
 
     def predict(self, m: Model, texts: list[str], top_k: int = 5) -> list[dict]:
-        """Labels and scores for each text, through the classify code `domainlm predict` uses."""
+        """Labels and scores for each text, through the code `domainlm predict` uses."""
         import numpy as np
 
-        from domainlm.classify.batching import encode, eval_batches
+        from domainlm.classify.command import _predict
         from domainlm.classify.data import Dataset as Rows
         from domainlm.classify.data import Example
-        from domainlm.classify.model import predict_scores
 
-        if m.kind != "classifier":
+        if m.kind not in ("classifier", "linear"):
             raise Conflict(f"{m.name} is a pretraining {m.kind}, not a classifier: fine-tune it first")
         texts = [t.strip() for t in texts if t.strip()][:100]
         if not texts:
             raise DomainLMError("type at least one text")
         model, tokenizer, meta = self._load(m)
-        rows = Rows("<console>", [Example(t, []) for t in texts])
-        batches = eval_batches(encode(tokenizer, rows, 512), 16, tokenizer.pad_token_id or 0)
+        max_seq_len = int((m.job.config if m.job else {}).get("max_seq_len", 128))
         with self._models_lock:  # one forward pass at a time per loaded model
-            probs = predict_scores(model, batches, meta["multilabel"])
+            probs = _predict(model, tokenizer, Rows("<console>", [Example(t, []) for t in texts]), 16, max_seq_len,
+                             meta["multilabel"])
         labels = meta["labels"]
         thresholds = np.asarray(meta.get("thresholds") or [0.5] * len(labels))
         out = []
@@ -216,7 +216,10 @@ class Console:
             if users:
                 raise Conflict(f"{m.name} is the base of job(s) {', '.join(str(j.id) for j in users)} that have not finished")
             size = m.size_bytes
-            if path.is_dir():
+            if m.kind == "linear":  # its files only: the folder is also its job's run folder
+                for name in catalog.LINEAR_FILES:
+                    (path / name).unlink(missing_ok=True)
+            elif path.is_dir():
                 shutil.rmtree(path)
             with self._models_lock:
                 self._models.pop(str(path), None)

@@ -13,6 +13,8 @@ from pathlib import Path
 from domainlm.console.db import Dataset, Job, Model
 from domainlm.train.logging import read_log
 
+LINEAR_FILES = ("linear.json", "linear.npz")  # what `finetune --method linear` saves (classify/linear.py)
+
 
 def read_json(path: Path) -> dict:
     try:
@@ -38,10 +40,13 @@ def total_steps(job: Job, train_rows: int | None) -> int | None:
     if job.command == "pretrain":
         return int(c["max_steps"])
     if job.command == "finetune" and train_rows:
-        held_out = 0 if c.get("dev") else min(c["valid_max_rows"], max(1, round(c["valid_ratio"] * train_rows)))
-        runs = c["folds"] or len(c["seeds"])
+        if c.get("method") == "linear":
+            return None  # no steps: one fit
         fit = train_rows * (c["folds"] - 1) / c["folds"] if c["folds"] else train_rows
-        return runs * c["epochs"] * math.ceil(max(1, fit - held_out) / c["batch_size"])
+        held_out = 0 if c.get("dev") else max(1, round(c["valid_ratio"] * fit))
+        held_out = min(held_out, c["valid_max_rows"]) if c.get("valid_max_rows") else held_out
+        runs = c["folds"] or len(c["seeds"])
+        return runs * c["epochs"] * math.ceil(max(1, fit - held_out) / (c.get("global_batch_size") or c["batch_size"]))
     return None
 
 
@@ -134,14 +139,17 @@ def register_outputs(session, job: Job, home: Path) -> list[Model]:
             if (run / "model" / "config.json").is_file():
                 found.append((run / "model", "classifier", read_json(run / "metrics.json").get("best_step"),
                               _classifier_metrics(run)))
+            elif (run / LINEAR_FILES[0]).is_file():  # `--method linear`: the run folder is the model
+                found.append((run, "linear", None, _classifier_metrics(run)))
     added = []
     for path, kind, step, metrics in found:
         rel = str(path.relative_to(home))
         if rel in known:
             continue
-        suffix = "" if path == folder / "model" else f" {path.parent.name if kind == 'classifier' else path.name}"
+        suffix = "" if path in (folder / "model", folder) else f" {path.parent.name if kind == 'classifier' else path.name}"
+        size = sum(folder_size(path / f) for f in LINEAR_FILES) if kind == "linear" else folder_size(path)
         model = Model(name=f"{job.name}{suffix}", kind=kind, path=rel, job_id=job.id, step=step, metrics=metrics,
-                      size_bytes=folder_size(path))
+                      size_bytes=size)
         session.add(model)
         added.append(model)
     corpus = folder / "corpus"

@@ -139,7 +139,7 @@ class JobFactory:
         folder = self.home / job.folder
         folder.mkdir(parents=True, exist_ok=True)
         cfg.out = str(folder / settings.OUT_SUBFOLDER.get(command, ""))
-        if command == "finetune" and cfg.dev:  # the dev file's first rows, as the validation set
+        if command == "finetune" and cfg.dev and cfg.valid_max_rows:  # the dev file's first rows, as the validation set
             dev = folder / ("dev" + Path(cfg.dev).suffix.lower())
             head_rows(Path(cfg.dev), dev, cfg.valid_max_rows)
             cfg.dev = str(dev)

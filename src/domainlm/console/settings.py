@@ -71,9 +71,9 @@ CHOICES = {"lora_rank": "LORA_RANKS"}
 # Sections in the order users know from training consoles; fields not listed go under "Advanced".
 LAYOUT: dict[str, list[tuple[str, list[str]]]] = {
     "finetune": [
-        ("Method", ["method", "lora_rank", "lora_alpha"]),
+        ("Method", ["method", "lora_rank", "lora_alpha", "floor"]),
         ("Model", ["model"]),
-        ("Hyperparameters", ["preset", "epochs", "batch_size", "learning_rate", "max_seq_len", "warmup_ratio",
+        ("Hyperparameters", ["preset", "epochs", "batch_size", "global_batch_size", "learning_rate", "max_seq_len", "warmup_ratio",
                              "lr_decay", "weight_decay", "early_stopping_patience", "metric", "seeds"]),
         ("Data", ["train", "task", "text_column", "label_column", "pair_column", "test"]),
         ("Validation", ["valid_ratio", "valid_max_rows", "dev"]),
