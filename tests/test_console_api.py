@@ -65,7 +65,7 @@ def test_form_fields_come_from_the_config_dataclass():
     assert specs["epochs"].range == "[1, 50]" and specs["epochs"].default == 3
     assert specs["epochs"].help == FinetuneConfig.__dataclass_fields__["epochs"].metadata["help"]
     assert specs["lora_rank"].choices == [8, 16, 32, 64]
-    assert specs["method"].choices == ["full", "lora"] and specs["train"].widget == "dataset"
+    assert specs["method"].choices == ["full", "lora", "linear"] and specs["train"].widget == "dataset"
     assert "out" not in specs and specs["learning_rate"].range == "(0, 1]"
 
 

@@ -170,3 +170,23 @@ def test_pretraining_snapshots_carry_lineage_into_fine_tuning(idle, corpus_dir):
     table = client.get(f"/api/models/compare?ids={snap['id']}&ids={clf['id']}").json()
     assert table["header"][:4] == ["model", "kind", "job", "step"] and "valid mlm_acc" in table["metrics"]
     assert client.get(f"/api/jobs/{ft['id']}").json()["status"] == "succeeded"
+
+
+def test_a_linear_model_is_listed_and_deleting_it_keeps_its_job_folder(idle):
+    client, console, home, train, _ = idle
+    r = client.post("/api/jobs", headers={"X-CSRF-Token": console.csrf}, json={"command": "finetune", "name": "floor",
+                    "config": {"method": "linear", "train": train["path"]}})
+    assert r.status_code == 201, r.text  # no --model needed for the linear method
+    folder = home / "jobs" / "0001-floor"
+    (folder / "linear.json").write_text("{}")
+    (folder / "linear.npz").write_bytes(b"x" * 10)
+    (folder / "metrics.json").write_text(json.dumps({"dev": {"accuracy": 0.5, "n": 6}}))
+    with console.sessions() as s:
+        s.get(Job, 1).status = "running"
+        s.commit()
+    console.runner.reconcile()
+    (model,) = client.get("/api/models").json()
+    assert (model["kind"], model["size_bytes"], model["metrics"]) == ("linear", 12, {"dev accuracy": 0.5})
+    assert model["can_try"] and model["path"] == str(folder.resolve())
+    assert client.delete(f"/api/models/{model['id']}?confirm=true", headers={"X-CSRF-Token": console.csrf}).status_code == 200
+    assert not (folder / "linear.json").exists() and (folder / "job.yaml").is_file() and (folder / "metrics.json").is_file()

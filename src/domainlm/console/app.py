@@ -188,7 +188,9 @@ class Console:
         if not texts:
             raise DomainLMError("type at least one text")
         model, tokenizer, meta = self._load(m)
-        max_seq_len = int((m.job.config if m.job else {}).get("max_seq_len", 128))
+        with self.sessions() as s:
+            job = s.get(Job, m.job_id) if m.job_id else None
+            max_seq_len = int((job.config if job else {}).get("max_seq_len", 128))
         with self._models_lock:  # one forward pass at a time per loaded model
             probs = _predict(model, tokenizer, Rows("<console>", [Example(t, []) for t in texts]), 16, max_seq_len,
                              meta["multilabel"])
