@@ -24,7 +24,8 @@ function jobsPage() {
   const table = document.getElementById("jobs");
   every(2000, async () => {
     const jobs = await getJSON("/api/jobs");
-    if (!table || jobs.length !== table.tBodies[0].rows.length) { location.reload(); return false; }
+    if (!table) { if (jobs.length) { location.reload(); return false; } return; }
+    if (jobs.length !== table.tBodies[0].rows.length) { location.reload(); return false; }
     for (const j of jobs) {
       const row = table.querySelector('tr[data-job="' + j.id + '"]');
       if (!row) continue;
