@@ -115,7 +115,7 @@ function jobPage() {
       location.reload();
       return false;
     }
-    return !FINISHED.includes(j.status) || undefined;
+    if (FINISHED.includes(j.status)) return false;  // nothing changes any more
   };
   update().catch(() => {});
   every(1500, update);
