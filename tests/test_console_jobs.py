@@ -71,6 +71,9 @@ def test_form_creates_a_job_that_the_cli_can_run_by_hand(idle):
     assert 'value="lora run (copy)"' in clone and '<option value="32" selected>' in clone
     assert client.post("/jobs/1/cancel", data={"csrf": console.csrf}, follow_redirects=False).status_code == 303
     assert client.get("/api/jobs/1").json()["status"] == "cancelled"  # a queued job is cancelled at once
+    assert client.post("/jobs/1/retry", data={"csrf": console.csrf}, follow_redirects=False).status_code == 303
+    retried = client.get("/api/jobs/1").json()
+    assert retried["status"] == "queued" and retried["command_line"].endswith("job.yaml --overwrite")
 
 
 def test_dev_file_keeps_its_first_rows(idle, tmp_path):

@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from domainlm import __version__
+from domainlm import __version__, outputs
 from domainlm import config as cfglib
 from domainlm.errors import DomainLMError
 
@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        outputs.release_all()  # the output-folder locks the command took
     return 0
 
 

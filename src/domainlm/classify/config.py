@@ -74,8 +74,12 @@ class FinetuneConfig:
     seeds: list[int] = option([1234], "repeat with each seed; metrics reported as mean and std")
     logging_freq: int = option(10, "log every N steps", low=1)
     precision: Literal["auto", "no", "bf16", "fp16"] = option("auto", "mixed precision (auto: bf16 on a GPU that has it)")
+    overwrite: bool = option(False, "replace an earlier finetune run in --out (only its own files are removed)")
 
     def check(self) -> None:
+        from domainlm import checks
+
+        checks.metric(self.best_metric, self.multilabel, self.tolerant_k)  # before any training, not after an epoch
         if self.method == "lora" and self.lora_rank not in LORA_RANKS:
             raise DomainLMError(f"--lora-rank {self.lora_rank} is not allowed: choose 8, 16, 32 or 64")
         if self.folds == 1:
@@ -109,6 +113,7 @@ class EvaluateConfig:
     label_column: str = option("label", "column with the label(s)")
     group_column: str | None = option(None, "column with a group for per-group accuracy")
     label_delimiter: str = option(",", "separator of several labels in one cell")
+    skip_bad_rows: bool = option(False, "skip and count rows with no text or no label instead of failing")
     batch_size: int = option(64, "examples per batch", low=1)
     max_seq_len: int = option(128, "tokens per example", low=8)
     tolerant_k: int = option(2, "multi-class tolerant accuracy: gold label within the top k", low=1)

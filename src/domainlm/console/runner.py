@@ -141,7 +141,9 @@ class Runner:
     def command_line(self, job: Job) -> list[str]:
         argv = [sys.executable, "-m", "domainlm.cli", job.command, "--config", str(self.home / job.folder / "job.yaml")]
         if job.resume and job.command == "pretrain":
-            argv += ["--resume", "auto"]
+            argv += ["--resume", "auto"]  # from its newest checkpoint
+        elif job.resume and job.command == "finetune":
+            argv += ["--overwrite"]  # fine-tuning starts over: the failed attempt's own files are replaced
         return argv
 
     def _launch(self, s, job: Job) -> None:

@@ -62,7 +62,7 @@ PRETRAIN_PRESETS = {
 # `out` inside the job folder (which also holds job.yaml and job.log); `prepare` wants a folder of its own.
 OUT_SUBFOLDER = {"prepare": "corpus"}
 # Fields the console sets itself (never shown or accepted).
-CONTROLLED = {"out", "resume"}
+CONTROLLED = {"out", "resume", "overwrite"}
 # Fields naming files or folders; all must resolve inside --home (the model also may be a listed base model).
 PATH_FIELDS = {"train", "dev", "test", "corpus", "input", "user_dict"}
 MODEL_FIELDS = {"model", "tokenizer"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,14 +29,31 @@ def load_fast_tokenizer(name_or_path: str):
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    except (OSError, ValueError) as e:
-        raise DomainLMError(f"tokenizer {name_or_path!r} could not be loaded: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError, ImportError) as e:
+        # the whole message on one line: its advice ("You need sentencepiece ...") is often on the last line
+        raise DomainLMError(f"tokenizer {name_or_path!r} could not be loaded: {' '.join(str(e).split())}") from None
     if not getattr(tokenizer, "is_fast", False):
         raise DomainLMError(
             f"tokenizer {name_or_path!r} is not a fast (Rust) tokenizer; domainlm needs one for offsets and "
             "word ids: convert it with `tokenizer.save_pretrained` from a fast class such as BertTokenizerFast"
         )
     return tokenizer
+
+
+def text_backend(tokenizer_file: str):
+    """The Rust tokenizer as `prepare` uses it: special-token strings in documents ("[SEP]", "[MASK]" ...) are
+    tokenized as the text they are, never turned into special ids, so no special id enters a corpus."""
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_file(tokenizer_file)
+    backend.encode_special_tokens = True
+    return backend
+
+
+def corpus_forbidden_ids(tokenizer) -> list[int]:
+    """Special ids a corpus must never hold ([CLS], [SEP], [PAD], [MASK] ...): pretraining adds them itself.
+    [UNK] is allowed: it is how WordPiece writes a character outside the vocabulary."""
+    return sorted(set(tokenizer.all_special_ids) - {tokenizer.unk_token_id})
 
 
 def vocab_hash(tokenizer) -> str:
@@ -72,9 +90,7 @@ class EncodeOptions:
 class DocumentEncoder:
     def __init__(self, options: EncodeOptions):
         self.options = options
-        from tokenizers import Tokenizer
-
-        self.backend = Tokenizer.from_file(options.tokenizer_file)
+        self.backend = text_backend(options.tokenizer_file)
         self.fast = CharTableTokenizer(self.backend) if fastpath.supports(self.backend) else None
         self.segmenter = None
         if options.segment:
@@ -142,6 +158,7 @@ _ENCODER: DocumentEncoder | None = None
 
 def init_worker(options: EncodeOptions) -> None:
     global _ENCODER
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle (prepare._encode_all)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism; avoid oversubscription
     _ENCODER = DocumentEncoder(options)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from domainlm import config as cfglib
+from domainlm import outputs
 from domainlm.data.store import Corpus
 from domainlm.data.tokenize import load_fast_tokenizer, vocab_hash
 from domainlm.errors import DomainLMError
@@ -110,6 +111,8 @@ class Run:
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
+    outputs.folder(cfg.out)
+    outputs.claim(cfg.out)  # one run per --out: a second one stops here, naming this one's PID
     run = setup(cfg)
     try:
         state = train(run)
