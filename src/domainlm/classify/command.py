@@ -108,7 +108,8 @@ def _run(cfg: FinetuneConfig, accelerator, tokenizer, train: Dataset, dev: Datas
     set_seed(seed)
     out.mkdir(parents=True, exist_ok=True)
     log = print if accelerator.is_main_process else (lambda *a, **k: None)
-    hf = load_classifier(cfg.model, labels, cfg.multilabel, cfg.method, cfg.lora_rank, cfg.lora_alpha, log=log)
+    hf = load_classifier(cfg.model, labels, cfg.multilabel, cfg.method, cfg.lora_rank, cfg.lora_alpha, log=log,
+                         work_dir=Path(cfg.out))
     model = Classifier(hf, cfg.multilabel)
     features, dev_features = encode(tokenizer, train, cfg.max_seq_len), encode(tokenizer, dev, cfg.max_seq_len)
     y = targets(train, labels, cfg.multilabel)
@@ -198,7 +199,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     for data in (dev_given, test):
         if data is not None:
             check_labels(data, labels)
-    tokenizer = load_fast_tokenizer(cfg.model)
+    tokenizer = load_fast_tokenizer(cfg.model, flag="--model")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         cfglib.write(cfg, out)

@@ -27,8 +27,8 @@ from domainlm import __version__
 from domainlm import config as cfglib
 from domainlm.config import option
 from domainlm.data.clean import Deduplicator
-from domainlm.data.readers import Document, ReadOptions, discover, read_file
-from domainlm.data.store import Corpus, CorpusWriter, read_megatron, read_paddlenlp
+from domainlm.data.readers import SUFFIXES, Document, ReadOptions, discover, format_of, read_file
+from domainlm.data.store import Corpus, CorpusWriter, find_imports, read_megatron, read_paddlenlp
 from domainlm.data.tokenize import (
     DocumentEncoder,
     EncodedDocument,
@@ -68,6 +68,23 @@ class PrepareConfig:
 
 def _is_import(path: str) -> bool:
     return path.endswith("_ids.npy") or path.endswith(".bin")
+
+
+def _split_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
+    """(corpora to import, raw document inputs). A folder may hold PaddleNLP / Megatron corpora, raw
+    documents, or both."""
+    imports, raw = [], []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir() and (pairs := find_imports(path)):
+            imports += pairs
+            if any(p.is_file() and format_of(p) in SUFFIXES for p in path.rglob("*")):
+                raw.append(item)
+        elif _is_import(item):
+            imports.append(path)
+        else:
+            raw.append(item)
+    return imports, raw
 
 
 def _fingerprint(cfg: PrepareConfig, files: list[Path], vocab: str) -> str:
@@ -203,11 +220,10 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
 
     out = Path(cfg.out)
     tokenizer = load_fast_tokenizer(cfg.tokenizer)
-    imports = [Path(p) for p in cfg.input if _is_import(p)]
+    imports, raw = _split_inputs(cfg.input)
     for p in imports:
         if not p.is_file():
             raise DomainLMError(f"input {p} does not exist")
-    raw = [p for p in cfg.input if not _is_import(p)]
     files = discover(raw) if raw else []
     vocab = vocab_hash(tokenizer)
     fingerprint = _fingerprint(cfg, files + imports, vocab)

@@ -126,7 +126,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     if resume_from is not None:
         hf_model = load_pretraining_model(str(resume_from / "model"), from_scratch=False, log=log)
     else:
-        hf_model = load_pretraining_model(cfg.model, cfg.from_scratch, log=log)
+        hf_model = load_pretraining_model(cfg.model, cfg.from_scratch, log=log, work_dir=out)
     limit = getattr(hf_model.config, "max_position_embeddings", None)
     if limit is not None and cfg.max_seq_len > limit:
         raise DomainLMError(f"--max-seq-len {cfg.max_seq_len} exceeds the model's max_position_embeddings ({limit})")
