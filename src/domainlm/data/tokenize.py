@@ -32,11 +32,14 @@ def _log_stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def wordpiece_from_vocab(folder: Path, log=_log_stderr):
+def wordpiece_from_vocab(folder: Path, log=_log_stderr, paddle: bool = False):
     """A fast BERT WordPiece tokenizer from a folder's vocab.txt (how bert-base-chinese, Chinese RoBERTa-wwm
     and ERNIE vocabularies are distributed, and PaddleNLP's tokenizer folders). Options come from
     tokenizer_config.json where it has them, else BERT's: lower-casing with accents stripped, every CJK
-    character its own word, whitespace and punctuation splits, [UNK]/[CLS]/[SEP]/[PAD]/[MASK]."""
+    character its own word, whitespace and punctuation splits, [UNK]/[CLS]/[SEP]/[PAD]/[MASK].
+
+    paddle: as PaddleNLP's ErnieTokenizer / BertTokenizer, literal "[SEP]", "[MASK]" ... in text are read as
+    text, never as special tokens."""
     import inspect
 
     from transformers import BertTokenizerFast
@@ -58,9 +61,13 @@ def wordpiece_from_vocab(folder: Path, log=_log_stderr):
                             "an encoder tokenizer needs them (set other names in tokenizer_config.json)")
     if isinstance(config.get("model_max_length"), int):
         options["model_max_length"] = config["model_max_length"]
+    if paddle:
+        options["split_special_tokens"] = True
     key = "vocab" if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters else "vocab_file"
     tokenizer = BertTokenizerFast(**{key: str(folder / "vocab.txt")}, **options)
     source = f"{config.get('tokenizer_class')} settings from tokenizer_config.json" if config else "BERT's defaults"
+    if paddle:
+        source += "; special-token strings in text read as text, as PaddleNLP does"
     log(f"tokenizer: {folder} has vocab.txt but no tokenizer.json; read it as a BERT WordPiece vocabulary "
         f"({len(tokenizer)} entries; lower-case {options.get('do_lower_case', True)}; CJK characters split one by one; "
         f"{source})")
@@ -72,6 +79,7 @@ def load_fast_tokenizer(name_or_path: str, log=_log_stderr, flag: str = "--token
     PaddleNLP tokenizer folder; a slow-only or missing tokenizer is an error."""
     from transformers import AutoTokenizer
 
+    from domainlm.interop.names import hub_kwargs
     from domainlm.interop.resolve import hub_error, resolve_source
 
     source = resolve_source(name_or_path, flag, log=log)
@@ -86,10 +94,12 @@ def load_fast_tokenizer(name_or_path: str, log=_log_stderr, flag: str = "--token
             except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
                 cls = ""
         if cls in WORDPIECE_CLASSES:
-            tokenizer = wordpiece_from_vocab(folder, log=log)
+            from domainlm.interop.paddle import is_paddle_folder
+
+            tokenizer = wordpiece_from_vocab(folder, log=log, paddle=cls.startswith("Ernie") or is_paddle_folder(folder))
     if tokenizer is None:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
+            tokenizer = AutoTokenizer.from_pretrained(source, **hub_kwargs())
         except (OSError, ValueError) as e:
             if not folder.is_dir():
                 raise hub_error(source, flag, e) from None
@@ -139,6 +149,10 @@ class DocumentEncoder:
         from tokenizers import Tokenizer
 
         self.backend = Tokenizer.from_file(options.tokenizer_file)
+        # split_special_tokens lives in tokenizer_config.json, not in tokenizer.json: apply it to the Rust side
+        config = Path(options.tokenizer_file).with_name("tokenizer_config.json")
+        if config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("split_special_tokens"):
+            self.backend.encode_special_tokens = True
         self.fast = CharTableTokenizer(self.backend) if fastpath.supports(self.backend) else None
         self.segmenter = None
         if options.segment:

@@ -45,6 +45,12 @@ def hub_offline() -> bool:
                for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
+def hub_kwargs() -> dict:
+    """from_pretrained options: the user's offline setting holds even when it was set after
+    huggingface_hub read its environment."""
+    return {"local_files_only": True} if hub_offline() else {}
+
+
 def hub_name(name: str) -> str | None:
     """The Hugging Face id for a PaddleNLP model name, or None when the name is not one of them."""
     return PADDLE_TO_HF.get(name.strip().lower())

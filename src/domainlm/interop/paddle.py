@@ -28,8 +28,9 @@ WEIGHTS_INDEX = "model_state.pdparams.index.json"
 LEGACY_CONFIG = "model_config.json"
 HF_WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
 
-# Paddle's nn.LayerNorm default; PaddleNLP's ERNIE/BERT configs do not store it, HF's default is 1e-12
-PADDLE_LAYER_NORM_EPS = 1e-5
+# PaddleNLP's ERNIE builds its LayerNorms without an epsilon and its weight-init hook then sets every one to
+# 1e-12, whatever the config says; its BERT uses config.layer_norm_eps (default 1e-12)
+PADDLE_LAYER_NORM_EPS = 1e-12
 # PaddleNLP's defaults for keys that older configs leave out (paddlenlp/transformers/ernie/configuration.py)
 ERNIE_DEFAULTS = {"hidden_act": "gelu", "type_vocab_size": 2, "task_type_vocab_size": 3, "use_task_id": False,
                   "pad_token_id": 0, "max_position_embeddings": 512, "initializer_range": 0.02}
@@ -119,7 +120,7 @@ def hf_config(folder: str | Path, num_labels: int | None = None):
     flat = read_paddle_config(folder)
     defaults = ERNIE_DEFAULTS if flat["model_type"] == "ernie" else BERT_DEFAULTS
     kwargs = {**defaults, **{k: flat[k] for k in HF_KEYS if k in flat}}
-    kwargs["layer_norm_eps"] = flat.get("layer_norm_eps", PADDLE_LAYER_NORM_EPS)
+    kwargs["layer_norm_eps"] = PADDLE_LAYER_NORM_EPS if flat["model_type"] == "ernie" else flat.get("layer_norm_eps", PADDLE_LAYER_NORM_EPS)
     labels = num_labels or flat.get("num_labels") or flat.get("num_classes")
     if labels:
         kwargs["num_labels"] = int(labels)
@@ -205,8 +206,9 @@ _BODY_RULES = [
 _HEAD_RULES = [
     (r"cls\.predictions\.transform\.(weight|bias)", r"cls.predictions.transform.dense.\1", True),
     (r"cls\.predictions\.layer_norm\.(weight|bias)", r"cls.predictions.transform.LayerNorm.\1", False),
-    (r"cls\.predictions\.decoder_weight", r"cls.predictions.decoder.weight", False),  # [vocab, hidden] in both
-    (r"cls\.predictions\.decoder_bias", r"cls.predictions.bias", False),
+    # the decoder is [vocab, hidden] in both (PaddleNLP >= 2.5: a TransposedLinear; older: decoder_weight)
+    (r"cls\.predictions\.decoder(?:_weight|\.weight)", r"cls.predictions.decoder.weight", False),
+    (r"cls\.predictions\.decoder(?:_bias|\.bias)", r"cls.predictions.bias", False),  # one tensor, two names
     (r"cls\.seq_relationship\.(weight|bias)", r"cls.seq_relationship.\1", True),
     (r"classifier\.(weight|bias)", r"classifier.\1", True),
 ]
@@ -222,7 +224,10 @@ def map_names(state: dict[str, np.ndarray], prefix: str) -> tuple[dict[str, np.n
             if hit is not None:
                 pattern, repl, transpose = hit
                 new = hf_prefix + re.sub(pattern, repl, text)
-                mapped[new] = array.T if transpose and array.ndim == 2 and new.endswith("weight") else array
+                array = array.T if transpose and array.ndim == 2 and new.endswith("weight") else array
+                if new in mapped and not np.array_equal(mapped[new], array):
+                    raise DomainLMError(f"two different Paddle tensors map to {new}; the file is not a model domainlm knows")
+                mapped[new] = array
                 break
         else:
             unused.append(name)

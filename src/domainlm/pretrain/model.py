@@ -25,6 +25,7 @@ def load_config(name_or_path: str):
     unreadable one is a user error naming it."""
     from transformers import AutoConfig
 
+    from domainlm.interop.names import hub_kwargs
     from domainlm.interop.paddle import hf_config, is_paddle_folder
     from domainlm.interop.resolve import hub_error, resolve_source
 
@@ -32,7 +33,7 @@ def load_config(name_or_path: str):
     if is_paddle_folder(source):
         return hf_config(source)
     try:
-        return AutoConfig.from_pretrained(source)
+        return AutoConfig.from_pretrained(source, **hub_kwargs())
     except (OSError, ValueError) as e:
         if not Path(source).is_dir():
             raise hub_error(source, "--model", e) from None
