@@ -142,6 +142,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         ("numpy", "ndarray"), ("numpy", "dtype"),
         ("builtins", "tuple"),  # paddle.save reduces a Tensor to tuple(((name, ndarray),))
         ("collections", "OrderedDict"),
+        ("_codecs", "encode"),  # pickle protocol 2 (older Paddle) writes array bytes as encode(str, "latin1")
     }
 
     def find_class(self, module: str, name: str):
