@@ -2,7 +2,8 @@
 
 The fixture in tests/fixtures/paddle_ernie was written by PaddleNLP 2.8.1 on PaddlePaddle 3.3.1 (see its
 make_fixture.py): a random 2-layer, 32-wide ERNIE 3.0 with task type embeddings and 4 token types, its
-tokenizer's ids and its outputs on four texts. These tests need neither Paddle nor a network.
+tokenizer's ids and its outputs on four texts; a 1-layer BERT and a 1-layer ERNIE classifier beside it.
+These tests need neither Paddle nor a network.
 """
 
 import hashlib
@@ -98,12 +99,36 @@ def test_legacy_model_config_maps_to_the_same_config_and_outputs(tmp_path):
     assert_reproduces_paddle(tmp_path / "hf")
 
 
-def test_paddle_tokenizer_folder_gives_paddlenlp_ids_special_strings_as_text():
+def test_paddle_tokenizer_folder_gives_paddlenlp_ids():
     tokenizer = load_fast_tokenizer(str(PADDLE_DIR))
     for i, (text, pair) in enumerate(EXPECTED["texts"]):
         assert (tokenizer(text, pair) if pair else tokenizer(text))["input_ids"] == EXPECTED["input_ids"][i]
-    ids = tokenizer("工程 [MASK] 进度", add_special_tokens=False)["input_ids"]
-    assert tokenizer.mask_token_id not in ids and tokenizer.unk_token_id in ids  # as PaddleNLP: "[", "mask", "]"
+    # PaddleNLP's from_pretrained tokenizer reads a literal "[MASK]" in text as the mask token, and so do we
+    assert tokenizer.mask_token_id in EXPECTED["input_ids"][2]
+
+
+def test_paddle_bert_and_classifier_folders_reproduce_paddlenlp(tmp_path):
+    from transformers import BertForPreTraining, ErnieForSequenceClassification
+
+    expected = np.load(FIXTURE / "expected_variants.npz")
+    paddle.convert(FIXTURE / "bert", tmp_path / "bert", log=lambda *_: None)
+    paddle.convert(FIXTURE / "classifier", tmp_path / "cls", log=lambda *_: None)
+    bert = BertForPreTraining.from_pretrained(tmp_path / "bert").eval()
+    classifier = ErnieForSequenceClassification.from_pretrained(tmp_path / "cls").eval()
+    assert classifier.config.num_labels == 3
+    bert_tokenizer = load_fast_tokenizer(str(tmp_path / "bert"))
+    for i, (text, pair) in enumerate(EXPECTED["texts"]):
+        assert (bert_tokenizer(text, pair) if pair else bert_tokenizer(text))["input_ids"] == EXPECTED["input_ids"][i]
+        ids, types = torch.tensor([EXPECTED["input_ids"][i]]), torch.tensor([EXPECTED["token_type_ids"][i]])
+        with torch.no_grad():
+            base = bert.bert(input_ids=ids, token_type_ids=types)
+            got = {"bert_last_hidden_state": base.last_hidden_state, "bert_pooler_output": base.pooler_output,
+                   "bert_sop_logits": bert(input_ids=ids, token_type_ids=types).seq_relationship_logits,
+                   "classifier_logits": classifier(input_ids=ids, token_type_ids=types).logits}
+            if i == 0:
+                got["bert_mlm_logits"] = bert(input_ids=ids).prediction_logits
+        for name, value in got.items():
+            assert np.abs(value[0].numpy() - expected[f"{name}_{i}"]).max() < 1e-4, (name, i)
 
 
 def _write_pdparams(folder: Path, state: dict) -> None:
@@ -223,10 +248,9 @@ def test_vocab_txt_only_folder_reads_as_bert_wordpiece(tmp_path, capsys):
     assert tokenizer.is_fast
     assert tokenizer("CAFÉ")["input_ids"] == tokenizer("cafe")["input_ids"]  # lower-cased, accents stripped
     assert tokenizer.convert_ids_to_tokens(tokenizer("工程hotel", add_special_tokens=False)["input_ids"]) == ["工", "程", "hotel"]
-    assert tokenizer("[MASK]", add_special_tokens=False)["input_ids"] == [tokenizer.mask_token_id]  # HF BERT's rule
-    for i, (text, pair) in enumerate(EXPECTED["texts"]):
-        if "[" not in text:
-            assert (tokenizer(text, pair) if pair else tokenizer(text))["input_ids"] == EXPECTED["input_ids"][i]
+    assert tokenizer("[MASK]", add_special_tokens=False)["input_ids"] == [tokenizer.mask_token_id]
+    for i, (text, pair) in enumerate(EXPECTED["texts"]):  # the same ids as PaddleNLP's tokenizer on this vocabulary
+        assert (tokenizer(text, pair) if pair else tokenizer(text))["input_ids"] == EXPECTED["input_ids"][i]
     (folder / "vocab.txt").write_text("a\nb\n", encoding="utf-8")
     with pytest.raises(DomainLMError, match=r"special tokens \[CLS\], \[MASK\], \[PAD\], \[SEP\], \[UNK\] are not in the vocabulary"):
         load_fast_tokenizer(str(folder))

@@ -32,14 +32,12 @@ def _log_stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def wordpiece_from_vocab(folder: Path, log=_log_stderr, paddle: bool = False):
+def wordpiece_from_vocab(folder: Path, log=_log_stderr):
     """A fast BERT WordPiece tokenizer from a folder's vocab.txt (how bert-base-chinese, Chinese RoBERTa-wwm
     and ERNIE vocabularies are distributed, and PaddleNLP's tokenizer folders). Options come from
     tokenizer_config.json where it has them, else BERT's: lower-casing with accents stripped, every CJK
-    character its own word, whitespace and punctuation splits, [UNK]/[CLS]/[SEP]/[PAD]/[MASK].
-
-    paddle: as PaddleNLP's ErnieTokenizer / BertTokenizer, literal "[SEP]", "[MASK]" ... in text are read as
-    text, never as special tokens."""
+    character its own word, whitespace and punctuation splits, [UNK]/[CLS]/[SEP]/[PAD]/[MASK]. Literal
+    "[SEP]", "[MASK]" ... in text become special ids, as with PaddleNLP's from_pretrained tokenizers."""
     import inspect
 
     from transformers import BertTokenizerFast
@@ -61,13 +59,9 @@ def wordpiece_from_vocab(folder: Path, log=_log_stderr, paddle: bool = False):
                             "an encoder tokenizer needs them (set other names in tokenizer_config.json)")
     if isinstance(config.get("model_max_length"), int):
         options["model_max_length"] = config["model_max_length"]
-    if paddle:
-        options["split_special_tokens"] = True
     key = "vocab" if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters else "vocab_file"
     tokenizer = BertTokenizerFast(**{key: str(folder / "vocab.txt")}, **options)
     source = f"{config.get('tokenizer_class')} settings from tokenizer_config.json" if config else "BERT's defaults"
-    if paddle:
-        source += "; special-token strings in text read as text, as PaddleNLP does"
     log(f"tokenizer: {folder} has vocab.txt but no tokenizer.json; read it as a BERT WordPiece vocabulary "
         f"({len(tokenizer)} entries; lower-case {options.get('do_lower_case', True)}; CJK characters split one by one; "
         f"{source})")
@@ -94,9 +88,7 @@ def load_fast_tokenizer(name_or_path: str, log=_log_stderr, flag: str = "--token
             except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
                 cls = ""
         if cls in WORDPIECE_CLASSES:
-            from domainlm.interop.paddle import is_paddle_folder
-
-            tokenizer = wordpiece_from_vocab(folder, log=log, paddle=cls.startswith("Ernie") or is_paddle_folder(folder))
+            tokenizer = wordpiece_from_vocab(folder, log=log)
     if tokenizer is None:
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, **hub_kwargs())
@@ -149,10 +141,6 @@ class DocumentEncoder:
         from tokenizers import Tokenizer
 
         self.backend = Tokenizer.from_file(options.tokenizer_file)
-        # split_special_tokens lives in tokenizer_config.json, not in tokenizer.json: apply it to the Rust side
-        config = Path(options.tokenizer_file).with_name("tokenizer_config.json")
-        if config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("split_special_tokens"):
-            self.backend.encode_special_tokens = True
         self.fast = CharTableTokenizer(self.backend) if fastpath.supports(self.backend) else None
         self.segmenter = None
         if options.segment:
