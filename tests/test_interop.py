@@ -99,6 +99,20 @@ def test_legacy_model_config_maps_to_the_same_config_and_outputs(tmp_path):
     assert_reproduces_paddle(tmp_path / "hf")
 
 
+def test_paddlenlp_safetensors_folder_converts_alike(tmp_path):
+    # PaddleNLP 2.8.1's save_pretrained(safe_serialization=True) writes the .pdparams names and arrays
+    # unchanged into model.safetensors (checked when this fixture was made); built here from the fixture
+    from safetensors.numpy import save_file
+
+    folder = tmp_path / "paddle-safetensors"
+    shutil.copytree(PADDLE_DIR, folder)
+    save_file(paddle.load_pdparams(folder / paddle.WEIGHTS), str(folder / "model.safetensors"))
+    (folder / paddle.WEIGHTS).unlink()
+    assert paddle.is_paddle_folder(folder)
+    paddle.convert(folder, tmp_path / "hf", log=lambda *_: None)
+    assert_reproduces_paddle(tmp_path / "hf")
+
+
 def test_paddle_tokenizer_folder_gives_paddlenlp_ids():
     tokenizer = load_fast_tokenizer(str(PADDLE_DIR))
     for i, (text, pair) in enumerate(EXPECTED["texts"]):

@@ -1,6 +1,7 @@
 """PaddleNLP ERNIE / BERT folders -> Hugging Face folders (safetensors, config, fast tokenizer).
 
-A PaddleNLP folder holds `model_state.pdparams` (a pickled dict of numpy arrays) and either `config.json`
+A PaddleNLP folder holds `model_state.pdparams` (a pickled dict of numpy arrays; or `model.safetensors` with
+the same names when saved with safe_serialization) and either `config.json`
 (PaddleNLP >= 2.5) or `model_config.json` (older: the constructor arguments under `init_args`), plus
 `tokenizer_config.json` naming `ErnieTokenizer` / `BertTokenizer` and `vocab.txt`.
 
@@ -46,14 +47,20 @@ def has_hf_weights(path: Path) -> bool:
 
 
 def is_paddle_folder(path: str | Path) -> bool:
-    """A PaddleNLP model folder: Paddle weights or a PaddleNLP config, and no HF weights beside them."""
+    """A PaddleNLP model folder: a config.json written by PaddleNLP (it has `paddlenlp_version`), or Paddle
+    weights / the older model_config.json without HF weights beside them."""
     path = Path(path)
-    if not path.is_dir() or has_hf_weights(path):
+    if not path.is_dir():
         return False
-    if (path / WEIGHTS).is_file() or (path / WEIGHTS_INDEX).is_file() or (path / LEGACY_CONFIG).is_file():
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8")) if (path / "config.json").is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        config = {}
+    if isinstance(config, dict) and "paddlenlp_version" in config:
         return True
-    config = _read_json(path / "config.json") if (path / "config.json").is_file() else {}
-    return "paddlenlp_version" in config
+    if has_hf_weights(path):
+        return False
+    return (path / WEIGHTS).is_file() or (path / WEIGHTS_INDEX).is_file() or (path / LEGACY_CONFIG).is_file()
 
 
 def _read_json(path: Path) -> dict:
@@ -187,7 +194,19 @@ def load_paddle_weights(folder: Path) -> dict[str, np.ndarray]:
         for shard in sorted(set(index.values())):
             state.update(load_pdparams(folder / shard))
         return state
-    raise DomainLMError(f"{folder}: no {WEIGHTS} (the PaddleNLP weights) in the folder")
+    # PaddleNLP's safe_serialization: the same names and [in, out] layout as .pdparams, in safetensors files
+    shards = sorted(folder.glob("model*.safetensors"))
+    if shards:
+        from safetensors.numpy import load_file
+
+        state = {}
+        for shard in shards:
+            try:
+                state.update(load_file(str(shard)))
+            except Exception as e:  # safetensors raises its own error types for damaged files
+                raise DomainLMError(f"{shard}: not a readable safetensors file ({e})") from None
+        return state
+    raise DomainLMError(f"{folder}: no {WEIGHTS} or model.safetensors (the PaddleNLP weights) in the folder")
 
 
 # (pattern on the Paddle name without the model prefix, HF name, Linear weight to transpose)
