@@ -128,9 +128,12 @@ def hf_config(folder: str | Path, num_labels: int | None = None):
     defaults = ERNIE_DEFAULTS if flat["model_type"] == "ernie" else BERT_DEFAULTS
     kwargs = {**defaults, **{k: flat[k] for k in HF_KEYS if k in flat}}
     kwargs["layer_norm_eps"] = PADDLE_LAYER_NORM_EPS if flat["model_type"] == "ernie" else flat.get("layer_norm_eps", PADDLE_LAYER_NORM_EPS)
-    labels = num_labels or flat.get("num_labels") or flat.get("num_classes")
+    names = flat.get("id2label")
+    labels = num_labels or flat.get("num_labels") or flat.get("num_classes") or (len(names) if isinstance(names, dict) else None)
     if labels:
         kwargs["num_labels"] = int(labels)
+        if isinstance(names, dict) and len(names) == int(labels):  # the classes' names, when PaddleNLP kept them
+            kwargs["id2label"] = {int(k): str(v) for k, v in names.items()}
     if flat["model_type"] == "ernie":
         return ErnieConfig(**kwargs)
     kwargs.pop("task_type_vocab_size", None)
