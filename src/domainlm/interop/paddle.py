@@ -302,9 +302,8 @@ def build_hf_model(folder: str | Path):
     if "cls.predictions.bias" in mapped:
         mapped["cls.predictions.decoder.bias"] = mapped["cls.predictions.bias"]
     cls = getattr(transformers, family + head)
-    torch.manual_seed(0)
-    model = cls(config)
-    expected = model.state_dict()
+    with torch.device("meta"):  # names and shapes only: no time spent on random initialisation
+        expected = cls(config).state_dict()
     unfilled = sorted(set(expected) - set(mapped))
     extra = sorted(set(mapped) - set(expected))
     if unfilled or extra:
@@ -314,8 +313,12 @@ def build_hf_model(folder: str | Path):
     wrong = [f"{k} {tuple(mapped[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if tuple(mapped[k].shape) != tuple(v.shape)]
     if wrong:
         raise DomainLMError(f"{folder}: shapes do not match the config: {', '.join(wrong[:6])}")
-    with torch.no_grad():
-        model.load_state_dict({k: _to_tensor(mapped[k], v) for k, v in expected.items()}, strict=True)
+    model, info = cls.from_pretrained(None, config=config, state_dict={k: _to_tensor(mapped[k], v) for k, v in expected.items()},
+                                      output_loading_info=True)
+    problems = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
+    if problems or info.get("error_msgs"):
+        raise DomainLMError(f"{folder}: transformers did not take every weight ({problems or info['error_msgs']}); "
+                            "refusing a partial conversion")
     model.eval()
     return model, {"paddle_tensors": len(state), "hf_weights": len(expected), "architecture": cls.__name__,
                    "config_source": Path(flat["_source"]).name, "task_id": flat.get("task_id", 0)}
