@@ -20,7 +20,8 @@ FINETUNE = ["--batch-size", "16", "--learning-rate", "2e-3", "--max-seq-len", "3
 
 
 def chain(tmp_path: Path, tokenizer: str, model: str) -> tuple[Path, Path]:
-    """prepare -> pretrain -> finetune (on the final snapshot) -> evaluate on the run folder and its model/."""
+    """prepare -> pretrain -> finetune (on the final snapshot) -> evaluate on the run folder and its model/,
+    predict with the run folder."""
     docs = tmp_path / "docs.txt"
     docs.write_text("\n\n".join(make_documents(80)), encoding="utf-8")
     train = write_jsonl(tmp_path / "train.jsonl", make_rows(12, 1))
@@ -35,6 +36,8 @@ def chain(tmp_path: Path, tokenizer: str, model: str) -> tuple[Path, Path]:
         assert main(["evaluate", "--model", str(given), "--data", test, "--out", str(tmp_path / f"ev-{given.name}")]) == 0
         results.append(json.loads((tmp_path / f"ev-{given.name}" / "metrics.json").read_text())["accuracy"])
     assert results[0] == results[1]
+    assert main(["predict", "--model", str(ft), "--input", test, "--out", str(tmp_path / "p.jsonl")]) == 0
+    assert len((tmp_path / "p.jsonl").read_text(encoding="utf-8").splitlines()) == 12
     return pt, ft
 
 
