@@ -53,6 +53,12 @@ def _extend_vocab(args: argparse.Namespace) -> None:
           f"vocabulary {report['vocab_size']}; model and tokenizer in {args.out}")
 
 
+def _convert(args: argparse.Namespace) -> None:
+    from domainlm.interop.paddle import convert
+
+    convert(args.paddle_dir, args.out, overwrite=args.overwrite)
+
+
 def _finetune(args: argparse.Namespace) -> None:
     from domainlm.classify.command import finetune
     from domainlm.classify.config import FinetuneConfig
@@ -133,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="output folder of `domainlm pretrain` or `domainlm finetune`")
     p.add_argument("--out", help="folder for the report (default: the run folder)")
     p.set_defaults(func=_report)
+
+    p = sub.add_parser("convert", help="a PaddleNLP ERNIE/BERT folder -> a Hugging Face folder (safetensors, config, tokenizer)")
+    p.add_argument("paddle_dir", help="folder with model_state.pdparams, config.json or model_config.json, vocab.txt")
+    p.add_argument("--out", required=True, help="folder for the Hugging Face model")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=_convert)
 
     p = sub.add_parser("extend-vocab", help="add domain tokens to a model's tokenizer and embeddings")
     p.add_argument("--model", required=True, help="HF model with a tokenizer (name or path)")
