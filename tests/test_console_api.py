@@ -67,6 +67,8 @@ def test_form_fields_come_from_the_config_dataclass():
     assert specs["lora_rank"].choices == [8, 16, 32, 64]
     assert specs["method"].choices == ["full", "lora", "linear"] and specs["train"].widget == "dataset"
     assert "out" not in specs and specs["learning_rate"].range == "(0, 1]"
+    # the console keeps at most 100 validation rows (the CLI's own default keeps a fifth of train, uncapped)
+    assert specs["valid_max_rows"].default == 100 and FinetuneConfig.__dataclass_fields__["valid_max_rows"].default == 0
 
 
 def test_every_call_needs_the_token(env):

@@ -96,7 +96,7 @@ class JobFactory:
             return None, {"command": f"unknown job type {command!r} (one of {', '.join(types)})"}
         cls = types[command]
         errors: dict[str, str] = {}
-        values = dict(values)
+        values = {**settings.CONSOLE_DEFAULTS.get(command, {}), **values}
         for key in list(values):
             if key in settings.CONTROLLED:
                 errors[key] = f"--{key} is set by the console"

@@ -67,6 +67,9 @@ CONTROLLED = {"out", "resume", "overwrite"}
 PATH_FIELDS = {"train", "dev", "test", "corpus", "input", "user_dict"}
 MODEL_FIELDS = {"model", "tokenizer"}
 CHOICES = {"lora_rank": "LORA_RANKS"}
+# The console's own defaults where a shared training machine wants another one than the CLI: validation as
+# training consoles do it (a split or a dev file, at most 100 rows kept), so that evaluation stays cheap.
+CONSOLE_DEFAULTS: dict[str, dict[str, Any]] = {"finetune": {"valid_max_rows": 100}}
 
 # Sections in the order users know from training consoles; fields not listed go under "Advanced".
 LAYOUT: dict[str, list[tuple[str, list[str]]]] = {
@@ -145,6 +148,7 @@ def field_specs(command: str) -> dict[str, FieldSpec]:
             widget = "number"
         else:
             widget = "text"
+        default = CONSOLE_DEFAULTS.get(command, {}).get(f.name, default)
         if isinstance(default, list):
             default = ",".join(map(str, default))
         specs[f.name] = FieldSpec(f.name, widget, f.metadata.get("help", ""), default, required, choices,
