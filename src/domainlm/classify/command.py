@@ -117,7 +117,9 @@ def _run(cfg: FinetuneConfig, accelerator, tokenizer, train: Dataset, dev: Datas
     if main:
         out.mkdir(parents=True, exist_ok=True)
     log = print if main else (lambda *a, **k: None)
-    hf = load_classifier(cfg.model, labels, cfg.multilabel, cfg.method, cfg.lora_rank, cfg.lora_alpha, log=log)
+    with accelerator.main_process_first():  # a PaddleNLP folder is converted into --out once, by rank 0
+        hf = load_classifier(cfg.model, labels, cfg.multilabel, cfg.method, cfg.lora_rank, cfg.lora_alpha, log=log,
+                             work_dir=Path(cfg.out))
     model = Classifier(hf, cfg.multilabel)
     world, rank = accelerator.num_processes, accelerator.process_index
     global_batch = cfg.global_batch_size or cfg.batch_size * world
@@ -219,7 +221,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         if data is not None:
             check_labels(data, labels)
     linear_only = cfg.method == "linear"
-    tokenizer = None if linear_only else load_fast_tokenizer(cfg.model)
+    tokenizer = None if linear_only else load_fast_tokenizer(cfg.model, flag="--model")
     if not linear_only:
         checks.max_seq_len(load_config(cfg.model), cfg.max_seq_len, cfg.model)
     if accelerator.is_main_process:

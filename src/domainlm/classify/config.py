@@ -8,6 +8,8 @@ from typing import ClassVar, Literal
 from domainlm.config import option
 from domainlm.errors import DomainLMError
 
+LORA_RANKS = (8, 16, 32, 64)
+
 # A preset sets several options at once; YAML and flags still override each of them.
 PRESETS = {
     "short-text": {"max_seq_len": 128, "batch_size": 32, "epochs": 5, "learning_rate": 3e-5, "warmup_ratio": 0.1},
@@ -78,7 +80,7 @@ class FinetuneConfig:
         from domainlm import checks
 
         checks.metric(self.best_metric, self.multilabel, self.tolerant_k)  # before any training, not after an epoch
-        if self.method == "lora" and self.lora_rank not in (8, 16, 32, 64):
+        if self.method == "lora" and self.lora_rank not in LORA_RANKS:
             raise DomainLMError(f"--lora-rank {self.lora_rank} is not allowed: choose 8, 16, 32 or 64")
         if self.folds == 1:
             raise DomainLMError("--folds 1 is not cross-validation: use 0 (off) or 2..20")

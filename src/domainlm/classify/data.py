@@ -41,6 +41,7 @@ class Dataset:
     path: str
     examples: list[Example] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)
+    bad_rows: list[tuple[int, str]] = field(default_factory=list)  # (line, problem) of each skipped row
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -124,6 +125,7 @@ def read_examples(path: str, columns: Columns, multilabel: bool, require_labels:
         if problem:
             if skip_bad:
                 data.skipped[problem.split(" (")[0]] += 1
+                data.bad_rows.append((lineno, problem.split(" (")[0]))
                 continue
             hint = f" (pass {skip_flag} to skip and count such rows)" if skip_flag else ""
             raise DomainLMError(f"{p}:{lineno}: {problem}{hint}")

@@ -28,8 +28,8 @@ from domainlm import __version__, outputs
 from domainlm import config as cfglib
 from domainlm.config import option
 from domainlm.data.clean import Deduplicator
-from domainlm.data.readers import Document, ReadOptions, discover, read_file
-from domainlm.data.store import FILES, Corpus, CorpusWriter, read_megatron, read_paddlenlp
+from domainlm.data.readers import SUFFIXES, Document, ReadOptions, discover, format_of, read_file
+from domainlm.data.store import FILES, Corpus, CorpusWriter, find_imports, read_megatron, read_paddlenlp
 from domainlm.data.store import FORMAT as STORE_FORMAT
 from domainlm.data.tokenize import (
     DocumentEncoder,
@@ -73,6 +73,23 @@ class PrepareConfig:
 
 def _is_import(path: str) -> bool:
     return path.endswith("_ids.npy") or path.endswith(".bin")
+
+
+def _split_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
+    """(corpora to import, raw document inputs). A folder may hold PaddleNLP / Megatron corpora, raw
+    documents, or both."""
+    imports, raw = [], []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir() and (pairs := find_imports(path)):
+            imports += pairs
+            if any(p.is_file() and format_of(p) in SUFFIXES for p in path.rglob("*")):
+                raw.append(item)
+        elif _is_import(item):
+            imports.append(path)
+        else:
+            raw.append(item)
+    return imports, raw
 
 
 def _fingerprint(cfg: PrepareConfig, files: list[Path], vocab: str) -> str:
@@ -276,11 +293,10 @@ def _prepare(cfg: PrepareConfig, out: Path, partial: Path, workers: int, progres
     from tqdm import tqdm
 
     tokenizer = load_fast_tokenizer(cfg.tokenizer)
-    imports = [Path(p) for p in cfg.input if _is_import(p)]
+    imports, raw = _split_inputs(cfg.input)
     for p in imports:
         if not p.is_file():
             raise DomainLMError(f"input {p} does not exist")
-    raw = [p for p in cfg.input if not _is_import(p)]
     # a folder input may hold this very store (prepare docs/ --out docs/corpus): its files are not documents
     files = [f for f in (discover(raw) if raw else []) if not (outputs.inside(f, out) or outputs.inside(f, partial))]
     vocab = vocab_hash(tokenizer)

@@ -173,6 +173,14 @@ class Corpus:
 
 # ---- imports of corpora prepared by other tools ---------------------------------------------------------
 
+def find_imports(folder: Path) -> list[Path]:
+    """Corpora of other tools in a folder: PaddleNLP `<prefix>_ids.npy` (+ `_idx.npz`) and Megatron `.bin`
+    files that have their `.idx` beside them."""
+    found = [p for p in folder.rglob("*_ids.npy") if p.is_file()]
+    found += [p for p in folder.rglob("*.bin") if p.is_file() and p.with_suffix(".idx").is_file()]
+    return sorted(found)
+
+
 def read_paddlenlp(ids_path: Path):
     """PaddleNLP `create_pretraining_data.py` output: `<prefix>_ids.npy` + `<prefix>_idx.npz` (lens, docs).
 

@@ -144,7 +144,8 @@ def setup(cfg: PretrainConfig) -> Run:
 
     set_seed(cfg.seed)
     log = print if accelerator.is_main_process else (lambda *a, **k: None)
-    hf_model = load_pretraining_model(cfg.model, cfg.from_scratch, log=log)
+    with accelerator.main_process_first():  # a PaddleNLP folder is converted into --out once, by rank 0
+        hf_model = load_pretraining_model(cfg.model, cfg.from_scratch, log=log, work_dir=out)
     limit = getattr(hf_model.config, "max_position_embeddings", None)
     if limit is not None and cfg.max_seq_len > limit:
         raise DomainLMError(f"--max-seq-len {cfg.max_seq_len} exceeds the model's max_position_embeddings ({limit})")
