@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from domainlm import config as cfglib
-from domainlm.classify import batching
+from domainlm.classify import batching, linear
 from domainlm.classify import metrics as M
 from domainlm.classify.batching import encode, eval_batches
 from domainlm.classify.config import EvaluateConfig, FinetuneConfig, PredictConfig
@@ -212,7 +212,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     for data in (dev_given, test):
         if data is not None:
             check_labels(data, labels)
-    tokenizer = load_fast_tokenizer(cfg.model)
+    linear_only = cfg.method == "linear"
+    tokenizer = None if linear_only else load_fast_tokenizer(cfg.model)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         cfglib.write(cfg, out)
@@ -220,20 +221,27 @@ def finetune(cfg: FinetuneConfig) -> dict:
     def split(data: Dataset, seed: int) -> tuple[Dataset, Dataset]:
         return (data, dev_given) if dev_given is not None else split_validation(data, cfg.valid_ratio, cfg.valid_max_rows, seed)
 
-    runs = []
+    def run(fit: Dataset, dev: Dataset, test: Dataset | None, seed: int, folder: Path) -> dict:
+        splits.append((fit, dev, test))
+        if linear_only:
+            return linear.run(cfg, fit, dev, test, labels, seed, folder) if accelerator.is_main_process else {}
+        return _run(cfg, accelerator, tokenizer, fit, dev, test, labels, seed, folder)
+
+    runs, splits = [], []
     if cfg.folds:
         seed = cfg.seeds[0]
         for k, (fold_train, held_out) in enumerate(kfold(train, cfg.folds, seed), 1):
-            fit, dev = split(fold_train, seed)
-            runs.append(_run(cfg, accelerator, tokenizer, fit, dev, held_out, labels, seed, out / f"fold-{k}"))
+            runs.append(run(*split(fold_train, seed), held_out, seed, out / f"fold-{k}"))
         evaluated = "test"  # each fold's held-out part
     else:
         for seed in cfg.seeds:
-            fit, dev = split(train, seed)
-            runs.append(_run(cfg, accelerator, tokenizer, fit, dev, test, labels, seed,
-                             out if len(cfg.seeds) == 1 else out / f"seed-{seed}"))
+            runs.append(run(*split(train, seed), test, seed, out if len(cfg.seeds) == 1 else out / f"seed-{seed}"))
         evaluated = "test" if test is not None else "dev"
+    if linear_only and not accelerator.is_main_process:
+        return {}
     summary = {"runs": len(runs), "evaluated_on": evaluated, "labels": labels, "skipped_rows": dict(train.skipped)}
+    if cfg.floor and not linear_only and accelerator.is_main_process:
+        summary["floor"] = linear.floor_beside(cfg, splits, labels, evaluated, out, single=len(runs) == 1)
     if len(runs) > 1:
         summary["mean_std"] = M.aggregate([r[evaluated] for r in runs])
         summary["per_run"] = [{"seed": r["seed"], **_scalars(r[evaluated])} for r in runs]
@@ -242,6 +250,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
             lines = [f"# {len(runs)} runs ({'folds' if cfg.folds else 'seeds'}), metrics on {evaluated}", "",
                      "| metric | mean | std |", "| --- | --- | --- |"]
             lines += [f"| {k} | {v['mean']:.4f} | {v['std']:.4f} |" for k, v in summary["mean_std"].items()]
+            if "floor" in summary:
+                lines += ["", linear.floor_line(summary["floor"], evaluated, cfg.best_metric)]
             (out / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     else:
         summary.update(runs[0])
@@ -250,8 +260,16 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
 # ---- evaluate and predict ------------------------------------------------------------------------------
 
+def _load(folder: str):
+    """A fine-tuned transformer, or a `--method linear` model (the same interface: labels, scores, thresholds)."""
+    if linear.is_linear(folder):
+        lm = linear.load(folder)
+        return lm, None, {"labels": lm.labels, "multilabel": lm.multilabel, "thresholds": lm.thresholds}
+    return load_trained(folder)
+
+
 def evaluate_command(cfg: EvaluateConfig) -> dict:
-    model, tokenizer, meta = load_trained(cfg.model)
+    model, tokenizer, meta = _load(cfg.model)
     labels, multilabel = meta["labels"], meta["multilabel"]
     data = read_examples(cfg.data, _columns(cfg), multilabel)
     unknown = sorted({label for ex in data.examples for label in ex.labels} - set(labels))
@@ -272,6 +290,8 @@ def evaluate_command(cfg: EvaluateConfig) -> dict:
 def _predict(model, tokenizer, data: Dataset, batch_size: int, max_seq_len: int, multilabel: bool) -> np.ndarray:
     from tqdm import tqdm
 
+    if isinstance(model, linear.LinearModel):
+        return model.scores(data)
     features = encode(tokenizer, data, max_seq_len)
     order = np.argsort([len(f["input_ids"]) for f in features], kind="stable")  # similar lengths batch together
     batches = eval_batches([features[i] for i in order], batch_size, tokenizer.pad_token_id or 0)
@@ -286,7 +306,7 @@ def _predict(model, tokenizer, data: Dataset, batch_size: int, max_seq_len: int,
 def predict_command(cfg: PredictConfig) -> int:
     from domainlm.classify.data import Example
 
-    model, tokenizer, meta = load_trained(cfg.model)
+    model, tokenizer, meta = _load(cfg.model)
     labels, multilabel = meta["labels"], meta["multilabel"]
     if cfg.input == "-":
         data = Dataset("<stdin>", [Example(line.strip(), [], line=i) for i, line in enumerate(sys.stdin, 1) if line.strip()])
