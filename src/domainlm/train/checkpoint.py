@@ -217,7 +217,7 @@ def save_snapshot(accelerator, folder: Path, model, hf_of, tokenizer, save=None)
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         hf = hf_of(unwrapped)
-        prefix = next(name for name, module in unwrapped.named_children() if module is hf) + "."
+        prefix = next(name for name, module in unwrapped.named_modules() if module is hf) + "."  # "_orig_mod.hf." compiled
         weights = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
         tmp = folder.parent / f".{folder.name}.tmp"
         if tmp.exists():
