@@ -23,7 +23,7 @@ from domainlm.pretrain.config import PretrainConfig
 from domainlm.pretrain.dataset import PretrainDataset, StepBatchSampler, collate
 from domainlm.pretrain.masking import MaskingOptions, default_max_predictions
 from domainlm.pretrain.model import PretrainingModel, load_config, load_pretraining_model
-from domainlm.pretrain.samples import cached_samples, parse_split, split_documents
+from domainlm.pretrain.samples import cached_samples, parse_split, split_corpus
 from domainlm.train.checkpoint import (
     TrainState,
     load_checkpoint,
@@ -93,15 +93,17 @@ def pretrain(cfg: PretrainConfig) -> dict:
             "model's tokenizer; prepare the corpus with the model's tokenizer"
         )
     special = _special_ids(tokenizer)
-    splits = split_documents(corpus.n_documents, parse_split(cfg.split), cfg.seed)
     sop = cfg.binary_head
     max_tokens = cfg.max_seq_len - (3 if sop else 2)
+    split = split_corpus(corpus, parse_split(cfg.split), cfg.seed, max_tokens, 2 if sop else 1)
+    if split.message:
+        log(f"split: {split.message}")
     samples, reports = {}, {}
     with accelerator.main_process_first():  # rank 0 builds and caches the index; the others read it
-        for name, docs in splits.items():
-            if len(docs):
+        for name, ranges in split.ranges.items():
+            if len(ranges):
                 samples[name], reports[name] = cached_samples(
-                    corpus, name, docs, max_tokens, cfg.short_seq_prob if name == "train" else 0.0, 2 if sop else 1, cfg.seed
+                    corpus, name, ranges, max_tokens, cfg.short_seq_prob if name == "train" else 0.0, 2 if sop else 1, cfg.seed
                 )
     if len(samples["train"]) < global_batch:
         raise DomainLMError(
@@ -148,7 +150,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         cfglib.write(cfg, out)
-        (out / "data.json").write_text(json.dumps({"splits": {k: int(len(v)) for k, v in splits.items()}, "samples": reports,
+        (out / "data.json").write_text(json.dumps({"splits": split.summary(), "samples": reports,
                                                     "accumulation": accumulation, "processes": world}, indent=2))
     log(f"data: {json.dumps(reports['train'])}; global batch {global_batch} = {cfg.micro_batch_size} x {accumulation} "
         f"accumulation x {world} processes")
