@@ -135,8 +135,8 @@ def run_to_first_step(src: Path, store: Path, model: Path, out: Path, seq: int, 
     return result
 
 
-def index_build(store: Path, seq: int) -> dict:
-    """The sample index of every split, built in a fresh process of this tree (cache removed first)."""
+def index_build(src: Path, store: Path, seq: int) -> dict:
+    """Split and sample index of every split, built in a fresh process of one tree (cache removed first)."""
     code = f"""
 import json, resource, time
 from domainlm.data.store import Corpus
@@ -144,15 +144,19 @@ from domainlm.pretrain import samples as S
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.perf_counter()
 corpus = Corpus({str(store)!r})
-split = S.split_corpus(corpus, S.parse_split("98,1,1"), 1234)
-for name in S.SPLITS:
-    if split.has(name):
-        S.cached_samples(corpus, split, name, {seq - 3}, 0.1 if name == "train" else 0.0, 2, 1234)
+ratios = S.parse_split("98,1,1")
+if hasattr(S, "split_corpus"):
+    parts = S.split_corpus(corpus, ratios, 1234, {seq - 3}, 2).ranges
+else:  # the code before sentence ranges: document ids
+    parts = S.split_documents(corpus.n_documents, ratios, 1234)
+for name, part in parts.items():
+    if len(part):
+        S.cached_samples(corpus, name, part, {seq - 3}, 0.1 if name == "train" else 0.0, 2, 1234)
 print(json.dumps({{"seconds": time.perf_counter() - t,
                    "rss_growth_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}}))
 """
     shutil.rmtree(store / "cache", ignore_errors=True)
-    env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -179,9 +183,10 @@ def main() -> None:
         meta = json.loads((store / "meta.json").read_text())
         print(f"store {n:,} sentences: {meta['n_documents']:,} documents, {meta['n_tokens']:,} tokens "
               f"({time.perf_counter() - t:.0f} s to make or find)", flush=True)
-        builds[n] = index_build(store, args.seq)
-        print(f"  sample index build ({'domainlm'}): {builds[n]['seconds']:.2f} s, "
-              f"peak RSS growth {builds[n]['rss_growth_mib']:.0f} MiB", flush=True)
+        for name, src in trees.items():
+            builds[(name, n)] = index_build(src, store, args.seq)
+            print(f"  {name:9s} sample index build: {builds[(name, n)]['seconds']:.2f} s, "
+                  f"peak RSS growth {builds[(name, n)]['rss_growth_mib']:.0f} MiB", flush=True)
         for name, src in trees.items():
             for phase in ("cold", "warm"):
                 if phase == "cold":
@@ -193,8 +198,10 @@ def main() -> None:
     if len(sizes) >= 2:
         lo, hi = sizes[0], sizes[-1]
         print(f"\nratios {hi:,} / {lo:,} sentences (1.0 = flat):")
-        print(f"  index build seconds: {builds[hi]['seconds'] / builds[lo]['seconds']:.2f}")
         for name in trees:
+            a, b = builds[(name, lo)], builds[(name, hi)]
+            print(f"  {name:9s} index build: time x{b['seconds'] / a['seconds']:.2f}, "
+                  f"peak RSS growth x{b['rss_growth_mib'] / max(a['rss_growth_mib'], 1):.2f}")
             for phase in ("cold", "warm"):
                 a, b = rows[(name, phase, lo)], rows[(name, phase, hi)]
                 print(f"  {name:9s} {phase}: start-up time x{b['seconds'] / a['seconds']:.2f}, "

@@ -191,10 +191,13 @@ def build_samples(
         del starts
         np.concatenate(ends, out=samples[:, 1])
         del ends
-    lengths = token_offsets[samples[:, 1]] - token_offsets[samples[:, 0]]
     report["samples"] = int(len(samples))
-    report["samples_truncated"] = int((lengths > max_tokens).sum())
-    report["tokens"] = int(np.minimum(lengths, max_tokens).sum())
+    report["samples_truncated"] = report["tokens"] = 0
+    for lo in range(0, len(samples), 1 << 20):  # in chunks: the temporaries stay small whatever the corpus
+        part = samples[lo : lo + (1 << 20)]
+        lengths = token_offsets[part[:, 1]] - token_offsets[part[:, 0]]
+        report["samples_truncated"] += int((lengths > max_tokens).sum())
+        report["tokens"] += int(np.minimum(lengths, max_tokens).sum())
     return samples, report
 
 
@@ -213,7 +216,7 @@ def cached_samples(
     back memory-mapped (read-only), so it costs page cache, not process memory."""
     ranges = np.asarray(docs) if np.ndim(docs) == 2 else document_ranges(corpus, docs)
     key_src = json.dumps([corpus.meta.get("fingerprint"), corpus.n_tokens, split,
-                          hashlib.sha256(np.ascontiguousarray(ranges, dtype=np.int64).tobytes()).hexdigest(),
+                          hashlib.sha256(np.ascontiguousarray(ranges, dtype=np.int64).data).hexdigest(),
                           max_tokens, short_seq_prob, min_sentences, seed])
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     cache = corpus.path / "cache"
