@@ -97,8 +97,8 @@ def test_pretrain_on_a_small_corpus_runs_with_the_default_split(tmp_path, tokeni
     printed = capsys.readouterr().out
     assert f"split: the corpus has {n_docs} document(s): too few to split 98,1,1 by documents" in printed
     data = json.loads((out / "data.json").read_text())
-    assert data["splits"]["by"] == "sentence-blocks"
-    assert sum(data["splits"]["sentences"].values()) == corpus.n_sentences
+    assert data["split"]["by"] == "sentence-blocks"
+    assert sum(data["split"]["sentences"].values()) == corpus.n_sentences
     assert data["samples"]["valid"]["samples"] >= 1 and data["samples"]["test"]["samples"] >= 1
     results = json.loads((out / "results.json").read_text())
     assert np.isfinite(results["valid"]["loss"]) and np.isfinite(results["test"]["loss"])

@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_inspect)
 
     p = sub.add_parser("sweep", help="base models x pretraining checkpoints x seeds, fine-tuned alike, tabulated and tested")
-    p.add_argument("spec", help="SWEEP.yaml: out, models (name, base, snapshots, steps), finetune, seeds, metrics")
+    p.add_argument("spec", help="SWEEP.yaml: out, models (name, base, snapshots, steps, pretrain), finetune, seeds, metrics, "
+                   "floor, groups, parallel")
     cfglib.add_arguments(p, SweepConfig, config_flag=False)
     p.set_defaults(func=_sweep)
 

@@ -168,13 +168,15 @@ def _strata(data: Dataset) -> np.ndarray:
 
 
 def split_validation(data: Dataset, ratio: float, cap: int, seed: int) -> tuple[Dataset, Dataset]:
-    """A stratified share of train as validation (ratio in [0.01, 0.5], at most `cap` rows). Fails if a class
+    """A stratified share of train as validation (ratio in [0.01, 0.5], at most `cap` rows if cap). Fails if a class
     would be left without a training example."""
     if not 0.01 <= ratio <= 0.5:
         raise DomainLMError(f"--valid-ratio {ratio} is out of range [0.01, 0.5]")
     from sklearn.model_selection import train_test_split
 
-    n_valid = min(cap, max(1, round(ratio * len(data))))
+    n_valid = max(1, round(ratio * len(data)))
+    if cap:  # 0: no cap
+        n_valid = min(cap, n_valid)
     strata = _strata(data)
     counts = Counter(strata.tolist())
     indices = np.arange(len(data))
