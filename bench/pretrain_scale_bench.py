@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -114,7 +115,9 @@ def run_to_first_step(src: Path, store: Path, model: Path, out: Path, seq: int, 
            "--out", str(out), "--max-steps", "2", "--max-seq-len", str(seq), "--logging-freq", "1",
            "--eval-freq", "0", "--checkpoint-steps", "0", "--no-tensorboard", "--precision", "no"]
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # its own process group, so that stopping it also stops its DataLoader worker
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     lines, result = [], None
     worker_peak = 0
     for line in proc.stdout:
@@ -124,11 +127,11 @@ def run_to_first_step(src: Path, store: Path, model: Path, out: Path, seq: int, 
         if line.startswith("[train] step 1 "):
             result = {"seconds": time.perf_counter() - started, "peak_mib": _peak_kib(proc.pid) / 1024,
                       "worker_peak_mib": worker_peak / 1024}
-            proc.kill()  # our own child, by its handle
             break
         if time.perf_counter() - started > timeout:
-            proc.kill()
             break
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # the group this bench started
     proc.wait()
     if result is None:
         raise SystemExit(f"{' '.join(cmd)} did not reach step 1:\n{''.join(lines[-30:])}")
@@ -191,7 +194,7 @@ def main() -> None:
             for phase in ("cold", "warm"):
                 if phase == "cold":
                     shutil.rmtree(store / "cache", ignore_errors=True)
-                r = run_to_first_step(src, store, work / "model", work / f"out-{name}", args.seq, args.timeout)
+                r = run_to_first_step(src, store, work / "model", work / f"out-{name}-{phase}-{n}", args.seq, args.timeout)
                 rows[(name, phase, n)] = r
                 print(f"  {name:9s} {phase}: first step after {r['seconds']:6.1f} s, peak RSS {r['peak_mib']:6.0f} MiB "
                       f"(+ worker {r['worker_peak_mib']:.0f} MiB)", flush=True)
