@@ -141,10 +141,13 @@ def run_to_first_step(src: Path, store: Path, model: Path, out: Path, seq: int, 
 def index_build(src: Path, store: Path, seq: int) -> dict:
     """Split and sample index of every split, built in a fresh process of one tree (cache removed first)."""
     code = f"""
-import json, resource, time
+import json, time
 from domainlm.data.store import Corpus
 from domainlm.pretrain import samples as S
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def status(key):
+    return next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith(key))
+open("/proc/self/clear_refs", "w").write("5")  # peak RSS from here on, not the imports'
+before = status("VmRSS:")
 t = time.perf_counter()
 corpus = Corpus({str(store)!r})
 ratios = S.parse_split("98,1,1")
@@ -156,7 +159,7 @@ for name, part in parts.items():
     if len(part):
         S.cached_samples(corpus, name, part, {seq - 3}, 0.1 if name == "train" else 0.0, 2, 1234)
 print(json.dumps({{"seconds": time.perf_counter() - t,
-                   "rss_growth_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}}))
+                   "rss_growth_mib": (status("VmHWM:") - before) / 1024}}))
 """
     shutil.rmtree(store / "cache", ignore_errors=True)
     env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
@@ -172,6 +175,7 @@ def main() -> None:
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--index-only", action="store_true", help="only the sample index build, not the command")
     args = ap.parse_args()
     sys.path.insert(0, str(HERE))
     work = Path(args.work)
@@ -191,7 +195,7 @@ def main() -> None:
             print(f"  {name:9s} sample index build: {builds[(name, n)]['seconds']:.2f} s, "
                   f"peak RSS growth {builds[(name, n)]['rss_growth_mib']:.0f} MiB", flush=True)
         for name, src in trees.items():
-            for phase in ("cold", "warm"):
+            for phase in () if args.index_only else ("cold", "warm"):
                 if phase == "cold":
                     shutil.rmtree(store / "cache", ignore_errors=True)
                 r = run_to_first_step(src, store, work / "model", work / f"out-{name}-{phase}-{n}", args.seq, args.timeout)
@@ -205,12 +209,14 @@ def main() -> None:
             a, b = builds[(name, lo)], builds[(name, hi)]
             print(f"  {name:9s} index build: time x{b['seconds'] / a['seconds']:.2f}, "
                   f"peak RSS growth x{b['rss_growth_mib'] / max(a['rss_growth_mib'], 1):.2f}")
+            if args.index_only:
+                continue
             for phase in ("cold", "warm"):
                 a, b = rows[(name, phase, lo)], rows[(name, phase, hi)]
                 print(f"  {name:9s} {phase}: start-up time x{b['seconds'] / a['seconds']:.2f}, "
                       f"peak RSS x{b['peak_mib'] / a['peak_mib']:.2f}, "
                       f"worker peak RSS x{b['worker_peak_mib'] / max(a['worker_peak_mib'], 1):.2f}")
-    if "baseline" in trees:
+    if "baseline" in trees and not args.index_only:
         print("\ndomainlm / baseline at each size (below 1.0: domainlm is cheaper):")
         for n in sizes:
             for phase in ("cold", "warm"):
