@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from domainlm import checks, outputs
 from domainlm import config as cfglib
 from domainlm.classify import batching, linear
 from domainlm.classify import metrics as M
@@ -23,9 +24,11 @@ from domainlm.classify.data import (
     Columns,
     Dataset,
     check_labels,
+    check_predict_paths,
     kfold,
     label_list,
     read_examples,
+    read_stdin_lines,
     split_validation,
     targets,
 )
@@ -114,7 +117,9 @@ def _run(cfg: FinetuneConfig, accelerator, tokenizer, train: Dataset, dev: Datas
     if main:
         out.mkdir(parents=True, exist_ok=True)
     log = print if main else (lambda *a, **k: None)
-    hf = load_classifier(cfg.model, labels, cfg.multilabel, cfg.method, cfg.lora_rank, cfg.lora_alpha, log=log)
+    with accelerator.main_process_first():  # a PaddleNLP folder is converted into --out once, by rank 0
+        hf = load_classifier(cfg.model, labels, cfg.multilabel, cfg.method, cfg.lora_rank, cfg.lora_alpha, log=log,
+                             work_dir=Path(cfg.out))
     model = Classifier(hf, cfg.multilabel)
     world, rank = accelerator.num_processes, accelerator.process_index
     global_batch = cfg.global_batch_size or cfg.batch_size * world
@@ -198,10 +203,13 @@ def finetune(cfg: FinetuneConfig) -> dict:
     from transformers.utils import logging as hf_logging
 
     from domainlm.data.tokenize import load_fast_tokenizer
+    from domainlm.pretrain.model import load_config
 
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected; domainlm reports what matters
+    out = outputs.folder(cfg.out)
+    outputs.claim(out)
+    outputs.check_earlier_run(out, "finetune", outputs.FINETUNE_OUTPUTS, "train", cfg.overwrite)
     accelerator = make_accelerator(cfg.precision)
-    out = Path(cfg.out)
     columns = _columns(cfg)
     train = read_examples(cfg.train, columns, cfg.multilabel, skip_bad=cfg.skip_bad_rows)
     labels = label_list(train, cfg.labels or None)
@@ -213,8 +221,11 @@ def finetune(cfg: FinetuneConfig) -> dict:
         if data is not None:
             check_labels(data, labels)
     linear_only = cfg.method == "linear"
-    tokenizer = None if linear_only else load_fast_tokenizer(cfg.model)
+    tokenizer = None if linear_only else load_fast_tokenizer(cfg.model, flag="--model")
+    if not linear_only:
+        checks.max_seq_len(load_config(cfg.model), cfg.max_seq_len, cfg.model)
     if accelerator.is_main_process:
+        outputs.clear_known(out, outputs.FINETUNE_OUTPUTS)  # an earlier run's files never mix with this one's
         out.mkdir(parents=True, exist_ok=True)
         cfglib.write(cfg, out)
 
@@ -269,16 +280,24 @@ def _load(folder: str):
 
 
 def evaluate_command(cfg: EvaluateConfig) -> dict:
+    out = outputs.folder(cfg.out)
+    if outputs.inside(out, cfg.model):
+        raise DomainLMError(f"--out {out} lies inside --model {cfg.model}: choose a folder of its own")
+    outputs.claim(out)
+    outputs.check_earlier_run(out, "evaluate", outputs.EVALUATE_OUTPUTS, "data")
     model, tokenizer, meta = _load(cfg.model)
     labels, multilabel = meta["labels"], meta["multilabel"]
-    data = read_examples(cfg.data, _columns(cfg), multilabel)
+    checks.label_map(labels, model, cfg.model)
+    if tokenizer is not None:  # a transformer (a linear model has no positions)
+        cfg.max_seq_len = checks.max_seq_len(model.config, cfg.max_seq_len, cfg.model, cap=True)
+    data = read_examples(cfg.data, _columns(cfg), multilabel, skip_bad=cfg.skip_bad_rows)
     unknown = sorted({label for ex in data.examples for label in ex.labels} - set(labels))
     if unknown:
         raise DomainLMError(f"{cfg.data}: labels {unknown} are not among the model's labels ({', '.join(labels)})")
     probs = _predict(model, tokenizer, data, cfg.batch_size, cfg.max_seq_len, multilabel)
     thresholds = meta.get("thresholds")
     metrics = score(probs, data, labels, multilabel, cfg.tolerant_k, thresholds)
-    out = Path(cfg.out)
+    outputs.clear_known(out, outputs.EVALUATE_OUTPUTS)
     out.mkdir(parents=True, exist_ok=True)
     write_outputs(out, "eval", data, probs, labels, multilabel, metrics, thresholds)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -306,23 +325,34 @@ def _predict(model, tokenizer, data: Dataset, batch_size: int, max_seq_len: int,
 def predict_command(cfg: PredictConfig) -> int:
     from domainlm.classify.data import Example
 
+    check_predict_paths(cfg.input, cfg.out)
     model, tokenizer, meta = _load(cfg.model)
     labels, multilabel = meta["labels"], meta["multilabel"]
+    checks.label_map(labels, model, cfg.model)
+    if tokenizer is not None:  # a transformer (a linear model has no positions)
+        cfg.max_seq_len = checks.max_seq_len(model.config, cfg.max_seq_len, cfg.model, cap=True)
     if cfg.input == "-":
-        data = Dataset("<stdin>", [Example(line.strip(), [], line=i) for i, line in enumerate(sys.stdin, 1) if line.strip()])
+        data = Dataset("<stdin>", [Example(text, [], line=i) for i, text in read_stdin_lines(getattr(sys.stdin, "buffer", sys.stdin))])
     else:
         columns = Columns(cfg.text_column, cfg.pair_column, "label", None)
-        data = read_examples(cfg.input, columns, multilabel, require_labels=False)
+        data = read_examples(cfg.input, columns, multilabel, require_labels=False, skip_flag=None)
     probs = _predict(model, tokenizer, data, cfg.batch_size, cfg.max_seq_len, multilabel)
     thresholds = _thresholds(labels, meta.get("thresholds"))
-    sink = sys.stdout if cfg.out == "-" else open(cfg.out, "w", encoding="utf-8")  # noqa: SIM115
+    # a file is written beside its name and renamed when complete: a failed run leaves no half file
+    partial = None if cfg.out == "-" else Path(cfg.out).with_name(f".{Path(cfg.out).name}.partial")
+    sink = sys.stdout if partial is None else open(partial, "w", encoding="utf-8")  # noqa: SIM115
     try:
         for ex, p in zip(data.examples, probs):
             chosen = [labels[j] for j in np.flatnonzero(p >= thresholds)] if multilabel else [labels[int(p.argmax())]]
             top = {labels[j]: round(float(p[j]), 4) for j in np.argsort(-p)[: cfg.top_k]}
             sink.write(json.dumps({"text": ex.text, "labels": chosen, "scores": top}, ensure_ascii=False) + "\n")
-    finally:
-        if sink is not sys.stdout:
+    except BaseException:
+        if partial is not None:
             sink.close()
+            partial.unlink(missing_ok=True)
+        raise
+    if partial is not None:
+        sink.close()
+        partial.replace(cfg.out)
     return len(data)
 

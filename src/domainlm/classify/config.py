@@ -8,6 +8,8 @@ from typing import ClassVar, Literal
 from domainlm.config import option
 from domainlm.errors import DomainLMError
 
+LORA_RANKS = (8, 16, 32, 64)
+
 # A preset sets several options at once; YAML and flags still override each of them.
 PRESETS = {
     "short-text": {"max_seq_len": 128, "batch_size": 32, "epochs": 5, "learning_rate": 3e-5, "warmup_ratio": 0.1},
@@ -72,9 +74,13 @@ class FinetuneConfig:
     seeds: list[int] = option([1234], "repeat with each seed; metrics reported as mean and std")
     logging_freq: int = option(10, "log every N steps", low=1)
     precision: Literal["auto", "no", "bf16", "fp16"] = option("auto", "mixed precision (auto: bf16 on a GPU that has it)")
+    overwrite: bool = option(False, "replace an earlier finetune run in --out (only its own files are removed)")
 
     def check(self) -> None:
-        if self.method == "lora" and self.lora_rank not in (8, 16, 32, 64):
+        from domainlm import checks
+
+        checks.metric(self.best_metric, self.multilabel, self.tolerant_k)  # before any training, not after an epoch
+        if self.method == "lora" and self.lora_rank not in LORA_RANKS:
             raise DomainLMError(f"--lora-rank {self.lora_rank} is not allowed: choose 8, 16, 32 or 64")
         if self.folds == 1:
             raise DomainLMError("--folds 1 is not cross-validation: use 0 (off) or 2..20")
@@ -107,6 +113,7 @@ class EvaluateConfig:
     label_column: str = option("label", "column with the label(s)")
     group_column: str | None = option(None, "column with a group for per-group accuracy")
     label_delimiter: str = option(",", "separator of several labels in one cell")
+    skip_bad_rows: bool = option(False, "skip and count rows with no text or no label instead of failing")
     batch_size: int = option(64, "examples per batch", low=1)
     max_seq_len: int = option(128, "tokens per example", low=8)
     tolerant_k: int = option(2, "multi-class tolerant accuracy: gold label within the top k", low=1)

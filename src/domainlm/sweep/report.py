@@ -7,6 +7,7 @@ import html
 import json
 from pathlib import Path
 
+from domainlm import outputs
 from domainlm.errors import DomainLMError
 from domainlm.train.logging import read_log
 
@@ -85,11 +86,11 @@ def html_page(title: str, blocks: list[tuple[str, object]]) -> str:
 
 def report_run(run: str, out: str | None = None) -> Path:
     """Curves, stats and config of a `pretrain` or `finetune` output folder, as report.md and report.html."""
-    folder = Path(run)
+    folder = outputs.folder(run, "RUN")
     log = read_log(folder / "log.jsonl")
     if not log:
         raise DomainLMError(f"{folder} has no log.jsonl: not a `domainlm pretrain` or `finetune` output folder")
-    target = Path(out) if out else folder
+    target = outputs.folder(out) if out else folder
     target.mkdir(parents=True, exist_ok=True)
     blocks: list[tuple[str, object]] = []
     md = [f"# Report: {folder}", ""]
