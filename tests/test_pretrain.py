@@ -275,7 +275,7 @@ def test_bad_inputs(tmp_path, corpus_dir, tiny_model, capsys):
 
 def test_two_processes_data_parallel_with_resume(tmp_path, corpus_dir, tiny_model):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            "-m", "domainlm.cli", "pretrain", "--corpus", corpus_dir, "--model", tiny_model, "--out", str(out), *FAST,
            "--global-batch-size", "8", "--checkpoint-steps", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -31,7 +31,7 @@ def assert_same_run(a, b):
     ra, rb = comparable(read_log(a / "log.jsonl")), comparable(read_log(b / "log.jsonl"))
     assert [(r["step"], r["split"]) for r in ra] == [(r["step"], r["split"]) for r in rb]
     for x, y in zip(ra, rb):  # a subprocess may use another thread count: equal up to float reduction order
-        assert x.keys() == y.keys() and all(y[k] == pytest.approx(x[k], rel=1e-5, abs=1e-7) for k in x), (x, y)
+        assert x.keys() == y.keys() and all(y[k] == pytest.approx(x[k], rel=1e-5, abs=1e-7) for k in x if k != "split"), (x, y)
     from safetensors.torch import load_file
 
     wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
@@ -65,14 +65,15 @@ def test_truncated_file_skips_to_the_previous_checkpoint(tmp_path, corpus_dir, t
     assert "skipping checkpoint" in err and f"optimizer.bin has {size // 2} bytes, the manifest says {size}" in err
     assert main(args(corpus_dir, tiny_model, out, "--max-steps", "6", "--checkpoint-steps", "2", "--keep-last", "0",
                      "--resume", "auto")) == 0
-    assert "resumed from" in capsys.readouterr().out and weights.stat().st_size == size // 2  # kept, not deleted
+    assert "at step 2" in capsys.readouterr().out
+    assert weights.stat().st_size == size  # the resumed run wrote step 4 again, whole
     assert [r["step"] for r in read_log(out / "log.jsonl", "train")] == [1, 2, 3, 4, 5, 6]
     # a flipped byte of the same size is caught by the checksum
     state = out / "checkpoints" / "step-000006" / "scheduler.bin"
     data = bytearray(state.read_bytes())
     data[-1] ^= 0xFF
     state.write_bytes(bytes(data))
-    assert find_latest(out / "checkpoints", quiet=True) == out / "checkpoints" / "step-000002"
+    assert find_latest(out / "checkpoints", quiet=True) == out / "checkpoints" / "step-000004"
 
 
 def test_pruning_stays_inside_the_checkpoints_folder(tmp_path, corpus_dir, tiny_model, capsys):
@@ -92,7 +93,9 @@ def test_pruning_stays_inside_the_checkpoints_folder(tmp_path, corpus_dir, tiny_
 def test_kill_9_at_a_random_moment_then_resume_auto_matches_the_uninterrupted_run(tmp_path, corpus_dir, tiny_model):
     flags = ["--max-steps", "12", "--checkpoint-steps", "1", "--keep-last", "2"]
     full = tmp_path / "full"
+    started = time.monotonic()
     assert main(args(corpus_dir, tiny_model, full, *flags)) == 0
+    took = time.monotonic() - started  # about the time the killed run needs after its first checkpoint
     killed = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen([sys.executable, "-m", "domainlm.cli", *args(corpus_dir, tiny_model, killed, *flags)],
@@ -102,7 +105,7 @@ def test_kill_9_at_a_random_moment_then_resume_auto_matches_the_uninterrupted_ru
         while not (killed / "checkpoints" / "step-000001").is_dir() and proc.poll() is None:
             assert time.monotonic() < deadline, "no first checkpoint"
             time.sleep(0.02)
-        time.sleep(random.uniform(0, 1.0))  # anywhere in steps, checkpoint writes, renames, pruning
+        time.sleep(random.uniform(0, took))  # anywhere in steps, checkpoint writes, renames, pruning
     finally:
         proc.kill()
         proc.wait()

@@ -34,8 +34,8 @@ def still_model(tmp_path_factory, tiny_model):
     return str(out)
 
 
-def torchrun(*args, port: int):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+def torchrun(*args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",  # a free port
            "-m", "domainlm.cli", *args]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -70,7 +70,7 @@ def test_pretrain_two_processes_equal_one_with_accumulation(tmp_path, corpus_dir
              "--lr-decay", "cosine", "--logging-freq", "1", "--eval-freq", "3", "--eval-iters", "2", "--test-iters", "3",
              "--num-workers", "0", "--no-tensorboard", "--checkpoint-steps", "3"]
     assert main([*flags, "--out", str(tmp_path / "one")]) == 0
-    torchrun(*flags, "--out", str(tmp_path / "two"), port=29531)
+    torchrun(*flags, "--out", str(tmp_path / "two"))
     rows = assert_same_logs(tmp_path / "one", tmp_path / "two")
     lrs = [r["lr"] for r in rows if r["split"] == "train"]
     assert lrs[-1] == pytest.approx(1e-4) and lrs.count(2e-3) == 1  # the schedule counted optimizer steps
@@ -89,7 +89,7 @@ def test_finetune_two_processes_equal_one_and_gather_every_dev_row_once(tmp_path
              "--global-batch-size", "8", "--epochs", "2", "--learning-rate", "2e-3", "--max-seq-len", "32",
              "--logging-freq", "1", "--eval-steps", "3", "--warmup-ratio", "0.2"]
     assert main([*flags, "--out", str(tmp_path / "one")]) == 0
-    torchrun(*flags, "--out", str(tmp_path / "two"), port=29533)
+    torchrun(*flags, "--out", str(tmp_path / "two"))
     assert_same_logs(tmp_path / "one", tmp_path / "two")
     ma, mb = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
     assert ma["steps"] == mb["steps"] == 2 * 5  # 36 rows / 8 per step: 4 full steps and one of 4 rows, per epoch

@@ -136,7 +136,7 @@ def setup(cfg: PretrainConfig) -> Run:
     special = _special_ids(tokenizer)
     datasets, reports, split = _datasets(cfg, accelerator, corpus, tokenizer, special, global_batch)
     checkpoints = out / "checkpoints"
-    resume_from = resolve_resume(cfg.resume, checkpoints)
+    resume_from = resolve_resume(cfg.resume, checkpoints, quiet=not accelerator.is_main_process)  # one warning
     if resume_from is None and cfg.resume is None and any(checkpoints.glob("step-*")):
         raise DomainLMError(f"{out} already holds checkpoints; pass --resume auto to continue, or choose another --out")
 

@@ -85,6 +85,8 @@ def _remove(path: Path, folder: Path) -> None:
     if not _inside(path, folder):
         raise DomainLMError(f"refusing to delete {path}: it is not inside {folder}")
     trash = path.with_name(f".{path.name}.deleting")
+    if trash.exists():  # left by an interrupted removal
+        shutil.rmtree(trash)
     path.rename(trash)
     shutil.rmtree(trash, ignore_errors=True)
 
@@ -175,13 +177,13 @@ def find_latest(folder: Path, quiet: bool = False) -> Path | None:
     return None
 
 
-def resolve_resume(resume: str | None, folder: Path) -> Path | None:
+def resolve_resume(resume: str | None, folder: Path, quiet: bool = False) -> Path | None:
     """`--resume auto` takes the newest good checkpoint under <out>/checkpoints (none: start fresh);
     `--resume PATH` takes exactly that checkpoint."""
     if not resume:
         return None
     if resume == "auto":
-        return find_latest(folder)
+        return find_latest(folder, quiet)
     path = Path(resume)
     problem = _problem(path) if path.is_dir() else "no such folder"
     if problem:
@@ -215,7 +217,7 @@ def save_snapshot(accelerator, folder: Path, model, hf_of, tokenizer, save=None)
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         hf = hf_of(unwrapped)
-        prefix = next(name for name, module in unwrapped.named_children() if module is hf) + "."
+        prefix = next(name for name, module in unwrapped.named_modules() if module is hf) + "."  # "_orig_mod.hf." compiled
         weights = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
         tmp = folder.parent / f".{folder.name}.tmp"
         if tmp.exists():

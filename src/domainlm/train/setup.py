@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import torch
 
@@ -39,8 +40,13 @@ def make_accelerator(precision: str = "auto", find_unused_parameters: bool = Fal
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
     cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
-    return Accelerator(mixed_precision=mixed_precision(precision), cpu=cpu, kwargs_handlers=[ddp],
-                       step_scheduler_with_optimizer=False)
+    accelerator = Accelerator(mixed_precision=mixed_precision(precision), cpu=cpu, kwargs_handlers=[ddp],
+                              step_scheduler_with_optimizer=False)
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and accelerator.distributed_type != "FSDP":
+        # Accelerate enables FSDP only on GPUs and other accelerators; on CPUs it quietly runs data parallel
+        accelerator.print(f"warning: FSDP was asked for, but Accelerate runs {accelerator.distributed_type} on this machine "
+                          "(it shards only on GPUs and other accelerators)", file=sys.stderr)
+    return accelerator
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999), eps=1e-8):
