@@ -236,8 +236,18 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
 # ---- evaluate and predict ------------------------------------------------------------------------------
 
+def _load_model(path: str):
+    """A classifier folder, or an export folder (`domainlm export`) run by ONNX Runtime."""
+    from domainlm.serve.runtime import OnnxRuntime, is_export_dir
+
+    if is_export_dir(path):
+        runtime = OnnxRuntime(path)
+        return runtime, runtime.tokenizer, runtime.meta
+    return load_trained(path)
+
+
 def evaluate_command(cfg: EvaluateConfig) -> dict:
-    model, tokenizer, meta = load_trained(cfg.model)
+    model, tokenizer, meta = _load_model(cfg.model)
     labels, multilabel = meta["labels"], meta["multilabel"]
     data = read_examples(cfg.data, _columns(cfg), multilabel)
     unknown = sorted({label for ex in data.examples for label in ex.labels} - set(labels))
@@ -262,8 +272,11 @@ def _predict(model, tokenizer, data: Dataset, batch_size: int, max_seq_len: int,
     order = np.argsort([len(f["input_ids"]) for f in features], kind="stable")  # similar lengths batch together
     batches = eval_batches([features[i] for i in order], batch_size, tokenizer.pad_token_id or 0)
     total = math.ceil(len(features) / batch_size)
-    sorted_probs = predict_scores(model, tqdm(batches, total=total, desc="predict", file=sys.stderr,
-                                              disable=not sys.stderr.isatty()), multilabel)
+    batches = tqdm(batches, total=total, desc="predict", file=sys.stderr, disable=not sys.stderr.isatty())
+    if hasattr(model, "probs_batch"):  # an ONNX export (domainlm.serve.runtime)
+        sorted_probs = model.scores(batches)
+    else:
+        sorted_probs = predict_scores(model, batches, multilabel)
     probs = np.empty_like(sorted_probs)
     probs[order] = sorted_probs
     return probs
@@ -272,7 +285,7 @@ def _predict(model, tokenizer, data: Dataset, batch_size: int, max_seq_len: int,
 def predict_command(cfg: PredictConfig) -> int:
     from domainlm.classify.data import Example
 
-    model, tokenizer, meta = load_trained(cfg.model)
+    model, tokenizer, meta = _load_model(cfg.model)
     labels, multilabel = meta["labels"], meta["multilabel"]
     if cfg.input == "-":
         data = Dataset("<stdin>", [Example(line.strip(), [], line=i) for i, line in enumerate(sys.stdin, 1) if line.strip()])
