@@ -81,7 +81,9 @@ def test_predict_and_evaluate_accept_an_export_folder(exported, trained, tmp_pat
                      "--max-seq-len", "32"]) == 0
     torch_m = json.loads((tmp_path / "torch" / "metrics.json").read_text())
     onnx_m = json.loads((tmp_path / "onnx" / "metrics.json").read_text())
-    assert abs(onnx_m["accuracy"] - torch_m["accuracy"]) <= 1 / 45  # int8 may flip one borderline row at most
+    stored = json.loads((out / "export.json").read_text())["data_metrics"]
+    assert onnx_m["accuracy"] == pytest.approx(stored["int8"]["accuracy"])  # the int8 model, as measured at export
+    assert torch_m["accuracy"] == pytest.approx(stored["fp32"]["accuracy"])  # fp32 ONNX == PyTorch
     assert main(["predict", "--model", str(out), "--input", trained["test"], "--out", str(tmp_path / "p.jsonl")]) == 0
     rows = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert len(rows) == 45 and all(r["labels"][0] in ("book", "hotel", "pc") for r in rows)
