@@ -85,7 +85,8 @@ def _export(args: argparse.Namespace) -> None:
     from domainlm.serve.export import export
 
     info = export(cfglib.from_args(ExportConfig, _model_argument(args)))
-    print(json.dumps({k: info[k] for k in ("files", "size_mb", "verification", "data_metrics") if k in info}, indent=2))
+    info["verification"].pop("shapes")  # listed on stderr already
+    print(json.dumps({k: info[k] for k in ("files", "size_mb", "verification", "data_metrics") if k in info}, indent=1))
 
 
 def _serve(args: argparse.Namespace) -> None:
