@@ -58,6 +58,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return None
         raise DomainLMError(f"{where}: a value is required")
     origin = get_origin(tp)
+    if isinstance(value, bool) and tp is not bool and (origin is Literal or tp is str):
+        return _from_yaml_boolean(value, tp, where)
     try:
         if origin is Literal:
             choices = get_args(tp)
@@ -94,6 +96,29 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     except (TypeError, ValueError):
         raise DomainLMError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}") from None
     return value
+
+
+# YAML 1.1 (PyYAML) reads these words unquoted as booleans
+YAML_BOOLEAN_WORDS = {True: ("yes", "on", "true"), False: ("no", "off", "false")}
+
+
+def _from_yaml_boolean(value: bool, tp: Any, where: str) -> str:
+    """A boolean where text is expected is a word YAML took for a boolean (`precision: no`). Where exactly one
+    of the field's choices is such a word, it is meant; anything else is an error that says how to quote."""
+    words = YAML_BOOLEAN_WORDS[value]
+    if get_origin(tp) is Literal:
+        choices = [c for c in get_args(tp) if isinstance(c, str)]
+        meant = [c for c in choices if c.lower() in words]
+        if len(meant) == 1:
+            return meant[0]
+        raise DomainLMError(
+            f"{where}: YAML reads an unquoted {'/'.join(words)} as the boolean {str(value).lower()}, which is not one "
+            f"of {', '.join(choices)}; write the choice in quotes, e.g. \"{choices[0]}\""
+        )
+    raise DomainLMError(
+        f"{where}: YAML reads an unquoted {'/'.join(words)} as the boolean {str(value).lower()}, not as text; "
+        f"write the text in quotes, e.g. \"{words[0]}\""
+    )
 
 
 def validate(cfg: Any) -> None:

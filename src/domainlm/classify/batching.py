@@ -36,21 +36,42 @@ def eval_batches(features: list[dict], batch_size: int, pad_id: int, targets: np
         yield collate(features[i : i + batch_size], None if targets is None else targets[i : i + batch_size], pad_id)
 
 
-def train_batches(features: list[dict], targets: np.ndarray, batch_size: int, pad_id: int, seed: int) -> Iterator[dict]:
-    """Endless epochs. Each epoch: shuffle, sort pools of 50 batches by length, cut into batches, shuffle
-    the batches. Deterministic per (seed, epoch)."""
+def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """One epoch's global batches (row indices): shuffle, sort pools of 50 batches by length, cut into
+    batches, shuffle the batches. Deterministic per (seed, epoch)."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    pool = batch_size * 50
+    chunks = []
+    for i in range(0, len(order), pool):
+        part = order[i : i + pool]
+        part = part[np.argsort(lengths[part], kind="stable")]
+        chunks += [part[j : j + batch_size] for j in range(0, len(part), batch_size)]
+    return [chunks[k] for k in rng.permutation(len(chunks))]
+
+
+def steps_per_epoch(n: int, global_batch: int, micro_batches: int) -> int:
+    """Global batches per epoch that train_batches uses (a last batch with fewer rows than micro batches
+    per step is skipped)."""
+    full, rest = divmod(n, global_batch)
+    return full + (rest >= micro_batches)
+
+
+def train_batches(features: list[dict], targets: np.ndarray, batch_size: int, pad_id: int, seed: int,
+                  rank: int = 0, world: int = 1, accumulation: int = 1) -> Iterator[dict]:
+    """Endless epochs of global batches of `batch_size` rows, this process's micro batches of each.
+
+    A global batch is cut into world x accumulation contiguous micro batches and process r takes micro
+    batches r x accumulation ... (r + 1) x accumulation - 1, so that 2 processes and 1 process with 2 micro
+    batches per step train on exactly the same micro batches.
+    """
     lengths = np.asarray([len(f["input_ids"]) for f in features])
+    parts = world * accumulation
     epoch = 0
     while True:
-        rng = np.random.default_rng([seed, epoch])
-        order = rng.permutation(len(features))
-        pool = batch_size * 50
-        chunks = []
-        for i in range(0, len(order), pool):
-            part = order[i : i + pool]
-            part = part[np.argsort(lengths[part], kind="stable")]
-            chunks += [part[j : j + batch_size] for j in range(0, len(part), batch_size)]
-        for k in rng.permutation(len(chunks)):
-            idx = chunks[k]
-            yield collate([features[i] for i in idx], targets[idx], pad_id)
+        for rows in epoch_batches(lengths, batch_size, seed, epoch):
+            if len(rows) < parts:
+                continue
+            for idx in np.array_split(rows, parts)[rank * accumulation : (rank + 1) * accumulation]:
+                yield collate([features[i] for i in idx], targets[idx], pad_id)
         epoch += 1

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from domainlm import config as cfglib
+from domainlm.classify import batching
 from domainlm.classify import metrics as M
-from domainlm.classify.batching import encode, eval_batches, train_batches
+from domainlm.classify.batching import encode, eval_batches
 from domainlm.classify.config import EvaluateConfig, FinetuneConfig, PredictConfig
 from domainlm.classify.data import (
     Columns,
@@ -32,7 +33,8 @@ from domainlm.classify.model import Classifier, load_classifier, load_trained, p
 from domainlm.errors import DomainLMError
 from domainlm.train.checkpoint import TrainState
 from domainlm.train.logging import RunLogger
-from domainlm.train.loop import LoopOptions, build_optimizer, build_scheduler, mixed_precision, train_loop
+from domainlm.train.loop import LoopOptions, evaluate, shard_range, train_loop
+from domainlm.train.setup import build_optimizer, build_scheduler, make_accelerator
 
 
 def _columns(cfg) -> Columns:
@@ -102,18 +104,27 @@ def report_markdown(title: str, sections: dict[str, dict], labels: list[str]) ->
 
 def _run(cfg: FinetuneConfig, accelerator, tokenizer, train: Dataset, dev: Dataset, test: Dataset | None,
          labels: list[str], seed: int, out: Path) -> dict:
-    """One fine-tuning run: train with early stopping on dev, restore the best weights, evaluate, save."""
+    """One fine-tuning run: train with early stopping on dev, restore the best weights, evaluate, save.
+    Every process trains on its share of each global batch and evaluates its shard of dev and test; the
+    main process alone writes."""
     from accelerate.utils import set_seed
 
     set_seed(seed)
-    out.mkdir(parents=True, exist_ok=True)
-    log = print if accelerator.is_main_process else (lambda *a, **k: None)
+    main = accelerator.is_main_process
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    log = print if main else (lambda *a, **k: None)
     hf = load_classifier(cfg.model, labels, cfg.multilabel, cfg.method, cfg.lora_rank, cfg.lora_alpha, log=log)
     model = Classifier(hf, cfg.multilabel)
-    features, dev_features = encode(tokenizer, train, cfg.max_seq_len), encode(tokenizer, dev, cfg.max_seq_len)
-    y = targets(train, labels, cfg.multilabel)
-    per_step = cfg.batch_size * accelerator.num_processes
-    steps_per_epoch = math.ceil(len(train) / per_step)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    global_batch = cfg.global_batch_size or cfg.batch_size * world
+    if global_batch % (cfg.batch_size * world):
+        raise DomainLMError(f"--global-batch-size {global_batch} is not a multiple of --batch-size {cfg.batch_size} "
+                            f"x {world} processes")
+    accumulation = global_batch // (cfg.batch_size * world)
+    steps_per_epoch = batching.steps_per_epoch(len(train), global_batch, world * accumulation)
+    if steps_per_epoch == 0:
+        raise DomainLMError(f"{len(train)} training rows cannot fill {world * accumulation} micro batches of one step")
     max_steps = cfg.epochs * steps_per_epoch
     optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay)
     scheduler = build_scheduler(optimizer, max_steps, cfg.warmup_ratio, cfg.learning_rate,
@@ -121,19 +132,22 @@ def _run(cfg: FinetuneConfig, accelerator, tokenizer, train: Dataset, dev: Datas
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     unwrapped = lambda: accelerator.unwrap_model(model)  # noqa: E731
     pad = tokenizer.pad_token_id or 0
-    batches = train_batches(features, y, cfg.batch_size, pad, seed)
-    if accelerator.num_processes > 1:  # each process takes every n-th batch
-        batches = (b for i, b in enumerate(batches) if i % accelerator.num_processes == accelerator.process_index)
+    batches = batching.train_batches(encode(tokenizer, train, cfg.max_seq_len), targets(train, labels, cfg.multilabel),
+                                     global_batch, pad, seed, rank, world, accumulation)
+    dev_features, dev_y = encode(tokenizer, dev, cfg.max_seq_len), targets(dev, labels, cfg.multilabel)
 
-    def dev_probs():
-        return predict_scores(unwrapped().hf, eval_batches(dev_features, cfg.batch_size * 2, pad), cfg.multilabel, accelerator.device)
+    def scores(features, y) -> np.ndarray:
+        """Probabilities for every row, each process scoring its contiguous shard."""
+        start, end = shard_range(len(features), rank, world)
+        shard = eval_batches(features[start:end], cfg.batch_size * 2, pad, y[start:end])
+        with torch.random.fork_rng(devices=[]):  # evaluation must not move the training RNG
+            return evaluate(model, accelerator, shard).rows["scores"]
 
-    logger = RunLogger(out, max_steps, 0, accelerator.is_main_process, tensorboard=True)
+    logger = RunLogger(out, max_steps, 0, main, tensorboard=True)
     best = {"value": -math.inf, "step": 0, "state": None, "bad": 0}
 
     def on_eval(step: int) -> bool:
-        with torch.random.fork_rng(devices=[]):
-            m = score(dev_probs(), dev, labels, cfg.multilabel, cfg.tolerant_k)
+        m = score(scores(dev_features, dev_y), dev, labels, cfg.multilabel, cfg.tolerant_k)
         if cfg.best_metric not in m:
             raise DomainLMError(f"--metric {cfg.best_metric!r} is not computed; choose one of {', '.join(_scalars(m))}")
         logger.log(step, "valid", _scalars(m))
@@ -145,48 +159,48 @@ def _run(cfg: FinetuneConfig, accelerator, tokenizer, train: Dataset, dev: Datas
         return bool(cfg.early_stopping_patience) and best["bad"] >= cfg.early_stopping_patience
 
     def on_snapshot(step: int) -> None:
-        if accelerator.is_main_process:
+        if main:
             save_classifier(unwrapped().hf, tokenizer, out / f"step-{step:06d}", labels, cfg.multilabel)
 
-    options = LoopOptions(max_steps=max_steps, accumulation=1, global_batch_size=per_step, logging_freq=cfg.logging_freq,
-                          eval_freq=cfg.eval_steps or steps_per_epoch, save_steps=cfg.save_steps)
+    options = LoopOptions(max_steps=max_steps, accumulation=accumulation, global_batch_size=global_batch,
+                          logging_freq=cfg.logging_freq, eval_freq=cfg.eval_steps or steps_per_epoch, save_steps=cfg.save_steps)
     try:
         state = train_loop(model=model, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator, batches=batches,
                            state=TrainState(), options=options, logger=logger, on_eval=on_eval, on_snapshot=on_snapshot)
-        if best["state"] is None or state.step % options.eval_freq:
+        if best["state"] is None:  # the loop evaluates after its last step; only a run of no steps has not
             on_eval(state.step)
     finally:
         logger.close()
     unwrapped().load_state_dict(best["state"])
     log(f"best {cfg.best_metric} {best['value']:.4f} at step {best['step']} (stopped at step {state.step} of {max_steps})")
 
-    probs = dev_probs()
+    probs = scores(dev_features, dev_y)
     thresholds = M.tune_thresholds(probs, targets(dev, labels, True)) if cfg.multilabel else None
     result = {"seed": seed, "best_step": best["step"], "steps": state.step, "train_rows": len(train),
               "dev": score(probs, dev, labels, cfg.multilabel, cfg.tolerant_k, thresholds)}
     sections = {"dev": result["dev"]}
-    if accelerator.is_main_process:
+    if test is not None:
+        test_probs = scores(encode(tokenizer, test, cfg.max_seq_len), targets(test, labels, cfg.multilabel))
+        result["test"] = sections["test"] = score(test_probs, test, labels, cfg.multilabel, cfg.tolerant_k, thresholds)
+    if main:
         write_outputs(out, "dev", dev, probs, labels, cfg.multilabel, result["dev"], thresholds)
         if test is not None:
-            test_features = encode(tokenizer, test, cfg.max_seq_len)
-            test_probs = predict_scores(unwrapped().hf, eval_batches(test_features, cfg.batch_size * 2, pad), cfg.multilabel, accelerator.device)
-            result["test"] = sections["test"] = score(test_probs, test, labels, cfg.multilabel, cfg.tolerant_k, thresholds)
             write_outputs(out, "test", test, test_probs, labels, cfg.multilabel, result["test"], thresholds)
         save_classifier(unwrapped().hf, tokenizer, out, labels, cfg.multilabel, thresholds)
         (out / "metrics.json").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
         (out / "report.md").write_text(report_markdown(f"Fine-tuning {cfg.model}", sections, labels), encoding="utf-8")
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()  # the next seed or fold prepares a new model; let this one go
     return result
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
-    from accelerate import Accelerator
     from transformers.utils import logging as hf_logging
 
     from domainlm.data.tokenize import load_fast_tokenizer
 
-    hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected; domainlm reports what matters
-    accelerator = Accelerator(mixed_precision=mixed_precision(cfg.precision))
+    accelerator = make_accelerator(cfg.precision)
     out = Path(cfg.out)
     columns = _columns(cfg)
     train = read_examples(cfg.train, columns, cfg.multilabel, skip_bad=cfg.skip_bad_rows)

@@ -35,7 +35,10 @@ class Classifier(nn.Module):
         else:
             loss = F.cross_entropy(logits, labels)
             acc = (logits.argmax(-1) == labels).float().mean()
-        return loss, {"loss": loss.detach(), "acc": acc}
+        metrics = {"loss": loss.detach(), "acc": acc}
+        if not self.training:  # evaluation: per-row scores, which the shared evaluator gathers across processes
+            metrics["scores"] = torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=-1)
+        return loss, metrics
 
 
 def load_classifier(name_or_path: str, labels: list[str], multilabel: bool, method: str, lora_rank: int, lora_alpha: int, log=print):

@@ -1,15 +1,19 @@
 """`domainlm pretrain`: continued (domain-adaptive) MLM + SOP pretraining on a corpus store.
 
-setup(): corpus, split, sample index, model, tokenizer checks, optimizer, schedule, resume.
-train(): the shared loop, with evaluation on a fixed validation set, checkpoints and step-N snapshots.
-Runs the same under `torchrun` / `accelerate launch` (data parallel; FSDP and DeepSpeed via accelerate config).
+Read like a recipe, top to bottom:
+    setup()  the accelerator, data (split, sample index, loaders), model, optimizer, schedule, resume
+    train()  the shared loop, evaluating a fixed number of batches of the fixed validation samples,
+             checkpoints (Accelerate state API) and step-N snapshots
+    finish() test evaluation, the final model (full HF weights), results.json
+Runs the same under `torchrun` / `accelerate launch`: data parallel (gloo on CPU, NCCL on GPU) or FSDP from
+`accelerate config`. A global batch holds the same samples whatever the number of processes.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -34,14 +38,8 @@ from domainlm.train.checkpoint import (
     step_name,
 )
 from domainlm.train.logging import RunLogger
-from domainlm.train.loop import (
-    LoopOptions,
-    build_optimizer,
-    build_scheduler,
-    evaluate,
-    mixed_precision,
-    train_loop,
-)
+from domainlm.train.loop import LoopOptions, evaluate, train_loop
+from domainlm.train.setup import build_optimizer, build_scheduler, make_accelerator
 
 
 def _special_ids(tokenizer) -> dict[str, int]:
@@ -62,22 +60,67 @@ def _load_tokenizer(cfg: PretrainConfig, corpus: Corpus):
     return load_fast_tokenizer(str(corpus.path / "tokenizer"))
 
 
+def eval_batch_indices(n: int, global_batch: int, micro_batch: int, rank: int, world: int, iters: int) -> list[list[int]]:
+    """This process's micro batches of the first `iters` global batches of an evaluation split (samples
+    0..n-1, the last global batch cut at n). Rank r takes its contiguous share of each global batch, like
+    training, so every process count evaluates the same micro batches."""
+    per_rank, out = global_batch // world, []
+    for start in range(0, min(n, iters * global_batch), global_batch):
+        mine = start + rank * per_rank
+        for m in range(mine, mine + per_rank, micro_batch):
+            batch = list(range(m, min(m + micro_batch, mine + per_rank, n)))
+            if batch:
+                out.append(batch)
+    return out
+
+
+@dataclass
+class Run:
+    """Everything setup() builds and train()/finish() use."""
+    cfg: PretrainConfig
+    accelerator: object
+    out: Path
+    tokenizer: object
+    datasets: dict[str, PretrainDataset]
+    train_loader: torch.utils.data.DataLoader
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    state: TrainState
+    options: LoopOptions
+    pad_id: int
+    logger: RunLogger
+    last_valid: dict[int, dict] = field(default_factory=dict)  # step -> validation metrics
+
+    def log(self, *args) -> None:
+        if self.accelerator.is_main_process:
+            print(*args, flush=True)
+
+    def evaluate(self, split: str, iters: int) -> dict[str, float]:
+        a, ds = self.accelerator, self.datasets[split]
+        batches = eval_batch_indices(len(ds), self.options.global_batch_size, self.cfg.micro_batch_size,
+                                     a.process_index, a.num_processes, iters)
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, collate_fn=partial(collate, pad_id=self.pad_id))
+        # evaluation must not draw from the global RNG, or a resumed run would diverge from an uninterrupted one
+        with torch.random.fork_rng(devices=[]):
+            return evaluate(self.model, a, loader).metrics
+
+    def snapshot(self, folder: Path) -> None:
+        save_snapshot(self.accelerator, folder, self.model, lambda m: m.hf, self.tokenizer)
+
+
 def pretrain(cfg: PretrainConfig) -> dict:
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, set_seed
-    from transformers.utils import logging as hf_logging
+    run = setup(cfg)
+    try:
+        state = train(run)
+        return finish(run, state)
+    finally:
+        run.logger.close()
 
-    hf_logging.disable_progress_bar()  # per-shard load/save bars would drown the training log
 
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=not cfg.binary_head)  # pooler unused without SOP
-    # Several processes without CUDA: Accelerate runs data parallel on CPU (gloo) only when told so.
-    cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    accelerator = Accelerator(mixed_precision=mixed_precision(cfg.precision), kwargs_handlers=[ddp], cpu=cpu_ddp)
-    log = print if accelerator.is_main_process else (lambda *a, **k: None)
-    out = Path(cfg.out)
-    world = accelerator.num_processes
-
-    # ---- setup: data ------------------------------------------------------------------------------------
+def setup(cfg: PretrainConfig) -> Run:
+    accelerator = make_accelerator(cfg.precision, find_unused_parameters=not cfg.binary_head)  # pooler unused without SOP
+    world, out = accelerator.num_processes, Path(cfg.out)
     global_batch = cfg.global_batch_size or cfg.micro_batch_size * world
     if global_batch % (cfg.micro_batch_size * world):
         raise DomainLMError(
@@ -87,12 +130,66 @@ def pretrain(cfg: PretrainConfig) -> dict:
     accumulation = global_batch // (cfg.micro_batch_size * world)
     corpus = Corpus(cfg.corpus)
     tokenizer = _load_tokenizer(cfg, corpus)
+    special = _special_ids(tokenizer)
+    datasets, reports = _datasets(cfg, accelerator, corpus, tokenizer, special, global_batch)
+    checkpoints = out / "checkpoints"
+    resume_from = resolve_resume(cfg.resume, checkpoints)
+    if resume_from is None and cfg.resume is None and any(checkpoints.glob("step-*")):
+        raise DomainLMError(f"{out} already holds checkpoints; pass --resume auto to continue, or choose another --out")
+
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed)
+    log = print if accelerator.is_main_process else (lambda *a, **k: None)
+    hf_model = load_pretraining_model(cfg.model, cfg.from_scratch, log=log)
+    limit = getattr(hf_model.config, "max_position_embeddings", None)
+    if limit is not None and cfg.max_seq_len > limit:
+        raise DomainLMError(f"--max-seq-len {cfg.max_seq_len} exceeds the model's max_position_embeddings ({limit})")
+    if hf_model.config.vocab_size < len(tokenizer):
+        raise DomainLMError(
+            f"the tokenizer has {len(tokenizer)} entries but the model's vocabulary only {hf_model.config.vocab_size}"
+        )
+    model = PretrainingModel(hf_model, cfg.binary_head)
+    if cfg.compile:
+        model = torch.compile(model)
+    optimizer = build_optimizer(model, cfg.max_lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon)
+    scheduler = build_scheduler(optimizer, cfg.max_steps, cfg.warmup_rate, cfg.max_lr, cfg.min_lr, cfg.lr_decay)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    state = TrainState(global_batch_size=global_batch, model_fingerprint=model_fingerprint(load_config(cfg.model)))
+    if resume_from is not None:
+        state = load_checkpoint(accelerator, resume_from, state)
+        log(f"resumed from {resume_from} at step {state.step} ({state.consumed_samples} samples consumed)")
+
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        cfglib.write(cfg, out)
+        (out / "data.json").write_text(json.dumps({"splits": {k: v.pop("documents") for k, v in reports.items()}, "samples": reports, "accumulation": accumulation, "processes": world}, indent=2))
+    log(f"data: {json.dumps(reports['train'])}; global batch {global_batch} = {cfg.micro_batch_size} x {accumulation} "
+        f"accumulation x {world} processes")
+    train_loader = torch.utils.data.DataLoader(
+        datasets["train"],
+        batch_sampler=StepBatchSampler(state.consumed_samples, global_batch, cfg.micro_batch_size, accelerator.process_index, world),
+        collate_fn=partial(collate, pad_id=special["pad"]),
+        num_workers=cfg.num_workers, persistent_workers=False,
+        generator=torch.Generator(),  # its own seed stream: creating the iterator must not draw from the global RNG
+    )
+    options = LoopOptions(
+        max_steps=cfg.max_steps, accumulation=accumulation, global_batch_size=global_batch, max_grad_norm=cfg.max_grad_norm,
+        logging_freq=cfg.logging_freq, eval_freq=cfg.eval_freq, checkpoint_steps=cfg.checkpoint_steps or cfg.max_steps,
+        save_steps=cfg.save_steps,
+    )
+    logger = RunLogger(out, cfg.max_steps, state.step, accelerator.is_main_process, cfg.tensorboard)
+    return Run(cfg, accelerator, out, tokenizer, datasets, train_loader, model, optimizer, scheduler, state, options,
+               special["pad"], logger)
+
+
+def _datasets(cfg: PretrainConfig, accelerator, corpus: Corpus, tokenizer, special: dict, global_batch: int):
+    """Split by documents, the sample index of each split (built once, cached), and the datasets."""
     if vocab_hash(tokenizer) != corpus.meta.get("vocab_hash"):
         raise DomainLMError(
             f"{cfg.corpus} was tokenized with a different vocabulary ({corpus.meta.get('tokenizer')}) than the "
             "model's tokenizer; prepare the corpus with the model's tokenizer"
         )
-    special = _special_ids(tokenizer)
     splits = split_documents(corpus.n_documents, parse_split(cfg.split), cfg.seed)
     sop = cfg.binary_head
     max_tokens = cfg.max_seq_len - (3 if sop else 2)
@@ -103,6 +200,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
                 samples[name], reports[name] = cached_samples(
                     corpus, name, docs, max_tokens, cfg.short_seq_prob if name == "train" else 0.0, 2 if sop else 1, cfg.seed
                 )
+                reports[name]["documents"] = int(len(docs))
     if len(samples["train"]) < global_batch:
         raise DomainLMError(
             f"only {len(samples['train'])} training samples ({reports['train']['documents_unusable']} documents "
@@ -113,105 +211,42 @@ def pretrain(cfg: PretrainConfig) -> dict:
         max_predictions=cfg.max_predictions_per_seq or default_max_predictions(cfg.max_seq_len, cfg.masked_lm_prob),
         max_ngrams=cfg.max_ngrams, favor_longer_ngram=cfg.favor_longer_ngram, whole_word=cfg.whole_word_mask,
     )
+    datasets = {name: PretrainDataset(corpus, s, name, cfg.max_seq_len, sop, masking, special, len(tokenizer), cfg.seed,
+                                      shuffle=name == "train")
+                for name, s in samples.items() if len(s)}
+    return datasets, reports
 
-    def dataset(name: str, shuffle: bool) -> PretrainDataset:
-        return PretrainDataset(corpus, samples[name], name, cfg.max_seq_len, sop, masking, special, len(tokenizer), cfg.seed, shuffle)
 
-    # ---- setup: model and optimizer -------------------------------------------------------------------
-    checkpoints = out / "checkpoints"
-    resume_from = resolve_resume(cfg.resume, checkpoints)
-    if resume_from is None and cfg.resume is None and any(checkpoints.glob("step-*")):
-        raise DomainLMError(f"{out} already holds checkpoints; pass --resume auto to continue, or choose another --out")
-    set_seed(cfg.seed)
-    if resume_from is not None:
-        hf_model = load_pretraining_model(str(resume_from / "model"), from_scratch=False, log=log)
-    else:
-        hf_model = load_pretraining_model(cfg.model, cfg.from_scratch, log=log)
-    limit = getattr(hf_model.config, "max_position_embeddings", None)
-    if limit is not None and cfg.max_seq_len > limit:
-        raise DomainLMError(f"--max-seq-len {cfg.max_seq_len} exceeds the model's max_position_embeddings ({limit})")
-    if hf_model.config.vocab_size < len(tokenizer):
-        raise DomainLMError(
-            f"the tokenizer has {len(tokenizer)} entries but the model's vocabulary only {hf_model.config.vocab_size}"
-        )
-    model = PretrainingModel(hf_model, sop)
-    optimizer = build_optimizer(model, cfg.max_lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon)
-    scheduler = build_scheduler(optimizer, cfg.max_steps, cfg.warmup_rate, cfg.max_lr, cfg.min_lr, cfg.lr_decay)
-    state = TrainState(global_batch_size=global_batch, model_fingerprint=model_fingerprint(load_config(cfg.model)))
-    if resume_from is not None:
-        state = load_checkpoint(accelerator, resume_from, optimizer, scheduler, state)
-        log(f"resumed from {resume_from} at step {state.step} ({state.consumed_samples} samples consumed)")
-    if cfg.compile:
-        model = torch.compile(model)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        cfglib.write(cfg, out)
-        (out / "data.json").write_text(json.dumps({"splits": {k: int(len(v)) for k, v in splits.items()}, "samples": reports,
-                                                    "accumulation": accumulation, "processes": world}, indent=2))
-    log(f"data: {json.dumps(reports['train'])}; global batch {global_batch} = {cfg.micro_batch_size} x {accumulation} "
-        f"accumulation x {world} processes")
-
-    # ---- train -------------------------------------------------------------------------------------------
-    loader = torch.utils.data.DataLoader(
-        dataset("train", shuffle=True),
-        batch_sampler=StepBatchSampler(state.consumed_samples, global_batch, cfg.micro_batch_size, accelerator.process_index, world),
-        collate_fn=partial(collate, pad_id=special["pad"]),
-        num_workers=cfg.num_workers, persistent_workers=False,
-        generator=torch.Generator(),  # its own seed stream: creating the iterator must not draw from the global RNG
-    )
-
-    def eval_loader(name: str):
-        ds = dataset(name, shuffle=False)
-        sampler = torch.utils.data.distributed.DistributedSampler(ds, world, accelerator.process_index, shuffle=False) if world > 1 else None
-        return torch.utils.data.DataLoader(ds, batch_size=cfg.micro_batch_size, sampler=sampler,
-                                           collate_fn=partial(collate, pad_id=special["pad"]))
-
-    logger = RunLogger(out, cfg.max_steps, state.step, accelerator.is_main_process, cfg.tensorboard)
-    unwrapped = lambda: accelerator.unwrap_model(model).hf  # noqa: E731
-
-    last_valid: dict[int, dict] = {}
+def train(run: Run) -> TrainState:
+    cfg, out = run.cfg, run.out
 
     def on_eval(step: int) -> None:
-        if "valid" in samples:
-            # eval must not consume the global RNG, or a resumed run would diverge from an uninterrupted one
-            with torch.random.fork_rng(devices=[]):
-                last_valid[step] = evaluate(model, accelerator, eval_loader("valid"), cfg.eval_iters)
-            logger.log(step, "valid", last_valid[step])
+        if "valid" in run.datasets:
+            run.last_valid[step] = run.evaluate("valid", cfg.eval_iters)
+            run.logger.log(step, "valid", run.last_valid[step])
 
-    def on_checkpoint(st: TrainState) -> None:
-        save_checkpoint(accelerator, checkpoints, unwrapped(), optimizer, scheduler, st, cfg.keep_last)
+    def on_checkpoint(state: TrainState) -> None:
+        save_checkpoint(run.accelerator, out / "checkpoints", state, cfg.keep_last)
 
-    def on_snapshot(step: int) -> None:
-        if accelerator.is_main_process:
-            save_snapshot(out / step_name(step), unwrapped(), tokenizer)
-        accelerator.wait_for_everyone()
+    state = train_loop(model=run.model, optimizer=run.optimizer, scheduler=run.scheduler, accelerator=run.accelerator,
+                       batches=iter(run.train_loader), state=run.state, options=run.options, logger=run.logger,
+                       on_eval=on_eval, on_checkpoint=on_checkpoint,
+                       on_snapshot=lambda step: run.snapshot(out / step_name(step)))
+    return state
 
-    options = LoopOptions(
-        max_steps=cfg.max_steps, accumulation=accumulation, global_batch_size=global_batch, max_grad_norm=cfg.max_grad_norm,
-        logging_freq=cfg.logging_freq, eval_freq=cfg.eval_freq, checkpoint_steps=cfg.checkpoint_steps or cfg.max_steps,
-        save_steps=cfg.save_steps,
-    )
-    try:
-        state = train_loop(model=model, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator,
-                           batches=iter(loader), state=state, options=options, logger=logger, on_eval=on_eval,
-                           on_checkpoint=on_checkpoint, on_snapshot=on_snapshot)
-        results = {}
-        with torch.random.fork_rng(devices=[]):
-            for name in ("valid", "test"):
-                if name == "valid" and state.step in last_valid and cfg.eval_iters * cfg.micro_batch_size >= len(samples["valid"]):
-                    results[name] = last_valid[state.step]  # the periodic evaluation at this step saw the whole set
-                elif name in samples:
-                    results[name] = evaluate(model, accelerator, eval_loader(name))
-                    logger.log(state.step, name, results[name])
-    finally:
-        logger.close()
-    if accelerator.is_main_process:
-        save_snapshot(out / "final", unwrapped(), tokenizer)
-        (out / "results.json").write_text(json.dumps({"step": state.step, **results}, indent=2))
-        log(f"done: {out / 'final'} ({json.dumps(results)})")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+
+def finish(run: Run, state: TrainState) -> dict:
+    results = {}
+    if "valid" in run.datasets:  # evaluated after the last step, unless this run resumed from that step's checkpoint
+        results["valid"] = run.last_valid.get(state.step) or run.evaluate("valid", run.cfg.eval_iters)
+    if "test" in run.datasets:
+        results["test"] = run.evaluate("test", run.cfg.test_iters)
+        run.logger.log(state.step, "test", results["test"])
+    run.snapshot(run.out / "final")
+    if run.accelerator.is_main_process:
+        (run.out / "results.json").write_text(json.dumps({"step": state.step, **results}, indent=2))
+    run.log(f"done: {run.out / 'final'} ({json.dumps(results)})")
+    run.accelerator.wait_for_everyone()
+    run.accelerator.end_training()
     sys.stdout.flush()
     return results

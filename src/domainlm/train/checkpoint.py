@@ -1,30 +1,32 @@
 """Full-state checkpoints (resume) and standalone snapshots (plain HF models), one folder per step.
 
 checkpoints/step-000100/
-    model/                 HF weights + config (save_pretrained)
-    optimizer.pt scheduler.pt
-    rng-<rank>.pt          python, numpy, torch (and CUDA) generator states of each process
-    state.json             step, consumed samples, global batch, model fingerprint; written last
-A checkpoint is written into a hidden temporary folder and renamed when complete; older ones are removed
-only after that, so a failed write (a full disk) never costs the last good checkpoint.
+    model.safetensors optimizer.bin scheduler.bin random_states_<rank>.pkl
+                           Accelerate's state API (`save_state`): with FSDP, sharded model and optimizer
+                           state in the engine's own layout; everything loads with weights_only=True
+    state.json             step, consumed samples, global batch, model fingerprint
+    manifest.json          size and sha256 of every file above; written last
+A checkpoint is written into a hidden temporary folder, every file fsynced, the manifest written and fsynced,
+then the folder renamed into place. It counts as complete only when the manifest matches the files, so a
+truncated or half-deleted checkpoint (a crash, a full disk, kill -9) is skipped with a warning in favour of the
+previous one. Older checkpoints are removed only after the new one is in place, and only folders checked to
+lie inside the checkpoints folder.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import random
+import os
 import shutil
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from domainlm.errors import DomainLMError
 
 STEP_PREFIX = "step-"
+MANIFEST = "manifest.json"
 
 
 @dataclass
@@ -45,75 +47,118 @@ def model_fingerprint(config) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-def save_checkpoint(accelerator, folder: Path, hf_model, optimizer, scheduler, state: TrainState, keep_last: int) -> Path:
-    """All ranks call this (each saves its RNG); the main process writes the rest and renames into place."""
+def _write_manifest(folder: Path) -> None:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    for p in files:  # the data must be on disk before the manifest that vouches for it
+        _fsync(p)
+    entries = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    path = folder / MANIFEST
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"files": entries}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path.resolve().is_relative_to(folder.resolve()) and path.resolve() != folder.resolve()
+
+
+def _remove(path: Path, folder: Path) -> None:
+    """Delete a checkpoint folder: only one inside `folder`, renamed out of sight first so that an
+    interruption never leaves a half-deleted step-N folder."""
+    if not _inside(path, folder):
+        raise DomainLMError(f"refusing to delete {path}: it is not inside {folder}")
+    trash = path.with_name(f".{path.name}.deleting")
+    path.rename(trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def save_checkpoint(accelerator, folder: Path, state: TrainState, keep_last: int) -> Path:
+    """All ranks call this (FSDP shards and per-rank RNG states are written by every process)."""
     final = folder / step_name(state.step)
     tmp = folder / f".{step_name(state.step)}.tmp"
+    failed = None
     try:
         if accelerator.is_main_process:
             if tmp.exists():
-                shutil.rmtree(tmp)
+                shutil.rmtree(tmp)  # left by an interrupted save; inside `folder` by construction
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            hf_model.save_pretrained(tmp / "model", safe_serialization=True)
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        accelerator.save_state(str(tmp), safe_serialization=True)
+    except OSError as e:
+        failed = e
+    accelerator.wait_for_everyone()
+    try:
+        if accelerator.is_main_process and failed is None:
             (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2))
+            _write_manifest(tmp)
             if final.exists():
-                shutil.rmtree(final)
+                _remove(final, folder)
             tmp.rename(final)
+            _fsync(folder)  # the rename itself
             _prune(folder, keep_last)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        failed = e
+    if failed is not None:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
         last = find_latest(folder, quiet=True)
         raise DomainLMError(
-            f"could not write checkpoint {final}: {e}; "
-            f"the last good checkpoint is kept ({last if last else 'none yet'})"
+            f"could not write checkpoint {final}: {failed}; the last good checkpoint is kept ({last if last else 'none yet'})"
         ) from None
     accelerator.wait_for_everyone()
     return final
 
 
 def _prune(folder: Path, keep_last: int) -> None:
+    for left in folder.glob(f".{STEP_PREFIX}*.deleting"):  # an interrupted removal
+        if _inside(left, folder) and not left.is_symlink():
+            shutil.rmtree(left, ignore_errors=True)
     if keep_last <= 0:
         return
     done = sorted(p for p in folder.glob(f"{STEP_PREFIX}*") if p.is_dir())
     for old in done[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_symlink() or not _inside(old, folder):  # a link to somewhere else is not ours to delete
+            print(f"warning: not removing {old}: it is not a checkpoint folder inside {folder}", file=sys.stderr)
+            continue
+        _remove(old, folder)
 
 
 def _problem(path: Path) -> str | None:
-    """Why a checkpoint folder cannot be resumed from, or None if it is complete."""
-    state = path / "state.json"
-    if not state.is_file():
-        return "no state.json (interrupted while writing?)"
+    """Why a checkpoint folder cannot be resumed from, or None if every file matches its manifest."""
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return f"no {MANIFEST} (interrupted while writing?)"
     try:
-        json.loads(state.read_text())
-    except json.JSONDecodeError:
-        return "state.json is damaged"
-    for name in ("optimizer.pt", "scheduler.pt", "rng-0.pt", "model/config.json"):
-        if not (path / name).is_file():
+        files = json.loads(manifest.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return f"{MANIFEST} is damaged"
+    if "state.json" not in files:
+        return "state.json is missing"
+    for name, entry in files.items():
+        p = path / name
+        if not p.is_file():
             return f"{name} is missing"
-    if not any((path / "model").glob("*.safetensors")):
-        return "model weights are missing"
+        if p.stat().st_size != entry["size"]:
+            return f"{name} has {p.stat().st_size} bytes, the manifest says {entry['size']} (truncated?)"
+        if _sha256(p) != entry["sha256"]:
+            return f"{name} does not match its checksum (damaged)"
     return None
 
 
@@ -144,7 +189,8 @@ def resolve_resume(resume: str | None, folder: Path) -> Path | None:
     return path
 
 
-def load_checkpoint(accelerator, path: Path, optimizer, scheduler, expected: TrainState) -> TrainState:
+def load_checkpoint(accelerator, path: Path, expected: TrainState) -> TrainState:
+    """Model, optimizer, scheduler and RNG states through `accelerator.load_state` (weights_only loading)."""
     state = TrainState(**json.loads((path / "state.json").read_text()))
     if state.global_batch_size != expected.global_batch_size:
         raise DomainLMError(
@@ -153,24 +199,34 @@ def load_checkpoint(accelerator, path: Path, optimizer, scheduler, expected: Tra
         )
     if state.model_fingerprint != expected.model_fingerprint:
         raise DomainLMError(f"{path} holds a different model architecture than --model; resume with the same model")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False))
-    rng_file = path / f"rng-{accelerator.process_index}.pt"
-    if not rng_file.is_file():  # a different world size: fall back to rank 0's generators
-        rng_file = path / "rng-0.pt"
-    set_rng_state(torch.load(rng_file, weights_only=False))
+    accelerator.load_state(str(path))
     return state
 
 
-def save_snapshot(folder: Path, hf_model, tokenizer) -> Path:
-    """A plain HF model folder: `AutoModel.from_pretrained` loads it whatever it is renamed to,
-    because config.json carries `model_type` and `architectures`."""
-    tmp = folder.parent / f".{folder.name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    hf_model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
+def save_snapshot(accelerator, folder: Path, model, hf_of, tokenizer, save=None) -> Path:
+    """A plain HF model folder with the full weights, gathered from shards under FSDP. All ranks call this;
+    the main process writes. `AutoModel.from_pretrained` loads it whatever it is renamed to, because
+    config.json carries `model_type` and `architectures`.
+
+    hf_of(unwrapped) -> the HF model inside; the full state dict's keys are those of the wrapper, so the
+    HF model's own keys are the ones under its attribute name.
+    """
+    full = accelerator.get_state_dict(model)  # every rank takes part in the gather
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        hf = hf_of(unwrapped)
+        prefix = next(name for name, module in unwrapped.named_children() if module is hf) + "."
+        weights = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+        tmp = folder.parent / f".{folder.name}.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        if save is not None:
+            save(hf, tmp, weights)
+        else:
+            hf.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    accelerator.wait_for_everyone()
     return folder

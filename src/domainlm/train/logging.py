@@ -16,8 +16,10 @@ class RunLogger:
         if not enabled:
             return
         out.mkdir(parents=True, exist_ok=True)
-        # A resumed run drops what the interrupted one logged after its checkpoint; a fresh run starts over.
-        kept = [r for r in read_log(self.path) if r["step"] <= start_step] if start_step else []
+        # A resumed run drops what the interrupted one logged after its checkpoint (at the checkpoint's own step,
+        # training and validation come before it, the test after); a fresh run starts over.
+        kept = [r for r in read_log(self.path) if r["step"] < start_step or (r["step"] == start_step and r["split"] != "test")]
+        kept = kept if start_step else []
         self._file = open(self.path, "w", encoding="utf-8")
         self._file.writelines(json.dumps(r) + "\n" for r in kept)
         if tensorboard:
@@ -61,5 +63,10 @@ class RunLogger:
 def read_log(path: Path, split: str | None = None) -> list[dict]:
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # the last line of a run killed while writing it
+            continue
     return [r for r in rows if split is None or r["split"] == split]

@@ -1,22 +1,27 @@
-"""The one training loop, shared by pretraining and fine-tuning.
+"""The one training loop and the one evaluator, shared by pretraining and fine-tuning.
 
 The model is any nn.Module whose forward(**batch) returns (loss, metrics); objectives are loss functions in the
 model, not callbacks here. Step order, visible below: accumulate micro batches (gradient sync only on the
 last), clip, optimizer step, schedule step, log, evaluate, checkpoint, snapshot.
+
+Equal across process counts: every micro batch's loss is weighted 1 / (micro batches per optimizer step, over
+all processes), so 2 processes x 1 micro batch and 1 process x 2 micro batches of the same samples take the
+same step (up to float reduction order).
 """
 
 from __future__ import annotations
 
-import math
 import time
-from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
+from domainlm.errors import DomainLMError
 from domainlm.train.checkpoint import TrainState
+from domainlm.train.setup import build_optimizer, build_scheduler, mixed_precision  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -26,64 +31,75 @@ class LoopOptions:
     global_batch_size: int
     max_grad_norm: float = 1.0
     logging_freq: int = 10
-    eval_freq: int = 0
+    eval_freq: int = 0  # and always after the last step
     checkpoint_steps: int = 0
     save_steps: int = 0
 
 
-def mixed_precision(choice: str) -> str:
-    """`auto`: bf16 on a GPU that has it, else full precision (CPU autocast is slower on most CPUs)."""
-    if choice != "auto":
-        return choice
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Contiguous share [start, end) of n rows for one process; shares differ by at most one row, so that
+    concatenating them in rank order gives every row exactly once, in order."""
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
 
 
-def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999), eps=1e-8):
-    """AdamW; biases and LayerNorm weights get no weight decay. The fused kernel (CPU and CUDA) updates all
-    parameters in one pass instead of a chain of per-tensor ops."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
-
-
-def build_scheduler(optimizer, max_steps: int, warmup_rate: float, max_lr: float, min_lr: float, decay: str):
-    """Linear warmup to max_lr, then linear or cosine decay to min_lr at max_steps."""
-    warmup = round(warmup_rate * max_steps)
-    floor = min_lr / max_lr if max_lr > 0 else 0.0
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
-        shape = 0.5 * (1 + math.cos(math.pi * progress)) if decay == "cosine" else 1 - progress
-        return floor + (1 - floor) * shape
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+@dataclass
+class Evaluation:
+    metrics: dict[str, float]  # mean over every evaluated micro batch of all processes
+    rows: dict[str, np.ndarray] = field(default_factory=dict)  # per-row outputs of all processes, in shard order
 
 
 @torch.no_grad()
-def evaluate(model, accelerator, batches, max_batches: int | None = None) -> dict[str, float]:
-    """Mean of each metric over the batches, averaged across processes."""
-    was_training = model.training
-    model.eval()
-    sums: dict[str, list[torch.Tensor]] = defaultdict(list)
-    for i, batch in enumerate(batches):
-        if max_batches is not None and i >= max_batches:
-            break
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+def evaluate(model, accelerator, batches: Iterable[dict], max_batches: int | None = None) -> Evaluation:
+    """The evaluator of both commands. Scalar metrics are summed per micro batch and divided by the number of
+    micro batches over all processes, which equals a one-process evaluation of the same micro batches. Metrics
+    with a batch dimension (a classifier's scores) are per-row outputs: they are gathered exactly, each
+    process's contiguous shard in rank order, with no row repeated or dropped."""
+    from accelerate.utils import DistributedType
+
+    batches = list(batches)[:max_batches]
+    runs = len(batches)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # a sharded forward gathers parameters from every process: all run the same number of forwards, the
+        # processes with fewer batches repeat one and drop its result
+        runs = int(accelerator.reduce(torch.tensor(runs, device=accelerator.device), reduction="max"))
+        if runs and not batches:
+            raise DomainLMError(f"an evaluation set has fewer batches than the {accelerator.num_processes} processes")
+        net = model
+    else:  # the bare module: DDP's forward would broadcast buffers, a collective the processes need not share here
+        net = accelerator.unwrap_model(model)
+    was_training = net.training
+    net.eval()
+    sums: dict[str, torch.Tensor] = {}
+    rows: dict[str, list[torch.Tensor]] = {}
+    for i in range(runs):
+        batch = {k: v.to(accelerator.device) for k, v in batches[min(i, len(batches) - 1)].items()}
         with accelerator.autocast():
-            _, metrics = model(**batch)
+            _, metrics = net(**batch)
+        if i >= len(batches):
+            continue
         for k, v in metrics.items():
-            sums[k].append(v.detach().float())
-    model.train(was_training)
-    result = {}
-    for k, values in sums.items():
-        result[k] = float(accelerator.reduce(torch.stack(values).mean(), reduction="mean"))
-    return result
+            if v.ndim:
+                rows.setdefault(k, []).append(v.detach().float().cpu())
+            else:
+                sums[k] = sums.get(k, 0) + v.detach().float()
+    n = len(batches)
+    net.train(was_training)
+    local_rows = {k: torch.cat(v).numpy() for k, v in rows.items()}
+    if accelerator.num_processes == 1:
+        return Evaluation({k: float(v) / max(n, 1) for k, v in sums.items()}, local_rows)
+    from accelerate.utils import gather_object
+
+    # a process whose shard was empty knows no metric names: agree on them first
+    names = sorted(set().union(*gather_object([sorted(sums)])))
+    vector = torch.stack([torch.as_tensor(sums.get(k, 0.0), dtype=torch.float32, device=accelerator.device)
+                          for k in names] + [torch.tensor(float(n), device=accelerator.device)])
+    total = accelerator.reduce(vector, reduction="sum").cpu()
+    metrics = {k: float(total[j]) / max(float(total[-1]), 1.0) for j, k in enumerate(names)}
+    shards = gather_object([local_rows])
+    keys = sorted({k for s in shards for k in s})
+    return Evaluation(metrics, {k: np.concatenate([s[k] for s in shards if k in s]) for k in keys})
 
 
 def train_loop(
@@ -101,10 +117,12 @@ def train_loop(
     on_snapshot: Callable[[int], None] | None = None,
 ) -> TrainState:
     model.train()
-    window: dict[str, list[torch.Tensor]] = defaultdict(list)
-    tokens, window_started = 0, time.perf_counter()
+    window: dict[str, list[torch.Tensor]] = {}
+    # token counts stay on the device: an int() per micro batch would wait for the GPU every time
+    tokens = torch.zeros((), dtype=torch.long, device=accelerator.device)
+    window_started, paused = time.perf_counter(), 0.0
     while state.step < options.max_steps:
-        # 1. forward/backward over the micro batches of one global batch
+        # 1. forward/backward over this process's micro batches of one global batch
         for micro in range(options.accumulation):
             batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(batches).items()}
             last = micro == options.accumulation - 1
@@ -113,33 +131,40 @@ def train_loop(
                     loss, metrics = model(**batch)
                 accelerator.backward(loss / options.accumulation)
             for k, v in metrics.items():
-                window[k].append(v.detach())
-            tokens += int(batch["attention_mask"].sum())
-        # 2. clip, step, schedule
+                window.setdefault(k, []).append(v.detach())
+            tokens += batch["attention_mask"].sum()
+        # 2. clip, step; the lr logged for this step is the one this step used
+        lr = optimizer.param_groups[0]["lr"]
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), options.max_grad_norm)
         optimizer.step()
-        scheduler.step()
+        if not getattr(optimizer, "step_was_skipped", False):  # fp16 overflow: no step taken, schedule waits
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.consumed_samples += options.global_batch_size
         logger.advance()
-        # 3. log, evaluate, save
+        # 3. log, evaluate, save (time spent in callbacks is not training time)
         if state.step % options.logging_freq == 0 or state.step == options.max_steps:
-            seconds = time.perf_counter() - window_started
             values = {k: float(accelerator.reduce(torch.stack(v).float().mean(), reduction="mean")) for k, v in window.items()}
-            values["lr"] = scheduler.get_last_lr()[0]
+            values["lr"] = lr
             values["grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
-            values["tokens_per_s"] = tokens * accelerator.num_processes / max(seconds, 1e-9)
+            total_tokens = int(accelerator.reduce(tokens, reduction="sum"))
+            values["tokens_per_s"] = total_tokens / max(time.perf_counter() - window_started - paused, 1e-9)
             logger.log(state.step, "train", values)
             window.clear()
-            tokens, window_started = 0, time.perf_counter()
-        stop = bool(on_eval and options.eval_freq and state.step % options.eval_freq == 0 and on_eval(state.step))
+            tokens.zero_()
+            window_started, paused = time.perf_counter(), 0.0
+        callbacks_started = time.perf_counter()
+        # evaluate before the checkpoint of the same step, so that a run resumed from it has that evaluation
+        evaluate_now = state.step == options.max_steps or (options.eval_freq and state.step % options.eval_freq == 0)
+        stop = bool(on_eval and evaluate_now and on_eval(state.step))
         if on_checkpoint and options.checkpoint_steps and (
             state.step % options.checkpoint_steps == 0 or state.step == options.max_steps
         ):
             on_checkpoint(state)
         if on_snapshot and options.save_steps and state.step % options.save_steps == 0:
             on_snapshot(state.step)
+        paused += time.perf_counter() - callbacks_started
         if stop:  # on_eval asked to stop early (no improvement for its patience)
             break
     return state

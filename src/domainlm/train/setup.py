@@ -1,0 +1,82 @@
+"""What every training command sets up the same way: the accelerator, the optimizer and the schedule.
+
+One accelerator setup for `pretrain` and `finetune`, so that both run alike under `torchrun` or
+`accelerate launch` (data parallel on GPUs, gloo data parallel on CPUs, FSDP from `accelerate config`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+
+def mixed_precision(choice: str) -> str:
+    """`auto`: bf16 on a GPU that has it, else full precision (CPU autocast is slower on most CPUs)."""
+    if choice != "auto":
+        return choice
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def make_accelerator(precision: str = "auto", find_unused_parameters: bool = False):
+    """The one Accelerator of a run.
+
+    - Several processes without CUDA (`torchrun` on a CPU machine): Accelerate runs data parallel on gloo only
+      when told `cpu=True`; otherwise each process would train alone and they would all write the same files.
+    - `step_scheduler_with_optimizer=False`: a prepared scheduler otherwise steps once per *process* on every
+      optimizer step (Accelerate assumes the per-process batch grew with the process count), which ends warmup
+      and decay N times too early. Our schedules count optimizer steps, so the loop steps the scheduler exactly
+      once after each optimizer step that was taken (see train_loop).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-shard load/save bars would drown the training log
+    # save_state drops the aliases of tied and wrapped weights (the MLM decoder is the word embedding) and warns
+    # about it at every checkpoint; loading restores them
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
+    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
+    return Accelerator(mixed_precision=mixed_precision(precision), cpu=cpu, kwargs_handlers=[ddp],
+                       step_scheduler_with_optimizer=False)
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999), eps=1e-8):
+    """AdamW; biases and LayerNorm weights get no weight decay. The fused kernel (CPU and CUDA) updates all
+    parameters in one pass instead of a chain of per-tensor ops."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
+
+
+def warmup_steps(max_steps: int, warmup_rate: float) -> int:
+    return min(round(warmup_rate * max_steps), max_steps - 1)
+
+
+def build_scheduler(optimizer, max_steps: int, warmup_rate: float, max_lr: float, min_lr: float, decay: str):
+    """Warmup, peak, decay over optimizer steps 1..max_steps (transformers' warmup-stable-decay schedule with
+    no stable phase):
+
+    - steps 1..W (W = round(warmup_rate x max_steps)) rise linearly from min_lr towards max_lr;
+    - step W+1 trains at max_lr, once;
+    - then linear or cosine decay that trains the last step at exactly min_lr.
+
+    The optimizer starts at lr = max_lr, so the scheduler's factors are relative to it. The lr of step k is the
+    one the optimizer holds before the k-th `optimizer.step()` (the loop logs that one).
+    """
+    from transformers import get_wsd_schedule
+
+    warmup = warmup_steps(max_steps, warmup_rate)
+    decay_steps = max_steps - warmup - 1
+    return get_wsd_schedule(
+        optimizer, num_warmup_steps=warmup,
+        # a run too short to decay trains its last step at the peak
+        num_stable_steps=0 if decay_steps else 1, num_decay_steps=decay_steps,
+        warmup_type="linear", decay_type=decay, min_lr_ratio=min_lr / max_lr if max_lr > 0 else 0.0,
+    )
