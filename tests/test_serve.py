@@ -195,7 +195,8 @@ def test_cli_serve_an_export_end_to_end(exported):  # noqa: F811
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.Popen([sys.executable, "-m", "domainlm.cli", "serve", str(exported[0]), "--port", str(port),
-                             "--threads", "1", "--token", "t"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                             "--threads", "1"], env={**env, "DOMAINLM_SERVE_TOKEN": "t"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         url, deadline = f"http://127.0.0.1:{port}", time.time() + 90
         while True:
@@ -206,6 +207,7 @@ def test_cli_serve_an_export_end_to_end(exported):  # noqa: F811
                 assert proc.poll() is None, proc.stdout.read().decode()
                 assert time.time() < deadline, "no answer from `domainlm serve`"
                 time.sleep(0.3)
+        assert httpx.post(url + "/predict", json={"text": "电脑"}).status_code == 401  # token from the environment
         r = httpx.post(url + "/predict", json={"text": "电脑性能屏幕电池"}, headers={"Authorization": "Bearer t"})
         assert r.json()["model"] == "onnx-int8" and r.json()["predictions"][0]["labels"] == ["pc"]
     finally:

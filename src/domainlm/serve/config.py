@@ -35,7 +35,8 @@ class ServeConfig:
                              "export`); also given as the first argument")
     host: str = option("127.0.0.1", "interface to listen on (0.0.0.0 for every interface)")
     port: int = option(8080, "TCP port", low=0, high=65535)
-    token: str | None = option(None, "require `Authorization: Bearer TOKEN` on /predict, /labels and /metrics")
+    token: str | None = option(None, "require `Authorization: Bearer TOKEN` on /predict, /labels and /metrics "
+                                    "(or set DOMAINLM_SERVE_TOKEN)")
     precision: Literal["auto", "fp32", "int8"] = option("auto", "export folders: which model (auto: int8 if exported)")
     threads: int = option(0, "intra-op threads of the model (0: every core this process may use)", low=0)
     batching: bool = option(True, "gather concurrent requests into one batch (--no-batching: one request at a time)")

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
+import os
 import queue
 import threading
 import time
@@ -335,6 +337,8 @@ def serve(cfg: ServeConfig) -> None:
 
     from domainlm.serve.runtime import load_runtime
 
+    if not cfg.token and os.environ.get("DOMAINLM_SERVE_TOKEN"):  # keeps the token out of `ps`
+        cfg = dataclasses.replace(cfg, token=os.environ["DOMAINLM_SERVE_TOKEN"])
     runtime = load_runtime(cfg.model, cfg.precision, cfg.threads, cfg.max_seq_len)
     app = create_app(runtime, cfg)
     print(f"serving {cfg.model} ({runtime.kind}, {len(runtime.labels)} labels) on http://{cfg.host}:{cfg.port} "
