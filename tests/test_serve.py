@@ -213,3 +213,20 @@ def test_cli_serve_an_export_end_to_end(exported):  # noqa: F811
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+class BrokenRuntime(SlowRuntime):
+    """Fails on batches of 20 tokens or more, like a model hitting an input it cannot take."""
+
+    def probs_batch(self, batch):
+        if batch["input_ids"].shape[1] >= 20:
+            raise RuntimeError("kernel failed")
+        return self.inner.probs_batch(batch)
+
+
+def test_a_failing_batch_answers_500_and_the_server_goes_on(torch_rt):
+    with running(BrokenRuntime(torch_rt, 0.0), batching=False) as url:
+        r = httpx.post(url + "/predict", json={"text": "书" * 30})
+        assert r.status_code == 500 and r.json()["error"] == "prediction failed: RuntimeError: kernel failed"
+        assert httpx.post(url + "/predict", json={"text": "书内容作者观点"}).json()["predictions"][0]["labels"] == ["book"]
+        assert httpx.get(url + "/metrics").json()["requests"]["500"] == 1
