@@ -6,7 +6,7 @@ then `domainlm serve` under a bounded local load with dynamic batching vs one re
 1. Offline, for a 4-layer 256-wide and a 12-layer 768-wide classifier (random weights: speed only): texts/s of
    batched prediction (sorted by length, batches of 32, torch.inference_mode: the strong PyTorch baseline) and
    per-text latency (batch of 1), the three backends interleaved round by round, medians reported.
-2. Accuracy: a 4x256 classifier trained here on the task's train rows (or --trained FOLDER, a finetune output),
+2. Accuracy: a small classifier (2x128) trained here on the task's train rows (or --trained FOLDER, a finetune output),
    exported with --quantize int8 --data test: accuracy of fp32 and int8 on the test rows.
 3. Server: `domainlm serve` in a subprocess on 127.0.0.1; 16 concurrent clients send a fixed number of
    one-text requests and stop; requests/s and client-side p50 / p99, batching on vs off.
@@ -174,7 +174,8 @@ def main() -> None:
     ap.add_argument("--big-texts", type=int, default=64, help="texts for the 12x768 throughput run")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--shapes", default="4x256,12x768", help="LAYERSxWIDTH classifiers to time (the first also serves)")
-    ap.add_argument("--trained", help="a finetune output to measure int8 accuracy on (default: train a 4x256 one here)")
+    ap.add_argument("--trained", help="a finetune output to measure int8 accuracy on (default: train one here)")
+    ap.add_argument("--train-shape", default="2x128", help="LAYERSxWIDTH of the classifier trained here (random start)")
     ap.add_argument("--requests", type=int, default=320, help="server requests per mode (16 clients)")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: offline,accuracy,server")
     args = ap.parse_args()
@@ -200,15 +201,17 @@ def main() -> None:
             log(json.dumps({name: report[name]}))
 
     if "accuracy" not in skip:
-        trained = Path(args.trained) if args.trained else work / "trained-4x256"
+        shape = args.train_shape
+        trained = Path(args.trained) if args.trained else work / f"trained-{shape}"
         if not args.trained and not (trained / "model" / "config.json").is_file():
             from domainlm.classify.command import finetune
             from domainlm.classify.config import FinetuneConfig
 
-            encoder = random_classifier(work / "random-4x256", tokenizer_dir, 4, 256) / "model"
-            log("training a 4x256 classifier on the train rows (random start) for the int8 accuracy check")
+            layers, width = map(int, shape.split("x"))
+            encoder = random_classifier(work / f"random-{shape}", tokenizer_dir, layers, width) / "model"
+            log(f"training a {shape} classifier on the train rows (random start) for the int8 accuracy check")
             finetune(FinetuneConfig(train=str(train), out=str(trained), model=str(encoder), epochs=3, batch_size=32,
-                                    max_seq_len=128, learning_rate=5e-4, early_stopping_patience=0, logging_freq=20))
+                                    max_seq_len=64, learning_rate=1e-3, early_stopping_patience=0, logging_freq=10))
         info = export_folder(trained, work / "export-trained", test)
         report["accuracy"] = info["data_metrics"]
         log(json.dumps({"accuracy": report["accuracy"]}))
