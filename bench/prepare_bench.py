@@ -72,10 +72,13 @@ def check_fast_path(path: Path, tokenizer_dir: Path, max_chars: int = 2_000_000)
     """The character-table shortcut gives the tokenizer's exact ids and offsets on this corpus."""
     from transformers import AutoTokenizer
 
-    from domainlm.data.fastpath import CharTableTokenizer
+    from domainlm.data.fastpath import CharTableTokenizer, supports
     from domainlm.data.sentences import split_zh
 
     backend = AutoTokenizer.from_pretrained(str(tokenizer_dir)).backend_tokenizer
+    backend.encode_special_tokens = True  # as prepare tokenizes: "[SEP]" in text is text
+    if not supports(backend):
+        raise SystemExit("the fast path does not apply to this tokenizer: prepare would not use it")
     sentences = split_zh(path.read_text(encoding="utf-8")[:max_chars])
     fast = CharTableTokenizer(backend).encode_batch(sentences)
     for sentence, (ids, offsets, _), ref in zip(sentences, fast, backend.encode_batch(sentences, add_special_tokens=False)):

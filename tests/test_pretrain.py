@@ -251,7 +251,7 @@ def test_bad_inputs(tmp_path, corpus_dir, tiny_model, capsys):
     other = tmp_path / "other-tok"
     train_wordpiece(["completely different words only"] * 5, other, vocab_size=200)
     assert "different vocabulary" in error(*base, "--tokenizer", str(other))
-    assert "could not be loaded" in error("--corpus", corpus_dir, "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o"))
+    assert "missing: no such folder" in error("--corpus", corpus_dir, "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o"))
     # a config without weights trains only on purpose
     cfg_only = tmp_path / "cfg-only"
     cfg_only.mkdir()

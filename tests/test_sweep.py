@@ -1,31 +1,20 @@
-"""`domainlm sweep` on tiny models, the bootstrap test, and `domainlm report`."""
+"""`domainlm sweep` on tiny models: the table with the floor and adjusted p-values, resume, failures, bad inputs
+caught before any work, the pretrain section, device planning; the conclusion on constructed cells; `domainlm report`."""
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
 from domainlm.cli import main
-from domainlm.sweep.stats import paired_bootstrap
+from domainlm.errors import DomainLMError
+from domainlm.sweep.command import Cell, SweepConfig, device_plan, remove_inside
+from domainlm.sweep.stats import holm
+from domainlm.sweep.summary import summarize
 from tests.test_classify import make_rows, write_jsonl
-
-
-def test_bootstrap_identical_is_not_significant_and_clearly_better_is():
-    rng = np.random.default_rng(0)
-    base = (rng.random(300) < 0.7).astype(float)
-    same = paired_bootstrap(base, base)
-    assert same["difference"] == 0 and same["p_value"] == 1.0
-    better = base.copy()
-    better[np.flatnonzero(base == 0)[:45]] = 1.0  # +15 points on the same rows
-    result = paired_bootstrap(better, base)
-    assert result["p_value"] < 0.01 and result["ci95"][0] > 0
-    slightly = base.copy()
-    slightly[np.flatnonzero(base == 0)[:2]] = 1.0  # +0.7 points: noise on 300 rows
-    assert paired_bootstrap(slightly, base)["p_value"] > 0.05
-    with pytest.raises(ValueError):
-        paired_bootstrap(base, base[:10])
 
 
 @pytest.fixture(scope="module")
@@ -37,54 +26,231 @@ def pretrain_run(tmp_path_factory, corpus_dir, tiny_model):
     return out
 
 
-def test_sweep_table_resume_and_failed_cell(tmp_path, tiny_model, pretrain_run, capsys):
-    train = write_jsonl(tmp_path / "train.jsonl", make_rows(20, 1))
-    test = write_jsonl(tmp_path / "test.jsonl", make_rows(10, 2))
+@pytest.fixture(scope="module")
+def task_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("task")
+    return {"train": write_jsonl(root / "train.jsonl", make_rows(20, 1)), "test": write_jsonl(root / "test.jsonl", make_rows(10, 2))}
+
+
+FT = {"epochs": 2, "learning_rate": 2e-3, "batch_size": 16, "max_seq_len": 32}
+
+
+def test_sweep_table_floor_resume_and_failed_cell(tmp_path, tiny_model, pretrain_run, task_files, capsys):
     broken = tmp_path / "broken"
     broken.mkdir()
     shutil.copy(pretrain_run / "step-000002" / "config.json", broken)  # a config without weights
     spec = {"out": str(tmp_path / "sweep"), "seeds": [1, 2], "metrics": ["accuracy", "tolerant_accuracy@2"],
             "models": [{"name": "tiny", "base": tiny_model, "snapshots": str(pretrain_run)},
                        {"name": "broken", "base": str(broken)}],
-            "finetune": {"train": train, "test": test, "epochs": 2, "learning_rate": 2e-3, "batch_size": 16, "max_seq_len": 32}}
+            "finetune": {**task_files, **FT, "group_column": "group"}}
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(spec))
-    assert main(["sweep", str(path)]) == 0
+    assert main(["sweep", str(path)]) == 2  # cells failed: the table is written, the status says so
+    assert "2 of 8 cells failed" in capsys.readouterr().err
     root = tmp_path / "sweep"
-    results = json.loads((root / "results.json").read_text())["cells"]
-    tiny = {r["step"]: r for r in results if r["model"] == "tiny"}
+    saved = json.loads((root / "results.json").read_text())
+    tiny = {r["step"]: r for r in saved["cells"] if r["model"] == "tiny"}
     assert sorted(tiny) == [0, 2, 4]
     for step, r in tiny.items():  # each table value is the mean over the seeds' cells
         folder = "base" if step == 0 else f"step-{step:06d}"
         accs = [json.loads((root / "cells" / "tiny" / folder / f"seed-{s}" / "metrics.json").read_text())["test"]["accuracy"] for s in (1, 2)]
+        assert r["values"]["accuracy"] == pytest.approx(accs)
         assert r["accuracy"]["mean"] == pytest.approx(np.mean(accs)) and r["accuracy"]["std"] == pytest.approx(np.std(accs, ddof=1))
         assert ("vs_base" in r) == (step != 0)
-    assert sum(bool(r.get("best")) for r in results) == 1
+    raw = [tiny[s]["vs_base"]["p_value"] for s in (2, 4)]
+    assert [tiny[s]["vs_base"]["p_holm"] for s in (2, 4)] == pytest.approx(holm(raw).tolist())
+    assert sum(bool(r.get("best")) for r in saved["cells"]) == 1
+    floor = json.loads((root / "floor" / "metrics.json").read_text())
+    assert saved["floor"]["test"]["accuracy"] == floor["test"]["accuracy"] and floor["train_rows"] == 48  # 60 rows less a fifth
     table = (root / "table.md").read_text()
-    assert "| model | base | step 2 | step 4 |" in table and "★" in table and "| broken | failed |" in table
+    lines = table.splitlines()
+    assert lines[2].startswith("**") and saved["conclusion"] in lines[2]
+    assert "| model | checkpoint | accuracy mean ± std | per seed | tolerant_accuracy@2 | Δ vs base | p | p (Holm) |" in table
+    assert f"| floor | {floor['method']} | {100 * floor['test']['accuracy']:.1f} |" in table
+    assert "| broken | base | failed |" in table and "test.jsonl (30 rows)" in table
     failures = json.loads((root / "failures.json").read_text())
-    assert [f["cell"] for f in failures] == ["broken/base/seed-1", "broken/base/seed-2"]
-    assert "no weights" in failures[0]["error"]
+    assert [f["cell"] for f in failures] == ["broken/base/seed-1", "broken/base/seed-2"] and "no weights" in failures[0]["error"]
     rows = (root / "table.csv").read_text().splitlines()
-    assert rows[0].startswith("model,checkpoint,step,accuracy_mean") and len(rows) == 5
+    assert rows[0].startswith("model,checkpoint,step,accuracy_mean") and len(rows) == 1 + 4 + 1  # header, cells, floor
     for name in ("report.html", "metric_vs_step.png", "pretraining_loss.png"):
         assert (root / name).stat().st_size > 1000, name
-    assert "data:image/png;base64," in (root / "report.html").read_text()
-    # resume: finished cells are not run again; a crashed one is
+    page = (root / "report.html").read_text()
+    assert "class='lead'" in page and page.index("class='lead'") < page.index("<table>") and "tr class='floor'" in page
+    # resume: finished cells and the floor are not run again; a crashed cell is
     done = root / "cells" / "tiny" / "step-000002" / "seed-1"
-    stamp = (done / "metrics.json").stat().st_mtime_ns
+    stamp, floor_stamp = (done / "metrics.json").stat().st_mtime_ns, (root / "floor" / "metrics.json").stat().st_mtime_ns
     crashed = root / "cells" / "tiny" / "step-000004" / "seed-2"
     (crashed / "DONE").unlink()
-    capsys.readouterr()
+    spec["models"] = spec["models"][:1]
+    spec["groups"] = True  # per-group columns: a table option, the cells stay valid
+    path.write_text(yaml.safe_dump(spec))
     assert main(["sweep", str(path)]) == 0
-    assert (done / "metrics.json").stat().st_mtime_ns == stamp
+    table = (root / "table.md").read_text()
+    assert "| 质量验收 accuracy | 成本数据 accuracy |" in table.replace("| 成本数据 accuracy | 质量验收 accuracy |", "| 质量验收 accuracy | 成本数据 accuracy |")
+    base = json.loads((root / "results.json").read_text())["cells"][0]
+    groups = [json.loads((root / "cells" / "tiny" / "base" / f"seed-{s}" / "metrics.json").read_text())["test"]["per_group"] for s in (1, 2)]
+    assert base["per_group"]["成本数据"] == pytest.approx(np.mean([g["成本数据"]["accuracy"] for g in groups]))
+    assert (done / "metrics.json").stat().st_mtime_ns == stamp and (root / "floor" / "metrics.json").stat().st_mtime_ns == floor_stamp
     assert (crashed / "DONE").is_file() and (crashed / "metrics.json").stat().st_mtime_ns > stamp
     # changed fine-tuning options make finished cells outdated
     spec["finetune"]["epochs"] = 1
     path.write_text(yaml.safe_dump(spec))
+    capsys.readouterr()
     assert main(["sweep", str(path)]) == 0
     assert "options changed since it ran" in capsys.readouterr().err
     assert yaml.safe_load((done / "config.yaml").read_text())["epochs"] == 1
+
+
+def _bad(spec: dict, key: str, value):
+    spec = json.loads(json.dumps(spec))
+    where, _, name = key.rpartition(".")
+    target = spec
+    for part in where.split(".") if where else []:
+        target = target[int(part)] if part.isdigit() else target[part]
+    if value is DELETE:
+        del target[name]
+    else:
+        target[name] = value
+    return spec
+
+
+DELETE = object()
+BAD = [
+    ("finetune.train", "missing.jsonl", "data file missing.jsonl does not exist"),
+    ("models.0.steps", [999], "steps [999] have no snapshot (available: [2, 4])"),
+    ("seeds", [], "seeds: needs at least one seed"),
+    ("seeds", [1, 1], "seeds: [1, 1] repeats a seed"),
+    ("seed", [1], "unknown option 'seed'"),
+    ("models.0.snapshot", "x", "unknown key(s) ['snapshot']"),
+    ("finetune.epoch", 2, "finetune: unknown option 'epoch'"),
+    ("finetune.seeds", [1], "finetune: option 'seeds' is set by the sweep itself"),
+    ("models.1.name", "tiny", "name 'tiny' is used twice"),
+    ("models.0.name", "../up", "name '../up' becomes a folder name"),
+    ("models.0.name", "a/b", "name 'a/b' becomes a folder name"),
+    ("finetune.metric", "bogus", "--metric 'bogus' is not computed"),
+    ("metrics", ["bogus"], "metrics: ['bogus'] not computed for a multiclass task"),
+    ("finetune.valid_ratio", 0.1, "valid_ratio 0.1 holds out too few rows"),
+    ("finetune.valid_max_rows", 5, "valid_max_rows 5 is under 20% of the 60 training rows"),
+    ("finetune.test", DELETE, "give `test` (or `dev`)"),
+    ("groups", True, "groups: true needs finetune.group_column"),
+    ("models.1.base", "./no/such/model", "base ./no/such/model: no such folder"),
+    ("models.1.snapshots", "no-such-run", "snapshots folder no-such-run does not exist"),
+    ("models.0.pretrain", {"corpus": "nowhere", "max_steps": 4, "save_steps": 2}, "pretrain: corpus nowhere is not a folder"),
+    ("models.0.pretrain", {"corpus": ".", "max_steps": 4}, "save_steps is needed"),
+    ("models.0.pretrain", {"corpus": ".", "max_steps": 4, "save_steps": 2, "max_lr": 5}, "pretrain: --max-lr = 5.0 is out of range"),
+    ("parallel", 0, "--parallel = 0 is out of range"),
+]
+
+
+@pytest.mark.parametrize("key,value,message", BAD, ids=[f"{k}={v!r}"[:40] for k, v, _ in BAD])
+def test_sweep_bad_inputs_fail_before_any_work(tmp_path, tiny_model, pretrain_run, task_files, capsys, key, value, message):
+    spec = {"out": str(tmp_path / "sweep"), "seeds": [1, 2],
+            "models": [{"name": "tiny", "base": tiny_model, "snapshots": str(pretrain_run)}, {"name": "other", "base": tiny_model}],
+            "finetune": {**task_files, **FT}}
+    if key == "models.0.pretrain":
+        del spec["models"][0]["snapshots"]
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(_bad(spec, key, value)))
+    assert main(["sweep", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "sweep").exists()  # nothing started, nothing written
+
+
+def test_sweep_offline_hub_name_is_a_missing_folder(tmp_path, tiny_model, task_files, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = {"out": str(tmp_path / "sweep"), "models": [{"name": "m", "base": "bert-base-chinse"}], "finetune": {**task_files, **FT}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["sweep", str(tmp_path / "s.yaml")]) == 2
+    assert "base bert-base-chinse: no such folder (and HF_HUB_OFFLINE is set)" in capsys.readouterr().err
+
+
+def test_sweep_runs_its_pretrain_section_first_and_not_again(tmp_path, tiny_model, corpus_dir, task_files, capsys):
+    pt = {"corpus": corpus_dir, "max_steps": 2, "save_steps": 2, "max_seq_len": 48, "micro_batch_size": 4, "num_workers": 0,
+          "tensorboard": False, "eval_freq": 0, "logging_freq": 1}
+    spec = {"out": str(tmp_path / "sweep"), "seeds": [1], "floor": False,
+            "models": [{"name": "tiny", "base": tiny_model, "pretrain": pt}], "finetune": {**task_files, **FT, "epochs": 1}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["sweep", str(path)]) == 0
+    snapshot = tmp_path / "sweep" / "pretrain" / "tiny" / "step-000002"
+    assert (snapshot / "config.json").is_file()
+    results = json.loads((tmp_path / "sweep" / "results.json").read_text())["cells"]
+    assert [(r["model"], r["step"]) for r in results] == [("tiny", 0), ("tiny", 2)]
+    assert "pretraining tiny" in capsys.readouterr().err
+    stamp = (snapshot / "config.json").stat().st_mtime_ns
+    assert main(["sweep", str(path)]) == 0
+    assert "pretraining tiny" not in capsys.readouterr().err and (snapshot / "config.json").stat().st_mtime_ns == stamp
+
+
+def test_cells_in_their_own_processes(tmp_path, tiny_model, task_files):
+    """The path taken with several GPUs (one process per cell, CUDA_VISIBLE_DEVICES set), run here on CPU."""
+    from domainlm.sweep.command import plan, run_cells
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    cfg = SweepConfig(out=str(tmp_path / "sweep"), seeds=[1], floor=False, finetune={**task_files, **FT, "epochs": 1},
+                      models=[{"name": "tiny", "base": tiny_model}, {"name": "broken", "base": str(broken)}])
+    cells = plan(cfg)
+    run_cells(cfg, cells, tmp_path / "sweep", ["", ""])
+    ok, bad = tmp_path / "sweep" / "cells" / "tiny" / "base" / "seed-1", tmp_path / "sweep" / "cells" / "broken" / "base" / "seed-1"
+    assert (ok / "DONE").is_file() and json.loads((ok / "metrics.json").read_text())["test"]["n"] == 30
+    assert (bad / "FAILED").read_text().startswith("RuntimeError: exit status 2: error:") and not (bad / "DONE").exists()
+
+
+def test_device_plan_and_removal_fence(tmp_path):
+    assert device_plan(1, 8) == [None]  # sequential unless asked
+    assert device_plan(4, 1) == [None] and device_plan(4, 0) == [None]  # one device: one after another
+    assert device_plan(4, 2) == ["0", "1"] and device_plan(2, 8) == ["0", "1"]
+    cell = tmp_path / "cells" / "m" / "base" / "seed-1"
+    cell.mkdir(parents=True)
+    remove_inside(cell, tmp_path)
+    assert not cell.exists()
+    outside = tmp_path / "keep"
+    outside.mkdir()
+    for victim in (outside, tmp_path / "cells", tmp_path / "cells" / ".." / "keep"):
+        with pytest.raises(DomainLMError, match="refusing to delete"):
+            remove_inside(victim, tmp_path)
+    assert outside.is_dir()
+
+
+def _fake_cell(root: Path, folder: str, correct: np.ndarray) -> None:
+    path = root / "cells" / folder
+    path.mkdir(parents=True)
+    rows = [{"gold": ["a"], "predicted": ["a" if c else "b"]} for c in correct]
+    (path / "test_predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (path / "metrics.json").write_text(json.dumps({"test": {"accuracy": float(correct.mean())}}))
+    (path / "DONE").write_text("")
+
+
+@pytest.mark.parametrize("gain,floor_accuracy,expected", [
+    (0.25, 0.5, "Ship m step 10: accuracy"),
+    (0.0, 0.5, "No checkpoint is distinguishable from its base model"),
+    (0.25, 0.99, "no transformer cell beats it"),
+])
+def test_conclusion_on_constructed_cells(tmp_path, gain, floor_accuracy, expected):
+    rng = np.random.default_rng(0)
+    cells = []
+    for step, p in ((0, 0.6), (10, 0.6 + gain), (20, 0.6)):
+        for seed in (1, 2, 3):
+            cell = Cell("m", "base" if step == 0 else f"step {step}", step, "x", seed)
+            _fake_cell(tmp_path, cell.folder, (rng.random(400) < p).astype(float))
+            cells.append(cell)
+    cfg = SweepConfig(out=str(tmp_path), models=[{"name": "m", "base": "x"}], finetune={}, seeds=[1, 2, 3])
+    task = {"task": "multiclass", "labels": ["a", "b"], "train": "t.jsonl", "train_rows": 100, "dev": None, "valid_rows": 20,
+            "fit_rows": 80, "test": "test.jsonl", "test_rows": 400, "evaluated_on": "test", "metric": "accuracy",
+            "seeds": [1, 2, 3], "selection_metric": "accuracy"}
+    floor = {"method": "char_wb 1-3-gram TF-IDF + logistic regression (C=1)", "train_rows": 80, "seconds": 1.0,
+             "test": {"accuracy": floor_accuracy}}
+    result = summarize(cfg, cells, tmp_path, task, floor)
+    assert expected in result["conclusion"]
+    star = [r for r in result["cells"] if r.get("star")]
+    if gain:
+        assert [r["step"] for r in star] == [10] and star[0]["vs_base"]["p_holm"] < 0.05
+        assert "★ step 10" in (tmp_path / "table.md").read_text()
+    else:
+        assert not star and "★ step" not in (tmp_path / "table.md").read_text()
 
 
 def test_report_for_pretrain_and_finetune_runs(tmp_path, pretrain_run, tiny_model, capsys):
@@ -93,8 +259,28 @@ def test_report_for_pretrain_and_finetune_runs(tmp_path, pretrain_run, tiny_mode
     assert "results.json" in (tmp_path / "r1" / "report.md").read_text()
     train = write_jsonl(tmp_path / "train.jsonl", make_rows(10, 1))
     ft = tmp_path / "ft"
-    assert main(["finetune", "--model", tiny_model, "--train", train, "--out", str(ft), "--epochs", "1", "--max-seq-len", "32"]) == 0
+    assert main(["finetune", "--model", tiny_model, "--train", train, "--out", str(ft), "--epochs", "1", "--max-seq-len", "32",
+                 "--no-floor"]) == 0
     assert main(["report", str(ft)]) == 0
     assert "metrics.json" in (ft / "report.html").read_text()
     assert main(["report", str(tmp_path)]) == 2
     assert "has no log.jsonl" in capsys.readouterr().err
+
+
+def test_conclusion_when_a_winning_checkpoint_is_not_the_best_cell(tmp_path):
+    rng = np.random.default_rng(0)
+    cells = []
+    for model, accuracies in (("a", ((0, 0.5), (10, 0.7))), ("b", ((0, 0.8), (10, 0.8)))):
+        for step, p in accuracies:
+            for seed in (1, 2, 3):
+                cell = Cell(model, "base" if step == 0 else f"step {step}", step, "x", seed)
+                _fake_cell(tmp_path, cell.folder, (rng.random(400) < p).astype(float))
+                cells.append(cell)
+    cfg = SweepConfig(out=str(tmp_path), models=[{"name": "a", "base": "x"}, {"name": "b", "base": "x"}], finetune={}, seeds=[1, 2, 3])
+    task = {"task": "multiclass", "labels": ["a", "b"], "train": "t.jsonl", "train_rows": 100, "dev": None, "valid_rows": 20,
+            "fit_rows": 80, "test": "test.jsonl", "test_rows": 400, "evaluated_on": "test", "metric": "accuracy",
+            "seeds": [1, 2, 3], "selection_metric": "accuracy"}
+    result = summarize(cfg, cells, tmp_path, task, None)
+    assert result["conclusion"].startswith("The best cell is b base, ")
+    assert "(a base model); a step 10 beats its base model after Holm adjustment, but scores lower." in result["conclusion"]
+    assert not any(r.get("star") for r in result["cells"])

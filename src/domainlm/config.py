@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -121,20 +122,27 @@ def _from_yaml_boolean(value: bool, tp: Any, where: str) -> str:
     )
 
 
+def range_error(f: dataclasses.Field, value: Any) -> str | None:
+    """Why a field's value is outside its [low, high] range (naming the flag), or None."""
+    low, high = f.metadata.get("low"), f.metadata.get("high")
+    if value is None or (low is None and high is None):
+        return None
+    too_low = low is not None and (value <= low if f.metadata.get("low_open") else value < low)
+    too_high = high is not None and value > high
+    if not (too_low or too_high):
+        return None
+    lo = "-inf" if low is None else low
+    hi = "inf" if high is None else high
+    bracket = "(" if f.metadata.get("low_open") else "["
+    return f"{_flag(f.name)} = {value} is out of range {bracket}{lo}, {hi}]"
+
+
 def validate(cfg: Any) -> None:
     """Check every field's range; the message names the field (as a flag) and the allowed range."""
     for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        low, high = f.metadata.get("low"), f.metadata.get("high")
-        if value is None or (low is None and high is None):
-            continue
-        too_low = low is not None and (value <= low if f.metadata.get("low_open") else value < low)
-        too_high = high is not None and value > high
-        if too_low or too_high:
-            lo = "-inf" if low is None else low
-            hi = "inf" if high is None else high
-            bracket = "(" if f.metadata.get("low_open") else "["
-            raise DomainLMError(f"{_flag(f.name)} = {value} is out of range {bracket}{lo}, {hi}]")
+        problem = range_error(f, getattr(cfg, f.name))
+        if problem:
+            raise DomainLMError(problem)
     check = getattr(cfg, "check", None)
     if check is not None:
         check()
@@ -226,3 +234,35 @@ def write(cfg: Any, folder: str | Path, name: str = "config.yaml") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8")
     return path
+
+
+def check_values(cls: type[C], values: dict[str, Any]) -> tuple[C | None, dict[str, str]]:
+    """Every problem with a set of option values at once, by field name (for forms and APIs that show each
+    message next to its field); the validated config when there is none. Same rules as `load`."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    errors: dict[str, str] = {}
+    coerced: dict[str, Any] = {}
+    for name, value in values.items():
+        if name not in fields:
+            errors[name] = f"unknown option {_flag(name)}"
+            continue
+        try:
+            coerced[name] = _coerce(value, hints[name], _flag(name))
+        except DomainLMError as e:
+            errors[name] = str(e)
+            continue
+        problem = range_error(fields[name], coerced[name])
+        if problem:
+            errors[name] = problem
+    for name, f in fields.items():
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+        if required and name not in values:
+            errors[name] = f"{_flag(name)}: a value is required"
+    if errors:
+        return None, errors
+    try:
+        return load(cls, None, coerced), {}
+    except DomainLMError as e:  # a cross-field check(): attach it to the first flag it names
+        named = [m.replace("-", "_") for m in re.findall(r"--([a-z][a-z0-9-]*)", str(e))]
+        return None, {next((n for n in named if n in fields), "_config"): str(e)}

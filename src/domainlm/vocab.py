@@ -44,6 +44,20 @@ def read_terms(path: str | Path) -> list[str]:
     return [t.strip() for t in p.read_text(encoding="utf-8").splitlines() if t.strip() and not t.startswith("#")]
 
 
+def check_out(model: str, out: str | Path) -> None:
+    """The extended model goes to a new or empty folder: never over --model, never onto a file."""
+    from domainlm import outputs
+    from domainlm.errors import DomainLMError
+
+    o = outputs.folder(out)
+    if Path(model).exists() and (outputs.inside(o, model) or outputs.inside(model, o)):
+        raise DomainLMError(f"--out {o} is (or contains) --model {model}: it would rewrite the input model; "
+                            "choose a new folder")
+    if o.is_dir() and any(o.iterdir()):
+        raise DomainLMError(f"--out {o} is not empty ({', '.join(sorted(p.name for p in o.iterdir())[:4])}); "
+                            "choose a new or empty folder")
+
+
 def extend_vocabulary(model: str, terms: list[str], out: str | Path) -> dict:
     """Add domain tokens to a model's tokenizer and embeddings; each new row starts as the mean of the rows
     of the pieces the old tokenizer split the term into, so the model starts where it was, not at noise.
@@ -57,6 +71,7 @@ def extend_vocabulary(model: str, terms: list[str], out: str | Path) -> dict:
     from domainlm.data.tokenize import load_fast_tokenizer
     from domainlm.errors import DomainLMError
 
+    check_out(model, out)
     tokenizer = load_fast_tokenizer(model)
     hf = AutoModelForPreTraining.from_pretrained(model)
     vocab = tokenizer.get_vocab()

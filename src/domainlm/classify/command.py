@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from domainlm import checks, outputs
 from domainlm import config as cfglib
-from domainlm.classify import batching
+from domainlm.classify import batching, linear
 from domainlm.classify import metrics as M
 from domainlm.classify.batching import encode, eval_batches
 from domainlm.classify.config import EvaluateConfig, FinetuneConfig, PredictConfig
@@ -23,9 +24,11 @@ from domainlm.classify.data import (
     Columns,
     Dataset,
     check_labels,
+    check_predict_paths,
     kfold,
     label_list,
     read_examples,
+    read_stdin_lines,
     split_validation,
     targets,
 )
@@ -114,7 +117,9 @@ def _run(cfg: FinetuneConfig, accelerator, tokenizer, train: Dataset, dev: Datas
     if main:
         out.mkdir(parents=True, exist_ok=True)
     log = print if main else (lambda *a, **k: None)
-    hf = load_classifier(cfg.model, labels, cfg.multilabel, cfg.method, cfg.lora_rank, cfg.lora_alpha, log=log)
+    with accelerator.main_process_first():  # a PaddleNLP folder is converted into --out once, by rank 0
+        hf = load_classifier(cfg.model, labels, cfg.multilabel, cfg.method, cfg.lora_rank, cfg.lora_alpha, log=log,
+                             work_dir=Path(cfg.out))
     model = Classifier(hf, cfg.multilabel)
     world, rank = accelerator.num_processes, accelerator.process_index
     global_batch = cfg.global_batch_size or cfg.batch_size * world
@@ -198,10 +203,13 @@ def finetune(cfg: FinetuneConfig) -> dict:
     from transformers.utils import logging as hf_logging
 
     from domainlm.data.tokenize import load_fast_tokenizer
+    from domainlm.pretrain.model import load_config
 
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected; domainlm reports what matters
+    out = outputs.folder(cfg.out)
+    outputs.claim(out)
+    outputs.check_earlier_run(out, "finetune", outputs.FINETUNE_OUTPUTS, "train", cfg.overwrite)
     accelerator = make_accelerator(cfg.precision)
-    out = Path(cfg.out)
     columns = _columns(cfg)
     train = read_examples(cfg.train, columns, cfg.multilabel, skip_bad=cfg.skip_bad_rows)
     labels = label_list(train, cfg.labels or None)
@@ -212,28 +220,39 @@ def finetune(cfg: FinetuneConfig) -> dict:
     for data in (dev_given, test):
         if data is not None:
             check_labels(data, labels)
-    tokenizer = load_fast_tokenizer(cfg.model)
+    linear_only = cfg.method == "linear"
+    tokenizer = None if linear_only else load_fast_tokenizer(cfg.model, flag="--model")
+    if not linear_only:
+        checks.max_seq_len(load_config(cfg.model), cfg.max_seq_len, cfg.model)
     if accelerator.is_main_process:
+        outputs.clear_known(out, outputs.FINETUNE_OUTPUTS)  # an earlier run's files never mix with this one's
         out.mkdir(parents=True, exist_ok=True)
         cfglib.write(cfg, out)
 
     def split(data: Dataset, seed: int) -> tuple[Dataset, Dataset]:
         return (data, dev_given) if dev_given is not None else split_validation(data, cfg.valid_ratio, cfg.valid_max_rows, seed)
 
-    runs = []
+    def run(fit: Dataset, dev: Dataset, test: Dataset | None, seed: int, folder: Path) -> dict:
+        splits.append((fit, dev, test))
+        if linear_only:
+            return linear.run(cfg, fit, dev, test, labels, seed, folder) if accelerator.is_main_process else {}
+        return _run(cfg, accelerator, tokenizer, fit, dev, test, labels, seed, folder)
+
+    runs, splits = [], []
     if cfg.folds:
         seed = cfg.seeds[0]
         for k, (fold_train, held_out) in enumerate(kfold(train, cfg.folds, seed), 1):
-            fit, dev = split(fold_train, seed)
-            runs.append(_run(cfg, accelerator, tokenizer, fit, dev, held_out, labels, seed, out / f"fold-{k}"))
+            runs.append(run(*split(fold_train, seed), held_out, seed, out / f"fold-{k}"))
         evaluated = "test"  # each fold's held-out part
     else:
         for seed in cfg.seeds:
-            fit, dev = split(train, seed)
-            runs.append(_run(cfg, accelerator, tokenizer, fit, dev, test, labels, seed,
-                             out if len(cfg.seeds) == 1 else out / f"seed-{seed}"))
+            runs.append(run(*split(train, seed), test, seed, out if len(cfg.seeds) == 1 else out / f"seed-{seed}"))
         evaluated = "test" if test is not None else "dev"
+    if linear_only and not accelerator.is_main_process:
+        return {}
     summary = {"runs": len(runs), "evaluated_on": evaluated, "labels": labels, "skipped_rows": dict(train.skipped)}
+    if cfg.floor and not linear_only and accelerator.is_main_process:
+        summary["floor"] = linear.floor_beside(cfg, splits, labels, evaluated, out, single=len(runs) == 1)
     if len(runs) > 1:
         summary["mean_std"] = M.aggregate([r[evaluated] for r in runs])
         summary["per_run"] = [{"seed": r["seed"], **_scalars(r[evaluated])} for r in runs]
@@ -242,6 +261,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
             lines = [f"# {len(runs)} runs ({'folds' if cfg.folds else 'seeds'}), metrics on {evaluated}", "",
                      "| metric | mean | std |", "| --- | --- | --- |"]
             lines += [f"| {k} | {v['mean']:.4f} | {v['std']:.4f} |" for k, v in summary["mean_std"].items()]
+            if "floor" in summary:
+                lines += ["", linear.floor_line(summary["floor"], evaluated, cfg.best_metric)]
             (out / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     else:
         summary.update(runs[0])
@@ -250,27 +271,38 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
 # ---- evaluate and predict ------------------------------------------------------------------------------
 
-def _load_model(path: str):
-    """A classifier folder, or an export folder (`domainlm export`) run by ONNX Runtime."""
+def _load(folder: str):
+    """A fine-tuned transformer, or a `--method linear` model (the same interface: labels, scores, thresholds)."""
+    if linear.is_linear(folder):
+        lm = linear.load(folder)
+        return lm, None, {"labels": lm.labels, "multilabel": lm.multilabel, "thresholds": lm.thresholds}
     from domainlm.serve.runtime import OnnxRuntime, is_export_dir
 
-    if is_export_dir(path):
-        runtime = OnnxRuntime(path)
+    if is_export_dir(folder):  # an ONNX export (`domainlm export`), run by ONNX Runtime
+        runtime = OnnxRuntime(folder)
         return runtime, runtime.tokenizer, runtime.meta
-    return load_trained(path)
+    return load_trained(folder)
 
 
 def evaluate_command(cfg: EvaluateConfig) -> dict:
-    model, tokenizer, meta = _load_model(cfg.model)
+    out = outputs.folder(cfg.out)
+    if outputs.inside(out, cfg.model):
+        raise DomainLMError(f"--out {out} lies inside --model {cfg.model}: choose a folder of its own")
+    outputs.claim(out)
+    outputs.check_earlier_run(out, "evaluate", outputs.EVALUATE_OUTPUTS, "data")
+    model, tokenizer, meta = _load(cfg.model)
     labels, multilabel = meta["labels"], meta["multilabel"]
-    data = read_examples(cfg.data, _columns(cfg), multilabel)
+    checks.label_map(labels, model, cfg.model)
+    if tokenizer is not None:  # a transformer (a linear model has no positions)
+        cfg.max_seq_len = checks.max_seq_len(model.config, cfg.max_seq_len, cfg.model, cap=True)
+    data = read_examples(cfg.data, _columns(cfg), multilabel, skip_bad=cfg.skip_bad_rows)
     unknown = sorted({label for ex in data.examples for label in ex.labels} - set(labels))
     if unknown:
         raise DomainLMError(f"{cfg.data}: labels {unknown} are not among the model's labels ({', '.join(labels)})")
     probs = _predict(model, tokenizer, data, cfg.batch_size, cfg.max_seq_len, multilabel)
     thresholds = meta.get("thresholds")
     metrics = score(probs, data, labels, multilabel, cfg.tolerant_k, thresholds)
-    out = Path(cfg.out)
+    outputs.clear_known(out, outputs.EVALUATE_OUTPUTS)
     out.mkdir(parents=True, exist_ok=True)
     write_outputs(out, "eval", data, probs, labels, multilabel, metrics, thresholds)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -282,6 +314,8 @@ def evaluate_command(cfg: EvaluateConfig) -> dict:
 def _predict(model, tokenizer, data: Dataset, batch_size: int, max_seq_len: int, multilabel: bool) -> np.ndarray:
     from tqdm import tqdm
 
+    if isinstance(model, linear.LinearModel):
+        return model.scores(data)
     features = encode(tokenizer, data, max_seq_len)
     order = np.argsort([len(f["input_ids"]) for f in features], kind="stable")  # similar lengths batch together
     batches = eval_batches([features[i] for i in order], batch_size, tokenizer.pad_token_id or 0)
@@ -299,23 +333,34 @@ def _predict(model, tokenizer, data: Dataset, batch_size: int, max_seq_len: int,
 def predict_command(cfg: PredictConfig) -> int:
     from domainlm.classify.data import Example
 
-    model, tokenizer, meta = _load_model(cfg.model)
+    check_predict_paths(cfg.input, cfg.out)
+    model, tokenizer, meta = _load(cfg.model)
     labels, multilabel = meta["labels"], meta["multilabel"]
+    checks.label_map(labels, model, cfg.model)
+    if tokenizer is not None:  # a transformer (a linear model has no positions)
+        cfg.max_seq_len = checks.max_seq_len(model.config, cfg.max_seq_len, cfg.model, cap=True)
     if cfg.input == "-":
-        data = Dataset("<stdin>", [Example(line.strip(), [], line=i) for i, line in enumerate(sys.stdin, 1) if line.strip()])
+        data = Dataset("<stdin>", [Example(text, [], line=i) for i, text in read_stdin_lines(getattr(sys.stdin, "buffer", sys.stdin))])
     else:
         columns = Columns(cfg.text_column, cfg.pair_column, "label", None)
-        data = read_examples(cfg.input, columns, multilabel, require_labels=False)
+        data = read_examples(cfg.input, columns, multilabel, require_labels=False, skip_flag=None)
     probs = _predict(model, tokenizer, data, cfg.batch_size, cfg.max_seq_len, multilabel)
     thresholds = _thresholds(labels, meta.get("thresholds"))
-    sink = sys.stdout if cfg.out == "-" else open(cfg.out, "w", encoding="utf-8")  # noqa: SIM115
+    # a file is written beside its name and renamed when complete: a failed run leaves no half file
+    partial = None if cfg.out == "-" else Path(cfg.out).with_name(f".{Path(cfg.out).name}.partial")
+    sink = sys.stdout if partial is None else open(partial, "w", encoding="utf-8")  # noqa: SIM115
     try:
         for ex, p in zip(data.examples, probs):
             chosen = [labels[j] for j in np.flatnonzero(p >= thresholds)] if multilabel else [labels[int(p.argmax())]]
             top = {labels[j]: round(float(p[j]), 4) for j in np.argsort(-p)[: cfg.top_k]}
             sink.write(json.dumps({"text": ex.text, "labels": chosen, "scores": top}, ensure_ascii=False) + "\n")
-    finally:
-        if sink is not sys.stdout:
+    except BaseException:
+        if partial is not None:
             sink.close()
+            partial.unlink(missing_ok=True)
+        raise
+    if partial is not None:
+        sink.close()
+        partial.replace(cfg.out)
     return len(data)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ class Dataset:
     path: str
     examples: list[Example] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)
+    bad_rows: list[tuple[int, str]] = field(default_factory=list)  # (line, problem) of each skipped row
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -90,7 +92,9 @@ def _labels(value, delimiter: str) -> list[str]:
     return [t.strip() for t in text.split(delimiter) if t.strip()]
 
 
-def read_examples(path: str, columns: Columns, multilabel: bool, require_labels: bool = True, skip_bad: bool = False) -> Dataset:
+def read_examples(path: str, columns: Columns, multilabel: bool, require_labels: bool = True, skip_bad: bool = False,
+                  skip_flag: str | None = "--skip-bad-rows") -> Dataset:
+    """`skip_flag`: the flag the calling command accepts to skip bad rows (named in errors), or None."""
     p = Path(path)
     if not p.is_file():
         raise DomainLMError(f"data file {p} does not exist")
@@ -121,14 +125,54 @@ def read_examples(path: str, columns: Columns, multilabel: bool, require_labels:
         if problem:
             if skip_bad:
                 data.skipped[problem.split(" (")[0]] += 1
+                data.bad_rows.append((lineno, problem.split(" (")[0]))
                 continue
-            raise DomainLMError(f"{p}:{lineno}: {problem} (pass --skip-bad-rows to skip and count such rows)")
+            hint = f" (pass {skip_flag} to skip and count such rows)" if skip_flag else ""
+            raise DomainLMError(f"{p}:{lineno}: {problem}{hint}")
         pair = str(row.get(columns.text_pair) or "") if columns.text_pair else None
         group = str(row.get(columns.group) or "") if columns.group else None
         data.examples.append(Example(text, labels, pair, group, lineno))
+    if data.skipped:
+        counts = ", ".join(f"{reason}: {n}" for reason, n in sorted(data.skipped.items()))
+        print(f"{p}: skipped {sum(data.skipped.values())} bad rows ({counts}); {len(data.examples)} rows used",
+              file=sys.stderr)
     if not data.examples:
         raise DomainLMError(f"{p}: no usable rows")
     return data
+
+
+def read_stdin_lines(stream) -> list[tuple[int, str]]:
+    """(line number, text) of the non-blank lines of stdin: bytes are read as UTF-8 (with or without BOM), else
+    GB18030 (GBK). Empty or blank-only input, or bytes in neither encoding, is an error."""
+    raw = stream.read()
+    text = raw if isinstance(raw, str) else _decode_stdin(raw)
+    lines = [(i, line.strip()) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not lines:
+        raise DomainLMError("<stdin> holds no text: give one text per line (or --input FILE)")
+    return lines
+
+
+def _decode_stdin(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        first = e
+    try:
+        return raw.decode("gb18030")
+    except UnicodeDecodeError:
+        line = raw[: first.start].count(b"\n") + 1
+        raise DomainLMError(f"<stdin>:{line}: undecodable bytes (neither UTF-8 nor GB18030); send UTF-8 text") from None
+
+
+def check_predict_paths(input_path: str, out: str) -> None:
+    """predict's --out must be a new or replaceable file: never --input itself, never a folder."""
+    if out == "-":
+        return
+    o = Path(out)
+    if o.is_dir():
+        raise DomainLMError(f"--out {o} is a folder; predict writes one JSONL file: name a file")
+    if input_path != "-" and o.exists() and o.resolve() == Path(input_path).resolve():
+        raise DomainLMError(f"--out {o} is --input: it would overwrite the data being classified; name another file")
 
 
 def label_list(train: Dataset, given: list[str] | None = None) -> list[str]:
@@ -168,13 +212,15 @@ def _strata(data: Dataset) -> np.ndarray:
 
 
 def split_validation(data: Dataset, ratio: float, cap: int, seed: int) -> tuple[Dataset, Dataset]:
-    """A stratified share of train as validation (ratio in [0.01, 0.5], at most `cap` rows). Fails if a class
+    """A stratified share of train as validation (ratio in [0.01, 0.5], at most `cap` rows if cap). Fails if a class
     would be left without a training example."""
     if not 0.01 <= ratio <= 0.5:
         raise DomainLMError(f"--valid-ratio {ratio} is out of range [0.01, 0.5]")
     from sklearn.model_selection import train_test_split
 
-    n_valid = min(cap, max(1, round(ratio * len(data))))
+    n_valid = max(1, round(ratio * len(data)))
+    if cap:  # 0: no cap
+        n_valid = min(cap, n_valid)
     strata = _strata(data)
     counts = Counter(strata.tolist())
     indices = np.arange(len(data))

@@ -11,7 +11,6 @@ from torch import nn
 
 from domainlm.errors import DomainLMError
 
-LORA_RANKS = (8, 16, 32, 64)
 # attention projections of BERT-family encoders (BERT, ERNIE, RoBERTa name them alike)
 LORA_TARGETS = ["query", "key", "value"]
 HEAD_PREFIXES = ("classifier.", "pooler.", "score.")
@@ -41,12 +40,15 @@ class Classifier(nn.Module):
         return loss, metrics
 
 
-def load_classifier(name_or_path: str, labels: list[str], multilabel: bool, method: str, lora_rank: int, lora_alpha: int, log=print):
+def load_classifier(name_or_path: str, labels: list[str], multilabel: bool, method: str, lora_rank: int, lora_alpha: int, log=print,
+                    work_dir: str | Path | None = None):
+    """work_dir: where a PaddleNLP folder is converted (the run's --out)."""
     from transformers import AutoModelForSequenceClassification
 
-    from domainlm.pretrain.model import has_weights, load_config
+    from domainlm.pretrain.model import has_weights, load_config, loadable
 
     load_config(name_or_path)  # a clear error for a missing model before transformers' own
+    name_or_path = loadable(name_or_path, work_dir, log=log)
     if Path(name_or_path).is_dir() and not has_weights(Path(name_or_path)):
         raise DomainLMError(f"{name_or_path} holds a config but no weights; fine-tuning needs a trained encoder")
     model, info = AutoModelForSequenceClassification.from_pretrained(
@@ -89,10 +91,17 @@ def save_classifier(model, tokenizer, out: Path, labels: list[str], multilabel: 
 def load_trained(path: str):
     """A classifier written by `finetune` (or any HF sequence classifier): model, tokenizer, labels, multilabel,
     thresholds."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
+    from domainlm.data.tokenize import load_fast_tokenizer
+    from domainlm.interop.paddle import is_paddle_folder
+    from domainlm.interop.resolve import resolve_model_dir
     from domainlm.pretrain.model import load_config
 
+    path = resolve_model_dir(path)
+    if is_paddle_folder(path):
+        raise DomainLMError(f"{path} is a PaddleNLP folder; convert it first (domainlm convert {path} --out DIR) "
+                            "and pass DIR")
     config = load_config(path)
     archs = config.architectures or []
     if not any(a.endswith("ForSequenceClassification") for a in archs):
@@ -106,7 +115,7 @@ def load_trained(path: str):
                 "multilabel": config.problem_type == "multi_label_classification"}
     model = AutoModelForSequenceClassification.from_pretrained(path)
     model.eval()
-    return model, AutoTokenizer.from_pretrained(path), meta
+    return model, load_fast_tokenizer(path, flag="--model"), meta
 
 
 @torch.no_grad()

@@ -9,11 +9,12 @@ from collections import Counter
 
 import numpy as np
 
+from domainlm.data.cjk import CJK_CLASS as _CJK
+
 # Zero-width characters and the BOM carry no text but split tokens and defeat duplicate detection.
 _INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"), None)
 _SPACES = re.compile(r"[ \t\u00a0\u3000\u2000-\u200a\u202f\u205f]+")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-_CJK = r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 
 
 def normalize_text(text: str, form: str = "NFC") -> str:

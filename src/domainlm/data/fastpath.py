@@ -5,8 +5,13 @@ character is a word of its own, so its token does not depend on its neighbours. 
 for each of them as a separate word (normalise, split, offsets, WordPiece lookup): ~5 us per character, most of
 `prepare`'s time on Chinese. Here those characters map through a lookup table (filled by asking the tokenizer
 itself, once per distinct character), and only the runs between them (Latin words, digits, other scripts) go
-to the tokenizer. The output, ids and offsets, is identical to the tokenizer's (tested, and checked in
-bench/prepare_bench.py on the benchmark corpus).
+to the tokenizer. The output, ids and offsets, is identical to the tokenizer's (a property-based test over
+every CJK block, full-width forms, accents, emoji, control characters and special-token strings; and checked
+in bench/prepare_bench.py on the benchmark corpus).
+
+Literal special-token strings in text ("[SEP]", "[MASK]" ...) are text, not special ids: the fast path is used
+only with a backend whose `encode_special_tokens` is on (see `domainlm.data.tokenize.text_backend`), where the
+tokenizer itself splits them like any other text. The CJK table is the tokenizer's own (data/cjk.py).
 """
 
 from __future__ import annotations
@@ -16,8 +21,8 @@ import unicodedata
 
 import numpy as np
 
-_CJK_RANGES = [(0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
-               (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F)]
+from domainlm.data.cjk import is_cjk
+
 _UNKNOWN, _NOT_ISOLATED = -2, -1
 
 
@@ -31,7 +36,7 @@ def word_firsts(word_ids) -> np.ndarray:
 
 def _isolated(cp: int) -> bool:
     """A character BERT's normaliser and pre-tokenizer always make a word of its own."""
-    if any(lo <= cp <= hi for lo, hi in _CJK_RANGES):
+    if is_cjk(cp):
         return True
     if 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126:
         return True
@@ -39,8 +44,11 @@ def _isolated(cp: int) -> bool:
 
 
 def supports(backend) -> bool:
-    """True for a WordPiece tokenizer with BERT's normaliser (Chinese chars isolated) and pre-tokenizer, and
-    no added non-special tokens (those are matched across character boundaries before pre-tokenization)."""
+    """True for a WordPiece tokenizer with BERT's normaliser (Chinese chars isolated) and pre-tokenizer, no
+    added non-special tokens (those are matched across character boundaries before pre-tokenization), and
+    special tokens encoded as text (else "[SEP]" in text would be one special id there, three pieces here)."""
+    if not getattr(backend, "encode_special_tokens", False):
+        return False
     spec = json.loads(backend.to_str())
     normalizer, pre = spec.get("normalizer") or {}, spec.get("pre_tokenizer") or {}
     added = [t for t in spec.get("added_tokens") or [] if not t.get("special")]

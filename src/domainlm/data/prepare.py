@@ -13,6 +13,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
 import time
 from collections import Counter, deque
@@ -23,16 +24,18 @@ from typing import Literal
 
 import numpy as np
 
-from domainlm import __version__
+from domainlm import __version__, outputs
 from domainlm import config as cfglib
 from domainlm.config import option
 from domainlm.data.clean import Deduplicator
-from domainlm.data.readers import Document, ReadOptions, discover, read_file
-from domainlm.data.store import Corpus, CorpusWriter, read_megatron, read_paddlenlp
+from domainlm.data.readers import SUFFIXES, Document, ReadOptions, discover, format_of, read_file
+from domainlm.data.store import FILES, Corpus, CorpusWriter, find_imports, read_megatron, read_paddlenlp
+from domainlm.data.store import FORMAT as STORE_FORMAT
 from domainlm.data.tokenize import (
     DocumentEncoder,
     EncodedDocument,
     EncodeOptions,
+    corpus_forbidden_ids,
     encode_chunk,
     init_worker,
     load_fast_tokenizer,
@@ -54,6 +57,8 @@ class PrepareConfig:
     text_field: str = option("text", "JSONL field holding the document text")
     encoding: Literal["auto", "utf-8", "gb18030"] = option("auto", "text file encoding (GBK is read as gb18030)")
     skip_bad_lines: bool = option(False, "skip and count malformed JSONL lines instead of failing")
+    split_books: bool = option(True, "cut long pdf/docx/md files into documents at their outline (PDF bookmarks), "
+                               "headings or page groups; the rule used per file is in the stats")
     normalize: Literal["NFC", "NFKC", "none"] = option("NFC", "Unicode normalisation form")
     min_doc_chars: int = option(10, "drop documents shorter than this after cleaning", low=0)
     max_sentence_tokens: int = option(510, "cut longer sentences into pieces of this many tokens", low=8)
@@ -70,6 +75,23 @@ def _is_import(path: str) -> bool:
     return path.endswith("_ids.npy") or path.endswith(".bin")
 
 
+def _split_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
+    """(corpora to import, raw document inputs). A folder may hold PaddleNLP / Megatron corpora, raw
+    documents, or both."""
+    imports, raw = [], []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir() and (pairs := find_imports(path)):
+            imports += pairs
+            if any(p.is_file() and format_of(p) in SUFFIXES for p in path.rglob("*")):
+                raw.append(item)
+        elif _is_import(item):
+            imports.append(path)
+        else:
+            raw.append(item)
+    return imports, raw
+
+
 def _fingerprint(cfg: PrepareConfig, files: list[Path], vocab: str) -> str:
     """What the corpus depends on: inputs (path, size, mtime), vocabulary and the options that change output."""
     ignore = {"out", "workers", "overwrite"}
@@ -82,8 +104,13 @@ def _fingerprint(cfg: PrepareConfig, files: list[Path], vocab: str) -> str:
 def _documents(files: list[Path], options: ReadOptions, counters: Counter) -> Iterator[Document]:
     for path in files:
         counters["files"] += 1
+        first = True
         for doc in read_file(path, options, counters):
             counters["documents_read"] += 1
+            if doc.split:  # a book format: which rule cut it into documents
+                counters[f"split_documents:{doc.split}"] += 1
+                counters[f"split_files:{doc.split}"] += first
+            first = False
             yield doc
 
 
@@ -108,8 +135,20 @@ def _encode_all(
         for chunk in chunks:
             yield chunk, [encoder.encode(d) for d in chunk]
         return
-    # spawn, not fork: the parent has loaded a Rust tokenizer whose thread pool does not survive a fork
-    with mp.get_context("spawn").Pool(workers, initializer=init_worker, initargs=(options,)) as pool:
+    # spawn, not fork: the parent has loaded a Rust tokenizer whose thread pool does not survive a fork.
+    # Workers start with Ctrl-C ignored (an ignored signal stays ignored in the child): the main process alone
+    # handles it, stops the pool and removes the partial store, and the user sees one line, not a traceback
+    # per worker.
+    try:
+        previous, changed = signal.signal(signal.SIGINT, signal.SIG_IGN), True
+    except ValueError:  # not the main thread: signals are not ours to change
+        previous, changed = None, False
+    try:
+        pool = mp.get_context("spawn").Pool(workers, initializer=init_worker, initargs=(options,))
+    finally:
+        if changed:
+            signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
+    with pool:
         pending: deque = deque()
         for chunk in chunks:
             pending.append((chunk, pool.apply_async(encode_chunk, (chunk,))))
@@ -144,26 +183,50 @@ def _import(paths: list[Path], writer: CorpusWriter, tokenizer, counters: Counte
                 )
             starts = ~continuation[ids]
             starts[np.concatenate([[0], np.cumsum(lengths)[:-1]])] = True
-            writer.add(ids, lengths, starts)
+            try:
+                writer.add(ids, lengths, starts)
+            except DomainLMError as e:
+                raise DomainLMError(f"{path}: {e}") from None
+
+
+STORE_ENTRIES = (*FILES, "stats.json", "config.yaml", "tokenizer")
+
+
+def _store_meta(out: Path) -> dict | None:
+    """meta.json of a domainlm corpus store in `out`, else None."""
+    try:
+        meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("format") == STORE_FORMAT else None
 
 
 def _check_out(out: Path, fingerprint: str, overwrite: bool) -> bool:
-    """True if `out` already holds this very corpus. Refuses to replace anything else without --overwrite."""
-    meta_path = out / "meta.json"
-    if meta_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            meta = {}
-        if meta.get("fingerprint") == fingerprint:
-            return True
-        if not overwrite:
-            raise DomainLMError(
-                f"{out} already holds a different corpus (made from other inputs or options); "
-                "pass --overwrite to replace it, or choose another --out"
-            )
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise DomainLMError(f"{out} exists and is not a corpus store; choose another --out or pass --overwrite")
+    """True if `out` already holds this very corpus. Replaces only a corpus store (holding nothing but its own
+    files), and only with --overwrite, or an empty folder; anything else is an error naming it."""
+    outputs.folder(out)
+    if not out.exists() or not any(out.iterdir()):
+        return False
+    meta = _store_meta(out)
+    if meta is None:
+        held = ", ".join(sorted(p.name for p in out.iterdir())[:5])
+        raise DomainLMError(
+            f"{out} exists and is not a corpus store (it holds {held}); prepare replaces only a corpus store or an "
+            "empty folder, with or without --overwrite: choose another --out"
+        )
+    if meta.get("fingerprint") == fingerprint:
+        return True
+    if not overwrite:
+        raise DomainLMError(
+            f"{out} already holds a different corpus (made from other inputs or options); "
+            "pass --overwrite to replace it, or choose another --out"
+        )
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in STORE_ENTRIES)
+    if foreign:
+        raise DomainLMError(
+            f"{out} is a corpus store that also holds {', '.join(foreign[:5])}; --overwrite would delete them: "
+            "move them out or choose another --out"
+        )
     return False
 
 
@@ -190,6 +253,9 @@ def _corpus_stats(corpus: Corpus, counters: Counter, seconds: float, n_bytes: in
         "bad_lines_skipped": counters["bad_lines_skipped"],
         "sentences_cut": counters["sentences_cut"],
         "languages": {k[len("lang_"):]: v for k, v in counters.items() if k.startswith("lang_")},
+        # pdf/docx/md files per rule that cut them into documents (data/sections.py), and the documents read
+        "document_split": {k.split(":", 1)[1]: {"files": v, "documents": counters[f"split_documents:{k.split(':', 1)[1]}"]}
+                           for k, v in sorted(counters.items()) if k.startswith("split_files:")},
         "seconds": round(seconds, 2),
         "mb_per_second": round(n_bytes / 1e6 / max(seconds, 1e-9), 2),
         "tokens_per_second": round(corpus.n_tokens / max(seconds, 1e-9), 1),
@@ -197,35 +263,58 @@ def _corpus_stats(corpus: Corpus, counters: Counter, seconds: float, n_bytes: in
     return stats
 
 
+def _workers(requested: int) -> int:
+    """-1: one per core; more than the cores is capped (each worker holds a tokenizer and a chunk in memory)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if requested < 0:
+        return cores
+    if requested > cores:
+        print(f"--workers {requested} is more than the {cores} cores available; using {cores}", file=sys.stderr)
+        return cores
+    return requested
+
+
 def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
     """Run the prepare stage; returns the stats (also in <out>/stats.json)."""
+    out = outputs.folder(cfg.out)
+    partial = out.parent / f".{out.name}.partial"
+    for item in cfg.input:
+        if outputs.inside(item, out) or outputs.inside(item, partial):
+            raise DomainLMError(f"input {item} lies inside --out {out}, which prepare replaces: move it or choose another --out")
+    workers = _workers(cfg.workers)
+    outputs.claim(out)  # before anything is read or written: a second run on this --out stops here
+    try:
+        return _prepare(cfg, out, partial, workers, progress)
+    finally:
+        outputs.release(out)
+
+
+def _prepare(cfg: PrepareConfig, out: Path, partial: Path, workers: int, progress: bool) -> dict:
     from tqdm import tqdm
 
-    out = Path(cfg.out)
     tokenizer = load_fast_tokenizer(cfg.tokenizer)
-    imports = [Path(p) for p in cfg.input if _is_import(p)]
+    imports, raw = _split_inputs(cfg.input)
     for p in imports:
         if not p.is_file():
             raise DomainLMError(f"input {p} does not exist")
-    raw = [p for p in cfg.input if not _is_import(p)]
-    files = discover(raw) if raw else []
+    # a folder input may hold this very store (prepare docs/ --out docs/corpus): its files are not documents
+    files = [f for f in (discover(raw) if raw else []) if not (outputs.inside(f, out) or outputs.inside(f, partial))]
     vocab = vocab_hash(tokenizer)
     fingerprint = _fingerprint(cfg, files + imports, vocab)
     if _check_out(out, fingerprint, cfg.overwrite):
         print(f"{out} is up to date (same inputs and options); nothing to do", file=sys.stderr)
         return json.loads((out / "stats.json").read_text(encoding="utf-8"))
 
-    partial = out.parent / f".{out.name}.partial"
-    if partial.exists():
+    if partial.exists():  # not a live run's: this process holds the lock of --out
         print(f"removing {partial} left by an interrupted run", file=sys.stderr)
         shutil.rmtree(partial)
-    workers = (os.cpu_count() or 1) if cfg.workers < 0 else cfg.workers
     started = time.perf_counter()
     counters: Counter = Counter()
-    writer = CorpusWriter(partial, len(tokenizer))
+    writer = CorpusWriter(partial, len(tokenizer), forbidden_ids=corpus_forbidden_ids(tokenizer))
     tokenizer.save_pretrained(partial / "tokenizer")
     total_bytes = sum(p.stat().st_size for p in files + imports)
     n_bytes = 0
+    bar = None
     try:
         _import(imports, writer, tokenizer, counters)
         encode_options = EncodeOptions(
@@ -234,7 +323,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
             near_dup_threshold=cfg.near_dup_threshold,
         )
         dedup = Deduplicator(cfg.near_dup_threshold, encode_options.num_perm)
-        read_options = ReadOptions(cfg.text_field, cfg.encoding, cfg.skip_bad_lines)
+        read_options = ReadOptions(cfg.text_field, cfg.encoding, cfg.skip_bad_lines, cfg.split_books)
         chunks = _chunks(_documents(files, read_options, counters))
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=not progress,
                    file=sys.stderr, smoothing=0.1)
@@ -270,6 +359,8 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
         (partial / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False), encoding="utf-8")
         cfglib.write(cfg, partial)
     except BaseException:
+        if bar is not None:
+            bar.close()  # its last state before the error message, not after it
         shutil.rmtree(partial, ignore_errors=True)
         raise
     _swap_into_place(partial, out)

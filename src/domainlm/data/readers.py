@@ -2,7 +2,8 @@
 
 Formats: .txt (documents separated by blank lines), .jsonl (one document per line), .md, .pdf (text layer),
 .docx, and any of them gzip-compressed (`.txt.gz`). Text files are decoded as UTF-8 or GB18030 (a superset of
-GBK), detected per file. Every error names the file and, where it applies, the line.
+GBK), or UTF-16/32 when they start with a byte-order mark, detected per file. A long pdf/docx/md file (a book)
+becomes several documents (sections.py). Every error names the file and, where it applies, the line.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from domainlm.data import sections
 from domainlm.errors import DomainLMError
 
 TEXT_SUFFIXES = {".txt", ".text", ".jsonl", ".md", ".markdown"}
@@ -30,6 +32,7 @@ class Document:
     text: str
     source: str
     line: int = 0  # 1-based line where the document starts; 0 where lines mean nothing (pdf, docx)
+    split: str = ""  # for a book format (pdf, docx, md): the rule that cut the file into documents (sections.py)
 
 
 @dataclass
@@ -37,6 +40,7 @@ class ReadOptions:
     text_field: str = "text"
     encoding: str = "auto"  # auto | utf-8 | gb18030
     skip_bad_lines: bool = False
+    split_books: bool = True  # cut long pdf/docx/md files into documents (sections.py)
 
 
 def format_of(path: Path) -> str:
@@ -88,7 +92,13 @@ def _read_head(path: Path) -> bytes:
 
 
 def detect_encoding(path: Path, head: bytes, forced: str = "auto") -> str:
-    """UTF-8 (with or without BOM) or GB18030; a binary file or an undecodable one is an error."""
+    """UTF-8 (with or without BOM), UTF-16/32 with a BOM (what Windows Notepad writes as "Unicode"), or
+    GB18030; a binary file or an undecodable one is an error."""
+    if forced == "auto":
+        for bom, encoding in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+                              (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
+            if head.startswith(bom):  # the codec reads the BOM and the byte order from it
+                return encoding
     nul = head.find(b"\x00")
     if nul >= 0:
         raise DomainLMError(f"{path}: looks like a binary file (NUL byte at offset {nul}), not text")
@@ -190,9 +200,22 @@ def markdown_to_text(md: str) -> str:
     return md
 
 
+_MD_HEADING = re.compile(r"^\s{0,3}(#{1,6})\s+\S")
+_MD_FENCE = re.compile(r"^\s{0,3}(```|~~~)")
+
+
 def read_md(path: Path, options: ReadOptions) -> Iterator[Document]:
-    text = "".join(line for _, line in _text_lines(path, options))
-    yield Document(markdown_to_text(text), str(path), 1)
+    """Cut at `#` headings (the top two levels present) when the file is long (sections.py)."""
+    lines = [line.rstrip("\n") for _, line in _text_lines(path, options)]
+    levels, fenced = {}, False
+    for i, line in enumerate(lines):
+        if _MD_FENCE.match(line):
+            fenced = not fenced
+        elif not fenced and (m := _MD_HEADING.match(line)):
+            levels[i] = len(m.group(1))
+    parts, rule = sections.split_text(lines, levels if options.split_books else None, whole=not options.split_books)
+    for part in parts:
+        yield Document(markdown_to_text(part.text + "\n"), str(path), part.line, rule)
 
 
 def _binary(path: Path) -> io.BytesIO:
@@ -201,7 +224,8 @@ def _binary(path: Path) -> io.BytesIO:
 
 
 def read_pdf(path: Path, options: ReadOptions) -> Iterator[Document]:
-    """One document per PDF: text layer per page, repeated headers/footers and page numbers removed."""
+    """Text layer per page, repeated headers/footers and page numbers removed; a long PDF is cut into
+    documents at its bookmarks, else its headings, else page groups (sections.py)."""
     import pypdf
 
     from domainlm.data.clean import reflow_lines, strip_page_furniture
@@ -211,28 +235,39 @@ def read_pdf(path: Path, options: ReadOptions) -> Iterator[Document]:
         if reader.is_encrypted:
             reader.decrypt("")
         pages = [page.extract_text() or "" for page in reader.pages]
+        outline = sections.pdf_outline(reader)
     except Exception as e:  # pypdf raises many types for damaged files
         raise DomainLMError(f"{path}: not a readable PDF: {e}") from None
     if not any(p.strip() for p in pages):
         raise DomainLMError(
             f"{path}: the PDF has no text layer ({len(pages)} pages, scanned images?); run OCR on it first"
         )
-    pages = strip_page_furniture(pages)
-    yield Document("\n".join(reflow_lines(p) for p in pages), str(path), 0)
+    pages = [reflow_lines(p) for p in strip_page_furniture(pages)]
+    parts, rule = sections.split_pages(pages, outline, whole=not options.split_books)
+    for part in parts:
+        yield Document(part.text, str(path), 0, rule)
 
 
 def read_docx(path: Path, options: ReadOptions) -> Iterator[Document]:
     import docx
+    from docx.table import Table
 
     try:
         document = docx.Document(_binary(path))
     except Exception as e:  # python-docx raises zip and xml errors for damaged files
         raise DomainLMError(f"{path}: not a readable .docx file: {e}") from None
-    parts = [p.text for p in document.paragraphs]
-    for table in document.tables:
-        for row in table.rows:
-            parts.append(" ".join(cell.text for cell in row.cells))
-    yield Document("\n".join(parts), str(path), 0)
+    lines, levels = [], {}
+    for block in document.iter_inner_content():  # paragraphs and tables in reading order
+        if isinstance(block, Table):
+            lines += [" ".join(cell.text for cell in row.cells) for row in block.rows]
+            continue
+        style = block.style.name if block.style is not None else ""
+        if style.startswith("Heading ") and style[8:].isdigit():  # "Title" names the whole file: no cut
+            levels[len(lines)] = int(style[8:])
+        lines.append(block.text)
+    parts, rule = sections.split_text(lines, levels if options.split_books else None, whole=not options.split_books)
+    for part in parts:
+        yield Document(part.text, str(path), 0, rule)
 
 
 def read_file(path: Path, options: ReadOptions, counters: Counter) -> Iterator[Document]:

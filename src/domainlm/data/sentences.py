@@ -5,9 +5,11 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
+from domainlm.data.cjk import CJK_CLASS
+
 # A run of terminators, then any closing quotes/brackets that belong to the same sentence.
 _ZH_END = re.compile(r"([。！？!?；;…]+[”’」』）)\]】》〉\"']*)")
-_CJK_CHAR = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_CJK_CHAR = re.compile(f"[{CJK_CLASS}]")
 _LATIN_CHAR = re.compile(r"[A-Za-z]")
 
 

@@ -32,10 +32,14 @@ def token_dtype(vocab_size: int) -> np.dtype:
 class CorpusWriter:
     """Appends documents to a folder; `close(meta)` writes meta.json last, which marks the store complete."""
 
-    def __init__(self, folder: str | Path, vocab_size: int, buffer_tokens: int = 1 << 20):
+    def __init__(self, folder: str | Path, vocab_size: int, buffer_tokens: int = 1 << 20, forbidden_ids=()):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.vocab_size = vocab_size
+        # special ids ([CLS], [SEP], [MASK], [PAD]) are added by pretraining; one inside a sentence would be
+        # taken for structure, so the store refuses them (see tokenize.corpus_forbidden_ids)
+        self.forbidden = np.zeros(vocab_size, dtype=bool)
+        self.forbidden[[i for i in forbidden_ids if 0 <= i < vocab_size]] = True
         self.dtype = token_dtype(vocab_size)
         self._tokens = open(self.folder / "tokens.bin", "wb")
         self._words = open(self.folder / "words.bin", "wb")
@@ -51,6 +55,12 @@ class CorpusWriter:
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
             raise DomainLMError(
                 f"token id {int(ids.max())} is outside the vocabulary of {self.vocab_size} entries"
+            )
+        bad = np.flatnonzero(self.forbidden[ids])
+        if bad.size:
+            raise DomainLMError(
+                f"special token id {int(ids[bad[0]])} at position {int(bad[0])} of document {self.n_documents + 1}: "
+                "a corpus must hold text tokens only (special tokens are added by pretraining)"
             )
         if int(lengths.sum()) != len(ids) or len(word_starts) != len(ids):
             raise ValueError("lengths and word_starts must match ids")
@@ -162,6 +172,14 @@ class Corpus:
 
 
 # ---- imports of corpora prepared by other tools ---------------------------------------------------------
+
+def find_imports(folder: Path) -> list[Path]:
+    """Corpora of other tools in a folder: PaddleNLP `<prefix>_ids.npy` (+ `_idx.npz`) and Megatron `.bin`
+    files that have their `.idx` beside them."""
+    found = [p for p in folder.rglob("*_ids.npy") if p.is_file()]
+    found += [p for p in folder.rglob("*.bin") if p.is_file() and p.with_suffix(".idx").is_file()]
+    return sorted(found)
+
 
 def read_paddlenlp(ids_path: Path):
     """PaddleNLP `create_pretraining_data.py` output: `<prefix>_ids.npy` + `<prefix>_idx.npz` (lens, docs).

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from domainlm import config as cfglib
+from domainlm import outputs
 from domainlm.data.store import Corpus
 from domainlm.data.tokenize import load_fast_tokenizer, vocab_hash
 from domainlm.errors import DomainLMError
@@ -110,6 +111,8 @@ class Run:
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
+    outputs.folder(cfg.out)
+    outputs.claim(cfg.out)  # one run per --out: a second one stops here, naming this one's PID
     run = setup(cfg)
     try:
         state = train(run)
@@ -141,7 +144,8 @@ def setup(cfg: PretrainConfig) -> Run:
 
     set_seed(cfg.seed)
     log = print if accelerator.is_main_process else (lambda *a, **k: None)
-    hf_model = load_pretraining_model(cfg.model, cfg.from_scratch, log=log)
+    with accelerator.main_process_first():  # a PaddleNLP folder is converted into --out once, by rank 0
+        hf_model = load_pretraining_model(cfg.model, cfg.from_scratch, log=log, work_dir=out)
     limit = getattr(hf_model.config, "max_position_embeddings", None)
     if limit is not None and cfg.max_seq_len > limit:
         raise DomainLMError(f"--max-seq-len {cfg.max_seq_len} exceeds the model's max_position_embeddings ({limit})")

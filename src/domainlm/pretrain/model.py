@@ -21,16 +21,41 @@ def has_weights(path: Path) -> bool:
 
 
 def load_config(name_or_path: str):
-    """A model's config by name or path; a missing or unreadable one is a user error naming it."""
+    """A model's config by name or path (a PaddleNLP folder's config is mapped, not converted); a missing or
+    unreadable one is a user error naming it."""
     from transformers import AutoConfig
 
+    from domainlm.interop.names import hub_kwargs
+    from domainlm.interop.paddle import hf_config, is_paddle_folder
+    from domainlm.interop.resolve import hub_error, resolve_source
+
+    source = resolve_source(name_or_path, "--model", log=lambda *_: None)
+    if is_paddle_folder(source):
+        return hf_config(source)
     try:
-        return AutoConfig.from_pretrained(name_or_path)
+        return AutoConfig.from_pretrained(source, **hub_kwargs())
     except (OSError, ValueError) as e:
+        if not Path(source).is_dir():
+            raise hub_error(source, "--model", e) from None
         raise DomainLMError(f"model {name_or_path!r} could not be loaded: {str(e).splitlines()[0]}") from None
 
 
-def load_pretraining_model(name_or_path: str, from_scratch: bool, log=print):
+def loadable(name_or_path: str, work_dir: str | Path | None, log=print) -> str:
+    """The path or hub id that transformers can load: PaddleNLP names are mapped, PaddleNLP folders are
+    converted into `work_dir` (the run's --out), never in place."""
+    from domainlm.interop.paddle import converted_copy, is_paddle_folder
+    from domainlm.interop.resolve import resolve_source
+
+    source = resolve_source(name_or_path, "--model", log=log)
+    if is_paddle_folder(source):
+        if work_dir is None:
+            raise DomainLMError(f"{name_or_path} is a PaddleNLP folder; convert it first: "
+                                f"domainlm convert {name_or_path} --out DIR")
+        return converted_copy(source, work_dir, log=log)
+    return source
+
+
+def load_pretraining_model(name_or_path: str, from_scratch: bool, log=print, work_dir: str | Path | None = None):
     """An `AutoModelForPreTraining` (BERT/ERNIE: MLM + 2-way head; RoBERTa: MLM only).
 
     Missing head weights are reported and initialised; missing encoder weights are an error unless
@@ -40,13 +65,14 @@ def load_pretraining_model(name_or_path: str, from_scratch: bool, log=print):
 
     config = load_config(name_or_path)
     local = Path(name_or_path)
-    if from_scratch or (local.is_dir() and not has_weights(local)):
+    if from_scratch or (local.is_dir() and not has_weights(local) and not _is_paddle(local)):
         if not from_scratch:
             raise DomainLMError(
                 f"{name_or_path} holds a config but no weights; pass --from-scratch to train from random weights"
             )
         log(f"model: {config.model_type} from config {name_or_path}, random weights (--from-scratch)")
         return AutoModelForPreTraining.from_config(config)
+    name_or_path = loadable(name_or_path, work_dir, log=log)
     model, info = AutoModelForPreTraining.from_pretrained(name_or_path, output_loading_info=True)
     missing = list(info.get("missing_keys", []))
     heads = sorted({k for k in missing if k.startswith(HEAD_PREFIXES)})
@@ -61,6 +87,12 @@ def load_pretraining_model(name_or_path: str, from_scratch: bool, log=print):
         log(f"model: {name_or_path} has no pretraining head weights for {', '.join(sorted({h.rsplit('.', 1)[0] for h in heads}))}; "
             "they are newly initialised")
     return model
+
+
+def _is_paddle(path: Path) -> bool:
+    from domainlm.interop.paddle import is_paddle_folder
+
+    return is_paddle_folder(path)
 
 
 class PretrainingModel(nn.Module):

@@ -218,7 +218,8 @@ def export(cfg: ExportConfig) -> dict:
     (out / LABELS_FILE).write_text(json.dumps(meta, ensure_ascii=False, indent=2), encoding="utf-8")
     info = {"format": "onnx", "exporter": "torch.onnx.export (TorchScript, dynamo=False)", "opset": cfg.opset,
             "optimized": fused, "inputs": input_names, "dynamic_axes": {"batch": 0, "sequence": 1},
-            "max_seq_len": max_len, "source": str(Path(model_dir).resolve()), "files": {"fp32": "model.onnx"},
+            "max_seq_len": max_len, "max_position_embeddings": getattr(model.config, "max_position_embeddings", None),
+            "model_type": getattr(model.config, "model_type", ""), "source": str(Path(model_dir).resolve()), "files": {"fp32": "model.onnx"},
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
 
     def write_info() -> None:

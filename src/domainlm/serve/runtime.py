@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -163,6 +164,11 @@ class OnnxRuntime(Runtime):
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(self.file), options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
+        width = self.session.get_outputs()[0].shape[-1]
+        # what the model-vs-options checks read off a transformers config: positions, type, outputs
+        self.config = SimpleNamespace(max_position_embeddings=info.get("max_position_embeddings"),
+                                      model_type=info.get("model_type", ""),
+                                      num_labels=width if isinstance(width, int) else len(meta["labels"]))
         super().__init__(AutoTokenizer.from_pretrained(str(folder)), meta, max_seq_len or info.get("max_seq_len", 128))
 
     def probs_batch(self, batch: dict[str, np.ndarray]) -> np.ndarray:

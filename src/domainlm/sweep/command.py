@@ -1,64 +1,126 @@
 """`domainlm sweep SWEEP.yaml`: every (model, checkpoint, seed) fine-tuned and evaluated the same way, then one
-table with mean +- std over seeds, the best cell marked, and a paired bootstrap test of each checkpoint
-against its base model.
+table with mean +- std over seeds, the classical floor, and a test of each checkpoint against its base model.
 
     out: runs/sweep
     models:
       - name: micro
         base: path/or/name/of/released/model
         snapshots: runs/pt-micro          # every step-* folder of a pretrain run (or a list of folders)
-        steps: [320, 960]                 # optional: only these
+        steps: [320, 960]                 # optional: only these (each must exist)
+        pretrain: {corpus: corpus/, max_steps: 960, save_steps: 320}   # optional: run first when snapshots are missing
     finetune: {train: train.jsonl, test: test.jsonl, epochs: 3, learning_rate: 3.0e-5}
     seeds: [1, 2, 3]
     metrics: [accuracy, tolerant_accuracy@2]
+    groups: false                         # per-group columns (needs finetune.group_column)
+    parallel: 1                           # cells at once, one per GPU (used when more than one GPU is present)
 
-Cells run one after another and are resumable: a finished cell (marked DONE) is not rerun while its options are
-unchanged; a crashed one, or one whose options changed, is.
-A failing cell is reported in the table and in failures.json; the others go on.
+Every option and file is checked before any work starts. A `pretrain:` section (options of `domainlm pretrain`;
+`model` defaults to `base`, `out` to `snapshots` or OUT/pretrain/NAME) runs, or resumes, the pretraining when its
+snapshots are not all there. Cells are resumable: a finished cell (marked DONE) is not rerun while its options are
+unchanged; a crashed one, or one whose options changed, is. A failing cell is reported in the table and in
+failures.json, the others go on, and the sweep then exits with status 2.
+
+Validation for early stopping: a fifth of the training rows (no cap) unless finetune.dev is given; a smaller share
+is refused, because with a small dev set the epoch each cell keeps follows the noise, and so does the table.
 """
 
 from __future__ import annotations
 
-import csv
-import json
+import os
 import re
 import shutil
+import subprocess
 import sys
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Queue
 
-import numpy as np
 import yaml
 
 from domainlm import config as cfglib
 from domainlm.config import option
 from domainlm.errors import DomainLMError
-from domainlm.sweep.report import html_page, markdown_table, plot_curves
-from domainlm.sweep.stats import mean_std, paired_bootstrap
-from domainlm.train.logging import read_log
+
+MODEL_KEYS = {"name", "base", "snapshots", "steps", "pretrain"}
+SET_BY_SWEEP = ("model", "out", "seeds", "folds", "floor")
+MIN_VALID_RATIO = 0.2
+_NAME = re.compile(r"[\w.+-]+")
 
 
 @dataclass(kw_only=True)
 class SweepConfig:
-    out: str = option(help="output folder: cells/, table.md/.csv, report.html, plots")
+    out: str = option(help="output folder: cells/, floor/, table.md/.csv, report.html, plots")
     models: list[dict] = option(help="base models with their pretraining snapshots (see `domainlm sweep --help`)")
     finetune: dict = option(help="fine-tuning options shared by every cell (as for `domainlm finetune`)")
-    seeds: list[int] = option([1, 2], "seeds per cell")
+    seeds: list[int] = option([1, 2, 3], "seeds per cell (3 or more make the test against the base meaningful)")
     metrics: list[str] = option(["accuracy"], "metrics to tabulate; the first one ranks the cells")
+    floor: bool = option(True, "fit the classical floor (char n-gram TF-IDF + linear model) once and show it")
+    groups: bool = option(False, "per-group columns (finetune.group_column names the group)")
+    parallel: int = option(1, "cells at once, one per GPU; with fewer than 2 GPUs cells run one after another", low=1)
 
     def check(self) -> None:
-        from domainlm.classify.config import FinetuneConfig
+        """Everything that can be checked without reading files."""
+        from domainlm.classify.config import FinetuneConfig, metric_names
 
-        known = {f for f in FinetuneConfig.__dataclass_fields__}
+        if not self.seeds:
+            raise DomainLMError("seeds: needs at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise DomainLMError(f"seeds: {self.seeds} repeats a seed")
+        if not self.models:
+            raise DomainLMError("models: needs at least one model")
+        known = set(FinetuneConfig.__dataclass_fields__)
         for key in self.finetune:
-            if key not in known or key in ("model", "out", "seeds", "folds"):
-                raise DomainLMError(f"finetune: option {key!r} is unknown or set by the sweep itself")
+            if key not in known:
+                raise DomainLMError(f"finetune: unknown option {key!r} (known: {', '.join(sorted(known - set(SET_BY_SWEEP)))})")
+            if key in SET_BY_SWEEP:
+                raise DomainLMError(f"finetune: option {key!r} is set by the sweep itself")
         if "train" not in self.finetune:
             raise DomainLMError("finetune: `train` (the labelled training file) is required")
+        if not (self.finetune.get("test") or self.finetune.get("dev")):
+            raise DomainLMError("finetune: give `test` (or `dev`): every cell must be scored on the same rows")
+        ft = cell_config(self, "model", "out", self.seeds[0])
+        if ft.method == "linear":
+            raise DomainLMError("finetune: method 'linear' is the floor, which the sweep fits by itself (floor: true)")
+        available = metric_names(ft.multilabel, ft.tolerant_k)
+        unknown = [m for m in self.metrics if m not in available]
+        if unknown or not self.metrics:
+            raise DomainLMError(f"metrics: {unknown or '[]'} not computed for a {ft.task} task; choose from {', '.join(available)}")
+        if self.groups and not ft.group_column:
+            raise DomainLMError("groups: true needs finetune.group_column (the column holding each row's group)")
+        if not ft.dev and ft.valid_ratio < MIN_VALID_RATIO:
+            raise DomainLMError(f"finetune: valid_ratio {ft.valid_ratio} holds out too few rows to pick each cell's epoch "
+                                f"reliably; use at least {MIN_VALID_RATIO} or give a `dev` file")
+        names = set()
         for i, m in enumerate(self.models):
             if not isinstance(m, dict) or "name" not in m or "base" not in m:
-                raise DomainLMError(f"models[{i}]: needs `name` and `base` (and optionally `snapshots`, `steps`)")
+                raise DomainLMError(f"models[{i}]: needs `name` and `base` (and optionally {', '.join(sorted(MODEL_KEYS - {'name', 'base'}))})")
+            extra = sorted(set(m) - MODEL_KEYS)
+            if extra:
+                raise DomainLMError(f"models[{i}] ({m['name']}): unknown key(s) {extra} (known: {', '.join(sorted(MODEL_KEYS))})")
+            name = str(m["name"])
+            if not _NAME.fullmatch(name) or ".." in name or name.startswith("."):
+                raise DomainLMError(f"models[{i}]: name {name!r} becomes a folder name: use letters, digits, '_', '-', '+' "
+                                    "and '.' only (no path separators, no '..', not starting with '.')")
+            if name in names:
+                raise DomainLMError(f"models[{i}]: name {name!r} is used twice; their cells would overwrite each other")
+            names.add(name)
+            steps = m.get("steps")
+            if steps is not None and (not isinstance(steps, list) or not steps or
+                                      not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in steps)):
+                raise DomainLMError(f"models: {name}: steps must be a non-empty list of positive step numbers, got {steps!r}")
+            if m.get("pretrain") is not None and not isinstance(m["pretrain"], dict):
+                raise DomainLMError(f"models: {name}: pretrain must be a mapping of `domainlm pretrain` options")
+
+
+def cell_config(cfg: SweepConfig, model: str, out: str, seed: int):
+    from domainlm.classify.config import FinetuneConfig
+
+    try:
+        return cfglib.load(FinetuneConfig, None, {**cfg.finetune, "model": model, "out": out, "seeds": [seed], "floor": False})
+    except DomainLMError as e:
+        raise DomainLMError(f"finetune: {e}") from None
 
 
 @dataclass
@@ -74,50 +136,160 @@ class Cell:
         return f"{self.model}/{'base' if self.step == 0 else f'step-{self.step:06d}'}/seed-{self.seed}"
 
 
-def _snapshots(spec: dict) -> list[tuple[int, str]]:
-    found = spec.get("snapshots")
-    if not found:
-        return []
-    folders = [Path(p) for p in found] if isinstance(found, list) else sorted(Path(found).glob("step-*"))
-    if isinstance(found, str) and not folders:
-        raise DomainLMError(f"models: {spec['name']}: no step-* snapshots in {found}")
-    out = []
-    for f in folders:
-        match = re.search(r"(\d+)$", f.name)
-        if not f.is_dir() or not match:
-            raise DomainLMError(f"models: {spec['name']}: {f} is not a step-N snapshot folder")
-        out.append((int(match.group(1)), str(f)))
-    wanted = set(spec.get("steps") or [])
-    return sorted((s, p) for s, p in out if not wanted or s in wanted)
+# ---- planning: what exists, what pretraining must run, which cells --------------------------------------------
+
+def pretrain_config(cfg: SweepConfig, spec: dict):
+    """The model's `pretrain:` section as a checked PretrainConfig, or None."""
+    from domainlm.pretrain.config import PretrainConfig
+
+    section = spec.get("pretrain")
+    if section is None:
+        return None
+    snapshots = spec.get("snapshots")
+    if snapshots is not None and not isinstance(snapshots, str):
+        raise DomainLMError(f"models: {spec['name']}: with a pretrain section, snapshots must be one folder (its out)")
+    defaults = {"model": spec["base"], "out": snapshots or str(Path(cfg.out) / "pretrain" / spec["name"]), "resume": "auto"}
+    try:
+        pt = cfglib.load(PretrainConfig, None, {**defaults, **section})
+    except DomainLMError as e:
+        raise DomainLMError(f"models: {spec['name']}: pretrain: {e}") from None
+    if not pt.save_steps:
+        raise DomainLMError(f"models: {spec['name']}: pretrain: save_steps is needed (the sweep fine-tunes the step-N snapshots)")
+    if not Path(pt.corpus).is_dir():
+        raise DomainLMError(f"models: {spec['name']}: pretrain: corpus {pt.corpus} is not a folder")
+    return pt
+
+
+def _expected_steps(pt) -> list[int]:
+    return list(range(pt.save_steps, pt.max_steps + 1, pt.save_steps))
+
+
+def _is_snapshot(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+
+def pretraining_needed(pt) -> bool:
+    return not all(_is_snapshot(Path(pt.out) / f"step-{s:06d}") for s in _expected_steps(pt))
+
+
+def _snapshots(cfg: SweepConfig, spec: dict) -> list[tuple[int, str]]:
+    """(step, folder) of the snapshots to fine-tune; with a pretrain section, the ones it will write."""
+    name, found, pt = spec["name"], spec.get("snapshots"), pretrain_config(cfg, spec)
+    if pt is not None:
+        out = [(s, str(Path(pt.out) / f"step-{s:06d}")) for s in _expected_steps(pt)]
+    elif not found:
+        out = []
+    else:
+        if isinstance(found, str):
+            if not Path(found).is_dir():
+                raise DomainLMError(f"models: {name}: snapshots folder {found} does not exist (add a pretrain section to make it)")
+            folders = sorted(Path(found).glob("step-*"))
+            if not folders:
+                raise DomainLMError(f"models: {name}: no step-* snapshots in {found}")
+        else:
+            folders = [Path(p) for p in found]
+        out = []
+        for f in folders:
+            match = re.search(r"(\d+)$", f.name)
+            if not f.is_dir() or not match:
+                raise DomainLMError(f"models: {name}: {f} is not a step-N snapshot folder")
+            out.append((int(match.group(1)), str(f)))
+    wanted = spec.get("steps")
+    if wanted:
+        missing = sorted(set(wanted) - {s for s, _ in out})
+        if missing:
+            raise DomainLMError(f"models: {name}: steps {missing} have no snapshot (available: {sorted(s for s, _ in out) or 'none'})")
+        out = [(s, p) for s, p in out if s in set(wanted)]
+    return sorted(out)
+
+
+def _check_base(name: str, base: str) -> None:
+    looks_local = base.startswith((".", "/", "~")) or "\\" in base or base.count("/") > 1  # hub names: NAME or ORG/NAME
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if not Path(base).exists() and (looks_local or offline):
+        raise DomainLMError(f"models: {name}: base {base}: no such folder" + ("" if looks_local else " (and HF_HUB_OFFLINE is set)"))
 
 
 def plan(cfg: SweepConfig) -> list[Cell]:
     cells = []
     for spec in cfg.models:
-        for step, path in [(0, spec["base"])] + _snapshots(spec):
+        _check_base(spec["name"], str(spec["base"]))
+        for step, path in [(0, str(spec["base"]))] + _snapshots(cfg, spec):
             for seed in cfg.seeds:
                 cells.append(Cell(spec["name"], "base" if step == 0 else f"step {step}", step, str(path), seed))
     return cells
 
 
-def run_cell(cfg: SweepConfig, cell: Cell, root: Path) -> dict:
-    from domainlm.classify.command import finetune
-    from domainlm.classify.config import FinetuneConfig
+def check_data(cfg: SweepConfig) -> dict:
+    """Read every data file once (columns, labels, validation share) so that a bad file fails before any cell runs.
+    Returns what the report tells about the task."""
+    from domainlm.classify.command import _columns
+    from domainlm.classify.data import check_labels, label_list, read_examples
 
-    folder = root / "cells" / cell.folder
+    ft = cell_config(cfg, "model", "out", cfg.seeds[0])
+    read = lambda path: read_examples(path, _columns(ft), ft.multilabel, skip_bad=ft.skip_bad_rows) if path else None  # noqa: E731
     try:
-        ft = cfglib.load(FinetuneConfig, None, {**cfg.finetune, "model": cell.path, "out": str(folder), "seeds": [cell.seed]})
+        train = read(ft.train)
+        labels = label_list(train, ft.labels or None)
+        dev, test = read(ft.dev), read(ft.test)
+        for data in (dev, test):
+            if data is not None:
+                check_labels(data, labels)
     except DomainLMError as e:
         raise DomainLMError(f"finetune: {e}") from None
+    if not ft.dev and ft.valid_max_rows and ft.valid_max_rows < MIN_VALID_RATIO * len(train):
+        raise DomainLMError(f"finetune: valid_max_rows {ft.valid_max_rows} is under {MIN_VALID_RATIO:.0%} of the {len(train)} "
+                            "training rows; raise it (0: no cap) or give a `dev` file")
+    n_valid = len(dev) if dev else min(ft.valid_max_rows or len(train), max(1, round(ft.valid_ratio * len(train))))
+    return {"task": ft.task, "labels": labels, "train": ft.train, "train_rows": len(train), "dev": ft.dev,
+            "valid_rows": n_valid, "fit_rows": len(train) - (0 if dev else n_valid), "test": ft.test,
+            "test_rows": len(test) if test else 0, "evaluated_on": "test" if test else "dev", "metric": cfg.metrics[0],
+            "seeds": cfg.seeds, "selection_metric": ft.best_metric}
+
+
+# ---- running ------------------------------------------------------------------------------------------------
+
+def device_plan(parallel: int, gpus: int) -> list[str | None]:
+    """One slot per concurrent cell: a GPU index for each of min(parallel, gpus) workers when more than one GPU is
+    present; else a single in-process slot (None), and cells run one after another."""
+    if parallel > 1 and gpus > 1:
+        return [str(i) for i in range(min(parallel, gpus))]
+    return [None]
+
+
+def remove_inside(path: Path, root: Path) -> None:
+    """Delete a cell's old folder, never anything outside the sweep's cells/ folder."""
+    target, fence = path.resolve(), (root / "cells").resolve()
+    if target == fence or fence not in target.parents:
+        raise DomainLMError(f"refusing to delete {path}: it is not inside {fence}")
+    shutil.rmtree(target)
+
+
+def run_cell(cfg: SweepConfig, cell: Cell, root: Path, device: str | None = None) -> dict:
+    from domainlm.classify.command import finetune
+
+    folder = root / "cells" / cell.folder
+    ft = cell_config(cfg, cell.path, str(folder), cell.seed)
     if (folder / "DONE").is_file():
         # finished with the same options: reuse; with other options (the sweep file changed): run again
         if yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")) == cfglib.to_dict(ft):
             return {"status": "done", "skipped": True}
         print(f"cell {cell.folder}: options changed since it ran; running it again", file=sys.stderr)
     if folder.exists():  # a crashed, failed or outdated earlier attempt
-        shutil.rmtree(folder)
+        remove_inside(folder, root)
     try:
-        finetune(ft)
+        if device is None:
+            finetune(ft)
+        else:  # its own process, seeing one GPU
+            folder.mkdir(parents=True)
+            spec = cfglib.write(ft, folder, "cell.yaml")
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": device}
+            with open(folder / "cell.log", "w", encoding="utf-8") as log:
+                done = subprocess.run([sys.executable, "-m", "domainlm.cli", "finetune", "--config", str(spec)],
+                                      stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
+            if done.returncode:
+                tail = (folder / "cell.log").read_text(encoding="utf-8").strip().splitlines()[-1:] or ["no output"]
+                raise RuntimeError(f"exit status {done.returncode}: {tail[0]}")
     except Exception as e:  # one failed cell must not stop the sweep
         folder.mkdir(parents=True, exist_ok=True)
         message = f"{type(e).__name__}: {e}"
@@ -128,125 +300,65 @@ def run_cell(cfg: SweepConfig, cell: Cell, root: Path) -> dict:
     return {"status": "done", "skipped": False}
 
 
-def _cell_results(root: Path, cell: Cell) -> tuple[dict, np.ndarray] | None:
-    folder = root / "cells" / cell.folder
-    if not (folder / "DONE").is_file():
-        return None
-    metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
-    split = "test" if "test" in metrics else "dev"
-    rows = [json.loads(x) for x in (folder / f"{split}_predictions.jsonl").read_text(encoding="utf-8").splitlines()]
-    correct = np.asarray([sorted(r["predicted"]) == sorted(r["gold"]) for r in rows], dtype=float)
-    return metrics[split], correct
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def run_cells(cfg: SweepConfig, cells: list[Cell], root: Path, slots: list[str | None]) -> None:
+    if slots == [None]:
+        for i, cell in enumerate(cells, 1):
+            print(f"[{i}/{len(cells)}] {cell.model} {cell.checkpoint} seed {cell.seed}", file=sys.stderr)
+            run_cell(cfg, cell, root)
+        return
+    free: Queue = Queue()
+    for slot in slots:
+        free.put(slot)
+
+    def task(cell: Cell) -> None:
+        device = free.get()
+        try:
+            print(f"{cell.model} {cell.checkpoint} seed {cell.seed} on GPU {device}", file=sys.stderr)
+            run_cell(cfg, cell, root, device)
+        finally:
+            free.put(device)
+
+    with ThreadPoolExecutor(len(slots)) as pool:
+        list(pool.map(task, cells))
+
+
+def run_pretraining(cfg: SweepConfig) -> None:
+    from domainlm.pretrain.command import pretrain
+
+    for spec in cfg.models:
+        pt = pretrain_config(cfg, spec)
+        if pt is not None and pretraining_needed(pt):
+            print(f"pretraining {spec['name']} into {pt.out} (resumes from its newest checkpoint if any)", file=sys.stderr)
+            pretrain(pt)
+            if pretraining_needed(pt):
+                raise DomainLMError(f"models: {spec['name']}: pretraining ended without all of its snapshots in {pt.out}")
 
 
 def sweep(cfg: SweepConfig) -> dict:
+    from domainlm.sweep.summary import fit_floor, summarize
+
+    cfglib.validate(cfg)  # again: a config built in code has not been through load()
     root = Path(cfg.out)
+    if root.exists() and not root.is_dir():
+        raise DomainLMError(f"out: {root} is a file, not a folder")
+    task = check_data(cfg)  # every check before any work: files, options, names, steps, pretraining sections
+    cells = plan(cfg)
+    slots = device_plan(cfg.parallel, _gpu_count() if cfg.parallel > 1 else 0)
+    if cfg.parallel > 1 and slots == [None]:
+        print("fewer than 2 GPUs: cells run one after another", file=sys.stderr)
     root.mkdir(parents=True, exist_ok=True)
     cfglib.write(cfg, root)
-    cells = plan(cfg)
-    for i, cell in enumerate(cells, 1):
-        print(f"[{i}/{len(cells)}] {cell.model} {cell.checkpoint} seed {cell.seed}", file=sys.stderr)
-        run_cell(cfg, cell, root)
-    return summarize(cfg, cells, root)
-
-
-def summarize(cfg: SweepConfig, cells: list[Cell], root: Path) -> dict:
-    """Aggregate the cells into table.md / table.csv / results.json / report.html and plots."""
-    primary = cfg.metrics[0]
-    groups: dict[tuple[str, int], dict] = {}
-    for cell in cells:
-        g = groups.setdefault((cell.model, cell.step), {"checkpoint": cell.checkpoint, "metrics": [], "correct": [], "failed": []})
-        result = _cell_results(root, cell)
-        if result is None:
-            g["failed"].append(cell.seed)
-            continue
-        metrics, correct = result
-        missing = [m for m in cfg.metrics if m not in metrics]
-        if missing:
-            raise DomainLMError(f"metrics {missing} are not computed (available: {', '.join(k for k, v in metrics.items() if isinstance(v, float))})")
-        g["metrics"].append(metrics)
-        g["correct"].append(correct)
-    results = []
-    for (model, step), g in groups.items():
-        row = {"model": model, "step": step, "checkpoint": g["checkpoint"], "seeds_done": len(g["metrics"]), "failed_seeds": g["failed"]}
-        for m in cfg.metrics:
-            if g["metrics"]:
-                row[m] = dict(zip(("mean", "std"), mean_std([x[m] for x in g["metrics"]])))
-        base = groups.get((model, 0))
-        if step and g["correct"] and base and base["correct"] and len(g["correct"][0]) == len(base["correct"][0]):
-            row["vs_base"] = paired_bootstrap(np.mean(g["correct"], axis=0), np.mean(base["correct"], axis=0))
-        results.append(row)
-    done = [r for r in results if primary in r]
-    best = max(done, key=lambda r: r[primary]["mean"]) if done else None
-    if best:
-        best["best"] = True
-    (root / "results.json").write_text(json.dumps({"primary_metric": primary, "cells": results}, indent=2, ensure_ascii=False), encoding="utf-8")
-    header, rows, csv_rows = _table(cfg, results)
-    failures = [{"cell": c.folder, "error": (root / "cells" / c.folder / "FAILED").read_text(encoding="utf-8").split("\n")[0]}
-                for c in cells if (root / "cells" / c.folder / "FAILED").is_file()]
-    (root / "failures.json").write_text(json.dumps(failures, indent=2, ensure_ascii=False), encoding="utf-8")
-    note = (f"Cells: mean ± std over seeds {cfg.seeds} of {', '.join(cfg.metrics)}. ★ best {primary}. "
-            "p: paired bootstrap over test rows (correctness averaged over seeds), one-sided, checkpoint vs base; "
-            "* p < 0.05.")
-    md = ["# Sweep", "", note, "", markdown_table(header, rows), ""]
-    if failures:
-        md += ["Failed cells:", ""] + [f"- {f['cell']}: {f['error']}" for f in failures] + [""]
-    plots = _plots(cfg, results, root)
-    md += [f"![{p.stem}]({p.name})" for p in plots]
-    (root / "table.md").write_text("\n".join(md) + "\n", encoding="utf-8")
-    with open(root / "table.csv", "w", encoding="utf-8", newline="") as f:
-        csv.writer(f).writerows(csv_rows)
-    blocks = [("p", note), ("table", (header, rows))] + [("p", f"failed: {f['cell']}: {f['error']}") for f in failures]
-    (root / "report.html").write_text(html_page("Sweep", blocks + [("img", p) for p in plots]), encoding="utf-8")
-    print("\n".join(md[:5]))
-    print(f"report: {root / 'report.html'}")
-    return {"cells": results, "failures": failures, "best": best}
-
-
-def _table(cfg: SweepConfig, results: list[dict]) -> tuple[list[str], list[list[str]], list[list]]:
-    models = list(dict.fromkeys(r["model"] for r in results))
-    steps = sorted({r["step"] for r in results})
-    header = ["model"] + ["base" if s == 0 else f"step {s}" for s in steps]
-    rows, csv_rows = [], [["model", "checkpoint", "step", *[f"{m}_{k}" for m in cfg.metrics for k in ("mean", "std")], "p_vs_base", "failed_seeds"]]
-    for model in models:
-        row = [model]
-        for s in steps:
-            r = next((x for x in results if x["model"] == model and x["step"] == s), None)
-            if r is None:
-                row.append("")
-                continue
-            if cfg.metrics[0] not in r:
-                row.append("failed")
-            else:
-                text = " / ".join(f"{100 * r[m]['mean']:.1f} ± {100 * r[m]['std']:.1f}" for m in cfg.metrics)
-                if "vs_base" in r:
-                    p = r["vs_base"]["p_value"]
-                    text += f" (p={p:.2f}{'*' if p < 0.05 else ''})"
-                if r.get("best"):
-                    text = "★ " + text
-                if r["failed_seeds"]:
-                    text += f" [seeds failed: {r['failed_seeds']}]"
-                row.append(text)
-            csv_rows.append([model, r["checkpoint"], s, *[r.get(m, {}).get(k, "") for m in cfg.metrics for k in ("mean", "std")],
-                             r.get("vs_base", {}).get("p_value", ""), " ".join(map(str, r["failed_seeds"]))])
-        rows.append(row)
-    return header, rows, csv_rows
-
-
-def _plots(cfg: SweepConfig, results: list[dict], root: Path) -> list[Path]:
-    primary = cfg.metrics[0]
-    series, errors = {}, {}
-    for model in dict.fromkeys(r["model"] for r in results):
-        points = sorted((r["step"], r[primary]["mean"], r[primary]["std"]) for r in results if r["model"] == model and primary in r)
-        series[model] = [(s, m) for s, m, _ in points]
-        errors[model] = [e for _, _, e in points]
-    plots = [plot_curves(series, root / "metric_vs_step.png", f"{primary} vs pretraining step (step 0: base)", primary, errors)]
-    losses = {}
-    for spec in cfg.models:
-        snaps = spec.get("snapshots")
-        if isinstance(snaps, str):
-            rows = read_log(Path(snaps) / "log.jsonl", "train")
-            losses[spec["name"]] = [(r["step"], r.get("mlm_loss", r["loss"])) for r in rows]
-    if any(losses.values()):
-        plots.append(plot_curves(losses, root / "pretraining_loss.png", "pretraining MLM loss", "mlm_loss"))
-    return plots
+    run_pretraining(cfg)
+    floor = fit_floor(cfg, root) if cfg.floor else None
+    run_cells(cfg, cells, root, slots)
+    result = summarize(cfg, cells, root, task, floor)
+    if result["failures"]:
+        raise DomainLMError(f"{len(result['failures'])} of {len(cells)} cells failed (see {root / 'failures.json'}); "
+                            "the table shows the others")
+    return result

@@ -7,6 +7,7 @@ import html
 import json
 from pathlib import Path
 
+from domainlm import outputs
 from domainlm.errors import DomainLMError
 from domainlm.train.logging import read_log
 
@@ -51,17 +52,29 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def html_page(title: str, blocks: list[tuple[str, object]]) -> str:
-    """blocks: ("h2", text) | ("table", (header, rows)) | ("img", path) | ("pre", text) | ("p", text)."""
+    """blocks: ("h2", text) | ("table", (header, rows)) | ("img", path) | ("pre", text) | ("p", text) |
+    ("lead", text: the conclusion, set apart) | ("ul", [text, ...])."""
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f4f4f4}"
-             "pre{background:#f8f8f8;padding:1em;overflow:auto}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
+             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+             "td:first-child,td:nth-child(2),th:first-child,th:nth-child(2){text-align:left}th{background:#f4f4f4}tr.floor td{background:#fff7e0}"
+             "tr.win td{background:#eaf7ea}.lead{font-size:1.2em;border-left:5px solid #2a7;background:#f3fbf6;"
+             "padding:.8em 1em}pre{background:#f8f8f8;padding:1em;overflow:auto}.note{color:#555;font-size:.9em}"
+             "</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
     for kind, content in blocks:
         if kind == "table":
             header, rows = content
             parts.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
-            parts += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows]
+            for r in rows:
+                css = " class='floor'" if r[0] == "floor" else " class='win'" if any(c.endswith("*") for c in r) else ""
+                parts.append(f"<tr{css}>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>")
             parts.append("</table>")
+        elif kind == "lead":
+            parts.append(f"<p class='lead'>{html.escape(str(content))}</p>")
+        elif kind == "note":
+            parts.append(f"<p class='note'>{html.escape(str(content))}</p>")
+        elif kind == "ul":
+            parts.append("<ul>" + "".join(f"<li>{html.escape(str(x))}</li>" for x in content) + "</ul>")
         elif kind == "img":
             data = base64.b64encode(Path(content).read_bytes()).decode()
             parts.append(f"<p><img alt='{html.escape(Path(content).name)}' src='data:image/png;base64,{data}'></p>")
@@ -73,11 +86,11 @@ def html_page(title: str, blocks: list[tuple[str, object]]) -> str:
 
 def report_run(run: str, out: str | None = None) -> Path:
     """Curves, stats and config of a `pretrain` or `finetune` output folder, as report.md and report.html."""
-    folder = Path(run)
+    folder = outputs.folder(run, "RUN")
     log = read_log(folder / "log.jsonl")
     if not log:
         raise DomainLMError(f"{folder} has no log.jsonl: not a `domainlm pretrain` or `finetune` output folder")
-    target = Path(out) if out else folder
+    target = outputs.folder(out) if out else folder
     target.mkdir(parents=True, exist_ok=True)
     blocks: list[tuple[str, object]] = []
     md = [f"# Report: {folder}", ""]

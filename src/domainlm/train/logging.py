@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from domainlm.errors import DomainLMError
+
 
 class RunLogger:
     def __init__(self, out: Path, total_steps: int, start_step: int, enabled: bool, tensorboard: bool = True):
@@ -61,12 +63,24 @@ class RunLogger:
 
 
 def read_log(path: Path, split: str | None = None) -> list[dict]:
+    """The records of a log.jsonl. A torn last line (a run killed while writing it) is skipped with a warning;
+    a damaged line elsewhere is an error naming it."""
     if not path.is_file():
         return []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # the last line of a run killed while writing it
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
             continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or "step" not in record or "split" not in record:
+                raise ValueError("not a log record")
+        except ValueError:
+            if lineno == len(lines):
+                print(f"warning: {path}:{lineno}: incomplete last record ignored (the run was stopped while "
+                      "writing it)", file=sys.stderr)
+                break
+            raise DomainLMError(f"{path}:{lineno}: damaged log record {line[:40]!r}") from None
+        rows.append(record)
     return [r for r in rows if split is None or r["split"] == split]

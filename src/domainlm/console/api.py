@@ -1,0 +1,236 @@
+"""The JSON API behind every page (OpenAPI at /docs). Errors: 422 {"errors": {field: message}} for bad options,
+404 for unknown ids, 409 for a request the current state does not allow, 413 for an upload over the limit."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, Field
+
+from domainlm.console import catalog, datasets, settings
+from domainlm.console.app import Conflict, Console
+from domainlm.console.db import Dataset, Job, Model
+from domainlm.console.security import PathError, UploadTooLarge, check_csrf, receive_upload
+from domainlm.errors import DomainLMError
+
+router = APIRouter(prefix="/api")
+
+
+def _console(request: Request) -> Console:
+    return request.app.state.console
+
+
+def _get(s, cls, ident: int):
+    obj = s.get(cls, ident)
+    if obj is None:
+        raise HTTPException(404, f"{cls.__tablename__[:-1]} {ident} does not exist")
+    return obj
+
+
+def _invalid(errors: dict) -> JSONResponse:
+    return JSONResponse({"errors": errors}, status_code=422)
+
+
+class Notify(BaseModel):
+    webhook: str | None = Field(None, description="URL that receives a signed JSON POST on each job event")
+    email: str | None = Field(None, description="address that receives an e-mail on each job event (needs --smtp-host)")
+
+
+class JobCreate(BaseModel):
+    command: Literal["finetune", "pretrain", "prepare"] = Field(description="the `domainlm` command the job runs")
+    name: str = ""
+    description: str = ""
+    config: dict[str, Any] = Field(default_factory=dict, description="the command's options (as in its YAML config); "
+                                   "paths relative to --home; `model`: a listed base model, `model:ID` or a folder")
+    notify: Notify = Field(default_factory=Notify)
+
+
+class PredictRequest(BaseModel):
+    texts: list[str] = Field(description="texts to classify (at most 100)")
+
+
+@router.get("/jobs", summary="All jobs, newest first, with status, progress and ETA")
+def list_jobs(request: Request):
+    c = _console(request)
+    with c.sessions() as s:
+        return [c.job_summary(s, j) for j in s.query(Job).order_by(Job.id.desc())]
+
+
+@router.post("/jobs", status_code=201, summary="Create a job (validated like the CLI; 422 names each bad field)")
+def create_job(request: Request, body: JobCreate):
+    c = _console(request)
+    job, errors = c.create_job(body.command, body.config, body.name, body.description, body.notify.model_dump())
+    if job is None:
+        return _invalid(errors)
+    with c.sessions() as s:
+        return c.job_detail(s, s.get(Job, job.id))
+
+
+@router.get("/jobs/{job_id}", summary="A job: options, progress, events, models it produced")
+def get_job(request: Request, job_id: int):
+    c = _console(request)
+    with c.sessions() as s:
+        return c.job_detail(s, _get(s, Job, job_id))
+
+
+@router.get("/jobs/{job_id}/log", response_class=PlainTextResponse, summary="The last lines of the job's output")
+def get_log(request: Request, job_id: int, lines: int = Query(200, ge=1, le=5000)):
+    c = _console(request)
+    with c.sessions() as s:
+        return c.log_tail(_get(s, Job, job_id), lines)
+
+
+@router.get("/jobs/{job_id}/curves", summary="log.jsonl rows by run and split, for loss and metric curves")
+def get_curves(request: Request, job_id: int):
+    c = _console(request)
+    with c.sessions() as s:
+        return catalog.curves(c.home / _get(s, Job, job_id).folder)
+
+
+@router.post("/jobs/{job_id}/cancel", summary="Cancel: SIGTERM to the job's process group, SIGKILL after the grace period")
+def cancel_job(request: Request, job_id: int):
+    c = _console(request)
+    with c.sessions() as s:
+        _get(s, Job, job_id)
+    try:
+        return {"id": job_id, "status": c.cancel(job_id)}
+    except Conflict as e:
+        raise HTTPException(409, str(e)) from None
+
+
+@router.post("/jobs/{job_id}/retry", summary="Queue a failed, cancelled or interrupted job again (pretraining resumes)")
+def retry_job(request: Request, job_id: int):
+    c = _console(request)
+    with c.sessions() as s:
+        _get(s, Job, job_id)
+    try:
+        c.retry(job_id)
+    except Conflict as e:
+        raise HTTPException(409, str(e)) from None
+    return {"id": job_id, "status": "queued"}
+
+
+@router.get("/schema/{command}", summary="The create form's fields: type, default, range, help, presets")
+def schema(command: str):
+    if command not in settings.job_types():
+        raise HTTPException(404, f"unknown job type {command}")
+    return {"sections": [{"title": t, "fields": [vars(f) for f in fs]} for t, fs in settings.sections(command)],
+            "presets": settings.presets(command)}
+
+
+@router.get("/models", summary="My models: every model a job produced, with lineage and metrics")
+def list_models(request: Request):
+    c = _console(request)
+    with c.sessions() as s:
+        return [c.model_summary(m) for m in s.query(Model).order_by(Model.id.desc())]
+
+
+@router.get("/models/compare", summary="Several models side by side (ids=1&ids=2)")
+def compare_models(request: Request, ids: Annotated[list[int], Query()]):
+    c = _console(request)
+    with c.sessions() as s:
+        return c.compare(s, ids)
+
+
+@router.get("/models/{model_id}")
+def get_model(request: Request, model_id: int):
+    c = _console(request)
+    with c.sessions() as s:
+        return c.model_summary(_get(s, Model, model_id))
+
+
+@router.post("/models/{model_id}/predict", summary="Try a classifier: labels and scores for each text")
+def predict(request: Request, model_id: int, body: PredictRequest):
+    c = _console(request)
+    with c.sessions() as s:
+        m = _get(s, Model, model_id)
+    try:
+        return c.predict(m, body.texts)
+    except Conflict as e:
+        raise HTTPException(409, str(e)) from None
+    except DomainLMError as e:
+        return _invalid({"texts": str(e)})
+
+
+@router.delete("/models/{model_id}", summary="Delete a model's files and record (needs confirm=true)")
+def delete_model(request: Request, model_id: int, confirm: bool = False):
+    c = _console(request)
+    if not confirm:
+        return _invalid({"confirm": "deleting removes the model's files; repeat with confirm=true"})
+    try:
+        return c.delete_model(model_id)
+    except KeyError:
+        raise HTTPException(404, f"model {model_id} does not exist") from None
+    except (Conflict, PathError) as e:
+        raise HTTPException(409, str(e)) from None
+
+
+def dataset_summary(d: Dataset) -> dict:
+    return {"id": d.id, "name": d.name, "path": d.path, "kind": d.kind, "size_bytes": d.size_bytes, "rows": d.rows,
+            "columns": d.columns, "distribution": d.distribution, "bad_rows": d.bad_rows, "note": d.error,
+            "created_at": d.created_at.isoformat(timespec="seconds")}
+
+
+@router.get("/datasets", summary="Uploaded and registered datasets with their check results")
+def list_datasets(request: Request):
+    c = _console(request)
+    with c.sessions() as s:
+        return [dataset_summary(d) for d in s.query(Dataset).order_by(Dataset.id.desc())]
+
+
+@router.get("/datasets/{dataset_id}")
+def get_dataset(request: Request, dataset_id: int):
+    c = _console(request)
+    with c.sessions() as s:
+        return dataset_summary(_get(s, Dataset, dataset_id))
+
+
+async def upload(request: Request) -> Dataset:
+    """Shared by the API and the datasets page: stream, check, keep (raises DomainLMError or UploadTooLarge)."""
+    c = _console(request)
+    fields, tmp, filename = await receive_upload(request, c.home / "datasets", int(c.cfg.max_upload_mb * 1e6))
+    supplied = request.headers.get("x-csrf-token") or fields.get("csrf")
+    if not getattr(request.state, "csrf_checked", False) and not check_csrf(c.token, supplied):
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        raise HTTPException(403, "missing or wrong CSRF token: reload the page and try again")
+    if tmp is None:
+        raise DomainLMError("no file in the upload (field `file`)")
+    with c.sessions() as s:
+        record = datasets.add_upload(s, c.home, tmp, filename, fields)
+        s.commit()
+        return record
+
+
+@router.post("/datasets", status_code=201, summary="Upload a file (multipart field `file`, or a raw body with "
+             "?filename=); optional text_column, label_column, task. Checked with the CLI's reader.")
+async def upload_dataset(request: Request):
+    try:
+        record = await upload(request)
+    except UploadTooLarge as e:
+        return JSONResponse({"errors": {"file": str(e)}}, status_code=413)
+    except DomainLMError as e:
+        return _invalid({"file": str(e)})
+    return dataset_summary(record)
+
+
+class Register(BaseModel):
+    path: str = Field(description="a file or corpus folder inside --home")
+    name: str = ""
+    text_column: str = "text"
+    label_column: str = "label"
+    task: Literal["multiclass", "multilabel"] = "multiclass"
+
+
+@router.post("/datasets/register", status_code=201, summary="Use a file or prepared corpus already inside --home")
+def register_dataset(request: Request, body: Register):
+    c = _console(request)
+    try:
+        with c.sessions() as s:
+            record = datasets.register_existing(s, c.home, body.path, body.model_dump())
+            s.commit()
+            return dataset_summary(record)
+    except (DomainLMError, PathError) as e:
+        return _invalid({"path": str(e)})

@@ -1,0 +1,277 @@
+"""The console application: its state (database, runner, notifier) and the operations behind pages and API.
+
+`create_app(console)` returns the FastAPI app; pages (pages.py) and the JSON API (api.py) call the same methods
+here, so everything a page does can be scripted.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from collections import OrderedDict
+from datetime import datetime, timezone
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from domainlm.console import catalog
+from domainlm.console.db import FINISHED, Dataset, Event, Job, Model, now, open_database
+from domainlm.console.jobs import JobFactory
+from domainlm.console.notify import Notifier, SmtpSettings
+from domainlm.console.runner import LOG_NAME, Runner
+from domainlm.console.security import TokenAuth, csrf_token, inside, load_or_create_secret
+from domainlm.console.settings import ConsoleConfig
+from domainlm.errors import DomainLMError
+
+HERE = Path(__file__).parent
+
+
+class Conflict(DomainLMError):
+    """A request that cannot be done in the current state (cancel a finished job, delete a model in use)."""
+
+
+class Console:
+    def __init__(self, cfg: ConsoleConfig, url: str = "", notify_backoff: float = 2.0):
+        self.cfg = cfg
+        self.home = Path(cfg.home).resolve()
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.token = load_or_create_secret(self.home / ".console-token", cfg.token)
+        self.csrf = csrf_token(self.token)
+        secret = load_or_create_secret(self.home / ".webhook-secret", cfg.webhook_secret)
+        self.url = url
+        self.sessions = open_database(cfg.database or f"sqlite:///{self.home / 'console.db'}")
+        smtp = None
+        if cfg.smtp_host:
+            smtp = SmtpSettings(cfg.smtp_host, cfg.smtp_port, cfg.smtp_user, os.environ.get("DOMAINLM_SMTP_PASSWORD"),
+                                cfg.smtp_starttls, cfg.smtp_from)
+        self.notifier = Notifier(secret.encode(), smtp, backoff=notify_backoff, on_result=self._delivery_logged)
+        self.runner = Runner(self.sessions, self.home, cfg.max_concurrent, cfg.cancel_grace, on_event=self._notify)
+        self.factory = JobFactory(self.home, list(cfg.base_models))
+        self._models: OrderedDict = OrderedDict()
+        self._models_lock = threading.Lock()
+
+    def start(self) -> None:
+        self.runner.start()
+
+    def stop(self) -> None:
+        self.runner.stop()
+        self.notifier.stop()
+
+    # ---- notifications -----------------------------------------------------------------------------------
+    def _notify(self, job: Job, kind: str, message: str) -> None:
+        if kind not in ("started", "succeeded", "failed", "cancelled", "interrupted") or not job.notify:
+            return
+        payload = {"event": f"job.{kind}", "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                   "job": {"id": job.id, "name": job.name, "command": job.command, "status": job.status,
+                           "url": f"{self.url}/jobs/{job.id}" if self.url else ""},
+                   "summary": f"[domainlm] job {job.id} '{job.name}' {kind}" + (f": {message}" if message and kind != "started" else "")}
+        if kind == "succeeded":
+            payload["metric"] = catalog.headline(job, self.home / job.folder)
+        if kind in ("failed", "interrupted"):
+            payload["error"] = message
+        self.notifier.send(payload, job.notify.get("webhook"), job.notify.get("email"))
+
+    def _delivery_logged(self, item, ok: bool, message: str) -> None:
+        with self.sessions() as s:
+            s.add(Event(job_id=item.payload["job"]["id"], kind=f"{item.channel} {'sent' if ok else 'failed'}",
+                        message=f"{item.payload['event']} to {item.target}: {message}"))
+            s.commit()
+
+    # ---- jobs --------------------------------------------------------------------------------------------
+    def create_job(self, command: str, values: dict, name: str = "", description: str = "",
+                   notify: dict | None = None) -> tuple[Job | None, dict]:
+        with self.sessions() as s:
+            job, errors = self.factory.build(s, command, values, name, description, notify)
+            if job is None:
+                s.rollback()
+                return None, errors
+            s.add(Event(job_id=job.id, kind="queued", message="created"))
+            s.commit()
+        self.runner.wake()
+        return job, {}
+
+    def _train_rows(self, s, job: Job) -> int | None:
+        if job.command != "finetune":
+            return None
+        rel = os.path.relpath(job.config.get("train", ""), self.home)
+        found = s.query(Dataset).filter(Dataset.path == rel).first()
+        return found.rows if found else None
+
+    def job_summary(self, s, job: Job) -> dict:
+        folder = self.home / job.folder
+        done = job.status in FINISHED
+        return {
+            "id": job.id, "name": job.name, "description": job.description, "command": job.command,
+            "status": job.status, "error": job.error, "exit_code": job.exit_code, "attempts": job.attempts,
+            "created_at": _iso(job.created_at), "started_at": _iso(job.started_at), "finished_at": _iso(job.finished_at),
+            "model": job.config.get("model") or job.config.get("tokenizer"), "base_model_id": job.base_model_id,
+            "progress": catalog.progress(job, folder, self._train_rows(s, job), now()),
+            "headline": catalog.headline(job, folder) if done else None,
+            "cancelling": bool(job.cancel_requested_at) and job.status == "running",
+            "resumable": job.status in ("failed", "cancelled", "interrupted"),
+        }
+
+    def job_detail(self, s, job: Job) -> dict:
+        out = self.job_summary(s, job)
+        out["config"] = job.config
+        out["folder"] = str(self.home / job.folder)
+        out["notify"] = job.notify
+        out["command_line"] = " ".join(self.runner.command_line(job)[1:])
+        out["events"] = [{"kind": e.kind, "message": e.message, "at": _iso(e.created_at)}
+                         for e in s.query(Event).filter(Event.job_id == job.id).order_by(Event.id)]
+        out["models"] = [self.model_summary(m) for m in s.query(Model).filter(Model.job_id == job.id).order_by(Model.id)]
+        return out
+
+    def log_tail(self, job: Job, lines: int = 200) -> str:
+        path = self.home / job.folder / LOG_NAME
+        if not path.is_file():
+            return ""
+        with open(path, "rb") as f:
+            f.seek(max(0, path.stat().st_size - 64 * 1024))
+            text = f.read().decode("utf-8", errors="replace")
+        # progress bars redraw with carriage returns; show the last state of each line
+        return "\n".join(line.split("\r")[-1] for line in text.splitlines()[-lines:])
+
+    def cancel(self, job_id: int) -> str:
+        with self.sessions() as s:
+            job = s.get(Job, job_id)
+            if job is not None and job.status in FINISHED:
+                raise Conflict(f"job {job_id} has already {job.status}")
+        return self.runner.cancel(job_id)
+
+    def retry(self, job_id: int) -> None:
+        """Queue an unsuccessful job again; pretraining continues from its newest checkpoint (--resume auto)."""
+        with self.sessions() as s:
+            job = s.get(Job, job_id)
+            if job.status not in ("failed", "cancelled", "interrupted"):
+                raise Conflict(f"job {job_id} is {job.status}; only failed, cancelled or interrupted jobs can be resumed")
+            job.status, job.resume, job.cancel_requested_at, job.error = "queued", True, None, ""
+            s.add(Event(job_id=job.id, kind="queued", message="resume" if job.command == "pretrain" else "retry"))
+            s.commit()
+        self.runner.wake()
+
+    # ---- models ------------------------------------------------------------------------------------------
+    def model_summary(self, m: Model) -> dict:
+        return {"id": m.id, "name": m.name, "kind": m.kind, "path": str(self.home / m.path), "job_id": m.job_id,
+                "step": m.step, "metrics": m.metrics, "size_bytes": m.size_bytes, "created_at": _iso(m.created_at),
+                "lineage": catalog.lineage(m), "can_try": m.kind in ("classifier", "linear")}
+
+    def _load(self, m: Model):
+        """The model, tokenizer and label metadata as `domainlm predict` loads them (transformer or linear)."""
+        from transformers.utils import logging as hf_logging
+
+        from domainlm.classify.command import _load
+
+        hf_logging.disable_progress_bar()
+        path = str(inside(self.home, m.path))
+        with self._models_lock:
+            if path not in self._models:
+                self._models[path] = _load(path)
+                while len(self._models) > 2:
+                    self._models.popitem(last=False)
+            self._models.move_to_end(path)
+            return self._models[path]
+
+    def predict(self, m: Model, texts: list[str], top_k: int = 5) -> list[dict]:
+        """Labels and scores for each text, through the code `domainlm predict` uses."""
+        import numpy as np
+
+        from domainlm.classify.command import _predict
+        from domainlm.classify.data import Dataset as Rows
+        from domainlm.classify.data import Example
+
+        if m.kind not in ("classifier", "linear"):
+            raise Conflict(f"{m.name} is a pretraining {m.kind}, not a classifier: fine-tune it first")
+        texts = [t.strip() for t in texts if t.strip()][:100]
+        if not texts:
+            raise DomainLMError("type at least one text")
+        model, tokenizer, meta = self._load(m)
+        with self.sessions() as s:
+            job = s.get(Job, m.job_id) if m.job_id else None
+            max_seq_len = int((job.config if job else {}).get("max_seq_len", 128))
+        with self._models_lock:  # one forward pass at a time per loaded model
+            probs = _predict(model, tokenizer, Rows("<console>", [Example(t, []) for t in texts]), 16, max_seq_len,
+                             meta["multilabel"])
+        labels = meta["labels"]
+        thresholds = np.asarray(meta.get("thresholds") or [0.5] * len(labels))
+        out = []
+        for text, p in zip(texts, probs):
+            if meta["multilabel"]:
+                predicted = [labels[j] for j in np.flatnonzero(p >= thresholds)]
+            else:
+                predicted = [labels[int(p.argmax())]]
+            scores = [{"label": labels[j], "score": round(float(p[j]), 4)} for j in np.argsort(-p)[:top_k]]
+            out.append({"text": text, "labels": predicted, "scores": scores})
+        return out
+
+    def delete_model(self, model_id: int) -> dict:
+        with self.sessions() as s:
+            m = s.get(Model, model_id)
+            if m is None:
+                raise KeyError(model_id)
+            path = inside(self.home, m.path)
+            if path == self.home or path == self.home / "jobs":
+                raise Conflict(f"refusing to delete {m.path}")
+            users = s.query(Job).filter(Job.base_model_id == m.id, Job.status.in_(("queued", "running"))).all()
+            if users:
+                raise Conflict(f"{m.name} is the base of job(s) {', '.join(str(j.id) for j in users)} that have not finished")
+            size = m.size_bytes
+            if m.kind == "linear":  # its files only: the folder is also its job's run folder
+                for name in catalog.LINEAR_FILES:
+                    (path / name).unlink(missing_ok=True)
+            elif path.is_dir():
+                shutil.rmtree(path)
+            with self._models_lock:
+                self._models.pop(str(path), None)
+            s.delete(m)
+            s.commit()
+        return {"deleted": model_id, "path": str(path), "size_bytes": size}
+
+    def compare(self, s, ids: list[int]) -> dict:
+        """The selected models side by side: one row each, a column per metric (the sweep report's table)."""
+        from domainlm.sweep.report import markdown_table
+
+        models = [m for m in (s.get(Model, i) for i in ids) if m is not None]
+        keys = sorted({k for m in models for k in m.metrics}, key=lambda k: (not k.startswith("test"), k))
+        header = ["model", "kind", "job", "step", *keys, "size MB"]
+        rows = [[m.name, m.kind, str(m.job_id or ""), str(m.step or ""),
+                 *[f"{m.metrics[k]:.4f}" if k in m.metrics else "" for k in keys], f"{m.size_bytes / 1e6:.1f}"]
+                for m in models]
+        best = {}
+        for k in keys:
+            values = [m.metrics[k] for m in models if k in m.metrics]
+            if values:
+                best[k] = (min if "loss" in k else max)(values)
+        return {"header": header, "rows": rows, "metrics": keys, "best": best,
+                "models": [self.model_summary(m) for m in models], "markdown": markdown_table(header, rows)}
+
+
+def _iso(t: datetime | None) -> str | None:
+    return None if t is None else t.replace(tzinfo=timezone.utc).isoformat(timespec="seconds")
+
+
+def create_app(console: Console) -> FastAPI:
+    from contextlib import asynccontextmanager
+
+    from domainlm.console import api, pages
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        console.start()
+        try:
+            yield
+        finally:
+            console.stop()
+
+    # /docs is the console's own page over /openapi.json: the usual Swagger UI would load from a CDN
+    app = FastAPI(title="domainlm console", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  description="Create, watch and compare domainlm training jobs. Every call needs "
+                              "`Authorization: Bearer TOKEN` (the token `domainlm console` printed).")
+    app.state.console = console
+    app.add_middleware(TokenAuth, token=console.token)
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    app.include_router(api.router)
+    app.include_router(pages.router)
+    return app

@@ -1,0 +1,181 @@
+"""What a job's run folder says: progress and curves (log.jsonl), the models it produced, its headline metric.
+
+The run folder is the only source: the console reads what `domainlm pretrain | finetune | prepare` wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime
+from pathlib import Path
+
+from domainlm.console.db import Dataset, Job, Model
+from domainlm.train.logging import read_log
+
+LINEAR_FILES = ("linear.json", "linear.npz")  # what `finetune --method linear` saves (classify/linear.py)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def folder_size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def run_logs(folder: Path) -> list[Path]:
+    """log.jsonl of a run, or of each seed / fold run inside it."""
+    found = sorted(folder.glob("seed-*/log.jsonl")) + sorted(folder.glob("fold-*/log.jsonl"))
+    return found or ([folder / "log.jsonl"] if (folder / "log.jsonl").is_file() else [])
+
+
+def total_steps(job: Job, train_rows: int | None) -> int | None:
+    c = job.config
+    if job.command == "pretrain":
+        return int(c["max_steps"])
+    if job.command == "finetune" and train_rows:
+        if c.get("method") == "linear":
+            return None  # no steps: one fit
+        fit = train_rows * (c["folds"] - 1) / c["folds"] if c["folds"] else train_rows
+        held_out = 0 if c.get("dev") else max(1, round(c["valid_ratio"] * fit))
+        held_out = min(held_out, c["valid_max_rows"]) if c.get("valid_max_rows") else held_out
+        runs = c["folds"] or len(c["seeds"])
+        return runs * c["epochs"] * math.ceil(max(1, fit - held_out) / (c.get("global_batch_size") or c["batch_size"]))
+    return None
+
+
+def progress(job: Job, folder: Path, train_rows: int | None, now: datetime) -> dict:
+    """Steps done of the total, share, and an ETA from the pace so far (None where unknown)."""
+    done = 0
+    for log in run_logs(folder):
+        steps = [r["step"] for r in read_log(log)]
+        done += max(steps, default=0)
+    total = total_steps(job, train_rows)
+    if job.status == "succeeded":
+        return {"steps": done, "total": total or done, "fraction": 1.0, "eta_s": 0}
+    fraction = min(1.0, done / total) if total else None
+    eta = None
+    if job.status == "running" and fraction and job.started_at:
+        elapsed = (now - job.started_at).total_seconds()
+        eta = round(elapsed * (1 - fraction) / fraction)
+    return {"steps": done, "total": total, "fraction": fraction, "eta_s": eta}
+
+
+def curves(folder: Path) -> dict:
+    """{run: {split: [{step, ...metrics}]}} for the job page's charts."""
+    out = {}
+    for log in run_logs(folder):
+        name = log.parent.name if log.parent != folder else "run"
+        rows = read_log(log)
+        out[name] = {split: [r for r in rows if r["split"] == split] for split in sorted({r["split"] for r in rows})}
+    return out
+
+
+def headline(job: Job, folder: Path) -> dict | None:
+    """The metric a notification and the jobs list show: fine-tuning's best metric, pretraining's MLM accuracy."""
+    if job.command == "finetune":
+        name = job.config.get("metric") or ("f1_micro" if job.config.get("task") == "multilabel" else "accuracy")
+        summary = read_json(folder / "summary.json")
+        if summary.get("mean_std", {}).get(name):
+            return {"name": f"{name} ({summary['evaluated_on']}, mean of {summary['runs']})",
+                    "value": round(summary["mean_std"][name]["mean"], 4)}
+        metrics = read_json(folder / "metrics.json")
+        split = "test" if "test" in metrics else "dev"
+        if name in metrics.get(split, {}):
+            return {"name": f"{name} ({split})", "value": round(metrics[split][name], 4)}
+    if job.command == "pretrain":
+        results = read_json(folder / "results.json")
+        for split in ("valid", "test"):
+            if "mlm_acc" in results.get(split, {}):
+                return {"name": f"mlm_acc ({split})", "value": round(results[split]["mlm_acc"], 4)}
+    if job.command == "prepare":
+        stats = read_json(folder / "corpus" / "stats.json")
+        if "tokens" in stats:
+            return {"name": "tokens", "value": stats["tokens"]}
+    return None
+
+
+def _classifier_metrics(run: Path) -> dict:
+    metrics = read_json(run / "metrics.json")
+    out = {}
+    for split in ("dev", "test"):
+        for k, v in metrics.get(split, {}).items():
+            if isinstance(v, int | float) and k != "n":
+                out[f"{split} {k}"] = round(float(v), 4)
+    return out
+
+
+def _snapshot_metrics(folder: Path, step: int | None) -> dict:
+    if step is None:  # final: results.json holds the full validation and test evaluation
+        results = read_json(folder / "results.json")
+        return {f"{split} {k}": round(float(v), 4) for split in ("valid", "test") for k, v in results.get(split, {}).items()
+                if k in ("loss", "mlm_acc", "sop_acc")}
+    rows = [r for r in read_log(folder / "log.jsonl", "valid") if r["step"] <= step]
+    return {f"valid {k}": v for k, v in rows[-1].items() if k in ("loss", "mlm_acc", "sop_acc")} if rows else {}
+
+
+def register_outputs(session, job: Job, home: Path) -> list[Model]:
+    """Record every model (and, for `prepare`, the corpus) a job left in its folder; known paths are skipped."""
+    folder = home / job.folder
+    known = {m.path for m in session.query(Model).filter(Model.job_id == job.id)}
+    found: list[tuple[Path, str, int | None, dict]] = []
+    if job.command == "pretrain":
+        for snap in sorted(folder.glob("step-*")):
+            if (snap / "config.json").is_file() and snap.name[5:].isdigit():
+                step = int(snap.name[5:])
+                found.append((snap, "snapshot", step, _snapshot_metrics(folder, step)))
+        if (folder / "final" / "config.json").is_file():
+            step = read_json(folder / "results.json").get("step")
+            found.append((folder / "final", "final", step, _snapshot_metrics(folder, None)))
+    elif job.command == "finetune":
+        runs = [folder] + sorted(folder.glob("seed-*")) + sorted(folder.glob("fold-*"))
+        for run in runs:
+            if (run / "model" / "config.json").is_file():
+                found.append((run / "model", "classifier", read_json(run / "metrics.json").get("best_step"),
+                              _classifier_metrics(run)))
+            elif (run / LINEAR_FILES[0]).is_file():  # `--method linear`: the run folder is the model
+                found.append((run, "linear", None, _classifier_metrics(run)))
+    added = []
+    for path, kind, step, metrics in found:
+        rel = str(path.relative_to(home))
+        if rel in known:
+            continue
+        suffix = "" if path in (folder / "model", folder) else f" {path.parent.name if kind == 'classifier' else path.name}"
+        size = sum(folder_size(path / f) for f in LINEAR_FILES) if kind == "linear" else folder_size(path)
+        model = Model(name=f"{job.name}{suffix}", kind=kind, path=rel, job_id=job.id, step=step, metrics=metrics,
+                      size_bytes=size)
+        session.add(model)
+        added.append(model)
+    corpus = folder / "corpus"
+    if job.command == "prepare" and (corpus / "meta.json").is_file():
+        rel = str(corpus.relative_to(home))
+        if not session.query(Dataset).filter(Dataset.path == rel).first():
+            stats = read_json(corpus / "stats.json")
+            session.add(Dataset(name=job.name, path=rel, kind="corpus", size_bytes=folder_size(corpus),
+                                rows=int(stats.get("documents", 0)), columns={"stats": stats}, job_id=job.id))
+    return added
+
+
+def lineage(model: Model) -> list[dict]:
+    """base -> job -> model -> job -> model ..., oldest first."""
+    chain: list[dict] = []
+    seen = set()
+    current: Model | None = model
+    while current is not None and current.id not in seen:
+        seen.add(current.id)
+        chain.append({"type": "model", "id": current.id, "name": current.name, "kind": current.kind})
+        job = current.job
+        if job is None:
+            break
+        chain.append({"type": "job", "id": job.id, "name": job.name, "command": job.command})
+        if job.base_model is None:
+            chain.append({"type": "base", "name": job.config.get("model", "")})
+            break
+        current = job.base_model
+    return list(reversed(chain))

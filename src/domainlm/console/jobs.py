@@ -1,0 +1,194 @@
+"""From form or API values to a job: the CLI's own validation, paths kept inside --home, data checked with the
+CLI's readers, then a job folder holding job.yaml (the resolved config) that `domainlm COMMAND --config` runs."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import re
+import typing
+from pathlib import Path
+from typing import Any
+
+from domainlm import config as cfglib
+from domainlm.console import settings
+from domainlm.console.db import Dataset, Job, Model
+from domainlm.console.security import PathError, inside
+from domainlm.errors import DomainLMError
+
+EMAIL = re.compile(r"^[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+$")
+
+
+def form_values(command: str, form: dict[str, Any]) -> dict[str, Any]:
+    """A browser form's strings as option values: unticked boxes are false, empty optional fields are unset."""
+    values: dict[str, Any] = {}
+    for name, spec in settings.field_specs(command).items():
+        if spec.widget == "checkbox":
+            values[name] = name in form and form[name] not in ("", "false", "off")
+            continue
+        raw = form.get(name)
+        if isinstance(raw, list):  # several datasets chosen
+            raw = [v for v in raw if v]
+            if raw:
+                values[name] = raw
+            continue
+        raw = (raw or "").strip()
+        if raw == "":
+            if spec.optional:
+                values[name] = None
+            continue
+        values[name] = raw
+    return values
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "job"
+
+
+def head_rows(src: Path, dst: Path, n: int) -> None:
+    """The first n rows of a CSV / TSV / JSONL file (a dev file's share the vendor consoles also use)."""
+    if src.suffix.lower() == ".jsonl":
+        lines = []
+        with open(src, encoding="utf-8-sig") as f:
+            for line in f:
+                if line.strip():
+                    lines.append(line if line.endswith("\n") else line + "\n")
+                    if len(lines) == n:
+                        break
+        dst.write_text("".join(lines), encoding="utf-8")
+        return
+    delimiter = "\t" if src.suffix.lower() == ".tsv" else ","
+    with open(src, encoding="utf-8-sig", newline="") as f, open(dst, "w", encoding="utf-8", newline="") as out:
+        reader, writer = csv.reader(f, delimiter=delimiter), csv.writer(out, delimiter=delimiter)
+        for i, row in enumerate(reader):
+            writer.writerow(row)
+            if i == n:  # the header and n rows
+                break
+
+
+class JobFactory:
+    def __init__(self, home: Path, base_models: list[str]):
+        self.home, self.base_models = home, base_models
+
+    def _model(self, s, value: Any, errors: dict, name: str) -> tuple[str | None, Model | None]:
+        """A listed base model, "model:ID" (one of my models), or a model folder inside home."""
+        text = str(value)
+        if text in self.base_models:
+            return text, None
+        if text.startswith("model:") and text[6:].isdigit():
+            model = s.get(Model, int(text[6:]))
+            if model is None:
+                errors[name] = f"my model {text[6:]} does not exist"
+                return None, None
+            return str(self.home / model.path), model
+        try:
+            path = inside(self.home, text)
+        except PathError:
+            errors[name] = f"{text}: choose a listed base model, one of my models, or a folder inside the console's home"
+            return None, None
+        rel = str(path.relative_to(self.home.resolve()))
+        return str(path), s.query(Model).filter(Model.path == rel).first()
+
+    def build(self, s, command: str, values: dict[str, Any], name: str = "", description: str = "",
+              notify: dict | None = None) -> tuple[Job | None, dict[str, str]]:
+        types = settings.job_types()
+        if command not in types:
+            return None, {"command": f"unknown job type {command!r} (one of {', '.join(types)})"}
+        cls = types[command]
+        errors: dict[str, str] = {}
+        values = {**settings.CONSOLE_DEFAULTS.get(command, {}), **values}
+        for key in list(values):
+            if key in settings.CONTROLLED:
+                errors[key] = f"--{key} is set by the console"
+        base_model = None
+        hints = typing.get_type_hints(cls)
+        for key, value in list(values.items()):
+            if value is None or key in errors or key not in hints:
+                continue
+            if key in settings.MODEL_FIELDS:
+                values[key], found = self._model(s, value, errors, key)
+                base_model = found if key == "model" else base_model
+            elif key in settings.PATH_FIELDS:
+                items = value if isinstance(value, list) else [value]
+                try:
+                    resolved = [str(inside(self.home, str(v))) for v in items]
+                except PathError as e:
+                    errors[key] = str(e)
+                    continue
+                values[key] = resolved if isinstance(value, list) else resolved[0]
+        values["out"] = str(self.home / "jobs" / "pending")  # replaced by the job's own folder below
+        cfg, problems = cfglib.check_values(cls, {k: v for k, v in values.items() if k not in errors})
+        for key, message in problems.items():  # a path refused above explains more than "a value is required"
+            errors.setdefault(key, message)
+        notify = {k: (v or "").strip() for k, v in (notify or {}).items() if (v or "").strip()}
+        if notify.get("webhook") and not re.match(r"^https?://[^\s]+$", notify["webhook"]):
+            errors["notify_webhook"] = "the webhook must be an http:// or https:// URL"
+        if notify.get("email") and not EMAIL.match(notify["email"]):
+            errors["notify_email"] = "not an e-mail address"
+        if cfg is not None and command == "finetune":
+            self._check_data(cfg, errors)
+        if errors or cfg is None:
+            return None, errors
+        default_name = f"{command} {Path(str(getattr(cfg, 'model', ''))).name}".strip()
+        job = Job(name=(name or "").strip()[:200] or default_name,
+                  description=(description or "").strip(), command=command, notify=notify,
+                  base_model_id=base_model.id if base_model else None)
+        s.add(job)
+        s.flush()
+        job.folder = f"jobs/{job.id:04d}-{slug(job.name)}"
+        folder = self.home / job.folder
+        folder.mkdir(parents=True, exist_ok=True)
+        cfg.out = str(folder / settings.OUT_SUBFOLDER.get(command, ""))
+        if command == "finetune" and cfg.dev and cfg.valid_max_rows:  # the dev file's first rows, as the validation set
+            dev = folder / ("dev" + Path(cfg.dev).suffix.lower())
+            head_rows(Path(cfg.dev), dev, cfg.valid_max_rows)
+            cfg.dev = str(dev)
+        cfglib.write(cfg, folder, "job.yaml")
+        job.config = cfglib.to_dict(cfg)
+        return job, {}
+
+    def _check_data(self, cfg, errors: dict) -> None:
+        """The CLI's reader on each file, with the job's columns and task; the message names file and line."""
+        from domainlm.classify.command import _columns
+        from domainlm.classify.data import read_examples
+
+        for key in ("train", "dev", "test"):
+            path = getattr(cfg, key)
+            if path is None:
+                continue
+            try:
+                read_examples(path, _columns(cfg), cfg.multilabel, skip_bad=cfg.skip_bad_rows)
+            except DomainLMError as e:
+                errors[key] = str(e).replace(str(self.home.resolve()) + "/", "")
+
+
+def clone_values(job: Job) -> dict[str, Any]:
+    """A job's options as form values, for "clone": paths back to home-relative ones, lists as text."""
+    home_prefix = str(Path(job.config.get("out", "")).parent.parent) + "/"
+    out: dict[str, Any] = {}
+    for key, value in job.config.items():
+        if key in settings.CONTROLLED:
+            continue
+        if isinstance(value, str) and value.startswith(home_prefix):
+            value = value[len(home_prefix):]
+        elif isinstance(value, list) and key != "input":
+            value = ",".join(map(str, value))
+        out[key] = value
+    if job.base_model_id:
+        out["model"] = f"model:{job.base_model_id}"
+    return out
+
+
+def dataset_choices(s, kinds: tuple[str, ...]) -> list[Dataset]:
+    return [d for d in s.query(Dataset).order_by(Dataset.id.desc()) if d.kind in kinds]
+
+
+def defaults(command: str) -> dict[str, Any]:
+    cls = settings.job_types()[command]
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            out[f.name] = ",".join(map(str, f.default_factory()))  # type: ignore[misc]
+    return out

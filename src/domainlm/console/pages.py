@@ -1,0 +1,270 @@
+"""Server-rendered pages (Jinja2, autoescaped). Forms post here and carry the CSRF token; live parts of the
+pages (progress, curves, log) poll the JSON API from static/console.js."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.templating import Jinja2Templates
+
+from domainlm.console import catalog, jobs, settings
+from domainlm.console.api import dataset_summary, upload
+from domainlm.console.app import HERE, Conflict, Console
+from domainlm.console.db import Dataset, Job, Model
+from domainlm.console.security import PathError, UploadTooLarge, check_csrf, inside
+from domainlm.errors import DomainLMError
+
+router = APIRouter(include_in_schema=False)
+templates = Jinja2Templates(directory=str(HERE / "templates"))
+templates.env.filters["tojson_attr"] = lambda v: json.dumps(v, ensure_ascii=False)
+
+
+def _mb(n: int | None) -> str:
+    return f"{(n or 0) / 1e6:.1f} MB"
+
+
+templates.env.filters["mb"] = _mb
+
+
+def _console(request: Request) -> Console:
+    return request.app.state.console
+
+
+def render(request: Request, name: str, status_code: int = 200, **context) -> HTMLResponse:
+    c = _console(request)
+    return templates.TemplateResponse(request, name, {"csrf": c.csrf, **context}, status_code=status_code)
+
+
+async def _form(request: Request) -> dict:
+    """The posted form as a dict (several values of one name as a list); refused without the CSRF token."""
+    form = await request.form()
+    if not check_csrf(_console(request).token, form.get("csrf")):  # type: ignore[arg-type]
+        raise HTTPException(403, "missing or wrong CSRF token: reload the page and try again")
+    return {k: (form.getlist(k) if len(form.getlist(k)) > 1 or k == "input" else form.get(k)) for k in form}
+
+
+@router.get("/")
+def home():
+    return RedirectResponse("/jobs", status_code=303)
+
+
+@router.get("/jobs")
+def jobs_page(request: Request):
+    c = _console(request)
+    with c.sessions() as s:
+        rows = [c.job_summary(s, j) for j in s.query(Job).order_by(Job.id.desc())]
+    return render(request, "jobs.html", jobs=rows)
+
+
+def _form_context(request: Request, command: str, values: dict, errors: dict, meta: dict) -> dict:
+    c = _console(request)
+    with c.sessions() as s:
+        labelled = jobs.dataset_choices(s, ("labelled",))
+        documents = jobs.dataset_choices(s, ("documents", "labelled"))
+        corpora = jobs.dataset_choices(s, ("corpus",))
+        my_models = s.query(Model).order_by(Model.id.desc()).all()
+    if command == "prepare":
+        my_models = [m for m in my_models if m.kind != "classifier"]
+    return {"command": command, "commands": settings.TITLES, "sections": settings.sections(command),
+            "presets": settings.presets(command), "values": values, "errors": errors, "meta": meta,
+            "base_models": c.cfg.base_models, "my_models": my_models, "labelled": labelled,
+            "documents": documents, "corpora": corpora}
+
+
+@router.get("/jobs/new")
+def new_job_page(request: Request, command: str = "finetune", clone: int | None = None, base: int | None = None):
+    c = _console(request)
+    if command not in settings.job_types():
+        command = "finetune"
+    values = jobs.defaults(command)
+    meta = {"name": "", "description": "", "notify_webhook": "", "notify_email": "", "valid_mode": "split"}
+    if clone is not None:
+        with c.sessions() as s:
+            job = s.get(Job, clone)
+            if job is None:
+                raise HTTPException(404, f"job {clone} does not exist")
+            command = job.command
+            values = {**jobs.defaults(command), **jobs.clone_values(job)}
+            meta.update(name=f"{job.name} (copy)", description=job.description,
+                        notify_webhook=job.notify.get("webhook", ""), notify_email=job.notify.get("email", ""),
+                        valid_mode="dev" if values.get("dev") else "split")
+    if base is not None:
+        values["model"] = f"model:{base}"
+    return render(request, "new_job.html", **_form_context(request, command, values, {}, meta))
+
+
+@router.post("/jobs/new")
+async def create_job(request: Request):
+    c = _console(request)
+    form = await _form(request)
+    command = form.get("command") or "finetune"
+    if command not in settings.job_types():
+        raise HTTPException(422, f"unknown job type {command}")
+    values = jobs.form_values(command, form)
+    meta = {k: form.get(k) or "" for k in ("name", "description", "notify_webhook", "notify_email", "valid_mode")}
+    if command == "finetune":
+        if meta["valid_mode"] == "dev" and not values.get("dev"):
+            values.pop("dev", None)
+            errors = {"dev": "choose a dev file, or split validation from the training data"}
+            return render(request, "new_job.html", 422, **_form_context(request, command, form, errors, meta))
+        if meta["valid_mode"] != "dev":
+            values["dev"] = None
+    job, errors = c.create_job(command, values, meta["name"], meta["description"],
+                               {"webhook": meta["notify_webhook"], "email": meta["notify_email"]})
+    if job is None:
+        return render(request, "new_job.html", 422, **_form_context(request, command, form, errors, meta))
+    return RedirectResponse(f"/jobs/{job.id}", status_code=303)
+
+
+@router.get("/jobs/{job_id}")
+def job_page(request: Request, job_id: int):
+    c = _console(request)
+    with c.sessions() as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            raise HTTPException(404, f"job {job_id} does not exist")
+        detail = c.job_detail(s, job)
+    return render(request, "job.html", job=detail, log=c.log_tail(job))
+
+
+@router.post("/jobs/{job_id}/{action}")
+async def job_action(request: Request, job_id: int, action: str):
+    c = _console(request)
+    await _form(request)
+    try:
+        if action == "cancel":
+            c.cancel(job_id)
+        elif action == "retry":
+            c.retry(job_id)
+        else:
+            raise HTTPException(404)
+    except Conflict:
+        pass  # the page shows the job's current state, which says why
+    return RedirectResponse(f"/jobs/{job_id}", status_code=303)
+
+
+@router.get("/models")
+def models_page(request: Request):
+    c = _console(request)
+    with c.sessions() as s:
+        rows = [c.model_summary(m) for m in s.query(Model).order_by(Model.id.desc())]
+    return render(request, "models.html", models=rows)
+
+
+@router.get("/models/compare")
+def compare_page(request: Request):
+    c = _console(request)
+    ids = [int(i) for i in request.query_params.getlist("ids") if i.isdigit()]
+    with c.sessions() as s:
+        table = c.compare(s, ids)
+    return render(request, "compare.html", table=table)
+
+
+def _model_or_404(s, model_id: int) -> Model:
+    m = s.get(Model, model_id)
+    if m is None:
+        raise HTTPException(404, f"model {model_id} does not exist")
+    return m
+
+
+@router.get("/models/{model_id}")
+def model_page(request: Request, model_id: int):
+    c = _console(request)
+    with c.sessions() as s:
+        model = c.model_summary(_model_or_404(s, model_id))
+    return render(request, "model.html", model=model, text="", results=None, error="")
+
+
+@router.post("/models/{model_id}/try")
+async def try_model(request: Request, model_id: int):
+    c = _console(request)
+    form = await _form(request)
+    text = form.get("text") or ""
+    with c.sessions() as s:
+        m = _model_or_404(s, model_id)
+        model = c.model_summary(m)
+    try:
+        results, error = c.predict(m, text.splitlines()), ""
+    except DomainLMError as e:
+        results, error = None, str(e)
+    return render(request, "model.html", 422 if error else 200, model=model, text=text, results=results, error=error)
+
+
+@router.get("/models/{model_id}/delete")
+def delete_confirm(request: Request, model_id: int):
+    c = _console(request)
+    with c.sessions() as s:
+        model = c.model_summary(_model_or_404(s, model_id))
+        users = s.query(Job).filter(Job.base_model_id == model_id).count()
+    return render(request, "delete.html", model=model, users=users, error="")
+
+
+@router.post("/models/{model_id}/delete")
+async def delete_model(request: Request, model_id: int):
+    c = _console(request)
+    await _form(request)
+    try:
+        c.delete_model(model_id)
+    except KeyError:
+        raise HTTPException(404, f"model {model_id} does not exist") from None
+    except (Conflict, PathError) as e:
+        with c.sessions() as s:
+            model = c.model_summary(_model_or_404(s, model_id))
+        return render(request, "delete.html", 409, model=model, users=0, error=str(e))
+    return RedirectResponse("/models", status_code=303)
+
+
+@router.get("/datasets")
+def datasets_page(request: Request):
+    c = _console(request)
+    with c.sessions() as s:
+        rows = [dataset_summary(d) for d in s.query(Dataset).order_by(Dataset.id.desc())]
+    return render(request, "datasets.html", datasets=rows, error="", limit_mb=c.cfg.max_upload_mb)
+
+
+@router.post("/datasets")
+async def upload_page(request: Request):
+    c = _console(request)
+    error, status = "", 200
+    try:
+        record = await upload(request)
+        return RedirectResponse(f"/datasets/{record.id}", status_code=303)
+    except UploadTooLarge as e:
+        error, status = str(e), 413
+    except DomainLMError as e:
+        error, status = str(e), 422
+    with c.sessions() as s:
+        rows = [dataset_summary(d) for d in s.query(Dataset).order_by(Dataset.id.desc())]
+    return render(request, "datasets.html", status, datasets=rows, error=error, limit_mb=c.cfg.max_upload_mb)
+
+
+@router.get("/datasets/{dataset_id}")
+def dataset_page(request: Request, dataset_id: int):
+    c = _console(request)
+    with c.sessions() as s:
+        d = s.get(Dataset, dataset_id)
+        if d is None:
+            raise HTTPException(404, f"dataset {dataset_id} does not exist")
+        summary = dataset_summary(d)
+    return render(request, "dataset.html", dataset=summary, stats=catalog.read_json(inside(c.home, d.path) / "stats.json"))
+
+
+@router.get("/docs")
+def api_docs(request: Request):
+    """Every API route from the OpenAPI document: method, path, summary, parameters, body and responses."""
+    spec = request.app.openapi()
+    routes = []
+    for path, methods in spec["paths"].items():
+        for method, op in methods.items():
+            body = op.get("requestBody", {}).get("content", {})
+            schema = next(iter(body.values()), {}).get("schema", {}) if body else {}
+            routes.append({"method": method.upper(), "path": path, "summary": op.get("summary", ""),
+                           "description": op.get("description", ""),
+                           "params": [(p["name"], p["in"], p.get("required", False)) for p in op.get("parameters", [])],
+                           "body": schema.get("$ref", "").rsplit("/", 1)[-1] or ("form or file" if body else ""),
+                           "responses": sorted(op.get("responses", {}))})
+    schemas = {name: {k: v.get("description", v.get("type", "")) for k, v in s.get("properties", {}).items()}
+               for name, s in spec.get("components", {}).get("schemas", {}).items() if not name.startswith(("HTTP", "Validation"))}
+    return render(request, "docs.html", routes=routes, schemas=schemas, info=spec["info"])

@@ -1,0 +1,164 @@
+// domainlm console: live updates and small form helpers. Plain JS; user text only ever goes through textContent.
+"use strict";
+
+const FINISHED = ["succeeded", "failed", "cancelled", "interrupted"];
+const COLORS = ["#2563eb", "#ea580c", "#16a34a", "#9333ea", "#0891b2", "#be123c"];
+
+async function getJSON(url) {
+  const r = await fetch(url, {credentials: "same-origin", headers: {Accept: "application/json"}});
+  if (!r.ok) throw new Error(url + ": " + r.status);
+  return r.json();
+}
+
+function every(ms, fn) {
+  // keeps polling through errors (a console restart), so a page left open picks up where it was
+  const tick = async () => { try { if (await fn() === false) return; } catch (e) { /* retry next tick */ } setTimeout(tick, ms); };
+  setTimeout(tick, ms);
+}
+
+function fmtSteps(p) { return p.steps + (p.total ? " / " + p.total : "") + " steps"; }
+function fmtEta(j) { return j.status === "running" && j.progress.eta_s != null ? j.progress.eta_s + " s" : "–"; }
+function setStatus(el, status) { el.textContent = status; el.className = "status " + status; }
+
+function jobsPage() {
+  const table = document.getElementById("jobs");
+  every(2000, async () => {
+    const jobs = await getJSON("/api/jobs");
+    if (!table) { if (jobs.length) { location.reload(); return false; } return; }
+    if (jobs.length !== table.tBodies[0].rows.length) { location.reload(); return false; }
+    for (const j of jobs) {
+      const row = table.querySelector('tr[data-job="' + j.id + '"]');
+      if (!row) continue;
+      setStatus(row.querySelector('[data-field="status"]'), j.status);
+      row.querySelector('[data-field="bar"]').style.width = ((j.progress.fraction || 0) * 100) + "%";
+      row.querySelector('[data-field="steps"]').textContent = fmtSteps(j.progress);
+      row.querySelector('[data-field="eta"]').textContent = j.status === "running" ? fmtEta(j) : "";
+      const h = row.querySelector('[data-field="headline"]');
+      if (j.headline) h.textContent = j.headline.name + " " + j.headline.value;
+      else if (j.error) h.textContent = j.error.slice(0, 80);
+    }
+  });
+}
+
+function drawChart(canvas, series, ylabel) {
+  const ctx = canvas.getContext("2d");
+  const W = canvas.width, H = canvas.height, L = 52, R = 12, T = 12, B = 34;
+  ctx.clearRect(0, 0, W, H);
+  const pts = series.flatMap(s => s.points);
+  ctx.font = "12px system-ui, sans-serif";
+  ctx.fillStyle = "#667085";
+  if (!pts.length) { ctx.fillText("no points yet", W / 2 - 36, H / 2); return; }
+  let [x0, x1] = [Math.min(...pts.map(p => p[0])), Math.max(...pts.map(p => p[0]))];
+  let [y0, y1] = [Math.min(...pts.map(p => p[1])), Math.max(...pts.map(p => p[1]))];
+  if (x1 === x0) { x0 -= 1; x1 += 1; }
+  if (y1 === y0) { y0 -= 0.1; y1 += 0.1; }
+  const pad = (y1 - y0) * 0.08; y0 -= pad; y1 += pad;
+  const X = x => L + (x - x0) / (x1 - x0) * (W - L - R), Y = y => T + (1 - (y - y0) / (y1 - y0)) * (H - T - B);
+  ctx.strokeStyle = "#e4e7ec"; ctx.lineWidth = 1;
+  for (let i = 0; i <= 4; i++) {
+    const y = y0 + (y1 - y0) * i / 4;
+    ctx.beginPath(); ctx.moveTo(L, Y(y)); ctx.lineTo(W - R, Y(y)); ctx.stroke();
+    ctx.fillText(y.toPrecision(3), 4, Y(y) + 4);
+  }
+  const xticks = [...new Set([0, 1, 2, 3, 4].map(i => Math.round(x0 + (x1 - x0) * i / 4)))];
+  for (const x of xticks) ctx.fillText(String(x), X(x) - 8, H - B + 16);
+  ctx.fillText("step", W - R - 28, H - 4);
+  let lx = L + 6;
+  series.forEach((s, i) => {
+    ctx.strokeStyle = ctx.fillStyle = COLORS[i % COLORS.length]; ctx.lineWidth = 2;
+    ctx.beginPath();
+    s.points.forEach((p, k) => (k ? ctx.lineTo(X(p[0]), Y(p[1])) : ctx.moveTo(X(p[0]), Y(p[1]))));
+    ctx.stroke();
+    if (s.points.length < 40) s.points.forEach(p => { ctx.beginPath(); ctx.arc(X(p[0]), Y(p[1]), 2.5, 0, 7); ctx.fill(); });
+    ctx.fillRect(lx, T + 2, 10, 3); ctx.fillStyle = "#344054"; ctx.fillText(s.name, lx + 14, T + 8);
+    lx += ctx.measureText(s.name).width + 34;
+  });
+  canvas.dataset.points = String(pts.length);
+}
+
+function seriesOf(curves, key, splits) {
+  const out = [];
+  for (const [run, bySplit] of Object.entries(curves)) {
+    for (const split of splits) {
+      const rows = (bySplit[split] || []).filter(r => key in r);
+      if (rows.length) out.push({name: (run === "run" ? "" : run + " ") + split, points: rows.map(r => [r.step, r[key]])});
+    }
+  }
+  return out;
+}
+
+function jobPage() {
+  const box = document.getElementById("job");
+  const id = box.dataset.job;
+  let status = box.dataset.status;
+  const update = async () => {
+    const [j, log, curves] = await Promise.all([
+      getJSON("/api/jobs/" + id), fetch("/api/jobs/" + id + "/log?lines=200", {credentials: "same-origin"}).then(r => r.text()),
+      getJSON("/api/jobs/" + id + "/curves")]);
+    setStatus(document.getElementById("status"), j.status);
+    document.getElementById("progress").textContent = fmtSteps(j.progress);
+    document.getElementById("eta").textContent = fmtEta(j);
+    document.getElementById("bar").style.width = ((j.progress.fraction || 0) * 100) + "%";
+    if (j.headline) document.getElementById("headline").textContent = j.headline.name + " " + j.headline.value;
+    const err = document.getElementById("error");
+    err.textContent = j.error || ""; err.hidden = !j.error;
+    const pre = document.getElementById("log");
+    const atEnd = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
+    pre.textContent = log;
+    if (atEnd) pre.scrollTop = pre.scrollHeight;
+    drawChart(document.getElementById("chart-loss"), seriesOf(curves, "loss", ["train", "valid"]), "loss");
+    const metric = j.command === "pretrain" ? "mlm_acc" : (j.config.metric || (j.config.task === "multilabel" ? "f1_micro" : "accuracy"));
+    document.getElementById("metric-caption").textContent = metric + " by step";
+    drawChart(document.getElementById("chart-metric"), seriesOf(curves, metric, j.command === "pretrain" ? ["train", "valid"] : ["valid"]), metric);
+    if (j.status !== status) {  // buttons and produced models change with the state: redraw the page once
+      status = j.status;
+      location.reload();
+      return false;
+    }
+    if (FINISHED.includes(j.status)) return false;  // nothing changes any more
+  };
+  update().catch(() => {});
+  every(1500, update);
+}
+
+function newJobPage() {
+  const form = document.getElementById("job-form");
+  const presets = JSON.parse(form.dataset.presets || "{}");
+  for (const b of form.querySelectorAll("[data-preset]")) {
+    b.addEventListener("click", () => {
+      const values = presets[b.dataset.preset];
+      const select = form.elements["preset"];
+      if (select) select.value = b.dataset.preset;
+      for (const [k, v] of Object.entries(values)) {
+        const el = form.elements[k];
+        if (!el) continue;
+        if (el.type === "checkbox") el.checked = !!v; else el.value = String(v);
+        el.closest(".field").classList.add("filled");
+        setTimeout(() => el.closest(".field").classList.remove("filled"), 1200);
+      }
+      for (const c of form.querySelectorAll("[data-preset]")) c.classList.toggle("on", c === b);
+    });
+  }
+  const toggle = () => {
+    const method = form.elements["method"];
+    for (const n of ["lora_rank", "lora_alpha"]) {
+      const f = document.getElementById("field-" + n);
+      if (f && method) f.hidden = method.value !== "lora";
+    }
+    const mode = form.querySelector('input[name="valid_mode"]:checked');
+    if (mode) {
+      const dev = mode.value === "dev";
+      document.getElementById("field-dev").hidden = !dev;
+      document.getElementById("field-valid_ratio").hidden = dev;
+    }
+  };
+  form.addEventListener("change", toggle);
+  toggle();
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  const page = document.body.dataset.page;
+  if (page === "jobs") jobsPage();
+  if (page === "job") jobPage();
+  if (page === "new-job") newJobPage();
+});

@@ -1,0 +1,312 @@
+"""A finished sweep as something a person can decide from: the conclusion in one sentence, the task, the table (with
+the floor, raw and Holm-adjusted p-values), each seed's value beside the mean, and the pretraining curves."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from domainlm.errors import DomainLMError
+from domainlm.sweep.report import html_page, markdown_table, plot_curves
+from domainlm.sweep.stats import compare, holm, mean_std
+from domainlm.train.logging import read_log
+
+ALPHA = 0.05
+
+
+def pct(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def pval(p: float) -> str:
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+# ---- the floor, once per task -------------------------------------------------------------------------------
+
+def fit_floor(cfg, root: Path) -> dict:
+    """The classical floor on the rows the first seed's cells train on, scored on the cells' evaluation rows.
+    Reused while the fine-tuning options (data, columns, task, validation) are unchanged."""
+    from domainlm.classify import linear
+    from domainlm.classify.command import _columns, write_outputs
+    from domainlm.classify.data import label_list, read_examples, split_validation
+    from domainlm.sweep.command import cell_config
+
+    ft = cell_config(cfg, "model", "out", cfg.seeds[0])
+    folder = root / "floor"
+    key = {"finetune": cfg.finetune, "seed": cfg.seeds[0], "grid": [list(linear.FEATURES), list(linear.CLASSIFIERS), list(linear.C_GRID)]}
+    if (folder / "metrics.json").is_file() and (folder / "options.json").is_file() and \
+            json.loads((folder / "options.json").read_text(encoding="utf-8")) == json.loads(json.dumps(key)):
+        return json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    columns = _columns(ft)
+    train = read_examples(ft.train, columns, ft.multilabel, skip_bad=ft.skip_bad_rows)
+    labels = label_list(train, ft.labels or None)
+    if ft.dev:
+        fit, dev = train, read_examples(ft.dev, columns, ft.multilabel, skip_bad=ft.skip_bad_rows)
+    else:
+        fit, dev = split_validation(train, ft.valid_ratio, ft.valid_max_rows, cfg.seeds[0])
+    test = read_examples(ft.test, columns, ft.multilabel, skip_bad=ft.skip_bad_rows) if ft.test else None
+    print("fitting the classical floor (char n-gram TF-IDF + linear model)", flush=True)
+    model, result = linear.evaluate(fit, dev, test, labels, ft.multilabel, ft.best_metric, ft.tolerant_k)
+    linear.save(model, folder)
+    split, data = ("test", test) if test is not None else ("dev", dev)
+    write_outputs(folder, split, data, model.scores(data), labels, ft.multilabel, result[split], model.thresholds)
+    (folder / "metrics.json").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
+    (folder / "options.json").write_text(json.dumps(key, ensure_ascii=False), encoding="utf-8")
+    return result
+
+
+# ---- gathering and testing --------------------------------------------------------------------------------
+
+def _cell_results(root: Path, folder: str) -> tuple[dict, np.ndarray] | None:
+    path = root / "cells" / folder
+    if not (path / "DONE").is_file():
+        return None
+    metrics = json.loads((path / "metrics.json").read_text(encoding="utf-8"))
+    split = "test" if "test" in metrics else "dev"
+    rows = [json.loads(x) for x in (path / f"{split}_predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    correct = np.asarray([sorted(r["predicted"]) == sorted(r["gold"]) for r in rows], dtype=float)
+    return metrics[split], correct
+
+
+def gather(cfg, cells, root: Path) -> list[dict]:
+    """One result per (model, checkpoint): per-seed values, mean +- std, and the test against the base model."""
+    groups: dict[tuple[str, int], dict] = {}
+    for cell in cells:
+        g = groups.setdefault((cell.model, cell.step), {"model": cell.model, "step": cell.step, "checkpoint": cell.checkpoint,
+                                                        "seeds": [], "failed_seeds": [], "values": {m: [] for m in cfg.metrics},
+                                                        "per_group": {}, "correct": []})
+        result = _cell_results(root, cell.folder)
+        if result is None:
+            g["failed_seeds"].append(cell.seed)
+            continue
+        metrics, correct = result
+        missing = [m for m in cfg.metrics if m not in metrics]
+        if missing:
+            raise DomainLMError(f"metrics {missing} are not computed (available: {', '.join(k for k, v in metrics.items() if isinstance(v, float))})")
+        g["seeds"].append(cell.seed)
+        g["correct"].append(correct)
+        for m in cfg.metrics:
+            g["values"][m].append(metrics[m])
+        for name, v in metrics.get("per_group", {}).items():
+            g["per_group"].setdefault(name, []).append(v["accuracy"])
+    results = list(groups.values())
+    for r in results:
+        for m in cfg.metrics:
+            if r["values"][m]:
+                r[m] = dict(zip(("mean", "std"), mean_std(r["values"][m])))
+        r["per_group"] = {k: float(np.mean(v)) for k, v in r["per_group"].items()}
+    primary = cfg.metrics[0]
+    for model in dict.fromkeys(r["model"] for r in results):
+        base = next((r for r in results if r["model"] == model and r["step"] == 0), None)
+        tested = [r for r in results if r["model"] == model and r["step"] and r["correct"]]
+        if base is None or not base["correct"] or not tested:
+            continue
+        for r in tested:
+            r["vs_base"] = compare(np.stack(r["correct"]), np.stack(base["correct"]))
+            if primary in r and primary in base:
+                r["vs_base"]["metric_difference"] = r[primary]["mean"] - base[primary]["mean"]
+        for r, adjusted in zip(tested, holm([r["vs_base"]["p_value"] for r in tested])):
+            r["vs_base"]["p_holm"] = float(adjusted)
+            r["vs_base"]["win"] = bool(adjusted < ALPHA and r["vs_base"]["difference"] > 0)
+    for r in results:
+        del r["correct"]
+    done = [r for r in results if primary in r]
+    if done:
+        best = max(done, key=lambda r: r[primary]["mean"])
+        best["best"] = True
+        best["star"] = bool(best.get("vs_base", {}).get("win"))
+    return results
+
+
+def conclusion(cfg, results: list[dict], floor: dict | None, split: str) -> str:
+    primary = cfg.metrics[0]
+    done = [r for r in results if primary in r]
+    if not done:
+        return "No cell finished: there is nothing to compare (see the failures below)."
+    best = next(r for r in done if r.get("best"))
+    cell = (f"{best['model']} {best['checkpoint']}, {pct(best[primary]['mean'])} ± {pct(best[primary]['std'])} over "
+            f"{len(best['seeds'])} seed{'s' if len(best['seeds']) > 1 else ''}")
+    tested = [r for r in results if "vs_base" in r]
+    wins = [r for r in tested if r["vs_base"]["win"]]
+    if best.get("star"):
+        vs = best["vs_base"]
+        base = next(r for r in done if r["model"] == best["model"] and r["step"] == 0)
+        versus_base = (f"{best['model']} {best['checkpoint']} beats its base model ({pct(base[primary]['mean'])}) by "
+                       f"{100 * vs['metric_difference']:.1f} points (Holm-adjusted p {'< 0.001' if vs['p_holm'] < 0.001 else '= ' + pval(vs['p_holm'])})")
+    elif wins:
+        names = ", ".join(f"{r['model']} {r['checkpoint']}" for r in wins)
+        versus_base = f"{names} {'beats its' if len(wins) == 1 else 'beat their'} base model after Holm adjustment"
+    elif tested:
+        versus_base = (f"no checkpoint is distinguishable from its base model "
+                       f"(smallest Holm-adjusted p = {min(r['vs_base']['p_holm'] for r in tested):.2f})")
+    else:
+        versus_base = "no pretraining checkpoint was compared with its base model"
+    floor_value = floor[split][primary] if floor else None
+    if floor_value is not None and floor_value >= best[primary]["mean"]:
+        return (f"Ship the classical floor ({floor['method']}): {primary} {pct(floor_value)} on {split}, "
+                f"{100 * (floor_value - best[primary]['mean']):.1f} points above the best transformer cell ({cell}); "
+                f"no transformer cell beats it, and {versus_base}.")
+
+    def above_floor(r: dict) -> str:
+        if floor_value is None:
+            return ""
+        return f", {100 * (r[primary]['mean'] - floor_value):.1f} points above the classical floor ({pct(floor_value)})"
+
+    if best.get("star"):
+        return (f"Ship {best['model']} {best['checkpoint']}: {primary} {cell.split(', ', 1)[1]}{above_floor(best)}; "
+                f"{versus_base.replace(best['model'] + ' ' + best['checkpoint'], 'it', 1)}.")
+    bases = [r for r in done if r["step"] == 0]
+    if wins:  # a checkpoint beats its base, but another model's cell scores higher and is not shown to beat its own
+        what = "a base model" if best["step"] == 0 else "a checkpoint not shown to beat its own base model"
+        return (f"The best cell is {cell} ({what}){above_floor(best)}; "
+                f"{versus_base}, but score{'s' if len(wins) == 1 else ''} lower.")
+    if not bases:
+        return f"The best cell is {cell}{above_floor(best)}; {versus_base}."
+    keep = max(bases, key=lambda r: r[primary]["mean"])
+    text = (f"{versus_base[0].upper()}{versus_base[1:]}: keep the base model {keep['model']} ({primary} "
+            f"{pct(keep[primary]['mean'])} ± {pct(keep[primary]['std'])}{above_floor(keep)})")
+    return text + (f"; the best cell, {cell}, is within the noise." if keep is not best else ".")
+
+
+# ---- table, plots, pages ----------------------------------------------------------------------------------
+
+def table(cfg, results: list[dict], floor: dict | None, split: str) -> tuple[list[str], list[list[str]], list[list]]:
+    primary, others = cfg.metrics[0], cfg.metrics[1:]
+    group_names = sorted({g for r in results for g in r["per_group"]}) if cfg.groups else []
+    header = ["model", "checkpoint", f"{primary} mean ± std", "per seed", *others, "Δ vs base", "p", "p (Holm)",
+              *[f"{g} accuracy" for g in group_names]]
+    csv_header = ["model", "checkpoint", "step", *[f"{m}_{k}" for m in cfg.metrics for k in ("mean", "std")], "per_seed",
+                  "difference_vs_base", "p_value", "p_holm", "beats_base", "best", *[f"group_{g}" for g in group_names], "failed_seeds"]
+    rows, csv_rows = [], [csv_header]
+    for r in results:
+        vs = r.get("vs_base", {})
+        if primary in r:
+            seeds = " ".join(pct(v) for v in r["values"][primary])
+            if r["failed_seeds"]:
+                seeds += f" (failed: seed {', '.join(map(str, r['failed_seeds']))})"
+            cells = [f"{pct(r[primary]['mean'])} ± {pct(r[primary]['std'])}", seeds,
+                     *[f"{pct(r[m]['mean'])} ± {pct(r[m]['std'])}" for m in others]]
+        else:
+            cells = ["failed", "", *["" for _ in others]]
+        cells += [f"{100 * vs['metric_difference']:+.1f}" if "metric_difference" in vs else "",
+                  pval(vs["p_value"]) if vs else "", (pval(vs["p_holm"]) + ("*" if vs["win"] else "")) if vs else ""]
+        cells += [pct(r["per_group"][g]) if g in r["per_group"] else "" for g in group_names]
+        rows.append([r["model"], ("★ " if r.get("star") else "") + r["checkpoint"], *cells])
+        csv_rows.append([r["model"], r["checkpoint"], r["step"], *[r.get(m, {}).get(k, "") for m in cfg.metrics for k in ("mean", "std")],
+                         " ".join(f"{v:.6f}" for v in r["values"][primary]), vs.get("difference", ""), vs.get("p_value", ""),
+                         vs.get("p_holm", ""), vs.get("win", ""), bool(r.get("star")),
+                         *[r["per_group"].get(g, "") for g in group_names], " ".join(map(str, r["failed_seeds"]))])
+    if floor:
+        m = floor[split]
+        per_group = m.get("per_group", {})
+        rows.append(["floor", floor["method"], pct(m[primary]), "(deterministic)", *[pct(m[x]) for x in others], "", "", "",
+                     *[pct(per_group[g]["accuracy"]) if g in per_group else "" for g in group_names]])
+        csv_rows.append(["floor", floor["method"], "", *[v for x in cfg.metrics for v in (m[x], 0.0)], "", "", "", "", "", "",
+                         *[per_group.get(g, {}).get("accuracy", "") for g in group_names], ""])
+    return header, rows, csv_rows
+
+
+def plots(cfg, results: list[dict], floor: dict | None, split: str, root: Path) -> list[Path]:
+    from domainlm.sweep.report import _pyplot
+
+    plt = _pyplot()
+    primary = cfg.metrics[0]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    models = list(dict.fromkeys(r["model"] for r in results))
+    steps = sorted({r["step"] for r in results})
+    spread = (max(steps) - min(steps) or 1) * 0.012
+    for model in models:
+        points = sorted((r["step"], r) for r in results if r["model"] == model and primary in r)
+        if not points:
+            continue
+        xs = [s for s, _ in points]
+        line = ax.errorbar(xs, [100 * r[primary]["mean"] for _, r in points], yerr=[100 * r[primary]["std"] for _, r in points],
+                           marker="o", capsize=4, label=f"{model}: mean ± std")
+        for s, r in points:
+            values = r["values"][primary]
+            offsets = (np.arange(len(values)) - (len(values) - 1) / 2) * spread + spread * 1.5
+            ax.scatter(s + offsets, [100 * v for v in values], s=14, alpha=0.6, color=line[0].get_color(),
+                       label=f"{model}: each seed" if s == xs[0] else None)
+            if r.get("star"):
+                ax.annotate("★", (s, 100 * r[primary]["mean"]), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=14)
+    if floor:
+        ax.axhline(100 * floor[split][primary], color="#c70", linestyle="--", label=f"floor: {floor['method']}")
+    ax.set_title(f"{primary} on {split} by pretraining step (step 0: base model)")
+    ax.set_xlabel("pretraining step")
+    ax.set_ylabel(f"{primary} (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
+    fig.tight_layout()
+    path = root / "metric_vs_step.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    out = [path]
+    losses = {}
+    for spec in cfg.models:
+        folder = (spec.get("pretrain") or {}).get("out") or spec.get("snapshots")
+        if spec.get("pretrain") is not None and not folder:
+            folder = str(root / "pretrain" / spec["name"])
+        if isinstance(folder, str) and (Path(folder) / "log.jsonl").is_file():
+            rows = read_log(Path(folder) / "log.jsonl", "train")
+            losses[spec["name"]] = [(r["step"], r.get("mlm_loss", r["loss"])) for r in rows]
+    if any(losses.values()):
+        out.append(plot_curves(losses, root / "pretraining_loss.png", "pretraining MLM loss (training batches)", "mlm_loss"))
+    return out
+
+
+def _task_lines(task: dict, floor: dict | None) -> list[str]:
+    valid = (f"dev file {task['dev']} ({task['valid_rows']} rows) picks each cell's epoch" if task["dev"] else
+             f"{task['valid_rows']} of them ({task['valid_rows'] / task['train_rows']:.0%}, split off per seed) pick each cell's epoch")
+    lines = [f"{task['task']} classification, {len(task['labels'])} labels: {', '.join(task['labels'])}",
+             f"training data: {task['train']} ({task['train_rows']} rows; {valid} by {task['selection_metric']})",
+             f"scored on: {task['test'] or task['dev']} ({task['test_rows'] or task['valid_rows']} rows), ranked by {task['metric']}; "
+             f"seeds {', '.join(map(str, task['seeds']))}; every cell fine-tuned with the same options"]
+    if floor:
+        lines.append(f"floor: {floor['method']}, fitted on the same {floor['train_rows']} training rows, chosen on dev "
+                     f"({floor['seconds']} s)")
+    return lines
+
+
+def summarize(cfg, cells, root: Path, task: dict, floor: dict | None) -> dict:
+    """table.md / table.csv / results.json / report.html and the plots."""
+    split = task["evaluated_on"]
+    results = gather(cfg, cells, root)
+    primary = cfg.metrics[0]
+    sentence = conclusion(cfg, results, floor, split)
+    header, rows, csv_rows = table(cfg, results, floor, split)
+    failures = [{"cell": c.folder, "error": (root / "cells" / c.folder / "FAILED").read_text(encoding="utf-8").split("\n")[0]}
+                for c in cells if (root / "cells" / c.folder / "FAILED").is_file()]
+    (root / "failures.json").write_text(json.dumps(failures, indent=2, ensure_ascii=False), encoding="utf-8")
+    (root / "results.json").write_text(json.dumps({"conclusion": sentence, "primary_metric": primary, "task": task, "floor": floor,
+                                                   "cells": results}, indent=2, ensure_ascii=False), encoding="utf-8")
+    note = (f"Values in % on {split}: mean ± std over seeds, and each seed's value. Δ vs base: difference of the {primary} means "
+            "in points. p: one-sided test that the checkpoint's per-row correctness beats its base model's, accounting for "
+            "both seed and test-row variance (two-level t-test); p (Holm): adjusted for the checkpoints compared per model. "
+            f"* a win (adjusted p < {ALPHA}); ★ the best cell, marked only when it beats its base after adjustment.")
+    if len(cfg.seeds) < 3:
+        note += " With fewer than 3 seeds the seed variance is barely estimable and the test rarely finds a difference."
+    images = plots(cfg, results, floor, split, root)
+    md = [f"# Sweep: {root.name}", "", f"**{sentence}**", "", "## Task", ""] + [f"- {x}" for x in _task_lines(task, floor)]
+    md += ["", "## Results", "", markdown_table(header, rows), "", note, ""]
+    if failures:
+        md += ["Failed cells:", ""] + [f"- {f['cell']}: {f['error']}" for f in failures] + [""]
+    md += [f"![{p.stem}]({p.name})" for p in images]
+    (root / "table.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+    with open(root / "table.csv", "w", encoding="utf-8", newline="") as f:
+        csv.writer(f).writerows(csv_rows)
+    blocks: list[tuple[str, object]] = [("lead", sentence), ("h2", "Task"), ("ul", _task_lines(task, floor)), ("h2", "Results"),
+                                        ("table", (header, rows)), ("note", note)]
+    blocks += [("p", f"failed: {f['cell']}: {f['error']}") for f in failures]
+    blocks += [("img", images[0])]
+    if len(images) > 1:
+        blocks += [("h2", "Pretraining"), ("img", images[1])]
+    (root / "report.html").write_text(html_page(f"Sweep: {root.name}", blocks), encoding="utf-8")
+    print(sentence)
+    print(markdown_table(header, rows))
+    print(f"report: {root / 'report.html'}")
+    best = next((r for r in results if r.get("best")), None)
+    return {"cells": results, "failures": failures, "best": best, "conclusion": sentence, "floor": floor}
