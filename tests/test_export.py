@@ -23,7 +23,8 @@ def trained(tmp_path_factory, tiny_model):
     """A tiny classifier fine-tuned to tell hotel / book / pc texts apart, and its test file."""
     root = tmp_path_factory.mktemp("trained")
     train, test = write_jsonl(root / "train.jsonl", make_rows(40, 1)), write_jsonl(root / "test.jsonl", make_rows(15, 2))
-    assert main(["finetune", "--model", tiny_model, "--train", train, "--out", str(root / "ft"), "--epochs", "8",
+    dev = write_jsonl(root / "dev.jsonl", make_rows(5, 3))  # every training row trains
+    assert main(["finetune", "--model", tiny_model, "--train", train, "--dev", dev, "--out", str(root / "ft"), "--epochs", "12",
                  "--batch-size", "16", "--learning-rate", "2e-3", "--max-seq-len", "32", "--warmup-ratio", "0.05",
                  "--logging-freq", "50"]) == 0
     return {"ft": root / "ft", "test": test, "root": root}
