@@ -230,3 +230,12 @@ def test_a_failing_batch_answers_500_and_the_server_goes_on(torch_rt):
         assert r.status_code == 500 and r.json()["error"] == "prediction failed: RuntimeError: kernel failed"
         assert httpx.post(url + "/predict", json={"text": "书内容作者观点"}).json()["predictions"][0]["labels"] == ["book"]
         assert httpx.get(url + "/metrics").json()["requests"]["500"] == 1
+
+
+def test_length_groups_keep_padding_small():
+    from domainlm.serve.server import length_groups
+
+    lengths = [10, 100, 12, 11, 95, 40, 9, 13]
+    groups = length_groups(lengths, max_batch=3)
+    assert sorted(int(i) for g in groups for i in g) == list(range(8))  # every text once
+    assert [[lengths[i] for i in g] for g in groups] == [[9, 10, 11], [12, 13], [40], [95, 100]]
