@@ -65,11 +65,11 @@ def test_sample_index_is_cached_and_keyed(corpus_dir):
     corpus = Corpus(corpus_dir)
     docs = np.arange(10)
     a, _ = cached_samples(corpus, "train", docs, 40, 0.1, 2, seed=1)
-    files = list((corpus.path / "cache").glob("samples-train-*.npz"))
+    files = list((corpus.path / "cache").glob("samples-train-*.npy"))
     b, _ = cached_samples(corpus, "train", docs, 40, 0.1, 2, seed=1)
-    assert np.array_equal(a, b) and len(list((corpus.path / "cache").glob("samples-train-*.npz"))) == len(files)
+    assert np.array_equal(a, b) and len(list((corpus.path / "cache").glob("samples-train-*.npy"))) == len(files)
     cached_samples(corpus, "train", docs, 30, 0.1, 2, seed=1)
-    assert len(list((corpus.path / "cache").glob("samples-train-*.npz"))) == len(files) + 1
+    assert len(list((corpus.path / "cache").glob("samples-train-*.npy"))) == len(files) + 1
 
 
 def test_sop_pairs_are_balanced_and_well_formed(corpus_dir, tokenizer):

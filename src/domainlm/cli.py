@@ -83,6 +83,32 @@ def _predict(args: argparse.Namespace) -> None:
     predict_command(cfglib.from_args(PredictConfig, args))
 
 
+def _model_argument(args: argparse.Namespace) -> argparse.Namespace:
+    """`domainlm export MODEL` / `serve MODEL`: the first argument fills --model."""
+    given = vars(args).pop("model_argument", None)
+    if given is not None:
+        if getattr(args, "model", given) != given:
+            raise DomainLMError(f"two models given: {given} and --model {args.model}")
+        args.model = given
+    return args
+
+
+def _export(args: argparse.Namespace) -> None:
+    from domainlm.serve.config import ExportConfig
+    from domainlm.serve.export import export
+
+    info = export(cfglib.from_args(ExportConfig, _model_argument(args)))
+    info["verification"].pop("shapes")  # listed on stderr already
+    print(json.dumps({k: info[k] for k in ("files", "size_mb", "verification", "data_metrics") if k in info}, indent=1))
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from domainlm.serve.config import ServeConfig
+    from domainlm.serve.server import serve
+
+    serve(cfglib.from_args(ServeConfig, _model_argument(args)))
+
+
 def _sweep(args: argparse.Namespace) -> None:
     from domainlm.sweep.command import SweepConfig, sweep
 
@@ -102,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     from domainlm.data.prepare import PrepareConfig
     from domainlm.demo import DemoConfig
     from domainlm.pretrain.config import PretrainConfig
+    from domainlm.serve.config import ExportConfig, ServeConfig
     from domainlm.sweep.command import SweepConfig
 
     parser = argparse.ArgumentParser(
@@ -120,6 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
         ("console", "web console: create, watch and compare jobs (pip install 'domainlm[console]')", ConsoleConfig, _console),
     ):
         p = sub.add_parser(name, help=help_text)
+        cfglib.add_arguments(p, cls)
+        p.set_defaults(func=func)
+
+    for name, help_text, cls, func in (
+        ("export", "a classifier -> ONNX (verified against PyTorch), optionally int8", ExportConfig, _export),
+        ("serve", "HTTP JSON API over a classifier or an export, with dynamic batching", ServeConfig, _serve),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("model_argument", nargs="?", metavar="MODEL", default=None, help="the model (or --model)")
         cfglib.add_arguments(p, cls)
         p.set_defaults(func=func)
 

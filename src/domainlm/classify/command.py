@@ -276,6 +276,11 @@ def _load(folder: str):
     if linear.is_linear(folder):
         lm = linear.load(folder)
         return lm, None, {"labels": lm.labels, "multilabel": lm.multilabel, "thresholds": lm.thresholds}
+    from domainlm.serve.runtime import OnnxRuntime, is_export_dir
+
+    if is_export_dir(folder):  # an ONNX export (`domainlm export`), run by ONNX Runtime
+        runtime = OnnxRuntime(folder)
+        return runtime, runtime.tokenizer, runtime.meta
     return load_trained(folder)
 
 
@@ -315,8 +320,11 @@ def _predict(model, tokenizer, data: Dataset, batch_size: int, max_seq_len: int,
     order = np.argsort([len(f["input_ids"]) for f in features], kind="stable")  # similar lengths batch together
     batches = eval_batches([features[i] for i in order], batch_size, tokenizer.pad_token_id or 0)
     total = math.ceil(len(features) / batch_size)
-    sorted_probs = predict_scores(model, tqdm(batches, total=total, desc="predict", file=sys.stderr,
-                                              disable=not sys.stderr.isatty()), multilabel)
+    batches = tqdm(batches, total=total, desc="predict", file=sys.stderr, disable=not sys.stderr.isatty())
+    if hasattr(model, "probs_batch"):  # an ONNX export (domainlm.serve.runtime)
+        sorted_probs = model.scores(batches)
+    else:
+        sorted_probs = predict_scores(model, batches, multilabel)
     probs = np.empty_like(sorted_probs)
     probs[order] = sorted_probs
     return probs

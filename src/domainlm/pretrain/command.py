@@ -28,7 +28,7 @@ from domainlm.pretrain.config import PretrainConfig
 from domainlm.pretrain.dataset import PretrainDataset, StepBatchSampler, collate
 from domainlm.pretrain.masking import MaskingOptions, default_max_predictions
 from domainlm.pretrain.model import PretrainingModel, load_config, load_pretraining_model
-from domainlm.pretrain.samples import cached_samples, parse_split, split_documents
+from domainlm.pretrain.samples import cached_samples, parse_split, split_corpus
 from domainlm.train.checkpoint import (
     TrainState,
     load_checkpoint,
@@ -134,7 +134,7 @@ def setup(cfg: PretrainConfig) -> Run:
     corpus = Corpus(cfg.corpus)
     tokenizer = _load_tokenizer(cfg, corpus)
     special = _special_ids(tokenizer)
-    datasets, reports = _datasets(cfg, accelerator, corpus, tokenizer, special, global_batch)
+    datasets, reports, split = _datasets(cfg, accelerator, corpus, tokenizer, special, global_batch)
     checkpoints = out / "checkpoints"
     resume_from = resolve_resume(cfg.resume, checkpoints, quiet=not accelerator.is_main_process)  # one warning
     if resume_from is None and cfg.resume is None and any(checkpoints.glob("step-*")):
@@ -167,7 +167,7 @@ def setup(cfg: PretrainConfig) -> Run:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         cfglib.write(cfg, out)
-        (out / "data.json").write_text(json.dumps({"splits": {k: v.pop("documents") for k, v in reports.items()}, "samples": reports, "accumulation": accumulation, "processes": world}, indent=2))
+        (out / "data.json").write_text(json.dumps({"splits": {k: v.pop("documents") for k, v in reports.items()}, "split": split.summary(), "samples": reports, "accumulation": accumulation, "processes": world}, indent=2))
     log(f"data: {json.dumps(reports['train'])}; global batch {global_batch} = {cfg.micro_batch_size} x {accumulation} "
         f"accumulation x {world} processes")
     train_loader = torch.utils.data.DataLoader(
@@ -188,23 +188,26 @@ def setup(cfg: PretrainConfig) -> Run:
 
 
 def _datasets(cfg: PretrainConfig, accelerator, corpus: Corpus, tokenizer, special: dict, global_batch: int):
-    """Split by documents, the sample index of each split (built once, cached), and the datasets."""
+    """Split (by documents, or by sentence blocks when they are too few), the sample index of each split
+    (built once, cached, memory-mapped), and the datasets."""
     if vocab_hash(tokenizer) != corpus.meta.get("vocab_hash"):
         raise DomainLMError(
             f"{cfg.corpus} was tokenized with a different vocabulary ({corpus.meta.get('tokenizer')}) than the "
             "model's tokenizer; prepare the corpus with the model's tokenizer"
         )
-    splits = split_documents(corpus.n_documents, parse_split(cfg.split), cfg.seed)
     sop = cfg.binary_head
     max_tokens = cfg.max_seq_len - (3 if sop else 2)
+    split = split_corpus(corpus, parse_split(cfg.split), cfg.seed, max_tokens, 2 if sop else 1)
+    if split.message and accelerator.is_main_process:
+        print(f"split: {split.message}")
     samples, reports = {}, {}
     with accelerator.main_process_first():  # rank 0 builds and caches the index; the others read it
-        for name, docs in splits.items():
-            if len(docs):
+        for name, ranges in split.ranges.items():
+            if len(ranges):
                 samples[name], reports[name] = cached_samples(
-                    corpus, name, docs, max_tokens, cfg.short_seq_prob if name == "train" else 0.0, 2 if sop else 1, cfg.seed
+                    corpus, name, ranges, max_tokens, cfg.short_seq_prob if name == "train" else 0.0, 2 if sop else 1, cfg.seed
                 )
-                reports[name]["documents"] = int(len(docs))
+                reports[name]["documents"] = int(len(ranges))
     if len(samples["train"]) < global_batch:
         raise DomainLMError(
             f"only {len(samples['train'])} training samples ({reports['train']['documents_unusable']} documents "
@@ -218,7 +221,7 @@ def _datasets(cfg: PretrainConfig, accelerator, corpus: Corpus, tokenizer, speci
     datasets = {name: PretrainDataset(corpus, s, name, cfg.max_seq_len, sop, masking, special, len(tokenizer), cfg.seed,
                                       shuffle=name == "train")
                 for name, s in samples.items() if len(s)}
-    return datasets, reports
+    return datasets, reports, split
 
 
 def train(run: Run) -> TrainState:

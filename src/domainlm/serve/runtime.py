@@ -1,0 +1,188 @@
+"""One predict interface over a PyTorch classifier and an ONNX export run by ONNX Runtime (fp32 or int8).
+
+`predict`, `evaluate` and `serve` all go through `Runtime`: tokenize, sort by length (so that a batch pads
+little), run the model batch by batch, put the probabilities back in input order. Subclasses only say how a
+padded batch of numpy arrays becomes probabilities.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from domainlm.errors import DomainLMError
+
+EXPORT_META = "export.json"
+LABELS_FILE = "domainlm_labels.json"
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def is_export_dir(path: str | Path) -> bool:
+    """A folder written by `domainlm export` (it holds export.json)."""
+    return (Path(path) / EXPORT_META).is_file()
+
+
+def classifier_dir(path: str | Path) -> str:
+    """A `finetune` output folder holds the classifier in model/; a classifier folder is itself."""
+    p = Path(path)
+    return str(p / "model") if (p / "model" / "config.json").is_file() and not (p / "config.json").is_file() else str(p)
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+class Runtime:
+    """labels, multilabel, thresholds, tokenizer; `predict(texts) -> probabilities [n, labels]`."""
+
+    kind = "?"
+
+    def __init__(self, tokenizer, meta: dict, max_seq_len: int = 128):
+        self.tokenizer, self.meta, self.max_seq_len = tokenizer, meta, max_seq_len
+        self.labels: list[str] = list(meta["labels"])
+        self.multilabel: bool = bool(meta.get("multilabel"))
+        tuned = meta.get("thresholds")
+        self.thresholds = np.full(len(self.labels), 0.5) if tuned is None else np.asarray(tuned, dtype=float)
+        self.pad_id = tokenizer.pad_token_id or 0
+
+    # -- what subclasses provide
+    def probs_batch(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        raise NotImplementedError
+
+    # -- shared
+    def encode(self, texts: list[str], pairs: list[str] | None = None, max_seq_len: int | None = None) -> list[dict]:
+        enc = self.tokenizer(texts, pairs, truncation=True, max_length=max_seq_len or self.max_seq_len)
+        keys = [k for k in INPUT_NAMES if k in enc]
+        return [{k: enc[k][i] for k in keys} for i in range(len(texts))]
+
+    def pad(self, features: list[dict]) -> dict[str, np.ndarray]:
+        width = max(len(f["input_ids"]) for f in features)
+        batch = {}
+        for key, fill in (("input_ids", self.pad_id), ("token_type_ids", 0), ("attention_mask", 0)):
+            if key in features[0]:
+                batch[key] = np.asarray([f[key] + [fill] * (width - len(f[key])) for f in features], dtype=np.int64)
+        return batch
+
+    def probs_features(self, features: list[dict], batch_size: int = 64) -> np.ndarray:
+        """Probabilities of encoded texts, in their order; batches are cut from the texts sorted by length."""
+        if not features:
+            return np.zeros((0, len(self.labels)), dtype=np.float32)
+        order = np.argsort([len(f["input_ids"]) for f in features], kind="stable")
+        out = np.empty((len(features), len(self.labels)), dtype=np.float32)
+        for i in range(0, len(order), batch_size):
+            idx = order[i : i + batch_size]
+            out[idx] = self.probs_batch(self.pad([features[j] for j in idx]))
+        return out
+
+    def predict(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 64,
+                max_seq_len: int | None = None) -> np.ndarray:
+        return self.probs_features(self.encode(texts, pairs, max_seq_len), batch_size)
+
+    def scores(self, batches) -> np.ndarray:
+        """Probabilities for ready-made batches (dicts of tensors or arrays, e.g. classify.batching's)."""
+        out = [self.probs_batch({k: np.asarray(v, dtype=np.int64) for k, v in b.items() if k in INPUT_NAMES})
+               for b in batches]
+        return np.concatenate(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)
+
+    def decide(self, probs: np.ndarray, top_k: int) -> list[dict]:
+        """Per text: the chosen label(s) (argmax, or every label at or above its threshold), and the top k."""
+        answers = []
+        for p in probs:
+            best = np.argsort(-p, kind="stable")[:top_k]
+            chosen = np.flatnonzero(p >= self.thresholds) if self.multilabel else [int(p.argmax())]
+            answers.append({"labels": [self.labels[j] for j in chosen],
+                            "scores": {self.labels[j]: round(float(p[j]), 6) for j in chosen},
+                            "top_k": [{"label": self.labels[j], "score": round(float(p[j]), 6)} for j in best]})
+        return answers
+
+    def activation(self, logits: np.ndarray) -> np.ndarray:
+        logits = logits.astype(np.float32)
+        if self.multilabel:
+            return 1.0 / (1.0 + np.exp(-logits))
+        z = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        return z / z.sum(axis=-1, keepdims=True)
+
+
+class TorchRuntime(Runtime):
+    """A PyTorch classifier in inference mode."""
+
+    kind = "pytorch-fp32"
+
+    def __init__(self, path: str, threads: int = 0, max_seq_len: int = 128):
+        import torch
+
+        from domainlm.classify.model import load_trained
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.model, tokenizer, meta = load_trained(classifier_dir(path))
+        self.input_names = [k for k in INPUT_NAMES if k in tokenizer.model_input_names]
+        super().__init__(tokenizer, meta, max_seq_len)
+
+    def probs_batch(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            logits = self.model(**{k: torch.from_numpy(v) for k, v in batch.items() if k in self.input_names}).logits
+        return self.activation(logits.float().numpy())
+
+
+class OnnxRuntime(Runtime):
+    """An export folder: model.onnx (fp32) and, if quantized, model.int8.onnx, run by ONNX Runtime on the CPU."""
+
+    def __init__(self, path: str, precision: str = "auto", threads: int = 0, max_seq_len: int | None = None):
+        import onnxruntime as ort
+        from transformers import AutoTokenizer
+
+        folder = Path(path)
+        try:
+            info = json.loads((folder / EXPORT_META).read_text(encoding="utf-8"))
+            meta = json.loads((folder / LABELS_FILE).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise DomainLMError(f"{folder} is not a complete export folder ({e}); run `domainlm export` again") from None
+        files = info.get("files", {})
+        if precision == "auto":
+            precision = "int8" if "int8" in files else "fp32"
+        if precision not in files:
+            hint = "; export with --quantize int8" if precision == "int8" else ""
+            raise DomainLMError(f"{folder} has no {precision} model (it has: {', '.join(files) or 'none'}){hint}")
+        self.kind, self.info, self.file = f"onnx-{precision}", info, folder / files[precision]
+        options = ort.SessionOptions()
+        # Threads set on purpose: all cores (or --threads) inside one operator, one operator at a time. The
+        # defaults can spin extra inter-op threads that fight the intra-op ones on a small CPU.
+        options.intra_op_num_threads = threads or available_cores()
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(self.file), options, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        width = self.session.get_outputs()[0].shape[-1]
+        # what the model-vs-options checks read off a transformers config: positions, type, outputs
+        self.config = SimpleNamespace(max_position_embeddings=info.get("max_position_embeddings"),
+                                      model_type=info.get("model_type", ""),
+                                      num_labels=width if isinstance(width, int) else len(meta["labels"]))
+        super().__init__(AutoTokenizer.from_pretrained(str(folder)), meta, max_seq_len or info.get("max_seq_len", 128))
+
+    def probs_batch(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        feed = {k: batch[k] if k in batch else np.zeros_like(batch["input_ids"]) for k in self.input_names}
+        return self.activation(self.session.run(None, feed)[0])
+
+
+def load_runtime(path: str, precision: str = "auto", threads: int = 0, max_seq_len: int = 0) -> Runtime:
+    """An export folder runs on ONNX Runtime; anything else is loaded as a PyTorch classifier."""
+    if not Path(path).exists():
+        raise DomainLMError(f"model folder {path} does not exist")
+    if is_export_dir(path):
+        return OnnxRuntime(path, precision, threads, max_seq_len or None)
+    if precision == "int8":
+        raise DomainLMError(f"{path} is a PyTorch classifier; int8 needs an export: domainlm export {path} --out DIR "
+                            "--quantize int8")
+    return TorchRuntime(path, threads, max_seq_len or 128)

@@ -1,0 +1,241 @@
+"""`domainlm serve`: right answers, dynamic batching seen in /metrics, every bad request's status and message,
+503 from a full queue, multi-label thresholds, and the CLI end to end. Servers bind 127.0.0.1, free ports."""
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import uvicorn
+
+from domainlm.serve.config import ServeConfig
+from domainlm.serve.runtime import Runtime, TorchRuntime, load_runtime
+from domainlm.serve.server import create_app
+from tests.test_export import exported, trained  # noqa: F401 - shared session fixtures
+
+KNOWN = {"酒店房间早餐入住": "hotel", "电脑性能屏幕电池": "pc", "书内容作者观点": "book"}
+
+
+class SlowRuntime(Runtime):
+    """A real runtime that takes `delay` seconds per batch, to fill the queue on purpose."""
+
+    def __init__(self, inner: Runtime, delay: float):
+        super().__init__(inner.tokenizer, inner.meta, inner.max_seq_len)
+        self.inner, self.delay, self.kind = inner, delay, "slow-" + inner.kind
+
+    def probs_batch(self, batch):
+        time.sleep(self.delay)
+        return self.inner.probs_batch(batch)
+
+
+@contextlib.contextmanager
+def running(runtime: Runtime, **options):
+    """The app on uvicorn in a thread, on a free port of 127.0.0.1; yields its base URL."""
+    cfg = ServeConfig(model="-", **options)
+    server = uvicorn.Server(uvicorn.Config(create_app(runtime, cfg), host="127.0.0.1", port=0, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert time.time() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def torch_rt(trained):  # noqa: F811
+    return TorchRuntime(str(trained["ft"]), max_seq_len=32)
+
+
+def post_many(url: str, bodies: list, headers=None) -> list[httpx.Response]:
+    """Concurrent POSTs, one client per thread, all released at once."""
+    barrier = threading.Barrier(len(bodies))
+
+    def one(body):
+        with httpx.Client(timeout=30) as client:
+            barrier.wait()
+            return client.post(url + "/predict", json=body, headers=headers)
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(one, bodies))
+
+
+def test_answers_labels_for_pytorch_and_onnx_alike(torch_rt, exported):  # noqa: F811
+    for rt in (torch_rt, load_runtime(str(exported[0]), "fp32")):
+        with running(rt) as url:
+            r = httpx.post(url + "/predict", json={"text": list(KNOWN), "top_k": 2})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["model"] == rt.kind
+            assert [p["labels"] for p in body["predictions"]] == [[v] for v in KNOWN.values()]
+            first = body["predictions"][0]
+            assert [t["label"] for t in first["top_k"]][0] == "hotel" and len(first["top_k"]) == 2
+            assert first["scores"]["hotel"] == first["top_k"][0]["score"] > 1 / 3
+            one = httpx.post(url + "/predict", json={"text": "电脑性能屏幕电池"}).json()["predictions"]
+            assert len(one) == 1 and one[0]["labels"] == ["pc"] and len(one[0]["top_k"]) == 3  # default --top-k
+            assert httpx.get(url + "/labels").json() == {"labels": ["book", "hotel", "pc"], "multilabel": False,
+                                                         "thresholds": None}
+            assert httpx.get(url + "/health").json()["status"] == "ok"
+            schema = httpx.get(url + "/openapi.json").json()
+            assert "text_pair" in json.dumps(schema["paths"]["/predict"]["post"]["requestBody"])
+            assert httpx.get(url + "/docs").status_code == 200
+
+
+def test_concurrent_requests_are_batched(torch_rt):
+    texts = list(KNOWN) * 4
+    with running(SlowRuntime(torch_rt, 0.05), max_wait_ms=200, max_batch=32) as url:
+        answers = post_many(url, [{"text": t} for t in texts])
+        assert [a.json()["predictions"][0]["labels"][0] for a in answers] == [KNOWN[t] for t in texts]
+        m = httpx.get(url + "/metrics").json()
+    assert m["requests"]["200"] == 12 and m["texts"] == 12
+    assert m["batches"] < 12 and m["max_batch_size"] > 1  # gathered, not one by one
+    assert sum(int(k) * v for k, v in m["batch_sizes"].items()) == 12
+    assert m["latency_ms"]["window"] == 12 and 0 < m["latency_ms"]["p50"] <= m["latency_ms"]["p99"]
+
+
+def test_one_at_a_time_without_batching(torch_rt):
+    with running(torch_rt, batching=False) as url:
+        post_many(url, [{"text": t} for t in list(KNOWN) * 2])
+        m = httpx.get(url + "/metrics").json()
+    assert m["batches"] == 6 and m["max_batch_size"] == 1 and m["requests_per_gathering"] == {"1": 6}
+
+
+BAD = [  # (raw body or JSON, status, words of the message)
+    (b"{not json", 400, "not valid JSON"),
+    ([1, 2], 422, "must be a JSON object"),
+    ({}, 422, "'text' is required"),
+    ({"text": 5}, 422, "'text' must be a string or a list of strings, not int"),
+    ({"text": ["ok", 3]}, 422, "text[1] must be a string, not int"),
+    ({"text": ["ok", None]}, 422, "text[1] must be a string, not NoneType"),
+    ({"text": "   "}, 422, "text is empty"),
+    ({"text": ["ok", ""]}, 422, "text[1] is empty"),
+    ({"text": []}, 422, "'text' is an empty list"),
+    ({"text": ["ok"] * 5}, 413, "at most 4 per request (--max-texts)"),
+    ({"text": "长" * 51}, 413, "51 characters; at most 50 (--max-chars)"),
+    ({"text": "ok", "top_k": 0}, 422, "'top_k' must be a positive integer"),
+    ({"text": "ok", "top_k": "3"}, 422, "'top_k' must be a positive integer"),
+    ({"text": ["a", "b"], "text_pair": "c"}, 422, "'text_pair' has 1 texts but 'text' has 2"),
+    ({"text": "ok", "txt": "x"}, 422, "unknown field(s) txt"),
+    (b'{"text": "' + b"x" * 600 + b'"}', 413, "at most 500 (--max-body-bytes)"),
+]
+
+
+def test_every_bad_request_gets_its_status_and_message(torch_rt):
+    with running(torch_rt, max_texts=4, max_chars=50, max_body_bytes=500, token="s3cret") as url:
+        auth = {"Authorization": "Bearer s3cret"}
+        with httpx.Client(base_url=url, headers=auth) as client:
+            for body, status, words in BAD:
+                r = (client.post("/predict", content=body, headers={"Content-Type": "application/json"})
+                     if isinstance(body, bytes) else client.post("/predict", json=body))
+                assert r.status_code == status, (body, r.text)
+                assert words in r.json()["error"], (body, r.json())
+            # a body without a length is bounded too
+            r = client.post("/predict", content=iter([b'{"text": "', b"y" * 700, b'"}']))
+            assert r.status_code == 413 and "--max-body-bytes" in r.json()["error"]
+            assert client.post("/predict", json={"text": "电脑性能屏幕电池"}).status_code == 200  # still serving
+            metrics = client.get("/metrics").json()
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            r = httpx.post(url + "/predict", json={"text": "ok"}, headers=headers)
+            assert r.status_code == 401 and "token" in r.json()["error"] and r.headers["www-authenticate"] == "Bearer"
+        assert httpx.get(url + "/labels").status_code == 401 and httpx.get(url + "/metrics").status_code == 401
+        assert httpx.get(url + "/health").status_code == 200  # probes need no token
+        assert "access-control-allow-origin" not in httpx.options(
+            url + "/predict", headers={"Origin": "http://x.example", "Access-Control-Request-Method": "POST"}).headers
+    statuses = {s for _, s, _ in BAD}
+    assert {int(k) for k in metrics["requests"] if k != "total"} == statuses | {200}
+    assert metrics["requests"]["413"] == sum(s == 413 for _, s, _ in BAD) + 1
+
+
+def test_full_queue_answers_503(torch_rt):
+    with running(SlowRuntime(torch_rt, 0.4), queue_size=1, batching=False) as url:
+        answers = post_many(url, [{"text": "酒店房间早餐入住"}] * 6)
+        codes = sorted(a.status_code for a in answers)
+        assert 200 in codes and 503 in codes and set(codes) == {200, 503}, codes
+        busy = next(a for a in answers if a.status_code == 503)
+        assert "--queue-size" in busy.json()["error"] and busy.headers["retry-after"] == "1"
+        assert all(a.json()["predictions"][0]["labels"] == ["hotel"] for a in answers if a.status_code == 200)
+        m = httpx.get(url + "/metrics").json()
+        assert m["requests"]["503"] == codes.count(503)
+        assert httpx.post(url + "/predict", json={"text": "书内容作者观点"}).json()["predictions"][0]["labels"] == ["book"]
+
+
+def test_multilabel_answers_use_saved_thresholds(tmp_path, tiny_model, tokenizer):
+    from domainlm.classify.model import load_classifier, save_classifier
+
+    labels = ["a", "b", "c"]
+    model = load_classifier(tiny_model, labels, True, "full", 16, 32)
+    # thresholds 0 and above 1: label a and c always, b never, whatever the (untrained) scores
+    folder = save_classifier(model, tokenizer, tmp_path / "ml", labels, True, thresholds=[0.0, 1.01, 0.0])
+    with running(TorchRuntime(str(folder))) as url:
+        r = httpx.post(url + "/predict", json={"text": ["酒店", "电脑屏幕电池"]}).json()
+        assert [p["labels"] for p in r["predictions"]] == [["a", "c"], ["a", "c"]]
+        assert set(r["predictions"][0]["scores"]) == {"a", "c"} and len(r["predictions"][0]["top_k"]) == 3
+        assert httpx.get(url + "/labels").json()["thresholds"] == [0.0, 1.01, 0.0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cli_serve_an_export_end_to_end(exported):  # noqa: F811
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "domainlm.cli", "serve", str(exported[0]), "--port", str(port),
+                             "--threads", "1"], env={**env, "DOMAINLM_SERVE_TOKEN": "t"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.time() + 90
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.stdout.read().decode()
+                assert time.time() < deadline, "no answer from `domainlm serve`"
+                time.sleep(0.3)
+        assert httpx.post(url + "/predict", json={"text": "电脑"}).status_code == 401  # token from the environment
+        r = httpx.post(url + "/predict", json={"text": "电脑性能屏幕电池"}, headers={"Authorization": "Bearer t"})
+        assert r.json()["model"] == "onnx-int8" and r.json()["predictions"][0]["labels"] == ["pc"]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+class BrokenRuntime(SlowRuntime):
+    """Fails on batches of 20 tokens or more, like a model hitting an input it cannot take."""
+
+    def probs_batch(self, batch):
+        if batch["input_ids"].shape[1] >= 20:
+            raise RuntimeError("kernel failed")
+        return self.inner.probs_batch(batch)
+
+
+def test_a_failing_batch_answers_500_and_the_server_goes_on(torch_rt):
+    with running(BrokenRuntime(torch_rt, 0.0), batching=False) as url:
+        r = httpx.post(url + "/predict", json={"text": "书" * 30})
+        assert r.status_code == 500 and r.json()["error"] == "prediction failed: RuntimeError: kernel failed"
+        assert httpx.post(url + "/predict", json={"text": "书内容作者观点"}).json()["predictions"][0]["labels"] == ["book"]
+        assert httpx.get(url + "/metrics").json()["requests"]["500"] == 1
+
+
+def test_length_groups_keep_padding_small():
+    from domainlm.serve.server import length_groups
+
+    lengths = [10, 100, 12, 11, 95, 40, 9, 13]
+    groups = length_groups(lengths, max_batch=3)
+    assert sorted(int(i) for g in groups for i in g) == list(range(8))  # every text once
+    assert [[lengths[i] for i in g] for g in groups] == [[9, 10, 11], [12, 13], [40], [95, 100]]
