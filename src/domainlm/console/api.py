@@ -22,7 +22,7 @@ def _console(request: Request) -> Console:
     return request.app.state.console
 
 
-def _get(s, cls, ident: int):
+def get_or_404(s, cls, ident: int):
     obj = s.get(cls, ident)
     if obj is None:
         raise HTTPException(404, f"{cls.__tablename__[:-1]} {ident} does not exist")
@@ -72,28 +72,28 @@ def create_job(request: Request, body: JobCreate):
 def get_job(request: Request, job_id: int):
     c = _console(request)
     with c.sessions() as s:
-        return c.job_detail(s, _get(s, Job, job_id))
+        return c.job_detail(s, get_or_404(s, Job, job_id))
 
 
 @router.get("/jobs/{job_id}/log", response_class=PlainTextResponse, summary="The last lines of the job's output")
 def get_log(request: Request, job_id: int, lines: int = Query(200, ge=1, le=5000)):
     c = _console(request)
     with c.sessions() as s:
-        return c.log_tail(_get(s, Job, job_id), lines)
+        return c.log_tail(get_or_404(s, Job, job_id), lines)
 
 
 @router.get("/jobs/{job_id}/curves", summary="log.jsonl rows by run and split, for loss and metric curves")
 def get_curves(request: Request, job_id: int):
     c = _console(request)
     with c.sessions() as s:
-        return catalog.curves(c.home / _get(s, Job, job_id).folder)
+        return catalog.curves(c.home / get_or_404(s, Job, job_id).folder)
 
 
 @router.post("/jobs/{job_id}/cancel", summary="Cancel: SIGTERM to the job's process group, SIGKILL after the grace period")
 def cancel_job(request: Request, job_id: int):
     c = _console(request)
     with c.sessions() as s:
-        _get(s, Job, job_id)
+        get_or_404(s, Job, job_id)
     try:
         return {"id": job_id, "status": c.cancel(job_id)}
     except Conflict as e:
@@ -104,7 +104,7 @@ def cancel_job(request: Request, job_id: int):
 def retry_job(request: Request, job_id: int):
     c = _console(request)
     with c.sessions() as s:
-        _get(s, Job, job_id)
+        get_or_404(s, Job, job_id)
     try:
         c.retry(job_id)
     except Conflict as e:
@@ -138,14 +138,14 @@ def compare_models(request: Request, ids: Annotated[list[int], Query()]):
 def get_model(request: Request, model_id: int):
     c = _console(request)
     with c.sessions() as s:
-        return c.model_summary(_get(s, Model, model_id))
+        return c.model_summary(get_or_404(s, Model, model_id))
 
 
 @router.post("/models/{model_id}/predict", summary="Try a classifier: labels and scores for each text")
 def predict(request: Request, model_id: int, body: PredictRequest):
     c = _console(request)
     with c.sessions() as s:
-        m = _get(s, Model, model_id)
+        m = get_or_404(s, Model, model_id)
     try:
         return c.predict(m, body.texts)
     except Conflict as e:
@@ -184,7 +184,7 @@ def list_datasets(request: Request):
 def get_dataset(request: Request, dataset_id: int):
     c = _console(request)
     with c.sessions() as s:
-        return dataset_summary(_get(s, Dataset, dataset_id))
+        return dataset_summary(get_or_404(s, Dataset, dataset_id))
 
 
 async def upload(request: Request) -> Dataset:

@@ -10,7 +10,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 
 from domainlm.console import catalog, jobs, settings
-from domainlm.console.api import dataset_summary, upload
+from domainlm.console.api import dataset_summary, get_or_404, upload
 from domainlm.console.app import HERE, Conflict, Console
 from domainlm.console.db import Dataset, Job, Model
 from domainlm.console.security import PathError, UploadTooLarge, check_csrf, inside
@@ -82,9 +82,7 @@ def new_job_page(request: Request, command: str = "finetune", clone: int | None 
     meta = {"name": "", "description": "", "notify_webhook": "", "notify_email": "", "valid_mode": "split"}
     if clone is not None:
         with c.sessions() as s:
-            job = s.get(Job, clone)
-            if job is None:
-                raise HTTPException(404, f"job {clone} does not exist")
+            job = get_or_404(s, Job, clone)
             command = job.command
             values = {**jobs.defaults(command), **jobs.clone_values(job)}
             meta.update(name=f"{job.name} (copy)", description=job.description,
@@ -122,9 +120,7 @@ async def create_job(request: Request):
 def job_page(request: Request, job_id: int):
     c = _console(request)
     with c.sessions() as s:
-        job = s.get(Job, job_id)
-        if job is None:
-            raise HTTPException(404, f"job {job_id} does not exist")
+        job = get_or_404(s, Job, job_id)
         detail = c.job_detail(s, job)
     return render(request, "job.html", job=detail, log=c.log_tail(job))
 
@@ -244,9 +240,7 @@ async def upload_page(request: Request):
 def dataset_page(request: Request, dataset_id: int):
     c = _console(request)
     with c.sessions() as s:
-        d = s.get(Dataset, dataset_id)
-        if d is None:
-            raise HTTPException(404, f"dataset {dataset_id} does not exist")
+        d = get_or_404(s, Dataset, dataset_id)
         summary = dataset_summary(d)
     return render(request, "dataset.html", dataset=summary, stats=catalog.read_json(inside(c.home, d.path) / "stats.json"))
 
