@@ -58,10 +58,6 @@ def _thresholds(labels: list[str], tuned) -> np.ndarray:
     return np.full(len(labels), 0.5) if tuned is None else np.asarray(tuned, dtype=float)
 
 
-def _scalars(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if isinstance(v, int | float) and k != "n"}
-
-
 def write_outputs(out: Path, name: str, data: Dataset, probs: np.ndarray, labels: list[str], multilabel: bool,
                   metrics: dict, thresholds: np.ndarray | None) -> None:
     """<name>_predictions.jsonl (every row) and <name>_bad_cases.jsonl (wrong ones, with scores)."""
@@ -90,7 +86,7 @@ def report_markdown(title: str, sections: dict[str, dict], labels: list[str]) ->
     lines = [f"# {title}", ""]
     for name, m in sections.items():
         lines += [f"## {name} ({m.get('n', '?')} rows)", "", "| metric | value |", "| --- | --- |"]
-        lines += [f"| {k} | {v:.4f} |" for k, v in _scalars(m).items()]
+        lines += [f"| {k} | {v:.4f} |" for k, v in M.scalars(m).items()]
         lines += ["", "| class | precision | recall | f1 | support |", "| --- | --- | --- | --- | --- |"]
         lines += [f"| {c} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {v['support']} |" for c, v in m["per_class"].items()]
         if "per_group" in m:
@@ -154,8 +150,8 @@ def _run(cfg: FinetuneConfig, accelerator, tokenizer, train: Dataset, dev: Datas
     def on_eval(step: int) -> bool:
         m = score(scores(dev_features, dev_y), dev, labels, cfg.multilabel, cfg.tolerant_k)
         if cfg.best_metric not in m:
-            raise DomainLMError(f"--metric {cfg.best_metric!r} is not computed; choose one of {', '.join(_scalars(m))}")
-        logger.log(step, "valid", _scalars(m))
+            raise DomainLMError(f"--metric {cfg.best_metric!r} is not computed; choose one of {', '.join(M.scalars(m))}")
+        logger.log(step, "valid", M.scalars(m))
         if m[cfg.best_metric] > best["value"]:
             best.update(value=m[cfg.best_metric], step=step, bad=0,
                         state={k: v.detach().clone() for k, v in unwrapped().state_dict().items()})
@@ -255,7 +251,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         summary["floor"] = linear.floor_beside(cfg, splits, labels, evaluated, out, single=len(runs) == 1)
     if len(runs) > 1:
         summary["mean_std"] = M.aggregate([r[evaluated] for r in runs])
-        summary["per_run"] = [{"seed": r["seed"], **_scalars(r[evaluated])} for r in runs]
+        summary["per_run"] = [{"seed": r["seed"], **M.scalars(r[evaluated])} for r in runs]
         if accelerator.is_main_process:
             (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
             lines = [f"# {len(runs)} runs ({'folds' if cfg.folds else 'seeds'}), metrics on {evaluated}", "",

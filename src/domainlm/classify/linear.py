@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from domainlm.classify.data import Dataset, targets
+from domainlm.classify.metrics import scalars
 from domainlm.errors import DomainLMError
 
 FEATURES = (("char_wb", (1, 3)), ("char", (2, 4)))
@@ -189,10 +190,6 @@ def load(folder: str | Path) -> LinearModel:
                        meta["C"], meta["vocabulary"], idf, coef, intercept, thresholds, meta.get("selection", []))
 
 
-def _scalars(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if isinstance(v, int | float) and k != "n"}
-
-
 def run(cfg, train: Dataset, dev: Dataset, test: Dataset | None, labels: list[str], seed: int, out: Path) -> dict:
     """`finetune --method linear`: the floor alone, saved and reported like a fine-tuning run."""
     from domainlm.classify.command import report_markdown, write_outputs
@@ -239,7 +236,7 @@ def floor_beside(cfg, splits: list[tuple], labels: list[str], evaluated: str, ou
     floor = {"method": results[0]["method"], "train_rows": results[0]["train_rows"], "selected_on": results[0]["selected_on"]}
     for split in ("dev", "test"):
         if all(split in r for r in results):
-            floor[split] = (_scalars(results[0][split]) if len(results) == 1 else
+            floor[split] = (scalars(results[0][split]) if len(results) == 1 else
                             {k: v["mean"] for k, v in aggregate([r[split] for r in results]).items()})
     if single and (out / "metrics.json").is_file():
         metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))

@@ -84,9 +84,14 @@ def tune_thresholds(probs: np.ndarray, gold: np.ndarray, grid: np.ndarray | None
     return best
 
 
+def scalars(metrics: dict) -> dict:
+    """The single-number metrics of a metrics dict (not the row count, tables or per-class parts)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float) and k != "n"}
+
+
 def aggregate(runs: list[dict]) -> dict:
     """Mean and standard deviation of every scalar metric over runs (folds or seeds)."""
-    keys = [k for k, v in runs[0].items() if isinstance(v, int | float) and k != "n"]
+    keys = list(scalars(runs[0]))
     return {k: {"mean": float(np.mean([r[k] for r in runs])), "std": float(np.std([r[k] for r in runs], ddof=1)) if len(runs) > 1 else 0.0}
             for k in keys}
 

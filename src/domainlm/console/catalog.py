@@ -10,6 +10,7 @@ import math
 from datetime import datetime
 from pathlib import Path
 
+from domainlm.classify.metrics import scalars
 from domainlm.console.db import Dataset, Job, Model
 from domainlm.train.logging import read_log
 
@@ -105,9 +106,8 @@ def _classifier_metrics(run: Path) -> dict:
     metrics = read_json(run / "metrics.json")
     out = {}
     for split in ("dev", "test"):
-        for k, v in metrics.get(split, {}).items():
-            if isinstance(v, int | float) and k != "n":
-                out[f"{split} {k}"] = round(float(v), 4)
+        for k, v in scalars(metrics.get(split, {})).items():
+            out[f"{split} {k}"] = round(float(v), 4)
     return out
 
 
