@@ -64,6 +64,9 @@ def test_torch_runtime_equals_the_full_forward_of_each_text_alone_in_input_order
     assert len({len(f["input_ids"]) for f in rt.encode(same_length)}) == 1
     np.testing.assert_allclose(rt.predict(same_length), rt.predict(same_length, batch_size=1), atol=1e-6)
     assert rt.predict([]).shape == (0, 3)
+    repeated = [TEXTS[2], TEXTS[0], TEXTS[2], TEXTS[1], TEXTS[0]]  # repeats run once, every row gets its answer
+    np.testing.assert_allclose(rt.predict(repeated, batch_size=2, max_seq_len=32), np.stack(expected)[[2, 0, 2, 1, 0]],
+                               atol=1e-5)
 
 
 def rows(path):

@@ -92,15 +92,21 @@ class Runtime:
                        progress: bool = False) -> np.ndarray:
         """Probabilities of encoded texts, in their order; batches of at most `batch_size` rows and `token_budget`
         padded tokens are cut from the texts sorted by length."""
+        # a text that repeats (common in real files) runs once: its rows share the first one's probabilities
+        first: dict[tuple, int] = {}
+        same = np.asarray([first.setdefault((tuple(f["input_ids"]), tuple(f.get("token_type_ids", ()))), i)
+                           for i, f in enumerate(features)], dtype=np.int64)
+        unique = np.flatnonzero(same == np.arange(len(features)))
         out = np.empty((len(features), len(self.labels)), dtype=np.float32)
-        batches = length_batches([len(f["input_ids"]) for f in features], batch_size, token_budget)
+        batches = length_batches([len(features[i]["input_ids"]) for i in unique], batch_size, token_budget)
         if progress and sys.stderr.isatty():
             from tqdm import tqdm
 
             batches = tqdm(batches, desc="predict", file=sys.stderr)
         for idx in batches:
-            out[idx] = self.probs_batch(self.pad([features[j] for j in idx]))
-        return out
+            rows = unique[idx]
+            out[rows] = self.probs_batch(self.pad([features[j] for j in rows]))
+        return out[same]
 
     def predict(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 64,
                 max_seq_len: int | None = None, progress: bool = False) -> np.ndarray:
