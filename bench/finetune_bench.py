@@ -168,15 +168,32 @@ def compare_inference(model_dir: Path, test: Path, work: Path, args) -> None:
         if r:
             rates["pipeline, tuned"].append(n / (middle - started))
             rates["domainlm predict"].append(n / (ended - middle))
+    if args.process_rounds:  # whole processes: interpreter start and imports included, as a user runs either
+        import os
+        import subprocess
+        import sys
+
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        commands = {"pipeline, tuned (process)": [sys.executable, __file__, "--pipeline-run", str(model_dir), str(test),
+                                                  str(theirs_out), "--seq", str(args.seq), "--predict-batch", str(args.predict_batch)],
+                    "domainlm predict (process)": [sys.executable, "-m", "domainlm.cli", "predict", "--model", str(model_dir),
+                                                   "--input", str(test), "--out", str(ours_out), "--max-seq-len", str(args.seq)]}
+        for _ in range(args.process_rounds):
+            for name, command in commands.items():
+                started = time.perf_counter()
+                subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                rates.setdefault(name, []).append(n / (time.perf_counter() - started))
     ours = [json.loads(x)["labels"][0] for x in ours_out.read_text(encoding="utf-8").splitlines()]
     gold = [json.loads(x)["label"] for x in test.read_text(encoding="utf-8").splitlines()]
     print(f"{n} test rows, {model_dir}, max {args.seq} tokens, pipeline batch {args.predict_batch}, torch threads "
           f"{torch_threads()}, median of {args.rounds} interleaved rounds")
     for name, values in rates.items():
-        print(f"{name:20}{median(values):10.1f} samples/s  (rounds: {', '.join(f'{v:.0f}' for v in values)})")
+        print(f"{name:28}{median(values):10.1f} samples/s  (rounds: {', '.join(f'{v:.0f}' for v in values)})")
     print(f"same label on {100 * np.mean([a == b for a, b in zip(ours, theirs)]):.1f}% of rows; test accuracy "
           f"domainlm {np.mean([a == g for a, g in zip(ours, gold)]):.3f}, pipeline {np.mean([a == g for a, g in zip(theirs, gold)]):.3f}")
     print(f"ratio vs pipeline, tuned: inference {median(rates['domainlm predict']) / median(rates['pipeline, tuned']):.2f}x")
+    if args.process_rounds:
+        print(f"ratio vs pipeline, tuned, whole processes: {median(rates['domainlm predict (process)']) / median(rates['pipeline, tuned (process)']):.2f}x")
 
 
 def main() -> None:
@@ -194,7 +211,14 @@ def main() -> None:
     parser.add_argument("--predict-only", default=None, metavar="MODEL",
                         help="inference alone: this trained classifier (e.g. a run's domainlm/model) vs the tuned pipeline")
     parser.add_argument("--rounds", type=int, default=3, help="--predict-only: timed rounds (median)")
+    parser.add_argument("--process-rounds", type=int, default=0,
+                        help="--predict-only: also time both as whole processes (start-up and imports included)")
+    parser.add_argument("--pipeline-run", nargs=3, metavar=("MODEL", "TEST", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.pipeline_run:  # one whole-process run of the tuned pipeline (--process-rounds)
+        model_dir, test, out = map(Path, args.pipeline_run)
+        predict_pipeline(model_dir, test, out, args)
+        return None
     work = Path(args.work or tempfile.mkdtemp(prefix="domainlm-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     train, test, dev, tokenizer_dir = make_data(work, args.train, args.test)
