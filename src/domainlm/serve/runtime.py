@@ -24,8 +24,8 @@ from domainlm.errors import DomainLMError
 EXPORT_META = "export.json"
 LABELS_FILE = "domainlm_labels.json"
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
-# padded tokens per inference batch: on a CPU, batches of this size run the encoder's matrix products at full speed,
-# and short texts get more rows per batch than long ones
+# padded tokens per inference batch: long texts run in fewer rows per batch than short ones, so that memory stays
+# bounded whatever --batch-size; at this size the encoder's matrix products already run at the CPU's peak
 TOKEN_BUDGET = 8192
 
 
