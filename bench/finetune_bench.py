@@ -14,7 +14,8 @@ in these reviews length goes with the label (the longest quarter of the training
 41-45%), so the class balance swings with the batches' lengths. domainlm sorts by length too but shuffles the batches' order.
 
     flock /tmp/bench.lock python bench/finetune_bench.py                                  # ~6 minutes on 2 cores
-    flock /tmp/bench.lock python bench/finetune_bench.py --baselines tuned --parts train  # training only, ~4 minutes
+    flock /tmp/bench.lock python bench/finetune_bench.py --baselines tuned --parts train  # training only, ~5 minutes
+    flock /tmp/bench.lock python bench/finetune_bench.py --predict-only RUN/model          # inference alone, ~1 minute
 """
 
 from __future__ import annotations
@@ -159,6 +160,72 @@ def test_accuracy(model, tok, labels: list[str], tests: list[dict], seq: int) ->
     return right / len(tests)
 
 
+def predict_pipeline(model_dir: Path, test: Path, out: Path, args) -> list[str]:
+    """The tuned pipeline as a whole command: load the model folder, read the file, batch over length-sorted
+    texts, write one JSON line per text."""
+    from transformers import pipeline
+
+    clf = pipeline("text-classification", model=str(model_dir), device=-1, truncation=True, max_length=args.seq)
+    texts = [json.loads(x)["text"] for x in test.read_text(encoding="utf-8").splitlines()]
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    predictions = [None] * len(texts)
+    for i, p in zip(order, clf([texts[i] for i in order], batch_size=args.predict_batch)):
+        predictions[i] = p
+    with open(out, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": t, "labels": [p["label"]], "scores": {p["label"]: round(p["score"], 4)}},
+                                ensure_ascii=False) + "\n" for t, p in zip(texts, predictions))
+    return [p["label"] for p in predictions]
+
+
+def compare_inference(model_dir: Path, test: Path, work: Path, args) -> None:
+    """--predict-only: `domainlm predict` against the tuned pipeline on a trained classifier, both timed as whole
+    commands in this process (model folder and input file in, predictions file out; interpreter start and imports
+    excluded: the same libraries either way), rounds interleaved so that load from elsewhere hits both alike."""
+    from statistics import median
+
+    from domainlm.classify.command import predict_command
+    from domainlm.classify.config import PredictConfig
+
+    n = len(test.read_text(encoding="utf-8").splitlines())
+    ours_out, theirs_out = work / "predict-domainlm.jsonl", work / "predict-pipeline.jsonl"
+    rates: dict[str, list[float]] = {"pipeline, tuned": [], "domainlm predict": []}
+    for r in range(args.rounds + 1):  # round 0 warms both up (first-call allocations, file cache); not counted
+        started = time.perf_counter()
+        theirs = predict_pipeline(model_dir, test, theirs_out, args)
+        middle = time.perf_counter()
+        predict_command(PredictConfig(model=str(model_dir), input=str(test), out=str(ours_out), max_seq_len=args.seq))
+        ended = time.perf_counter()
+        if r:
+            rates["pipeline, tuned"].append(n / (middle - started))
+            rates["domainlm predict"].append(n / (ended - middle))
+    if args.process_rounds:  # whole processes: interpreter start and imports included, as a user runs either
+        import os
+        import subprocess
+        import sys
+
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        commands = {"pipeline, tuned (process)": [sys.executable, __file__, "--pipeline-run", str(model_dir), str(test),
+                                                  str(theirs_out), "--seq", str(args.seq), "--predict-batch", str(args.predict_batch)],
+                    "domainlm predict (process)": [sys.executable, "-m", "domainlm.cli", "predict", "--model", str(model_dir),
+                                                   "--input", str(test), "--out", str(ours_out), "--max-seq-len", str(args.seq)]}
+        for _ in range(args.process_rounds):
+            for name, command in commands.items():
+                started = time.perf_counter()
+                subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                rates.setdefault(name, []).append(n / (time.perf_counter() - started))
+    ours = [json.loads(x)["labels"][0] for x in ours_out.read_text(encoding="utf-8").splitlines()]
+    gold = [json.loads(x)["label"] for x in test.read_text(encoding="utf-8").splitlines()]
+    print(f"{n} test rows, {model_dir}, max {args.seq} tokens, pipeline batch {args.predict_batch}, torch threads "
+          f"{torch_threads()}, median of {args.rounds} interleaved rounds")
+    for name, values in rates.items():
+        print(f"{name:28}{median(values):10.1f} samples/s  (rounds: {', '.join(f'{v:.0f}' for v in values)})")
+    print(f"same label on {100 * np.mean([a == b for a, b in zip(ours, theirs)]):.1f}% of rows; test accuracy "
+          f"domainlm {np.mean([a == g for a, g in zip(ours, gold)]):.3f}, pipeline {np.mean([a == g for a, g in zip(theirs, gold)]):.3f}")
+    print(f"ratio vs pipeline, tuned: inference {median(rates['domainlm predict']) / median(rates['pipeline, tuned']):.2f}x")
+    if args.process_rounds:
+        print(f"ratio vs pipeline, tuned, whole processes: {median(rates['domainlm predict (process)']) / median(rates['pipeline, tuned (process)']):.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--train", type=int, default=2000)
@@ -174,10 +241,22 @@ def main() -> None:
                         help="what to time: train (fine-tuning) and/or predict; without predict, test accuracy comes "
                              "from an untimed forward of each trained model")
     parser.add_argument("--work", default=None)
+    parser.add_argument("--predict-only", default=None, metavar="MODEL",
+                        help="inference alone: this trained classifier (e.g. a run's domainlm/model) vs the tuned pipeline")
+    parser.add_argument("--rounds", type=int, default=3, help="--predict-only: timed rounds (median)")
+    parser.add_argument("--process-rounds", type=int, default=0,
+                        help="--predict-only: also time both as whole processes (start-up and imports included)")
+    parser.add_argument("--pipeline-run", nargs=3, metavar=("MODEL", "TEST", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.pipeline_run:  # one whole-process run of the tuned pipeline (--process-rounds)
+        model_dir, test, out = map(Path, args.pipeline_run)
+        predict_pipeline(model_dir, test, out, args)
+        return None
     work = Path(args.work or tempfile.mkdtemp(prefix="domainlm-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     train, test, dev, tokenizer_dir = make_data(work, args.train, args.test)
+    if args.predict_only:
+        return compare_inference(Path(args.predict_only), test, work, args)
     model_dir = base_model(work, tokenizer_dir)
     names = {"default": "Trainer/pipeline, defaults", "tuned": "Trainer/pipeline, tuned"}
     results = {names[b]: run_trainer(model_dir, train, test, args, b == "tuned") for b in args.baselines.split(",")}

@@ -56,3 +56,25 @@ def test_the_test_set_does_not_depend_on_the_number_of_training_rows(tmp_path):
     assert len(_rows(large[0])) == 2000
     with pytest.raises(DomainLMError, match="--train-rows 40000"):
         sentiment_task(data["reviews"], tmp_path / "b", 40000, 300, seed=3)
+
+
+def test_the_base_model_config_follows_the_demo_options(tmp_path):
+    from transformers import AutoConfig
+
+    from domainlm.demo import tiny_config
+
+    config = AutoConfig.from_pretrained(str(tiny_config(tmp_path / "a", 21128, layers=4, hidden=256)))
+    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads, config.intermediate_size) == (4, 256, 4, 1024)
+    assert config.hidden_dropout_prob == config.attention_probs_dropout_prob == 0.0  # the fused CPU attention path
+    config = AutoConfig.from_pretrained(str(tiny_config(tmp_path / "b", 21128, dropout=0.1)))
+    assert config.hidden_dropout_prob == config.attention_probs_dropout_prob == 0.1
+
+
+@pytest.mark.parametrize("flags, message", [({"hidden": 100}, "--hidden 100: must be a multiple of 64"),
+                                            ({"snapshots": 9, "domain_steps": 4}, "--snapshots 9 is more than --domain-steps 4"),
+                                            ({"seeds": []}, "--seeds needs at least one seed")])
+def test_bad_demo_options_are_refused_by_name(flags, message):
+    from domainlm.demo import DemoConfig
+
+    with pytest.raises(DomainLMError, match=message):
+        DemoConfig(**flags).check()

@@ -1,33 +1,67 @@
-"""Tokenized examples -> padded batches. Training batches group similar lengths so padding stays small."""
+"""Tokenized examples -> padded batches. Training batches group similar lengths so padding stays small; inference
+batches are cut from the examples sorted by length (`length_batches`) and their rows put back in input order."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
-import torch
 
 from domainlm.classify.data import Dataset
 
+INPUT_KEYS = ("input_ids", "token_type_ids", "attention_mask")
+
+
+def encode_texts(tokenizer, texts: list[str], pairs: list[str] | None, max_seq_len: int) -> list[dict]:
+    """One call of the fast tokenizer for all texts (it tokenizes them in parallel), one dict of lists per text."""
+    enc = tokenizer(texts, pairs, truncation=True, max_length=max_seq_len)
+    keys = [k for k in INPUT_KEYS if k in enc]
+    columns = [enc[k] for k in keys]
+    return [dict(zip(keys, row)) for row in zip(*columns)]
+
 
 def encode(tokenizer, data: Dataset, max_seq_len: int) -> list[dict]:
-    texts = [ex.text for ex in data.examples]
     pairs = [ex.text_pair for ex in data.examples]
-    enc = tokenizer(texts, pairs if any(p is not None for p in pairs) else None, truncation=True, max_length=max_seq_len)
-    keys = [k for k in ("input_ids", "token_type_ids", "attention_mask") if k in enc]
-    return [{k: enc[k][i] for k in keys} for i in range(len(texts))]
+    return encode_texts(tokenizer, [ex.text for ex in data.examples], pairs if any(p is not None for p in pairs) else None,
+                        max_seq_len)
 
 
-def collate(items: list[dict], targets: np.ndarray | None, pad_id: int) -> dict[str, torch.Tensor]:
+def pad(items: Sequence[dict], pad_id: int) -> dict[str, np.ndarray]:
+    """int64 arrays [rows, longest row], padded on the right: the one padding of training and inference."""
     width = max(len(x["input_ids"]) for x in items)
     batch = {}
     for key, fill in (("input_ids", pad_id), ("token_type_ids", 0), ("attention_mask", 0)):
         if key in items[0]:
-            rows = [x[key] + [fill] * (width - len(x[key])) for x in items]
-            batch[key] = torch.tensor(rows, dtype=torch.long)
+            out = np.full((len(items), width), fill, dtype=np.int64)
+            for i, x in enumerate(items):
+                out[i, : len(x[key])] = x[key]
+            batch[key] = out
+    return batch
+
+
+def collate(items: list[dict], targets: np.ndarray | None, pad_id: int) -> dict:
+    """`pad` as torch tensors, with the targets as "labels"."""
+    import torch  # here, so that inference on ONNX Runtime does not load torch
+
+    batch = {k: torch.from_numpy(v) for k, v in pad(items, pad_id).items()}
     if targets is not None:
         batch["labels"] = torch.from_numpy(np.asarray(targets))
     return batch
+
+
+def length_batches(lengths: Sequence[int], batch_size: int, token_budget: int = 0) -> list[np.ndarray]:
+    """Row indices sorted by length (stable), cut into batches of at most `batch_size` rows and, with a token budget,
+    of at most `token_budget` padded tokens (rows x longest row), so that short texts run in larger batches."""
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    batches, start = [], 0
+    while start < len(order):
+        end = min(start + batch_size, len(order))
+        if token_budget:  # sorted ascending: the last row of a batch is its longest
+            while end - start > 1 and (end - start) * lengths[order[end - 1]] > token_budget:
+                end -= 1
+        batches.append(order[start:end])
+        start = end
+    return batches
 
 
 def eval_batches(features: list[dict], batch_size: int, pad_id: int, targets: np.ndarray | None = None) -> Iterator[dict]:

@@ -32,8 +32,9 @@ from domainlm.classify.data import (
     split_validation,
     targets,
 )
-from domainlm.classify.model import Classifier, load_classifier, load_trained, predict_scores, save_classifier
+from domainlm.classify.model import Classifier, load_classifier, save_classifier
 from domainlm.errors import DomainLMError
+from domainlm.serve.runtime import Runtime, best_k, choose, thresholds_of
 from domainlm.train.checkpoint import TrainState
 from domainlm.train.logging import RunLogger
 from domainlm.train.loop import LoopOptions, evaluate, shard_range, train_loop
@@ -49,13 +50,8 @@ def score(probs: np.ndarray, data: Dataset, labels: list[str], multilabel: bool,
     gold = targets(data, labels, multilabel)
     groups = [ex.group or "" for ex in data.examples] if any(ex.group for ex in data.examples) else None
     if multilabel:
-        return M.multilabel_metrics(probs, gold, labels, _thresholds(labels, thresholds), groups)
+        return M.multilabel_metrics(probs, gold, labels, thresholds_of(len(labels), thresholds), groups)
     return M.multiclass_metrics(probs, gold, labels, tolerant_k, groups)
-
-
-def _thresholds(labels: list[str], tuned) -> np.ndarray:
-    """Multi-label decision thresholds: the tuned ones where there are, else 0.5."""
-    return np.full(len(labels), 0.5) if tuned is None else np.asarray(tuned, dtype=float)
 
 
 def write_outputs(out: Path, name: str, data: Dataset, probs: np.ndarray, labels: list[str], multilabel: bool,
@@ -63,15 +59,11 @@ def write_outputs(out: Path, name: str, data: Dataset, probs: np.ndarray, labels
     """<name>_predictions.jsonl (every row) and <name>_bad_cases.jsonl (wrong ones, with scores)."""
     with open(out / f"{name}_predictions.jsonl", "w", encoding="utf-8") as preds, \
             open(out / f"{name}_bad_cases.jsonl", "w", encoding="utf-8") as bad:
-        for ex, p in zip(data.examples, probs):
-            if multilabel:
-                predicted = [labels[j] for j in np.flatnonzero(p >= _thresholds(labels, thresholds))]
-                wrong = sorted(predicted) != sorted(ex.labels)
-            else:
-                predicted = [labels[int(p.argmax())]]
-                wrong = predicted != ex.labels
+        for ex, p, chosen, best in zip(data.examples, probs, choose(probs, multilabel, thresholds), best_k(probs, 5)):
+            predicted = [labels[j] for j in chosen]
+            wrong = sorted(predicted) != sorted(ex.labels)
             row = {"line": ex.line, "text": ex.text, "gold": ex.labels, "predicted": predicted,
-                   "scores": {labels[j]: round(float(p[j]), 4) for j in np.argsort(-p)[:5]}}
+                   "scores": {labels[j]: round(float(p[j]), 4) for j in best}}
             if ex.group:
                 row["group"] = ex.group
             line = json.dumps(row, ensure_ascii=False) + "\n"
@@ -275,17 +267,28 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
 # ---- evaluate and predict ------------------------------------------------------------------------------
 
-def _load(folder: str):
-    """A fine-tuned transformer, or a `--method linear` model (the same interface: labels, scores, thresholds)."""
-    if linear.is_linear(folder):
-        lm = linear.load(folder)
-        return lm, None, {"labels": lm.labels, "multilabel": lm.multilabel, "thresholds": lm.thresholds}
-    from domainlm.serve.runtime import OnnxRuntime, is_export_dir
+def _load(folder: str) -> Runtime:
+    """Any model `predict` and `evaluate` take, behind one interface (serve.runtime): a `--method linear` model, an
+    ONNX export (`domainlm export`, run by ONNX Runtime), or a PyTorch classifier."""
+    from domainlm.serve.runtime import OnnxRuntime, TorchRuntime, is_export_dir
 
-    if is_export_dir(folder):  # an ONNX export (`domainlm export`), run by ONNX Runtime
-        runtime = OnnxRuntime(folder)
-        return runtime, runtime.tokenizer, runtime.meta
-    return load_trained(folder)
+    if linear.is_linear(folder):
+        return linear.LinearRuntime(linear.load(folder))
+    if is_export_dir(folder):
+        return OnnxRuntime(folder)
+    return TorchRuntime(folder)
+
+
+def _texts(data: Dataset) -> tuple[list[str], list[str] | None]:
+    pairs = [ex.text_pair for ex in data.examples]
+    return [ex.text for ex in data.examples], pairs if any(p is not None for p in pairs) else None
+
+
+def _prepare(cfg, runtime: Runtime) -> None:
+    """The label map must match the model's outputs; a transformer caps --max-seq-len at its positions."""
+    checks.label_map(runtime.labels, runtime, cfg.model)
+    if runtime.tokenizer is not None:  # a transformer (a linear model has no positions)
+        cfg.max_seq_len = checks.max_seq_len(runtime.config, cfg.max_seq_len, cfg.model, cap=True)
 
 
 def evaluate_command(cfg: EvaluateConfig) -> dict:
@@ -294,17 +297,15 @@ def evaluate_command(cfg: EvaluateConfig) -> dict:
         raise DomainLMError(f"--out {out} lies inside --model {cfg.model}: choose a folder of its own")
     outputs.claim(out)
     outputs.check_earlier_run(out, "evaluate", outputs.EVALUATE_OUTPUTS, "data")
-    model, tokenizer, meta = _load(cfg.model)
-    labels, multilabel = meta["labels"], meta["multilabel"]
-    checks.label_map(labels, model, cfg.model)
-    if tokenizer is not None:  # a transformer (a linear model has no positions)
-        cfg.max_seq_len = checks.max_seq_len(model.config, cfg.max_seq_len, cfg.model, cap=True)
+    runtime = _load(cfg.model)
+    _prepare(cfg, runtime)
+    labels, multilabel = runtime.labels, runtime.multilabel
     data = read_examples(cfg.data, _columns(cfg), multilabel, skip_bad=cfg.skip_bad_rows)
     unknown = sorted({label for ex in data.examples for label in ex.labels} - set(labels))
     if unknown:
         raise DomainLMError(f"{cfg.data}: labels {unknown} are not among the model's labels ({', '.join(labels)})")
-    probs = _predict(model, tokenizer, data, cfg.batch_size, cfg.max_seq_len, multilabel)
-    thresholds = meta.get("thresholds")
+    probs = runtime.predict(*_texts(data), cfg.batch_size, cfg.max_seq_len, progress=True)
+    thresholds = runtime.thresholds if multilabel else None
     metrics = score(probs, data, labels, multilabel, cfg.tolerant_k, thresholds)
     outputs.clear_known(out, outputs.EVALUATE_OUTPUTS)
     out.mkdir(parents=True, exist_ok=True)
@@ -315,49 +316,27 @@ def evaluate_command(cfg: EvaluateConfig) -> dict:
     return metrics
 
 
-def _predict(model, tokenizer, data: Dataset, batch_size: int, max_seq_len: int, multilabel: bool) -> np.ndarray:
-    from tqdm import tqdm
-
-    if isinstance(model, linear.LinearModel):
-        return model.scores(data)
-    features = encode(tokenizer, data, max_seq_len)
-    order = np.argsort([len(f["input_ids"]) for f in features], kind="stable")  # similar lengths batch together
-    batches = eval_batches([features[i] for i in order], batch_size, tokenizer.pad_token_id or 0)
-    total = math.ceil(len(features) / batch_size)
-    batches = tqdm(batches, total=total, desc="predict", file=sys.stderr, disable=not sys.stderr.isatty())
-    if hasattr(model, "probs_batch"):  # an ONNX export (domainlm.serve.runtime)
-        sorted_probs = model.scores(batches)
-    else:
-        sorted_probs = predict_scores(model, batches, multilabel)
-    probs = np.empty_like(sorted_probs)
-    probs[order] = sorted_probs
-    return probs
-
-
 def predict_command(cfg: PredictConfig) -> int:
     from domainlm.classify.data import Example
 
     check_predict_paths(cfg.input, cfg.out)
-    model, tokenizer, meta = _load(cfg.model)
-    labels, multilabel = meta["labels"], meta["multilabel"]
-    checks.label_map(labels, model, cfg.model)
-    if tokenizer is not None:  # a transformer (a linear model has no positions)
-        cfg.max_seq_len = checks.max_seq_len(model.config, cfg.max_seq_len, cfg.model, cap=True)
+    runtime = _load(cfg.model)
+    _prepare(cfg, runtime)
     if cfg.input == "-":
         data = Dataset("<stdin>", [Example(text, [], line=i) for i, text in read_stdin_lines(getattr(sys.stdin, "buffer", sys.stdin))])
     else:
         columns = Columns(cfg.text_column, cfg.pair_column, "label", None)
-        data = read_examples(cfg.input, columns, multilabel, require_labels=False, skip_flag=None)
-    probs = _predict(model, tokenizer, data, cfg.batch_size, cfg.max_seq_len, multilabel)
-    thresholds = _thresholds(labels, meta.get("thresholds"))
+        data = read_examples(cfg.input, columns, runtime.multilabel, require_labels=False, skip_flag=None)
+    probs = runtime.predict(*_texts(data), cfg.batch_size, cfg.max_seq_len, progress=True)
     # a file is written beside its name and renamed when complete: a failed run leaves no half file
     partial = None if cfg.out == "-" else Path(cfg.out).with_name(f".{Path(cfg.out).name}.partial")
     sink = sys.stdout if partial is None else open(partial, "w", encoding="utf-8")  # noqa: SIM115
     try:
-        for ex, p in zip(data.examples, probs):
-            chosen = [labels[j] for j in np.flatnonzero(p >= thresholds)] if multilabel else [labels[int(p.argmax())]]
-            top = {labels[j]: round(float(p[j]), 4) for j in np.argsort(-p)[: cfg.top_k]}
-            sink.write(json.dumps({"text": ex.text, "labels": chosen, "scores": top}, ensure_ascii=False) + "\n")
+        labels = runtime.labels
+        lines = [json.dumps({"text": ex.text, "labels": [labels[j] for j in chosen],
+                             "scores": {labels[j]: round(float(p[j]), 4) for j in best}}, ensure_ascii=False) + "\n"
+                 for ex, p, chosen, best in zip(data.examples, probs, runtime.choose(probs), best_k(probs, cfg.top_k))]
+        sink.write("".join(lines))
     except BaseException:
         if partial is not None:
             sink.close()
@@ -367,4 +346,3 @@ def predict_command(cfg: PredictConfig) -> int:
         sink.close()
         partial.replace(cfg.out)
     return len(data)
-

@@ -24,6 +24,7 @@ import numpy as np
 from domainlm.classify.data import Dataset, targets
 from domainlm.classify.metrics import scalars
 from domainlm.errors import DomainLMError
+from domainlm.serve.runtime import Runtime
 
 FEATURES = (("char_wb", (1, 3)), ("char", (2, 4)))
 CLASSIFIERS = ("logreg", "svm")
@@ -61,7 +62,25 @@ class LinearModel:
         return vec
 
     def scores(self, data: Dataset) -> np.ndarray:
-        return _scores(self._vectorizer().transform(texts(data)), self.coef, self.intercept, self.multilabel)
+        return self.text_scores(texts(data))
+
+    def text_scores(self, rows: list[str]) -> np.ndarray:
+        return _scores(self._vectorizer().transform(rows), self.coef, self.intercept, self.multilabel)
+
+
+class LinearRuntime(Runtime):
+    """The linear model behind the interface `predict` and `evaluate` use for every model (serve.runtime)."""
+
+    kind = "linear"
+
+    def __init__(self, model: LinearModel):
+        self.model = model
+        super().__init__(None, {"labels": model.labels, "multilabel": model.multilabel, "thresholds": model.thresholds})
+
+    def predict(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 64,
+                max_seq_len: int | None = None, progress: bool = False) -> np.ndarray:
+        rows = texts if pairs is None else [t if q is None else f"{t}\n{q}" for t, q in zip(texts, pairs)]
+        return self.model.text_scores(rows)
 
 
 def texts(data: Dataset) -> list[str]:

@@ -42,7 +42,8 @@ def classifier_logits(hf: nn.Module, input_ids, attention_mask, token_type_ids=N
     4-layer encoder, almost 1/2 for 2 layers. Other models run their own forward.
     """
     if not _cls_only_ready(hf):
-        return hf(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
+        given = {"attention_mask": attention_mask, "token_type_ids": token_type_ids}  # some models take no token types
+        return hf(input_ids=input_ids, **{k: v for k, v in given.items() if v is not None}).logits
     from transformers.masking_utils import create_bidirectional_mask
 
     encoder = hf.base_model
@@ -185,17 +186,3 @@ def load_trained(path: str):
     model = AutoModelForSequenceClassification.from_pretrained(path)
     model.eval()
     return model, load_fast_tokenizer(path, flag="--model"), meta
-
-
-@torch.inference_mode()  # no autograd bookkeeping at all (cheaper than no_grad); the scores leave as numpy
-def predict_scores(model: nn.Module, batches, multilabel: bool, device="cpu"):
-    """Probabilities [n, labels]: softmax (multi-class) or sigmoid (multi-label)."""
-    was_training = model.training
-    model.eval()
-    out = []
-    for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-        logits = classifier_logits(model, **batch).float()
-        out.append(torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=-1))
-    model.train(was_training)  # evaluation in the middle of training must not leave dropout off
-    return torch.cat(out).cpu().numpy()

@@ -159,7 +159,7 @@ class Console:
                 "lineage": catalog.lineage(m), "can_try": m.kind in ("classifier", "linear")}
 
     def _load(self, m: Model):
-        """The model, tokenizer and label metadata as `domainlm predict` loads them (transformer or linear)."""
+        """The model behind the interface `domainlm predict` uses (serve.runtime.Runtime; transformer or linear)."""
         from transformers.utils import logging as hf_logging
 
         from domainlm.classify.command import _load
@@ -176,35 +176,19 @@ class Console:
 
     def predict(self, m: Model, texts: list[str], top_k: int = 5) -> list[dict]:
         """Labels and scores for each text, through the code `domainlm predict` uses."""
-        import numpy as np
-
-        from domainlm.classify.command import _predict
-        from domainlm.classify.data import Dataset as Rows
-        from domainlm.classify.data import Example
-
         if m.kind not in ("classifier", "linear"):
             raise Conflict(f"{m.name} is a pretraining {m.kind}, not a classifier: fine-tune it first")
         texts = [t.strip() for t in texts if t.strip()][:100]
         if not texts:
             raise DomainLMError("type at least one text")
-        model, tokenizer, meta = self._load(m)
+        runtime = self._load(m)
         with self.sessions() as s:
             job = s.get(Job, m.job_id) if m.job_id else None
             max_seq_len = int((job.config if job else {}).get("max_seq_len", 128))
         with self._models_lock:  # one forward pass at a time per loaded model
-            probs = _predict(model, tokenizer, Rows("<console>", [Example(t, []) for t in texts]), 16, max_seq_len,
-                             meta["multilabel"])
-        labels = meta["labels"]
-        thresholds = np.asarray(meta.get("thresholds") or [0.5] * len(labels))
-        out = []
-        for text, p in zip(texts, probs):
-            if meta["multilabel"]:
-                predicted = [labels[j] for j in np.flatnonzero(p >= thresholds)]
-            else:
-                predicted = [labels[int(p.argmax())]]
-            scores = [{"label": labels[j], "score": round(float(p[j]), 4)} for j in np.argsort(-p)[:top_k]]
-            out.append({"text": text, "labels": predicted, "scores": scores})
-        return out
+            probs = runtime.predict(texts, None, 16, max_seq_len)
+        return [{"text": text, "labels": d["labels"], "scores": d["top_k"]}
+                for text, d in zip(texts, runtime.decide(probs, top_k, digits=4))]
 
     def delete_model(self, model_id: int) -> dict:
         with self.sessions() as s:

@@ -1,24 +1,32 @@
-"""One predict interface over a PyTorch classifier and an ONNX export run by ONNX Runtime (fp32 or int8).
+"""The one prediction path of `predict`, `evaluate`, `serve` and the console, over every kind of model: a PyTorch
+classifier (a plain HF folder, a `finetune` output, LoRA merged), an ONNX export run by ONNX Runtime (fp32 or int8),
+and the linear floor (classify.linear).
 
-`predict`, `evaluate` and `serve` all go through `Runtime`: tokenize, sort by length (so that a batch pads
-little), run the model batch by batch, put the probabilities back in input order. Subclasses only say how a
-padded batch of numpy arrays becomes probabilities.
+`Runtime.predict`: tokenize all texts in one call, cut batches from the texts sorted by length (so that a batch pads
+little, classify.batching), run the model batch by batch, put the probabilities back in input order. `decide` turns
+probabilities into labels: the argmax (multi-class) or every label at or above its threshold saved with the model
+(multi-label), and the k best. Subclasses only say how a padded batch of numpy arrays becomes probabilities.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 
+from domainlm.classify.batching import encode_texts, length_batches, pad
 from domainlm.errors import DomainLMError
 
 EXPORT_META = "export.json"
 LABELS_FILE = "domainlm_labels.json"
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+# padded tokens per inference batch: long texts run in fewer rows per batch than short ones, so that memory stays
+# bounded whatever --batch-size; at this size the encoder's matrix products already run at the CPU's peak
+TOKEN_BUDGET = 8192
 
 
 def is_export_dir(path: str | Path) -> bool:
@@ -39,6 +47,24 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def thresholds_of(n_labels: int, tuned) -> np.ndarray:
+    """Multi-label decision thresholds: the ones tuned on the dev set and saved with the model, else 0.5."""
+    return np.full(n_labels, 0.5) if tuned is None else np.asarray(tuned, dtype=float)
+
+
+def choose(probs: np.ndarray, multilabel: bool, thresholds: np.ndarray | None = None) -> list[list[int]]:
+    """The chosen label indices of each row: the argmax, or every label at or above its threshold."""
+    if multilabel:
+        over = probs >= thresholds_of(probs.shape[-1], thresholds)
+        return [np.flatnonzero(row).tolist() for row in over]
+    return [[int(j)] for j in probs.argmax(axis=-1)] if len(probs) else []
+
+
+def best_k(probs: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k highest probabilities of each row, best first (ties: the lower index first)."""
+    return np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+
+
 class Runtime:
     """labels, multilabel, thresholds, tokenizer; `predict(texts) -> probabilities [n, labels]`."""
 
@@ -48,9 +74,8 @@ class Runtime:
         self.tokenizer, self.meta, self.max_seq_len = tokenizer, meta, max_seq_len
         self.labels: list[str] = list(meta["labels"])
         self.multilabel: bool = bool(meta.get("multilabel"))
-        tuned = meta.get("thresholds")
-        self.thresholds = np.full(len(self.labels), 0.5) if tuned is None else np.asarray(tuned, dtype=float)
-        self.pad_id = tokenizer.pad_token_id or 0
+        self.thresholds = thresholds_of(len(self.labels), meta.get("thresholds"))
+        self.pad_id = (getattr(tokenizer, "pad_token_id", None) or 0) if tokenizer is not None else 0
 
     # -- what subclasses provide
     def probs_batch(self, batch: dict[str, np.ndarray]) -> np.ndarray:
@@ -58,48 +83,47 @@ class Runtime:
 
     # -- shared
     def encode(self, texts: list[str], pairs: list[str] | None = None, max_seq_len: int | None = None) -> list[dict]:
-        enc = self.tokenizer(texts, pairs, truncation=True, max_length=max_seq_len or self.max_seq_len)
-        keys = [k for k in INPUT_NAMES if k in enc]
-        return [{k: enc[k][i] for k in keys} for i in range(len(texts))]
+        return encode_texts(self.tokenizer, texts, pairs, max_seq_len or self.max_seq_len)
 
     def pad(self, features: list[dict]) -> dict[str, np.ndarray]:
-        width = max(len(f["input_ids"]) for f in features)
-        batch = {}
-        for key, fill in (("input_ids", self.pad_id), ("token_type_ids", 0), ("attention_mask", 0)):
-            if key in features[0]:
-                batch[key] = np.asarray([f[key] + [fill] * (width - len(f[key])) for f in features], dtype=np.int64)
-        return batch
+        return pad(features, self.pad_id)
 
-    def probs_features(self, features: list[dict], batch_size: int = 64) -> np.ndarray:
-        """Probabilities of encoded texts, in their order; batches are cut from the texts sorted by length."""
-        if not features:
-            return np.zeros((0, len(self.labels)), dtype=np.float32)
-        order = np.argsort([len(f["input_ids"]) for f in features], kind="stable")
+    def probs_features(self, features: list[dict], batch_size: int = 64, token_budget: int = TOKEN_BUDGET,
+                       progress: bool = False) -> np.ndarray:
+        """Probabilities of encoded texts, in their order; batches of at most `batch_size` rows and `token_budget`
+        padded tokens are cut from the texts sorted by length."""
+        # a text that repeats (common in real files) runs once: its rows share the first one's probabilities
+        first: dict[tuple, int] = {}
+        same = np.asarray([first.setdefault((tuple(f["input_ids"]), tuple(f.get("token_type_ids", ()))), i)
+                           for i, f in enumerate(features)], dtype=np.int64)
+        unique = np.flatnonzero(same == np.arange(len(features)))
         out = np.empty((len(features), len(self.labels)), dtype=np.float32)
-        for i in range(0, len(order), batch_size):
-            idx = order[i : i + batch_size]
-            out[idx] = self.probs_batch(self.pad([features[j] for j in idx]))
-        return out
+        batches = length_batches([len(features[i]["input_ids"]) for i in unique], batch_size, token_budget)
+        if progress and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            batches = tqdm(batches, desc="predict", file=sys.stderr)
+        for idx in batches:
+            rows = unique[idx]
+            out[rows] = self.probs_batch(self.pad([features[j] for j in rows]))
+        return out[same]
 
     def predict(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 64,
-                max_seq_len: int | None = None) -> np.ndarray:
-        return self.probs_features(self.encode(texts, pairs, max_seq_len), batch_size)
+                max_seq_len: int | None = None, progress: bool = False) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, len(self.labels)), dtype=np.float32)
+        return self.probs_features(self.encode(texts, pairs, max_seq_len), batch_size, progress=progress)
 
-    def scores(self, batches) -> np.ndarray:
-        """Probabilities for ready-made batches (dicts of tensors or arrays, e.g. classify.batching's)."""
-        out = [self.probs_batch({k: np.asarray(v, dtype=np.int64) for k, v in b.items() if k in INPUT_NAMES})
-               for b in batches]
-        return np.concatenate(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)
+    def choose(self, probs: np.ndarray) -> list[list[int]]:
+        return choose(probs, self.multilabel, self.thresholds)
 
-    def decide(self, probs: np.ndarray, top_k: int) -> list[dict]:
-        """Per text: the chosen label(s) (argmax, or every label at or above its threshold), and the top k."""
+    def decide(self, probs: np.ndarray, top_k: int, digits: int = 6) -> list[dict]:
+        """Per text: the chosen label(s) with their scores, and the top k."""
         answers = []
-        for p in probs:
-            best = np.argsort(-p, kind="stable")[:top_k]
-            chosen = np.flatnonzero(p >= self.thresholds) if self.multilabel else [int(p.argmax())]
+        for p, chosen, best in zip(probs, self.choose(probs), best_k(probs, top_k)):
             answers.append({"labels": [self.labels[j] for j in chosen],
-                            "scores": {self.labels[j]: round(float(p[j]), 6) for j in chosen},
-                            "top_k": [{"label": self.labels[j], "score": round(float(p[j]), 6)} for j in best]})
+                            "scores": {self.labels[j]: round(float(p[j]), digits) for j in chosen},
+                            "top_k": [{"label": self.labels[j], "score": round(float(p[j]), digits)} for j in best]})
         return answers
 
     def activation(self, logits: np.ndarray) -> np.ndarray:
@@ -111,7 +135,9 @@ class Runtime:
 
 
 class TorchRuntime(Runtime):
-    """A PyTorch classifier in inference mode."""
+    """A PyTorch classifier (a classifier folder or a `finetune` output; LoRA is merged in there) in inference mode.
+    The last layer runs for the [CLS] position only (classify.model.classifier_logits), and a batch with no padding
+    runs attention with no mask."""
 
     kind = "pytorch-fp32"
 
@@ -123,14 +149,18 @@ class TorchRuntime(Runtime):
         if threads:
             torch.set_num_threads(threads)
         self.model, tokenizer, meta = load_trained(classifier_dir(path))
+        self.config = self.model.config
         self.input_names = [k for k in INPUT_NAMES if k in tokenizer.model_input_names]
         super().__init__(tokenizer, meta, max_seq_len)
 
     def probs_batch(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         import torch
 
+        from domainlm.classify.model import classifier_logits
+
+        feed = {k: torch.from_numpy(v) for k, v in batch.items() if k in self.input_names}
         with torch.inference_mode():
-            logits = self.model(**{k: torch.from_numpy(v) for k, v in batch.items() if k in self.input_names}).logits
+            logits = classifier_logits(self.model, **feed)
         return self.activation(logits.float().numpy())
 
 

@@ -1,0 +1,66 @@
+"""`domainlm pretrain` on one GPU: fp32 vs bf16 vs bf16 + `--compile`, same model, data and batches.
+
+Each setting runs the real command in its own process (Accelerate fixes the precision once per process) on a
+prepared corpus, from the same random weights (BERT-base shape by default), and reports the training tokens/s
+of its logged windows after the first (the first holds start-up and, with `--compile`, compilation) and the
+whole command's wall time. The baseline is fp32, the precision a user gets with no flag on a GPU without bf16.
+
+    python bench/precision_bench.py --corpus runs/demo/corpus-news        # ~3 minutes on one H100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SETTINGS = {"fp32": ["--precision", "no"], "bf16": ["--precision", "bf16"],
+            "bf16 + compile": ["--precision", "bf16", "--compile"]}
+
+
+def main() -> None:
+    import torch
+    from transformers import BertConfig
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--corpus", required=True, help="a `domainlm prepare` output folder")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--micro-batch-size", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--hidden", type=int, default=768)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("this benchmark needs a GPU (bf16 and compile figures); none is visible")
+    work = Path(tempfile.mkdtemp(prefix="domainlm-precision-"))
+    BertConfig(vocab_size=21128, hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
+               intermediate_size=4 * args.hidden, max_position_embeddings=512).save_pretrained(work / "config")
+    log_every = max(1, args.steps // 4)
+    rates = {}
+    for name, flags in SETTINGS.items():
+        out = work / name.replace(" ", "")
+        started = time.perf_counter()
+        with open(work / f"{out.name}.log", "w") as log:
+            subprocess.run([sys.executable, "-m", "domainlm.cli", "pretrain", "--corpus", args.corpus, "--out", str(out),
+                           "--model", str(work / "config"), "--from-scratch", "--max-seq-len", "128",
+                           "--micro-batch-size", str(args.micro_batch_size), "--max-steps", str(args.steps),
+                           "--logging-freq", str(log_every), "--eval-freq", str(10**9), "--checkpoint-steps", str(10**9),
+                           "--no-tensorboard", *flags], check=True, env=os.environ, stdout=log, stderr=subprocess.STDOUT)
+        wall = time.perf_counter() - started
+        logs = [json.loads(x) for x in (out / "log.jsonl").read_text(encoding="utf-8").splitlines()]
+        windows = [r["tokens_per_s"] for r in logs if r.get("split") == "train" and "tokens_per_s" in r][1:]
+        rates[name] = statistics.median(windows)
+        print(f"{name:16} {rates[name]:>10,.0f} tokens/s (median of {len(windows)} windows)   whole command {wall:.0f} s")
+    print(f"{torch.cuda.get_device_name()}, {args.layers}x{args.hidden}, micro batch {args.micro_batch_size} x 128 tokens")
+    for name, rate in rates.items():
+        if name != "fp32":
+            print(f"ratio {name} vs fp32: {rate / rates['fp32']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
