@@ -3,13 +3,18 @@ then `domainlm serve` under a bounded local load with dynamic batching vs one re
 
     flock /tmp/bench.lock python bench/serve_bench.py [--work /tmp/serve-bench] [--threads 2]
 
+0. Kernels: ONNX Runtime's fp32 MatMul against the int8 one of dynamic quantization, on one feed-forward layer:
+   the most --quantize int8 can speed up on this CPU.
 1. Offline, for a 4-layer 256-wide and a 12-layer 768-wide classifier (random weights: speed only): texts/s of
-   batched prediction (sorted by length, batches of 32, torch.inference_mode: the strong PyTorch baseline) and
-   per-text latency (batch of 1), the three backends interleaved round by round, medians reported.
+   batched prediction (sorted by length, batches of 32, torch.inference_mode: the strong PyTorch baseline) and of
+   the same texts one at a time (with per-text latency), the three backends interleaved round by round, medians
+   reported. batched / one-at-a-time is the most a server can gain by batching requests for that backend.
 2. Accuracy: a small classifier (2x128) trained here on the task's train rows (or --trained FOLDER, a finetune output),
    exported with --quantize int8 --data test: accuracy of fp32 and int8 on the test rows.
-3. Server: `domainlm serve` in a subprocess on 127.0.0.1; 16 concurrent clients send a fixed number of
-   one-text requests and stop; requests/s and client-side p50 / p99, batching on vs off.
+3. Server: `domainlm serve` in a subprocess on 127.0.0.1, for each of --serve (the int8 export and the PyTorch
+   model of the 4x256 classifier by default); 16 concurrent keep-alive clients send a fixed number of one-text
+   requests and stop; requests/s and client-side p50 / p99 of the same server with batching and with
+   --no-batching (one request at a time), run one after the other.
 Ratios are measured in the same run; the machine may be shared, so absolute numbers move between runs.
 """
 
@@ -69,7 +74,9 @@ def export_folder(model: Path, out: Path, data: Path | None = None) -> dict:
     return export(ExportConfig(model=str(model), out=str(out), quantize="int8", data=str(data) if data else None))
 
 
-def offline(name: str, model: Path, export_dir: Path, texts: list[str], threads: int, rounds: int, latency_texts: int) -> dict:
+def offline(name: str, model: Path, export_dir: Path, texts: list[str], threads: int, rounds: int) -> dict:
+    """Texts/s in sorted batches of 32 and one text at a time (the same texts), per backend. Their ratio is the
+    most that gathering requests into batches can give a server of this model, whatever the server does."""
     from domainlm.serve.runtime import OnnxRuntime, TorchRuntime
 
     backends = {"pytorch-fp32": TorchRuntime(str(model), threads),
@@ -78,20 +85,66 @@ def offline(name: str, model: Path, export_dir: Path, texts: list[str], threads:
     for rt in backends.values():  # warm up: first-run allocations and kernel choices
         rt.predict(texts[:8], batch_size=8)
     tput: dict[str, list[float]] = {k: [] for k in backends}
+    single: dict[str, list[float]] = {k: [] for k in backends}
     lat: dict[str, list[float]] = {k: [] for k in backends}
     for r in range(rounds):  # interleaved, so that load from elsewhere hits every backend alike
         for key, rt in backends.items():
             t = time.perf_counter()
             rt.predict(texts, batch_size=32)
             tput[key].append(len(texts) / (time.perf_counter() - t))
-            for text in texts[:latency_texts]:
+            start = time.perf_counter()
+            for text in texts:
                 t = time.perf_counter()
                 rt.predict([text], batch_size=1)
                 lat[key].append(1000 * (time.perf_counter() - t))
+            single[key].append(len(texts) / (time.perf_counter() - start))
         log(f"{name} round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.1f} texts/s" for k, v in tput.items()))
     base = statistics.median(tput["pytorch-fp32"])
-    return {k: {"texts_per_s": round(statistics.median(tput[k]), 2), "x_pytorch": round(statistics.median(tput[k]) / base, 2),
+    med = {k: statistics.median(v) for k, v in tput.items()}
+    return {k: {"texts_per_s": round(med[k], 2), "x_pytorch": round(med[k] / base, 2),
+                "texts_per_s_one_at_a_time": round(statistics.median(single[k]), 2),
+                "batch32_x_one_at_a_time": round(med[k] / statistics.median(single[k]), 2),
                 "latency_ms_p50": round(statistics.median(lat[k]), 2)} for k in backends}
+
+
+def kernels(threads: int, width: int = 256, tokens: int = 2048) -> dict:
+    """fp32 MatMul against the int8 one that dynamic quantization puts in its place (activations quantized on
+    the fly, int8 weights), on one feed-forward layer of a WIDTH-wide model over TOKENS tokens: whether this
+    CPU's int8 kernels are faster than its fp32 ones at all, the upper bound of what --quantize int8 can give."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    k, n = width, 4 * width
+    x = rng.standard_normal((tokens, k)).astype(np.float32)
+    weights = rng.standard_normal((k, n)).astype(np.float32)
+    scale = np.array([np.abs(weights).max() / 63], np.float32)
+    graphs = {"fp32": ([helper.make_node("MatMul", ["x", "w"], ["y"])], [numpy_helper.from_array(weights, "w")]),
+              "int8": ([helper.make_node("DynamicQuantizeMatMul", ["x", "w", "s", "z"], ["y"], domain="com.microsoft")],
+                       [numpy_helper.from_array(np.round(weights / scale).astype(np.int8), "w"),
+                        numpy_helper.from_array(scale, "s"), numpy_helper.from_array(np.zeros(1, np.int8), "z")])}
+    result = {"shape": f"{tokens}x{k} @ {k}x{n}"}
+    for nthreads in sorted({1, threads}):
+        for name, (nodes, init) in graphs.items():
+            graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [tokens, k])],
+                                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [tokens, n])], init)
+            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+            model.ir_version = 8
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads, opts.inter_op_num_threads = nthreads, 1
+            sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+            sess.run(None, {"x": x})
+            best = min(_timed(sess, {"x": x}, 10) for _ in range(3))
+            result[f"{name}_gops_{nthreads}t"] = round(2 * tokens * k * n / best / 1e9, 1)
+        result[f"int8_x_fp32_{nthreads}t"] = round(result[f"int8_gops_{nthreads}t"] / result[f"fp32_gops_{nthreads}t"], 2)
+    return result
+
+
+def _timed(sess, feed: dict, repeat: int) -> float:
+    t = time.perf_counter()
+    for _ in range(repeat):
+        sess.run(None, feed)
+    return (time.perf_counter() - t) / repeat
 
 
 def free_port() -> int:
@@ -106,17 +159,19 @@ async def load(url: str, texts: list[str], clients: int, per_client: int) -> dic
     model does, and the load generator shares the CPU with the server."""
     host, port = url.removeprefix("http://").split(":")
     latencies, failures = [], 0
+    requests = []  # built before the clock starts: the generator's own CPU is taken from the server's two cores
+    for i in range(clients * per_client):
+        body = json.dumps({"text": texts[i % len(texts)]}, ensure_ascii=False).encode()
+        requests.append((f"POST /predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
 
     async def client(k: int) -> None:
         nonlocal failures
         reader, writer = await asyncio.open_connection(host, int(port))
         try:
             for i in range(per_client):
-                body = json.dumps({"text": texts[(k * per_client + i) % len(texts)]}, ensure_ascii=False).encode()
-                head = (f"POST /predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                        f"Content-Length: {len(body)}\r\n\r\n").encode()
                 t = time.perf_counter()
-                writer.write(head + body)
+                writer.write(requests[k * per_client + i])
                 await writer.drain()
                 status = int((await reader.readline()).split()[1])
                 length = 0
@@ -138,13 +193,16 @@ async def load(url: str, texts: list[str], clients: int, per_client: int) -> dic
             "p50_ms": round(float(np.percentile(lat, 50)), 1), "p99_ms": round(float(np.percentile(lat, 99)), 1)}
 
 
-def server_run(export_dir: Path, texts: list[str], batching: bool, threads: int, clients: int, per_client: int) -> dict:
+def server_run(model: Path, precision: str, texts: list[str], batching: bool, threads: int, clients: int,
+               per_client: int) -> dict:
+    """`domainlm serve` in a subprocess, warmed up, then `clients` x `per_client` one-text requests."""
     import httpx
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "domainlm.cli", "serve", str(export_dir), "--port", str(port), "--threads", str(threads),
+    cmd = [sys.executable, "-m", "domainlm.cli", "serve", str(model), "--port", str(port), "--threads", str(threads),
            "--queue-size", str(4 * clients), "--batching" if batching else "--no-batching"]
+    cmd += ["--precision", precision] if precision != "pytorch" else []
     proc = subprocess.Popen(cmd, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 180
@@ -173,11 +231,14 @@ def main() -> None:
     ap.add_argument("--texts", type=int, default=192, help="texts for the 4x256 throughput run")
     ap.add_argument("--big-texts", type=int, default=32, help="texts for the 12x768 throughput run")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--shapes", default="4x256,12x768", help="LAYERSxWIDTH classifiers to time (the first also serves)")
+    ap.add_argument("--shapes", default="4x256,12x768", help="LAYERSxWIDTH classifiers to time")
+    ap.add_argument("--serve", default="4x256:onnx-int8,4x256:pytorch",
+                    help="SHAPE:BACKEND models to serve, each with and without batching (backend onnx-int8, onnx-fp32 "
+                         "or pytorch)")
     ap.add_argument("--trained", help="a finetune output to measure int8 accuracy on (default: train one here)")
     ap.add_argument("--train-shape", default="2x128", help="LAYERSxWIDTH of the classifier trained here (random start)")
     ap.add_argument("--requests", type=int, default=320, help="server requests per mode (16 clients)")
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: offline,accuracy,server")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: kernels,offline,accuracy,server")
     args = ap.parse_args()
     skip = set(args.skip.split(","))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -189,6 +250,10 @@ def main() -> None:
     texts = [json.loads(x)["text"] for x in test.read_text(encoding="utf-8").splitlines()]
     report: dict = {"cpu_threads": args.threads, "cores_visible": os.cpu_count()}
 
+    if "kernels" not in skip:
+        report["kernels"] = kernels(args.threads)
+        log(json.dumps({"kernels": report["kernels"]}))
+
     if "offline" not in skip:
         for name in args.shapes.split(","):
             layers, width = map(int, name.split("x"))
@@ -196,8 +261,7 @@ def main() -> None:
             model = random_classifier(work / f"random-{name}", tokenizer_dir, layers, width)
             info = export_folder(model, work / f"export-{name}")
             report[name] = {"size_mb": info["size_mb"],
-                            **offline(name, model, work / f"export-{name}", texts[:n], args.threads, args.rounds,
-                                      latency_texts=16 if layers == 4 else 4)}
+                            **offline(name, model, work / f"export-{name}", texts[:n], args.threads, args.rounds)}
             log(json.dumps({name: report[name]}))
 
     if "accuracy" not in skip:
@@ -219,14 +283,21 @@ def main() -> None:
     if "server" not in skip:
         per_client = max(1, args.requests // 16)
         report["server"] = {}
-        for batching in (False, True):
-            key = "dynamic_batching" if batching else "one_at_a_time"
-            served = work / f"export-{args.shapes.split(',')[0]}"
-            report["server"][key] = server_run(served, texts, batching, args.threads, 16, per_client)
-            log(json.dumps({key: report["server"][key]}))
-        s = report["server"]
-        s["throughput_x"] = round(s["dynamic_batching"]["requests_per_s"] / s["one_at_a_time"]["requests_per_s"], 2)
-        s["p99_ratio"] = round(s["dynamic_batching"]["p99_ms"] / s["one_at_a_time"]["p99_ms"], 2)
+        for served in args.serve.split(","):
+            shape, backend = served.split(":")
+            layers, width = map(int, shape.split("x"))
+            model = random_classifier(work / f"random-{shape}", tokenizer_dir, layers, width)
+            if backend != "pytorch":
+                export_folder(model, work / f"export-{shape}")
+                model = work / f"export-{shape}"
+            runs = {}
+            for batching in (False, True):  # the same server; --no-batching answers one request at a time
+                key = "dynamic_batching" if batching else "one_at_a_time"
+                runs[key] = server_run(model, backend.removeprefix("onnx-"), texts, batching, args.threads, 16, per_client)
+                log(json.dumps({served: {key: runs[key]}}))
+            runs["throughput_x"] = round(runs["dynamic_batching"]["requests_per_s"] / runs["one_at_a_time"]["requests_per_s"], 2)
+            runs["p99_ratio"] = round(runs["dynamic_batching"]["p99_ms"] / runs["one_at_a_time"]["p99_ms"], 2)
+            report["server"][served] = runs
 
     print(json.dumps(report, indent=2, ensure_ascii=False))
     (work / "results.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")

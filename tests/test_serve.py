@@ -105,6 +105,21 @@ def test_concurrent_requests_are_batched(torch_rt):
     assert m["latency_ms"]["window"] == 12 and 0 < m["latency_ms"]["p50"] <= m["latency_ms"]["p99"]
 
 
+def test_a_gathering_of_texts_and_text_pairs_answers_each_request_its_own_rows(torch_rt):
+    bodies = [{"text": "酒店房间早餐入住"}, {"text": ["电脑性能", "书内容"], "text_pair": ["屏幕电池", "作者观点"]},
+              {"text": ["书内容作者观点", "电脑性能屏幕电池"]}, {"text": "酒店", "text_pair": "早餐入住"}] * 2
+    with running(SlowRuntime(torch_rt, 0.05), max_wait_ms=300, max_batch=32) as url:
+        answers = post_many(url, bodies)
+        gathered = httpx.get(url + "/metrics").json()["requests_per_gathering"]
+    assert max(int(k) for k in gathered) > 1  # several requests, with and without pairs, went through one gathering
+    for body, answer in zip(bodies, answers):
+        texts = body["text"] if isinstance(body["text"], list) else [body["text"]]
+        pairs = body.get("text_pair")
+        alone = torch_rt.predict(texts, [pairs] if isinstance(pairs, str) else pairs)
+        got = [t["score"] for p in answer.json()["predictions"] for t in p["top_k"]]
+        assert [x for row in alone.tolist() for x in sorted(row, reverse=True)] == pytest.approx(got, abs=1e-5)
+
+
 def test_one_at_a_time_without_batching(torch_rt):
     with running(torch_rt, batching=False) as url:
         post_many(url, [{"text": t} for t in list(KNOWN) * 2])

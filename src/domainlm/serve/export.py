@@ -65,16 +65,22 @@ def export_onnx(model, input_names: list[str], path: Path, opset: int) -> None:
 
     import torch
 
+    from domainlm.classify.model import classifier_logits
+
     class Logits(torch.nn.Module):  # positional inputs in a fixed order -> one output
         def __init__(self, inner):
             super().__init__()
             self.inner = inner
 
         def forward(self, *inputs):
-            return self.inner(**dict(zip(input_names, inputs))).logits
+            # the last layer for the [CLS] position only, as in PyTorch (classify.model.classifier_logits)
+            return classifier_logits(self.inner, **dict(zip(input_names, inputs)))
 
     wrapper = Logits(model).eval()
+    # the second row is padded: a trace without padding would leave the attention mask out of the graph
     example = tuple(torch.ones(2, 8, dtype=torch.long) for _ in input_names)
+    if "attention_mask" in input_names:
+        example[input_names.index("attention_mask")][1, 5:] = 0
     axes = {name: {0: "batch", 1: "sequence"} for name in input_names}
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about Python conditions; the verification decides

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from domainlm.serve.config import ServeConfig
@@ -142,14 +142,11 @@ class Batcher:
             try:
                 self._run(jobs)
             except Exception as e:  # noqa: BLE001 - answered as 500, the worker goes on
-                for job in jobs:
-                    _answer(job, error=e)
+                _answer_all(jobs, [None] * len(jobs), error=e)
 
     def _run(self, jobs: list[Job]) -> None:
         rt, max_batch = self.runtime, self.cfg.max_batch
-        features = []
-        for job in jobs:
-            features += rt.encode(job.texts, job.pairs)
+        features = _encode(rt, jobs)
         probs = np.empty((len(features), len(rt.labels)), dtype=np.float32)
         sizes = []
         for idx in length_groups([len(f["input_ids"]) for f in features], max_batch):
@@ -160,10 +157,29 @@ class Batcher:
             self.metrics.batch_sizes.update(sizes)
             self.metrics.gathered[len(jobs)] += 1
             self.metrics.texts += len(features)
-        start = 0
+        answers, start = [], 0
         for job in jobs:
-            _answer(job, result=rt.decide(probs[start : start + len(job.texts)], job.top_k))
+            answers.append(rt.decide(probs[start : start + len(job.texts)], job.top_k))
             start += len(job.texts)
+        _answer_all(jobs, answers)
+
+
+def _encode(rt: Runtime, jobs: list[Job]) -> list[dict]:
+    """Features of every text of the gathered jobs, in job order: one tokenizer call for the jobs without a text
+    pair and one for those with (a fast tokenizer's call has a fixed cost that a call per request repeats)."""
+    features: list = [None] * sum(len(job.texts) for job in jobs)
+    for paired in (False, True):
+        where, texts, pairs, start = [], [], [], 0
+        for job in jobs:
+            if (job.pairs is not None) == paired:
+                where += range(start, start + len(job.texts))
+                texts += job.texts
+                pairs += job.pairs or []
+            start += len(job.texts)
+        if texts:
+            for i, f in zip(where, rt.encode(texts, pairs if paired else None)):
+                features[i] = f
+    return features
 
 
 def length_groups(lengths: list[int], max_batch: int, slack: float = 1.3, extra: int = 8) -> list[np.ndarray]:
@@ -179,16 +195,20 @@ def length_groups(lengths: list[int], max_batch: int, slack: float = 1.3, extra:
     return groups
 
 
-def _answer(job: Job, result=None, error: BaseException | None = None) -> None:
-    def settle() -> None:
-        if job.future.done():  # the client went away
-            return
-        if error is not None:
-            job.future.set_exception(error)
-        else:
-            job.future.set_result(result)
+def _answer_all(jobs: list[Job], results: list, error: BaseException | None = None) -> None:
+    """Settle the futures of a gathering with one wake-up of the event loop (a wake-up per request costs the
+    loop, which parses the next requests meanwhile, a system call and a pass through its ready queue)."""
 
-    job.loop.call_soon_threadsafe(settle)
+    def settle() -> None:
+        for job, result in zip(jobs, results):
+            if job.future.done():  # the client went away
+                continue
+            if error is not None:
+                job.future.set_exception(error)
+            else:
+                job.future.set_result(result)
+
+    jobs[0].loop.call_soon_threadsafe(settle)
 
 
 def _texts(value, name: str, cfg: ServeConfig) -> list[str]:
@@ -338,7 +358,10 @@ def create_app(runtime: Runtime, cfg: ServeConfig) -> FastAPI:
         with metrics.lock:
             metrics.requests[200] += 1
             metrics.latencies_ms.append(1000 * (time.perf_counter() - started))
-        return {"predictions": predictions, "model": runtime.kind}
+        # serialized here: a returned dict would be validated again against response_model (which documents the
+        # answer in /docs): 0.11 ms against 0.014 ms per answer on the 2-core test machine
+        return Response(json.dumps({"predictions": predictions, "model": runtime.kind}, ensure_ascii=False),
+                        media_type="application/json")
 
     return app
 
