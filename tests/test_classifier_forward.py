@@ -26,10 +26,11 @@ def _batch():
 
 @pytest.mark.parametrize("kind", ["bert", "ernie"])
 @pytest.mark.parametrize("padded", [True, False])
-def test_cls_only_forward_matches_the_full_model_in_logits_and_gradients(kind, padded):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # a boolean mask, an additive one
+def test_cls_only_forward_matches_the_full_model_in_logits_and_gradients(kind, padded, attention):
     torch.manual_seed(0)
     shape = dict(vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
-                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3)
+                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3, attn_implementation=attention)
     model = (BertForSequenceClassification(BertConfig(**shape)) if kind == "bert"
              else ErnieForSequenceClassification(ErnieConfig(**shape)))
     assert _cls_only_ready(model)

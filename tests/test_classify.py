@@ -143,6 +143,12 @@ def test_full_finetune_beats_majority_then_evaluate_and_predict(tmp_path, tiny_m
     assert main(["predict", "--model", str(out / "model"), "--input", data["test"], "--out", str(tmp_path / "p.jsonl")]) == 0
     preds = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert len(preds) == 45 and set(preds[0]) == {"text", "labels", "scores"}
+    # finetune scores the test rows in length order and puts them back: row by row, the same as predict
+    tested = [json.loads(x) for x in (out / "test_predictions.jsonl").read_text().splitlines()]
+    assert [t["text"] for t in tested] == [p["text"] for p in preds]
+    assert [t["predicted"] for t in tested] == [p["labels"] for p in preds]
+    for t, p in zip(tested, preds):
+        assert all(t["scores"][k] == pytest.approx(v, abs=2e-4) for k, v in p["scores"].items())
     capsys.readouterr()
     monkeypatch.setattr("sys.stdin", io.StringIO("电脑屏幕电池键盘\n酒店房间早餐\n"))
     assert main(["predict", "--model", str(out / "model")]) == 0

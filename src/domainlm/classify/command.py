@@ -130,22 +130,30 @@ def _run(cfg: FinetuneConfig, accelerator, tokenizer, train: Dataset, dev: Datas
     dev_features, dev_y = encode(tokenizer, dev, cfg.max_seq_len), targets(dev, labels, cfg.multilabel)
 
     def scores(features, y) -> np.ndarray:
-        """Probabilities for every row, each process scoring its contiguous shard."""
-        start, end = shard_range(len(features), rank, world)
-        shard = eval_batches(features[start:end], cfg.batch_size * 2, pad, y[start:end])
+        """Probabilities for every row, each process scoring its contiguous shard in length order (batches of
+        similar lengths pad little); the rows are put back in file order."""
+        lengths = np.asarray([len(f["input_ids"]) for f in features])
+        shards = [np.arange(*shard_range(len(features), r, world)) for r in range(world)]
+        order = np.concatenate([s[np.argsort(lengths[s], kind="stable")] for s in shards])  # what evaluate gathers
+        mine = order[np.isin(order, shards[rank])]
+        batches = eval_batches([features[i] for i in mine], cfg.batch_size * 2, pad, y[mine])
         with torch.random.fork_rng(devices=[]):  # evaluation must not move the training RNG
-            return evaluate(model, accelerator, shard).rows["scores"]
+            gathered = evaluate(model, accelerator, batches).rows["scores"]
+        probs = np.empty_like(gathered)
+        probs[order] = gathered
+        return probs
 
     logger = RunLogger(out, max_steps, 0, main, tensorboard=True)
     best = {"value": -math.inf, "step": 0, "state": None, "bad": 0}
 
     def on_eval(step: int) -> bool:
-        m = score(scores(dev_features, dev_y), dev, labels, cfg.multilabel, cfg.tolerant_k)
+        probs = scores(dev_features, dev_y)
+        m = score(probs, dev, labels, cfg.multilabel, cfg.tolerant_k)
         if cfg.best_metric not in m:
             raise DomainLMError(f"--metric {cfg.best_metric!r} is not computed; choose one of {', '.join(M.scalars(m))}")
         logger.log(step, "valid", M.scalars(m))
         if m[cfg.best_metric] > best["value"]:
-            best.update(value=m[cfg.best_metric], step=step, bad=0,
+            best.update(value=m[cfg.best_metric], step=step, bad=0, probs=probs,  # the restored model's, exactly
                         state={k: v.detach().clone() for k, v in unwrapped().state_dict().items()})
         else:
             best["bad"] += 1
@@ -167,7 +175,7 @@ def _run(cfg: FinetuneConfig, accelerator, tokenizer, train: Dataset, dev: Datas
     unwrapped().load_state_dict(best["state"])
     log(f"best {cfg.best_metric} {best['value']:.4f} at step {best['step']} (stopped at step {state.step} of {max_steps})")
 
-    probs = scores(dev_features, dev_y)
+    probs = best["probs"]
     thresholds = M.tune_thresholds(probs, targets(dev, labels, True)) if cfg.multilabel else None
     result = {"seed": seed, "best_step": best["step"], "steps": state.step, "train_rows": len(train),
               "dev": score(probs, dev, labels, cfg.multilabel, cfg.tolerant_k, thresholds)}
