@@ -33,8 +33,8 @@ class DemoConfig:
     hidden: int = option(128, "hidden size of the base model (64 per attention head)", low=64, high=1024)
     dropout: float = option(0.0, "dropout of the base model's config (attention and hidden), inherited downstream",
                             low=0, high=0.5)
-    base_steps: int = option(1000, "pretraining steps of the base model on the general corpus", low=1)
-    domain_steps: int = option(800, "continued pretraining steps on the reviews (MLM only)", low=2)
+    base_steps: int = option(800, "pretraining steps of the base model on the general corpus", low=1)
+    domain_steps: int = option(400, "continued pretraining steps on the reviews (MLM only)", low=2)
     snapshots: int = option(2, "snapshots of the continued pretraining, evenly spaced, each fine-tuned in the sweep", low=1)
     base_lr: float = option(2e-3, "peak learning rate of the base model's pretraining", low=0, high=1, low_open=True)
     domain_lr: float = option(1e-3, "peak learning rate of the continued pretraining", low=0, high=1, low_open=True)
