@@ -21,9 +21,7 @@ def encode_texts(tokenizer, texts: list[str], pairs: list[str] | None, max_seq_l
 
 
 def encode(tokenizer, data: Dataset, max_seq_len: int) -> list[dict]:
-    pairs = [ex.text_pair for ex in data.examples]
-    return encode_texts(tokenizer, [ex.text for ex in data.examples], pairs if any(p is not None for p in pairs) else None,
-                        max_seq_len)
+    return encode_texts(tokenizer, *data.columns(), max_seq_len)
 
 
 def pad(items: Sequence[dict], pad_id: int) -> dict[str, np.ndarray]:

@@ -135,7 +135,7 @@ def _run(cfg: FinetuneConfig, accelerator, tokenizer, train: Dataset, dev: Datas
         lengths = np.asarray([len(f["input_ids"]) for f in features])
         shards = [np.arange(*shard_range(len(features), r, world)) for r in range(world)]
         order = np.concatenate([s[np.argsort(lengths[s], kind="stable")] for s in shards])  # what evaluate gathers
-        mine = order[np.isin(order, shards[rank])]
+        mine = order[slice(*shard_range(len(features), rank, world))]  # shards are contiguous: so is its part
         batches = eval_batches([features[i] for i in mine], cfg.batch_size * 2, pad, y[mine])
         with torch.random.fork_rng(devices=[]):  # evaluation must not move the training RNG
             gathered = evaluate(model, accelerator, batches).rows["scores"]
@@ -279,11 +279,6 @@ def _load(folder: str) -> Runtime:
     return TorchRuntime(folder)
 
 
-def _texts(data: Dataset) -> tuple[list[str], list[str] | None]:
-    pairs = [ex.text_pair for ex in data.examples]
-    return [ex.text for ex in data.examples], pairs if any(p is not None for p in pairs) else None
-
-
 def _prepare(cfg, runtime: Runtime) -> None:
     """The label map must match the model's outputs; a transformer caps --max-seq-len at its positions."""
     checks.label_map(runtime.labels, runtime, cfg.model)
@@ -304,7 +299,7 @@ def evaluate_command(cfg: EvaluateConfig) -> dict:
     unknown = sorted({label for ex in data.examples for label in ex.labels} - set(labels))
     if unknown:
         raise DomainLMError(f"{cfg.data}: labels {unknown} are not among the model's labels ({', '.join(labels)})")
-    probs = runtime.predict(*_texts(data), cfg.batch_size, cfg.max_seq_len, progress=True)
+    probs = runtime.predict(*data.columns(), cfg.batch_size, cfg.max_seq_len, progress=True)
     thresholds = runtime.thresholds if multilabel else None
     metrics = score(probs, data, labels, multilabel, cfg.tolerant_k, thresholds)
     outputs.clear_known(out, outputs.EVALUATE_OUTPUTS)
@@ -327,7 +322,7 @@ def predict_command(cfg: PredictConfig) -> int:
     else:
         columns = Columns(cfg.text_column, cfg.pair_column, "label", None)
         data = read_examples(cfg.input, columns, runtime.multilabel, require_labels=False, skip_flag=None)
-    probs = runtime.predict(*_texts(data), cfg.batch_size, cfg.max_seq_len, progress=True)
+    probs = runtime.predict(*data.columns(), cfg.batch_size, cfg.max_seq_len, progress=True)
     # a file is written beside its name and renamed when complete: a failed run leaves no half file
     partial = None if cfg.out == "-" else Path(cfg.out).with_name(f".{Path(cfg.out).name}.partial")
     sink = sys.stdout if partial is None else open(partial, "w", encoding="utf-8")  # noqa: SIM115

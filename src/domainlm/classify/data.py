@@ -46,6 +46,11 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.examples)
 
+    def columns(self) -> tuple[list[str], list[str | None] | None]:
+        """The texts, and the text pairs (None when no row has one)."""
+        pairs = [ex.text_pair for ex in self.examples]
+        return [ex.text for ex in self.examples], pairs if any(p is not None for p in pairs) else None
+
 
 def _rows(path: Path):
     """(line number, dict) for CSV, TSV and JSONL files."""

@@ -79,12 +79,16 @@ class LinearRuntime(Runtime):
 
     def predict(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 64,
                 max_seq_len: int | None = None, progress: bool = False) -> np.ndarray:
-        rows = texts if pairs is None else [t if q is None else f"{t}\n{q}" for t, q in zip(texts, pairs)]
-        return self.model.text_scores(rows)
+        return self.model.text_scores(joined(texts, pairs))
 
 
 def texts(data: Dataset) -> list[str]:
-    return [ex.text if ex.text_pair is None else f"{ex.text}\n{ex.text_pair}" for ex in data.examples]
+    return joined(*data.columns())
+
+
+def joined(texts: list[str], pairs: list[str | None] | None) -> list[str]:
+    """One string per row for the n-gram features: a text pair follows its text on a new line."""
+    return texts if pairs is None else [t if q is None else f"{t}\n{q}" for t, q in zip(texts, pairs)]
 
 
 def _scores(x, coef: np.ndarray, intercept: np.ndarray, multilabel: bool) -> np.ndarray:
