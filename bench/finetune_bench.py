@@ -16,6 +16,11 @@ in these reviews length goes with the label (the longest quarter of the training
     flock /tmp/bench.lock python bench/finetune_bench.py                                  # ~6 minutes on 2 cores
     flock /tmp/bench.lock python bench/finetune_bench.py --baselines tuned --parts train  # training only, ~5 minutes
     flock /tmp/bench.lock python bench/finetune_bench.py --predict-only RUN/model          # inference alone, ~1 minute
+    python bench/finetune_bench.py --device cuda --shape 12x768 --train 16000 --baselines tuned   # one GPU
+
+On a GPU (--device cuda) both sides train in bf16: the tuned Trainer with `bf16=True`, length-grouped sampling, fused
+AdamW and DataLoader workers; its pipeline runs in bf16 on the GPU with a batch size over length-sorted texts;
+`domainlm finetune` with its defaults there (bf16, the packed encoder) and `predict --device cuda`.
 """
 
 from __future__ import annotations
@@ -47,15 +52,16 @@ def make_data(work: Path, n_train: int, n_test: int, n_dev: int = 200, seed: int
     return paths[0], paths[1], paths[2], data["tokenizer"]
 
 
-def base_model(work: Path, tokenizer_dir: Path) -> Path:
+def base_model(work: Path, tokenizer_dir: Path, shape: str = "4x256") -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    model = BertModel(BertConfig(vocab_size=len(tok), hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                                 intermediate_size=1024, max_position_embeddings=512))
-    out = work / "base"
+    layers, width = map(int, shape.split("x"))
+    model = BertModel(BertConfig(vocab_size=len(tok), hidden_size=width, num_hidden_layers=layers,
+                                 num_attention_heads=width // 64, intermediate_size=4 * width, max_position_embeddings=512))
+    out = work / f"base-{shape}"
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
@@ -90,9 +96,11 @@ def run_trainer(model_dir: Path, train: Path, test: Path, args, tuned: bool) -> 
                                                                id2label=dict(enumerate(labels)), label2id={v: i for i, v in enumerate(labels)})
     common = dict(output_dir=str(model_dir.parent / "trainer"), per_device_train_batch_size=args.batch,
                   num_train_epochs=args.epochs, learning_rate=args.lr, warmup_steps=0.1, weight_decay=0.01,
-                  logging_steps=50, save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True)
+                  logging_steps=50, save_strategy="no", report_to=[], use_cpu=args.device == "cpu", seed=0,
+                  disable_tqdm=True, bf16=args.device == "cuda")
     if tuned:
-        extra = dict(train_sampling_strategy="group_by_length", optim="adamw_torch_fused", dataloader_num_workers=args.workers)
+        extra = dict(train_sampling_strategy="group_by_length", optim="adamw_torch_fused", dataloader_num_workers=args.workers,
+                     dataloader_pin_memory=args.device == "cuda")
     else:
         extra = {}
     trainer = Trainer(model=model, args=TrainingArguments(**common, **extra), train_dataset=dataset,
@@ -103,7 +111,8 @@ def run_trainer(model_dir: Path, train: Path, test: Path, args, tuned: bool) -> 
     texts = [r["text"] for r in tests]
     if "predict" not in args.parts:
         return train_rate, float("nan"), test_accuracy(model, tok, labels, tests, args.seq)
-    clf = pipeline("text-classification", model=model.eval(), tokenizer=tok, device=-1, truncation=True, max_length=args.seq)
+    gpu = dict(device=0, dtype=torch.bfloat16) if args.device == "cuda" else dict(device=-1)
+    clf = pipeline("text-classification", model=model.eval(), tokenizer=tok, truncation=True, max_length=args.seq, **gpu)
     started = time.perf_counter()
     if tuned:
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
@@ -138,11 +147,17 @@ def run_domainlm(model_dir: Path, train: Path, test: Path, dev: Path, args) -> t
         labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
         return train_rate, float("nan"), test_accuracy(model, AutoTokenizer.from_pretrained(str(out / "model")), labels, tests, args.seq)
     started = time.perf_counter()
-    predict_command(PredictConfig(model=str(out / "model"), input=str(test), out=str(out / "pred.jsonl"), max_seq_len=args.seq))
+    predict_command(PredictConfig(model=str(out / "model"), input=str(test), out=str(out / "pred.jsonl"), max_seq_len=args.seq,
+                                  **device_option(args)))
     infer_rate = len(tests) / (time.perf_counter() - started)
     predictions = [json.loads(x) for x in (out / "pred.jsonl").read_text(encoding="utf-8").splitlines()]
     accuracy = float(np.mean([p["labels"] == [r["label"]] for p, r in zip(predictions, tests)]))
     return train_rate, infer_rate, accuracy
+
+
+def device_option(args) -> dict:
+    """`--device` for domainlm's inference configs (CPU runs pass nothing: the CPU default)."""
+    return {"device": args.device} if args.device != "cpu" else {}
 
 
 def test_accuracy(model, tok, labels: list[str], tests: list[dict], seq: int) -> float:
@@ -154,7 +169,8 @@ def test_accuracy(model, tok, labels: list[str], tests: list[dict], seq: int) ->
     with torch.inference_mode():
         for i in range(0, len(tests), 64):
             part = tests[i : i + 64]
-            enc = tok([r["text"] for r in part], truncation=True, max_length=seq, padding=True, return_tensors="pt")
+            enc = tok([r["text"] for r in part], truncation=True, max_length=seq, padding=True,
+                      return_tensors="pt").to(model.device)
             predicted = model(**enc).logits.argmax(-1).tolist()
             right += sum(labels[p] == r["label"] for p, r in zip(predicted, part))
     return right / len(tests)
@@ -163,9 +179,11 @@ def test_accuracy(model, tok, labels: list[str], tests: list[dict], seq: int) ->
 def predict_pipeline(model_dir: Path, test: Path, out: Path, args) -> list[str]:
     """The tuned pipeline as a whole command: load the model folder, read the file, batch over length-sorted
     texts, write one JSON line per text."""
+    import torch
     from transformers import pipeline
 
-    clf = pipeline("text-classification", model=str(model_dir), device=-1, truncation=True, max_length=args.seq)
+    gpu = dict(device=0, dtype=torch.bfloat16) if args.device == "cuda" else dict(device=-1)
+    clf = pipeline("text-classification", model=str(model_dir), truncation=True, max_length=args.seq, **gpu)
     texts = [json.loads(x)["text"] for x in test.read_text(encoding="utf-8").splitlines()]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     predictions = [None] * len(texts)
@@ -193,7 +211,8 @@ def compare_inference(model_dir: Path, test: Path, work: Path, args) -> None:
         started = time.perf_counter()
         theirs = predict_pipeline(model_dir, test, theirs_out, args)
         middle = time.perf_counter()
-        predict_command(PredictConfig(model=str(model_dir), input=str(test), out=str(ours_out), max_seq_len=args.seq))
+        predict_command(PredictConfig(model=str(model_dir), input=str(test), out=str(ours_out), max_seq_len=args.seq,
+                                      **device_option(args)))
         ended = time.perf_counter()
         if r:
             rates["pipeline, tuned"].append(n / (middle - started))
@@ -241,6 +260,8 @@ def main() -> None:
                         help="what to time: train (fine-tuning) and/or predict; without predict, test accuracy comes "
                              "from an untimed forward of each trained model")
     parser.add_argument("--work", default=None)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--shape", default="4x256", help="LAYERSxWIDTH of the BERT encoder (random init)")
     parser.add_argument("--predict-only", default=None, metavar="MODEL",
                         help="inference alone: this trained classifier (e.g. a run's domainlm/model) vs the tuned pipeline")
     parser.add_argument("--rounds", type=int, default=3, help="--predict-only: timed rounds (median)")
@@ -257,12 +278,13 @@ def main() -> None:
     train, test, dev, tokenizer_dir = make_data(work, args.train, args.test)
     if args.predict_only:
         return compare_inference(Path(args.predict_only), test, work, args)
-    model_dir = base_model(work, tokenizer_dir)
+    model_dir = base_model(work, tokenizer_dir, args.shape)
     names = {"default": "Trainer/pipeline, defaults", "tuned": "Trainer/pipeline, tuned"}
     results = {names[b]: run_trainer(model_dir, train, test, args, b == "tuned") for b in args.baselines.split(",")}
     ours = results["domainlm finetune/predict"] = run_domainlm(model_dir, train, test, dev, args)
-    print(f"reviews: {args.train} train / {args.test} test rows, BERT 4x256 (random init), batch {args.batch}, "
-          f"{args.epochs} epochs, max {args.seq} tokens, torch threads {torch_threads()}")
+    where = f"torch threads {torch_threads()}" if args.device == "cpu" else f"{cuda_name()}, bf16"
+    print(f"reviews: {args.train} train / {args.test} test rows, BERT {args.shape} (random init), batch {args.batch}, "
+          f"{args.epochs} epochs, max {args.seq} tokens, {where}")
     print(f"{'':30}{'train samples/s':>16}{'predict samples/s':>19}{'test accuracy':>15}")
     for name, r in results.items():
         print(f"{name:30}{r[0]:16.1f}{r[1]:19.1f}{r[2]:15.3f}")
@@ -270,6 +292,12 @@ def main() -> None:
         if r is not ours:
             inference = f", inference {ours[1] / r[1]:.2f}x" if "predict" in args.parts else ""
             print(f"ratio vs {name}: training {ours[0] / r[0]:.2f}x{inference}")
+
+
+def cuda_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name()
 
 
 def torch_threads() -> int:

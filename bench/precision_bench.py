@@ -1,4 +1,4 @@
-"""`domainlm pretrain` on one GPU: fp32 vs bf16 vs bf16 + `--compile`, same model, data and batches.
+"""`domainlm pretrain` on one GPU, whole commands: fp32, bf16, bf16 + `--compile`, and bf16 padded (`--no-unpad`).
 
 Each setting runs the real command in its own process (Accelerate fixes the precision once per process) on a
 prepared corpus, from the same random weights (BERT-base shape by default), and reports the training tokens/s
@@ -6,6 +6,7 @@ of its logged windows after the first (the first holds start-up and, with `--com
 whole command's wall time. The baseline is fp32, the precision a user gets with no flag on a GPU without bf16.
 
     python bench/precision_bench.py --corpus runs/demo/corpus-news        # ~3 minutes on one H100
+    python bench/precision_bench.py --corpus STORE --settings "bf16,bf16 padded" --seq 256 --micro-batch-size 128
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 
 SETTINGS = {"fp32": ["--precision", "no"], "bf16": ["--precision", "bf16"],
-            "bf16 + compile": ["--precision", "bf16", "--compile"]}
+            "bf16 + compile": ["--precision", "bf16", "--compile"], "bf16 padded": ["--precision", "bf16", "--no-unpad"]}
 
 
 def main() -> None:
@@ -34,6 +35,9 @@ def main() -> None:
     parser.add_argument("--micro-batch-size", type=int, default=64)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--num-workers", type=int, default=None)
+    parser.add_argument("--settings", default="fp32,bf16,bf16 + compile", help=f"comma list of: {', '.join(SETTINGS)}")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("this benchmark needs a GPU (bf16 and compile figures); none is visible")
@@ -42,24 +46,31 @@ def main() -> None:
                intermediate_size=4 * args.hidden, max_position_embeddings=512).save_pretrained(work / "config")
     log_every = max(1, args.steps // 4)
     rates = {}
-    for name, flags in SETTINGS.items():
+    workers = [] if args.num_workers is None else ["--num-workers", str(args.num_workers)]
+    for name in args.settings.split(","):
+        flags = SETTINGS[name] + workers
         out = work / name.replace(" ", "")
         started = time.perf_counter()
         with open(work / f"{out.name}.log", "w") as log:
             subprocess.run([sys.executable, "-m", "domainlm.cli", "pretrain", "--corpus", args.corpus, "--out", str(out),
-                           "--model", str(work / "config"), "--from-scratch", "--max-seq-len", "128",
+                           "--model", str(work / "config"), "--from-scratch", "--max-seq-len", str(args.seq),
                            "--micro-batch-size", str(args.micro_batch_size), "--max-steps", str(args.steps),
                            "--logging-freq", str(log_every), "--eval-freq", str(10**9), "--checkpoint-steps", str(10**9),
-                           "--no-tensorboard", *flags], check=True, env=os.environ, stdout=log, stderr=subprocess.STDOUT)
+                           "--no-tensorboard", *flags], env=os.environ, stdout=log, stderr=subprocess.STDOUT)
+        if not (out / "results.json").is_file():
+            tail = (work / f"{out.name}.log").read_text(encoding="utf-8").splitlines()[-5:]
+            print(f"{name}: failed:\n  " + "\n  ".join(tail))
+            continue
         wall = time.perf_counter() - started
         logs = [json.loads(x) for x in (out / "log.jsonl").read_text(encoding="utf-8").splitlines()]
         windows = [r["tokens_per_s"] for r in logs if r.get("split") == "train" and "tokens_per_s" in r][1:]
         rates[name] = statistics.median(windows)
         print(f"{name:16} {rates[name]:>10,.0f} tokens/s (median of {len(windows)} windows)   whole command {wall:.0f} s")
-    print(f"{torch.cuda.get_device_name()}, {args.layers}x{args.hidden}, micro batch {args.micro_batch_size} x 128 tokens")
+    print(f"{torch.cuda.get_device_name()}, {args.layers}x{args.hidden}, micro batch {args.micro_batch_size} x {args.seq} tokens")
+    first = next(iter(rates), None)
     for name, rate in rates.items():
-        if name != "fp32":
-            print(f"ratio {name} vs fp32: {rate / rates['fp32']:.2f}x")
+        if name != first:
+            print(f"ratio {name} vs {first}: {rate / rates[first]:.2f}x")
 
 
 if __name__ == "__main__":

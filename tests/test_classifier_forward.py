@@ -60,3 +60,30 @@ def test_models_outside_the_bert_layout_run_their_own_forward():
     assert not _cls_only_ready(model)
     ids, mask, _ = _batch()
     torch.testing.assert_close(classifier_logits(model, ids, mask), model(input_ids=ids, attention_mask=mask).logits)
+
+
+@pytest.mark.parametrize("kind", ["bert", "ernie"])
+def test_packed_classifier_matches_the_padded_one_in_loss_and_gradients(kind):
+    from domainlm.classify.model import Classifier, packing_ready
+    from domainlm.encoder.packed import pack_padded
+
+    torch.manual_seed(0)
+    shape = dict(vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3)
+    hf = (BertForSequenceClassification(BertConfig(**shape)) if kind == "bert"
+          else ErnieForSequenceClassification(ErnieConfig(**shape)))
+    assert packing_ready(hf)
+    model = Classifier(hf, multilabel=False).train()
+    ids, mask, types = _batch()
+    labels = torch.tensor([0, 2, 1, 2])
+    loss, _ = model(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels)
+    loss.backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    packed = pack_padded(ids, mask, types)
+    assert packed["input_ids"].numel() == int(mask.sum())  # no padded position left
+    loss2, metrics = model(**packed, labels=labels)
+    loss2.backward()
+    torch.testing.assert_close(loss2, loss, atol=1e-6, rtol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, reference[name], atol=1e-5, rtol=1e-4, msg=name)

@@ -224,3 +224,28 @@ def test_early_stopping_presets_and_bad_inputs(tmp_path, tiny_model, data, capsy
     clf = tmp_path / "ft"
     assert finetune(tiny_model, data["train"], clf, "--epochs", "1") == 0
     assert "labels ['sports'] are not among the model's labels" in error("evaluate", "--model", str(clf / "model"), "--data", dev, "--out", "o")
+
+
+def test_unpadded_finetune_trains_like_the_padded_one(tmp_path, tokenizer, data):
+    """--unpad yes (the GPU default) and --unpad no, same seed, no dropout: the same losses and dev metrics."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from domainlm.train.logging import read_log
+
+    torch.manual_seed(0)
+    model_dir = tmp_path / "nodrop"
+    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                         attention_probs_dropout_prob=0.0)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    logs = {}
+    for mode in ("yes", "no"):
+        assert finetune(str(model_dir), data["train"], tmp_path / mode, "--epochs", "1", "--unpad", mode, "--no-floor") == 0
+        logs[mode] = read_log(tmp_path / mode / "log.jsonl")
+    assert [(r["step"], r["split"]) for r in logs["yes"]] == [(r["step"], r["split"]) for r in logs["no"]]
+    assert len(logs["yes"]) >= 3
+    for a, b in zip(logs["yes"], logs["no"]):
+        for key in ("loss", "accuracy", "f1_micro"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)

@@ -37,11 +37,17 @@ def pad(items: Sequence[dict], pad_id: int) -> dict[str, np.ndarray]:
     return batch
 
 
-def collate(items: list[dict], targets: np.ndarray | None, pad_id: int) -> dict:
-    """`pad` as torch tensors, with the targets as "labels"."""
+def collate(items: list[dict], targets: np.ndarray | None, pad_id: int, packed: bool = False) -> dict:
+    """`pad` as torch tensors, or with `packed` one token stream of the rows (`encoder.packed.pack`), with the
+    targets as "labels"."""
     import torch  # here, so that inference on ONNX Runtime does not load torch
 
-    batch = {k: torch.from_numpy(v) for k, v in pad(items, pad_id).items()}
+    if packed:
+        from domainlm.encoder.packed import pack
+
+        batch = pack(items)
+    else:
+        batch = {k: torch.from_numpy(v) for k, v in pad(items, pad_id).items()}
     if targets is not None:
         batch["labels"] = torch.from_numpy(np.asarray(targets))
     return batch
@@ -62,10 +68,12 @@ def length_batches(lengths: Sequence[int], batch_size: int, token_budget: int = 
     return batches
 
 
-def eval_batches(features: list[dict], batch_size: int, pad_id: int, targets: np.ndarray | None = None) -> Iterator[dict]:
+def eval_batches(features: list[dict], batch_size: int, pad_id: int, targets: np.ndarray | None = None,
+                 packed: bool = False) -> Iterator[dict]:
     """In order (predictions line up with the input)."""
     for i in range(0, len(features), batch_size):
-        yield collate(features[i : i + batch_size], None if targets is None else targets[i : i + batch_size], pad_id)
+        yield collate(features[i : i + batch_size], None if targets is None else targets[i : i + batch_size], pad_id,
+                      packed)
 
 
 def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
@@ -90,7 +98,7 @@ def steps_per_epoch(n: int, global_batch: int, micro_batches: int) -> int:
 
 
 def train_batches(features: list[dict], targets: np.ndarray, batch_size: int, pad_id: int, seed: int,
-                  rank: int = 0, world: int = 1, accumulation: int = 1) -> Iterator[dict]:
+                  rank: int = 0, world: int = 1, accumulation: int = 1, packed: bool = False) -> Iterator[dict]:
     """Endless epochs of global batches of `batch_size` rows, this process's micro batches of each.
 
     A global batch is cut into world x accumulation contiguous micro batches and process r takes micro
@@ -105,5 +113,5 @@ def train_batches(features: list[dict], targets: np.ndarray, batch_size: int, pa
             if len(rows) < parts:
                 continue
             for idx in np.array_split(rows, parts)[rank * accumulation : (rank + 1) * accumulation]:
-                yield collate([features[i] for i in idx], targets[idx], pad_id)
+                yield collate([features[i] for i in idx], targets[idx], pad_id, packed)
         epoch += 1

@@ -32,7 +32,7 @@ from domainlm.classify.data import (
     split_validation,
     targets,
 )
-from domainlm.classify.model import Classifier, load_classifier, save_classifier
+from domainlm.classify.model import Classifier, load_classifier, packing_ready, save_classifier
 from domainlm.errors import DomainLMError
 from domainlm.serve.runtime import Runtime, best_k, choose, thresholds_of
 from domainlm.train.checkpoint import TrainState
@@ -125,8 +125,9 @@ def _run(cfg: FinetuneConfig, accelerator, tokenizer, train: Dataset, dev: Datas
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     unwrapped = lambda: accelerator.unwrap_model(model)  # noqa: E731
     pad = tokenizer.pad_token_id or 0
+    packed = cfg.unpad != "no" and packing_ready(unwrapped().hf) and (cfg.unpad == "yes" or accelerator.device.type == "cuda")
     batches = batching.train_batches(encode(tokenizer, train, cfg.max_seq_len), targets(train, labels, cfg.multilabel),
-                                     global_batch, pad, seed, rank, world, accumulation)
+                                     global_batch, pad, seed, rank, world, accumulation, packed)
     dev_features, dev_y = encode(tokenizer, dev, cfg.max_seq_len), targets(dev, labels, cfg.multilabel)
 
     def scores(features, y) -> np.ndarray:
@@ -136,7 +137,7 @@ def _run(cfg: FinetuneConfig, accelerator, tokenizer, train: Dataset, dev: Datas
         shards = [np.arange(*shard_range(len(features), r, world)) for r in range(world)]
         order = np.concatenate([s[np.argsort(lengths[s], kind="stable")] for s in shards])  # what evaluate gathers
         mine = order[slice(*shard_range(len(features), rank, world))]  # shards are contiguous: so is its part
-        batches = eval_batches([features[i] for i in mine], cfg.batch_size * 2, pad, y[mine])
+        batches = eval_batches([features[i] for i in mine], cfg.batch_size * 2, pad, y[mine], packed)
         with torch.random.fork_rng(devices=[]):  # evaluation must not move the training RNG
             gathered = evaluate(model, accelerator, batches).rows["scores"]
         probs = np.empty_like(gathered)

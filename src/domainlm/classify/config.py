@@ -74,6 +74,9 @@ class FinetuneConfig:
     seeds: list[int] = option([1234], "repeat with each seed; metrics reported as mean and std")
     logging_freq: int = option(10, "log every N steps", low=1)
     precision: Literal["auto", "no", "bf16", "fp16"] = option("auto", "mixed precision (auto: bf16 on a GPU that has it)")
+    unpad: Literal["auto", "yes", "no"] = option(
+        "auto", "run BERT/ERNIE classifiers on one stream of real tokens per batch (auto: on a GPU; on a CPU the "
+                "padded forward with a [CLS]-only last layer is faster)")
     overwrite: bool = option(False, "replace an earlier finetune run in --out (only its own files are removed)")
 
     def check(self) -> None:

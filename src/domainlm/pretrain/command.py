@@ -12,7 +12,9 @@ Runs the same under `torchrun` / `accelerate launch`: data parallel (gloo on CPU
 from __future__ import annotations
 
 import json
+import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -23,9 +25,10 @@ from domainlm import config as cfglib
 from domainlm import outputs
 from domainlm.data.store import Corpus
 from domainlm.data.tokenize import load_fast_tokenizer, vocab_hash
+from domainlm.encoder.packed import supports_packing
 from domainlm.errors import DomainLMError
 from domainlm.pretrain.config import PretrainConfig
-from domainlm.pretrain.dataset import PretrainDataset, StepBatchSampler, collate
+from domainlm.pretrain.dataset import PretrainDataset, StepBatchSampler, collate, collate_packed
 from domainlm.pretrain.masking import MaskingOptions, default_max_predictions
 from domainlm.pretrain.model import PretrainingModel, load_config, load_pretraining_model
 from domainlm.pretrain.samples import cached_samples, parse_split, split_corpus
@@ -75,6 +78,17 @@ def eval_batch_indices(n: int, global_batch: int, micro_batch: int, rank: int, w
     return out
 
 
+def loader_workers(asked: int | None, accelerator) -> int:
+    """--num-workers, or by default 1 on a CPU (the cores train) and on a GPU enough to keep it fed (one worker masks
+    about 600-800 samples/s; a GPU trains several thousand of 256 tokens per second), leaving each process a core."""
+    if asked is not None:
+        return asked
+    if accelerator.device.type != "cuda":
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    return max(1, min(8, cores // accelerator.num_processes - 1))
+
+
 @dataclass
 class Run:
     """Everything setup() builds and train()/finish() use."""
@@ -89,7 +103,7 @@ class Run:
     scheduler: object
     state: TrainState
     options: LoopOptions
-    pad_id: int
+    collate: Callable[[list[dict]], dict]  # packed streams, or padded batches for models without packing
     logger: RunLogger
     last_valid: dict[int, dict] = field(default_factory=dict)  # step -> validation metrics
 
@@ -101,7 +115,7 @@ class Run:
         a, ds = self.accelerator, self.datasets[split]
         batches = eval_batch_indices(len(ds), self.options.global_batch_size, self.cfg.micro_batch_size,
                                      a.process_index, a.num_processes, iters)
-        loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, collate_fn=partial(collate, pad_id=self.pad_id))
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, collate_fn=self.collate)
         # evaluation must not draw from the global RNG, or a resumed run would diverge from an uninterrupted one
         with torch.random.fork_rng(devices=[]):
             return evaluate(self.model, a, loader).metrics
@@ -153,6 +167,9 @@ def setup(cfg: PretrainConfig) -> Run:
         raise DomainLMError(
             f"the tokenizer has {len(tokenizer)} entries but the model's vocabulary only {hf_model.config.vocab_size}"
         )
+    packed = cfg.unpad and supports_packing(hf_model.base_model)
+    if cfg.unpad and not packed:
+        log(f"model: {type(hf_model).__name__} blocks are not ones the packed encoder runs; the padded forward runs")
     model = PretrainingModel(hf_model, cfg.binary_head)
     if cfg.compile:
         model = torch.compile(model)
@@ -170,11 +187,12 @@ def setup(cfg: PretrainConfig) -> Run:
         (out / "data.json").write_text(json.dumps({"splits": {k: v.pop("documents") for k, v in reports.items()}, "split": split.summary(), "samples": reports, "accumulation": accumulation, "processes": world}, indent=2))
     log(f"data: {json.dumps(reports['train'])}; global batch {global_batch} = {cfg.micro_batch_size} x {accumulation} "
         f"accumulation x {world} processes")
+    collate_fn = collate_packed if packed else partial(collate, pad_id=special["pad"])
     train_loader = torch.utils.data.DataLoader(
         datasets["train"],
         batch_sampler=StepBatchSampler(state.consumed_samples, global_batch, cfg.micro_batch_size, accelerator.process_index, world),
-        collate_fn=partial(collate, pad_id=special["pad"]),
-        num_workers=cfg.num_workers, persistent_workers=False,
+        collate_fn=collate_fn,
+        num_workers=loader_workers(cfg.num_workers, accelerator), persistent_workers=False, pin_memory=accelerator.device.type == "cuda",
         generator=torch.Generator(),  # its own seed stream: creating the iterator must not draw from the global RNG
     )
     options = LoopOptions(
@@ -184,7 +202,7 @@ def setup(cfg: PretrainConfig) -> Run:
     )
     logger = RunLogger(out, cfg.max_steps, state.step, accelerator.is_main_process, cfg.tensorboard)
     return Run(cfg, accelerator, out, tokenizer, datasets, train_loader, model, optimizer, scheduler, state, options,
-               special["pad"], logger)
+               collate_fn, logger)
 
 
 def _datasets(cfg: PretrainConfig, accelerator, corpus: Corpus, tokenizer, special: dict, global_batch: int):

@@ -49,7 +49,10 @@ class PretrainConfig:
     seed: int = option(1234, "seed for split, samples, masking, dropout and initialisation")
     precision: Literal["auto", "no", "bf16", "fp16"] = option("auto", "mixed precision (auto: bf16 on a GPU that has it)")
     compile: bool = option(False, "torch.compile the model")
-    num_workers: int = option(1, "DataLoader worker processes", low=0)
+    unpad: bool = option(True, "run the encoder on one stream of real tokens per micro batch (no padding); "
+                               "--no-unpad: the model's own padded forward")
+    num_workers: int | None = option(None, "DataLoader worker processes (default: 1 on a CPU; on a GPU up to 8, as "
+                                           "the cores allow: masking for a fast GPU takes several)", low=0)
     tensorboard: bool = option(True, "write TensorBoard event files")
 
     def check(self) -> None:

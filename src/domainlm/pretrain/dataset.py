@@ -1,4 +1,4 @@
-"""Samples -> model inputs: SOP pairs, special tokens, masking; padding collator; resumable batch order."""
+"""Samples -> model inputs: SOP pairs, special tokens, masking; packing and padding collators; resumable batch order."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from domainlm.data.store import Corpus
+from domainlm.encoder.packed import pack
 from domainlm.pretrain.masking import MaskingOptions, mask_tokens
 from domainlm.pretrain.samples import cached_epoch_order
 
@@ -121,6 +122,19 @@ def collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         "attention_mask": torch.from_numpy(attention),
         "labels": torch.from_numpy(labels),
     }
+    if "sop_labels" in items[0]:
+        batch["sop_labels"] = torch.tensor([int(x["sop_labels"]) for x in items], dtype=torch.int64)
+    return batch
+
+
+def collate_packed(items: list[dict]) -> dict:
+    """One token stream per micro batch (see `encoder.packed`): no padded position, and the MLM targets given
+    as stream positions, so that the model gathers them without a data-dependent shape on the device."""
+    batch = pack(items)
+    labels = np.concatenate([x["labels"] for x in items])
+    where = np.flatnonzero(labels != -100)
+    batch["mlm_positions"] = torch.from_numpy(where)
+    batch["mlm_labels"] = torch.from_numpy(labels[where])
     if "sop_labels" in items[0]:
         batch["sop_labels"] = torch.tensor([int(x["sop_labels"]) for x in items], dtype=torch.int64)
     return batch

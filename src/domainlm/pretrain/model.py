@@ -11,6 +11,7 @@ from pathlib import Path
 import torch.nn.functional as F
 from torch import nn
 
+from domainlm.encoder.packed import encode_packed, first_tokens
 from domainlm.errors import DomainLMError
 
 HEAD_PREFIXES = ("cls.", "lm_head.")
@@ -114,17 +115,27 @@ class PretrainingModel(nn.Module):
             )
         self.sop = sop
 
-    def forward(self, input_ids, attention_mask, token_type_ids, labels, sop_labels=None):
+    def forward(self, sop_labels=None, **batch):
+        """A packed batch (`cu_seqlens`, `mlm_positions`, ...: see dataset.collate_packed) runs the unpadded
+        encoder; a padded one (`attention_mask`, `labels`) the model's own HF forward."""
         encoder = self.hf.base_model
-        out = encoder(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
-        masked = labels != -100
-        logits = self.mlm_head(out.last_hidden_state[masked])  # [n_masked, vocab]
-        targets = labels[masked]
+        if "cu_seqlens" in batch:
+            hidden = encode_packed(encoder, batch["input_ids"], batch["token_type_ids"], batch["position_ids"],
+                                   batch["seq_index"], batch["cu_seqlens"], batch["max_len"])
+            masked_hidden, targets = hidden.index_select(0, batch["mlm_positions"]), batch["mlm_labels"]
+            pooled = encoder.pooler(first_tokens(hidden, batch["cu_seqlens"])[:, None]) if self.sop else None
+        else:
+            out = encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          token_type_ids=batch["token_type_ids"])
+            masked = batch["labels"] != -100
+            masked_hidden, targets = out.last_hidden_state[masked], batch["labels"][masked]
+            pooled = out.pooler_output
+        logits = self.mlm_head(masked_hidden)  # [n_masked, vocab]
         mlm_loss = F.cross_entropy(logits.float(), targets)
         metrics = {"mlm_loss": mlm_loss.detach(), "mlm_acc": (logits.argmax(-1) == targets).float().mean()}
         loss = mlm_loss
         if self.sop:
-            sop_logits = self.sop_head(out.pooler_output)
+            sop_logits = self.sop_head(pooled)
             sop_loss = F.cross_entropy(sop_logits.float(), sop_labels)
             loss = loss + sop_loss
             metrics["sop_loss"] = sop_loss.detach()

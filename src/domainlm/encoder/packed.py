@@ -1,0 +1,123 @@
+"""BERT-family encoders (BERT, ERNIE, RoBERTa, ...) run on a packed token stream.
+
+A micro batch of B samples with n_1..n_B tokens becomes one stream of T = n_1 + ... + n_B tokens: every linear
+layer, LayerNorm, activation and dropout runs on [T, hidden] rows, so no FLOP is spent on a padded position, and
+attention sees each sample's boundaries (`attention.packed_attention`). The forward reads the HF modules' own
+weights and submodules (embeddings, each layer's attention output, intermediate and output blocks), so the model
+stays a plain HF model: snapshots, exports and the padded HF forward are untouched, and the two forwards give
+the same numbers (tests compare them in fp32).
+
+The query, key and value projections run as one matrix product of three times the width: one kernel instead of
+three, and a larger one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from domainlm.encoder.attention import Layout, packed_attention
+
+ROW_KEYS = ("input_ids", "token_type_ids", "position_ids", "seq_index")
+
+
+def supports_packing(base_model: nn.Module) -> bool:
+    """Whether `encode_packed` reproduces this model's own forward: absolute positions, post-LayerNorm BERT blocks."""
+    config = getattr(base_model, "config", None)
+    if config is None or getattr(config, "is_decoder", False):
+        return False
+    if getattr(config, "position_embedding_type", "absolute") != "absolute":
+        return False
+    emb = getattr(base_model, "embeddings", None)
+    layers = getattr(getattr(base_model, "encoder", None), "layer", None)
+    if emb is None or layers is None or not len(layers):
+        return False
+    layer = layers[0]
+    try:
+        sa = layer.attention.self
+        parts = (sa.query, sa.key, sa.value, layer.attention.output.dense, layer.attention.output.LayerNorm,
+                 layer.intermediate.dense, layer.output.dense, layer.output.LayerNorm)
+    except AttributeError:  # pre-LayerNorm (MegatronBert) and other block shapes
+        return False
+    return all(isinstance(p, (nn.Linear, nn.LayerNorm)) for p in parts)
+
+
+def position_offset(base_model: nn.Module) -> int:
+    """RoBERTa numbers positions from padding_idx + 1; BERT and ERNIE from 0."""
+    pad = getattr(base_model.embeddings, "padding_idx", None)
+    return 0 if pad is None else pad + 1
+
+
+def _qkv(sa: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    weight = torch.cat([sa.query.weight, sa.key.weight, sa.value.weight])
+    bias = torch.cat([sa.query.bias, sa.key.bias, sa.value.bias])
+    return weight, bias
+
+
+def _layer(layer: nn.Module, x: torch.Tensor, layout: Layout, heads: int, attention_dropout: float) -> torch.Tensor:
+    t, width = x.shape
+    sa = layer.attention.self
+    q, k, v = F.linear(x, *_qkv(sa)).view(t, 3, heads, width // heads).unbind(1)
+    context = packed_attention(q, k, v, layout, attention_dropout if layer.training else 0.0)
+    x = layer.attention.output(context.reshape(t, width), x)  # dense, dropout, residual, LayerNorm
+    return layer.output(layer.intermediate(x), x)
+
+
+def encode_packed(base_model: nn.Module, input_ids, token_type_ids, position_ids, seq_index, cu_seqlens,
+                  max_len: int) -> torch.Tensor:
+    """Hidden states [T, hidden] of a packed stream (each argument as `pack` makes it)."""
+    config = base_model.config
+    layout = Layout(cu_seqlens, max_len, seq_index, position_ids)
+    positions = position_ids + position_offset(base_model) if position_offset(base_model) else position_ids
+    # the embeddings module takes [batch, length] ids: the stream is one row of T tokens
+    x = base_model.embeddings(input_ids=input_ids[None], token_type_ids=token_type_ids[None],
+                              position_ids=positions[None])[0]
+    heads = config.num_attention_heads
+    attention_dropout = getattr(config, "attention_probs_dropout_prob", 0.0)
+    for layer in base_model.encoder.layer:
+        x = _layer(layer, x, layout, heads, attention_dropout)
+    return x
+
+
+def first_tokens(hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Each sample's first ([CLS]) row: [B, hidden]."""
+    return hidden.index_select(0, cu_seqlens[:-1].long())
+
+
+def pack(rows: list[dict[str, np.ndarray]]) -> dict:
+    """Samples (dicts of 1-D arrays; `input_ids` and optional `token_type_ids`) -> one packed stream.
+
+    Returns tensors for ROW_KEYS plus `cu_seqlens` ([B+1] int32) and `max_len` (an int)."""
+    lengths = np.array([len(r["input_ids"]) for r in rows], dtype=np.int64)
+    if not len(lengths) or lengths.min() < 1:
+        raise ValueError("every packed sample needs at least one token")
+    cu = np.zeros(len(rows) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=cu[1:])
+    ids = np.concatenate([np.asarray(r["input_ids"], dtype=np.int64) for r in rows])
+    types = np.concatenate([np.asarray(r["token_type_ids"], dtype=np.int64) if "token_type_ids" in r
+                            else np.zeros(n, np.int64) for r, n in zip(rows, lengths)])
+    seq_index = np.repeat(np.arange(len(rows), dtype=np.int64), lengths)
+    positions = np.arange(len(ids), dtype=np.int64) - np.repeat(cu[:-1].astype(np.int64), lengths)
+    return {"input_ids": torch.from_numpy(ids), "token_type_ids": torch.from_numpy(types),
+            "position_ids": torch.from_numpy(positions), "seq_index": torch.from_numpy(seq_index),
+            "cu_seqlens": torch.from_numpy(cu), "max_len": int(lengths.max())}
+
+
+def pack_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> dict:
+    """A right-padded [B, L] batch -> the packed stream of its real tokens (for tests and padded callers)."""
+    mask = attention_mask.bool().cpu().numpy()
+    ids = input_ids.cpu().numpy()
+    types = None if token_type_ids is None else token_type_ids.cpu().numpy()
+    rows = [{"input_ids": ids[i][mask[i]], **({} if types is None else {"token_type_ids": types[i][mask[i]]})}
+            for i in range(len(ids))]
+    return pack(rows)
+
+
+def unpack(hidden: torch.Tensor, packed: dict, width: int | None = None) -> torch.Tensor:
+    """[T, H] -> right-padded [B, L, H] with zeros at padded positions (for comparisons)."""
+    b, length = packed["cu_seqlens"].numel() - 1, width or packed["max_len"]
+    out = hidden.new_zeros(b, length, hidden.shape[-1])
+    out[packed["seq_index"], packed["position_ids"]] = hidden
+    return out

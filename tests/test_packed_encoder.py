@@ -1,0 +1,118 @@
+"""The packed (unpadded) encoder forward equals the HF padded one: outputs, gradients, MLM loss, ids per sample."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from domainlm.encoder.attention import Layout, flash_usable
+from domainlm.encoder.packed import encode_packed, first_tokens, pack, pack_padded, supports_packing, unpack
+
+ATOL = 2e-5  # fp32: the two forwards differ only in summation order
+
+
+def _model(kind: str):
+    from transformers import BertConfig, BertModel, ErnieConfig, ErnieModel, RobertaConfig, RobertaModel
+
+    torch.manual_seed(0)
+    shape = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                 max_position_embeddings=40, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    if kind == "ernie":
+        return ErnieModel(ErnieConfig(**shape, type_vocab_size=4, use_task_id=True, task_type_vocab_size=3))
+    if kind == "roberta":
+        return RobertaModel(RobertaConfig(**{**shape, "max_position_embeddings": 42}, pad_token_id=1))  # positions from 2
+    return BertModel(BertConfig(**shape, type_vocab_size=2))
+
+
+def _ragged(lengths, vocab=97, seed=0):
+    """A right-padded batch with these lengths (one-token samples and the longest included by the callers)."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.randint(5, vocab, (len(lengths), width), generator=g)
+    mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
+    types = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        types[i, n // 2:n] = 1
+    ids = ids * mask + 1 * (1 - mask)  # pad id 1 (RoBERTa's)
+    return ids, mask, types * mask
+
+
+@pytest.mark.parametrize("kind", ["bert", "ernie", "roberta"])
+def test_packed_forward_and_gradients_equal_padded(kind):
+    model = _model(kind).eval()
+    assert supports_packing(model)
+    lengths = [7, 1, 40, 3, 12]  # a one-token sample and one at the position limit
+    ids, mask, types = _ragged(lengths)
+    padded = model(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+    packed = pack_padded(ids, mask, types)
+    assert packed["max_len"] == 40 and packed["cu_seqlens"].tolist() == [0, 7, 8, 48, 51, 63]
+    hidden = encode_packed(model, **{k: packed[k] for k in ("input_ids", "token_type_ids", "position_ids",
+                                                          "seq_index", "cu_seqlens", "max_len")})
+    assert hidden.shape == (sum(lengths), 32)
+    real = mask.bool()
+    torch.testing.assert_close(hidden, padded[real], atol=ATOL, rtol=0)
+    torch.testing.assert_close(unpack(hidden, packed)[real], padded[real], atol=ATOL, rtol=0)
+    torch.testing.assert_close(first_tokens(hidden, packed["cu_seqlens"]), padded[:, 0], atol=ATOL, rtol=0)
+
+    # gradients of the same loss on the real positions, parameter by parameter
+    weights = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(1))
+    (padded[real] * weights).sum().backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    hidden = encode_packed(model, **{k: packed[k] for k in ("input_ids", "token_type_ids", "position_ids",
+                                                          "seq_index", "cu_seqlens", "max_len")})
+    (hidden * weights).sum().backward()
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert set(got) == set(reference) - {n for n in reference if "pooler" in n}
+    for name, grad in got.items():
+        torch.testing.assert_close(grad, reference[name], atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_pack_gives_ids_per_sample():
+    rows = [{"input_ids": np.array([2, 5, 6, 3]), "token_type_ids": np.array([0, 0, 1, 1])},
+            {"input_ids": np.array([2])},
+            {"input_ids": np.array([2, 7, 3])}]
+    p = pack(rows)
+    assert p["input_ids"].tolist() == [2, 5, 6, 3, 2, 2, 7, 3]
+    assert p["position_ids"].tolist() == [0, 1, 2, 3, 0, 0, 1, 2]
+    assert p["token_type_ids"].tolist() == [0, 0, 1, 1, 0, 0, 0, 0]
+    assert p["seq_index"].tolist() == [0, 0, 0, 0, 1, 2, 2, 2]
+    assert p["cu_seqlens"].dtype == torch.int32 and p["cu_seqlens"].tolist() == [0, 4, 5, 8]
+    assert p["max_len"] == 4
+    with pytest.raises(ValueError, match="at least one token"):
+        pack([{"input_ids": np.array([], dtype=np.int64)}])
+
+
+def test_samples_do_not_see_each_other():
+    """Changing one sample's tokens leaves every other sample's hidden states unchanged."""
+    model = _model("bert").eval()
+    ids, mask, types = _ragged([5, 9, 4])
+    args = ("input_ids", "token_type_ids", "position_ids", "seq_index", "cu_seqlens", "max_len")
+    a = pack_padded(ids, mask, types)
+    ids2 = ids.clone()
+    ids2[1, :9] = torch.randint(5, 97, (9,), generator=torch.Generator().manual_seed(3))
+    b = pack_padded(ids2, mask, types)
+    ha = encode_packed(model, **{k: a[k] for k in args})
+    hb = encode_packed(model, **{k: b[k] for k in args})
+    torch.testing.assert_close(ha[:5], hb[:5])
+    torch.testing.assert_close(ha[14:], hb[14:])
+    assert not torch.allclose(ha[5:14], hb[5:14])
+
+
+def test_unsupported_blocks_are_detected():
+    from transformers import MegatronBertConfig, MegatronBertModel
+
+    model = MegatronBertModel(MegatronBertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                 intermediate_size=32, max_position_embeddings=16))
+    assert not supports_packing(model)  # pre-LayerNorm blocks: the padded HF forward runs instead
+
+
+def test_flash_kernel_is_chosen_only_where_it_runs():
+    """Without CUDA (or in fp32) the padded-SDPA kernel runs; shapes and dtypes decide, not the machine."""
+    q = torch.randn(10, 4, 8)
+    assert not flash_usable(q)
+    assert not flash_usable(q.bfloat16())
+    layout = Layout(torch.tensor([0, 4, 10], dtype=torch.int32), 6, torch.tensor([0] * 4 + [1] * 6),
+                    torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 4, 5]))
+    assert layout.n_samples == 2
