@@ -159,16 +159,16 @@ class Console:
                 "lineage": catalog.lineage(m), "can_try": m.kind in ("classifier", "linear")}
 
     def _load(self, m: Model):
-        """The model behind the interface `domainlm predict` uses (serve.runtime.Runtime; transformer or linear)."""
+        """The model behind the interface `domainlm predict` uses (classify.runtime.load; transformer or linear)."""
         from transformers.utils import logging as hf_logging
 
-        from domainlm.classify.command import _load
+        from domainlm.classify.runtime import load
 
         hf_logging.disable_progress_bar()
         path = str(inside(self.home, m.path))
         with self._models_lock:
             if path not in self._models:
-                self._models[path] = _load(path)
+                self._models[path] = load(path)
                 while len(self._models) > 2:
                     self._models.popitem(last=False)
             self._models.move_to_end(path)
@@ -181,10 +181,10 @@ class Console:
         texts = [t.strip() for t in texts if t.strip()][:100]
         if not texts:
             raise DomainLMError("type at least one text")
-        runtime = self._load(m)
+        runtime = self._load(m)  # its own max_seq_len (saved with it), else its job's
         with self.sessions() as s:
             job = s.get(Job, m.job_id) if m.job_id else None
-            max_seq_len = int((job.config if job else {}).get("max_seq_len", 128))
+            max_seq_len = None if "max_seq_len" in runtime.meta else (job.config if job else {}).get("max_seq_len")
         with self._models_lock:  # one forward pass at a time per loaded model
             probs = runtime.predict(texts, None, 16, max_seq_len)
         return [{"text": text, "labels": d["labels"], "scores": d["top_k"]}

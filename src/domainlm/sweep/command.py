@@ -62,7 +62,8 @@ class SweepConfig:
 
     def check(self) -> None:
         """Everything that can be checked without reading files."""
-        from domainlm.classify.config import FinetuneConfig, metric_names
+        from domainlm.classify.config import FinetuneConfig
+        from domainlm.classify.metrics import metric_names
 
         if not self.seeds:
             raise DomainLMError("seeds: needs at least one seed")
@@ -223,11 +224,10 @@ def plan(cfg: SweepConfig) -> list[Cell]:
 def check_data(cfg: SweepConfig) -> dict:
     """Read every data file once (columns, labels, validation share) so that a bad file fails before any cell runs.
     Returns what the report tells about the task."""
-    from domainlm.classify.command import _columns
-    from domainlm.classify.data import check_labels, label_list, read_examples
+    from domainlm.classify.data import Columns, check_labels, label_list, read_examples
 
     ft = cell_config(cfg, "model", "out", cfg.seeds[0])
-    read = lambda path: read_examples(path, _columns(ft), ft.multilabel, skip_bad=ft.skip_bad_rows) if path else None  # noqa: E731
+    read = lambda path: read_examples(path, Columns.of(ft), ft.multilabel, skip_bad=ft.skip_bad_rows) if path else None  # noqa: E731
     try:
         train = read(ft.train)
         labels = label_list(train, ft.labels or None)

@@ -31,8 +31,8 @@ def fit_floor(cfg, root: Path) -> dict:
     """The classical floor on the rows the first seed's cells train on, scored on the cells' evaluation rows.
     Reused while the fine-tuning options (data, columns, task, validation) are unchanged."""
     from domainlm.classify import linear
-    from domainlm.classify.command import _columns, write_outputs
-    from domainlm.classify.data import label_list, read_examples, split_validation
+    from domainlm.classify.data import Columns, label_list, read_examples, split_validation
+    from domainlm.classify.report import write_outputs
     from domainlm.sweep.command import cell_config
 
     ft = cell_config(cfg, "model", "out", cfg.seeds[0])
@@ -41,7 +41,7 @@ def fit_floor(cfg, root: Path) -> dict:
     if (folder / "metrics.json").is_file() and (folder / "options.json").is_file() and \
             json.loads((folder / "options.json").read_text(encoding="utf-8")) == json.loads(json.dumps(key)):
         return json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
-    columns = _columns(ft)
+    columns = Columns.of(ft)
     train = read_examples(ft.train, columns, ft.multilabel, skip_bad=ft.skip_bad_rows)
     labels = label_list(train, ft.labels or None)
     if ft.dev:
