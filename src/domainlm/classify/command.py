@@ -148,7 +148,7 @@ def _run(cfg: FinetuneConfig, accelerator, tokenizer, train: Dataset, dev: Datas
 def finetune(cfg: FinetuneConfig) -> dict:
     from transformers.utils import logging as hf_logging
 
-    from domainlm.data.tokenize import load_fast_tokenizer
+    from domainlm.interop.tokenizer import load_fast_tokenizer
     from domainlm.pretrain.model import load_config
 
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected; domainlm reports what matters

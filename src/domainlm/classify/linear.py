@@ -164,7 +164,10 @@ def evaluate(train: Dataset, dev: Dataset, test: Dataset | None, labels: list[st
     return model, result
 
 
-def save(model: LinearModel, folder: str | Path) -> None:
+def save(model: LinearModel, folder: str | Path, cfg=None) -> None:
+    """cfg (a FinetuneConfig): its inference settings are saved too, but max_seq_len (the floor reads no tokens)."""
+    if cfg is not None:
+        model.settings = {k: v for k, v in cfg.inference_settings().items() if k != "max_seq_len"}
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "version": 1, "labels": model.labels, "multilabel": model.multilabel,
@@ -202,8 +205,7 @@ def run(cfg, train: Dataset, dev: Dataset, test: Dataset | None, labels: list[st
     model, result = evaluate(train, dev, test, labels, cfg.multilabel, cfg.best_metric, cfg.tolerant_k)
     print(f"{model.description}: dev {cfg.best_metric} {result['dev'][cfg.best_metric]:.4f} "
           f"(best of {len(model.selection)} candidates, {result['seconds']} s)")
-    model.settings = {k: v for k, v in cfg.inference_settings().items() if k != "max_seq_len"}  # no tokens
-    save(model, out)
+    save(model, out, cfg)
     result = {"seed": seed, **result}
     write_outputs(out, "dev", dev, model.scores(dev), labels, cfg.multilabel, result["dev"], model.thresholds)
     if test is not None:
@@ -232,8 +234,7 @@ def floor_beside(cfg, splits: list[tuple], labels: list[str], evaluated: str, ou
     for i, (fit_rows, dev, test) in enumerate(splits if folds else splits[:1]):
         model, result = evaluate(fit_rows, dev, test, labels, cfg.multilabel, cfg.best_metric, cfg.tolerant_k)
         folder = out / "floor" / (f"fold-{i + 1}" if folds else "")
-        model.settings = {k: v for k, v in cfg.inference_settings().items() if k != "max_seq_len"}
-        save(model, folder)
+        save(model, folder, cfg)
         write_json(folder / "metrics.json", result)
         results.append(result)
     floor = {"method": results[0]["method"], "train_rows": results[0]["train_rows"], "selected_on": results[0]["selected_on"]}

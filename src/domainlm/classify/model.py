@@ -166,9 +166,9 @@ def load_trained(path: str):
     thresholds."""
     from transformers import AutoModelForSequenceClassification
 
-    from domainlm.data.tokenize import load_fast_tokenizer
     from domainlm.interop.paddle import is_paddle_folder
     from domainlm.interop.resolve import resolve_model_dir
+    from domainlm.interop.tokenizer import load_fast_tokenizer
     from domainlm.pretrain.model import load_config
 
     path = resolve_model_dir(path)

@@ -1,6 +1,6 @@
 """The console application: its state (database, runner, notifier) and the operations behind pages and API.
 
-`create_app(console)` returns the FastAPI app; pages (pages.py) and the JSON API (api.py) call the same methods
+`web.create_app(console)` returns the FastAPI app; pages (pages.py) and the JSON API (api.py) call the same methods
 here, so everything a page does can be scripted.
 """
 
@@ -13,15 +13,12 @@ from collections import OrderedDict
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fastapi import FastAPI
-from fastapi.staticfiles import StaticFiles
-
 from domainlm.console import catalog
 from domainlm.console.db import FINISHED, Dataset, Event, Job, Model, now, open_database
 from domainlm.console.jobs import JobFactory
 from domainlm.console.notify import Notifier, SmtpSettings
 from domainlm.console.runner import LOG_NAME, Runner
-from domainlm.console.security import TokenAuth, csrf_token, inside, load_or_create_secret
+from domainlm.console.security import csrf_token, inside, load_or_create_secret
 from domainlm.console.settings import ConsoleConfig
 from domainlm.errors import DomainLMError
 
@@ -234,28 +231,3 @@ class Console:
 
 def _iso(t: datetime | None) -> str | None:
     return None if t is None else t.replace(tzinfo=timezone.utc).isoformat(timespec="seconds")
-
-
-def create_app(console: Console) -> FastAPI:
-    from contextlib import asynccontextmanager
-
-    from domainlm.console import api, pages
-
-    @asynccontextmanager
-    async def lifespan(_app):
-        console.start()
-        try:
-            yield
-        finally:
-            console.stop()
-
-    # /docs is the console's own page over /openapi.json: the usual Swagger UI would load from a CDN
-    app = FastAPI(title="domainlm console", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  description="Create, watch and compare domainlm training jobs. Every call needs "
-                              "`Authorization: Bearer TOKEN` (the token `domainlm console` printed).")
-    app.state.console = console
-    app.add_middleware(TokenAuth, token=console.token)
-    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
-    app.include_router(api.router)
-    app.include_router(pages.router)
-    return app
