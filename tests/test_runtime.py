@@ -109,3 +109,19 @@ def test_predict_uses_the_thresholds_saved_with_a_multilabel_model(tmp_path, tin
     assert main(["predict", "--model", str(folder), "--input", str(src), "--out", str(tmp_path / "p.jsonl")]) == 0
     assert [r["labels"] for r in rows(tmp_path / "p.jsonl")] == [["a", "c"], ["a", "c"]]
     assert isinstance(TorchRuntime(str(folder)), Runtime)
+
+
+def test_the_gpu_batching_path_packs_batches_and_gives_the_same_probabilities(trained):  # noqa: F811
+    """What a GPU runs, checked on the CPU by what it builds: packed batches (no padded position; the CPU's attention
+    kernel stands in for flash), every batch queued before the first result is read, GPU-sized batch limits."""
+    rt = TorchRuntime(str(trained["ft"]))
+    assert not rt.packed and rt.batch_limits() == (64, 8192)  # a CPU runtime pads, in CPU-sized batches
+    padded = rt.predict(TEXTS, batch_size=3, max_seq_len=32)
+    features = rt.encode(TEXTS[:3], max_seq_len=32)
+    rt.packed = True
+    batch = rt.feed(features)
+    assert batch["input_ids"].ndim == 1 and batch["input_ids"].numel() == sum(len(f["input_ids"]) for f in features)
+    assert batch["cu_seqlens"].dtype == torch.int32 and batch["max_len"] == max(len(f["input_ids"]) for f in features)
+    np.testing.assert_allclose(rt.predict(TEXTS, batch_size=3, max_seq_len=32), padded, atol=1e-5)
+    rt.device = "cuda"  # the limits a GPU runtime uses (nothing runs on the device here)
+    assert rt.batch_limits() == (512, 65536) and rt.batch_limits(100) == (100, 65536)

@@ -46,6 +46,10 @@ DEVICES = ("auto", "cpu", "cuda")
 # padded tokens per inference batch: long texts run in fewer rows per batch than short ones, so that memory stays
 # bounded whatever --batch-size; at this size the encoder's matrix products already run at the CPU's peak
 TOKEN_BUDGET = 8192
+# on a GPU a batch of short texts is too small to fill the chip: up to 512 rows and 64k tokens per batch (a 12 x 768
+# encoder's bf16 activations for 64k tokens take about 1.5 GB in inference)
+GPU_ROWS, GPU_TOKEN_BUDGET = 512, 65536
+CPU_ROWS = 64
 
 
 def is_export_dir(path: str | Path) -> bool:
@@ -114,7 +118,7 @@ class ClassifierRuntime:
     def task(self) -> str:
         return "multilabel" if self.multilabel else "multiclass"
 
-    def predict(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 64,
+    def predict(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 0,
                 max_seq_len: int | None = None, progress: bool = False) -> np.ndarray:
         raise NotImplementedError
 
@@ -156,10 +160,25 @@ class Runtime(ClassifierRuntime):
     def pad(self, features: list[dict]) -> dict[str, np.ndarray]:
         return pad(features, self.pad_id)
 
-    def probs_features(self, features: list[dict], batch_size: int = 64, token_budget: int = TOKEN_BUDGET,
+    def feed(self, features: list[dict]) -> dict:
+        """A model batch of encoded texts: padded (what ONNX and CPU models take) unless a subclass packs."""
+        return self.pad(features)
+
+    def probs_batches(self, feeds: list[dict]) -> list[np.ndarray]:
+        """Probabilities of several model batches (a GPU runtime queues them all before it waits for one)."""
+        return [self.probs_batch(f) for f in feeds]
+
+    def batch_limits(self, batch_size: int = 0) -> tuple[int, int]:
+        """(rows, tokens) per model batch: --batch-size (0: 64 on a CPU, 512 on a GPU) and the token budget."""
+        gpu = getattr(self, "device", "cpu") == "cuda"
+        return batch_size or (GPU_ROWS if gpu else CPU_ROWS), GPU_TOKEN_BUDGET if gpu else TOKEN_BUDGET
+
+    def probs_features(self, features: list[dict], batch_size: int = 0, token_budget: int = 0,
                        progress: bool = False) -> np.ndarray:
         """Probabilities of encoded texts, in their order; batches of at most `batch_size` rows and `token_budget`
         padded tokens are cut from the texts sorted by length."""
+        rows_cap, budget = self.batch_limits(batch_size)
+        batch_size, token_budget = rows_cap, token_budget or budget
         # a text that repeats (common in real files) runs once: its rows share the first one's probabilities
         first: dict[tuple, int] = {}
         same = np.asarray([first.setdefault((tuple(f["input_ids"]), tuple(f.get("token_type_ids", ()))), i)
@@ -171,12 +190,12 @@ class Runtime(ClassifierRuntime):
             from tqdm import tqdm
 
             batches = tqdm(batches, desc="predict", file=sys.stderr)
-        for idx in batches:
-            rows = unique[idx]
-            out[rows] = self.probs_batch(self.pad([features[j] for j in rows]))
+        groups = [unique[idx] for idx in batches]
+        for rows, probs in zip(groups, self.probs_batches([self.feed([features[j] for j in rows]) for rows in groups])):
+            out[rows] = probs
         return out[same]
 
-    def predict(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 64,
+    def predict(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 0,
                 max_seq_len: int | None = None, progress: bool = False) -> np.ndarray:
         if not texts:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
@@ -210,18 +229,48 @@ class TorchRuntime(Runtime):
             self.kind = f"pytorch-{'bf16' if self.autocast == torch.bfloat16 else 'fp16'}"
         self.config = self.model.config
         self.input_names = [k for k in INPUT_NAMES if k in tokenizer.model_input_names]
+        from domainlm.classify.model import packing_ready
+
+        self.packed = device == "cuda" and packing_ready(self.model)
         super().__init__(tokenizer, meta, max_seq_len)
 
-    def probs_batch(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+    def feed(self, features: list[dict]) -> dict:
+        """On a GPU, BERT/ERNIE classifiers take one packed stream of the batch's real tokens (variable-length
+        flash attention, no padded position); elsewhere the padded batch."""
+        if not self.packed:
+            return self.pad(features)
+        from domainlm.encoder.packed import pack
+
+        return pack([{k: np.asarray(v) for k, v in f.items() if k != "attention_mask"} for f in features])
+
+    def logits(self, batch: dict):
+        """Logits on the device, not yet waited for."""
         import torch
 
-        from domainlm.classify.model import classifier_logits
+        from domainlm.classify.model import classifier_logits, packed_logits
 
-        feed = {k: torch.from_numpy(v).to(self.device) for k, v in batch.items() if k in self.input_names}
         cast = (torch.autocast("cuda", dtype=self.autocast) if self.autocast is not None else contextlib.nullcontext())
         with torch.inference_mode(), cast:
-            logits = classifier_logits(self.model, **feed)
-        return self.activation(logits.float().cpu().numpy())
+            if "cu_seqlens" in batch:
+                moved = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                         for k, v in batch.items()}
+                return packed_logits(self.model, moved)
+            feed = {k: torch.from_numpy(v).to(self.device) for k, v in batch.items() if k in self.input_names}
+            return classifier_logits(self.model, **feed)
+
+    def probs_batch(self, batch: dict) -> np.ndarray:
+        return self.activation(self.logits(batch).float().cpu().numpy())
+
+    def probs_batches(self, feeds: list[dict]) -> list[np.ndarray]:
+        """Every batch is queued on the device before the first result is copied back: one wait, not one per batch,
+        so the host prepares the next batch while the GPU runs the last."""
+        import torch
+
+        if self.device == "cpu" or not feeds:
+            return super().probs_batches(feeds)
+        logits = [self.logits(f) for f in feeds]
+        host = torch.cat([x.float() for x in logits]).cpu().numpy()
+        return np.split(self.activation(host), np.cumsum([len(x) for x in logits])[:-1])
 
 
 class OnnxRuntime(Runtime):

@@ -45,7 +45,7 @@ class ServeConfig:
     device: Literal["auto", "cpu", "cuda"] = option("auto", DEVICE_HELP)
     threads: int = option(0, "intra-op threads of the model (0: every core this process may use)", low=0)
     batching: bool = option(True, "gather concurrent requests into one batch (--no-batching: one request at a time)")
-    max_batch: int = option(32, "texts per model batch", low=1)
+    max_batch: int = option(0, "texts per model batch (0: 32 on a CPU, 256 on a GPU)", low=0)
     max_wait_ms: float = option(5.0, "how long the first request of a batch waits for others", low=0, high=1000)
     queue_size: int = option(256, "requests waiting for the model before new ones get 503", low=1)
     max_texts: int = option(64, "texts per request", low=1)

@@ -71,6 +71,8 @@ class Batcher:
 
     def __init__(self, runtime: ClassifierRuntime, cfg: ServeConfig, metrics: Metrics):
         self.runtime, self.cfg, self.metrics = runtime, cfg, metrics
+        # texts per model batch: a GPU needs larger batches than a CPU to be busy (classify.runtime.batch_limits)
+        self.max_batch = cfg.max_batch or (256 if getattr(runtime, "device", "cpu") == "cuda" else 32)
         self.queue: queue.Queue = queue.Queue(maxsize=cfg.queue_size)
         self.thread = threading.Thread(target=self._loop, name="domainlm-batcher", daemon=True)
         self.stopping = False
@@ -96,7 +98,7 @@ class Batcher:
         if not self.cfg.batching:
             return jobs
         deadline = time.perf_counter() + self.cfg.max_wait_ms / 1000
-        while n < self.cfg.max_batch:
+        while n < self.max_batch:
             left = deadline - time.perf_counter()
             try:
                 job = self.queue.get(timeout=left) if left > 0 else self.queue.get_nowait()
@@ -122,7 +124,7 @@ class Batcher:
 
     def _run(self, jobs: list[Job]) -> None:
         rt = self.runtime
-        probs, sizes = _token_probs(rt, jobs, self.cfg.max_batch) if isinstance(rt, Runtime) else _text_probs(rt, jobs)
+        probs, sizes = _token_probs(rt, jobs, self.max_batch) if isinstance(rt, Runtime) else _text_probs(rt, jobs)
         with self.metrics.lock:
             self.metrics.batches += len(sizes)
             self.metrics.batch_sizes.update(sizes)
@@ -141,7 +143,7 @@ def _token_probs(rt: Runtime, jobs: list[Job], max_batch: int) -> tuple[np.ndarr
     probs = np.empty((len(features), len(rt.labels)), dtype=np.float32)
     sizes = []
     for idx in length_groups([len(f["input_ids"]) for f in features], max_batch):
-        probs[idx] = rt.probs_batch(rt.pad([features[j] for j in idx]))
+        probs[idx] = rt.probs_batch(rt.feed([features[j] for j in idx]))
         sizes.append(len(idx))
     return probs, sizes
 
