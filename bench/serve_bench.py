@@ -2,6 +2,7 @@
 then `domainlm serve` under a bounded local load with dynamic batching vs one request at a time.
 
     flock /tmp/bench.lock python bench/serve_bench.py [--work /tmp/serve-bench] [--threads 2]
+    python bench/serve_bench.py --device cuda --skip kernels,offline,accuracy --serve 12x768:pytorch --clients 32
 
 0. Kernels: ONNX Runtime's fp32 MatMul against the int8 one of dynamic quantization, on one feed-forward layer:
    the most --quantize int8 can speed up on this CPU.
@@ -58,7 +59,8 @@ def random_classifier(out: Path, tokenizer_dir: Path, layers: int, width: int) -
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     config = BertConfig(vocab_size=len(tok), hidden_size=width, num_hidden_layers=layers, num_attention_heads=width // 64,
-                        intermediate_size=4 * width, max_position_embeddings=512, num_labels=2)
+                        intermediate_size=4 * width, max_position_embeddings=512, num_labels=2,
+                        id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1})
     save_classifier(BertForSequenceClassification(config).eval(), tok, out, ["neg", "pos"], False)
     return out
 
@@ -194,14 +196,14 @@ async def load(url: str, texts: list[str], clients: int, per_client: int) -> dic
 
 
 def server_run(model: Path, precision: str, texts: list[str], batching: bool, threads: int, clients: int,
-               per_client: int) -> dict:
+               per_client: int, device: str = "cpu") -> dict:
     """`domainlm serve` in a subprocess, warmed up, then `clients` x `per_client` one-text requests."""
     import httpx
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "domainlm.cli", "serve", str(model), "--port", str(port), "--threads", str(threads),
-           "--queue-size", str(4 * clients), "--batching" if batching else "--no-batching"]
+           "--queue-size", str(4 * clients), "--batching" if batching else "--no-batching", "--device", device]
     cmd += ["--precision", precision] if precision != "pytorch" else []
     proc = subprocess.Popen(cmd, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -238,6 +240,8 @@ def main() -> None:
     ap.add_argument("--trained", help="a finetune output to measure int8 accuracy on (default: train one here)")
     ap.add_argument("--train-shape", default="2x128", help="LAYERSxWIDTH of the classifier trained here (random start)")
     ap.add_argument("--requests", type=int, default=320, help="server requests per mode (16 clients)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the served model runs")
+    ap.add_argument("--clients", type=int, default=16, help="concurrent keep-alive clients of the server runs")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: kernels,offline,accuracy,server")
     args = ap.parse_args()
     skip = set(args.skip.split(","))
@@ -281,7 +285,7 @@ def main() -> None:
         log(json.dumps({"accuracy": report["accuracy"]}))
 
     if "server" not in skip:
-        per_client = max(1, args.requests // 16)
+        per_client = max(1, args.requests // args.clients)
         report["server"] = {}
         for served in args.serve.split(","):
             shape, backend = served.split(":")
@@ -293,7 +297,8 @@ def main() -> None:
             runs = {}
             for batching in (False, True):  # the same server; --no-batching answers one request at a time
                 key = "dynamic_batching" if batching else "one_at_a_time"
-                runs[key] = server_run(model, backend.removeprefix("onnx-"), texts, batching, args.threads, 16, per_client)
+                runs[key] = server_run(model, backend.removeprefix("onnx-"), texts, batching, args.threads, args.clients,
+                                       per_client, args.device)
                 log(json.dumps({served: {key: runs[key]}}))
             runs["throughput_x"] = round(runs["dynamic_batching"]["requests_per_s"] / runs["one_at_a_time"]["requests_per_s"], 2)
             runs["p99_ratio"] = round(runs["dynamic_batching"]["p99_ms"] / runs["one_at_a_time"]["p99_ms"], 2)
