@@ -7,6 +7,9 @@ whole command's wall time. The baseline is fp32, the precision a user gets with 
 
     python bench/precision_bench.py --corpus runs/demo/corpus-news        # ~3 minutes on one H100
     python bench/precision_bench.py --corpus STORE --settings "bf16,bf16 padded" --seq 256 --micro-batch-size 128
+    # the CPU (fp32 only): the demo's domain step, short reviews, MLM only, packed vs padded
+    python bench/precision_bench.py --corpus REVIEWS_STORE --settings "fp32,fp32 padded" --layers 2 --hidden 128 \
+        --dropout 0 --micro-batch-size 32 --steps 40 --extra=--no-binary-head
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import time
 from pathlib import Path
 
 SETTINGS = {"fp32": ["--precision", "no"], "bf16": ["--precision", "bf16"],
-            "bf16 + compile": ["--precision", "bf16", "--compile"], "bf16 padded": ["--precision", "bf16", "--no-unpad"]}
+            "bf16 + compile": ["--precision", "bf16", "--compile"], "bf16 padded": ["--precision", "bf16", "--no-unpad"],
+            "fp32 padded": ["--precision", "no", "--no-unpad"]}
 
 
 def main() -> None:
@@ -38,17 +42,21 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--num-workers", type=int, default=None)
     parser.add_argument("--settings", default="fp32,bf16,bf16 + compile", help=f"comma list of: {', '.join(SETTINGS)}")
+    parser.add_argument("--dropout", type=float, default=0.1, help="hidden and attention dropout (the demo uses 0)")
+    parser.add_argument("--extra", default="", help="more `pretrain` flags for every setting, space-separated")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("this benchmark needs a GPU (bf16 and compile figures); none is visible")
+    gpu_only = [s for s in args.settings.split(",") if not s.startswith("fp32")]
+    if gpu_only and not torch.cuda.is_available():
+        sys.exit(f"{', '.join(gpu_only)}: these settings need a GPU; none is visible (fp32 settings run on a CPU)")
     work = Path(tempfile.mkdtemp(prefix="domainlm-precision-"))
     BertConfig(vocab_size=21128, hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-               intermediate_size=4 * args.hidden, max_position_embeddings=512).save_pretrained(work / "config")
+               intermediate_size=4 * args.hidden, max_position_embeddings=512, hidden_dropout_prob=args.dropout,
+               attention_probs_dropout_prob=args.dropout).save_pretrained(work / "config")
     log_every = max(1, args.steps // 4)
     rates = {}
     workers = [] if args.num_workers is None else ["--num-workers", str(args.num_workers)]
     for name in args.settings.split(","):
-        flags = SETTINGS[name] + workers
+        flags = SETTINGS[name] + workers + args.extra.split()
         out = work / name.replace(" ", "")
         started = time.perf_counter()
         with open(work / f"{out.name}.log", "w") as log:
@@ -66,7 +74,8 @@ def main() -> None:
         windows = [r["tokens_per_s"] for r in logs if r.get("split") == "train" and "tokens_per_s" in r][1:]
         rates[name] = statistics.median(windows)
         print(f"{name:16} {rates[name]:>10,.0f} tokens/s (median of {len(windows)} windows)   whole command {wall:.0f} s")
-    print(f"{torch.cuda.get_device_name()}, {args.layers}x{args.hidden}, micro batch {args.micro_batch_size} x {args.seq} tokens")
+    where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    print(f"{where}, {args.layers}x{args.hidden}, micro batch {args.micro_batch_size} x {args.seq} tokens")
     first = next(iter(rates), None)
     for name, rate in rates.items():
         if name != first:
