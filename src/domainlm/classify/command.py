@@ -32,7 +32,7 @@ from domainlm.classify.data import (
     split_validation,
     targets,
 )
-from domainlm.classify.model import Classifier, load_classifier, save_classifier
+from domainlm.classify.model import Classifier, enable_checkpointing, load_classifier, save_classifier
 from domainlm.errors import DomainLMError
 from domainlm.serve.runtime import Runtime, best_k, choose, thresholds_of
 from domainlm.train.checkpoint import TrainState
@@ -46,12 +46,21 @@ def _columns(cfg) -> Columns:
 
 
 def score(probs: np.ndarray, data: Dataset, labels: list[str], multilabel: bool, tolerant_k: int,
-          thresholds: np.ndarray | None = None) -> dict:
+          thresholds: np.ndarray | None = None, ordinal: bool = False) -> dict:
     gold = targets(data, labels, multilabel)
     groups = [ex.group or "" for ex in data.examples] if any(ex.group for ex in data.examples) else None
     if multilabel:
         return M.multilabel_metrics(probs, gold, labels, thresholds_of(len(labels), thresholds), groups)
-    return M.multiclass_metrics(probs, gold, labels, tolerant_k, groups)
+    return M.multiclass_metrics(probs, gold, labels, tolerant_k, groups, ordinal)
+
+
+def ordered_labels(labels: list[str]) -> list[str]:
+    """An ordinal scale's order when none is given: numeric labels by value (sorted text would put 10 before 2)."""
+    try:
+        return sorted(labels, key=float)
+    except ValueError:
+        raise DomainLMError(f"--ordinal: the labels ({', '.join(labels)}) are not numbers; give their order with "
+                            "--labels") from None
 
 
 def write_outputs(out: Path, name: str, data: Dataset, probs: np.ndarray, labels: list[str], multilabel: bool,
@@ -108,6 +117,8 @@ def _run(cfg: FinetuneConfig, accelerator, tokenizer, train: Dataset, dev: Datas
     with accelerator.main_process_first():  # a PaddleNLP folder is converted into --out once, by rank 0
         hf = load_classifier(cfg.model, labels, cfg.multilabel, cfg.method, cfg.lora_rank, cfg.lora_alpha, log=log,
                              work_dir=Path(cfg.out))
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(hf)
     model = Classifier(hf, cfg.multilabel)
     world, rank = accelerator.num_processes, accelerator.process_index
     global_batch = cfg.global_batch_size or cfg.batch_size * world
@@ -119,7 +130,8 @@ def _run(cfg: FinetuneConfig, accelerator, tokenizer, train: Dataset, dev: Datas
     if steps_per_epoch == 0:
         raise DomainLMError(f"{len(train)} training rows cannot fill {world * accumulation} micro batches of one step")
     max_steps = cfg.epochs * steps_per_epoch
-    optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay)
+    optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
+                                cfg.adam_epsilon, cfg.layer_lr_decay)
     scheduler = build_scheduler(optimizer, max_steps, cfg.warmup_ratio, cfg.learning_rate,
                                 cfg.learning_rate * cfg.min_lr_ratio, cfg.lr_decay)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -148,7 +160,7 @@ def _run(cfg: FinetuneConfig, accelerator, tokenizer, train: Dataset, dev: Datas
 
     def on_eval(step: int) -> bool:
         probs = scores(dev_features, dev_y)
-        m = score(probs, dev, labels, cfg.multilabel, cfg.tolerant_k)
+        m = score(probs, dev, labels, cfg.multilabel, cfg.tolerant_k, ordinal=cfg.ordinal)
         if cfg.best_metric not in m:
             raise DomainLMError(f"--metric {cfg.best_metric!r} is not computed; choose one of {', '.join(M.scalars(m))}")
         logger.log(step, "valid", M.scalars(m))
@@ -164,7 +176,8 @@ def _run(cfg: FinetuneConfig, accelerator, tokenizer, train: Dataset, dev: Datas
             save_classifier(unwrapped().hf, tokenizer, out / f"step-{step:06d}", labels, cfg.multilabel)
 
     options = LoopOptions(max_steps=max_steps, accumulation=accumulation, global_batch_size=global_batch,
-                          logging_freq=cfg.logging_freq, eval_freq=cfg.eval_steps or steps_per_epoch, save_steps=cfg.save_steps)
+                          max_grad_norm=cfg.max_grad_norm, logging_freq=cfg.logging_freq,
+                          eval_freq=cfg.eval_steps or steps_per_epoch, save_steps=cfg.save_steps)
     try:
         state = train_loop(model=model, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator, batches=batches,
                            state=TrainState(), options=options, logger=logger, on_eval=on_eval, on_snapshot=on_snapshot)
@@ -178,11 +191,11 @@ def _run(cfg: FinetuneConfig, accelerator, tokenizer, train: Dataset, dev: Datas
     probs = best["probs"]
     thresholds = M.tune_thresholds(probs, targets(dev, labels, True)) if cfg.multilabel else None
     result = {"seed": seed, "best_step": best["step"], "steps": state.step, "train_rows": len(train),
-              "dev": score(probs, dev, labels, cfg.multilabel, cfg.tolerant_k, thresholds)}
+              "dev": score(probs, dev, labels, cfg.multilabel, cfg.tolerant_k, thresholds, cfg.ordinal)}
     sections = {"dev": result["dev"]}
     if test is not None:
         test_probs = scores(encode(tokenizer, test, cfg.max_seq_len), targets(test, labels, cfg.multilabel))
-        result["test"] = sections["test"] = score(test_probs, test, labels, cfg.multilabel, cfg.tolerant_k, thresholds)
+        result["test"] = sections["test"] = score(test_probs, test, labels, cfg.multilabel, cfg.tolerant_k, thresholds, cfg.ordinal)
     if main:
         write_outputs(out, "dev", dev, probs, labels, cfg.multilabel, result["dev"], thresholds)
         if test is not None:
@@ -209,6 +222,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     columns = _columns(cfg)
     train = read_examples(cfg.train, columns, cfg.multilabel, skip_bad=cfg.skip_bad_rows)
     labels = label_list(train, cfg.labels or None)
+    if cfg.ordinal and not cfg.labels:
+        labels = ordered_labels(labels)
     if len(labels) < 2 and not cfg.multilabel:
         raise DomainLMError(f"{cfg.train}: only one label ({labels}); a classifier needs at least two")
     dev_given = read_examples(cfg.dev, columns, cfg.multilabel, skip_bad=cfg.skip_bad_rows) if cfg.dev else None
@@ -301,7 +316,7 @@ def evaluate_command(cfg: EvaluateConfig) -> dict:
         raise DomainLMError(f"{cfg.data}: labels {unknown} are not among the model's labels ({', '.join(labels)})")
     probs = runtime.predict(*data.columns(), cfg.batch_size, cfg.max_seq_len, progress=True)
     thresholds = runtime.thresholds if multilabel else None
-    metrics = score(probs, data, labels, multilabel, cfg.tolerant_k, thresholds)
+    metrics = score(probs, data, labels, multilabel, cfg.tolerant_k, thresholds, cfg.ordinal)
     outputs.clear_known(out, outputs.EVALUATE_OUTPUTS)
     out.mkdir(parents=True, exist_ok=True)
     write_outputs(out, "eval", data, probs, labels, multilabel, metrics, thresholds)

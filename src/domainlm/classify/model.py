@@ -110,6 +110,18 @@ class Classifier(nn.Module):
         return loss, metrics
 
 
+def enable_checkpointing(hf: nn.Module) -> None:
+    """Recompute each layer's activations in the backward pass (non-reentrant: works with frozen inputs, as under
+    LoRA, and replays dropout exactly). transformers 5 renamed the switch; both names are taken."""
+    if not getattr(hf, "supports_gradient_checkpointing", False):
+        raise DomainLMError(f"--gradient-checkpointing: {type(hf).__name__} does not support it")
+    enable = getattr(hf, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def load_classifier(name_or_path: str, labels: list[str], multilabel: bool, method: str, lora_rank: int, lora_alpha: int, log=print,
                     work_dir: str | Path | None = None):
     """work_dir: where a PaddleNLP folder is converted (the run's --out)."""
