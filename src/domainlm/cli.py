@@ -98,8 +98,13 @@ def _export(args: argparse.Namespace) -> None:
     from domainlm.serve.export import export
 
     info = export(cfglib.from_args(ExportConfig, _model_argument(args)))
-    info["verification"].pop("shapes")  # listed on stderr already
-    print(json.dumps({k: info[k] for k in ("files", "size_mb", "verification", "data_metrics") if k in info}, indent=1))
+
+    def brief(one: dict) -> dict:
+        one["verification"].pop("shapes")  # listed on stderr already
+        return {k: one[k] for k in ("files", "size_mb", "verification", "data_metrics") if k in one}
+
+    # a fold ensemble: one export per member
+    print(json.dumps({m: brief(i) for m, i in info["members"].items()} if "members" in info else brief(info), indent=1))
 
 
 def _serve(args: argparse.Namespace) -> None:

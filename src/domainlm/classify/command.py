@@ -16,7 +16,7 @@ import torch
 
 from domainlm import checks, outputs
 from domainlm import config as cfglib
-from domainlm.classify import batching, linear
+from domainlm.classify import batching, ensemble, linear
 from domainlm.classify import metrics as M
 from domainlm.classify.batching import encode, eval_batches
 from domainlm.classify.config import EvaluateConfig, FinetuneConfig, PredictConfig
@@ -25,6 +25,7 @@ from domainlm.classify.data import (
     Dataset,
     check_labels,
     check_predict_paths,
+    fold_indices,
     kfold,
     label_list,
     read_examples,
@@ -252,6 +253,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     runs, splits = [], []
     if cfg.folds:
         seed = cfg.seeds[0]
+        held_out_rows = fold_indices(train, cfg.folds, seed)
         for k, (fold_train, held_out) in enumerate(kfold(train, cfg.folds, seed), 1):
             runs.append(run(*split(fold_train, seed), held_out, seed, out / f"fold-{k}"))
         evaluated = "test"  # each fold's held-out part
@@ -264,6 +266,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     summary = {"runs": len(runs), "evaluated_on": evaluated, "labels": labels, "skipped_rows": dict(train.skipped)}
     if cfg.floor and not linear_only and accelerator.is_main_process:
         summary["floor"] = linear.floor_beside(cfg, splits, labels, evaluated, out, single=len(runs) == 1)
+    if cfg.folds and accelerator.is_main_process:
+        summary.update(ensemble.cross_validation_outputs(cfg, train, held_out_rows, test, labels, out, _load, score))
     if len(runs) > 1:
         summary["mean_std"] = M.aggregate([r[evaluated] for r in runs])
         summary["per_run"] = [{"seed": r["seed"], **M.scalars(r[evaluated])} for r in runs]
@@ -274,6 +278,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
             lines += [f"| {k} | {v['mean']:.4f} | {v['std']:.4f} |" for k, v in summary["mean_std"].items()]
             if "floor" in summary:
                 lines += ["", linear.floor_line(summary["floor"], evaluated, cfg.best_metric)]
+            if "oof" in summary:
+                lines += ensemble.summary_lines(summary, cfg.best_metric)
             (out / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     else:
         summary.update(runs[0])
@@ -284,9 +290,11 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
 def _load(folder: str) -> Runtime:
     """Any model `predict` and `evaluate` take, behind one interface (serve.runtime): a `--method linear` model, an
-    ONNX export (`domainlm export`, run by ONNX Runtime), or a PyTorch classifier."""
+    ONNX export (`domainlm export`, run by ONNX Runtime), a fold ensemble of any of them, or a PyTorch classifier."""
     from domainlm.serve.runtime import OnnxRuntime, TorchRuntime, is_export_dir
 
+    if ensemble.is_ensemble(folder):
+        return ensemble.EnsembleRuntime(folder, _load)
     if linear.is_linear(folder):
         return linear.LinearRuntime(linear.load(folder))
     if is_export_dir(folder):

@@ -207,9 +207,14 @@ class OnnxRuntime(Runtime):
 
 
 def load_runtime(path: str, precision: str = "auto", threads: int = 0, max_seq_len: int = 0) -> Runtime:
-    """An export folder runs on ONNX Runtime; anything else is loaded as a PyTorch classifier."""
+    """An export folder runs on ONNX Runtime, a fold ensemble as the mean of its members; anything else is loaded
+    as a PyTorch classifier."""
     if not Path(path).exists():
         raise DomainLMError(f"model folder {path} does not exist")
+    from domainlm.classify.ensemble import EnsembleRuntime, is_ensemble
+
+    if is_ensemble(path):  # a fold ensemble: its members, each loaded as below, averaged
+        return EnsembleRuntime(path, lambda member: load_runtime(member, precision, threads, max_seq_len))
     if is_export_dir(path):
         return OnnxRuntime(path, precision, threads, max_seq_len or None)
     if precision == "int8":
