@@ -16,7 +16,7 @@ import torch
 
 from domainlm import checks, outputs
 from domainlm import config as cfglib
-from domainlm.classify import batching, ensemble, linear
+from domainlm.classify import batching, blend, ensemble, linear
 from domainlm.classify import metrics as M
 from domainlm.classify.batching import encode, eval_batches
 from domainlm.classify.config import EvaluateConfig, FinetuneConfig, PredictConfig
@@ -268,6 +268,17 @@ def finetune(cfg: FinetuneConfig) -> dict:
         summary["floor"] = linear.floor_beside(cfg, splits, labels, evaluated, out, single=len(runs) == 1)
     if cfg.folds and accelerator.is_main_process:
         summary.update(ensemble.cross_validation_outputs(cfg, train, held_out_rows, test, labels, out, _load, score))
+    if cfg.blend and accelerator.is_main_process:
+        summary["blend"] = blend.finetune_blend(cfg, out, _load, score, labels, splits, train,
+                                                held_out_rows if cfg.folds else None, test)
+        blended = blend.line(summary["blend"], cfg.best_metric)
+        print(blended)
+        if not cfg.folds:  # one run: beside the floor in its metrics and report
+            metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+            metrics["blend"] = summary["blend"]
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
+            with open(out / "report.md", "a", encoding="utf-8") as f:
+                f.write("\n" + blended + "\n")
     if len(runs) > 1:
         summary["mean_std"] = M.aggregate([r[evaluated] for r in runs])
         summary["per_run"] = [{"seed": r["seed"], **M.scalars(r[evaluated])} for r in runs]
@@ -280,6 +291,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
                 lines += ["", linear.floor_line(summary["floor"], evaluated, cfg.best_metric)]
             if "oof" in summary:
                 lines += ensemble.summary_lines(summary, cfg.best_metric)
+            if "blend" in summary:
+                lines += ["", blend.line(summary["blend"], cfg.best_metric)]
             (out / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     else:
         summary.update(runs[0])

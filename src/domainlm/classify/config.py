@@ -50,6 +50,8 @@ class FinetuneConfig:
     method: Literal["full", "lora", "linear"] = option(
         "full", "train all weights, LoRA adapters (peft), or only the classical floor (char n-gram TF-IDF + linear model)")
     floor: bool = option(True, "also fit the classical floor on the same rows and report it beside the model")
+    blend: bool = option(False, "also report w x model + (1-w) x floor probabilities, w chosen on the dev rows (or the "
+                                "out-of-fold rows with --folds), never on test")
     lora_rank: int = option(16, "LoRA rank: 8, 16, 32 or 64")
     lora_alpha: int = option(32, "LoRA alpha (scaling = alpha / rank)", low=1)
     text_column: str = option("text", "column with the text")
@@ -107,6 +109,10 @@ class FinetuneConfig:
             raise DomainLMError("--seeds needs at least one seed")
         if len(set(self.seeds)) != len(self.seeds):
             raise DomainLMError(f"--seeds {self.seeds} repeats a seed")
+        if self.blend and (not self.floor or self.method == "linear"):
+            raise DomainLMError("--blend mixes the transformer with the floor: it needs --floor and --method full or lora")
+        if self.blend and not self.folds and len(self.seeds) > 1:
+            raise DomainLMError("--blend takes one seed (or --folds): each seed would choose its own weight")
         if not self.model and self.method != "linear":
             raise DomainLMError("missing required option(s): --model (only --method linear needs none)")
         if self.ordinal and self.multilabel:
