@@ -104,10 +104,11 @@ def report_markdown(title: str, sections: dict[str, dict], labels: list[str]) ->
 
 
 def _run(cfg: FinetuneConfig, accelerator, tokenizer, train: Dataset, dev: Dataset, test: Dataset | None,
-         labels: list[str], seed: int, out: Path) -> dict:
+         labels: list[str], seed: int, out: Path, make_model=Classifier, train_targets: np.ndarray | None = None) -> dict:
     """One fine-tuning run: train with early stopping on dev, restore the best weights, evaluate, save.
     Every process trains on its share of each global batch and evaluates its shard of dev and test; the
-    main process alone writes."""
+    main process alone writes. `make_model(hf, multilabel)` and `train_targets` (one row per training row) let
+    another objective (distillation) train by the same recipe."""
     from accelerate.utils import set_seed
 
     set_seed(seed)
@@ -120,7 +121,7 @@ def _run(cfg: FinetuneConfig, accelerator, tokenizer, train: Dataset, dev: Datas
                              work_dir=Path(cfg.out))
     if cfg.gradient_checkpointing:
         enable_checkpointing(hf)
-    model = Classifier(hf, cfg.multilabel)
+    model = make_model(hf, cfg.multilabel)
     world, rank = accelerator.num_processes, accelerator.process_index
     global_batch = cfg.global_batch_size or cfg.batch_size * world
     if global_batch % (cfg.batch_size * world):
@@ -138,7 +139,8 @@ def _run(cfg: FinetuneConfig, accelerator, tokenizer, train: Dataset, dev: Datas
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     unwrapped = lambda: accelerator.unwrap_model(model)  # noqa: E731
     pad = tokenizer.pad_token_id or 0
-    batches = batching.train_batches(encode(tokenizer, train, cfg.max_seq_len), targets(train, labels, cfg.multilabel),
+    y = targets(train, labels, cfg.multilabel) if train_targets is None else train_targets
+    batches = batching.train_batches(encode(tokenizer, train, cfg.max_seq_len), y,
                                      global_batch, pad, seed, rank, world, accumulation)
     dev_features, dev_y = encode(tokenizer, dev, cfg.max_seq_len), targets(dev, labels, cfg.multilabel)
 

@@ -1,0 +1,68 @@
+"""The student's objective: hard-label cross-entropy mixed by alpha with the teacher's temperature-scaled soft
+targets (KL for one label per row, per-label sigmoid targets for several), scaled by T^2 so that the soft term's
+gradients keep their size whatever the temperature (Hinton et al.)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from domainlm.classify.model import Classifier
+
+
+def soften(probs: np.ndarray, temperature: float, multilabel: bool) -> np.ndarray:
+    """The teacher's probabilities at temperature T: softmax(log p / T) (= softmax(logits / T)), or per label
+    sigmoid(logit(p) / T)."""
+    p = np.clip(np.asarray(probs, dtype=np.float64), 1e-12, 1 - 1e-12 if multilabel else 1.0)
+    if multilabel:
+        return (1 / (1 + np.exp(-np.log(p / (1 - p)) / temperature))).astype(np.float32)
+    z = np.log(p) / temperature
+    z = np.exp(z - z.max(axis=-1, keepdims=True))
+    return (z / z.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def pack(hard: np.ndarray | None, soft: np.ndarray, multilabel: bool) -> np.ndarray:
+    """One float target row per training row: [hard label (-1: none) | soft targets] for one label per row,
+    [hard labels (NaN: none) | soft targets] for several; unlabelled rows (beyond len(hard)) have no hard part."""
+    n, labels = soft.shape
+    width = labels if multilabel else 1
+    packed = np.full((n, width + labels), np.nan if multilabel else -1.0, dtype=np.float32)
+    if hard is not None and len(hard):
+        packed[: len(hard), :width] = np.asarray(hard, dtype=np.float32).reshape(len(hard), width)
+    packed[:, width:] = soft
+    return packed
+
+
+class DistillClassifier(Classifier):
+    """A Classifier that, on packed targets (training), mixes the two losses; on plain targets (evaluation) it is the
+    Classifier. With alpha = 1 the loss is the Classifier's cross-entropy, computed the same way."""
+
+    def __init__(self, hf_model, multilabel: bool, n_labels: int, temperature: float, alpha: float):
+        super().__init__(hf_model, multilabel)
+        self.n_labels, self.temperature, self.alpha = n_labels, temperature, alpha
+
+    def forward(self, input_ids, attention_mask, labels, token_type_ids=None):
+        width = self.n_labels if self.multilabel else 1
+        if labels.ndim != 2 or labels.shape[-1] != width + self.n_labels:
+            return super().forward(input_ids, attention_mask, labels, token_type_ids)
+        logits = self.logits(input_ids, attention_mask, token_type_ids).float()
+        hard, soft = labels[:, :width], labels[:, width:].float()
+        t = self.temperature
+        if self.multilabel:
+            has = ~torch.isnan(hard[:, 0])
+            ce = F.binary_cross_entropy_with_logits(logits[has], hard[has].float()) if has.any() else logits.sum() * 0
+            scaled = logits / t
+            # per-label KL of Bernoulli(soft) to Bernoulli(sigmoid(scaled)): cross-entropy less the soft targets' entropy
+            entropy = -(soft * torch.log(soft.clamp_min(1e-12)) + (1 - soft) * torch.log((1 - soft).clamp_min(1e-12)))
+            kl = (F.binary_cross_entropy_with_logits(scaled, soft, reduction="none") - entropy).mean()
+            acc = ((logits > 0) == (soft > 0.5)).all(dim=-1).float().mean()
+        else:
+            hard = hard[:, 0]
+            has = hard >= 0
+            ce = F.cross_entropy(logits[has], hard[has].long()) if has.any() else logits.sum() * 0
+            log_q = F.log_softmax(logits / t, dim=-1)
+            kl = (soft * (torch.log(soft.clamp_min(1e-12)) - log_q)).sum(-1).mean()
+            acc = (logits[has].argmax(-1) == hard[has].long()).float().mean() if has.any() else ce.detach() * 0
+        loss = ce if self.alpha == 1 else self.alpha * ce + (1 - self.alpha) * kl * t * t
+        return loss, {"loss": loss.detach(), "acc": acc, "kl": kl.detach(), "ce": ce.detach()}

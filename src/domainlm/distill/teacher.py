@@ -1,0 +1,129 @@
+"""The teacher's side: its label map (read without loading it), the unlabelled texts, and its outputs computed once,
+batched, and cached in --out keyed by a hash of the teacher's files and the texts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from domainlm.errors import DomainLMError
+
+CACHE = "teacher_cache"
+
+
+def model_labels(path: str) -> tuple[list[str], bool]:
+    """The labels and task of any classifier folder, from its label file (a fold ensemble, an export, a finetune
+    output or its model/, a linear floor); the model itself is not loaded."""
+    from domainlm.serve.runtime import LABELS_FILE, classifier_dir
+
+    folder = Path(path)
+    if not folder.exists():
+        raise DomainLMError(f"--teacher {path} does not exist")
+    for candidate in (folder / "ensemble.json", folder / LABELS_FILE, Path(classifier_dir(folder)) / LABELS_FILE,
+                      folder / "linear.json"):
+        if candidate.is_file():
+            meta = json.loads(candidate.read_text(encoding="utf-8"))
+            if "labels" in meta:
+                return list(meta["labels"]), bool(meta.get("multilabel"))
+    raise DomainLMError(f"--teacher {path} is not a classifier folder (no label map found); give a `domainlm finetune` output")
+
+
+def _fingerprint(path: str) -> list:
+    """Every file of the teacher (sizes and modification times): a retrained or replaced teacher is a new key."""
+    root = Path(path).resolve()
+    return [str(root)] + [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
+                          for p in sorted(root.rglob("*")) if p.is_file() and CACHE not in p.parts]
+
+
+def cache_key(teacher: str, parts: dict[str, tuple[list[str], list[str] | None]], max_seq_len: int) -> str:
+    h = hashlib.sha256(json.dumps(_fingerprint(teacher)).encode())
+    h.update(str(max_seq_len).encode())
+    for name, (texts, pairs) in parts.items():
+        h.update(json.dumps([name, texts, pairs], ensure_ascii=False).encode())
+    return h.hexdigest()[:20]
+
+
+def teacher_outputs(teacher: str, parts: dict[str, tuple[list[str], list[str] | None]], out: Path, max_seq_len: int,
+                    batch_size: int, load, speed_part: str) -> tuple[dict[str, np.ndarray], dict]:
+    """The teacher's probabilities for each named set of texts, from the cache when its key matches (the teacher is
+    then not loaded), else computed in one batched pass each and cached. Also its speed on `speed_part`."""
+    key = cache_key(teacher, parts, max_seq_len)
+    folder = out / CACHE
+    arrays, meta_file = folder / f"{key}.npz", folder / f"{key}.json"
+    if arrays.is_file() and meta_file.is_file():
+        print(f"teacher outputs: reused {arrays}", file=sys.stderr)
+        with np.load(arrays) as z:
+            return {k: z[k] for k in z.files}, json.loads(meta_file.read_text(encoding="utf-8"))
+    runtime = load(teacher)
+    probs, meta = {}, {"teacher": str(Path(teacher).resolve()), "kind": runtime.kind, "max_seq_len": max_seq_len,
+                       "rows": {k: len(v[0]) for k, v in parts.items()}}
+    for name, (texts, pairs) in parts.items():
+        started = time.perf_counter()
+        probs[name] = runtime.predict(texts, pairs, batch_size, max_seq_len) if texts else np.zeros((0, len(runtime.labels)), np.float32)
+        if name == speed_part and texts:
+            meta["texts_per_s"] = len(texts) / max(time.perf_counter() - started, 1e-9)
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = folder / f".{key}.partial.npz"
+    np.savez(partial, **probs)
+    partial.replace(arrays)  # complete or absent: a run killed here leaves no half cache
+    meta_file.write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    print(f"teacher outputs: computed and cached in {arrays}", file=sys.stderr)
+    return probs, meta
+
+
+def unlabeled_texts(cfg) -> list[str]:
+    """--unlabeled (a .txt file, one text per line, or a data file's --text-column) or --corpus (its documents)."""
+    if cfg.unlabeled:
+        path = Path(cfg.unlabeled)
+        if not path.is_file():
+            raise DomainLMError(f"--unlabeled {path} does not exist")
+        if path.suffix.lower() == ".txt":
+            texts = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+        else:
+            from domainlm.classify.data import Columns, read_examples
+
+            data = read_examples(str(path), Columns(cfg.text_column), False, require_labels=False, skip_bad=True, skip_flag=None)
+            texts = [ex.text for ex in data.examples]
+        if not texts:
+            raise DomainLMError(f"--unlabeled {path} holds no text")
+    elif cfg.corpus:
+        texts = corpus_texts(cfg.corpus, cfg.max_unlabeled)
+    else:
+        return []
+    return texts[: cfg.max_unlabeled] if cfg.max_unlabeled else texts
+
+
+_ASCII_EDGE = re.compile(r"[A-Za-z0-9]")
+
+
+def corpus_texts(path: str, limit: int = 0) -> list[str]:
+    """A corpus store's documents as text, decoded with the store's tokenizer (words joined without spaces, except
+    between two Latin-script words)."""
+    from domainlm.data.prepare import decode_with_words
+    from domainlm.data.store import Corpus
+    from domainlm.data.tokenize import load_fast_tokenizer
+
+    corpus = Corpus(path)
+    local = Path(path) / "tokenizer"
+    tokenizer = load_fast_tokenizer(str(local) if local.is_dir() else corpus.meta["tokenizer"], flag="--corpus")
+    texts = []
+    for doc in range(corpus.n_documents):
+        sentences = corpus.document_sentences(doc)
+        ids, starts = corpus.span(sentences.start, sentences.stop)
+        words = decode_with_words(tokenizer, ids, starts, sep="\x00").split("\x00")
+        text = ""
+        for w in words:
+            text += " " + w if text and _ASCII_EDGE.match(text[-1]) and _ASCII_EDGE.match(w[:1]) else w
+        if text.strip():
+            texts.append(text.strip())
+        if limit and len(texts) >= limit:
+            break
+    if not texts:
+        raise DomainLMError(f"--corpus {path} holds no documents")
+    return texts
