@@ -77,7 +77,7 @@ def export_folder(model: Path, out: Path, data: Path | None = None) -> dict:
 def offline(name: str, model: Path, export_dir: Path, texts: list[str], threads: int, rounds: int) -> dict:
     """Texts/s in sorted batches of 32 and one text at a time (the same texts), per backend. Their ratio is the
     most that gathering requests into batches can give a server of this model, whatever the server does."""
-    from domainlm.serve.runtime import OnnxRuntime, TorchRuntime
+    from domainlm.classify.runtime import OnnxRuntime, TorchRuntime
 
     backends = {"pytorch-fp32": TorchRuntime(str(model), threads),
                 "onnx-fp32": OnnxRuntime(str(export_dir), "fp32", threads),

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from domainlm.classify import blend
-from domainlm.classify.command import _load, score
 from domainlm.classify.data import Dataset, Example
+from domainlm.classify.runtime import load
 from domainlm.cli import main
 from tests.test_classify import FAST, make_rows, write_jsonl
 
@@ -26,14 +26,14 @@ def test_the_weight_is_chosen_without_the_test_rows():
     dev, test = rows([0] * 10), rows([0] * 30)
     selection = (np.repeat(right, 10, 0), np.repeat(wrong, 10, 0), dev)
     t = (np.repeat(wrong, 30, 0), np.repeat(right, 30, 0), test)
-    result = blend.blend(CFG, selection, "dev", ["a", "b"], score, t)
+    result = blend.blend(CFG, selection, "dev", ["a", "b"], t)
     assert result["weight"] == 1.0 and result["dev"]["accuracy"] == 1.0
     assert result["test"]["accuracy"] == 0.0  # the test rows pay for the dev choice: nothing was tuned on them
     assert result["test_parts"]["model"]["accuracy"] == 0.0 and result["test_parts"]["floor"]["accuracy"] == 1.0
     # a mix that helps: each part right on half the rows, confident where right, unsure where wrong
     model = np.array([[0.9, 0.1]] * 5 + [[0.45, 0.55]] * 5)
     floor = np.array([[0.45, 0.55]] * 5 + [[0.9, 0.1]] * 5)
-    w, values = blend.choose_weight(model, floor, rows([0] * 10), ["a", "b"], CFG, score)
+    w, values = blend.choose_weight(model, floor, rows([0] * 10), ["a", "b"], CFG)
     assert values[1.0] == values[0.0] == 0.5 and values[w] == 1.0 and 0 < w < 1
 
 
@@ -49,10 +49,10 @@ def test_finetune_blend_single_run_and_folds(tmp_path, tiny_model):
     # the same weight from the dev rows alone, and the test rows scored with it
     dev = [json.loads(x) for x in (out / "dev_predictions.jsonl").read_text().splitlines()]
     dev_rows = Dataset("dev", [Example(d["text"], d["gold"], line=d["line"]) for d in dev])
-    model, floor = _load(str(out)), _load(str(out / "floor"))
+    model, floor = load(str(out)), load(str(out / "floor"))
     cfg = SimpleNamespace(**vars(CFG))
     w, _ = blend.choose_weight(model.predict(*dev_rows.columns(), max_seq_len=32), floor.predict(*dev_rows.columns()),
-                               dev_rows, model.labels, cfg, score)
+                               dev_rows, model.labels, cfg)
     assert result["weight"] == w and result["selection_rows"] == len(dev)
     texts = [json.loads(x)["text"] for x in open(test, encoding="utf-8")]
     gold = [json.loads(x)["label"] for x in open(test, encoding="utf-8")]

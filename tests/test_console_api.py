@@ -17,9 +17,10 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from domainlm import config as cfglib  # noqa: E402
 from domainlm.classify.config import FinetuneConfig  # noqa: E402
-from domainlm.console.app import Console, create_app  # noqa: E402
+from domainlm.console.app import Console
 from domainlm.console.db import Model  # noqa: E402
 from domainlm.console.settings import ConsoleConfig, field_specs  # noqa: E402
+from domainlm.console.web import create_app  # noqa: E402
 from tests.console_support import FAST_FINETUNE, SmtpSink, WebhookReceiver, wait_for, write_labelled  # noqa: E402
 
 TOKEN = "test-token"

@@ -16,9 +16,10 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from domainlm import config as cfglib  # noqa: E402
 from domainlm.classify.config import FinetuneConfig  # noqa: E402
-from domainlm.console.app import Console, create_app  # noqa: E402
+from domainlm.console.app import Console
 from domainlm.console.db import Job  # noqa: E402
 from domainlm.console.settings import ConsoleConfig  # noqa: E402
+from domainlm.console.web import create_app  # noqa: E402
 from domainlm.pretrain.config import PretrainConfig  # noqa: E402
 from tests.console_support import write_labelled  # noqa: E402
 

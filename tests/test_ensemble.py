@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
+from domainlm.classify.runtime import load as load_runtime
 from domainlm.cli import main
-from domainlm.serve.runtime import load_runtime
 from tests.test_classify import FAST, make_rows, write_jsonl
 
 

@@ -7,11 +7,12 @@ import numpy as np
 import onnx
 import pytest
 
+from domainlm.classify.runtime import OnnxRuntime, TorchRuntime
+from domainlm.classify.runtime import load as load_runtime
 from domainlm.cli import main
 from domainlm.errors import DomainLMError
 from domainlm.serve.config import ExportConfig
 from domainlm.serve.export import compare, export, sample_batches
-from domainlm.serve.runtime import OnnxRuntime, TorchRuntime, load_runtime
 from tests.test_classify import make_rows, write_jsonl
 
 TEXTS = ["酒店房间早餐", "电脑屏幕", "书的内容很好，作者的观点值得推荐给朋友们，书的内容很好，作者的观点值得推荐",

@@ -19,11 +19,11 @@ import pytest
 import torch
 
 from domainlm.cli import main
-from domainlm.data.tokenize import load_fast_tokenizer
 from domainlm.errors import DomainLMError
 from domainlm.interop import paddle
 from domainlm.interop.names import PADDLE_TO_HF, hub_name
 from domainlm.interop.resolve import looks_local, resolve_model_dir
+from domainlm.interop.tokenizer import load_fast_tokenizer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "paddle_ernie"
 PADDLE_DIR = FIXTURE / "current"

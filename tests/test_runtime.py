@@ -1,4 +1,4 @@
-"""The one prediction path (serve.runtime): length-sorted batches put back in input order, padding, the [CLS]-only
+"""The one prediction path (classify.runtime): length-sorted batches put back in input order, padding, the [CLS]-only
 forward against the model's own, the label choice, and `predict` / `evaluate` agreeing across every model kind."""
 
 import json
@@ -10,8 +10,8 @@ import torch
 
 from domainlm.classify.batching import length_batches, pad
 from domainlm.classify.model import load_classifier, save_classifier
+from domainlm.classify.runtime import Runtime, TorchRuntime, best_k, choose
 from domainlm.cli import main
-from domainlm.serve.runtime import Runtime, TorchRuntime, best_k, choose
 from tests.test_export import exported, trained  # noqa: F401 - shared session fixtures
 
 TEXTS = ["书内容作者观点" * 5, "酒店", "电脑性能屏幕电池", "入住", "书的内容很好，作者的观点值得推荐给朋友们" * 3, "键盘手感",

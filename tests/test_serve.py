@@ -15,8 +15,9 @@ import httpx
 import pytest
 import uvicorn
 
+from domainlm.classify.runtime import Runtime, TorchRuntime
+from domainlm.classify.runtime import load as load_runtime
 from domainlm.serve.config import ServeConfig
-from domainlm.serve.runtime import Runtime, TorchRuntime, load_runtime
 from domainlm.serve.server import create_app
 from tests.test_export import exported, trained  # noqa: F401 - shared session fixtures
 

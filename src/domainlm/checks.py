@@ -32,27 +32,6 @@ def max_seq_len(config, value: int, model: str, cap: bool = False) -> int:
     )
 
 
-def metric_names(multilabel: bool, tolerant_k: int = 2) -> list[str]:
-    """The scalar metrics a task computes, read off the metric functions themselves (so the list cannot drift)."""
-    import numpy as np
-
-    from domainlm.classify import metrics as M
-
-    scores = np.array([[0.9, 0.1], [0.2, 0.8]])
-    if multilabel:
-        result = M.multilabel_metrics(scores, np.array([[1, 0], [0, 1]]), ["a", "b"], np.full(2, 0.5))
-    else:
-        result = M.multiclass_metrics(scores, np.array([0, 1]), ["a", "b"], tolerant_k)
-    return [k for k, v in result.items() if isinstance(v, float)]
-
-
-def metric(name: str, multilabel: bool, tolerant_k: int = 2) -> None:
-    names = metric_names(multilabel, tolerant_k)
-    if name not in names:
-        task = "multilabel" if multilabel else "multiclass"
-        raise DomainLMError(f"--metric {name!r} is not computed for a {task} task; choose one of {', '.join(names)}")
-
-
 def label_map(labels: list[str], model, path: str) -> None:
     """A label list that does not match the classifier's outputs would score phantom (or lost) classes."""
     config = getattr(model, "config", None)  # a transformer; a linear model keeps its own labels

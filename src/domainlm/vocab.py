@@ -68,8 +68,8 @@ def extend_vocabulary(model: str, terms: list[str], out: str | Path) -> dict:
     import torch
     from transformers import AutoModelForPreTraining
 
-    from domainlm.data.tokenize import load_fast_tokenizer
     from domainlm.errors import DomainLMError
+    from domainlm.interop.tokenizer import load_fast_tokenizer
 
     check_out(model, out)
     tokenizer = load_fast_tokenizer(model)

@@ -16,12 +16,13 @@ import numpy as np
 
 from domainlm.classify import metrics as M
 from domainlm.classify.data import Dataset, targets
+from domainlm.classify.report import score, write_outputs
 
 # the model's weight: 0 is the floor alone, 1 the transformer alone
 WEIGHTS = np.round(np.linspace(0.0, 1.0, 21), 2)
 
 
-def choose_weight(model: np.ndarray, floor: np.ndarray, rows: Dataset, labels: list[str], cfg, score: Callable) -> tuple[float, dict]:
+def choose_weight(model: np.ndarray, floor: np.ndarray, rows: Dataset, labels: list[str], cfg) -> tuple[float, dict]:
     """The weight that maximises cfg.best_metric on `rows` (ties: the larger weight, the transformer's side), with
     that value for every weight tried."""
     values = {}
@@ -33,12 +34,12 @@ def choose_weight(model: np.ndarray, floor: np.ndarray, rows: Dataset, labels: l
     return best, values
 
 
-def blend(cfg, selection: tuple[np.ndarray, np.ndarray, Dataset], chosen_on: str, labels: list[str], score: Callable,
+def blend(cfg, selection: tuple[np.ndarray, np.ndarray, Dataset], chosen_on: str, labels: list[str],
           test: tuple[np.ndarray, np.ndarray, Dataset] | None = None, out: Path | None = None) -> dict:
     """The weight chosen on `selection` (model probabilities, floor probabilities, rows) alone; the test rows are
     scored with it (and their predictions written as blend_test_*.jsonl)."""
     model, floor, rows = selection
-    weight, values = choose_weight(model, floor, rows, labels, cfg, score)
+    weight, values = choose_weight(model, floor, rows, labels, cfg)
 
     def tuned(w: float):  # multi-label thresholds of a mix, tuned on the selection rows too
         return M.tune_thresholds(w * model + (1 - w) * floor, targets(rows, labels, True)) if cfg.multilabel else None
@@ -48,8 +49,6 @@ def blend(cfg, selection: tuple[np.ndarray, np.ndarray, Dataset], chosen_on: str
     result = {"weight": weight, "chosen_on": chosen_on, "selection_rows": len(rows), "by_weight": values,
               chosen_on: score(probs, rows, labels, cfg.multilabel, cfg.tolerant_k, thresholds, cfg.ordinal)}
     if test is not None:
-        from domainlm.classify.command import write_outputs
-
         t_model, t_floor, t_rows = test
         t_probs = weight * t_model + (1 - weight) * t_floor
         result["test"] = score(t_probs, t_rows, labels, cfg.multilabel, cfg.tolerant_k, thresholds, cfg.ordinal)
@@ -73,7 +72,7 @@ def line(result: dict, metric: str) -> str:
     return text + "; measured on the rows that chose the weight, so optimistic."
 
 
-def finetune_blend(cfg, out: Path, load: Callable, score: Callable, labels: list[str], splits: list[tuple],
+def finetune_blend(cfg, out: Path, load: Callable, labels: list[str], splits: list[tuple],
                    train: Dataset, held_out: list[np.ndarray] | None, test: Dataset | None) -> dict:
     """The blend of a finished `finetune` run in `out`: a single run (weight on its dev rows) or a fold ensemble
     (weight on the out-of-fold rows; the test file scored by both ensembles)."""
@@ -98,6 +97,6 @@ def finetune_blend(cfg, out: Path, load: Callable, score: Callable, labels: list
         if test is not None:
             floors = [predict(out / "floor" / f"fold-{k}", test) for k in range(1, len(held_out) + 1)]
             t = (predict(out, test), np.mean(floors, axis=0), test)
-    result = blend(cfg, selection, chosen_on, labels, score, t, out)
+    result = blend(cfg, selection, chosen_on, labels, t, out)
     (out / "blend.json").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
     return result

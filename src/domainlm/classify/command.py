@@ -33,26 +33,15 @@ from domainlm.classify.data import (
     split_validation,
     targets,
 )
+from domainlm.classify.metrics import best_k
 from domainlm.classify.model import Classifier, enable_checkpointing, load_classifier, save_classifier
+from domainlm.classify.report import score, write_outputs, write_run
+from domainlm.classify.runtime import load
 from domainlm.errors import DomainLMError
-from domainlm.serve.runtime import Runtime, best_k, choose, thresholds_of
 from domainlm.train.checkpoint import TrainState
 from domainlm.train.logging import RunLogger
 from domainlm.train.loop import LoopOptions, evaluate, shard_range, train_loop
 from domainlm.train.setup import build_optimizer, build_scheduler, make_accelerator
-
-
-def _columns(cfg) -> Columns:
-    return Columns(cfg.text_column, cfg.pair_column, cfg.label_column, cfg.group_column, cfg.label_delimiter)
-
-
-def score(probs: np.ndarray, data: Dataset, labels: list[str], multilabel: bool, tolerant_k: int,
-          thresholds: np.ndarray | None = None, ordinal: bool = False) -> dict:
-    gold = targets(data, labels, multilabel)
-    groups = [ex.group or "" for ex in data.examples] if any(ex.group for ex in data.examples) else None
-    if multilabel:
-        return M.multilabel_metrics(probs, gold, labels, thresholds_of(len(labels), thresholds), groups)
-    return M.multiclass_metrics(probs, gold, labels, tolerant_k, groups, ordinal)
 
 
 def ordered_labels(labels: list[str]) -> list[str]:
@@ -62,45 +51,6 @@ def ordered_labels(labels: list[str]) -> list[str]:
     except ValueError:
         raise DomainLMError(f"--ordinal: the labels ({', '.join(labels)}) are not numbers; give their order with "
                             "--labels") from None
-
-
-def write_outputs(out: Path, name: str, data: Dataset, probs: np.ndarray, labels: list[str], multilabel: bool,
-                  metrics: dict, thresholds: np.ndarray | None) -> None:
-    """<name>_predictions.jsonl (every row) and <name>_bad_cases.jsonl (wrong ones, with scores)."""
-    with open(out / f"{name}_predictions.jsonl", "w", encoding="utf-8") as preds, \
-            open(out / f"{name}_bad_cases.jsonl", "w", encoding="utf-8") as bad:
-        for ex, p, chosen, best in zip(data.examples, probs, choose(probs, multilabel, thresholds), best_k(probs, 5)):
-            predicted = [labels[j] for j in chosen]
-            wrong = sorted(predicted) != sorted(ex.labels)
-            row = {"line": ex.line, "text": ex.text, "gold": ex.labels, "predicted": predicted,
-                   "scores": {labels[j]: round(float(p[j]), 4) for j in best}}
-            if ex.group:
-                row["group"] = ex.group
-            line = json.dumps(row, ensure_ascii=False) + "\n"
-            preds.write(line)
-            if wrong:
-                bad.write(line)
-    if "confusion_matrix" in metrics:
-        M.confusion_png(metrics["confusion_matrix"], labels, out / f"{name}_confusion.png")
-
-
-def report_markdown(title: str, sections: dict[str, dict], labels: list[str]) -> str:
-    lines = [f"# {title}", ""]
-    for name, m in sections.items():
-        lines += [f"## {name} ({m.get('n', '?')} rows)", "", "| metric | value |", "| --- | --- |"]
-        lines += [f"| {k} | {v:.4f} |" for k, v in M.scalars(m).items()]
-        lines += ["", "| class | precision | recall | f1 | support |", "| --- | --- | --- | --- | --- |"]
-        lines += [f"| {c} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {v['support']} |" for c, v in m["per_class"].items()]
-        if "per_group" in m:
-            keys = [k for k in next(iter(m["per_group"].values())) if k != "n"]
-            lines += ["", "| group | n | " + " | ".join(keys) + " |", "| --- " * (len(keys) + 2) + "|"]
-            lines += [f"| {g} | {v['n']} | " + " | ".join(f"{v[k]:.3f}" for k in keys) + " |" for g, v in m["per_group"].items()]
-        if "confusion_matrix" in m:
-            lines += ["", "Confusion matrix (rows gold, columns predicted):", "", "| | " + " | ".join(labels) + " |",
-                      "| --- " * (len(labels) + 1) + "|"]
-            lines += [f"| {labels[i]} | " + " | ".join(map(str, row)) + " |" for i, row in enumerate(m["confusion_matrix"])]
-        lines.append("")
-    return "\n".join(lines)
 
 
 def _run(cfg: FinetuneConfig, accelerator, tokenizer, train: Dataset, dev: Dataset, test: Dataset | None,
@@ -176,7 +126,8 @@ def _run(cfg: FinetuneConfig, accelerator, tokenizer, train: Dataset, dev: Datas
 
     def on_snapshot(step: int) -> None:
         if main:
-            save_classifier(unwrapped().hf, tokenizer, out / f"step-{step:06d}", labels, cfg.multilabel)
+            save_classifier(unwrapped().hf, tokenizer, out / f"step-{step:06d}", labels, cfg.multilabel,
+                            settings=cfg.inference_settings())
 
     options = LoopOptions(max_steps=max_steps, accumulation=accumulation, global_batch_size=global_batch,
                           max_grad_norm=cfg.max_grad_norm, logging_freq=cfg.logging_freq,
@@ -203,9 +154,8 @@ def _run(cfg: FinetuneConfig, accelerator, tokenizer, train: Dataset, dev: Datas
         write_outputs(out, "dev", dev, probs, labels, cfg.multilabel, result["dev"], thresholds)
         if test is not None:
             write_outputs(out, "test", test, test_probs, labels, cfg.multilabel, result["test"], thresholds)
-        save_classifier(unwrapped().hf, tokenizer, out, labels, cfg.multilabel, thresholds)
-        (out / "metrics.json").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
-        (out / "report.md").write_text(report_markdown(f"Fine-tuning {cfg.model}", sections, labels), encoding="utf-8")
+        save_classifier(unwrapped().hf, tokenizer, out, labels, cfg.multilabel, thresholds, cfg.inference_settings())
+        write_run(out, result, f"Fine-tuning {cfg.model}", sections, labels)
     accelerator.wait_for_everyone()
     accelerator.free_memory()  # the next seed or fold prepares a new model; let this one go
     return result
@@ -214,7 +164,7 @@ def _run(cfg: FinetuneConfig, accelerator, tokenizer, train: Dataset, dev: Datas
 def finetune(cfg: FinetuneConfig) -> dict:
     from transformers.utils import logging as hf_logging
 
-    from domainlm.data.tokenize import load_fast_tokenizer
+    from domainlm.interop.tokenizer import load_fast_tokenizer
     from domainlm.pretrain.model import load_config
 
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected; domainlm reports what matters
@@ -222,7 +172,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     outputs.claim(out)
     outputs.check_earlier_run(out, "finetune", outputs.FINETUNE_OUTPUTS, "train", cfg.overwrite)
     accelerator = make_accelerator(cfg.precision)
-    columns = _columns(cfg)
+    columns = Columns.of(cfg)
     train = read_examples(cfg.train, columns, cfg.multilabel, skip_bad=cfg.skip_bad_rows)
     labels = label_list(train, cfg.labels or None)
     if cfg.ordinal and not cfg.labels:
@@ -269,9 +219,9 @@ def finetune(cfg: FinetuneConfig) -> dict:
     if cfg.floor and not linear_only and accelerator.is_main_process:
         summary["floor"] = linear.floor_beside(cfg, splits, labels, evaluated, out, single=len(runs) == 1)
     if cfg.folds and accelerator.is_main_process:
-        summary.update(ensemble.cross_validation_outputs(cfg, train, held_out_rows, test, labels, out, _load, score))
+        summary.update(ensemble.cross_validation_outputs(cfg, train, held_out_rows, test, labels, out, load))
     if cfg.blend and accelerator.is_main_process:
-        summary["blend"] = blend.finetune_blend(cfg, out, _load, score, labels, splits, train,
+        summary["blend"] = blend.finetune_blend(cfg, out, load, labels, splits, train,
                                                 held_out_rows if cfg.folds else None, test)
         blended = blend.line(summary["blend"], cfg.best_metric)
         print(blended)
@@ -303,48 +253,25 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
 # ---- evaluate and predict ------------------------------------------------------------------------------
 
-def _load(folder: str) -> Runtime:
-    """Any model `predict` and `evaluate` take, behind one interface (serve.runtime): a `--method linear` model, an
-    ONNX export (`domainlm export`, run by ONNX Runtime), a fold ensemble of any of them, or a PyTorch classifier."""
-    from domainlm.serve.runtime import OnnxRuntime, TorchRuntime, is_export_dir
-
-    if ensemble.is_ensemble(folder):
-        return ensemble.EnsembleRuntime(folder, _load)
-    if linear.is_linear(folder):
-        return linear.LinearRuntime(linear.load(folder))
-    if is_export_dir(folder):
-        return OnnxRuntime(folder)
-    return TorchRuntime(folder)
-
-
-def _prepare(cfg, runtime: Runtime) -> None:
-    """The label map must match the model's outputs; a transformer caps --max-seq-len at its positions."""
-    checks.label_map(runtime.labels, runtime, cfg.model)
-    if runtime.tokenizer is not None:  # a transformer (a linear model has no positions)
-        cfg.max_seq_len = checks.max_seq_len(runtime.config, cfg.max_seq_len, cfg.model, cap=True)
-
-
 def evaluate_command(cfg: EvaluateConfig) -> dict:
     out = outputs.folder(cfg.out)
     if outputs.inside(out, cfg.model):
         raise DomainLMError(f"--out {out} lies inside --model {cfg.model}: choose a folder of its own")
     outputs.claim(out)
     outputs.check_earlier_run(out, "evaluate", outputs.EVALUATE_OUTPUTS, "data")
-    runtime = _load(cfg.model)
-    _prepare(cfg, runtime)
+    runtime = load(cfg.model, device=cfg.device, max_seq_len=cfg.max_seq_len)
     labels, multilabel = runtime.labels, runtime.multilabel
-    data = read_examples(cfg.data, _columns(cfg), multilabel, skip_bad=cfg.skip_bad_rows)
+    data = read_examples(cfg.data, Columns.of(cfg, runtime), multilabel, skip_bad=cfg.skip_bad_rows)
     unknown = sorted({label for ex in data.examples for label in ex.labels} - set(labels))
     if unknown:
         raise DomainLMError(f"{cfg.data}: labels {unknown} are not among the model's labels ({', '.join(labels)})")
-    probs = runtime.predict(*data.columns(), cfg.batch_size, cfg.max_seq_len, progress=True)
+    probs = runtime.predict(*data.columns(), cfg.batch_size, progress=True)
     thresholds = runtime.thresholds if multilabel else None
     metrics = score(probs, data, labels, multilabel, cfg.tolerant_k, thresholds, cfg.ordinal)
     outputs.clear_known(out, outputs.EVALUATE_OUTPUTS)
     out.mkdir(parents=True, exist_ok=True)
     write_outputs(out, "eval", data, probs, labels, multilabel, metrics, thresholds)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
-    (out / "report.md").write_text(report_markdown(f"Evaluation of {cfg.model} on {cfg.data}", {"eval": metrics}, labels), encoding="utf-8")
+    write_run(out, metrics, f"Evaluation of {cfg.model} on {cfg.data}", {"eval": metrics}, labels)
     cfglib.write(cfg, out)
     return metrics
 
@@ -353,14 +280,13 @@ def predict_command(cfg: PredictConfig) -> int:
     from domainlm.classify.data import Example
 
     check_predict_paths(cfg.input, cfg.out)
-    runtime = _load(cfg.model)
-    _prepare(cfg, runtime)
+    runtime = load(cfg.model, device=cfg.device, max_seq_len=cfg.max_seq_len)
     if cfg.input == "-":
         data = Dataset("<stdin>", [Example(text, [], line=i) for i, text in read_stdin_lines(getattr(sys.stdin, "buffer", sys.stdin))])
     else:
-        columns = Columns(cfg.text_column, cfg.pair_column, "label", None)
+        columns = Columns.of(cfg, runtime)
         data = read_examples(cfg.input, columns, runtime.multilabel, require_labels=False, skip_flag=None)
-    probs = runtime.predict(*data.columns(), cfg.batch_size, cfg.max_seq_len, progress=True)
+    probs = runtime.predict(*data.columns(), cfg.batch_size, progress=True)
     # a file is written beside its name and renamed when complete: a failed run leaves no half file
     partial = None if cfg.out == "-" else Path(cfg.out).with_name(f".{Path(cfg.out).name}.partial")
     sink = sys.stdout if partial is None else open(partial, "w", encoding="utf-8")  # noqa: SIM115

@@ -9,12 +9,16 @@ from domainlm.config import option
 from domainlm.errors import DomainLMError
 
 LORA_RANKS = (8, 16, 32, 64)
+# tokens per example when nothing says otherwise: finetune's default, and what inference uses for a classifier
+# saved without its own setting (a plain HF folder); a classifier saved by domainlm carries the length it was trained at
+MAX_SEQ_LEN = 128
+DEVICE_HELP = "where the model runs (auto: a CUDA GPU when PyTorch sees one, else the CPU)"
 
 # A preset sets several options at once; YAML and flags still override each of them.
 PRESETS = {
-    "short-text": {"max_seq_len": 128, "batch_size": 32, "epochs": 5, "learning_rate": 3e-5, "warmup_ratio": 0.1},
+    "short-text": {"max_seq_len": MAX_SEQ_LEN, "batch_size": 32, "epochs": 5, "learning_rate": 3e-5, "warmup_ratio": 0.1},
     "long-document": {"max_seq_len": 512, "batch_size": 8, "epochs": 4, "learning_rate": 2e-5, "warmup_ratio": 0.1},
-    "few-shot": {"max_seq_len": 128, "batch_size": 8, "epochs": 20, "learning_rate": 5e-5, "warmup_ratio": 0.1,
+    "few-shot": {"max_seq_len": MAX_SEQ_LEN, "batch_size": 8, "epochs": 20, "learning_rate": 5e-5, "warmup_ratio": 0.1,
                  "early_stopping_patience": 5},
     # a 1.3B encoder on many labels (the settings of a published MegatronBert fine-tune); a GPU with bf16 expected
     "large-model": {"max_seq_len": 512, "batch_size": 32, "epochs": 4, "learning_rate": 1e-5, "lr_decay": "cosine",
@@ -26,14 +30,6 @@ PRESETS = {
 
 # metrics where lower is better: never a --metric to maximise
 LOWER_IS_BETTER = ("hamming_loss", "mae_classes")
-
-
-def metric_names(multilabel: bool, tolerant_k: int, ordinal: bool = False) -> list[str]:
-    """The scalar metrics `finetune` computes (classify/metrics.py), known before any work starts."""
-    averaged = [f"{m}_{avg}" for avg in ("macro", "micro", "weighted") for m in ("precision", "recall", "f1")]
-    if multilabel:
-        return ["subset_accuracy", "hamming_loss", "tolerant_accuracy", *averaged]
-    return ["accuracy", f"tolerant_accuracy@{tolerant_k}", *averaged, *(["mae_classes", "accuracy_within_1"] * ordinal)]
 
 
 @dataclass(kw_only=True)
@@ -66,7 +62,7 @@ class FinetuneConfig:
     # quick interactive runs only.
     valid_ratio: float = option(0.2, "share of --train held out for validation when no --dev", low=0.01, high=0.5)
     valid_max_rows: int = option(0, "cap on rows held out for validation (0: no cap)", low=0)
-    max_seq_len: int = option(128, "tokens per example (longer ones are truncated)", low=8)
+    max_seq_len: int = option(MAX_SEQ_LEN, "tokens per example (longer ones are truncated)", low=8)
     batch_size: int = option(16, "examples per forward pass on each process", low=1)
     global_batch_size: int | None = option(None, "examples per optimizer step (default: --batch-size x processes)", low=1)
     epochs: int = option(3, "passes over the training data", low=1, high=50)
@@ -98,9 +94,12 @@ class FinetuneConfig:
     overwrite: bool = option(False, "replace an earlier finetune run in --out (only its own files are removed)")
 
     def check(self) -> None:
-        from domainlm import checks
+        from domainlm.classify.metrics import metric_names
 
-        checks.metric(self.best_metric, self.multilabel, self.tolerant_k)  # before any training, not after an epoch
+        names = metric_names(self.multilabel, self.tolerant_k, self.ordinal)
+        if self.best_metric not in names:  # before any training, not after an epoch
+            raise DomainLMError(f"--metric {self.best_metric!r} is not computed for a {self.task} task; choose one of "
+                                f"{', '.join(names)}")
         if self.method == "lora" and self.lora_rank not in LORA_RANKS:
             raise DomainLMError(f"--lora-rank {self.lora_rank} is not allowed: choose 8, 16, 32 or 64")
         if self.folds == 1:
@@ -117,13 +116,18 @@ class FinetuneConfig:
             raise DomainLMError("missing required option(s): --model (only --method linear needs none)")
         if self.ordinal and self.multilabel:
             raise DomainLMError("--ordinal needs --task multiclass (one label per row on an ordered scale)")
-        known = [m for m in metric_names(self.multilabel, self.tolerant_k, self.ordinal) if m not in LOWER_IS_BETTER]
+        known = [m for m in names if m not in LOWER_IS_BETTER]
         if self.metric and self.metric not in known:
             raise DomainLMError(f"--metric {self.metric!r} is not computed for a {self.task} task; choose one of {', '.join(known)}")
 
     @property
     def multilabel(self) -> bool:
         return self.task == "multilabel"
+
+    def inference_settings(self) -> dict:
+        """Saved with every classifier: what evaluate, predict, serve and export take as their defaults."""
+        return {"task": self.task, "max_seq_len": self.max_seq_len, "text_column": self.text_column,
+                "pair_column": self.pair_column}
 
     @property
     def best_metric(self) -> str:
@@ -135,14 +139,15 @@ class EvaluateConfig:
     model: str = option(help="a classifier folder written by `domainlm finetune` (its model/ folder, or the --out of --method linear)")
     data: str = option(help="labelled data to evaluate on: .csv, .tsv or .jsonl")
     out: str = option(help="output folder: metrics.json, predictions, bad cases, confusion matrix, report.md")
-    text_column: str = option("text", "column with the text")
-    pair_column: str | None = option(None, "column with a second text")
+    text_column: str | None = option(None, "column with the text (default: the model's, else text)")
+    pair_column: str | None = option(None, "column with a second text (default: the model's, if any)")
     label_column: str = option("label", "column with the label(s)")
     group_column: str | None = option(None, "column with a group for per-group accuracy")
     label_delimiter: str = option(",", "separator of several labels in one cell")
     skip_bad_rows: bool = option(False, "skip and count rows with no text or no label instead of failing")
     batch_size: int = option(64, "examples per batch", low=1)
-    max_seq_len: int = option(128, "tokens per example", low=8)
+    max_seq_len: int = option(0, "tokens per example (0: the length the model was trained at)", low=0)
+    device: Literal["auto", "cpu", "cuda"] = option("auto", DEVICE_HELP)
     tolerant_k: int = option(2, "multi-class tolerant accuracy: gold label within the top k", low=1)
     ordinal: bool = option(False, "the model's labels are ordered (in their saved order): also report mean absolute "
                                   "error in classes and accuracy within +-1 class")
@@ -153,8 +158,9 @@ class PredictConfig:
     model: str = option(help="a classifier folder written by `domainlm finetune` (its model/ folder, or the --out of --method linear)")
     input: str = option("-", "texts to classify: .csv, .tsv or .jsonl, or - for one text per line on stdin")
     out: str = option("-", "JSONL output file (- for stdout)")
-    text_column: str = option("text", "column with the text")
-    pair_column: str | None = option(None, "column with a second text")
+    text_column: str | None = option(None, "column with the text (default: the model's, else text)")
+    pair_column: str | None = option(None, "column with a second text (default: the model's, if any)")
     batch_size: int = option(64, "examples per batch", low=1)
-    max_seq_len: int = option(128, "tokens per example", low=8)
+    max_seq_len: int = option(0, "tokens per example (0: the length the model was trained at)", low=0)
+    device: Literal["auto", "cpu", "cuda"] = option("auto", DEVICE_HELP)
     top_k: int = option(3, "scores of the k best labels in each line", low=1)

@@ -35,6 +35,16 @@ class Columns:
     group: str | None = None
     label_delimiter: str = ","
 
+    @classmethod
+    def of(cls, cfg, model=None) -> Columns:
+        """The columns a command's options name (text_column, pair_column, label_column, group_column,
+        label_delimiter; the last three where it has them); a loaded classifier (`model`) fills the text and pair
+        columns the options leave unset with the ones it was trained on."""
+        text = getattr(cfg, "text_column", None) or (model.text_column if model is not None else "text")
+        pair = getattr(cfg, "pair_column", None) or (model.pair_column if model is not None else None)
+        return cls(text, pair, getattr(cfg, "label_column", "label"), getattr(cfg, "group_column", None),
+                   getattr(cfg, "label_delimiter", ","))
+
 
 @dataclass
 class Dataset:

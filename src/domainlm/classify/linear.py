@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from domainlm.classify.data import Dataset, targets
-from domainlm.classify.metrics import scalars
+from domainlm.classify.metrics import aggregate, scalars, tune_thresholds
+from domainlm.classify.report import score, write_json, write_outputs, write_run
 from domainlm.errors import DomainLMError
-from domainlm.serve.runtime import Runtime
 
 FEATURES = (("char_wb", (1, 3)), ("char", (2, 4)))
 CLASSIFIERS = ("logreg", "svm")
@@ -46,6 +46,7 @@ class LinearModel:
     intercept: np.ndarray
     thresholds: np.ndarray | None = None
     selection: list[dict] = field(default_factory=list)  # every candidate with its dev score
+    settings: dict = field(default_factory=dict)  # what inference reads besides the weights: text/pair columns, task
 
     @property
     def description(self) -> str:
@@ -66,20 +67,6 @@ class LinearModel:
 
     def text_scores(self, rows: list[str]) -> np.ndarray:
         return _scores(self._vectorizer().transform(rows), self.coef, self.intercept, self.multilabel)
-
-
-class LinearRuntime(Runtime):
-    """The linear model behind the interface `predict` and `evaluate` use for every model (serve.runtime)."""
-
-    kind = "linear"
-
-    def __init__(self, model: LinearModel):
-        self.model = model
-        super().__init__(None, {"labels": model.labels, "multilabel": model.multilabel, "thresholds": model.thresholds})
-
-    def predict(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 64,
-                max_seq_len: int | None = None, progress: bool = False) -> np.ndarray:
-        return self.model.text_scores(joined(texts, pairs))
 
 
 def texts(data: Dataset) -> list[str]:
@@ -136,9 +123,6 @@ def fit(train: Dataset, dev: Dataset, labels: list[str], multilabel: bool, metri
     """Every candidate fitted on train and scored on dev by `metric`; the best one (first on ties) is returned."""
     from sklearn.feature_extraction.text import TfidfVectorizer
 
-    from domainlm.classify.command import score
-    from domainlm.classify.metrics import tune_thresholds
-
     y = targets(train, labels, multilabel)
     dev_gold = targets(dev, labels, True) if multilabel else None
     best, best_value, selection = None, -np.inf, []
@@ -170,8 +154,6 @@ def fit(train: Dataset, dev: Dataset, labels: list[str], multilabel: bool, metri
 def evaluate(train: Dataset, dev: Dataset, test: Dataset | None, labels: list[str], multilabel: bool, metric: str,
              tolerant_k: int = 2) -> tuple[LinearModel, dict]:
     """Fit the floor and score it on dev (and test) with the same metric functions as the transformer."""
-    from domainlm.classify.command import score
-
     start = time.perf_counter()
     model = fit(train, dev, labels, multilabel, metric, tolerant_k)
     result = {"method": model.description, "train_rows": len(train), "selected_on": f"dev {metric}",
@@ -182,14 +164,17 @@ def evaluate(train: Dataset, dev: Dataset, test: Dataset | None, labels: list[st
     return model, result
 
 
-def save(model: LinearModel, folder: str | Path) -> None:
+def save(model: LinearModel, folder: str | Path, cfg=None) -> None:
+    """cfg (a FinetuneConfig): its inference settings are saved too, but max_seq_len (the floor reads no tokens)."""
+    if cfg is not None:
+        model.settings = {k: v for k, v in cfg.inference_settings().items() if k != "max_seq_len"}
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "version": 1, "labels": model.labels, "multilabel": model.multilabel,
             "analyzer": model.analyzer, "ngram_range": list(model.ngram_range), "classifier": model.classifier,
             "C": model.C, "description": model.description,
             "thresholds": None if model.thresholds is None else [float(t) for t in model.thresholds],
-            "selection": model.selection, "vocabulary": model.vocabulary}
+            "selection": model.selection, "settings": model.settings, "vocabulary": model.vocabulary}
     np.savez(folder / "linear.npz", idf=model.idf, coef=model.coef, intercept=model.intercept)
     (folder / "linear.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
 
@@ -210,25 +195,23 @@ def load(folder: str | Path) -> LinearModel:
         raise DomainLMError(f"{folder}: linear.json and linear.npz do not belong together")
     thresholds = None if meta["thresholds"] is None else np.asarray(meta["thresholds"])
     return LinearModel(meta["labels"], meta["multilabel"], meta["analyzer"], tuple(meta["ngram_range"]), meta["classifier"],
-                       meta["C"], meta["vocabulary"], idf, coef, intercept, thresholds, meta.get("selection", []))
+                       meta["C"], meta["vocabulary"], idf, coef, intercept, thresholds, meta.get("selection", []),
+                       meta.get("settings", {}))
 
 
 def run(cfg, train: Dataset, dev: Dataset, test: Dataset | None, labels: list[str], seed: int, out: Path) -> dict:
     """`finetune --method linear`: the floor alone, saved and reported like a fine-tuning run."""
-    from domainlm.classify.command import report_markdown, write_outputs
-
     out.mkdir(parents=True, exist_ok=True)
     model, result = evaluate(train, dev, test, labels, cfg.multilabel, cfg.best_metric, cfg.tolerant_k)
     print(f"{model.description}: dev {cfg.best_metric} {result['dev'][cfg.best_metric]:.4f} "
           f"(best of {len(model.selection)} candidates, {result['seconds']} s)")
-    save(model, out)
+    save(model, out, cfg)
     result = {"seed": seed, **result}
     write_outputs(out, "dev", dev, model.scores(dev), labels, cfg.multilabel, result["dev"], model.thresholds)
     if test is not None:
         write_outputs(out, "test", test, model.scores(test), labels, cfg.multilabel, result["test"], model.thresholds)
-    (out / "metrics.json").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
     sections = {k: result[k] for k in ("dev", "test") if k in result}
-    (out / "report.md").write_text(report_markdown(f"Linear floor: {model.description}", sections, labels), encoding="utf-8")
+    write_run(out, result, f"Linear floor: {model.description}", sections, labels)
     return result
 
 
@@ -246,15 +229,13 @@ def floor_line(floor: dict, split: str, metric: str, model_value: float | None =
 def floor_beside(cfg, splits: list[tuple], labels: list[str], evaluated: str, out: Path, single: bool) -> dict:
     """The floor on the rows the transformer runs used: once (seeds share the data; the first seed's validation
     split), or once per fold. Written to floor/ and, for a single run, into metrics.json and report.md."""
-    from domainlm.classify.metrics import aggregate
-
     folds = cfg.folds > 0
     results = []
     for i, (fit_rows, dev, test) in enumerate(splits if folds else splits[:1]):
         model, result = evaluate(fit_rows, dev, test, labels, cfg.multilabel, cfg.best_metric, cfg.tolerant_k)
         folder = out / "floor" / (f"fold-{i + 1}" if folds else "")
-        save(model, folder)
-        (folder / "metrics.json").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
+        save(model, folder, cfg)
+        write_json(folder / "metrics.json", result)
         results.append(result)
     floor = {"method": results[0]["method"], "train_rows": results[0]["train_rows"], "selected_on": results[0]["selected_on"]}
     for split in ("dev", "test"):
@@ -264,7 +245,7 @@ def floor_beside(cfg, splits: list[tuple], labels: list[str], evaluated: str, ou
     if single and (out / "metrics.json").is_file():
         metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
         metrics["floor"] = floor
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
+        write_json(out / "metrics.json", metrics)
         line = floor_line(floor, evaluated, cfg.best_metric, metrics.get(evaluated, {}).get(cfg.best_metric))
         with open(out / "report.md", "a", encoding="utf-8") as f:
             f.write("\n" + line + "\n")

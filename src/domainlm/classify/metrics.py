@@ -93,6 +93,34 @@ def tune_thresholds(probs: np.ndarray, gold: np.ndarray, grid: np.ndarray | None
     return best
 
 
+def thresholds_of(n_labels: int, tuned) -> np.ndarray:
+    """Multi-label decision thresholds: the ones tuned on the dev set and saved with the model, else 0.5."""
+    return np.full(n_labels, 0.5) if tuned is None else np.asarray(tuned, dtype=float)
+
+
+def choose(probs: np.ndarray, multilabel: bool, thresholds: np.ndarray | None = None) -> list[list[int]]:
+    """The chosen label indices of each row: the argmax, or every label at or above its threshold."""
+    if multilabel:
+        over = probs >= thresholds_of(probs.shape[-1], thresholds)
+        return [np.flatnonzero(row).tolist() for row in over]
+    return [[int(j)] for j in probs.argmax(axis=-1)] if len(probs) else []
+
+
+def best_k(probs: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k highest probabilities of each row, best first (ties: the lower index first)."""
+    return np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+
+
+def metric_names(multilabel: bool, tolerant_k: int = 2, ordinal: bool = False) -> list[str]:
+    """The scalar metrics a task computes, read off the metric functions themselves (so the list cannot drift)."""
+    scores = np.array([[0.9, 0.1], [0.2, 0.8]])
+    if multilabel:
+        result = multilabel_metrics(scores, np.array([[1, 0], [0, 1]]), ["a", "b"], np.full(2, 0.5))
+    else:
+        result = multiclass_metrics(scores, np.array([0, 1]), ["a", "b"], tolerant_k, ordinal=ordinal)
+    return [k for k, v in result.items() if isinstance(v, float)]
+
+
 def scalars(metrics: dict) -> dict:
     """The single-number metrics of a metrics dict (not the row count, tables or per-class parts)."""
     return {k: v for k, v in metrics.items() if isinstance(v, int | float) and k != "n"}

@@ -154,8 +154,11 @@ def load_classifier(name_or_path: str, labels: list[str], multilabel: bool, meth
     return model
 
 
-def save_classifier(model, tokenizer, out: Path, labels: list[str], multilabel: bool, thresholds=None) -> Path:
-    """<out>/model: a plain HF classifier (LoRA merged in); <out>/adapter: the LoRA adapter alone."""
+def save_classifier(model, tokenizer, out: Path, labels: list[str], multilabel: bool, thresholds=None,
+                    settings: dict | None = None) -> Path:
+    """<out>/model: a plain HF classifier (LoRA merged in); <out>/adapter: the LoRA adapter alone. Beside the
+    weights, domainlm_labels.json: the labels, the thresholds, and `settings` (FinetuneConfig.inference_settings:
+    task, max_seq_len, text/pair columns), the defaults of every command that loads it (classify.runtime)."""
     if hasattr(model, "merge_and_unload"):
         model.save_pretrained(out / "adapter")
         import copy
@@ -163,7 +166,7 @@ def save_classifier(model, tokenizer, out: Path, labels: list[str], multilabel: 
         model = copy.deepcopy(model).merge_and_unload()
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
-    meta = {"labels": labels, "multilabel": multilabel}
+    meta = {"labels": labels, "multilabel": multilabel, **(settings or {})}
     if thresholds is not None:
         meta["thresholds"] = [float(t) for t in thresholds]
     (out / "model" / "domainlm_labels.json").write_text(json.dumps(meta, ensure_ascii=False, indent=2), encoding="utf-8")
@@ -175,9 +178,9 @@ def load_trained(path: str):
     thresholds."""
     from transformers import AutoModelForSequenceClassification
 
-    from domainlm.data.tokenize import load_fast_tokenizer
     from domainlm.interop.paddle import is_paddle_folder
     from domainlm.interop.resolve import resolve_model_dir
+    from domainlm.interop.tokenizer import load_fast_tokenizer
     from domainlm.pretrain.model import load_config
 
     path = resolve_model_dir(path)

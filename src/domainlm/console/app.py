@@ -1,6 +1,6 @@
 """The console application: its state (database, runner, notifier) and the operations behind pages and API.
 
-`create_app(console)` returns the FastAPI app; pages (pages.py) and the JSON API (api.py) call the same methods
+`web.create_app(console)` returns the FastAPI app; pages (pages.py) and the JSON API (api.py) call the same methods
 here, so everything a page does can be scripted.
 """
 
@@ -13,15 +13,12 @@ from collections import OrderedDict
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fastapi import FastAPI
-from fastapi.staticfiles import StaticFiles
-
 from domainlm.console import catalog
 from domainlm.console.db import FINISHED, Dataset, Event, Job, Model, now, open_database
 from domainlm.console.jobs import JobFactory
 from domainlm.console.notify import Notifier, SmtpSettings
 from domainlm.console.runner import LOG_NAME, Runner
-from domainlm.console.security import TokenAuth, csrf_token, inside, load_or_create_secret
+from domainlm.console.security import csrf_token, inside, load_or_create_secret
 from domainlm.console.settings import ConsoleConfig
 from domainlm.errors import DomainLMError
 
@@ -159,16 +156,16 @@ class Console:
                 "lineage": catalog.lineage(m), "can_try": m.kind in ("classifier", "linear")}
 
     def _load(self, m: Model):
-        """The model behind the interface `domainlm predict` uses (serve.runtime.Runtime; transformer or linear)."""
+        """The model behind the interface `domainlm predict` uses (classify.runtime.load; transformer or linear)."""
         from transformers.utils import logging as hf_logging
 
-        from domainlm.classify.command import _load
+        from domainlm.classify.runtime import load
 
         hf_logging.disable_progress_bar()
         path = str(inside(self.home, m.path))
         with self._models_lock:
             if path not in self._models:
-                self._models[path] = _load(path)
+                self._models[path] = load(path)
                 while len(self._models) > 2:
                     self._models.popitem(last=False)
             self._models.move_to_end(path)
@@ -181,10 +178,10 @@ class Console:
         texts = [t.strip() for t in texts if t.strip()][:100]
         if not texts:
             raise DomainLMError("type at least one text")
-        runtime = self._load(m)
+        runtime = self._load(m)  # its own max_seq_len (saved with it), else its job's
         with self.sessions() as s:
             job = s.get(Job, m.job_id) if m.job_id else None
-            max_seq_len = int((job.config if job else {}).get("max_seq_len", 128))
+            max_seq_len = None if "max_seq_len" in runtime.meta else (job.config if job else {}).get("max_seq_len")
         with self._models_lock:  # one forward pass at a time per loaded model
             probs = runtime.predict(texts, None, 16, max_seq_len)
         return [{"text": text, "labels": d["labels"], "scores": d["top_k"]}
@@ -234,28 +231,3 @@ class Console:
 
 def _iso(t: datetime | None) -> str | None:
     return None if t is None else t.replace(tzinfo=timezone.utc).isoformat(timespec="seconds")
-
-
-def create_app(console: Console) -> FastAPI:
-    from contextlib import asynccontextmanager
-
-    from domainlm.console import api, pages
-
-    @asynccontextmanager
-    async def lifespan(_app):
-        console.start()
-        try:
-            yield
-        finally:
-            console.stop()
-
-    # /docs is the console's own page over /openapi.json: the usual Swagger UI would load from a CDN
-    app = FastAPI(title="domainlm console", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  description="Create, watch and compare domainlm training jobs. Every call needs "
-                              "`Authorization: Bearer TOKEN` (the token `domainlm console` printed).")
-    app.state.console = console
-    app.add_middleware(TokenAuth, token=console.token)
-    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
-    app.include_router(api.router)
-    app.include_router(pages.router)
-    return app

@@ -149,15 +149,14 @@ class JobFactory:
 
     def _check_data(self, cfg, errors: dict) -> None:
         """The CLI's reader on each file, with the job's columns and task; the message names file and line."""
-        from domainlm.classify.command import _columns
-        from domainlm.classify.data import read_examples
+        from domainlm.classify.data import Columns, read_examples
 
         for key in ("train", "dev", "test"):
             path = getattr(cfg, key)
             if path is None:
                 continue
             try:
-                read_examples(path, _columns(cfg), cfg.multilabel, skip_bad=cfg.skip_bad_rows)
+                read_examples(path, Columns.of(cfg), cfg.multilabel, skip_bad=cfg.skip_bad_rows)
             except DomainLMError as e:
                 errors[key] = str(e).replace(str(self.home.resolve()) + "/", "")
 

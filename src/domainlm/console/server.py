@@ -13,7 +13,8 @@ def serve(cfg: ConsoleConfig) -> None:
     try:
         import uvicorn
 
-        from domainlm.console.app import Console, create_app
+        from domainlm.console.app import Console
+        from domainlm.console.web import create_app
     except ImportError as e:
         raise DomainLMError(f"the console needs its extra: pip install 'domainlm[console]' ({e.name} is missing)") from None
     sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET)

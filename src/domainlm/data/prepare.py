@@ -38,10 +38,10 @@ from domainlm.data.tokenize import (
     corpus_forbidden_ids,
     encode_chunk,
     init_worker,
-    load_fast_tokenizer,
     vocab_hash,
 )
 from domainlm.errors import DomainLMError
+from domainlm.interop.tokenizer import load_fast_tokenizer
 
 
 @dataclass(kw_only=True)

@@ -50,16 +50,17 @@ def student_config(cfg: DistillConfig, out: Path):
 
 
 def load_teacher(path: str):
-    from domainlm.classify.command import _load
+    from domainlm.classify.runtime import load
 
-    return _load(path)
+    return load(path)
 
 
 def distill(cfg: DistillConfig) -> dict:
     from transformers.utils import logging as hf_logging
 
-    from domainlm.classify.command import _run, score
-    from domainlm.data.tokenize import load_fast_tokenizer
+    from domainlm.classify.command import _run
+    from domainlm.classify.report import score
+    from domainlm.interop.tokenizer import load_fast_tokenizer
     from domainlm.train.setup import make_accelerator
 
     hf_logging.set_verbosity_error()
@@ -135,7 +136,7 @@ def distill(cfg: DistillConfig) -> dict:
 
 
 def finish(cfg: DistillConfig, runs: list[dict], split: str, teacher_meta: dict, speed_texts, unlabeled_rows: int) -> dict:
-    from domainlm.classify.command import _load
+    from domainlm.classify.runtime import load
 
     metric = "f1_micro" if cfg.task == "multilabel" else "accuracy"
     models = ["teacher", "student"] + (["plain"] if cfg.plain else [])
@@ -144,7 +145,7 @@ def finish(cfg: DistillConfig, runs: list[dict], split: str, teacher_meta: dict,
         values = [r[name][split][metric] if name != "teacher" else r["teacher"][metric] for r in runs]
         table[name] = {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
                        "per_seed": values}
-    student = _load(str(Path(runs[0]["folder"])))
+    student = load(str(Path(runs[0]["folder"])))
     texts, pairs = speed_texts
     student.predict(texts[:8], None if pairs is None else pairs[:8], 64, cfg.max_seq_len)  # warm up
     started = time.perf_counter()

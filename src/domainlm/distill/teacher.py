@@ -20,7 +20,7 @@ CACHE = "teacher_cache"
 def model_labels(path: str) -> tuple[list[str], bool]:
     """The labels and task of any classifier folder, from its label file (a fold ensemble, an export, a finetune
     output or its model/, a linear floor); the model itself is not loaded."""
-    from domainlm.serve.runtime import LABELS_FILE, classifier_dir
+    from domainlm.classify.runtime import LABELS_FILE, classifier_dir
 
     folder = Path(path)
     if not folder.exists():
@@ -107,7 +107,7 @@ def corpus_texts(path: str, limit: int = 0) -> list[str]:
     between two Latin-script words)."""
     from domainlm.data.prepare import decode_with_words
     from domainlm.data.store import Corpus
-    from domainlm.data.tokenize import load_fast_tokenizer
+    from domainlm.interop.tokenizer import load_fast_tokenizer
 
     corpus = Corpus(path)
     local = Path(path) / "tokenizer"

@@ -335,7 +335,7 @@ def source_fingerprint(folder: Path) -> str:
 
 def convert(src: str | Path, out: str | Path, overwrite: bool = False, log=print) -> dict:
     """Write the HF equivalent of a PaddleNLP folder into `out` (built beside it, renamed into place)."""
-    from domainlm.data.tokenize import load_fast_tokenizer
+    from domainlm.interop.tokenizer import load_fast_tokenizer
 
     src, out = Path(src), Path(out)
     if not src.is_dir():

@@ -22,8 +22,9 @@ import torch
 from domainlm import config as cfglib
 from domainlm import outputs
 from domainlm.data.store import Corpus
-from domainlm.data.tokenize import load_fast_tokenizer, vocab_hash
+from domainlm.data.tokenize import vocab_hash
 from domainlm.errors import DomainLMError
+from domainlm.interop.tokenizer import load_fast_tokenizer
 from domainlm.pretrain.config import PretrainConfig
 from domainlm.pretrain.dataset import PretrainDataset, StepBatchSampler, collate
 from domainlm.pretrain.masking import MaskingOptions, default_max_predictions

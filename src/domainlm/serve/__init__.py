@@ -1,2 +1,2 @@
-"""Shipping a classifier: `export` (ONNX, int8, verified against PyTorch), one runtime over PyTorch and ONNX
-Runtime (`runtime`), and `serve` (HTTP with dynamic batching and limits)."""
+"""Shipping a classifier: `export` (ONNX, int8, verified against PyTorch) and `serve` (HTTP with dynamic batching
+and limits), both over the one classifier runtime (classify.runtime)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from domainlm.classify.config import DEVICE_HELP
 from domainlm.config import option
 
 
@@ -16,8 +17,8 @@ class ExportConfig:
     format: Literal["onnx"] = option("onnx", "export format")
     quantize: Literal["none", "int8"] = option("none", "also write a dynamically quantized int8 model (ONNX Runtime)")
     data: str | None = option(None, "labelled .csv/.tsv/.jsonl: accuracy and F1 of fp32 and int8, stored in export.json")
-    text_column: str = option("text", "column with the text (--data)")
-    pair_column: str | None = option(None, "column with a second text (--data)")
+    text_column: str | None = option(None, "column with the text (--data; default: the model's, else text)")
+    pair_column: str | None = option(None, "column with a second text (--data; default: the model's, if any)")
     label_column: str = option("label", "column with the label(s) (--data)")
     label_delimiter: str = option(",", "separator of several labels in one cell (--data)")
     opset: int = option(17, "ONNX opset", low=14, high=20)
@@ -25,7 +26,8 @@ class ExportConfig:
     tolerance: float = option(1e-4, "largest allowed |ONNX Runtime - PyTorch| probability difference (fp32)",
                               low=0, low_open=True)
     int8_tolerance: float = option(0.1, "largest allowed probability difference of the int8 model", low=0, low_open=True)
-    max_seq_len: int = option(128, "tokens per text when checking --data, and the default of predict/serve", low=8)
+    max_seq_len: int = option(0, "tokens per text when checking --data, and the default of predict/serve (0: the "
+                                 "length the classifier was trained at)", low=0)
     batch_size: int = option(32, "texts per batch when checking --data", low=1)
 
 
@@ -37,7 +39,10 @@ class ServeConfig:
     port: int = option(8080, "TCP port", low=0, high=65535)
     token: str | None = option(None, "require `Authorization: Bearer TOKEN` on /predict, /labels and /metrics "
                                     "(or set DOMAINLM_SERVE_TOKEN)")
-    precision: Literal["auto", "fp32", "int8"] = option("auto", "export folders: which model (auto: int8 if exported)")
+    precision: Literal["auto", "fp32", "int8", "bf16", "fp16"] = option(
+        "auto", "export folders: which model (auto: int8 if exported); PyTorch on a GPU: bf16/fp16 autocast (auto: bf16 "
+                "where the GPU has it)")
+    device: Literal["auto", "cpu", "cuda"] = option("auto", DEVICE_HELP)
     threads: int = option(0, "intra-op threads of the model (0: every core this process may use)", low=0)
     batching: bool = option(True, "gather concurrent requests into one batch (--no-batching: one request at a time)")
     max_batch: int = option(32, "texts per model batch", low=1)
@@ -46,6 +51,6 @@ class ServeConfig:
     max_texts: int = option(64, "texts per request", low=1)
     max_chars: int = option(2000, "characters per text", low=1)
     max_body_bytes: int = option(1_000_000, "request body size", low=100)
-    max_seq_len: int = option(0, "tokens per text (0: the export's setting, else 128)", low=0)
+    max_seq_len: int = option(0, "tokens per text (0: the length saved with the model)", low=0)
     top_k: int = option(3, "default number of best labels with scores in each answer", low=1)
     cors_origins: list[str] = option([], "origins allowed by CORS (default: none, CORS off)")

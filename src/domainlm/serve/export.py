@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from domainlm import checks
 from domainlm import config as cfglib
-from domainlm.errors import DomainLMError
-from domainlm.serve.config import ExportConfig
-from domainlm.serve.runtime import (
+from domainlm.classify.config import MAX_SEQ_LEN
+from domainlm.classify.runtime import (
     EXPORT_META,
     INPUT_NAMES,
     LABELS_FILE,
@@ -30,6 +30,8 @@ from domainlm.serve.runtime import (
     classifier_dir,
     is_export_dir,
 )
+from domainlm.errors import DomainLMError
+from domainlm.serve.config import ExportConfig
 
 # (batch size, tokens) checked at export time; the trace itself uses (2, 8), so every other shape proves the
 # axes are dynamic, and rows of different lengths inside a batch check the padding mask.
@@ -168,19 +170,18 @@ def _check_out(out: Path, model_dir: str) -> None:
 
 def data_metrics(cfg: ExportConfig, runtimes: dict[str, OnnxRuntime]) -> dict:
     """Accuracy / F1 of each exported model on --data, and the change int8 brings."""
-    from domainlm.classify.command import score
     from domainlm.classify.data import Columns, check_labels, read_examples
+    from domainlm.classify.report import score
 
     any_rt = next(iter(runtimes.values()))
-    data = read_examples(cfg.data, Columns(cfg.text_column, cfg.pair_column, cfg.label_column, None, cfg.label_delimiter),
-                         any_rt.multilabel)
+    data = read_examples(cfg.data, Columns.of(cfg, any_rt), any_rt.multilabel)
     check_labels(data, any_rt.labels)
     texts = [ex.text for ex in data.examples]
-    pairs = [ex.text_pair or "" for ex in data.examples] if cfg.pair_column else None
+    pairs = [ex.text_pair or "" for ex in data.examples] if cfg.pair_column or any_rt.pair_column else None
     keys = ("f1_micro", "f1_macro", "exact_match") if any_rt.multilabel else ("accuracy", "f1_macro")
     result: dict = {"data": cfg.data, "rows": len(data)}
     for name, rt in runtimes.items():
-        probs = rt.predict(texts, pairs, cfg.batch_size, cfg.max_seq_len)
+        probs = rt.predict(texts, pairs, cfg.batch_size)
         metrics = score(probs, data, rt.labels, rt.multilabel, 2, rt.thresholds if rt.multilabel else None)
         result[name] = {k: round(float(metrics[k]), 6) for k in keys if k in metrics}
     if "int8" in result:
@@ -193,7 +194,8 @@ def export_ensemble(cfg: ExportConfig) -> dict:
     so that the export folder is again an ensemble that predict, evaluate and serve take."""
     import dataclasses
 
-    from domainlm.classify.ensemble import is_ensemble, read_ensemble, write_ensemble
+    from domainlm.classify.ensemble import write_ensemble
+    from domainlm.classify.runtime import is_ensemble, read_ensemble
 
     meta = read_ensemble(cfg.model)
     out = Path(cfg.out)
@@ -214,7 +216,7 @@ def export(cfg: ExportConfig) -> dict:
     import onnxruntime
     import torch
 
-    from domainlm.classify.ensemble import is_ensemble
+    from domainlm.classify.runtime import is_ensemble
 
     if is_ensemble(cfg.model) and not is_export_dir(cfg.model):
         return export_ensemble(cfg)
@@ -230,7 +232,10 @@ def export(cfg: ExportConfig) -> dict:
     started = time.perf_counter()
     model, tokenizer, meta = _load(model_dir)
     input_names = _input_names(model, tokenizer)
-    max_len = min(cfg.max_seq_len, getattr(model.config, "max_position_embeddings", cfg.max_seq_len))
+    # the length the classifier was trained at (else MAX_SEQ_LEN) unless --max-seq-len says otherwise, within
+    # the model's positions: what predict and serve use by default
+    max_len = checks.max_seq_len(model.config, cfg.max_seq_len or meta.get("max_seq_len") or MAX_SEQ_LEN, model_dir,
+                                 cap=True)
     if tokenizer.model_max_length and tokenizer.model_max_length < 10**6:
         max_len = min(max_len, tokenizer.model_max_length)
 

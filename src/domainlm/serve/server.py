@@ -1,4 +1,5 @@
-"""`domainlm serve MODEL`: an HTTP JSON API over a classifier (PyTorch or an ONNX export) with dynamic batching.
+"""`domainlm serve MODEL`: an HTTP JSON API over a classifier (PyTorch, an ONNX export or the linear floor: whatever
+classify.runtime.load opens) with dynamic batching.
 
 Requests are checked (size, JSON, types, limits) in the event loop, then queued. One worker thread owns the
 model: it takes the first waiting request, gathers more for up to --max-wait-ms or --max-batch texts, sorts the
@@ -24,35 +25,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field
 
+from domainlm.classify.runtime import ClassifierRuntime, Runtime
 from domainlm.serve.config import ServeConfig
-from domainlm.serve.runtime import Runtime
-
-
-class PredictRequest(BaseModel):
-    """The body of POST /predict (documented in the OpenAPI schema; checked by hand for clear messages)."""
-
-    text: str | list[str] = Field(description="one text, or a list of texts", examples=["酒店的服务非常好"])
-    text_pair: str | list[str] | None = Field(None, description="second text(s) for pair tasks, as many as texts")
-    top_k: int | None = Field(None, ge=1, description="how many best labels to list with their scores")
-
-
-class Prediction(BaseModel):
-    labels: list[str] = Field(description="the chosen label (multi-class) or every label over its threshold")
-    scores: dict[str, float] = Field(description="probabilities of the chosen labels")
-    top_k: list[dict] = Field(description="the k best labels: [{label, score}]")
-
-
-class PredictResponse(BaseModel):
-    predictions: list[Prediction]
-    model: str
-
-
-class BadRequest(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status, self.message = status, message
+from domainlm.serve.requests import BadRequest, PredictRequest, PredictResponse, parse_request, read_body
 
 
 @dataclass
@@ -93,7 +69,7 @@ class Metrics:
 class Batcher:
     """The worker thread that owns the model."""
 
-    def __init__(self, runtime: Runtime, cfg: ServeConfig, metrics: Metrics):
+    def __init__(self, runtime: ClassifierRuntime, cfg: ServeConfig, metrics: Metrics):
         self.runtime, self.cfg, self.metrics = runtime, cfg, metrics
         self.queue: queue.Queue = queue.Queue(maxsize=cfg.queue_size)
         self.thread = threading.Thread(target=self._loop, name="domainlm-batcher", daemon=True)
@@ -145,18 +121,13 @@ class Batcher:
                 _answer_all(jobs, [None] * len(jobs), error=e)
 
     def _run(self, jobs: list[Job]) -> None:
-        rt, max_batch = self.runtime, self.cfg.max_batch
-        features = _encode(rt, jobs)
-        probs = np.empty((len(features), len(rt.labels)), dtype=np.float32)
-        sizes = []
-        for idx in length_groups([len(f["input_ids"]) for f in features], max_batch):
-            probs[idx] = rt.probs_batch(rt.pad([features[j] for j in idx]))
-            sizes.append(len(idx))
+        rt = self.runtime
+        probs, sizes = _token_probs(rt, jobs, self.cfg.max_batch) if isinstance(rt, Runtime) else _text_probs(rt, jobs)
         with self.metrics.lock:
             self.metrics.batches += len(sizes)
             self.metrics.batch_sizes.update(sizes)
             self.metrics.gathered[len(jobs)] += 1
-            self.metrics.texts += len(features)
+            self.metrics.texts += len(probs)
         answers, start = [], 0
         for job in jobs:
             answers.append(rt.decide(probs[start : start + len(job.texts)], job.top_k))
@@ -164,10 +135,40 @@ class Batcher:
         _answer_all(jobs, answers)
 
 
+def _token_probs(rt: Runtime, jobs: list[Job], max_batch: int) -> tuple[np.ndarray, list[int]]:
+    """A token model: the gathered texts encoded, cut into batches of like lengths, run batch by batch."""
+    features = _encode(rt, jobs)
+    probs = np.empty((len(features), len(rt.labels)), dtype=np.float32)
+    sizes = []
+    for idx in length_groups([len(f["input_ids"]) for f in features], max_batch):
+        probs[idx] = rt.probs_batch(rt.pad([features[j] for j in idx]))
+        sizes.append(len(idx))
+    return probs, sizes
+
+
+def _text_probs(rt: ClassifierRuntime, jobs: list[Job]) -> tuple[np.ndarray, list[int]]:
+    """Any other kind (the linear floor): its own `predict`, once for the jobs without a text pair and once for
+    those with."""
+    probs = np.empty((sum(len(job.texts) for job in jobs), len(rt.labels)), dtype=np.float32)
+    sizes = []
+    for where, texts, pairs in _by_pairing(jobs):
+        probs[where] = rt.predict(texts, pairs)
+        sizes.append(len(texts))
+    return probs, sizes
+
+
 def _encode(rt: Runtime, jobs: list[Job]) -> list[dict]:
     """Features of every text of the gathered jobs, in job order: one tokenizer call for the jobs without a text
     pair and one for those with (a fast tokenizer's call has a fixed cost that a call per request repeats)."""
     features: list = [None] * sum(len(job.texts) for job in jobs)
+    for where, texts, pairs in _by_pairing(jobs):
+        for i, f in zip(where, rt.encode(texts, pairs)):
+            features[i] = f
+    return features
+
+
+def _by_pairing(jobs: list[Job]):
+    """(rows, texts, pairs or None) of the gathered jobs without a text pair, then of those with one."""
     for paired in (False, True):
         where, texts, pairs, start = [], [], [], 0
         for job in jobs:
@@ -177,9 +178,7 @@ def _encode(rt: Runtime, jobs: list[Job]) -> list[dict]:
                 pairs += job.pairs or []
             start += len(job.texts)
         if texts:
-            for i, f in zip(where, rt.encode(texts, pairs if paired else None)):
-                features[i] = f
-    return features
+            yield where, texts, pairs if paired else None
 
 
 def length_groups(lengths: list[int], max_batch: int, slack: float = 1.3, extra: int = 8) -> list[np.ndarray]:
@@ -211,65 +210,7 @@ def _answer_all(jobs: list[Job], results: list, error: BaseException | None = No
     jobs[0].loop.call_soon_threadsafe(settle)
 
 
-def _texts(value, name: str, cfg: ServeConfig) -> list[str]:
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list):
-        raise BadRequest(422, f"'{name}' must be a string or a list of strings, not {type(value).__name__}")
-    if not items:
-        raise BadRequest(422, f"'{name}' is an empty list")
-    if len(items) > cfg.max_texts:
-        raise BadRequest(413, f"'{name}' has {len(items)} texts; at most {cfg.max_texts} per request (--max-texts)")
-    for i, t in enumerate(items):
-        where = name if isinstance(value, str) else f"{name}[{i}]"
-        if not isinstance(t, str):
-            raise BadRequest(422, f"{where} must be a string, not {type(t).__name__}")
-        if not t.strip():
-            raise BadRequest(422, f"{where} is empty")
-        if len(t) > cfg.max_chars:
-            raise BadRequest(413, f"{where} has {len(t)} characters; at most {cfg.max_chars} (--max-chars)")
-    return items
-
-
-def parse_request(body: bytes, cfg: ServeConfig) -> tuple[list[str], list[str] | None, int]:
-    try:
-        payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadRequest(400, f"the body is not valid JSON: {e}") from None
-    if not isinstance(payload, dict):
-        raise BadRequest(422, 'the body must be a JSON object such as {"text": "..."}')
-    unknown = sorted(set(payload) - set(PredictRequest.model_fields))
-    if unknown:
-        raise BadRequest(422, f"unknown field(s) {', '.join(unknown)}; expected text, text_pair, top_k")
-    if "text" not in payload:
-        raise BadRequest(422, "'text' is required: one string or a list of strings")
-    texts = _texts(payload["text"], "text", cfg)
-    pairs = None
-    if payload.get("text_pair") is not None:
-        pairs = _texts(payload["text_pair"], "text_pair", cfg)
-        if len(pairs) != len(texts):
-            raise BadRequest(422, f"'text_pair' has {len(pairs)} texts but 'text' has {len(texts)}")
-    top_k = payload.get("top_k", cfg.top_k)
-    if top_k is None:
-        top_k = cfg.top_k
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise BadRequest(422, f"'top_k' must be a positive integer, not {top_k!r}")
-    return texts, pairs, top_k
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BadRequest(413, f"the body has {declared} bytes; at most {limit} (--max-body-bytes)")
-    chunks, size = [], 0
-    async for chunk in request.stream():  # also bounds bodies sent without a length
-        size += len(chunk)
-        if size > limit:
-            raise BadRequest(413, f"the body is over {limit} bytes (--max-body-bytes)")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def create_app(runtime: Runtime, cfg: ServeConfig) -> FastAPI:
+def create_app(runtime: ClassifierRuntime, cfg: ServeConfig) -> FastAPI:
     from contextlib import asynccontextmanager
 
     metrics = Metrics()
@@ -343,7 +284,7 @@ def create_app(runtime: Runtime, cfg: ServeConfig) -> FastAPI:
         if denied:
             return denied
         try:
-            texts, pairs, top_k = parse_request(await _read_body(request, cfg.max_body_bytes), cfg)
+            texts, pairs, top_k = parse_request(await read_body(request, cfg.max_body_bytes), cfg)
         except BadRequest as e:
             return error(e.status, e.message)
         loop = asyncio.get_running_loop()
@@ -366,15 +307,21 @@ def create_app(runtime: Runtime, cfg: ServeConfig) -> FastAPI:
     return app
 
 
-def serve(cfg: ServeConfig) -> None:
-    import uvicorn
-
-    from domainlm.serve.runtime import load_runtime
+def build(cfg: ServeConfig) -> tuple[ServeConfig, FastAPI]:
+    """The app `serve` runs: the model loaded by the one classifier runtime, with the options resolved."""
+    from domainlm.classify.runtime import load
 
     if not cfg.token and os.environ.get("DOMAINLM_SERVE_TOKEN"):  # keeps the token out of `ps`
         cfg = dataclasses.replace(cfg, token=os.environ["DOMAINLM_SERVE_TOKEN"])
-    runtime = load_runtime(cfg.model, cfg.precision, cfg.threads, cfg.max_seq_len)
-    app = create_app(runtime, cfg)
+    runtime = load(cfg.model, cfg.precision, cfg.device, cfg.threads, cfg.max_seq_len)
+    return cfg, create_app(runtime, cfg)
+
+
+def serve(cfg: ServeConfig) -> None:
+    import uvicorn
+
+    cfg, app = build(cfg)
+    runtime = app.state.runtime
     print(f"serving {cfg.model} ({runtime.kind}, {len(runtime.labels)} labels) on http://{cfg.host}:{cfg.port} "
           f"(docs: /docs; batching {'on' if cfg.batching else 'off'})", flush=True)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False)

@@ -27,13 +27,14 @@ def pval(p: float) -> str:
 
 # ---- the floor, once per task -------------------------------------------------------------------------------
 
-def fit_floor(cfg, root: Path) -> dict:
+def fit_floor(cfg, root: Path, data: tuple) -> dict:
     """The classical floor on the rows the first seed's cells train on, scored on the cells' evaluation rows.
-    Reused while the fine-tuning options (data, columns, task, validation) are unchanged."""
+    `data`: the rows check_data read (train, dev, test, labels). Reused while the fine-tuning options (data,
+    columns, task, validation) are unchanged."""
     from domainlm.classify import linear
-    from domainlm.classify.command import _columns, write_outputs
-    from domainlm.classify.data import label_list, read_examples, split_validation
-    from domainlm.sweep.command import cell_config
+    from domainlm.classify.data import split_validation
+    from domainlm.classify.report import write_json, write_outputs
+    from domainlm.sweep.config import cell_config
 
     ft = cell_config(cfg, "model", "out", cfg.seeds[0])
     folder = root / "floor"
@@ -41,20 +42,14 @@ def fit_floor(cfg, root: Path) -> dict:
     if (folder / "metrics.json").is_file() and (folder / "options.json").is_file() and \
             json.loads((folder / "options.json").read_text(encoding="utf-8")) == json.loads(json.dumps(key)):
         return json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
-    columns = _columns(ft)
-    train = read_examples(ft.train, columns, ft.multilabel, skip_bad=ft.skip_bad_rows)
-    labels = label_list(train, ft.labels or None)
-    if ft.dev:
-        fit, dev = train, read_examples(ft.dev, columns, ft.multilabel, skip_bad=ft.skip_bad_rows)
-    else:
-        fit, dev = split_validation(train, ft.valid_ratio, ft.valid_max_rows, cfg.seeds[0])
-    test = read_examples(ft.test, columns, ft.multilabel, skip_bad=ft.skip_bad_rows) if ft.test else None
+    train, dev, test, labels = data
+    fit, dev = (train, dev) if dev is not None else split_validation(train, ft.valid_ratio, ft.valid_max_rows, cfg.seeds[0])
     print("fitting the classical floor (char n-gram TF-IDF + linear model)", flush=True)
     model, result = linear.evaluate(fit, dev, test, labels, ft.multilabel, ft.best_metric, ft.tolerant_k)
-    linear.save(model, folder)
+    linear.save(model, folder, ft)
     split, data = ("test", test) if test is not None else ("dev", dev)
     write_outputs(folder, split, data, model.scores(data), labels, ft.multilabel, result[split], model.thresholds)
-    (folder / "metrics.json").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
+    write_json(folder / "metrics.json", result)
     (folder / "options.json").write_text(json.dumps(key, ensure_ascii=False), encoding="utf-8")
     return result
 

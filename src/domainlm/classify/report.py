@@ -1,0 +1,72 @@
+"""What every classifier run reports, written in one place for finetune, the linear floor, evaluate, the sweep and
+export: the metrics of a split (`score`), its predictions and bad cases (`write_outputs`), the report (`report_markdown`),
+and the run's files (`write_run`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from domainlm.classify import metrics as M
+from domainlm.classify.data import Dataset, targets
+from domainlm.classify.metrics import best_k, choose, thresholds_of
+
+
+def score(probs: np.ndarray, data: Dataset, labels: list[str], multilabel: bool, tolerant_k: int,
+          thresholds: np.ndarray | None = None, ordinal: bool = False) -> dict:
+    gold = targets(data, labels, multilabel)
+    groups = [ex.group or "" for ex in data.examples] if any(ex.group for ex in data.examples) else None
+    if multilabel:
+        return M.multilabel_metrics(probs, gold, labels, thresholds_of(len(labels), thresholds), groups)
+    return M.multiclass_metrics(probs, gold, labels, tolerant_k, groups, ordinal)
+
+
+def write_outputs(out: Path, name: str, data: Dataset, probs: np.ndarray, labels: list[str], multilabel: bool,
+                  metrics: dict, thresholds: np.ndarray | None) -> None:
+    """<name>_predictions.jsonl (every row) and <name>_bad_cases.jsonl (wrong ones, with scores)."""
+    with open(out / f"{name}_predictions.jsonl", "w", encoding="utf-8") as preds, \
+            open(out / f"{name}_bad_cases.jsonl", "w", encoding="utf-8") as bad:
+        for ex, p, chosen, best in zip(data.examples, probs, choose(probs, multilabel, thresholds), best_k(probs, 5)):
+            predicted = [labels[j] for j in chosen]
+            wrong = sorted(predicted) != sorted(ex.labels)
+            row = {"line": ex.line, "text": ex.text, "gold": ex.labels, "predicted": predicted,
+                   "scores": {labels[j]: round(float(p[j]), 4) for j in best}}
+            if ex.group:
+                row["group"] = ex.group
+            line = json.dumps(row, ensure_ascii=False) + "\n"
+            preds.write(line)
+            if wrong:
+                bad.write(line)
+    if "confusion_matrix" in metrics:
+        M.confusion_png(metrics["confusion_matrix"], labels, out / f"{name}_confusion.png")
+
+
+def report_markdown(title: str, sections: dict[str, dict], labels: list[str]) -> str:
+    lines = [f"# {title}", ""]
+    for name, m in sections.items():
+        lines += [f"## {name} ({m.get('n', '?')} rows)", "", "| metric | value |", "| --- | --- |"]
+        lines += [f"| {k} | {v:.4f} |" for k, v in M.scalars(m).items()]
+        lines += ["", "| class | precision | recall | f1 | support |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {c} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {v['support']} |" for c, v in m["per_class"].items()]
+        if "per_group" in m:
+            keys = [k for k in next(iter(m["per_group"].values())) if k != "n"]
+            lines += ["", "| group | n | " + " | ".join(keys) + " |", "| --- " * (len(keys) + 2) + "|"]
+            lines += [f"| {g} | {v['n']} | " + " | ".join(f"{v[k]:.3f}" for k in keys) + " |" for g, v in m["per_group"].items()]
+        if "confusion_matrix" in m:
+            lines += ["", "Confusion matrix (rows gold, columns predicted):", "", "| | " + " | ".join(labels) + " |",
+                      "| --- " * (len(labels) + 1) + "|"]
+            lines += [f"| {labels[i]} | " + " | ".join(map(str, row)) + " |" for i, row in enumerate(m["confusion_matrix"])]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+def write_run(out: Path, metrics: dict, title: str, sections: dict[str, dict], labels: list[str]) -> None:
+    """metrics.json (everything measured) and report.md (the tables of `sections`) of one run."""
+    write_json(out / "metrics.json", metrics)
+    (out / "report.md").write_text(report_markdown(title, sections, labels), encoding="utf-8")

@@ -1,0 +1,34 @@
+"""The console's web app: the Console service (console.app) behind its JSON API (console.api) and its pages
+(console.pages), with the token check and the static files. The top of the console: nothing in it imports this."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from domainlm.console import api, pages
+from domainlm.console.app import HERE, Console
+from domainlm.console.security import TokenAuth
+
+
+def create_app(console: Console) -> FastAPI:
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        console.start()
+        try:
+            yield
+        finally:
+            console.stop()
+
+    # /docs is the console's own page over /openapi.json: the usual Swagger UI would load from a CDN
+    app = FastAPI(title="domainlm console", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  description="Create, watch and compare domainlm training jobs. Every call needs "
+                              "`Authorization: Bearer TOKEN` (the token `domainlm console` printed).")
+    app.state.console = console
+    app.add_middleware(TokenAuth, token=console.token)
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    app.include_router(api.router)
+    app.include_router(pages.router)
+    return app

@@ -1,0 +1,131 @@
+"""`classify.runtime.load`: one loader for every model kind, the device it runs on, and the settings saved with a
+classifier (max_seq_len, text column, task) as the defaults of evaluate, predict, serve and export."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from domainlm.classify.runtime import autocast_dtype, load
+from domainlm.cli import main
+from domainlm.errors import DomainLMError
+from domainlm.serve.config import ServeConfig
+from domainlm.serve.server import build
+from tests.test_classify import make_rows, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def untrained(tmp_path_factory, tiny_model, tokenizer):
+    """A classifier folder as finetune saves one (not trained: the tests here need its kind, not its answers)."""
+    from domainlm.classify.model import load_classifier, save_classifier
+
+    root = tmp_path_factory.mktemp("untrained")
+    labels = ["book", "hotel", "pc"]
+    save_classifier(load_classifier(tiny_model, labels, False, "full", 16, 32), tokenizer, root, labels, False)
+    return root
+
+
+def test_device_cpu_is_honoured_and_cuda_without_a_gpu_is_a_one_line_error(untrained, monkeypatch, tmp_path, capsys):
+    rt = load(str(untrained), device="cpu")
+    assert rt.device == "cpu" and next(rt.model.parameters()).device.type == "cpu" and rt.kind == "pytorch-fp32"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert load(str(untrained)).device == "cpu"  # auto, with no GPU
+    with pytest.raises(DomainLMError, match="--device cuda: PyTorch sees no CUDA GPU"):
+        load(str(untrained), device="cuda")
+    data = write_jsonl(tmp_path / "in.jsonl", make_rows(1, 1))
+    capsys.readouterr()
+    assert main(["predict", "--model", str(untrained), "--input", data, "--out", str(tmp_path / "p.jsonl"),
+                 "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--device cuda" in err and "--device cpu" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_autocast_follows_precision_and_the_gpu():
+    assert autocast_dtype("auto", "cuda", True) == torch.bfloat16
+    assert autocast_dtype("auto", "cuda", False) is None  # a GPU without bf16: fp32 unless fp16 is asked for
+    assert autocast_dtype("bf16", "cuda", False) == torch.float16 and autocast_dtype("fp16", "cuda", True) == torch.float16
+    assert autocast_dtype("fp32", "cuda", True) is None and autocast_dtype("auto", "cpu", True) is None
+    with pytest.raises(DomainLMError, match="--precision bf16 runs on a GPU only"):
+        autocast_dtype("bf16", "cpu", False)
+
+
+@pytest.fixture(scope="module")
+def long_model(tmp_path_factory, tokenizer):
+    """A tiny encoder with 300 positions, fine-tuned at --max-seq-len 256 on long texts in a column `body` (barely:
+    what counts here is the length it was trained at, and that its scores vary with what it reads)."""
+    from transformers import BertConfig, BertForPreTraining
+
+    root = tmp_path_factory.mktemp("long")
+    torch.manual_seed(0)
+    base = root / "base"
+    BertForPreTraining(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=300,
+                                  initializer_range=1.0)).save_pretrained(base)  # large weights: scores vary by text
+    tokenizer.save_pretrained(base)
+    # the same 140 filler tokens first, the topic after them: at 128 tokens every row looks alike, at 256 they differ
+    rows = [{"body": "的很是了也都和在" * 17 + r["text"] * 4, "label": r["label"]} for r in make_rows(6, 1)]
+    train = write_jsonl(root / "train.jsonl", rows)
+    assert main(["finetune", "--model", str(base), "--train", train, "--out", str(root / "ft"), "--epochs", "1",
+                 "--batch-size", "6", "--learning-rate", "1e-5", "--max-seq-len", "256", "--text-column", "body",
+                 "--no-floor"]) == 0
+    return root
+
+
+def test_a_model_fine_tuned_at_256_is_used_at_256_without_the_flag(long_model, tmp_path, capsys):
+    ft = long_model / "ft"
+    saved = json.loads((ft / "model" / "domainlm_labels.json").read_text())
+    assert saved["max_seq_len"] == 256 and saved["text_column"] == "body" and saved["task"] == "multiclass"
+    rt = load(str(ft))
+    assert rt.max_seq_len == 256
+    texts = [json.loads(line)["body"] for line in (long_model / "train.jsonl").read_text().splitlines()]
+    at_256, at_128 = rt.predict(texts, max_seq_len=256), rt.predict(texts, max_seq_len=128)
+    assert np.ptp(at_128, axis=0).max() < 1e-6 and np.ptp(at_256, axis=0).max() > 1e-3  # the length shows
+
+    def scores(path):
+        return np.array([[row["scores"][label] for label in rt.labels]
+                         for row in map(json.loads, path.read_text().splitlines())])
+
+    # predict and evaluate read the column `body` and use 256, both saved with the model
+    assert main(["predict", "--model", str(ft), "--input", str(long_model / "train.jsonl"), "--out", str(tmp_path / "p.jsonl"),
+                 "--top-k", "3"]) == 0
+    np.testing.assert_allclose(scores(tmp_path / "p.jsonl"), at_256, atol=1e-4)
+    assert main(["evaluate", "--model", str(ft), "--data", str(long_model / "train.jsonl"), "--out", str(tmp_path / "ev")]) == 0
+    ev = [json.loads(line) for line in (tmp_path / "ev" / "eval_predictions.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose([[r["scores"][label] for label in rt.labels] for r in ev], at_256, atol=1e-4)
+    # a flag still overrides it; one over the model's positions is capped with a notice naming both numbers
+    assert main(["predict", "--model", str(ft), "--input", str(long_model / "train.jsonl"), "--out", str(tmp_path / "q.jsonl"),
+                 "--top-k", "3", "--max-seq-len", "128"]) == 0
+    np.testing.assert_allclose(scores(tmp_path / "q.jsonl"), at_128, atol=1e-4)
+    capsys.readouterr()
+    assert load(str(ft), max_seq_len=4096).max_seq_len == 300
+    assert "--max-seq-len 4096 is more than" in capsys.readouterr().err
+    # serve: the same length without the flag, the same answers
+    cfg, app = build(ServeConfig(model=str(ft)))
+    assert app.state.runtime.max_seq_len == 256
+    with TestClient(app) as client:
+        answer = client.post("/predict", json={"text": texts[:3], "top_k": 3}).json()
+    got = [[{d["label"]: d["score"] for d in p["top_k"]}[label] for label in rt.labels] for p in answer["predictions"]]
+    np.testing.assert_allclose(got, at_256[:3], atol=1e-5)
+
+
+def test_serve_serves_a_linear_floor(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", make_rows(20, 1))
+    test = write_jsonl(tmp_path / "test.jsonl", make_rows(5, 2))
+    assert main(["finetune", "--method", "linear", "--train", train, "--out", str(tmp_path / "floor")]) == 0
+    assert main(["predict", "--model", str(tmp_path / "floor"), "--input", test, "--out", str(tmp_path / "p.jsonl")]) == 0
+    expected = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    cfg, app = build(ServeConfig(model=str(tmp_path / "floor")))
+    texts = [row["text"] for row in expected]
+    with TestClient(app) as client:
+        assert client.get("/health").json()["model"] == "linear"
+        assert client.get("/labels").json()["labels"] == ["book", "hotel", "pc"]
+        answer = client.post("/predict", json={"text": texts}).json()
+        paired = client.post("/predict", json={"text": texts[:2], "text_pair": ["酒店", "电脑"]}).json()
+    assert answer["model"] == "linear"
+    assert [p["labels"] for p in answer["predictions"]] == [row["labels"] for row in expected]
+    for p, row in zip(answer["predictions"], expected):
+        assert {d["label"]: d["score"] for d in p["top_k"]} == pytest.approx(row["scores"], abs=1e-4)
+    assert len(paired["predictions"]) == 2
