@@ -86,3 +86,13 @@ def test_bad_inputs_name_the_flag(setup, tiny_model, tmp_path, capsys):
     assert "--alpha = 1.5 is out of range" in error("--alpha", "1.5")
     assert "--teacher" in error("--teacher", str(tmp_path / "nowhere"))
     assert not (tmp_path / "o").exists()
+
+
+def test_corpus_documents_as_unlabelled_text(corpus_dir):
+    from domainlm.distill.teacher import corpus_texts
+    from tests.conftest import ZH_DOCS
+
+    texts = corpus_texts(corpus_dir, limit=5)
+    assert len(texts) == 5 and all(" " not in t for t in texts)  # Chinese words joined without spaces
+    sentences = {s for d in ZH_DOCS for s in d.replace("！", "。").replace("；", "。").split("。") if s}
+    assert any(s in texts[0] for s in sentences)  # decoded back to the documents' own sentences
