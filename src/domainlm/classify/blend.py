@@ -16,7 +16,7 @@ import numpy as np
 
 from domainlm.classify import metrics as M
 from domainlm.classify.data import Dataset, targets
-from domainlm.classify.report import score, write_outputs
+from domainlm.classify.report import score, write_json, write_outputs
 
 # the model's weight: 0 is the floor alone, 1 the transformer alone
 WEIGHTS = np.round(np.linspace(0.0, 1.0, 21), 2)
@@ -98,5 +98,14 @@ def finetune_blend(cfg, out: Path, load: Callable, labels: list[str], splits: li
             floors = [predict(out / "floor" / f"fold-{k}", test) for k in range(1, len(held_out) + 1)]
             t = (predict(out, test), np.mean(floors, axis=0), test)
     result = blend(cfg, selection, chosen_on, labels, t, out)
-    (out / "blend.json").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
+    write_json(out / "blend.json", result)
     return result
+
+
+def add_to_run(out: Path, result: dict, metric: str) -> None:
+    """One run's blend beside its floor: in metrics.json (`blend`) and a line of report.md."""
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    metrics["blend"] = result
+    write_json(out / "metrics.json", metrics)
+    with open(out / "report.md", "a", encoding="utf-8") as f:
+        f.write("\n" + line(result, metric) + "\n")

@@ -1,6 +1,6 @@
 """What every classifier run reports, written in one place for finetune, the linear floor, evaluate, the sweep and
 export: the metrics of a split (`score`), its predictions and bad cases (`write_outputs`), the report (`report_markdown`),
-and the run's files (`write_run`)."""
+and the files of a run (`write_run`) and of several (`write_summary`)."""
 
 from __future__ import annotations
 
@@ -70,3 +70,15 @@ def write_run(out: Path, metrics: dict, title: str, sections: dict[str, dict], l
     """metrics.json (everything measured) and report.md (the tables of `sections`) of one run."""
     write_json(out / "metrics.json", metrics)
     (out / "report.md").write_text(report_markdown(title, sections, labels), encoding="utf-8")
+
+
+def write_summary(out: Path, summary: dict, kind: str, floor_line: str | None, extra: list[str] = ()) -> None:
+    """summary.json and summary.md of several runs (seeds or folds): mean and std of each metric."""
+    write_json(out / "summary.json", summary)
+    lines = [f"# {summary['runs']} runs ({kind}), metrics on {summary['evaluated_on']}", "",
+             "| metric | mean | std |", "| --- | --- | --- |"]
+    lines += [f"| {k} | {v['mean']:.4f} | {v['std']:.4f} |" for k, v in summary["mean_std"].items()]
+    if floor_line:
+        lines += ["", floor_line]
+    lines += list(extra)  # fold ensembles, out-of-fold predictions, the blend
+    (out / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -58,7 +58,7 @@ def load_teacher(path: str):
 def distill(cfg: DistillConfig) -> dict:
     from transformers.utils import logging as hf_logging
 
-    from domainlm.classify.command import _run
+    from domainlm.classify import command as recipe  # finetune's setup, train, finish
     from domainlm.classify.report import score
     from domainlm.interop.tokenizer import load_fast_tokenizer
     from domainlm.train.setup import make_accelerator
@@ -114,10 +114,12 @@ def distill(cfg: DistillConfig) -> dict:
         soft = soften(np.concatenate([probs[f"fit-{seed}"], probs["unlabeled"]]), cfg.temperature, multilabel)
         packed = pack(targets(fit, labels, multilabel), soft, multilabel)
         make = partial(DistillClassifier, n_labels=len(labels), temperature=cfg.temperature, alpha=cfg.alpha)
-        run = {"seed": seed, "student": _run(ft, accelerator, tokenizer, student_rows, dev, test, labels, seed, folder,
-                                             make_model=make, train_targets=packed)}
+        student = recipe.setup(ft, accelerator, tokenizer, labels, student_rows, dev, test, seed, folder,
+                               make_model=make, fit_targets=packed)
+        run = {"seed": seed, "student": recipe.finish(student, recipe.train(student))}
         if cfg.plain:
-            run["plain"] = _run(ft, accelerator, tokenizer, fit, dev, test, labels, seed, folder / "plain")
+            plain = recipe.setup(ft, accelerator, tokenizer, labels, fit, dev, test, seed, folder / "plain")
+            run["plain"] = recipe.finish(plain, recipe.train(plain))
         split = "test" if test is not None else "dev"
         teacher_probs = probs["test" if test is not None else f"dev-{seed}"]
         run["teacher"] = score(teacher_probs, test if test is not None else dev, labels, multilabel, 2,

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
+from domainlm import checks, outputs
 from domainlm import config as cfglib
-from domainlm import outputs
 from domainlm.data.store import Corpus
 from domainlm.data.tokenize import vocab_hash
 from domainlm.errors import DomainLMError
@@ -147,7 +147,7 @@ def setup(cfg: PretrainConfig) -> Run:
     log = print if accelerator.is_main_process else (lambda *a, **k: None)
     with accelerator.main_process_first():  # a PaddleNLP folder is converted into --out once, by rank 0
         hf_model = load_pretraining_model(cfg.model, cfg.from_scratch, log=log, work_dir=out)
-    limit = getattr(hf_model.config, "max_position_embeddings", None)
+    limit = checks.position_limit(hf_model.config)  # the rule fine-tuning and inference use (RoBERTa: 2 fewer)
     if limit is not None and cfg.max_seq_len > limit:
         raise DomainLMError(f"--max-seq-len {cfg.max_seq_len} exceeds the model's max_position_embeddings ({limit})")
     if hf_model.config.vocab_size < len(tokenizer):
