@@ -96,3 +96,19 @@ def test_corpus_documents_as_unlabelled_text(corpus_dir):
     assert len(texts) == 5 and all(" " not in t for t in texts)  # Chinese words joined without spaces
     sentences = {s for d in ZH_DOCS for s in d.replace("！", "。").replace("；", "。").split("。") if s}
     assert any(s in texts[0] for s in sentences)  # decoded back to the documents' own sentences
+
+
+def test_hidden_state_matching_through_a_projection(setup, tiny_model, tmp_path, capsys):
+    out = tmp_path / "h"
+    assert distill(setup, tiny_model, out, "--hidden-weight", "1", "--alpha", "0.5", "--epochs", "6", "--logging-freq", "2",
+                   "--learning-rate", "3e-3") == 0
+    mse = [r["hidden_mse"] for r in log(out)]
+    assert mse[-1] < 0.5 * mse[0]  # the projected student [CLS] state approaches the teacher's
+    # the projection trains with the student and is not part of the saved classifier
+    assert main(["evaluate", "--model", str(out), "--data", setup["train"], "--out", str(tmp_path / "ev")]) == 0
+    floor = tmp_path / "floor"
+    assert main(["finetune", "--method", "linear", "--train", setup["train"], "--out", str(floor)]) == 0
+    capsys.readouterr()
+    assert main(["distill", "--teacher", str(floor), "--student", tiny_model, "--train", setup["train"], "--out",
+                 str(tmp_path / "x"), "--hidden-weight", "1"]) == 2
+    assert "--hidden-weight needs a PyTorch teacher" in capsys.readouterr().err

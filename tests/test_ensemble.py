@@ -78,3 +78,18 @@ def test_export_writes_an_ensemble_of_verified_members(cv, tmp_path):
     assert onnx.kind == "ensemble of 3 onnx-fp32"
     np.testing.assert_allclose(onnx.predict(texts, max_seq_len=32), load_runtime(str(cv["out"])).predict(texts, max_seq_len=32),
                                atol=1e-4)
+
+
+def test_an_ensemble_of_linear_floors_predicts_through_its_members(tmp_path):
+    from domainlm.classify.runtime import EnsembleRuntime, Runtime
+
+    train = write_jsonl(tmp_path / "train.jsonl", make_rows(10, 1))
+    out = tmp_path / "cv"
+    assert main(["finetune", "--method", "linear", "--train", train, "--out", str(out), "--folds", "3"]) == 0
+    oof = [json.loads(x) for x in (out / "oof.jsonl").read_text().splitlines()]
+    assert sorted(r["row"] for r in oof) == list(range(30))
+    ensemble = load_runtime(str(out))
+    assert isinstance(ensemble, EnsembleRuntime) and not isinstance(ensemble, Runtime)  # no tokens: serve calls predict
+    texts = [r["text"] for r in make_rows(3, 9)]
+    members = [load_runtime(str(out / f"fold-{k}")).predict(texts) for k in (1, 2, 3)]
+    np.testing.assert_allclose(ensemble.predict(texts), np.mean(members, axis=0), atol=1e-7)

@@ -36,8 +36,8 @@ from domainlm.classify.config import MAX_SEQ_LEN
 from domainlm.classify.metrics import best_k, choose, thresholds_of
 from domainlm.errors import DomainLMError
 
-__all__ = ["ClassifierRuntime", "EnsembleRuntime", "LinearRuntime", "OnnxRuntime", "Runtime", "TorchRuntime", "best_k",
-           "choose", "load", "thresholds_of"]
+__all__ = ["ClassifierRuntime", "EnsembleRuntime", "LinearRuntime", "OnnxRuntime", "Runtime", "TokenEnsembleRuntime",
+           "TorchRuntime", "best_k", "choose", "load", "thresholds_of"]
 
 EXPORT_META = "export.json"
 LABELS_FILE = "domainlm_labels.json"
@@ -318,30 +318,44 @@ def read_ensemble(path: str | Path) -> dict:
     return meta
 
 
-class EnsembleRuntime(Runtime):
-    """A fold ensemble (`finetune --folds`, or its export): the mean of its members' probabilities. Members that
-    share a tokenizer (those of one run) make it a token model: a batch is encoded once and each member scores it
-    (the server's path); otherwise `predict` lets each member encode for itself."""
+def open_ensemble(path: str, open_member: Callable[[str], ClassifierRuntime]) -> ClassifierRuntime:
+    """A fold ensemble (`finetune --folds`, or its export): its members opened, their label maps checked."""
+    meta = read_ensemble(path)
+    members = [open_member(str(Path(path) / m)) for m in meta["members"]]
+    for name, member in zip(meta["members"], members):
+        if member.labels != meta["labels"] or member.multilabel != bool(meta.get("multilabel")):
+            raise DomainLMError(f"{Path(path) / name}: its labels ({', '.join(member.labels)}) differ from the "
+                                f"ensemble's ({', '.join(meta['labels'])})")
+    tokenizers = [m.tokenizer for m in members]
+    shared = all(t is not None for t in tokenizers) and all(t.get_vocab() == tokenizers[0].get_vocab() for t in tokenizers)
+    return (TokenEnsembleRuntime if shared else EnsembleRuntime)(meta, members)
 
-    def __init__(self, path: str, open_member: Callable[[str], ClassifierRuntime]):
-        meta = read_ensemble(path)
-        self.members = [open_member(str(Path(path) / m)) for m in meta["members"]]
-        for name, member in zip(meta["members"], self.members):
-            if member.labels != meta["labels"] or member.multilabel != bool(meta.get("multilabel")):
-                raise DomainLMError(f"{Path(path) / name}: its labels ({', '.join(member.labels)}) differ from the "
-                                    f"ensemble's ({', '.join(meta['labels'])})")
-        first = self.members[0]
-        self.kind = f"ensemble of {len(self.members)} {first.kind}"
+
+class EnsembleRuntime(ClassifierRuntime):
+    """The mean of its members' probabilities, each member encoding the texts for itself."""
+
+    def __init__(self, meta: dict, members: list[ClassifierRuntime]):
+        self.members = members
+        first = members[0]
+        self.kind = f"ensemble of {len(members)} {first.kind}"
         self.config = getattr(first, "config", None)
-        tokenizers = [m.tokenizer for m in self.members]
-        shared = all(t is not None for t in tokenizers) and all(t.get_vocab() == tokenizers[0].get_vocab() for t in tokenizers)
         settings = {k: first.meta.get(k) for k in ("max_seq_len", "text_column", "pair_column")}
-        super().__init__(first.tokenizer if shared else None, {**settings, **meta}, first.max_seq_len)
+        ClassifierRuntime.__init__(self, {**settings, **meta}, first.max_seq_len)
 
     def predict(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 64,
                 max_seq_len: int | None = None, progress: bool = False) -> np.ndarray:
         n = max_seq_len or self.max_seq_len
         return np.mean([m.predict(texts, pairs, batch_size, n, progress) for m in self.members], axis=0)
+
+
+class TokenEnsembleRuntime(EnsembleRuntime, Runtime):
+    """Members that share a tokenizer (those of one run): also a token model, so that the server encodes a batch
+    once and each member scores it."""
+
+    def __init__(self, meta: dict, members: list[ClassifierRuntime]):
+        EnsembleRuntime.__init__(self, meta, members)
+        self.tokenizer = members[0].tokenizer
+        self.pad_id = getattr(self.tokenizer, "pad_token_id", None) or 0
 
     def probs_batch(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         return np.mean([m.probs_batch(batch) for m in self.members], axis=0)
@@ -356,7 +370,7 @@ class Kind(NamedTuple):
 
 
 KINDS: list[Kind] = [
-    Kind("ensemble", is_ensemble, lambda f, precision, device, threads, n: EnsembleRuntime(
+    Kind("ensemble", is_ensemble, lambda f, precision, device, threads, n: open_ensemble(
         f, lambda member: load(member, precision, device, threads, n))),
     Kind("linear", linear.is_linear, lambda f, precision, device, threads, n: LinearRuntime(linear.load(f))),
     Kind("onnx", is_export_dir, lambda f, precision, device, threads, n: OnnxRuntime(f, precision, threads, n, device)),

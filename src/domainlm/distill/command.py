@@ -103,7 +103,7 @@ def distill(cfg: DistillConfig) -> dict:
     if test is not None:
         rows["test"] = test.columns()
     probs, teacher_meta = teacher_outputs(cfg.teacher, rows, out, cfg.max_seq_len, cfg.teacher_batch_size,
-                                          load_teacher, speed)
+                                          load_teacher, speed, hidden=bool(cfg.hidden_weight))
 
     # ---- train: the distilled student (and the plain one) per seed
     runs = []
@@ -112,8 +112,10 @@ def distill(cfg: DistillConfig) -> dict:
         folder = out if len(cfg.seeds) == 1 else out / f"seed-{seed}"
         student_rows = Dataset(fit.path, fit.examples + [Example(t, [], line=0) for t in extra])
         soft = soften(np.concatenate([probs[f"fit-{seed}"], probs["unlabeled"]]), cfg.temperature, multilabel)
-        packed = pack(targets(fit, labels, multilabel), soft, multilabel)
-        make = partial(DistillClassifier, n_labels=len(labels), temperature=cfg.temperature, alpha=cfg.alpha)
+        states = np.concatenate([probs[f"hidden-fit-{seed}"], probs["hidden-unlabeled"]]) if cfg.hidden_weight else None
+        packed = pack(targets(fit, labels, multilabel), soft, multilabel, states)
+        make = partial(DistillClassifier, n_labels=len(labels), temperature=cfg.temperature, alpha=cfg.alpha,
+                       hidden_weight=cfg.hidden_weight, teacher_width=0 if states is None else states.shape[1])
         student = recipe.setup(ft, accelerator, tokenizer, labels, student_rows, dev, test, seed, folder,
                                make_model=make, fit_targets=packed)
         run = {"seed": seed, "student": recipe.finish(student, recipe.train(student))}

@@ -28,6 +28,8 @@ class DistillConfig:
                                 low=0, low_open=True)
     alpha: float = option(0.5, "weight of the hard-label loss; 1 - alpha goes to the teacher's soft targets (1: hard "
                                "labels only, plain fine-tuning)", low=0, high=1)
+    hidden_weight: float = option(0.0, "weight of matching the student's [CLS] state to the teacher's through a learned "
+                                       "projection (students of another width; 0: off; a PyTorch teacher only)", low=0)
     plain: bool = option(False, "also fine-tune the student plainly (same seed, same rows) and report it beside")
     task: Literal["multiclass", "multilabel"] = option("multiclass", "one label per row, or several (must match the teacher)")
     text_column: str = option("text", "column with the text")

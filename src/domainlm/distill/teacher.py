@@ -41,19 +41,21 @@ def _fingerprint(path: str) -> list:
                           for p in sorted(root.rglob("*")) if p.is_file() and CACHE not in p.parts]
 
 
-def cache_key(teacher: str, parts: dict[str, tuple[list[str], list[str] | None]], max_seq_len: int) -> str:
+def cache_key(teacher: str, parts: dict[str, tuple[list[str], list[str] | None]], max_seq_len: int,
+              hidden: bool = False) -> str:
     h = hashlib.sha256(json.dumps(_fingerprint(teacher)).encode())
-    h.update(str(max_seq_len).encode())
+    h.update(f"{max_seq_len} {hidden}".encode())
     for name, (texts, pairs) in parts.items():
         h.update(json.dumps([name, texts, pairs], ensure_ascii=False).encode())
     return h.hexdigest()[:20]
 
 
 def teacher_outputs(teacher: str, parts: dict[str, tuple[list[str], list[str] | None]], out: Path, max_seq_len: int,
-                    batch_size: int, load, speed_part: str) -> tuple[dict[str, np.ndarray], dict]:
-    """The teacher's probabilities for each named set of texts, from the cache when its key matches (the teacher is
-    then not loaded), else computed in one batched pass each and cached. Also its speed on `speed_part`."""
-    key = cache_key(teacher, parts, max_seq_len)
+                    batch_size: int, load, speed_part: str, hidden: bool = False) -> tuple[dict[str, np.ndarray], dict]:
+    """The teacher's probabilities for each named set of texts (and with `hidden` its last [CLS] states, as
+    "hidden-<name>"), from the cache when its key matches (the teacher is then not loaded), else computed in one
+    batched pass each and cached. Also its speed on `speed_part`."""
+    key = cache_key(teacher, parts, max_seq_len, hidden)
     folder = out / CACHE
     arrays, meta_file = folder / f"{key}.npz", folder / f"{key}.json"
     if arrays.is_file() and meta_file.is_file():
@@ -61,6 +63,11 @@ def teacher_outputs(teacher: str, parts: dict[str, tuple[list[str], list[str] | 
         with np.load(arrays) as z:
             return {k: z[k] for k in z.files}, json.loads(meta_file.read_text(encoding="utf-8"))
     runtime = load(teacher)
+    from domainlm.classify.runtime import TorchRuntime
+
+    if hidden and not isinstance(runtime, TorchRuntime):
+        raise DomainLMError(f"--hidden-weight needs a PyTorch teacher (a `finetune` output); {teacher} is "
+                            f"{runtime.kind}, whose hidden states are not at hand")
     probs, meta = {}, {"teacher": str(Path(teacher).resolve()), "kind": runtime.kind, "max_seq_len": max_seq_len,
                        "rows": {k: len(v[0]) for k, v in parts.items()}}
     for name, (texts, pairs) in parts.items():
@@ -68,6 +75,8 @@ def teacher_outputs(teacher: str, parts: dict[str, tuple[list[str], list[str] | 
         probs[name] = runtime.predict(texts, pairs, batch_size, max_seq_len) if texts else np.zeros((0, len(runtime.labels)), np.float32)
         if name == speed_part and texts:
             meta["texts_per_s"] = len(texts) / max(time.perf_counter() - started, 1e-9)
+        if hidden:
+            probs[f"hidden-{name}"] = cls_states(runtime, texts, pairs, batch_size, max_seq_len)
     folder.mkdir(parents=True, exist_ok=True)
     partial = folder / f".{key}.partial.npz"
     np.savez(partial, **probs)
@@ -75,6 +84,25 @@ def teacher_outputs(teacher: str, parts: dict[str, tuple[list[str], list[str] | 
     meta_file.write_text(json.dumps(meta, indent=2), encoding="utf-8")
     print(f"teacher outputs: computed and cached in {arrays}", file=sys.stderr)
     return probs, meta
+
+
+def cls_states(runtime, texts: list[str], pairs: list[str] | None, batch_size: int, max_seq_len: int) -> np.ndarray:
+    """The last layer's [CLS] state of a PyTorch classifier's encoder for each text, in input order."""
+    import torch
+
+    from domainlm.classify.batching import length_batches
+
+    width = runtime.model.config.hidden_size
+    states = np.zeros((len(texts), width), dtype=np.float32)
+    if not texts:
+        return states
+    features = runtime.encode(texts, pairs, max_seq_len)
+    for idx in length_batches([len(f["input_ids"]) for f in features], batch_size):
+        batch = runtime.pad([features[i] for i in idx])
+        feed = {k: torch.from_numpy(v).to(runtime.device) for k, v in batch.items() if k in runtime.input_names}
+        with torch.inference_mode():
+            states[idx] = runtime.model.base_model(**feed).last_hidden_state[:, 0].float().cpu().numpy()
+    return states
 
 
 def unlabeled_texts(cfg) -> list[str]:
