@@ -296,27 +296,38 @@ class LinearRuntime(ClassifierRuntime):
 
 
 class Kind(NamedTuple):
-    """One model kind `load` opens: is(folder) and open(folder, precision, device, threads, max_seq_len)."""
+    """One model kind `load` opens: `test(folder)` says whether a folder holds one, `open(folder, precision, device,
+    threads, max_seq_len)` opens it. The first kind whose test passes wins."""
 
     name: str
     test: Callable[[str], bool]
-    open: Callable[..., ClassifierRuntime]
+    open: Callable[[str, str, str, int, int], ClassifierRuntime]
+
+
+def _open_linear(folder: str, precision: str, device: str, threads: int, max_seq_len: int) -> ClassifierRuntime:
+    return LinearRuntime(linear.load(folder))  # scikit-learn weights: the CPU, no tokens, no length
+
+
+def _open_onnx(folder: str, precision: str, device: str, threads: int, max_seq_len: int) -> ClassifierRuntime:
+    return OnnxRuntime(folder, precision, threads, max_seq_len, device)
+
+
+def _open_torch(folder: str, precision: str, device: str, threads: int, max_seq_len: int) -> ClassifierRuntime:
+    return TorchRuntime(folder, threads, max_seq_len, device, precision)
 
 
 KINDS: list[Kind] = [
-    Kind("linear", linear.is_linear, lambda f, precision, device, threads, n: LinearRuntime(linear.load(f))),
-    Kind("onnx", is_export_dir, lambda f, precision, device, threads, n: OnnxRuntime(f, precision, threads, n, device)),
-    Kind("pytorch", lambda f: True, lambda f, precision, device, threads, n: TorchRuntime(f, threads, n, device, precision)),
+    Kind("linear", linear.is_linear, _open_linear),
+    Kind("onnx", is_export_dir, _open_onnx),
+    Kind("pytorch", lambda folder: True, _open_torch),  # anything else: an HF classifier folder or finetune output
 ]
 
 
 def load(folder: str, precision: str = "auto", device: str = "auto", threads: int = 0,
          max_seq_len: int = 0) -> ClassifierRuntime:
-    """The classifier in `folder`, whatever its kind (the first of KINDS that recognises it), with its label map
-    checked against its outputs. max_seq_len 0: the length saved with the model (else MAX_SEQ_LEN, within its
+    """The classifier in `folder`, whatever its kind (the first of KINDS that recognises it; a missing folder is
+    reported by the last, naming --model and the nearest name), with its label map checked against its outputs. max_seq_len 0: the length saved with the model (else MAX_SEQ_LEN, within its
     positions); a larger one than the model takes is capped at its positions, with a notice naming both."""
-    if not Path(folder).exists():
-        raise DomainLMError(f"model folder {folder} does not exist")
     where = resolve_device(device)
     kind = next(k for k in KINDS if k.test(folder))
     runtime = kind.open(folder, precision, where, threads, max_seq_len)
