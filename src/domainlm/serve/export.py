@@ -12,6 +12,7 @@ verification below is what vouches for the axes: it runs shapes other than the t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -211,6 +212,7 @@ def export(cfg: ExportConfig) -> dict:
                                  cap=True)
     if tokenizer.model_max_length and tokenizer.model_max_length < 10**6:
         max_len = min(max_len, tokenizer.model_max_length)
+    cfg = dataclasses.replace(cfg, max_seq_len=max_len)  # what config.yaml records, and --data is checked at
 
     out.mkdir(parents=True, exist_ok=True)
     (out / EXPORT_META).unlink(missing_ok=True)  # the folder counts as an export only once complete
