@@ -20,7 +20,7 @@ def _prepare(args: argparse.Namespace) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    from domainlm.data.prepare import inspect
+    from domainlm.data.inspect import inspect
 
     print(inspect(args.corpus, samples=args.samples, tokenizer=args.tokenizer))
 

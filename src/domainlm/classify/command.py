@@ -336,7 +336,12 @@ def evaluate_command(cfg: EvaluateConfig) -> dict:
     outputs.check_earlier_run(out, "evaluate", outputs.EVALUATE_OUTPUTS, "data")
     runtime = load(cfg.model, device=cfg.device, max_seq_len=cfg.max_seq_len)
     labels, multilabel = runtime.labels, runtime.multilabel
-    data = read_examples(cfg.data, Columns.of(cfg, runtime), multilabel, skip_bad=cfg.skip_bad_rows)
+    columns = Columns.of(cfg, runtime)
+    # the config written beside the results says what was used, the model's settings included
+    cfg.text_column, cfg.pair_column = columns.text, columns.text_pair
+    if runtime.tokenizer is not None:
+        cfg.max_seq_len = runtime.max_seq_len
+    data = read_examples(cfg.data, columns, multilabel, skip_bad=cfg.skip_bad_rows)
     unknown = sorted({label for ex in data.examples for label in ex.labels} - set(labels))
     if unknown:
         raise DomainLMError(f"{cfg.data}: labels {unknown} are not among the model's labels ({', '.join(labels)})")

@@ -19,19 +19,10 @@ import numpy as np
 
 from domainlm.classify import metrics as M
 from domainlm.classify.data import Dataset, targets
+from domainlm.classify.ensemble_file import write_ensemble
 from domainlm.classify.report import score, write_outputs
-from domainlm.classify.runtime import ENSEMBLE_FILE, ClassifierRuntime
+from domainlm.classify.runtime import ClassifierRuntime
 from domainlm.errors import DomainLMError
-
-
-def write_ensemble(folder: Path, members: list[str], labels: list[str], multilabel: bool,
-                   thresholds: np.ndarray | None = None, **extra) -> None:
-    """ensemble.json (read by classify.runtime): the member folders, relative to `folder`, and the label map."""
-    meta = {"kind": "mean of member probabilities", "members": members, "labels": labels, "multilabel": multilabel,
-            **extra}
-    if thresholds is not None:
-        meta["thresholds"] = [float(t) for t in thresholds]
-    (folder / ENSEMBLE_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
 def cross_validation_outputs(cfg, train: Dataset, held_out: list[np.ndarray], test: Dataset | None,

@@ -33,6 +33,7 @@ from domainlm import checks
 from domainlm.classify import linear
 from domainlm.classify.batching import encode_texts, length_batches, pad
 from domainlm.classify.config import MAX_SEQ_LEN
+from domainlm.classify.ensemble_file import is_ensemble, read_ensemble
 from domainlm.classify.metrics import best_k, choose, thresholds_of
 from domainlm.errors import DomainLMError
 
@@ -295,29 +296,6 @@ class LinearRuntime(ClassifierRuntime):
         return self.model.text_scores(linear.joined(texts, pairs))
 
 
-ENSEMBLE_FILE = "ensemble.json"
-
-
-def is_ensemble(path: str | Path) -> bool:
-    return (Path(path) / ENSEMBLE_FILE).is_file()
-
-
-def read_ensemble(path: str | Path) -> dict:
-    """ensemble.json: its member folders (relative to it), labels, task and multi-label thresholds."""
-    where = Path(path) / ENSEMBLE_FILE
-    try:
-        meta = json.loads(where.read_text(encoding="utf-8"))
-        members, labels = meta["members"], meta["labels"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise DomainLMError(f"{where}: not a readable ensemble file ({e})") from None
-    if not isinstance(members, list) or not members or not isinstance(labels, list) or not labels:
-        raise DomainLMError(f"{where}: lists no members or no labels")
-    missing = [m for m in members if not (Path(path) / m).exists()]
-    if missing:
-        raise DomainLMError(f"{where}: member folder(s) {', '.join(missing)} do not exist")
-    return meta
-
-
 def open_ensemble(path: str, open_member: Callable[[str], ClassifierRuntime]) -> ClassifierRuntime:
     """A fold ensemble (`finetune --folds`, or its export): its members opened, their label maps checked."""
     meta = read_ensemble(path)
@@ -362,29 +340,43 @@ class TokenEnsembleRuntime(EnsembleRuntime, Runtime):
 
 
 class Kind(NamedTuple):
-    """One model kind `load` opens: is(folder) and open(folder, precision, device, threads, max_seq_len)."""
+    """One model kind `load` opens: `test(folder)` says whether a folder holds one, `open(folder, precision, device,
+    threads, max_seq_len)` opens it. The first kind whose test passes wins."""
 
     name: str
     test: Callable[[str], bool]
-    open: Callable[..., ClassifierRuntime]
+    open: Callable[[str, str, str, int, int], ClassifierRuntime]
+
+
+def _open_linear(folder: str, precision: str, device: str, threads: int, max_seq_len: int) -> ClassifierRuntime:
+    return LinearRuntime(linear.load(folder))  # scikit-learn weights: the CPU, no tokens, no length
+
+
+def _open_onnx(folder: str, precision: str, device: str, threads: int, max_seq_len: int) -> ClassifierRuntime:
+    return OnnxRuntime(folder, precision, threads, max_seq_len, device)
+
+
+def _open_ensemble(folder: str, precision: str, device: str, threads: int, max_seq_len: int) -> ClassifierRuntime:
+    return open_ensemble(folder, lambda member: load(member, precision, device, threads, max_seq_len))
+
+
+def _open_torch(folder: str, precision: str, device: str, threads: int, max_seq_len: int) -> ClassifierRuntime:
+    return TorchRuntime(folder, threads, max_seq_len, device, precision)
 
 
 KINDS: list[Kind] = [
-    Kind("ensemble", is_ensemble, lambda f, precision, device, threads, n: open_ensemble(
-        f, lambda member: load(member, precision, device, threads, n))),
-    Kind("linear", linear.is_linear, lambda f, precision, device, threads, n: LinearRuntime(linear.load(f))),
-    Kind("onnx", is_export_dir, lambda f, precision, device, threads, n: OnnxRuntime(f, precision, threads, n, device)),
-    Kind("pytorch", lambda f: True, lambda f, precision, device, threads, n: TorchRuntime(f, threads, n, device, precision)),
+    Kind("ensemble", is_ensemble, _open_ensemble),
+    Kind("linear", linear.is_linear, _open_linear),
+    Kind("onnx", is_export_dir, _open_onnx),
+    Kind("pytorch", lambda folder: True, _open_torch),  # anything else: an HF classifier folder or finetune output
 ]
 
 
 def load(folder: str, precision: str = "auto", device: str = "auto", threads: int = 0,
          max_seq_len: int = 0) -> ClassifierRuntime:
-    """The classifier in `folder`, whatever its kind (the first of KINDS that recognises it), with its label map
-    checked against its outputs. max_seq_len 0: the length saved with the model (else MAX_SEQ_LEN, within its
+    """The classifier in `folder`, whatever its kind (the first of KINDS that recognises it; a missing folder is
+    reported by the last, naming --model and the nearest name), with its label map checked against its outputs. max_seq_len 0: the length saved with the model (else MAX_SEQ_LEN, within its
     positions); a larger one than the model takes is capped at its positions, with a notice naming both."""
-    if not Path(folder).exists():
-        raise DomainLMError(f"model folder {folder} does not exist")
     where = resolve_device(device)
     kind = next(k for k in KINDS if k.test(folder))
     runtime = kind.open(folder, precision, where, threads, max_seq_len)

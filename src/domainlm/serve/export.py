@@ -12,6 +12,7 @@ verification below is what vouches for the axes: it runs shapes other than the t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -194,8 +195,7 @@ def export_ensemble(cfg: ExportConfig) -> dict:
     so that the export folder is again an ensemble that predict, evaluate and serve take."""
     import dataclasses
 
-    from domainlm.classify.ensemble import write_ensemble
-    from domainlm.classify.runtime import is_ensemble, read_ensemble
+    from domainlm.classify.ensemble_file import is_ensemble, read_ensemble, write_ensemble
 
     meta = read_ensemble(cfg.model)
     out = Path(cfg.out)
@@ -216,7 +216,7 @@ def export(cfg: ExportConfig) -> dict:
     import onnxruntime
     import torch
 
-    from domainlm.classify.runtime import is_ensemble
+    from domainlm.classify.ensemble_file import is_ensemble
 
     if is_ensemble(cfg.model) and not is_export_dir(cfg.model):
         return export_ensemble(cfg)
@@ -238,6 +238,7 @@ def export(cfg: ExportConfig) -> dict:
                                  cap=True)
     if tokenizer.model_max_length and tokenizer.model_max_length < 10**6:
         max_len = min(max_len, tokenizer.model_max_length)
+    cfg = dataclasses.replace(cfg, max_seq_len=max_len)  # what config.yaml records, and --data is checked at
 
     out.mkdir(parents=True, exist_ok=True)
     (out / EXPORT_META).unlink(missing_ok=True)  # the folder counts as an export only once complete

@@ -279,9 +279,9 @@ def table(cfg, results: list[dict], floor: dict | None, split: str) -> tuple[lis
 
 
 def plots(cfg, results: list[dict], floor: dict | None, split: str, root: Path) -> list[Path]:
-    from domainlm.sweep.report import _pyplot
+    from domainlm.sweep.report import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     primary = cfg.metrics[0]
     fig, ax = plt.subplots(figsize=(8, 5))
     models = list(dict.fromkeys(r["model"] for r in results))
