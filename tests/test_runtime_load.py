@@ -129,3 +129,16 @@ def test_serve_serves_a_linear_floor(tmp_path):
     for p, row in zip(answer["predictions"], expected):
         assert {d["label"]: d["score"] for d in p["top_k"]} == pytest.approx(row["scores"], abs=1e-4)
     assert len(paired["predictions"]) == 2
+
+
+def test_an_export_keeps_the_settings_of_the_model(long_model, tmp_path):
+    from domainlm.serve.config import ExportConfig
+    from domainlm.serve.export import export
+
+    info = export(ExportConfig(model=str(long_model / "ft"), out=str(tmp_path / "onnx"), optimize=False))
+    assert info["max_seq_len"] == 256  # no --max-seq-len: the length the model was fine-tuned at
+    rt = load(str(tmp_path / "onnx"))
+    assert (rt.kind, rt.max_seq_len, rt.text_column, rt.task) == ("onnx-fp32", 256, "body", "multiclass")
+    assert export(ExportConfig(model=str(long_model / "ft"), out=str(tmp_path / "onnx"), optimize=False,
+                               max_seq_len=64))["max_seq_len"] == 64  # the flag overrides it
+    assert load(str(tmp_path / "onnx")).max_seq_len == 64

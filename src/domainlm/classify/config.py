@@ -20,7 +20,16 @@ PRESETS = {
     "long-document": {"max_seq_len": 512, "batch_size": 8, "epochs": 4, "learning_rate": 2e-5, "warmup_ratio": 0.1},
     "few-shot": {"max_seq_len": MAX_SEQ_LEN, "batch_size": 8, "epochs": 20, "learning_rate": 5e-5, "warmup_ratio": 0.1,
                  "early_stopping_patience": 5},
+    # a 1.3B encoder on many labels (the settings of a published MegatronBert fine-tune); a GPU with bf16 expected
+    "large-model": {"max_seq_len": 512, "batch_size": 32, "epochs": 4, "learning_rate": 1e-5, "lr_decay": "cosine",
+                    "warmup_ratio": 0.01, "adam_beta1": 0.9, "adam_beta2": 0.98, "adam_epsilon": 1e-8,
+                    "weight_decay": 0.1, "max_grad_norm": 1.0, "precision": "bf16", "valid_ratio": 0.01,
+                    "eval_steps": 200},
 }
+
+
+# metrics where lower is better: never a --metric to maximise
+LOWER_IS_BETTER = ("hamming_loss", "mae_classes")
 
 
 @dataclass(kw_only=True)
@@ -32,11 +41,13 @@ class FinetuneConfig:
                             "except with --method linear)")
     dev: str | None = option(None, "validation file (default: split from --train)")
     test: str | None = option(None, "test file, evaluated once at the end with the best model")
-    preset: Literal["short-text", "long-document", "few-shot"] | None = option(None, "scenario preset (sets several options)")
+    preset: Literal["short-text", "long-document", "few-shot", "large-model"] | None = option(None, "scenario preset (sets several options)")
     task: Literal["multiclass", "multilabel"] = option("multiclass", "one label per row, or several")
     method: Literal["full", "lora", "linear"] = option(
         "full", "train all weights, LoRA adapters (peft), or only the classical floor (char n-gram TF-IDF + linear model)")
     floor: bool = option(True, "also fit the classical floor on the same rows and report it beside the model")
+    blend: bool = option(False, "also report w x model + (1-w) x floor probabilities, w chosen on the dev rows (or the "
+                                "out-of-fold rows with --folds), never on test")
     lora_rank: int = option(16, "LoRA rank: 8, 16, 32 or 64")
     lora_alpha: int = option(32, "LoRA alpha (scaling = alpha / rank)", low=1)
     text_column: str = option("text", "column with the text")
@@ -57,7 +68,15 @@ class FinetuneConfig:
     epochs: int = option(3, "passes over the training data", low=1, high=50)
     learning_rate: float = option(3e-5, "peak learning rate", low=0, high=1, low_open=True)
     optimizer: Literal["adamw"] = option("adamw", "optimizer")
-    weight_decay: float = option(0.01, "AdamW weight decay", low=0, high=1)
+    weight_decay: float = option(0.01, "AdamW weight decay (not on biases and norms)", low=0, high=1)
+    adam_beta1: float = option(0.9, "AdamW beta1", low=0, high=1)
+    adam_beta2: float = option(0.999, "AdamW beta2", low=0, high=1)
+    adam_epsilon: float = option(1e-8, "AdamW epsilon", low=0, high=1, low_open=True)
+    max_grad_norm: float = option(1.0, "gradient clipping norm", low=0, low_open=True)
+    layer_lr_decay: float = option(1.0, "layer-wise lr decay: the head trains at the lr, each layer below at this "
+                                        "factor times the one above, the embeddings last (1: off)", low=0, high=1, low_open=True)
+    gradient_checkpointing: bool = option(False, "recompute each layer's activations in the backward pass: less "
+                                                 "memory, about a third more compute")
     warmup_ratio: float = option(0.1, "share of steps warming up", low=0, high=1)
     min_lr_ratio: float = option(0.0, "final learning rate as a share of the peak (min_lr = lr x ratio)", low=0, high=1)
     lr_decay: Literal["linear", "cosine"] = option("linear", "decay after warmup")
@@ -66,6 +85,8 @@ class FinetuneConfig:
     metric: str = option("", "metric that picks the best model and stops early (default: accuracy / f1_micro)")
     early_stopping_patience: int = option(10, "evaluations without improvement before stopping (0: never)", low=0)
     tolerant_k: int = option(2, "multi-class tolerant accuracy: gold label within the top k", low=1)
+    ordinal: bool = option(False, "the labels are ordered (--labels, or numeric labels by value): also report mean "
+                                  "absolute error in classes and accuracy within +-1 class")
     folds: int = option(0, "k-fold cross-validation on --train (0: off)", low=0, high=20)
     seeds: list[int] = option([1234], "repeat with each seed; metrics reported as mean and std")
     logging_freq: int = option(10, "log every N steps", low=1)
@@ -78,7 +99,7 @@ class FinetuneConfig:
     def check(self) -> None:
         from domainlm.classify.metrics import metric_names
 
-        names = metric_names(self.multilabel, self.tolerant_k)
+        names = metric_names(self.multilabel, self.tolerant_k, self.ordinal)
         if self.best_metric not in names:  # before any training, not after an epoch
             raise DomainLMError(f"--metric {self.best_metric!r} is not computed for a {self.task} task; choose one of "
                                 f"{', '.join(names)}")
@@ -90,9 +111,15 @@ class FinetuneConfig:
             raise DomainLMError("--seeds needs at least one seed")
         if len(set(self.seeds)) != len(self.seeds):
             raise DomainLMError(f"--seeds {self.seeds} repeats a seed")
+        if self.blend and (not self.floor or self.method == "linear"):
+            raise DomainLMError("--blend mixes the transformer with the floor: it needs --floor and --method full or lora")
+        if self.blend and not self.folds and len(self.seeds) > 1:
+            raise DomainLMError("--blend takes one seed (or --folds): each seed would choose its own weight")
         if not self.model and self.method != "linear":
             raise DomainLMError("missing required option(s): --model (only --method linear needs none)")
-        known = [m for m in names if m != "hamming_loss"]  # lower is better
+        if self.ordinal and self.multilabel:
+            raise DomainLMError("--ordinal needs --task multiclass (one label per row on an ordered scale)")
+        known = [m for m in names if m not in LOWER_IS_BETTER]
         if self.metric and self.metric not in known:
             raise DomainLMError(f"--metric {self.metric!r} is not computed for a {self.task} task; choose one of {', '.join(known)}")
 
@@ -125,6 +152,8 @@ class EvaluateConfig:
     max_seq_len: int = option(0, "tokens per example (0: the length the model was trained at)", low=0)
     device: Literal["auto", "cpu", "cuda"] = option("auto", DEVICE_HELP)
     tolerant_k: int = option(2, "multi-class tolerant accuracy: gold label within the top k", low=1)
+    ordinal: bool = option(False, "the model's labels are ordered (in their saved order): also report mean absolute "
+                                  "error in classes and accuracy within +-1 class")
 
 
 @dataclass(kw_only=True)

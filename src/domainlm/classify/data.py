@@ -255,14 +255,21 @@ def split_validation(data: Dataset, ratio: float, cap: int, seed: int) -> tuple[
     return pick(train_idx), pick(valid_idx)
 
 
-def kfold(data: Dataset, k: int, seed: int) -> list[tuple[Dataset, Dataset]]:
+def fold_indices(data: Dataset, k: int, seed: int) -> list[np.ndarray]:
+    """The held-out row indices of each of k folds (stratified when every class has k rows): every row is held
+    out by exactly one fold."""
     from sklearn.model_selection import KFold, StratifiedKFold
 
     strata = _strata(data)
     stratified = min(Counter(strata.tolist()).values()) >= k
     splitter = StratifiedKFold(k, shuffle=True, random_state=seed) if stratified else KFold(k, shuffle=True, random_state=seed)
+    return [test_idx for _, test_idx in splitter.split(np.zeros(len(data)), strata if stratified else None)]
+
+
+def kfold(data: Dataset, k: int, seed: int) -> list[tuple[Dataset, Dataset]]:
     folds = []
-    for train_idx, test_idx in splitter.split(np.zeros(len(data)), strata if stratified else None):
-        folds.append((Dataset(data.path, [data.examples[i] for i in train_idx]),
+    for test_idx in fold_indices(data, k, seed):
+        held = set(test_idx.tolist())
+        folds.append((Dataset(data.path, [ex for i, ex in enumerate(data.examples) if i not in held]),
                       Dataset(data.path, [data.examples[i] for i in test_idx])))
     return folds

@@ -18,8 +18,15 @@ def topk_accuracy(scores: np.ndarray, gold: np.ndarray, k: int) -> float:
     return float((top == gold[:, None]).any(axis=1).mean())
 
 
+def ordinal_metrics(pred: np.ndarray, gold: np.ndarray) -> dict:
+    """Labels on an ordered scale (class index = position on it): mean absolute error in classes, and the share
+    of rows predicted within one class of the gold one."""
+    distance = np.abs(np.asarray(pred) - np.asarray(gold))
+    return {"mae_classes": float(distance.mean()), "accuracy_within_1": float((distance <= 1).mean())}
+
+
 def multiclass_metrics(scores: np.ndarray, gold: np.ndarray, labels: list[str], tolerant_k: int = 2,
-                       groups: list[str] | None = None) -> dict:
+                       groups: list[str] | None = None, ordinal: bool = False) -> dict:
     from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
     pred = scores.argmax(axis=1)
@@ -29,6 +36,8 @@ def multiclass_metrics(scores: np.ndarray, gold: np.ndarray, labels: list[str], 
     for avg in ("macro", "micro", "weighted"):
         p, r, f, _ = precision_recall_fscore_support(gold, pred, labels=ids, average=avg, zero_division=0)
         result.update({f"precision_{avg}": float(p), f"recall_{avg}": float(r), f"f1_{avg}": float(f)})
+    if ordinal:
+        result.update(ordinal_metrics(pred, gold))
     p, r, f, s = precision_recall_fscore_support(gold, pred, labels=ids, average=None, zero_division=0)
     result["per_class"] = {labels[i]: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
                            for i in ids}
@@ -102,13 +111,13 @@ def best_k(probs: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-probs, axis=-1, kind="stable")[:, :k]
 
 
-def metric_names(multilabel: bool, tolerant_k: int = 2) -> list[str]:
+def metric_names(multilabel: bool, tolerant_k: int = 2, ordinal: bool = False) -> list[str]:
     """The scalar metrics a task computes, read off the metric functions themselves (so the list cannot drift)."""
     scores = np.array([[0.9, 0.1], [0.2, 0.8]])
     if multilabel:
         result = multilabel_metrics(scores, np.array([[1, 0], [0, 1]]), ["a", "b"], np.full(2, 0.5))
     else:
-        result = multiclass_metrics(scores, np.array([0, 1]), ["a", "b"], tolerant_k)
+        result = multiclass_metrics(scores, np.array([0, 1]), ["a", "b"], tolerant_k, ordinal=ordinal)
     return [k for k, v in result.items() if isinstance(v, float)]
 
 

@@ -93,14 +93,20 @@ def packing_ready(hf: nn.Module) -> bool:
     return _cls_only_ready(hf) and supports_packing(hf.base_model)
 
 
-def packed_logits(hf: nn.Module, batch: dict) -> torch.Tensor:
-    """Logits of a packed batch (`encoder.packed.pack`): no padded position anywhere. On a GPU this beats the
-    padded [CLS]-only forward: variable-length flash attention needs no padding, and the saved last layer is a small
-    share of a 12-layer encoder; on a CPU, where attention runs padded anyway, the [CLS]-only forward wins."""
+def packed_forward(hf: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last layer's [CLS] states and the logits of a packed batch (`encoder.packed.pack`): no padded position
+    anywhere. On a GPU this beats the padded [CLS]-only forward: variable-length flash attention needs no padding,
+    and the saved last layer is a small share of a 12-layer encoder; on a CPU, where attention runs padded anyway,
+    the [CLS]-only forward wins."""
     encoder = hf.base_model
     hidden = encode_packed(encoder, batch["input_ids"], batch["token_type_ids"], batch["position_ids"],
                            batch["seq_index"], batch["cu_seqlens"], batch["max_len"])
-    return hf.classifier(hf.dropout(encoder.pooler(first_tokens(hidden, batch["cu_seqlens"])[:, None])))
+    cls = first_tokens(hidden, batch["cu_seqlens"])
+    return cls, hf.classifier(hf.dropout(encoder.pooler(cls[:, None])))
+
+
+def packed_logits(hf: nn.Module, batch: dict) -> torch.Tensor:
+    return packed_forward(hf, batch)[1]
 
 
 class Classifier(nn.Module):
@@ -114,11 +120,13 @@ class Classifier(nn.Module):
     def logits(self, input_ids, attention_mask, token_type_ids=None):
         return classifier_logits(self.hf, input_ids, attention_mask, token_type_ids)
 
-    def forward(self, labels, **batch):
+    def batch_logits(self, batch: dict) -> torch.Tensor:
         if "cu_seqlens" in batch:
-            logits = packed_logits(self.hf, batch).float()
-        else:
-            logits = self.logits(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")).float()
+            return packed_logits(self.hf, batch)
+        return self.logits(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+
+    def forward(self, labels, **batch):
+        logits = self.batch_logits(batch).float()
         if self.multilabel:
             loss = F.binary_cross_entropy_with_logits(logits, labels.float())
             acc = ((logits > 0) == labels.bool()).all(dim=-1).float().mean()
@@ -129,6 +137,18 @@ class Classifier(nn.Module):
         if not self.training:  # evaluation: per-row scores, which the shared evaluator gathers across processes
             metrics["scores"] = torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=-1)
         return loss, metrics
+
+
+def enable_checkpointing(hf: nn.Module) -> None:
+    """Recompute each layer's activations in the backward pass (non-reentrant: works with frozen inputs, as under
+    LoRA, and replays dropout exactly). transformers 5 renamed the switch; both names are taken."""
+    if not getattr(hf, "supports_gradient_checkpointing", False):
+        raise DomainLMError(f"--gradient-checkpointing: {type(hf).__name__} does not support it")
+    enable = getattr(hf, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def load_classifier(name_or_path: str, labels: list[str], multilabel: bool, method: str, lora_rank: int, lora_alpha: int, log=print,

@@ -15,12 +15,12 @@ from domainlm.classify.metrics import best_k, choose, thresholds_of
 
 
 def score(probs: np.ndarray, data: Dataset, labels: list[str], multilabel: bool, tolerant_k: int,
-          thresholds: np.ndarray | None = None) -> dict:
+          thresholds: np.ndarray | None = None, ordinal: bool = False) -> dict:
     gold = targets(data, labels, multilabel)
     groups = [ex.group or "" for ex in data.examples] if any(ex.group for ex in data.examples) else None
     if multilabel:
         return M.multilabel_metrics(probs, gold, labels, thresholds_of(len(labels), thresholds), groups)
-    return M.multiclass_metrics(probs, gold, labels, tolerant_k, groups)
+    return M.multiclass_metrics(probs, gold, labels, tolerant_k, groups, ordinal)
 
 
 def write_outputs(out: Path, name: str, data: Dataset, probs: np.ndarray, labels: list[str], multilabel: bool,
@@ -72,7 +72,7 @@ def write_run(out: Path, metrics: dict, title: str, sections: dict[str, dict], l
     (out / "report.md").write_text(report_markdown(title, sections, labels), encoding="utf-8")
 
 
-def write_summary(out: Path, summary: dict, kind: str, floor_line: str | None) -> None:
+def write_summary(out: Path, summary: dict, kind: str, floor_line: str | None, extra: list[str] = ()) -> None:
     """summary.json and summary.md of several runs (seeds or folds): mean and std of each metric."""
     write_json(out / "summary.json", summary)
     lines = [f"# {summary['runs']} runs ({kind}), metrics on {summary['evaluated_on']}", "",
@@ -80,4 +80,5 @@ def write_summary(out: Path, summary: dict, kind: str, floor_line: str | None) -
     lines += [f"| {k} | {v['mean']:.4f} | {v['std']:.4f} |" for k, v in summary["mean_std"].items()]
     if floor_line:
         lines += ["", floor_line]
+    lines += list(extra)  # fold ensembles, out-of-fold predictions, the blend
     (out / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")

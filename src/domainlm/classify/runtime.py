@@ -2,9 +2,9 @@
 sweep and the console take, behind one interface (`ClassifierRuntime`):
 - a PyTorch classifier (a plain HF folder, a `finetune` output, LoRA merged), on the CPU or a CUDA GPU;
 - an ONNX export run by ONNX Runtime (fp32 or int8);
-- the linear floor (classify.linear).
-Each kind is one entry of `KINDS` (a test of the folder and a constructor): a new kind (a fold ensemble: a folder of
-member classifiers whose probabilities are averaged) is one more subclass of `ClassifierRuntime` and one more entry.
+- the linear floor (classify.linear);
+- a fold ensemble (ensemble.json: member folders of any of these kinds, their probabilities averaged).
+Each kind is one entry of `KINDS` (a test of the folder and a constructor).
 
 What inference needs travels with the model (`domainlm_labels.json` beside the weights, `linear.json`, an export's
 copy): the label set, the task, the multi-label thresholds, the text/pair columns and the max_seq_len it was trained
@@ -33,11 +33,12 @@ from domainlm import checks
 from domainlm.classify import linear
 from domainlm.classify.batching import encode_texts, length_batches, pad
 from domainlm.classify.config import MAX_SEQ_LEN
+from domainlm.classify.ensemble_file import is_ensemble, read_ensemble
 from domainlm.classify.metrics import best_k, choose, thresholds_of
 from domainlm.errors import DomainLMError
 
-__all__ = ["ClassifierRuntime", "LinearRuntime", "OnnxRuntime", "Runtime", "TorchRuntime", "best_k", "choose",
-           "load", "thresholds_of"]
+__all__ = ["ClassifierRuntime", "EnsembleRuntime", "LinearRuntime", "OnnxRuntime", "Runtime", "TokenEnsembleRuntime",
+           "TorchRuntime", "best_k", "choose", "load", "thresholds_of"]
 
 EXPORT_META = "export.json"
 LABELS_FILE = "domainlm_labels.json"
@@ -344,28 +345,87 @@ class LinearRuntime(ClassifierRuntime):
         return self.model.text_scores(linear.joined(texts, pairs))
 
 
+def open_ensemble(path: str, open_member: Callable[[str], ClassifierRuntime]) -> ClassifierRuntime:
+    """A fold ensemble (`finetune --folds`, or its export): its members opened, their label maps checked."""
+    meta = read_ensemble(path)
+    members = [open_member(str(Path(path) / m)) for m in meta["members"]]
+    for name, member in zip(meta["members"], members):
+        if member.labels != meta["labels"] or member.multilabel != bool(meta.get("multilabel")):
+            raise DomainLMError(f"{Path(path) / name}: its labels ({', '.join(member.labels)}) differ from the "
+                                f"ensemble's ({', '.join(meta['labels'])})")
+    tokenizers = [m.tokenizer for m in members]
+    shared = all(t is not None for t in tokenizers) and all(t.get_vocab() == tokenizers[0].get_vocab() for t in tokenizers)
+    return (TokenEnsembleRuntime if shared else EnsembleRuntime)(meta, members)
+
+
+class EnsembleRuntime(ClassifierRuntime):
+    """The mean of its members' probabilities, each member encoding the texts for itself."""
+
+    def __init__(self, meta: dict, members: list[ClassifierRuntime]):
+        self.members = members
+        first = members[0]
+        self.kind = f"ensemble of {len(members)} {first.kind}"
+        self.config = getattr(first, "config", None)
+        settings = {k: first.meta.get(k) for k in ("max_seq_len", "text_column", "pair_column")}
+        ClassifierRuntime.__init__(self, {**settings, **meta}, first.max_seq_len)
+
+    def predict(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 64,
+                max_seq_len: int | None = None, progress: bool = False) -> np.ndarray:
+        n = max_seq_len or self.max_seq_len
+        return np.mean([m.predict(texts, pairs, batch_size, n, progress) for m in self.members], axis=0)
+
+
+class TokenEnsembleRuntime(EnsembleRuntime, Runtime):
+    """Members that share a tokenizer (those of one run): also a token model, so that the server encodes a batch
+    once and each member scores it."""
+
+    def __init__(self, meta: dict, members: list[ClassifierRuntime]):
+        EnsembleRuntime.__init__(self, meta, members)
+        self.tokenizer = members[0].tokenizer
+        self.pad_id = getattr(self.tokenizer, "pad_token_id", None) or 0
+
+    def probs_batch(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        return np.mean([m.probs_batch(batch) for m in self.members], axis=0)
+
+
 class Kind(NamedTuple):
-    """One model kind `load` opens: is(folder) and open(folder, precision, device, threads, max_seq_len)."""
+    """One model kind `load` opens: `test(folder)` says whether a folder holds one, `open(folder, precision, device,
+    threads, max_seq_len)` opens it. The first kind whose test passes wins."""
 
     name: str
     test: Callable[[str], bool]
-    open: Callable[..., ClassifierRuntime]
+    open: Callable[[str, str, str, int, int], ClassifierRuntime]
+
+
+def _open_linear(folder: str, precision: str, device: str, threads: int, max_seq_len: int) -> ClassifierRuntime:
+    return LinearRuntime(linear.load(folder))  # scikit-learn weights: the CPU, no tokens, no length
+
+
+def _open_onnx(folder: str, precision: str, device: str, threads: int, max_seq_len: int) -> ClassifierRuntime:
+    return OnnxRuntime(folder, precision, threads, max_seq_len, device)
+
+
+def _open_ensemble(folder: str, precision: str, device: str, threads: int, max_seq_len: int) -> ClassifierRuntime:
+    return open_ensemble(folder, lambda member: load(member, precision, device, threads, max_seq_len))
+
+
+def _open_torch(folder: str, precision: str, device: str, threads: int, max_seq_len: int) -> ClassifierRuntime:
+    return TorchRuntime(folder, threads, max_seq_len, device, precision)
 
 
 KINDS: list[Kind] = [
-    Kind("linear", linear.is_linear, lambda f, precision, device, threads, n: LinearRuntime(linear.load(f))),
-    Kind("onnx", is_export_dir, lambda f, precision, device, threads, n: OnnxRuntime(f, precision, threads, n, device)),
-    Kind("pytorch", lambda f: True, lambda f, precision, device, threads, n: TorchRuntime(f, threads, n, device, precision)),
+    Kind("ensemble", is_ensemble, _open_ensemble),
+    Kind("linear", linear.is_linear, _open_linear),
+    Kind("onnx", is_export_dir, _open_onnx),
+    Kind("pytorch", lambda folder: True, _open_torch),  # anything else: an HF classifier folder or finetune output
 ]
 
 
 def load(folder: str, precision: str = "auto", device: str = "auto", threads: int = 0,
          max_seq_len: int = 0) -> ClassifierRuntime:
-    """The classifier in `folder`, whatever its kind (the first of KINDS that recognises it), with its label map
-    checked against its outputs. max_seq_len 0: the length saved with the model (else MAX_SEQ_LEN, within its
+    """The classifier in `folder`, whatever its kind (the first of KINDS that recognises it; a missing folder is
+    reported by the last, naming --model and the nearest name), with its label map checked against its outputs. max_seq_len 0: the length saved with the model (else MAX_SEQ_LEN, within its
     positions); a larger one than the model takes is capped at its positions, with a notice naming both."""
-    if not Path(folder).exists():
-        raise DomainLMError(f"model folder {folder} does not exist")
     where = resolve_device(device)
     kind = next(k for k in KINDS if k.test(folder))
     runtime = kind.open(folder, precision, where, threads, max_seq_len)

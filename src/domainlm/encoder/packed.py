@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from domainlm.encoder.attention import Layout, packed_attention
@@ -76,8 +77,14 @@ def encode_packed(base_model: nn.Module, input_ids, token_type_ids, position_ids
                               position_ids=positions[None])[0]
     heads = config.num_attention_heads
     attention_dropout = getattr(config, "attention_probs_dropout_prob", 0.0)
+    # gradient checkpointing as the model was told (`gradient_checkpointing_enable`): each layer recomputed in the
+    # backward pass; non-reentrant, which replays dropout exactly
+    recompute = getattr(base_model.encoder, "gradient_checkpointing", False) and torch.is_grad_enabled()
     for layer in base_model.encoder.layer:
-        x = _layer(layer, x, layout, heads, attention_dropout)
+        if recompute:
+            x = torch.utils.checkpoint.checkpoint(_layer, layer, x, layout, heads, attention_dropout, use_reentrant=False)
+        else:
+            x = _layer(layer, x, layout, heads, attention_dropout)
     return x
 
 

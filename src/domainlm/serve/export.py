@@ -12,6 +12,7 @@ verification below is what vouches for the axes: it runs shapes other than the t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -189,10 +190,36 @@ def data_metrics(cfg: ExportConfig, runtimes: dict[str, OnnxRuntime]) -> dict:
     return result
 
 
+def export_ensemble(cfg: ExportConfig) -> dict:
+    """A fold ensemble: each member exported (and verified) into --out/<member>, and an ensemble.json listing them,
+    so that the export folder is again an ensemble that predict, evaluate and serve take."""
+    import dataclasses
+
+    from domainlm.classify.ensemble_file import is_ensemble, read_ensemble, write_ensemble
+
+    meta = read_ensemble(cfg.model)
+    out = Path(cfg.out)
+    if not is_ensemble(out):  # an earlier export of an ensemble may be replaced, as a single export may
+        _check_out(out, cfg.model)
+    infos = {}
+    for member in meta["members"]:
+        _log(f"member {member}")
+        infos[member] = export(dataclasses.replace(cfg, model=str(Path(cfg.model) / member), out=str(out / member)))
+    extra = {k: v for k, v in meta.items() if k not in ("kind", "members", "labels", "multilabel", "thresholds")}
+    write_ensemble(out, list(meta["members"]), meta["labels"], bool(meta.get("multilabel")), meta.get("thresholds"),
+                   **extra, source=str(Path(cfg.model).resolve()))
+    cfglib.write(cfg, out)
+    return {"members": infos}
+
+
 def export(cfg: ExportConfig) -> dict:
     import onnxruntime
     import torch
 
+    from domainlm.classify.ensemble_file import is_ensemble
+
+    if is_ensemble(cfg.model) and not is_export_dir(cfg.model):
+        return export_ensemble(cfg)
     model_dir = classifier_dir(cfg.model)
     if not Path(model_dir).is_dir():
         raise DomainLMError(f"model folder {cfg.model} does not exist")
@@ -211,6 +238,7 @@ def export(cfg: ExportConfig) -> dict:
                                  cap=True)
     if tokenizer.model_max_length and tokenizer.model_max_length < 10**6:
         max_len = min(max_len, tokenizer.model_max_length)
+    cfg = dataclasses.replace(cfg, max_seq_len=max_len)  # what config.yaml records, and --data is checked at
 
     out.mkdir(parents=True, exist_ok=True)
     (out / EXPORT_META).unlink(missing_ok=True)  # the folder counts as an export only once complete

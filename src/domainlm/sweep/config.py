@@ -87,7 +87,9 @@ def cell_config(cfg: SweepConfig, model: str, out: str, seed: int):
     from domainlm.classify.config import FinetuneConfig
 
     try:
-        return cfglib.load(FinetuneConfig, None, {**cfg.finetune, "model": model, "out": out, "seeds": [seed], "floor": False})
+        return cfglib.load(FinetuneConfig, None, {**cfg.finetune, "model": model, "out": out, "seeds": [seed],
+                                                    # a blend mixes each cell with a floor fitted on that cell's rows
+                                                    "floor": bool(cfg.finetune.get("blend"))})
     except DomainLMError as e:
         raise DomainLMError(f"finetune: {e}") from None
 

@@ -12,7 +12,7 @@ from domainlm.errors import DomainLMError
 from domainlm.train.logging import read_log
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -24,7 +24,7 @@ def _pyplot():
 def plot_curves(series: dict[str, list[tuple[float, float]]], path: Path, title: str, ylabel: str,
                 errors: dict[str, list[float]] | None = None) -> Path:
     """One line per name; points (x, y); optional error bars."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, points in series.items():
         if not points:

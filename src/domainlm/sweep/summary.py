@@ -67,6 +67,62 @@ def _cell_results(root: Path, folder: str) -> tuple[dict, np.ndarray] | None:
     return metrics[split], correct
 
 
+def _correct(path: Path) -> np.ndarray:
+    rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
+    return np.asarray([sorted(r["predicted"]) == sorted(r["gold"]) for r in rows], dtype=float)
+
+
+def _blend_results(root: Path, folder: str) -> tuple[dict, np.ndarray, float] | None:
+    """A cell's blend with its floor (`finetune --blend`), on the test rows only: on dev rows it chose its weight."""
+    path = root / "cells" / folder
+    if not (path / "DONE").is_file() or not (path / "blend_test_predictions.jsonl").is_file():
+        return None
+    blend = json.loads((path / "metrics.json").read_text(encoding="utf-8")).get("blend", {})
+    return blend["test"], _correct(path / "blend_test_predictions.jsonl"), blend["weight"]
+
+
+def _test_blends(cfg, results: list[dict], root: Path) -> None:
+    """Each blend against the model alone (same cells) and against the floor (root/floor), by the same two-level
+    test as the checkpoints, Holm-adjusted over the two."""
+    primary = cfg.metrics[0]
+    floor_file = root / "floor" / "test_predictions.jsonl"
+    floor = _correct(floor_file)[None, :] if floor_file.is_file() else None
+    for r in results:
+        b = r.get("blend")
+        if not b or not b["correct"]:
+            continue
+        for m in cfg.metrics:
+            if b["values"][m]:
+                b[m] = dict(zip(("mean", "std"), mean_std(b["values"][m])))
+        tests = {"vs_model": np.stack(r["correct"])} if r["correct"] else {}
+        if floor is not None and floor.shape[1] == b["correct"][0].shape[0]:
+            tests["vs_floor"] = floor
+        for (name, base), adjusted in zip(tests.items(), holm([compare(np.stack(b["correct"]), x)["p_value"] for x in tests.values()])):
+            b[name] = {**compare(np.stack(b["correct"]), base), "p_holm": float(adjusted)}
+            b[name]["win"] = bool(adjusted < ALPHA and b[name]["difference"] > 0)
+        b["weight"] = float(np.mean(b.pop("weights")))
+        del b["correct"]
+        if primary not in b:
+            del r["blend"]
+
+
+def blend_verdict(cfg, results: list[dict]) -> str | None:
+    """The best blend, said as a decision: ship it only where it beats both the model alone and the floor."""
+    primary = cfg.metrics[0]
+    blended = [r for r in results if primary in r.get("blend", {})]
+    if not blended:
+        return None
+    r = max(blended, key=lambda r: r["blend"][primary]["mean"])
+    b = r["blend"]
+    name = f"the blend of {r['model']} {r['checkpoint']} with the floor (model weight {b['weight']:.2f})"
+    value = f"{primary} {pct(b[primary]['mean'])} ± {pct(b[primary]['std'])}"
+    tests = [(what, b[key]) for what, key in (("the model alone", "vs_model"), ("the floor", "vs_floor")) if key in b]
+    said = [f"{what} by {100 * t['difference']:+.1f} points (Holm-adjusted p {pval(t['p_holm'])})" for what, t in tests]
+    if tests and all(t["win"] for _, t in tests):
+        return f"Ship {name}: {value}, above {' and '.join(said)}."
+    return f"{name[0].upper()}{name[1:]} scores {value}: not shown to beat {' and '.join(said) or 'anything'}."
+
+
 def gather(cfg, cells, root: Path) -> list[dict]:
     """One result per (model, checkpoint): per-seed values, mean +- std, and the test against the base model."""
     groups: dict[tuple[str, int], dict] = {}
@@ -74,6 +130,14 @@ def gather(cfg, cells, root: Path) -> list[dict]:
         g = groups.setdefault((cell.model, cell.step), {"model": cell.model, "step": cell.step, "checkpoint": cell.checkpoint,
                                                         "seeds": [], "failed_seeds": [], "values": {m: [] for m in cfg.metrics},
                                                         "per_group": {}, "correct": []})
+        blended = _blend_results(root, cell.folder)
+        if blended is not None:
+            b = g.setdefault("blend", {"values": {m: [] for m in cfg.metrics}, "correct": [], "weights": []})
+            b["correct"].append(blended[1])
+            b["weights"].append(blended[2])
+            for m in cfg.metrics:
+                if m in blended[0]:
+                    b["values"][m].append(blended[0][m])
         result = _cell_results(root, cell.folder)
         if result is None:
             g["failed_seeds"].append(cell.seed)
@@ -107,6 +171,7 @@ def gather(cfg, cells, root: Path) -> list[dict]:
         for r, adjusted in zip(tested, holm([r["vs_base"]["p_value"] for r in tested])):
             r["vs_base"]["p_holm"] = float(adjusted)
             r["vs_base"]["win"] = bool(adjusted < ALPHA and r["vs_base"]["difference"] > 0)
+    _test_blends(cfg, results, root)
     for r in results:
         del r["correct"]
     done = [r for r in results if primary in r]
@@ -195,6 +260,14 @@ def table(cfg, results: list[dict], floor: dict | None, split: str) -> tuple[lis
                          " ".join(f"{v:.6f}" for v in r["values"][primary]), vs.get("difference", ""), vs.get("p_value", ""),
                          vs.get("p_holm", ""), vs.get("win", ""), bool(r.get("star")),
                          *[r["per_group"].get(g, "") for g in group_names], " ".join(map(str, r["failed_seeds"]))])
+    for r in results:  # the blends: Δ and p against the model alone
+        b, vs = r.get("blend", {}), r.get("blend", {}).get("vs_model", {})
+        if primary in b:
+            rows.append([f"{r['model']} + floor", r["checkpoint"], f"{pct(b[primary]['mean'])} ± {pct(b[primary]['std'])}",
+                         " ".join(pct(v) for v in b["values"][primary]),
+                         *[f"{pct(b[m]['mean'])} ± {pct(b[m]['std'])}" if m in b else "" for m in others],
+                         f"{100 * vs['difference']:+.1f}" if vs else "", pval(vs["p_value"]) if vs else "",
+                         (pval(vs["p_holm"]) + ("*" if vs["win"] else "")) if vs else "", *["" for _ in group_names]])
     if floor:
         m = floor[split]
         per_group = m.get("per_group", {})
@@ -206,9 +279,9 @@ def table(cfg, results: list[dict], floor: dict | None, split: str) -> tuple[lis
 
 
 def plots(cfg, results: list[dict], floor: dict | None, split: str, root: Path) -> list[Path]:
-    from domainlm.sweep.report import _pyplot
+    from domainlm.sweep.report import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     primary = cfg.metrics[0]
     fig, ax = plt.subplots(figsize=(8, 5))
     models = list(dict.fromkeys(r["model"] for r in results))
@@ -272,6 +345,9 @@ def summarize(cfg, cells, root: Path, task: dict, floor: dict | None) -> dict:
     results = gather(cfg, cells, root)
     primary = cfg.metrics[0]
     sentence = conclusion(cfg, results, floor, split)
+    verdict = blend_verdict(cfg, results)
+    if verdict:  # a blend that beats both parts is what to ship; one that does not is said beside the conclusion
+        sentence = f"{verdict} Without the blend: {sentence}" if verdict.startswith("Ship") else f"{sentence} {verdict}"
     header, rows, csv_rows = table(cfg, results, floor, split)
     failures = [{"cell": c.folder, "error": (root / "cells" / c.folder / "FAILED").read_text(encoding="utf-8").split("\n")[0]}
                 for c in cells if (root / "cells" / c.folder / "FAILED").is_file()]
@@ -282,6 +358,9 @@ def summarize(cfg, cells, root: Path, task: dict, floor: dict | None) -> dict:
             "in points. p: one-sided test that the checkpoint's per-row correctness beats its base model's, accounting for "
             "both seed and test-row variance (two-level t-test); p (Holm): adjusted for the checkpoints compared per model. "
             f"* a win (adjusted p < {ALPHA}); ★ the best cell, marked only when it beats its base after adjustment.")
+    if any("blend" in r for r in results):
+        note += (" `+ floor` rows: each cell's probabilities mixed with its own floor's, the weight chosen on its dev "
+                 "rows; Δ and p there are against the model alone (the test against the floor is in the conclusion).")
     if len(cfg.seeds) < 3:
         note += " With fewer than 3 seeds the seed variance is barely estimable and the test rarely finds a difference."
     images = plots(cfg, results, floor, split, root)

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 
 import torch
+
+from domainlm.errors import DomainLMError
 
 
 def mixed_precision(choice: str) -> str:
@@ -49,16 +52,37 @@ def make_accelerator(precision: str = "auto", find_unused_parameters: bool = Fal
     return accelerator
 
 
-def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999), eps=1e-8):
-    """AdamW; biases and LayerNorm weights get no weight decay. The fused kernel (CPU and CUDA) updates all
-    parameters in one pass instead of a chain of per-tensor ops."""
-    decay, no_decay = [], []
+def layer_depths(model: torch.nn.Module) -> dict[str, int]:
+    """Each trainable parameter's depth from the top, for layer-wise learning-rate decay: with L numbered encoder
+    layers (`...layer.<i>.`), layer i is at depth L - i (the top layer at 1), the embeddings at L + 1, and
+    everything else (a final norm, the pooler, the head) at 0."""
+    index = {name: int(m.group(1)) for name, _ in model.named_parameters() if (m := _LAYER.search(name))}
+    if not index:
+        raise DomainLMError("--layer-lr-decay: the model has no numbered encoder layers (`layer.<i>.`) to decay over")
+    n_layers = max(index.values()) + 1
+    return {name: n_layers - index[name] if name in index else n_layers + 1 if "embed" in name.lower() else 0
+            for name, p in model.named_parameters() if p.requires_grad}
+
+
+_LAYER = re.compile(r"\.layers?\.(\d+)\.")
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999), eps=1e-8,
+                    layer_decay: float = 1.0):
+    """AdamW; biases and LayerNorm weights get no weight decay. With layer_decay < 1 each parameter trains at
+    lr x layer_decay^depth (layer_depths): the head at lr, lower layers ever slower. The fused kernel (CPU and
+    CUDA) updates all parameters in one pass instead of a chain of per-tensor ops."""
+    depths = layer_depths(model) if layer_decay != 1.0 else {}
+    groups: dict[tuple[int, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
+        no_decay = p.ndim < 2 or "norm" in name.lower()
+        groups.setdefault((depths.get(name, 0), no_decay), []).append(p)
+    # depth 0 first: the loop logs the first group's lr, the peak one
+    params = [{"params": ps, "weight_decay": 0.0 if no_decay else weight_decay, "lr": lr * layer_decay ** depth}
+              for (depth, no_decay), ps in sorted(groups.items())]
+    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, fused=True)
 
 
 def warmup_steps(max_steps: int, warmup_rate: float) -> int:
