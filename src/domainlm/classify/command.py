@@ -35,7 +35,13 @@ from domainlm.classify.data import (
     targets,
 )
 from domainlm.classify.metrics import best_k
-from domainlm.classify.model import Classifier, enable_checkpointing, load_classifier, packing_ready, save_classifier
+from domainlm.classify.model import (
+    Classifier,
+    enable_checkpointing,
+    load_classifier,
+    packing_ready,
+    save_classifier,
+)
 from domainlm.classify.report import score, write_outputs, write_run, write_summary
 from domainlm.classify.runtime import load
 from domainlm.errors import DomainLMError
