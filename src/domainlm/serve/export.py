@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from domainlm import config as cfglib
+from domainlm import outputs
 from domainlm.errors import DomainLMError
 from domainlm.serve.config import ExportConfig
 from domainlm.serve.runtime import (
@@ -160,9 +161,10 @@ def compare(runtime: OnnxRuntime, model, batches: list[dict], multilabel: bool) 
 
 def _check_out(out: Path, model_dir: str) -> None:
     """Never write over anything but an earlier export."""
-    if out.resolve() == Path(model_dir).resolve() or Path(model_dir).resolve() in out.resolve().parents:
+    if outputs.inside(out, model_dir):
         raise DomainLMError(f"--out {out} is inside the model folder {model_dir}; choose another folder")
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_export_dir(out))):
+    earlier = is_export_dir(out) or (outputs.read_manifest(out) or {}).get("command") == "export"  # or a failed one
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not earlier)):
         raise DomainLMError(f"--out {out} exists and is not an export folder; choose a new or empty folder")
 
 
@@ -208,7 +210,7 @@ def export(cfg: ExportConfig) -> dict:
     if tokenizer.model_max_length and tokenizer.model_max_length < 10**6:
         max_len = min(max_len, tokenizer.model_max_length)
 
-    out.mkdir(parents=True, exist_ok=True)
+    outputs.mark(out, "export")  # a failed export leaves a folder its rerun may replace
     (out / EXPORT_META).unlink(missing_ok=True)  # the folder counts as an export only once complete
     for stale in ("model.onnx", "model.int8.onnx", "model.raw.onnx"):
         (out / stale).unlink(missing_ok=True)
@@ -270,4 +272,5 @@ def export(cfg: ExportConfig) -> dict:
     info["seconds"] = round(time.perf_counter() - started, 2)
     write_info()
     cfglib.write(cfg, out)
+    outputs.record(out, "export")
     return info

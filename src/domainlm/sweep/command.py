@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import traceback
@@ -40,6 +39,7 @@ from queue import Queue
 import yaml
 
 from domainlm import config as cfglib
+from domainlm import outputs
 from domainlm.config import option
 from domainlm.errors import DomainLMError
 
@@ -259,10 +259,10 @@ def device_plan(parallel: int, gpus: int) -> list[str | None]:
 
 def remove_inside(path: Path, root: Path) -> None:
     """Delete a cell's old folder, never anything outside the sweep's cells/ folder."""
-    target, fence = path.resolve(), (root / "cells").resolve()
-    if target == fence or fence not in target.parents:
-        raise DomainLMError(f"refusing to delete {path}: it is not inside {fence}")
-    shutil.rmtree(target)
+    fence = root / "cells"
+    if not outputs.inside(path, fence, strict=True):
+        raise DomainLMError(f"refusing to delete {path}: it is not inside {fence.resolve()}")
+    outputs.remove_tree(path, fence)
 
 
 def run_cell(cfg: SweepConfig, cell: Cell, root: Path, device: str | None = None) -> dict:
