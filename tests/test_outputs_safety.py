@@ -92,3 +92,88 @@ def test_convert_never_replaces_the_users_files(tmp_path, err, monkeypatch):
     a_file.write_bytes(b"mine")
     assert f"--out {a_file} is an existing file" in err("convert", src, "--out", a_file, "--overwrite")
     assert a_file.read_bytes() == b"mine"
+
+
+# ---- every other command with an --out: the user's files under its names are refused, byte for byte kept ------
+
+def users_folder(tmp_path, files: dict[str, bytes]) -> Path:
+    folder = tmp_path / "mine"
+    for name, data in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    return folder
+
+
+def refused(err, folder, command, *args, names):
+    before = snapshot(folder)
+    message = err(command, *args)
+    assert f"--out {folder} holds {names}, not from `domainlm {command}`" in message, message
+    assert len(message.strip().splitlines()) == 1 and snapshot(folder) == before
+
+
+def test_sweep_keeps_the_users_table(tmp_path, tiny_model, err):
+    import yaml
+
+    from tests.test_classify import make_rows, write_jsonl
+
+    mine = users_folder(tmp_path, {"table.md": b"| my | table |\n"})
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(yaml.safe_dump({"out": str(mine), "seeds": [1], "models": [{"name": "tiny", "base": tiny_model}],
+                                    "finetune": {"train": write_jsonl(tmp_path / "t.jsonl", make_rows(12, 1)),
+                                                 "test": write_jsonl(tmp_path / "e.jsonl", make_rows(4, 2))}}))
+    refused(err, mine, "sweep", spec, names="table.md")
+
+
+def test_report_out_keeps_the_users_report(tmp_path, err):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.jsonl").write_text('{"step": 1, "split": "train", "loss": 1.0}\n')
+    mine = users_folder(tmp_path, {"report.md": b"my report", "report.html": b"<p>mine</p>"})
+    refused(err, mine, "report", run, "--out", mine, names="report.html, report.md")
+    err("report", run, "--out", tmp_path / "rep", code=0)  # its own folder: written, and rewritten on a rerun
+    err("report", run, "--out", tmp_path / "rep", code=0)
+    assert (tmp_path / "rep" / "report.md").is_file()
+
+
+def test_pretrain_out_keeps_the_users_config_and_results(tmp_path, tiny_model, err):
+    mine = users_folder(tmp_path, {"config.yaml": b"mine: 1\n", "results.json": b"{}", "notes.txt": b"x"})
+    refused(err, mine, "pretrain", "--corpus", tmp_path / "c", "--model", tiny_model, "--out", mine,
+            names="config.yaml, results.json")
+
+
+def test_demo_out_keeps_the_users_data(tmp_path, err):
+    mine = users_folder(tmp_path, {"data/sentiment_train.jsonl": b'{"text": "mine"}\n'})
+    refused(err, mine, "demo", "--out", mine, names="data")
+
+
+def test_finetune_and_evaluate_keep_the_users_files_of_their_names(tmp_path, tiny_model, err):
+    from tests.test_classify import make_rows, write_jsonl
+
+    train = write_jsonl(tmp_path / "train.jsonl", make_rows(12, 1))
+    mine = users_folder(tmp_path, {"report.md": b"mine", "metrics.json": b"{}"})
+    refused(err, mine, "finetune", "--model", tiny_model, "--train", train, "--out", mine, "--overwrite",
+            names="metrics.json, report.md")
+    refused(err, mine, "evaluate", "--model", tiny_model, "--data", train, "--out", mine, names="metrics.json, report.md")
+
+
+def test_extend_vocab_into_a_folder_of_the_users(tmp_path, tiny_model, err):
+    terms = tmp_path / "terms.txt"
+    terms.write_text("验收标准\n")
+    mine = users_folder(tmp_path, {"vocab.txt": b"mine"})
+    refused(err, mine, "extend-vocab", "--model", tiny_model, "--tokens", terms, "--out", mine, names="vocab.txt")
+
+
+def test_prepare_never_replaces_the_working_folder_nor_writes_after_the_work_into_an_unwritable_one(
+        tmp_path, zh_txt, tokenizer_dir, err, monkeypatch):
+    work = users_folder(tmp_path, {"notes.txt": b"mine"})
+    monkeypatch.chdir(work)
+    message = err("prepare", zh_txt, "--out", ".", "--tokenizer", tokenizer_dir, "--workers", "0", "--overwrite")
+    assert "--out . is (or holds) the working folder" in message and snapshot(work) == {"notes.txt": b"mine"}
+    monkeypatch.chdir(tmp_path)
+    target = Path("/proc/domainlm-store")  # a read-only place, even for root
+    if os.geteuid() != 0:
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+        target = ro / "store"
+    message = err("prepare", zh_txt, "--out", target, "--tokenizer", tokenizer_dir, "--workers", "0")
+    assert f"--out {target}: cannot write in {target.parent}" in message and "Traceback" not in message

@@ -260,20 +260,23 @@ def _config_keys(out: Path) -> set[str] | None:
     return set(config) if isinstance(config, dict) else None
 
 
-def own_entries(out: Path, command: str, patterns: tuple[str, ...], marker: str | None = None) -> set[str]:
+def own_entries(out: Path, command: str, patterns: tuple[str, ...], marker=None) -> set[str]:
     """Names in `out` that `command` wrote: those its manifest lists (all under its names, if the run was
-    interrupted); for a folder from before manifests, those under its names when config.yaml holds `marker`."""
+    interrupted); for a folder from before manifests, those under its names when config.yaml holds the key
+    `marker` (or `marker(out)` is true)."""
     manifest = read_manifest(out)
     names = {p.name for p in known_entries(out, patterns)}
     if manifest is not None:
         if manifest["command"] != command:
             return set()
         return names if not manifest.get("complete") else names & set(manifest.get("entries") or [])
+    if callable(marker):
+        return names if marker(out) else set()
     keys = _config_keys(out) if marker else None
     return names if keys is not None and marker in keys else set()
 
 
-def check_earlier_run(out: Path, command: str, patterns: tuple[str, ...], marker: str | None = None,
+def check_earlier_run(out: Path, command: str, patterns: tuple[str, ...], marker=None,
                       overwrite: bool | None = None, inputs=()) -> list[Path]:
     """Before a run writes into `out`: the entries an earlier run of `command` left there (cleared later, when
     every check has passed, with clear_known). Refuses entries under the command's names that it did not write
@@ -356,4 +359,4 @@ PRETRAIN_OUTPUTS = ("config.yaml", "data.json", "results.json", "log.jsonl", "te
 REPORT_OUTPUTS = ("report.md", "report.html", "curve_*.png")
 SWEEP_OUTPUTS = ("config.yaml", "cells", "pretrain", "floor", "table.md", "table.csv", "results.json", "report.md",
                  "report.html", "failures.json", "summary.json", "*.png")
-DEMO_OUTPUTS = ("data", "tiny-config", "tokenizer", "corpus-*", "base-model", "domain-pretrain", "sweep")
+DEMO_OUTPUTS = ("data", "tiny-config", "corpus-*", "base-model", "domain-pretrain", "sweep")

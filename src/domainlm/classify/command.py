@@ -204,7 +204,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected; domainlm reports what matters
     out = outputs.folder(cfg.out)
     outputs.claim(out)
-    outputs.check_earlier_run(out, "finetune", outputs.FINETUNE_OUTPUTS, "train", cfg.overwrite)
+    outputs.check_earlier_run(out, "finetune", outputs.FINETUNE_OUTPUTS, "train", cfg.overwrite,
+                              inputs=(cfg.model, cfg.train, cfg.dev, cfg.test))
     accelerator = make_accelerator(cfg.precision)
     columns = _columns(cfg)
     train = read_examples(cfg.train, columns, cfg.multilabel, skip_bad=cfg.skip_bad_rows)
@@ -221,8 +222,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     if not linear_only:
         checks.max_seq_len(load_config(cfg.model), cfg.max_seq_len, cfg.model)
     if accelerator.is_main_process:
-        outputs.clear_known(out, outputs.FINETUNE_OUTPUTS)  # an earlier run's files never mix with this one's
-        out.mkdir(parents=True, exist_ok=True)
+        outputs.clear_known(out, outputs.FINETUNE_OUTPUTS, "finetune")  # an earlier run's files never mix with this one's
         cfglib.write(cfg, out)
 
     def split(data: Dataset, seed: int) -> tuple[Dataset, Dataset]:
@@ -262,6 +262,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
             (out / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     else:
         summary.update(runs[0])
+    if accelerator.is_main_process:
+        outputs.record(out, "finetune", outputs.FINETUNE_OUTPUTS)
     return summary
 
 
@@ -291,7 +293,7 @@ def evaluate_command(cfg: EvaluateConfig) -> dict:
     if outputs.inside(out, cfg.model):
         raise DomainLMError(f"--out {out} lies inside --model {cfg.model}: choose a folder of its own")
     outputs.claim(out)
-    outputs.check_earlier_run(out, "evaluate", outputs.EVALUATE_OUTPUTS, "data")
+    outputs.check_earlier_run(out, "evaluate", outputs.EVALUATE_OUTPUTS, "data", inputs=(cfg.model, cfg.data))
     runtime = _load(cfg.model)
     _prepare(cfg, runtime)
     labels, multilabel = runtime.labels, runtime.multilabel
@@ -302,12 +304,12 @@ def evaluate_command(cfg: EvaluateConfig) -> dict:
     probs = runtime.predict(*data.columns(), cfg.batch_size, cfg.max_seq_len, progress=True)
     thresholds = runtime.thresholds if multilabel else None
     metrics = score(probs, data, labels, multilabel, cfg.tolerant_k, thresholds)
-    outputs.clear_known(out, outputs.EVALUATE_OUTPUTS)
-    out.mkdir(parents=True, exist_ok=True)
+    outputs.clear_known(out, outputs.EVALUATE_OUTPUTS, "evaluate")
     write_outputs(out, "eval", data, probs, labels, multilabel, metrics, thresholds)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
     (out / "report.md").write_text(report_markdown(f"Evaluation of {cfg.model} on {cfg.data}", {"eval": metrics}, labels), encoding="utf-8")
     cfglib.write(cfg, out)
+    outputs.record(out, "evaluate", outputs.EVALUATE_OUTPUTS)
     return metrics
 
 

@@ -113,6 +113,8 @@ class Run:
 def pretrain(cfg: PretrainConfig) -> dict:
     outputs.folder(cfg.out)
     outputs.claim(cfg.out)  # one run per --out: a second one stops here, naming this one's PID
+    # the user's files under pretrain's names are refused; its own (a run to resume) are kept and rewritten
+    outputs.check_earlier_run(Path(cfg.out), "pretrain", outputs.PRETRAIN_OUTPUTS, "corpus", inputs=(cfg.corpus, cfg.model))
     run = setup(cfg)
     try:
         state = train(run)
@@ -165,7 +167,7 @@ def setup(cfg: PretrainConfig) -> Run:
         log(f"resumed from {resume_from} at step {state.step} ({state.consumed_samples} samples consumed)")
 
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+        outputs.mark(out, "pretrain")
         cfglib.write(cfg, out)
         (out / "data.json").write_text(json.dumps({"splits": {k: v.pop("documents") for k, v in reports.items()}, "split": split.summary(), "samples": reports, "accumulation": accumulation, "processes": world}, indent=2))
     log(f"data: {json.dumps(reports['train'])}; global batch {global_batch} = {cfg.micro_batch_size} x {accumulation} "
@@ -252,6 +254,7 @@ def finish(run: Run, state: TrainState) -> dict:
     run.snapshot(run.out / "final")
     if run.accelerator.is_main_process:
         (run.out / "results.json").write_text(json.dumps({"step": state.step, **results}, indent=2))
+        outputs.record(run.out, "pretrain", outputs.PRETRAIN_OUTPUTS)
     run.log(f"done: {run.out / 'final'} ({json.dumps(results)})")
     run.accelerator.wait_for_everyone()
     run.accelerator.end_training()

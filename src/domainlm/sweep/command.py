@@ -347,17 +347,20 @@ def sweep(cfg: SweepConfig) -> dict:
     root = Path(cfg.out)
     if root.exists() and not root.is_dir():
         raise DomainLMError(f"out: {root} is a file, not a folder")
+    # a rerun resumes its own cells; the user's files under a sweep's names are refused
+    outputs.check_earlier_run(root, "sweep", outputs.SWEEP_OUTPUTS, "models")
     task = check_data(cfg)  # every check before any work: files, options, names, steps, pretraining sections
     cells = plan(cfg)
     slots = device_plan(cfg.parallel, _gpu_count() if cfg.parallel > 1 else 0)
     if cfg.parallel > 1 and slots == [None]:
         print("fewer than 2 GPUs: cells run one after another", file=sys.stderr)
-    root.mkdir(parents=True, exist_ok=True)
+    outputs.mark(root, "sweep")
     cfglib.write(cfg, root)
     run_pretraining(cfg)
     floor = fit_floor(cfg, root) if cfg.floor else None
     run_cells(cfg, cells, root, slots)
     result = summarize(cfg, cells, root, task, floor)
+    outputs.record(root, "sweep", outputs.SWEEP_OUTPUTS)
     if result["failures"]:
         raise DomainLMError(f"{len(result['failures'])} of {len(cells)} cells failed (see {root / 'failures.json'}); "
                             "the table shows the others")
