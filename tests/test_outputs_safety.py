@@ -177,3 +177,37 @@ def test_prepare_never_replaces_the_working_folder_nor_writes_after_the_work_int
         target = ro / "store"
     message = err("prepare", zh_txt, "--out", target, "--tokenizer", tokenizer_dir, "--workers", "0")
     assert f"--out {target}: cannot write in {target.parent}" in message and "Traceback" not in message
+
+
+# ---- a killed run resumes at once -------------------------------------------------------------------------
+
+def test_a_run_killed_with_sigkill_resumes_at_once_though_its_loader_workers_live_on(tmp_path, corpus_dir, tiny_model, err):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.test_bad_inputs import env
+
+    out = tmp_path / "run"
+    args = ["pretrain", "--corpus", corpus_dir, "--model", tiny_model, "--out", str(out), "--max-seq-len", "48",
+            "--micro-batch-size", "4", "--checkpoint-steps", "2", "--num-workers", "2", "--no-tensorboard",
+            "--logging-freq", "1000", "--eval-freq", "1000"]
+    run = subprocess.Popen([sys.executable, "-m", "domainlm.cli", *args, "--max-steps", "100000"], env=env(),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not list((out / "checkpoints").glob("step-*/manifest.json")) and time.monotonic() < deadline:
+            assert run.poll() is None, "the run ended early"
+            time.sleep(0.2)
+        workers = subprocess.run(["pgrep", "-P", str(run.pid)], capture_output=True, text=True).stdout.split()
+        assert workers, "the run has no DataLoader workers: the test would not test the lock they inherit"
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+    finally:
+        run.kill()
+    assert all(Path(f"/proc/{pid}").exists() for pid in workers)  # orphaned, still running when the resume starts
+    step = int(max(p.parent.name for p in (out / "checkpoints").glob("step-*/manifest.json")).split("-")[1])
+    message = err(*args, "--num-workers", "0", "--resume", "auto", "--max-steps", step + 1, code=0)
+    assert "in use" not in message
+    assert (out / "final" / "config.json").is_file()

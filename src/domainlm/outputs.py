@@ -82,9 +82,11 @@ def claim(out: str | Path, flag: str = "--out") -> None:
             # a holder that is no longer alive is ending this instant: its lock goes with it
             if not (holder.isdigit() and not _alive(int(holder)) and (time.sleep(0.2) or _try_lock(fd))):
                 os.close(fd)
-                live = holder.isdigit() and _alive(int(holder))
+                if holder.isdigit() and not _alive(int(holder)):
+                    raise DomainLMError(f"{flag} {out} is still locked, though the run that took it (PID {holder}) has "
+                                        "ended; try again in a few seconds") from None
                 raise DomainLMError(
-                    f"{flag} {out} is in use by another domainlm run ({f'PID {holder}' if live else 'starting'}); "
+                    f"{flag} {out} is in use by another domainlm run ({f'PID {holder}' if holder else 'starting'}); "
                     f"wait for it to finish or choose another {flag}"
                 ) from None
         try:  # the holder we waited on may have removed the file as we opened it: lock the one on disk
