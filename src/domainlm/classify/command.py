@@ -25,6 +25,7 @@ from domainlm.classify.data import (
     Dataset,
     check_labels,
     check_predict_paths,
+    keep_line_order,
     kfold,
     label_list,
     read_examples,
@@ -333,7 +334,7 @@ def predict_command(cfg: PredictConfig) -> int:
         lines = [json.dumps({"text": ex.text, "labels": [labels[j] for j in chosen],
                              "scores": {labels[j]: round(float(p[j]), 4) for j in best}}, ensure_ascii=False) + "\n"
                  for ex, p, chosen, best in zip(data.examples, probs, runtime.choose(probs), best_k(probs, cfg.top_k))]
-        sink.write("".join(lines))
+        sink.write("".join(keep_line_order(data, lines) if cfg.input == "-" else lines))
     except BaseException:
         if partial is not None:
             sink.close()
