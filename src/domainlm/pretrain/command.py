@@ -155,6 +155,7 @@ def setup(cfg: PretrainConfig) -> Run:
         raise DomainLMError(
             f"the tokenizer has {len(tokenizer)} entries but the model's vocabulary only {hf_model.config.vocab_size}"
         )
+    corpus.check_ids(hf_model.config.vocab_size, f"the vocabulary of --model {cfg.model}")  # before training, not in it
     model = PretrainingModel(hf_model, cfg.binary_head)
     if cfg.compile:
         model = torch.compile(model)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from domainlm import checks
 from domainlm import config as cfglib
 from domainlm import outputs
 from domainlm.errors import DomainLMError
@@ -205,6 +206,7 @@ def export(cfg: ExportConfig) -> dict:
         raise DomainLMError(f"--data {cfg.data} does not exist")
     started = time.perf_counter()
     model, tokenizer, meta = _load(model_dir)
+    checks.label_map(list(meta.get("labels") or []), model, model_dir)  # else every served request would fail
     input_names = _input_names(model, tokenizer)
     max_len = min(cfg.max_seq_len, getattr(model.config, "max_position_embeddings", cfg.max_seq_len))
     if tokenizer.model_max_length and tokenizer.model_max_length < 10**6:

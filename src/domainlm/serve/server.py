@@ -26,6 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
+from domainlm.errors import DomainLMError
 from domainlm.serve.config import ServeConfig
 from domainlm.serve.runtime import Runtime
 
@@ -235,6 +236,8 @@ def parse_request(body: bytes, cfg: ServeConfig) -> tuple[list[str], list[str] |
         payload = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BadRequest(400, f"the body is not valid JSON: {e}") from None
+    except RecursionError:  # Python's parser stops at its recursion limit
+        raise BadRequest(400, "the body nests JSON too deeply; send {\"text\": ...}") from None
     if not isinstance(payload, dict):
         raise BadRequest(422, 'the body must be a JSON object such as {"text": "..."}')
     unknown = sorted(set(payload) - set(PredictRequest.model_fields))
@@ -260,12 +263,17 @@ async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BadRequest(413, f"the body has {declared} bytes; at most {limit} (--max-body-bytes)")
+    from starlette.requests import ClientDisconnect
+
     chunks, size = [], 0
-    async for chunk in request.stream():  # also bounds bodies sent without a length
-        size += len(chunk)
-        if size > limit:
-            raise BadRequest(413, f"the body is over {limit} bytes (--max-body-bytes)")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():  # also bounds bodies sent without a length
+            size += len(chunk)
+            if size > limit:
+                raise BadRequest(413, f"the body is over {limit} bytes (--max-body-bytes)")
+            chunks.append(chunk)
+    except ClientDisconnect:  # nobody to answer; counted, not logged as a crash
+        raise BadRequest(400, "the client disconnected before the whole body arrived") from None
     return b"".join(chunks)
 
 
@@ -371,6 +379,9 @@ def serve(cfg: ServeConfig) -> None:
 
     from domainlm.serve.runtime import load_runtime
 
+    if cfg.token is not None and not cfg.token.strip():
+        raise DomainLMError("--token is empty, which would serve without authentication; give a token, or leave "
+                            "--token out to serve without one")
     if not cfg.token and os.environ.get("DOMAINLM_SERVE_TOKEN"):  # keeps the token out of `ps`
         cfg = dataclasses.replace(cfg, token=os.environ["DOMAINLM_SERVE_TOKEN"])
     runtime = load_runtime(cfg.model, cfg.precision, cfg.threads, cfg.max_seq_len)
