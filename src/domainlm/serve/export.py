@@ -19,9 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from domainlm import checks
+from domainlm import checks, outputs
 from domainlm import config as cfglib
-from domainlm import outputs
 from domainlm.errors import DomainLMError
 from domainlm.serve.config import ExportConfig
 from domainlm.serve.runtime import (
