@@ -120,6 +120,8 @@ def _run(cfg: FinetuneConfig, accelerator, tokenizer, train: Dataset, dev: Datas
     if steps_per_epoch == 0:
         raise DomainLMError(f"{len(train)} training rows cannot fill {world * accumulation} micro batches of one step")
     max_steps = cfg.epochs * steps_per_epoch
+    log(f"data: {len(train)} training rows, {max_steps} steps; global batch {global_batch} = {cfg.batch_size} x "
+        f"{accumulation} accumulation x {world} processes")
     optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay)
     scheduler = build_scheduler(optimizer, max_steps, cfg.warmup_ratio, cfg.learning_rate,
                                 cfg.learning_rate * cfg.min_lr_ratio, cfg.lr_decay)
@@ -222,6 +224,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     tokenizer = None if linear_only else load_fast_tokenizer(cfg.model, flag="--model")
     if not linear_only:
         checks.max_seq_len(load_config(cfg.model), cfg.max_seq_len, cfg.model)
+        checks.tokenizer_fits(tokenizer, load_config(cfg.model), cfg.model)
     if accelerator.is_main_process:
         outputs.clear_known(out, outputs.FINETUNE_OUTPUTS, "finetune")  # an earlier run's files never mix with this one's
         cfglib.write(cfg, out)

@@ -17,6 +17,7 @@ import hashlib
 import json
 import pickle
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -353,6 +354,9 @@ def convert(src: str | Path, out: str | Path, overwrite: bool = False, log=print
     check_out(src, out, overwrite)
     model, report = build_hf_model(src)
     tokenizer = load_fast_tokenizer(str(src), log=log) if (src / "vocab.txt").is_file() else None
+    if tokenizer is None:
+        print(f"warning: {src} has no vocab.txt, so {out} gets no tokenizer: copy the model's vocab.txt (or "
+              "tokenizer files) into it before using it", file=sys.stderr)
     if report["task_id"]:
         log(f"note: the Paddle config sets task_id {report['task_id']}; Hugging Face ERNIE uses task type 0 "
             "unless task_type_ids are passed")

@@ -224,6 +224,11 @@ def _datasets(cfg: PretrainConfig, accelerator, corpus: Corpus, tokenizer, speci
     datasets = {name: PretrainDataset(corpus, s, name, cfg.max_seq_len, sop, masking, special, len(tokenizer), cfg.seed,
                                       shuffle=name == "train")
                 for name, s in samples.items() if len(s)}
+    empty = [name for name, s in samples.items() if not len(s)]
+    if empty and accelerator.is_main_process:
+        print(f"warning: the {' and '.join(empty)} split holds 0 samples ({', '.join(str(reports[n]['documents']) for n in empty)} "
+              f"documents, too short{' for SOP' if sop else ''}): no {' or '.join(empty)} loss is reported; "
+              "raise its share in --split", file=sys.stderr)
     return datasets, reports, split
 
 

@@ -89,6 +89,9 @@ def report_run(run: str, out: str | None = None) -> Path:
     folder = outputs.folder(run, "RUN")
     log = read_log(folder / "log.jsonl")
     if not log:
+        if (folder / "log.jsonl").is_file():
+            raise DomainLMError(f"{folder / 'log.jsonl'} holds no records yet (the run logs its first one after "
+                                "--logging-freq steps); nothing to report")
         raise DomainLMError(f"{folder} has no log.jsonl: not a `domainlm pretrain` or `finetune` output folder")
     target = outputs.folder(out) if out else folder
     if not outputs.inside(target, folder):  # a folder of its own: never over the user's files of the same names

@@ -15,6 +15,7 @@ lie inside the checkpoints folder.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -196,8 +197,34 @@ def load_checkpoint(accelerator, path: Path, expected: TrainState) -> TrainState
         )
     if state.model_fingerprint != expected.model_fingerprint:
         raise DomainLMError(f"{path} holds a different model architecture than --model; resume with the same model")
-    accelerator.load_state(str(path))
+    with _accelerate_notes() as notes:
+        accelerator.load_state(str(path))
+    if any("Could not load random states" in n for n in notes):
+        print(f"warning: {path}: random_states_{accelerator.process_index}.pkl could not be loaded; resuming without "
+              "it, so dropout and masking draw other numbers than an uninterrupted run would", file=sys.stderr)
     return state
+
+
+@contextlib.contextmanager
+def _accelerate_notes():
+    """The messages accelerate's checkpointing logs at INFO level (it says there, and only there, that it skipped
+    the RNG states), caught instead of printed."""
+    import logging
+
+    logger = logging.getLogger("accelerate.checkpointing")
+    notes: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: notes.append(record.getMessage())
+    level, propagate = logger.level, logger.propagate
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        yield notes
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def save_snapshot(accelerator, folder: Path, model, hf_of, tokenizer, save=None) -> Path:
