@@ -168,15 +168,21 @@ def _check_out(out: Path, model_dir: str) -> None:
         raise DomainLMError(f"--out {out} exists and is not an export folder; choose a new or empty folder")
 
 
-def data_metrics(cfg: ExportConfig, runtimes: dict[str, OnnxRuntime]) -> dict:
-    """Accuracy / F1 of each exported model on --data, and the change int8 brings."""
-    from domainlm.classify.command import score
+def read_data(cfg: ExportConfig, meta: dict):
+    """--data, read and checked against the model's labels before any export work."""
     from domainlm.classify.data import Columns, check_labels, read_examples
 
-    any_rt = next(iter(runtimes.values()))
     data = read_examples(cfg.data, Columns(cfg.text_column, cfg.pair_column, cfg.label_column, None, cfg.label_delimiter),
-                         any_rt.multilabel)
-    check_labels(data, any_rt.labels)
+                         bool(meta.get("multilabel")))
+    check_labels(data, list(meta["labels"]))
+    return data
+
+
+def data_metrics(cfg: ExportConfig, runtimes: dict[str, OnnxRuntime], data) -> dict:
+    """Accuracy / F1 of each exported model on --data, and the change int8 brings."""
+    from domainlm.classify.command import score
+
+    any_rt = next(iter(runtimes.values()))
     texts = [ex.text for ex in data.examples]
     pairs = [ex.text_pair or "" for ex in data.examples] if cfg.pair_column else None
     keys = ("f1_micro", "f1_macro", "exact_match") if any_rt.multilabel else ("accuracy", "f1_macro")
@@ -206,6 +212,7 @@ def export(cfg: ExportConfig) -> dict:
     started = time.perf_counter()
     model, tokenizer, meta = _load(model_dir)
     checks.label_map(list(meta.get("labels") or []), model, model_dir)  # else every served request would fail
+    data = read_data(cfg, meta) if cfg.data else None
     input_names = _input_names(model, tokenizer)
     max_len = min(cfg.max_seq_len, getattr(model.config, "max_position_embeddings", cfg.max_seq_len))
     if tokenizer.model_max_length and tokenizer.model_max_length < 10**6:
@@ -265,7 +272,7 @@ def export(cfg: ExportConfig) -> dict:
         _log("size: " + ", ".join(f"{k} {v:.1f} MiB" for k, v in sizes.items()) +
              (f" ({sizes['fp32'] / sizes['int8']:.1f}x smaller)" if "int8" in sizes else ""))
         if cfg.data:
-            info["data_metrics"] = data_metrics(cfg, runtimes)
+            info["data_metrics"] = data_metrics(cfg, runtimes, data)
             _log(f"on {cfg.data}: " + json.dumps({k: v for k, v in info["data_metrics"].items() if k not in ("data",)}))
     except BaseException:
         (out / EXPORT_META).unlink(missing_ok=True)  # never leave a folder that looks like a good export
