@@ -143,3 +143,18 @@ def test_serve_bench_fails_when_fp32_does_not_beat_the_majority_class(tmp_path):
         bench.check_learned({"fp32": {"accuracy": 0.6}, "int8": {"accuracy": 0.6}}, 0.6)
     bench.check_learned({"fp32": {"accuracy": 0.8}}, 0.6)
 
+
+
+def test_the_consoles_try_refuses_more_texts_than_it_answers(tmp_path):
+    pytest.importorskip("fastapi")
+    from domainlm.console.app import Console
+    from domainlm.console.db import Model
+    from domainlm.console.settings import ConsoleConfig
+    from domainlm.errors import DomainLMError
+
+    console = Console(ConsoleConfig(home=str(tmp_path / "home"), token="t"))
+    try:
+        with pytest.raises(DomainLMError, match="10000 texts: try answers at most 100 at a time"):
+            console.predict(Model(kind="classifier", name="m", path="m"), [f"text {i}" for i in range(10_000)])
+    finally:
+        console.stop()
