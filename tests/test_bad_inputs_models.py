@@ -148,3 +148,9 @@ def test_resume_without_loadable_rng_states_warns(tmp_path, corpus_dir, tiny_mod
     _write_manifest(ckpt)  # a file the manifest vouches for, that accelerate still cannot load
     message = err(*pretrain_args(corpus_dir, tiny_model, out, "--max-steps", "3", "--resume", "auto"), code=0)
     assert f"warning: {ckpt}: random_states_0.pkl could not be loaded; resuming without it" in message
+
+
+def test_finetune_prints_its_data_parallel_layout(tmp_path, tiny_model, labelled, capsys):  # noqa: F811
+    assert main(["finetune", "--model", tiny_model, "--train", labelled["train"], "--out", str(tmp_path / "f"), *FAST,
+                 "--global-batch-size", "16", "--batch-size", "8"]) == 0
+    assert "global batch 16 = 8 x 2 accumulation x 1 processes" in capsys.readouterr().out
