@@ -154,3 +154,17 @@ def test_finetune_prints_its_data_parallel_layout(tmp_path, tiny_model, labelled
     assert main(["finetune", "--model", tiny_model, "--train", labelled["train"], "--out", str(tmp_path / "f"), *FAST,
                  "--global-batch-size", "16", "--batch-size", "8"]) == 0
     assert "global batch 16 = 8 x 2 accumulation x 1 processes" in capsys.readouterr().out
+
+
+def test_a_pretraining_split_without_samples_is_warned(tmp_path, tokenizer_dir, tiny_model, err):
+    from domainlm.data.prepare import PrepareConfig, prepare
+    from tests.conftest import make_documents
+
+    docs = make_documents(6) + [f"第{i}号文档只有一句话，内容是关于酒店服务的评价{i}。" for i in range(60)]
+    (tmp_path / "docs.txt").write_text("\n\n".join(docs), encoding="utf-8")
+    prepare(PrepareConfig(input=[str(tmp_path / "docs.txt")], out=str(tmp_path / "store"), tokenizer=tokenizer_dir,
+                          workers=0, segment=True, near_dup_threshold=0), progress=False)
+    message = err(*pretrain_args(tmp_path / "store", tiny_model, tmp_path / "p", "--max-steps", "1", "--split", "80,10,10",
+                                 "--global-batch-size", "4"),
+                  code=0)
+    assert "warning: the test split (7 documents) holds 0 samples (too few sentences for SOP): no test loss" in message

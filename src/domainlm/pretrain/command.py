@@ -226,9 +226,9 @@ def _datasets(cfg: PretrainConfig, accelerator, corpus: Corpus, tokenizer, speci
                 for name, s in samples.items() if len(s)}
     empty = [name for name, s in samples.items() if not len(s)]
     if empty and accelerator.is_main_process:
-        print(f"warning: the {' and '.join(empty)} split holds 0 samples ({', '.join(str(reports[n]['documents']) for n in empty)} "
-              f"documents, too short{' for SOP' if sop else ''}): no {' or '.join(empty)} loss is reported; "
-              "raise its share in --split", file=sys.stderr)
+        held = " and ".join(f"the {n} split ({reports[n]['documents']} documents)" for n in empty)
+        print(f"warning: {held} holds 0 samples{' (too few sentences for SOP)' if sop else ''}: no "
+              f"{' or '.join(empty)} loss is reported; raise its share in --split", file=sys.stderr)
     return datasets, reports, split
 
 
