@@ -153,10 +153,9 @@ def remove_tree(path: str | Path, root: str | Path) -> None:
 
 
 def writable(out: str | Path, flag: str = "--out") -> None:
-    """Before any work: the folder that will hold `out` can be written (checked by writing, as permissions,
-    read-only mounts and ACLs all count)."""
-    path = Path(out).absolute()
-    base = path if path.is_dir() else path.parent
+    """Before any work: the folder that will hold `out` (and its staging folder, see stage) can be written;
+    checked by writing, as permissions, read-only mounts and ACLs all count."""
+    base = Path(out).absolute().parent
     while not base.exists() and base != base.parent:
         base = base.parent
     if not base.is_dir():
