@@ -355,8 +355,9 @@ FINETUNE_OUTPUTS = ("config.yaml", "model", "adapter", "metrics.json", "report.m
                     "converted-model")
 EVALUATE_OUTPUTS = ("config.yaml", "metrics.json", "report.md", "eval_predictions.jsonl", "eval_bad_cases.jsonl",
                     "eval_confusion.png")
-PRETRAIN_OUTPUTS = ("config.yaml", "data.json", "results.json", "log.jsonl", "tensorboard", "checkpoints", "step-*",
-                    "final", "converted-model")
+# checkpoints/ is not among them: pretrain never replaces it, it resumes from it (--resume) or refuses
+PRETRAIN_OUTPUTS = ("config.yaml", "data.json", "results.json", "log.jsonl", "tensorboard", "step-*", "final",
+                    "converted-model")
 REPORT_OUTPUTS = ("report.md", "report.html", "curve_*.png")
 SWEEP_OUTPUTS = ("config.yaml", "cells", "pretrain", "floor", "table.md", "table.csv", "results.json", "report.md",
                  "report.html", "failures.json", "summary.json", "*.png")

@@ -109,6 +109,7 @@ def _run(cfg: FinetuneConfig, accelerator, tokenizer, train: Dataset, dev: Datas
     with accelerator.main_process_first():  # a PaddleNLP folder is converted into --out once, by rank 0
         hf = load_classifier(cfg.model, labels, cfg.multilabel, cfg.method, cfg.lora_rank, cfg.lora_alpha, log=log,
                              work_dir=Path(cfg.out))
+    checks.tokenizer_fits(tokenizer, getattr(hf, "config", None), cfg.model)
     model = Classifier(hf, cfg.multilabel)
     world, rank = accelerator.num_processes, accelerator.process_index
     global_batch = cfg.global_batch_size or cfg.batch_size * world
@@ -224,7 +225,6 @@ def finetune(cfg: FinetuneConfig) -> dict:
     tokenizer = None if linear_only else load_fast_tokenizer(cfg.model, flag="--model")
     if not linear_only:
         checks.max_seq_len(load_config(cfg.model), cfg.max_seq_len, cfg.model)
-        checks.tokenizer_fits(tokenizer, load_config(cfg.model), cfg.model)
     if accelerator.is_main_process:
         outputs.clear_known(out, outputs.FINETUNE_OUTPUTS, "finetune")  # an earlier run's files never mix with this one's
         cfglib.write(cfg, out)
