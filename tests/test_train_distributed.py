@@ -89,7 +89,8 @@ def test_finetune_two_processes_equal_one_and_gather_every_dev_row_once(tmp_path
              "--global-batch-size", "8", "--epochs", "2", "--learning-rate", "2e-3", "--max-seq-len", "32",
              "--logging-freq", "1", "--eval-steps", "3", "--warmup-ratio", "0.2"]
     assert main([*flags, "--out", str(tmp_path / "one")]) == 0
-    torchrun(*flags, "--out", str(tmp_path / "two"))
+    done = torchrun(*flags, "--out", str(tmp_path / "two"))
+    assert "global batch 8 = 4 x 1 accumulation x 2 processes" in done.stdout  # the layout, as pretrain prints it
     assert_same_logs(tmp_path / "one", tmp_path / "two")
     ma, mb = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
     assert ma["steps"] == mb["steps"] == 2 * 5  # 36 rows / 8 per step: 4 full steps and one of 4 rows, per epoch

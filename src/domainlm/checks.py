@@ -32,6 +32,16 @@ def max_seq_len(config, value: int, model: str, cap: bool = False) -> int:
     )
 
 
+def tokenizer_fits(tokenizer, config, model: str) -> None:
+    """A tokenizer far smaller than the model's embeddings is not the model's (a converted folder without its
+    vocab.txt loads as the 5 special tokens): every text would become [UNK]."""
+    size = getattr(config, "vocab_size", None)
+    if size and 2 * len(tokenizer) < size:
+        raise DomainLMError(f"--model {model}: its tokenizer has {len(tokenizer)} entries for a model of {size} "
+                            "embeddings, so it is not the model's tokenizer; put the model's vocab.txt (or tokenizer "
+                            "files) into the folder")
+
+
 def label_map(labels: list[str], model, path: str) -> None:
     """A label list that does not match the classifier's outputs would score phantom (or lost) classes."""
     config = getattr(model, "config", None)  # a transformer; a linear model keeps its own labels

@@ -22,6 +22,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from domainlm import outputs
 from domainlm.config import option
 from domainlm.errors import DomainLMError
 
@@ -178,6 +179,10 @@ def demo(cfg: DemoConfig) -> dict:
     from domainlm.sweep.command import SweepConfig, sweep
 
     out = Path(cfg.out)
+    # a rerun reuses its own folders; the user's under the demo's names are refused (a demo from before the
+    # manifest is known by its domain corpus)
+    outputs.check_earlier_run(out, "demo", outputs.DEMO_OUTPUTS, lambda o: (o / "data" / "domain.jsonl").is_file())
+    outputs.mark(out, "demo")
     data = write_sample_data(out / "data", cfg.seed)
     tokenizer = str(data["tokenizer"])
 
@@ -226,4 +231,5 @@ def demo(cfg: DemoConfig) -> dict:
     print(f"\nno test row was seen in pretraining: the domain corpus left out {domain['dropped']} reviews whose text is in "
           f"the test set ({out / 'data' / 'domain.jsonl'})")
     print(f"table: {out / 'sweep' / 'table.md'}\nreport: {out / 'sweep' / 'report.html'}")
+    outputs.record(out, "demo", outputs.DEMO_OUTPUTS)
     return result

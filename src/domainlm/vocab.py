@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -35,13 +37,28 @@ def train_wordpiece(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
 
 
 def read_terms(path: str | Path) -> list[str]:
-    """One new token per line (blank lines and `#` comments ignored)."""
+    """One new token per line (blank lines and `#` comments ignored); UTF-8, or UTF-16 with its byte order mark."""
     from domainlm.errors import DomainLMError
 
     p = Path(path)
     if not p.is_file():
         raise DomainLMError(f"token list {p} does not exist")
-    return [t.strip() for t in p.read_text(encoding="utf-8").splitlines() if t.strip() and not t.startswith("#")]
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-16") if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DomainLMError(f"--tokens {p}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    terms = []
+    for n, line in enumerate(text.splitlines(), 1):
+        term = line.strip()
+        if not term or term.startswith("#"):
+            continue
+        if len(term.split()) > 1:  # a tokenizer splits at whitespace first: such a token would never match
+            raise DomainLMError(f"--tokens {p}, line {n}: {term!r} contains a space; one token per line, without spaces")
+        terms.append(term)
+    if not terms:
+        raise DomainLMError(f"--tokens {p} lists no tokens (blank lines and # comments are skipped); nothing to add")
+    return terms
 
 
 def check_out(model: str, out: str | Path) -> None:
@@ -53,9 +70,7 @@ def check_out(model: str, out: str | Path) -> None:
     if Path(model).exists() and (outputs.inside(o, model) or outputs.inside(model, o)):
         raise DomainLMError(f"--out {o} is (or contains) --model {model}: it would rewrite the input model; "
                             "choose a new folder")
-    if o.is_dir() and any(o.iterdir()):
-        raise DomainLMError(f"--out {o} is not empty ({', '.join(sorted(p.name for p in o.iterdir())[:4])}); "
-                            "choose a new or empty folder")
+    outputs.check_replace(o, "extend-vocab", overwrite=False, inputs=[model] if Path(model).exists() else [])
 
 
 def extend_vocabulary(model: str, terms: list[str], out: str | Path) -> dict:
@@ -65,14 +80,28 @@ def extend_vocabulary(model: str, terms: list[str], out: str | Path) -> dict:
     Prepare the corpus again with the new tokenizer afterwards (its ids change): `prepare` checks the store's
     token dtype (uint16 / int32) against the new vocabulary size, and `pretrain` the vocabulary hash.
     """
+    from domainlm import outputs
+    from domainlm.interop.paddle import convert, is_paddle_folder
+
+    check_out(model, out)
+    with tempfile.TemporaryDirectory() as tmp:
+        if is_paddle_folder(model):  # converted first, like every other --model (the user's folder is only read)
+            convert(model, Path(tmp) / "hf", log=lambda *a: print(*a, file=sys.stderr))
+            model = str(Path(tmp) / "hf")
+        with outputs.stage(out) as partial:  # nothing in --out unless the extended model is complete
+            report = _extend(model, terms, partial)
+            outputs.record(partial, "extend-vocab")
+    return report
+
+
+def _extend(model: str, terms: list[str], out: Path) -> dict:
     import torch
     from transformers import AutoModelForPreTraining
 
     from domainlm.errors import DomainLMError
     from domainlm.interop.tokenizer import load_fast_tokenizer
 
-    check_out(model, out)
-    tokenizer = load_fast_tokenizer(model)
+    tokenizer = load_fast_tokenizer(model, flag="--model")
     hf = AutoModelForPreTraining.from_pretrained(model)
     vocab = tokenizer.get_vocab()
     new = list(dict.fromkeys(t for t in terms if t not in vocab))

@@ -27,6 +27,7 @@ from domainlm.classify.data import (
     check_labels,
     check_predict_paths,
     fold_indices,
+    keep_line_order,
     kfold,
     label_list,
     read_examples,
@@ -186,6 +187,7 @@ def setup(cfg: FinetuneConfig, accelerator, tokenizer, labels: list[str], fit: D
                              work_dir=Path(cfg.out))
     if cfg.gradient_checkpointing:
         enable_checkpointing(hf)
+    checks.tokenizer_fits(tokenizer, getattr(hf, "config", None), cfg.model)
     model = make_model(hf, cfg.multilabel)
     world, rank = accelerator.num_processes, accelerator.process_index
     global_batch = cfg.global_batch_size or cfg.batch_size * world
@@ -197,6 +199,8 @@ def setup(cfg: FinetuneConfig, accelerator, tokenizer, labels: list[str], fit: D
     if steps_per_epoch == 0:
         raise DomainLMError(f"{len(fit)} training rows cannot fill {world * accumulation} micro batches of one step")
     max_steps = cfg.epochs * steps_per_epoch
+    log(f"data: {len(fit)} training rows, {max_steps} steps; global batch {global_batch} = {cfg.batch_size} x "
+        f"{accumulation} accumulation x {world} processes")
     optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
                                 cfg.adam_epsilon, cfg.layer_lr_decay)
     scheduler = build_scheduler(optimizer, max_steps, cfg.warmup_ratio, cfg.learning_rate,
@@ -271,14 +275,15 @@ def finetune(cfg: FinetuneConfig) -> dict:
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected; domainlm reports what matters
     out = outputs.folder(cfg.out)
     outputs.claim(out)
-    outputs.check_earlier_run(out, "finetune", outputs.FINETUNE_OUTPUTS, "train", cfg.overwrite)
+    outputs.check_earlier_run(out, "finetune", outputs.FINETUNE_OUTPUTS, "train", cfg.overwrite,
+                              inputs=(cfg.model, cfg.train, cfg.dev, cfg.test))
     accelerator = make_accelerator(cfg.precision)
     task = Task.read(cfg)
     linear_only = cfg.method == "linear"
     tokenizer = None if linear_only else _tokenizer(cfg)
     main = accelerator.is_main_process
     if main:
-        outputs.clear_known(out, outputs.FINETUNE_OUTPUTS)  # an earlier run's files never mix with this one's
+        outputs.clear_known(out, outputs.FINETUNE_OUTPUTS, "finetune")  # an earlier run's files never mix with this one's
         out.mkdir(parents=True, exist_ok=True)
         cfglib.write(cfg, out)
 
@@ -313,6 +318,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
         print(blend.line(summary["blend"], cfg.best_metric))
         if not cfg.folds:  # one run: beside the floor in its metrics and report
             blend.add_to_run(out, summary["blend"], cfg.best_metric)
+    if main:
+        outputs.record(out, "finetune", outputs.FINETUNE_OUTPUTS)
     if len(runs) == 1:
         return {**summary, **runs[0]}
     summary["mean_std"] = M.aggregate([r[evaluated] for r in runs])
@@ -342,7 +349,7 @@ def evaluate_command(cfg: EvaluateConfig) -> dict:
     if outputs.inside(out, cfg.model):
         raise DomainLMError(f"--out {out} lies inside --model {cfg.model}: choose a folder of its own")
     outputs.claim(out)
-    outputs.check_earlier_run(out, "evaluate", outputs.EVALUATE_OUTPUTS, "data")
+    outputs.check_earlier_run(out, "evaluate", outputs.EVALUATE_OUTPUTS, "data", inputs=(cfg.model, cfg.data))
     runtime = load(cfg.model, device=cfg.device, max_seq_len=cfg.max_seq_len)
     labels, multilabel = runtime.labels, runtime.multilabel
     columns = Columns.of(cfg, runtime)
@@ -357,11 +364,12 @@ def evaluate_command(cfg: EvaluateConfig) -> dict:
     probs = runtime.predict(*data.columns(), cfg.batch_size, progress=True)
     thresholds = runtime.thresholds if multilabel else None
     metrics = score(probs, data, labels, multilabel, cfg.tolerant_k, thresholds, cfg.ordinal)
-    outputs.clear_known(out, outputs.EVALUATE_OUTPUTS)
+    outputs.clear_known(out, outputs.EVALUATE_OUTPUTS, "evaluate")
     out.mkdir(parents=True, exist_ok=True)
     write_outputs(out, "eval", data, probs, labels, multilabel, metrics, thresholds)
     write_run(out, metrics, f"Evaluation of {cfg.model} on {cfg.data}", {"eval": metrics}, labels)
     cfglib.write(cfg, out)
+    outputs.record(out, "evaluate", outputs.EVALUATE_OUTPUTS)
     return metrics
 
 
@@ -384,7 +392,7 @@ def predict_command(cfg: PredictConfig) -> int:
         lines = [json.dumps({"text": ex.text, "labels": [labels[j] for j in chosen],
                              "scores": {labels[j]: round(float(p[j]), 4) for j in best}}, ensure_ascii=False) + "\n"
                  for ex, p, chosen, best in zip(data.examples, probs, runtime.choose(probs), best_k(probs, cfg.top_k))]
-        sink.write("".join(lines))
+        sink.write("".join(keep_line_order(data, lines) if cfg.input == "-" else lines))
     except BaseException:
         if partial is not None:
             sink.close()

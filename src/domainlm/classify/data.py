@@ -107,6 +107,20 @@ def _labels(value, delimiter: str) -> list[str]:
     return [t.strip() for t in text.split(delimiter) if t.strip()]
 
 
+def row_problem(row: dict, columns: Columns, require_labels: bool) -> str | None:
+    """What makes a row unreadable before its values are looked at: a missing field, cells beyond the header,
+    a label that is neither a string nor a list of strings."""
+    if None in row:  # csv.DictReader files the cells beyond the header under None
+        return f"more cells than the header has columns ({len(row[None])} extra: {str(row[None])[:60]})"
+    if row.get(columns.text) is None:
+        return f"no {columns.text!r} field"
+    value = row.get(columns.label) if require_labels else None
+    items = value if isinstance(value, list) else [value]
+    if any(isinstance(v, (dict, list)) for v in items):
+        return f"label is not a string or a list of strings ({json.dumps(value, ensure_ascii=False)[:60]})"
+    return None
+
+
 def read_examples(path: str, columns: Columns, multilabel: bool, require_labels: bool = True, skip_bad: bool = False,
                   skip_flag: str | None = "--skip-bad-rows") -> Dataset:
     """`skip_flag`: the flag the calling command accepts to skip bad rows (named in errors), or None."""
@@ -128,11 +142,11 @@ def read_examples(path: str, columns: Columns, multilabel: bool, require_labels:
                 )
             checked = True
         text = str(row.get(columns.text) or "").strip()
-        labels = _labels(row.get(columns.label), columns.label_delimiter) if require_labels else []
-        problem = None
-        if not text:
+        problem = row_problem(row, columns, require_labels)
+        labels = _labels(row.get(columns.label), columns.label_delimiter) if require_labels and not problem else []
+        if problem is None and not text:
             problem = "empty text"
-        elif require_labels and not labels:
+        elif problem is None and require_labels and not labels:
             problem = "no label"
         elif require_labels and not multilabel and len(labels) > 1:
             problem = (f"several labels {labels} in a multiclass task (use --task multilabel, or --label-delimiter "
@@ -167,6 +181,19 @@ def read_stdin_lines(stream) -> list[tuple[int, str]]:
     return lines
 
 
+def keep_line_order(data: Dataset, lines: list[str]) -> list[str]:
+    """predict's output for stdin: one line per input line, a blank input line answered by an empty result, so
+    that output line N always answers input line N (a notice says which lines were blank)."""
+    by_line = {ex.line: line for ex, line in zip(data.examples, lines)}
+    blank = [i for i in range(1, max(by_line, default=0) + 1) if i not in by_line]
+    if blank:
+        shown = ", ".join(map(str, blank[:10])) + (", ..." if len(blank) > 10 else "")
+        print(f"<stdin>: {len(blank)} blank line(s) ({shown}) answered with no labels, so that each output line "
+              "answers the input line of the same number", file=sys.stderr)
+    empty = json.dumps({"text": "", "labels": [], "scores": {}}) + "\n"
+    return [by_line.get(i, empty) for i in range(1, max(by_line, default=0) + 1)]
+
+
 def _decode_stdin(raw: bytes) -> str:
     try:
         return raw.decode("utf-8-sig")
@@ -186,6 +213,8 @@ def check_predict_paths(input_path: str, out: str) -> None:
     o = Path(out)
     if o.is_dir():
         raise DomainLMError(f"--out {o} is a folder; predict writes one JSONL file: name a file")
+    if not o.absolute().parent.is_dir():  # checked before predicting, not after
+        raise DomainLMError(f"--out {o}: the folder {o.parent} does not exist; create it or name a file in an existing one")
     if input_path != "-" and o.exists() and o.resolve() == Path(input_path).resolve():
         raise DomainLMError(f"--out {o} is --input: it would overwrite the data being classified; name another file")
 
@@ -261,7 +290,12 @@ def fold_indices(data: Dataset, k: int, seed: int) -> list[np.ndarray]:
     from sklearn.model_selection import KFold, StratifiedKFold
 
     strata = _strata(data)
-    stratified = min(Counter(strata.tolist()).values()) >= k
+    counts = Counter(strata.tolist())
+    stratified = min(counts.values()) >= k
+    if not stratified:
+        few = ", ".join(f"{label} ({n})" for label, n in sorted(counts.items()) if n < k)
+        print(f"warning: {data.path}: fewer rows than --folds {k} for {few}: folds are not stratified and some hold "
+              "none of those classes", file=sys.stderr)
     splitter = StratifiedKFold(k, shuffle=True, random_state=seed) if stratified else KFold(k, shuffle=True, random_state=seed)
     return [test_idx for _, test_idx in splitter.split(np.zeros(len(data)), strata if stratified else None)]
 

@@ -156,17 +156,18 @@ def load_classifier(name_or_path: str, labels: list[str], multilabel: bool, meth
     """work_dir: where a PaddleNLP folder is converted (the run's --out)."""
     from transformers import AutoModelForSequenceClassification
 
-    from domainlm.pretrain.model import has_weights, load_config, loadable
+    from domainlm.pretrain.model import has_weights, load_config, loadable, weights_errors
 
     load_config(name_or_path)  # a clear error for a missing model before transformers' own
     name_or_path = loadable(name_or_path, work_dir, log=log)
     if Path(name_or_path).is_dir() and not has_weights(Path(name_or_path)):
         raise DomainLMError(f"{name_or_path} holds a config but no weights; fine-tuning needs a trained encoder")
-    model, info = AutoModelForSequenceClassification.from_pretrained(
-        name_or_path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={v: i for i, v in enumerate(labels)},
-        problem_type="multi_label_classification" if multilabel else "single_label_classification",
-        ignore_mismatched_sizes=True, output_loading_info=True,
-    )
+    with weights_errors(name_or_path):
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            name_or_path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={v: i for i, v in enumerate(labels)},
+            problem_type="multi_label_classification" if multilabel else "single_label_classification",
+            ignore_mismatched_sizes=True, output_loading_info=True,
+        )
     missing = [k for k in info.get("missing_keys", []) if not k.startswith(HEAD_PREFIXES)]
     if missing:
         raise DomainLMError(f"{name_or_path}: {len(missing)} encoder weights are missing (e.g. {', '.join(missing[:3])}); "
@@ -210,7 +211,7 @@ def load_trained(path: str):
     from domainlm.interop.paddle import is_paddle_folder
     from domainlm.interop.resolve import resolve_model_dir
     from domainlm.interop.tokenizer import load_fast_tokenizer
-    from domainlm.pretrain.model import load_config
+    from domainlm.pretrain.model import load_config, weights_errors
 
     path = resolve_model_dir(path)
     if is_paddle_folder(path):
@@ -227,6 +228,7 @@ def load_trained(path: str):
     else:
         meta = {"labels": [config.id2label[i] for i in range(config.num_labels)],
                 "multilabel": config.problem_type == "multi_label_classification"}
-    model = AutoModelForSequenceClassification.from_pretrained(path)
+    with weights_errors(path):
+        model = AutoModelForSequenceClassification.from_pretrained(path)
     model.eval()
     return model, load_fast_tokenizer(path, flag="--model"), meta

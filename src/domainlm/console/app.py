@@ -175,9 +175,11 @@ class Console:
         """Labels and scores for each text, through the code `domainlm predict` uses."""
         if m.kind not in ("classifier", "linear"):
             raise Conflict(f"{m.name} is a pretraining {m.kind}, not a classifier: fine-tune it first")
-        texts = [t.strip() for t in texts if t.strip()][:100]
+        texts = [t.strip() for t in texts if t.strip()]
         if not texts:
             raise DomainLMError("type at least one text")
+        if len(texts) > 100:  # answering the first 100 would pass silently for all of them
+            raise DomainLMError(f"{len(texts)} texts: try answers at most 100 at a time; use `domainlm predict` for more")
         runtime = self._load(m)  # its own max_seq_len (saved with it), else its job's
         with self.sessions() as s:
             job = s.get(Job, m.job_id) if m.job_id else None

@@ -14,6 +14,8 @@ from urllib.parse import urlencode
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
+from domainlm import outputs
+
 COOKIE = "domainlm_token"
 CSRF_HEADER = "x-csrf-token"
 UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}
@@ -28,7 +30,7 @@ def inside(home: Path, value: str | Path) -> Path:
     root = home.resolve()
     path = Path(value)
     resolved = (path if path.is_absolute() else root / path).resolve()
-    if resolved != root and root not in resolved.parents:
+    if not outputs.inside(resolved, root):
         raise PathError(f"{value} is outside the console's home folder")
     return resolved
 

@@ -10,6 +10,9 @@ from domainlm.errors import DomainLMError
 
 
 def serve(cfg: ConsoleConfig) -> None:
+    from domainlm import outputs
+
+    outputs.folder(cfg.home, "--home")  # an existing file is named before anything starts
     try:
         import uvicorn
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from domainlm.data.prepare import format_stats
 from domainlm.data.store import Corpus
+from domainlm.errors import DomainLMError
 from domainlm.interop.tokenizer import load_fast_tokenizer
 
 
@@ -28,6 +29,8 @@ def decode_with_words(tokenizer, ids: np.ndarray, starts: np.ndarray, sep: str =
 
 
 def inspect(path: str, samples: int = 5, tokenizer: str | None = None, seed: int = 0) -> str:
+    if samples < 0:
+        raise DomainLMError(f"--samples {samples}: give the number of sentences to decode, 0 or more")
     corpus = Corpus(path)
     stats_path = Path(path) / "stats.json"
     stats = json.loads(stats_path.read_text(encoding="utf-8")) if stats_path.is_file() else corpus.meta
@@ -35,6 +38,8 @@ def inspect(path: str, samples: int = 5, tokenizer: str | None = None, seed: int
              f"word starts from {corpus.meta.get('word_starts')})", format_stats(stats)]
     local = Path(path) / "tokenizer"
     tok = load_fast_tokenizer(tokenizer or (str(local) if local.is_dir() else corpus.meta["tokenizer"]))
+    if samples:
+        corpus.check_ids(len(tok), "the tokenizer's vocabulary")
     rng = np.random.default_rng(seed)
     picks = sorted(rng.choice(corpus.n_sentences, size=min(samples, corpus.n_sentences), replace=False))
     lines.append(f"\n{len(picks)} sample sentences (| marks word boundaries):")

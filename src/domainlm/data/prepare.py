@@ -189,7 +189,8 @@ def _import(paths: list[Path], writer: CorpusWriter, tokenizer, counters: Counte
                 raise DomainLMError(f"{path}: {e}") from None
 
 
-STORE_ENTRIES = (*FILES, "stats.json", "config.yaml", "tokenizer")
+# a store's own entries; cache/ is written by pretrain (the sample index), a manifest by prepare itself
+STORE_ENTRIES = (*FILES, "stats.json", "config.yaml", "tokenizer", "cache", outputs.MANIFEST)
 
 
 def _store_meta(out: Path) -> dict | None:
@@ -221,7 +222,9 @@ def _check_out(out: Path, fingerprint: str, overwrite: bool) -> bool:
             f"{out} already holds a different corpus (made from other inputs or options); "
             "pass --overwrite to replace it, or choose another --out"
         )
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in STORE_ENTRIES)
+    manifest = outputs.read_manifest(out)
+    own = set(STORE_ENTRIES) | set((manifest or {}).get("entries") or [])
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in own)
     if foreign:
         raise DomainLMError(
             f"{out} is a corpus store that also holds {', '.join(foreign[:5])}; --overwrite would delete them: "
@@ -281,6 +284,8 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
     for item in cfg.input:
         if outputs.inside(item, out) or outputs.inside(item, partial):
             raise DomainLMError(f"input {item} lies inside --out {out}, which prepare replaces: move it or choose another --out")
+    outputs.protect(out)  # never the working folder (prepare replaces --out whole)
+    outputs.writable(out)  # before the work, not after it
     workers = _workers(cfg.workers)
     outputs.claim(out)  # before anything is read or written: a second run on this --out stops here
     try:
@@ -358,25 +363,14 @@ def _prepare(cfg: PrepareConfig, out: Path, partial: Path, workers: int, progres
         stats = _corpus_stats(Corpus(partial), counters, time.perf_counter() - started, n_bytes or total_bytes)
         (partial / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False), encoding="utf-8")
         cfglib.write(cfg, partial)
+        outputs.record(partial, "prepare")
     except BaseException:
         if bar is not None:
             bar.close()  # its last state before the error message, not after it
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    _swap_into_place(partial, out)
+    outputs.swap(partial, out)  # an old store is removed only once the new one is in place
     return stats
-
-
-def _swap_into_place(partial: Path, out: Path) -> None:
-    """Rename the finished store into place; an old store is removed only after the new one is there."""
-    old = out.parent / f".{out.name}.old"
-    if old.exists():
-        shutil.rmtree(old)
-    if out.exists():
-        out.rename(old)
-    partial.rename(out)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def format_stats(stats: dict) -> str:

@@ -153,6 +153,14 @@ class Corpus:
     def n_tokens(self) -> int:
         return int(self.meta["n_tokens"])
 
+    def check_ids(self, vocab_size: int, what: str) -> None:
+        """Every token id below `vocab_size` (one pass over tokens.bin, in chunks), else an error naming both
+        sizes: an id beyond a model's embeddings or a tokenizer's vocabulary fails deep inside otherwise."""
+        top = max((int(self.tokens[i:i + (1 << 24)].max()) for i in range(0, self.n_tokens, 1 << 24)), default=-1)
+        if top >= vocab_size:
+            raise DomainLMError(f"{self.path}: token id {top} is beyond {what} ({vocab_size} entries); "
+                                "prepare the corpus with the model's tokenizer")
+
     def sentence_lengths(self) -> np.ndarray:
         return np.diff(self.sentence_offsets)
 

@@ -17,11 +17,12 @@ import hashlib
 import json
 import pickle
 import re
-import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 
+from domainlm import outputs
 from domainlm.errors import DomainLMError
 
 WEIGHTS = "model_state.pdparams"
@@ -333,6 +334,11 @@ def source_fingerprint(folder: Path) -> str:
     return hashlib.sha256(json.dumps([str(folder.resolve()), parts]).encode()).hexdigest()[:16]
 
 
+def check_out(src: Path, out: Path, overwrite: bool) -> None:
+    """convert replaces --out whole: only an earlier conversion, and only with --overwrite."""
+    outputs.check_replace(out, "convert", overwrite, inputs=[src], legacy=lambda o: (o / "conversion.json").is_file())
+
+
 def convert(src: str | Path, out: str | Path, overwrite: bool = False, log=print) -> dict:
     """Write the HF equivalent of a PaddleNLP folder into `out` (built beside it, renamed into place)."""
     from domainlm.interop.tokenizer import load_fast_tokenizer
@@ -343,30 +349,25 @@ def convert(src: str | Path, out: str | Path, overwrite: bool = False, log=print
     if not is_paddle_folder(src):
         raise DomainLMError(f"{src} is not a PaddleNLP model folder (no {WEIGHTS} or {LEGACY_CONFIG}, "
                             "or it already holds Hugging Face weights)")
-    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
+    if outputs.inside(out, src):
         raise DomainLMError(f"--out {out} is inside the PaddleNLP folder; choose a folder outside it")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise DomainLMError(f"--out {out} exists and is not empty; choose another folder or pass --overwrite")
+    check_out(src, out, overwrite)
     model, report = build_hf_model(src)
     tokenizer = load_fast_tokenizer(str(src), log=log) if (src / "vocab.txt").is_file() else None
+    if tokenizer is None:
+        print(f"warning: {src} has no vocab.txt, so {out} gets no tokenizer: copy the model's vocab.txt (or "
+              "tokenizer files) into it before using it", file=sys.stderr)
     if report["task_id"]:
         log(f"note: the Paddle config sets task_id {report['task_id']}; Hugging Face ERNIE uses task type 0 "
             "unless task_type_ids are passed")
-    partial = out.parent / f".{out.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
+    with outputs.stage(out) as partial:  # the old folder stays until the new one is complete and in place
         model.save_pretrained(partial)
         if tokenizer is not None:
             tokenizer.save_pretrained(partial)
         report = {**report, "source": str(src.resolve()), "source_fingerprint": source_fingerprint(src),
                   "tokenizer": tokenizer is not None}
         (partial / "conversion.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    partial.rename(out)
+        outputs.record(partial, "convert")
     log(f"converted {src} ({report['config_source']}, {report['paddle_tensors']} Paddle tensors) -> {out} "
         f"({report['architecture']}, {report['hf_weights']} weights{', fast tokenizer' if tokenizer else ''})")
     return report

@@ -128,6 +128,8 @@ class Run:
 def pretrain(cfg: PretrainConfig) -> dict:
     outputs.folder(cfg.out)
     outputs.claim(cfg.out)  # one run per --out: a second one stops here, naming this one's PID
+    # the user's files under pretrain's names are refused; its own (a run to resume) are kept and rewritten
+    outputs.check_earlier_run(Path(cfg.out), "pretrain", outputs.PRETRAIN_OUTPUTS, "corpus", inputs=(cfg.corpus, cfg.model))
     run = setup(cfg)
     try:
         state = train(run)
@@ -168,6 +170,7 @@ def setup(cfg: PretrainConfig) -> Run:
         raise DomainLMError(
             f"the tokenizer has {len(tokenizer)} entries but the model's vocabulary only {hf_model.config.vocab_size}"
         )
+    corpus.check_ids(hf_model.config.vocab_size, f"the vocabulary of --model {cfg.model}")  # before training, not in it
     packed = cfg.unpad and supports_packing(hf_model.base_model)
     if cfg.unpad and not packed:
         log(f"model: {type(hf_model).__name__} blocks are not ones the packed encoder runs; the padded forward runs")
@@ -183,7 +186,7 @@ def setup(cfg: PretrainConfig) -> Run:
         log(f"resumed from {resume_from} at step {state.step} ({state.consumed_samples} samples consumed)")
 
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+        outputs.mark(out, "pretrain")
         cfglib.write(cfg, out)
         (out / "data.json").write_text(json.dumps({"splits": {k: v.pop("documents") for k, v in reports.items()}, "split": split.summary(), "samples": reports, "accumulation": accumulation, "processes": world}, indent=2))
     log(f"data: {json.dumps(reports['train'])}; global batch {global_batch} = {cfg.micro_batch_size} x {accumulation} "
@@ -240,6 +243,11 @@ def _datasets(cfg: PretrainConfig, accelerator, corpus: Corpus, tokenizer, speci
     datasets = {name: PretrainDataset(corpus, s, name, cfg.max_seq_len, sop, masking, special, len(tokenizer), cfg.seed,
                                       shuffle=name == "train")
                 for name, s in samples.items() if len(s)}
+    empty = [name for name, s in samples.items() if not len(s)]
+    if empty and accelerator.is_main_process:
+        held = " and ".join(f"the {n} split ({reports[n]['documents']} documents)" for n in empty)
+        print(f"warning: {held} holds 0 samples{' (too few sentences for SOP)' if sop else ''}: no "
+              f"{' or '.join(empty)} loss is reported; raise its share in --split", file=sys.stderr)
     return datasets, reports, split
 
 
@@ -271,6 +279,7 @@ def finish(run: Run, state: TrainState) -> dict:
     run.snapshot(run.out / "final")
     if run.accelerator.is_main_process:
         (run.out / "results.json").write_text(json.dumps({"step": state.step, **results}, indent=2))
+        outputs.record(run.out, "pretrain", outputs.PRETRAIN_OUTPUTS)
     run.log(f"done: {run.out / 'final'} ({json.dumps(results)})")
     run.accelerator.wait_for_everyone()
     run.accelerator.end_training()

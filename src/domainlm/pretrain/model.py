@@ -6,6 +6,8 @@ it for the ~15% of positions that carry a label instead of all of them is the bi
 
 from __future__ import annotations
 
+import contextlib
+import pickle
 from pathlib import Path
 
 import torch.nn.functional as F
@@ -19,6 +21,25 @@ HEAD_PREFIXES = ("cls.", "lm_head.")
 
 def has_weights(path: Path) -> bool:
     return any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin")) or any(path.glob("*.safetensors.index.json"))
+
+
+@contextlib.contextmanager
+def weights_errors(source: str):
+    """Loading a model's weights: a damaged file, or a pickle that PyTorch's safe loading refuses, as one line
+    naming the folder (domainlm never loads a pickle with code in it)."""
+    try:
+        yield
+    except pickle.UnpicklingError as e:
+        first = str(e).split(".")[0]
+        raise DomainLMError(
+            f"{source}: its pytorch_model.bin holds more than tensors, and PyTorch's safe loading refused it ({first}); "
+            "domainlm does not run code from a weights file: save the model as safetensors where you trust it"
+        ) from None
+    except Exception as e:
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise DomainLMError(f"{source}: a .safetensors file is damaged or truncated ({' '.join(str(e).split())}); "
+                            "copy or download it again") from None
 
 
 def load_config(name_or_path: str):
@@ -74,7 +95,8 @@ def load_pretraining_model(name_or_path: str, from_scratch: bool, log=print, wor
         log(f"model: {config.model_type} from config {name_or_path}, random weights (--from-scratch)")
         return AutoModelForPreTraining.from_config(config)
     name_or_path = loadable(name_or_path, work_dir, log=log)
-    model, info = AutoModelForPreTraining.from_pretrained(name_or_path, output_loading_info=True)
+    with weights_errors(name_or_path):
+        model, info = AutoModelForPreTraining.from_pretrained(name_or_path, output_loading_info=True)
     missing = list(info.get("missing_keys", []))
     heads = sorted({k for k in missing if k.startswith(HEAD_PREFIXES)})
     encoder = [k for k in missing if not k.startswith(HEAD_PREFIXES)]

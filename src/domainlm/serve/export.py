@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from domainlm import checks
+from domainlm import checks, outputs
 from domainlm import config as cfglib
 from domainlm.classify.config import MAX_SEQ_LEN
 from domainlm.classify.runtime import (
@@ -163,20 +163,31 @@ def compare(runtime: OnnxRuntime, model, batches: list[dict], multilabel: bool) 
 
 def _check_out(out: Path, model_dir: str) -> None:
     """Never write over anything but an earlier export."""
-    if out.resolve() == Path(model_dir).resolve() or Path(model_dir).resolve() in out.resolve().parents:
+    if outputs.inside(out, model_dir):
         raise DomainLMError(f"--out {out} is inside the model folder {model_dir}; choose another folder")
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_export_dir(out))):
+    earlier = is_export_dir(out) or (outputs.read_manifest(out) or {}).get("command") == "export"  # or a failed one
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not earlier)):
         raise DomainLMError(f"--out {out} exists and is not an export folder; choose a new or empty folder")
 
 
-def data_metrics(cfg: ExportConfig, runtimes: dict[str, OnnxRuntime]) -> dict:
-    """Accuracy / F1 of each exported model on --data, and the change int8 brings."""
+def read_data(cfg: ExportConfig, meta: dict):
+    """--data, read and checked against the model's labels before any export work (columns: the options', else the
+    ones the model was trained on)."""
+    from types import SimpleNamespace
+
     from domainlm.classify.data import Columns, check_labels, read_examples
+
+    saved = SimpleNamespace(text_column=meta.get("text_column") or "text", pair_column=meta.get("pair_column"))
+    data = read_examples(cfg.data, Columns.of(cfg, saved), bool(meta.get("multilabel")))
+    check_labels(data, list(meta["labels"]))
+    return data
+
+
+def data_metrics(cfg: ExportConfig, runtimes: dict[str, OnnxRuntime], data) -> dict:
+    """Accuracy / F1 of each exported model on --data, and the change int8 brings."""
     from domainlm.classify.report import score
 
     any_rt = next(iter(runtimes.values()))
-    data = read_examples(cfg.data, Columns.of(cfg, any_rt), any_rt.multilabel)
-    check_labels(data, any_rt.labels)
     texts = [ex.text for ex in data.examples]
     pairs = [ex.text_pair or "" for ex in data.examples] if cfg.pair_column or any_rt.pair_column else None
     keys = ("f1_micro", "f1_macro", "exact_match") if any_rt.multilabel else ("accuracy", "f1_macro")
@@ -231,6 +242,8 @@ def export(cfg: ExportConfig) -> dict:
         raise DomainLMError(f"--data {cfg.data} does not exist")
     started = time.perf_counter()
     model, tokenizer, meta = _load(model_dir)
+    checks.label_map(list(meta.get("labels") or []), model, model_dir)  # else every served request would fail
+    data = read_data(cfg, meta) if cfg.data else None
     input_names = _input_names(model, tokenizer)
     # the length the classifier was trained at (else MAX_SEQ_LEN) unless --max-seq-len says otherwise, within
     # the model's positions: what predict and serve use by default
@@ -240,7 +253,7 @@ def export(cfg: ExportConfig) -> dict:
         max_len = min(max_len, tokenizer.model_max_length)
     cfg = dataclasses.replace(cfg, max_seq_len=max_len)  # what config.yaml records, and --data is checked at
 
-    out.mkdir(parents=True, exist_ok=True)
+    outputs.mark(out, "export")  # a failed export leaves a folder its rerun may replace
     (out / EXPORT_META).unlink(missing_ok=True)  # the folder counts as an export only once complete
     for stale in ("model.onnx", "model.int8.onnx", "model.raw.onnx"):
         (out / stale).unlink(missing_ok=True)
@@ -294,7 +307,7 @@ def export(cfg: ExportConfig) -> dict:
         _log("size: " + ", ".join(f"{k} {v:.1f} MiB" for k, v in sizes.items()) +
              (f" ({sizes['fp32'] / sizes['int8']:.1f}x smaller)" if "int8" in sizes else ""))
         if cfg.data:
-            info["data_metrics"] = data_metrics(cfg, runtimes)
+            info["data_metrics"] = data_metrics(cfg, runtimes, data)
             _log(f"on {cfg.data}: " + json.dumps({k: v for k, v in info["data_metrics"].items() if k not in ("data",)}))
     except BaseException:
         (out / EXPORT_META).unlink(missing_ok=True)  # never leave a folder that looks like a good export
@@ -302,4 +315,5 @@ def export(cfg: ExportConfig) -> dict:
     info["seconds"] = round(time.perf_counter() - started, 2)
     write_info()
     cfglib.write(cfg, out)
+    outputs.record(out, "export")
     return info

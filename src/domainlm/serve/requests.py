@@ -60,6 +60,8 @@ def parse_request(body: bytes, cfg: ServeConfig) -> tuple[list[str], list[str] |
         payload = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BadRequest(400, f"the body is not valid JSON: {e}") from None
+    except RecursionError:  # Python's parser stops at its recursion limit
+        raise BadRequest(400, "the body nests JSON too deeply; send {\"text\": ...}") from None
     if not isinstance(payload, dict):
         raise BadRequest(422, 'the body must be a JSON object such as {"text": "..."}')
     unknown = sorted(set(payload) - set(PredictRequest.model_fields))
@@ -86,9 +88,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BadRequest(413, f"the body has {declared} bytes; at most {limit} (--max-body-bytes)")
     chunks, size = [], 0
-    async for chunk in request.stream():  # also bounds bodies sent without a length
-        size += len(chunk)
-        if size > limit:
-            raise BadRequest(413, f"the body is over {limit} bytes (--max-body-bytes)")
-        chunks.append(chunk)
+    from starlette.requests import ClientDisconnect
+
+    try:
+        async for chunk in request.stream():  # also bounds bodies sent without a length
+            size += len(chunk)
+            if size > limit:
+                raise BadRequest(413, f"the body is over {limit} bytes (--max-body-bytes)")
+            chunks.append(chunk)
+    except ClientDisconnect:  # nobody to answer; counted, not logged as a crash
+        raise BadRequest(400, "the client disconnected before the whole body arrived") from None
     return b"".join(chunks)

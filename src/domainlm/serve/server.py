@@ -27,6 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from domainlm.classify.runtime import ClassifierRuntime, Runtime
+from domainlm.errors import DomainLMError
 from domainlm.serve.config import ServeConfig
 from domainlm.serve.requests import BadRequest, PredictRequest, PredictResponse, parse_request, read_body
 
@@ -313,6 +314,9 @@ def build(cfg: ServeConfig) -> tuple[ServeConfig, FastAPI]:
     """The app `serve` runs: the model loaded by the one classifier runtime, with the options resolved."""
     from domainlm.classify.runtime import load
 
+    if cfg.token is not None and not cfg.token.strip():
+        raise DomainLMError("--token is empty, which would serve without authentication; give a token, or leave "
+                            "--token out to serve without one")
     if not cfg.token and os.environ.get("DOMAINLM_SERVE_TOKEN"):  # keeps the token out of `ps`
         cfg = dataclasses.replace(cfg, token=os.environ["DOMAINLM_SERVE_TOKEN"])
     runtime = load(cfg.model, cfg.precision, cfg.device, cfg.threads, cfg.max_seq_len)

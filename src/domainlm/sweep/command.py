@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import traceback
@@ -40,6 +39,7 @@ from queue import Queue
 import yaml
 
 from domainlm import config as cfglib
+from domainlm import outputs
 from domainlm.errors import DomainLMError
 from domainlm.sweep.config import MIN_VALID_RATIO, SweepConfig, cell_config, pretrain_config
 
@@ -159,10 +159,10 @@ def device_plan(parallel: int, gpus: int) -> list[str | None]:
 
 def remove_inside(path: Path, root: Path) -> None:
     """Delete a cell's old folder, never anything outside the sweep's cells/ folder."""
-    target, fence = path.resolve(), (root / "cells").resolve()
-    if target == fence or fence not in target.parents:
-        raise DomainLMError(f"refusing to delete {path}: it is not inside {fence}")
-    shutil.rmtree(target)
+    fence = root / "cells"
+    if not outputs.inside(path, fence, strict=True):
+        raise DomainLMError(f"refusing to delete {path}: it is not inside {fence.resolve()}")
+    outputs.remove_tree(path, fence)
 
 
 def run_cell(cfg: SweepConfig, cell: Cell, root: Path, device: str | None = None) -> dict:
@@ -247,17 +247,20 @@ def sweep(cfg: SweepConfig) -> dict:
     root = Path(cfg.out)
     if root.exists() and not root.is_dir():
         raise DomainLMError(f"out: {root} is a file, not a folder")
+    # a rerun resumes its own cells; the user's files under a sweep's names are refused
+    outputs.check_earlier_run(root, "sweep", outputs.SWEEP_OUTPUTS, "models")
     task, data = check_data(cfg)  # every check before any work: files, options, names, steps, pretraining sections
     cells = plan(cfg)
     slots = device_plan(cfg.parallel, _gpu_count() if cfg.parallel > 1 else 0)
     if cfg.parallel > 1 and slots == [None]:
         print("fewer than 2 GPUs: cells run one after another", file=sys.stderr)
-    root.mkdir(parents=True, exist_ok=True)
+    outputs.mark(root, "sweep")
     cfglib.write(cfg, root)
     run_pretraining(cfg)
     floor = fit_floor(cfg, root, data) if cfg.floor else None
     run_cells(cfg, cells, root, slots)
     result = summarize(cfg, cells, root, task, floor)
+    outputs.record(root, "sweep", outputs.SWEEP_OUTPUTS)
     if result["failures"]:
         raise DomainLMError(f"{len(result['failures'])} of {len(cells)} cells failed (see {root / 'failures.json'}); "
                             "the table shows the others")

@@ -89,8 +89,14 @@ def report_run(run: str, out: str | None = None) -> Path:
     folder = outputs.folder(run, "RUN")
     log = read_log(folder / "log.jsonl")
     if not log:
+        if (folder / "log.jsonl").is_file():
+            raise DomainLMError(f"{folder / 'log.jsonl'} holds no records yet (the run logs its first one after "
+                                "--logging-freq steps); nothing to report")
         raise DomainLMError(f"{folder} has no log.jsonl: not a `domainlm pretrain` or `finetune` output folder")
     target = outputs.folder(out) if out else folder
+    if not outputs.inside(target, folder):  # a folder of its own: never over the user's files of the same names
+        outputs.check_earlier_run(target, "report", outputs.REPORT_OUTPUTS, inputs=(folder,))
+        outputs.clear_known(target, outputs.REPORT_OUTPUTS, "report")
     target.mkdir(parents=True, exist_ok=True)
     blocks: list[tuple[str, object]] = []
     md = [f"# Report: {folder}", ""]
@@ -111,4 +117,6 @@ def report_run(run: str, out: str | None = None) -> Path:
         blocks += [("h2", "config.yaml"), ("pre", text)]
     (target / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
     (target / "report.html").write_text(html_page(f"Report: {folder}", blocks), encoding="utf-8")
+    if not outputs.inside(target, folder):
+        outputs.record(target, "report", outputs.REPORT_OUTPUTS)
     return target / "report.html"

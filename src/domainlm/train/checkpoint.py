@@ -15,6 +15,7 @@ lie inside the checkpoints folder.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from domainlm import outputs
 from domainlm.errors import DomainLMError
 
 STEP_PREFIX = "step-"
@@ -75,14 +77,10 @@ def _write_manifest(folder: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    return path.resolve().is_relative_to(folder.resolve()) and path.resolve() != folder.resolve()
-
-
 def _remove(path: Path, folder: Path) -> None:
     """Delete a checkpoint folder: only one inside `folder`, renamed out of sight first so that an
     interruption never leaves a half-deleted step-N folder."""
-    if not _inside(path, folder):
+    if not outputs.inside(path, folder, strict=True):
         raise DomainLMError(f"refusing to delete {path}: it is not inside {folder}")
     trash = path.with_name(f".{path.name}.deleting")
     if trash.exists():  # left by an interrupted removal
@@ -110,9 +108,7 @@ def save_checkpoint(accelerator, folder: Path, state: TrainState, keep_last: int
         if accelerator.is_main_process and failed is None:
             (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2))
             _write_manifest(tmp)
-            if final.exists():
-                _remove(final, folder)
-            tmp.rename(final)
+            outputs.swap(tmp, final)  # an existing step folder is removed only once the new one is in place
             _fsync(folder)  # the rename itself
             _prune(folder, keep_last)
     except OSError as e:
@@ -130,13 +126,13 @@ def save_checkpoint(accelerator, folder: Path, state: TrainState, keep_last: int
 
 def _prune(folder: Path, keep_last: int) -> None:
     for left in folder.glob(f".{STEP_PREFIX}*.deleting"):  # an interrupted removal
-        if _inside(left, folder) and not left.is_symlink():
+        if outputs.inside(left, folder, strict=True) and not left.is_symlink():
             shutil.rmtree(left, ignore_errors=True)
     if keep_last <= 0:
         return
     done = sorted(p for p in folder.glob(f"{STEP_PREFIX}*") if p.is_dir())
     for old in done[:-keep_last]:
-        if old.is_symlink() or not _inside(old, folder):  # a link to somewhere else is not ours to delete
+        if old.is_symlink() or not outputs.inside(old, folder, strict=True):  # a link to somewhere else is not ours to delete
             print(f"warning: not removing {old}: it is not a checkpoint folder inside {folder}", file=sys.stderr)
             continue
         _remove(old, folder)
@@ -201,8 +197,34 @@ def load_checkpoint(accelerator, path: Path, expected: TrainState) -> TrainState
         )
     if state.model_fingerprint != expected.model_fingerprint:
         raise DomainLMError(f"{path} holds a different model architecture than --model; resume with the same model")
-    accelerator.load_state(str(path))
+    with _accelerate_notes() as notes:
+        accelerator.load_state(str(path))
+    if any("Could not load random states" in n for n in notes):
+        print(f"warning: {path}: random_states_{accelerator.process_index}.pkl could not be loaded; resuming without "
+              "it, so dropout and masking draw other numbers than an uninterrupted run would", file=sys.stderr)
     return state
+
+
+@contextlib.contextmanager
+def _accelerate_notes():
+    """The messages accelerate's checkpointing logs at INFO level (it says there, and only there, that it skipped
+    the RNG states), caught instead of printed."""
+    import logging
+
+    logger = logging.getLogger("accelerate.checkpointing")
+    notes: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: notes.append(record.getMessage())
+    level, propagate = logger.level, logger.propagate
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        yield notes
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def save_snapshot(accelerator, folder: Path, model, hf_of, tokenizer, save=None) -> Path:
@@ -227,8 +249,6 @@ def save_snapshot(accelerator, folder: Path, model, hf_of, tokenizer, save=None)
         else:
             hf.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
+        outputs.swap(tmp, folder)
     accelerator.wait_for_everyone()
     return folder
