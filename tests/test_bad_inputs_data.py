@@ -40,10 +40,8 @@ def test_rows_that_are_not_what_they_seem_are_named(tmp_path, tiny_model, name, 
     assert f"{path}{expected}" in message and not (tmp_path / "o").exists()
 
 
-def test_folds_with_a_test_file_is_refused_and_thin_classes_are_warned(tmp_path, tiny_model, labelled, capsys, err):  # noqa: F811
-    message = one_line(err("finetune", "--model", tiny_model, "--train", labelled["train"], "--test", labelled["test"],
-                           "--folds", "3", "--out", tmp_path / "o", *FAST))
-    assert f"--test {labelled['test']} is not used with --folds 3" in message
+def test_thin_classes_are_warned_before_k_fold(capsys):
+    """(--folds with --test predicts the test file with the fold ensemble: tests/test_ensemble.py.)"""
     from domainlm.classify.data import Dataset, Example, kfold
 
     data = Dataset("d.jsonl", [Example(str(i), ["a" if i < 8 else "b"]) for i in range(10)])

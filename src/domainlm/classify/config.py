@@ -107,9 +107,6 @@ class FinetuneConfig:
             raise DomainLMError(f"--lora-rank {self.lora_rank} is not allowed: choose 8, 16, 32 or 64")
         if self.folds == 1:
             raise DomainLMError("--folds 1 is not cross-validation: use 0 (off) or 2..20")
-        if self.folds and self.test:  # each fold is scored on its held-out part; the test file would be ignored
-            raise DomainLMError(f"--test {self.test} is not used with --folds {self.folds} (each fold is scored on "
-                                "its held-out rows): drop --test, or --folds to score on the test file")
         if not self.seeds:
             raise DomainLMError("--seeds needs at least one seed")
         if len(set(self.seeds)) != len(self.seeds):
