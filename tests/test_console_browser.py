@@ -102,7 +102,7 @@ def test_train_watch_try_cancel_and_restart_in_the_browser(tmp_path, tiny_model)
             page.fill("#f-name", "reviews sentiment")
             page.click("#create")
             error = page.locator("#field-epochs .error")
-            assert error.inner_text() == "--epochs = 99 is out of range [1, 50]"
+            assert error.inner_text() == "epochs = 99 is out of range [1, 50]"  # as the form names it
             assert page.input_value("#f-batch_size") == "8" and page.input_value("#f-name") == "reviews sentiment"
             page.locator("#field-epochs").screenshot(path=str(shots / "form-error.png"))
             page.fill("#f-epochs", "1")

@@ -110,8 +110,19 @@ class Console:
             "progress": catalog.progress(job, folder, self._train_rows(s, job), now()),
             "headline": catalog.headline(job, folder) if done else None,
             "cancelling": bool(job.cancel_requested_at) and job.status == "running",
-            "resumable": job.status in ("failed", "cancelled", "interrupted"),
+            **self._restart(job, folder),
         }
+
+    @staticmethod
+    def _restart(job: Job, folder: Path) -> dict:
+        """Whether running the job again can help, and how: a configuration error (the CLI's exit status 2: a bad
+        option or file) fails the same way again, so it gets "clone and fix" instead; pretraining resumes only
+        from a checkpoint it wrote, else it starts over."""
+        unsuccessful = job.status in ("failed", "cancelled", "interrupted")
+        config_error = job.status == "failed" and job.exit_code == 2
+        checkpoint = job.command == "pretrain" and any((folder / "checkpoints").glob("step-*"))
+        return {"resumable": unsuccessful and not config_error, "config_error": config_error,
+                "restart_label": "Resume" if checkpoint else "Retry"}
 
     def job_detail(self, s, job: Job) -> dict:
         out = self.job_summary(s, job)
@@ -147,6 +158,9 @@ class Console:
             job = s.get(Job, job_id)
             if job.status not in ("failed", "cancelled", "interrupted"):
                 raise Conflict(f"job {job_id} is {job.status}; only failed, cancelled or interrupted jobs can be resumed")
+            if self._restart(job, self.home / job.folder)["config_error"]:
+                raise Conflict(f"job {job_id} failed on its configuration ({job.error}); running it again would fail "
+                               "the same way: clone it and fix the option")
             job.status, job.resume, job.cancel_requested_at, job.error = "queued", True, None, ""
             s.add(Event(job_id=job.id, kind="queued", message="resume" if job.command == "pretrain" else "retry"))
             s.commit()

@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from domainlm import config as cfglib
-from domainlm.console import settings
+from domainlm.console import preflight, settings
 from domainlm.console.db import Dataset, Job, Model
 from domainlm.console.security import PathError, inside
-from domainlm.errors import DomainLMError
 
 EMAIL = re.compile(r"^[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+$")
 
@@ -69,6 +68,7 @@ def head_rows(src: Path, dst: Path, n: int) -> None:
 class JobFactory:
     def __init__(self, home: Path, base_models: list[str]):
         self.home, self.base_models = home, base_models
+        self.extra_checks: dict = {}  # command -> check(cfg, errors) of job types defined elsewhere
 
     def _model(self, s, value: Any, errors: dict, name: str) -> tuple[str | None, Model | None]:
         """A listed base model, "model:ID" (one of my models), or a model folder inside home."""
@@ -125,8 +125,7 @@ class JobFactory:
             errors["notify_webhook"] = "the webhook must be an http:// or https:// URL"
         if notify.get("email") and not EMAIL.match(notify["email"]):
             errors["notify_email"] = "not an e-mail address"
-        if cfg is not None and command == "finetune":
-            self._check_data(cfg, errors)
+        self._preflight(cls, command, cfg, values, errors)
         if errors or cfg is None:
             return None, errors
         default_name = f"{command} {Path(str(getattr(cfg, 'model', ''))).name}".strip()
@@ -147,19 +146,18 @@ class JobFactory:
         job.config = cfglib.to_dict(cfg)
         return job, {}
 
-    def _check_data(self, cfg, errors: dict) -> None:
-        """The CLI's reader on each file, with the job's columns and task; the message names file and line."""
-        from domainlm.classify.command import _columns
-        from domainlm.classify.data import read_examples
-
-        for key in ("train", "dev", "test"):
-            path = getattr(cfg, key)
-            if path is None:
-                continue
-            try:
-                read_examples(path, _columns(cfg), cfg.multilabel, skip_bad=cfg.skip_bad_rows)
-            except DomainLMError as e:
-                errors[key] = str(e).replace(str(self.home.resolve()) + "/", "")
+    def _preflight(self, cls, command: str, cfg, values: dict, errors: dict) -> None:
+        """The command's start-up checks now, also when other fields are wrong: every error in one answer."""
+        if cfg is None:  # check what the valid fields allow (a bad epochs must not hide a bad max seq len)
+            cfg, _ = cfglib.check_values(cls, {k: v for k, v in values.items() if k not in errors})
+        if cfg is None:
+            return
+        if command == "finetune":
+            preflight.finetune(cfg, errors, self.home)
+        elif command == "pretrain":
+            preflight.pretrain(cfg, errors)
+        elif command in self.extra_checks:
+            self.extra_checks[command](cfg, errors)
 
 
 def clone_values(job: Job) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 
-from domainlm.console import catalog, jobs, settings
+from domainlm.console import catalog, jobs, preflight, settings
 from domainlm.console.api import dataset_summary, get_or_404, upload
 from domainlm.console.app import HERE, Conflict, Console
 from domainlm.console.db import Dataset, Job, Model
@@ -67,6 +67,8 @@ def _form_context(request: Request, command: str, values: dict, errors: dict, me
         my_models = s.query(Model).order_by(Model.id.desc()).all()
     if command == "prepare":
         my_models = [m for m in my_models if m.kind != "classifier"]
+    specs = settings.field_specs(command)
+    errors = {k: preflight.as_form_words(str(v), specs) for k, v in errors.items()}
     return {"command": command, "commands": settings.TITLES, "sections": settings.sections(command),
             "presets": settings.presets(command), "values": values, "errors": errors, "meta": meta,
             "base_models": c.cfg.base_models, "my_models": my_models, "labelled": labelled,

@@ -1,0 +1,100 @@
+"""The console's checks at job creation, bringing own models and corpora in, sweep, compare and ship (without a
+browser; the runner is started only where a job must run)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import pytest
+
+pytest.importorskip("fastapi")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from domainlm.console.app import Console, create_app  # noqa: E402
+from domainlm.console.settings import ConsoleConfig  # noqa: E402
+from tests.console_support import write_labelled  # noqa: E402
+
+TOKEN = "t0ken"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+def idle(tmp_path, tiny_model, corpus_dir):
+    """A console whose runner is not started, with a labelled file and a corpus store registered."""
+    home = tmp_path / "home"
+    console = Console(ConsoleConfig(home=str(home), token=TOKEN, base_models=[tiny_model]))
+    client = TestClient(create_app(console))
+    client.get(f"/?token={TOKEN}")
+    train = client.post("/api/datasets", headers={"X-CSRF-Token": console.csrf},
+                        files={"file": ("train.jsonl", open(write_labelled(tmp_path / "train.jsonl"), "rb"))}).json()
+    shutil.copytree(corpus_dir, home / "store")
+    corpus = client.post("/api/datasets/register", headers=AUTH, json={"path": "store"}).json()
+    yield client, console, home, train, corpus, tiny_model
+    console.stop()
+
+
+def _field_error(html: str, name: str) -> str | None:
+    m = re.search(rf'id="field-{name}">.*?<div class="error" role="alert">(.*?)</div>', html, re.S)
+    return m and m.group(1)
+
+
+def test_every_start_up_check_is_a_field_error_at_creation_all_at_once(idle):
+    client, console, home, train, corpus, tiny = idle
+    r = client.post("/jobs/new", data={"csrf": console.csrf, "command": "pretrain", "model": tiny, "corpus": corpus["path"],
+                                       "max_seq_len": "512", "max_steps": "0", "micro_batch_size": "4",
+                                       "global_batch_size": "6"})
+    assert r.status_code == 422
+    # the model has 64 positions; named as the form names the field, together with the range error
+    assert _field_error(r.text, "max_seq_len") == f"max seq len 512 exceeds what the model {tiny.rstrip('/').split('/')[-1]} can take (64 positions); use 64 or less"
+    assert _field_error(r.text, "max_steps") == "max steps = 0 is out of range [1, inf]"
+    assert _field_error(r.text, "global_batch_size") == "global batch size 6 is not a multiple of micro batch size 4"
+    assert client.get("/api/jobs", headers=AUTH).json() == []
+
+    # a corpus from another vocabulary
+    other = home / "other-store"
+    shutil.copytree(home / "store", other)
+    meta = (other / "meta.json").read_text().replace('"vocab_hash": "', '"vocab_hash": "x')
+    (other / "meta.json").write_text(meta)
+    client.post("/api/datasets/register", headers=AUTH, json={"path": "other-store"})
+    r = client.post("/api/jobs", headers=AUTH, json={"command": "pretrain", "config": {"model": tiny, "corpus": "other-store",
+                                                                                       "max_seq_len": 64}})
+    assert r.status_code == 422 and list(r.json()["errors"]) == ["corpus"]
+    assert "another vocabulary" in r.json()["errors"]["corpus"]
+
+    # fine-tuning: positions, the test file's labels against the training labels, the metric
+    test = home / "datasets" / "test.jsonl"
+    test.write_text('{"text": "好", "label": "neutral"}\n', encoding="utf-8")
+    r = client.post("/api/jobs", headers=AUTH, json={"command": "finetune", "config": {
+        "model": tiny, "train": train["path"], "test": "datasets/test.jsonl", "max_seq_len": 100, "metric": "nonsense"}})
+    errors = r.json()["errors"]
+    assert set(errors) == {"max_seq_len", "test", "metric"}
+    assert errors["test"] == "datasets/test.jsonl:1: label(s) ['neutral'] never seen in training (known: neg, pos)"
+    r = client.post("/api/jobs", headers=AUTH, json={"command": "pretrain", "config": {"model": tiny, "corpus": corpus["path"],
+                                                                                       "max_seq_len": 64}})
+    assert r.status_code == 201
+
+
+def test_a_configuration_error_offers_clone_and_fix_not_resume(idle):
+    client, console, home, train, corpus, tiny = idle
+    job = client.post("/api/jobs", headers=AUTH, json={"command": "pretrain", "config": {
+        "model": tiny, "corpus": corpus["path"], "max_seq_len": 64}}).json()
+    from domainlm.console.db import Job
+
+    with console.sessions() as s:
+        j = s.get(Job, job["id"])
+        j.status, j.exit_code, j.error = "failed", 2, "--split 1,1: bad"
+        s.commit()
+    detail = client.get(f"/api/jobs/{job['id']}", headers=AUTH).json()
+    assert not detail["resumable"] and detail["config_error"]
+    assert client.post(f"/api/jobs/{job['id']}/retry", headers=AUTH).status_code == 409
+    page = client.get(f"/jobs/{job['id']}").text
+    assert 'id="retry"' not in page and "Clone and fix" in page
+    with console.sessions() as s:  # killed: no checkpoint yet, so it starts over ("Retry"); with one it resumes
+        s.get(Job, job["id"]).exit_code = -9
+        s.commit()
+    assert client.get(f"/api/jobs/{job['id']}", headers=AUTH).json()["restart_label"] == "Retry"
+    (home / detail["folder"] / "checkpoints" / "step-000010").mkdir(parents=True)
+    assert client.get(f"/api/jobs/{job['id']}", headers=AUTH).json()["restart_label"] == "Resume"
+    assert '<button class="button primary" id="retry">Resume</button>' in client.get(f"/jobs/{job['id']}").text
