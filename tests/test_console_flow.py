@@ -98,3 +98,66 @@ def test_a_configuration_error_offers_clone_and_fix_not_resume(idle):
     (home / detail["folder"] / "checkpoints" / "step-000010").mkdir(parents=True)
     assert client.get(f"/api/jobs/{job['id']}", headers=AUTH).json()["restart_label"] == "Resume"
     assert '<button class="button primary" id="retry">Resume</button>' in client.get(f"/jobs/{job['id']}").text
+
+
+def test_own_models_and_corpora_come_in_from_the_pages(tmp_path, tiny_model, corpus_dir):
+    import io
+    import tarfile
+    from pathlib import Path
+
+    roots = tmp_path / "shared"
+    shutil.copytree(tiny_model, roots / "my-bert")
+    shutil.copytree(Path(__file__).parent / "fixtures" / "paddle_ernie" / "current", roots / "paddle-ernie")
+    (roots / "vocab-only").mkdir()
+    shutil.copy(Path(__file__).parent / "fixtures" / "paddle_ernie" / "current" / "vocab.txt", roots / "vocab-only" / "vocab.txt")
+    shutil.copytree(corpus_dir, roots / "store")
+    (roots / "empty").mkdir()
+    home = tmp_path / "home"
+    console = Console(ConsoleConfig(home=str(home), token=TOKEN, base_models=[], import_roots=[str(roots)]))
+    client = TestClient(create_app(console))
+    client.get(f"/?token={TOKEN}")
+    try:
+        page = client.get("/models").text
+        assert 'id="register-model"' in page and str(roots) in page
+        r = client.post("/models/register", data={"csrf": console.csrf, "path": str(roots / "my-bert"), "name": "my bert"},
+                        follow_redirects=False)
+        assert r.status_code == 303
+        bert = client.get(r.headers["location"].replace("/models", "/api/models")).json()
+        assert bert["kind"] == "base" and bert["name"] == "my bert" and (Path(bert["path"]) / "config.json").is_file()
+        assert (roots / "my-bert" / "config.json").is_file()  # copied, the user's folder only read
+        paddle = client.post("/api/models/register", headers=AUTH, json={"path": str(roots / "paddle-ernie")}).json()
+        assert paddle["kind"] == "base" and (Path(paddle["path"]) / "conversion.json").is_file()  # converted
+        vocab = client.post("/api/models/register", headers=AUTH, json={"path": str(roots / "vocab-only")}).json()
+        assert vocab["kind"] == "tokenizer"
+        r = client.post("/models/register", data={"csrf": console.csrf, "path": str(roots / "empty")})
+        assert r.status_code == 422 and "empty holds no model" in r.text
+        r = client.post("/api/models/register", headers=AUTH, json={"path": "/etc"})
+        assert "outside the folders the console may read" in r.json()["errors"]["path"]
+
+        # an archive of a model folder
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as t:
+            t.add(tiny_model, arcname="packed-bert")
+        r = client.post("/models/upload", data={"csrf": console.csrf}, files={"file": ("packed-bert.tar.gz", buf.getvalue())},
+                        follow_redirects=False)
+        assert r.status_code == 303
+        packed = client.get(r.headers["location"].replace("/models", "/api/models")).json()
+        assert packed["name"] == "packed-bert" and packed["kind"] == "base"
+        assert not list((home / "models").glob(".unpack-*")) and not list((home / "models").glob(".upload-*"))
+
+        # the create forms: base models to start from, vocabularies for prepare only
+        pretrain_form = client.get("/jobs/new?command=pretrain").text
+        assert f'value="model:{bert["id"]}"' in pretrain_form and f'value="model:{vocab["id"]}"' not in pretrain_form
+        assert f'value="model:{vocab["id"]}"' in client.get("/jobs/new?command=prepare").text
+
+        # a corpus store on the server, registered from the datasets page
+        r = client.post("/datasets/register", data={"csrf": console.csrf, "path": str(roots / "store"), "name": "legal"},
+                        follow_redirects=False)
+        assert r.status_code == 303
+        corpus = client.get(r.headers["location"].replace("/datasets", "/api/datasets")).json()
+        assert corpus["kind"] == "corpus" and corpus["name"] == "legal" and (home / corpus["path"] / "meta.json").is_file()
+        r = client.post("/api/jobs", headers=AUTH, json={"command": "pretrain", "config": {
+            "model": f"model:{bert['id']}", "corpus": corpus["path"], "max_seq_len": 64}})
+        assert r.status_code == 201 and r.json()["base_model_id"] == bert["id"]
+    finally:
+        console.stop()

@@ -224,13 +224,52 @@ class Register(BaseModel):
     task: Literal["multiclass", "multilabel"] = "multiclass"
 
 
-@router.post("/datasets/register", status_code=201, summary="Use a file or prepared corpus already inside --home")
+@router.post("/datasets/register", status_code=201, summary="Use a file or corpus store on the server: inside --home "
+             "in place, inside one of --import-roots copied in")
 def register_dataset(request: Request, body: Register):
     c = _console(request)
     try:
-        with c.sessions() as s:
-            record = datasets.register_existing(s, c.home, body.path, body.model_dump())
-            s.commit()
-            return dataset_summary(record)
+        return dataset_summary(c.register_dataset(body.path, body.model_dump()))
     except (DomainLMError, PathError) as e:
         return _invalid({"path": str(e)})
+
+
+class RegisterModel(BaseModel):
+    path: str = Field(description="a model folder on the server, inside --home or one of --import-roots: Hugging Face "
+                                  "(config.json + weights), PaddleNLP (converted), or a vocabulary only (a tokenizer)")
+    name: str = ""
+
+
+@router.post("/models/register", status_code=201, summary="Bring a model folder from the server into my models "
+             "(checked as the CLI checks --model; PaddleNLP folders converted)")
+def register_model(request: Request, body: RegisterModel):
+    c = _console(request)
+    try:
+        return c.register_model(body.path, body.name)
+    except (DomainLMError, PathError) as e:
+        return _invalid({"path": str(e)})
+
+
+async def model_upload(request: Request) -> dict:
+    """Shared by the API and the models page: stream the archive, unpack, check, keep."""
+    c = _console(request)
+    fields, tmp, filename = await receive_upload(request, c.home / "models", int(c.cfg.max_upload_mb * 1e6))
+    supplied = request.headers.get("x-csrf-token") or fields.get("csrf")
+    if not getattr(request.state, "csrf_checked", False) and not check_csrf(c.token, supplied):
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        raise HTTPException(403, "missing or wrong CSRF token: reload the page and try again")
+    if tmp is None:
+        raise DomainLMError("no file in the upload (field `file`)")
+    return c.upload_model(tmp, filename, fields.get("name", ""))
+
+
+@router.post("/models/upload", status_code=201, summary="Upload a model folder as .zip or .tar.gz (multipart field "
+             "`file`, optional `name`); checked and converted like a registered folder")
+async def upload_model(request: Request):
+    try:
+        return await model_upload(request)
+    except UploadTooLarge as e:
+        return JSONResponse({"errors": {"file": str(e)}}, status_code=413)
+    except DomainLMError as e:
+        return _invalid({"file": str(e)})

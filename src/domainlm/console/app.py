@@ -227,6 +227,31 @@ class Console:
             s.commit()
         return {"deleted": model_id, "path": str(path), "size_bytes": size}
 
+    # ---- own models and corpora ---------------------------------------------------------------------------
+    def register_model(self, path: str, name: str = "") -> dict:
+        from domainlm.console import imports
+
+        with self.sessions() as s:
+            record = imports.register_model(s, self.home, list(self.cfg.import_roots), path, name)
+            s.commit()
+            return self.model_summary(record)
+
+    def upload_model(self, tmp: Path, filename: str, name: str = "") -> dict:
+        from domainlm.console import imports
+
+        with self.sessions() as s:
+            record = imports.upload_model(s, self.home, tmp, filename, name)
+            s.commit()
+            return self.model_summary(record)
+
+    def register_dataset(self, path: str, fields: dict) -> Dataset:
+        from domainlm.console import imports
+
+        with self.sessions() as s:
+            record = imports.register_dataset(s, self.home, list(self.cfg.import_roots), path, fields)
+            s.commit()
+            return record
+
     def compare(self, s, ids: list[int]) -> dict:
         """The selected models side by side: one row each, a column per metric (the sweep report's table)."""
         from domainlm.sweep.report import markdown_table

@@ -10,7 +10,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 
 from domainlm.console import catalog, jobs, preflight, settings
-from domainlm.console.api import dataset_summary, get_or_404, upload
+from domainlm.console.api import dataset_summary, get_or_404, model_upload, upload
 from domainlm.console.app import HERE, Conflict, Console
 from domainlm.console.db import Dataset, Job, Model
 from domainlm.console.security import PathError, UploadTooLarge, check_csrf, inside
@@ -66,7 +66,9 @@ def _form_context(request: Request, command: str, values: dict, errors: dict, me
         corpora = jobs.dataset_choices(s, ("corpus",))
         my_models = s.query(Model).order_by(Model.id.desc()).all()
     if command == "prepare":
-        my_models = [m for m in my_models if m.kind != "classifier"]
+        my_models = [m for m in my_models if m.kind not in ("classifier", "linear", "export")]  # tokenizers
+    else:  # encoders to start from (a TF-IDF model, a vocabulary or an ONNX export cannot be)
+        my_models = [m for m in my_models if m.kind not in ("linear", "tokenizer", "export")]
     specs = settings.field_specs(command)
     errors = {k: preflight.as_form_words(str(v), specs) for k, v in errors.items()}
     return {"command": command, "commands": settings.TITLES, "sections": settings.sections(command),
@@ -144,11 +146,34 @@ async def job_action(request: Request, job_id: int, action: str):
 
 
 @router.get("/models")
-def models_page(request: Request):
+def models_page(request: Request, error: str = "", status_code: int = 200, path: str = ""):
     c = _console(request)
     with c.sessions() as s:
         rows = [c.model_summary(m) for m in s.query(Model).order_by(Model.id.desc())]
-    return render(request, "models.html", models=rows)
+    return render(request, "models.html", status_code, models=rows, add_error=error, add_path=path,
+                  roots=[str(c.home), *c.cfg.import_roots], limit_mb=c.cfg.max_upload_mb)
+
+
+@router.post("/models/register")
+async def register_model_page(request: Request):
+    c = _console(request)
+    form = await _form(request)
+    try:
+        model = c.register_model(form.get("path") or "", form.get("name") or "")
+    except (DomainLMError, PathError) as e:
+        return models_page(request, str(e), 422, form.get("path") or "")
+    return RedirectResponse(f"/models/{model['id']}", status_code=303)
+
+
+@router.post("/models/upload")
+async def upload_model_page(request: Request):
+    try:
+        model = await model_upload(request)
+    except UploadTooLarge as e:
+        return models_page(request, str(e), 413)
+    except DomainLMError as e:
+        return models_page(request, str(e), 422)
+    return RedirectResponse(f"/models/{model['id']}", status_code=303)
 
 
 @router.get("/models/compare")
@@ -236,6 +261,21 @@ async def upload_page(request: Request):
     with c.sessions() as s:
         rows = [dataset_summary(d) for d in s.query(Dataset).order_by(Dataset.id.desc())]
     return render(request, "datasets.html", status, datasets=rows, error=error, limit_mb=c.cfg.max_upload_mb)
+
+
+@router.post("/datasets/register")
+async def register_dataset_page(request: Request):
+    c = _console(request)
+    form = await _form(request)
+    try:
+        record = c.register_dataset(form.get("path") or "", {k: form.get(k) or "" for k in ("name", "text_column", "label_column", "task")})
+        return RedirectResponse(f"/datasets/{record.id}", status_code=303)
+    except (DomainLMError, PathError) as e:
+        error = str(e)
+    with c.sessions() as s:
+        rows = [dataset_summary(d) for d in s.query(Dataset).order_by(Dataset.id.desc())]
+    return render(request, "datasets.html", 422, datasets=rows, error="", register_error=error,
+                  register_path=form.get("path") or "", limit_mb=c.cfg.max_upload_mb)
 
 
 @router.get("/datasets/{dataset_id}")

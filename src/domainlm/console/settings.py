@@ -29,6 +29,8 @@ class ConsoleConfig:
     max_concurrent: int = option(1, "jobs running at the same time; the rest wait in the queue", low=1)
     database: str | None = option(None, "SQLAlchemy database URL (default: SQLite file HOME/console.db)")
     base_models: list[str] = option(DEFAULT_BASE_MODELS, "models offered in the create form: HF names or local folders")
+    import_roots: list[str] = option([], "folders on the server whose models and corpora may be registered from the "
+                                         "pages (copied into --home); --home itself always may")
     max_upload_mb: float = option(500.0, "largest accepted upload in MB (checked while streaming)", low=0, low_open=True)
     cancel_grace: float = option(10.0, "seconds between SIGTERM and SIGKILL when a job is cancelled", low=0)
     webhook_secret: str | None = option(None, "HMAC-SHA256 key of webhook signatures (default: generated, HOME/.webhook-secret)")
