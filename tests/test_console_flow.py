@@ -161,3 +161,63 @@ def test_own_models_and_corpora_come_in_from_the_pages(tmp_path, tiny_model, cor
         assert r.status_code == 201 and r.json()["base_model_id"] == bert["id"]
     finally:
         console.stop()
+
+
+def _fake_pretrain_job(client, console, home, tiny, corpus):
+    """A pretraining job whose run folder holds two step-N snapshots (as `domainlm pretrain --save-steps` leaves it)."""
+    from domainlm.console.db import Job
+
+    pre = client.post("/api/jobs", headers=AUTH, json={"command": "pretrain", "name": "domain pt", "config": {
+        "model": tiny, "corpus": corpus["path"], "max_seq_len": 64, "max_steps": 4, "save_steps": 2}}).json()
+    folder = home / "jobs" / f"{pre['id']:04d}-domain-pt"
+    for name in ("step-000002", "step-000004", "final"):
+        shutil.copytree(tiny, folder / name)
+    (folder / "results.json").write_text('{"step": 4}')
+    with console.sessions() as s:
+        s.get(Job, pre["id"]).status = "running"
+        s.commit()
+    console.runner.reconcile()
+    return pre
+
+
+def test_sweep_job_is_checked_at_creation_runs_as_the_cli_and_shows_table_tests_and_plot(idle):
+    from domainlm import config as cfglib
+    from domainlm.sweep.command import SweepConfig, sweep
+
+    client, console, home, train, corpus, tiny = idle
+    pre = _fake_pretrain_job(client, console, home, tiny, corpus)
+    page = client.get("/jobs/new?command=sweep").text
+    assert f'<option value="{pre["id"]}" >job {pre["id"]}: domain pt (2 snapshots)</option>' in page
+    base = {"csrf": console.csrf, "command": "sweep", "pretrain_jobs": str(pre["id"]), "train": train["path"],
+            "test": train["path"], "epochs": "1", "batch_size": "8", "precision": "no", "logging_freq": "1"}
+    r = client.post("/jobs/new", data={**base, "max_seq_len": "128", "seeds": "1,1", "metrics": "accuracy,bogus"})
+    assert r.status_code == 422
+    assert "max seq len 128 exceeds what the model" in _field_error(r.text, "max_seq_len")
+    assert _field_error(r.text, "seeds") == "seeds: [1, 1] repeats a seed"
+    assert _field_error(r.text, "metrics").startswith("metrics: [&#39;bogus&#39;] not computed for a multiclass task")
+    r = client.post("/jobs/new", data={**base, "max_seq_len": "32", "seeds": "1,2", "name": "which checkpoint"},
+                    follow_redirects=False)
+    assert r.status_code == 303
+    job = client.get(r.headers["location"].replace("/jobs", "/api/jobs"), headers=AUTH).json()
+    assert job["progress"]["total"] == 6 and job["command_line"].endswith(f"sweep {job['folder']}/job.yaml")
+    cfg = cfglib.load(SweepConfig, f"{job['folder']}/job.yaml")
+    assert [m["name"] for m in cfg.models] == ["domain-pt"] and cfg.models[0]["base"] == tiny
+    sweep(cfg)  # what the job's process runs
+    from domainlm.console.db import Job
+
+    with console.sessions() as s:
+        s.get(Job, job["id"]).status = "running"
+        s.commit()
+    console.runner.reconcile()
+    done = client.get(f"/api/jobs/{job['id']}", headers=AUTH).json()
+    assert done["status"] == "succeeded" and done["progress"]["steps"] == 6 and done["headline"]["name"].startswith("accuracy best")
+    assert len(done["models"]) == 6 and done["models"][0]["name"] == "which checkpoint domain-pt base seed-1"
+    page = client.get(f"/jobs/{job['id']}").text
+    results = (home / job["folder"].split(str(home.resolve()) + "/")[1] / "results.json").read_text()
+    import json
+
+    assert json.loads(results)["conclusion"].replace("'", "&#39;") in page
+    assert page.count("<tr") >= 4 and "p (Holm)" in page and f'src="/jobs/{job["id"]}/files/metric_vs_step.png"' in page
+    png = client.get(f"/jobs/{job['id']}/files/metric_vs_step.png")
+    assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
+    assert client.get(f"/jobs/{job['id']}/files/job.yaml").status_code == 404

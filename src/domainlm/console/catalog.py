@@ -52,12 +52,16 @@ def total_steps(job: Job, train_rows: int | None) -> int | None:
 
 
 def progress(job: Job, folder: Path, train_rows: int | None, now: datetime) -> dict:
-    """Steps done of the total, share, and an ETA from the pace so far (None where unknown)."""
+    """Steps done of the total (a sweep: cells), share, and an ETA from the pace so far (None where unknown)."""
     done = 0
     for log in run_logs(folder):
         steps = [r["step"] for r in read_log(log)]
         done += max(steps, default=0)
     total = total_steps(job, train_rows)
+    if job.command == "sweep":
+        from domainlm.console import sweepjob
+
+        done, total = sweepjob.cells_done(folder), sweepjob.cells_total(job)
     if job.status == "succeeded":
         return {"steps": done, "total": total or done, "fraction": 1.0, "eta_s": 0}
     fraction = min(1.0, done / total) if total else None
@@ -95,6 +99,10 @@ def headline(job: Job, folder: Path) -> dict | None:
         for split in ("valid", "test"):
             if "mlm_acc" in results.get(split, {}):
                 return {"name": f"mlm_acc ({split})", "value": round(results[split]["mlm_acc"], 4)}
+    if job.command == "sweep":
+        from domainlm.console import sweepjob
+
+        return sweepjob.headline(folder)
     if job.command == "prepare":
         stats = read_json(folder / "corpus" / "stats.json")
         if "tokens" in stats:
@@ -133,8 +141,10 @@ def register_outputs(session, job: Job, home: Path) -> list[Model]:
         if (folder / "final" / "config.json").is_file():
             step = read_json(folder / "results.json").get("step")
             found.append((folder / "final", "final", step, _snapshot_metrics(folder, None)))
-    elif job.command == "finetune":
+    elif job.command in ("finetune", "sweep"):
         runs = [folder] + sorted(folder.glob("seed-*")) + sorted(folder.glob("fold-*"))
+        if job.command == "sweep":  # every cell's classifier: cells/MODEL/CHECKPOINT/seed-N
+            runs = sorted(folder.glob("cells/*/*/seed-*"))
         for run in runs:
             if (run / "model" / "config.json").is_file():
                 found.append((run / "model", "classifier", read_json(run / "metrics.json").get("best_step"),
@@ -147,6 +157,8 @@ def register_outputs(session, job: Job, home: Path) -> list[Model]:
         if rel in known:
             continue
         suffix = "" if path in (folder / "model", folder) else f" {path.parent.name if kind == 'classifier' else path.name}"
+        if job.command == "sweep":
+            suffix = " " + " ".join(path.relative_to(folder / "cells").parts[:-1])
         size = sum(folder_size(path / f) for f in LINEAR_FILES) if kind == "linear" else folder_size(path)
         model = Model(name=f"{job.name}{suffix}", kind=kind, path=rel, job_id=job.id, step=step, metrics=metrics,
                       size_bytes=size)

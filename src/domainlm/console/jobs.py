@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from domainlm import config as cfglib
-from domainlm.console import preflight, settings
+from domainlm.console import preflight, settings, sweepjob
 from domainlm.console.db import Dataset, Job, Model
 from domainlm.console.security import PathError, inside
 
@@ -68,7 +68,6 @@ def head_rows(src: Path, dst: Path, n: int) -> None:
 class JobFactory:
     def __init__(self, home: Path, base_models: list[str]):
         self.home, self.base_models = home, base_models
-        self.extra_checks: dict = {}  # command -> check(cfg, errors) of job types defined elsewhere
 
     def _model(self, s, value: Any, errors: dict, name: str) -> tuple[str | None, Model | None]:
         """A listed base model, "model:ID" (one of my models), or a model folder inside home."""
@@ -125,7 +124,7 @@ class JobFactory:
             errors["notify_webhook"] = "the webhook must be an http:// or https:// URL"
         if notify.get("email") and not EMAIL.match(notify["email"]):
             errors["notify_email"] = "not an e-mail address"
-        self._preflight(cls, command, cfg, values, errors)
+        sweep = self._preflight(s, cls, command, cfg, values, errors)
         if errors or cfg is None:
             return None, errors
         default_name = f"{command} {Path(str(getattr(cfg, 'model', ''))).name}".strip()
@@ -142,22 +141,31 @@ class JobFactory:
             dev = folder / ("dev" + Path(cfg.dev).suffix.lower())
             head_rows(Path(cfg.dev), dev, cfg.valid_max_rows)
             cfg.dev = str(dev)
-        cfglib.write(cfg, folder, "job.yaml")
-        job.config = cfglib.to_dict(cfg)
+        if command == "sweep":  # `domainlm sweep job.yaml` reads the sweep's own config
+            sweep.out = cfg.out
+            cfglib.write(sweep, folder, "job.yaml")
+            from domainlm.sweep.command import plan
+
+            job.config = {**cfglib.to_dict(cfg), "cells": len(plan(sweep))}
+        else:
+            cfglib.write(cfg, folder, "job.yaml")
+            job.config = cfglib.to_dict(cfg)
         return job, {}
 
-    def _preflight(self, cls, command: str, cfg, values: dict, errors: dict) -> None:
-        """The command's start-up checks now, also when other fields are wrong: every error in one answer."""
+    def _preflight(self, s, cls, command: str, cfg, values: dict, errors: dict):
+        """The command's start-up checks now, also when other fields are wrong: every error in one answer.
+        Returns a sweep's SweepConfig."""
         if cfg is None:  # check what the valid fields allow (a bad epochs must not hide a bad max seq len)
             cfg, _ = cfglib.check_values(cls, {k: v for k, v in values.items() if k not in errors})
         if cfg is None:
-            return
+            return None
         if command == "finetune":
             preflight.finetune(cfg, errors, self.home)
         elif command == "pretrain":
             preflight.pretrain(cfg, errors)
-        elif command in self.extra_checks:
-            self.extra_checks[command](cfg, errors)
+        elif command == "sweep":
+            return sweepjob.check(self, s, cfg, errors)
+        return None
 
 
 def clone_values(job: Job) -> dict[str, Any]:
@@ -169,7 +177,7 @@ def clone_values(job: Job) -> dict[str, Any]:
             continue
         if isinstance(value, str) and value.startswith(home_prefix):
             value = value[len(home_prefix):]
-        elif isinstance(value, list) and key != "input":
+        elif isinstance(value, list) and key not in settings.MULTI_FIELDS:
             value = ",".join(map(str, value))
         out[key] = value
     if job.base_model_id:

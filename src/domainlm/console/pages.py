@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 
 from fastapi import APIRouter, HTTPException, Request
-from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 
-from domainlm.console import catalog, jobs, preflight, settings
+from domainlm.console import catalog, jobs, preflight, settings, sweepjob
 from domainlm.console.api import dataset_summary, get_or_404, model_upload, upload
 from domainlm.console.app import HERE, Conflict, Console
 from domainlm.console.db import Dataset, Job, Model
@@ -42,7 +42,7 @@ async def _form(request: Request) -> dict:
     form = await request.form()
     if not check_csrf(_console(request).token, form.get("csrf")):  # type: ignore[arg-type]
         raise HTTPException(403, "missing or wrong CSRF token: reload the page and try again")
-    return {k: (form.getlist(k) if len(form.getlist(k)) > 1 or k == "input" else form.get(k)) for k in form}
+    return {k: (form.getlist(k) if len(form.getlist(k)) > 1 or k in settings.MULTI_FIELDS else form.get(k)) for k in form}
 
 
 @router.get("/")
@@ -65,6 +65,8 @@ def _form_context(request: Request, command: str, values: dict, errors: dict, me
         documents = jobs.dataset_choices(s, ("documents", "labelled"))
         corpora = jobs.dataset_choices(s, ("corpus",))
         my_models = s.query(Model).order_by(Model.id.desc()).all()
+        pretrain_jobs = [{"id": j.id, "name": j.name, "snapshots": len(list((c.home / j.folder).glob("step-*")))}
+                         for j in s.query(Job).filter(Job.command == "pretrain", Job.status == "succeeded").order_by(Job.id.desc())]
     if command == "prepare":
         my_models = [m for m in my_models if m.kind not in ("classifier", "linear", "export")]  # tokenizers
     else:  # encoders to start from (a TF-IDF model, a vocabulary or an ONNX export cannot be)
@@ -74,7 +76,7 @@ def _form_context(request: Request, command: str, values: dict, errors: dict, me
     return {"command": command, "commands": settings.TITLES, "sections": settings.sections(command),
             "presets": settings.presets(command), "values": values, "errors": errors, "meta": meta,
             "base_models": c.cfg.base_models, "my_models": my_models, "labelled": labelled,
-            "documents": documents, "corpora": corpora}
+            "documents": documents, "corpora": corpora, "pretrain_jobs": [j for j in pretrain_jobs if j["snapshots"]]}
 
 
 @router.get("/jobs/new")
@@ -126,7 +128,24 @@ def job_page(request: Request, job_id: int):
     with c.sessions() as s:
         job = get_or_404(s, Job, job_id)
         detail = c.job_detail(s, job)
-    return render(request, "job.html", job=detail, log=c.log_tail(job))
+        folder = c.home / job.folder
+    sweep = sweepjob.report(folder) if detail["command"] == "sweep" else None
+    return render(request, "job.html", job=detail, log=c.log_tail(job), sweep=sweep)
+
+
+JOB_FILES = {"metric_vs_step.png", "pretraining_loss.png", "report.html", "table.md", "table.csv", "job.log"}
+
+
+@router.get("/jobs/{job_id}/files/{name}")
+def job_file(request: Request, job_id: int, name: str):
+    """A sweep's plots and reports, the job's whole log (only these names, only from the job's folder)."""
+    c = _console(request)
+    with c.sessions() as s:
+        job = get_or_404(s, Job, job_id)
+    path = c.home / job.folder / name
+    if name not in JOB_FILES or not path.is_file():
+        raise HTTPException(404, f"job {job_id} has no file {name}")
+    return FileResponse(path, filename=name if name.endswith((".md", ".csv", ".log")) else None)
 
 
 @router.post("/jobs/{job_id}/{action}")

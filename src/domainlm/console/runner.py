@@ -22,7 +22,8 @@ from domainlm.console import catalog
 from domainlm.console.db import Event, Job, now
 
 LOG_NAME = "job.log"
-DONE_MARKERS = {"finetune": ("metrics.json", "summary.json"), "pretrain": ("results.json",), "prepare": ("corpus/meta.json",)}
+DONE_MARKERS = {"finetune": ("metrics.json", "summary.json"), "pretrain": ("results.json",), "prepare": ("corpus/meta.json",),
+                "sweep": ("results.json",), "export": ("export/export.json",)}
 
 
 def proc_start_time(pid: int) -> str | None:
@@ -139,7 +140,9 @@ class Runner:
         return any((folder / m).is_file() for m in DONE_MARKERS[job.command])
 
     def command_line(self, job: Job) -> list[str]:
-        argv = [sys.executable, "-m", "domainlm.cli", job.command, "--config", str(self.home / job.folder / "job.yaml")]
+        spec = str(self.home / job.folder / "job.yaml")
+        # the sweep takes its file as an argument; its finished cells are kept when it runs again
+        argv = [sys.executable, "-m", "domainlm.cli", job.command, *([spec] if job.command == "sweep" else ["--config", spec])]
         if job.resume and job.command == "pretrain":
             argv += ["--resume", "auto"]  # from its newest checkpoint
         elif job.resume and job.command == "finetune":

@@ -43,14 +43,16 @@ class ConsoleConfig:
 
 def job_types() -> dict[str, type]:
     from domainlm.classify.config import FinetuneConfig
+    from domainlm.console.sweepjob import SweepJobConfig
     from domainlm.data.prepare import PrepareConfig
     from domainlm.pretrain.config import PretrainConfig
 
-    return {"finetune": FinetuneConfig, "pretrain": PretrainConfig, "prepare": PrepareConfig}
+    return {"finetune": FinetuneConfig, "pretrain": PretrainConfig, "prepare": PrepareConfig, "sweep": SweepJobConfig}
 
 
 TITLES = {"finetune": "Classification fine-tuning", "pretrain": "Domain pretraining (MLM + SOP)",
-          "prepare": "Prepare a corpus (documents -> token store)"}
+          "prepare": "Prepare a corpus (documents -> token store)",
+          "sweep": "Sweep: base models x snapshots x seeds"}
 
 # The CLI has scenario presets for fine-tuning; pretraining's are the console's (they only fill the form).
 PRETRAIN_PRESETS = {
@@ -68,7 +70,7 @@ CONTROLLED = {"out", "resume", "overwrite"}
 # Fields naming files or folders; all must resolve inside --home (the model also may be a listed base model).
 PATH_FIELDS = {"train", "dev", "test", "corpus", "input", "user_dict"}
 MODEL_FIELDS = {"model", "tokenizer"}
-CHOICES = {"lora_rank": "LORA_RANKS"}
+CHOICES = {"lora_rank": "LORA_RANKS"}  # the sweep's lora_rank too
 # The console's own defaults where a shared training machine wants another one than the CLI: validation as
 # training consoles do it (a split or a dev file, at most 100 rows kept), so that evaluation stays cheap.
 CONSOLE_DEFAULTS: dict[str, dict[str, Any]] = {"finetune": {"valid_max_rows": 100}}
@@ -92,7 +94,16 @@ LAYOUT: dict[str, list[tuple[str, list[str]]]] = {
     "prepare": [
         ("Data", ["input", "tokenizer", "language", "segment"]),
     ],
+    "sweep": [
+        ("Models", ["base_models", "pretrain_jobs"]),
+        ("Seeds and table", ["seeds", "metrics", "floor"]),
+        ("Data", ["train", "test", "dev", "task", "text_column", "label_column"]),
+        ("Fine-tuning of every cell", ["method", "lora_rank", "epochs", "batch_size", "learning_rate", "max_seq_len",
+                                       "valid_ratio"]),
+    ],
 }
+# multi-select fields: my models and listed base models / finished pretraining jobs
+MULTI_FIELDS = {"input": "datasets", "base_models": "models", "pretrain_jobs": "jobs"}
 
 
 @dataclass
@@ -134,8 +145,8 @@ def field_specs(command: str) -> dict[str, FieldSpec]:
         choices: list[Any] = []
         if f.name in MODEL_FIELDS:
             widget = "model"
-        elif f.name == "input":
-            widget = "datasets"
+        elif f.name in MULTI_FIELDS:
+            widget = MULTI_FIELDS[f.name]
         elif f.name in PATH_FIELDS:
             widget = "dataset"
         elif f.name in CHOICES:

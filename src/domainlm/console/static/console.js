@@ -16,7 +16,7 @@ function every(ms, fn) {
   setTimeout(tick, ms);
 }
 
-function fmtSteps(p) { return p.steps + (p.total ? " / " + p.total : "") + " steps"; }
+function fmtSteps(p, unit) { return p.steps + (p.total ? " / " + p.total : "") + " " + (unit || "steps"); }
 function fmtEta(j) { return j.status === "running" && j.progress.eta_s != null ? j.progress.eta_s + " s" : "–"; }
 function setStatus(el, status) { el.textContent = status; el.className = "status " + status; }
 
@@ -96,7 +96,7 @@ function jobPage() {
       getJSON("/api/jobs/" + id), fetch("/api/jobs/" + id + "/log?lines=200", {credentials: "same-origin"}).then(r => r.text()),
       getJSON("/api/jobs/" + id + "/curves")]);
     setStatus(document.getElementById("status"), j.status);
-    document.getElementById("progress").textContent = fmtSteps(j.progress);
+    document.getElementById("progress").textContent = fmtSteps(j.progress, j.command === "sweep" ? "cells" : "steps");
     document.getElementById("eta").textContent = fmtEta(j);
     document.getElementById("bar").style.width = ((j.progress.fraction || 0) * 100) + "%";
     if (j.headline) document.getElementById("headline").textContent = j.headline.name + " " + j.headline.value;
@@ -106,10 +106,12 @@ function jobPage() {
     const atEnd = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
     pre.textContent = log;
     if (atEnd) pre.scrollTop = pre.scrollHeight;
-    drawChart(document.getElementById("chart-loss"), seriesOf(curves, "loss", ["train", "valid"]), "loss");
-    const metric = j.command === "pretrain" ? "mlm_acc" : (j.config.metric || (j.config.task === "multilabel" ? "f1_micro" : "accuracy"));
-    document.getElementById("metric-caption").textContent = metric + " by step";
-    drawChart(document.getElementById("chart-metric"), seriesOf(curves, metric, j.command === "pretrain" ? ["train", "valid"] : ["valid"]), metric);
+    if (document.getElementById("chart-loss")) {  // a sweep shows its table instead
+      drawChart(document.getElementById("chart-loss"), seriesOf(curves, "loss", ["train", "valid"]), "loss");
+      const metric = j.command === "pretrain" ? "mlm_acc" : (j.config.metric || (j.config.task === "multilabel" ? "f1_micro" : "accuracy"));
+      document.getElementById("metric-caption").textContent = metric + " by step";
+      drawChart(document.getElementById("chart-metric"), seriesOf(curves, metric, j.command === "pretrain" ? ["train", "valid"] : ["valid"]), metric);
+    }
     if (j.status !== status) {  // buttons and produced models change with the state: redraw the page once
       status = j.status;
       location.reload();
