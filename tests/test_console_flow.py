@@ -189,7 +189,7 @@ def test_sweep_job_is_checked_at_creation_runs_as_the_cli_and_shows_table_tests_
     page = client.get("/jobs/new?command=sweep").text
     assert f'<option value="{pre["id"]}" >job {pre["id"]}: domain pt (2 snapshots)</option>' in page
     base = {"csrf": console.csrf, "command": "sweep", "pretrain_jobs": str(pre["id"]), "train": train["path"],
-            "test": train["path"], "epochs": "1", "batch_size": "8", "precision": "no", "logging_freq": "1"}
+            "test": train["path"], "epochs": "1", "batch_size": "8", "precision": "no", "logging_freq": "1", "floor": "true"}
     r = client.post("/jobs/new", data={**base, "max_seq_len": "128", "seeds": "1,1", "metrics": "accuracy,bogus"})
     assert r.status_code == 422
     assert "max seq len 128 exceeds what the model" in _field_error(r.text, "max_seq_len")
@@ -221,3 +221,20 @@ def test_sweep_job_is_checked_at_creation_runs_as_the_cli_and_shows_table_tests_
     png = client.get(f"/jobs/{job['id']}/files/metric_vs_step.png")
     assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
     assert client.get(f"/jobs/{job['id']}/files/job.yaml").status_code == 404
+
+    # compare two checkpoints' classifiers: settings, curves, the floor beside, the paired test over both seeds
+    models = {m["name"]: m for m in done["models"]}
+    a, b = models["which checkpoint domain-pt step-000004 seed-1"], models["which checkpoint domain-pt base seed-2"]
+    table = client.get(f"/api/models/compare?ids={a['id']}&ids={b['id']}", headers=AUTH).json()
+    assert [c["method"] for c in table["settings"]] == ["full", "full"] and [c["seed"] for c in table["settings"]] == ["1", "2"]
+    assert table["settings"][0]["base"] == "step-000004" and table["settings"][0]["epochs"] == 1
+    assert table["settings"][0]["data"] == train["path"].split("/")[-1]
+    assert all(c["metric"] and c["loss"] for c in table["curves"])  # one validation point per epoch, a loss per step
+    assert table["floors"][0]["method"] and table["floors"][0] == table["floors"][1]  # the sweep's one floor
+    test = table["test"]
+    assert test["seeds"] == [2, 2] and test["rows"] == 32 and 0 <= test["p_value"] <= 1
+    assert "Paired test, " in table["markdown"] and "| method |" in table["markdown"].replace(" | LoRA rank", " | method | LoRA rank")
+    page = client.get(f"/models/compare?ids={a['id']}&ids={b['id']}").text
+    assert 'id="paired-test"' in page and 'id="floor-row"' in page and 'data-curves="' in page
+    assert '<div class="sub" data-field="method">full</div>' in client.get("/models").text
+    assert '<div class="sub" data-field="method">full</div>' in client.get("/jobs").text

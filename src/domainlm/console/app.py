@@ -107,6 +107,7 @@ class Console:
             "status": job.status, "error": job.error, "exit_code": job.exit_code, "attempts": job.attempts,
             "created_at": _iso(job.created_at), "started_at": _iso(job.started_at), "finished_at": _iso(job.finished_at),
             "model": job.config.get("model") or job.config.get("tokenizer"), "base_model_id": job.base_model_id,
+            "method": _method_label(job.config) if job.command in ("finetune", "sweep") else "",
             "progress": catalog.progress(job, folder, self._train_rows(s, job), now()),
             "headline": catalog.headline(job, folder) if done else None,
             "cancelling": bool(job.cancel_requested_at) and job.status == "running",
@@ -170,7 +171,15 @@ class Console:
     def model_summary(self, m: Model) -> dict:
         return {"id": m.id, "name": m.name, "kind": m.kind, "path": str(self.home / m.path), "job_id": m.job_id,
                 "step": m.step, "metrics": m.metrics, "size_bytes": m.size_bytes, "created_at": _iso(m.created_at),
-                "lineage": catalog.lineage(m), "can_try": m.kind in ("classifier", "linear")}
+                "lineage": catalog.lineage(m), "can_try": m.kind in ("classifier", "linear"), "method": self._method(m)}
+
+    def _method(self, m: Model) -> str:
+        from domainlm.console import compare
+
+        if m.kind in ("classifier", "linear"):
+            c = compare.settings(self.home, m)
+            return compare.method_label(c["method"], c["LoRA rank"])
+        return {"snapshot": "MLM pretraining", "final": "MLM pretraining", "base": "base model"}.get(m.kind, "")
 
     def _load(self, m: Model):
         """The model behind the interface `domainlm predict` uses (serve.runtime.Runtime; transformer or linear)."""
@@ -253,22 +262,16 @@ class Console:
             return record
 
     def compare(self, s, ids: list[int]) -> dict:
-        """The selected models side by side: one row each, a column per metric (the sweep report's table)."""
-        from domainlm.sweep.report import markdown_table
+        """The selected models side by side: settings, metrics, floors, curves, the paired test (console/compare.py)."""
+        from domainlm.console import compare
 
-        models = [m for m in (s.get(Model, i) for i in ids) if m is not None]
-        keys = sorted({k for m in models for k in m.metrics}, key=lambda k: (not k.startswith("test"), k))
-        header = ["model", "kind", "job", "step", *keys, "size MB"]
-        rows = [[m.name, m.kind, str(m.job_id or ""), str(m.step or ""),
-                 *[f"{m.metrics[k]:.4f}" if k in m.metrics else "" for k in keys], f"{m.size_bytes / 1e6:.1f}"]
-                for m in models]
-        best = {}
-        for k in keys:
-            values = [m.metrics[k] for m in models if k in m.metrics]
-            if values:
-                best[k] = (min if "loss" in k else max)(values)
-        return {"header": header, "rows": rows, "metrics": keys, "best": best,
-                "models": [self.model_summary(m) for m in models], "markdown": markdown_table(header, rows)}
+        return compare.table(s, self.home, ids, self.model_summary)
+
+
+def _method_label(config: dict) -> str:
+    from domainlm.console.compare import method_label
+
+    return method_label(config.get("method"), config.get("lora_rank"))
 
 
 def _iso(t: datetime | None) -> str | None:

@@ -213,10 +213,19 @@ def _model_or_404(s, model_id: int) -> Model:
 
 @router.get("/models/{model_id}")
 def model_page(request: Request, model_id: int):
+    return _model_page(request, model_id)
+
+
+def _model_page(request: Request, model_id: int, status_code: int = 200, **context) -> HTMLResponse:
+    from domainlm.console import compare
+
     c = _console(request)
     with c.sessions() as s:
-        model = c.model_summary(_model_or_404(s, model_id))
-    return render(request, "model.html", model=model, text="", results=None, error="")
+        m = _model_or_404(s, model_id)
+        model, trained = c.model_summary(m), compare.settings(c.home, m)
+    context = {"text": "", "results": None, "error": "", **context}
+    return render(request, "model.html", status_code, model=model, trained={k: v for k, v in trained.items() if v != ""},
+                  **context)
 
 
 @router.post("/models/{model_id}/try")
@@ -226,12 +235,11 @@ async def try_model(request: Request, model_id: int):
     text = form.get("text") or ""
     with c.sessions() as s:
         m = _model_or_404(s, model_id)
-        model = c.model_summary(m)
     try:
         results, error = c.predict(m, text.splitlines()), ""
     except DomainLMError as e:
         results, error = None, str(e)
-    return render(request, "model.html", 422 if error else 200, model=model, text=text, results=results, error=error)
+    return _model_page(request, model_id, 422 if error else 200, text=text, results=results, error=error)
 
 
 @router.get("/models/{model_id}/delete")

@@ -158,9 +158,19 @@ function newJobPage() {
   toggle();
 }
 
+function comparePage() {
+  const box = document.getElementById("compare-curves");
+  if (!box) return;
+  const curves = JSON.parse(box.dataset.curves), names = JSON.parse(box.dataset.names);
+  const series = key => curves.map((c, i) => ({name: names[i], points: c[key]})).filter(s => s.points.length);
+  drawChart(document.getElementById("chart-compare-metric"), series("metric"), "metric");
+  drawChart(document.getElementById("chart-compare-loss"), series("loss"), "loss");
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   const page = document.body.dataset.page;
   if (page === "jobs") jobsPage();
   if (page === "job") jobPage();
   if (page === "new-job") newJobPage();
+  if (page === "compare") comparePage();
 });
