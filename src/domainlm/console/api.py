@@ -6,13 +6,15 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
+from starlette.background import BackgroundTask
 
-from domainlm.console import catalog, datasets, settings
+from domainlm.console import catalog, datasets, settings, ship
 from domainlm.console.app import Conflict, Console
 from domainlm.console.db import Dataset, Job, Model
-from domainlm.console.security import PathError, UploadTooLarge, check_csrf, receive_upload
+from domainlm.console.jobs import slug
+from domainlm.console.security import PathError, UploadTooLarge, check_csrf, inside, receive_upload
 from domainlm.errors import DomainLMError
 
 router = APIRouter(prefix="/api")
@@ -165,6 +167,44 @@ def delete_model(request: Request, model_id: int, confirm: bool = False):
         raise HTTPException(404, f"model {model_id} does not exist") from None
     except (Conflict, PathError) as e:
         raise HTTPException(409, str(e)) from None
+
+
+@router.get("/models/{model_id}/download", summary="The model's folder as a zip")
+def download_model(request: Request, model_id: int):
+    c = _console(request)
+    with c.sessions() as s:
+        m = get_or_404(s, Model, model_id)
+        path, kind, name = inside(c.home, m.path), m.kind, m.name
+    if not path.exists():
+        raise HTTPException(404, f"the files of model {model_id} are gone ({m.path})")
+    archive = ship.zip_model(path, catalog.LINEAR_FILES if kind == "linear" else None, c.home / "downloads")
+    return FileResponse(archive, media_type="application/zip", filename=f"{slug(name)}.zip",
+                        background=BackgroundTask(archive.unlink, missing_ok=True))
+
+
+@router.get("/models/{model_id}/endpoint", summary="The model's `domainlm serve` endpoint: state, URL, token, /metrics")
+def endpoint_status(request: Request, model_id: int):
+    c = _console(request)
+    with c.sessions() as s:
+        get_or_404(s, Model, model_id)
+    return c.endpoints.status(model_id)
+
+
+@router.post("/models/{model_id}/endpoint", summary="Start `domainlm serve` for the model on 127.0.0.1 (a free port, "
+             "a new token)")
+def start_endpoint(request: Request, model_id: int):
+    c = _console(request)
+    try:
+        return c.start_endpoint(model_id)
+    except KeyError:
+        raise HTTPException(404, f"model {model_id} does not exist") from None
+    except DomainLMError as e:
+        raise HTTPException(409, str(e)) from None
+
+
+@router.delete("/models/{model_id}/endpoint", summary="Stop the model's endpoint (SIGTERM, then SIGKILL)")
+def stop_endpoint(request: Request, model_id: int):
+    return {"stopped": _console(request).endpoints.stop(model_id)}
 
 
 def dataset_summary(d: Dataset) -> dict:

@@ -23,6 +23,7 @@ from domainlm.console.notify import Notifier, SmtpSettings
 from domainlm.console.runner import LOG_NAME, Runner
 from domainlm.console.security import TokenAuth, csrf_token, inside, load_or_create_secret
 from domainlm.console.settings import ConsoleConfig
+from domainlm.console.ship import Endpoints
 from domainlm.errors import DomainLMError
 
 HERE = Path(__file__).parent
@@ -49,6 +50,7 @@ class Console:
         self.notifier = Notifier(secret.encode(), smtp, backoff=notify_backoff, on_result=self._delivery_logged)
         self.runner = Runner(self.sessions, self.home, cfg.max_concurrent, cfg.cancel_grace, on_event=self._notify)
         self.factory = JobFactory(self.home, list(cfg.base_models))
+        self.endpoints = Endpoints(self.home)
         self._models: OrderedDict = OrderedDict()
         self._models_lock = threading.Lock()
 
@@ -56,6 +58,7 @@ class Console:
         self.runner.start()
 
     def stop(self) -> None:
+        self.endpoints.stop_all()
         self.runner.stop()
         self.notifier.stop()
 
@@ -225,6 +228,7 @@ class Console:
             if users:
                 raise Conflict(f"{m.name} is the base of job(s) {', '.join(str(j.id) for j in users)} that have not finished")
             size = m.size_bytes
+            self.endpoints.stop(model_id)
             if m.kind == "linear":  # its files only: the folder is also its job's run folder
                 for name in catalog.LINEAR_FILES:
                     (path / name).unlink(missing_ok=True)
@@ -235,6 +239,16 @@ class Console:
             s.delete(m)
             s.commit()
         return {"deleted": model_id, "path": str(path), "size_bytes": size}
+
+    # ---- shipping --------------------------------------------------------------------------------------------
+    def start_endpoint(self, model_id: int) -> dict:
+        with self.sessions() as s:
+            m = s.get(Model, model_id)
+            if m is None:
+                raise KeyError(model_id)
+            path, kind = inside(self.home, m.path), m.kind
+        self.endpoints.start(model_id, path, kind)
+        return self.endpoints.status(model_id, metrics=False)
 
     # ---- own models and corpora ---------------------------------------------------------------------------
     def register_model(self, path: str, name: str = "") -> dict:

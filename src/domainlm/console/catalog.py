@@ -103,6 +103,11 @@ def headline(job: Job, folder: Path) -> dict | None:
         from domainlm.console import sweepjob
 
         return sweepjob.headline(folder)
+    if job.command == "export":
+        change = read_json(folder / "export" / "export.json").get("data_metrics", {}).get("int8_change_points", {})
+        key = next(iter(change), None)
+        if key:
+            return {"name": f"int8 change of {key} (points)", "value": change[key]}
     if job.command == "prepare":
         stats = read_json(folder / "corpus" / "stats.json")
         if "tokens" in stats:
@@ -151,12 +156,18 @@ def register_outputs(session, job: Job, home: Path) -> list[Model]:
                               _classifier_metrics(run)))
             elif (run / LINEAR_FILES[0]).is_file():  # `--method linear`: the run folder is the model
                 found.append((run, "linear", None, _classifier_metrics(run)))
+    elif job.command == "export" and (folder / "export" / "export.json").is_file():
+        info = read_json(folder / "export" / "export.json")
+        data = info.get("data_metrics", {})
+        metrics = {f"{precision} {k}": v for precision in ("fp32", "int8") for k, v in data.get(precision, {}).items()}
+        metrics.update({f"int8 change {k} (points)": v for k, v in data.get("int8_change_points", {}).items()})
+        found.append((folder / "export", "export", None, metrics))
     added = []
     for path, kind, step, metrics in found:
         rel = str(path.relative_to(home))
         if rel in known:
             continue
-        suffix = "" if path in (folder / "model", folder) else f" {path.parent.name if kind == 'classifier' else path.name}"
+        suffix = "" if path in (folder / "model", folder, folder / "export") else f" {path.parent.name if kind == 'classifier' else path.name}"
         if job.command == "sweep":
             suffix = " " + " ".join(path.relative_to(folder / "cells").parts[:-1])
         size = sum(folder_size(path / f) for f in LINEAR_FILES) if kind == "linear" else folder_size(path)

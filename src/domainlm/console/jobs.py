@@ -128,6 +128,8 @@ class JobFactory:
         if errors or cfg is None:
             return None, errors
         default_name = f"{command} {Path(str(getattr(cfg, 'model', ''))).name}".strip()
+        if command == "export" and base_model is not None:  # "export model" would say nothing
+            default_name = f"export {base_model.name}"
         job = Job(name=(name or "").strip()[:200] or default_name,
                   description=(description or "").strip(), command=command, notify=notify,
                   base_model_id=base_model.id if base_model else None)
@@ -165,6 +167,9 @@ class JobFactory:
             preflight.pretrain(cfg, errors)
         elif command == "sweep":
             return sweepjob.check(self, s, cfg, errors)
+        elif command == "export" and not (Path(cfg.model) / "config.json").is_file():
+            errors.setdefault("model", f"{Path(cfg.model).name} is not a fine-tuned transformer classifier (no config.json): "
+                                       "choose a classifier of my models")
         return None
 
 

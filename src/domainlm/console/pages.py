@@ -67,7 +67,9 @@ def _form_context(request: Request, command: str, values: dict, errors: dict, me
         my_models = s.query(Model).order_by(Model.id.desc()).all()
         pretrain_jobs = [{"id": j.id, "name": j.name, "snapshots": len(list((c.home / j.folder).glob("step-*")))}
                          for j in s.query(Job).filter(Job.command == "pretrain", Job.status == "succeeded").order_by(Job.id.desc())]
-    if command == "prepare":
+    if command == "export":  # what `domainlm export` takes: a fine-tuned transformer classifier
+        my_models = [m for m in my_models if m.kind == "classifier"]
+    elif command == "prepare":
         my_models = [m for m in my_models if m.kind not in ("classifier", "linear", "export")]  # tokenizers
     else:  # encoders to start from (a TF-IDF model, a vocabulary or an ONNX export cannot be)
         my_models = [m for m in my_models if m.kind not in ("linear", "tokenizer", "export")]
@@ -223,7 +225,8 @@ def _model_page(request: Request, model_id: int, status_code: int = 200, **conte
     with c.sessions() as s:
         m = _model_or_404(s, model_id)
         model, trained = c.model_summary(m), compare.settings(c.home, m)
-    context = {"text": "", "results": None, "error": "", **context}
+    context = {"text": "", "results": None, "error": "", "endpoint": c.endpoints.status(model_id, metrics=False),
+               "endpoint_error": "", **context}
     return render(request, "model.html", status_code, model=model, trained={k: v for k, v in trained.items() if v != ""},
                   **context)
 
@@ -240,6 +243,24 @@ async def try_model(request: Request, model_id: int):
     except DomainLMError as e:
         results, error = None, str(e)
     return _model_page(request, model_id, 422 if error else 200, text=text, results=results, error=error)
+
+
+@router.post("/models/{model_id}/endpoint/{action}")
+async def endpoint_action(request: Request, model_id: int, action: str):
+    c = _console(request)
+    await _form(request)
+    if action == "start":
+        try:
+            c.start_endpoint(model_id)
+        except KeyError:
+            raise HTTPException(404, f"model {model_id} does not exist") from None
+        except DomainLMError as e:
+            return _model_page(request, model_id, 409, endpoint_error=str(e))
+    elif action == "stop":
+        c.endpoints.stop(model_id)
+    else:
+        raise HTTPException(404)
+    return RedirectResponse(f"/models/{model_id}#ship", status_code=303)
 
 
 @router.get("/models/{model_id}/delete")

@@ -46,13 +46,16 @@ def job_types() -> dict[str, type]:
     from domainlm.console.sweepjob import SweepJobConfig
     from domainlm.data.prepare import PrepareConfig
     from domainlm.pretrain.config import PretrainConfig
+    from domainlm.serve.config import ExportConfig
 
-    return {"finetune": FinetuneConfig, "pretrain": PretrainConfig, "prepare": PrepareConfig, "sweep": SweepJobConfig}
+    return {"finetune": FinetuneConfig, "pretrain": PretrainConfig, "prepare": PrepareConfig, "sweep": SweepJobConfig,
+            "export": ExportConfig}
 
 
 TITLES = {"finetune": "Classification fine-tuning", "pretrain": "Domain pretraining (MLM + SOP)",
           "prepare": "Prepare a corpus (documents -> token store)",
-          "sweep": "Sweep: base models x snapshots x seeds"}
+          "sweep": "Sweep: base models x snapshots x seeds",
+          "export": "Export (ONNX, int8)"}
 
 # The CLI has scenario presets for fine-tuning; pretraining's are the console's (they only fill the form).
 PRETRAIN_PRESETS = {
@@ -64,11 +67,11 @@ PRETRAIN_PRESETS = {
 }
 
 # `out` inside the job folder (which also holds job.yaml and job.log); `prepare` wants a folder of its own.
-OUT_SUBFOLDER = {"prepare": "corpus"}
+OUT_SUBFOLDER = {"prepare": "corpus", "export": "export"}
 # Fields the console sets itself (never shown or accepted).
 CONTROLLED = {"out", "resume", "overwrite"}
 # Fields naming files or folders; all must resolve inside --home (the model also may be a listed base model).
-PATH_FIELDS = {"train", "dev", "test", "corpus", "input", "user_dict"}
+PATH_FIELDS = {"train", "dev", "test", "corpus", "input", "user_dict", "data"}
 MODEL_FIELDS = {"model", "tokenizer"}
 CHOICES = {"lora_rank": "LORA_RANKS"}  # the sweep's lora_rank too
 # The console's own defaults where a shared training machine wants another one than the CLI: validation as
@@ -100,6 +103,10 @@ LAYOUT: dict[str, list[tuple[str, list[str]]]] = {
         ("Data", ["train", "test", "dev", "task", "text_column", "label_column"]),
         ("Fine-tuning of every cell", ["method", "lora_rank", "epochs", "batch_size", "learning_rate", "max_seq_len",
                                        "valid_ratio"]),
+    ],
+    "export": [
+        ("Model", ["model", "quantize"]),
+        ("Accuracy check", ["data", "text_column", "label_column", "max_seq_len"]),
     ],
 }
 # multi-select fields: my models and listed base models / finished pretraining jobs

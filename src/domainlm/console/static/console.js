@@ -167,10 +167,24 @@ function comparePage() {
   drawChart(document.getElementById("chart-compare-loss"), series("loss"), "loss");
 }
 
+function modelPage() {
+  const ship = document.getElementById("ship");
+  if (!ship || !["starting", "ready"].includes(ship.dataset.state)) return;
+  every(1500, async () => {
+    const ep = await getJSON("/api/models/" + ship.dataset.model + "/endpoint");
+    const state = document.getElementById("endpoint-state");
+    if (ep.state === "stopped" || ep.state === "none") { location.reload(); return false; }
+    setStatus(state, ep.state);
+    state.classList.replace(ep.state === "ready" ? "ready" : "starting", ep.state === "ready" ? "succeeded" : "running");
+    if (ep.metrics) document.getElementById("endpoint-metrics").textContent = JSON.stringify(ep.metrics, null, 1);
+  });
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   const page = document.body.dataset.page;
   if (page === "jobs") jobsPage();
   if (page === "job") jobPage();
   if (page === "new-job") newJobPage();
   if (page === "compare") comparePage();
+  if (page === "model") modelPage();
 });
