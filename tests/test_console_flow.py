@@ -319,3 +319,52 @@ def test_export_int8_download_and_an_endpoint_from_the_model_page(idle, tmp_path
     assert client.get(f"/api/models/{onnx['id']}/endpoint").json() == {"state": "none"}
     with pytest.raises(ProcessLookupError):
         os.killpg(pid, 0)
+
+
+def test_the_smaller_things_a_user_noticed(idle):
+    client, console, home, train, corpus, tiny = idle
+    job = client.post("/api/jobs", headers=AUTH, json={"command": "finetune", "name": "alpha", "config": {
+        "model": tiny, "train": train["path"], "max_seq_len": 64}}).json()
+    # the command that reruns it, as typed
+    assert job["command_line"] == f"domainlm finetune --config {job['folder']}/job.yaml"
+    # an e-mail address without an SMTP server is refused at creation, not silently never sent
+    r = client.post("/api/jobs", headers=AUTH, json={"command": "finetune", "config": {"model": tiny, "train": train["path"],
+                    "max_seq_len": 64}, "notify": {"email": "team@example.org"}})
+    assert r.json()["errors"] == {"notify_email": "e-mail notifications are off: start the console with --smtp-host (or use a webhook)"}
+    assert "off: the console was started without --smtp-host" in client.get("/jobs/new").text
+    # the log panel: the last lines, without progress bars and warnings, and a link to the whole log
+    folder = Path(job["folder"])
+    lines = [f"[train] step {i} loss=0.{i}" for i in range(1, 301)]
+    (folder / "job.log").write_text("\n".join(lines[:150] + ["Map: 100%|██████████| 32/32 [00:00<00:00]",
+                                                             "/x/y.py:12: UserWarning: something", "  warnings.warn("] + lines[150:]))
+    tail = client.get(f"/api/jobs/{job['id']}/log").text.splitlines()
+    assert tail == lines[-200:]
+    assert client.get(f"/jobs/{job['id']}/files/job.log").text.count("\n") == 302
+    # missing pages are pages; the API still answers JSON
+    r = client.get("/models/999", headers={"Accept": "text/html"})
+    assert r.status_code == 404 and 'id="error-page"' in r.text and "model 999 does not exist" in r.text
+    assert client.get("/api/models/999", headers=AUTH).json() == {"detail": "model 999 does not exist"}
+    # the form shows the console's own default (100), which is what the job gets
+    assert re.search(r'id="f-valid_max_rows"[^>]*value="100"', client.get("/jobs/new").text)
+    # a prepare job with no input marks the field
+    r = client.post("/jobs/new", data={"csrf": console.csrf, "command": "prepare", "tokenizer": tiny})
+    assert r.status_code == 422 and _field_error(r.text, "input")
+    # the job list: filter by status, search
+    client.post("/api/jobs", headers=AUTH, json={"command": "pretrain", "name": "beta", "config": {
+        "model": tiny, "corpus": corpus["path"], "max_seq_len": 64}})
+    client.post(f"/api/jobs/{job['id']}/cancel", headers=AUTH)
+    assert [j["name"] for j in client.get("/api/jobs?status=cancelled", headers=AUTH).json()] == ["alpha"]
+    assert [j["name"] for j in client.get("/api/jobs?q=pretrain", headers=AUTH).json()] == ["beta"]
+    page = client.get("/jobs?q=bet").text
+    assert 'data-job="2"' in page and 'data-job="1"' not in page and 'value="bet"' in page
+    # a corpus shows its documents and stats as a table; a file its first rows; both can be deleted
+    page = client.get(f"/datasets/{corpus['id']}").text
+    assert 'id="corpus-stats"' in page and '<span class="sub">documents</span>80' in page
+    page = client.get(f"/datasets/{train['id']}").text
+    assert page.count('<td class="sub num">') == 10 and "&#34;label&#34;" in page
+    r = client.post(f"/datasets/{corpus['id']}/delete", data={"csrf": console.csrf, "confirm": "true"})
+    assert r.status_code == 409 and "job(s) 2 still use" in r.text  # the queued pretraining reads it
+    client.post("/api/jobs/2/cancel", headers=AUTH)
+    assert client.post(f"/datasets/{corpus['id']}/delete", data={"csrf": console.csrf}).status_code == 422  # unconfirmed
+    r = client.post(f"/datasets/{corpus['id']}/delete", data={"csrf": console.csrf, "confirm": "true"}, follow_redirects=False)
+    assert r.status_code == 303 and not (home / "store").exists()

@@ -53,11 +53,11 @@ class PredictRequest(BaseModel):
     texts: list[str] = Field(description="texts to classify (at most 100)")
 
 
-@router.get("/jobs", summary="All jobs, newest first, with status, progress and ETA")
-def list_jobs(request: Request):
+@router.get("/jobs", summary="All jobs, newest first, with status, progress and ETA (status=, q= filter them)")
+def list_jobs(request: Request, status: str = "", q: str = ""):
     c = _console(request)
     with c.sessions() as s:
-        return [c.job_summary(s, j) for j in s.query(Job).order_by(Job.id.desc())]
+        return [c.job_summary(s, j) for j in catalog.find_jobs(s, status, q)]
 
 
 @router.post("/jobs", status_code=201, summary="Create a job (validated like the CLI; 422 names each bad field)")

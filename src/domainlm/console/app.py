@@ -7,7 +7,9 @@ here, so everything a page does can be scripted.
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import sys
 import threading
 from collections import OrderedDict
 from datetime import datetime, timezone
@@ -27,6 +29,7 @@ from domainlm.console.ship import Endpoints
 from domainlm.errors import DomainLMError
 
 HERE = Path(__file__).parent
+NOISE = re.compile(r"\d+%\|.*\|| warnings\.warn\(|Warning: |^\s*warnings\.warn")
 
 
 class Conflict(DomainLMError):
@@ -49,7 +52,7 @@ class Console:
                                 cfg.smtp_starttls, cfg.smtp_from)
         self.notifier = Notifier(secret.encode(), smtp, backoff=notify_backoff, on_result=self._delivery_logged)
         self.runner = Runner(self.sessions, self.home, cfg.max_concurrent, cfg.cancel_grace, on_event=self._notify)
-        self.factory = JobFactory(self.home, list(cfg.base_models))
+        self.factory = JobFactory(self.home, list(cfg.base_models), email=bool(cfg.smtp_host))
         self.endpoints = Endpoints(self.home)
         self._models: OrderedDict = OrderedDict()
         self._models_lock = threading.Lock()
@@ -133,7 +136,7 @@ class Console:
         out["config"] = job.config
         out["folder"] = str(self.home / job.folder)
         out["notify"] = job.notify
-        out["command_line"] = " ".join(self.runner.command_line(job)[1:])
+        out["command_line"] = " ".join(["domainlm", *self.runner.command_line(job)[3:]])  # what reruns it by hand
         out["events"] = [{"kind": e.kind, "message": e.message, "at": _iso(e.created_at)}
                          for e in s.query(Event).filter(Event.job_id == job.id).order_by(Event.id)]
         out["models"] = [self.model_summary(m) for m in s.query(Model).filter(Model.job_id == job.id).order_by(Model.id)]
@@ -146,8 +149,10 @@ class Console:
         with open(path, "rb") as f:
             f.seek(max(0, path.stat().st_size - 64 * 1024))
             text = f.read().decode("utf-8", errors="replace")
-        # progress bars redraw with carriage returns; show the last state of each line
-        return "\n".join(line.split("\r")[-1] for line in text.splitlines()[-lines:])
+        # progress bars (tqdm: "NN%|###|") and library warnings are noise here; the file keeps everything
+        kept = [line.split("\r")[-1] for line in text.splitlines()]
+        kept = [ln for ln in kept if not NOISE.search(ln)]
+        return "\n".join(kept[-lines:])
 
     def cancel(self, job_id: int) -> str:
         with self.sessions() as s:
@@ -199,6 +204,15 @@ class Console:
                     self._models.popitem(last=False)
             self._models.move_to_end(path)
             return self._models[path]
+
+    def preload(self, m: Model) -> None:
+        def load() -> None:
+            try:
+                self._load(m)
+            except Exception as e:  # noqa: BLE001 - "try" reports the same error when it is used
+                print(f"console: preloading {m.name}: {e}", file=sys.stderr)
+
+        threading.Thread(target=load, name=f"preload-{m.id}", daemon=True).start()
 
     def predict(self, m: Model, texts: list[str], top_k: int = 5) -> list[dict]:
         """Labels and scores for each text, through the code `domainlm predict` uses."""
@@ -295,6 +309,9 @@ def _iso(t: datetime | None) -> str | None:
 def create_app(console: Console) -> FastAPI:
     from contextlib import asynccontextmanager
 
+    from fastapi.exception_handlers import http_exception_handler
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
     from domainlm.console import api, pages
 
     @asynccontextmanager
@@ -314,4 +331,12 @@ def create_app(console: Console) -> FastAPI:
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.include_router(api.router)
     app.include_router(pages.router)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc: StarletteHTTPException):
+        """The API answers JSON; a page answers a page that says what is missing and where to go."""
+        if request.url.path.startswith("/api/") or "text/html" not in request.headers.get("accept", ""):
+            return await http_exception_handler(request, exc)
+        return pages.render(request, "error.html", exc.status_code, status=exc.status_code, detail=exc.detail)
+
     return app

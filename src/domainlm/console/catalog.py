@@ -36,6 +36,17 @@ def run_logs(folder: Path) -> list[Path]:
     return found or ([folder / "log.jsonl"] if (folder / "log.jsonl").is_file() else [])
 
 
+def find_jobs(session, status: str = "", q: str = "") -> list[Job]:
+    """Jobs newest first, of one status and/or whose name, description or type contains q."""
+    query = session.query(Job).order_by(Job.id.desc())
+    if status:
+        query = query.filter(Job.status == status)
+    if q.strip():
+        like = f"%{q.strip()}%"
+        query = query.filter(Job.name.ilike(like) | Job.description.ilike(like) | Job.command.ilike(like))
+    return query.all()
+
+
 def total_steps(job: Job, train_rows: int | None) -> int | None:
     c = job.config
     if job.command == "pretrain":
@@ -198,7 +209,8 @@ def lineage(model: Model) -> list[dict]:
             break
         chain.append({"type": "job", "id": job.id, "name": job.name, "command": job.command})
         if job.base_model is None:
-            chain.append({"type": "base", "name": job.config.get("model", "")})
+            if job.config.get("model"):  # a sweep names its bases per cell, not once
+                chain.append({"type": "base", "name": job.config["model"]})
             break
         current = job.base_model
     return list(reversed(chain))

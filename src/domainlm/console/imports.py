@@ -42,7 +42,9 @@ def allowed(home: Path, roots: list[str], value: str) -> Path:
 
 
 def _target(home: Path, sub: str, name: str) -> Path:
-    return home / sub / f"{secrets.token_hex(3)}-{safe_filename(name)}"
+    """HOME/SUB/NAME, or NAME with a random prefix when that exists (messages then still name the folder)."""
+    plain = home / sub / safe_filename(name)
+    return plain if not plain.exists() else home / sub / f"{secrets.token_hex(3)}-{safe_filename(name)}"
 
 
 def inspect_model(path: Path) -> str:

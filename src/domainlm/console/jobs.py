@@ -66,8 +66,8 @@ def head_rows(src: Path, dst: Path, n: int) -> None:
 
 
 class JobFactory:
-    def __init__(self, home: Path, base_models: list[str]):
-        self.home, self.base_models = home, base_models
+    def __init__(self, home: Path, base_models: list[str], email: bool = True):
+        self.home, self.base_models, self.email = home, base_models, email
 
     def _model(self, s, value: Any, errors: dict, name: str) -> tuple[str | None, Model | None]:
         """A listed base model, "model:ID" (one of my models), or a model folder inside home."""
@@ -118,12 +118,14 @@ class JobFactory:
         values["out"] = str(self.home / "jobs" / "pending")  # replaced by the job's own folder below
         cfg, problems = cfglib.check_values(cls, {k: v for k, v in values.items() if k not in errors})
         for key, message in problems.items():  # a path refused above explains more than "a value is required"
-            errors.setdefault(key, message)
+            errors.setdefault(_field_of(key, message, hints), message)
         notify = {k: (v or "").strip() for k, v in (notify or {}).items() if (v or "").strip()}
         if notify.get("webhook") and not re.match(r"^https?://[^\s]+$", notify["webhook"]):
             errors["notify_webhook"] = "the webhook must be an http:// or https:// URL"
         if notify.get("email") and not EMAIL.match(notify["email"]):
             errors["notify_email"] = "not an e-mail address"
+        elif notify.get("email") and not self.email:  # accepted and never sent would be worse than refused
+            errors["notify_email"] = "e-mail notifications are off: start the console with --smtp-host (or use a webhook)"
         sweep = self._preflight(s, cls, command, cfg, values, errors)
         if errors or cfg is None:
             return None, errors
@@ -173,6 +175,16 @@ class JobFactory:
         return None
 
 
+def _field_of(key: str, message: str, fields) -> str:
+    """A cross-field check's message that names no flag ("no input given") goes under the field it mentions."""
+    if key != "_config":
+        return key
+    for name in fields:
+        if name not in settings.CONTROLLED and re.search(rf"\b{name.replace('_', '[ _]')}\b", message):
+            return name
+    return key
+
+
 def clone_values(job: Job) -> dict[str, Any]:
     """A job's options as form values, for "clone": paths back to home-relative ones, lists as text."""
     home_prefix = str(Path(job.config.get("out", "")).parent.parent) + "/"
@@ -202,4 +214,4 @@ def defaults(command: str) -> dict[str, Any]:
             out[f.name] = f.default
         elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             out[f.name] = ",".join(map(str, f.default_factory()))  # type: ignore[misc]
-    return out
+    return {**out, **settings.CONSOLE_DEFAULTS.get(command, {})}  # the form shows what a job will get

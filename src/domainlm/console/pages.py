@@ -9,7 +9,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 
-from domainlm.console import catalog, jobs, preflight, settings, sweepjob
+from domainlm.console import catalog, datasets, jobs, preflight, settings, sweepjob
 from domainlm.console.api import dataset_summary, get_or_404, model_upload, upload
 from domainlm.console.app import HERE, Conflict, Console
 from domainlm.console.db import Dataset, Job, Model
@@ -51,11 +51,12 @@ def home():
 
 
 @router.get("/jobs")
-def jobs_page(request: Request):
+def jobs_page(request: Request, status: str = "", q: str = ""):
     c = _console(request)
     with c.sessions() as s:
-        rows = [c.job_summary(s, j) for j in s.query(Job).order_by(Job.id.desc())]
-    return render(request, "jobs.html", jobs=rows)
+        rows = [c.job_summary(s, j) for j in catalog.find_jobs(s, status, q)]
+        any_jobs = s.query(Job).count() > 0
+    return render(request, "jobs.html", jobs=rows, status=status, q=q, any_jobs=any_jobs)
 
 
 def _form_context(request: Request, command: str, values: dict, errors: dict, meta: dict) -> dict:
@@ -78,7 +79,7 @@ def _form_context(request: Request, command: str, values: dict, errors: dict, me
     return {"command": command, "commands": settings.TITLES, "sections": settings.sections(command),
             "presets": settings.presets(command), "values": values, "errors": errors, "meta": meta,
             "base_models": c.cfg.base_models, "my_models": my_models, "labelled": labelled,
-            "documents": documents, "corpora": corpora, "pretrain_jobs": [j for j in pretrain_jobs if j["snapshots"]]}
+            "documents": documents, "corpora": corpora, "email_on": bool(c.cfg.smtp_host), "pretrain_jobs": [j for j in pretrain_jobs if j["snapshots"]]}
 
 
 @router.get("/jobs/new")
@@ -167,11 +168,11 @@ async def job_action(request: Request, job_id: int, action: str):
 
 
 @router.get("/models")
-def models_page(request: Request, error: str = "", status_code: int = 200, path: str = ""):
+def models_page(request: Request, error: str = "", status_code: int = 200, path: str = "", deleted: int | None = None):
     c = _console(request)
     with c.sessions() as s:
         rows = [c.model_summary(m) for m in s.query(Model).order_by(Model.id.desc())]
-    return render(request, "models.html", status_code, models=rows, add_error=error, add_path=path,
+    return render(request, "models.html", status_code, models=rows, add_error=error, add_path=path, deleted=deleted,
                   roots=[str(c.home), *c.cfg.import_roots], limit_mb=c.cfg.max_upload_mb)
 
 
@@ -225,6 +226,8 @@ def _model_page(request: Request, model_id: int, status_code: int = 200, **conte
     with c.sessions() as s:
         m = _model_or_404(s, model_id)
         model, trained = c.model_summary(m), compare.settings(c.home, m)
+    if model["can_try"]:
+        c.preload(m)  # loads in the background while the user types, so that the first "Classify" is quick
     context = {"text": "", "results": None, "error": "", "endpoint": c.endpoints.status(model_id, metrics=False),
                "endpoint_error": "", **context}
     return render(request, "model.html", status_code, model=model, trained={k: v for k, v in trained.items() if v != ""},
@@ -284,7 +287,7 @@ async def delete_model(request: Request, model_id: int):
         with c.sessions() as s:
             model = c.model_summary(_model_or_404(s, model_id))
         return render(request, "delete.html", 409, model=model, users=0, error=str(e))
-    return RedirectResponse("/models", status_code=303)
+    return RedirectResponse(f"/models?deleted={model_id}", status_code=303)
 
 
 @router.get("/datasets")
@@ -328,11 +331,33 @@ async def register_dataset_page(request: Request):
 
 @router.get("/datasets/{dataset_id}")
 def dataset_page(request: Request, dataset_id: int):
+    return _dataset_page(request, dataset_id)
+
+
+def _dataset_page(request: Request, dataset_id: int, status_code: int = 200, delete_error: str = "") -> HTMLResponse:
     c = _console(request)
     with c.sessions() as s:
         d = get_or_404(s, Dataset, dataset_id)
         summary = dataset_summary(d)
-    return render(request, "dataset.html", dataset=summary, stats=catalog.read_json(inside(c.home, d.path) / "stats.json"))
+    path = inside(c.home, d.path)
+    return render(request, "dataset.html", status_code, dataset=summary, stats=catalog.read_json(path / "stats.json"),
+                  preview=datasets.preview(path), delete_error=delete_error)
+
+
+@router.post("/datasets/{dataset_id}/delete")
+async def delete_dataset(request: Request, dataset_id: int):
+    c = _console(request)
+    form = await _form(request)
+    if form.get("confirm") != "true":
+        return _dataset_page(request, dataset_id, 422, "tick the box to confirm: deleting removes the files")
+    with c.sessions() as s:
+        d = get_or_404(s, Dataset, dataset_id)
+        try:
+            datasets.delete(s, c.home, d)
+        except (DomainLMError, PathError) as e:
+            return _dataset_page(request, dataset_id, 409, str(e))
+        s.commit()
+    return RedirectResponse("/datasets", status_code=303)
 
 
 @router.get("/docs")

@@ -23,7 +23,7 @@ function setStatus(el, status) { el.textContent = status; el.className = "status
 function jobsPage() {
   const table = document.getElementById("jobs");
   every(2000, async () => {
-    const jobs = await getJSON("/api/jobs");
+    const jobs = await getJSON("/api/jobs" + location.search);  // the same filter as the page
     if (!table) { if (jobs.length) { location.reload(); return false; } return; }
     if (jobs.length !== table.tBodies[0].rows.length) { location.reload(); return false; }
     for (const j of jobs) {
@@ -119,6 +119,8 @@ function jobPage() {
     }
     if (FINISHED.includes(j.status)) return false;  // nothing changes any more
   };
+  const pre = document.getElementById("log");
+  pre.scrollTop = pre.scrollHeight;  // the newest lines, as a terminal shows them
   update().catch(() => {});
   every(1500, update);
 }
@@ -141,6 +143,11 @@ function newJobPage() {
       for (const c of form.querySelectorAll("[data-preset]")) c.classList.toggle("on", c === b);
     });
   }
+  const select = form.elements["preset"];  // the dropdown fills the fields as the chips do
+  if (select) select.addEventListener("change", () => {
+    const chip = form.querySelector('[data-preset="' + select.value + '"]');
+    if (chip) chip.click();
+  });
   const toggle = () => {
     const method = form.elements["method"];
     for (const n of ["lora_rank", "lora_alpha"]) {
@@ -162,12 +169,18 @@ function comparePage() {
   const box = document.getElementById("compare-curves");
   if (!box) return;
   const curves = JSON.parse(box.dataset.curves), names = JSON.parse(box.dataset.names);
-  const series = key => curves.map((c, i) => ({name: names[i], points: c[key]})).filter(s => s.points.length);
+  // the end of a name tells models apart ("… step-000004 seed-1"); the legend has room for a few words each
+  const short = n => n.length > 30 ? "…" + n.slice(-29) : n;
+  const series = key => curves.map((c, i) => ({name: short(names[i]), points: c[key]})).filter(s => s.points.length);
   drawChart(document.getElementById("chart-compare-metric"), series("metric"), "metric");
   drawChart(document.getElementById("chart-compare-loss"), series("loss"), "loss");
 }
 
 function modelPage() {
+  const predict = document.getElementById("predict");
+  if (predict) predict.form.addEventListener("submit", () => {
+    predict.textContent = "Classifying… (the first time loads the model)"; predict.disabled = true;
+  });
   const ship = document.getElementById("ship");
   if (!ship || !["starting", "ready"].includes(ship.dataset.state)) return;
   every(1500, async () => {
