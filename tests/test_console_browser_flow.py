@@ -61,6 +61,7 @@ def test_own_model_to_endpoint_in_the_browser(tmp_path, tiny_model, corpus_dir):
             page.fill("#f-model-path", str(shared / "bert-tiny-zh"))
             page.click("#register-model-button")
             page.wait_for_url(f"{base}/models/1")
+            page.screenshot(path=str(shots / "registered.png"))
             assert page.inner_text("h1").startswith("bert-tiny-zh") and page.inner_text(".kind") == "base"
             page.click("text=Datasets")
             page.click("summary:has-text('Register from the server')")
@@ -73,6 +74,8 @@ def test_own_model_to_endpoint_in_the_browser(tmp_path, tiny_model, corpus_dir):
             page.set_input_files("#f-file", train)
             page.click("#upload-button")
             page.wait_for_url(f"{base}/datasets/2")
+            assert page.locator("#preview tr").count() == 10  # its first rows, Chinese text included
+            page.screenshot(path=str(shots / "dataset.png"), full_page=True)
 
             # pretraining: the form's default length (512) is more than the model's 64 positions: a field error, at once
             page.goto(f"{base}/jobs/new?command=pretrain")
@@ -126,6 +129,7 @@ def test_own_model_to_endpoint_in_the_browser(tmp_path, tiny_model, corpus_dir):
                      for r in page.query_selector_all("#models tbody tr")}
             a = next(i for i, n in names.items() if n == "which checkpoint reviews-domain step-000004 seed-1")
             b = next(i for i, n in names.items() if n == "which checkpoint reviews-domain base seed-1")
+            page.screenshot(path=str(shots / "models.png"))
             page.check(f"tr[data-model='{a}'] input[type=checkbox]")
             page.check(f"tr[data-model='{b}'] input[type=checkbox]")
             page.click("#compare")

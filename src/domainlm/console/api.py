@@ -41,7 +41,8 @@ class Notify(BaseModel):
 
 
 class JobCreate(BaseModel):
-    command: Literal["finetune", "pretrain", "prepare"] = Field(description="the `domainlm` command the job runs")
+    command: str = Field(description="the `domainlm` command the job runs: finetune, pretrain, prepare, sweep, export "
+                                     "(distill where this version has it); GET /api/schema/COMMAND lists its options")
     name: str = ""
     description: str = ""
     config: dict[str, Any] = Field(default_factory=dict, description="the command's options (as in its YAML config); "

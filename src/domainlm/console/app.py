@@ -187,7 +187,7 @@ class Console:
         if m.kind in ("classifier", "linear"):
             c = compare.settings(self.home, m)
             return compare.method_label(c["method"], c["LoRA rank"])
-        return {"snapshot": "MLM pretraining", "final": "MLM pretraining", "base": "base model"}.get(m.kind, "")
+        return {"snapshot": "MLM", "final": "MLM", "base": "base model"}.get(m.kind, "")
 
     def _load(self, m: Model):
         """The model behind the interface `domainlm predict` uses (serve.runtime.Runtime; transformer or linear)."""

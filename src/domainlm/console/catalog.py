@@ -95,7 +95,7 @@ def curves(folder: Path) -> dict:
 
 def headline(job: Job, folder: Path) -> dict | None:
     """The metric a notification and the jobs list show: fine-tuning's best metric, pretraining's MLM accuracy."""
-    if job.command == "finetune":
+    if job.command in ("finetune", "distill"):
         name = job.config.get("metric") or ("f1_micro" if job.config.get("task") == "multilabel" else "accuracy")
         summary = read_json(folder / "summary.json")
         if summary.get("mean_std", {}).get(name):
@@ -157,7 +157,7 @@ def register_outputs(session, job: Job, home: Path) -> list[Model]:
         if (folder / "final" / "config.json").is_file():
             step = read_json(folder / "results.json").get("step")
             found.append((folder / "final", "final", step, _snapshot_metrics(folder, None)))
-    elif job.command in ("finetune", "sweep"):
+    elif job.command in ("finetune", "sweep", "distill"):  # a distilled student is a classifier folder like finetune's
         runs = [folder] + sorted(folder.glob("seed-*")) + sorted(folder.glob("fold-*"))
         if job.command == "sweep":  # every cell's classifier: cells/MODEL/CHECKPOINT/seed-N
             runs = sorted(folder.glob("cells/*/*/seed-*"))

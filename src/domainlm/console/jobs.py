@@ -106,7 +106,7 @@ class JobFactory:
                 continue
             if key in settings.MODEL_FIELDS:
                 values[key], found = self._model(s, value, errors, key)
-                base_model = found if key == "model" else base_model
+                base_model = found if key in ("model", "student") else base_model  # what the job starts from
             elif key in settings.PATH_FIELDS:
                 items = value if isinstance(value, list) else [value]
                 try:
@@ -129,7 +129,7 @@ class JobFactory:
         sweep = self._preflight(s, cls, command, cfg, values, errors)
         if errors or cfg is None:
             return None, errors
-        default_name = f"{command} {Path(str(getattr(cfg, 'model', ''))).name}".strip()
+        default_name = f"{command} {Path(str(getattr(cfg, 'model', '') or getattr(cfg, 'student', ''))).name}".strip()
         if command == "export" and base_model is not None:  # "export model" would say nothing
             default_name = f"export {base_model.name}"
         job = Job(name=(name or "").strip()[:200] or default_name,
@@ -169,6 +169,10 @@ class JobFactory:
             preflight.pretrain(cfg, errors)
         elif command == "sweep":
             return sweepjob.check(self, s, cfg, errors)
+        elif command == "distill":
+            config = preflight._model_config(cfg.student, errors, "student")
+            if config is not None:
+                preflight._positions(config, cfg.max_seq_len, cfg.student, errors)
         elif command == "export" and not (Path(cfg.model) / "config.json").is_file():
             errors.setdefault("model", f"{Path(cfg.model).name} is not a fine-tuned transformer classifier (no config.json): "
                                        "choose a classifier of my models")

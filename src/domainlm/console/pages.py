@@ -68,7 +68,9 @@ def _form_context(request: Request, command: str, values: dict, errors: dict, me
         my_models = s.query(Model).order_by(Model.id.desc()).all()
         pretrain_jobs = [{"id": j.id, "name": j.name, "snapshots": len(list((c.home / j.folder).glob("step-*")))}
                          for j in s.query(Job).filter(Job.command == "pretrain", Job.status == "succeeded").order_by(Job.id.desc())]
-    if command == "export":  # what `domainlm export` takes: a fine-tuned transformer classifier
+    if command == "distill":  # teachers: classifiers and exports; students: encoders (the template tells them apart)
+        my_models = [m for m in my_models if m.kind not in ("tokenizer",)]
+    elif command == "export":  # what `domainlm export` takes: a fine-tuned transformer classifier
         my_models = [m for m in my_models if m.kind == "classifier"]
     elif command == "prepare":
         my_models = [m for m in my_models if m.kind not in ("classifier", "linear", "export")]  # tokenizers

@@ -23,7 +23,7 @@ from domainlm.console.db import Event, Job, now
 
 LOG_NAME = "job.log"
 DONE_MARKERS = {"finetune": ("metrics.json", "summary.json"), "pretrain": ("results.json",), "prepare": ("corpus/meta.json",),
-                "sweep": ("results.json",), "export": ("export/export.json",)}
+                "sweep": ("results.json",), "export": ("export/export.json",), "distill": ("distill.json",)}
 
 
 def proc_start_time(pid: int) -> str | None:
@@ -145,7 +145,7 @@ class Runner:
         argv = [sys.executable, "-m", "domainlm.cli", job.command, *([spec] if job.command == "sweep" else ["--config", spec])]
         if job.resume and job.command == "pretrain":
             argv += ["--resume", "auto"]  # from its newest checkpoint
-        elif job.resume and job.command == "finetune":
+        elif job.resume and job.command in ("finetune", "distill"):
             argv += ["--overwrite"]  # fine-tuning starts over: the failed attempt's own files are replaced
         return argv
 

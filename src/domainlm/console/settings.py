@@ -48,14 +48,21 @@ def job_types() -> dict[str, type]:
     from domainlm.pretrain.config import PretrainConfig
     from domainlm.serve.config import ExportConfig
 
-    return {"finetune": FinetuneConfig, "pretrain": PretrainConfig, "prepare": PrepareConfig, "sweep": SweepJobConfig,
-            "export": ExportConfig}
+    types = {"finetune": FinetuneConfig, "pretrain": PretrainConfig, "prepare": PrepareConfig, "sweep": SweepJobConfig,
+             "export": ExportConfig}
+    try:  # `domainlm distill`, where this version has it
+        from domainlm.distill.config import DistillConfig
+
+        types["distill"] = DistillConfig
+    except ImportError:
+        pass
+    return types
 
 
 TITLES = {"finetune": "Classification fine-tuning", "pretrain": "Domain pretraining (MLM + SOP)",
           "prepare": "Prepare a corpus (documents -> token store)",
           "sweep": "Sweep: base models x snapshots x seeds",
-          "export": "Export (ONNX, int8)"}
+          "export": "Export (ONNX, int8)", "distill": "Distil a teacher into a student"}
 
 # The CLI has scenario presets for fine-tuning; pretraining's are the console's (they only fill the form).
 PRETRAIN_PRESETS = {
@@ -71,8 +78,8 @@ OUT_SUBFOLDER = {"prepare": "corpus", "export": "export"}
 # Fields the console sets itself (never shown or accepted).
 CONTROLLED = {"out", "resume", "overwrite"}
 # Fields naming files or folders; all must resolve inside --home (the model also may be a listed base model).
-PATH_FIELDS = {"train", "dev", "test", "corpus", "input", "user_dict", "data"}
-MODEL_FIELDS = {"model", "tokenizer"}
+PATH_FIELDS = {"train", "dev", "test", "corpus", "input", "user_dict", "data", "unlabeled"}
+MODEL_FIELDS = {"model", "tokenizer", "teacher", "student"}
 CHOICES = {"lora_rank": "LORA_RANKS"}  # the sweep's lora_rank too
 # The console's own defaults where a shared training machine wants another one than the CLI: validation as
 # training consoles do it (a split or a dev file, at most 100 rows kept), so that evaluation stays cheap.
@@ -107,6 +114,12 @@ LAYOUT: dict[str, list[tuple[str, list[str]]]] = {
     "export": [
         ("Model", ["model", "quantize"]),
         ("Accuracy check", ["data", "text_column", "label_column", "max_seq_len"]),
+    ],
+    "distill": [
+        ("Models", ["teacher", "student"]),
+        ("Data", ["train", "unlabeled", "corpus", "max_unlabeled", "test", "dev"]),
+        ("Distillation", ["temperature", "alpha", "hidden_weight", "plain"]),
+        ("Hyperparameters", ["epochs", "batch_size", "learning_rate", "max_seq_len", "seeds"]),
     ],
 }
 # multi-select fields: my models and listed base models / finished pretraining jobs
