@@ -167,7 +167,7 @@ class Runner:
         job.started_at, job.finished_at, job.exit_code, job.error = now(), None, None, ""
         job.attempts += 1
         job.cancel_requested_at = None
-        self._event(s, job, "started", f"attempt {job.attempts}: {' '.join(argv[1:])}")
+        self._event(s, job, "started", f"attempt {job.attempts}: {' '.join(['domainlm', *argv[3:]])}")
 
     def _finish(self, s, job: Job, status: str, code, error: str = "") -> None:
         job.status, job.exit_code, job.error, job.finished_at = status, code, error, now()

@@ -194,6 +194,9 @@ function modelPage() {
 }
 
 document.addEventListener("DOMContentLoaded", () => {
+  for (const f of document.querySelectorAll("form[data-confirm]")) {  // a question before what cannot be undone
+    f.addEventListener("submit", e => { if (!confirm(f.dataset.confirm)) e.preventDefault(); });
+  }
   const page = document.body.dataset.page;
   if (page === "jobs") jobsPage();
   if (page === "job") jobPage();
