@@ -31,7 +31,7 @@ function jobsPage() {
       if (!row) continue;
       setStatus(row.querySelector('[data-field="status"]'), j.status);
       row.querySelector('[data-field="bar"]').style.width = ((j.progress.fraction || 0) * 100) + "%";
-      row.querySelector('[data-field="steps"]').textContent = fmtSteps(j.progress);
+      row.querySelector('[data-field="steps"]').textContent = fmtSteps(j.progress, j.command === "sweep" ? "cells" : "steps");
       row.querySelector('[data-field="eta"]').textContent = j.status === "running" ? fmtEta(j) : "";
       const h = row.querySelector('[data-field="headline"]');
       if (j.headline) h.textContent = j.headline.name + " " + j.headline.value;
