@@ -368,3 +368,8 @@ def test_the_smaller_things_a_user_noticed(idle):
     assert client.post(f"/datasets/{corpus['id']}/delete", data={"csrf": console.csrf}).status_code == 422  # unconfirmed
     r = client.post(f"/datasets/{corpus['id']}/delete", data={"csrf": console.csrf, "confirm": "true"}, follow_redirects=False)
     assert r.status_code == 303 and not (home / "store").exists()
+    # a listed hub name that is not on this machine says so; a local folder does not
+    console.cfg.base_models = [tiny, "nobody/not-downloaded-zh"]
+    form = client.get("/jobs/new").text
+    assert "nobody/not-downloaded-zh (not on this machine: needs the hub)</option>" in form
+    assert f"{tiny}</option>" in form and 'href="/models#add-model"' in form

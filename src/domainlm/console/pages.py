@@ -80,8 +80,17 @@ def _form_context(request: Request, command: str, values: dict, errors: dict, me
     errors = {k: preflight.as_form_words(str(v), specs) for k, v in errors.items()}
     return {"command": command, "commands": settings.TITLES, "sections": settings.sections(command),
             "presets": settings.presets(command), "values": values, "errors": errors, "meta": meta,
-            "base_models": c.cfg.base_models, "my_models": my_models, "labelled": labelled,
+            "base_models": c.cfg.base_models, "missing": _not_here(c.cfg.base_models), "my_models": my_models, "labelled": labelled,
             "documents": documents, "corpora": corpora, "email_on": bool(c.cfg.smtp_host), "pretrain_jobs": [j for j in pretrain_jobs if j["snapshots"]]}
+
+
+def _not_here(names: list[str]) -> set[str]:
+    """Listed base models that are neither a folder nor in the local Hugging Face cache (they need the hub)."""
+    from pathlib import Path
+
+    from huggingface_hub import try_to_load_from_cache
+
+    return {n for n in names if not Path(n).is_dir() and not isinstance(try_to_load_from_cache(n, "config.json"), str)}
 
 
 @router.get("/jobs/new")
