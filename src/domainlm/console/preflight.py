@@ -23,9 +23,17 @@ def as_form_words(message: str, fields) -> str:
 
 
 def _model_config(value: str, errors: dict, field: str = "model"):
+    """The model's config from its folder or the local hub cache; a hub name not downloaded yet is left to the job
+    (creating a job must not wait on the network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    from domainlm.interop.resolve import resolve_source
     from domainlm.pretrain.model import load_config
 
     try:
+        source = resolve_source(value, "--model", log=lambda *a, **k: None)
+        if not Path(source).is_dir() and not isinstance(try_to_load_from_cache(source, "config.json"), str):
+            return None
         return load_config(value)
     except DomainLMError as e:
         errors.setdefault(field, str(e))
