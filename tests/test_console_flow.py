@@ -373,3 +373,13 @@ def test_the_smaller_things_a_user_noticed(idle):
     form = client.get("/jobs/new").text
     assert "nobody/not-downloaded-zh (not on this machine: needs the hub)</option>" in form
     assert f"{tiny}</option>" in form and 'href="/models#add-model"' in form
+
+
+def test_cross_field_checks_are_reported_together(idle):
+    client, console, home, train, corpus, tiny = idle
+    r = client.post("/api/jobs", headers=AUTH, json={"command": "finetune", "config": {
+        "model": tiny, "train": train["path"], "max_seq_len": 64, "metric": "bogus", "method": "lora", "lora_rank": 12,
+        "folds": 1}})
+    errors = r.json()["errors"]
+    assert set(errors) == {"metric", "lora_rank", "folds"}  # three checks of FinetuneConfig.check, one answer
+    assert errors["lora_rank"] == "--lora-rank 12 is not allowed: choose 8, 16, 32 or 64"

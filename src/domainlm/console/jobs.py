@@ -159,8 +159,18 @@ class JobFactory:
     def _preflight(self, s, cls, command: str, cfg, values: dict, errors: dict):
         """The command's start-up checks now, also when other fields are wrong: every error in one answer.
         Returns a sweep's SweepConfig."""
-        if cfg is None:  # check what the valid fields allow (a bad epochs must not hide a bad max seq len)
-            cfg, _ = cfglib.check_values(cls, {k: v for k, v in values.items() if k not in errors})
+        # check what the valid fields allow (a bad epochs must not hide a bad max seq len); a config's own check()
+        # stops at its first problem, so set that field aside and check again to find the next one
+        hints = typing.get_type_hints(cls)
+        for _ in range(6):
+            if cfg is not None:
+                break
+            cfg, more = cfglib.check_values(cls, {k: v for k, v in values.items() if k not in errors})
+            new = {_field_of(k, m, hints): m for k, m in more.items()}
+            new = {k: m for k, m in new.items() if k not in errors and k in values}
+            if not new:
+                break
+            errors.update(new)
         if cfg is None:
             return None
         if command == "finetune":
