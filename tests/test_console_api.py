@@ -104,7 +104,7 @@ def test_bad_options_are_422_with_field_names_and_create_nothing(env):
     assert set(errors) == {"epochs", "batch_size", "warmup_ratio", "bogus", "out"}
     assert errors["epochs"] == "--epochs = 99 is out of range [1, 50]"
     r = client.post("/api/jobs", headers=AUTH, json={"command": "finetune", "config": {
-        "model": tiny, "train": train, "method": "lora", "lora_rank": 12}, "notify": {"webhook": "ftp://x", "email": "nope"}})
+        "model": tiny, "train": train, "method": "lora", "lora_rank": 12, "max_seq_len": 64}, "notify": {"webhook": "ftp://x", "email": "nope"}})
     assert set(r.json()["errors"]) == {"lora_rank", "notify_webhook", "notify_email"}
     assert client.get("/api/jobs", headers=AUTH).json() == []
     assert not (home / "jobs").exists()

@@ -75,6 +75,8 @@ def test_train_watch_try_cancel_and_restart_in_the_browser(tmp_path, tiny_model)
             browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.set_default_timeout(90_000)  # the first model load in the server imports torch
+            questions = []
+            page.on("dialog", lambda dialog: (questions.append(dialog.message), dialog.accept()))  # "Cancel job 2 ...?"
             page.goto(f"{base}/?token={TOKEN}")
             assert page.url == f"{base}/jobs" and "No jobs yet" in page.inner_text("main")
 
@@ -102,7 +104,7 @@ def test_train_watch_try_cancel_and_restart_in_the_browser(tmp_path, tiny_model)
             page.fill("#f-name", "reviews sentiment")
             page.click("#create")
             error = page.locator("#field-epochs .error")
-            assert error.inner_text() == "--epochs = 99 is out of range [1, 50]"
+            assert error.inner_text() == "epochs = 99 is out of range [1, 50]"  # as the form names it
             assert page.input_value("#f-batch_size") == "8" and page.input_value("#f-name") == "reviews sentiment"
             page.locator("#field-epochs").screenshot(path=str(shots / "form-error.png"))
             page.fill("#f-epochs", "1")
@@ -142,6 +144,7 @@ def test_train_watch_try_cancel_and_restart_in_the_browser(tmp_path, tiny_model)
             assert page.inner_text("#status") == "running"  # adopted, not lost
             page.click("#cancel")
             page.wait_for_function("document.getElementById('status').textContent === 'cancelled'", timeout=30_000)
+            assert questions == ["Cancel job 2 (reviews sentiment (copy))? Its process is stopped; pretraining can resume from its last checkpoint."]
             assert page.locator("#retry").inner_text() == "Retry"
             assert wait_for(lambda: not job_group_alive(home, 2), 10, what="job 2's process group to end")
             page.goto(f"{base}/jobs")

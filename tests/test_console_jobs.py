@@ -40,7 +40,7 @@ def idle(tmp_path, tiny_model):
 
 
 def form(console, **values):
-    return {"csrf": console.csrf, "command": "finetune", "valid_mode": "split", **values}
+    return {"csrf": console.csrf, "command": "finetune", "valid_mode": "split", "max_seq_len": "64", **values}  # 64 positions
 
 
 def test_form_shows_each_error_next_to_its_field_and_keeps_the_input(idle):
@@ -49,9 +49,9 @@ def test_form_shows_each_error_next_to_its_field_and_keeps_the_input(idle):
                                            batch_size="8", name="<script>alert(1)</script>"))
     assert r.status_code == 422
     field = re.search(r'<div class="field invalid" id="field-epochs">.*?</div>\s*</div>', r.text, re.S).group(0)
-    assert '<div class="error" role="alert">--epochs = 99 is out of range [1, 50]</div>' in field
+    assert '<div class="error" role="alert">epochs = 99 is out of range [1, 50]</div>' in field
     assert 'value="99"' in field
-    assert "--learning-rate = 0.0 is out of range (0, 1]" in r.text and 'value="8"' in r.text
+    assert "learning rate = 0.0 is out of range (0, 1]" in r.text and 'value="8"' in r.text
     assert "<script>alert(1)</script>" not in r.text and "&lt;script&gt;alert(1)&lt;/script&gt;" in r.text
     assert client.get("/api/jobs").json() == []
 
@@ -130,10 +130,10 @@ def test_pretraining_snapshots_carry_lineage_into_fine_tuning(idle, corpus_dir):
                          json={"path": "corpora/reviews"}).json()
     assert corpus["kind"] == "corpus"
     r = client.post("/api/jobs", headers={"X-CSRF-Token": console.csrf}, json={"command": "pretrain", "config": {
-        "model": tiny, "corpus": corpus["path"], "min_lr": 0.5, "max_lr": 0.1}})
+        "model": tiny, "corpus": corpus["path"], "min_lr": 0.5, "max_lr": 0.1, "max_seq_len": 64}})
     assert r.status_code == 422 and list(r.json()["errors"]) == ["min_lr"]  # a cross-field check, by field
     r = client.post("/api/jobs", headers={"X-CSRF-Token": console.csrf}, json={"command": "pretrain", "name": "domain",
-                    "config": {"model": tiny, "corpus": corpus["path"], "max_steps": 4, "save_steps": 2}})
+                    "config": {"model": tiny, "corpus": corpus["path"], "max_steps": 4, "save_steps": 2, "max_seq_len": 64}})
     pre = r.json()
     assert cfglib.load(PretrainConfig, f"{pre['folder']}/job.yaml").corpus == str(home.resolve() / "corpora" / "reviews")
     # the run folder as `domainlm pretrain` leaves it: snapshots, final, log and results
@@ -155,7 +155,7 @@ def test_pretraining_snapshots_carry_lineage_into_fine_tuning(idle, corpus_dir):
     assert snap["metrics"] == {"valid loss": 6.1, "valid mlm_acc": 0.1}
     assert client.get("/api/jobs/1").json()["headline"] == {"name": "mlm_acc (valid)", "value": 0.2}
     r = client.post("/api/jobs", headers={"X-CSRF-Token": console.csrf}, json={"command": "finetune", "name": "clf",
-                    "config": {"model": f"model:{snap['id']}", "train": train["path"]}})
+                    "config": {"model": f"model:{snap['id']}", "train": train["path"], "max_seq_len": 64}})
     ft = r.json()
     ft_folder = home / ft["folder"].split(str(home.resolve()) + "/")[1]
     shutil.copytree(tiny, ft_folder / "model")

@@ -6,13 +6,15 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
+from starlette.background import BackgroundTask
 
-from domainlm.console import catalog, datasets, settings
+from domainlm.console import catalog, datasets, settings, ship
 from domainlm.console.app import Conflict, Console
 from domainlm.console.db import Dataset, Job, Model
-from domainlm.console.security import PathError, UploadTooLarge, check_csrf, receive_upload
+from domainlm.console.jobs import slug
+from domainlm.console.security import PathError, UploadTooLarge, check_csrf, inside, receive_upload
 from domainlm.errors import DomainLMError
 
 router = APIRouter(prefix="/api")
@@ -39,7 +41,8 @@ class Notify(BaseModel):
 
 
 class JobCreate(BaseModel):
-    command: Literal["finetune", "pretrain", "prepare"] = Field(description="the `domainlm` command the job runs")
+    command: str = Field(description="the `domainlm` command the job runs: finetune, pretrain, prepare, sweep, export "
+                                     "(distill where this version has it); GET /api/schema/COMMAND lists its options")
     name: str = ""
     description: str = ""
     config: dict[str, Any] = Field(default_factory=dict, description="the command's options (as in its YAML config); "
@@ -51,11 +54,11 @@ class PredictRequest(BaseModel):
     texts: list[str] = Field(description="texts to classify (at most 100)")
 
 
-@router.get("/jobs", summary="All jobs, newest first, with status, progress and ETA")
-def list_jobs(request: Request):
+@router.get("/jobs", summary="All jobs, newest first, with status, progress and ETA (status=, q= filter them)")
+def list_jobs(request: Request, status: str = "", q: str = ""):
     c = _console(request)
     with c.sessions() as s:
-        return [c.job_summary(s, j) for j in s.query(Job).order_by(Job.id.desc())]
+        return [c.job_summary(s, j) for j in catalog.find_jobs(s, status, q)]
 
 
 @router.post("/jobs", status_code=201, summary="Create a job (validated like the CLI; 422 names each bad field)")
@@ -167,6 +170,44 @@ def delete_model(request: Request, model_id: int, confirm: bool = False):
         raise HTTPException(409, str(e)) from None
 
 
+@router.get("/models/{model_id}/download", summary="The model's folder as a zip")
+def download_model(request: Request, model_id: int):
+    c = _console(request)
+    with c.sessions() as s:
+        m = get_or_404(s, Model, model_id)
+        path, kind, name = inside(c.home, m.path), m.kind, m.name
+    if not path.exists():
+        raise HTTPException(404, f"the files of model {model_id} are gone ({m.path})")
+    archive = ship.zip_model(path, catalog.LINEAR_FILES if kind == "linear" else None, c.home / "downloads")
+    return FileResponse(archive, media_type="application/zip", filename=f"{slug(name)}.zip",
+                        background=BackgroundTask(archive.unlink, missing_ok=True))
+
+
+@router.get("/models/{model_id}/endpoint", summary="The model's `domainlm serve` endpoint: state, URL, token, /metrics")
+def endpoint_status(request: Request, model_id: int):
+    c = _console(request)
+    with c.sessions() as s:
+        get_or_404(s, Model, model_id)
+    return c.endpoints.status(model_id)
+
+
+@router.post("/models/{model_id}/endpoint", summary="Start `domainlm serve` for the model on 127.0.0.1 (a free port, "
+             "a new token)")
+def start_endpoint(request: Request, model_id: int):
+    c = _console(request)
+    try:
+        return c.start_endpoint(model_id)
+    except KeyError:
+        raise HTTPException(404, f"model {model_id} does not exist") from None
+    except DomainLMError as e:
+        raise HTTPException(409, str(e)) from None
+
+
+@router.delete("/models/{model_id}/endpoint", summary="Stop the model's endpoint (SIGTERM, then SIGKILL)")
+def stop_endpoint(request: Request, model_id: int):
+    return {"stopped": _console(request).endpoints.stop(model_id)}
+
+
 def dataset_summary(d: Dataset) -> dict:
     return {"id": d.id, "name": d.name, "path": d.path, "kind": d.kind, "size_bytes": d.size_bytes, "rows": d.rows,
             "columns": d.columns, "distribution": d.distribution, "bad_rows": d.bad_rows, "note": d.error,
@@ -224,13 +265,52 @@ class Register(BaseModel):
     task: Literal["multiclass", "multilabel"] = "multiclass"
 
 
-@router.post("/datasets/register", status_code=201, summary="Use a file or prepared corpus already inside --home")
+@router.post("/datasets/register", status_code=201, summary="Use a file or corpus store on the server: inside --home "
+             "in place, inside one of --import-roots copied in")
 def register_dataset(request: Request, body: Register):
     c = _console(request)
     try:
-        with c.sessions() as s:
-            record = datasets.register_existing(s, c.home, body.path, body.model_dump())
-            s.commit()
-            return dataset_summary(record)
+        return dataset_summary(c.register_dataset(body.path, body.model_dump()))
     except (DomainLMError, PathError) as e:
         return _invalid({"path": str(e)})
+
+
+class RegisterModel(BaseModel):
+    path: str = Field(description="a model folder on the server, inside --home or one of --import-roots: Hugging Face "
+                                  "(config.json + weights), PaddleNLP (converted), or a vocabulary only (a tokenizer)")
+    name: str = ""
+
+
+@router.post("/models/register", status_code=201, summary="Bring a model folder from the server into my models "
+             "(checked as the CLI checks --model; PaddleNLP folders converted)")
+def register_model(request: Request, body: RegisterModel):
+    c = _console(request)
+    try:
+        return c.register_model(body.path, body.name)
+    except (DomainLMError, PathError) as e:
+        return _invalid({"path": str(e)})
+
+
+async def model_upload(request: Request) -> dict:
+    """Shared by the API and the models page: stream the archive, unpack, check, keep."""
+    c = _console(request)
+    fields, tmp, filename = await receive_upload(request, c.home / "models", int(c.cfg.max_upload_mb * 1e6))
+    supplied = request.headers.get("x-csrf-token") or fields.get("csrf")
+    if not getattr(request.state, "csrf_checked", False) and not check_csrf(c.token, supplied):
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        raise HTTPException(403, "missing or wrong CSRF token: reload the page and try again")
+    if tmp is None:
+        raise DomainLMError("no file in the upload (field `file`)")
+    return c.upload_model(tmp, filename, fields.get("name", ""))
+
+
+@router.post("/models/upload", status_code=201, summary="Upload a model folder as .zip or .tar.gz (multipart field "
+             "`file`, optional `name`); checked and converted like a registered folder")
+async def upload_model(request: Request):
+    try:
+        return await model_upload(request)
+    except UploadTooLarge as e:
+        return JSONResponse({"errors": {"file": str(e)}}, status_code=413)
+    except DomainLMError as e:
+        return _invalid({"file": str(e)})

@@ -7,7 +7,9 @@ here, so everything a page does can be scripted.
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import sys
 import threading
 from collections import OrderedDict
 from datetime import datetime, timezone
@@ -20,9 +22,11 @@ from domainlm.console.notify import Notifier, SmtpSettings
 from domainlm.console.runner import LOG_NAME, Runner
 from domainlm.console.security import csrf_token, inside, load_or_create_secret
 from domainlm.console.settings import ConsoleConfig
+from domainlm.console.ship import Endpoints
 from domainlm.errors import DomainLMError
 
 HERE = Path(__file__).parent
+NOISE = re.compile(r"\d+%\|.*\|| warnings\.warn\(|Warning: |^\s*warnings\.warn")
 
 
 class Conflict(DomainLMError):
@@ -45,7 +49,8 @@ class Console:
                                 cfg.smtp_starttls, cfg.smtp_from)
         self.notifier = Notifier(secret.encode(), smtp, backoff=notify_backoff, on_result=self._delivery_logged)
         self.runner = Runner(self.sessions, self.home, cfg.max_concurrent, cfg.cancel_grace, on_event=self._notify)
-        self.factory = JobFactory(self.home, list(cfg.base_models))
+        self.factory = JobFactory(self.home, list(cfg.base_models), email=bool(cfg.smtp_host))
+        self.endpoints = Endpoints(self.home)
         self._models: OrderedDict = OrderedDict()
         self._models_lock = threading.Lock()
 
@@ -53,6 +58,7 @@ class Console:
         self.runner.start()
 
     def stop(self) -> None:
+        self.endpoints.stop_all()
         self.runner.stop()
         self.notifier.stop()
 
@@ -104,18 +110,30 @@ class Console:
             "status": job.status, "error": job.error, "exit_code": job.exit_code, "attempts": job.attempts,
             "created_at": _iso(job.created_at), "started_at": _iso(job.started_at), "finished_at": _iso(job.finished_at),
             "model": job.config.get("model") or job.config.get("tokenizer"), "base_model_id": job.base_model_id,
+            "method": _method_label(job.config) if job.command in ("finetune", "sweep") else "",
             "progress": catalog.progress(job, folder, self._train_rows(s, job), now()),
             "headline": catalog.headline(job, folder) if done else None,
             "cancelling": bool(job.cancel_requested_at) and job.status == "running",
-            "resumable": job.status in ("failed", "cancelled", "interrupted"),
+            **self._restart(job, folder),
         }
+
+    @staticmethod
+    def _restart(job: Job, folder: Path) -> dict:
+        """Whether running the job again can help, and how: a configuration error (the CLI's exit status 2: a bad
+        option or file) fails the same way again, so it gets "clone and fix" instead; pretraining resumes only
+        from a checkpoint it wrote, else it starts over."""
+        unsuccessful = job.status in ("failed", "cancelled", "interrupted")
+        config_error = job.status == "failed" and job.exit_code == 2
+        checkpoint = job.command == "pretrain" and any((folder / "checkpoints").glob("step-*"))
+        return {"resumable": unsuccessful and not config_error, "config_error": config_error,
+                "restart_label": "Resume" if checkpoint else "Retry"}
 
     def job_detail(self, s, job: Job) -> dict:
         out = self.job_summary(s, job)
         out["config"] = job.config
         out["folder"] = str(self.home / job.folder)
         out["notify"] = job.notify
-        out["command_line"] = " ".join(self.runner.command_line(job)[1:])
+        out["command_line"] = " ".join(["domainlm", *self.runner.command_line(job)[3:]])  # what reruns it by hand
         out["events"] = [{"kind": e.kind, "message": e.message, "at": _iso(e.created_at)}
                          for e in s.query(Event).filter(Event.job_id == job.id).order_by(Event.id)]
         out["models"] = [self.model_summary(m) for m in s.query(Model).filter(Model.job_id == job.id).order_by(Model.id)]
@@ -128,8 +146,10 @@ class Console:
         with open(path, "rb") as f:
             f.seek(max(0, path.stat().st_size - 64 * 1024))
             text = f.read().decode("utf-8", errors="replace")
-        # progress bars redraw with carriage returns; show the last state of each line
-        return "\n".join(line.split("\r")[-1] for line in text.splitlines()[-lines:])
+        # progress bars (tqdm: "NN%|###|") and library warnings are noise here; the file keeps everything
+        kept = [line.split("\r")[-1] for line in text.splitlines()]
+        kept = [ln for ln in kept if not NOISE.search(ln)]
+        return "\n".join(kept[-lines:])
 
     def cancel(self, job_id: int) -> str:
         with self.sessions() as s:
@@ -144,6 +164,9 @@ class Console:
             job = s.get(Job, job_id)
             if job.status not in ("failed", "cancelled", "interrupted"):
                 raise Conflict(f"job {job_id} is {job.status}; only failed, cancelled or interrupted jobs can be resumed")
+            if self._restart(job, self.home / job.folder)["config_error"]:
+                raise Conflict(f"job {job_id} failed on its configuration ({job.error}); running it again would fail "
+                               "the same way: clone it and fix the option")
             job.status, job.resume, job.cancel_requested_at, job.error = "queued", True, None, ""
             s.add(Event(job_id=job.id, kind="queued", message="resume" if job.command == "pretrain" else "retry"))
             s.commit()
@@ -153,7 +176,15 @@ class Console:
     def model_summary(self, m: Model) -> dict:
         return {"id": m.id, "name": m.name, "kind": m.kind, "path": str(self.home / m.path), "job_id": m.job_id,
                 "step": m.step, "metrics": m.metrics, "size_bytes": m.size_bytes, "created_at": _iso(m.created_at),
-                "lineage": catalog.lineage(m), "can_try": m.kind in ("classifier", "linear")}
+                "lineage": catalog.lineage(m), "can_try": m.kind in ("classifier", "linear"), "method": self._method(m)}
+
+    def _method(self, m: Model) -> str:
+        from domainlm.console import compare
+
+        if m.kind in ("classifier", "linear"):
+            c = compare.settings(self.home, m)
+            return compare.method_label(c["method"], c["LoRA rank"])
+        return {"snapshot": "MLM", "final": "MLM", "base": "base model"}.get(m.kind, "")
 
     def _load(self, m: Model):
         """The model behind the interface `domainlm predict` uses (classify.runtime.load; transformer or linear)."""
@@ -170,6 +201,15 @@ class Console:
                     self._models.popitem(last=False)
             self._models.move_to_end(path)
             return self._models[path]
+
+    def preload(self, m: Model) -> None:
+        def load() -> None:
+            try:
+                self._load(m)
+            except Exception as e:  # noqa: BLE001 - "try" reports the same error when it is used
+                print(f"console: preloading {m.name}: {e}", file=sys.stderr)
+
+        threading.Thread(target=load, name=f"preload-{m.id}", daemon=True).start()
 
     def predict(self, m: Model, texts: list[str], top_k: int = 5) -> list[dict]:
         """Labels and scores for each text, through the code `domainlm predict` uses."""
@@ -201,6 +241,7 @@ class Console:
             if users:
                 raise Conflict(f"{m.name} is the base of job(s) {', '.join(str(j.id) for j in users)} that have not finished")
             size = m.size_bytes
+            self.endpoints.stop(model_id)
             if m.kind == "linear":  # its files only: the folder is also its job's run folder
                 for name in catalog.LINEAR_FILES:
                     (path / name).unlink(missing_ok=True)
@@ -212,23 +253,52 @@ class Console:
             s.commit()
         return {"deleted": model_id, "path": str(path), "size_bytes": size}
 
-    def compare(self, s, ids: list[int]) -> dict:
-        """The selected models side by side: one row each, a column per metric (the sweep report's table)."""
-        from domainlm.sweep.report import markdown_table
+    # ---- shipping --------------------------------------------------------------------------------------------
+    def start_endpoint(self, model_id: int) -> dict:
+        with self.sessions() as s:
+            m = s.get(Model, model_id)
+            if m is None:
+                raise KeyError(model_id)
+            path, kind = inside(self.home, m.path), m.kind
+        self.endpoints.start(model_id, path, kind)
+        return self.endpoints.status(model_id, metrics=False)
 
-        models = [m for m in (s.get(Model, i) for i in ids) if m is not None]
-        keys = sorted({k for m in models for k in m.metrics}, key=lambda k: (not k.startswith("test"), k))
-        header = ["model", "kind", "job", "step", *keys, "size MB"]
-        rows = [[m.name, m.kind, str(m.job_id or ""), str(m.step or ""),
-                 *[f"{m.metrics[k]:.4f}" if k in m.metrics else "" for k in keys], f"{m.size_bytes / 1e6:.1f}"]
-                for m in models]
-        best = {}
-        for k in keys:
-            values = [m.metrics[k] for m in models if k in m.metrics]
-            if values:
-                best[k] = (min if "loss" in k else max)(values)
-        return {"header": header, "rows": rows, "metrics": keys, "best": best,
-                "models": [self.model_summary(m) for m in models], "markdown": markdown_table(header, rows)}
+    # ---- own models and corpora ---------------------------------------------------------------------------
+    def register_model(self, path: str, name: str = "") -> dict:
+        from domainlm.console import imports
+
+        with self.sessions() as s:
+            record = imports.register_model(s, self.home, list(self.cfg.import_roots), path, name)
+            s.commit()
+            return self.model_summary(record)
+
+    def upload_model(self, tmp: Path, filename: str, name: str = "") -> dict:
+        from domainlm.console import imports
+
+        with self.sessions() as s:
+            record = imports.upload_model(s, self.home, tmp, filename, name)
+            s.commit()
+            return self.model_summary(record)
+
+    def register_dataset(self, path: str, fields: dict) -> Dataset:
+        from domainlm.console import imports
+
+        with self.sessions() as s:
+            record = imports.register_dataset(s, self.home, list(self.cfg.import_roots), path, fields)
+            s.commit()
+            return record
+
+    def compare(self, s, ids: list[int]) -> dict:
+        """The selected models side by side: settings, metrics, floors, curves, the paired test (console/compare.py)."""
+        from domainlm.console import compare
+
+        return compare.table(s, self.home, ids, self.model_summary)
+
+
+def _method_label(config: dict) -> str:
+    from domainlm.console.compare import method_label
+
+    return method_label(config.get("method"), config.get("lora_rank"))
 
 
 def _iso(t: datetime | None) -> str | None:

@@ -36,6 +36,17 @@ def run_logs(folder: Path) -> list[Path]:
     return found or ([folder / "log.jsonl"] if (folder / "log.jsonl").is_file() else [])
 
 
+def find_jobs(session, status: str = "", q: str = "") -> list[Job]:
+    """Jobs newest first, of one status and/or whose name, description or type contains q."""
+    query = session.query(Job).order_by(Job.id.desc())
+    if status:
+        query = query.filter(Job.status == status)
+    if q.strip():
+        like = f"%{q.strip()}%"
+        query = query.filter(Job.name.ilike(like) | Job.description.ilike(like) | Job.command.ilike(like))
+    return query.all()
+
+
 def total_steps(job: Job, train_rows: int | None) -> int | None:
     c = job.config
     if job.command == "pretrain":
@@ -52,12 +63,16 @@ def total_steps(job: Job, train_rows: int | None) -> int | None:
 
 
 def progress(job: Job, folder: Path, train_rows: int | None, now: datetime) -> dict:
-    """Steps done of the total, share, and an ETA from the pace so far (None where unknown)."""
+    """Steps done of the total (a sweep: cells), share, and an ETA from the pace so far (None where unknown)."""
     done = 0
     for log in run_logs(folder):
         steps = [r["step"] for r in read_log(log)]
         done += max(steps, default=0)
     total = total_steps(job, train_rows)
+    if job.command == "sweep":
+        from domainlm.console import sweepjob
+
+        done, total = sweepjob.cells_done(folder), sweepjob.cells_total(job)
     if job.status == "succeeded":
         return {"steps": done, "total": total or done, "fraction": 1.0, "eta_s": 0}
     fraction = min(1.0, done / total) if total else None
@@ -80,7 +95,7 @@ def curves(folder: Path) -> dict:
 
 def headline(job: Job, folder: Path) -> dict | None:
     """The metric a notification and the jobs list show: fine-tuning's best metric, pretraining's MLM accuracy."""
-    if job.command == "finetune":
+    if job.command in ("finetune", "distill"):
         name = job.config.get("metric") or ("f1_micro" if job.config.get("task") == "multilabel" else "accuracy")
         summary = read_json(folder / "summary.json")
         if summary.get("mean_std", {}).get(name):
@@ -95,6 +110,15 @@ def headline(job: Job, folder: Path) -> dict | None:
         for split in ("valid", "test"):
             if "mlm_acc" in results.get(split, {}):
                 return {"name": f"mlm_acc ({split})", "value": round(results[split]["mlm_acc"], 4)}
+    if job.command == "sweep":
+        from domainlm.console import sweepjob
+
+        return sweepjob.headline(folder)
+    if job.command == "export":
+        change = read_json(folder / "export" / "export.json").get("data_metrics", {}).get("int8_change_points", {})
+        key = next(iter(change), None)
+        if key:
+            return {"name": f"int8 change of {key} (points)", "value": change[key]}
     if job.command == "prepare":
         stats = read_json(folder / "corpus" / "stats.json")
         if "tokens" in stats:
@@ -133,20 +157,30 @@ def register_outputs(session, job: Job, home: Path) -> list[Model]:
         if (folder / "final" / "config.json").is_file():
             step = read_json(folder / "results.json").get("step")
             found.append((folder / "final", "final", step, _snapshot_metrics(folder, None)))
-    elif job.command == "finetune":
+    elif job.command in ("finetune", "sweep", "distill"):  # a distilled student is a classifier folder like finetune's
         runs = [folder] + sorted(folder.glob("seed-*")) + sorted(folder.glob("fold-*"))
+        if job.command == "sweep":  # every cell's classifier: cells/MODEL/CHECKPOINT/seed-N
+            runs = sorted(folder.glob("cells/*/*/seed-*"))
         for run in runs:
             if (run / "model" / "config.json").is_file():
                 found.append((run / "model", "classifier", read_json(run / "metrics.json").get("best_step"),
                               _classifier_metrics(run)))
             elif (run / LINEAR_FILES[0]).is_file():  # `--method linear`: the run folder is the model
                 found.append((run, "linear", None, _classifier_metrics(run)))
+    elif job.command == "export" and (folder / "export" / "export.json").is_file():
+        info = read_json(folder / "export" / "export.json")
+        data = info.get("data_metrics", {})
+        metrics = {f"{precision} {k}": v for precision in ("fp32", "int8") for k, v in data.get(precision, {}).items()}
+        metrics.update({f"int8 change {k} (points)": v for k, v in data.get("int8_change_points", {}).items()})
+        found.append((folder / "export", "export", None, metrics))
     added = []
     for path, kind, step, metrics in found:
         rel = str(path.relative_to(home))
         if rel in known:
             continue
-        suffix = "" if path in (folder / "model", folder) else f" {path.parent.name if kind == 'classifier' else path.name}"
+        suffix = "" if path in (folder / "model", folder, folder / "export") else f" {path.parent.name if kind == 'classifier' else path.name}"
+        if job.command == "sweep":
+            suffix = " " + " ".join(path.relative_to(folder / "cells").parts[:-1])
         size = sum(folder_size(path / f) for f in LINEAR_FILES) if kind == "linear" else folder_size(path)
         model = Model(name=f"{job.name}{suffix}", kind=kind, path=rel, job_id=job.id, step=step, metrics=metrics,
                       size_bytes=size)
@@ -175,7 +209,8 @@ def lineage(model: Model) -> list[dict]:
             break
         chain.append({"type": "job", "id": job.id, "name": job.name, "command": job.command})
         if job.base_model is None:
-            chain.append({"type": "base", "name": job.config.get("model", "")})
+            if job.config.get("model"):  # a sweep names its bases per cell, not once
+                chain.append({"type": "base", "name": job.config["model"]})
             break
         current = job.base_model
     return list(reversed(chain))

@@ -82,3 +82,35 @@ def register_existing(s, home: Path, value: str, fields: dict[str, str]) -> Data
           fields.get("task") == "multilabel")
     s.add(record)
     return record
+
+
+def preview(path: Path, rows: int = 10, width: int = 300) -> list[str]:
+    """The first lines of a text file (labelled data, documents), for a look before a job uses it."""
+    if not path.is_file() or path.suffix.lower() not in LABELLED | {".txt", ".md", ".jsonl"}:
+        return []
+    out = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.strip():
+                out.append(line.rstrip("\n")[:width])
+            if len(out) == rows:
+                break
+    return out
+
+
+def delete(s, home: Path, record: Dataset) -> None:
+    """A dataset's files and record; refused while a queued or running job reads it."""
+    from domainlm.console.db import Job
+
+    path = inside(home, record.path)
+    if path == home.resolve() or path in (home.resolve() / "datasets", home.resolve() / "jobs"):
+        raise DomainLMError(f"refusing to delete {record.path}")
+    busy = [j.id for j in s.query(Job).filter(Job.status.in_(("queued", "running")))
+            if str(path) in str(j.config.values())]
+    if busy:
+        raise DomainLMError(f"job(s) {', '.join(map(str, busy))} still use {record.name}; wait for them or cancel them")
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+    s.delete(record)

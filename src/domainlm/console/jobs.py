@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from domainlm import config as cfglib
-from domainlm.console import settings
+from domainlm.console import preflight, settings, sweepjob
 from domainlm.console.db import Dataset, Job, Model
 from domainlm.console.security import PathError, inside
-from domainlm.errors import DomainLMError
 
 EMAIL = re.compile(r"^[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+$")
 
@@ -67,8 +66,8 @@ def head_rows(src: Path, dst: Path, n: int) -> None:
 
 
 class JobFactory:
-    def __init__(self, home: Path, base_models: list[str]):
-        self.home, self.base_models = home, base_models
+    def __init__(self, home: Path, base_models: list[str], email: bool = True):
+        self.home, self.base_models, self.email = home, base_models, email
 
     def _model(self, s, value: Any, errors: dict, name: str) -> tuple[str | None, Model | None]:
         """A listed base model, "model:ID" (one of my models), or a model folder inside home."""
@@ -107,7 +106,7 @@ class JobFactory:
                 continue
             if key in settings.MODEL_FIELDS:
                 values[key], found = self._model(s, value, errors, key)
-                base_model = found if key == "model" else base_model
+                base_model = found if key in ("model", "student") else base_model  # what the job starts from
             elif key in settings.PATH_FIELDS:
                 items = value if isinstance(value, list) else [value]
                 try:
@@ -119,17 +118,20 @@ class JobFactory:
         values["out"] = str(self.home / "jobs" / "pending")  # replaced by the job's own folder below
         cfg, problems = cfglib.check_values(cls, {k: v for k, v in values.items() if k not in errors})
         for key, message in problems.items():  # a path refused above explains more than "a value is required"
-            errors.setdefault(key, message)
+            errors.setdefault(_field_of(key, message, hints), message)
         notify = {k: (v or "").strip() for k, v in (notify or {}).items() if (v or "").strip()}
         if notify.get("webhook") and not re.match(r"^https?://[^\s]+$", notify["webhook"]):
             errors["notify_webhook"] = "the webhook must be an http:// or https:// URL"
         if notify.get("email") and not EMAIL.match(notify["email"]):
             errors["notify_email"] = "not an e-mail address"
-        if cfg is not None and command == "finetune":
-            self._check_data(cfg, errors)
+        elif notify.get("email") and not self.email:  # accepted and never sent would be worse than refused
+            errors["notify_email"] = "e-mail notifications are off: start the console with --smtp-host (or use a webhook)"
+        sweep = self._preflight(s, cls, command, cfg, values, errors)
         if errors or cfg is None:
             return None, errors
-        default_name = f"{command} {Path(str(getattr(cfg, 'model', ''))).name}".strip()
+        default_name = f"{command} {Path(str(getattr(cfg, 'model', '') or getattr(cfg, 'student', ''))).name}".strip()
+        if command == "export" and base_model is not None:  # "export model" would say nothing
+            default_name = f"export {base_model.name}"
         job = Job(name=(name or "").strip()[:200] or default_name,
                   description=(description or "").strip(), command=command, notify=notify,
                   base_model_id=base_model.id if base_model else None)
@@ -143,22 +145,58 @@ class JobFactory:
             dev = folder / ("dev" + Path(cfg.dev).suffix.lower())
             head_rows(Path(cfg.dev), dev, cfg.valid_max_rows)
             cfg.dev = str(dev)
-        cfglib.write(cfg, folder, "job.yaml")
-        job.config = cfglib.to_dict(cfg)
+        if command == "sweep":  # `domainlm sweep job.yaml` reads the sweep's own config
+            sweep.out = cfg.out
+            cfglib.write(sweep, folder, "job.yaml")
+            from domainlm.sweep.command import plan
+
+            job.config = {**cfglib.to_dict(cfg), "cells": len(plan(sweep))}
+        else:
+            cfglib.write(cfg, folder, "job.yaml")
+            job.config = cfglib.to_dict(cfg)
         return job, {}
 
-    def _check_data(self, cfg, errors: dict) -> None:
-        """The CLI's reader on each file, with the job's columns and task; the message names file and line."""
-        from domainlm.classify.data import Columns, read_examples
+    def _preflight(self, s, cls, command: str, cfg, values: dict, errors: dict):
+        """The command's start-up checks now, also when other fields are wrong: every error in one answer.
+        Returns a sweep's SweepConfig."""
+        # check what the valid fields allow (a bad epochs must not hide a bad max seq len); a config's own check()
+        # stops at its first problem, so set that field aside and check again to find the next one
+        hints = typing.get_type_hints(cls)
+        for _ in range(6):
+            if cfg is not None:
+                break
+            cfg, more = cfglib.check_values(cls, {k: v for k, v in values.items() if k not in errors})
+            new = {_field_of(k, m, hints): m for k, m in more.items()}
+            new = {k: m for k, m in new.items() if k not in errors and k in values}
+            if not new:
+                break
+            errors.update(new)
+        if cfg is None:
+            return None
+        if command == "finetune":
+            preflight.finetune(cfg, errors, self.home)
+        elif command == "pretrain":
+            preflight.pretrain(cfg, errors)
+        elif command == "sweep":
+            return sweepjob.check(self, s, cfg, errors)
+        elif command == "distill":
+            config = preflight._model_config(cfg.student, errors, "student")
+            if config is not None:
+                preflight._positions(config, cfg.max_seq_len, cfg.student, errors)
+        elif command == "export" and not (Path(cfg.model) / "config.json").is_file():
+            errors.setdefault("model", f"{Path(cfg.model).name} is not a fine-tuned transformer classifier (no config.json): "
+                                       "choose a classifier of my models")
+        return None
 
-        for key in ("train", "dev", "test"):
-            path = getattr(cfg, key)
-            if path is None:
-                continue
-            try:
-                read_examples(path, Columns.of(cfg), cfg.multilabel, skip_bad=cfg.skip_bad_rows)
-            except DomainLMError as e:
-                errors[key] = str(e).replace(str(self.home.resolve()) + "/", "")
+
+def _field_of(key: str, message: str, fields) -> str:
+    """A cross-field check's message that names no flag ("no input given") goes under the field it mentions."""
+    if key != "_config":
+        return key
+    for name in fields:
+        if name not in settings.CONTROLLED and re.search(rf"\b{name.replace('_', '[ _]')}\b", message):
+            return name
+    return key
 
 
 def clone_values(job: Job) -> dict[str, Any]:
@@ -170,7 +208,7 @@ def clone_values(job: Job) -> dict[str, Any]:
             continue
         if isinstance(value, str) and value.startswith(home_prefix):
             value = value[len(home_prefix):]
-        elif isinstance(value, list) and key != "input":
+        elif isinstance(value, list) and key not in settings.MULTI_FIELDS:
             value = ",".join(map(str, value))
         out[key] = value
     if job.base_model_id:
@@ -190,4 +228,4 @@ def defaults(command: str) -> dict[str, Any]:
             out[f.name] = f.default
         elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             out[f.name] = ",".join(map(str, f.default_factory()))  # type: ignore[misc]
-    return out
+    return {**out, **settings.CONSOLE_DEFAULTS.get(command, {})}  # the form shows what a job will get

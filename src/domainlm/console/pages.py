@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 
 from fastapi import APIRouter, HTTPException, Request
-from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 
-from domainlm.console import catalog, jobs, settings
-from domainlm.console.api import dataset_summary, get_or_404, upload
+from domainlm.console import catalog, datasets, jobs, preflight, settings, sweepjob
+from domainlm.console.api import dataset_summary, get_or_404, model_upload, upload
 from domainlm.console.app import HERE, Conflict, Console
 from domainlm.console.db import Dataset, Job, Model
 from domainlm.console.security import PathError, UploadTooLarge, check_csrf, inside
@@ -42,7 +42,7 @@ async def _form(request: Request) -> dict:
     form = await request.form()
     if not check_csrf(_console(request).token, form.get("csrf")):  # type: ignore[arg-type]
         raise HTTPException(403, "missing or wrong CSRF token: reload the page and try again")
-    return {k: (form.getlist(k) if len(form.getlist(k)) > 1 or k == "input" else form.get(k)) for k in form}
+    return {k: (form.getlist(k) if len(form.getlist(k)) > 1 or k in settings.MULTI_FIELDS else form.get(k)) for k in form}
 
 
 @router.get("/")
@@ -51,11 +51,12 @@ def home():
 
 
 @router.get("/jobs")
-def jobs_page(request: Request):
+def jobs_page(request: Request, status: str = "", q: str = ""):
     c = _console(request)
     with c.sessions() as s:
-        rows = [c.job_summary(s, j) for j in s.query(Job).order_by(Job.id.desc())]
-    return render(request, "jobs.html", jobs=rows)
+        rows = [c.job_summary(s, j) for j in catalog.find_jobs(s, status, q)]
+        any_jobs = s.query(Job).count() > 0
+    return render(request, "jobs.html", jobs=rows, status=status, q=q, any_jobs=any_jobs)
 
 
 def _form_context(request: Request, command: str, values: dict, errors: dict, meta: dict) -> dict:
@@ -65,12 +66,31 @@ def _form_context(request: Request, command: str, values: dict, errors: dict, me
         documents = jobs.dataset_choices(s, ("documents", "labelled"))
         corpora = jobs.dataset_choices(s, ("corpus",))
         my_models = s.query(Model).order_by(Model.id.desc()).all()
-    if command == "prepare":
-        my_models = [m for m in my_models if m.kind != "classifier"]
+        pretrain_jobs = [{"id": j.id, "name": j.name, "snapshots": len(list((c.home / j.folder).glob("step-*")))}
+                         for j in s.query(Job).filter(Job.command == "pretrain", Job.status == "succeeded").order_by(Job.id.desc())]
+    if command == "distill":  # teachers: classifiers and exports; students: encoders (the template tells them apart)
+        my_models = [m for m in my_models if m.kind not in ("tokenizer",)]
+    elif command == "export":  # what `domainlm export` takes: a fine-tuned transformer classifier
+        my_models = [m for m in my_models if m.kind == "classifier"]
+    elif command == "prepare":
+        my_models = [m for m in my_models if m.kind not in ("classifier", "linear", "export")]  # tokenizers
+    else:  # encoders to start from (a TF-IDF model, a vocabulary or an ONNX export cannot be)
+        my_models = [m for m in my_models if m.kind not in ("linear", "tokenizer", "export")]
+    specs = settings.field_specs(command)
+    errors = {k: preflight.as_form_words(str(v), specs) for k, v in errors.items()}
     return {"command": command, "commands": settings.TITLES, "sections": settings.sections(command),
             "presets": settings.presets(command), "values": values, "errors": errors, "meta": meta,
-            "base_models": c.cfg.base_models, "my_models": my_models, "labelled": labelled,
-            "documents": documents, "corpora": corpora}
+            "base_models": c.cfg.base_models, "missing": _not_here(c.cfg.base_models), "my_models": my_models, "labelled": labelled,
+            "documents": documents, "corpora": corpora, "email_on": bool(c.cfg.smtp_host), "pretrain_jobs": [j for j in pretrain_jobs if j["snapshots"]]}
+
+
+def _not_here(names: list[str]) -> set[str]:
+    """Listed base models that are neither a folder nor in the local Hugging Face cache (they need the hub)."""
+    from pathlib import Path
+
+    from huggingface_hub import try_to_load_from_cache
+
+    return {n for n in names if not Path(n).is_dir() and not isinstance(try_to_load_from_cache(n, "config.json"), str)}
 
 
 @router.get("/jobs/new")
@@ -122,7 +142,24 @@ def job_page(request: Request, job_id: int):
     with c.sessions() as s:
         job = get_or_404(s, Job, job_id)
         detail = c.job_detail(s, job)
-    return render(request, "job.html", job=detail, log=c.log_tail(job))
+        folder = c.home / job.folder
+    sweep = sweepjob.report(folder) if detail["command"] == "sweep" else None
+    return render(request, "job.html", job=detail, log=c.log_tail(job), sweep=sweep)
+
+
+JOB_FILES = {"metric_vs_step.png", "pretraining_loss.png", "report.html", "table.md", "table.csv", "job.log"}
+
+
+@router.get("/jobs/{job_id}/files/{name}")
+def job_file(request: Request, job_id: int, name: str):
+    """A sweep's plots and reports, the job's whole log (only these names, only from the job's folder)."""
+    c = _console(request)
+    with c.sessions() as s:
+        job = get_or_404(s, Job, job_id)
+    path = c.home / job.folder / name
+    if name not in JOB_FILES or not path.is_file():
+        raise HTTPException(404, f"job {job_id} has no file {name}")
+    return FileResponse(path, filename=name if name.endswith((".md", ".csv", ".log")) else None)
 
 
 @router.post("/jobs/{job_id}/{action}")
@@ -142,11 +179,34 @@ async def job_action(request: Request, job_id: int, action: str):
 
 
 @router.get("/models")
-def models_page(request: Request):
+def models_page(request: Request, error: str = "", status_code: int = 200, path: str = "", deleted: int | None = None):
     c = _console(request)
     with c.sessions() as s:
         rows = [c.model_summary(m) for m in s.query(Model).order_by(Model.id.desc())]
-    return render(request, "models.html", models=rows)
+    return render(request, "models.html", status_code, models=rows, add_error=error, add_path=path, deleted=deleted,
+                  roots=[str(c.home), *c.cfg.import_roots], limit_mb=c.cfg.max_upload_mb)
+
+
+@router.post("/models/register")
+async def register_model_page(request: Request):
+    c = _console(request)
+    form = await _form(request)
+    try:
+        model = c.register_model(form.get("path") or "", form.get("name") or "")
+    except (DomainLMError, PathError) as e:
+        return models_page(request, str(e), 422, form.get("path") or "")
+    return RedirectResponse(f"/models/{model['id']}", status_code=303)
+
+
+@router.post("/models/upload")
+async def upload_model_page(request: Request):
+    try:
+        model = await model_upload(request)
+    except UploadTooLarge as e:
+        return models_page(request, str(e), 413)
+    except DomainLMError as e:
+        return models_page(request, str(e), 422)
+    return RedirectResponse(f"/models/{model['id']}", status_code=303)
 
 
 @router.get("/models/compare")
@@ -167,10 +227,22 @@ def _model_or_404(s, model_id: int) -> Model:
 
 @router.get("/models/{model_id}")
 def model_page(request: Request, model_id: int):
+    return _model_page(request, model_id)
+
+
+def _model_page(request: Request, model_id: int, status_code: int = 200, **context) -> HTMLResponse:
+    from domainlm.console import compare
+
     c = _console(request)
     with c.sessions() as s:
-        model = c.model_summary(_model_or_404(s, model_id))
-    return render(request, "model.html", model=model, text="", results=None, error="")
+        m = _model_or_404(s, model_id)
+        model, trained = c.model_summary(m), compare.settings(c.home, m)
+    if model["can_try"]:
+        c.preload(m)  # loads in the background while the user types, so that the first "Classify" is quick
+    context = {"text": "", "results": None, "error": "", "endpoint": c.endpoints.status(model_id, metrics=False),
+               "endpoint_error": "", **context}
+    return render(request, "model.html", status_code, model=model, trained={k: v for k, v in trained.items() if v != ""},
+                  **context)
 
 
 @router.post("/models/{model_id}/try")
@@ -180,12 +252,29 @@ async def try_model(request: Request, model_id: int):
     text = form.get("text") or ""
     with c.sessions() as s:
         m = _model_or_404(s, model_id)
-        model = c.model_summary(m)
     try:
         results, error = c.predict(m, text.splitlines()), ""
     except DomainLMError as e:
         results, error = None, str(e)
-    return render(request, "model.html", 422 if error else 200, model=model, text=text, results=results, error=error)
+    return _model_page(request, model_id, 422 if error else 200, text=text, results=results, error=error)
+
+
+@router.post("/models/{model_id}/endpoint/{action}")
+async def endpoint_action(request: Request, model_id: int, action: str):
+    c = _console(request)
+    await _form(request)
+    if action == "start":
+        try:
+            c.start_endpoint(model_id)
+        except KeyError:
+            raise HTTPException(404, f"model {model_id} does not exist") from None
+        except DomainLMError as e:
+            return _model_page(request, model_id, 409, endpoint_error=str(e))
+    elif action == "stop":
+        c.endpoints.stop(model_id)
+    else:
+        raise HTTPException(404)
+    return RedirectResponse(f"/models/{model_id}#ship", status_code=303)
 
 
 @router.get("/models/{model_id}/delete")
@@ -209,7 +298,7 @@ async def delete_model(request: Request, model_id: int):
         with c.sessions() as s:
             model = c.model_summary(_model_or_404(s, model_id))
         return render(request, "delete.html", 409, model=model, users=0, error=str(e))
-    return RedirectResponse("/models", status_code=303)
+    return RedirectResponse(f"/models?deleted={model_id}", status_code=303)
 
 
 @router.get("/datasets")
@@ -236,13 +325,50 @@ async def upload_page(request: Request):
     return render(request, "datasets.html", status, datasets=rows, error=error, limit_mb=c.cfg.max_upload_mb)
 
 
+@router.post("/datasets/register")
+async def register_dataset_page(request: Request):
+    c = _console(request)
+    form = await _form(request)
+    try:
+        record = c.register_dataset(form.get("path") or "", {k: form.get(k) or "" for k in ("name", "text_column", "label_column", "task")})
+        return RedirectResponse(f"/datasets/{record.id}", status_code=303)
+    except (DomainLMError, PathError) as e:
+        error = str(e)
+    with c.sessions() as s:
+        rows = [dataset_summary(d) for d in s.query(Dataset).order_by(Dataset.id.desc())]
+    return render(request, "datasets.html", 422, datasets=rows, error="", register_error=error,
+                  register_path=form.get("path") or "", limit_mb=c.cfg.max_upload_mb)
+
+
 @router.get("/datasets/{dataset_id}")
 def dataset_page(request: Request, dataset_id: int):
+    return _dataset_page(request, dataset_id)
+
+
+def _dataset_page(request: Request, dataset_id: int, status_code: int = 200, delete_error: str = "") -> HTMLResponse:
     c = _console(request)
     with c.sessions() as s:
         d = get_or_404(s, Dataset, dataset_id)
         summary = dataset_summary(d)
-    return render(request, "dataset.html", dataset=summary, stats=catalog.read_json(inside(c.home, d.path) / "stats.json"))
+    path = inside(c.home, d.path)
+    return render(request, "dataset.html", status_code, dataset=summary, stats=catalog.read_json(path / "stats.json"),
+                  preview=datasets.preview(path), delete_error=delete_error)
+
+
+@router.post("/datasets/{dataset_id}/delete")
+async def delete_dataset(request: Request, dataset_id: int):
+    c = _console(request)
+    form = await _form(request)
+    if form.get("confirm") != "true":
+        return _dataset_page(request, dataset_id, 422, "tick the box to confirm: deleting removes the files")
+    with c.sessions() as s:
+        d = get_or_404(s, Dataset, dataset_id)
+        try:
+            datasets.delete(s, c.home, d)
+        except (DomainLMError, PathError) as e:
+            return _dataset_page(request, dataset_id, 409, str(e))
+        s.commit()
+    return RedirectResponse("/datasets", status_code=303)
 
 
 @router.get("/docs")

@@ -22,7 +22,8 @@ from domainlm.console import catalog
 from domainlm.console.db import Event, Job, now
 
 LOG_NAME = "job.log"
-DONE_MARKERS = {"finetune": ("metrics.json", "summary.json"), "pretrain": ("results.json",), "prepare": ("corpus/meta.json",)}
+DONE_MARKERS = {"finetune": ("metrics.json", "summary.json"), "pretrain": ("results.json",), "prepare": ("corpus/meta.json",),
+                "sweep": ("results.json",), "export": ("export/export.json",), "distill": ("distill.json",)}
 
 
 def proc_start_time(pid: int) -> str | None:
@@ -139,10 +140,12 @@ class Runner:
         return any((folder / m).is_file() for m in DONE_MARKERS[job.command])
 
     def command_line(self, job: Job) -> list[str]:
-        argv = [sys.executable, "-m", "domainlm.cli", job.command, "--config", str(self.home / job.folder / "job.yaml")]
+        spec = str(self.home / job.folder / "job.yaml")
+        # the sweep takes its file as an argument; its finished cells are kept when it runs again
+        argv = [sys.executable, "-m", "domainlm.cli", job.command, *([spec] if job.command == "sweep" else ["--config", spec])]
         if job.resume and job.command == "pretrain":
             argv += ["--resume", "auto"]  # from its newest checkpoint
-        elif job.resume and job.command == "finetune":
+        elif job.resume and job.command in ("finetune", "distill"):
             argv += ["--overwrite"]  # fine-tuning starts over: the failed attempt's own files are replaced
         return argv
 
@@ -164,7 +167,7 @@ class Runner:
         job.started_at, job.finished_at, job.exit_code, job.error = now(), None, None, ""
         job.attempts += 1
         job.cancel_requested_at = None
-        self._event(s, job, "started", f"attempt {job.attempts}: {' '.join(argv[1:])}")
+        self._event(s, job, "started", f"attempt {job.attempts}: {' '.join(['domainlm', *argv[3:]])}")
 
     def _finish(self, s, job: Job, status: str, code, error: str = "") -> None:
         job.status, job.exit_code, job.error, job.finished_at = status, code, error, now()

@@ -29,6 +29,8 @@ class ConsoleConfig:
     max_concurrent: int = option(1, "jobs running at the same time; the rest wait in the queue", low=1)
     database: str | None = option(None, "SQLAlchemy database URL (default: SQLite file HOME/console.db)")
     base_models: list[str] = option(DEFAULT_BASE_MODELS, "models offered in the create form: HF names or local folders")
+    import_roots: list[str] = option([], "folders on the server whose models and corpora may be registered from the "
+                                         "pages (copied into --home); --home itself always may")
     max_upload_mb: float = option(500.0, "largest accepted upload in MB (checked while streaming)", low=0, low_open=True)
     cancel_grace: float = option(10.0, "seconds between SIGTERM and SIGKILL when a job is cancelled", low=0)
     webhook_secret: str | None = option(None, "HMAC-SHA256 key of webhook signatures (default: generated, HOME/.webhook-secret)")
@@ -41,14 +43,26 @@ class ConsoleConfig:
 
 def job_types() -> dict[str, type]:
     from domainlm.classify.config import FinetuneConfig
+    from domainlm.console.sweepjob import SweepJobConfig
     from domainlm.data.prepare import PrepareConfig
     from domainlm.pretrain.config import PretrainConfig
+    from domainlm.serve.config import ExportConfig
 
-    return {"finetune": FinetuneConfig, "pretrain": PretrainConfig, "prepare": PrepareConfig}
+    types = {"finetune": FinetuneConfig, "pretrain": PretrainConfig, "prepare": PrepareConfig, "sweep": SweepJobConfig,
+             "export": ExportConfig}
+    try:  # `domainlm distill`, where this version has it
+        from domainlm.distill.config import DistillConfig
+
+        types["distill"] = DistillConfig
+    except ImportError:
+        pass
+    return types
 
 
 TITLES = {"finetune": "Classification fine-tuning", "pretrain": "Domain pretraining (MLM + SOP)",
-          "prepare": "Prepare a corpus (documents -> token store)"}
+          "prepare": "Prepare a corpus (documents -> token store)",
+          "sweep": "Sweep: base models x snapshots x seeds",
+          "export": "Export (ONNX, int8)", "distill": "Distil a teacher into a student"}
 
 # The CLI has scenario presets for fine-tuning; pretraining's are the console's (they only fill the form).
 PRETRAIN_PRESETS = {
@@ -60,13 +74,13 @@ PRETRAIN_PRESETS = {
 }
 
 # `out` inside the job folder (which also holds job.yaml and job.log); `prepare` wants a folder of its own.
-OUT_SUBFOLDER = {"prepare": "corpus"}
+OUT_SUBFOLDER = {"prepare": "corpus", "export": "export"}
 # Fields the console sets itself (never shown or accepted).
 CONTROLLED = {"out", "resume", "overwrite"}
 # Fields naming files or folders; all must resolve inside --home (the model also may be a listed base model).
-PATH_FIELDS = {"train", "dev", "test", "corpus", "input", "user_dict"}
-MODEL_FIELDS = {"model", "tokenizer"}
-CHOICES = {"lora_rank": "LORA_RANKS"}
+PATH_FIELDS = {"train", "dev", "test", "corpus", "input", "user_dict", "data", "unlabeled"}
+MODEL_FIELDS = {"model", "tokenizer", "teacher", "student"}
+CHOICES = {"lora_rank": "LORA_RANKS"}  # the sweep's lora_rank too
 # The console's own defaults where a shared training machine wants another one than the CLI: validation as
 # training consoles do it (a split or a dev file, at most 100 rows kept), so that evaluation stays cheap.
 CONSOLE_DEFAULTS: dict[str, dict[str, Any]] = {"finetune": {"valid_max_rows": 100}}
@@ -90,7 +104,26 @@ LAYOUT: dict[str, list[tuple[str, list[str]]]] = {
     "prepare": [
         ("Data", ["input", "tokenizer", "language", "segment"]),
     ],
+    "sweep": [
+        ("Models", ["base_models", "pretrain_jobs"]),
+        ("Seeds and table", ["seeds", "metrics", "floor"]),
+        ("Data", ["train", "test", "dev", "task", "text_column", "label_column"]),
+        ("Fine-tuning of every cell", ["method", "lora_rank", "epochs", "batch_size", "learning_rate", "max_seq_len",
+                                       "valid_ratio"]),
+    ],
+    "export": [
+        ("Model", ["model", "quantize"]),
+        ("Accuracy check", ["data", "text_column", "label_column", "max_seq_len"]),
+    ],
+    "distill": [
+        ("Models", ["teacher", "student"]),
+        ("Data", ["train", "unlabeled", "corpus", "max_unlabeled", "test", "dev"]),
+        ("Distillation", ["temperature", "alpha", "hidden_weight", "plain"]),
+        ("Hyperparameters", ["epochs", "batch_size", "learning_rate", "max_seq_len", "seeds"]),
+    ],
 }
+# multi-select fields: my models and listed base models / finished pretraining jobs
+MULTI_FIELDS = {"input": "datasets", "base_models": "models", "pretrain_jobs": "jobs"}
 
 
 @dataclass
@@ -132,8 +165,8 @@ def field_specs(command: str) -> dict[str, FieldSpec]:
         choices: list[Any] = []
         if f.name in MODEL_FIELDS:
             widget = "model"
-        elif f.name == "input":
-            widget = "datasets"
+        elif f.name in MULTI_FIELDS:
+            widget = MULTI_FIELDS[f.name]
         elif f.name in PATH_FIELDS:
             widget = "dataset"
         elif f.name in CHOICES:

@@ -14,6 +14,9 @@ from domainlm.console.security import TokenAuth
 def create_app(console: Console) -> FastAPI:
     from contextlib import asynccontextmanager
 
+    from fastapi.exception_handlers import http_exception_handler
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
     @asynccontextmanager
     async def lifespan(_app):
         console.start()
@@ -31,4 +34,12 @@ def create_app(console: Console) -> FastAPI:
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.include_router(api.router)
     app.include_router(pages.router)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc: StarletteHTTPException):
+        """The API answers JSON; a page answers a page that says what is missing and where to go."""
+        if request.url.path.startswith("/api/") or "text/html" not in request.headers.get("accept", ""):
+            return await http_exception_handler(request, exc)
+        return pages.render(request, "error.html", exc.status_code, status=exc.status_code, detail=exc.detail)
+
     return app

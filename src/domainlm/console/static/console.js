@@ -16,14 +16,14 @@ function every(ms, fn) {
   setTimeout(tick, ms);
 }
 
-function fmtSteps(p) { return p.steps + (p.total ? " / " + p.total : "") + " steps"; }
+function fmtSteps(p, unit) { return p.steps + (p.total ? " / " + p.total : "") + " " + (unit || "steps"); }
 function fmtEta(j) { return j.status === "running" && j.progress.eta_s != null ? j.progress.eta_s + " s" : "–"; }
 function setStatus(el, status) { el.textContent = status; el.className = "status " + status; }
 
 function jobsPage() {
   const table = document.getElementById("jobs");
   every(2000, async () => {
-    const jobs = await getJSON("/api/jobs");
+    const jobs = await getJSON("/api/jobs" + location.search);  // the same filter as the page
     if (!table) { if (jobs.length) { location.reload(); return false; } return; }
     if (jobs.length !== table.tBodies[0].rows.length) { location.reload(); return false; }
     for (const j of jobs) {
@@ -31,7 +31,7 @@ function jobsPage() {
       if (!row) continue;
       setStatus(row.querySelector('[data-field="status"]'), j.status);
       row.querySelector('[data-field="bar"]').style.width = ((j.progress.fraction || 0) * 100) + "%";
-      row.querySelector('[data-field="steps"]').textContent = fmtSteps(j.progress);
+      row.querySelector('[data-field="steps"]').textContent = fmtSteps(j.progress, j.command === "sweep" ? "cells" : "steps");
       row.querySelector('[data-field="eta"]').textContent = j.status === "running" ? fmtEta(j) : "";
       const h = row.querySelector('[data-field="headline"]');
       if (j.headline) h.textContent = j.headline.name + " " + j.headline.value;
@@ -96,7 +96,7 @@ function jobPage() {
       getJSON("/api/jobs/" + id), fetch("/api/jobs/" + id + "/log?lines=200", {credentials: "same-origin"}).then(r => r.text()),
       getJSON("/api/jobs/" + id + "/curves")]);
     setStatus(document.getElementById("status"), j.status);
-    document.getElementById("progress").textContent = fmtSteps(j.progress);
+    document.getElementById("progress").textContent = fmtSteps(j.progress, j.command === "sweep" ? "cells" : "steps");
     document.getElementById("eta").textContent = fmtEta(j);
     document.getElementById("bar").style.width = ((j.progress.fraction || 0) * 100) + "%";
     if (j.headline) document.getElementById("headline").textContent = j.headline.name + " " + j.headline.value;
@@ -106,10 +106,12 @@ function jobPage() {
     const atEnd = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
     pre.textContent = log;
     if (atEnd) pre.scrollTop = pre.scrollHeight;
-    drawChart(document.getElementById("chart-loss"), seriesOf(curves, "loss", ["train", "valid"]), "loss");
-    const metric = j.command === "pretrain" ? "mlm_acc" : (j.config.metric || (j.config.task === "multilabel" ? "f1_micro" : "accuracy"));
-    document.getElementById("metric-caption").textContent = metric + " by step";
-    drawChart(document.getElementById("chart-metric"), seriesOf(curves, metric, j.command === "pretrain" ? ["train", "valid"] : ["valid"]), metric);
+    if (document.getElementById("chart-loss")) {  // a sweep shows its table instead
+      drawChart(document.getElementById("chart-loss"), seriesOf(curves, "loss", ["train", "valid"]), "loss");
+      const metric = j.command === "pretrain" ? "mlm_acc" : (j.config.metric || (j.config.task === "multilabel" ? "f1_micro" : "accuracy"));
+      document.getElementById("metric-caption").textContent = metric + " by step";
+      drawChart(document.getElementById("chart-metric"), seriesOf(curves, metric, j.command === "pretrain" ? ["train", "valid"] : ["valid"]), metric);
+    }
     if (j.status !== status) {  // buttons and produced models change with the state: redraw the page once
       status = j.status;
       location.reload();
@@ -117,6 +119,8 @@ function jobPage() {
     }
     if (FINISHED.includes(j.status)) return false;  // nothing changes any more
   };
+  const pre = document.getElementById("log");
+  pre.scrollTop = pre.scrollHeight;  // the newest lines, as a terminal shows them
   update().catch(() => {});
   every(1500, update);
 }
@@ -139,6 +143,11 @@ function newJobPage() {
       for (const c of form.querySelectorAll("[data-preset]")) c.classList.toggle("on", c === b);
     });
   }
+  const select = form.elements["preset"];  // the dropdown fills the fields as the chips do
+  if (select) select.addEventListener("change", () => {
+    const chip = form.querySelector('[data-preset="' + select.value + '"]');
+    if (chip) chip.click();
+  });
   const toggle = () => {
     const method = form.elements["method"];
     for (const n of ["lora_rank", "lora_alpha"]) {
@@ -156,9 +165,42 @@ function newJobPage() {
   toggle();
 }
 
+function comparePage() {
+  const box = document.getElementById("compare-curves");
+  if (!box) return;
+  const curves = JSON.parse(box.dataset.curves), names = JSON.parse(box.dataset.names);
+  // the end of a name tells models apart ("… step-000004 seed-1"); the legend has room for a few words each
+  const short = n => n.length > 30 ? "…" + n.slice(-29) : n;
+  const series = key => curves.map((c, i) => ({name: short(names[i]), points: c[key]})).filter(s => s.points.length);
+  drawChart(document.getElementById("chart-compare-metric"), series("metric"), "metric");
+  drawChart(document.getElementById("chart-compare-loss"), series("loss"), "loss");
+}
+
+function modelPage() {
+  const predict = document.getElementById("predict");
+  if (predict) predict.form.addEventListener("submit", () => {
+    predict.textContent = "Classifying… (the first time loads the model)"; predict.disabled = true;
+  });
+  const ship = document.getElementById("ship");
+  if (!ship || !["starting", "ready"].includes(ship.dataset.state)) return;
+  every(1500, async () => {
+    const ep = await getJSON("/api/models/" + ship.dataset.model + "/endpoint");
+    const state = document.getElementById("endpoint-state");
+    if (ep.state === "stopped" || ep.state === "none") { location.reload(); return false; }
+    setStatus(state, ep.state);
+    state.classList.replace(ep.state === "ready" ? "ready" : "starting", ep.state === "ready" ? "succeeded" : "running");
+    if (ep.metrics) document.getElementById("endpoint-metrics").textContent = JSON.stringify(ep.metrics, null, 1);
+  });
+}
+
 document.addEventListener("DOMContentLoaded", () => {
+  for (const f of document.querySelectorAll("form[data-confirm]")) {  // a question before what cannot be undone
+    f.addEventListener("submit", e => { if (!confirm(f.dataset.confirm)) e.preventDefault(); });
+  }
   const page = document.body.dataset.page;
   if (page === "jobs") jobsPage();
   if (page === "job") jobPage();
   if (page === "new-job") newJobPage();
+  if (page === "compare") comparePage();
+  if (page === "model") modelPage();
 });
