@@ -53,8 +53,9 @@ def test_a_truncated_safetensors_file_is_one_line_for_pretrain_finetune_and_eval
 
 
 def test_a_pickle_that_torch_refuses_is_one_line_for_predict_and_serve(tmp_path, classifier, labelled, err):  # noqa: F811
-    from domainlm.serve.runtime import load_runtime
     from safetensors.torch import load_file
+
+    from domainlm.classify.runtime import load
 
     model = tmp_path / "c"
     shutil.copytree(classifier / "model", model)
@@ -64,7 +65,7 @@ def test_a_pickle_that_torch_refuses_is_one_line_for_predict_and_serve(tmp_path,
     expected = f"{model}: its pytorch_model.bin holds more than tensors, and PyTorch's safe loading refused it"
     assert expected in one_line(err("predict", "--model", model, "--input", labelled["test"], "--out", tmp_path / "p.jsonl"))
     with pytest.raises(DomainLMError, match="safe loading refused it"):
-        load_runtime(str(model), "auto", 1, 0)
+        load(str(model), "auto", "cpu", 1)  # what serve opens
 
 
 def test_a_converted_folder_without_vocab_is_warned_and_not_fine_tuned_on(tmp_path, labelled, err):  # noqa: F811

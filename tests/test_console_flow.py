@@ -14,8 +14,9 @@ pytest.importorskip("fastapi")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from domainlm.console.app import Console, create_app  # noqa: E402
+from domainlm.console.app import Console  # noqa: E402
 from domainlm.console.settings import ConsoleConfig  # noqa: E402
+from domainlm.console.web import create_app  # noqa: E402
 from tests.console_support import write_labelled  # noqa: E402
 
 TOKEN = "t0ken"

@@ -228,10 +228,10 @@ def get_dataset(request: Request, dataset_id: int):
         return dataset_summary(get_or_404(s, Dataset, dataset_id))
 
 
-async def upload(request: Request) -> Dataset:
-    """Shared by the API and the datasets page: stream, check, keep (raises DomainLMError or UploadTooLarge)."""
+async def _checked_upload(request: Request, folder):
+    """A streamed upload into `folder`, its CSRF token checked (a refused file is removed): fields, file, name."""
     c = _console(request)
-    fields, tmp, filename = await receive_upload(request, c.home / "datasets", int(c.cfg.max_upload_mb * 1e6))
+    fields, tmp, filename = await receive_upload(request, folder, int(c.cfg.max_upload_mb * 1e6))
     supplied = request.headers.get("x-csrf-token") or fields.get("csrf")
     if not getattr(request.state, "csrf_checked", False) and not check_csrf(c.token, supplied):
         if tmp is not None:
@@ -239,6 +239,13 @@ async def upload(request: Request) -> Dataset:
         raise HTTPException(403, "missing or wrong CSRF token: reload the page and try again")
     if tmp is None:
         raise DomainLMError("no file in the upload (field `file`)")
+    return fields, tmp, filename
+
+
+async def upload(request: Request) -> Dataset:
+    """Shared by the API and the datasets page: stream, check, keep (raises DomainLMError or UploadTooLarge)."""
+    c = _console(request)
+    fields, tmp, filename = await _checked_upload(request, c.home / "datasets")
     with c.sessions() as s:
         record = datasets.add_upload(s, c.home, tmp, filename, fields)
         s.commit()
@@ -294,14 +301,7 @@ def register_model(request: Request, body: RegisterModel):
 async def model_upload(request: Request) -> dict:
     """Shared by the API and the models page: stream the archive, unpack, check, keep."""
     c = _console(request)
-    fields, tmp, filename = await receive_upload(request, c.home / "models", int(c.cfg.max_upload_mb * 1e6))
-    supplied = request.headers.get("x-csrf-token") or fields.get("csrf")
-    if not getattr(request.state, "csrf_checked", False) and not check_csrf(c.token, supplied):
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
-        raise HTTPException(403, "missing or wrong CSRF token: reload the page and try again")
-    if tmp is None:
-        raise DomainLMError("no file in the upload (field `file`)")
+    fields, tmp, filename = await _checked_upload(request, c.home / "models")
     return c.upload_model(tmp, filename, fields.get("name", ""))
 
 

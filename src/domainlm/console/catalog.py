@@ -69,10 +69,10 @@ def progress(job: Job, folder: Path, train_rows: int | None, now: datetime) -> d
         steps = [r["step"] for r in read_log(log)]
         done += max(steps, default=0)
     total = total_steps(job, train_rows)
-    if job.command == "sweep":
-        from domainlm.console import sweepjob
-
-        done, total = sweepjob.cells_done(folder), sweepjob.cells_total(job)
+    if job.command == "sweep":  # cells finished (or failed) of the cells planned at creation
+        cells = folder / "cells"
+        done = sum(1 for _ in cells.glob("*/*/seed-*/DONE")) + sum(1 for _ in cells.glob("*/*/seed-*/FAILED"))
+        total = job.config.get("cells")
     if job.status == "succeeded":
         return {"steps": done, "total": total or done, "fraction": 1.0, "eta_s": 0}
     fraction = min(1.0, done / total) if total else None
@@ -110,10 +110,13 @@ def headline(job: Job, folder: Path) -> dict | None:
         for split in ("valid", "test"):
             if "mlm_acc" in results.get(split, {}):
                 return {"name": f"mlm_acc ({split})", "value": round(results[split]["mlm_acc"], 4)}
-    if job.command == "sweep":
-        from domainlm.console import sweepjob
-
-        return sweepjob.headline(folder)
+    if job.command == "sweep":  # the best cell's mean
+        results = read_json(folder / "results.json")
+        primary = results.get("primary_metric")
+        best = next((c for c in results.get("cells", []) if c.get("best")), None)
+        if best and primary in best:
+            return {"name": f"{primary} best: {best['model']} {best['checkpoint']}", "value": round(best[primary]["mean"], 4)}
+        return None
     if job.command == "export":
         change = read_json(folder / "export" / "export.json").get("data_metrics", {}).get("int8_change_points", {})
         key = next(iter(change), None)

@@ -51,7 +51,8 @@ def _positions(config, value: int, model: str, errors: dict) -> None:
 
 def pretrain(cfg, errors: dict) -> None:
     from domainlm.data.store import Corpus
-    from domainlm.data.tokenize import load_fast_tokenizer, vocab_hash
+    from domainlm.data.tokenize import vocab_hash
+    from domainlm.interop.tokenizer import load_fast_tokenizer
     from domainlm.pretrain.model import has_weights
 
     config = _model_config(cfg.model, errors)

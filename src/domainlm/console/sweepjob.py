@@ -57,7 +57,7 @@ def _name(text: str) -> str:
 
 def to_sweep(factory, s, cfg: SweepJobConfig, errors: dict):
     """The SweepConfig of a form; problems go into `errors` under the form's field names."""
-    from domainlm.sweep.command import SweepConfig
+    from domainlm.sweep.config import SweepConfig
 
     models, names, bases = [], set(), set()
 
@@ -144,26 +144,9 @@ def check(factory, s, cfg: SweepJobConfig, errors: dict):
     return sweep
 
 
-def cells_total(job: Job) -> int | None:
-    return job.config.get("cells")
-
-
-def cells_done(folder: Path) -> int:
-    return sum(1 for _ in (folder / "cells").glob("*/*/seed-*/DONE")) + sum(1 for _ in (folder / "cells").glob("*/*/seed-*/FAILED"))
-
-
-def headline(folder: Path) -> dict | None:
-    results = read_json(folder / "results.json")
-    primary = results.get("primary_metric")
-    best = next((c for c in results.get("cells", []) if c.get("best")), None)
-    if best and primary in best:
-        return {"name": f"{primary} best: {best['model']} {best['checkpoint']}", "value": round(best[primary]["mean"], 4)}
-    return None
-
-
 def report(folder: Path) -> dict | None:
     """The sentence, the table (the sweep's own definition) and the plots of a finished sweep."""
-    from domainlm.sweep.command import SweepConfig
+    from domainlm.sweep.config import SweepConfig
     from domainlm.sweep.summary import table
 
     results = read_json(folder / "results.json")
