@@ -19,8 +19,6 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-
 
 def random_encoder(folder: Path, tokenizer_dir: Path, layers: int, hidden: int) -> Path:
     import torch
@@ -40,11 +38,6 @@ def parameters(path: str) -> int:
     from transformers import AutoModel
 
     return sum(p.numel() for p in AutoModel.from_pretrained(path).parameters())
-
-
-def correctness(path: Path) -> np.ndarray:
-    rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
-    return np.asarray([sorted(r["predicted"]) == sorted(r["gold"]) for r in rows], dtype=float)
 
 
 def main() -> None:
@@ -68,7 +61,6 @@ def main() -> None:
 
     from domainlm.cli import main as domainlm
     from domainlm.demo import sentiment_task, write_sample_data
-    from domainlm.sweep.stats import compare
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -98,10 +90,7 @@ def main() -> None:
                      "--overwrite", *common]) == 0
     result = json.loads((run / "distill.json").read_text(encoding="utf-8"))
     seeds = [int(s) for s in args.seeds.split(",")]
-    folder = (lambda s: run) if len(seeds) == 1 else (lambda s: run / f"seed-{s}")  # noqa: E731
-    student = np.stack([correctness(folder(s) / "test_predictions.jsonl") for s in seeds])
-    plain = np.stack([correctness(folder(s) / "plain" / "test_predictions.jsonl") for s in seeds])
-    test_vs_plain = compare(student, plain)
+    test_vs_plain = result["student_vs_plain"]  # the sweep's two-level paired test, computed by distill
     m = result["models"]
     gap = m["teacher"]["mean"] - m["plain"]["mean"]
     summary = {"parameters": sizes, "ratio": sizes["teacher"] / sizes["student"], "metric": result["metric"], "models": m,

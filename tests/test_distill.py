@@ -53,6 +53,10 @@ def test_kl_goes_down_cache_is_reused_and_the_student_is_a_classifier(setup, tin
     assert set(result["models"]) == {"teacher", "student", "plain"} and result["unlabeled_rows"] == 30
     assert result["speed_texts_per_s"]["teacher"] > 0 and result["speedup"] > 0
     assert "| student |" in (out / "distill.md").read_text()
+    # the paired test compares the two students' per-row correctness on the same test rows
+    (run,) = result["runs"]
+    assert result["student_vs_plain"]["difference"] == pytest.approx(run["student"]["test"]["accuracy"] - run["plain"]["test"]["accuracy"])
+    assert result["student_vs_plain"]["rows"] == 15 and "Distilled vs plainly fine-tuned student" in (out / "distill.md").read_text()
     # the student is a normal classifier folder
     assert main(["evaluate", "--model", str(out), "--data", setup["test"], "--out", str(tmp_path / "ev")]) == 0
     ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())

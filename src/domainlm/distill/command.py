@@ -161,7 +161,18 @@ def finish(cfg: DistillConfig, runs: list[dict], split: str, teacher_meta: dict,
               "runs": [{k: v for k, v in r.items() if k != "folder"} for r in runs]}
     if teacher_meta.get("texts_per_s"):
         result["speedup"] = student_speed / teacher_meta["texts_per_s"]
+    if cfg.plain:  # the sweep's two-level test on per-row correctness: seeds and rows both vary
+        from domainlm.sweep.stats import compare
+
+        correct = {name: np.stack([_correct(Path(r["folder"]) / sub / f"{split}_predictions.jsonl") for r in runs])
+                   for name, sub in (("student", ""), ("plain", "plain"))}
+        result["student_vs_plain"] = compare(correct["student"], correct["plain"])
     return result
+
+
+def _correct(path: Path) -> np.ndarray:
+    rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
+    return np.asarray([sorted(r["predicted"]) == sorted(r["gold"]) for r in rows], dtype=float)
 
 
 def report(cfg: DistillConfig, result: dict) -> str:
@@ -177,6 +188,11 @@ def report(cfg: DistillConfig, result: dict) -> str:
                      f"{' '.join(f'{100 * x:.1f}' for x in v['per_seed'])} | {speed:.1f} |" if speed else
                      f"| {name} | {100 * v['mean']:.1f} ± {100 * v['std']:.1f} | "
                      f"{' '.join(f'{100 * x:.1f}' for x in v['per_seed'])} | |")
+    if "student_vs_plain" in result:
+        t = result["student_vs_plain"]
+        lines += ["", f"Distilled vs plainly fine-tuned student: {100 * t['difference']:+.1f} points of per-row correctness "
+                      f"(95% CI {100 * t['ci95'][0]:+.1f} to {100 * t['ci95'][1]:+.1f}), one-sided p = {t['p_value']:.3f} "
+                      f"(two-level test over {t['seeds'][0]} seeds and {t['rows']} rows)."]
     if "speedup" in result:
         lines += ["", f"The student answers {result['speedup']:.1f}x as many texts per second as the teacher on the same "
                       f"texts (the teacher timed when its outputs were computed)."]
