@@ -30,6 +30,7 @@ from domainlm.classify.data import (
     keep_line_order,
     kfold,
     label_list,
+    ordered_labels,
     read_examples,
     read_stdin_lines,
     split_validation,
@@ -79,15 +80,6 @@ class Task:
     def split(self, rows: Dataset, cfg: FinetuneConfig, seed: int) -> tuple[Dataset, Dataset]:
         """(rows to fit, rows to validate on): --dev when given, else a share of `rows` held out."""
         return (rows, self.dev) if self.dev is not None else split_validation(rows, cfg.valid_ratio, cfg.valid_max_rows, seed)
-
-
-def ordered_labels(labels: list[str]) -> list[str]:
-    """An ordinal scale's order when none is given: numeric labels by value (sorted text would put 10 before 2)."""
-    try:
-        return sorted(labels, key=float)
-    except ValueError:
-        raise DomainLMError(f"--ordinal: the labels ({', '.join(labels)}) are not numbers; give their order with "
-                            "--labels") from None
 
 
 @dataclass

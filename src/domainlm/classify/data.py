@@ -307,3 +307,12 @@ def kfold(data: Dataset, k: int, seed: int) -> list[tuple[Dataset, Dataset]]:
         folds.append((Dataset(data.path, [ex for i, ex in enumerate(data.examples) if i not in held]),
                       Dataset(data.path, [data.examples[i] for i in test_idx])))
     return folds
+
+
+def ordered_labels(labels: list[str]) -> list[str]:
+    """An ordinal scale's order when none is given: numeric labels by value (sorted text would put 10 before 2)."""
+    try:
+        return sorted(labels, key=float)
+    except ValueError:
+        raise DomainLMError(f"--ordinal: the labels ({', '.join(labels)}) are not numbers; give their order with "
+                            "--labels") from None
