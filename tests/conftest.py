@@ -18,6 +18,24 @@ EN_DOCS = [
 ]
 
 
+@pytest.fixture
+def err(capsys):
+    """Run the CLI; assert it exits with `code`; return its stderr."""
+    from domainlm.cli import main
+
+    def run(*args, code=2):
+        capsys.readouterr()
+        assert main([str(a) for a in args]) == code
+        return capsys.readouterr().err
+    return run
+
+
+def one_line(message: str) -> str:
+    """An error message: one line, no traceback."""
+    assert len(message.strip().splitlines()) == 1 and "Traceback" not in message, message
+    return message
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
     from domainlm.vocab import train_wordpiece

@@ -22,16 +22,6 @@ def env():
     return {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.abspath("src"), os.getcwd()]), "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture
-def err(capsys):
-    """Run the CLI; assert it exits with `code`; return its stderr."""
-    def run(*args, code=2):
-        capsys.readouterr()
-        assert main([str(a) for a in args]) == code
-        return capsys.readouterr().err
-    return run
-
-
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory):
     from tests.test_classify import make_rows, write_jsonl

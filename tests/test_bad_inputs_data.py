@@ -8,22 +8,8 @@ import shutil
 import pytest
 
 from domainlm.cli import main
+from tests.conftest import one_line
 from tests.test_bad_inputs import FAST, classifier, labelled  # noqa: F401 - shared module fixtures
-
-
-@pytest.fixture
-def err(capsys):
-    def run(*args, code=2):
-        capsys.readouterr()
-        assert main([str(a) for a in args]) == code
-        return capsys.readouterr().err
-    return run
-
-
-def one_line(message: str) -> str:
-    assert len(message.strip().splitlines()) == 1 and "Traceback" not in message, message
-    return message
-
 
 # ---- data files -------------------------------------------------------------------------------------------
 

@@ -12,23 +12,10 @@ import torch
 
 from domainlm.cli import main
 from domainlm.errors import DomainLMError
+from tests.conftest import one_line
 from tests.test_bad_inputs import FAST, classifier, labelled  # noqa: F401 - shared module fixtures
 from tests.test_interop import PADDLE_DIR
 from tests.test_train_checkpoint import args as pretrain_args
-
-
-@pytest.fixture
-def err(capsys):
-    def run(*args, code=2):
-        capsys.readouterr()
-        assert main([str(a) for a in args]) == code
-        return capsys.readouterr().err
-    return run
-
-
-def one_line(message: str) -> str:
-    assert len(message.strip().splitlines()) == 1 and "Traceback" not in message, message
-    return message
 
 
 def truncated_copy(src, dst: Path) -> Path:

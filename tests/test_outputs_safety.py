@@ -14,16 +14,6 @@ from domainlm.errors import DomainLMError
 from tests.test_bad_inputs import snapshot
 from tests.test_interop import PADDLE_DIR
 
-
-@pytest.fixture
-def err(capsys):
-    def run(*args, code=2):
-        capsys.readouterr()
-        assert main([str(a) for a in args]) == code
-        return capsys.readouterr().err
-    return run
-
-
 # ---- the helpers ------------------------------------------------------------------------------------------
 
 def test_inside_follows_links_and_strict_excludes_the_root(tmp_path):
