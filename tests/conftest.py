@@ -82,14 +82,17 @@ def corpus_dir(tmp_path_factory, tokenizer_dir):
     return str(root / "store")
 
 
-def save_tiny_model(out, tokenizer, kind: str = "bert", heads: bool = True):
-    """A 2-layer, 32-wide encoder saved with its tokenizer (the shape of a released checkpoint)."""
+def save_tiny_model(out, tokenizer, kind: str = "bert", heads: bool = True, dropout: float | None = None):
+    """A 2-layer, 32-wide encoder saved with its tokenizer (the shape of a released checkpoint); `dropout` 0 for
+    runs compared step by step (dropout masks are drawn per position, so they differ by batch layout)."""
     import torch
     from transformers import BertConfig, BertForPreTraining, BertModel, ErnieConfig, ErnieForPreTraining
 
     torch.manual_seed(0)
     shape = dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                  intermediate_size=64, max_position_embeddings=64)
+    if dropout is not None:
+        shape.update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     if kind == "ernie":  # ERNIE 3.0 specifics: task type embeddings, 4 token types
         model = ErnieForPreTraining(ErnieConfig(**shape, type_vocab_size=4, use_task_id=True, task_type_vocab_size=3))
     else:

@@ -228,17 +228,10 @@ def test_early_stopping_presets_and_bad_inputs(tmp_path, tiny_model, data, capsy
 
 def test_unpadded_finetune_trains_like_the_padded_one(tmp_path, tokenizer, data):
     """--unpad yes (the GPU default) and --unpad no, same seed, no dropout: the same losses and dev metrics."""
-    import torch
-    from transformers import BertConfig, BertModel
-
     from domainlm.train.logging import read_log
+    from tests.conftest import save_tiny_model
 
-    torch.manual_seed(0)
-    model_dir = tmp_path / "nodrop"
-    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                         attention_probs_dropout_prob=0.0)).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = save_tiny_model(tmp_path / "nodrop", tokenizer, heads=False, dropout=0.0)
     logs = {}
     for mode in ("yes", "no"):
         assert finetune(str(model_dir), data["train"], tmp_path / mode, "--epochs", "1", "--unpad", mode, "--no-floor") == 0

@@ -314,14 +314,7 @@ def test_extend_vocabulary_initialises_new_rows_from_their_pieces(tmp_path, tiny
 def test_unpadded_run_trains_to_the_same_losses_as_the_padded_one(tmp_path, corpus_dir, tokenizer):
     """10 steps on the packed stream and 10 on padded batches, same seed, no dropout (its masks are drawn per
     position, so they differ by layout): the same losses, step by step."""
-    from transformers import BertConfig, BertForPreTraining
-
-    torch.manual_seed(0)
-    model_dir = tmp_path / "nodrop"
-    BertForPreTraining(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                                  attention_probs_dropout_prob=0.0)).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = save_tiny_model(tmp_path / "nodrop", tokenizer, dropout=0.0)
     runs = {}
     for name, flags in {"packed": [], "padded": ["--no-unpad"]}.items():
         assert pretrain(corpus_dir, str(model_dir), tmp_path / name, "--max-steps", "10", "--max-lr", "3e-3",
