@@ -58,14 +58,19 @@ class _FlashVarlen(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
+def scatter_padded(t: torch.Tensor, layout: Layout, width: int | None = None) -> torch.Tensor:
+    """Stream rows [T, ...] -> right-padded [B, width (default: longest), ...], zeros at padded positions."""
+    buf = t.new_zeros(layout.n_samples, width or layout.max_len, *t.shape[1:])
+    buf[layout.seq_index, layout.positions] = t
+    return buf
+
+
 def _padded_sdpa(q, k, v, layout: Layout, dropout_p: float, scale: float) -> torch.Tensor:
-    b, length = layout.n_samples, layout.max_len
+    length = layout.max_len
     index = (layout.seq_index, layout.positions)
 
     def padded(t: torch.Tensor) -> torch.Tensor:  # [T, h, d] -> [B, h, L, d]
-        buf = t.new_zeros(b, length, *t.shape[1:])
-        buf[index] = t
-        return buf.transpose(1, 2)
+        return scatter_padded(t, layout).transpose(1, 2)
 
     lengths = layout.cu_seqlens[1:] - layout.cu_seqlens[:-1]
     keys = torch.arange(length, device=q.device)[None, :] < lengths[:, None]

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from domainlm.encoder.attention import Layout, packed_attention
+from domainlm.encoder.attention import Layout, packed_attention, scatter_padded
 
 ROW_KEYS = ("input_ids", "token_type_ids", "position_ids", "seq_index")
 
@@ -71,7 +71,8 @@ def encode_packed(base_model: nn.Module, input_ids, token_type_ids, position_ids
     """Hidden states [T, hidden] of a packed stream (each argument as `pack` makes it)."""
     config = base_model.config
     layout = Layout(cu_seqlens, max_len, seq_index, position_ids)
-    positions = position_ids + position_offset(base_model) if position_offset(base_model) else position_ids
+    offset = position_offset(base_model)
+    positions = position_ids + offset if offset else position_ids
     # the embeddings module takes [batch, length] ids: the stream is one row of T tokens
     x = base_model.embeddings(input_ids=input_ids[None], token_type_ids=token_type_ids[None],
                               position_ids=positions[None])[0]
@@ -127,7 +128,5 @@ def pack_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor, token_typ
 
 def unpack(hidden: torch.Tensor, packed: dict, width: int | None = None) -> torch.Tensor:
     """[T, H] -> right-padded [B, L, H] with zeros at padded positions (for comparisons)."""
-    b, length = packed["cu_seqlens"].numel() - 1, width or packed["max_len"]
-    out = hidden.new_zeros(b, length, hidden.shape[-1])
-    out[packed["seq_index"], packed["position_ids"]] = hidden
-    return out
+    layout = Layout(packed["cu_seqlens"], packed["max_len"], packed["seq_index"], packed["position_ids"])
+    return scatter_padded(hidden, layout, width)
