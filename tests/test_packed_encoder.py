@@ -69,6 +69,19 @@ def test_packed_forward_and_gradients_equal_padded(kind):
         torch.testing.assert_close(grad, reference[name], atol=1e-4, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("lengths", [[7, 1, 40, 3], [40], [1]])
+def test_inference_forward_equals_padded_for_batches_and_single_texts(lengths):
+    """Without gradients the projections run unfused, and one text runs attention with no padding at all."""
+    model = _model("ernie").eval()
+    ids, mask, types = _ragged(lengths, seed=2)
+    with torch.inference_mode():
+        padded = model(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        packed = pack_padded(ids, mask, types)
+        hidden = encode_packed(model, **{k: packed[k] for k in ("input_ids", "token_type_ids", "position_ids",
+                                                              "seq_index", "cu_seqlens", "max_len")})
+    torch.testing.assert_close(hidden, padded[mask.bool()], atol=ATOL, rtol=0)
+
+
 def test_pack_gives_ids_per_sample():
     rows = [{"input_ids": np.array([2, 5, 6, 3]), "token_type_ids": np.array([0, 0, 1, 1])},
             {"input_ids": np.array([2])},

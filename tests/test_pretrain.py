@@ -1,10 +1,7 @@
 """Sample index, masking, the pretrain command (loss, snapshots, resume, 2 processes) and its bad inputs."""
 
-import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -271,24 +268,6 @@ def test_bad_inputs(tmp_path, corpus_dir, tiny_model, capsys):
     assert "global batch 8" in error("--corpus", corpus_dir, "--model", tiny_model, "--out", str(run), "--max-steps", "4",
                                      "--global-batch-size", "4", "--resume", "auto")
     assert "cannot resume from" in error(*base, "--resume", str(tmp_path / "nope"))
-
-
-def test_two_processes_data_parallel_with_resume(tmp_path, corpus_dir, tiny_model):
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-           "-m", "domainlm.cli", "pretrain", "--corpus", corpus_dir, "--model", tiny_model, "--out", str(out), *FAST,
-           "--global-batch-size", "8", "--checkpoint-steps", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.run([*cmd, "--max-steps", "2"], capture_output=True, text=True, env=env, timeout=240)
-    assert first.returncode == 0, first.stderr[-3000:]
-    data = json.loads((out / "data.json").read_text())
-    assert data["processes"] == 2 and data["accumulation"] == 1
-    second = subprocess.run([*cmd, "--max-steps", "4", "--resume", "auto"], capture_output=True, text=True, env=env, timeout=240)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "resumed from" in second.stdout and "at step 2" in second.stdout
-    rows = read_log(out / "log.jsonl", "train")
-    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in rows)
-    assert (out / "checkpoints" / "step-000004" / "random_states_1.pkl").is_file()
 
 
 def test_extend_vocabulary_initialises_new_rows_from_their_pieces(tmp_path, tiny_model, zh_txt, capsys):

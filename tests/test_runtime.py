@@ -111,17 +111,43 @@ def test_predict_uses_the_thresholds_saved_with_a_multilabel_model(tmp_path, tin
     assert isinstance(TorchRuntime(str(folder)), Runtime)
 
 
-def test_the_gpu_batching_path_packs_batches_and_gives_the_same_probabilities(trained):  # noqa: F811
-    """What a GPU runs, checked on the CPU by what it builds: packed batches (no padded position; the CPU's attention
-    kernel stands in for flash), every batch queued before the first result is read, GPU-sized batch limits."""
+def test_the_runtime_packs_batches_and_gives_the_padded_probabilities(trained):  # noqa: F811
+    """A BERT classifier runs packed on any device (no padded position in a linear layer; the CPU's attention kernel
+    stands in for flash), with every batch queued before the first result is read; GPU-sized batch limits."""
     rt = TorchRuntime(str(trained["ft"]))
-    assert not rt.packed and rt.batch_limits() == (64, 8192)  # a CPU runtime pads, in CPU-sized batches
-    padded = rt.predict(TEXTS, batch_size=3, max_seq_len=32)
+    assert rt.packed and rt.batch_limits() == (64, 8192)  # CPU-sized batches
     features = rt.encode(TEXTS[:3], max_seq_len=32)
-    rt.packed = True
     batch = rt.feed(features)
     assert batch["input_ids"].ndim == 1 and batch["input_ids"].numel() == sum(len(f["input_ids"]) for f in features)
     assert batch["cu_seqlens"].dtype == torch.int32 and batch["max_len"] == max(len(f["input_ids"]) for f in features)
-    np.testing.assert_allclose(rt.predict(TEXTS, batch_size=3, max_seq_len=32), padded, atol=1e-5)
+    packed = rt.predict(TEXTS, batch_size=3, max_seq_len=32)
+    rt.packed = False  # the padded [CLS]-only forward
+    assert rt.feed(features)["input_ids"].ndim == 2
+    np.testing.assert_allclose(packed, rt.predict(TEXTS, batch_size=3, max_seq_len=32), atol=1e-5)
     rt.device = "cuda"  # the limits a GPU runtime uses (nothing runs on the device here)
     assert rt.batch_limits() == (512, 65536) and rt.batch_limits(100) == (100, 65536)
+
+
+def test_padded_batches_are_cut_where_padding_plus_calls_cost_least():
+    """The cuts of a model that pads: least padded tokens + CALL_TOKENS per call, checked against every partition
+    of a few sorted lengths; texts of one length share a batch, one long text runs alone."""
+    from itertools import combinations
+
+    def cost(batches, lengths, call):
+        return sum(len(b) * lengths[b].max() + call for b in batches)
+
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        lengths = rng.integers(1, 60, size=int(rng.integers(1, 9)))
+        call, rows_cap = int(rng.integers(1, 40)), int(rng.integers(1, 6))
+        batches = length_batches(lengths, rows_cap, 0, call)
+        assert sorted(np.concatenate(batches).tolist()) == list(range(len(lengths)))
+        assert all(len(b) <= rows_cap for b in batches)
+        s = np.sort(lengths)
+        best = min(cost([np.arange(a, b) for a, b in zip((0, *cuts), (*cuts, len(s)))], s, call)
+                   for k in range(len(s)) for cuts in combinations(range(1, len(s)), k)
+                   if all(b - a <= rows_cap for a, b in zip((0, *cuts), (*cuts, len(s)))))
+        assert cost(batches, lengths, call) == best, (lengths, call, rows_cap)
+    lengths = np.array([10, 10, 10, 10, 128])
+    assert [sorted(b.tolist()) for b in length_batches(lengths, 64, 8192, 8)] == [[0, 1, 2, 3], [4]]
+    assert [sorted(b.tolist()) for b in length_batches(lengths, 64, 8192)] == [[0, 1, 2, 3, 4]]  # packed: one batch

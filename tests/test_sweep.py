@@ -142,7 +142,7 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("key,value,message", BAD, ids=[f"{k}={v!r}"[:40] for k, v, _ in BAD])
+@pytest.mark.parametrize("key,value,message", BAD, ids=[f"{k}={'deleted' if v is DELETE else repr(v)}"[:40] for k, v, _ in BAD])
 def test_sweep_bad_inputs_fail_before_any_work(tmp_path, tiny_model, pretrain_run, task_files, capsys, key, value, message):
     spec = {"out": str(tmp_path / "sweep"), "seeds": [1, 2],
             "models": [{"name": "tiny", "base": tiny_model, "snapshots": str(pretrain_run)}, {"name": "other", "base": tiny_model}],
@@ -218,7 +218,7 @@ def test_device_plan_and_removal_fence(tmp_path):
 def _fake_cell(root: Path, folder: str, correct: np.ndarray) -> None:
     path = root / "cells" / folder
     path.mkdir(parents=True)
-    rows = [{"gold": ["a"], "predicted": ["a" if c else "b"]} for c in correct]
+    rows = [{"line": i + 1, "gold": ["a"], "predicted": ["a" if c else "b"]} for i, c in enumerate(correct)]
     (path / "test_predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (path / "metrics.json").write_text(json.dumps({"test": {"accuracy": float(correct.mean())}}))
     (path / "DONE").write_text("")
@@ -286,11 +286,12 @@ def test_conclusion_when_a_winning_checkpoint_is_not_the_best_cell(tmp_path):
     assert not any(r.get("star") for r in result["cells"])
 
 
-@pytest.mark.parametrize("blend_gain,expected", [
-    (0.2, "Ship the blend of m step 10 with the floor (model weight 0.60): accuracy"),
-    (0.0, "not shown to beat the model alone"),
+@pytest.mark.parametrize("blend_gain,floor_p,expected", [
+    (0.2, 0.62, "Ship the blend of m step 10 with the floor (model weight 0.60): accuracy"),
+    (0.0, 0.62, "it is not shown to beat the model alone"),
+    (0.2, 0.95, "it beats the model alone by +"),  # the demo's case: above the model, not above the floor
 ])
-def test_conclusion_weighs_the_blend_by_the_same_test(tmp_path, blend_gain, expected):
+def test_conclusion_weighs_the_blend_by_the_same_test(tmp_path, blend_gain, floor_p, expected):
     rng = np.random.default_rng(1)
     cells = []
     for step, p in ((0, 0.6), (10, 0.65)):
@@ -300,7 +301,7 @@ def test_conclusion_weighs_the_blend_by_the_same_test(tmp_path, blend_gain, expe
             _fake_cell(tmp_path, cell.folder, correct)
             if step:  # the cell's blend with its floor: better than the model alone by blend_gain
                 blended = np.maximum(correct, rng.random(400) < blend_gain / (1 - p))
-                rows = [{"gold": ["a"], "predicted": ["a" if c else "b"]} for c in blended]
+                rows = [{"line": i + 1, "gold": ["a"], "predicted": ["a" if c else "b"]} for i, c in enumerate(blended)]
                 path = tmp_path / "cells" / cell.folder
                 (path / "blend_test_predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
                 metrics = json.loads((path / "metrics.json").read_text())
@@ -308,19 +309,22 @@ def test_conclusion_weighs_the_blend_by_the_same_test(tmp_path, blend_gain, expe
                 (path / "metrics.json").write_text(json.dumps(metrics))
             cells.append(cell)
     (tmp_path / "floor").mkdir()
-    floor_rows = [{"gold": ["a"], "predicted": ["a" if c else "b"]} for c in rng.random(400) < 0.62]
+    floor_rows = [{"line": i + 1, "gold": ["a"], "predicted": ["a" if c else "b"]} for i, c in enumerate(rng.random(400) < floor_p)]
     (tmp_path / "floor" / "test_predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in floor_rows))
     cfg = SweepConfig(out=str(tmp_path), models=[{"name": "m", "base": "x"}], finetune={}, seeds=[1, 2, 3])
     task = {"task": "multiclass", "labels": ["a", "b"], "train": "t.jsonl", "train_rows": 100, "dev": None, "valid_rows": 20,
             "fit_rows": 80, "test": "test.jsonl", "test_rows": 400, "evaluated_on": "test", "metric": "accuracy",
             "seeds": [1, 2, 3], "selection_metric": "accuracy"}
     floor = {"method": "char_wb 1-3-gram TF-IDF + logistic regression (C=1)", "train_rows": 80, "seconds": 1.0,
-             "test": {"accuracy": 0.62}}
+             "test": {"accuracy": floor_p}}
     result = summarize(cfg, cells, tmp_path, task, floor)
     assert expected in result["conclusion"]
+    if floor_p > 0.9:
+        assert "but is not shown to beat the floor by -" in result["conclusion"]
     blend = next(r["blend"] for r in result["cells"] if r["step"] == 10)
     assert set(blend) >= {"vs_model", "vs_floor", "accuracy", "weight"}
-    assert (blend["vs_model"]["win"] and blend["vs_floor"]["win"]) == bool(blend_gain)
+    assert (blend["vs_model"]["win"], blend["vs_floor"]["win"]) == {(0.2, 0.62): (True, True), (0.0, 0.62): (False, False),
+                                                                    (0.2, 0.95): (True, False)}[blend_gain, floor_p]
     assert "| m + floor | step 10 |" in (tmp_path / "table.md").read_text()
-    if blend_gain:
+    if expected.startswith("Ship"):
         assert result["conclusion"].index("Without the blend:") > 0

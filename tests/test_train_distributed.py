@@ -64,7 +64,9 @@ def test_process_shares_of_a_global_batch_are_the_one_process_micro_batches():
     assert [shard_range(2, r, 3) for r in (0, 1, 2)] == [(0, 1), (1, 2), (2, 2)]
 
 
-def test_pretrain_two_processes_equal_one_with_accumulation(tmp_path, corpus_dir, still_model):
+def test_pretrain_two_processes_equal_one_with_accumulation_and_resume(tmp_path, corpus_dir, still_model):
+    """1 process x 2 micro batches = 2 processes x 1, step for step; and 2 processes resumed from the step-3
+    checkpoint (every rank's RNG state restored) end where the uninterrupted run ends."""
     flags = ["pretrain", "--corpus", corpus_dir, "--model", still_model, "--max-seq-len", "48", "--micro-batch-size", "4",
              "--global-batch-size", "8", "--max-steps", "6", "--warmup-rate", "0.34", "--max-lr", "2e-3", "--min-lr", "1e-4",
              "--lr-decay", "cosine", "--logging-freq", "1", "--eval-freq", "3", "--eval-iters", "2", "--test-iters", "3",
@@ -80,6 +82,18 @@ def test_pretrain_two_processes_equal_one_with_accumulation(tmp_path, corpus_dir
 
     wa, wb = load_file(tmp_path / "one" / "final" / "model.safetensors"), load_file(tmp_path / "two" / "final" / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+    step3 = tmp_path / "two" / "checkpoints" / "step-000003"
+    assert (step3 / "random_states_1.pkl").is_file()
+    done = torchrun(*flags, "--out", str(tmp_path / "resumed"), "--resume", str(step3))
+    assert f"resumed from {step3} at step 3" in done.stdout
+    later = [r for r in rows if r["step"] > 3]
+    resumed = read_log(tmp_path / "resumed" / "log.jsonl")
+    assert [(r["step"], r["split"]) for r in resumed] == [(r["step"], r["split"]) for r in later]
+    for ra, rb in zip(later, resumed):
+        assert all(rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-6) for k in METRICS if k in ra), (ra, rb)
+    wc = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
+    assert all(torch.allclose(wa[k], wc[k], atol=1e-5) for k in wa)
 
 
 def test_finetune_two_processes_equal_one_and_gather_every_dev_row_once(tmp_path, still_model):

@@ -170,22 +170,14 @@ def _stage(n: int, text: str) -> None:
     print(f"\n[{n}/5] {text}", file=sys.stderr, flush=True)
 
 
-def demo(cfg: DemoConfig) -> dict:
-    from transformers import AutoTokenizer
+def prepare_corpora(cfg: DemoConfig, out: Path) -> tuple[Path, Path, Path]:
+    """Stages 1 and 2: the sentiment task, the domain corpus without its test rows, both corpora prepared.
 
+    Returns the training file, the test file and the tokenizer folder; the stores are `corpus-news` and
+    `corpus-reviews` in `out`."""
     from domainlm.data.prepare import PrepareConfig, format_stats, prepare
-    from domainlm.pretrain.command import pretrain
-    from domainlm.pretrain.config import PretrainConfig
-    from domainlm.sweep.command import SweepConfig, sweep
 
-    out = Path(cfg.out)
-    # a rerun reuses its own folders; the user's under the demo's names are refused (a demo from before the
-    # manifest is known by its domain corpus)
-    outputs.check_earlier_run(out, "demo", outputs.DEMO_OUTPUTS, lambda o: (o / "data" / "domain.jsonl").is_file())
-    outputs.mark(out, "demo")
     data = write_sample_data(out / "data", cfg.seed)
-    tokenizer = str(data["tokenizer"])
-
     _stage(1, "sentiment task (a labelled training set, a disjoint test set) and the domain corpus without the test rows")
     train, test = sentiment_task(data["reviews"], out / "data", cfg.train_rows, cfg.test_rows, cfg.seed)
     domain = domain_corpus(data["reviews"], test, out / "data" / "domain.jsonl")
@@ -194,32 +186,56 @@ def demo(cfg: DemoConfig) -> dict:
 
     _stage(2, "prepare the general corpus (People's Daily 1998-01) and the domain corpus (reviews)")
     for name, source in (("news", data["news"]), ("reviews", out / "data" / "domain.jsonl")):
-        stats = prepare(PrepareConfig(input=[str(source)], out=str(out / f"corpus-{name}"), tokenizer=tokenizer, segment=True,
-                                      overwrite=True))  # the demo's own folder: rebuilt when its input changed
+        stats = prepare(PrepareConfig(input=[str(source)], out=str(out / f"corpus-{name}"), tokenizer=str(data["tokenizer"]),
+                                      segment=True, overwrite=True))  # the demo's own folder: rebuilt when its input changed
         print(f"{name}: " + format_stats({k: stats[k] for k in ("documents", "sentences", "tokens", "tokens_per_sentence",
                                                               "duplicates_exact", "single_sentence_documents")}).replace("\n", "; "))
+    return train, test, data["tokenizer"]
 
-    def run_pretrain(corpus: str, model: str, run: Path, steps: int, scratch: bool, save_steps: int, sop: bool) -> None:
+
+def pretrain_models(cfg: DemoConfig, corpora: Path, tokenizer: Path, out: Path) -> tuple[Path, Path]:
+    """Stages 3 and 4: the base model from scratch on `corpora`/corpus-news, then continued on corpus-reviews.
+
+    Returns the base run and the domain run (its snapshots); a rerun resumes both from their checkpoints."""
+    from transformers import AutoTokenizer
+
+    from domainlm.pretrain.command import pretrain
+    from domainlm.pretrain.config import PretrainConfig
+
+    def run_pretrain(corpus: Path, model: str, run: Path, steps: int, scratch: bool, save_steps: int, sop: bool) -> None:
         resume = "auto" if (run / "checkpoints").is_dir() else None
         lr = cfg.base_lr if scratch else cfg.domain_lr
         # beta2 0.98 and a long warmup: a post-LN encoder trained from scratch at these rates diverges without them
-        pretrain(PretrainConfig(corpus=corpus, out=str(run), model=model, from_scratch=scratch, max_seq_len=128,
+        pretrain(PretrainConfig(corpus=str(corpus), out=str(run), model=model, from_scratch=scratch, max_seq_len=128,
                                 binary_head=sop, micro_batch_size=32, max_steps=steps, max_lr=lr, min_lr=lr / 10,
                                 warmup_rate=cfg.warmup_rate, adam_beta2=0.98, max_ngrams=cfg.max_ngrams, logging_freq=25,
                                 eval_freq=max(1, steps // 4), checkpoint_steps=max(1, steps // 4), save_steps=save_steps,
                                 seed=cfg.seed, resume=resume))
 
     _stage(3, "pretrain the 'released' base model from scratch on the general corpus")
-    vocab = len(AutoTokenizer.from_pretrained(tokenizer))
     base_run = out / "base-model"
-    config = tiny_config(out / "tiny-config", vocab, cfg.layers, cfg.hidden, cfg.dropout)
-    run_pretrain(str(out / "corpus-news"), str(config), base_run, cfg.base_steps, True, 0, True)
+    config = tiny_config(out / "tiny-config", len(AutoTokenizer.from_pretrained(str(tokenizer))), cfg.layers, cfg.hidden,
+                         cfg.dropout)
+    run_pretrain(corpora / "corpus-news", str(config), base_run, cfg.base_steps, True, 0, True)
 
     _stage(4, "continue pretraining the base model on the reviews (test rows excluded), with snapshots")
     domain_run = out / "domain-pretrain"
     # most reviews are one sentence: sentence-order prediction would leave them out, so MLM only
-    run_pretrain(str(out / "corpus-reviews"), str(base_run / "final"), domain_run, cfg.domain_steps, False,
+    run_pretrain(corpora / "corpus-reviews", str(base_run / "final"), domain_run, cfg.domain_steps, False,
                  cfg.domain_steps // cfg.snapshots, False)
+    return base_run, domain_run
+
+
+def demo(cfg: DemoConfig) -> dict:
+    from domainlm.sweep.command import SweepConfig, sweep
+
+    out = Path(cfg.out)
+    # a rerun reuses its own folders; the user's under the demo's names are refused (a demo from before the
+    # manifest is known by its domain corpus)
+    outputs.check_earlier_run(out, "demo", outputs.DEMO_OUTPUTS, lambda o: (o / "data" / "domain.jsonl").is_file())
+    outputs.mark(out, "demo")
+    train, test, tokenizer = prepare_corpora(cfg, out)
+    base_run, domain_run = pretrain_models(cfg, out, tokenizer, out)
 
     _stage(5, f"sweep: base model and every snapshot, fine-tuned alike, {len(cfg.seeds)} seeds each")
     result = sweep(SweepConfig(
@@ -228,8 +244,8 @@ def demo(cfg: DemoConfig) -> dict:
         finetune={"train": str(train), "test": str(test), "epochs": cfg.epochs, "learning_rate": cfg.learning_rate,
                   "batch_size": 32, "max_seq_len": 128, "early_stopping_patience": 3},
     ))
-    print(f"\nno test row was seen in pretraining: the domain corpus left out {domain['dropped']} reviews whose text is in "
-          f"the test set ({out / 'data' / 'domain.jsonl'})")
+    print(f"\nno test row was seen in pretraining: the domain corpus ({out / 'data' / 'domain.jsonl'}) leaves out every "
+          "review whose text is in the test set")
     print(f"table: {out / 'sweep' / 'table.md'}\nreport: {out / 'sweep' / 'report.html'}")
     outputs.record(out, "demo", outputs.DEMO_OUTPUTS)
     return result

@@ -53,10 +53,18 @@ def collate(items: list[dict], targets: np.ndarray | None, pad_id: int, packed: 
     return batch
 
 
-def length_batches(lengths: Sequence[int], batch_size: int, token_budget: int = 0) -> list[np.ndarray]:
+def length_batches(lengths: Sequence[int], batch_size: int, token_budget: int = 0, call_tokens: int = 0) -> list[np.ndarray]:
     """Row indices sorted by length (stable), cut into batches of at most `batch_size` rows and, with a token budget,
-    of at most `token_budget` padded tokens (rows x longest row), so that short texts run in larger batches."""
-    order = np.argsort(np.asarray(lengths), kind="stable")
+    of at most `token_budget` padded tokens (rows x longest row), so that short texts run in larger batches.
+
+    With `call_tokens` (the fixed cost of one model call, in padded tokens) the cuts are those of least total cost,
+    padded tokens + `call_tokens` per batch (`_cheapest_cuts`): for a model that pads, a batch of mixed lengths
+    costs its longest row times its rows, and a few texts of very different lengths ran slower in one batch than
+    one at a time. Without it (a packed model: padding costs nothing) batches are as full as the limits allow."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(lengths, kind="stable")
+    if call_tokens:
+        return [order[a:b] for a, b in _cheapest_cuts(lengths[order], batch_size, token_budget, call_tokens)]
     batches, start = [], 0
     while start < len(order):
         end = min(start + batch_size, len(order))
@@ -66,6 +74,28 @@ def length_batches(lengths: Sequence[int], batch_size: int, token_budget: int = 
         batches.append(order[start:end])
         start = end
     return batches
+
+
+def _cheapest_cuts(sorted_lengths: np.ndarray, batch_size: int, token_budget: int, call_tokens: int) -> list[tuple[int, int]]:
+    """[start, end) spans of ascending lengths minimising sum(rows x longest + call_tokens) within the limits: a
+    shortest path over cut points, O(rows x batch_size)."""
+    n = len(sorted_lengths)
+    cost = np.zeros(n + 1)
+    start_of = np.zeros(n + 1, dtype=np.int64)
+    for end in range(1, n + 1):  # the batch [start, end) is padded to sorted_lengths[end - 1]
+        lo = max(0, end - batch_size)
+        rows = end - np.arange(lo, end)
+        padded = rows * sorted_lengths[end - 1]
+        total = cost[lo:end] + padded + call_tokens
+        if token_budget:
+            total[(padded > token_budget) & (rows > 1)] = np.inf
+        best = int(np.argmin(total))  # ties: the earliest start, i.e. the fewest batches
+        cost[end], start_of[end] = total[best], lo + best
+    spans, end = [], n
+    while end:
+        spans.append((int(start_of[end]), end))
+        end = spans[-1][0]
+    return spans[::-1]
 
 
 def eval_batches(features: list[dict], batch_size: int, pad_id: int, targets: np.ndarray | None = None,

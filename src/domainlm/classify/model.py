@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from domainlm.encoder.packed import encode_packed, first_tokens, supports_packing
+from domainlm.encoder.attention import Layout, scatter_padded
+from domainlm.encoder.packed import encode_packed, supports_packing
 from domainlm.errors import DomainLMError
 
 # attention projections of BERT-family encoders (BERT, ERNIE, RoBERTa name them alike)
@@ -94,15 +95,22 @@ def packing_ready(hf: nn.Module) -> bool:
 
 
 def packed_forward(hf: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """The last layer's [CLS] states and the logits of a packed batch (`encoder.packed.pack`): no padded position
-    anywhere. On a GPU this beats the padded [CLS]-only forward: variable-length flash attention needs no padding,
-    and the saved last layer is a small share of a 12-layer encoder; on a CPU, where attention runs padded anyway,
-    the [CLS]-only forward wins."""
+    """The last layer's [CLS] states and the logits of a packed batch (`encoder.packed.pack`): the layers below the
+    last run on the stream of real tokens, the last one for each sample's [CLS] query alone (as in
+    classifier_logits), over the sample's own rows scattered into a [samples, longest] buffer. No linear layer
+    touches a padded position, so a batch of texts of any lengths costs what its real tokens cost: on a CPU a
+    batch of mixed lengths ran slower per text than the texts one at a time, padded."""
     encoder = hf.base_model
+    *_, last = encoder.encoder.layer
+    layout = Layout(batch["cu_seqlens"], batch["max_len"], batch["seq_index"], batch["position_ids"])
     hidden = encode_packed(encoder, batch["input_ids"], batch["token_type_ids"], batch["position_ids"],
-                           batch["seq_index"], batch["cu_seqlens"], batch["max_len"])
-    cls = first_tokens(hidden, batch["cu_seqlens"])
-    return cls, hf.classifier(hf.dropout(encoder.pooler(cls[:, None])))
+                           batch["seq_index"], batch["cu_seqlens"], batch["max_len"], depth=len(encoder.encoder.layer) - 1)
+    padded = scatter_padded(hidden, layout)
+    lengths = layout.cu_seqlens[1:] - layout.cu_seqlens[:-1]
+    keys = torch.arange(layout.max_len, device=hidden.device)[None, :] < lengths[:, None]
+    context = last.attention.output(_cls_attention(last.attention.self, padded, keys[:, None, None, :]), padded[:, :1])
+    cls = last.output(last.intermediate(context), context)
+    return cls[:, 0], hf.classifier(hf.dropout(encoder.pooler(cls)))
 
 
 def packed_logits(hf: nn.Module, batch: dict) -> torch.Tensor:

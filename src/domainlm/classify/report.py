@@ -43,6 +43,13 @@ def write_outputs(out: Path, name: str, data: Dataset, probs: np.ndarray, labels
         M.confusion_png(metrics["confusion_matrix"], labels, out / f"{name}_confusion.png")
 
 
+def read_correctness(path: Path) -> tuple[np.ndarray, list[int]]:
+    """Per-row correctness (1.0 where the predicted labels equal the gold ones) of a <name>_predictions.jsonl, and
+    the rows' input lines: what the paired tests compare."""
+    rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    return np.asarray([sorted(r["predicted"]) == sorted(r["gold"]) for r in rows], dtype=float), [r["line"] for r in rows]
+
+
 def report_markdown(title: str, sections: dict[str, dict], labels: list[str]) -> str:
     lines = [f"# {title}", ""]
     for name, m in sections.items():

@@ -58,8 +58,7 @@ __all__ = ["CPU_ROWS", "DEVICES", "EXPORT_META", "GPU_ROWS", "GPU_TOKEN_BUDGET",
 class TorchRuntime(Runtime):
     """A PyTorch classifier (a classifier folder or a `finetune` output; LoRA is merged in there) in inference mode,
     on `device` ('cpu' or 'cuda'; on a GPU under bf16/fp16 autocast as `precision` says). The last layer runs for
-    the [CLS] position only (classify.model.classifier_logits), and a batch with no padding runs attention with no
-    mask."""
+    the [CLS] position only (classify.model.classifier_logits / packed_forward)."""
 
     kind = "pytorch-fp32"
 
@@ -84,12 +83,12 @@ class TorchRuntime(Runtime):
         self.input_names = [k for k in INPUT_NAMES if k in tokenizer.model_input_names]
         from domainlm.classify.model import packing_ready
 
-        self.packed = device == "cuda" and packing_ready(self.model)
+        self.packed = packing_ready(self.model)
         super().__init__(tokenizer, meta, max_seq_len)
 
     def feed(self, features: list[dict]) -> dict:
-        """On a GPU, BERT/ERNIE classifiers take one packed stream of the batch's real tokens (variable-length
-        flash attention, no padded position); elsewhere the padded batch."""
+        """BERT/ERNIE classifiers take one packed stream of the batch's real tokens (no linear layer sees a padded
+        position; on a GPU, variable-length flash attention); other models the padded batch."""
         if not self.packed:
             return self.pad(features)
         from domainlm.encoder.packed import pack

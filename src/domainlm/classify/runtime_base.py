@@ -27,6 +27,9 @@ TOKEN_BUDGET = 8192
 # encoder's bf16 activations for 64k tokens take about 1.5 GB in inference)
 GPU_ROWS, GPU_TOKEN_BUDGET = 512, 65536
 CPU_ROWS = 64
+# a model that pads (ONNX, non-BERT PyTorch) cuts its batches where padded tokens + this much per call are least:
+# the fixed cost of one call, in tokens' worth of work (measured in bench/serve_bench.py's offline part)
+CALL_TOKENS = 8
 
 
 def is_export_dir(path: str | Path) -> bool:
@@ -123,6 +126,9 @@ class Runtime(ClassifierRuntime):
     """A token model: tokenizer, `encode`, `pad`, and `probs_batch` (what subclasses provide: a padded batch of
     numpy arrays -> probabilities)."""
 
+    packed = False  # batches are packed token streams (no padding cost): see TorchRuntime
+    call_tokens = CALL_TOKENS
+
     def __init__(self, tokenizer, meta: dict, max_seq_len: int = 0):
         super().__init__(meta, max_seq_len)
         self.tokenizer = tokenizer
@@ -162,7 +168,8 @@ class Runtime(ClassifierRuntime):
                            for i, f in enumerate(features)], dtype=np.int64)
         unique = np.flatnonzero(same == np.arange(len(features)))
         out = np.empty((len(features), len(self.labels)), dtype=np.float32)
-        batches = length_batches([len(features[i]["input_ids"]) for i in unique], batch_size, token_budget)
+        batches = length_batches([len(features[i]["input_ids"]) for i in unique], batch_size, token_budget,
+                                 0 if self.packed else self.call_tokens)
         if progress and sys.stderr.isatty():
             from tqdm import tqdm
 

@@ -4,7 +4,6 @@ their seeds and test rows (the sweep's two-level test). Everything is read from 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -111,8 +110,9 @@ def _correct(run: Path) -> tuple[np.ndarray, list[int]] | None:
     path = run / f"{split}_predictions.jsonl"
     if not path.is_file():
         return None
-    rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-    return np.asarray([sorted(r["predicted"]) == sorted(r["gold"]) for r in rows], dtype=float), [r["line"] for r in rows]
+    from domainlm.classify.report import read_correctness
+
+    return read_correctness(path)
 
 
 def paired_test(home: Path, a: Model, b: Model) -> dict | None:

@@ -5,7 +5,8 @@ unlabelled texts -> teacher: its probabilities for every training and unlabelled
 batched, cached in --out/teacher_cache -> train: per seed, the student by finetune's recipe (classify.command._run:
 the shared loop, early stopping on dev, the best weights saved as a normal classifier folder) on hard labels mixed
 with the teacher's soft targets; with --plain, the same student fine-tuned plainly -> finish: teacher vs student
-(vs plain student) on dev/test, and the inference speed of teacher and student on the same texts.
+(vs plain student, vs the classical floor fitted on the same rows; Holm-corrected paired tests) on dev/test, and
+the inference speed of teacher and student on the same texts.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from domainlm.distill.teacher import model_labels, teacher_outputs, unlabeled_te
 from domainlm.errors import DomainLMError
 
 DISTILL_OUTPUTS = ("config.yaml", "model", "metrics.json", "report.md", "log.jsonl", "tensorboard", "*_predictions.jsonl",
-                   "*_bad_cases.jsonl", "*_confusion.png", "seed-*", "plain", "distill.json", "distill.md")
+                   "*_bad_cases.jsonl", "*_confusion.png", "seed-*", "plain", "floor", "distill.json", "distill.md")
 
 
 def student_config(cfg: DistillConfig, out: Path):
@@ -130,6 +131,11 @@ def distill(cfg: DistillConfig) -> dict:
         runs.append(run)
     if not accelerator.is_main_process:
         return {}
+    if cfg.floor:  # seeds share the labelled rows: one floor, on the first seed's validation split
+        from domainlm.classify import linear
+
+        fit, dev = splits[cfg.seeds[0]]
+        runs[0]["floor"] = linear.run(ft, fit, dev, test, labels, cfg.seeds[0], out / "floor")
 
     # ---- finish: the comparison and the speeds
     result = finish(cfg, runs, split, teacher_meta, (test or splits[cfg.seeds[0]][1]).columns(), len(extra))
@@ -143,10 +149,11 @@ def finish(cfg: DistillConfig, runs: list[dict], split: str, teacher_meta: dict,
     from domainlm.classify.runtime import load
 
     metric = "f1_micro" if cfg.task == "multilabel" else "accuracy"
-    models = ["teacher", "student"] + (["plain"] if cfg.plain else [])
+    models = ["teacher", "student"] + (["plain"] if cfg.plain else []) + (["floor"] if "floor" in runs[0] else [])
     table = {}
     for name in models:
-        values = [r[name][split][metric] if name != "teacher" else r["teacher"][metric] for r in runs]
+        values = ([runs[0]["floor"][split][metric]] if name == "floor" else
+                  [r[name][split][metric] if name != "teacher" else r["teacher"][metric] for r in runs])
         table[name] = {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
                        "per_seed": values}
     student = load(str(Path(runs[0]["folder"])))
@@ -161,18 +168,22 @@ def finish(cfg: DistillConfig, runs: list[dict], split: str, teacher_meta: dict,
               "runs": [{k: v for k, v in r.items() if k != "folder"} for r in runs]}
     if teacher_meta.get("texts_per_s"):
         result["speedup"] = student_speed / teacher_meta["texts_per_s"]
-    if cfg.plain:  # the sweep's two-level test on per-row correctness: seeds and rows both vary
-        from domainlm.sweep.stats import compare
+    # the sweep's two-level test on per-row correctness (seeds and rows both vary), Holm-corrected over the tests
+    from domainlm.classify.report import read_correctness
+    from domainlm.sweep.stats import compare, holm
 
-        correct = {name: np.stack([_correct(Path(r["folder"]) / sub / f"{split}_predictions.jsonl") for r in runs])
-                   for name, sub in (("student", ""), ("plain", "plain"))}
-        result["student_vs_plain"] = compare(correct["student"], correct["plain"])
+    def correct(sub: str) -> np.ndarray:
+        return np.stack([read_correctness(Path(r["folder"]) / sub / f"{split}_predictions.jsonl")[0] for r in runs])
+
+    student, bases = correct(""), {}
+    if cfg.plain:
+        bases["plain"] = correct("plain")
+    if "floor" in runs[0]:  # one floor for every seed
+        bases["floor"] = read_correctness(Path(cfg.out) / "floor" / f"{split}_predictions.jsonl")[0][None, :]
+    tests = {name: compare(student, base) for name, base in bases.items()}
+    for (name, t), adjusted in zip(tests.items(), holm([t["p_value"] for t in tests.values()])):
+        result[f"student_vs_{name}"] = {**t, "p_holm": float(adjusted)}
     return result
-
-
-def _correct(path: Path) -> np.ndarray:
-    rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
-    return np.asarray([sorted(r["predicted"]) == sorted(r["gold"]) for r in rows], dtype=float)
 
 
 def report(cfg: DistillConfig, result: dict) -> str:
@@ -188,11 +199,12 @@ def report(cfg: DistillConfig, result: dict) -> str:
                      f"{' '.join(f'{100 * x:.1f}' for x in v['per_seed'])} | {speed:.1f} |" if speed else
                      f"| {name} | {100 * v['mean']:.1f} ± {100 * v['std']:.1f} | "
                      f"{' '.join(f'{100 * x:.1f}' for x in v['per_seed'])} | |")
-    if "student_vs_plain" in result:
-        t = result["student_vs_plain"]
-        lines += ["", f"Distilled vs plainly fine-tuned student: {100 * t['difference']:+.1f} points of per-row correctness "
-                      f"(95% CI {100 * t['ci95'][0]:+.1f} to {100 * t['ci95'][1]:+.1f}), one-sided p = {t['p_value']:.3f} "
-                      f"(two-level test over {t['seeds'][0]} seeds and {t['rows']} rows)."]
+    for name, what in (("plain", "the plainly fine-tuned student"), ("floor", "the classical floor")):
+        if f"student_vs_{name}" in result:
+            t = result[f"student_vs_{name}"]
+            lines += ["", f"Distilled student vs {what}: {100 * t['difference']:+.1f} points of per-row correctness "
+                          f"(95% CI {100 * t['ci95'][0]:+.1f} to {100 * t['ci95'][1]:+.1f}), one-sided p = {t['p_value']:.3f}, "
+                          f"Holm-adjusted {t['p_holm']:.3f} (two-level test over {t['seeds'][0]} seeds and {t['rows']} rows)."]
     if "speedup" in result:
         lines += ["", f"The student answers {result['speedup']:.1f}x as many texts per second as the teacher on the same "
                       f"texts (the teacher timed when its outputs were computed)."]

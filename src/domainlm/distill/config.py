@@ -31,6 +31,7 @@ class DistillConfig:
     hidden_weight: float = option(0.0, "weight of matching the student's [CLS] state to the teacher's through a learned "
                                        "projection (students of another width; 0: off; a PyTorch teacher only)", low=0)
     plain: bool = option(False, "also fine-tune the student plainly (same seed, same rows) and report it beside")
+    floor: bool = option(True, "also fit the classical floor on the same rows and report it beside, with the tests")
     task: Literal["multiclass", "multilabel"] = option("multiclass", "one label per row, or several (must match the teacher)")
     text_column: str = option("text", "column with the text")
     pair_column: str | None = option(None, "column with a second text")

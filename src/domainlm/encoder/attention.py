@@ -84,4 +84,9 @@ def packed_attention(q, k, v, layout: Layout, dropout_p: float = 0.0, scale: flo
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if flash_usable(q):
         return _FlashVarlen.apply(q, k, v, layout.cu_seqlens, layout.max_len, dropout_p, scale)
+    if layout.n_samples == 1:  # one text (a served request): nothing to pad or mask
+        def heads_first(t: torch.Tensor) -> torch.Tensor:
+            return t.transpose(0, 1)[None]
+        out = F.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v), dropout_p=dropout_p, scale=scale)
+        return out[0].transpose(0, 1)
     return _padded_sdpa(q, k, v, layout, dropout_p, scale)

@@ -60,15 +60,19 @@ def _qkv(sa: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 def _layer(layer: nn.Module, x: torch.Tensor, layout: Layout, heads: int, attention_dropout: float) -> torch.Tensor:
     t, width = x.shape
     sa = layer.attention.self
-    q, k, v = F.linear(x, *_qkv(sa)).view(t, 3, heads, width // heads).unbind(1)
+    if torch.is_grad_enabled():  # one product of three times the width; its weight is joined anew as it trains
+        q, k, v = F.linear(x, *_qkv(sa)).view(t, 3, heads, width // heads).unbind(1)
+    else:  # inference: joining the weights would copy them on every call, which costs a short text more than it saves
+        q, k, v = (F.linear(x, m.weight, m.bias).view(t, heads, width // heads) for m in (sa.query, sa.key, sa.value))
     context = packed_attention(q, k, v, layout, attention_dropout if layer.training else 0.0)
     x = layer.attention.output(context.reshape(t, width), x)  # dense, dropout, residual, LayerNorm
     return layer.output(layer.intermediate(x), x)
 
 
 def encode_packed(base_model: nn.Module, input_ids, token_type_ids, position_ids, seq_index, cu_seqlens,
-                  max_len: int) -> torch.Tensor:
-    """Hidden states [T, hidden] of a packed stream (each argument as `pack` makes it)."""
+                  max_len: int, depth: int | None = None) -> torch.Tensor:
+    """Hidden states [T, hidden] of a packed stream (each argument as `pack` makes it), after the first `depth`
+    layers (default: all)."""
     config = base_model.config
     layout = Layout(cu_seqlens, max_len, seq_index, position_ids)
     offset = position_offset(base_model)
@@ -80,7 +84,7 @@ def encode_packed(base_model: nn.Module, input_ids, token_type_ids, position_ids
     attention_dropout = getattr(config, "attention_probs_dropout_prob", 0.0)
     # gradient checkpointing as the model was told (`gradient_checkpointing_enable`): each layer recomputed in the
     # backward pass; non-reentrant, which replays dropout exactly
-    layers = base_model.encoder.layer
+    layers = base_model.encoder.layer[:depth]
     # transformers 4 keeps the switch on the encoder, 5 on each layer
     recompute = (getattr(base_model.encoder, "gradient_checkpointing", False)
                  or getattr(layers[0], "gradient_checkpointing", False)) and torch.is_grad_enabled()

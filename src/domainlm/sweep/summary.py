@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from domainlm.classify.report import read_correctness
 from domainlm.errors import DomainLMError
 from domainlm.sweep.report import html_page, markdown_table, plot_curves
 from domainlm.sweep.stats import compare, holm, mean_std
@@ -67,18 +68,13 @@ def _cell_results(root: Path, folder: str) -> tuple[dict, np.ndarray] | None:
     return metrics[split], correct
 
 
-def _correct(path: Path) -> np.ndarray:
-    rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
-    return np.asarray([sorted(r["predicted"]) == sorted(r["gold"]) for r in rows], dtype=float)
-
-
 def _blend_results(root: Path, folder: str) -> tuple[dict, np.ndarray, float] | None:
     """A cell's blend with its floor (`finetune --blend`), on the test rows only: on dev rows it chose its weight."""
     path = root / "cells" / folder
     if not (path / "DONE").is_file() or not (path / "blend_test_predictions.jsonl").is_file():
         return None
     blend = json.loads((path / "metrics.json").read_text(encoding="utf-8")).get("blend", {})
-    return blend["test"], _correct(path / "blend_test_predictions.jsonl"), blend["weight"]
+    return blend["test"], read_correctness(path / "blend_test_predictions.jsonl")[0], blend["weight"]
 
 
 def _test_blends(cfg, results: list[dict], root: Path) -> None:
@@ -86,7 +82,7 @@ def _test_blends(cfg, results: list[dict], root: Path) -> None:
     test as the checkpoints, Holm-adjusted over the two."""
     primary = cfg.metrics[0]
     floor_file = root / "floor" / "test_predictions.jsonl"
-    floor = _correct(floor_file)[None, :] if floor_file.is_file() else None
+    floor = read_correctness(floor_file)[0][None, :] if floor_file.is_file() else None
     for r in results:
         b = r.get("blend")
         if not b or not b["correct"]:
@@ -117,10 +113,13 @@ def blend_verdict(cfg, results: list[dict]) -> str | None:
     name = f"the blend of {r['model']} {r['checkpoint']} with the floor (model weight {b['weight']:.2f})"
     value = f"{primary} {pct(b[primary]['mean'])} ± {pct(b[primary]['std'])}"
     tests = [(what, b[key]) for what, key in (("the model alone", "vs_model"), ("the floor", "vs_floor")) if key in b]
-    said = [f"{what} by {100 * t['difference']:+.1f} points (Holm-adjusted p {pval(t['p_holm'])})" for what, t in tests]
-    if tests and all(t["win"] for _, t in tests):
-        return f"Ship {name}: {value}, above {' and '.join(said)}."
-    return f"{name[0].upper()}{name[1:]} scores {value}: not shown to beat {' and '.join(said) or 'anything'}."
+    said = {what: f"{what} by {100 * t['difference']:+.1f} points (Holm-adjusted p {pval(t['p_holm'])})" for what, t in tests}
+    wins = [said[what] for what, t in tests if t["win"]]
+    losses = [said[what] for what, t in tests if not t["win"]]
+    if tests and not losses:
+        return f"Ship {name}: {value}, above {' and '.join(wins)}."
+    beats = f"beats {' and '.join(wins)} but " if wins else ""
+    return f"{name[0].upper()}{name[1:]} scores {value}: it {beats}is not shown to beat {' and '.join(losses) or 'anything'}."
 
 
 def gather(cfg, cells, root: Path) -> list[dict]:
