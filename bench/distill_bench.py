@@ -8,8 +8,9 @@ reviews; the unlabelled texts are the other reviews (no test or training text am
 
 Models: the student's encoder is pretrained here by the demo's own stages (from scratch on People's Daily with SOP,
 then continued on the reviews without the test rows), at the demo's shape and steps (2x128, 800 + 400). The teacher
-is either (--teacher folds, the default) the fold ensemble of `finetune --folds K` on that encoder: K fine-tuned
-models, K x the student's parameters, answering by their mean probabilities; or (--teacher large) one 6x512 encoder
+is an ensemble of K fine-tuned copies of that encoder (K x the student's parameters, answering by their mean
+probabilities): --teacher seeds (the default) K seeds on every training row, as the plain student trains, or
+--teacher folds, the fold ensemble of `finetune --folds K`; or (--teacher large) one 6x512 encoder
 (9.6x the parameters) pretrained the same way for --teacher-steps and fine-tuned once. On 2 CPU cores the large
 teacher pretrains at about 360 tokens/s against the student's 6,000, so in the hour it can have it learns far less
 than the student and teaches nothing; on a GPU give it the student's steps or more. --teacher-model /
@@ -65,9 +66,10 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--teacher-model", help="encoder for the teacher (default: a 6x512 BERT pretrained here)")
     p.add_argument("--student-model", help="encoder for the student (default: the demo's 2x128 base pretrained here)")
-    p.add_argument("--teacher", choices=["folds", "large"], default="folds",
-                   help="folds: the fold ensemble of the student's encoder; large: a 6x512 encoder pretrained here")
-    p.add_argument("--teacher-folds", type=int, default=8, help="members of the fold-ensemble teacher")
+    p.add_argument("--teacher", choices=["seeds", "folds", "large"], default="seeds",
+                   help="seeds / folds: an ensemble of the student's encoder fine-tuned with K seeds / K folds; "
+                        "large: a 6x512 encoder pretrained here")
+    p.add_argument("--teacher-folds", type=int, default=8, help="K: members of the ensemble teacher")
     p.add_argument("--teacher-steps", default="300,150", help="the large teacher's pretraining steps: general,domain")
     p.add_argument("--student-steps", default="800,400", help="the student's pretraining steps: general,domain (the demo's)")
     p.add_argument("--teacher-pretrain-lr", type=float, default=1e-3, help="half the demo's: 512 wide, post-LN, from scratch")
@@ -111,25 +113,33 @@ def main() -> None:
         student_model = str(pretrained_encoder(out / "pretrain-student", *small, steps["student"], 2e-3, args.test_rows))
     else:
         student_model = str(random_encoder(out / "student-encoder", data["tokenizer"], *small))
-    if args.teacher_model or args.teacher == "folds":
+    if args.teacher_model or args.teacher != "large":
         teacher_model = args.teacher_model or student_model
     elif pretrained:
         teacher_model = str(pretrained_encoder(out / "pretrain-teacher", *big, steps["teacher"], args.teacher_pretrain_lr,
                                                args.test_rows))
     else:
         teacher_model = str(random_encoder(out / "teacher-encoder", data["tokenizer"], *big))
-    folds = args.teacher_folds if args.teacher == "folds" else 0
+    folds = args.teacher_folds if args.teacher != "large" else 0
     sizes = {"teacher": max(folds, 1) * parameters(teacher_model), "student": parameters(student_model)}
     print(f"parameters: teacher {sizes['teacher']:,}, student {sizes['student']:,} "
           f"({sizes['teacher'] / sizes['student']:.1f}x)", flush=True)
 
     common = ["--max-seq-len", "128", "--batch-size", "32", "--precision", "auto"]
-    teacher = out / ("teacher-folds" if folds else "teacher")
+    teacher = out / (f"teacher-{args.teacher}" if folds else "teacher")
     teacher_lr = args.teacher_lr or (args.learning_rate if folds else 2e-4)
     if not (teacher / "metrics.json").is_file():
         assert domainlm(["finetune", "--model", teacher_model, "--train", str(train), "--test", str(test), "--out", str(teacher),
                          "--epochs", str(args.teacher_epochs), "--learning-rate", str(teacher_lr), "--no-floor",
-                         *(["--folds", str(folds)] if folds else []), "--overwrite", *common]) == 0
+                         *(["--folds", str(folds)] if args.teacher == "folds" else []),
+                         *(["--seeds", ",".join(map(str, range(101, 101 + folds)))] if args.teacher == "seeds" else []),
+                         "--overwrite", *common]) == 0
+        if args.teacher == "seeds":  # the K seed runs as one classifier folder: the mean of their probabilities
+            from domainlm.classify.ensemble_file import write_ensemble
+            from domainlm.distill.teacher import model_labels
+
+            members = [f"seed-{k}" for k in range(101, 101 + folds)]
+            write_ensemble(teacher, members, *model_labels(str(teacher / members[0])), seeds=folds)
     run = out / "distill"
     assert domainlm(["distill", "--teacher", str(teacher), "--student", student_model, "--train", str(train), "--test", str(test),
                      "--unlabeled", str(out / "data" / "unlabeled.txt"), "--out", str(run), "--seeds", args.seeds, "--plain",
