@@ -106,9 +106,7 @@ def packed_forward(hf: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tens
     hidden = encode_packed(encoder, batch["input_ids"], batch["token_type_ids"], batch["position_ids"],
                            batch["seq_index"], batch["cu_seqlens"], batch["max_len"], depth=len(encoder.encoder.layer) - 1)
     padded = scatter_padded(hidden, layout)
-    lengths = layout.cu_seqlens[1:] - layout.cu_seqlens[:-1]
-    keys = torch.arange(layout.max_len, device=hidden.device)[None, :] < lengths[:, None]
-    context = last.attention.output(_cls_attention(last.attention.self, padded, keys[:, None, None, :]), padded[:, :1])
+    context = last.attention.output(_cls_attention(last.attention.self, padded, layout.key_mask()), padded[:, :1])
     cls = last.output(last.intermediate(context), context)
     return cls[:, 0], hf.classifier(hf.dropout(encoder.pooler(cls)))
 

@@ -131,28 +131,33 @@ def distill(cfg: DistillConfig) -> dict:
         runs.append(run)
     if not accelerator.is_main_process:
         return {}
+    floor = None
     if cfg.floor:  # seeds share the labelled rows: one floor, on the first seed's validation split
         from domainlm.classify import linear
 
         fit, dev = splits[cfg.seeds[0]]
-        runs[0]["floor"] = linear.run(ft, fit, dev, test, labels, cfg.seeds[0], out / "floor")
+        floor = out / "floor"
+        linear.run(ft, fit, dev, test, labels, cfg.seeds[0], floor)
 
     # ---- finish: the comparison and the speeds
-    result = finish(cfg, runs, split, teacher_meta, (test or splits[cfg.seeds[0]][1]).columns(), len(extra))
+    result = finish(cfg, runs, split, teacher_meta, (test or splits[cfg.seeds[0]][1]).columns(), len(extra), floor)
     (out / "distill.json").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
     (out / "distill.md").write_text(report(cfg, result), encoding="utf-8")
     print(report(cfg, result))
     return result
 
 
-def finish(cfg: DistillConfig, runs: list[dict], split: str, teacher_meta: dict, speed_texts, unlabeled_rows: int) -> dict:
+def finish(cfg: DistillConfig, runs: list[dict], split: str, teacher_meta: dict, speed_texts, unlabeled_rows: int,
+           floor: Path | None = None) -> dict:
+    """The table (teacher, student, plain student, the floor in `floor`), the speeds and the paired tests."""
     from domainlm.classify.runtime import load
 
     metric = "f1_micro" if cfg.task == "multilabel" else "accuracy"
-    models = ["teacher", "student"] + (["plain"] if cfg.plain else []) + (["floor"] if "floor" in runs[0] else [])
+    models = ["teacher", "student"] + (["plain"] if cfg.plain else []) + (["floor"] if floor else [])
+    floor_metrics = json.loads((floor / "metrics.json").read_text(encoding="utf-8")) if floor else None
     table = {}
     for name in models:
-        values = ([runs[0]["floor"][split][metric]] if name == "floor" else
+        values = ([floor_metrics[split][metric]] if name == "floor" else
                   [r[name][split][metric] if name != "teacher" else r["teacher"][metric] for r in runs])
         table[name] = {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
                        "per_seed": values}
@@ -178,8 +183,8 @@ def finish(cfg: DistillConfig, runs: list[dict], split: str, teacher_meta: dict,
     student, bases = correct(""), {}
     if cfg.plain:
         bases["plain"] = correct("plain")
-    if "floor" in runs[0]:  # one floor for every seed
-        bases["floor"] = read_correctness(Path(cfg.out) / "floor" / f"{split}_predictions.jsonl")[0][None, :]
+    if floor:  # one floor for every seed
+        bases["floor"] = read_correctness(floor / f"{split}_predictions.jsonl")[0][None, :]
     tests = {name: compare(student, base) for name, base in bases.items()}
     for (name, t), adjusted in zip(tests.items(), holm([t["p_value"] for t in tests.values()])):
         result[f"student_vs_{name}"] = {**t, "p_holm": float(adjusted)}

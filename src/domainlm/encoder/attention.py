@@ -35,6 +35,11 @@ class Layout:
     def n_samples(self) -> int:
         return self.cu_seqlens.numel() - 1
 
+    def key_mask(self) -> torch.Tensor:
+        """[B, 1, 1, longest] bool: True at each sample's real positions of a `scatter_padded` buffer."""
+        lengths = self.cu_seqlens[1:] - self.cu_seqlens[:-1]
+        return (torch.arange(self.max_len, device=lengths.device)[None, :] < lengths[:, None])[:, None, None, :]
+
 
 def flash_usable(q: torch.Tensor) -> bool:
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
@@ -66,17 +71,12 @@ def scatter_padded(t: torch.Tensor, layout: Layout, width: int | None = None) ->
 
 
 def _padded_sdpa(q, k, v, layout: Layout, dropout_p: float, scale: float) -> torch.Tensor:
-    length = layout.max_len
-    index = (layout.seq_index, layout.positions)
-
     def padded(t: torch.Tensor) -> torch.Tensor:  # [T, h, d] -> [B, h, L, d]
         return scatter_padded(t, layout).transpose(1, 2)
 
-    lengths = layout.cu_seqlens[1:] - layout.cu_seqlens[:-1]
-    keys = torch.arange(length, device=q.device)[None, :] < lengths[:, None]
-    out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=keys[:, None, None, :],
+    out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=layout.key_mask(),
                                          dropout_p=dropout_p, scale=scale)
-    return out.transpose(1, 2)[index]
+    return out.transpose(1, 2)[layout.seq_index, layout.positions]
 
 
 def packed_attention(q, k, v, layout: Layout, dropout_p: float = 0.0, scale: float | None = None) -> torch.Tensor:

@@ -63,9 +63,7 @@ def _cell_results(root: Path, folder: str) -> tuple[dict, np.ndarray] | None:
         return None
     metrics = json.loads((path / "metrics.json").read_text(encoding="utf-8"))
     split = "test" if "test" in metrics else "dev"
-    rows = [json.loads(x) for x in (path / f"{split}_predictions.jsonl").read_text(encoding="utf-8").splitlines()]
-    correct = np.asarray([sorted(r["predicted"]) == sorted(r["gold"]) for r in rows], dtype=float)
-    return metrics[split], correct
+    return metrics[split], read_correctness(path / f"{split}_predictions.jsonl")[0]
 
 
 def _blend_results(root: Path, folder: str) -> tuple[dict, np.ndarray, float] | None:
