@@ -51,7 +51,7 @@ def pretrained_encoder(folder: Path, layers: int, hidden: int, steps: list[int],
     corpora = folder.parent / "corpora"
     if not (corpora / "corpus-reviews").is_dir():
         prepare_corpora(cfg, corpora)
-    _, domain_run = pretrain_models(cfg, corpora, corpora / "data" / "bert-base-chinese-vocab", folder)
+    _, domain_run = pretrain_models(cfg, corpora, corpora / "data" / "tokenizer", folder)
     return domain_run / "final"
 
 

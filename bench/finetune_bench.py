@@ -49,7 +49,7 @@ def make_data(work: Path, n_train: int, n_test: int, n_dev: int = 200, seed: int
         p = work / f"{name}.jsonl"
         p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part), encoding="utf-8")
         paths.append(p)
-    return paths[0], paths[1], paths[2], data["tokenizer"]
+    return paths[0], paths[1], paths[2], data["bert-base-chinese"]
 
 
 def base_model(work: Path, tokenizer_dir: Path, shape: str = "4x256") -> Path:

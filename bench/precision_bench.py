@@ -9,7 +9,10 @@ whole command's wall time. The baseline is fp32, the precision a user gets with 
     python bench/precision_bench.py --corpus STORE --settings "bf16,bf16 padded" --seq 256 --micro-batch-size 128
     # the CPU (fp32 only): the demo's domain step, short reviews, MLM only, packed vs padded
     python bench/precision_bench.py --corpus REVIEWS_STORE --settings "fp32,fp32 padded" --layers 2 --hidden 128 \
-        --dropout 0 --micro-batch-size 32 --steps 40 --extra=--no-binary-head
+        --dropout 0 --micro-batch-size 32 --steps 40 --extra=--no-binary-head --repeats 5
+
+With --repeats N the settings run in turns, N times, so that a shared machine's slow minutes fall on both; each
+turn's ratio is printed, then the medians.
 """
 
 from __future__ import annotations
@@ -29,6 +32,28 @@ SETTINGS = {"fp32": ["--precision", "no"], "bf16": ["--precision", "bf16"],
             "fp32 padded": ["--precision", "no", "--no-unpad"]}
 
 
+def _run(args, work: Path, name: str, flags: list[str], log_every: int, turn: int) -> float | None:
+    """One `pretrain` command; its median training tokens/s over the logged windows after the first."""
+    out = work / f"{name.replace(' ', '')}-{turn}"
+    started = time.perf_counter()
+    with open(work / f"{out.name}.log", "w") as log:
+        subprocess.run([sys.executable, "-m", "domainlm.cli", "pretrain", "--corpus", args.corpus, "--out", str(out),
+                       "--model", str(work / "config"), "--from-scratch", "--max-seq-len", str(args.seq),
+                       "--micro-batch-size", str(args.micro_batch_size), "--max-steps", str(args.steps),
+                       "--logging-freq", str(log_every), "--eval-freq", str(10**9), "--checkpoint-steps", str(10**9),
+                       "--no-tensorboard", *flags], env=os.environ, stdout=log, stderr=subprocess.STDOUT)
+    if not (out / "results.json").is_file():
+        tail = (work / f"{out.name}.log").read_text(encoding="utf-8").splitlines()[-5:]
+        print(f"{name}: failed:\n  " + "\n  ".join(tail))
+        return None
+    wall = time.perf_counter() - started
+    logs = [json.loads(x) for x in (out / "log.jsonl").read_text(encoding="utf-8").splitlines()]
+    windows = [r["tokens_per_s"] for r in logs if r.get("split") == "train" and "tokens_per_s" in r][1:]
+    rate = statistics.median(windows)
+    print(f"{name:16} {rate:>10,.0f} tokens/s (median of {len(windows)} windows)   whole command {wall:.0f} s")
+    return rate
+
+
 def main() -> None:
     import torch
     from transformers import BertConfig
@@ -44,38 +69,33 @@ def main() -> None:
     parser.add_argument("--settings", default="fp32,bf16,bf16 + compile", help=f"comma list of: {', '.join(SETTINGS)}")
     parser.add_argument("--dropout", type=float, default=0.1, help="hidden and attention dropout (the demo uses 0)")
     parser.add_argument("--extra", default="", help="more `pretrain` flags for every setting, space-separated")
+    parser.add_argument("--repeats", type=int, default=1, help="turns over the settings (medians are reported)")
     args = parser.parse_args()
     gpu_only = [s for s in args.settings.split(",") if not s.startswith("fp32")]
     if gpu_only and not torch.cuda.is_available():
         sys.exit(f"{', '.join(gpu_only)}: these settings need a GPU; none is visible (fp32 settings run on a CPU)")
     work = Path(tempfile.mkdtemp(prefix="domainlm-precision-"))
-    BertConfig(vocab_size=21128, hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(str(Path(args.corpus) / "tokenizer")))  # the store's own vocabulary
+    BertConfig(vocab_size=vocab, hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
                intermediate_size=4 * args.hidden, max_position_embeddings=512, hidden_dropout_prob=args.dropout,
                attention_probs_dropout_prob=args.dropout).save_pretrained(work / "config")
     log_every = max(1, args.steps // 4)
-    rates = {}
+    rates: dict[str, list[float]] = {}
     workers = [] if args.num_workers is None else ["--num-workers", str(args.num_workers)]
-    for name in args.settings.split(","):
-        flags = SETTINGS[name] + workers + args.extra.split()
-        out = work / name.replace(" ", "")
-        started = time.perf_counter()
-        with open(work / f"{out.name}.log", "w") as log:
-            subprocess.run([sys.executable, "-m", "domainlm.cli", "pretrain", "--corpus", args.corpus, "--out", str(out),
-                           "--model", str(work / "config"), "--from-scratch", "--max-seq-len", str(args.seq),
-                           "--micro-batch-size", str(args.micro_batch_size), "--max-steps", str(args.steps),
-                           "--logging-freq", str(log_every), "--eval-freq", str(10**9), "--checkpoint-steps", str(10**9),
-                           "--no-tensorboard", *flags], env=os.environ, stdout=log, stderr=subprocess.STDOUT)
-        if not (out / "results.json").is_file():
-            tail = (work / f"{out.name}.log").read_text(encoding="utf-8").splitlines()[-5:]
-            print(f"{name}: failed:\n  " + "\n  ".join(tail))
-            continue
-        wall = time.perf_counter() - started
-        logs = [json.loads(x) for x in (out / "log.jsonl").read_text(encoding="utf-8").splitlines()]
-        windows = [r["tokens_per_s"] for r in logs if r.get("split") == "train" and "tokens_per_s" in r][1:]
-        rates[name] = statistics.median(windows)
-        print(f"{name:16} {rates[name]:>10,.0f} tokens/s (median of {len(windows)} windows)   whole command {wall:.0f} s")
+    names = args.settings.split(",")
+    for turn in range(args.repeats):
+        for name in names:
+            rate = _run(args, work, name, SETTINGS[name] + workers + args.extra.split(), log_every, turn)
+            if rate is not None:
+                rates.setdefault(name, []).append(rate)
+        if args.repeats > 1 and len(rates.get(names[0], [])) == turn + 1:
+            print("  turn", turn + 1, "  ".join(f"{n} {rates[n][-1] / rates[names[0]][-1]:.2f}x"
+                                            for n in names[1:] if len(rates.get(n, [])) == turn + 1))
+    rates = {name: statistics.median(r) for name, r in rates.items()}
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{where}, {args.layers}x{args.hidden}, micro batch {args.micro_batch_size} x {args.seq} tokens")
+    print(f"{where}, {args.layers}x{args.hidden}, vocabulary {vocab:,}, micro batch {args.micro_batch_size} x {args.seq} tokens")
     first = next(iter(rates), None)
     for name, rate in rates.items():
         if name != first:

@@ -112,7 +112,7 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="domainlm-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    tokenizer_dir = write_sample_data(work / "data")["tokenizer"]
+    tokenizer_dir = write_sample_data(work / "data")["bert-base-chinese"]
     big = build_corpus(work, args.mb)
     small = build_corpus(work, args.mb / 10)
     mb = big.stat().st_size / 1e6

@@ -87,10 +87,10 @@ def build_samples(corpus: str, n: int, seq: int, work: Path) -> list[dict]:
     data = write_sample_data(work / "data")
     store = work / f"store-{corpus}"
     if not (store / "meta.json").is_file():
-        prepare(PrepareConfig(input=[str(data[corpus])], out=str(store), tokenizer=str(data["tokenizer"]), segment=True),
+        prepare(PrepareConfig(input=[str(data[corpus])], out=str(store), tokenizer=str(data["bert-base-chinese"]), segment=True),
                 progress=False)
     store = Corpus(store)
-    tok = AutoTokenizer.from_pretrained(str(data["tokenizer"]))
+    tok = AutoTokenizer.from_pretrained(str(data["bert-base-chinese"]))
     sop = corpus == "news"
     samples, _ = index(store, np.arange(store.n_documents), seq - (3 if sop else 2), 0.0, 2 if sop else 1, seed=0)
     special = {"cls": tok.cls_token_id, "sep": tok.sep_token_id, "mask": tok.mask_token_id}

@@ -48,7 +48,7 @@ def task_data(work: Path, train_rows: int, test_rows: int) -> tuple[Path, Path, 
 
     data = write_sample_data(work / "data")
     train, test = sentiment_task(data["reviews"], work / "data", train_rows, test_rows, 1234)
-    return train, test, data["tokenizer"]
+    return train, test, data["bert-base-chinese"]
 
 
 def random_classifier(out: Path, tokenizer_dir: Path, layers: int, width: int) -> Path:

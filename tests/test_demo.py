@@ -4,20 +4,28 @@ import json
 
 import pytest
 
-from domainlm.demo import domain_corpus, people_daily_documents, sentiment_task, write_sample_data
+from domainlm.demo import (
+    domain_corpus,
+    people_daily_documents,
+    sentiment_task,
+    trimmed_vocabulary,
+    write_sample_data,
+)
 from domainlm.errors import DomainLMError
+
+
+@pytest.fixture(scope="module")
+def sample_data(tmp_path_factory):
+    return write_sample_data(tmp_path_factory.mktemp("data"))
 
 
 def _rows(path):
     return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
 
 
-def test_sample_data_and_a_disjoint_balanced_sentiment_task(tmp_path):
-    data = write_sample_data(tmp_path)
+def test_sample_data_and_a_disjoint_balanced_sentiment_task(tmp_path, sample_data):
+    data = sample_data
     assert len(json.loads(data["reviews"].read_text(encoding="utf-8").splitlines()[0])) == 2
-    from transformers import AutoTokenizer
-
-    assert len(AutoTokenizer.from_pretrained(str(data["tokenizer"]))) == 21128
     docs = people_daily_documents()
     assert len(docs) > 1000 and "/n" not in docs[0] and "/v" not in docs[0]
     train, test = sentiment_task(data["reviews"], tmp_path, 200, 400, seed=1)
@@ -28,8 +36,8 @@ def test_sample_data_and_a_disjoint_balanced_sentiment_task(tmp_path):
     assert sum(r["label"] == "pos" for r in rows["test"]) == 200
 
 
-def test_the_domain_corpus_holds_no_test_row_but_every_other_review(tmp_path):
-    data = write_sample_data(tmp_path)
+def test_the_domain_corpus_holds_no_test_row_but_every_other_review(tmp_path, sample_data):
+    data = sample_data
     train, test = sentiment_task(data["reviews"], tmp_path, 200, 400, seed=1)
     reviews = _rows(data["reviews"])
     test_texts = {"".join(r["text"].split()) for r in _rows(test)}
@@ -46,8 +54,8 @@ def test_the_domain_corpus_holds_no_test_row_but_every_other_review(tmp_path):
     assert stats["kept"] == sum("".join(r["text"].split()) not in test_texts for r in reviews)
 
 
-def test_the_test_set_does_not_depend_on_the_number_of_training_rows(tmp_path):
-    data = write_sample_data(tmp_path / "data")
+def test_the_test_set_does_not_depend_on_the_number_of_training_rows(tmp_path, sample_data):
+    data = sample_data
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     small = sentiment_task(data["reviews"], tmp_path / "a", 100, 300, seed=3)
@@ -56,6 +64,41 @@ def test_the_test_set_does_not_depend_on_the_number_of_training_rows(tmp_path):
     assert len(_rows(large[0])) == 2000
     with pytest.raises(DomainLMError, match="--train-rows 40000"):
         sentiment_task(data["reviews"], tmp_path / "b", 40000, 300, seed=3)
+
+
+def test_the_trimmed_vocabulary_tokenizes_its_texts_as_the_full_one(tmp_path):
+    """Kept: the special tokens and every entry the texts use, in the full vocabulary's order; the texts (ideographs,
+    words cut into word pieces, accents and full-width forms the tokenizer folds) come out token for token the same."""
+    from transformers import BertTokenizerFast
+
+    entries = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "unused", "今", "天", "气", "好", "不", "hello", "hell", "he",
+               "##llo", "##o", "world", "cafe", "1998", "年", "，", ",", "##s"]
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "vocab.txt").write_text("\n".join(entries) + "\n", encoding="utf-8")
+    texts = ["今天天气好，hello world", "hellos Café 1998年", "  今天\u200b不好 ", "hex"]
+    trimmed = trimmed_vocabulary(tmp_path / "full" / "vocab.txt", texts, tmp_path / "trimmed")
+    kept = (trimmed / "vocab.txt").read_text(encoding="utf-8").split()
+    assert kept == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "今", "天", "气", "好", "不", "hello", "world", "cafe",
+                    "1998", "年", "，", "##s"]  # "hex" is [UNK] in both
+    full, small = (BertTokenizerFast.from_pretrained(str(p)) for p in (tmp_path / "full", trimmed))
+    for text in texts:
+        assert small.convert_ids_to_tokens(small(text)["input_ids"]) == full.convert_ids_to_tokens(full(text)["input_ids"])
+
+
+def test_the_demo_tokenizer_keeps_what_its_texts_use(tmp_path, sample_data):
+    import shutil
+
+    from transformers import BertTokenizerFast
+
+    from domainlm.demo import _package_file
+
+    shutil.copy(_package_file("fastbert", "files/google_zh_vocab.txt"), tmp_path / "vocab.txt")
+    full, small = (BertTokenizerFast.from_pretrained(str(p)) for p in (tmp_path, sample_data["tokenizer"]))
+    assert len(full) == 21128 and 5000 < len(small) < 10000
+    texts = [json.loads(x)["text"] for x in sample_data["reviews"].read_text(encoding="utf-8").splitlines()[::10]]
+    texts += sample_data["news"].read_text(encoding="utf-8").split("\n\n")[::20]
+    assert [small.convert_ids_to_tokens(x) for x in small(texts)["input_ids"]] == \
+        [full.convert_ids_to_tokens(x) for x in full(texts)["input_ids"]]
 
 
 def test_the_base_model_config_follows_the_demo_options(tmp_path):

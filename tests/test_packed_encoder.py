@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from domainlm.encoder.attention import Layout, flash_usable
+from domainlm.encoder.attention import Layout, flash_usable, packed_attention
 from domainlm.encoder.packed import encode_packed, first_tokens, pack, pack_padded, supports_packing, unpack
 
 ATOL = 2e-5  # fp32: the two forwards differ only in summation order
@@ -80,6 +80,36 @@ def test_inference_forward_equals_padded_for_batches_and_single_texts(lengths):
         hidden = encode_packed(model, **{k: packed[k] for k in ("input_ids", "token_type_ids", "position_ids",
                                                               "seq_index", "cu_seqlens", "max_len")})
     torch.testing.assert_close(hidden, padded[mask.bool()], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("lengths", [[3, 3, 3, 3, 3, 3, 150, 200, 256], [200, 1, 256, 3, 2, 150, 3, 3]])
+def test_attention_in_spans_equals_each_sample_alone(lengths):
+    """The CPU attention pads spans of neighbouring samples to their own longest: the cut is made, sorted or not
+    (sorted, the short ones form a span of equal lengths: no copy, no mask), and every sample's output and
+    gradients equal those of the sample attending alone (a one-token sample included)."""
+    heads, dim = 2, 32
+    layout_args = pack([{"input_ids": np.zeros(n, np.int64)} for n in lengths])
+    layout = Layout(layout_args["cu_seqlens"], layout_args["max_len"], layout_args["seq_index"], layout_args["position_ids"])
+    spans = layout.spans(heads * dim)
+    assert len(spans) > 1 and spans[0][0] == 0 and spans[-1][1] == sum(lengths)
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    if lengths == sorted(lengths):
+        assert [(part.n_samples, part.max_len, part.equal_lengths()) for *_, part in spans] == [(6, 3, True), (3, 256, False)]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(sum(lengths), heads, dim, generator=g, requires_grad=True) for _ in range(3))
+    weights = torch.randn(sum(lengths), heads, dim, generator=g)
+    (packed_attention(q, k, v, layout) * weights).sum().backward()
+    got = [t.grad.clone() for t in (q, k, v)]
+    out = packed_attention(q, k, v, layout).detach()
+    for t in (q, k, v):
+        t.grad = None
+    cu = layout.cu_seqlens.tolist()
+    for a, b in zip(cu[:-1], cu[1:]):
+        alone = torch.nn.functional.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v))).transpose(0, 1)
+        torch.testing.assert_close(out[a:b], alone.detach(), atol=ATOL, rtol=0)
+        (alone * weights[a:b]).sum().backward()
+    for mine, reference in zip(got, (q.grad, k.grad, v.grad)):
+        torch.testing.assert_close(mine, reference, atol=ATOL, rtol=0)
 
 
 def test_pack_gives_ids_per_sample():

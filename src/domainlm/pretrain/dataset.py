@@ -129,7 +129,10 @@ def collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 def collate_packed(items: list[dict]) -> dict:
     """One token stream per micro batch (see `encoder.packed`): no padded position, and the MLM targets given
-    as stream positions, so that the model gathers them without a data-dependent shape on the device."""
+    as stream positions, so that the model gathers them without a data-dependent shape on the device. The samples
+    are ordered by length (the loss is a mean, so order does not change it), so that the CPU attention pads spans of
+    like lengths (`Layout.spans`)."""
+    items = sorted(items, key=lambda x: len(x["input_ids"]))
     batch = pack(items)
     labels = np.concatenate([x["labels"] for x in items])
     where = np.flatnonzero(labels != -100)

@@ -53,30 +53,28 @@ def mask_tokens(
     word_begin = np.flatnonzero(begins)
     word_end = np.append(word_begin[1:], len(candidates))
     budget = min(options.max_predictions, max(1, int(round(len(candidates) * options.masked_lm_prob))))
-    pvals = ngram_probabilities(options.max_ngrams, options.favor_longer_ngram)
     n_words = len(word_begin)
-    chosen = np.zeros(n_words, dtype=bool)
-    covered = 0
-    spans = rng.choice(len(pvals), size=n_words, p=pvals) + 1
-    for w, n in zip(rng.permutation(n_words), spans):
+    # the draws of rng.choice(len(p), size=n_words, p=p), without its ~50 us of checks on p per sample
+    cdf = ngram_probabilities(options.max_ngrams, options.favor_longer_ngram).cumsum()
+    spans = (cdf / cdf[-1]).searchsorted(rng.random(n_words), side="right") + 1
+    # plain Python values in the loop: numpy scalar indexing made this loop most of a sample's preparation time
+    begin, end, chosen, covered = word_begin.tolist(), word_end.tolist(), bytearray(n_words), 0
+    for w, n in zip(rng.permutation(n_words).tolist(), spans.tolist()):
         if covered >= budget:
             break
         while n > 0:  # shrink the n-gram until it fits the remaining budget
             last = min(w + n, n_words)
-            size = word_end[last - 1] - word_begin[w]
+            size = end[last - 1] - begin[w]
             if covered + size <= budget:
                 break
             n -= 1
-        if n == 0 or chosen[w:last].any():
+        if n == 0 or any(chosen[w:last]):
             continue
-        chosen[w:last] = True
+        chosen[w:last] = b"\x01" * (last - w)
         covered += size
     if covered == 0:  # every word is longer than the budget: mask one word anyway, cut to the budget
-        w = rng.integers(n_words)
-        chosen[w] = True
-    picked = np.zeros(len(candidates), dtype=bool)
-    for w in np.flatnonzero(chosen):
-        picked[word_begin[w] : word_end[w]] = True
+        chosen[int(rng.integers(n_words))] = 1
+    picked = np.repeat(np.frombuffer(bytes(chosen), dtype=bool), word_end - word_begin)  # words tile the candidates
     positions = candidates[picked][: max(budget, 1)]
     labels[positions] = ids[positions]
     out = ids.copy()
