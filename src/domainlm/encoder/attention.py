@@ -9,12 +9,12 @@ Two kernels, chosen per call by what the inputs allow:
   the stream 1.7 ms. Attention is not where unpadding wins: every other layer of the encoder is, and this kernel
   lets them stay unpadded. It is called through aten's flash ops in an autograd.Function of our own because
   PyTorch's public `varlen_attn` has no attention dropout, which BERT/ERNIE configs train with (0.1).
-- Anything else (CPU, fp32): the samples are cut into spans of neighbours (`Layout.spans`); each span is scattered
-  into a [samples, longest, heads, dim] buffer and SDPA runs with a key mask, then the rows are gathered back.
-  One buffer for the whole batch spent half of the attention's time on padding for short reviews (the padded
-  model's cost); a stream sorted by length (pretraining sorts each micro batch) cuts into spans of like lengths.
-  A span of equal lengths is a view of the stream, with no copy and no mask. The result equals the padded
-  model's.
+- Anything else (CPU, fp32): the samples are cut into spans of neighbours (`Layout.spans`); each span is gathered
+  into a [samples, longest, heads, dim] grid, SDPA runs with a key mask, and the real rows are gathered back.
+  One grid for the whole batch spent about half of the attention's time on padding for short reviews (as the
+  padded model does); a stream sorted by length (pretraining sorts each micro batch) cuts into spans of like
+  lengths. A span of equal lengths (one text, too) is a view of the stream: no copy, no mask. The result equals
+  the padded model's.
 """
 
 from __future__ import annotations
