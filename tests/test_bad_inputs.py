@@ -175,7 +175,7 @@ def test_ctrl_c_in_prepare_prints_one_line_and_leaves_no_store(tmp_path, tokeniz
     assert proc.poll() is None, "prepare finished before it could be interrupted"
     os.killpg(proc.pid, signal.SIGINT)  # what the terminal sends on Ctrl-C
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130
+    assert proc.returncode == 130, stderr[-2000:]
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
     assert stderr.replace("\r", "\n").rstrip().splitlines()[-1] == "interrupted"
     assert not out.exists() and not partial.exists()

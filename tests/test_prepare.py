@@ -191,3 +191,27 @@ def test_config_from_yaml_with_flag_override_and_unknown_key(tmp_path, zh_txt, t
     y.write_text("segmnt: true\n")
     assert main(["prepare", "--config", str(y)]) == 2
     assert "unknown option 'segmnt'" in capsys.readouterr().err
+
+
+def test_a_ctrl_c_that_something_swallowed_still_stops_the_encoding_at_the_next_chunk(tokenizer_dir):
+    """Python prints and drops a KeyboardInterrupt raised inside a finalizer or a callback; the pool's handler
+    remembers the Ctrl-C, so the next chunk stops the run anyway (and the handler is put back)."""
+    import contextlib
+    import os
+    import signal
+    from pathlib import Path
+
+    from domainlm.data.prepare import _encode_all
+    from domainlm.data.readers import Document
+    from domainlm.data.tokenize import EncodeOptions
+
+    options = EncodeOptions(tokenizer_file=str(Path(tokenizer_dir) / "tokenizer.json"))
+    chunks = ([Document(text=text, source="t.txt")] for text in ZH_DOCS * 4)
+    before = signal.getsignal(signal.SIGINT)
+    results = _encode_all(chunks, options, workers=1)
+    next(results)
+    with contextlib.suppress(KeyboardInterrupt):  # what a finalizer does with it
+        os.kill(os.getpid(), signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        next(results)
+    assert signal.getsignal(signal.SIGINT) is before

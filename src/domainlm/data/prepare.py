@@ -138,26 +138,40 @@ def _encode_all(
     # spawn, not fork: the parent has loaded a Rust tokenizer whose thread pool does not survive a fork.
     # Workers start with Ctrl-C ignored (an ignored signal stays ignored in the child): the main process alone
     # handles it, stops the pool and removes the partial store, and the user sees one line, not a traceback
-    # per worker.
+    # per worker. Its handler also remembers the Ctrl-C, so that the next chunk stops the run even where the
+    # KeyboardInterrupt was lost (Python prints and drops one raised inside a finalizer or a callback).
+    seen: list[int] = []
+
+    def remembering(signum, frame):
+        seen.append(signum)
+        raise KeyboardInterrupt
+
     try:
         previous, changed = signal.signal(signal.SIGINT, signal.SIG_IGN), True
     except ValueError:  # not the main thread: signals are not ours to change
         previous, changed = None, False
     try:
         pool = mp.get_context("spawn").Pool(workers, initializer=init_worker, initargs=(options,))
+        if changed:
+            signal.signal(signal.SIGINT, remembering)
+        with pool:
+            pending: deque = deque()
+            for chunk in chunks:
+                pending.append((chunk, pool.apply_async(encode_chunk, (chunk,))))
+                if len(pending) >= 2 * workers:
+                    yield _next_result(pending, seen)
+            while pending:
+                yield _next_result(pending, seen)
     finally:
         if changed:
             signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
-    with pool:
-        pending: deque = deque()
-        for chunk in chunks:
-            pending.append((chunk, pool.apply_async(encode_chunk, (chunk,))))
-            if len(pending) >= 2 * workers:
-                chunk_done, result = pending.popleft()
-                yield chunk_done, result.get()
-        while pending:
-            chunk_done, result = pending.popleft()
-            yield chunk_done, result.get()
+
+
+def _next_result(pending: deque, interrupted: list) -> tuple[list[Document], list[EncodedDocument | None]]:
+    if interrupted:
+        raise KeyboardInterrupt
+    chunk, result = pending.popleft()
+    return chunk, result.get()
 
 
 def _continuation_table(tokenizer) -> np.ndarray:
