@@ -117,3 +117,15 @@ def save_tiny_model(out, tokenizer, kind: str = "bert", heads: bool = True, drop
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, tokenizer):
     return save_tiny_model(tmp_path_factory.mktemp("tiny-bert"), tokenizer)
+
+
+@pytest.fixture(autouse=True)
+def _sigint_left_as_found(request):
+    """No test leaves Ctrl-C handled differently: a worker that ignored SIGINT would pass that on to every command
+    a later test starts (an ignored signal stays ignored in a child), and those could not be interrupted."""
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    yield
+    after = signal.getsignal(signal.SIGINT)
+    assert after is before or after == before, f"{request.node.nodeid} left SIGINT as {after!r} (was {before!r})"
