@@ -121,3 +121,19 @@ def test_bad_demo_options_are_refused_by_name(flags, message):
 
     with pytest.raises(DomainLMError, match=message):
         DemoConfig(**flags).check()
+
+
+def test_a_rerun_over_an_earlier_demos_base_model_of_another_shape_says_what_to_do(tmp_path):
+    from domainlm.demo import refuse_other_base_model, tiny_config
+
+    config = tiny_config(tmp_path / "tiny-config", 21128)
+    base = tmp_path / "base-model"
+    wanted = {"vocab_size": 7096, "num_hidden_layers": 2, "hidden_size": 128}
+    refuse_other_base_model(config, base, wanted)  # nothing pretrained yet: nothing to refuse
+    (base / "checkpoints").mkdir(parents=True)
+    refuse_other_base_model(config, base, {**wanted, "vocab_size": 21128})  # the same model: it resumes
+    with pytest.raises(DomainLMError) as e:
+        refuse_other_base_model(config, base, wanted)
+    assert str(e.value) == (f"{base} holds the pretraining of another base model (vocab_size 21128 -> 7096); delete it "
+                            f"and {tmp_path / 'domain-pretrain'} to pretrain anew, or choose another --out")
+    assert (base / "checkpoints").is_dir()  # nothing deleted

@@ -207,6 +207,19 @@ def tiny_config(folder: Path, vocab_size: int, layers: int = 2, hidden: int = 12
     return folder
 
 
+def refuse_other_base_model(config_dir: Path, base_run: Path, wanted: dict) -> None:
+    """A rerun resumes the base model's pretraining from its checkpoints. One begun with another shape (an earlier
+    demo's tokenizer, other --layers or --hidden) cannot continue: say what to do, naming the folders."""
+    old = config_dir / "config.json"
+    if not (old.is_file() and (base_run / "checkpoints").is_dir()):
+        return
+    had = json.loads(old.read_text(encoding="utf-8"))
+    changed = ", ".join(f"{k} {had.get(k)} -> {v}" for k, v in wanted.items() if had.get(k) != v)
+    if changed:
+        raise DomainLMError(f"{base_run} holds the pretraining of another base model ({changed}); delete it and "
+                            f"{base_run.parent / 'domain-pretrain'} to pretrain anew, or choose another --out")
+
+
 def _stage(n: int, text: str) -> None:
     print(f"\n[{n}/5] {text}", file=sys.stderr, flush=True)
 
@@ -255,8 +268,10 @@ def pretrain_models(cfg: DemoConfig, corpora: Path, tokenizer: Path, out: Path) 
 
     _stage(3, "pretrain the 'released' base model from scratch on the general corpus")
     base_run = out / "base-model"
-    config = tiny_config(out / "tiny-config", len(AutoTokenizer.from_pretrained(str(tokenizer))), cfg.layers, cfg.hidden,
-                         cfg.dropout)
+    vocab = len(AutoTokenizer.from_pretrained(str(tokenizer)))
+    refuse_other_base_model(out / "tiny-config", base_run, {"vocab_size": vocab, "num_hidden_layers": cfg.layers,
+                                                            "hidden_size": cfg.hidden})
+    config = tiny_config(out / "tiny-config", vocab, cfg.layers, cfg.hidden, cfg.dropout)
     run_pretrain(corpora / "corpus-news", str(config), base_run, cfg.base_steps, True, 0, True)
 
     _stage(4, "continue pretraining the base model on the reviews (test rows excluded), with snapshots")
