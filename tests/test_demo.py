@@ -76,7 +76,7 @@ def test_the_trimmed_vocabulary_tokenizes_its_texts_as_the_full_one(tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "vocab.txt").write_text("\n".join(entries) + "\n", encoding="utf-8")
     texts = ["今天天气好，hello world", "hellos Café 1998年", "  今天\u200b不好 ", "hex"]
-    trimmed = trimmed_vocabulary(tmp_path / "full" / "vocab.txt", texts, tmp_path / "trimmed")
+    trimmed = trimmed_vocabulary(tmp_path / "full", texts, tmp_path / "trimmed")
     kept = (trimmed / "vocab.txt").read_text(encoding="utf-8").split()
     assert kept == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "今", "天", "气", "好", "不", "hello", "world", "cafe",
                     "1998", "年", "，", "##s"]  # "hex" is [UNK] in both

@@ -20,7 +20,6 @@ import random
 import re
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,46 +103,46 @@ def write_sample_data(folder: Path, seed: int = 1234) -> dict[str, Path]:
         _write_atomic(news, "\n\n".join(people_daily_documents()) + "\n")
     full = folder / "bert-base-chinese-vocab"  # the benchmarks' tokenizer: the full vocabulary
     if not (full / "tokenizer.json").is_file():
-        from transformers import BertTokenizerFast
-
         full.mkdir(exist_ok=True)
         shutil.copy(_package_file("fastbert", "files/google_zh_vocab.txt"), full / "vocab.txt")
-        BertTokenizerFast.from_pretrained(str(full)).save_pretrained(str(full))
+        _wordpiece_folder(full)
     tokenizer = folder / "tokenizer"  # the demo's: the entries its texts use
     if not (tokenizer / "tokenizer.json").is_file():
         texts = [json.loads(x)["text"] for x in reviews.read_text(encoding="utf-8").splitlines()]
         texts += news.read_text(encoding="utf-8").split("\n\n")
-        trimmed_vocabulary(full / "vocab.txt", texts, tokenizer)
+        trimmed_vocabulary(full, texts, tokenizer)
     return {"reviews": reviews, "news": news, "tokenizer": tokenizer, "bert-base-chinese": full}
 
 
-def trimmed_vocabulary(vocab: Path, texts: list[str], folder: Path) -> Path:
-    """A WordPiece tokenizer of `vocab`'s special tokens and of the entries that tokenizing `texts` (cleaned as
-    `prepare` cleans them) uses, in their original order. It tokenizes those texts exactly as the full vocabulary
-    does: each greedy longest match is kept, and no longer one is added. The MLM head's output layer scores every
-    entry at every masked position, and with bert-base-chinese's 21,128 entries it was about half of a 2 x 128
-    encoder's pretraining FLOPs; the demo's texts use about a third of them."""
+def _wordpiece_folder(folder: Path) -> None:
+    """The BERT WordPiece tokenizer of `folder`/vocab.txt (lower-casing, CJK characters split), saved beside it."""
+    from transformers import BertTokenizerFast
+
+    BertTokenizerFast.from_pretrained(str(folder)).save_pretrained(str(folder))
+
+
+def trimmed_vocabulary(source: Path, texts: list[str], folder: Path) -> Path:
+    """A WordPiece tokenizer of the special tokens of `source` (a folder with vocab.txt) and of the entries that
+    tokenizing `texts` (cleaned as `prepare` cleans them) uses, in their original order. It tokenizes those texts
+    exactly as the full vocabulary does: each greedy longest match is kept, and no longer one is added. The MLM
+    head's output layer scores every entry at every masked position, and with bert-base-chinese's 21,128 entries it
+    was about half of a 2 x 128 encoder's pretraining FLOPs; the demo's texts use about a third of them."""
     from transformers import BertTokenizerFast
 
     from domainlm.data.clean import normalize_text
-
-    def load(vocab_txt: Path):  # from a folder: transformers 5 ignores a bare vocab_file argument
-        with tempfile.TemporaryDirectory() as tmp:
-            shutil.copy(vocab_txt, Path(tmp) / "vocab.txt")
-            return BertTokenizerFast.from_pretrained(tmp)
 
     # BERT splits at whitespace and around every CJK ideograph before WordPiece, so the distinct pieces between
     # those splits (here: around its main CJK block only) use the same entries as the texts, at a fraction of the work
     text = normalize_text("\n".join(texts))  # line by line, as each text alone
     pieces = {c for c in set(text) if "\u4e00" <= c <= "\u9fff"} | set(_BETWEEN_IDEOGRAPHS.split(text)) - {""}
-    tokenizer = load(vocab)
+    tokenizer = BertTokenizerFast.from_pretrained(str(source))
     used = set(tokenizer.all_special_ids)
     for ids in tokenizer(sorted(pieces), add_special_tokens=False)["input_ids"]:  # sorted: the same file every run
         used.update(ids)
     folder.mkdir(parents=True, exist_ok=True)
     kept = tokenizer.convert_ids_to_tokens(sorted(used))
     (folder / "vocab.txt").write_text("".join(token + "\n" for token in kept), encoding="utf-8")
-    load(folder / "vocab.txt").save_pretrained(str(folder))
+    _wordpiece_folder(folder)
     return folder
 
 
