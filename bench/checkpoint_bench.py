@@ -30,7 +30,7 @@ def main() -> None:
     from domainlm.train.checkpoint import TrainState, find_latest, save_checkpoint
     from domainlm.train.setup import build_optimizer, build_scheduler, make_accelerator
 
-    accelerator = make_accelerator("no")
+    accelerator = make_accelerator("fp32")
     config = BertConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
                         num_attention_heads=max(1, args.hidden // 64), intermediate_size=4 * args.hidden)
     model = PretrainingModel(BertForPreTraining(config), sop=True)

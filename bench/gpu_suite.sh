@@ -43,7 +43,7 @@ step pretrain-base-512 60 $py bench/pretrain_bench.py --device cuda --shapes bas
 step pretrain-compiled 200 $py bench/pretrain_bench.py --device cuda --shapes base --samples $data/news256.npz \
     --seq 256 --batch 128 --steps 10 --warmup 3 --compile --skip "domainlm padded"
 step pretrain-cli 90 $py bench/precision_bench.py --corpus $data/store-news --settings "bf16,bf16 padded" \
-    --seq 256 --micro-batch-size 128 --steps 40
+    --seq 256 --batch-size 128 --steps 40
 step finetune 200 $py bench/finetune_bench.py --device cuda --shape 12x768 --train 16000 --test 1000 --epochs 1 \
     --baselines tuned --workers 4 --predict-batch 256 --work $data ${FINETUNE_PARTS:+--parts $FINETUNE_PARTS}
 step serve 80 $py bench/serve_bench.py --device cuda --threads 4 --work $data --skip kernels,offline,accuracy \

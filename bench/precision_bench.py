@@ -6,10 +6,10 @@ of its logged windows after the first (the first holds start-up and, with `--com
 whole command's wall time. The baseline is fp32, the precision a user gets with no flag on a GPU without bf16.
 
     python bench/precision_bench.py --corpus runs/demo/corpus-news        # ~3 minutes on one H100
-    python bench/precision_bench.py --corpus STORE --settings "bf16,bf16 padded" --seq 256 --micro-batch-size 128
+    python bench/precision_bench.py --corpus STORE --settings "bf16,bf16 padded" --seq 256 --batch-size 128
     # the CPU (fp32 only): the demo's domain step, short reviews, MLM only, packed vs padded
     python bench/precision_bench.py --corpus REVIEWS_STORE --settings "fp32,fp32 padded" --layers 2 --hidden 128 \
-        --dropout 0 --micro-batch-size 32 --steps 40 --extra=--no-binary-head --repeats 5
+        --dropout 0 --batch-size 32 --steps 40 --extra=--no-binary-head --repeats 5
 
 With --repeats N the settings run in turns, N times, so that a shared machine's slow minutes fall on both; each
 turn's ratio is printed, then the medians.
@@ -39,8 +39,8 @@ def _run(args, work: Path, name: str, flags: list[str], log_every: int, turn: in
     with open(work / f"{out.name}.log", "w") as log:
         subprocess.run([sys.executable, "-m", "domainlm.cli", "pretrain", "--corpus", args.corpus, "--out", str(out),
                        "--model", str(work / "config"), "--from-scratch", "--max-seq-len", str(args.seq),
-                       "--micro-batch-size", str(args.micro_batch_size), "--max-steps", str(args.steps),
-                       "--logging-freq", str(log_every), "--eval-freq", str(10**9), "--checkpoint-steps", str(10**9),
+                       "--batch-size", str(args.batch_size), "--max-steps", str(args.steps),
+                       "--logging-freq", str(log_every), "--eval-steps", str(10**9), "--checkpoint-steps", str(10**9),
                        "--no-tensorboard", *flags], env=os.environ, stdout=log, stderr=subprocess.STDOUT)
     if not (out / "results.json").is_file():
         tail = (work / f"{out.name}.log").read_text(encoding="utf-8").splitlines()[-5:]
@@ -61,7 +61,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--corpus", required=True, help="a `domainlm prepare` output folder")
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--micro-batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--seq", type=int, default=128)
@@ -95,7 +95,7 @@ def main() -> None:
                                             for n in names[1:] if len(rates.get(n, [])) == turn + 1))
     rates = {name: statistics.median(r) for name, r in rates.items()}
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{where}, {args.layers}x{args.hidden}, vocabulary {vocab:,}, micro batch {args.micro_batch_size} x {args.seq} tokens")
+    print(f"{where}, {args.layers}x{args.hidden}, vocabulary {vocab:,}, micro batch {args.batch_size} x {args.seq} tokens")
     first = next(iter(rates), None)
     for name, rate in rates.items():
         if name != first:

@@ -113,7 +113,7 @@ def run_to_first_step(src: Path, store: Path, model: Path, out: Path, seq: int, 
     env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "domainlm.cli", "pretrain", "--corpus", str(store), "--model", str(model),
            "--out", str(out), "--max-steps", "2", "--max-seq-len", str(seq), "--logging-freq", "1",
-           "--eval-freq", "0", "--checkpoint-steps", "0", "--no-tensorboard", "--precision", "no"]
+           "--eval-steps", "0", "--checkpoint-steps", "0", "--no-tensorboard", "--precision", "fp32"]
     started = time.perf_counter()
     # its own process group, so that stopping it also stops its DataLoader worker
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

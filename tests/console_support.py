@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from tests.conftest import EN_DOCS, ZH_DOCS
 
 # one epoch of 4 steps on the tiny model: the quickest real fine-tuning run
-FAST_FINETUNE = {"epochs": 1, "batch_size": 8, "max_seq_len": 32, "logging_freq": 1, "precision": "no"}
+FAST_FINETUNE = {"epochs": 1, "batch_size": 8, "max_seq_len": 32, "logging_freq": 1, "precision": "fp32"}
 
 
 def write_labelled(path, bad_lines: bool = False) -> str:

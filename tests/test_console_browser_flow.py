@@ -86,13 +86,13 @@ def test_own_model_to_endpoint_in_the_browser(tmp_path, tiny_model, corpus_dir):
             assert error.inner_text() == "max seq len 512 exceeds what the model bert-tiny-zh can take (64 positions); use 64 or less"
             page.locator("#field-max_seq_len").screenshot(path=str(shots / "field-error.png"))
             assert page.evaluate("fetch('/api/jobs').then(r => r.json())") == []  # nothing was created
-            for field, value in (("max_seq_len", "64"), ("micro_batch_size", "4"), ("save_steps", "2"), ("eval_freq", "2"),
+            for field, value in (("max_seq_len", "64"), ("batch_size", "4"), ("save_steps", "2"), ("eval_steps", "2"),
                                  ("checkpoint_steps", "2")):
                 page.fill(f"#f-{field}", value)
             page.click("summary:has-text('Advanced options')")
             page.fill("#f-logging_freq", "1")
             page.fill("#f-num_workers", "0")
-            page.select_option("#f-precision", "no")
+            page.select_option("#f-precision", "fp32")
             page.fill("#f-name", "reviews domain")
             page.click("#create")
             page.wait_for_url(f"{base}/jobs/1")
@@ -109,7 +109,7 @@ def test_own_model_to_endpoint_in_the_browser(tmp_path, tiny_model, corpus_dir):
             for field, value in (("epochs", "1"), ("batch_size", "8"), ("max_seq_len", "32")):
                 page.fill(f"#f-{field}", value)
             page.click("summary:has-text('Advanced options')")
-            page.select_option("#f-precision", "no")
+            page.select_option("#f-precision", "fp32")
             page.fill("#f-logging_freq", "1")
             page.fill("#f-name", "which checkpoint")
             page.click("#create")

@@ -46,7 +46,7 @@ def _field_error(html: str, name: str) -> str | None:
 def test_every_start_up_check_is_a_field_error_at_creation_all_at_once(idle):
     client, console, home, train, corpus, tiny = idle
     r = client.post("/jobs/new", data={"csrf": console.csrf, "command": "pretrain", "model": tiny, "corpus": corpus["path"],
-                                       "max_seq_len": "512", "max_steps": "0", "micro_batch_size": "4",
+                                       "max_seq_len": "512", "max_steps": "0", "batch_size": "4",
                                        "global_batch_size": "6"})
     assert r.status_code == 422
     # the model has 64 positions; named as the form names the field, together with the range error
@@ -192,7 +192,7 @@ def test_sweep_job_is_checked_at_creation_runs_as_the_cli_and_shows_table_tests_
     page = client.get("/jobs/new?command=sweep").text
     assert f'<option value="{pre["id"]}" >job {pre["id"]}: domain pt (2 snapshots)</option>' in page
     base = {"csrf": console.csrf, "command": "sweep", "pretrain_jobs": str(pre["id"]), "train": train["path"],
-            "test": train["path"], "epochs": "1", "batch_size": "8", "precision": "no", "logging_freq": "1", "floor": "true"}
+            "test": train["path"], "epochs": "1", "batch_size": "8", "precision": "fp32", "logging_freq": "1", "floor": "true"}
     r = client.post("/jobs/new", data={**base, "max_seq_len": "128", "seeds": "1,1", "metrics": "accuracy,bogus"})
     assert r.status_code == 422
     assert "max seq len 128 exceeds what the model" in _field_error(r.text, "max_seq_len")

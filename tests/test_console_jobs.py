@@ -99,7 +99,7 @@ def test_each_job_type_has_its_form(idle):
     assert '<select name="input" id="f-input" multiple' in prepare
     schema = client.get("/api/schema/pretrain").json()
     fields = {f["name"]: f for s in schema["sections"] for f in s["fields"]}
-    assert fields["max_lr"]["range"] == "(0, 1]" and schema["presets"]["large-corpus"]["max_steps"] == 20000
+    assert fields["learning_rate"]["range"] == "(0, 1]" and schema["presets"]["large-corpus"]["max_steps"] == 20000
 
 
 def test_prepare_writes_its_corpus_in_a_folder_of_its_own(idle, tmp_path):
@@ -130,7 +130,7 @@ def test_pretraining_snapshots_carry_lineage_into_fine_tuning(idle, corpus_dir):
                          json={"path": "corpora/reviews"}).json()
     assert corpus["kind"] == "corpus"
     r = client.post("/api/jobs", headers={"X-CSRF-Token": console.csrf}, json={"command": "pretrain", "config": {
-        "model": tiny, "corpus": corpus["path"], "min_lr": 0.5, "max_lr": 0.1, "max_seq_len": 64}})
+        "model": tiny, "corpus": corpus["path"], "min_lr": 0.5, "learning_rate": 0.1, "max_seq_len": 64}})
     assert r.status_code == 422 and list(r.json()["errors"]) == ["min_lr"]  # a cross-field check, by field
     r = client.post("/api/jobs", headers={"X-CSRF-Token": console.csrf}, json={"command": "pretrain", "name": "domain",
                     "config": {"model": tiny, "corpus": corpus["path"], "max_steps": 4, "save_steps": 2, "max_seq_len": 64}})

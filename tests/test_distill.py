@@ -32,7 +32,7 @@ def distill(setup, tiny_model, out, *flags):
 
 
 def test_alpha_one_is_plain_finetuning(setup, tiny_model, tmp_path):
-    flags = ["--epochs", "2", "--logging-freq", "1", "--precision", "no"]
+    flags = ["--epochs", "2", "--logging-freq", "1", "--precision", "fp32"]
     assert main(["finetune", "--model", tiny_model, "--train", setup["train"], "--out", str(tmp_path / "ft"), *FAST,
                  "--no-floor", *flags]) == 0
     assert distill(setup, tiny_model, tmp_path / "d", "--alpha", "1", *flags) == 0

@@ -14,7 +14,7 @@ from tests.conftest import make_documents, save_tiny_model
 from tests.test_classify import make_rows, write_jsonl
 from tests.test_interop import PADDLE_DIR, tree_digest
 
-PRETRAIN = ["--max-seq-len", "48", "--micro-batch-size", "4", "--logging-freq", "1", "--eval-iters", "1",
+PRETRAIN = ["--max-seq-len", "48", "--batch-size", "4", "--logging-freq", "1", "--eval-iters", "1",
             "--num-workers", "0", "--no-tensorboard", "--max-steps", "3"]
 FINETUNE = ["--batch-size", "16", "--learning-rate", "2e-3", "--max-seq-len", "32", "--epochs", "1"]
 

@@ -52,7 +52,7 @@ def test_megatron_with_the_large_model_preset_trains_reloads_evaluates_and_expor
     # the preset's values, except the ones a 60-row CPU test cannot take (length, batch, rate, bf16, eval cadence)
     assert main(["finetune", "--model", megatron, "--train", rows["train"], "--test", rows["test"], "--out", str(out),
                  "--preset", "large-model", "--max-seq-len", "32", "--batch-size", "8", "--learning-rate", "2e-3",
-                 "--epochs", "3", "--precision", "no", "--eval-steps", "0", "--valid-ratio", "0.2",
+                 "--epochs", "3", "--precision", "fp32", "--eval-steps", "0", "--valid-ratio", "0.2",
                  "--layer-lr-decay", "0.5", "--gradient-checkpointing"]) == 0
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert (resolved["adam_beta2"], resolved["weight_decay"], resolved["lr_decay"], resolved["warmup_ratio"]) == (0.98, 0.1, "cosine", 0.01)
@@ -90,7 +90,7 @@ def test_gradient_checkpointing_gives_the_same_losses(tmp_path, tiny_model, mega
     for flags in ([], ["--gradient-checkpointing"]):
         out = tmp_path / f"run{len(runs)}"
         assert main(["finetune", "--model", model, "--train", rows["train"], "--out", str(out), *FAST, "--epochs", "2",
-                     "--batch-size", "8", "--logging-freq", "1", "--precision", "no", "--no-floor", *flags]) == 0
+                     "--batch-size", "8", "--logging-freq", "1", "--precision", "fp32", "--no-floor", *flags]) == 0
         runs.append(train_losses(out))
     assert len(runs[0]) >= 8 and runs[0][0] != runs[0][-1]  # steps that trained (dropout on, weights moving)
     assert runs[1] == pytest.approx(runs[0], abs=1e-5)

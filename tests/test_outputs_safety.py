@@ -181,8 +181,8 @@ def test_a_run_killed_with_sigkill_resumes_at_once_though_its_loader_workers_liv
 
     out = tmp_path / "run"
     args = ["pretrain", "--corpus", corpus_dir, "--model", tiny_model, "--out", str(out), "--max-seq-len", "48",
-            "--micro-batch-size", "4", "--checkpoint-steps", "2", "--num-workers", "2", "--no-tensorboard",
-            "--logging-freq", "1000", "--eval-freq", "1000"]
+            "--batch-size", "4", "--checkpoint-steps", "2", "--num-workers", "2", "--no-tensorboard",
+            "--logging-freq", "1000", "--eval-steps", "1000"]
     run = subprocess.Popen([sys.executable, "-m", "domainlm.cli", *args, "--max-steps", "100000"], env=env(),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

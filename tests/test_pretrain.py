@@ -16,7 +16,7 @@ from domainlm.pretrain.samples import build_samples, cached_samples, split_docum
 from domainlm.train.logging import read_log
 from tests.conftest import save_tiny_model
 
-FAST = ["--max-seq-len", "48", "--micro-batch-size", "4", "--logging-freq", "1", "--eval-iters", "2",
+FAST = ["--max-seq-len", "48", "--batch-size", "4", "--logging-freq", "1", "--eval-iters", "2",
         "--num-workers", "0", "--no-tensorboard"]
 
 
@@ -163,8 +163,8 @@ def test_step_batch_sampler_resumes_at_data_position():
 
 def test_loss_decreases_snapshots_load_under_any_name(tmp_path, corpus_dir, tiny_model):
     out = tmp_path / "run"
-    assert pretrain(corpus_dir, tiny_model, out, "--max-steps", "40", "--max-lr", "3e-3", "--warmup-rate", "0.05",
-                    "--save-steps", "20", "--eval-freq", "20", "--checkpoint-steps", "20") == 0
+    assert pretrain(corpus_dir, tiny_model, out, "--max-steps", "40", "--learning-rate", "3e-3", "--warmup-ratio", "0.05",
+                    "--save-steps", "20", "--eval-steps", "20", "--checkpoint-steps", "20") == 0
     rows = read_log(out / "log.jsonl", "train")
     first, last = np.mean([r["mlm_loss"] for r in rows[:5]]), np.mean([r["mlm_loss"] for r in rows[-5:]])
     assert last < first - 0.5, (first, last)
@@ -191,8 +191,8 @@ def test_ernie_3_config_and_headless_checkpoint_are_loaded_loudly(tmp_path, corp
 
 def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, corpus_dir, tiny_model, capsys):
     full = tmp_path / "full"
-    flags = ["--max-steps", "8", "--checkpoint-steps", "4", "--keep-last", "0", "--eval-freq", "3",
-             "--global-batch-size", "8", "--max-lr", "1e-3"]
+    flags = ["--max-steps", "8", "--checkpoint-steps", "4", "--keep-last", "0", "--eval-steps", "3",
+             "--global-batch-size", "8", "--learning-rate", "1e-3"]
     assert pretrain(corpus_dir, tiny_model, full, *flags) == 0
     resumed = tmp_path / "resumed"
     shutil.copytree(full, resumed)
@@ -240,9 +240,9 @@ def test_bad_inputs(tmp_path, corpus_dir, tiny_model, capsys):
     base = ["--corpus", corpus_dir, "--model", tiny_model, "--out", str(tmp_path / "o")]
     assert "is not a corpus store" in error("--corpus", str(tmp_path), "--model", tiny_model, "--out", str(tmp_path / "o"))
     assert "exceeds the model's max_position_embeddings (64)" in error(*base, "--max-seq-len", "128")
-    assert "not a multiple of --micro-batch-size 3" in error(*base, "--micro-batch-size", "3", "--global-batch-size", "8")
+    assert "not a multiple of --batch-size 3" in error(*base, "--batch-size", "3", "--global-batch-size", "8")
     assert "--split '1,2'" in error(*base, "--split", "1,2")
-    assert "above --max-lr" in error(*base, "--min-lr", "0.1", "--max-lr", "0.01")
+    assert "above --learning-rate" in error(*base, "--min-lr", "0.1", "--learning-rate", "0.01")
     from domainlm.vocab import train_wordpiece
 
     other = tmp_path / "other-tok"
@@ -296,8 +296,8 @@ def test_unpadded_run_trains_to_the_same_losses_as_the_padded_one(tmp_path, corp
     model_dir = save_tiny_model(tmp_path / "nodrop", tokenizer, dropout=0.0)
     runs = {}
     for name, flags in {"packed": [], "padded": ["--no-unpad"]}.items():
-        assert pretrain(corpus_dir, str(model_dir), tmp_path / name, "--max-steps", "10", "--max-lr", "3e-3",
-                        "--eval-freq", "5", *flags) == 0
+        assert pretrain(corpus_dir, str(model_dir), tmp_path / name, "--max-steps", "10", "--learning-rate", "3e-3",
+                        "--eval-steps", "5", *flags) == 0
         runs[name] = read_log(tmp_path / name / "log.jsonl")
     for a, b in zip(runs["packed"], runs["padded"]):
         assert (a["step"], a["split"]) == (b["step"], b["split"])

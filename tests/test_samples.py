@@ -93,7 +93,7 @@ def test_pretrain_on_a_small_corpus_runs_with_the_default_split(tmp_path, tokeni
     corpus = make_corpus(tmp_path, tokenizer_dir, n_docs, 60 // n_docs)
     out = tmp_path / "run"
     assert main(["pretrain", "--corpus", str(corpus.path), "--model", tiny_model, "--out", str(out), "--max-steps", "2",
-                 "--max-seq-len", "48", "--micro-batch-size", "4", "--num-workers", "0", "--no-tensorboard"]) == 0
+                 "--max-seq-len", "48", "--batch-size", "4", "--num-workers", "0", "--no-tensorboard"]) == 0
     printed = capsys.readouterr().out
     assert f"split: the corpus has {n_docs} document(s): too few to split 98,1,1 by documents" in printed
     data = json.loads((out / "data.json").read_text())

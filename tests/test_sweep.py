@@ -21,7 +21,7 @@ from tests.test_classify import make_rows, write_jsonl
 def pretrain_run(tmp_path_factory, corpus_dir, tiny_model):
     out = tmp_path_factory.mktemp("pt") / "run"
     assert main(["pretrain", "--corpus", corpus_dir, "--model", tiny_model, "--out", str(out), "--max-seq-len", "48",
-                 "--micro-batch-size", "4", "--max-steps", "4", "--save-steps", "2", "--num-workers", "0",
+                 "--batch-size", "4", "--max-steps", "4", "--save-steps", "2", "--num-workers", "0",
                  "--no-tensorboard", "--logging-freq", "1"]) == 0
     return out
 
@@ -121,7 +121,7 @@ BAD = [
     ("seeds", [], "seeds: needs at least one seed"),
     ("seeds", [1, 1], "seeds: [1, 1] repeats a seed"),
     ("seed", [1], "unknown option 'seed'"),
-    ("models.0.snapshot", "x", "unknown key(s) ['snapshot']"),
+    ("models.0.snapshot", "x", "models[0]: unknown key 'snapshot'"),
     ("finetune.epoch", 2, "finetune: unknown option 'epoch'"),
     ("finetune.seeds", [1], "finetune: option 'seeds' is set by the sweep itself"),
     ("models.1.name", "tiny", "name 'tiny' is used twice"),
@@ -137,7 +137,7 @@ BAD = [
     ("models.1.snapshots", "no-such-run", "snapshots folder no-such-run does not exist"),
     ("models.0.pretrain", {"corpus": "nowhere", "max_steps": 4, "save_steps": 2}, "pretrain: corpus nowhere is not a folder"),
     ("models.0.pretrain", {"corpus": ".", "max_steps": 4}, "save_steps is needed"),
-    ("models.0.pretrain", {"corpus": ".", "max_steps": 4, "save_steps": 2, "max_lr": 5}, "pretrain: --max-lr = 5.0 is out of range"),
+    ("models.0.pretrain", {"corpus": ".", "max_steps": 4, "save_steps": 2, "learning_rate": 5}, "pretrain: --learning-rate = 5.0 is out of range"),
     ("parallel", 0, "--parallel = 0 is out of range"),
 ]
 
@@ -166,8 +166,8 @@ def test_sweep_offline_hub_name_is_a_missing_folder(tmp_path, tiny_model, task_f
 
 
 def test_sweep_runs_its_pretrain_section_first_and_not_again(tmp_path, tiny_model, corpus_dir, task_files, capsys):
-    pt = {"corpus": corpus_dir, "max_steps": 2, "save_steps": 2, "max_seq_len": 48, "micro_batch_size": 4, "num_workers": 0,
-          "tensorboard": False, "eval_freq": 0, "logging_freq": 1}
+    pt = {"corpus": corpus_dir, "max_steps": 2, "save_steps": 2, "max_seq_len": 48, "batch_size": 4, "num_workers": 0,
+          "tensorboard": False, "eval_steps": 0, "logging_freq": 1}
     spec = {"out": str(tmp_path / "sweep"), "seeds": [1], "floor": False,
             "models": [{"name": "tiny", "base": tiny_model, "pretrain": pt}], "finetune": {**task_files, **FT, "epochs": 1}}
     path = tmp_path / "sweep.yaml"

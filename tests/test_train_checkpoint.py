@@ -15,8 +15,8 @@ from domainlm.cli import main
 from domainlm.train.checkpoint import find_latest
 from domainlm.train.logging import read_log
 
-FAST = ["--max-seq-len", "48", "--micro-batch-size", "4", "--logging-freq", "1", "--eval-iters", "2", "--test-iters", "2",
-        "--num-workers", "0", "--no-tensorboard", "--global-batch-size", "8", "--max-lr", "1e-3", "--eval-freq", "4"]
+FAST = ["--max-seq-len", "48", "--batch-size", "4", "--logging-freq", "1", "--eval-iters", "2", "--test-iters", "2",
+        "--num-workers", "0", "--no-tensorboard", "--global-batch-size", "8", "--learning-rate", "1e-3", "--eval-steps", "4"]
 
 
 def args(corpus, model, out, *flags):

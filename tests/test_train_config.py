@@ -16,10 +16,10 @@ def load(tmp_path, cls, text):
 
 def test_unquoted_no_off_where_a_choice_is_meant(tmp_path):
     base = "corpus: c\nout: o\nmodel: m\n"
-    assert load(tmp_path, PretrainConfig, base + "precision: no\n").precision == "no"
+    assert load(tmp_path, PretrainConfig, base + "precision: no\n").precision == "fp32"  # the old word for fp32
     assert load(tmp_path, PretrainConfig, base + "precision: 'no'\nbinary_head: off\n").binary_head is False
     with pytest.raises(DomainLMError, match=r'c\.yaml: precision: YAML reads an unquoted yes/on/true as the boolean '
-                                            r'true, which is not one of auto, no, bf16, fp16; write the choice in quotes'):
+                                            r'true, which is not one of auto, fp32, bf16, fp16; write the choice in quotes'):
         load(tmp_path, PretrainConfig, base + "precision: on\n")
     with pytest.raises(DomainLMError, match="not one of linear, cosine"):
         load(tmp_path, PretrainConfig, base + "lr_decay: off\n")

@@ -67,9 +67,9 @@ def test_process_shares_of_a_global_batch_are_the_one_process_micro_batches():
 def test_pretrain_two_processes_equal_one_with_accumulation_and_resume(tmp_path, corpus_dir, still_model):
     """1 process x 2 micro batches = 2 processes x 1, step for step; and 2 processes resumed from the step-3
     checkpoint (every rank's RNG state restored) end where the uninterrupted run ends."""
-    flags = ["pretrain", "--corpus", corpus_dir, "--model", still_model, "--max-seq-len", "48", "--micro-batch-size", "4",
-             "--global-batch-size", "8", "--max-steps", "6", "--warmup-rate", "0.34", "--max-lr", "2e-3", "--min-lr", "1e-4",
-             "--lr-decay", "cosine", "--logging-freq", "1", "--eval-freq", "3", "--eval-iters", "2", "--test-iters", "3",
+    flags = ["pretrain", "--corpus", corpus_dir, "--model", still_model, "--max-seq-len", "48", "--batch-size", "4",
+             "--global-batch-size", "8", "--max-steps", "6", "--warmup-ratio", "0.34", "--learning-rate", "2e-3", "--min-lr", "1e-4",
+             "--lr-decay", "cosine", "--logging-freq", "1", "--eval-steps", "3", "--eval-iters", "2", "--test-iters", "3",
              "--num-workers", "0", "--no-tensorboard", "--checkpoint-steps", "3"]
     assert main([*flags, "--out", str(tmp_path / "one")]) == 0
     torchrun(*flags, "--out", str(tmp_path / "two"))

@@ -37,7 +37,7 @@ def batches():
 
 
 def test_tokens_per_second_leaves_out_evaluation_and_the_lr_logged_is_the_one_used():
-    accelerator = make_accelerator("no")
+    accelerator = make_accelerator("fp32")
     model = Toy()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     scheduler = build_scheduler(optimizer, 4, 0.5, 0.1, 0.01, "linear")
@@ -46,7 +46,7 @@ def test_tokens_per_second_leaves_out_evaluation_and_the_lr_logged_is_the_one_us
     started = time.perf_counter()
     train_loop(model=model, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator, batches=batches(),
                state=TrainState(), options=LoopOptions(max_steps=4, accumulation=2, global_batch_size=8, logging_freq=4,
-                                                       eval_freq=1),
+                                                       eval_steps=1),
                logger=log, on_eval=lambda step: time.sleep(pause))
     wall = time.perf_counter() - started
     (step, split, values), = log.rows

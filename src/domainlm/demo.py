@@ -22,6 +22,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from domainlm import outputs
 from domainlm.config import option
@@ -30,6 +31,7 @@ from domainlm.errors import DomainLMError
 
 @dataclass(kw_only=True)
 class DemoConfig:
+    ALIASES: ClassVar[dict] = {"warmup_rate": "warmup_ratio"}
     out: str = option("runs/demo", "output folder")
     layers: int = option(2, "encoder layers of the base model", low=1, high=24)
     hidden: int = option(128, "hidden size of the base model (64 per attention head)", low=64, high=1024)
@@ -40,7 +42,7 @@ class DemoConfig:
     snapshots: int = option(2, "snapshots of the continued pretraining, evenly spaced, each fine-tuned in the sweep", low=1)
     base_lr: float = option(2e-3, "peak learning rate of the base model's pretraining", low=0, high=1, low_open=True)
     domain_lr: float = option(1e-3, "peak learning rate of the continued pretraining", low=0, high=1, low_open=True)
-    warmup_rate: float = option(0.2, "share of pretraining steps spent warming up", low=0, high=1)
+    warmup_ratio: float = option(0.2, "share of pretraining steps spent warming up", low=0, high=1)
     max_ngrams: int = option(3, "longest masked n-gram of words in pretraining", low=1, high=10)
     train_rows: int = option(1000, "labelled training rows for the sentiment task", low=20)
     test_rows: int = option(1000, "test rows (excluded from the domain corpus)", low=20)
@@ -260,9 +262,9 @@ def pretrain_models(cfg: DemoConfig, corpora: Path, tokenizer: Path, out: Path) 
         lr = cfg.base_lr if scratch else cfg.domain_lr
         # beta2 0.98 and a long warmup: a post-LN encoder trained from scratch at these rates diverges without them
         pretrain(PretrainConfig(corpus=str(corpus), out=str(run), model=model, from_scratch=scratch, max_seq_len=128,
-                                binary_head=sop, micro_batch_size=32, max_steps=steps, max_lr=lr, min_lr=lr / 10,
-                                warmup_rate=cfg.warmup_rate, adam_beta2=0.98, max_ngrams=cfg.max_ngrams, logging_freq=25,
-                                eval_freq=max(1, steps // 4), checkpoint_steps=max(1, steps // 4), save_steps=save_steps,
+                                binary_head=sop, batch_size=32, max_steps=steps, learning_rate=lr, min_lr=lr / 10,
+                                warmup_ratio=cfg.warmup_ratio, adam_beta2=0.98, max_ngrams=cfg.max_ngrams, logging_freq=25,
+                                eval_steps=max(1, steps // 4), checkpoint_steps=max(1, steps // 4), save_steps=save_steps,
                                 seed=cfg.seed, resume=resume))
 
     _stage(3, "pretrain the 'released' base model from scratch on the general corpus")

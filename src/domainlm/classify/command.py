@@ -50,7 +50,7 @@ from domainlm.errors import DomainLMError
 from domainlm.train.checkpoint import TrainState
 from domainlm.train.logging import RunLogger
 from domainlm.train.loop import LoopOptions, evaluate, shard_range, train_loop
-from domainlm.train.setup import build_optimizer, build_scheduler, make_accelerator
+from domainlm.train.setup import build_optimizer, build_scheduler, make_accelerator, mixed_precision
 
 
 @dataclass
@@ -204,7 +204,7 @@ def setup(cfg: FinetuneConfig, accelerator, tokenizer, labels: list[str], fit: D
                                      global_batch, tokenizer.pad_token_id or 0, seed, rank, world, accumulation, packed)
     options = LoopOptions(max_steps=max_steps, accumulation=accumulation, global_batch_size=global_batch,
                           max_grad_norm=cfg.max_grad_norm, logging_freq=cfg.logging_freq,
-                          eval_freq=cfg.eval_steps or steps_per_epoch, save_steps=cfg.save_steps)
+                          eval_steps=cfg.eval_steps or steps_per_epoch, save_steps=cfg.save_steps)
     logger = RunLogger(out, max_steps, 0, accelerator.is_main_process, tensorboard=True)
     return Run(cfg, accelerator, tokenizer, labels, seed, out, fit, dev, test, model, optimizer, scheduler, batches,
                options, logger, EarlyStopping(cfg.best_metric, cfg.early_stopping_patience), packed)
@@ -269,6 +269,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     outputs.claim(out)
     outputs.check_earlier_run(out, "finetune", outputs.FINETUNE_OUTPUTS, "train", cfg.overwrite,
                               inputs=(cfg.model, cfg.train, cfg.dev, cfg.test))
+    cfg.precision = mixed_precision(cfg.precision)  # the config written into --out says what ran
     accelerator = make_accelerator(cfg.precision)
     task = Task.read(cfg)
     linear_only = cfg.method == "linear"

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from domainlm.config import option
+from domainlm.config import option, reuse
 from domainlm.errors import DomainLMError
+from domainlm.options import (
+    LabelColumns,
+    OptimizerOptions,
+    PrecisionOption,
+    RunOptions,
+    TextColumns,
+    TrainingOptions,
+)
 
 LORA_RANKS = (8, 16, 32, 64)
 # tokens per example when nothing says otherwise: finetune's default, and what inference uses for a classifier
@@ -20,10 +29,11 @@ PRESETS = {
     "long-document": {"max_seq_len": 512, "batch_size": 8, "epochs": 4, "learning_rate": 2e-5, "warmup_ratio": 0.1},
     "few-shot": {"max_seq_len": MAX_SEQ_LEN, "batch_size": 8, "epochs": 20, "learning_rate": 5e-5, "warmup_ratio": 0.1,
                  "early_stopping_patience": 5},
-    # a 1.3B encoder on many labels (the settings of a published MegatronBert fine-tune); a GPU with bf16 expected
+    # a 1.3B encoder on many labels (the settings of a published MegatronBert fine-tune): bf16 where the machine
+    # has it natively (precision auto), a 1% dev split of a large task
     "large-model": {"max_seq_len": 512, "batch_size": 32, "epochs": 4, "learning_rate": 1e-5, "lr_decay": "cosine",
                     "warmup_ratio": 0.01, "adam_beta1": 0.9, "adam_beta2": 0.98, "adam_epsilon": 1e-8,
-                    "weight_decay": 0.1, "max_grad_norm": 1.0, "precision": "bf16", "valid_ratio": 0.01,
+                    "weight_decay": 0.1, "max_grad_norm": 1.0, "precision": "auto", "valid_ratio": 0.01,
                     "eval_steps": 200},
 }
 
@@ -33,15 +43,17 @@ LOWER_IS_BETTER = ("hamming_loss", "mae_classes")
 
 
 @dataclass(kw_only=True)
-class FinetuneConfig:
+class FinetuneConfig(TrainingOptions, OptimizerOptions, LabelColumns, TextColumns, PrecisionOption, RunOptions):
     PRESETS: ClassVar[dict] = PRESETS
     train: str = option(help="labelled training data: .csv, .tsv or .jsonl")
-    out: str = option(help="output folder: model/, adapter/ (LoRA), metrics.json, predictions, report.md")
+    out: str = reuse(RunOptions, "out", dataclasses.MISSING,
+                     "output folder: model/, adapter/ (LoRA), metrics.json, predictions, report.md")
     model: str = option("", "encoder to start from: HF name or path, or a `domainlm pretrain` snapshot (required "
                             "except with --method linear)")
     dev: str | None = option(None, "validation file (default: split from --train)")
     test: str | None = option(None, "test file, evaluated once at the end with the best model")
-    preset: Literal["short-text", "long-document", "few-shot", "large-model"] | None = option(None, "scenario preset (sets several options)")
+    preset: Literal["short-text", "long-document", "few-shot", "large-model"] | None = option(
+        None, "scenario preset (sets several options)")
     task: Literal["multiclass", "multilabel"] = option("multiclass", "one label per row, or several")
     method: Literal["full", "lora", "linear"] = option(
         "full", "train all weights, LoRA adapters (peft), or only the classical floor (char n-gram TF-IDF + linear model)")
@@ -50,11 +62,7 @@ class FinetuneConfig:
                                 "out-of-fold rows with --folds), never on test")
     lora_rank: int = option(16, "LoRA rank: 8, 16, 32 or 64")
     lora_alpha: int = option(32, "LoRA alpha (scaling = alpha / rank)", low=1)
-    text_column: str = option("text", "column with the text")
-    pair_column: str | None = option(None, "column with a second text (sentence pairs)")
-    label_column: str = option("label", "column with the label(s)")
     group_column: str | None = option(None, "column with a group for per-group accuracy")
-    label_delimiter: str = option(",", "separator of several labels in one cell (multilabel; JSON lists also work)")
     labels: list[str] = option([], "the label set in order (default: every label in --train, sorted)")
     skip_bad_rows: bool = option(False, "skip and count rows with no text or no label instead of failing")
     # Early stopping picks an epoch by a dev score; on 100 rows one row is a point of accuracy, and the pick (and the
@@ -66,22 +74,12 @@ class FinetuneConfig:
     batch_size: int = option(16, "examples per forward pass on each process", low=1)
     global_batch_size: int | None = option(None, "examples per optimizer step (default: --batch-size x processes)", low=1)
     epochs: int = option(3, "passes over the training data", low=1, high=50)
-    learning_rate: float = option(3e-5, "peak learning rate", low=0, high=1, low_open=True)
     optimizer: Literal["adamw"] = option("adamw", "optimizer")
-    weight_decay: float = option(0.01, "AdamW weight decay (not on biases and norms)", low=0, high=1)
-    adam_beta1: float = option(0.9, "AdamW beta1", low=0, high=1)
-    adam_beta2: float = option(0.999, "AdamW beta2", low=0, high=1)
-    adam_epsilon: float = option(1e-8, "AdamW epsilon", low=0, high=1, low_open=True)
-    max_grad_norm: float = option(1.0, "gradient clipping norm", low=0, low_open=True)
     layer_lr_decay: float = option(1.0, "layer-wise lr decay: the head trains at the lr, each layer below at this "
                                         "factor times the one above, the embeddings last (1: off)", low=0, high=1, low_open=True)
     gradient_checkpointing: bool = option(False, "recompute each layer's activations in the backward pass: less "
                                                  "memory, about a third more compute")
-    warmup_ratio: float = option(0.1, "share of steps warming up", low=0, high=1)
     min_lr_ratio: float = option(0.0, "final learning rate as a share of the peak (min_lr = lr x ratio)", low=0, high=1)
-    lr_decay: Literal["linear", "cosine"] = option("linear", "decay after warmup")
-    eval_steps: int = option(0, "evaluate every N steps (0: once per epoch)", low=0)
-    save_steps: int = option(0, "also save the model every N steps (0: only the best)", low=0)
     metric: str = option("", "metric that picks the best model and stops early (default: accuracy / f1_micro)")
     early_stopping_patience: int = option(10, "evaluations without improvement before stopping (0: never)", low=0)
     tolerant_k: int = option(2, "multi-class tolerant accuracy: gold label within the top k", low=1)
@@ -89,12 +87,9 @@ class FinetuneConfig:
                                   "absolute error in classes and accuracy within +-1 class")
     folds: int = option(0, "k-fold cross-validation on --train (0: off)", low=0, high=20)
     seeds: list[int] = option([1234], "repeat with each seed; metrics reported as mean and std")
-    logging_freq: int = option(10, "log every N steps", low=1)
-    precision: Literal["auto", "no", "bf16", "fp16"] = option("auto", "mixed precision (auto: bf16 on a GPU that has it)")
     unpad: Literal["auto", "yes", "no"] = option(
         "auto", "run BERT/ERNIE classifiers on one stream of real tokens per batch (auto: on a GPU; on a CPU the "
                 "padded forward with a [CLS]-only last layer is faster)")
-    overwrite: bool = option(False, "replace an earlier finetune run in --out (only its own files are removed)")
 
     def check(self) -> None:
         from domainlm.classify.metrics import metric_names
@@ -137,19 +132,25 @@ class FinetuneConfig:
         return self.metric or ("f1_micro" if self.multilabel else "accuracy")
 
 
+INFERENCE_TEXT = "column with the text (default: the model's, else text)"
+INFERENCE_PAIR = "column with a second text (default: the model's, if any)"
+INFERENCE_BATCH = "examples per batch (0: 64 on a CPU, 512 on a GPU; long texts run in fewer)"
+INFERENCE_LENGTH = "tokens per example (0: the length the model was trained at)"
+
+
 @dataclass(kw_only=True)
-class EvaluateConfig:
-    model: str = option(help="a classifier folder written by `domainlm finetune` (its model/ folder, or the --out of --method linear)")
+class EvaluateConfig(LabelColumns, TextColumns, RunOptions):
+    model: str = option(help="a classifier folder written by `domainlm finetune` (its model/ folder, or the --out of "
+                             "--method linear)")
     data: str = option(help="labelled data to evaluate on: .csv, .tsv or .jsonl")
-    out: str = option(help="output folder: metrics.json, predictions, bad cases, confusion matrix, report.md")
-    text_column: str | None = option(None, "column with the text (default: the model's, else text)")
-    pair_column: str | None = option(None, "column with a second text (default: the model's, if any)")
-    label_column: str = option("label", "column with the label(s)")
+    out: str = reuse(RunOptions, "out", dataclasses.MISSING,
+                     "output folder: metrics.json, predictions, bad cases, confusion matrix, report.md")
+    text_column: str | None = reuse(TextColumns, "text_column", None, INFERENCE_TEXT)
+    pair_column: str | None = reuse(TextColumns, "pair_column", None, INFERENCE_PAIR)
     group_column: str | None = option(None, "column with a group for per-group accuracy")
-    label_delimiter: str = option(",", "separator of several labels in one cell")
     skip_bad_rows: bool = option(False, "skip and count rows with no text or no label instead of failing")
-    batch_size: int = option(0, "examples per batch (0: 64 on a CPU, 512 on a GPU; long texts run in fewer)", low=0)
-    max_seq_len: int = option(0, "tokens per example (0: the length the model was trained at)", low=0)
+    batch_size: int = option(0, INFERENCE_BATCH, low=0)
+    max_seq_len: int = option(0, INFERENCE_LENGTH, low=0)
     device: Literal["auto", "cpu", "cuda"] = option("auto", DEVICE_HELP)
     tolerant_k: int = option(2, "multi-class tolerant accuracy: gold label within the top k", low=1)
     ordinal: bool = option(False, "the model's labels are ordered (in their saved order): also report mean absolute "
@@ -157,13 +158,15 @@ class EvaluateConfig:
 
 
 @dataclass(kw_only=True)
-class PredictConfig:
-    model: str = option(help="a classifier folder written by `domainlm finetune` (its model/ folder, or the --out of --method linear)")
+class PredictConfig(TextColumns):
+    model: str = option(help="a classifier folder written by `domainlm finetune` (its model/ folder, or the --out of "
+                             "--method linear)")
     input: str = option("-", "texts to classify: .csv, .tsv or .jsonl, or - for one text per line on stdin")
     out: str = option("-", "JSONL output file (- for stdout)")
-    text_column: str | None = option(None, "column with the text (default: the model's, else text)")
-    pair_column: str | None = option(None, "column with a second text (default: the model's, if any)")
-    batch_size: int = option(0, "examples per batch (0: 64 on a CPU, 512 on a GPU; long texts run in fewer)", low=0)
-    max_seq_len: int = option(0, "tokens per example (0: the length the model was trained at)", low=0)
+    overwrite: bool = option(False, "replace an existing --out file")
+    text_column: str | None = reuse(TextColumns, "text_column", None, INFERENCE_TEXT)
+    pair_column: str | None = reuse(TextColumns, "pair_column", None, INFERENCE_PAIR)
+    batch_size: int = option(0, INFERENCE_BATCH, low=0)
+    max_seq_len: int = option(0, INFERENCE_LENGTH, low=0)
     device: Literal["auto", "cpu", "cuda"] = option("auto", DEVICE_HELP)
     top_k: int = option(3, "scores of the k best labels in each line", low=1)

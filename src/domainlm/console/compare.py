@@ -53,7 +53,8 @@ def settings(home: Path, m: Model) -> dict:
     c = job.config if job is not None else {}
     if job is not None and job.command == "pretrain":
         return {"method": "MLM + SOP" if c.get("binary_head", True) else "MLM", "LoRA rank": "",
-                "learning rate": c.get("max_lr", ""), "epochs": f"{c.get('max_steps', '')} steps", "batch size": c.get("micro_batch_size", ""),
+                "learning rate": c.get("learning_rate", c.get("max_lr", "")), "epochs": f"{c.get('max_steps', '')} steps",
+                "batch size": c.get("batch_size", c.get("micro_batch_size", "")),
                 "max seq len": c.get("max_seq_len", ""), "seed": c.get("seed", ""), "base": _short(c.get("model", "")),
                 "data": Path(c.get("corpus") or "").name}
     return dict.fromkeys(SETTINGS, "")

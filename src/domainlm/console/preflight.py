@@ -64,9 +64,9 @@ def pretrain(cfg, errors: dict) -> None:
         if local.is_dir() and not cfg.from_scratch and not has_weights(local) and not is_paddle_folder(local):
             errors.setdefault("from_scratch", f"{local.name} holds a config but no weights: tick from scratch to train "
                                               "from random weights, or choose a model with weights")
-    if cfg.global_batch_size and cfg.global_batch_size % cfg.micro_batch_size:
+    if cfg.global_batch_size and cfg.global_batch_size % cfg.batch_size:
         errors.setdefault("global_batch_size", f"--global-batch-size {cfg.global_batch_size} is not a multiple of "
-                                               f"--micro-batch-size {cfg.micro_batch_size}")
+                                               f"--batch-size {cfg.batch_size}")
     try:
         corpus = Corpus(cfg.corpus)
     except (DomainLMError, OSError) as e:

@@ -66,10 +66,10 @@ TITLES = {"finetune": "Classification fine-tuning", "pretrain": "Domain pretrain
 
 # The CLI has scenario presets for fine-tuning; pretraining's are the console's (they only fill the form).
 PRETRAIN_PRESETS = {
-    "small-corpus": {"max_steps": 1000, "micro_batch_size": 16, "max_lr": 5e-5, "min_lr": 5e-6, "warmup_rate": 0.06,
-                     "max_seq_len": 256, "eval_freq": 100, "checkpoint_steps": 200, "save_steps": 250},
-    "large-corpus": {"max_steps": 20000, "micro_batch_size": 32, "max_lr": 1e-4, "min_lr": 1e-5, "warmup_rate": 0.01,
-                     "max_seq_len": 512, "lr_decay": "cosine", "eval_freq": 500, "checkpoint_steps": 1000,
+    "small-corpus": {"max_steps": 1000, "batch_size": 16, "learning_rate": 5e-5, "min_lr": 5e-6, "warmup_ratio": 0.06,
+                     "max_seq_len": 256, "eval_steps": 100, "checkpoint_steps": 200, "save_steps": 250},
+    "large-corpus": {"max_steps": 20000, "batch_size": 32, "learning_rate": 1e-4, "min_lr": 1e-5, "warmup_ratio": 0.01,
+                     "max_seq_len": 512, "lr_decay": "cosine", "eval_steps": 500, "checkpoint_steps": 1000,
                      "save_steps": 5000},
 }
 
@@ -97,8 +97,8 @@ LAYOUT: dict[str, list[tuple[str, list[str]]]] = {
     ],
     "pretrain": [
         ("Model", ["model", "from_scratch"]),
-        ("Hyperparameters", ["max_steps", "micro_batch_size", "global_batch_size", "max_lr", "min_lr", "warmup_rate",
-                             "lr_decay", "max_seq_len", "masked_lm_prob", "save_steps", "eval_freq", "checkpoint_steps"]),
+        ("Hyperparameters", ["max_steps", "batch_size", "global_batch_size", "learning_rate", "min_lr", "warmup_ratio",
+                             "lr_decay", "max_seq_len", "masked_lm_prob", "save_steps", "eval_steps", "checkpoint_steps"]),
         ("Data", ["corpus", "split"]),
     ],
     "prepare": [

@@ -8,46 +8,56 @@ what the sweep wrote: the "what to ship" sentence, the table with Holm-adjusted 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from domainlm import config as cfglib
-from domainlm.config import option
+from domainlm.classify.config import FinetuneConfig
+from domainlm.config import option, reuse
 from domainlm.console import preflight
 from domainlm.console.catalog import read_json
 from domainlm.console.db import Job
 from domainlm.errors import DomainLMError
+from domainlm.options import PrecisionOption
 
 # fine-tuning options every cell shares, as the form shows them (the rest keep the CLI's defaults)
 FINETUNE_FIELDS = ("train", "dev", "test", "task", "text_column", "label_column", "method", "lora_rank", "epochs",
                    "batch_size", "learning_rate", "max_seq_len", "valid_ratio", "precision", "logging_freq")
 
 
+def _ft(name: str, default=None, help: str | None = None):
+    """A fine-tuning option of the form: finetune's own field (flag, range, help), with the form's default."""
+    from domainlm.classify.config import FinetuneConfig
+
+    field = FinetuneConfig.__dataclass_fields__[name]
+    return reuse(FinetuneConfig, name, field.default if default is None else default, help)
+
+
 @dataclass(kw_only=True)
-class SweepJobConfig:
+class SweepJobConfig(PrecisionOption):
     base_models: list[str] = option([], "base models to compare (each is also the step-0 row of its snapshots)")
     pretrain_jobs: list[int] = option([], "pretraining jobs: their step-N snapshots, each beside its base model")
     seeds: list[int] = option([1, 2, 3], "seeds per cell (3 or more make the test against the base meaningful)")
     metrics: list[str] = option(["accuracy"], "metrics to tabulate; the first one ranks the cells")
     floor: bool = option(True, "fit the classical floor (char n-gram TF-IDF + linear model) once and show it")
-    train: str = option(help="labelled training data")
-    test: str | None = option(None, "test file every cell is scored on (or a dev file)")
-    dev: str | None = option(None, "validation file (default: a fifth of the training rows)")
-    task: Literal["multiclass", "multilabel"] = option("multiclass", "one label per row, or several")
-    text_column: str = option("text", "column with the text")
-    label_column: str = option("label", "column with the label(s)")
+    train: str = reuse(FinetuneConfig, "train", dataclasses.MISSING)
+    test: str | None = _ft("test", help="test file every cell is scored on (or a dev file)")
+    dev: str | None = _ft("dev", help="validation file (default: a fifth of the training rows)")
+    task: Literal["multiclass", "multilabel"] = _ft("task")
+    text_column: str = _ft("text_column")
+    label_column: str = _ft("label_column")
     method: Literal["full", "lora"] = option("full", "train all weights, or LoRA adapters")
-    lora_rank: int = option(16, "LoRA rank: 8, 16, 32 or 64")
-    epochs: int = option(3, "passes over the training data", low=1, high=50)
-    batch_size: int = option(16, "examples per forward pass", low=1)
-    learning_rate: float = option(3e-5, "peak learning rate", low=0, high=1, low_open=True)
-    max_seq_len: int = option(128, "tokens per example", low=8)
+    lora_rank: int = _ft("lora_rank")
+    epochs: int = _ft("epochs")
+    batch_size: int = _ft("batch_size")
+    learning_rate: float = _ft("learning_rate")
+    max_seq_len: int = _ft("max_seq_len")
     valid_ratio: float = option(0.2, "share of the training rows held out for validation when no dev file",
                                 low=0.2, high=0.5)
-    precision: Literal["auto", "no", "bf16", "fp16"] = option("auto", "mixed precision")
-    logging_freq: int = option(10, "log every N steps", low=1)
+    logging_freq: int = _ft("logging_freq")
     out: str = option(help="output folder (set by the console)")
 
 
@@ -138,9 +148,9 @@ def check(factory, s, cfg: SweepJobConfig, errors: dict):
         except DomainLMError as e:
             errors.setdefault(_field(str(e), "base_models"), str(e).replace(str(factory.home.resolve()) + "/", ""))
     for spec in sweep.models:
-        config = preflight._model_config(spec["base"], errors, "base_models")
+        config = preflight._model_config(spec.base, errors, "base_models")
         if config is not None:
-            preflight._positions(config, cfg.max_seq_len, spec["base"], errors)
+            preflight._positions(config, cfg.max_seq_len, spec.base, errors)
     return sweep
 
 

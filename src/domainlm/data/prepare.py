@@ -8,6 +8,7 @@ complete: an interrupted run never leaves a store that a later stage could take 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import multiprocessing as mp
@@ -26,7 +27,7 @@ import numpy as np
 
 from domainlm import __version__, outputs
 from domainlm import config as cfglib
-from domainlm.config import option
+from domainlm.config import option, reuse
 from domainlm.data.clean import Deduplicator
 from domainlm.data.readers import SUFFIXES, Document, ReadOptions, discover, format_of, read_file
 from domainlm.data.store import FILES, Corpus, CorpusWriter, find_imports, read_megatron, read_paddlenlp
@@ -42,13 +43,14 @@ from domainlm.data.tokenize import (
 )
 from domainlm.errors import DomainLMError
 from domainlm.interop.tokenizer import load_fast_tokenizer
+from domainlm.options import RunOptions
 
 
 @dataclass(kw_only=True)
-class PrepareConfig:
+class PrepareConfig(RunOptions):
     input: list[str] = option([], "files or folders of raw documents (txt, jsonl, md, pdf, docx, .gz; "
                               "or a PaddleNLP *_ids.npy / Megatron .bin corpus to import)", positional=True)
-    out: str = option(help="output folder for the corpus store")
+    out: str = reuse(RunOptions, "out", dataclasses.MISSING, "output folder for the corpus store")
     tokenizer: str = option(help="Hugging Face fast tokenizer: a name or a path")
     language: Literal["auto", "zh", "en"] = option("auto", "document language; auto detects per document")
     segment: bool = option(False, "Chinese word segmentation for whole-word masking")
@@ -64,7 +66,7 @@ class PrepareConfig:
     max_sentence_tokens: int = option(510, "cut longer sentences into pieces of this many tokens", low=8)
     near_dup_threshold: float = option(0.8, "MinHash Jaccard threshold for near duplicates (0: off)", low=0, high=1)
     workers: int = option(-1, "worker processes (-1: one per core, 0: in this process)", low=-1)
-    overwrite: bool = option(False, "replace an existing, different corpus in --out")
+    overwrite: bool = reuse(RunOptions, "overwrite", False, "replace an existing, different corpus in --out")
 
     def check(self) -> None:
         if not self.input:

@@ -11,6 +11,7 @@ the inference speed of teacher and student on the same texts.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from functools import partial
@@ -30,7 +31,7 @@ from domainlm.classify.data import (
     split_validation,
     targets,
 )
-from domainlm.distill.config import DistillConfig
+from domainlm.distill.config import STUDENT_GROUPS, DistillConfig
 from domainlm.distill.loss import DistillClassifier, pack, soften
 from domainlm.distill.teacher import model_labels, teacher_outputs, unlabeled_texts
 from domainlm.errors import DomainLMError
@@ -43,9 +44,9 @@ def student_config(cfg: DistillConfig, out: Path):
     """The student's fine-tuning options: finetune's recipe with distill's values."""
     from domainlm.classify.config import FinetuneConfig
 
-    shared = ("train", "dev", "test", "task", "text_column", "pair_column", "label_column", "label_delimiter", "valid_ratio",
-              "max_seq_len", "batch_size", "epochs", "learning_rate", "weight_decay", "warmup_ratio", "lr_decay",
-              "eval_steps", "early_stopping_patience", "logging_freq", "precision")
+    shared = [f.name for group in STUDENT_GROUPS for f in dataclasses.fields(group)]
+    shared += ["train", "dev", "test", "task", "valid_ratio", "max_seq_len", "batch_size", "epochs",
+               "early_stopping_patience"]
     return FinetuneConfig(model=cfg.student, out=str(out), floor=False, seeds=list(cfg.seeds),
                           **{k: getattr(cfg, k) for k in shared})
 
@@ -62,7 +63,7 @@ def distill(cfg: DistillConfig) -> dict:
     from domainlm.classify import command as recipe  # finetune's setup, train, finish
     from domainlm.classify.report import score
     from domainlm.interop.tokenizer import load_fast_tokenizer
-    from domainlm.train.setup import make_accelerator
+    from domainlm.train.setup import make_accelerator, mixed_precision
 
     hf_logging.set_verbosity_error()
     # ---- setup
@@ -87,6 +88,7 @@ def distill(cfg: DistillConfig) -> dict:
             check_labels(data, labels)
     extra = unlabeled_texts(cfg)
     tokenizer = load_fast_tokenizer(cfg.student, flag="--student")
+    cfg.precision = mixed_precision(cfg.precision)
     accelerator = make_accelerator(cfg.precision)
     ft = student_config(cfg, out)
     splits = {seed: (train, dev_given) if dev_given is not None else split_validation(train, cfg.valid_ratio, 0, seed)

@@ -2,21 +2,36 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-from domainlm.config import option
+from domainlm.config import option, reuse
 from domainlm.errors import DomainLMError
+from domainlm.options import (
+    LabelColumns,
+    OptimizerOptions,
+    PrecisionOption,
+    RunOptions,
+    TextColumns,
+    TrainingOptions,
+)
+
+# the groups whose options the student's fine-tuning takes as they are
+STUDENT_GROUPS = (TrainingOptions, OptimizerOptions, LabelColumns, TextColumns, PrecisionOption)
 
 
 @dataclass(kw_only=True)
-class DistillConfig:
+class DistillConfig(TrainingOptions, OptimizerOptions, LabelColumns, TextColumns, PrecisionOption, RunOptions):
     teacher: str = option(help="the teacher: a classifier folder (`finetune` output, its model/, a fold ensemble, an "
                                "ONNX export or a linear floor)")
     student: str = option(help="encoder to distil into: HF name or path, or a `domainlm pretrain` snapshot")
     train: str = option(help="labelled training data (.csv, .tsv, .jsonl) with the teacher's labels")
-    out: str = option(help="output folder: the student classifier (model/, metrics.json, report.md), distill.json/.md, "
-                           "teacher_cache/ (the teacher's outputs, reused on a rerun)")
+    out: str = reuse(RunOptions, "out", dataclasses.MISSING,
+                     "output folder: the student classifier (model/, metrics.json, report.md), distill.json/.md, "
+                     "teacher_cache/ (the teacher's outputs, reused on a rerun)")
+    overwrite: bool = reuse(RunOptions, "overwrite", False,
+                            "replace an earlier distill run in --out (the teacher cache is kept)")
     unlabeled: str | None = option(None, "unlabelled texts the teacher also labels: .txt (one per line), .jsonl, .csv "
                                          "or .tsv (--text-column)")
     corpus: str | None = option(None, "a `domainlm prepare` corpus store whose documents the teacher also labels "
@@ -33,25 +48,13 @@ class DistillConfig:
     plain: bool = option(False, "also fine-tune the student plainly (same seed, same rows) and report it beside")
     floor: bool = option(True, "also fit the classical floor on the same rows and report it beside, with the tests")
     task: Literal["multiclass", "multilabel"] = option("multiclass", "one label per row, or several (must match the teacher)")
-    text_column: str = option("text", "column with the text")
-    pair_column: str | None = option(None, "column with a second text")
-    label_column: str = option("label", "column with the label(s)")
-    label_delimiter: str = option(",", "separator of several labels in one cell (multilabel)")
     valid_ratio: float = option(0.2, "share of --train held out for validation when no --dev", low=0.01, high=0.5)
     max_seq_len: int = option(128, "tokens per example (teacher and student)", low=8)
     batch_size: int = option(16, "examples per student training batch", low=1)
     teacher_batch_size: int = option(64, "examples per teacher inference batch", low=1)
     epochs: int = option(3, "passes over the training (and unlabelled) rows", low=1, high=50)
-    learning_rate: float = option(3e-5, "peak learning rate", low=0, high=1, low_open=True)
-    weight_decay: float = option(0.01, "AdamW weight decay", low=0, high=1)
-    warmup_ratio: float = option(0.1, "share of steps warming up", low=0, high=1)
-    lr_decay: Literal["linear", "cosine"] = option("linear", "decay after warmup")
-    eval_steps: int = option(0, "evaluate every N steps (0: once per epoch)", low=0)
     early_stopping_patience: int = option(10, "evaluations without improvement before stopping (0: never)", low=0)
     seeds: list[int] = option([1234], "one student (and plain student) per seed; metrics as mean and std")
-    logging_freq: int = option(10, "log every N steps", low=1)
-    precision: Literal["auto", "no", "bf16", "fp16"] = option("auto", "mixed precision (auto: bf16 on a GPU that has it)")
-    overwrite: bool = option(False, "replace an earlier distill run in --out (the teacher cache is kept)")
 
     def check(self) -> None:
         if self.unlabeled and self.corpus:

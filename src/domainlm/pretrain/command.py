@@ -44,7 +44,7 @@ from domainlm.train.checkpoint import (
 )
 from domainlm.train.logging import RunLogger
 from domainlm.train.loop import LoopOptions, evaluate, train_loop
-from domainlm.train.setup import build_optimizer, build_scheduler, make_accelerator
+from domainlm.train.setup import build_optimizer, build_scheduler, make_accelerator, mixed_precision
 
 
 def _special_ids(tokenizer) -> dict[str, int]:
@@ -114,7 +114,7 @@ class Run:
 
     def evaluate(self, split: str, iters: int) -> dict[str, float]:
         a, ds = self.accelerator, self.datasets[split]
-        batches = eval_batch_indices(len(ds), self.options.global_batch_size, self.cfg.micro_batch_size,
+        batches = eval_batch_indices(len(ds), self.options.global_batch_size, self.cfg.batch_size,
                                      a.process_index, a.num_processes, iters)
         loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, collate_fn=self.collate)
         # evaluation must not draw from the global RNG, or a resumed run would diverge from an uninterrupted one
@@ -139,15 +139,16 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
 
 def setup(cfg: PretrainConfig) -> Run:
+    cfg.precision = mixed_precision(cfg.precision)
     accelerator = make_accelerator(cfg.precision, find_unused_parameters=not cfg.binary_head)  # pooler unused without SOP
     world, out = accelerator.num_processes, Path(cfg.out)
-    global_batch = cfg.global_batch_size or cfg.micro_batch_size * world
-    if global_batch % (cfg.micro_batch_size * world):
+    global_batch = cfg.global_batch_size or cfg.batch_size * world
+    if global_batch % (cfg.batch_size * world):
         raise DomainLMError(
-            f"--global-batch-size {global_batch} is not a multiple of --micro-batch-size {cfg.micro_batch_size} "
+            f"--global-batch-size {global_batch} is not a multiple of --batch-size {cfg.batch_size} "
             f"x {world} processes"
         )
-    accumulation = global_batch // (cfg.micro_batch_size * world)
+    accumulation = global_batch // (cfg.batch_size * world)
     corpus = Corpus(cfg.corpus)
     tokenizer = _load_tokenizer(cfg, corpus)
     special = _special_ids(tokenizer)
@@ -177,8 +178,8 @@ def setup(cfg: PretrainConfig) -> Run:
     model = PretrainingModel(hf_model, cfg.binary_head)
     if cfg.compile:
         model = torch.compile(model)
-    optimizer = build_optimizer(model, cfg.max_lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon)
-    scheduler = build_scheduler(optimizer, cfg.max_steps, cfg.warmup_rate, cfg.max_lr, cfg.min_lr, cfg.lr_decay)
+    optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon)
+    scheduler = build_scheduler(optimizer, cfg.max_steps, cfg.warmup_ratio, cfg.learning_rate, cfg.min_lr, cfg.lr_decay)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     state = TrainState(global_batch_size=global_batch, model_fingerprint=model_fingerprint(load_config(cfg.model)))
     if resume_from is not None:
@@ -189,19 +190,19 @@ def setup(cfg: PretrainConfig) -> Run:
         outputs.mark(out, "pretrain")
         cfglib.write(cfg, out)
         (out / "data.json").write_text(json.dumps({"splits": {k: v.pop("documents") for k, v in reports.items()}, "split": split.summary(), "samples": reports, "accumulation": accumulation, "processes": world}, indent=2))
-    log(f"data: {json.dumps(reports['train'])}; global batch {global_batch} = {cfg.micro_batch_size} x {accumulation} "
+    log(f"data: {json.dumps(reports['train'])}; global batch {global_batch} = {cfg.batch_size} x {accumulation} "
         f"accumulation x {world} processes")
     collate_fn = collate_packed if packed else partial(collate, pad_id=special["pad"])
     train_loader = torch.utils.data.DataLoader(
         datasets["train"],
-        batch_sampler=StepBatchSampler(state.consumed_samples, global_batch, cfg.micro_batch_size, accelerator.process_index, world),
+        batch_sampler=StepBatchSampler(state.consumed_samples, global_batch, cfg.batch_size, accelerator.process_index, world),
         collate_fn=collate_fn,
         num_workers=loader_workers(cfg.num_workers, accelerator), persistent_workers=False, pin_memory=accelerator.device.type == "cuda",
         generator=torch.Generator(),  # its own seed stream: creating the iterator must not draw from the global RNG
     )
     options = LoopOptions(
         max_steps=cfg.max_steps, accumulation=accumulation, global_batch_size=global_batch, max_grad_norm=cfg.max_grad_norm,
-        logging_freq=cfg.logging_freq, eval_freq=cfg.eval_freq, checkpoint_steps=cfg.checkpoint_steps or cfg.max_steps,
+        logging_freq=cfg.logging_freq, eval_steps=cfg.eval_steps, checkpoint_steps=cfg.checkpoint_steps or cfg.max_steps,
         save_steps=cfg.save_steps,
     )
     logger = RunLogger(out, cfg.max_steps, state.step, accelerator.is_main_process, cfg.tensorboard)

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar
 
-from domainlm.config import option
+from domainlm.config import option, reuse
 from domainlm.errors import DomainLMError
+from domainlm.options import OptimizerOptions, PrecisionOption, RunOptions, TrainingOptions
 from domainlm.pretrain.samples import parse_split
 
 
 @dataclass(kw_only=True)
-class PretrainConfig:
+class PretrainConfig(TrainingOptions, OptimizerOptions, PrecisionOption, RunOptions):
+    # the seed's PaddleNLP names, kept working: --max-lr, --warmup-rate, --eval-freq, --micro-batch-size
+    ALIASES: ClassVar[dict] = {"micro_batch_size": "batch_size"}
     corpus: str = option(help="corpus store folder from `domainlm prepare`")
-    out: str = option(help="output folder: logs, checkpoints/, step-N snapshots")
+    out: str = reuse(RunOptions, "out", dataclasses.MISSING, "output folder: logs, checkpoints/, step-N snapshots")
+    overwrite: bool = reuse(RunOptions, "overwrite", False, "replace an earlier pretrain run in --out, checkpoints "
+                                                              "included (--resume continues it instead)")
     model: str = option(help="HF encoder to start from (name or path), or a config folder with --from-scratch")
     tokenizer: str | None = option(None, "tokenizer (name or path); default: the model's, else the corpus's")
     from_scratch: bool = option(False, "random weights from the model's config")
@@ -26,28 +32,21 @@ class PretrainConfig:
     max_ngrams: int = option(3, "longest masked n-gram of words", low=1, high=10)
     favor_longer_ngram: bool = option(False, "favour longer n-grams (p ~ n instead of 1/n)")
     whole_word_mask: bool = option(True, "mask whole words (word starts from prepare)")
-    micro_batch_size: int = option(8, "samples per forward pass on each process", low=1)
-    global_batch_size: int | None = option(None, "samples per optimizer step (default: micro x processes)", low=1)
+    batch_size: int = option(8, "samples per forward pass on each process (the micro batch)", low=1)
+    global_batch_size: int | None = option(None, "samples per optimizer step (default: --batch-size x processes)",
+                                           low=1)
     max_steps: int = option(1000, "optimizer steps", low=1)
-    max_lr: float = option(1e-4, "peak learning rate", low=0, high=1, low_open=True)
+    learning_rate: float = reuse(OptimizerOptions, "learning_rate", 1e-4)
     min_lr: float = option(1e-5, "final learning rate", low=0, high=1)
-    warmup_rate: float = option(0.01, "share of max_steps spent warming up", low=0, high=1)
-    lr_decay: Literal["linear", "cosine"] = option("linear", "decay after warmup")
-    weight_decay: float = option(0.01, "AdamW weight decay (not on biases and norms)", low=0, high=1)
-    adam_beta1: float = option(0.9, "AdamW beta1", low=0, high=1)
-    adam_beta2: float = option(0.999, "AdamW beta2", low=0, high=1)
-    adam_epsilon: float = option(1e-8, "AdamW epsilon", low=0, high=1, low_open=True)
-    max_grad_norm: float = option(1.0, "gradient clipping norm", low=0, low_open=True)
-    logging_freq: int = option(10, "log every N steps", low=1)
-    eval_freq: int = option(500, "evaluate on the validation set every N steps (0: only at the end)", low=0)
+    warmup_ratio: float = reuse(OptimizerOptions, "warmup_ratio", 0.01)
+    eval_steps: int = reuse(TrainingOptions, "eval_steps", 500,
+                            "evaluate on the validation set every N steps (0: only at the end)")
     eval_iters: int = option(10, "global batches of the fixed validation samples per evaluation", low=1)
     test_iters: int = option(100, "global batches of the fixed test samples evaluated at the end", low=1)
     checkpoint_steps: int = option(500, "full checkpoint every N steps (0: only at the end)", low=0)
-    save_steps: int = option(0, "standalone step-N snapshot every N steps (0: none)", low=0)
     keep_last: int = option(2, "checkpoints to keep (0: all)", low=0)
     resume: str | None = option(None, "auto (newest good checkpoint in --out) or a checkpoint folder")
     seed: int = option(1234, "seed for split, samples, masking, dropout and initialisation")
-    precision: Literal["auto", "no", "bf16", "fp16"] = option("auto", "mixed precision (auto: bf16 on a GPU that has it)")
     compile: bool = option(False, "torch.compile the model")
     unpad: bool = option(True, "run the encoder on one stream of real tokens per micro batch (no padding); "
                                "--no-unpad: the model's own padded forward")
@@ -57,5 +56,5 @@ class PretrainConfig:
 
     def check(self) -> None:
         parse_split(self.split)
-        if self.min_lr > self.max_lr:
-            raise DomainLMError(f"--min-lr {self.min_lr} is above --max-lr {self.max_lr}")
+        if self.min_lr > self.learning_rate:
+            raise DomainLMError(f"--min-lr {self.min_lr} is above --learning-rate {self.learning_rate}")

@@ -41,7 +41,7 @@ import yaml
 from domainlm import config as cfglib
 from domainlm import outputs
 from domainlm.errors import DomainLMError
-from domainlm.sweep.config import MIN_VALID_RATIO, SweepConfig, cell_config, pretrain_config
+from domainlm.sweep.config import MIN_VALID_RATIO, ModelSpec, SweepConfig, cell_config, pretrain_config
 
 
 @dataclass
@@ -71,9 +71,9 @@ def pretraining_needed(pt) -> bool:
     return not all(_is_snapshot(Path(pt.out) / f"step-{s:06d}") for s in _expected_steps(pt))
 
 
-def _snapshots(cfg: SweepConfig, spec: dict) -> list[tuple[int, str]]:
+def _snapshots(cfg: SweepConfig, spec: ModelSpec) -> list[tuple[int, str]]:
     """(step, folder) of the snapshots to fine-tune; with a pretrain section, the ones it will write."""
-    name, found, pt = spec["name"], spec.get("snapshots"), pretrain_config(cfg, spec)
+    name, found, pt = spec.name, spec.snapshots, pretrain_config(cfg, spec)
     if pt is not None:
         out = [(s, str(Path(pt.out) / f"step-{s:06d}")) for s in _expected_steps(pt)]
     elif not found:
@@ -93,7 +93,7 @@ def _snapshots(cfg: SweepConfig, spec: dict) -> list[tuple[int, str]]:
             if not f.is_dir() or not match:
                 raise DomainLMError(f"models: {name}: {f} is not a step-N snapshot folder")
             out.append((int(match.group(1)), str(f)))
-    wanted = spec.get("steps")
+    wanted = spec.steps
     if wanted:
         missing = sorted(set(wanted) - {s for s, _ in out})
         if missing:
@@ -114,10 +114,10 @@ def _check_base(name: str, base: str) -> None:
 def plan(cfg: SweepConfig) -> list[Cell]:
     cells = []
     for spec in cfg.models:
-        _check_base(spec["name"], str(spec["base"]))
-        for step, path in [(0, str(spec["base"]))] + _snapshots(cfg, spec):
+        _check_base(spec.name, spec.base)
+        for step, path in [(0, spec.base)] + _snapshots(cfg, spec):
             for seed in cfg.seeds:
-                cells.append(Cell(spec["name"], "base" if step == 0 else f"step {step}", step, str(path), seed))
+                cells.append(Cell(spec.name, "base" if step == 0 else f"step {step}", step, str(path), seed))
     return cells
 
 
@@ -165,6 +165,13 @@ def remove_inside(path: Path, root: Path) -> None:
     outputs.remove_tree(path, fence)
 
 
+def _as_written(ft) -> dict:
+    """A cell's options as its finetune writes them into config.yaml: precision resolved (auto -> what runs)."""
+    from domainlm.precision import resolve
+
+    return {**cfglib.to_dict(ft), "precision": resolve(ft.precision, "cuda" if _gpu_count() else "cpu")[0]}
+
+
 def run_cell(cfg: SweepConfig, cell: Cell, root: Path, device: str | None = None) -> dict:
     from domainlm.classify.command import finetune
 
@@ -172,7 +179,7 @@ def run_cell(cfg: SweepConfig, cell: Cell, root: Path, device: str | None = None
     ft = cell_config(cfg, cell.path, str(folder), cell.seed)
     if (folder / "DONE").is_file():
         # finished with the same options: reuse; with other options (the sweep file changed): run again
-        if yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")) == cfglib.to_dict(ft):
+        if yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")) == _as_written(ft):
             return {"status": "done", "skipped": True}
         print(f"cell {cell.folder}: options changed since it ran; running it again", file=sys.stderr)
     if folder.exists():  # a crashed, failed or outdated earlier attempt
@@ -234,10 +241,10 @@ def run_pretraining(cfg: SweepConfig) -> None:
     for spec in cfg.models:
         pt = pretrain_config(cfg, spec)
         if pt is not None and pretraining_needed(pt):
-            print(f"pretraining {spec['name']} into {pt.out} (resumes from its newest checkpoint if any)", file=sys.stderr)
+            print(f"pretraining {spec.name} into {pt.out} (resumes from its newest checkpoint if any)", file=sys.stderr)
             pretrain(pt)
             if pretraining_needed(pt):
-                raise DomainLMError(f"models: {spec['name']}: pretraining ended without all of its snapshots in {pt.out}")
+                raise DomainLMError(f"models: {spec.name}: pretraining ended without all of its snapshots in {pt.out}")
 
 
 def sweep(cfg: SweepConfig) -> dict:

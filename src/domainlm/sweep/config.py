@@ -6,27 +6,53 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from domainlm import config as cfglib
 from domainlm.config import option
 from domainlm.errors import DomainLMError
 
-MODEL_KEYS = {"name", "base", "snapshots", "steps", "pretrain"}
 SET_BY_SWEEP = ("model", "out", "seeds", "folds", "floor")
 MIN_VALID_RATIO = 0.2
 _NAME = re.compile(r"[\w.+-]+")
 
 
 @dataclass(kw_only=True)
+class ModelSpec:
+    """One entry of `models:` — a base model and the snapshots of its continued pretraining."""
+    name: str = option(help="the model's name in the table (and its folder under cells/)")
+    base: str = option(help="the released model: HF name or folder")
+    snapshots: Any = option(None, "a `domainlm pretrain` --out (its step-* snapshots) or a list of snapshot folders")
+    steps: list[int] | None = option(None, "only these snapshot steps (each must exist)")
+    pretrain: dict | None = option(None, "`domainlm pretrain` options: run (or resume) the pretraining first when its "
+                                         "snapshots are missing")
+
+    def check(self) -> None:
+        if not _NAME.fullmatch(self.name) or ".." in self.name or self.name.startswith("."):
+            raise DomainLMError(f"name {self.name!r} becomes a folder name: use letters, digits, '_', '-', '+' and '.' "
+                                "only (no path separators, no '..', not starting with '.')")
+        if self.steps is not None and (not self.steps or any(s <= 0 for s in self.steps)):
+            raise DomainLMError(f"{self.name}: steps must be a non-empty list of positive step numbers, got {self.steps!r}")
+        shots = self.snapshots
+        if shots is not None and not isinstance(shots, str) and not (
+                isinstance(shots, list) and all(isinstance(p, str) for p in shots)):
+            raise DomainLMError(f"{self.name}: snapshots must be a folder or a list of folders, got {shots!r}")
+
+
+@dataclass(kw_only=True)
 class SweepConfig:
     out: str = option(help="output folder: cells/, floor/, table.md/.csv, report.html, plots")
-    models: list[dict] = option(help="base models with their pretraining snapshots (see `domainlm sweep --help`)")
+    models: list[ModelSpec] = option(help="base models with their pretraining snapshots (see `domainlm sweep --help`)")
     finetune: dict = option(help="fine-tuning options shared by every cell (as for `domainlm finetune`)")
     seeds: list[int] = option([1, 2, 3], "seeds per cell (3 or more make the test against the base meaningful)")
     metrics: list[str] = option(["accuracy"], "metrics to tabulate; the first one ranks the cells")
     floor: bool = option(True, "fit the classical floor (char n-gram TF-IDF + linear model) once and show it")
     groups: bool = option(False, "per-group columns (finetune.group_column names the group)")
     parallel: int = option(1, "cells at once, one per GPU; with fewer than 2 GPUs cells run one after another", low=1)
+
+    def __post_init__(self) -> None:  # a config built in code may list its models as mappings
+        self.models = [m if isinstance(m, ModelSpec) else cfglib.load(ModelSpec, None, m, where=f"models[{i}]: ")
+                       for i, m in enumerate(self.models)]
 
     def check(self) -> None:
         """Everything that can be checked without reading files."""
@@ -63,24 +89,9 @@ class SweepConfig:
                                 f"reliably; use at least {MIN_VALID_RATIO} or give a `dev` file")
         names = set()
         for i, m in enumerate(self.models):
-            if not isinstance(m, dict) or "name" not in m or "base" not in m:
-                raise DomainLMError(f"models[{i}]: needs `name` and `base` (and optionally {', '.join(sorted(MODEL_KEYS - {'name', 'base'}))})")
-            extra = sorted(set(m) - MODEL_KEYS)
-            if extra:
-                raise DomainLMError(f"models[{i}] ({m['name']}): unknown key(s) {extra} (known: {', '.join(sorted(MODEL_KEYS))})")
-            name = str(m["name"])
-            if not _NAME.fullmatch(name) or ".." in name or name.startswith("."):
-                raise DomainLMError(f"models[{i}]: name {name!r} becomes a folder name: use letters, digits, '_', '-', '+' "
-                                    "and '.' only (no path separators, no '..', not starting with '.')")
-            if name in names:
-                raise DomainLMError(f"models[{i}]: name {name!r} is used twice; their cells would overwrite each other")
-            names.add(name)
-            steps = m.get("steps")
-            if steps is not None and (not isinstance(steps, list) or not steps or
-                                      not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in steps)):
-                raise DomainLMError(f"models: {name}: steps must be a non-empty list of positive step numbers, got {steps!r}")
-            if m.get("pretrain") is not None and not isinstance(m["pretrain"], dict):
-                raise DomainLMError(f"models: {name}: pretrain must be a mapping of `domainlm pretrain` options")
+            if m.name in names:
+                raise DomainLMError(f"models[{i}]: name {m.name!r} is used twice; their cells would overwrite each other")
+            names.add(m.name)
 
 
 def cell_config(cfg: SweepConfig, model: str, out: str, seed: int):
@@ -94,23 +105,18 @@ def cell_config(cfg: SweepConfig, model: str, out: str, seed: int):
         raise DomainLMError(f"finetune: {e}") from None
 
 
-def pretrain_config(cfg: SweepConfig, spec: dict):
+def pretrain_config(cfg: SweepConfig, spec: ModelSpec):
     """The model's `pretrain:` section as a checked PretrainConfig, or None."""
     from domainlm.pretrain.config import PretrainConfig
 
-    section = spec.get("pretrain")
-    if section is None:
+    if spec.pretrain is None:
         return None
-    snapshots = spec.get("snapshots")
-    if snapshots is not None and not isinstance(snapshots, str):
-        raise DomainLMError(f"models: {spec['name']}: with a pretrain section, snapshots must be one folder (its out)")
-    defaults = {"model": spec["base"], "out": snapshots or str(Path(cfg.out) / "pretrain" / spec["name"]), "resume": "auto"}
-    try:
-        pt = cfglib.load(PretrainConfig, None, {**defaults, **section})
-    except DomainLMError as e:
-        raise DomainLMError(f"models: {spec['name']}: pretrain: {e}") from None
+    if spec.snapshots is not None and not isinstance(spec.snapshots, str):
+        raise DomainLMError(f"models: {spec.name}: with a pretrain section, snapshots must be one folder (its out)")
+    defaults = {"model": spec.base, "out": spec.snapshots or str(Path(cfg.out) / "pretrain" / spec.name), "resume": "auto"}
+    pt = cfglib.load(PretrainConfig, None, {**defaults, **spec.pretrain}, where=f"models: {spec.name}: pretrain: ")
     if not pt.save_steps:
-        raise DomainLMError(f"models: {spec['name']}: pretrain: save_steps is needed (the sweep fine-tunes the step-N snapshots)")
+        raise DomainLMError(f"models: {spec.name}: pretrain: save_steps is needed (the sweep fine-tunes the step-N snapshots)")
     if not Path(pt.corpus).is_dir():
-        raise DomainLMError(f"models: {spec['name']}: pretrain: corpus {pt.corpus} is not a folder")
+        raise DomainLMError(f"models: {spec.name}: pretrain: corpus {pt.corpus} is not a folder")
     return pt

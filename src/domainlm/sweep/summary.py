@@ -312,12 +312,12 @@ def plots(cfg, results: list[dict], floor: dict | None, split: str, root: Path) 
     out = [path]
     losses = {}
     for spec in cfg.models:
-        folder = (spec.get("pretrain") or {}).get("out") or spec.get("snapshots")
-        if spec.get("pretrain") is not None and not folder:
-            folder = str(root / "pretrain" / spec["name"])
+        folder = (spec.pretrain or {}).get("out") or spec.snapshots
+        if spec.pretrain is not None and not folder:
+            folder = str(root / "pretrain" / spec.name)
         if isinstance(folder, str) and (Path(folder) / "log.jsonl").is_file():
             rows = read_log(Path(folder) / "log.jsonl", "train")
-            losses[spec["name"]] = [(r["step"], r.get("mlm_loss", r["loss"])) for r in rows]
+            losses[spec.name] = [(r["step"], r.get("mlm_loss", r["loss"])) for r in rows]
     if any(losses.values()):
         out.append(plot_curves(losses, root / "pretraining_loss.png", "pretraining MLM loss (training batches)", "mlm_loss"))
     return out

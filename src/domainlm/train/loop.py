@@ -31,7 +31,7 @@ class LoopOptions:
     global_batch_size: int
     max_grad_norm: float = 1.0
     logging_freq: int = 10
-    eval_freq: int = 0  # and always after the last step
+    eval_steps: int = 0  # and always after the last step
     checkpoint_steps: int = 0
     save_steps: int = 0
 
@@ -168,7 +168,7 @@ def train_loop(
             window_started, paused = time.perf_counter(), 0.0
         callbacks_started = time.perf_counter()
         # evaluate before the checkpoint of the same step, so that a run resumed from it has that evaluation
-        evaluate_now = state.step == options.max_steps or (options.eval_freq and state.step % options.eval_freq == 0)
+        evaluate_now = state.step == options.max_steps or (options.eval_steps and state.step % options.eval_steps == 0)
         stop = bool(on_eval and evaluate_now and on_eval(state.step))
         if on_checkpoint and options.checkpoint_steps and (
             state.step % options.checkpoint_steps == 0 or state.step == options.max_steps

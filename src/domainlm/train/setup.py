@@ -17,14 +17,18 @@ from domainlm.errors import DomainLMError
 
 
 def mixed_precision(choice: str) -> str:
-    """`auto`: bf16 on a GPU that has it, else full precision (CPU autocast is slower on most CPUs)."""
-    if choice != "auto":
-        return choice
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    """The precision a training run uses (fp32, bf16 or fp16; see domainlm.precision for `auto`), said once at
+    start by the main process."""
+    from domainlm.precision import announce, resolve
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    precision, why = resolve(choice, device)
+    announce(precision, why, main=int(os.environ.get("RANK", "0")) == 0)
+    return precision
 
 
 def make_accelerator(precision: str = "auto", find_unused_parameters: bool = False):
-    """The one Accelerator of a run.
+    """The one Accelerator of a run (`precision` as resolved by mixed_precision, or a choice to resolve).
 
     - Several processes without CUDA (`torchrun` on a CPU machine): Accelerate runs data parallel on gloo only
       when told `cpu=True`; otherwise each process would train alone and they would all write the same files.
@@ -43,13 +47,26 @@ def make_accelerator(precision: str = "auto", find_unused_parameters: bool = Fal
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
     cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
-    accelerator = Accelerator(mixed_precision=mixed_precision(precision), cpu=cpu, kwargs_handlers=[ddp],
+    from domainlm.precision import accelerate_name
+
+    resolved = precision if precision in ("fp32", "bf16", "fp16") else mixed_precision(precision)
+    _forget_other_precision(accelerate_name(resolved))
+    accelerator = Accelerator(mixed_precision=accelerate_name(resolved), cpu=cpu, kwargs_handlers=[ddp],
                               step_scheduler_with_optimizer=False)
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and accelerator.distributed_type != "FSDP":
         # Accelerate enables FSDP only on GPUs and other accelerators; on CPUs it quietly runs data parallel
         accelerator.print(f"warning: FSDP was asked for, but Accelerate runs {accelerator.distributed_type} on this machine "
                           "(it shards only on GPUs and other accelerators)", file=sys.stderr)
     return accelerator
+
+
+def _forget_other_precision(name: str) -> None:
+    """Accelerate keeps one precision per process; a second run in the same process (a sweep's cells, the demo's
+    stages, a test) may use another. Its process group (PartialState) is kept."""
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision") not in (None, name):
+        AcceleratorState._reset_state()
 
 
 def layer_depths(model: torch.nn.Module) -> dict[str, int]:
@@ -85,15 +102,15 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, beta
     return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, fused=True)
 
 
-def warmup_steps(max_steps: int, warmup_rate: float) -> int:
-    return min(round(warmup_rate * max_steps), max_steps - 1)
+def warmup_steps(max_steps: int, warmup_ratio: float) -> int:
+    return min(round(warmup_ratio * max_steps), max_steps - 1)
 
 
-def build_scheduler(optimizer, max_steps: int, warmup_rate: float, max_lr: float, min_lr: float, decay: str):
+def build_scheduler(optimizer, max_steps: int, warmup_ratio: float, max_lr: float, min_lr: float, decay: str):
     """Warmup, peak, decay over optimizer steps 1..max_steps (transformers' warmup-stable-decay schedule with
     no stable phase):
 
-    - steps 1..W (W = round(warmup_rate x max_steps)) rise linearly from min_lr towards max_lr;
+    - steps 1..W (W = round(warmup_ratio x max_steps)) rise linearly from min_lr towards max_lr;
     - step W+1 trains at max_lr, once;
     - then linear or cosine decay that trains the last step at exactly min_lr.
 
@@ -102,7 +119,7 @@ def build_scheduler(optimizer, max_steps: int, warmup_rate: float, max_lr: float
     """
     from transformers import get_wsd_schedule
 
-    warmup = warmup_steps(max_steps, warmup_rate)
+    warmup = warmup_steps(max_steps, warmup_ratio)
     decay_steps = max_steps - warmup - 1
     return get_wsd_schedule(
         optimizer, num_warmup_steps=warmup,
