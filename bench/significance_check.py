@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from domainlm.sweep.stats import compare_arrays  # noqa: E402
+from domainlm.stats import compare_arrays  # noqa: E402
 from tests.test_stats import row_bootstrap_p, simulate  # noqa: E402
 
 print("identical models, 300 test rows: share of repetitions declared different at p < 0.05 (should be <= 0.05)")

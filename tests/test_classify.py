@@ -173,8 +173,8 @@ def test_kfold_and_seeds_aggregate_mean_and_std(tmp_path, tiny_model, data):
     out = tmp_path / "cv"
     assert finetune(tiny_model, data["train"], out, "--folds", "3", "--epochs", "2", "--early-stopping-patience", "0") == 0
     summary = json.loads((out / "summary.json").read_text())
-    accs = [json.loads((out / f"fold-{k}" / "metrics.json").read_text())["test"]["accuracy"] for k in (1, 2, 3)]
-    assert summary["evaluated_on"] == "test" and summary["runs"] == 3
+    accs = [json.loads((out / f"fold-{k}" / "metrics.json").read_text())["held_out"]["accuracy"] for k in (1, 2, 3)]
+    assert summary["evaluated_on"] == "held_out" and summary["runs"] == 3  # each fold's held-out rows, not "test"
     assert summary["mean_std"]["accuracy"]["mean"] == pytest.approx(np.mean(accs))
     assert summary["mean_std"]["accuracy"]["std"] == pytest.approx(np.std(accs, ddof=1))
     out = tmp_path / "seeds"

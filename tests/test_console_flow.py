@@ -52,7 +52,7 @@ def test_every_start_up_check_is_a_field_error_at_creation_all_at_once(idle):
     # the model has 64 positions; named as the form names the field, together with the range error
     assert _field_error(r.text, "max_seq_len") == f"max seq len 512 exceeds what the model {tiny.rstrip('/').split('/')[-1]} can take (64 positions); use 64 or less"
     assert _field_error(r.text, "max_steps") == "max steps = 0 is out of range [1, inf]"
-    assert _field_error(r.text, "global_batch_size") == "global batch size 6 is not a multiple of micro batch size 4"
+    assert _field_error(r.text, "global_batch_size") == "global batch size 6 is not a multiple of batch size 4"
     assert client.get("/api/jobs", headers=AUTH).json() == []
 
     # a corpus from another vocabulary
@@ -204,7 +204,7 @@ def test_sweep_job_is_checked_at_creation_runs_as_the_cli_and_shows_table_tests_
     job = client.get(r.headers["location"].replace("/jobs", "/api/jobs"), headers=AUTH).json()
     assert job["progress"]["total"] == 6 and job["command_line"].endswith(f"sweep {job['folder']}/job.yaml")
     cfg = cfglib.load(SweepConfig, f"{job['folder']}/job.yaml")
-    assert [m["name"] for m in cfg.models] == ["domain-pt"] and cfg.models[0]["base"] == tiny
+    assert [m.name for m in cfg.models] == ["domain-pt"] and cfg.models[0].base == tiny
     sweep(cfg)  # what the job's process runs
     from domainlm.console.db import Job
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "domainlm"
 LAYERS = [
-    {"", "errors", "config", "options", "precision", "files", "outputs", "checks", "spans"},
+    {"", "errors", "config", "options", "precision", "files", "outputs", "checks", "spans", "stats"},
     {"interop", "train", "encoder"},
     {"data", "vocab"},
     {"pretrain"},

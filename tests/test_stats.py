@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from domainlm.sweep.stats import compare, compare_arrays, holm, mean_std
+from domainlm.stats import compare, compare_arrays, holm, mean_std
 
 
 def simulate(rng, reps: int, seeds: int, rows: int, seed_sd: float, gain: float = 0.0, models: int = 2) -> np.ndarray:

@@ -12,7 +12,7 @@ import yaml
 from domainlm.cli import main
 from domainlm.errors import DomainLMError
 from domainlm.sweep.command import Cell, SweepConfig, device_plan, remove_inside
-from domainlm.sweep.stats import holm
+from domainlm.stats import holm
 from domainlm.sweep.summary import summarize
 from tests.test_classify import make_rows, write_jsonl
 

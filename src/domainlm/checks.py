@@ -1,4 +1,5 @@
-"""Checks of options against the model and the task, run before any work starts (each error names the flag)."""
+"""Checks of options against a model and the run, run before any work starts (each error names the flag). Each rule
+is written once here; the commands' own checks (classify/checks.py, pretrain/checks.py) and the console use them."""
 
 from __future__ import annotations
 
@@ -26,10 +27,30 @@ def max_seq_len(config, value: int, model: str, cap: bool = False) -> int:
 
         print(f"--max-seq-len {value} is more than {model} takes ({limit} positions); using {limit}", file=sys.stderr)
         return limit
-    raise DomainLMError(
-        f"--max-seq-len {value} exceeds what {model} can take (max_position_embeddings {limit}); "
-        f"use --max-seq-len {limit} or less"
-    )
+    raise DomainLMError(f"--max-seq-len {value} exceeds what the model {Path(model).name} can take ({limit} positions); "
+                        f"use --max-seq-len {limit} or less")
+
+
+def accumulation(global_batch: int | None, batch_size: int, processes: int = 1) -> int:
+    """Micro batches per optimizer step on each process: --global-batch-size over --batch-size x processes."""
+    global_batch = global_batch or batch_size * processes
+    if global_batch % (batch_size * processes):
+        where = f" x {processes} processes" if processes > 1 else ""
+        raise DomainLMError(f"--global-batch-size {global_batch} is not a multiple of --batch-size {batch_size}{where}")
+    return global_batch // (batch_size * processes)
+
+
+def seeds(values: list[int], name: str = "--seeds") -> None:
+    if not values:
+        raise DomainLMError(f"{name} needs at least one seed")
+    if len(set(values)) != len(values):
+        raise DomainLMError(f"{name} {values} repeats a seed")
+
+
+def first(errors: dict[str, str]) -> None:
+    """A command's checks found problems (by field): the first is its error."""
+    if errors:
+        raise DomainLMError(next(iter(errors.values())))
 
 
 def tokenizer_fits(tokenizer, config, model: str) -> None:

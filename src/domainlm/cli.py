@@ -48,7 +48,7 @@ def _console(args: argparse.Namespace) -> None:
 def _extend_vocab(args: argparse.Namespace) -> None:
     from domainlm.vocab import extend_vocabulary, read_terms
 
-    report = extend_vocabulary(args.model, read_terms(args.tokens), args.out)
+    report = extend_vocabulary(args.model, read_terms(args.tokens), args.out, overwrite=args.overwrite)
     print(f"{report['added']} tokens added ({report['already_present']} already in the vocabulary); "
           f"vocabulary {report['vocab_size']}; model and tokenizer in {args.out}")
 
@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="curves, stats and config of a pretrain or finetune folder (Markdown + HTML)")
     p.add_argument("run", help="output folder of `domainlm pretrain` or `domainlm finetune`")
-    p.add_argument("--out", help="folder for the report (default: the run folder)")
+    p.add_argument("--out", help="folder for the report (default: RUN/report)")
     p.set_defaults(func=_report)
 
     p = sub.add_parser("convert", help="a PaddleNLP ERNIE/BERT folder -> a Hugging Face folder (safetensors, config, tokenizer)")
@@ -201,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="HF model with a tokenizer (name or path)")
     p.add_argument("--tokens", required=True, help="file with one new token per line")
     p.add_argument("--out", required=True, help="folder for the extended model and tokenizer")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier extend-vocab output in --out")
     p.set_defaults(func=_extend_vocab)
 
     return parser
@@ -212,6 +213,12 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except DomainLMError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file the command read or wrote, outside the steps that name their flag
+        from domainlm.files import io_failure
+
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{io_failure(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

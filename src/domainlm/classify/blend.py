@@ -8,15 +8,13 @@ ever see the chosen weight.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
-from pathlib import Path
-
 import numpy as np
 
 from domainlm.classify import metrics as M
 from domainlm.classify.data import Dataset, targets
-from domainlm.classify.report import score, write_json, write_outputs
+from domainlm.classify.report import score, write_outputs
+from domainlm.classify.results import HELD_OUT, TEST_FILE, Scored
+from domainlm.outputs import Writer
 
 # the model's weight: 0 is the floor alone, 1 the transformer alone
 WEIGHTS = np.round(np.linspace(0.0, 1.0, 21), 2)
@@ -35,7 +33,7 @@ def choose_weight(model: np.ndarray, floor: np.ndarray, rows: Dataset, labels: l
 
 
 def blend(cfg, selection: tuple[np.ndarray, np.ndarray, Dataset], chosen_on: str, labels: list[str],
-          test: tuple[np.ndarray, np.ndarray, Dataset] | None = None, out: Path | None = None) -> dict:
+          test: tuple[np.ndarray, np.ndarray, Dataset] | None = None, out: Writer | None = None) -> dict:
     """The weight chosen on `selection` (model probabilities, floor probabilities, rows) alone; the test rows are
     scored with it (and their predictions written as blend_test_*.jsonl)."""
     model, floor, rows = selection
@@ -72,40 +70,24 @@ def line(result: dict, metric: str) -> str:
     return text + "; measured on the rows that chose the weight, so optimistic."
 
 
-def finetune_blend(cfg, out: Path, load: Callable, labels: list[str], splits: list[tuple],
-                   train: Dataset, held_out: list[np.ndarray] | None, test: Dataset | None) -> dict:
-    """The blend of a finished `finetune` run in `out`: a single run (weight on its dev rows) or a fold ensemble
-    (weight on the out-of-fold rows; the test file scored by both ensembles)."""
-    def predict(folder: Path, rows: Dataset) -> np.ndarray:
-        return load(str(folder)).predict(*rows.columns(), cfg.batch_size, cfg.max_seq_len)
-
-    if held_out is None:  # one run: its dev split
-        dev = splits[0][1]
-        selection = (predict(out, dev), predict(out / "floor", dev), dev)
-        chosen_on = "dev"
-        t = (predict(out, test), predict(out / "floor", test), test) if test is not None else None
-    else:
-        oof = [json.loads(x) for x in (out / "oof.jsonl").read_text(encoding="utf-8").splitlines()]
-        model = np.asarray([r["probs"] for r in sorted(oof, key=lambda r: r["row"])], dtype=np.float32)
-        floor = np.zeros_like(model)
-        texts, pairs = train.columns()
-        for k, rows in enumerate(held_out, 1):
-            floor[rows] = load(str(out / "floor" / f"fold-{k}")).predict(
-                [texts[i] for i in rows], None if pairs is None else [pairs[i] for i in rows])
-        selection, chosen_on = (model, floor, train), "oof"
+def finetune_blend(cfg, labels: list[str], runs: list[Scored], floor: list[Scored], train: Dataset,
+                   held_out: list[np.ndarray] | None, ensemble: dict[str, np.ndarray] | None, test: Dataset | None,
+                   out: Writer) -> dict:
+    """The blend of a `finetune` run, from the probabilities its models kept: a single run (the weight chosen on its
+    dev rows) or a fold ensemble (on the out-of-fold rows; the --test rows scored by both ensembles). Written to
+    blend.json (and blend_test_*.jsonl)."""
+    if ensemble is None:  # one run: its dev split
+        model, base = runs[0], floor[0]
+        selection, chosen_on = (model.probs["dev"], base.probs["dev"], model.rows["dev"]), "dev"
+        t = (model.probs["test"], base.probs["test"], test) if test is not None else None
+    else:  # folds: every training row, scored by the fold models (and floors) that did not see it
+        floor_oof = np.zeros_like(ensemble["oof"])
+        for rows, base in zip(held_out, floor):
+            floor_oof[rows] = base.probs[HELD_OUT]
+        selection, chosen_on = (ensemble["oof"], floor_oof, train), "oof"
         t = None
         if test is not None:
-            floors = [predict(out / "floor" / f"fold-{k}", test) for k in range(1, len(held_out) + 1)]
-            t = (predict(out, test), np.mean(floors, axis=0), test)
+            t = (ensemble["test"], np.mean([base.probs[TEST_FILE] for base in floor], axis=0), test)
     result = blend(cfg, selection, chosen_on, labels, t, out)
-    write_json(out / "blend.json", result)
+    out.write_json("blend.json", result)
     return result
-
-
-def add_to_run(out: Path, result: dict, metric: str) -> None:
-    """One run's blend beside its floor: in metrics.json (`blend`) and a line of report.md."""
-    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
-    metrics["blend"] = result
-    write_json(out / "metrics.json", metrics)
-    with open(out / "report.md", "a", encoding="utf-8") as f:
-        f.write("\n" + line(result, metric) + "\n")

@@ -1,7 +1,14 @@
 """`domainlm finetune | evaluate | predict`.
 
-finetune: data -> validation split (or --dev) -> one run per seed or per fold -> best model by the validation
-metric (early stopping) -> metrics on dev and --test, predictions, bad cases, report; mean and std over runs.
+finetune, as a recipe (each step a function below):
+    check     classify.checks: the task's files, the model, its tokenizer, the batch arithmetic
+    runs      one per seed (or fold): setup -> train (early stopping on dev) -> finish (predictions and the model
+              written; metrics and probabilities kept in memory)
+    beside    the classical floor on the same rows, the fold ensemble and its out-of-fold predictions, the blend: from
+              the probabilities the runs kept, no model reloaded
+    report    each run's metrics.json and report.md, written once, and the summary over runs
+Everything is written through the run folder (outputs.run_folder): an earlier run is replaced only with
+--overwrite, and kept whole when this one fails.
 """
 
 from __future__ import annotations
@@ -16,24 +23,20 @@ import numpy as np
 import torch
 
 from domainlm import checks, outputs
-from domainlm import config as cfglib
 from domainlm.classify import batching, blend, ensemble, linear
 from domainlm.classify import metrics as M
 from domainlm.classify.batching import encode, eval_batches
+from domainlm.classify.checks import check, few_valid_rows
 from domainlm.classify.config import EvaluateConfig, FinetuneConfig, PredictConfig
 from domainlm.classify.data import (
     Columns,
     Dataset,
-    check_labels,
+    Task,
     check_predict_paths,
     fold_indices,
     keep_line_order,
-    kfold,
-    label_list,
-    ordered_labels,
     read_examples,
     read_stdin_lines,
-    split_validation,
     targets,
 )
 from domainlm.classify.metrics import best_k
@@ -45,41 +48,14 @@ from domainlm.classify.model import (
     save_classifier,
 )
 from domainlm.classify.report import score, write_outputs, write_run, write_summary
+from domainlm.classify.results import HELD_OUT, TEST_FILE, Scored, fold_folder, seed_folder
 from domainlm.classify.runtime import load
 from domainlm.errors import DomainLMError
+from domainlm.outputs import Writer
 from domainlm.train.checkpoint import TrainState
 from domainlm.train.logging import RunLogger
 from domainlm.train.loop import LoopOptions, evaluate, shard_range, train_loop
 from domainlm.train.setup import build_optimizer, build_scheduler, make_accelerator, mixed_precision
-
-
-@dataclass
-class Task:
-    """The task data, read (and checked) once and passed on: training rows, the --dev and --test rows, labels."""
-    train: Dataset
-    dev: Dataset | None
-    test: Dataset | None
-    labels: list[str]
-
-    @classmethod
-    def read(cls, cfg: FinetuneConfig) -> Task:
-        columns = Columns.of(cfg)
-        read = lambda path: read_examples(path, columns, cfg.multilabel, skip_bad=cfg.skip_bad_rows) if path else None  # noqa: E731
-        train = read(cfg.train)
-        labels = label_list(train, cfg.labels or None)
-        if cfg.ordinal and not cfg.labels:
-            labels = ordered_labels(labels)
-        if len(labels) < 2 and not cfg.multilabel:
-            raise DomainLMError(f"{cfg.train}: only one label ({labels}); a classifier needs at least two")
-        dev, test = read(cfg.dev), read(cfg.test)
-        for data in (dev, test):
-            if data is not None:
-                check_labels(data, labels)
-        return cls(train, dev, test, labels)
-
-    def split(self, rows: Dataset, cfg: FinetuneConfig, seed: int) -> tuple[Dataset, Dataset]:
-        """(rows to fit, rows to validate on): --dev when given, else a share of `rows` held out."""
-        return (rows, self.dev) if self.dev is not None else split_validation(rows, cfg.valid_ratio, cfg.valid_max_rows, seed)
 
 
 @dataclass
@@ -115,10 +91,10 @@ class Run:
     tokenizer: object
     labels: list[str]
     seed: int
-    out: Path
+    folder: Writer  # this run's part of --out (the folder itself, seed-N or fold-K)
     fit: Dataset
     dev: Dataset
-    test: Dataset | None
+    evaluated: dict[str, Dataset]  # scored at the end: "test" (--test), or a fold's "held_out" rows and "test_file"
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: object
@@ -158,35 +134,30 @@ class Run:
     def score(self, probs: np.ndarray, data: Dataset, thresholds=None) -> dict:
         return score(probs, data, self.labels, self.cfg.multilabel, self.cfg.tolerant_k, thresholds, self.cfg.ordinal)
 
-    def save(self, folder: Path, thresholds=None) -> None:
+    def save(self, folder: Writer, thresholds=None) -> None:
         save_classifier(self.hf(), self.tokenizer, folder, self.labels, self.cfg.multilabel, thresholds,
                         self.cfg.inference_settings())
 
 
 def setup(cfg: FinetuneConfig, accelerator, tokenizer, labels: list[str], fit: Dataset, dev: Dataset,
-          test: Dataset | None, seed: int, out: Path, make_model=Classifier, fit_targets: np.ndarray | None = None) -> Run:
+          evaluated: dict[str, Dataset], seed: int, folder: Writer, make_model=Classifier,
+          fit_targets: np.ndarray | None = None) -> Run:
     """The model (full or LoRA), batch sizes, optimizer, schedule and this process's training batches.
     `make_model(hf, multilabel)` and `fit_targets` (one row per row of `fit`) let another objective (distillation)
     train by the same recipe."""
     from accelerate.utils import set_seed
 
     set_seed(seed)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
     log = print if accelerator.is_main_process else (lambda *a, **k: None)
     with accelerator.main_process_first():  # a PaddleNLP folder is converted into --out once, by rank 0
         hf = load_classifier(cfg.model, labels, cfg.multilabel, cfg.method, cfg.lora_rank, cfg.lora_alpha, log=log,
                              work_dir=Path(cfg.out))
     if cfg.gradient_checkpointing:
         enable_checkpointing(hf)
-    checks.tokenizer_fits(tokenizer, getattr(hf, "config", None), cfg.model)
     model = make_model(hf, cfg.multilabel)
     world, rank = accelerator.num_processes, accelerator.process_index
-    global_batch = cfg.global_batch_size or cfg.batch_size * world
-    if global_batch % (cfg.batch_size * world):
-        raise DomainLMError(f"--global-batch-size {global_batch} is not a multiple of --batch-size {cfg.batch_size} "
-                            f"x {world} processes")
-    accumulation = global_batch // (cfg.batch_size * world)
+    accumulation = checks.accumulation(cfg.global_batch_size, cfg.batch_size, world)
+    global_batch = accumulation * cfg.batch_size * world
     steps_per_epoch = batching.steps_per_epoch(len(fit), global_batch, world * accumulation)
     if steps_per_epoch == 0:
         raise DomainLMError(f"{len(fit)} training rows cannot fill {world * accumulation} micro batches of one step")
@@ -205,9 +176,10 @@ def setup(cfg: FinetuneConfig, accelerator, tokenizer, labels: list[str], fit: D
     options = LoopOptions(max_steps=max_steps, accumulation=accumulation, global_batch_size=global_batch,
                           max_grad_norm=cfg.max_grad_norm, logging_freq=cfg.logging_freq,
                           eval_steps=cfg.eval_steps or steps_per_epoch, save_steps=cfg.save_steps)
-    logger = RunLogger(out, max_steps, 0, accelerator.is_main_process, tensorboard=True)
-    return Run(cfg, accelerator, tokenizer, labels, seed, out, fit, dev, test, model, optimizer, scheduler, batches,
-               options, logger, EarlyStopping(cfg.best_metric, cfg.early_stopping_patience), packed)
+    folder.record("log.jsonl"), folder.record("tensorboard")
+    logger = RunLogger(folder.root(), max_steps, 0, accelerator.is_main_process, tensorboard=True)
+    return Run(cfg, accelerator, tokenizer, labels, seed, folder, fit, dev, evaluated, model, optimizer, scheduler,
+               batches, options, logger, EarlyStopping(cfg.best_metric, cfg.early_stopping_patience), packed)
 
 
 def train(run: Run) -> TrainState:
@@ -222,7 +194,7 @@ def train(run: Run) -> TrainState:
 
     def on_snapshot(step: int) -> None:
         if run.main:
-            run.save(run.out / f"step-{step:06d}")
+            run.save(run.folder.sub(f"step-{step:06d}"))
 
     try:
         state = train_loop(model=run.model, optimizer=run.optimizer, scheduler=run.scheduler, accelerator=run.accelerator,
@@ -239,137 +211,149 @@ def train(run: Run) -> TrainState:
     return state
 
 
-def finish(run: Run, state: TrainState) -> dict:
-    """Thresholds tuned on dev (multi-label), metrics on dev and test, predictions, the model and its report."""
+def finish(run: Run, state: TrainState) -> Scored:
+    """Thresholds tuned on dev (multi-label), every evaluated split scored, predictions and the model written; the
+    metrics and probabilities are returned, not written (the report comes once every run is done)."""
     cfg, probs = run.cfg, run.best.probs
     thresholds = M.tune_thresholds(probs, targets(run.dev, run.labels, True)) if cfg.multilabel else None
-    result = {"seed": run.seed, "best_step": run.best.step, "steps": state.step, "train_rows": len(run.fit),
-              "dev": run.score(probs, run.dev, thresholds)}
-    if run.test is not None:
-        test_probs = run.scores(run.test)
-        result["test"] = run.score(test_probs, run.test, thresholds)
+    scored = Scored({"seed": run.seed, "best_step": run.best.step, "steps": state.step, "train_rows": len(run.fit)},
+                    {"dev": probs}, {"dev": run.dev}, thresholds, run.fit, run.folder)
+    for name, data in run.evaluated.items():
+        scored.probs[name], scored.rows[name] = run.scores(data), data
+    for name, data in scored.rows.items():
+        if name != TEST_FILE:  # a fold's --test rows count in the ensemble's figures only
+            scored.metrics[name] = run.score(scored.probs[name], data, thresholds)
+            if run.main:
+                write_outputs(run.folder, name, data, scored.probs[name], run.labels, cfg.multilabel,
+                              scored.metrics[name], thresholds)
     if run.main:
-        write_outputs(run.out, "dev", run.dev, probs, run.labels, cfg.multilabel, result["dev"], thresholds)
-        if run.test is not None:
-            write_outputs(run.out, "test", run.test, test_probs, run.labels, cfg.multilabel, result["test"], thresholds)
-        run.save(run.out, thresholds)
-        sections = {k: result[k] for k in ("dev", "test") if k in result}
-        write_run(run.out, result, f"Fine-tuning {cfg.model}", sections, run.labels)
+        run.save(run.folder, thresholds)
     run.accelerator.wait_for_everyone()
     run.accelerator.free_memory()  # the next seed or fold prepares a new model; let this one go
-    return result
+    return scored
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
-    """Each seed (or fold) is one run: setup, train, finish; then the floor beside them and the summary over runs."""
+    """check, then each seed (or fold) as one run, then the floor, the ensemble and the blend beside them from what
+    the runs kept, then the reports."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected; domainlm reports what matters
-    out = outputs.folder(cfg.out)
-    outputs.claim(out)
-    outputs.check_earlier_run(out, "finetune", outputs.FINETUNE_OUTPUTS, "train", cfg.overwrite,
-                              inputs=(cfg.model, cfg.train, cfg.dev, cfg.test))
-    cfg.precision = mixed_precision(cfg.precision)  # the config written into --out says what ran
-    accelerator = make_accelerator(cfg.precision)
-    task = Task.read(cfg)
-    linear_only = cfg.method == "linear"
-    tokenizer = None if linear_only else _tokenizer(cfg)
-    main = accelerator.is_main_process
-    if main:
-        outputs.clear_known(out, outputs.FINETUNE_OUTPUTS, "finetune")  # an earlier run's files never mix with this one's
-        out.mkdir(parents=True, exist_ok=True)
-        cfglib.write(cfg, out)
+    inputs = {"--train": cfg.train, "--dev": cfg.dev, "--test": cfg.test}
+    with outputs.run_folder(cfg.out, "finetune", patterns=outputs.FINETUNE_OUTPUTS, overwrite=cfg.overwrite,
+                            inputs=inputs, models={"--model": cfg.model}, legacy=outputs.config_with("train")) as out:
+        found, errors = check(cfg)
+        checks.first(errors)
+        few_valid_rows(cfg, found.task)
+        cfg.precision = mixed_precision(cfg.precision)  # the config written into --out says what ran
+        accelerator = make_accelerator(cfg.precision)
+        out.begin(cfg)
+        runs, held_out = _runs(cfg, found, accelerator, out)
+        if not accelerator.is_main_process:
+            return {}
+        return _report(cfg, found.task, runs, held_out, out)
 
-    def run(rows: Dataset, test: Dataset | None, seed: int, folder: Path) -> dict:
+
+def _runs(cfg: FinetuneConfig, found, accelerator, out: Writer) -> tuple[list[Scored], list[np.ndarray] | None]:
+    """One run per seed, or per fold (each fold's held-out rows, and the --test rows, scored by its model)."""
+    task: Task = found.task
+
+    def run(rows: Dataset, evaluated: dict[str, Dataset], seed: int, folder: Writer) -> Scored:
         fit, dev = task.split(rows, cfg, seed)
-        splits.append((fit, dev, test))
-        if linear_only:
-            return linear.run(cfg, fit, dev, test, task.labels, seed, folder) if main else {}
-        one = setup(cfg, accelerator, tokenizer, task.labels, fit, dev, test, seed, folder)
+        if cfg.method == "linear":
+            return linear.run(cfg, fit, dev, evaluated, task.labels, seed, folder) if accelerator.is_main_process \
+                else Scored({})
+        one = setup(cfg, accelerator, found.tokenizer, task.labels, fit, dev, evaluated, seed, folder)
         return finish(one, train(one))
 
-    runs, splits = [], []
     if cfg.folds:
-        held_out_rows = fold_indices(task.train, cfg.folds, cfg.seeds[0])
-        for k, (fold_train, held_out) in enumerate(kfold(task.train, cfg.folds, cfg.seeds[0]), 1):
-            runs.append(run(fold_train, held_out, cfg.seeds[0], out / f"fold-{k}"))
-        evaluated = "test"  # each fold's held-out part
-    else:
-        for seed in cfg.seeds:
-            runs.append(run(task.train, task.test, seed, out if len(cfg.seeds) == 1 else out / f"seed-{seed}"))
-        evaluated = "test" if task.test is not None else "dev"
-    if linear_only and not main:
-        return {}
-    summary = {"runs": len(runs), "evaluated_on": evaluated, "labels": task.labels, "skipped_rows": dict(task.train.skipped)}
-    if cfg.floor and not linear_only and main:
-        summary["floor"] = linear.floor_beside(cfg, splits, task.labels, evaluated, out, single=len(runs) == 1)
-    if cfg.folds and main:
-        summary.update(ensemble.cross_validation_outputs(cfg, task.train, held_out_rows, task.test, task.labels, out, load))
-    if cfg.blend and main:
-        summary["blend"] = blend.finetune_blend(cfg, out, load, task.labels, splits, task.train,
-                                                held_out_rows if cfg.folds else None, task.test)
-        print(blend.line(summary["blend"], cfg.best_metric))
-        if not cfg.folds:  # one run: beside the floor in its metrics and report
-            blend.add_to_run(out, summary["blend"], cfg.best_metric)
-    if main:
-        outputs.record(out, "finetune", outputs.FINETUNE_OUTPUTS)
-    if len(runs) == 1:
-        return {**summary, **runs[0]}
-    summary["mean_std"] = M.aggregate([r[evaluated] for r in runs])
-    summary["per_run"] = [{"seed": r["seed"], **M.scalars(r[evaluated])} for r in runs]
-    if main:
-        floor = linear.floor_line(summary["floor"], evaluated, cfg.best_metric) if "floor" in summary else None
-        extra = ensemble.summary_lines(summary, cfg.best_metric) if "oof" in summary else []
-        extra += ["", blend.line(summary["blend"], cfg.best_metric)] if "blend" in summary else []
-        write_summary(out, summary, "folds" if cfg.folds else "seeds", floor, extra)
+        held_out = fold_indices(task.train, cfg.folds, cfg.seeds[0])
+        runs = []
+        for k, rows in enumerate(held_out, 1):
+            keep = np.ones(len(task.train), dtype=bool)
+            keep[rows] = False
+            fit_rows = Dataset(task.train.path, [ex for ex, kept in zip(task.train.examples, keep) if kept])
+            evaluated = {HELD_OUT: Dataset(task.train.path, [task.train.examples[i] for i in rows])}
+            if task.test is not None:
+                evaluated[TEST_FILE] = task.test
+            runs.append(run(fit_rows, evaluated, cfg.seeds[0], out.sub(fold_folder(k))))
+        return runs, held_out
+    single = len(cfg.seeds) == 1
+    evaluated = {"test": task.test} if task.test is not None else {}
+    return [run(task.train, evaluated, seed, out if single else out.sub(seed_folder(seed))) for seed in cfg.seeds], None
+
+
+def _report(cfg: FinetuneConfig, task: Task, runs: list[Scored], held_out, out: Writer) -> dict:
+    """The floor, the fold ensemble and the blend beside the runs, then every report, each file written once."""
+    metric = cfg.best_metric
+    evaluated = HELD_OUT if cfg.folds else "test" if task.test is not None else "dev"
+    summary = {"runs": len(runs), "evaluated_on": evaluated, "labels": task.labels,
+               "skipped_rows": dict(task.train.skipped)}
+    floor = linear.beside(cfg, runs, task.labels, evaluated, out) if cfg.floor and cfg.method != "linear" else None
+    if floor is not None:
+        summary["floor"] = floor["summary"]
+    probs = None
+    if cfg.folds:
+        cv, probs = ensemble.cross_validation(cfg, task.train, held_out, runs, task.test, task.labels, out)
+        summary.update(cv)
+    if cfg.blend:
+        summary["blend"] = blend.finetune_blend(cfg, task.labels, runs, floor["runs"], task.train, held_out, probs,
+                                                task.test, out)
+        print(blend.line(summary["blend"], metric))
+    title = f"Fine-tuning {cfg.model}" if cfg.method != "linear" else "Linear floor"
+    if len(runs) == 1:  # one run: the floor and the blend beside it in its own report
+        result = {**runs[0].metrics, **{k: summary[k] for k in ("floor", "blend") if k in summary}}
+        lines = [linear.floor_line(summary["floor"], evaluated, metric, result.get(evaluated, {}).get(metric))] \
+            if "floor" in summary else []
+        lines += [blend.line(summary["blend"], metric)] if "blend" in summary else []
+        write_run(out, result, title, sections(runs[0]), task.labels, lines)
+        return {**summary, **runs[0].metrics}
+    for run in runs:
+        write_run(run.folder, run.metrics, title, sections(run), task.labels)
+    summary["mean_std"] = M.aggregate([r.metrics[evaluated] for r in runs])
+    summary["per_run"] = [{"seed": r.metrics["seed"], **M.scalars(r.metrics[evaluated])} for r in runs]
+    floor_text = linear.floor_line(summary["floor"], evaluated, metric) if "floor" in summary else None
+    extra = ensemble.summary_lines(summary, metric) if "oof" in summary else []
+    extra += ["", blend.line(summary["blend"], metric)] if "blend" in summary else []
+    write_summary(out, summary, "folds" if cfg.folds else "seeds", floor_text, extra)
     return summary
 
 
-def _tokenizer(cfg: FinetuneConfig):
-    """The encoder's tokenizer, after checking --max-seq-len against the encoder's positions."""
-    from domainlm.interop.tokenizer import load_fast_tokenizer
-    from domainlm.pretrain.model import load_config
-
-    tokenizer = load_fast_tokenizer(cfg.model, flag="--model")
-    checks.max_seq_len(load_config(cfg.model), cfg.max_seq_len, cfg.model)
-    return tokenizer
+def sections(run: Scored) -> dict:
+    return {k: run.metrics[k] for k in ("dev", "test", HELD_OUT) if k in run.metrics}
 
 
 # ---- evaluate and predict ------------------------------------------------------------------------------
 
 def evaluate_command(cfg: EvaluateConfig) -> dict:
-    out = outputs.folder(cfg.out)
-    if outputs.inside(out, cfg.model):
-        raise DomainLMError(f"--out {out} lies inside --model {cfg.model}: choose a folder of its own")
-    outputs.claim(out)
-    outputs.check_earlier_run(out, "evaluate", outputs.EVALUATE_OUTPUTS, "data", inputs=(cfg.model, cfg.data))
-    runtime = load(cfg.model, device=cfg.device, max_seq_len=cfg.max_seq_len)
-    labels, multilabel = runtime.labels, runtime.multilabel
-    columns = Columns.of(cfg, runtime)
-    # the config written beside the results says what was used, the model's settings included
-    cfg.text_column, cfg.pair_column = columns.text, columns.text_pair
-    if runtime.tokenizer is not None:
-        cfg.max_seq_len = runtime.max_seq_len
-    data = read_examples(cfg.data, columns, multilabel, skip_bad=cfg.skip_bad_rows)
-    unknown = sorted({label for ex in data.examples for label in ex.labels} - set(labels))
-    if unknown:
-        raise DomainLMError(f"{cfg.data}: labels {unknown} are not among the model's labels ({', '.join(labels)})")
-    probs = runtime.predict(*data.columns(), cfg.batch_size, progress=True)
-    thresholds = runtime.thresholds if multilabel else None
-    metrics = score(probs, data, labels, multilabel, cfg.tolerant_k, thresholds, cfg.ordinal)
-    outputs.clear_known(out, outputs.EVALUATE_OUTPUTS, "evaluate")
-    out.mkdir(parents=True, exist_ok=True)
-    write_outputs(out, "eval", data, probs, labels, multilabel, metrics, thresholds)
-    write_run(out, metrics, f"Evaluation of {cfg.model} on {cfg.data}", {"eval": metrics}, labels)
-    cfglib.write(cfg, out)
-    outputs.record(out, "evaluate", outputs.EVALUATE_OUTPUTS)
-    return metrics
+    with outputs.run_folder(cfg.out, "evaluate", patterns=outputs.EVALUATE_OUTPUTS, overwrite=cfg.overwrite,
+                            inputs={"--data": cfg.data}, models={"--model": cfg.model},
+                            legacy=outputs.config_with("data")) as out:
+        runtime = load(cfg.model, device=cfg.device, max_seq_len=cfg.max_seq_len)
+        labels, multilabel = runtime.labels, runtime.multilabel
+        columns = Columns.of(cfg, runtime)
+        # the config written beside the results says what was used, the model's settings included
+        cfg.text_column, cfg.pair_column = columns.text, columns.text_pair
+        if runtime.tokenizer is not None:
+            cfg.max_seq_len = runtime.max_seq_len
+        data = read_examples(cfg.data, columns, multilabel, skip_bad=cfg.skip_bad_rows)
+        unknown = sorted({label for ex in data.examples for label in ex.labels} - set(labels))
+        if unknown:
+            raise DomainLMError(f"{cfg.data}: labels {unknown} are not among the model's labels ({', '.join(labels)})")
+        probs = runtime.predict(*data.columns(), cfg.batch_size, progress=True)
+        thresholds = runtime.thresholds if multilabel else None
+        metrics = score(probs, data, labels, multilabel, cfg.tolerant_k, thresholds, cfg.ordinal)
+        out.begin(cfg)
+        write_outputs(out, "eval", data, probs, labels, multilabel, metrics, thresholds)
+        write_run(out, metrics, f"Evaluation of {cfg.model} on {cfg.data}", {"eval": metrics}, labels)
+        return metrics
 
 
 def predict_command(cfg: PredictConfig) -> int:
     from domainlm.classify.data import Example
+    from domainlm.files import atomic_write
 
-    check_predict_paths(cfg.input, cfg.out)
+    check_predict_paths(cfg.input, cfg.out, cfg.overwrite)
     runtime = load(cfg.model, device=cfg.device, max_seq_len=cfg.max_seq_len)
     if cfg.input == "-":
         data = Dataset("<stdin>", [Example(text, [], line=i) for i, text in read_stdin_lines(getattr(sys.stdin, "buffer", sys.stdin))])
@@ -377,21 +361,13 @@ def predict_command(cfg: PredictConfig) -> int:
         columns = Columns.of(cfg, runtime)
         data = read_examples(cfg.input, columns, runtime.multilabel, require_labels=False, skip_flag=None)
     probs = runtime.predict(*data.columns(), cfg.batch_size, progress=True)
-    # a file is written beside its name and renamed when complete: a failed run leaves no half file
-    partial = None if cfg.out == "-" else Path(cfg.out).with_name(f".{Path(cfg.out).name}.partial")
-    sink = sys.stdout if partial is None else open(partial, "w", encoding="utf-8")  # noqa: SIM115
-    try:
-        labels = runtime.labels
-        lines = [json.dumps({"text": ex.text, "labels": [labels[j] for j in chosen],
-                             "scores": {labels[j]: round(float(p[j]), 4) for j in best}}, ensure_ascii=False) + "\n"
-                 for ex, p, chosen, best in zip(data.examples, probs, runtime.choose(probs), best_k(probs, cfg.top_k))]
-        sink.write("".join(keep_line_order(data, lines) if cfg.input == "-" else lines))
-    except BaseException:
-        if partial is not None:
-            sink.close()
-            partial.unlink(missing_ok=True)
-        raise
-    if partial is not None:
-        sink.close()
-        partial.replace(cfg.out)
+    labels = runtime.labels
+    lines = [json.dumps({"text": ex.text, "labels": [labels[j] for j in chosen],
+                         "scores": {labels[j]: round(float(p[j]), 4) for j in best}}, ensure_ascii=False) + "\n"
+             for ex, p, chosen, best in zip(data.examples, probs, runtime.choose(probs), best_k(probs, cfg.top_k))]
+    text = "".join(keep_line_order(data, lines) if cfg.input == "-" else lines)
+    if cfg.out == "-":
+        sys.stdout.write(text)
+    else:  # complete or absent: a failed run leaves no half file (and an earlier file whole)
+        atomic_write(cfg.out, text, "--out")
     return len(data)

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
+from domainlm import checks
 from domainlm.config import option, reuse
 from domainlm.errors import DomainLMError
 from domainlm.options import (
@@ -102,10 +103,7 @@ class FinetuneConfig(TrainingOptions, OptimizerOptions, LabelColumns, TextColumn
             raise DomainLMError(f"--lora-rank {self.lora_rank} is not allowed: choose 8, 16, 32 or 64")
         if self.folds == 1:
             raise DomainLMError("--folds 1 is not cross-validation: use 0 (off) or 2..20")
-        if not self.seeds:
-            raise DomainLMError("--seeds needs at least one seed")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise DomainLMError(f"--seeds {self.seeds} repeats a seed")
+        checks.seeds(self.seeds)
         if self.blend and (not self.floor or self.method == "linear"):
             raise DomainLMError("--blend mixes the transformer with the floor: it needs --floor and --method full or lora")
         if self.blend and not self.folds and len(self.seeds) > 1:

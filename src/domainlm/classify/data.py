@@ -206,8 +206,9 @@ def _decode_stdin(raw: bytes) -> str:
         raise DomainLMError(f"<stdin>:{line}: undecodable bytes (neither UTF-8 nor GB18030); send UTF-8 text") from None
 
 
-def check_predict_paths(input_path: str, out: str) -> None:
-    """predict's --out must be a new or replaceable file: never --input itself, never a folder."""
+def check_predict_paths(input_path: str, out: str, overwrite: bool = False) -> None:
+    """predict's --out must be a new file (or, with --overwrite, an existing one): never --input itself, never a
+    folder."""
     if out == "-":
         return
     o = Path(out)
@@ -217,6 +218,8 @@ def check_predict_paths(input_path: str, out: str) -> None:
         raise DomainLMError(f"--out {o}: the folder {o.parent} does not exist; create it or name a file in an existing one")
     if input_path != "-" and o.exists() and o.resolve() == Path(input_path).resolve():
         raise DomainLMError(f"--out {o} is --input: it would overwrite the data being classified; name another file")
+    if o.exists() and not overwrite:
+        raise DomainLMError(f"--out {o} exists; pass --overwrite to replace it, or name a new file")
 
 
 def label_list(train: Dataset, given: list[str] | None = None) -> list[str]:
@@ -316,3 +319,84 @@ def ordered_labels(labels: list[str]) -> list[str]:
     except ValueError:
         raise DomainLMError(f"--ordinal: the labels ({', '.join(labels)}) are not numbers; give their order with "
                             "--labels") from None
+
+
+# ---- the task: the one reader of a classification task's files ----------------------------------------------------
+
+@dataclass
+class Task:
+    """The task data, read (and checked) once and passed on: training rows, the --dev and --test rows, labels."""
+    train: Dataset
+    dev: Dataset | None
+    test: Dataset | None
+    labels: list[str]
+
+    def split(self, rows: Dataset, cfg, seed: int) -> tuple[Dataset, Dataset]:
+        """(rows to fit, rows to validate on): --dev when given, else a share of `rows` held out."""
+        if self.dev is not None:
+            return rows, self.dev
+        return split_validation(rows, cfg.valid_ratio, getattr(cfg, "valid_max_rows", 0), seed)
+
+    def n_valid(self, cfg) -> int:
+        """Rows validation picks the best epoch on."""
+        if self.dev is not None:
+            return len(self.dev)
+        n = max(1, round(cfg.valid_ratio * len(self.train)))
+        cap = getattr(cfg, "valid_max_rows", 0)
+        return min(cap, n) if cap else n
+
+
+def task_problems(cfg, known: list[str] | None = None, known_from: str = "") -> tuple[Task | None, dict[str, str]]:
+    """Read a task as `finetune`, `distill`, the sweep and the console read it: --train, --dev and --test with the
+    command's columns, the label set (given by --labels, ordered for --ordinal, or `known`: a teacher's labels,
+    named by `known_from`), every file's labels checked against it. Every problem, by the option it is about."""
+    errors: dict[str, str] = {}
+    read: dict[str, Dataset] = {}
+    columns = Columns.of(cfg)
+    multilabel = getattr(cfg, "task", "multiclass") == "multilabel"
+    for key in ("train", "dev", "test"):
+        path = getattr(cfg, key, None)
+        if path:
+            try:
+                read[key] = read_examples(path, columns, multilabel, skip_bad=getattr(cfg, "skip_bad_rows", False))
+            except DomainLMError as e:
+                errors[key] = str(e)
+    labels = None
+    if "train" in read:
+        try:
+            labels = _task_labels(cfg, read["train"], multilabel, known, known_from)
+        except DomainLMError as e:
+            errors.setdefault("train" if known else "labels", str(e))
+    for key in ("dev", "test"):
+        if labels and key in read:
+            try:
+                check_labels(read[key], labels)
+            except DomainLMError as e:
+                errors.setdefault(key, str(e))
+    if errors:
+        return None, errors
+    return Task(read["train"], read.get("dev"), read.get("test"), labels), {}
+
+
+def _task_labels(cfg, train: Dataset, multilabel: bool, known: list[str] | None, known_from: str) -> list[str]:
+    if known is not None:
+        unknown = sorted({label for ex in train.examples for label in ex.labels} - set(known))
+        if unknown:
+            raise DomainLMError(f"{known_from} predicts {', '.join(known)}; --train {train.path} has labels {unknown} it "
+                                "does not know: use a model trained on these labels")
+        return list(known)
+    given = getattr(cfg, "labels", None) or None
+    labels = label_list(train, given)
+    if getattr(cfg, "ordinal", False) and not given:
+        labels = ordered_labels(labels)
+    if len(labels) < 2 and not multilabel:
+        raise DomainLMError(f"{train.path}: only one label ({labels}); a classifier needs at least two")
+    return labels
+
+
+def read_task(cfg, known: list[str] | None = None, known_from: str = "") -> Task:
+    """task_problems for a command: the first problem is the error."""
+    task, errors = task_problems(cfg, known, known_from)
+    if errors:
+        raise DomainLMError(next(iter(errors.values())))
+    return task

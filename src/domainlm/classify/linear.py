@@ -23,8 +23,10 @@ import numpy as np
 
 from domainlm.classify.data import Dataset, targets
 from domainlm.classify.metrics import aggregate, scalars, tune_thresholds
-from domainlm.classify.report import score, write_json, write_outputs, write_run
+from domainlm.classify.report import score, write_outputs
+from domainlm.classify.results import FLOOR, TEST_FILE, Scored, fold_folder
 from domainlm.errors import DomainLMError
+from domainlm.outputs import Writer
 
 FEATURES = (("char_wb", (1, 3)), ("char", (2, 4)))
 CLASSIFIERS = ("logreg", "svm")
@@ -151,32 +153,40 @@ def fit(train: Dataset, dev: Dataset, labels: list[str], multilabel: bool, metri
     return best
 
 
-def evaluate(train: Dataset, dev: Dataset, test: Dataset | None, labels: list[str], multilabel: bool, metric: str,
-             tolerant_k: int = 2) -> tuple[LinearModel, dict]:
-    """Fit the floor and score it on dev (and test) with the same metric functions as the transformer."""
+def evaluate(train: Dataset, dev: Dataset, evaluated: dict[str, Dataset], labels: list[str], multilabel: bool,
+             metric: str, tolerant_k: int = 2) -> tuple[LinearModel, Scored]:
+    """Fit the floor and score it on dev and on each of `evaluated` (by split name) with the same metric functions as
+    the transformer; the probabilities are kept (Scored)."""
     start = time.perf_counter()
     model = fit(train, dev, labels, multilabel, metric, tolerant_k)
-    result = {"method": model.description, "train_rows": len(train), "selected_on": f"dev {metric}",
-              "dev": score(model.scores(dev), dev, labels, multilabel, tolerant_k, model.thresholds)}
-    if test is not None:
-        result["test"] = score(model.scores(test), test, labels, multilabel, tolerant_k, model.thresholds)
-    result["seconds"] = round(time.perf_counter() - start, 2)
-    return model, result
+    rows = {"dev": dev, **evaluated}
+    probs = {name: model.scores(data) for name, data in rows.items()}
+    metrics = {"method": model.description, "train_rows": len(train), "selected_on": f"dev {metric}"}
+    metrics |= {name: score(probs[name], data, labels, multilabel, tolerant_k, model.thresholds)
+                for name, data in rows.items() if name != TEST_FILE}
+    metrics["seconds"] = round(time.perf_counter() - start, 2)
+    return model, Scored(metrics, probs, rows, model.thresholds, fit=train)
 
 
-def save(model: LinearModel, folder: str | Path, cfg=None) -> None:
-    """cfg (a FinetuneConfig): its inference settings are saved too, but max_seq_len (the floor reads no tokens)."""
+def save(model: LinearModel, folder: Writer | str | Path, cfg=None) -> None:
+    """linear.npz and linear.json, each written atomically. cfg (a FinetuneConfig): its inference settings are saved
+    too, but max_seq_len (the floor reads no tokens)."""
+    import io
+
+    from domainlm.outputs import Plain
+
     if cfg is not None:
         model.settings = {k: v for k, v in cfg.inference_settings().items() if k != "max_seq_len"}
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = folder if isinstance(folder, Writer) else Plain(folder)
     meta = {"format": FORMAT, "version": 1, "labels": model.labels, "multilabel": model.multilabel,
             "analyzer": model.analyzer, "ngram_range": list(model.ngram_range), "classifier": model.classifier,
             "C": model.C, "description": model.description,
             "thresholds": None if model.thresholds is None else [float(t) for t in model.thresholds],
             "selection": model.selection, "settings": model.settings, "vocabulary": model.vocabulary}
-    np.savez(folder / "linear.npz", idf=model.idf, coef=model.coef, intercept=model.intercept)
-    (folder / "linear.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+    arrays = io.BytesIO()
+    np.savez(arrays, idf=model.idf, coef=model.coef, intercept=model.intercept)
+    folder.write_bytes("linear.npz", arrays.getvalue())
+    folder.write_text("linear.json", json.dumps(meta, ensure_ascii=False))
 
 
 def is_linear(folder: str | Path) -> bool:
@@ -199,20 +209,21 @@ def load(folder: str | Path) -> LinearModel:
                        meta.get("settings", {}))
 
 
-def run(cfg, train: Dataset, dev: Dataset, test: Dataset | None, labels: list[str], seed: int, out: Path) -> dict:
-    """`finetune --method linear`: the floor alone, saved and reported like a fine-tuning run."""
-    out.mkdir(parents=True, exist_ok=True)
-    model, result = evaluate(train, dev, test, labels, cfg.multilabel, cfg.best_metric, cfg.tolerant_k)
-    print(f"{model.description}: dev {cfg.best_metric} {result['dev'][cfg.best_metric]:.4f} "
-          f"(best of {len(model.selection)} candidates, {result['seconds']} s)")
-    save(model, out, cfg)
-    result = {"seed": seed, **result}
-    write_outputs(out, "dev", dev, model.scores(dev), labels, cfg.multilabel, result["dev"], model.thresholds)
-    if test is not None:
-        write_outputs(out, "test", test, model.scores(test), labels, cfg.multilabel, result["test"], model.thresholds)
-    sections = {k: result[k] for k in ("dev", "test") if k in result}
-    write_run(out, result, f"Linear floor: {model.description}", sections, labels)
-    return result
+def run(cfg, fit_rows: Dataset, dev: Dataset, evaluated: dict[str, Dataset], labels: list[str], seed: int,
+        folder: Writer) -> Scored:
+    """`finetune --method linear`: the floor alone, saved with its predictions like a fine-tuning run (its
+    metrics.json and report.md come once the command has all results)."""
+    model, scored = evaluate(fit_rows, dev, evaluated, labels, cfg.multilabel, cfg.best_metric, cfg.tolerant_k)
+    print(f"{model.description}: dev {cfg.best_metric} {scored.metrics['dev'][cfg.best_metric]:.4f} "
+          f"(best of {len(model.selection)} candidates, {scored.metrics['seconds']} s)")
+    save(model, folder, cfg)
+    for name, data in scored.rows.items():
+        if name != TEST_FILE:
+            write_outputs(folder, name, data, scored.probs[name], labels, cfg.multilabel, scored.metrics[name],
+                          model.thresholds)
+    scored.metrics = {"seed": seed, **scored.metrics}
+    scored.folder = folder
+    return scored
 
 
 def floor_line(floor: dict, split: str, metric: str, model_value: float | None = None) -> str:
@@ -226,28 +237,25 @@ def floor_line(floor: dict, split: str, metric: str, model_value: float | None =
     return line
 
 
-def floor_beside(cfg, splits: list[tuple], labels: list[str], evaluated: str, out: Path, single: bool) -> dict:
-    """The floor on the rows the transformer runs used: once (seeds share the data; the first seed's validation
-    split), or once per fold. Written to floor/ and, for a single run, into metrics.json and report.md."""
+def beside(cfg, runs: list[Scored], labels: list[str], evaluated: str, out: Writer) -> dict:
+    """The floor on the rows the transformer runs used: once (seeds share the data: the first seed's validation
+    split), or once per fold, each fitted on its run's training rows and scored on its run's rows. Saved in floor/
+    (floor/fold-K) with its metrics.json; the probabilities stay in memory for the blend. Returns {"summary":
+    the floor's line in every report, "runs": [Scored]}."""
     folds = cfg.folds > 0
-    results = []
-    for i, (fit_rows, dev, test) in enumerate(splits if folds else splits[:1]):
-        model, result = evaluate(fit_rows, dev, test, labels, cfg.multilabel, cfg.best_metric, cfg.tolerant_k)
-        folder = out / "floor" / (f"fold-{i + 1}" if folds else "")
-        save(model, folder, cfg)
-        write_json(folder / "metrics.json", result)
-        results.append(result)
-    floor = {"method": results[0]["method"], "train_rows": results[0]["train_rows"], "selected_on": results[0]["selected_on"]}
-    for split in ("dev", "test"):
-        if all(split in r for r in results):
-            floor[split] = (scalars(results[0][split]) if len(results) == 1 else
-                            {k: v["mean"] for k, v in aggregate([r[split] for r in results]).items()})
-    if single and (out / "metrics.json").is_file():
-        metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
-        metrics["floor"] = floor
-        write_json(out / "metrics.json", metrics)
-        line = floor_line(floor, evaluated, cfg.best_metric, metrics.get(evaluated, {}).get(cfg.best_metric))
-        with open(out / "report.md", "a", encoding="utf-8") as f:
-            f.write("\n" + line + "\n")
-    print(floor_line(floor, evaluated, cfg.best_metric))
-    return floor
+    floors = []
+    for k, run in enumerate(runs if folds else runs[:1], 1):
+        model, scored = evaluate(run.fit, run.rows["dev"], {n: d for n, d in run.rows.items() if n != "dev"}, labels,
+                                 cfg.multilabel, cfg.best_metric, cfg.tolerant_k)
+        scored.folder = out.sub(FLOOR).sub(fold_folder(k) if folds else "")
+        save(model, scored.folder, cfg)
+        scored.folder.write_json("metrics.json", scored.metrics)
+        floors.append(scored)
+    summary = {"method": floors[0].metrics["method"], "train_rows": floors[0].metrics["train_rows"],
+               "selected_on": floors[0].metrics["selected_on"]}
+    for split in ("dev", evaluated):
+        if all(split in f.metrics for f in floors):
+            summary[split] = (scalars(floors[0].metrics[split]) if len(floors) == 1 else
+                              {k: v["mean"] for k, v in aggregate([f.metrics[split] for f in floors]).items()})
+    print(floor_line(summary, evaluated, cfg.best_metric))
+    return {"summary": summary, "runs": floors}

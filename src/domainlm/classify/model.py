@@ -12,10 +12,10 @@ from torch import nn
 from domainlm.encoder.attention import Layout, scatter_padded
 from domainlm.encoder.packed import encode_packed, supports_packing
 from domainlm.errors import DomainLMError
+from domainlm.outputs import Writer
 
 # attention projections of BERT-family encoders (BERT, ERNIE, RoBERTa name them alike)
 LORA_TARGETS = ["query", "key", "value"]
-HEAD_PREFIXES = ("classifier.", "pooler.", "score.")
 
 
 # classifiers whose head reads the pooled [CLS] state only, with the BERT module layout (embeddings, encoder.layer[i]
@@ -159,25 +159,17 @@ def enable_checkpointing(hf: nn.Module) -> None:
 
 def load_classifier(name_or_path: str, labels: list[str], multilabel: bool, method: str, lora_rank: int, lora_alpha: int, log=print,
                     work_dir: str | Path | None = None):
-    """work_dir: where a PaddleNLP folder is converted (the run's --out)."""
+    """The encoder with a new classification head (interop.models.load_weights); LoRA adapters on it for
+    method "lora". work_dir: where a PaddleNLP folder is converted (the run's --out)."""
     from transformers import AutoModelForSequenceClassification
 
-    from domainlm.pretrain.model import has_weights, load_config, loadable, weights_errors
+    from domainlm.interop.models import load_weights
 
-    load_config(name_or_path)  # a clear error for a missing model before transformers' own
-    name_or_path = loadable(name_or_path, work_dir, log=log)
-    if Path(name_or_path).is_dir() and not has_weights(Path(name_or_path)):
-        raise DomainLMError(f"{name_or_path} holds a config but no weights; fine-tuning needs a trained encoder")
-    with weights_errors(name_or_path):
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            name_or_path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={v: i for i, v in enumerate(labels)},
-            problem_type="multi_label_classification" if multilabel else "single_label_classification",
-            ignore_mismatched_sizes=True, output_loading_info=True,
-        )
-    missing = [k for k in info.get("missing_keys", []) if not k.startswith(HEAD_PREFIXES)]
-    if missing:
-        raise DomainLMError(f"{name_or_path}: {len(missing)} encoder weights are missing (e.g. {', '.join(missing[:3])}); "
-                            "it is not a trained encoder")
+    model = load_weights(
+        name_or_path, AutoModelForSequenceClassification, work_dir=work_dir, log=log, new_heads_notice=False,
+        num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={v: i for i, v in enumerate(labels)},
+        problem_type="multi_label_classification" if multilabel else "single_label_classification",
+        ignore_mismatched_sizes=True)
     if method == "lora":
         from peft import LoraConfig, TaskType, get_peft_model
 
@@ -190,23 +182,30 @@ def load_classifier(name_or_path: str, labels: list[str], multilabel: bool, meth
     return model
 
 
-def save_classifier(model, tokenizer, out: Path, labels: list[str], multilabel: bool, thresholds=None,
+def save_classifier(model, tokenizer, out: Writer | Path, labels: list[str], multilabel: bool, thresholds=None,
                     settings: dict | None = None) -> Path:
-    """<out>/model: a plain HF classifier (LoRA merged in); <out>/adapter: the LoRA adapter alone. Beside the
-    weights, domainlm_labels.json: the labels, the thresholds, and `settings` (FinetuneConfig.inference_settings:
-    task, max_seq_len, text/pair columns), the defaults of every command that loads it (classify.runtime)."""
-    if hasattr(model, "merge_and_unload"):
-        model.save_pretrained(out / "adapter")
-        import copy
+    """<out>/model: a plain HF classifier (LoRA merged in); <out>/adapter: the LoRA adapter alone, each staged and
+    swapped into place. Beside the weights, domainlm_labels.json: the labels, the thresholds, and `settings`
+    (FinetuneConfig.inference_settings: task, max_seq_len, text/pair columns), the defaults of every command that
+    loads it (classify.runtime). `out`: a run's Writer, or a plain folder."""
+    import copy
 
+    from domainlm.files import write_json
+    from domainlm.outputs import Plain
+
+    out = out if isinstance(out, Writer) else Plain(out)
+    if hasattr(model, "merge_and_unload"):
+        with out.staged("adapter") as folder:
+            model.save_pretrained(folder)
         model = copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(out / "model")
-    tokenizer.save_pretrained(out / "model")
     meta = {"labels": labels, "multilabel": multilabel, **(settings or {})}
     if thresholds is not None:
         meta["thresholds"] = [float(t) for t in thresholds]
-    (out / "model" / "domainlm_labels.json").write_text(json.dumps(meta, ensure_ascii=False, indent=2), encoding="utf-8")
-    return out / "model"
+    with out.staged("model") as folder:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        write_json(folder / "domainlm_labels.json", meta)
+    return out.root() / "model"
 
 
 def load_trained(path: str):
@@ -214,10 +213,10 @@ def load_trained(path: str):
     thresholds."""
     from transformers import AutoModelForSequenceClassification
 
+    from domainlm.interop.models import load_config, weights_errors
     from domainlm.interop.paddle import is_paddle_folder
     from domainlm.interop.resolve import resolve_model_dir
     from domainlm.interop.tokenizer import load_fast_tokenizer
-    from domainlm.pretrain.model import load_config, weights_errors
 
     path = resolve_model_dir(path)
     if is_paddle_folder(path):

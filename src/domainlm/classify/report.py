@@ -12,6 +12,7 @@ import numpy as np
 from domainlm.classify import metrics as M
 from domainlm.classify.data import Dataset, targets
 from domainlm.classify.metrics import best_k, choose, thresholds_of
+from domainlm.outputs import Writer
 
 
 def score(probs: np.ndarray, data: Dataset, labels: list[str], multilabel: bool, tolerant_k: int,
@@ -23,24 +24,26 @@ def score(probs: np.ndarray, data: Dataset, labels: list[str], multilabel: bool,
     return M.multiclass_metrics(probs, gold, labels, tolerant_k, groups, ordinal)
 
 
-def write_outputs(out: Path, name: str, data: Dataset, probs: np.ndarray, labels: list[str], multilabel: bool,
+def write_outputs(out: Writer, name: str, data: Dataset, probs: np.ndarray, labels: list[str], multilabel: bool,
                   metrics: dict, thresholds: np.ndarray | None) -> None:
-    """<name>_predictions.jsonl (every row) and <name>_bad_cases.jsonl (wrong ones, with scores)."""
-    with open(out / f"{name}_predictions.jsonl", "w", encoding="utf-8") as preds, \
-            open(out / f"{name}_bad_cases.jsonl", "w", encoding="utf-8") as bad:
-        for ex, p, chosen, best in zip(data.examples, probs, choose(probs, multilabel, thresholds), best_k(probs, 5)):
-            predicted = [labels[j] for j in chosen]
-            wrong = sorted(predicted) != sorted(ex.labels)
-            row = {"line": ex.line, "text": ex.text, "gold": ex.labels, "predicted": predicted,
-                   "scores": {labels[j]: round(float(p[j]), 4) for j in best}}
-            if ex.group:
-                row["group"] = ex.group
-            line = json.dumps(row, ensure_ascii=False) + "\n"
-            preds.write(line)
-            if wrong:
-                bad.write(line)
+    """<name>_predictions.jsonl (every row) and <name>_bad_cases.jsonl (wrong ones, with scores), and the
+    confusion matrix as a picture."""
+    preds, bad = [], []
+    for ex, p, chosen, best in zip(data.examples, probs, choose(probs, multilabel, thresholds), best_k(probs, 5)):
+        predicted = [labels[j] for j in chosen]
+        row = {"line": ex.line, "text": ex.text, "gold": ex.labels, "predicted": predicted,
+               "scores": {labels[j]: round(float(p[j]), 4) for j in best}}
+        if ex.group:
+            row["group"] = ex.group
+        preds.append(json.dumps(row, ensure_ascii=False) + "\n")
+        if sorted(predicted) != sorted(ex.labels):
+            bad.append(preds[-1])
+    out.write_text(f"{name}_predictions.jsonl", "".join(preds))
+    out.write_text(f"{name}_bad_cases.jsonl", "".join(bad))
     if "confusion_matrix" in metrics:
-        M.confusion_png(metrics["confusion_matrix"], labels, out / f"{name}_confusion.png")
+        png = out.file(f"{name}_confusion.png")
+        with out.writing(png.name):
+            M.confusion_png(metrics["confusion_matrix"], labels, png)
 
 
 def read_correctness(path: Path) -> tuple[np.ndarray, list[int]]:
@@ -69,23 +72,22 @@ def report_markdown(title: str, sections: dict[str, dict], labels: list[str]) ->
     return "\n".join(lines)
 
 
-def write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False), encoding="utf-8")
+def write_run(out: Writer, metrics: dict, title: str, sections: dict[str, dict], labels: list[str],
+              lines: list[str] = ()) -> None:
+    """metrics.json (everything measured) and report.md (the tables of `sections`, then `lines`) of one run,
+    each written once, when the run's results are all in."""
+    out.write_json("metrics.json", metrics)
+    text = report_markdown(title, sections, labels)
+    out.write_text("report.md", text + "".join(f"\n{line}\n" for line in lines))
 
 
-def write_run(out: Path, metrics: dict, title: str, sections: dict[str, dict], labels: list[str]) -> None:
-    """metrics.json (everything measured) and report.md (the tables of `sections`) of one run."""
-    write_json(out / "metrics.json", metrics)
-    (out / "report.md").write_text(report_markdown(title, sections, labels), encoding="utf-8")
-
-
-def write_summary(out: Path, summary: dict, kind: str, floor_line: str | None, extra: list[str] = ()) -> None:
+def write_summary(out: Writer, summary: dict, kind: str, floor_line: str | None, extra: list[str] = ()) -> None:
     """summary.json and summary.md of several runs (seeds or folds): mean and std of each metric."""
-    write_json(out / "summary.json", summary)
+    out.write_json("summary.json", summary)
     lines = [f"# {summary['runs']} runs ({kind}), metrics on {summary['evaluated_on']}", "",
              "| metric | mean | std |", "| --- | --- | --- |"]
     lines += [f"| {k} | {v['mean']:.4f} | {v['std']:.4f} |" for k, v in summary["mean_std"].items()]
     if floor_line:
         lines += ["", floor_line]
     lines += list(extra)  # fold ensembles, out-of-fold predictions, the blend
-    (out / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out.write_text("summary.md", "\n".join(lines) + "\n")

@@ -118,7 +118,7 @@ def _correct(run: Path) -> tuple[np.ndarray, list[int]] | None:
 
 def paired_test(home: Path, a: Model, b: Model) -> dict | None:
     """a against b over every seed of each configuration, on the same rows (None where the rows differ)."""
-    from domainlm.sweep.stats import compare
+    from domainlm.stats import compare
 
     groups = [_group(home, m) for m in (a, b)]
     if groups[0][0] == groups[1][0]:

@@ -67,8 +67,8 @@ def inspect_model(path: Path) -> str:
 
 def _check_hf(folder: Path, kind: str) -> None:
     """What a job would load first: the config (not for a vocabulary) and a fast tokenizer."""
+    from domainlm.interop.models import load_config
     from domainlm.interop.tokenizer import load_fast_tokenizer
-    from domainlm.pretrain.model import load_config
 
     if kind != "vocab":
         load_config(str(folder))

@@ -176,13 +176,11 @@ class JobFactory:
         if command == "finetune":
             preflight.finetune(cfg, errors, self.home)
         elif command == "pretrain":
-            preflight.pretrain(cfg, errors)
+            preflight.pretrain(cfg, errors, self.home)
         elif command == "sweep":
             return sweepjob.check(self, s, cfg, errors)
         elif command == "distill":
-            config = preflight._model_config(cfg.student, errors, "student")
-            if config is not None:
-                preflight._positions(config, cfg.max_seq_len, cfg.student, errors)
+            preflight.distill(cfg, errors, self.home)
         elif command == "export" and not (Path(cfg.model) / "config.json").is_file():
             errors.setdefault("model", f"{Path(cfg.model).name} is not a fine-tuned transformer classifier (no config.json): "
                                        "choose a classifier of my models")

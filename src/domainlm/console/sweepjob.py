@@ -148,9 +148,7 @@ def check(factory, s, cfg: SweepJobConfig, errors: dict):
         except DomainLMError as e:
             errors.setdefault(_field(str(e), "base_models"), str(e).replace(str(factory.home.resolve()) + "/", ""))
     for spec in sweep.models:
-        config = preflight._model_config(spec.base, errors, "base_models")
-        if config is not None:
-            preflight._positions(config, cfg.max_seq_len, spec.base, errors)
+        preflight.model_positions(spec.base, cfg.max_seq_len, errors, "base_models")
     return sweep
 
 

@@ -13,7 +13,6 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-import shutil
 import signal
 import sys
 import time
@@ -206,7 +205,7 @@ def _import(paths: list[Path], writer: CorpusWriter, tokenizer, counters: Counte
 
 
 # a store's own entries; cache/ is written by pretrain (the sample index), a manifest by prepare itself
-STORE_ENTRIES = (*FILES, "stats.json", "config.yaml", "tokenizer", "cache", outputs.MANIFEST)
+STORE_ENTRIES = (*FILES, "stats.json", "config.yaml", "tokenizer", "cache")
 
 
 def _store_meta(out: Path) -> dict | None:
@@ -216,37 +215,6 @@ def _store_meta(out: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return meta if isinstance(meta, dict) and meta.get("format") == STORE_FORMAT else None
-
-
-def _check_out(out: Path, fingerprint: str, overwrite: bool) -> bool:
-    """True if `out` already holds this very corpus. Replaces only a corpus store (holding nothing but its own
-    files), and only with --overwrite, or an empty folder; anything else is an error naming it."""
-    outputs.folder(out)
-    if not out.exists() or not any(out.iterdir()):
-        return False
-    meta = _store_meta(out)
-    if meta is None:
-        held = ", ".join(sorted(p.name for p in out.iterdir())[:5])
-        raise DomainLMError(
-            f"{out} exists and is not a corpus store (it holds {held}); prepare replaces only a corpus store or an "
-            "empty folder, with or without --overwrite: choose another --out"
-        )
-    if meta.get("fingerprint") == fingerprint:
-        return True
-    if not overwrite:
-        raise DomainLMError(
-            f"{out} already holds a different corpus (made from other inputs or options); "
-            "pass --overwrite to replace it, or choose another --out"
-        )
-    manifest = outputs.read_manifest(out)
-    own = set(STORE_ENTRIES) | set((manifest or {}).get("entries") or [])
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in own)
-    if foreign:
-        raise DomainLMError(
-            f"{out} is a corpus store that also holds {', '.join(foreign[:5])}; --overwrite would delete them: "
-            "move them out or choose another --out"
-        )
-    return False
 
 
 def _corpus_stats(corpus: Corpus, counters: Counter, seconds: float, n_bytes: int) -> dict:
@@ -294,23 +262,17 @@ def _workers(requested: int) -> int:
 
 
 def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
-    """Run the prepare stage; returns the stats (also in <out>/stats.json)."""
-    out = outputs.folder(cfg.out)
-    partial = out.parent / f".{out.name}.partial"
-    for item in cfg.input:
-        if outputs.inside(item, out) or outputs.inside(item, partial):
-            raise DomainLMError(f"input {item} lies inside --out {out}, which prepare replaces: move it or choose another --out")
-    outputs.protect(out)  # never the working folder (prepare replaces --out whole)
-    outputs.writable(out)  # before the work, not after it
+    """Run the prepare stage; returns the stats (also in <out>/stats.json). The store is built beside --out and
+    swapped into place when complete; the same inputs and options again leave it as it is."""
     workers = _workers(cfg.workers)
-    outputs.claim(out)  # before anything is read or written: a second run on this --out stops here
-    try:
-        return _prepare(cfg, out, partial, workers, progress)
-    finally:
-        outputs.release(out)
+    inputs = {f"input {item}": item for item in cfg.input}
+    with outputs.run_folder(cfg.out, "prepare", patterns=STORE_ENTRIES, replace=True, overwrite=cfg.overwrite,
+                            resume=True, inputs=inputs, owned=("cache",),
+                            legacy=lambda o: _store_meta(o) is not None) as out:
+        return _prepare(cfg, out, workers, progress)
 
 
-def _prepare(cfg: PrepareConfig, out: Path, partial: Path, workers: int, progress: bool) -> dict:
+def _prepare(cfg: PrepareConfig, out: outputs.RunFolder, workers: int, progress: bool) -> dict:
     from tqdm import tqdm
 
     tokenizer = load_fast_tokenizer(cfg.tokenizer)
@@ -319,20 +281,26 @@ def _prepare(cfg: PrepareConfig, out: Path, partial: Path, workers: int, progres
         if not p.is_file():
             raise DomainLMError(f"input {p} does not exist")
     # a folder input may hold this very store (prepare docs/ --out docs/corpus): its files are not documents
-    files = [f for f in (discover(raw) if raw else []) if not (outputs.inside(f, out) or outputs.inside(f, partial))]
+    target = out.out
+    partial = out.path
+    files = [f for f in (discover(raw) if raw else []) if not (outputs.inside(f, target) or outputs.inside(f, partial))]
     vocab = vocab_hash(tokenizer)
     fingerprint = _fingerprint(cfg, files + imports, vocab)
-    if _check_out(out, fingerprint, cfg.overwrite):
-        print(f"{out} is up to date (same inputs and options); nothing to do", file=sys.stderr)
-        return json.loads((out / "stats.json").read_text(encoding="utf-8"))
-
-    if partial.exists():  # not a live run's: this process holds the lock of --out
-        print(f"removing {partial} left by an interrupted run", file=sys.stderr)
-        shutil.rmtree(partial)
+    if out.earlier is not None:
+        meta = _store_meta(target)
+        if out.earlier == "finished" and meta is not None and meta.get("fingerprint") == fingerprint:
+            print(f"{target} is up to date (same inputs and options); nothing to do", file=sys.stderr)
+            return json.loads((target / "stats.json").read_text(encoding="utf-8"))
+        if not cfg.overwrite:
+            out.refuse_earlier("a corpus made from other inputs or options")
     started = time.perf_counter()
     counters: Counter = Counter()
+    out.begin()
     writer = CorpusWriter(partial, len(tokenizer), forbidden_ids=corpus_forbidden_ids(tokenizer))
-    tokenizer.save_pretrained(partial / "tokenizer")
+    for name in FILES:
+        out.record(name)
+    with out.writing("tokenizer"):
+        tokenizer.save_pretrained(out.record("tokenizer"))
     total_bytes = sum(p.stat().st_size for p in files + imports)
     n_bytes = 0
     bar = None
@@ -348,21 +316,22 @@ def _prepare(cfg: PrepareConfig, out: Path, partial: Path, workers: int, progres
         chunks = _chunks(_documents(files, read_options, counters))
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=not progress,
                    file=sys.stderr, smoothing=0.1)
-        for docs, encoded in _encode_all(chunks, encode_options, workers):
-            for doc, enc in zip(docs, encoded):
-                n = len(doc.text.encode("utf-8"))
-                n_bytes += n
-                bar.update(n)
-                if enc is None:
-                    counters["dropped_empty"] += 1
-                elif enc.n_chars < cfg.min_doc_chars:
-                    counters["dropped_short"] += 1
-                elif (dup := dedup.check(enc.key, enc.signature)) is not None:
-                    counters[f"duplicates_{dup}"] += 1
-                else:
-                    counters["sentences_cut"] += enc.n_cut
-                    counters[f"lang_{enc.language}"] += 1
-                    writer.add(enc.ids, enc.lengths, enc.word_starts)
+        with out.writing():
+            for docs, encoded in _encode_all(chunks, encode_options, workers):
+                for doc, enc in zip(docs, encoded):
+                    n = len(doc.text.encode("utf-8"))
+                    n_bytes += n
+                    bar.update(n)
+                    if enc is None:
+                        counters["dropped_empty"] += 1
+                    elif enc.n_chars < cfg.min_doc_chars:
+                        counters["dropped_short"] += 1
+                    elif (dup := dedup.check(enc.key, enc.signature)) is not None:
+                        counters[f"duplicates_{dup}"] += 1
+                    else:
+                        counters["sentences_cut"] += enc.n_cut
+                        counters[f"lang_{enc.language}"] += 1
+                        writer.add(enc.ids, enc.lengths, enc.word_starts)
         bar.close()
         if writer.n_documents == 0:
             raise DomainLMError(
@@ -372,20 +341,18 @@ def _prepare(cfg: PrepareConfig, out: Path, partial: Path, workers: int, progres
                 f"{counters['duplicates_exact'] + counters['duplicates_near']})"
             )
         word_source = f"segmenter:{cfg.segmenter}" if cfg.segment else "tokenizer"
-        writer.close({
-            "tokenizer": cfg.tokenizer, "vocab_hash": vocab, "word_starts": word_source,
-            "fingerprint": fingerprint, "domainlm_version": __version__,
-        })
+        with out.writing():
+            writer.close({
+                "tokenizer": cfg.tokenizer, "vocab_hash": vocab, "word_starts": word_source,
+                "fingerprint": fingerprint, "domainlm_version": __version__,
+            })
         stats = _corpus_stats(Corpus(partial), counters, time.perf_counter() - started, n_bytes or total_bytes)
-        (partial / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False), encoding="utf-8")
-        cfglib.write(cfg, partial)
-        outputs.record(partial, "prepare")
+        out.write_json("stats.json", stats)
+        out.write_text("config.yaml", cfglib.dump(cfg))
     except BaseException:
         if bar is not None:
             bar.close()  # its last state before the error message, not after it
-        shutil.rmtree(partial, ignore_errors=True)
         raise
-    outputs.swap(partial, out)  # an old store is removed only once the new one is in place
     return stats
 
 

@@ -11,44 +11,23 @@ the inference speed of teacher and student on the same texts.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import time
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 
-from domainlm import config as cfglib
-from domainlm import outputs
+from domainlm import checks, outputs
 from domainlm.classify import metrics as M
-from domainlm.classify.data import (
-    Columns,
-    Dataset,
-    Example,
-    check_labels,
-    read_examples,
-    split_validation,
-    targets,
-)
-from domainlm.distill.config import STUDENT_GROUPS, DistillConfig
+from domainlm.classify.data import Dataset, Example, targets
+from domainlm.classify.results import FLOOR, PLAIN, Scored, seed_folder
+from domainlm.distill.config import DistillConfig
 from domainlm.distill.loss import DistillClassifier, pack, soften
-from domainlm.distill.teacher import model_labels, teacher_outputs, unlabeled_texts
-from domainlm.errors import DomainLMError
+from domainlm.distill.teacher import CACHE, teacher_outputs, unlabeled_texts
+from domainlm.outputs import Writer
 
-DISTILL_OUTPUTS = ("config.yaml", "model", "metrics.json", "report.md", "log.jsonl", "tensorboard", "*_predictions.jsonl",
-                   "*_bad_cases.jsonl", "*_confusion.png", "seed-*", "plain", "floor", "distill.json", "distill.md")
-
-
-def student_config(cfg: DistillConfig, out: Path):
-    """The student's fine-tuning options: finetune's recipe with distill's values."""
-    from domainlm.classify.config import FinetuneConfig
-
-    shared = [f.name for group in STUDENT_GROUPS for f in dataclasses.fields(group)]
-    shared += ["train", "dev", "test", "task", "valid_ratio", "max_seq_len", "batch_size", "epochs",
-               "early_stopping_patience"]
-    return FinetuneConfig(model=cfg.student, out=str(out), floor=False, seeds=list(cfg.seeds),
-                          **{k: getattr(cfg, k) for k in shared})
+DISTILL_OUTPUTS = ("config.yaml", "model", "adapter", "metrics.json", "report.md", "log.jsonl", "tensorboard",
+                   "*_predictions.jsonl", "*_bad_cases.jsonl", "*_confusion.png", "step-*", "seed-*", "plain", "floor",
+                   "distill.json", "distill.md", "teacher_cache")
 
 
 def load_teacher(path: str):
@@ -60,76 +39,65 @@ def load_teacher(path: str):
 def distill(cfg: DistillConfig) -> dict:
     from transformers.utils import logging as hf_logging
 
+    hf_logging.set_verbosity_error()
+    inputs = {"--train": cfg.train, "--dev": cfg.dev, "--test": cfg.test, "--unlabeled": cfg.unlabeled}
+    models = {"--teacher": cfg.teacher, "--student": cfg.student, "--corpus": cfg.corpus}
+    with outputs.run_folder(cfg.out, "distill", patterns=DISTILL_OUTPUTS, overwrite=cfg.overwrite, keep=(CACHE,),
+                            inputs=inputs, models=models, legacy=outputs.config_with("teacher")) as out:
+        return _distill(cfg, out)
+
+
+def _distill(cfg: DistillConfig, out: Writer) -> dict:
     from domainlm.classify import command as recipe  # finetune's setup, train, finish
     from domainlm.classify.report import score
-    from domainlm.interop.tokenizer import load_fast_tokenizer
+    from domainlm.distill.checks import check
     from domainlm.train.setup import make_accelerator, mixed_precision
 
-    hf_logging.set_verbosity_error()
-    # ---- setup
-    out = outputs.folder(cfg.out)
-    outputs.claim(out)
-    outputs.check_earlier_run(out, "distill", DISTILL_OUTPUTS, "teacher", cfg.overwrite)
-    labels, teacher_multilabel = model_labels(cfg.teacher)
+    # ---- setup: the teacher's labels (read, not loaded), the task read by finetune's reader, the student checked
+    found, errors = check(cfg)
+    checks.first(errors)
+    labels, task, ft = found.labels, found.task, found.finetune
     multilabel = cfg.task == "multilabel"
-    if teacher_multilabel != multilabel:
-        raise DomainLMError(f"--teacher {cfg.teacher} is a {'multilabel' if teacher_multilabel else 'multiclass'} "
-                            f"classifier but --task is {cfg.task}")
-    columns = Columns(cfg.text_column, cfg.pair_column, cfg.label_column, None, cfg.label_delimiter)
-    train = read_examples(cfg.train, columns, multilabel)
-    unknown = sorted({label for ex in train.examples for label in ex.labels} - set(labels))
-    if unknown:
-        raise DomainLMError(f"--teacher {cfg.teacher} predicts {', '.join(labels)}; --train {cfg.train} has labels "
-                            f"{unknown} it does not know: distil from a teacher trained on these labels")
-    dev_given = read_examples(cfg.dev, columns, multilabel) if cfg.dev else None
-    test = read_examples(cfg.test, columns, multilabel) if cfg.test else None
-    for data in (dev_given, test):
-        if data is not None:
-            check_labels(data, labels)
     extra = unlabeled_texts(cfg)
-    tokenizer = load_fast_tokenizer(cfg.student, flag="--student")
-    cfg.precision = mixed_precision(cfg.precision)
+    cfg.precision = ft.precision = mixed_precision(cfg.precision)
     accelerator = make_accelerator(cfg.precision)
-    ft = student_config(cfg, out)
-    splits = {seed: (train, dev_given) if dev_given is not None else split_validation(train, cfg.valid_ratio, 0, seed)
-              for seed in cfg.seeds}
-    if accelerator.is_main_process:
-        outputs.clear_known(out, DISTILL_OUTPUTS)
-        out.mkdir(parents=True, exist_ok=True)
-        cfglib.write(cfg, out)
+    splits = {seed: task.split(task.train, ft, seed) for seed in cfg.seeds}
+    out.begin(cfg)
 
     # ---- teacher: every text any seed trains on, the unlabelled ones, dev and test, once
     rows = {f"fit-{seed}": fit.columns() for seed, (fit, _) in splits.items()}
     rows["unlabeled"] = (extra, None)
-    speed = "test" if test is not None else f"dev-{cfg.seeds[0]}"
+    speed = "test" if task.test is not None else f"dev-{cfg.seeds[0]}"
     rows.update({f"dev-{seed}": dev.columns() for seed, (_, dev) in splits.items()})
-    if test is not None:
-        rows["test"] = test.columns()
+    if task.test is not None:
+        rows["test"] = task.test.columns()
     probs, teacher_meta = teacher_outputs(cfg.teacher, rows, out, cfg.max_seq_len, cfg.teacher_batch_size,
                                           load_teacher, speed, hidden=bool(cfg.hidden_weight))
 
     # ---- train: the distilled student (and the plain one) per seed
+    evaluated = {"test": task.test} if task.test is not None else {}
+    split = "test" if task.test is not None else "dev"
     runs = []
     for seed in cfg.seeds:
         fit, dev = splits[seed]
-        folder = out if len(cfg.seeds) == 1 else out / f"seed-{seed}"
+        folder = out if len(cfg.seeds) == 1 else out.sub(seed_folder(seed))
         student_rows = Dataset(fit.path, fit.examples + [Example(t, [], line=0) for t in extra])
         soft = soften(np.concatenate([probs[f"fit-{seed}"], probs["unlabeled"]]), cfg.temperature, multilabel)
         states = np.concatenate([probs[f"hidden-fit-{seed}"], probs["hidden-unlabeled"]]) if cfg.hidden_weight else None
         packed = pack(targets(fit, labels, multilabel), soft, multilabel, states)
         make = partial(DistillClassifier, n_labels=len(labels), temperature=cfg.temperature, alpha=cfg.alpha,
                        hidden_weight=cfg.hidden_weight, teacher_width=0 if states is None else states.shape[1])
-        student = recipe.setup(ft, accelerator, tokenizer, labels, student_rows, dev, test, seed, folder,
+        student = recipe.setup(ft, accelerator, found.student.tokenizer, labels, student_rows, dev, evaluated, seed, folder,
                                make_model=make, fit_targets=packed)
         run = {"seed": seed, "student": recipe.finish(student, recipe.train(student))}
         if cfg.plain:
-            plain = recipe.setup(ft, accelerator, tokenizer, labels, fit, dev, test, seed, folder / "plain")
+            plain = recipe.setup(ft, accelerator, found.student.tokenizer, labels, fit, dev, evaluated, seed,
+                                 folder.sub(PLAIN))
             run["plain"] = recipe.finish(plain, recipe.train(plain))
-        split = "test" if test is not None else "dev"
-        teacher_probs = probs["test" if test is not None else f"dev-{seed}"]
-        run["teacher"] = score(teacher_probs, test if test is not None else dev, labels, multilabel, 2,
-                               M.tune_thresholds(probs[f"dev-{seed}"], targets(dev, labels, True)) if multilabel else None)
-        run["folder"] = str(folder)
+        teacher_probs = probs["test" if task.test is not None else f"dev-{seed}"]
+        thresholds = M.tune_thresholds(probs[f"dev-{seed}"], targets(dev, labels, True)) if multilabel else None
+        run["teacher"] = Scored(score(teacher_probs, task.test if task.test is not None else dev, labels, multilabel, 2,
+                                      thresholds), {split: teacher_probs}, {split: evaluated.get("test", dev)}, thresholds)
         runs.append(run)
     if not accelerator.is_main_process:
         return {}
@@ -138,32 +106,40 @@ def distill(cfg: DistillConfig) -> dict:
         from domainlm.classify import linear
 
         fit, dev = splits[cfg.seeds[0]]
-        floor = out / "floor"
-        linear.run(ft, fit, dev, test, labels, cfg.seeds[0], floor)
+        floor = linear.run(ft, fit, dev, evaluated, labels, cfg.seeds[0], out.sub(FLOOR))
 
-    # ---- finish: the comparison and the speeds
-    result = finish(cfg, runs, split, teacher_meta, (test or splits[cfg.seeds[0]][1]).columns(), len(extra), floor)
-    (out / "distill.json").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
-    (out / "distill.md").write_text(report(cfg, result), encoding="utf-8")
+    # ---- finish: each model's report, the comparison and the speeds
+    for run in runs:
+        for name, title in (("student", f"Distilled student {cfg.student}"), ("plain", f"Plain student {cfg.student}")):
+            if name in run:
+                recipe.write_run(run[name].folder, run[name].metrics, title, recipe.sections(run[name]), labels)
+    if floor is not None:
+        recipe.write_run(floor.folder, floor.metrics, "Linear floor", recipe.sections(floor), labels)
+    result = finish(cfg, runs, split, teacher_meta, (task.test or splits[cfg.seeds[0]][1]).columns(), len(extra),
+                    floor, labels)
+    out.write_json("distill.json", result)
+    out.write_text("distill.md", report(cfg, result))
     print(report(cfg, result))
     return result
 
 
 def finish(cfg: DistillConfig, runs: list[dict], split: str, teacher_meta: dict, speed_texts, unlabeled_rows: int,
-           floor: Path | None = None) -> dict:
-    """The table (teacher, student, plain student, the floor in `floor`), the speeds and the paired tests."""
+           floor: Scored | None, labels: list[str]) -> dict:
+    """The table (teacher, student, plain student, the floor), the speeds and the paired tests, from the results
+    the runs kept in memory."""
     from domainlm.classify.runtime import load
+    from domainlm.stats import compare, holm
 
     metric = "f1_micro" if cfg.task == "multilabel" else "accuracy"
+    multilabel = cfg.task == "multilabel"
     models = ["teacher", "student"] + (["plain"] if cfg.plain else []) + (["floor"] if floor else [])
-    floor_metrics = json.loads((floor / "metrics.json").read_text(encoding="utf-8")) if floor else None
     table = {}
     for name in models:
-        values = ([floor_metrics[split][metric]] if name == "floor" else
-                  [r[name][split][metric] if name != "teacher" else r["teacher"][metric] for r in runs])
+        values = [floor.metrics[split][metric]] if name == "floor" else \
+            [r[name].metrics[split][metric] if name != "teacher" else r["teacher"].metrics[metric] for r in runs]
         table[name] = {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
                        "per_seed": values}
-    student = load(str(Path(runs[0]["folder"])))
+    student = load(str(runs[0]["student"].folder.root()))
     texts, pairs = speed_texts
     student.predict(texts[:8], None if pairs is None else pairs[:8], 64, cfg.max_seq_len)  # warm up
     started = time.perf_counter()
@@ -172,22 +148,17 @@ def finish(cfg: DistillConfig, runs: list[dict], split: str, teacher_meta: dict,
     result = {"metric": metric, "split": split, "models": table, "temperature": cfg.temperature, "alpha": cfg.alpha,
               "unlabeled_rows": unlabeled_rows, "seeds": list(cfg.seeds),
               "speed_texts_per_s": {"teacher": teacher_meta.get("texts_per_s"), "student": student_speed},
-              "runs": [{k: v for k, v in r.items() if k != "folder"} for r in runs]}
+              "runs": [{"seed": r["seed"], **{k: r[k].metrics for k in ("student", "plain", "teacher") if k in r}}
+                       for r in runs]}
     if teacher_meta.get("texts_per_s"):
         result["speedup"] = student_speed / teacher_meta["texts_per_s"]
     # the sweep's two-level test on per-row correctness (seeds and rows both vary), Holm-corrected over the tests
-    from domainlm.classify.report import read_correctness
-    from domainlm.sweep.stats import compare, holm
-
-    def correct(sub: str) -> np.ndarray:
-        return np.stack([read_correctness(Path(r["folder"]) / sub / f"{split}_predictions.jsonl")[0] for r in runs])
-
-    student, bases = correct(""), {}
-    if cfg.plain:
-        bases["plain"] = correct("plain")
-    if floor:  # one floor for every seed
-        bases["floor"] = read_correctness(floor / f"{split}_predictions.jsonl")[0][None, :]
-    tests = {name: compare(student, base) for name, base in bases.items()}
+    correct = {name: np.stack([r[name].correct(split, labels, multilabel) for r in runs])
+               for name in ("student", "plain") if name in runs[0]}
+    bases = {"plain": correct["plain"]} if "plain" in correct else {}
+    if floor is not None:  # one floor for every seed
+        bases["floor"] = floor.correct(split, labels, multilabel)[None, :]
+    tests = {name: compare(correct["student"], base) for name, base in bases.items()}
     for (name, t), adjusted in zip(tests.items(), holm([t["p_value"] for t in tests.values()])):
         result[f"student_vs_{name}"] = {**t, "p_holm": float(adjusted)}
     return result

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
+from domainlm import checks
 from domainlm.config import option, reuse
 from domainlm.errors import DomainLMError
 from domainlm.options import (
@@ -59,7 +61,15 @@ class DistillConfig(TrainingOptions, OptimizerOptions, LabelColumns, TextColumns
     def check(self) -> None:
         if self.unlabeled and self.corpus:
             raise DomainLMError("--unlabeled and --corpus both given: choose one source of unlabelled text")
-        if not self.seeds:
-            raise DomainLMError("--seeds needs at least one seed")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise DomainLMError(f"--seeds {self.seeds} repeats a seed")
+        checks.seeds(self.seeds)
+
+
+def student_config(cfg: DistillConfig, out: Path):
+    """The student's fine-tuning options: finetune's recipe with distill's values."""
+    from domainlm.classify.config import FinetuneConfig
+
+    shared = [f.name for group in STUDENT_GROUPS for f in dataclasses.fields(group)]
+    shared += ["train", "dev", "test", "task", "valid_ratio", "max_seq_len", "batch_size", "epochs",
+               "early_stopping_patience"]
+    return FinetuneConfig(model=cfg.student, out=str(out), floor=False, seeds=list(cfg.seeds),
+                          **{k: getattr(cfg, k) for k in shared})

@@ -4,15 +4,18 @@ batched, and cached in --out keyed by a hash of the teacher's files and the text
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from domainlm.errors import DomainLMError
+from domainlm.outputs import Writer
 
 CACHE = "teacher_cache"
 
@@ -50,18 +53,39 @@ def cache_key(teacher: str, parts: dict[str, tuple[list[str], list[str] | None]]
     return h.hexdigest()[:20]
 
 
-def teacher_outputs(teacher: str, parts: dict[str, tuple[list[str], list[str] | None]], out: Path, max_seq_len: int,
+def read_cache(folder: Path, key: str) -> tuple[dict[str, np.ndarray], dict] | None:
+    """The cached outputs under `key`, verified: the .json parses, names the .npz's SHA-256, and the .npz holds
+    numeric arrays only (read without pickles). Anything else is a damaged cache: None, with a notice."""
+    arrays, meta_file = folder / f"{key}.npz", folder / f"{key}.json"
+    if not arrays.is_file() and not meta_file.is_file():
+        return None
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        data = arrays.read_bytes()
+        if not isinstance(meta, dict) or meta.get("sha256") != hashlib.sha256(data).hexdigest():
+            raise ValueError("its checksum does not match")
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            probs = {k: z[k] for k in z.files}
+        if not all(np.issubdtype(v.dtype, np.floating) and np.isfinite(v).all() for v in probs.values()):
+            raise ValueError("it holds arrays that are not finite numbers")
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        print(f"notice: the teacher cache {arrays} is damaged ({str(e).splitlines()[0][:120]}); computing the "
+              "teacher's outputs again", file=sys.stderr)
+        return None
+    return probs, meta
+
+
+def teacher_outputs(teacher: str, parts: dict[str, tuple[list[str], list[str] | None]], out: Writer, max_seq_len: int,
                     batch_size: int, load, speed_part: str, hidden: bool = False) -> tuple[dict[str, np.ndarray], dict]:
     """The teacher's probabilities for each named set of texts (and with `hidden` its last [CLS] states, as
-    "hidden-<name>"), from the cache when its key matches (the teacher is then not loaded), else computed in one
-    batched pass each and cached. Also its speed on `speed_part`."""
+    "hidden-<name>"), from the cache in `out`/teacher_cache when its key matches and it verifies (the teacher is
+    then not loaded), else computed in one batched pass each and cached. Also its speed on `speed_part`."""
     key = cache_key(teacher, parts, max_seq_len, hidden)
-    folder = out / CACHE
-    arrays, meta_file = folder / f"{key}.npz", folder / f"{key}.json"
-    if arrays.is_file() and meta_file.is_file():
-        print(f"teacher outputs: reused {arrays}", file=sys.stderr)
-        with np.load(arrays) as z:
-            return {k: z[k] for k in z.files}, json.loads(meta_file.read_text(encoding="utf-8"))
+    cache = out.sub(CACHE)
+    cached = read_cache(cache.root(), key)
+    if cached is not None:
+        print(f"teacher outputs: reused {cache.root() / f'{key}.npz'}", file=sys.stderr)
+        return cached
     runtime = load(teacher)
     from domainlm.classify.runtime import TorchRuntime
 
@@ -80,12 +104,12 @@ def teacher_outputs(teacher: str, parts: dict[str, tuple[list[str], list[str] | 
             meta["texts_per_s"] = len(texts) / max(time.perf_counter() - started, 1e-9)
         if hidden:
             probs[f"hidden-{name}"] = cls_states(runtime, texts, pairs, batch_size, max_seq_len)
-    folder.mkdir(parents=True, exist_ok=True)
-    partial = folder / f".{key}.partial.npz"
-    np.savez(partial, **probs)
-    partial.replace(arrays)  # complete or absent: a run killed here leaves no half cache
-    meta_file.write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    print(f"teacher outputs: computed and cached in {arrays}", file=sys.stderr)
+    buffer = io.BytesIO()
+    np.savez(buffer, **probs)
+    data = buffer.getvalue()
+    cache.write_bytes(f"{key}.npz", data)  # complete or absent: a run killed here leaves no half cache
+    cache.write_json(f"{key}.json", {**meta, "sha256": hashlib.sha256(data).hexdigest()})
+    print(f"teacher outputs: computed and cached in {cache.root() / f'{key}.npz'}", file=sys.stderr)
     return probs, meta
 
 

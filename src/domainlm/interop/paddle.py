@@ -334,9 +334,17 @@ def source_fingerprint(folder: Path) -> str:
     return hashlib.sha256(json.dumps([str(folder.resolve()), parts]).encode()).hexdigest()[:16]
 
 
-def check_out(src: Path, out: Path, overwrite: bool) -> None:
-    """convert replaces --out whole: only an earlier conversion, and only with --overwrite."""
-    outputs.check_replace(out, "convert", overwrite, inputs=[src], legacy=lambda o: (o / "conversion.json").is_file())
+CONVERT_OUTPUTS = ("config.json", "model.safetensors", "conversion.json", "vocab.txt", "tokenizer.json",
+                   "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _earlier_conversion(out: Path) -> bool:
+    """A conversion written before manifests: its conversion.json is convert's report (not just a file of that name)."""
+    try:
+        report = json.loads((out / "conversion.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and {"source", "source_fingerprint", "architecture"} <= set(report)
 
 
 def convert(src: str | Path, out: str | Path, overwrite: bool = False, log=print) -> dict:
@@ -351,32 +359,35 @@ def convert(src: str | Path, out: str | Path, overwrite: bool = False, log=print
                             "or it already holds Hugging Face weights)")
     if outputs.inside(out, src):
         raise DomainLMError(f"--out {out} is inside the PaddleNLP folder; choose a folder outside it")
-    check_out(src, out, overwrite)
-    model, report = build_hf_model(src)
-    tokenizer = load_fast_tokenizer(str(src), log=log) if (src / "vocab.txt").is_file() else None
-    if tokenizer is None:
-        print(f"warning: {src} has no vocab.txt, so {out} gets no tokenizer: copy the model's vocab.txt (or "
-              "tokenizer files) into it before using it", file=sys.stderr)
-    if report["task_id"]:
-        log(f"note: the Paddle config sets task_id {report['task_id']}; Hugging Face ERNIE uses task type 0 "
-            "unless task_type_ids are passed")
-    with outputs.stage(out) as partial:  # the old folder stays until the new one is complete and in place
-        model.save_pretrained(partial)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(partial)
+    with outputs.run_folder(out, "convert", patterns=CONVERT_OUTPUTS, overwrite=overwrite, replace=True,
+                            models={"PADDLE_DIR": str(src)}, legacy=_earlier_conversion) as target:
+        model, report = build_hf_model(src)
+        tokenizer = load_fast_tokenizer(str(src), log=log) if (src / "vocab.txt").is_file() else None
+        if tokenizer is None:
+            print(f"warning: {src} has no vocab.txt, so {out} gets no tokenizer: copy the model's vocab.txt (or "
+                  "tokenizer files) into it before using it", file=sys.stderr)
+        if report["task_id"]:
+            log(f"note: the Paddle config sets task_id {report['task_id']}; Hugging Face ERNIE uses task type 0 "
+                "unless task_type_ids are passed")
+        target.begin()  # the old folder stays until the new one is complete and in place
+        with target.writing():
+            model.save_pretrained(target.root())
+            if tokenizer is not None:
+                tokenizer.save_pretrained(target.root())
         report = {**report, "source": str(src.resolve()), "source_fingerprint": source_fingerprint(src),
                   "tokenizer": tokenizer is not None}
-        (partial / "conversion.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-        outputs.record(partial, "convert")
+        target.write_json("conversion.json", report)
     log(f"converted {src} ({report['config_source']}, {report['paddle_tensors']} Paddle tensors) -> {out} "
         f"({report['architecture']}, {report['hf_weights']} weights{', fast tokenizer' if tokenizer else ''})")
     return report
 
 
-def converted_copy(src: str | Path, work_dir: str | Path, log=print) -> str:
+def converted_copy(src: str | Path, work_dir, log=print) -> str:
     """The HF conversion of a PaddleNLP folder, cached in `work_dir/converted-model` (redone when the source
-    changes). The user's folder is only read."""
-    src, target = Path(src), Path(work_dir) / "converted-model"
+    changes; `work_dir`: a folder, or a run's Writer, which records the entry). The user's folder is only read."""
+    src = Path(src)
+    target = work_dir.record("converted-model") if isinstance(work_dir, outputs.Writer) else \
+        Path(work_dir) / "converted-model"
     marker = target / "conversion.json"
     if marker.is_file():
         try:

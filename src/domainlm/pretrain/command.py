@@ -17,21 +17,19 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 
 import torch
 
 from domainlm import checks, outputs
-from domainlm import config as cfglib
 from domainlm.data.store import Corpus
-from domainlm.data.tokenize import vocab_hash
 from domainlm.encoder.packed import supports_packing
 from domainlm.errors import DomainLMError
-from domainlm.interop.tokenizer import load_fast_tokenizer
+from domainlm.interop.models import load_weights
+from domainlm.outputs import RunFolder
 from domainlm.pretrain.config import PretrainConfig
 from domainlm.pretrain.dataset import PretrainDataset, StepBatchSampler, collate, collate_packed
 from domainlm.pretrain.masking import MaskingOptions, default_max_predictions
-from domainlm.pretrain.model import PretrainingModel, load_config, load_pretraining_model
+from domainlm.pretrain.model import PretrainingModel
 from domainlm.pretrain.samples import cached_samples, parse_split, split_corpus
 from domainlm.train.checkpoint import (
     TrainState,
@@ -45,24 +43,6 @@ from domainlm.train.checkpoint import (
 from domainlm.train.logging import RunLogger
 from domainlm.train.loop import LoopOptions, evaluate, train_loop
 from domainlm.train.setup import build_optimizer, build_scheduler, make_accelerator, mixed_precision
-
-
-def _special_ids(tokenizer) -> dict[str, int]:
-    ids = {"cls": tokenizer.cls_token_id, "sep": tokenizer.sep_token_id, "mask": tokenizer.mask_token_id,
-           "pad": tokenizer.pad_token_id}
-    missing = [k for k, v in ids.items() if v is None]
-    if missing:
-        raise DomainLMError(f"the tokenizer has no {', '.join(missing)} token; an encoder tokenizer is needed")
-    return ids
-
-
-def _load_tokenizer(cfg: PretrainConfig, corpus: Corpus):
-    if cfg.tokenizer:
-        return load_fast_tokenizer(cfg.tokenizer)
-    model_dir = Path(cfg.model)
-    if (model_dir / "tokenizer_config.json").is_file() or (model_dir / "tokenizer.json").is_file():
-        return load_fast_tokenizer(cfg.model)
-    return load_fast_tokenizer(str(corpus.path / "tokenizer"))
 
 
 def eval_batch_indices(n: int, global_batch: int, micro_batch: int, rank: int, world: int, iters: int) -> list[list[int]]:
@@ -95,7 +75,7 @@ class Run:
     """Everything setup() builds and train()/finish() use."""
     cfg: PretrainConfig
     accelerator: object
-    out: Path
+    out: RunFolder
     tokenizer: object
     datasets: dict[str, PretrainDataset]
     train_loader: torch.utils.data.DataLoader
@@ -121,83 +101,82 @@ class Run:
         with torch.random.fork_rng(devices=[]):
             return evaluate(self.model, a, loader).metrics
 
-    def snapshot(self, folder: Path) -> None:
-        save_snapshot(self.accelerator, folder, self.model, lambda m: m.hf, self.tokenizer)
+    def snapshot(self, name: str) -> None:
+        folder = self.out.record(name)  # in the manifest before it is written
+        with self.out.writing(name):
+            save_snapshot(self.accelerator, folder, self.model, lambda m: m.hf, self.tokenizer)
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
-    outputs.folder(cfg.out)
-    outputs.claim(cfg.out)  # one run per --out: a second one stops here, naming this one's PID
-    # the user's files under pretrain's names are refused; its own (a run to resume) are kept and rewritten
-    outputs.check_earlier_run(Path(cfg.out), "pretrain", outputs.PRETRAIN_OUTPUTS, "corpus", inputs=(cfg.corpus, cfg.model))
-    run = setup(cfg)
-    try:
-        state = train(run)
-        return finish(run, state)
-    finally:
-        run.logger.close()
+    """setup, train, finish, inside the run folder: a second run on this --out stops at once; an earlier one is
+    continued (--resume) or replaced (--overwrite), never silently."""
+    if cfg.resume and cfg.overwrite:
+        raise DomainLMError("--resume and --overwrite both given: continue the earlier run, or replace it, not both")
+    models = {"--corpus": cfg.corpus, "--model": cfg.model, "--tokenizer": cfg.tokenizer}
+    with outputs.run_folder(cfg.out, "pretrain", patterns=outputs.PRETRAIN_OUTPUTS, overwrite=cfg.overwrite,
+                            resume=cfg.resume is not None, models=models, legacy=outputs.config_with("corpus")) as out:
+        run = setup(cfg, out)
+        try:
+            state = train(run)
+            return finish(run, state)
+        finally:
+            run.logger.close()
 
 
-def setup(cfg: PretrainConfig) -> Run:
+def setup(cfg: PretrainConfig, out: RunFolder) -> Run:
+    from transformers import AutoModelForPreTraining
+
+    from domainlm.pretrain.checks import check
+
+    found, errors = check(cfg)
+    checks.first(errors)
+    checkpoints = out.out / "checkpoints"
+    main = int(os.environ.get("RANK", "0")) == 0
+    resume_from = resolve_resume(cfg.resume, checkpoints, quiet=not main)  # one warning
+    if cfg.resume and resume_from is None and out.earlier == "finished":
+        out.refuse_earlier("and no checkpoint to resume from")
     cfg.precision = mixed_precision(cfg.precision)
     accelerator = make_accelerator(cfg.precision, find_unused_parameters=not cfg.binary_head)  # pooler unused without SOP
-    world, out = accelerator.num_processes, Path(cfg.out)
-    global_batch = cfg.global_batch_size or cfg.batch_size * world
-    if global_batch % (cfg.batch_size * world):
-        raise DomainLMError(
-            f"--global-batch-size {global_batch} is not a multiple of --batch-size {cfg.batch_size} "
-            f"x {world} processes"
-        )
-    accumulation = global_batch // (cfg.batch_size * world)
-    corpus = Corpus(cfg.corpus)
-    tokenizer = _load_tokenizer(cfg, corpus)
-    special = _special_ids(tokenizer)
+    world = accelerator.num_processes
+    accumulation = checks.accumulation(cfg.global_batch_size, cfg.batch_size, world)
+    global_batch = accumulation * cfg.batch_size * world
+    corpus, tokenizer, special = found.corpus, found.tokenizer, found.special
     datasets, reports, split = _datasets(cfg, accelerator, corpus, tokenizer, special, global_batch)
-    checkpoints = out / "checkpoints"
-    resume_from = resolve_resume(cfg.resume, checkpoints, quiet=not accelerator.is_main_process)  # one warning
-    if resume_from is None and cfg.resume is None and any(checkpoints.glob("step-*")):
-        raise DomainLMError(f"{out} already holds checkpoints; pass --resume auto to continue, or choose another --out")
+    out.begin(cfg)
 
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)
     log = print if accelerator.is_main_process else (lambda *a, **k: None)
     with accelerator.main_process_first():  # a PaddleNLP folder is converted into --out once, by rank 0
-        hf_model = load_pretraining_model(cfg.model, cfg.from_scratch, log=log, work_dir=out)
-    limit = checks.position_limit(hf_model.config)  # the rule fine-tuning and inference use (RoBERTa: 2 fewer)
-    if limit is not None and cfg.max_seq_len > limit:
-        raise DomainLMError(f"--max-seq-len {cfg.max_seq_len} exceeds the model's max_position_embeddings ({limit})")
-    if hf_model.config.vocab_size < len(tokenizer):
-        raise DomainLMError(
-            f"the tokenizer has {len(tokenizer)} entries but the model's vocabulary only {hf_model.config.vocab_size}"
-        )
-    corpus.check_ids(hf_model.config.vocab_size, f"the vocabulary of --model {cfg.model}")  # before training, not in it
+        hf_model = load_weights(cfg.model, AutoModelForPreTraining, from_scratch=cfg.from_scratch, log=log, work_dir=out)
     packed = cfg.unpad and supports_packing(hf_model.base_model)
     if cfg.unpad and not packed:
         log(f"model: {type(hf_model).__name__} blocks are not ones the packed encoder runs; the padded forward runs")
     model = PretrainingModel(hf_model, cfg.binary_head)
     if cfg.compile:
         model = torch.compile(model)
-    optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon)
+    optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
+                                cfg.adam_epsilon)
     scheduler = build_scheduler(optimizer, cfg.max_steps, cfg.warmup_ratio, cfg.learning_rate, cfg.min_lr, cfg.lr_decay)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    state = TrainState(global_batch_size=global_batch, model_fingerprint=model_fingerprint(load_config(cfg.model)))
+    state = TrainState(global_batch_size=global_batch, model_fingerprint=model_fingerprint(found.config))
     if resume_from is not None:
         state = load_checkpoint(accelerator, resume_from, state)
         log(f"resumed from {resume_from} at step {state.step} ({state.consumed_samples} samples consumed)")
 
-    if accelerator.is_main_process:
-        outputs.mark(out, "pretrain")
-        cfglib.write(cfg, out)
-        (out / "data.json").write_text(json.dumps({"splits": {k: v.pop("documents") for k, v in reports.items()}, "split": split.summary(), "samples": reports, "accumulation": accumulation, "processes": world}, indent=2))
+    out.write_json("data.json", {"splits": {k: v.pop("documents") for k, v in reports.items()}, "split": split.summary(),
+                                 "samples": reports, "accumulation": accumulation, "processes": world})
     log(f"data: {json.dumps(reports['train'])}; global batch {global_batch} = {cfg.batch_size} x {accumulation} "
         f"accumulation x {world} processes")
     collate_fn = collate_packed if packed else partial(collate, pad_id=special["pad"])
     train_loader = torch.utils.data.DataLoader(
         datasets["train"],
-        batch_sampler=StepBatchSampler(state.consumed_samples, global_batch, cfg.batch_size, accelerator.process_index, world),
+        batch_sampler=StepBatchSampler(state.consumed_samples, global_batch, cfg.batch_size, accelerator.process_index,
+                                       world),
         collate_fn=collate_fn,
-        num_workers=loader_workers(cfg.num_workers, accelerator), persistent_workers=False, pin_memory=accelerator.device.type == "cuda",
+        num_workers=loader_workers(cfg.num_workers, accelerator), persistent_workers=False,
+        pin_memory=accelerator.device.type == "cuda",
         generator=torch.Generator(),  # its own seed stream: creating the iterator must not draw from the global RNG
     )
     options = LoopOptions(
@@ -205,7 +184,8 @@ def setup(cfg: PretrainConfig) -> Run:
         logging_freq=cfg.logging_freq, eval_steps=cfg.eval_steps, checkpoint_steps=cfg.checkpoint_steps or cfg.max_steps,
         save_steps=cfg.save_steps,
     )
-    logger = RunLogger(out, cfg.max_steps, state.step, accelerator.is_main_process, cfg.tensorboard)
+    out.record("log.jsonl"), out.record("tensorboard"), out.record("checkpoints")
+    logger = RunLogger(out.root(), cfg.max_steps, state.step, accelerator.is_main_process, cfg.tensorboard)
     return Run(cfg, accelerator, out, tokenizer, datasets, train_loader, model, optimizer, scheduler, state, options,
                collate_fn, logger)
 
@@ -213,11 +193,6 @@ def setup(cfg: PretrainConfig) -> Run:
 def _datasets(cfg: PretrainConfig, accelerator, corpus: Corpus, tokenizer, special: dict, global_batch: int):
     """Split (by documents, or by sentence blocks when they are too few), the sample index of each split
     (built once, cached, memory-mapped), and the datasets."""
-    if vocab_hash(tokenizer) != corpus.meta.get("vocab_hash"):
-        raise DomainLMError(
-            f"{cfg.corpus} was tokenized with a different vocabulary ({corpus.meta.get('tokenizer')}) than the "
-            "model's tokenizer; prepare the corpus with the model's tokenizer"
-        )
     sop = cfg.binary_head
     max_tokens = cfg.max_seq_len - (3 if sop else 2)
     split = split_corpus(corpus, parse_split(cfg.split), cfg.seed, max_tokens, 2 if sop else 1)
@@ -253,7 +228,7 @@ def _datasets(cfg: PretrainConfig, accelerator, corpus: Corpus, tokenizer, speci
 
 
 def train(run: Run) -> TrainState:
-    cfg, out = run.cfg, run.out
+    cfg, out = run.cfg, run.out.root()
 
     def on_eval(step: int) -> None:
         if "valid" in run.datasets:
@@ -266,7 +241,7 @@ def train(run: Run) -> TrainState:
     state = train_loop(model=run.model, optimizer=run.optimizer, scheduler=run.scheduler, accelerator=run.accelerator,
                        batches=iter(run.train_loader), state=run.state, options=run.options, logger=run.logger,
                        on_eval=on_eval, on_checkpoint=on_checkpoint,
-                       on_snapshot=lambda step: run.snapshot(out / step_name(step)))
+                       on_snapshot=lambda step: run.snapshot(step_name(step)))
     return state
 
 
@@ -277,11 +252,9 @@ def finish(run: Run, state: TrainState) -> dict:
     if "test" in run.datasets:
         results["test"] = run.evaluate("test", run.cfg.test_iters)
         run.logger.log(state.step, "test", results["test"])
-    run.snapshot(run.out / "final")
-    if run.accelerator.is_main_process:
-        (run.out / "results.json").write_text(json.dumps({"step": state.step, **results}, indent=2))
-        outputs.record(run.out, "pretrain", outputs.PRETRAIN_OUTPUTS)
-    run.log(f"done: {run.out / 'final'} ({json.dumps(results)})")
+    run.snapshot("final")
+    run.out.write_json("results.json", {"step": state.step, **results})
+    run.log(f"done: {run.out.root() / 'final'} ({json.dumps(results)})")
     run.accelerator.wait_for_everyone()
     run.accelerator.end_training()
     sys.stdout.flush()

@@ -6,116 +6,11 @@ it for the ~15% of positions that carry a label instead of all of them is the bi
 
 from __future__ import annotations
 
-import contextlib
-import pickle
-from pathlib import Path
-
 import torch.nn.functional as F
 from torch import nn
 
 from domainlm.encoder.packed import encode_packed, first_tokens
 from domainlm.errors import DomainLMError
-
-HEAD_PREFIXES = ("cls.", "lm_head.")
-
-
-def has_weights(path: Path) -> bool:
-    return any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin")) or any(path.glob("*.safetensors.index.json"))
-
-
-@contextlib.contextmanager
-def weights_errors(source: str):
-    """Loading a model's weights: a damaged file, or a pickle that PyTorch's safe loading refuses, as one line
-    naming the folder (domainlm never loads a pickle with code in it)."""
-    try:
-        yield
-    except pickle.UnpicklingError as e:
-        first = str(e).split(".")[0]
-        raise DomainLMError(
-            f"{source}: its pytorch_model.bin holds more than tensors, and PyTorch's safe loading refused it ({first}); "
-            "domainlm does not run code from a weights file: save the model as safetensors where you trust it"
-        ) from None
-    except Exception as e:
-        if type(e).__name__ != "SafetensorError":
-            raise
-        raise DomainLMError(f"{source}: a .safetensors file is damaged or truncated ({' '.join(str(e).split())}); "
-                            "copy or download it again") from None
-
-
-def load_config(name_or_path: str):
-    """A model's config by name or path (a PaddleNLP folder's config is mapped, not converted); a missing or
-    unreadable one is a user error naming it."""
-    from transformers import AutoConfig
-
-    from domainlm.interop.names import hub_kwargs
-    from domainlm.interop.paddle import hf_config, is_paddle_folder
-    from domainlm.interop.resolve import hub_error, resolve_source
-
-    source = resolve_source(name_or_path, "--model", log=lambda *_: None)
-    if is_paddle_folder(source):
-        return hf_config(source)
-    try:
-        return AutoConfig.from_pretrained(source, **hub_kwargs())
-    except (OSError, ValueError) as e:
-        if not Path(source).is_dir():
-            raise hub_error(source, "--model", e) from None
-        raise DomainLMError(f"model {name_or_path!r} could not be loaded: {str(e).splitlines()[0]}") from None
-
-
-def loadable(name_or_path: str, work_dir: str | Path | None, log=print) -> str:
-    """The path or hub id that transformers can load: PaddleNLP names are mapped, PaddleNLP folders are
-    converted into `work_dir` (the run's --out), never in place."""
-    from domainlm.interop.paddle import converted_copy, is_paddle_folder
-    from domainlm.interop.resolve import resolve_source
-
-    source = resolve_source(name_or_path, "--model", log=log)
-    if is_paddle_folder(source):
-        if work_dir is None:
-            raise DomainLMError(f"{name_or_path} is a PaddleNLP folder; convert it first: "
-                                f"domainlm convert {name_or_path} --out DIR")
-        return converted_copy(source, work_dir, log=log)
-    return source
-
-
-def load_pretraining_model(name_or_path: str, from_scratch: bool, log=print, work_dir: str | Path | None = None):
-    """An `AutoModelForPreTraining` (BERT/ERNIE: MLM + 2-way head; RoBERTa: MLM only).
-
-    Missing head weights are reported and initialised; missing encoder weights are an error unless
-    from_scratch, so that a mistyped name never trains from random weights unnoticed.
-    """
-    from transformers import AutoModelForPreTraining
-
-    config = load_config(name_or_path)
-    local = Path(name_or_path)
-    if from_scratch or (local.is_dir() and not has_weights(local) and not _is_paddle(local)):
-        if not from_scratch:
-            raise DomainLMError(
-                f"{name_or_path} holds a config but no weights; pass --from-scratch to train from random weights"
-            )
-        log(f"model: {config.model_type} from config {name_or_path}, random weights (--from-scratch)")
-        return AutoModelForPreTraining.from_config(config)
-    name_or_path = loadable(name_or_path, work_dir, log=log)
-    with weights_errors(name_or_path):
-        model, info = AutoModelForPreTraining.from_pretrained(name_or_path, output_loading_info=True)
-    missing = list(info.get("missing_keys", []))
-    heads = sorted({k for k in missing if k.startswith(HEAD_PREFIXES)})
-    encoder = [k for k in missing if not k.startswith(HEAD_PREFIXES)]
-    if encoder:
-        raise DomainLMError(
-            f"{name_or_path}: {len(encoder)} encoder weights are missing from the checkpoint "
-            f"(e.g. {', '.join(encoder[:3])}); it does not match {type(model).__name__}. "
-            "Pass --from-scratch to train from random weights on purpose"
-        )
-    if heads:
-        log(f"model: {name_or_path} has no pretraining head weights for {', '.join(sorted({h.rsplit('.', 1)[0] for h in heads}))}; "
-            "they are newly initialised")
-    return model
-
-
-def _is_paddle(path: Path) -> bool:
-    from domainlm.interop.paddle import is_paddle_folder
-
-    return is_paddle_folder(path)
 
 
 class PretrainingModel(nn.Module):

@@ -14,6 +14,7 @@ class ExportConfig:
     model: str = option(help="classifier to export: a `domainlm finetune` output (or its model/ folder), or an HF "
                              "sequence classifier folder (also given as the first argument)")
     out: str = option(help="export folder: model.onnx (+ model.int8.onnx), tokenizer, labels, export.json")
+    overwrite: bool = option(False, "replace an earlier export in --out (it is kept until the new one is verified)")
     format: Literal["onnx"] = option("onnx", "export format")
     quantize: Literal["none", "int8"] = option("none", "also write a dynamically quantized int8 model (ONNX Runtime)")
     data: str | None = option(None, "labelled .csv/.tsv/.jsonl: accuracy and F1 of fp32 and int8, stored in export.json")

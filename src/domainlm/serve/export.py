@@ -161,15 +161,6 @@ def compare(runtime: OnnxRuntime, model, batches: list[dict], multilabel: bool) 
     return worst, same / rows
 
 
-def _check_out(out: Path, model_dir: str) -> None:
-    """Never write over anything but an earlier export."""
-    if outputs.inside(out, model_dir):
-        raise DomainLMError(f"--out {out} is inside the model folder {model_dir}; choose another folder")
-    earlier = is_export_dir(out) or (outputs.read_manifest(out) or {}).get("command") == "export"  # or a failed one
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not earlier)):
-        raise DomainLMError(f"--out {out} exists and is not an export folder; choose a new or empty folder")
-
-
 def read_data(cfg: ExportConfig, meta: dict):
     """--data, read and checked against the model's labels before any export work (columns: the options', else the
     ones the model was trained on)."""
@@ -204,47 +195,37 @@ def data_metrics(cfg: ExportConfig, runtimes: dict[str, OnnxRuntime], data) -> d
 def export_ensemble(cfg: ExportConfig) -> dict:
     """A fold ensemble: each member exported (and verified) into --out/<member>, and an ensemble.json listing them,
     so that the export folder is again an ensemble that predict, evaluate and serve take."""
-    import dataclasses
+    from domainlm.classify.ensemble_file import read_ensemble, write_ensemble
 
-    from domainlm.classify.ensemble_file import is_ensemble, read_ensemble, write_ensemble
-
-    meta = read_ensemble(cfg.model)
-    out = Path(cfg.out)
-    if not is_ensemble(out):  # an earlier export of an ensemble may be replaced, as a single export may
-        _check_out(out, cfg.model)
-    infos = {}
-    for member in meta["members"]:
-        _log(f"member {member}")
-        infos[member] = export(dataclasses.replace(cfg, model=str(Path(cfg.model) / member), out=str(out / member)))
-    extra = {k: v for k, v in meta.items() if k not in ("kind", "members", "labels", "multilabel", "thresholds")}
-    write_ensemble(out, list(meta["members"]), meta["labels"], bool(meta.get("multilabel")), meta.get("thresholds"),
-                   **extra, source=str(Path(cfg.model).resolve()))
-    cfglib.write(cfg, out)
+    meta = read_ensemble(cfg.model)  # its members are folders inside it, never paths elsewhere
+    with outputs.run_folder(cfg.out, "export", replace=True, overwrite=cfg.overwrite, models={"--model": cfg.model},
+                            legacy=is_export_dir) as out:
+        members = {member: _prepared(dataclasses.replace(cfg, model=str(Path(cfg.model) / member)))
+                   for member in meta["members"]}
+        out.begin()
+        infos = {}
+        for member, prepared in members.items():
+            _log(f"member {member}")
+            infos[member] = _export_into(out.sub(member), *prepared)
+        extra = {k: v for k, v in meta.items() if k not in ("kind", "members", "labels", "multilabel", "thresholds")}
+        write_ensemble(out, list(meta["members"]), meta["labels"], bool(meta.get("multilabel")), meta.get("thresholds"),
+                       **extra, source=str(Path(cfg.model).resolve()))
+        out.write_text("config.yaml", cfglib.dump(cfg))
     return {"members": infos}
 
 
-def export(cfg: ExportConfig) -> dict:
-    import onnxruntime
-    import torch
-
-    from domainlm.classify.ensemble_file import is_ensemble
-
-    if is_ensemble(cfg.model) and not is_export_dir(cfg.model):
-        return export_ensemble(cfg)
+def _prepared(cfg: ExportConfig) -> tuple:
+    """Everything checked and loaded before anything is written: the classifier, its tokenizer and labels, --data."""
     model_dir = classifier_dir(cfg.model)
     if not Path(model_dir).is_dir():
         raise DomainLMError(f"model folder {cfg.model} does not exist")
     if is_export_dir(cfg.model):
         raise DomainLMError(f"{cfg.model} is already an export; give the PyTorch classifier it came from")
-    out = Path(cfg.out)
-    _check_out(out, model_dir)
     if cfg.data and not Path(cfg.data).is_file():
         raise DomainLMError(f"--data {cfg.data} does not exist")
-    started = time.perf_counter()
     model, tokenizer, meta = _load(model_dir)
     checks.label_map(list(meta.get("labels") or []), model, model_dir)  # else every served request would fail
     data = read_data(cfg, meta) if cfg.data else None
-    input_names = _input_names(model, tokenizer)
     # the length the classifier was trained at (else MAX_SEQ_LEN) unless --max-seq-len says otherwise, within
     # the model's positions: what predict and serve use by default
     max_len = checks.max_seq_len(model.config, cfg.max_seq_len or meta.get("max_seq_len") or MAX_SEQ_LEN, model_dir,
@@ -252,68 +233,83 @@ def export(cfg: ExportConfig) -> dict:
     if tokenizer.model_max_length and tokenizer.model_max_length < 10**6:
         max_len = min(max_len, tokenizer.model_max_length)
     cfg = dataclasses.replace(cfg, max_seq_len=max_len)  # what config.yaml records, and --data is checked at
+    return cfg, model_dir, model, tokenizer, meta, data
 
-    outputs.mark(out, "export")  # a failed export leaves a folder its rerun may replace
-    (out / EXPORT_META).unlink(missing_ok=True)  # the folder counts as an export only once complete
-    for stale in ("model.onnx", "model.int8.onnx", "model.raw.onnx"):
-        (out / stale).unlink(missing_ok=True)
-    fp32, raw = out / "model.onnx", out / "model.raw.onnx"
+
+def export(cfg: ExportConfig) -> dict:
+    from domainlm.classify.ensemble_file import is_ensemble
+
+    if is_ensemble(cfg.model) and not is_export_dir(cfg.model):
+        return export_ensemble(cfg)
+    with outputs.run_folder(cfg.out, "export", replace=True, overwrite=cfg.overwrite,
+                            models={"--model": classifier_dir(cfg.model)}, legacy=is_export_dir) as out:
+        prepared = _prepared(cfg)
+        out.begin()  # written beside --out, swapped into place once verified: a failed export leaves no half folder
+        info = _export_into(out, *prepared)
+        out.write_text("config.yaml", cfglib.dump(prepared[0]))
+    return info
+
+
+def _export_into(out, cfg: ExportConfig, model_dir: str, model, tokenizer, meta: dict, data) -> dict:
+    """The ONNX export of one classifier into `out` (a Writer), verified against PyTorch (and int8 too)."""
+    import onnxruntime
+    import torch
+
+    started = time.perf_counter()
+    input_names = _input_names(model, tokenizer)
+    max_len = cfg.max_seq_len
+    folder = out.root()
+    fp32, raw = out.file("model.onnx"), out.file("model.raw.onnx")
     _log(f"exporting {model_dir} to ONNX (opset {cfg.opset}, inputs {', '.join(input_names)})")
-    export_onnx(model, input_names, raw if cfg.optimize else fp32, cfg.opset)
+    with out.writing():
+        export_onnx(model, input_names, raw if cfg.optimize else fp32, cfg.opset)
     fused: dict = {}
     if cfg.optimize:
-        fused = optimize_graph(raw, fp32, model.config)
+        with out.writing():
+            fused = optimize_graph(raw, fp32, model.config)
         raw.unlink()
         _log("fused: " + (", ".join(f"{k} {v}" for k, v in fused.items()) or "nothing"))
-    tokenizer.save_pretrained(out)
-    (out / LABELS_FILE).write_text(json.dumps(meta, ensure_ascii=False, indent=2), encoding="utf-8")
+    with out.writing():
+        tokenizer.save_pretrained(folder)
+    out.write_json(LABELS_FILE, meta)
     info = {"format": "onnx", "exporter": "torch.onnx.export (TorchScript, dynamo=False)", "opset": cfg.opset,
             "optimized": fused, "inputs": input_names, "dynamic_axes": {"batch": 0, "sequence": 1},
             "max_seq_len": max_len, "max_position_embeddings": getattr(model.config, "max_position_embeddings", None),
-            "model_type": getattr(model.config, "model_type", ""), "source": str(Path(model_dir).resolve()), "files": {"fp32": "model.onnx"},
-            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
-
-    def write_info() -> None:
-        (out / EXPORT_META).write_text(json.dumps(info, indent=2, ensure_ascii=False), encoding="utf-8")
-
-    write_info()  # the runtime reads it; it is rewritten whole below, or removed if verification fails
-    try:
-        batches = sample_batches(tokenizer, input_names, max_len, getattr(model.config, "type_vocab_size", 1))
-        multilabel = bool(meta.get("multilabel"))
-        runtimes = {"fp32": OnnxRuntime(str(out), "fp32")}
-        diff, agree = compare(runtimes["fp32"], model, batches, multilabel)
-        shapes = [list(b["input_ids"].shape) for b in batches]
-        info["verification"] = {"shapes": shapes, "fp32_max_abs_diff": diff, "tolerance": cfg.tolerance}
-        _log(f"verified fp32 on batch x length {', '.join(f'{b}x{n}' for b, n in shapes)}: "
-             f"max |ORT - PyTorch| probability {diff:.2e} (tolerance {cfg.tolerance:g})")
-        if diff > cfg.tolerance or not np.isfinite(diff):
-            raise DomainLMError(f"ONNX Runtime and PyTorch disagree: max probability difference {diff:.3g} > --tolerance "
-                                f"{cfg.tolerance:g}; the export is not usable (try --no-optimize or another --opset)")
-        if cfg.quantize == "int8":
-            quantize_int8(fp32, out / "model.int8.onnx")
-            info["files"]["int8"] = "model.int8.onnx"
-            info["quantization"] = "dynamic int8 (onnxruntime quantize_dynamic, QInt8 weights, reduce_range)"
-            write_info()
-            runtimes["int8"] = OnnxRuntime(str(out), "int8")
-            diff8, agree8 = compare(runtimes["int8"], model, batches, multilabel)
-            info["verification"].update(int8_max_abs_diff=diff8, int8_same_best_label=agree8, int8_tolerance=cfg.int8_tolerance)
-            _log(f"int8: max |ORT int8 - PyTorch| probability {diff8:.2e} (tolerance {cfg.int8_tolerance:g}), "
-                 f"same best label on {100 * agree8:.1f}% of the sample rows")
-            if diff8 > cfg.int8_tolerance or not np.isfinite(diff8):
-                raise DomainLMError(f"the int8 model is too far from PyTorch: max probability difference {diff8:.3g} > "
-                                    f"--int8-tolerance {cfg.int8_tolerance:g}")
-        sizes = {name: round((out / f).stat().st_size / 2**20, 3) for name, f in info["files"].items()}
-        info["size_mb"] = sizes
-        _log("size: " + ", ".join(f"{k} {v:.1f} MiB" for k, v in sizes.items()) +
-             (f" ({sizes['fp32'] / sizes['int8']:.1f}x smaller)" if "int8" in sizes else ""))
-        if cfg.data:
-            info["data_metrics"] = data_metrics(cfg, runtimes, data)
-            _log(f"on {cfg.data}: " + json.dumps({k: v for k, v in info["data_metrics"].items() if k not in ("data",)}))
-    except BaseException:
-        (out / EXPORT_META).unlink(missing_ok=True)  # never leave a folder that looks like a good export
-        raise
+            "model_type": getattr(model.config, "model_type", ""), "source": str(Path(model_dir).resolve()),
+            "files": {"fp32": "model.onnx"}, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
+    out.write_json(EXPORT_META, info)  # the runtime reads it; rewritten whole below
+    batches = sample_batches(tokenizer, input_names, max_len, getattr(model.config, "type_vocab_size", 1))
+    multilabel = bool(meta.get("multilabel"))
+    runtimes = {"fp32": OnnxRuntime(str(folder), "fp32")}
+    diff, agree = compare(runtimes["fp32"], model, batches, multilabel)
+    shapes = [list(b["input_ids"].shape) for b in batches]
+    info["verification"] = {"shapes": shapes, "fp32_max_abs_diff": diff, "tolerance": cfg.tolerance}
+    _log(f"verified fp32 on batch x length {', '.join(f'{b}x{n}' for b, n in shapes)}: "
+         f"max |ORT - PyTorch| probability {diff:.2e} (tolerance {cfg.tolerance:g})")
+    if diff > cfg.tolerance or not np.isfinite(diff):
+        raise DomainLMError(f"ONNX Runtime and PyTorch disagree: max probability difference {diff:.3g} > --tolerance "
+                            f"{cfg.tolerance:g}; the export is not usable (try --no-optimize or another --opset)")
+    if cfg.quantize == "int8":
+        with out.writing():
+            quantize_int8(fp32, out.file("model.int8.onnx"))
+        info["files"]["int8"] = "model.int8.onnx"
+        info["quantization"] = "dynamic int8 (onnxruntime quantize_dynamic, QInt8 weights, reduce_range)"
+        out.write_json(EXPORT_META, info)
+        runtimes["int8"] = OnnxRuntime(str(folder), "int8")
+        diff8, agree8 = compare(runtimes["int8"], model, batches, multilabel)
+        info["verification"].update(int8_max_abs_diff=diff8, int8_same_best_label=agree8, int8_tolerance=cfg.int8_tolerance)
+        _log(f"int8: max |ORT int8 - PyTorch| probability {diff8:.2e} (tolerance {cfg.int8_tolerance:g}), "
+             f"same best label on {100 * agree8:.1f}% of the sample rows")
+        if diff8 > cfg.int8_tolerance or not np.isfinite(diff8):
+            raise DomainLMError(f"the int8 model is too far from PyTorch: max probability difference {diff8:.3g} > "
+                                f"--int8-tolerance {cfg.int8_tolerance:g}")
+    sizes = {name: round((folder / f).stat().st_size / 2**20, 3) for name, f in info["files"].items()}
+    info["size_mb"] = sizes
+    _log("size: " + ", ".join(f"{k} {v:.1f} MiB" for k, v in sizes.items()) +
+         (f" ({sizes['fp32'] / sizes['int8']:.1f}x smaller)" if "int8" in sizes else ""))
+    if data is not None:
+        info["data_metrics"] = data_metrics(cfg, runtimes, data)
+        _log(f"on {cfg.data}: " + json.dumps({k: v for k, v in info["data_metrics"].items() if k not in ("data",)}))
     info["seconds"] = round(time.perf_counter() - started, 2)
-    write_info()
-    cfglib.write(cfg, out)
-    outputs.record(out, "export")
+    out.write_json(EXPORT_META, info)
     return info

@@ -41,6 +41,7 @@ import yaml
 from domainlm import config as cfglib
 from domainlm import outputs
 from domainlm.errors import DomainLMError
+from domainlm.files import atomic_write
 from domainlm.sweep.config import MIN_VALID_RATIO, ModelSpec, SweepConfig, cell_config, pretrain_config
 
 
@@ -54,7 +55,9 @@ class Cell:
 
     @property
     def folder(self) -> str:
-        return f"{self.model}/{'base' if self.step == 0 else f'step-{self.step:06d}'}/seed-{self.seed}"
+        from domainlm.classify.results import seed_folder
+
+        return f"{self.model}/{'base' if self.step == 0 else f'step-{self.step:06d}'}/{seed_folder(self.seed)}"
 
 
 # ---- planning: what exists, what pretraining must run, which cells --------------------------------------------
@@ -121,30 +124,26 @@ def plan(cfg: SweepConfig) -> list[Cell]:
     return cells
 
 
-def check_data(cfg: SweepConfig) -> tuple[dict, tuple]:
-    """Read every data file once (columns, labels, validation share) so that a bad file fails before any cell runs.
-    Returns what the report tells about the task, and the rows read (train, dev, test, labels) for the floor."""
-    from domainlm.classify.data import Columns, check_labels, label_list, read_examples
+def check_data(cfg: SweepConfig):
+    """Read every data file once, with finetune's own reader (columns, labels, validation share), so that a bad file
+    fails before any cell runs. Returns what the report tells about the task, and the task read (for the floor)."""
+    from domainlm.classify.data import read_task
 
     ft = cell_config(cfg, "model", "out", cfg.seeds[0])
-    read = lambda path: read_examples(path, Columns.of(ft), ft.multilabel, skip_bad=ft.skip_bad_rows) if path else None  # noqa: E731
     try:
-        train = read(ft.train)
-        labels = label_list(train, ft.labels or None)
-        dev, test = read(ft.dev), read(ft.test)
-        for data in (dev, test):
-            if data is not None:
-                check_labels(data, labels)
+        task = read_task(ft)
     except DomainLMError as e:
         raise DomainLMError(f"finetune: {e}") from None
+    train = task.train
     if not ft.dev and ft.valid_max_rows and ft.valid_max_rows < MIN_VALID_RATIO * len(train):
         raise DomainLMError(f"finetune: valid_max_rows {ft.valid_max_rows} is under {MIN_VALID_RATIO:.0%} of the {len(train)} "
                             "training rows; raise it (0: no cap) or give a `dev` file")
-    n_valid = len(dev) if dev else min(ft.valid_max_rows or len(train), max(1, round(ft.valid_ratio * len(train))))
-    return {"task": ft.task, "labels": labels, "train": ft.train, "train_rows": len(train), "dev": ft.dev,
-            "valid_rows": n_valid, "fit_rows": len(train) - (0 if dev else n_valid), "test": ft.test,
+    n_valid = task.n_valid(ft)
+    test = task.test
+    return {"task": ft.task, "labels": task.labels, "train": ft.train, "train_rows": len(train), "dev": ft.dev,
+            "valid_rows": n_valid, "fit_rows": len(train) - (0 if task.dev else n_valid), "test": ft.test,
             "test_rows": len(test) if test else 0, "evaluated_on": "test" if test else "dev", "metric": cfg.metrics[0],
-            "seeds": cfg.seeds, "selection_metric": ft.best_metric}, (train, dev, test, labels)
+            "seeds": cfg.seeds, "selection_metric": ft.best_metric}, task
 
 
 # ---- running ------------------------------------------------------------------------------------------------
@@ -198,12 +197,11 @@ def run_cell(cfg: SweepConfig, cell: Cell, root: Path, device: str | None = None
                 tail = (folder / "cell.log").read_text(encoding="utf-8").strip().splitlines()[-1:] or ["no output"]
                 raise RuntimeError(f"exit status {done.returncode}: {tail[0]}")
     except Exception as e:  # one failed cell must not stop the sweep
-        folder.mkdir(parents=True, exist_ok=True)
-        message = f"{type(e).__name__}: {e}"
-        (folder / "FAILED").write_text(message + "\n\n" + traceback.format_exc(), encoding="utf-8")
+        message = f"{type(e).__name__}: {e}" if not isinstance(e, DomainLMError) else str(e)
+        atomic_write(folder / "FAILED", message + "\n\n" + traceback.format_exc())
         print(f"cell {cell.folder} failed: {message}", file=sys.stderr)
         return {"status": "failed", "error": message}
-    (folder / "DONE").write_text("", encoding="utf-8")
+    atomic_write(folder / "DONE", "")
     return {"status": "done", "skipped": False}
 
 
@@ -248,27 +246,25 @@ def run_pretraining(cfg: SweepConfig) -> None:
 
 
 def sweep(cfg: SweepConfig) -> dict:
+    """check everything, then pretraining where its snapshots are missing, the floor, the cells, the summary; a
+    rerun continues: finished cells (and the floor) with unchanged options are reused."""
     from domainlm.sweep.summary import fit_floor, summarize
 
     cfglib.validate(cfg)  # again: a config built in code has not been through load()
-    root = Path(cfg.out)
-    if root.exists() and not root.is_dir():
-        raise DomainLMError(f"out: {root} is a file, not a folder")
-    # a rerun resumes its own cells; the user's files under a sweep's names are refused
-    outputs.check_earlier_run(root, "sweep", outputs.SWEEP_OUTPUTS, "models")
-    task, data = check_data(cfg)  # every check before any work: files, options, names, steps, pretraining sections
-    cells = plan(cfg)
-    slots = device_plan(cfg.parallel, _gpu_count() if cfg.parallel > 1 else 0)
-    if cfg.parallel > 1 and slots == [None]:
-        print("fewer than 2 GPUs: cells run one after another", file=sys.stderr)
-    outputs.mark(root, "sweep")
-    cfglib.write(cfg, root)
-    run_pretraining(cfg)
-    floor = fit_floor(cfg, root, data) if cfg.floor else None
-    run_cells(cfg, cells, root, slots)
-    result = summarize(cfg, cells, root, task, floor)
-    outputs.record(root, "sweep", outputs.SWEEP_OUTPUTS)
+    with outputs.run_folder(cfg.out, "sweep", patterns=outputs.SWEEP_OUTPUTS, resume=True,
+                            legacy=outputs.config_with("models")) as out:
+        task, data = check_data(cfg)  # every check before any work: files, options, names, steps, pretraining sections
+        cells = plan(cfg)
+        slots = device_plan(cfg.parallel, _gpu_count() if cfg.parallel > 1 else 0)
+        if cfg.parallel > 1 and slots == [None]:
+            print("fewer than 2 GPUs: cells run one after another", file=sys.stderr)
+        out.begin(cfg)
+        out.record("pretrain"), out.record("cells")
+        run_pretraining(cfg)
+        floor = fit_floor(cfg, out, data) if cfg.floor else None
+        run_cells(cfg, cells, out.root(), slots)
+        result = summarize(cfg, cells, out, task, floor)
     if result["failures"]:
-        raise DomainLMError(f"{len(result['failures'])} of {len(cells)} cells failed (see {root / 'failures.json'}); "
+        raise DomainLMError(f"{len(result['failures'])} of {len(cells)} cells failed (see {Path(cfg.out) / 'failures.json'}); "
                             "the table shows the others")
     return result

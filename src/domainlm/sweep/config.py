@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from domainlm import checks
 from domainlm import config as cfglib
 from domainlm.config import option
 from domainlm.errors import DomainLMError
@@ -59,10 +60,7 @@ class SweepConfig:
         from domainlm.classify.config import FinetuneConfig
         from domainlm.classify.metrics import metric_names
 
-        if not self.seeds:
-            raise DomainLMError("seeds: needs at least one seed")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise DomainLMError(f"seeds: {self.seeds} repeats a seed")
+        checks.seeds(self.seeds, "seeds:")
         if not self.models:
             raise DomainLMError("models: needs at least one model")
         known = set(FinetuneConfig.__dataclass_fields__)

@@ -85,7 +85,8 @@ def html_page(title: str, blocks: list[tuple[str, object]]) -> str:
 
 
 def report_run(run: str, out: str | None = None) -> Path:
-    """Curves, stats and config of a `pretrain` or `finetune` output folder, as report.md and report.html."""
+    """Curves, stats and config of a `pretrain` or `finetune` output folder, as report.md and report.html in a folder
+    of their own (default: RUN/report), never over the run's own files."""
     folder = outputs.folder(run, "RUN")
     log = read_log(folder / "log.jsonl")
     if not log:
@@ -93,30 +94,33 @@ def report_run(run: str, out: str | None = None) -> Path:
             raise DomainLMError(f"{folder / 'log.jsonl'} holds no records yet (the run logs its first one after "
                                 "--logging-freq steps); nothing to report")
         raise DomainLMError(f"{folder} has no log.jsonl: not a `domainlm pretrain` or `finetune` output folder")
-    target = outputs.folder(out) if out else folder
-    if not outputs.inside(target, folder):  # a folder of its own: never over the user's files of the same names
-        outputs.check_earlier_run(target, "report", outputs.REPORT_OUTPUTS, inputs=(folder,))
-        outputs.clear_known(target, outputs.REPORT_OUTPUTS, "report")
-    target.mkdir(parents=True, exist_ok=True)
-    blocks: list[tuple[str, object]] = []
-    md = [f"# Report: {folder}", ""]
-    keys = [k for k in ("loss", "mlm_loss", "sop_loss", "mlm_acc", "sop_acc", "acc", "accuracy", "f1_micro") if any(k in r for r in log)]
-    for key in keys:
-        series = {split: [(r["step"], r[key]) for r in log if r["split"] == split and key in r] for split in ("train", "valid")}
-        png = plot_curves(series, target / f"curve_{key}.png", key, key)
-        md += [f"![{key}]({png.name})", ""]
-        blocks.append(("img", png))
-    for name in ("results.json", "metrics.json", "data.json", "stats.json"):
-        if (folder / name).is_file():
-            text = json.dumps(json.loads((folder / name).read_text(encoding="utf-8")), indent=2, ensure_ascii=False)
-            md += [f"## {name}", "", "```json", text, "```", ""]
-            blocks += [("h2", name), ("pre", text)]
-    if (folder / "config.yaml").is_file():
-        text = (folder / "config.yaml").read_text(encoding="utf-8")
-        md += ["## config.yaml", "", "```yaml", text, "```"]
-        blocks += [("h2", "config.yaml"), ("pre", text)]
-    (target / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
-    (target / "report.html").write_text(html_page(f"Report: {folder}", blocks), encoding="utf-8")
-    if not outputs.inside(target, folder):
-        outputs.record(target, "report", outputs.REPORT_OUTPUTS)
+    target = Path(out) if out else folder / "report"
+    if outputs.inside(folder, target):
+        raise DomainLMError(f"--out {target} is (or holds) RUN {folder}; the report goes into a folder of its own "
+                            f"(default: {folder / 'report'})")
+    with outputs.run_folder(target, "report", patterns=outputs.REPORT_OUTPUTS) as rf:
+        rf.begin()
+        blocks: list[tuple[str, object]] = []
+        md = [f"# Report: {folder}", ""]
+        keys = [k for k in ("loss", "mlm_loss", "sop_loss", "mlm_acc", "sop_acc", "acc", "accuracy", "f1_micro")
+                if any(k in r for r in log)]
+        for key in keys:
+            series = {split: [(r["step"], r[key]) for r in log if r["split"] == split and key in r]
+                      for split in ("train", "valid")}
+            png = rf.file(f"curve_{key}.png")
+            with rf.writing(png.name):
+                plot_curves(series, png, key, key)
+            md += [f"![{key}]({png.name})", ""]
+            blocks.append(("img", png))
+        for name in ("results.json", "metrics.json", "data.json", "stats.json"):
+            if (folder / name).is_file():
+                text = json.dumps(json.loads((folder / name).read_text(encoding="utf-8")), indent=2, ensure_ascii=False)
+                md += [f"## {name}", "", "```json", text, "```", ""]
+                blocks += [("h2", name), ("pre", text)]
+        if (folder / "config.yaml").is_file():
+            text = (folder / "config.yaml").read_text(encoding="utf-8")
+            md += ["## config.yaml", "", "```yaml", text, "```"]
+            blocks += [("h2", "config.yaml"), ("pre", text)]
+        rf.write_text("report.md", "\n".join(md) + "\n")
+        rf.write_text("report.html", html_page(f"Report: {folder}", blocks))
     return target / "report.html"

@@ -4,6 +4,7 @@ the floor, raw and Holm-adjusted p-values), each seed's value beside the mean, a
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -11,8 +12,9 @@ import numpy as np
 
 from domainlm.classify.report import read_correctness
 from domainlm.errors import DomainLMError
+from domainlm.outputs import Writer
+from domainlm.stats import compare, holm, mean_std
 from domainlm.sweep.report import html_page, markdown_table, plot_curves
-from domainlm.sweep.stats import compare, holm, mean_std
 from domainlm.train.logging import read_log
 
 ALPHA = 0.05
@@ -28,31 +30,33 @@ def pval(p: float) -> str:
 
 # ---- the floor, once per task -------------------------------------------------------------------------------
 
-def fit_floor(cfg, root: Path, data: tuple) -> dict:
-    """The classical floor on the rows the first seed's cells train on, scored on the cells' evaluation rows.
-    `data`: the rows check_data read (train, dev, test, labels). Reused while the fine-tuning options (data,
-    columns, task, validation) are unchanged."""
+def fit_floor(cfg, out: Writer, data: tuple) -> dict:
+    """The classical floor on the rows the first seed's cells train on, scored on the cells' evaluation rows, in
+    `out`/floor. `data`: the task check_data read. Reused while the fine-tuning options (data, columns, task,
+    validation) are unchanged."""
     from domainlm.classify import linear
-    from domainlm.classify.data import split_validation
-    from domainlm.classify.report import write_json, write_outputs
+    from domainlm.classify.report import write_outputs
+    from domainlm.classify.results import FLOOR
     from domainlm.sweep.config import cell_config
 
     ft = cell_config(cfg, "model", "out", cfg.seeds[0])
-    folder = root / "floor"
+    floor = out.sub(FLOOR)
+    folder = out.root() / FLOOR
     key = {"finetune": cfg.finetune, "seed": cfg.seeds[0], "grid": [list(linear.FEATURES), list(linear.CLASSIFIERS), list(linear.C_GRID)]}
     if (folder / "metrics.json").is_file() and (folder / "options.json").is_file() and \
             json.loads((folder / "options.json").read_text(encoding="utf-8")) == json.loads(json.dumps(key)):
         return json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
-    train, dev, test, labels = data
-    fit, dev = (train, dev) if dev is not None else split_validation(train, ft.valid_ratio, ft.valid_max_rows, cfg.seeds[0])
+    fit, dev = data.split(data.train, ft, cfg.seeds[0])
     print("fitting the classical floor (char n-gram TF-IDF + linear model)", flush=True)
-    model, result = linear.evaluate(fit, dev, test, labels, ft.multilabel, ft.best_metric, ft.tolerant_k)
-    linear.save(model, folder, ft)
-    split, data = ("test", test) if test is not None else ("dev", dev)
-    write_outputs(folder, split, data, model.scores(data), labels, ft.multilabel, result[split], model.thresholds)
-    write_json(folder / "metrics.json", result)
-    (folder / "options.json").write_text(json.dumps(key, ensure_ascii=False), encoding="utf-8")
-    return result
+    split = "test" if data.test is not None else "dev"
+    model, scored = linear.evaluate(fit, dev, {"test": data.test} if data.test is not None else {}, data.labels,
+                                    ft.multilabel, ft.best_metric, ft.tolerant_k)
+    linear.save(model, floor, ft)
+    write_outputs(floor, split, scored.rows[split], scored.probs[split], data.labels, ft.multilabel, scored.metrics[split],
+                  model.thresholds)
+    floor.write_json("metrics.json", scored.metrics)
+    floor.write_text("options.json", json.dumps(key, ensure_ascii=False))
+    return scored.metrics
 
 
 # ---- gathering and testing --------------------------------------------------------------------------------
@@ -275,7 +279,7 @@ def table(cfg, results: list[dict], floor: dict | None, split: str) -> tuple[lis
     return header, rows, csv_rows
 
 
-def plots(cfg, results: list[dict], floor: dict | None, split: str, root: Path) -> list[Path]:
+def plots(cfg, results: list[dict], floor: dict | None, split: str, out: Writer) -> list[Path]:
     from domainlm.sweep.report import pyplot
 
     plt = pyplot()
@@ -306,21 +310,24 @@ def plots(cfg, results: list[dict], floor: dict | None, split: str, root: Path) 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     fig.tight_layout()
-    path = root / "metric_vs_step.png"
-    fig.savefig(path, dpi=100)
+    path = out.file("metric_vs_step.png")
+    with out.writing(path.name):
+        fig.savefig(path, dpi=100)
     plt.close(fig)
-    out = [path]
+    images = [path]
     losses = {}
     for spec in cfg.models:
         folder = (spec.pretrain or {}).get("out") or spec.snapshots
         if spec.pretrain is not None and not folder:
-            folder = str(root / "pretrain" / spec.name)
+            folder = str(out.root() / "pretrain" / spec.name)
         if isinstance(folder, str) and (Path(folder) / "log.jsonl").is_file():
             rows = read_log(Path(folder) / "log.jsonl", "train")
             losses[spec.name] = [(r["step"], r.get("mlm_loss", r["loss"])) for r in rows]
     if any(losses.values()):
-        out.append(plot_curves(losses, root / "pretraining_loss.png", "pretraining MLM loss (training batches)", "mlm_loss"))
-    return out
+        path = out.file("pretraining_loss.png")
+        with out.writing(path.name):
+            images.append(plot_curves(losses, path, "pretraining MLM loss (training batches)", "mlm_loss"))
+    return images
 
 
 def _task_lines(task: dict, floor: dict | None) -> list[str]:
@@ -336,8 +343,9 @@ def _task_lines(task: dict, floor: dict | None) -> list[str]:
     return lines
 
 
-def summarize(cfg, cells, root: Path, task: dict, floor: dict | None) -> dict:
+def summarize(cfg, cells, out: Writer, task: dict, floor: dict | None) -> dict:
     """table.md / table.csv / results.json / report.html and the plots."""
+    root = out.root()
     split = task["evaluated_on"]
     results = gather(cfg, cells, root)
     primary = cfg.metrics[0]
@@ -348,9 +356,9 @@ def summarize(cfg, cells, root: Path, task: dict, floor: dict | None) -> dict:
     header, rows, csv_rows = table(cfg, results, floor, split)
     failures = [{"cell": c.folder, "error": (root / "cells" / c.folder / "FAILED").read_text(encoding="utf-8").split("\n")[0]}
                 for c in cells if (root / "cells" / c.folder / "FAILED").is_file()]
-    (root / "failures.json").write_text(json.dumps(failures, indent=2, ensure_ascii=False), encoding="utf-8")
-    (root / "results.json").write_text(json.dumps({"conclusion": sentence, "primary_metric": primary, "task": task, "floor": floor,
-                                                   "cells": results}, indent=2, ensure_ascii=False), encoding="utf-8")
+    out.write_json("failures.json", failures)
+    out.write_json("results.json", {"conclusion": sentence, "primary_metric": primary, "task": task, "floor": floor,
+                                    "cells": results})
     note = (f"Values in % on {split}: mean ± std over seeds, and each seed's value. Δ vs base: difference of the {primary} means "
             "in points. p: one-sided test that the checkpoint's per-row correctness beats its base model's, accounting for "
             "both seed and test-row variance (two-level t-test); p (Holm): adjusted for the checkpoints compared per model. "
@@ -360,22 +368,23 @@ def summarize(cfg, cells, root: Path, task: dict, floor: dict | None) -> dict:
                  "rows; Δ and p there are against the model alone (the test against the floor is in the conclusion).")
     if len(cfg.seeds) < 3:
         note += " With fewer than 3 seeds the seed variance is barely estimable and the test rarely finds a difference."
-    images = plots(cfg, results, floor, split, root)
+    images = plots(cfg, results, floor, split, out)
     md = [f"# Sweep: {root.name}", "", f"**{sentence}**", "", "## Task", ""] + [f"- {x}" for x in _task_lines(task, floor)]
     md += ["", "## Results", "", markdown_table(header, rows), "", note, ""]
     if failures:
         md += ["Failed cells:", ""] + [f"- {f['cell']}: {f['error']}" for f in failures] + [""]
     md += [f"![{p.stem}]({p.name})" for p in images]
-    (root / "table.md").write_text("\n".join(md) + "\n", encoding="utf-8")
-    with open(root / "table.csv", "w", encoding="utf-8", newline="") as f:
-        csv.writer(f).writerows(csv_rows)
+    out.write_text("table.md", "\n".join(md) + "\n")
+    table_csv = io.StringIO(newline="")
+    csv.writer(table_csv).writerows(csv_rows)
+    out.write_text("table.csv", table_csv.getvalue())
     blocks: list[tuple[str, object]] = [("lead", sentence), ("h2", "Task"), ("ul", _task_lines(task, floor)), ("h2", "Results"),
                                         ("table", (header, rows)), ("note", note)]
     blocks += [("p", f"failed: {f['cell']}: {f['error']}") for f in failures]
     blocks += [("img", images[0])]
     if len(images) > 1:
         blocks += [("h2", "Pretraining"), ("img", images[1])]
-    (root / "report.html").write_text(html_page(f"Sweep: {root.name}", blocks), encoding="utf-8")
+    out.write_text("report.html", html_page(f"Sweep: {root.name}", blocks))
     print(sentence)
     print(markdown_table(header, rows))
     print(f"report: {root / 'report.html'}")

@@ -90,7 +90,11 @@ def _remove(path: Path, folder: Path) -> None:
 
 
 def save_checkpoint(accelerator, folder: Path, state: TrainState, keep_last: int) -> Path:
-    """All ranks call this (FSDP shards and per-rank RNG states are written by every process)."""
+    """All ranks call this (FSDP shards and per-rank RNG states are written by every process). A failed write (a full
+    disk: OSError, torch's "file write failed", safetensors' IoError) is one line naming the space left; the
+    temporary folder goes and the last good checkpoint stays."""
+    from domainlm import files
+
     final = folder / step_name(state.step)
     tmp = folder / f".{step_name(state.step)}.tmp"
     failed = None
@@ -101,24 +105,29 @@ def save_checkpoint(accelerator, folder: Path, state: TrainState, keep_last: int
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp), safe_serialization=True)
-    except OSError as e:
+    except Exception as e:
+        if files.io_failure(e) is None:
+            raise
         failed = e
     accelerator.wait_for_everyone()
     try:
         if accelerator.is_main_process and failed is None:
-            (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2))
+            files.write_json(tmp / "state.json", asdict(state))
             _write_manifest(tmp)
             outputs.swap(tmp, final)  # an existing step folder is removed only once the new one is in place
             _fsync(folder)  # the rename itself
             _prune(folder, keep_last)
-    except OSError as e:
+    except Exception as e:
+        if files.io_failure(e) is None:
+            raise
         failed = e
     if failed is not None:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         last = find_latest(folder, quiet=True)
         raise DomainLMError(
-            f"could not write checkpoint {final}: {failed}; the last good checkpoint is kept ({last if last else 'none yet'})"
+            f"{files.failure_line(final, files.io_failure(failed) or str(failed))} (checkpoint at step {state.step}; "
+            f"the last good checkpoint is kept: {last if last else 'none yet'})"
         ) from None
     accelerator.wait_for_everyone()
     return final
@@ -244,11 +253,14 @@ def save_snapshot(accelerator, folder: Path, model, hf_of, tokenizer, save=None)
         tmp = folder.parent / f".{folder.name}.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
-        if save is not None:
-            save(hf, tmp, weights)
-        else:
-            hf.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-        outputs.swap(tmp, folder)
+        from domainlm import files
+
+        with files.writing(folder, cleanup=tmp):
+            if save is not None:
+                save(hf, tmp, weights)
+            else:
+                hf.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+                tokenizer.save_pretrained(tmp)
+            outputs.swap(tmp, folder)
     accelerator.wait_for_everyone()
     return folder
