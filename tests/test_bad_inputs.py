@@ -49,12 +49,12 @@ def test_prepare_overwrite_replaces_only_a_corpus_store_or_an_empty_folder(tmp_p
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "thesis.docx").write_bytes(b"years of work")
-    assert f"{mine} exists and is not a corpus store (it holds thesis.docx)" in err(*prep, mine)
+    assert f"--out {mine} holds thesis.docx, not from `domainlm prepare`; prepare replaces the whole folder" in err(*prep, mine)
     assert snapshot(mine) == {"thesis.docx": b"years of work"}
     store = tmp_path / "store"
     err(*prep, store, code=0)
     (store / "notes.txt").write_text("mine")
-    assert "also holds notes.txt; --overwrite would delete them" in err(*prep, store, "--segment")
+    assert f"--out {store} holds notes.txt, not from `domainlm prepare`" in err(*prep, store, "--segment")
     assert (store / "notes.txt").read_text() == "mine"
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -68,7 +68,7 @@ def test_prepare_input_inside_out_is_refused_and_a_store_inside_an_input_folder_
     (docs / "a.txt").write_text("\n\n".join(make_documents(20)), encoding="utf-8")
     before = snapshot(docs)
     message = err("prepare", docs / "a.txt", "--out", docs, "--tokenizer", tokenizer_dir, "--workers", "0", "--overwrite")
-    assert f"input {docs / 'a.txt'} lies inside --out {docs}" in message
+    assert f"--out {docs} holds the input {docs / 'a.txt'}, which would be replaced" in message
     assert snapshot(docs) == before
     # prepare docs/ --out docs/corpus: the store's own files (tokenizer/vocab.txt ...) are not documents
     args = ("prepare", docs, "--out", docs / "corpus", "--tokenizer", tokenizer_dir, "--workers", "0")
@@ -93,7 +93,7 @@ def test_finetune_into_an_earlier_run_needs_overwrite_and_leaves_nothing_of_it(t
     err(*base, "--test", labelled["test"], code=0)
     (out / "my_notes.md").write_text("keep")
     before = snapshot(out)
-    assert "holds an earlier finished finetune run" in err(*base)
+    assert "holds an earlier finished `domainlm finetune` run" in err(*base)
     assert snapshot(out) == before
     err(*base, "--overwrite", code=0)  # no --test now: the old test outputs must not stay behind
     assert not list(out.glob("test_*")) and (out / "my_notes.md").read_text() == "keep"
@@ -204,7 +204,7 @@ def test_predict_reads_gbk_stdin(classifier, err, monkeypatch, capsys):
 def test_max_seq_len_beyond_the_models_positions(tmp_path, tiny_model, classifier, labelled, err):
     out = tmp_path / "ft"
     message = err("finetune", "--model", tiny_model, "--train", labelled["train"], "--out", out, *FAST, "--max-seq-len", "128")
-    assert "--max-seq-len 128 exceeds what" in message and "max_position_embeddings 64" in message
+    assert "--max-seq-len 128 exceeds what the model" in message and "(64 positions); use --max-seq-len 64" in message
     assert not out.exists() or not any(out.iterdir())
     # evaluate / predict: the model fixes the limit and nothing is trained, so it is used, with a notice
     notice = err("evaluate", "--model", classifier / "model", "--data", labelled["test"], "--out", tmp_path / "ev",
@@ -232,7 +232,7 @@ def test_report_on_a_torn_log(tmp_path, classifier, err):
     shutil.copytree(classifier, run)
     log = run / "log.jsonl"
     log.write_text(log.read_text() + '{"step": 99, "split": "tr')  # killed while writing
-    assert "log.jsonl:" in err("report", run, code=0) and (run / "report.html").is_file()
+    assert "log.jsonl:" in err("report", run, code=0) and (run / "report" / "report.html").is_file()
     lines = log.read_text().splitlines()
     lines[1] = '{"step": 5, "spl'
     log.write_text("\n".join(lines) + "\n")
@@ -299,12 +299,14 @@ def test_evaluate_into_a_finetune_run_or_its_model_folder_is_refused(tmp_path, c
     run = tmp_path / "run"
     shutil.copytree(classifier, run)
     before = snapshot(run)
-    assert "not from `domainlm evaluate`" in err("evaluate", "--model", run / "model", "--data", labelled["test"], "--out", run)
+    assert "holds the output of `domainlm finetune`" in err("evaluate", "--model", run / "model", "--data",
+                                                            labelled["test"], "--out", run)
     assert "lies inside --model" in err("evaluate", "--model", run / "model", "--data", labelled["test"], "--out", run / "model")
     assert snapshot(run) == before
-    ev = tmp_path / "ev"  # evaluating again into the same folder replaces its own files
+    ev = tmp_path / "ev"  # evaluating again into the same folder: only with --overwrite, which replaces its own files
     err("evaluate", "--model", run / "model", "--data", labelled["test"], "--out", ev, code=0)
-    err("evaluate", "--model", run / "model", "--data", labelled["test"], "--out", ev, code=0)
+    assert "pass --overwrite" in err("evaluate", "--model", run / "model", "--data", labelled["test"], "--out", ev)
+    err("evaluate", "--model", run / "model", "--data", labelled["test"], "--out", ev, "--overwrite", code=0)
 
 
 def test_an_imported_corpus_holding_special_ids_is_refused(tmp_path, tokenizer_dir, tokenizer, err):

@@ -45,7 +45,8 @@ def data(tmp_path_factory):
             "root": root}
 
 
-FAST = ["--batch-size", "16", "--learning-rate", "2e-3", "--max-seq-len", "32", "--warmup-ratio", "0.05", "--logging-freq", "5"]
+FAST = ["--batch-size", "16", "--learning-rate", "2e-3", "--max-seq-len", "32", "--warmup-ratio", "0.05", "--logging-freq", "5",
+        "--precision", "fp32"]
 
 
 def finetune(model, train, out, *flags):

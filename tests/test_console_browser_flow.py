@@ -83,7 +83,7 @@ def test_own_model_to_endpoint_in_the_browser(tmp_path, tiny_model, corpus_dir):
             page.fill("#f-max_steps", "4")
             page.click("#create")
             error = page.locator("#field-max_seq_len .error")
-            assert error.inner_text() == "max seq len 512 exceeds what the model bert-tiny-zh can take (64 positions); use 64 or less"
+            assert error.inner_text() == "max seq len 512 exceeds what the model bert-tiny-zh can take (64 positions); use max seq len 64 or less"
             page.locator("#field-max_seq_len").screenshot(path=str(shots / "field-error.png"))
             assert page.evaluate("fetch('/api/jobs').then(r => r.json())") == []  # nothing was created
             for field, value in (("max_seq_len", "64"), ("batch_size", "4"), ("save_steps", "2"), ("eval_steps", "2"),

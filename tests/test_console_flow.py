@@ -50,7 +50,7 @@ def test_every_start_up_check_is_a_field_error_at_creation_all_at_once(idle):
                                        "global_batch_size": "6"})
     assert r.status_code == 422
     # the model has 64 positions; named as the form names the field, together with the range error
-    assert _field_error(r.text, "max_seq_len") == f"max seq len 512 exceeds what the model {tiny.rstrip('/').split('/')[-1]} can take (64 positions); use 64 or less"
+    assert _field_error(r.text, "max_seq_len") == f"max seq len 512 exceeds what the model {tiny.rstrip('/').split('/')[-1]} can take (64 positions); use max seq len 64 or less"
     assert _field_error(r.text, "max_steps") == "max steps = 0 is out of range [1, inf]"
     assert _field_error(r.text, "global_batch_size") == "global batch size 6 is not a multiple of batch size 4"
     assert client.get("/api/jobs", headers=AUTH).json() == []

@@ -32,7 +32,7 @@ def distill(setup, tiny_model, out, *flags):
 
 
 def test_alpha_one_is_plain_finetuning(setup, tiny_model, tmp_path):
-    flags = ["--epochs", "2", "--logging-freq", "1", "--precision", "fp32"]
+    flags = ["--epochs", "2", "--logging-freq", "1", "--precision", "fp32", "--max-seq-len", "64"]
     assert main(["finetune", "--model", tiny_model, "--train", setup["train"], "--out", str(tmp_path / "ft"), *FAST,
                  "--no-floor", *flags]) == 0
     assert distill(setup, tiny_model, tmp_path / "d", "--alpha", "1", *flags) == 0
@@ -87,7 +87,7 @@ def test_kl_goes_down_cache_is_reused_and_the_student_is_a_classifier(setup, tin
 def test_bad_inputs_name_the_flag(setup, tiny_model, tmp_path, capsys):
     def error(*flags, train=None):
         args = ["distill", "--teacher", setup["teacher"], "--student", tiny_model, "--train", train or setup["train"],
-                "--out", str(tmp_path / "o"), *flags]
+                "--out", str(tmp_path / "o"), "--max-seq-len", "64", *flags]
         assert main(args) == 2
         return capsys.readouterr().err
 
@@ -123,5 +123,5 @@ def test_hidden_state_matching_through_a_projection(setup, tiny_model, tmp_path,
     assert main(["finetune", "--method", "linear", "--train", setup["train"], "--out", str(floor)]) == 0
     capsys.readouterr()
     assert main(["distill", "--teacher", str(floor), "--student", tiny_model, "--train", setup["train"], "--out",
-                 str(tmp_path / "x"), "--hidden-weight", "1"]) == 2
+                 str(tmp_path / "x"), "--hidden-weight", "1", "--max-seq-len", "64"]) == 2
     assert "--hidden-weight needs a PyTorch teacher" in capsys.readouterr().err

@@ -114,7 +114,8 @@ def test_cli_export_bad_inputs_and_refusals(trained, tmp_path, capsys):
     keep.mkdir()
     (keep / "mine.txt").write_text("keep me")
     assert main(["export", str(trained["ft"]), "--out", str(keep)]) == 2
-    assert "is not an export folder" in capsys.readouterr().err and (keep / "mine.txt").read_text() == "keep me"
+    assert "holds mine.txt, not from `domainlm export`" in capsys.readouterr().err
+    assert (keep / "mine.txt").read_text() == "keep me"
     assert main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "e")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["export", str(trained["ft"]), "--out", str(tmp_path / "e"), "--tolerance", "0"]) == 2
@@ -132,5 +133,9 @@ def test_cli_export_fp32_then_reexport_over_it(trained, tmp_path, capsys):
     assert info["files"] == {"fp32": "model.onnx"} and info["optimized"] == {} and info["max_seq_len"] == 24
     assert "max |ORT - PyTorch| probability" in capsys.readouterr().err
     assert (out / "config.yaml").is_file() and (out / "tokenizer.json").is_file()
-    assert main(["export", str(trained["ft"]), "--out", str(out)]) == 0  # an earlier export may be replaced
+    before = (out / "model.onnx").read_bytes()
+    assert main(["export", str(trained["ft"]), "--out", str(out)]) == 2  # an earlier export: only with --overwrite
+    assert "holds an earlier finished `domainlm export` run" in capsys.readouterr().err
+    assert (out / "model.onnx").read_bytes() == before
+    assert main(["export", str(trained["ft"]), "--out", str(out), "--overwrite"]) == 0
     assert json.loads((out / "export.json").read_text())["optimized"]  # fused this time

@@ -83,7 +83,7 @@ def test_convert_reproduces_paddlenlp_outputs_and_ids_and_leaves_the_source_alon
     assert tree_digest(PADDLE_DIR) == before
     # a second run refuses to overwrite; --out inside the PaddleNLP folder is refused
     assert main(["convert", str(PADDLE_DIR), "--out", str(out)]) == 2
-    assert "not empty" in capsys.readouterr().err
+    assert "holds an earlier finished `domainlm convert` run" in capsys.readouterr().err
     assert main(["convert", str(PADDLE_DIR), "--out", str(PADDLE_DIR / "hf")]) == 2
     assert "inside the PaddleNLP folder" in capsys.readouterr().err
     assert tree_digest(PADDLE_DIR) == before

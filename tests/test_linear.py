@@ -87,12 +87,21 @@ def test_bad_options_are_rejected_before_any_work(tmp_path, files, tiny_model, c
 
 
 def test_floor_per_fold_is_the_mean_of_the_folds(tmp_path, files):
+    from domainlm import outputs
     from domainlm.classify.config import FinetuneConfig
     from domainlm.classify.data import kfold, split_validation
+    from domainlm.classify.results import HELD_OUT, Scored
 
     cfg = FinetuneConfig(train=files["train"], out=str(tmp_path), model="m", folds=2)
     data = read_examples(files["train"], Columns(), False)
-    splits = [(*split_validation(fit, 0.2, 0, 1), held) for fit, held in kfold(data, 2, 1)]
-    floor = linear.floor_beside(cfg, splits, ["book", "hotel", "pc"], "test", tmp_path, single=False)
-    folds = [json.loads((tmp_path / "floor" / f"fold-{k}" / "metrics.json").read_text())["test"]["accuracy"] for k in (1, 2)]
-    assert floor["test"]["accuracy"] == pytest.approx(np.mean(folds)) and floor["train_rows"] == 48
+    runs = []
+    for fit_rows, held in kfold(data, 2, 1):
+        fit, dev = split_validation(fit_rows, 0.2, 0, 1)
+        runs.append(Scored({}, rows={"dev": dev, HELD_OUT: held}, fit=fit))
+    floor = linear.beside(cfg, runs, ["book", "hotel", "pc"], HELD_OUT, outputs.Plain(tmp_path))
+    folds = [json.loads((tmp_path / "floor" / f"fold-{k}" / "metrics.json").read_text())[HELD_OUT]["accuracy"]
+             for k in (1, 2)]
+    summary = floor["summary"]
+    assert summary[HELD_OUT]["accuracy"] == pytest.approx(np.mean(folds)) and summary["train_rows"] == 48
+    # the probabilities stay in memory for the blend, one set per fold, each on its own held-out rows
+    assert [len(f.probs[HELD_OUT]) for f in floor["runs"]] == [len(r.rows[HELD_OUT]) for r in runs]

@@ -81,7 +81,8 @@ def test_rerun_is_a_no_op_different_corpus_refused_overwrite_replaces(tmp_path, 
     assert run_prepare([zh_txt], out, tokenizer_dir) == 0
     assert "up to date" in capsys.readouterr().err
     assert run_prepare([zh_txt], out, tokenizer_dir, "--segment") == 2
-    assert "already holds a different corpus" in capsys.readouterr().err
+    assert "holds an earlier finished `domainlm prepare` run (a corpus made from other inputs or options); pass " \
+           "--overwrite" in capsys.readouterr().err
     assert (out / "tokens.bin").read_bytes() == before  # nothing already written was touched
     assert run_prepare([zh_txt], out, tokenizer_dir, "--segment", "--overwrite") == 0
     assert Corpus(out).meta["word_starts"] == "segmenter:rjieba"
@@ -167,7 +168,7 @@ def test_bad_inputs_have_clear_errors(tmp_path, tokenizer_dir, zh_txt, capsys, m
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "keep.txt").write_text("mine")
     assert run_prepare([zh_txt], tmp_path / "other", tokenizer_dir) == 2
-    assert "is not a corpus store" in capsys.readouterr().err
+    assert "holds keep.txt, not from `domainlm prepare`" in capsys.readouterr().err
     assert (tmp_path / "other" / "keep.txt").read_text() == "mine"
     # a slow (Python) tokenizer cannot give offsets and word ids
     import transformers

@@ -140,5 +140,5 @@ def test_an_export_keeps_the_settings_of_the_model(long_model, tmp_path):
     rt = load(str(tmp_path / "onnx"))
     assert (rt.kind, rt.max_seq_len, rt.text_column, rt.task) == ("onnx-fp32", 256, "body", "multiclass")
     assert export(ExportConfig(model=str(long_model / "ft"), out=str(tmp_path / "onnx"), optimize=False,
-                               max_seq_len=64))["max_seq_len"] == 64  # the flag overrides it
+                               max_seq_len=64, overwrite=True))["max_seq_len"] == 64  # the flag overrides it
     assert load(str(tmp_path / "onnx")).max_seq_len == 64

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
+from domainlm import outputs
 from domainlm.cli import main
 from domainlm.errors import DomainLMError
 from domainlm.sweep.command import Cell, SweepConfig, device_plan, remove_inside
@@ -232,7 +233,7 @@ def _summarize(tmp_path, cells, floor_accuracy: float) -> dict:
             "seeds": [1, 2, 3], "selection_metric": "accuracy"}
     floor = {"method": "char_wb 1-3-gram TF-IDF + logistic regression (C=1)", "train_rows": 80, "seconds": 1.0,
              "test": {"accuracy": floor_accuracy}}
-    return summarize(cfg, cells, tmp_path, task, floor)
+    return summarize(cfg, cells, outputs.Plain(tmp_path), task, floor)
 
 
 @pytest.mark.parametrize("gain,floor_accuracy,expected", [
@@ -266,8 +267,8 @@ def test_report_for_pretrain_and_finetune_runs(tmp_path, pretrain_run, tiny_mode
     ft = tmp_path / "ft"
     assert main(["finetune", "--model", tiny_model, "--train", train, "--out", str(ft), "--epochs", "1", "--max-seq-len", "32",
                  "--no-floor"]) == 0
-    assert main(["report", str(ft)]) == 0
-    assert "metrics.json" in (ft / "report.html").read_text()
+    assert main(["report", str(ft)]) == 0  # into a folder of its own: never over finetune's own report.md
+    assert "metrics.json" in (ft / "report" / "report.html").read_text() and (ft / "report.md").is_file()
     assert main(["report", str(tmp_path)]) == 2
     assert "has no log.jsonl" in capsys.readouterr().err
 

@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+from domainlm import outputs
 from domainlm.cli import main
 from domainlm.train.checkpoint import find_latest
 from domainlm.train.logging import read_log
@@ -83,6 +84,7 @@ def test_pruning_stays_inside_the_checkpoints_folder(tmp_path, corpus_dir, tiny_
     (elsewhere / "precious.txt").write_text("keep me")
     (out / "checkpoints").mkdir(parents=True)
     os.symlink(elsewhere, out / "checkpoints" / "step-000000")
+    outputs._write_manifest(out, "pretrain", False, ["checkpoints"])  # a run of its own, interrupted
     assert main(args(corpus_dir, tiny_model, out, "--max-steps", "3", "--checkpoint-steps", "1", "--keep-last", "1",
                      "--resume", "auto")) == 0
     assert (elsewhere / "precious.txt").read_text() == "keep me"

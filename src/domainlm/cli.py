@@ -64,6 +64,8 @@ def _finetune(args: argparse.Namespace) -> None:
     from domainlm.classify.config import FinetuneConfig
 
     summary = finetune(cfglib.from_args(FinetuneConfig, args))
+    if not summary:  # another process of a distributed run: the main one reports
+        return
     shown = summary.get("mean_std") or {k: v for k, v in summary.get(summary["evaluated_on"], {}).items() if isinstance(v, float)}
     print(json.dumps({"evaluated_on": summary["evaluated_on"], "runs": summary["runs"], "metrics": shown}, indent=2))
 

@@ -17,7 +17,7 @@ from domainlm.classify.data import Task, task_problems
 from domainlm.errors import DomainLMError
 
 # fewer validation rows than this: the epoch that early stopping keeps follows the noise (a notice says so)
-FEW_VALID_ROWS = 10
+FEW_VALID_ROWS = 5
 
 
 @dataclass

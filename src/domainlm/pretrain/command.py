@@ -112,9 +112,10 @@ def pretrain(cfg: PretrainConfig) -> dict:
     continued (--resume) or replaced (--overwrite), never silently."""
     if cfg.resume and cfg.overwrite:
         raise DomainLMError("--resume and --overwrite both given: continue the earlier run, or replace it, not both")
-    models = {"--corpus": cfg.corpus, "--model": cfg.model, "--tokenizer": cfg.tokenizer}
+    models = {"--model": cfg.model, "--tokenizer": cfg.tokenizer}
     with outputs.run_folder(cfg.out, "pretrain", patterns=outputs.PRETRAIN_OUTPUTS, overwrite=cfg.overwrite,
-                            resume=cfg.resume is not None, models=models, legacy=outputs.config_with("corpus")) as out:
+                            resume=cfg.resume is not None, inputs={"--corpus": cfg.corpus}, models=models,
+                            legacy=outputs.config_with("corpus")) as out:
         run = setup(cfg, out)
         try:
             state = train(run)
