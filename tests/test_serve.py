@@ -202,34 +202,45 @@ def test_multilabel_answers_use_saved_thresholds(tmp_path, tiny_model, tokenizer
         assert httpx.get(url + "/labels").json()["thresholds"] == [0.0, 1.01, 0.0]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_cli_serve_an_export_end_to_end(exported):  # noqa: F811
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.Popen([sys.executable, "-m", "domainlm.cli", "serve", str(exported[0]), "--port", str(port),
-                             "--threads", "1"], env={**env, "DOMAINLM_SERVE_TOKEN": "t"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    from domainlm.classify.runtime_options import int8_note
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "DOMAINLM_SERVE_TOKEN": "t"}
+    proc = subprocess.Popen([sys.executable, "-m", "domainlm.cli", "serve", str(exported[0]), "--port", "0",
+                             "--threads", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        url, deadline = f"http://127.0.0.1:{port}", time.time() + 90
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert proc.poll() is None, proc.stdout.read().decode()
-                assert time.time() < deadline, "no answer from `domainlm serve`"
-                time.sleep(0.3)
+        line = proc.stdout.readline()  # printed once the port is bound and listening, not before
+        assert line.startswith(f"serving {exported[0]} as 'export-int8' (onnx-int8, 3 labels; cpu, int8, 1 thread, "
+                               "32 tokens per text; "), line
+        assert int8_note("onnx-int8", "cpu") in line and int8_note("onnx-int8", "cpu").startswith("int8 ONNX Runtime")
+        url = line.split(" on ", 1)[1].split()[0]
+        assert url.startswith("http://127.0.0.1:") and not url.endswith(":0")
+        assert httpx.get(url + "/health", timeout=30).status_code == 200  # no retry: the line came after the bind
         assert httpx.post(url + "/predict", json={"text": "电脑"}).status_code == 401  # token from the environment
         r = httpx.post(url + "/predict", json={"text": "电脑性能屏幕电池"}, headers={"Authorization": "Bearer t"})
         assert r.json()["model"] == "onnx-int8" and r.json()["predictions"][0]["labels"] == ["pc"]
+        v2 = httpx.get(url + "/v2/models/export-int8", headers={"Authorization": "Bearer t"})
+        assert v2.json()["name"] == "export-int8"  # the folder's name, without --name
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_a_port_in_use_and_an_empty_token_variable_are_one_line_each(exported, err, monkeypatch):  # noqa: F811
+    from tests.conftest import one_line
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        message = one_line(err("serve", exported[0], "--port", port))
+    assert message.strip() == (f"error: --port {port} is in use on 127.0.0.1; stop what listens there or choose "
+                               "another --port (0: any free port)")
+    monkeypatch.setenv("DOMAINLM_SERVE_TOKEN", "  ")
+    assert "DOMAINLM_SERVE_TOKEN is set but empty, which would serve without authentication" in one_line(
+        err("serve", exported[0], "--port", 0))
+    monkeypatch.setenv("DOMAINLM_SERVE_TOKEN", "")
+    assert "DOMAINLM_SERVE_TOKEN is set but empty" in one_line(err("serve", exported[0], "--port", 0))
 
 
 class BrokenRuntime(SlowRuntime):

@@ -77,5 +77,5 @@ def int8_note(kind: str, device: str, flags: frozenset[str] | None = None) -> st
         return ""
     found = int8_kernels(flags)
     if found:
-        return f"int8 ONNX Runtime, this CPU has {found} (VNNI int8 kernels)"
-    return "int8 ONNX Runtime without VNNI on this CPU (AVX2 int8 kernels, 7-bit weights)"
+        return f"int8 ONNX Runtime, this CPU has {found}"
+    return "int8 ONNX Runtime, no VNNI on this CPU (AVX2 kernels, 7-bit weights)"

@@ -33,6 +33,7 @@ from domainlm.classify.runtime import (
 )
 from domainlm.errors import DomainLMError
 from domainlm.serve.config import ExportConfig
+from domainlm.serve.hf_config import write_hf_config
 
 # (batch size, tokens) checked at export time; the trace itself uses (2, 8), so every other shape proves the
 # axes are dynamic, and rows of different lengths inside a batch check the padding mask.
@@ -266,6 +267,7 @@ def export(cfg: ExportConfig) -> dict:
         raw.unlink()
         _log("fused: " + (", ".join(f"{k} {v}" for k, v in fused.items()) or "nothing"))
     tokenizer.save_pretrained(out)
+    write_hf_config(out, model, meta)  # config.json with the label map: optimum and transformers load the folder
     (out / LABELS_FILE).write_text(json.dumps(meta, ensure_ascii=False, indent=2), encoding="utf-8")
     info = {"format": "onnx", "exporter": "torch.onnx.export (TorchScript, dynamo=False)", "opset": cfg.opset,
             "optimized": fused, "inputs": input_names, "dynamic_axes": {"batch": 0, "sequence": 1},

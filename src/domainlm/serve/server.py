@@ -377,7 +377,7 @@ def start_line(cfg: ServeConfig, runtime: ClassifierRuntime, port: int) -> str:
     options = runtime.options
     if not isinstance(runtime, Runtime):
         options = options.replace(max_seq_len=0)  # no tokens: no length to state
-    details = [runtime.kind, f"{len(runtime.labels)} labels", options.describe()]
+    details = [f"{runtime.kind}, {len(runtime.labels)} labels", options.describe()]
     note = int8_note(runtime.kind, options.device)
     host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
     return (f"serving {cfg.model} as {cfg.name!r} ({'; '.join(details + ([note] if note else []))}) on "
