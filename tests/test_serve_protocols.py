@@ -3,6 +3,8 @@ tritonclient over KServe v2, Prometheus' own parser on /metrics, with and withou
 the runtime's; 415 for a body that is not JSON; Allow headers that list every method of a path."""
 
 import json
+import threading
+import time
 
 import httpx
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 
 from domainlm.classify.runtime import load as load_runtime
 from tests.test_export import exported, trained  # noqa: F401 - shared session fixtures
-from tests.test_serve import KNOWN, running, torch_rt  # noqa: F401
+from tests.test_serve import KNOWN, SlowRuntime, post_many, running, torch_rt  # noqa: F401
 
 TEXTS = list(KNOWN)
 
@@ -174,8 +176,40 @@ def test_json_sent_as_text_is_415_and_allow_lists_every_method(torch_rt):  # noq
             assert r.status_code == 415 and r.json()["error"].startswith("the body is sent as text/plain"), path
         assert client.post("/predict", content=body, headers={"Content-Type": "application/json; charset=utf-8"}
                            ).status_code == 200
-        for method, path, allow in [("OPTIONS", "/predict", "POST"), ("PUT", "/", "POST"),
-                                    ("OPTIONS", "/health", "GET, HEAD"), ("DELETE", "/v2/models/topics", "GET, HEAD")]:
+        for method, path, allow in [("OPTIONS", "/predict", "POST"), ("PUT", "/", "POST"), ("OPTIONS", "/health", "GET"),
+                                    ("HEAD", "/labels", "GET"), ("DELETE", "/v2/models/topics", "GET")]:
             r = client.request(method, path)
             assert r.status_code == 405 and r.headers["allow"] == allow, (method, path, r.headers)
         assert client.get("/nowhere").json() == {"error": "no route GET /nowhere (see /docs)"}
+
+
+class TimedRuntime(SlowRuntime):
+    """Records which thread tokenizes and which runs the model, and when."""
+
+    def __init__(self, inner, delay):
+        super().__init__(inner, delay)
+        self.events = []
+
+    def encode(self, texts, pairs=None, max_seq_len=None):
+        start = time.perf_counter()
+        out = super().encode(texts, pairs, max_seq_len)
+        self.events.append(("encode", threading.current_thread().name, start, time.perf_counter()))
+        return out
+
+    def probs_batch(self, batch):
+        start = time.perf_counter()
+        out = super().probs_batch(batch)
+        self.events.append(("model", threading.current_thread().name, start, time.perf_counter()))
+        return out
+
+
+def test_the_model_thread_only_runs_the_model_while_the_next_gathering_is_prepared(torch_rt):  # noqa: F811
+    rt = TimedRuntime(torch_rt, 0.3)
+    with running(rt, batching=False) as url:
+        answers = post_many(url, [{"text": t} for t in TEXTS])
+    assert [a.json()["predictions"][0]["labels"] for a in answers] == [[KNOWN[t]] for t in TEXTS]
+    assert {name for kind, name, *_ in rt.events if kind == "encode"} == {"domainlm-gatherer"}
+    assert {name for kind, name, *_ in rt.events if kind == "model"} == {"domainlm-model"}
+    encodes = sorted(e[2] for e in rt.events if e[0] == "encode")
+    first_model = min((e for e in rt.events if e[0] == "model"), key=lambda e: e[2])
+    assert encodes[1] < first_model[3]  # the second request was tokenized while the model ran the first

@@ -113,5 +113,6 @@ class CountRequests:
         try:
             await self.app(scope, receive, sending)
         finally:
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            # the API's routes by template; the framework's own pages (/docs, /openapi.json) as "other"
+            route = getattr(scope.get("route"), "path", None) or ("unmatched" if status[0] == 404 else "other")
             self.metrics.answered(route, status[0], time.perf_counter() - started)

@@ -320,8 +320,6 @@ def allowed_methods(app: FastAPI, path: str) -> list[str]:
         regex, methods = getattr(route, "path_regex", None), getattr(route, "methods", None)
         if regex is not None and methods and regex.match(path):
             found |= set(methods)
-    if "GET" in found:
-        found.add("HEAD")
     return sorted(found)
 
 
