@@ -37,7 +37,7 @@ def test_schemathesis_finds_no_failure(exported, tmp_path):  # noqa: F811
                               "--max-examples", "15", "--seed", "7", "--workers", "1", "--no-color",
                               "--generation-database", "none", "-H", "Authorization: Bearer t0k",
                               "--request-timeout", "20", "--max-failures", "20"],
-                             capture_output=True, text=True, timeout=240)
+                             capture_output=True, text=True, timeout=240, cwd=tmp_path)  # its cache goes there
     report = run.stdout[-6000:] + run.stderr[-2000:]
     assert run.returncode == 0, report
     assert "No issues found" in run.stdout and "12 selected / 12 total" in run.stdout, report
