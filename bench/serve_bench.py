@@ -240,7 +240,7 @@ def server_run(model: Path, precision: str, texts: list[str], batching: bool, th
                 time.sleep(0.3)
         asyncio.run(load(url, texts, clients, 2))  # warm up
         result = asyncio.run(load(url, texts, clients, per_client))
-        m = httpx.get(url + "/metrics").json()
+        m = httpx.get(url + "/metrics.json").json()
         result["server_mean_batch"] = m["mean_batch_size"]
         return result
     finally:

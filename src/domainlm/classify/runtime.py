@@ -41,6 +41,7 @@ from domainlm.classify.runtime_base import (
     LABELS_FILE,
     TOKEN_BUDGET,
     ClassifierRuntime,
+    Plan,
     Runtime,
     autocast_dtype,
     available_cores,
@@ -48,12 +49,13 @@ from domainlm.classify.runtime_base import (
     is_export_dir,
     resolve_device,
 )
+from domainlm.classify.runtime_options import RuntimeOptions
 from domainlm.errors import DomainLMError
 
 __all__ = ["CPU_ROWS", "DEVICES", "EXPORT_META", "GPU_ROWS", "GPU_TOKEN_BUDGET", "INPUT_NAMES", "LABELS_FILE",
-           "TOKEN_BUDGET", "ClassifierRuntime", "EnsembleRuntime", "LinearRuntime", "OnnxRuntime", "Runtime",
-           "TokenEnsembleRuntime", "TorchRuntime", "autocast_dtype", "available_cores", "best_k", "choose",
-           "classifier_dir", "is_export_dir", "load", "resolve_device", "thresholds_of"]
+           "TOKEN_BUDGET", "ClassifierRuntime", "EnsembleRuntime", "LinearRuntime", "OnnxRuntime", "Plan", "Runtime",
+           "RuntimeOptions", "TokenEnsembleRuntime", "TorchRuntime", "autocast_dtype", "available_cores", "best_k",
+           "choose", "classifier_dir", "is_export_dir", "load", "open_runtime", "resolve_device", "thresholds_of"]
 
 class TorchRuntime(Runtime):
     """A PyTorch classifier (a classifier folder or a `finetune` output; LoRA is merged in there) in inference mode,
@@ -72,13 +74,14 @@ class TorchRuntime(Runtime):
                                 "--quantize int8")
         if threads:
             torch.set_num_threads(threads)
-        self.device = device
         self.autocast = autocast_dtype(precision, device, device == "cuda" and torch.cuda.is_bf16_supported())
+        resolved = "fp32" if self.autocast is None else "bf16" if self.autocast == torch.bfloat16 else "fp16"
+        self.options = RuntimeOptions(device, resolved, torch.get_num_threads(), max_seq_len)
         self.model, tokenizer, meta = load_trained(classifier_dir(path))
         if device != "cpu":
             self.model.to(device)
         if self.autocast is not None:
-            self.kind = f"pytorch-{'bf16' if self.autocast == torch.bfloat16 else 'fp16'}"
+            self.kind = f"pytorch-{resolved}"
         self.config = self.model.config
         self.input_names = [k for k in INPUT_NAMES if k in tokenizer.model_input_names]
         from domainlm.classify.model import packing_ready
@@ -147,10 +150,11 @@ class OnnxRuntime(Runtime):
             hint = "; export with --quantize int8" if precision == "int8" else ""
             raise DomainLMError(f"{folder} has no {precision} model (it has: {', '.join(files) or 'none'}){hint}")
         self.kind, self.info, self.file = f"onnx-{precision}", info, folder / files[precision]
+        threads = threads or available_cores()
         options = ort.SessionOptions()
         # Threads set on purpose: all cores (or --threads) inside one operator, one operator at a time. The
         # defaults can spin extra inter-op threads that fight the intra-op ones on a small CPU.
-        options.intra_op_num_threads = threads or available_cores()
+        options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -163,7 +167,8 @@ class OnnxRuntime(Runtime):
                 print("ONNX Runtime here has no CUDA provider (install onnxruntime-gpu); running the export on the CPU",
                       file=sys.stderr)
         self.session = ort.InferenceSession(str(self.file), options, providers=providers)
-        self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
+        self.options = RuntimeOptions("cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu",
+                                      precision, threads)
         self.input_names = [i.name for i in self.session.get_inputs()]
         width = self.session.get_outputs()[0].shape[-1]
         # what the model-vs-options checks read off a transformers config: positions, type, outputs
@@ -186,6 +191,7 @@ class LinearRuntime(ClassifierRuntime):
 
     def __init__(self, model: linear.LinearModel):
         self.model = model
+        self.options = RuntimeOptions("cpu", "fp32", 1)  # character n-grams: no tokens, no length
         super().__init__({**model.settings, "labels": model.labels, "multilabel": model.multilabel,
                           "thresholds": model.thresholds})
 
@@ -218,6 +224,7 @@ class EnsembleRuntime(ClassifierRuntime):
         self.kind = f"ensemble of {len(members)} {first.kind}"
         self.config = getattr(first, "config", None)
         settings = {k: first.meta.get(k) for k in ("max_seq_len", "text_column", "pair_column")}
+        self.options = first.options
         ClassifierRuntime.__init__(self, {**settings, **meta}, first.max_seq_len)
 
     def predict(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 64,
@@ -240,28 +247,28 @@ class TokenEnsembleRuntime(EnsembleRuntime, Runtime):
 
 
 class Kind(NamedTuple):
-    """One model kind `load` opens: `test(folder)` says whether a folder holds one, `open(folder, precision, device,
-    threads, max_seq_len)` opens it. The first kind whose test passes wins."""
+    """One model kind `load` opens: `test(folder)` says whether a folder holds one, `open(folder, options)` opens it
+    (options with the device already resolved). The first kind whose test passes wins."""
 
     name: str
     test: Callable[[str], bool]
-    open: Callable[[str, str, str, int, int], ClassifierRuntime]
+    open: Callable[[str, RuntimeOptions], ClassifierRuntime]
 
 
-def _open_linear(folder: str, precision: str, device: str, threads: int, max_seq_len: int) -> ClassifierRuntime:
+def _open_linear(folder: str, o: RuntimeOptions) -> ClassifierRuntime:
     return LinearRuntime(linear.load(folder))  # scikit-learn weights: the CPU, no tokens, no length
 
 
-def _open_onnx(folder: str, precision: str, device: str, threads: int, max_seq_len: int) -> ClassifierRuntime:
-    return OnnxRuntime(folder, precision, threads, max_seq_len, device)
+def _open_onnx(folder: str, o: RuntimeOptions) -> ClassifierRuntime:
+    return OnnxRuntime(folder, o.precision, o.threads, o.max_seq_len, o.device)
 
 
-def _open_ensemble(folder: str, precision: str, device: str, threads: int, max_seq_len: int) -> ClassifierRuntime:
-    return open_ensemble(folder, lambda member: load(member, precision, device, threads, max_seq_len))
+def _open_ensemble(folder: str, o: RuntimeOptions) -> ClassifierRuntime:
+    return open_ensemble(folder, lambda member: open_runtime(member, o))
 
 
-def _open_torch(folder: str, precision: str, device: str, threads: int, max_seq_len: int) -> ClassifierRuntime:
-    return TorchRuntime(folder, threads, max_seq_len, device, precision)
+def _open_torch(folder: str, o: RuntimeOptions) -> ClassifierRuntime:
+    return TorchRuntime(folder, o.threads, o.max_seq_len, o.device, o.precision)
 
 
 KINDS: list[Kind] = [
@@ -274,18 +281,25 @@ KINDS: list[Kind] = [
 
 def load(folder: str, precision: str = "auto", device: str = "auto", threads: int = 0,
          max_seq_len: int = 0) -> ClassifierRuntime:
+    """`open_runtime` with the options given one by one."""
+    return open_runtime(folder, RuntimeOptions(device, precision, threads, max_seq_len))
+
+
+def open_runtime(folder: str, options: RuntimeOptions) -> ClassifierRuntime:
     """The classifier in `folder`, whatever its kind (the first of KINDS that recognises it; a missing folder is
-    reported by the last, naming --model and the nearest name), with its label map checked against its outputs. max_seq_len 0: the length saved with the model (else MAX_SEQ_LEN, within its
-    positions); a larger one than the model takes is capped at its positions, with a notice naming both."""
-    where = resolve_device(device)
+    reported by the last, naming --model and the nearest name), with its label map checked against its outputs and
+    its options resolved (`runtime.options`: the device, precision, threads and length it runs with).
+    max_seq_len 0: the length saved with the model (else MAX_SEQ_LEN, within its positions); a larger one than the
+    model takes is capped at its positions, with a notice naming both."""
+    options = options.replace(device=resolve_device(options.device))
     kind = next(k for k in KINDS if k.test(folder))
-    runtime = kind.open(folder, precision, where, threads, max_seq_len)
+    runtime = kind.open(folder, options)
     checks.label_map(runtime.labels, runtime, folder)
     config = getattr(runtime, "config", None)
     if config is not None:  # a token model: its positions cap the length
         limit = checks.position_limit(config)
-        if max_seq_len:
-            runtime.max_seq_len = checks.max_seq_len(config, max_seq_len, folder, cap=True)
+        if options.max_seq_len:
+            runtime.max_seq_len = checks.max_seq_len(config, options.max_seq_len, folder, cap=True)
         elif limit is not None:
             runtime.max_seq_len = min(runtime.max_seq_len, limit)
     return runtime

@@ -8,12 +8,14 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from domainlm.classify.batching import encode_texts, length_batches, pad
 from domainlm.classify.config import MAX_SEQ_LEN
 from domainlm.classify.metrics import best_k, choose, thresholds_of
+from domainlm.classify.runtime_options import RuntimeOptions
 from domainlm.errors import DomainLMError
 
 EXPORT_META = "export.json"
@@ -78,21 +80,45 @@ def autocast_dtype(precision: str, device: str, bf16_supported: bool):
 
 
 class ClassifierRuntime:
-    """Every model kind: `labels`, `multilabel` (`task`), `thresholds`, `max_seq_len`, `text_column`, `pair_column`,
-    `kind`, and `predict(texts, pairs) -> probabilities [n, labels]` (the one method a kind must provide);
-    `choose` and `decide` turn probabilities into answers the same way for all."""
+    """Every model kind: `labels`, `multilabel` (`task`), `thresholds`, `options` (device, precision, threads,
+    max_seq_len as resolved at load), `text_column`, `pair_column`, `kind`, and `predict(texts, pairs) ->
+    probabilities [n, labels]` (the one method a kind must provide); `choose` and `decide` turn probabilities into
+    answers the same way for all."""
 
     kind = "?"
     tokenizer = None  # token models have one; the server batches their tokens itself
+    options = RuntimeOptions(device="cpu", precision="fp32")
 
     def __init__(self, meta: dict, max_seq_len: int = 0):
         self.meta = meta
         self.labels: list[str] = list(meta["labels"])
         self.multilabel: bool = bool(meta.get("multilabel"))
         self.thresholds = thresholds_of(len(self.labels), meta.get("thresholds"))
-        self.max_seq_len: int = max_seq_len or int(meta.get("max_seq_len") or MAX_SEQ_LEN)
+        self.max_seq_len = max_seq_len or int(meta.get("max_seq_len") or MAX_SEQ_LEN)
         self.text_column: str = meta.get("text_column") or "text"
         self.pair_column: str | None = meta.get("pair_column")
+
+    # the options are the one record of how the runtime runs; these read and set them
+    @property
+    def max_seq_len(self) -> int:
+        return self.options.max_seq_len
+
+    @max_seq_len.setter
+    def max_seq_len(self, value: int) -> None:
+        self.options = self.options.replace(max_seq_len=int(value))
+
+    @property
+    def device(self) -> str:
+        return self.options.device
+
+    @device.setter
+    def device(self, value: str) -> None:
+        self.options = self.options.replace(device=value)
+
+    @property
+    def activation_name(self) -> str:
+        """What turns the model's logits into its scores (the `function_to_apply` of HF's pipelines)."""
+        return "sigmoid" if self.multilabel else "softmax"
 
     @property
     def task(self) -> str:
@@ -120,6 +146,17 @@ class ClassifierRuntime:
             return 1.0 / (1.0 + np.exp(-logits))
         z = np.exp(logits - logits.max(axis=-1, keepdims=True))
         return z / z.sum(axis=-1, keepdims=True)
+
+
+class Plan(NamedTuple):
+    """Model batches of encoded texts: `same[i]` the row whose probabilities text i takes (itself, or the first of
+    its repeats), `rows` the rows of each batch, `feeds` each batch as the model takes it, `tokens` each batch's
+    padded tokens (rows x longest)."""
+
+    same: np.ndarray
+    rows: list[np.ndarray]
+    feeds: list[dict]
+    tokens: list[int]
 
 
 class Runtime(ClassifierRuntime):
@@ -156,10 +193,10 @@ class Runtime(ClassifierRuntime):
         gpu = getattr(self, "device", "cpu") == "cuda"
         return batch_size or (GPU_ROWS if gpu else CPU_ROWS), GPU_TOKEN_BUDGET if gpu else TOKEN_BUDGET
 
-    def probs_features(self, features: list[dict], batch_size: int = 0, token_budget: int = 0,
-                       progress: bool = False) -> np.ndarray:
-        """Probabilities of encoded texts, in their order; batches of at most `batch_size` rows and `token_budget`
-        padded tokens are cut from the texts sorted by length."""
+    def plan(self, features: list[dict], batch_size: int = 0, token_budget: int = 0) -> Plan:
+        """The model batches of encoded texts (the one batching rule of predict, evaluate and serve): a text that
+        repeats runs once; batches of at most `batch_size` rows and `token_budget` padded tokens are cut from the
+        texts sorted by length (`length_batches`), each made into what the model takes (`feed`)."""
         rows_cap, budget = self.batch_limits(batch_size)
         batch_size, token_budget = rows_cap, token_budget or budget
         # a text that repeats (common in real files) runs once: its rows share the first one's probabilities
@@ -167,17 +204,31 @@ class Runtime(ClassifierRuntime):
         same = np.asarray([first.setdefault((tuple(f["input_ids"]), tuple(f.get("token_type_ids", ()))), i)
                            for i, f in enumerate(features)], dtype=np.int64)
         unique = np.flatnonzero(same == np.arange(len(features)))
-        out = np.empty((len(features), len(self.labels)), dtype=np.float32)
         batches = length_batches([len(features[i]["input_ids"]) for i in unique], batch_size, token_budget,
                                  0 if self.packed else self.call_tokens)
-        if progress and sys.stderr.isatty():
+        groups = [unique[idx] for idx in batches]
+        tokens = [len(rows) * max(len(features[j]["input_ids"]) for j in rows) for rows in groups]
+        return Plan(same, groups, [self.feed([features[j] for j in rows]) for rows in groups], tokens)
+
+    def run(self, plan: Plan) -> np.ndarray:
+        """Probabilities [texts, labels] of a plan's texts, in their order."""
+        out = np.empty((len(plan.same), len(self.labels)), dtype=np.float32)
+        for rows, probs in zip(plan.rows, self.probs_batches(plan.feeds)):
+            out[rows] = probs
+        return out[plan.same]
+
+    def probs_features(self, features: list[dict], batch_size: int = 0, token_budget: int = 0,
+                       progress: bool = False) -> np.ndarray:
+        """Probabilities of encoded texts, in their order, batch by batch as `plan` cuts them."""
+        plan = self.plan(features, batch_size, token_budget)
+        if progress and sys.stderr.isatty() and self.device == "cpu":  # a GPU gets every batch queued at once
             from tqdm import tqdm
 
-            batches = tqdm(batches, desc="predict", file=sys.stderr)
-        groups = [unique[idx] for idx in batches]
-        for rows, probs in zip(groups, self.probs_batches([self.feed([features[j] for j in rows]) for rows in groups])):
-            out[rows] = probs
-        return out[same]
+            out = np.empty((len(plan.same), len(self.labels)), dtype=np.float32)
+            for rows, feed in zip(tqdm(plan.rows, desc="predict", file=sys.stderr), plan.feeds):
+                out[rows] = self.probs_batch(feed)
+            return out[plan.same]
+        return self.run(plan)
 
     def predict(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 0,
                 max_seq_len: int | None = None, progress: bool = False) -> np.ndarray:

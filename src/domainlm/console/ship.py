@@ -2,7 +2,7 @@
 
 An endpoint is `domainlm serve MODEL --host 127.0.0.1 --port P` in its own process group, with a token of its
 own (passed in the environment, so that it stays out of `ps`). The console lists its URL and token, relays its
-/metrics, and stops it (SIGTERM, then SIGKILL) on request or when the console stops.
+/metrics.json, and stops it (SIGTERM, then SIGKILL) on request or when the console stops.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ class Endpoints:
         health = ep.get("/health", 0.5)
         if health is None:
             return {**out, "state": "starting", "seconds": round(time.time() - ep.started)}
-        return {**out, "state": "ready", "health": health, "metrics": ep.get("/metrics") if metrics else None}
+        return {**out, "state": "ready", "health": health, "metrics": ep.get("/metrics.json") if metrics else None}
 
     def stop(self, model_id: int) -> bool:
         with self._lock:

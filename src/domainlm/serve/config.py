@@ -37,8 +37,9 @@ class ServeConfig:
     model: str = option(help="a classifier folder (`domainlm finetune` output) or an export folder (`domainlm "
                              "export`); also given as the first argument")
     host: str = option("127.0.0.1", "interface to listen on (0.0.0.0 for every interface)")
-    port: int = option(8080, "TCP port", low=0, high=65535)
-    token: str | None = option(None, "require `Authorization: Bearer TOKEN` on /predict, /labels and /metrics "
+    port: int = option(8080, "TCP port (0: any free port, printed at start)", low=0, high=65535)
+    name: str = option("", "the model's name in the KServe v2 routes (/v2/models/NAME; default: the folder's name)")
+    token: str | None = option(None, "require `Authorization: Bearer TOKEN` on every route but the health probes "
                                     "(or set DOMAINLM_SERVE_TOKEN)")
     precision: Literal["auto", "fp32", "int8", "bf16", "fp16"] = option(
         "auto", "export folders: which model (auto: int8 if exported); PyTorch on a GPU: bf16/fp16 autocast (auto: bf16 "
@@ -46,12 +47,23 @@ class ServeConfig:
     device: Literal["auto", "cpu", "cuda"] = option("auto", DEVICE_HELP)
     threads: int = option(0, "intra-op threads of the model (0: every core this process may use)", low=0)
     batching: bool = option(True, "gather concurrent requests into one batch (--no-batching: one request at a time)")
-    max_batch: int = option(0, "texts per model batch (0: 32 on a CPU, 256 on a GPU)", low=0)
+    max_batch: int = option(0, "texts per model batch (0: the runtime's, 64 on a CPU, 512 on a GPU); batches also "
+                               "stay within the runtime's token budget", low=0)
     max_wait_ms: float = option(5.0, "how long the first request of a batch waits for others", low=0, high=1000)
     queue_size: int = option(256, "requests waiting for the model before new ones get 503", low=1)
     max_texts: int = option(64, "texts per request", low=1)
     max_chars: int = option(2000, "characters per text", low=1)
-    max_body_bytes: int = option(1_000_000, "request body size", low=100)
+    max_body_bytes: int = option(0, "request body size (0: room for --max-texts texts and text pairs of --max-chars "
+                                    "characters each, every one written as a JSON \\u escape)", low=0)
     max_seq_len: int = option(0, "tokens per text (0: the length saved with the model)", low=0)
     top_k: int = option(3, "default number of best labels with scores in each answer", low=1)
     cors_origins: list[str] = option([], "origins allowed by CORS (default: none, CORS off)")
+
+    def body_limit(self) -> int:
+        """--max-body-bytes, or (0) the largest body whose texts are all within the limits: a valid request is never
+        refused for its size."""
+        if self.max_body_bytes:
+            return self.max_body_bytes
+        # texts and their pairs at --max-chars, each character escaped as \uXXXX\uXXXX (12 bytes), and room for
+        # the JSON around them
+        return 2 * self.max_texts * (12 * self.max_chars + 16) + 65536

@@ -33,6 +33,7 @@ from domainlm.classify.runtime import (
 )
 from domainlm.errors import DomainLMError
 from domainlm.serve.config import ExportConfig
+from domainlm.serve.hf_config import write_hf_config
 
 # (batch size, tokens) checked at export time; the trace itself uses (2, 8), so every other shape proves the
 # axes are dynamic, and rows of different lengths inside a batch check the padding mask.
@@ -271,6 +272,7 @@ def _export_into(out, cfg: ExportConfig, model_dir: str, model, tokenizer, meta:
         _log("fused: " + (", ".join(f"{k} {v}" for k, v in fused.items()) or "nothing"))
     with out.writing():
         tokenizer.save_pretrained(folder)
+        write_hf_config(folder, model, meta)  # config.json with the label map: optimum and transformers load the folder
     out.write_json(LABELS_FILE, meta)
     info = {"format": "onnx", "exporter": "torch.onnx.export (TorchScript, dynamo=False)", "opset": cfg.opset,
             "optimized": fused, "inputs": input_names, "dynamic_axes": {"batch": 0, "sequence": 1},

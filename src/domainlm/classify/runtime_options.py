@@ -1,0 +1,81 @@
+"""How a classifier runs: device, precision, threads and tokens per text, resolved once when it is loaded.
+
+The flags (`--device auto --precision auto --threads 0 --max-seq-len 0`) say what the user asked for; a loaded
+runtime holds the `RuntimeOptions` they came to (`cpu`, `int8`, `2` threads, `128` tokens), and everything after
+the load (the server's batches, its start line, the metrics) reads them from there, never from the flags again.
+Also here: which int8 kernels this CPU gives ONNX Runtime (VNNI or not), for the server's start line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """What a runtime was asked for (before `load`) or runs with (`runtime.options`, after it):
+    device auto | cpu | cuda; precision auto | fp32 | int8 | bf16 | fp16; threads (0: the default); max_seq_len
+    (0: the length saved with the model)."""
+
+    device: str = "auto"
+    precision: str = "auto"
+    threads: int = 0
+    max_seq_len: int = 0
+
+    @classmethod
+    def of(cls, cfg) -> RuntimeOptions:
+        """The options of a command's config (any of its fields device, precision, threads, max_seq_len)."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls) if hasattr(cfg, f.name)})
+
+    def replace(self, **changes) -> RuntimeOptions:
+        return dataclasses.replace(self, **changes)
+
+    def describe(self) -> str:
+        """For a start line: 'cpu, fp32, 2 threads, 128 tokens per text'."""
+        threads = f", {self.threads} thread{'s' if self.threads != 1 else ''}" if self.threads else ""
+        length = f", {self.max_seq_len} tokens per text" if self.max_seq_len else ""
+        return f"{self.device}, {self.precision}{threads}{length}"
+
+
+INT8_FEATURES = (("amx_int8", "AMX_INT8"), ("avx512_vnni", "AVX512_VNNI"), ("avx_vnni", "AVX_VNNI"))
+
+
+@functools.cache
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them (empty where there is no /proc/cpuinfo)."""
+    try:
+        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def int8_kernels(flags: frozenset[str] | None = None) -> str:
+    """Which integer dot-product instructions ONNX Runtime's int8 kernels use on this CPU: 'AVX512_VNNI' (or AMX_INT8,
+    AVX_VNNI) where the CPU has them, else '' (the AVX2/AVX-512 kernels without VNNI, which is why exports quantize
+    weights to 7 bits). Read from /proc/cpuinfo, else from PyTorch's own check."""
+    flags = cpu_flags() if flags is None else flags
+    if flags:
+        return ", ".join(name for flag, name in INT8_FEATURES if flag in flags)
+    try:
+        import torch
+
+        return "VNNI" if torch.cpu._is_vnni_supported() else ""
+    except (ImportError, AttributeError):
+        return ""
+
+
+def int8_note(kind: str, device: str, flags: frozenset[str] | None = None) -> str:
+    """What the server's start line says about an int8 model on the CPU ('' for any other)."""
+    if not kind.endswith("int8") or device != "cpu":
+        return ""
+    found = int8_kernels(flags)
+    if found:
+        return f"int8 ONNX Runtime, this CPU has {found}"
+    return "int8 ONNX Runtime, no VNNI on this CPU (AVX2 kernels, 7-bit weights)"

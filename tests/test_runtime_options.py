@@ -1,0 +1,41 @@
+"""Inference options resolved once, at load (`runtime.options`: device, precision, threads, tokens per text), and
+the int8 kernels a CPU gives ONNX Runtime (VNNI or not), as the server's start line states them."""
+
+import torch
+
+from domainlm.classify.runtime import RuntimeOptions, TorchRuntime, available_cores
+from domainlm.classify.runtime import load as load_runtime
+from domainlm.classify.runtime_options import cpu_flags, int8_kernels, int8_note
+from domainlm.serve.config import ServeConfig
+from tests.test_export import exported, trained  # noqa: F401 - shared session fixtures
+
+
+def test_options_are_resolved_at_load_and_kept_by_the_runtime(exported, trained, capsys):  # noqa: F811
+    folder = str(exported[0])
+    assert load_runtime(folder).options == RuntimeOptions("cpu", "int8", available_cores(), 32)  # auto: int8
+    rt = load_runtime(folder, "fp32", "cpu", 1, 16)
+    assert rt.options == RuntimeOptions("cpu", "fp32", 1, 16) and rt.max_seq_len == 16 and rt.kind == "onnx-fp32"
+    assert load_runtime(folder, max_seq_len=4096).options.max_seq_len == 64  # capped at the positions, with a notice
+    assert "--max-seq-len 4096 is more than" in capsys.readouterr().err
+    torch_rt = TorchRuntime(str(trained["ft"]))
+    assert torch_rt.options == RuntimeOptions("cpu", "fp32", torch.get_num_threads(), 32)  # the length it trained at
+    assert torch_rt.options.describe() == f"cpu, fp32, {torch.get_num_threads()} thread" \
+                                          f"{'s' if torch.get_num_threads() != 1 else ''}, 32 tokens per text"
+    assert RuntimeOptions.of(ServeConfig(model="m", device="cpu", threads=2, max_seq_len=8)) == RuntimeOptions(
+        "cpu", "auto", 2, 8)
+
+
+def test_int8_kernels_are_named_from_the_cpu_flags(tmp_path):
+    vnni = frozenset({"avx2", "avx512f", "avx512_vnni"})
+    assert int8_kernels(vnni) == "AVX512_VNNI"
+    assert int8_kernels(frozenset({"avx2", "avx_vnni"})) == "AVX_VNNI"
+    assert int8_kernels(frozenset({"amx_int8", "avx512_vnni"})) == "AMX_INT8, AVX512_VNNI"
+    assert int8_kernels(frozenset({"avx2", "fma"})) == ""
+    assert int8_note("onnx-int8", "cpu", vnni) == "int8 ONNX Runtime, this CPU has AVX512_VNNI"
+    assert int8_note("onnx-int8", "cpu", frozenset({"avx2"})) == (
+        "int8 ONNX Runtime, no VNNI on this CPU (AVX2 kernels, 7-bit weights)")
+    assert int8_note("onnx-fp32", "cpu", vnni) == "" and int8_note("onnx-int8", "cuda", vnni) == ""
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_vnni\n\nprocessor\t: 1\nflags\t\t: fpu avx2 avx512_vnni\n")
+    assert cpu_flags(str(info)) == frozenset({"fpu", "avx2", "avx512_vnni"})
+    assert cpu_flags(str(tmp_path / "none")) == frozenset()
