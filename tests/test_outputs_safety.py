@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from domainlm import outputs
-from domainlm.cli import main
 from domainlm.errors import DomainLMError
 from tests.test_bad_inputs import snapshot
 from tests.test_interop import PADDLE_DIR

@@ -12,8 +12,8 @@ import yaml
 from domainlm import outputs
 from domainlm.cli import main
 from domainlm.errors import DomainLMError
-from domainlm.sweep.command import Cell, SweepConfig, device_plan, remove_inside
 from domainlm.stats import holm
+from domainlm.sweep.command import Cell, SweepConfig, device_plan, remove_inside
 from domainlm.sweep.summary import summarize
 from tests.test_classify import make_rows, write_jsonl
 
