@@ -75,6 +75,7 @@ def test_ids_beyond_the_vocabulary_and_negative_samples_are_named_before_any_wor
     tokens[3] = 60000
     tokens.flush()
     del tokens
+    (store / "meta.json").write_text(json.dumps({**meta, "max_token_id": 60000}))  # as prepare records it
     message = one_line(err(*pretrain_args(store, tiny_model, tmp_path / "p", "--max-steps", "2")))
     assert f"{store}: token id 60000 is beyond the vocabulary of --model {tiny_model}" in message
     assert not (tmp_path / "p" / "checkpoints").exists()

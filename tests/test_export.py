@@ -46,7 +46,7 @@ def test_round_trip_several_batch_sizes_and_lengths(exported, trained):
         assert [d.dim_param for d in inp.type.tensor_type.shape.dim] == ["batch", "sequence"]
     assert info["verification"]["fp32_max_abs_diff"] < 1e-4
     assert {tuple(s) for s in info["verification"]["shapes"]} >= {(1, 2), (3, 17), (16, 32)}
-    torch_rt, onnx_rt = TorchRuntime(str(trained["ft"])), OnnxRuntime(str(out), "fp32")
+    torch_rt, onnx_rt = TorchRuntime(str(trained["ft"]), precision="fp32"), OnnxRuntime(str(out), "fp32")
     assert onnx_rt.labels == torch_rt.labels == ["book", "hotel", "pc"]
     for batch_size in (1, 3, 8):
         for texts in (TEXTS[:batch_size], [t * 3 for t in TEXTS[-batch_size:]]):  # short, and truncated at 32

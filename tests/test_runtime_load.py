@@ -9,6 +9,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from domainlm.classify.runtime import autocast_dtype, load
+from domainlm.classify.runtime_options import torch_precision
 from domainlm.cli import main
 from domainlm.errors import DomainLMError
 from domainlm.serve.config import ServeConfig
@@ -28,7 +29,7 @@ def untrained(tmp_path_factory, tiny_model, tokenizer):
 
 
 def test_device_cpu_is_honoured_and_cuda_without_a_gpu_is_a_one_line_error(untrained, monkeypatch, tmp_path, capsys):
-    rt = load(str(untrained), device="cpu")
+    rt = load(str(untrained), device="cpu", precision="fp32")
     assert rt.device == "cpu" and next(rt.model.parameters()).device.type == "cpu" and rt.kind == "pytorch-fp32"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert load(str(untrained)).device == "cpu"  # auto, with no GPU
@@ -43,13 +44,42 @@ def test_device_cpu_is_honoured_and_cuda_without_a_gpu_is_a_one_line_error(untra
     assert not (tmp_path / "p.jsonl").exists()
 
 
-def test_autocast_follows_precision_and_the_gpu():
-    assert autocast_dtype("auto", "cuda", True) == torch.bfloat16
-    assert autocast_dtype("auto", "cuda", False) is None  # a GPU without bf16: fp32 unless fp16 is asked for
-    assert autocast_dtype("bf16", "cuda", False) == torch.float16 and autocast_dtype("fp16", "cuda", True) == torch.float16
-    assert autocast_dtype("fp32", "cuda", True) is None and autocast_dtype("auto", "cpu", True) is None
-    with pytest.raises(DomainLMError, match="--precision bf16 runs on a GPU only"):
-        autocast_dtype("bf16", "cpu", False)
+def test_precision_follows_the_rule_of_training_on_the_cpu_and_the_gpu():
+    # a CPU: auto is bf16 where it has native bf16 (the rule of domainlm.precision), fp32 elsewhere
+    assert torch_precision("auto", "cpu", cpu_feature=None) == (
+        "fp32", "this CPU has no native bf16 (AVX512_BF16 or AMX)")
+    assert torch_precision("auto", "cpu", cpu_feature="AVX512_BF16") == ("bf16", "this CPU has AVX512_BF16")
+    assert torch_precision("auto", "cpu", cpu_feature="AMX") == ("bf16", "this CPU has AMX")
+    assert torch_precision("bf16", "cpu", cpu_feature=None) == ("bf16", "as asked")  # slow there, but asked for
+    assert torch_precision("fp32", "cpu", cpu_feature="AMX") == torch_precision("no", "cpu") == ("fp32", "as asked")
+    with pytest.raises(DomainLMError, match=r"^--precision fp16 runs on a GPU only \(--device cuda\); on the CPU use "
+                                            r"fp32, bf16 or auto$"):
+        torch_precision("fp16", "cpu")
+    # a GPU: bf16 where it has it; bf16 asked of one without it runs fp16
+    assert torch_precision("auto", "cuda", gpu_bf16=True) == ("bf16", "the GPU has bf16")
+    assert torch_precision("auto", "cuda", gpu_bf16=False) == ("fp32", "the GPU has no bf16")
+    assert torch_precision("bf16", "cuda", gpu_bf16=False)[0] == "fp16"
+    assert torch_precision("fp16", "cuda", gpu_bf16=True)[0] == "fp16"
+    assert torch_precision("fp32", "cuda", gpu_bf16=True)[0] == "fp32"
+    assert [autocast_dtype(p) for p in ("fp32", "bf16", "fp16")] == [None, torch.bfloat16, torch.float16]
+
+
+def test_the_runtime_runs_and_says_the_precision_auto_resolves_to(untrained, monkeypatch, capsys):
+    from domainlm import precision
+
+    monkeypatch.setattr(precision, "_SAID", set())
+    monkeypatch.setattr(precision, "cpu_bf16_feature", lambda: None)
+    rt = load(str(untrained), device="cpu")
+    assert (rt.kind, rt.options.precision, rt.autocast) == ("pytorch-fp32", "fp32", None)
+    monkeypatch.setattr(precision, "cpu_bf16_feature", lambda: "AVX512_BF16")
+    rt = load(str(untrained), device="cpu")
+    assert (rt.kind, rt.options.precision, rt.autocast) == ("pytorch-bf16", "bf16", torch.bfloat16)
+    load(str(untrained), device="cpu")  # said once per process
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("precision")] == [
+        "precision fp32 (this CPU has no native bf16 (AVX512_BF16 or AMX))", "precision bf16 (this CPU has AVX512_BF16)"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what the runtime's autocast makes of its last layer
+        assert rt.model.classifier(torch.zeros(1, rt.config.hidden_size)).dtype == torch.bfloat16
+    assert rt.predict(["a text"]).dtype == np.float32  # probabilities are fp32 whatever ran
 
 
 @pytest.fixture(scope="module")

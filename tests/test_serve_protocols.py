@@ -151,7 +151,7 @@ def test_prometheus_metrics_parse_and_count(torch_rt):  # noqa: F811
     assert value("domainlm_batch_tokens_count") == as_json["batches"]
     assert value("domainlm_queue_depth") == 0
     info = next(labels for (name, labels) in samples if name == "domainlm_model_info")
-    assert dict(info)["name"] == "topics" and dict(info)["kind"] == "pytorch-fp32"
+    assert dict(info)["name"] == "topics" and dict(info)["kind"] == torch_rt.kind  # pytorch-fp32, or -bf16 on a CPU with bf16
     assert as_json["requests"] == {"total": 5, "200": 4, "422": 1}
 
 

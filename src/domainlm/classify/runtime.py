@@ -49,8 +49,9 @@ from domainlm.classify.runtime_base import (
     is_export_dir,
     resolve_device,
 )
-from domainlm.classify.runtime_options import RuntimeOptions
+from domainlm.classify.runtime_options import RuntimeOptions, torch_precision
 from domainlm.errors import DomainLMError
+from domainlm.precision import announce
 
 __all__ = ["CPU_ROWS", "DEVICES", "EXPORT_META", "GPU_ROWS", "GPU_TOKEN_BUDGET", "INPUT_NAMES", "LABELS_FILE",
            "TOKEN_BUDGET", "ClassifierRuntime", "EnsembleRuntime", "LinearRuntime", "OnnxRuntime", "Plan", "Runtime",
@@ -59,8 +60,9 @@ __all__ = ["CPU_ROWS", "DEVICES", "EXPORT_META", "GPU_ROWS", "GPU_TOKEN_BUDGET",
 
 class TorchRuntime(Runtime):
     """A PyTorch classifier (a classifier folder or a `finetune` output; LoRA is merged in there) in inference mode,
-    on `device` ('cpu' or 'cuda'; on a GPU under bf16/fp16 autocast as `precision` says). The last layer runs for
-    the [CLS] position only (classify.model.classifier_logits / packed_forward)."""
+    on `device` ('cpu' or 'cuda'), under bf16/fp16 autocast as `precision` resolves (`torch_precision`: auto is bf16
+    where the CPU or GPU has it natively). The last layer runs for the [CLS] position only
+    (classify.model.classifier_logits / packed_forward)."""
 
     kind = "pytorch-fp32"
 
@@ -74,8 +76,9 @@ class TorchRuntime(Runtime):
                                 "--quantize int8")
         if threads:
             torch.set_num_threads(threads)
-        self.autocast = autocast_dtype(precision, device, device == "cuda" and torch.cuda.is_bf16_supported())
-        resolved = "fp32" if self.autocast is None else "bf16" if self.autocast == torch.bfloat16 else "fp16"
+        resolved, why = torch_precision(precision, device)
+        announce(resolved, why)  # once per process, as training says it
+        self.autocast = autocast_dtype(resolved)
         self.options = RuntimeOptions(device, resolved, torch.get_num_threads(), max_seq_len)
         self.model, tokenizer, meta = load_trained(classifier_dir(path))
         if device != "cpu":
@@ -98,14 +101,19 @@ class TorchRuntime(Runtime):
 
         return pack([{k: np.asarray(v) for k, v in f.items() if k != "attention_mask"} for f in features])
 
+    def autocasting(self):
+        """The autocast of the runtime's precision (bf16 / fp16), or none for fp32."""
+        import torch
+
+        return contextlib.nullcontext() if self.autocast is None else torch.autocast(self.device, dtype=self.autocast)
+
     def logits(self, batch: dict):
         """Logits on the device, not yet waited for."""
         import torch
 
         from domainlm.classify.model import classifier_logits, packed_logits
 
-        cast = (torch.autocast("cuda", dtype=self.autocast) if self.autocast is not None else contextlib.nullcontext())
-        with torch.inference_mode(), cast:
+        with torch.inference_mode(), self.autocasting():
             if "cu_seqlens" in batch:
                 moved = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
                          for k, v in batch.items()}

@@ -65,18 +65,11 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def autocast_dtype(precision: str, device: str, bf16_supported: bool):
-    """The autocast dtype of a PyTorch classifier, or None for fp32: bf16 on a GPU that has it when precision is
-    auto or bf16 (fp16 on one that lacks it when bf16 is asked for), fp16 when asked for; fp32 on the CPU."""
+def autocast_dtype(precision: str):
+    """The autocast dtype of a resolved precision (classify.runtime_options.torch_precision), None for fp32."""
     import torch
 
-    if precision in ("bf16", "fp16") and device != "cuda":
-        raise DomainLMError(f"--precision {precision} runs on a GPU only (--device cuda); on the CPU use fp32 or auto")
-    if device != "cuda" or precision == "fp32":
-        return None
-    if precision == "fp16" or (precision == "bf16" and not bf16_supported):
-        return torch.float16
-    return torch.bfloat16 if bf16_supported else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 class ClassifierRuntime:

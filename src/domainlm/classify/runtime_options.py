@@ -3,6 +3,9 @@
 The flags (`--device auto --precision auto --threads 0 --max-seq-len 0`) say what the user asked for; a loaded
 runtime holds the `RuntimeOptions` they came to (`cpu`, `int8`, `2` threads, `128` tokens), and everything after
 the load (the server's batches, its start line, the metrics) reads them from there, never from the flags again.
+The precision of a PyTorch classifier follows the one rule of training (domainlm.precision): `auto` is bf16 autocast
+where the CPU (AVX512_BF16, AMX) or the GPU runs bf16 natively, fp32 elsewhere (`torch_precision`). An export
+folder's precision is the model file it runs (fp32 or int8), not an autocast: this rule leaves ONNX Runtime alone.
 Also here: which int8 kernels this CPU gives ONNX Runtime (VNNI or not), for the server's start line.
 """
 
@@ -38,6 +41,31 @@ class RuntimeOptions:
         threads = f", {self.threads} thread{'s' if self.threads != 1 else ''}" if self.threads else ""
         length = f", {self.max_seq_len} tokens per text" if self.max_seq_len else ""
         return f"{self.device}, {self.precision}{threads}{length}"
+
+
+def torch_precision(precision: str, device: str, cpu_feature: str | None | bool = False,
+                    gpu_bf16: bool | None = None) -> tuple[str, str]:
+    """(fp32 | bf16 | fp16, why) of a PyTorch classifier on `device` ("cpu" or "cuda"): `auto` by the rule of
+    training (domainlm.precision.resolve: bf16 where the device runs it natively, else fp32); bf16 asked of a GPU
+    without it runs fp16 autocast; fp16 on a CPU is an error. `cpu_feature` and `gpu_bf16` stand in for the
+    hardware's (tests); False / None: look it up."""
+    from domainlm.errors import DomainLMError
+    from domainlm.precision import resolve
+
+    precision = "fp32" if precision == "no" else precision
+    if device != "cuda":
+        if precision == "fp16":
+            raise DomainLMError("--precision fp16 runs on a GPU only (--device cuda); on the CPU use fp32, bf16 or auto")
+        return resolve(precision, "cpu", cpu_feature)
+    if gpu_bf16 is None:
+        import torch
+
+        gpu_bf16 = torch.cuda.is_bf16_supported()
+    if precision == "auto":
+        return ("bf16", "the GPU has bf16") if gpu_bf16 else ("fp32", "the GPU has no bf16")
+    if precision == "bf16" and not gpu_bf16:
+        return "fp16", "bf16 asked; the GPU has no bf16"
+    return precision, "as asked"
 
 
 INT8_FEATURES = (("amx_int8", "AMX_INT8"), ("avx512_vnni", "AVX512_VNNI"), ("avx_vnni", "AVX_VNNI"))

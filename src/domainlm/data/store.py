@@ -5,9 +5,11 @@ Format `domainlm-corpus` version 1 (one folder, all arrays raw little-endian, se
     words.bin             uint8 per token: 1 where the token starts a word (whole-word masking)
     sentences.bin         int64, n_sentences + 1 token offsets (sentence i = tokens[s[i]:s[i+1]])
     documents.bin         int64, n_documents + 1 sentence offsets (document j = sentences d[j]..d[j+1])
-    meta.json             format, version, dtype, vocab size and hash, tokenizer, counts
+    meta.json             format, version, dtype, vocab size and hash, tokenizer, counts, the largest token id
     stats.json            corpus statistics from `prepare`
-Arrays are streamed to disk while writing, so memory stays flat whatever the corpus size.
+Arrays are streamed to disk while writing, so memory stays flat whatever the corpus size. Reading maps them: a
+process holds the pages it touches, so nothing at start-up reads a whole array (the largest id is in meta.json;
+stores written before it was are scanned with plain reads, which leave no pages in the process).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from domainlm.errors import DomainLMError
 FORMAT = "domainlm-corpus"
 VERSION = 1
 FILES = ("tokens.bin", "words.bin", "sentences.bin", "documents.bin", "meta.json")
+SCAN_TOKENS = 1 << 22  # tokens per read when a store without max_token_id is scanned
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -46,16 +49,17 @@ class CorpusWriter:
         self._sentences = open(self.folder / "sentences.bin", "wb")
         self._documents = open(self.folder / "documents.bin", "wb")
         self.n_tokens = self.n_sentences = self.n_documents = 0
+        self.max_id = -1
         self._sentences.write(struct.pack("<q", 0))
         self._documents.write(struct.pack("<q", 0))
 
     def add(self, ids: np.ndarray, lengths: np.ndarray, word_starts: np.ndarray) -> None:
         if len(lengths) == 0:
             return
-        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise DomainLMError(
-                f"token id {int(ids.max())} is outside the vocabulary of {self.vocab_size} entries"
-            )
+        top = int(ids.max()) if ids.size else -1
+        if ids.size and (ids.min() < 0 or top >= self.vocab_size):
+            raise DomainLMError(f"token id {top} is outside the vocabulary of {self.vocab_size} entries")
+        self.max_id = max(self.max_id, top)
         bad = np.flatnonzero(self.forbidden[ids])
         if bad.size:
             raise DomainLMError(
@@ -85,6 +89,7 @@ class CorpusWriter:
             "n_documents": self.n_documents,
             "n_sentences": self.n_sentences,
             "n_tokens": self.n_tokens,
+            "max_token_id": self.max_id,  # what check_ids needs, without reading tokens.bin
             **meta,
         }
         (self.folder / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -153,10 +158,24 @@ class Corpus:
     def n_tokens(self) -> int:
         return int(self.meta["n_tokens"])
 
+    def max_token_id(self) -> int:
+        """The largest token id (-1 for no tokens): from meta.json, else (a store written before meta.json held it)
+        one pass over tokens.bin with plain reads into one buffer, so that the process holds none of its pages."""
+        top = self.meta.get("max_token_id")
+        if isinstance(top, int) and not isinstance(top, bool):
+            return top
+        dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
+        buffer = np.empty(min(self.n_tokens, SCAN_TOKENS), dtype=dtype)
+        top = -1
+        with open(self.path / "tokens.bin", "rb", buffering=0) as f:
+            while n := f.readinto(memoryview(buffer).cast("B")) // dtype.itemsize:
+                top = max(top, int(buffer[:n].max()))
+        return top
+
     def check_ids(self, vocab_size: int, what: str) -> None:
-        """Every token id below `vocab_size` (one pass over tokens.bin, in chunks), else an error naming both
-        sizes: an id beyond a model's embeddings or a tokenizer's vocabulary fails deep inside otherwise."""
-        top = max((int(self.tokens[i:i + (1 << 24)].max()) for i in range(0, self.n_tokens, 1 << 24)), default=-1)
+        """Every token id below `vocab_size`, else an error naming both sizes: an id beyond a model's embeddings or
+        a tokenizer's vocabulary fails deep inside otherwise."""
+        top = self.max_token_id()
         if top >= vocab_size:
             raise DomainLMError(f"{self.path}: token id {top} is beyond {what} ({vocab_size} entries); "
                                 "prepare the corpus with the model's tokenizer")

@@ -127,7 +127,7 @@ def cls_states(runtime, texts: list[str], pairs: list[str] | None, batch_size: i
     for idx in length_batches([len(f["input_ids"]) for f in features], batch_size):
         batch = runtime.pad([features[i] for i in idx])
         feed = {k: torch.from_numpy(v).to(runtime.device) for k, v in batch.items() if k in runtime.input_names}
-        with torch.inference_mode():
+        with torch.inference_mode(), runtime.autocasting():  # the precision its probabilities ran at
             states[idx] = runtime.model.base_model(**feed).last_hidden_state[:, 0].float().cpu().numpy()
     return states
 

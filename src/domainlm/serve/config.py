@@ -42,8 +42,8 @@ class ServeConfig:
     token: str | None = option(None, "require `Authorization: Bearer TOKEN` on every route but the health probes "
                                     "(or set DOMAINLM_SERVE_TOKEN)")
     precision: Literal["auto", "fp32", "int8", "bf16", "fp16"] = option(
-        "auto", "export folders: which model (auto: int8 if exported); PyTorch on a GPU: bf16/fp16 autocast (auto: bf16 "
-                "where the GPU has it)")
+        "auto", "export folders: which model (auto: int8 if exported); PyTorch: bf16/fp16 autocast (auto: bf16 where "
+                "the GPU or CPU has it natively, AVX512_BF16 or AMX; fp16 on a GPU only)")
     device: Literal["auto", "cpu", "cuda"] = option("auto", DEVICE_HELP)
     threads: int = option(0, "intra-op threads of the model (0: every core this process may use)", low=0)
     batching: bool = option(True, "gather concurrent requests into one batch (--no-batching: one request at a time)")
