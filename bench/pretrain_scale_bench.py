@@ -44,14 +44,16 @@ def make_store(folder: Path, n_sentences: int, vocab_size: int, vocab_hash: str,
     folder.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     dtype = token_dtype(vocab_size)
-    n_tokens, chunk = 0, 1_000_000
+    n_tokens, chunk, top = 0, 1_000_000, -1
     with open(folder / "tokens.bin", "wb") as ft, open(folder / "words.bin", "wb") as fw, \
             open(folder / "sentences.bin", "wb") as fs:
         fs.write(np.zeros(1, "<i8").tobytes())
         for lo in range(0, n_sentences, chunk):
             lengths = rng.integers(*SENTENCE_TOKENS, size=min(chunk, n_sentences - lo))
             k = int(lengths.sum())
-            ft.write(rng.integers(5, vocab_size, size=k).astype(dtype.newbyteorder("<")).tobytes())
+            ids = rng.integers(5, vocab_size, size=k)
+            top = max(top, int(ids.max()))
+            ft.write(ids.astype(dtype.newbyteorder("<")).tobytes())
             fw.write((rng.random(k) < 0.6).astype(np.uint8).tobytes())
             fs.write((n_tokens + np.cumsum(lengths)).astype("<i8").tobytes())
             n_tokens += k
@@ -61,7 +63,7 @@ def make_store(folder: Path, n_sentences: int, vocab_size: int, vocab_hash: str,
     documents = np.concatenate([[0], ends, [n_sentences]]).astype("<i8")
     documents.tofile(folder / "documents.bin")
     meta = {"format": FORMAT, "version": VERSION, "dtype": dtype.name, "vocab_size": vocab_size,
-            "n_documents": len(documents) - 1, "n_sentences": n_sentences, "n_tokens": n_tokens,
+            "n_documents": len(documents) - 1, "n_sentences": n_sentences, "n_tokens": n_tokens, "max_token_id": top,
             "tokenizer": "synthetic", "vocab_hash": vocab_hash, "word_starts": "random",
             "fingerprint": f"synthetic-{n_sentences}-{seed}"}
     (folder / "meta.json").write_text(json.dumps(meta, indent=2))
