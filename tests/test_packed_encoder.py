@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from domainlm.encoder.attention import Layout, flash_usable, packed_attention
+from domainlm.encoder.attention import Layout, _bmm_attention, bmm_usable, flash_usable, packed_attention
 from domainlm.encoder.packed import encode_packed, first_tokens, pack, pack_padded, supports_packing, unpack
 
 ATOL = 2e-5  # fp32: the two forwards differ only in summation order
@@ -112,6 +112,85 @@ def test_attention_in_spans_equals_each_sample_alone(lengths):
         torch.testing.assert_close(mine, reference, atol=ATOL, rtol=0)
 
 
+def _with_dropout(model, p: float):
+    model.config.attention_probs_dropout_prob = p
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = p
+    return model
+
+
+def test_cpu_dropout_keeps_1_minus_p_scaled_and_follows_the_seed():
+    from domainlm.encoder.dropout import dropout
+
+    x = torch.full((1000, 1001), 2.0, requires_grad=True)  # an odd count: the last 64-bit draw is cut
+    assert dropout(x, 0.1, False) is x and dropout(x, 0.0, True) is x
+    torch.manual_seed(0)
+    y = dropout(x, 0.1, True)
+    kept = y != 0
+    assert kept.float().mean().item() == pytest.approx(0.9, abs=0.002)  # 1M elements: 3 standard deviations
+    assert torch.equal(y[kept], torch.full((int(kept.sum()),), 2.0 / 0.9))
+    y.sum().backward()
+    assert torch.equal(x.grad, kept.float() / 0.9)
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x, 0.1, True), y)  # the default generator: seeds hold
+    assert not dropout(x, 1.0, True).any()
+    assert dropout(x.detach().bfloat16(), 0.5, True).dtype == torch.bfloat16
+
+
+def test_training_forward_runs_the_cpu_kernels_with_dropout():
+    """A training forward with dropout on a CPU: the products kernel and its dropout, finite, and different from
+    the same forward without dropout (eval) by about what dropout 0.1 does."""
+    model = _with_dropout(_model("bert"), 0.1)
+    ids, mask, types = _ragged([9, 2, 30])
+    p = pack_padded(ids, mask, types)
+    args = [p[k] for k in ("input_ids", "token_type_ids", "position_ids", "seq_index", "cu_seqlens", "max_len")]
+    torch.manual_seed(0)
+    train = encode_packed(model.train(), *args)
+    evaluated = encode_packed(model.eval(), *args)
+    assert torch.isfinite(train).all() and not torch.allclose(train, evaluated, atol=0.05)
+    assert (train - evaluated).abs().mean() < evaluated.abs().mean()
+
+
+def test_the_bf16_products_kernel_is_attention():
+    """`_bmm_attention` (what bf16 runs on a CPU) computes what SDPA does, with a key mask or without."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 9, 16, generator=g) for _ in range(3))
+    mask = (torch.arange(9)[None, :] < torch.tensor([9, 4, 1])[:, None])[:, None, None, :]
+    for m in (mask, None):
+        torch.testing.assert_close(_bmm_attention(q, k, v, m, 0.0, 0.3),
+                                   torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=0.3),
+                                   atol=ATOL, rtol=0)
+    assert not _bmm_attention(q, k, v, mask, 1.0, 0.3).any()  # dropout acts on the probabilities
+
+
+@pytest.mark.parametrize("lengths", [[3, 3, 3, 3, 3, 3, 150, 200], [4, 4, 4]])
+def test_bf16_attention_on_the_cpu_stays_in_bf16(lengths):
+    """bf16 on a CPU: no conversion of q, k, v or the scores to fp32 (SDPA's math path makes them), and the output
+    and gradients of fp32 attention within bf16's precision (8 bits of mantissa)."""
+    heads, dim = 2, 32
+    packed = pack([{"input_ids": np.zeros(n, np.int64)} for n in lengths])
+    layout = Layout(packed["cu_seqlens"], packed["max_len"], packed["seq_index"], packed["position_ids"])
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(sum(lengths), heads, dim, generator=g, requires_grad=True) for _ in range(3))
+    weights = torch.randn(sum(lengths), heads, dim, generator=g)
+    reference = packed_attention(q, k, v, layout)
+    (reference * weights).sum().backward()
+    low = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+    assert bmm_usable(low[0]) and not bmm_usable(q)
+    low_weights = weights.bfloat16()
+    with torch.profiler.profile(record_shapes=True) as prof:
+        out = packed_attention(*low, layout)
+        (out * low_weights).sum().backward()
+    ran = prof.key_averages(group_by_input_shape=True)
+    # (the layout's few integers may convert: sample lengths)
+    converted = [e.input_shapes[0] for e in ran if e.key == "aten::_to_copy" and np.prod(e.input_shapes[0]) >= dim]
+    assert out.dtype == torch.bfloat16 and converted == [] and "scaled_dot_product" not in str([e.key for e in ran])
+    torch.testing.assert_close(out.float(), reference.detach(), atol=0.03, rtol=0.02)
+    for mine, fp32 in zip(low, (q, k, v)):
+        torch.testing.assert_close(mine.grad.float(), fp32.grad, atol=0.05, rtol=0.02)
+
+
 def test_pack_gives_ids_per_sample():
     rows = [{"input_ids": np.array([2, 5, 6, 3]), "token_type_ids": np.array([0, 0, 1, 1])},
             {"input_ids": np.array([2])},
@@ -161,10 +240,12 @@ def test_flash_kernel_is_chosen_only_where_it_runs():
     assert layout.n_samples == 2
 
 
-def test_gradient_checkpointing_recomputes_the_packed_layers_with_the_same_gradients(monkeypatch):
+@pytest.mark.parametrize("drop", [0.0, 0.1])
+def test_gradient_checkpointing_recomputes_the_packed_layers_with_the_same_gradients(monkeypatch, drop):
+    """Recomputed layers give the same gradients, dropout included (its masks drawn again from the same RNG state)."""
     from domainlm.encoder import packed as packed_module
 
-    model = _model("bert").train()
+    model = _with_dropout(_model("bert"), drop).train()
     ids, mask, types = _ragged([6, 1, 11])
     p = pack_padded(ids, mask, types)
     args = [p[k] for k in ("input_ids", "token_type_ids", "position_ids", "seq_index", "cu_seqlens", "max_len")]
@@ -182,6 +263,7 @@ def test_gradient_checkpointing_recomputes_the_packed_layers_with_the_same_gradi
             from domainlm.classify.model import enable_checkpointing
 
             enable_checkpointing(model)
+        torch.manual_seed(3)
         encode_packed(model, *args).pow(2).sum().backward()
         monkeypatch.setattr(packed_module, "_layer", layer_forward)
         calls.append(count[0])

@@ -12,9 +12,9 @@ Also here: which int8 kernels this CPU gives ONNX Runtime (VNNI or not), for the
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass
-from pathlib import Path
+
+from domainlm.precision import cpu_info
 
 
 @dataclass(frozen=True)
@@ -71,17 +71,9 @@ def torch_precision(precision: str, device: str, cpu_feature: str | None | bool 
 INT8_FEATURES = (("amx_int8", "AMX_INT8"), ("avx512_vnni", "AVX512_VNNI"), ("avx_vnni", "AVX_VNNI"))
 
 
-@functools.cache
 def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
     """The CPU's feature flags as Linux lists them (empty where there is no /proc/cpuinfo)."""
-    try:
-        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
+    return cpu_info(cpuinfo)[1]
 
 
 def int8_kernels(flags: frozenset[str] | None = None) -> str:

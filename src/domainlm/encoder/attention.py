@@ -1,6 +1,6 @@
 """Attention over a packed token stream: each sample attends to its own tokens only.
 
-Two kernels, chosen per call by what the inputs allow:
+The kernels, chosen per call by what the inputs allow:
 - CUDA with bf16/fp16 inputs: FlashAttention-2's variable-length kernel (PyTorch's own build of it, so no extra
   package), which takes the sample boundaries (`cu_seqlens`) and touches no padded position. Measured on one H200
   (bench/attention_bench.py, 128 packed samples of seq 256, 12 x 64 heads, forward + backward): 0.65 ms, the same
@@ -10,7 +10,14 @@ Two kernels, chosen per call by what the inputs allow:
   lets them stay unpadded. It is called through aten's flash ops in an autograd.Function of our own because
   PyTorch's public `varlen_attn` has no attention dropout, which BERT/ERNIE configs train with (0.1).
 - Anything else (CPU, fp32): the samples are cut into spans of neighbours (`Layout.spans`); each span is gathered
-  into a [samples, longest, heads, dim] grid, SDPA runs with a key mask, and the real rows are gathered back.
+  into a [samples, longest, heads, dim] grid, attention runs with a key mask, and the real rows are gathered back.
+  That attention is SDPA in fp32 inference. In bf16 (autocast on a CPU with native bf16), and in training (dropout),
+  it is two batched matrix products around a softmax in the inputs' own dtype (`_bmm_attention`), with the cheaper
+  dropout masks of `encoder.dropout`. SDPA's CPU kernels are slower there: with dropout it takes its math path,
+  which converts q, k and v to fp32 in bf16 and draws the dropout mask with a serial kernel; without, its flash
+  kernel's bf16 backward is slow. Measured on one core of a Zen 4, fwd + bwd, 12 samples of 101 tokens, 12 heads
+  of 32: bf16 with dropout 34 ms (SDPA) and 16 ms (products), fp32 with dropout 36 and 25, bf16 without 48 and
+  14; fp32 without dropout (SDPA's flash kernel) 17 and 23, so SDPA stays there.
   One grid for the whole batch spent about half of the attention's time on padding for short reviews (as the
   padded model does); a stream sorted by length (pretraining sorts each micro batch) cuts into spans of like
   lengths. A span of equal lengths (one text, too) is a view of the stream: no copy, no mask. The result equals
@@ -25,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from domainlm.encoder.dropout import dropout
 from domainlm.spans import cheapest_spans
 
 
@@ -115,11 +123,33 @@ def scatter_padded(t: torch.Tensor, layout: Layout, width: int | None = None) ->
     return buf
 
 
+def bmm_usable(q: torch.Tensor, dropout_p: float = 0.0) -> bool:
+    """Whether `_bmm_attention` runs rather than SDPA: on a CPU, in bf16 / fp16, or with dropout (training)."""
+    return not q.is_cuda and (q.dtype in (torch.bfloat16, torch.float16) or dropout_p > 0)
+
+
+def _bmm_attention(q, k, v, mask: torch.Tensor | None, dropout_p: float, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale, masked) v for [B, h, L, d] inputs in their own dtype: the scores, the softmax (which
+    accumulates in fp32 internally) and the dropout in bf16, no conversion either way. `mask`: [B, 1, 1, L] bool,
+    True where a key is real (every row has one)."""
+    scores = torch.matmul(q * scale, k.transpose(-1, -2))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(dropout(probs, dropout_p, True), v)
+
+
+def _attention(q, k, v, mask: torch.Tensor | None, dropout_p: float, scale: float) -> torch.Tensor:
+    if bmm_usable(q, dropout_p):
+        return _bmm_attention(q, k, v, mask, dropout_p, scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+
+
 def _padded_sdpa(q, k, v, layout: Layout, dropout_p: float, scale: float) -> torch.Tensor:
     if layout.equal_lengths():  # [T, h, d] is [B, L, h, d] already: no copy, no mask
         def padded(t: torch.Tensor) -> torch.Tensor:
             return t.view(layout.n_samples, layout.max_len, *t.shape[1:]).transpose(1, 2)
-        out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), dropout_p=dropout_p, scale=scale)
+        out = _attention(padded(q), padded(k), padded(v), None, dropout_p, scale)
         return out.transpose(1, 2).reshape(q.shape)
 
     # gathered, not scattered into zeros: one copy per tensor each way, and no index_put in the backward pass
@@ -128,8 +158,7 @@ def _padded_sdpa(q, k, v, layout: Layout, dropout_p: float, scale: float) -> tor
     def padded(t: torch.Tensor) -> torch.Tensor:  # [T, h, d] -> [B, h, L, d]
         return t.index_select(0, grid).view(layout.n_samples, layout.max_len, *t.shape[1:]).transpose(1, 2)
 
-    out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=layout.key_mask(),
-                                         dropout_p=dropout_p, scale=scale)
+    out = _attention(padded(q), padded(k), padded(v), layout.key_mask(), dropout_p, scale)
     return out.transpose(1, 2).reshape(-1, *q.shape[1:]).index_select(0, slots)
 
 

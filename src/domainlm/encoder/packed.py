@@ -8,7 +8,8 @@ stays a plain HF model: snapshots, exports and the padded HF forward are untouch
 the same numbers (tests compare them in fp32).
 
 The query, key and value projections run as one matrix product of three times the width: one kernel instead of
-three, and a larger one.
+three, and a larger one. Each layer's output blocks (dense, dropout, residual, LayerNorm) are computed here from
+the modules' weights, as their forward does, with the dropout of `encoder.dropout` (cheaper masks on a CPU).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from domainlm.encoder.attention import Layout, packed_attention, scatter_padded
+from domainlm.encoder.dropout import dropout
 
 ROW_KEYS = ("input_ids", "token_type_ids", "position_ids", "seq_index")
 
@@ -42,7 +44,9 @@ def supports_packing(base_model: nn.Module) -> bool:
                  layer.intermediate.dense, layer.output.dense, layer.output.LayerNorm)
     except AttributeError:  # pre-LayerNorm (MegatronBert) and other block shapes
         return False
-    return all(isinstance(p, (nn.Linear, nn.LayerNorm)) for p in parts)
+    drops = [getattr(block, "dropout", None) for block in (layer.attention.output, layer.output)]
+    return all(isinstance(p, (nn.Linear, nn.LayerNorm)) for p in parts) and all(
+        d is None or isinstance(d, nn.Dropout) for d in drops)
 
 
 def position_offset(base_model: nn.Module) -> int:
@@ -65,8 +69,16 @@ def _layer(layer: nn.Module, x: torch.Tensor, layout: Layout, heads: int, attent
     else:  # inference: joining the weights would copy them on every call, which costs a short text more than it saves
         q, k, v = (F.linear(x, m.weight, m.bias).view(t, heads, width // heads) for m in (sa.query, sa.key, sa.value))
     context = packed_attention(q, k, v, layout, attention_dropout if layer.training else 0.0)
-    x = layer.attention.output(context.reshape(t, width), x)  # dense, dropout, residual, LayerNorm
-    return layer.output(layer.intermediate(x), x)
+    x = _output(layer.attention.output, context.reshape(t, width), x)
+    return _output(layer.output, layer.intermediate(x), x)
+
+
+def _output(block: nn.Module, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """A BERT block's output (BertSelfOutput, BertOutput): dense, dropout, residual, LayerNorm, as its own forward
+    computes it, with the dropout of `encoder.dropout` (fewer random draws on a CPU)."""
+    drop = getattr(block, "dropout", None)
+    hidden = dropout(block.dense(hidden), drop.p if drop is not None else 0.0, block.training)
+    return block.LayerNorm(hidden + residual)
 
 
 def encode_packed(base_model: nn.Module, input_ids, token_type_ids, position_ids, seq_index, cu_seqlens,
