@@ -17,15 +17,21 @@ in these reviews length goes with the label (the longest quarter of the training
     flock /tmp/bench.lock python bench/finetune_bench.py --baselines tuned --parts train  # training only, ~5 minutes
     flock /tmp/bench.lock python bench/finetune_bench.py --predict-only RUN/model          # inference alone, ~1 minute
     python bench/finetune_bench.py --device cuda --shape 12x768 --train 16000 --baselines tuned   # one GPU
+    python bench/finetune_bench.py --train 64 --test 32 --epochs 1 --baselines tuned --precision fp32   # a smoke run
 
-On a GPU (--device cuda) both sides train in bf16: the tuned Trainer with `bf16=True`, length-grouped sampling, fused
-AdamW and DataLoader workers; its pipeline runs in bf16 on the GPU with a batch size over length-sorted texts;
-`domainlm finetune` with its defaults there (bf16, the packed encoder) and `predict --device cuda`.
+Precision (--precision, default auto): every side runs at the one a careful user sets on this device, bf16 where it
+is native (a GPU with bf16, a CPU with AVX512_BF16 or AMX), else fp32. In bf16 the Trainers train with `bf16=True`,
+the pipelines run under `torch.autocast` (on a GPU: with bf16 weights), `domainlm finetune` with `--precision bf16`
+and `domainlm predict` at the same precision. The header names the CPU's features (AVX2, AVX-512, VNNI, BF16, AMX).
+On a GPU (--device cuda) the tuned Trainer also has DataLoader workers and pinned memory, and `predict --device cuda`
+runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import random
 import tempfile
@@ -97,7 +103,7 @@ def run_trainer(model_dir: Path, train: Path, test: Path, args, tuned: bool) -> 
     common = dict(output_dir=str(model_dir.parent / "trainer"), per_device_train_batch_size=args.batch,
                   num_train_epochs=args.epochs, learning_rate=args.lr, warmup_steps=0.1, weight_decay=0.01,
                   logging_steps=50, save_strategy="no", report_to=[], use_cpu=args.device == "cpu", seed=0,
-                  disable_tqdm=True, bf16=args.device == "cuda")
+                  disable_tqdm=True, bf16=args.precision == "bf16")
     if tuned:
         extra = dict(train_sampling_strategy="group_by_length", optim="adamw_torch_fused", dataloader_num_workers=args.workers,
                      dataloader_pin_memory=args.device == "cuda")
@@ -111,16 +117,17 @@ def run_trainer(model_dir: Path, train: Path, test: Path, args, tuned: bool) -> 
     texts = [r["text"] for r in tests]
     if "predict" not in args.parts:
         return train_rate, float("nan"), test_accuracy(model, tok, labels, tests, args.seq)
-    gpu = dict(device=0, dtype=torch.bfloat16) if args.device == "cuda" else dict(device=-1)
-    clf = pipeline("text-classification", model=model.eval(), tokenizer=tok, truncation=True, max_length=args.seq, **gpu)
+    clf = pipeline("text-classification", model=model.eval(), tokenizer=tok, truncation=True, max_length=args.seq,
+                   **pipeline_device(args))
     started = time.perf_counter()
-    if tuned:
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        predictions = [None] * len(texts)
-        for i, p in zip(order, clf([texts[i] for i in order], batch_size=args.predict_batch)):
-            predictions[i] = p
-    else:
-        predictions = clf(texts)
+    with pipeline_autocast(args):
+        if tuned:
+            order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+            predictions = [None] * len(texts)
+            for i, p in zip(order, clf([texts[i] for i in order], batch_size=args.predict_batch)):
+                predictions[i] = p
+        else:
+            predictions = clf(texts)
     infer_rate = len(tests) / (time.perf_counter() - started)
     accuracy = float(np.mean([p["label"] == r["label"] for p, r in zip(predictions, tests)]))
     return train_rate, infer_rate, accuracy
@@ -133,7 +140,7 @@ def run_domainlm(model_dir: Path, train: Path, test: Path, dev: Path, args) -> t
     out = model_dir.parent / "domainlm"
     cfg = FinetuneConfig(train=str(train), out=str(out), model=str(model_dir), dev=str(dev), batch_size=args.batch,
                          epochs=args.epochs, learning_rate=args.lr, warmup_ratio=0.1, max_seq_len=args.seq,
-                         early_stopping_patience=0, eval_steps=10**9, logging_freq=50, seeds=[0],
+                         early_stopping_patience=0, eval_steps=10**9, logging_freq=50, seeds=[0], precision=args.precision,
                          floor=False)  # the classical floor (seconds) is not part of fine-tuning speed
     started = time.perf_counter()
     finetune(cfg)  # includes evaluating and saving the model on the dev file at the end (counted against domainlm)
@@ -147,8 +154,9 @@ def run_domainlm(model_dir: Path, train: Path, test: Path, dev: Path, args) -> t
         labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
         return train_rate, float("nan"), test_accuracy(model, AutoTokenizer.from_pretrained(str(out / "model")), labels, tests, args.seq)
     started = time.perf_counter()
-    predict_command(PredictConfig(model=str(out / "model"), input=str(test), out=str(out / "pred.jsonl"), max_seq_len=args.seq,
-                                  **device_option(args)))
+    with inference_precision(args):
+        predict_command(PredictConfig(model=str(out / "model"), input=str(test), out=str(out / "pred.jsonl"),
+                                      max_seq_len=args.seq, **device_option(args)))
     infer_rate = len(tests) / (time.perf_counter() - started)
     predictions = [json.loads(x) for x in (out / "pred.jsonl").read_text(encoding="utf-8").splitlines()]
     accuracy = float(np.mean([p["labels"] == [r["label"]] for p, r in zip(predictions, tests)]))
@@ -156,8 +164,53 @@ def run_domainlm(model_dir: Path, train: Path, test: Path, dev: Path, args) -> t
 
 
 def device_option(args) -> dict:
-    """`--device` for domainlm's inference configs (CPU runs pass nothing: the CPU default)."""
-    return {"device": args.device} if args.device != "cpu" else {}
+    """`--device` (and `--precision`, where the config has it) for domainlm's inference configs (CPU runs pass no
+    device: the CPU default)."""
+    from domainlm.classify.config import PredictConfig
+
+    option = {"device": args.device} if args.device != "cpu" else {}
+    if "precision" in {f.name for f in dataclasses.fields(PredictConfig)}:
+        option["precision"] = args.precision
+    return option
+
+
+@contextlib.contextmanager
+def inference_precision(args):
+    """`domainlm predict` at the bench's precision. Where its config has no --precision (it follows auto, the rule
+    of domainlm.precision) and the bench asks for another, the runtime it loads is told in this process."""
+    import functools
+
+    from domainlm.classify import command
+    from domainlm.classify.config import PredictConfig
+    from domainlm.precision import resolve
+
+    has_flag = "precision" in {f.name for f in dataclasses.fields(PredictConfig)}
+    if has_flag or resolve("auto", args.device)[0] == args.precision:
+        yield
+        return
+    load = command.load
+    command.load = functools.partial(load, precision=args.precision)
+    try:
+        yield
+    finally:
+        command.load = load
+
+
+def pipeline_device(args) -> dict:
+    """The pipeline's device (and bf16 weights on a GPU in bf16, as a careful GPU user loads them)."""
+    import torch
+
+    if args.device == "cuda":
+        return dict(device=0, dtype=torch.bfloat16) if args.precision == "bf16" else dict(device=0)
+    return dict(device=-1)
+
+
+def pipeline_autocast(args):
+    """The pipeline's forward under bf16 autocast where the bench runs bf16 (on a CPU: the fp32 weights stay)."""
+    import torch
+
+    enabled = args.precision == "bf16"
+    return torch.autocast(args.device, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
 def test_accuracy(model, tok, labels: list[str], tests: list[dict], seq: int) -> float:
@@ -179,16 +232,16 @@ def test_accuracy(model, tok, labels: list[str], tests: list[dict], seq: int) ->
 def predict_pipeline(model_dir: Path, test: Path, out: Path, args) -> list[str]:
     """The tuned pipeline as a whole command: load the model folder, read the file, batch over length-sorted
     texts, write one JSON line per text."""
-    import torch
     from transformers import pipeline
 
-    gpu = dict(device=0, dtype=torch.bfloat16) if args.device == "cuda" else dict(device=-1)
-    clf = pipeline("text-classification", model=str(model_dir), truncation=True, max_length=args.seq, **gpu)
+    clf = pipeline("text-classification", model=str(model_dir), truncation=True, max_length=args.seq,
+                   **pipeline_device(args))
     texts = [json.loads(x)["text"] for x in test.read_text(encoding="utf-8").splitlines()]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     predictions = [None] * len(texts)
-    for i, p in zip(order, clf([texts[i] for i in order], batch_size=args.predict_batch)):
-        predictions[i] = p
+    with pipeline_autocast(args):
+        for i, p in zip(order, clf([texts[i] for i in order], batch_size=args.predict_batch)):
+            predictions[i] = p
     with open(out, "w", encoding="utf-8") as f:
         f.writelines(json.dumps({"text": t, "labels": [p["label"]], "scores": {p["label"]: round(p["score"], 4)}},
                                 ensure_ascii=False) + "\n" for t, p in zip(texts, predictions))
@@ -203,6 +256,7 @@ def compare_inference(model_dir: Path, test: Path, work: Path, args) -> None:
 
     from domainlm.classify.command import predict_command
     from domainlm.classify.config import PredictConfig
+    from domainlm.precision import resolve
 
     n = len(test.read_text(encoding="utf-8").splitlines())
     ours_out, theirs_out = work / "predict-domainlm.jsonl", work / "predict-pipeline.jsonl"
@@ -211,8 +265,9 @@ def compare_inference(model_dir: Path, test: Path, work: Path, args) -> None:
         started = time.perf_counter()
         theirs = predict_pipeline(model_dir, test, theirs_out, args)
         middle = time.perf_counter()
-        predict_command(PredictConfig(model=str(model_dir), input=str(test), out=str(ours_out), max_seq_len=args.seq,
-                                      **device_option(args)))
+        with inference_precision(args):
+            predict_command(PredictConfig(model=str(model_dir), input=str(test), out=str(ours_out),
+                                          max_seq_len=args.seq, **device_option(args)))
         ended = time.perf_counter()
         if r:
             rates["pipeline, tuned"].append(n / (middle - started))
@@ -224,9 +279,14 @@ def compare_inference(model_dir: Path, test: Path, work: Path, args) -> None:
 
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
         commands = {"pipeline, tuned (process)": [sys.executable, __file__, "--pipeline-run", str(model_dir), str(test),
-                                                  str(theirs_out), "--seq", str(args.seq), "--predict-batch", str(args.predict_batch)],
+                                                  str(theirs_out), "--seq", str(args.seq), "--predict-batch", str(args.predict_batch),
+                                                  "--precision", args.precision, "--device", args.device],
                     "domainlm predict (process)": [sys.executable, "-m", "domainlm.cli", "predict", "--model", str(model_dir),
-                                                   "--input", str(test), "--out", str(ours_out), "--max-seq-len", str(args.seq)]}
+                                                   "--input", str(test), "--out", str(ours_out), "--max-seq-len", str(args.seq),
+                                                   *[f"--{k}={v}" for k, v in device_option(args).items()]]}
+        if "precision" not in device_option(args) and resolve("auto", args.device)[0] != args.precision:
+            print(f"note: `domainlm predict` takes no --precision here: its whole-process rounds run at auto "
+                  f"({resolve('auto', args.device)[0]}), not {args.precision}")
         for _ in range(args.process_rounds):
             for name, command in commands.items():
                 started = time.perf_counter()
@@ -235,7 +295,7 @@ def compare_inference(model_dir: Path, test: Path, work: Path, args) -> None:
     ours = [json.loads(x)["labels"][0] for x in ours_out.read_text(encoding="utf-8").splitlines()]
     gold = [json.loads(x)["label"] for x in test.read_text(encoding="utf-8").splitlines()]
     print(f"{n} test rows, {model_dir}, max {args.seq} tokens, pipeline batch {args.predict_batch}, torch threads "
-          f"{torch_threads()}, median of {args.rounds} interleaved rounds")
+          f"{torch_threads()}, {args.precision} on both sides, median of {args.rounds} interleaved rounds")
     for name, values in rates.items():
         print(f"{name:28}{median(values):10.1f} samples/s  (rounds: {', '.join(f'{v:.0f}' for v in values)})")
     print(f"same label on {100 * np.mean([a == b for a, b in zip(ours, theirs)]):.1f}% of rows; test accuracy "
@@ -267,12 +327,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="--predict-only: timed rounds (median)")
     parser.add_argument("--process-rounds", type=int, default=0,
                         help="--predict-only: also time both as whole processes (start-up and imports included)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="every side's: auto is bf16 where the device has native bf16, else fp32")
     parser.add_argument("--pipeline-run", nargs=3, metavar=("MODEL", "TEST", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from domainlm.precision import describe_cpu, resolve
+
+    args.precision, why = resolve(args.precision, args.device)
     if args.pipeline_run:  # one whole-process run of the tuned pipeline (--process-rounds)
         model_dir, test, out = map(Path, args.pipeline_run)
         predict_pipeline(model_dir, test, out, args)
         return None
+    print(describe_cpu())
+    print(f"precision {args.precision} on every side ({why})")
     work = Path(args.work or tempfile.mkdtemp(prefix="domainlm-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     train, test, dev, tokenizer_dir = make_data(work, args.train, args.test)
@@ -282,7 +349,8 @@ def main() -> None:
     names = {"default": "Trainer/pipeline, defaults", "tuned": "Trainer/pipeline, tuned"}
     results = {names[b]: run_trainer(model_dir, train, test, args, b == "tuned") for b in args.baselines.split(",")}
     ours = results["domainlm finetune/predict"] = run_domainlm(model_dir, train, test, dev, args)
-    where = f"torch threads {torch_threads()}" if args.device == "cpu" else f"{cuda_name()}, bf16"
+    where = f"torch threads {torch_threads()}" if args.device == "cpu" else cuda_name()
+    where += f", {args.precision} on every side"
     print(f"reviews: {args.train} train / {args.test} test rows, BERT {args.shape} (random init), batch {args.batch}, "
           f"{args.epochs} epochs, max {args.seq} tokens, {where}")
     print(f"{'':30}{'train samples/s':>16}{'predict samples/s':>19}{'test accuracy':>15}")

@@ -1,7 +1,9 @@
 """domainlm's pretraining step vs the one a careful user writes with transformers: same model, batches, optimizer.
 
 Baseline ("HF tuned"): `ErnieForPreTraining(labels=..., next_sentence_label=...)` (SDPA attention, MLM logits at
-every position), fused AdamW, gradient clipping, and on a GPU bf16 autocast (and `torch.compile` with --compile).
+every position), fused AdamW, gradient clipping, bf16 autocast where the device has native bf16 (a GPU, or a CPU with
+AVX512_BF16 or AMX: --precision auto, what a careful user sets there), and `torch.compile` with --compile. Every
+side runs at the same precision. The header names the CPU's features (AVX2, AVX-512, VNNI, BF16, AMX).
 "domainlm padded": `PretrainingModel` on the same padded batches (MLM logits at masked positions only; what
 `pretrain --no-unpad` runs). "domainlm": the same model on the packed stream of real tokens (what `pretrain` runs).
 All three start from the same weights and train on the same samples, made by domainlm's own pipeline (store,
@@ -10,6 +12,7 @@ sample index, SOP pairs, whole-word masking) from People's Daily 1998 (--corpus 
 MFU (useful FLOPs over a matmul peak measured in the same run) and, on a GPU, peak memory.
 
     python bench/pretrain_bench.py                                   # CPU: micro and medium shapes, ~4 minutes
+    python bench/pretrain_bench.py --shapes micro --precision fp32   # fp32 on every side, whatever the CPU
     python bench/pretrain_bench.py --corpus reviews --shapes micro   # CPU: short texts, where unpadding pays most
     python bench/pretrain_bench.py --device cuda --shapes base --seq 256 --batch 128 --compile   # one GPU
     python bench/pretrain_bench.py --save-samples S.npz ...          # build samples here, --samples S.npz elsewhere
@@ -44,9 +47,10 @@ def ernie(shape: str, seq: int):
     return ErnieForPreTraining(config)
 
 
-def matmul_peak_tflops(device: str) -> float:
-    """bf16 on a GPU (8192^3, random data), fp32 on the CPU (2048^3)."""
-    n, dtype, reps = (8192, torch.bfloat16, 20) if device == "cuda" else (2048, torch.float32, 10)
+def matmul_peak_tflops(device: str, precision: str) -> float:
+    """At the bench's precision: 8192^3 on a GPU, 2048^3 on the CPU (random data)."""
+    n, reps = (8192, 20) if device == "cuda" else (2048, 10)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
@@ -219,16 +223,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--precision", choices=["no", "bf16"], default=None, help="default: bf16 on cuda, fp32 on cpu")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "no"], default="auto",
+                        help="every side's: auto is bf16 where the device has native bf16, else fp32 (no: fp32)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every side's forward")
     parser.add_argument("--skip", default="", help="comma list of variants not to run (e.g. 'domainlm padded')")
     parser.add_argument("--samples", type=Path, help="samples saved by --save-samples (no corpus work here)")
     parser.add_argument("--save-samples", type=Path, help="build the samples, save them here and stop")
     parser.add_argument("--work", default=None)
     args = parser.parse_args()
-    args.precision = args.precision or ("bf16" if args.device == "cuda" else "no")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no GPU is visible")
+    from domainlm.precision import describe_cpu, resolve
+
+    args.precision, why = resolve(args.precision, args.device)
+    print(describe_cpu())
     need = (args.steps + args.warmup) * args.batch
     if args.samples:
         items = load_samples(args.samples)
@@ -240,9 +248,10 @@ def main() -> None:
         save_samples(items, args.save_samples)
         print(f"saved {len(items)} samples to {args.save_samples}")
         return
-    peak = matmul_peak_tflops(args.device)
+    peak = matmul_peak_tflops(args.device, args.precision)
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{where}, torch {torch.__version__}, {args.precision}; matmul peak {peak:.3g} TFLOP/s measured here")
+    print(f"{where}, torch {torch.__version__}, {args.precision} on every side ({why}); {args.precision} matmul peak "
+          f"{peak:.3g} TFLOP/s measured here")
     for shape in args.shapes.split(","):
         bench_shape(shape, items, args, peak)
 

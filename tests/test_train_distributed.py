@@ -34,6 +34,16 @@ def still_model(tmp_path_factory, tiny_model):
     return str(out)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The in-process run on one thread, as torchrun gives each of its processes: bf16 matrix products (auto on a CPU
+    with native bf16) round differently with another thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def torchrun(*args):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",  # a free port
            "-m", "domainlm.cli", *args]
