@@ -43,6 +43,9 @@ def main() -> None:
     ap.add_argument("--samples", type=Path, required=True)
     ap.add_argument("--batch", type=int, default=128)
     args = ap.parse_args()
+    from domainlm.precision import describe_cpu
+
+    print(describe_cpu())
     items = load_samples(args.samples)[: args.batch]
     p = pack(items)
     heads, d = 12, 64

@@ -26,6 +26,9 @@ def main() -> None:
 
     from transformers import BertConfig, BertForPreTraining
 
+    from domainlm.precision import describe_cpu
+
+    print(describe_cpu())
     from domainlm.pretrain.model import PretrainingModel
     from domainlm.train.checkpoint import TrainState, find_latest, save_checkpoint
     from domainlm.train.setup import build_optimizer, build_scheduler, make_accelerator

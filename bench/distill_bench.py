@@ -27,6 +27,12 @@ import json
 from pathlib import Path
 
 
+def gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def random_encoder(folder: Path, tokenizer_dir: Path, layers: int, hidden: int) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
@@ -94,6 +100,11 @@ def main() -> None:
 
     from domainlm.cli import main as domainlm
     from domainlm.demo import sentiment_task, write_sample_data
+    from domainlm.precision import describe_cpu, resolve
+
+    print(describe_cpu())
+    auto, why = resolve("auto", "cuda" if gpu() else "cpu")
+    print(f"precision of every command: auto ({auto}: {why})", flush=True)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -150,7 +161,7 @@ def main() -> None:
     test_vs_plain = result["student_vs_plain"]  # the sweep's two-level paired test, computed by distill
     m = result["models"]
     gap = m["teacher"]["mean"] - m["plain"]["mean"]
-    summary = {"parameters": sizes, "ratio": sizes["teacher"] / sizes["student"], "metric": result["metric"], "models": m,
+    summary = {"cpu": describe_cpu(), "parameters": sizes, "ratio": sizes["teacher"] / sizes["student"], "metric": result["metric"], "models": m,
                "student_vs_plain": test_vs_plain, "gap_recovered": (m["student"]["mean"] - m["plain"]["mean"]) / gap if gap > 0 else None,
                "speed_texts_per_s": result["speed_texts_per_s"], "speedup": result.get("speedup"),
                "unlabeled_rows": len(unlabeled), "train_rows": args.train_rows, "test_rows": args.test_rows, "seeds": seeds,

@@ -35,9 +35,11 @@ def rel(a, b) -> float:
 
 def main() -> int:
     from domainlm.encoder.packed import encode_packed, pack_padded
+    from domainlm.precision import describe_cpu
     from domainlm.train.loop import to_device
 
     assert torch.cuda.is_available(), "no GPU"
+    print(f"{torch.cuda.get_device_name()}; {describe_cpu()}")
     failures = 0
 
     def check(name: str, ok: bool, detail: str) -> None:

@@ -1,7 +1,7 @@
 """Peak GPU memory of a full fine-tune of a 1.3B MegatronBert classifier (the shape of Erlangshen-MegatronBert-1.3B:
 24 layers, 2048 wide, 8 heads, FFN 8192, 21,248 tokens), with and without gradient checkpointing: domainlm's
-Classifier and AdamW (fp32 weights, bf16 autocast, betas 0.9/0.98, weight decay 0.1), a few optimizer steps of
-max-length rows, random weights (the memory does not depend on their values).
+Classifier and AdamW (fp32 weights, bf16 autocast where the device has native bf16, betas 0.9/0.98, weight decay
+0.1), a few optimizer steps of max-length rows, random weights (the memory does not depend on their values).
 
     python bench/large_model_memory.py [--batch 32,8 --length 512 --steps 3]   # on a GPU
     python bench/large_model_memory.py --quick                                 # a 2-layer shape, on any device
@@ -16,7 +16,7 @@ import time
 import torch
 
 
-def measure(config, batch: int, length: int, steps: int, checkpointing: bool, device: str) -> dict:
+def measure(config, batch: int, length: int, steps: int, checkpointing: bool, device: str, bf16: bool = True) -> dict:
     from transformers import MegatronBertForSequenceClassification
 
     from domainlm.classify.model import Classifier, enable_checkpointing
@@ -38,7 +38,7 @@ def measure(config, batch: int, length: int, steps: int, checkpointing: bool, de
     times = []
     for _ in range(steps):
         started = time.perf_counter()
-        with torch.autocast(device, dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
             loss, _ = model(input_ids=ids, attention_mask=mask, labels=labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -71,9 +71,14 @@ def main() -> None:
         args.batch, args.length, args.steps = "2", 32, 1
     config = MegatronBertConfig(**shape, num_labels=34)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    from domainlm.precision import describe_cpu, resolve
+
+    precision, why = resolve("auto", device)  # bf16 autocast where the device has it natively, as `finetune` runs
+    print(f"{describe_cpu()}; {device}, {precision} ({why})", flush=True)
     for batch in map(int, args.batch.split(",")):
         for checkpointing in (False, True):
-            print(json.dumps(measure(config, batch, args.length, args.steps, checkpointing, device)), flush=True)
+            print(json.dumps(measure(config, batch, args.length, args.steps, checkpointing, device, precision == "bf16")),
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,20 @@
-"""`domainlm pretrain` on one GPU, whole commands: fp32, bf16, bf16 + `--compile`, and bf16 padded (`--no-unpad`).
+"""`domainlm pretrain`, whole commands, at several precisions: fp32, auto (bf16 where the device has native bf16:
+a GPU, or a CPU with AVX512_BF16 or AMX), bf16, bf16 + `--compile`, and padded (`--no-unpad`) variants.
 
 Each setting runs the real command in its own process (Accelerate fixes the precision once per process) on a
 prepared corpus, from the same random weights (BERT-base shape by default), and reports the training tokens/s
 of its logged windows after the first (the first holds start-up and, with `--compile`, compilation) and the
-whole command's wall time. The baseline is fp32, the precision a user gets with no flag on a GPU without bf16.
+whole command's wall time. The baseline is fp32, the precision a user gets on a device without native bf16. The
+header names the CPU's features and what auto is there.
 
     python bench/precision_bench.py --corpus runs/demo/corpus-news        # ~3 minutes on one H100
     python bench/precision_bench.py --corpus STORE --settings "bf16,bf16 padded" --seq 256 --batch-size 128
-    # the CPU (fp32 only): the demo's domain step, short reviews, MLM only, packed vs padded
-    python bench/precision_bench.py --corpus REVIEWS_STORE --settings "fp32,fp32 padded" --layers 2 --hidden 128 \
-        --dropout 0 --batch-size 32 --steps 40 --extra=--no-binary-head --repeats 5
+    # a CPU: auto (bf16 where native) against fp32, ERNIE micro's width and depth, settings in turns
+    python bench/precision_bench.py --corpus runs/demo/corpus-news --settings fp32,auto --layers 4 --hidden 384 \
+        --batch-size 16 --steps 40 --repeats 3
+    # the demo's domain step on a CPU: short reviews, MLM only
+    python bench/precision_bench.py --corpus runs/demo/corpus-reviews --settings fp32,auto --layers 4 --hidden 384 \
+        --batch-size 32 --steps 40 --extra=--no-binary-head --repeats 3
 
 With --repeats N the settings run in turns, N times, so that a shared machine's slow minutes fall on both; each
 turn's ratio is printed, then the medians.
@@ -27,9 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
-SETTINGS = {"fp32": ["--precision", "no"], "bf16": ["--precision", "bf16"],
+SETTINGS = {"fp32": ["--precision", "fp32"], "auto": ["--precision", "auto"], "bf16": ["--precision", "bf16"],
             "bf16 + compile": ["--precision", "bf16", "--compile"], "bf16 padded": ["--precision", "bf16", "--no-unpad"],
-            "fp32 padded": ["--precision", "no", "--no-unpad"]}
+            "fp32 padded": ["--precision", "fp32", "--no-unpad"], "auto padded": ["--precision", "auto", "--no-unpad"]}
 
 
 def _run(args, work: Path, name: str, flags: list[str], log_every: int, turn: int) -> float | None:
@@ -66,14 +71,24 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--num-workers", type=int, default=None)
-    parser.add_argument("--settings", default="fp32,bf16,bf16 + compile", help=f"comma list of: {', '.join(SETTINGS)}")
+    parser.add_argument("--settings", default=None, help=f"comma list of: {', '.join(SETTINGS)} (default: fp32,bf16,"
+                                                         "bf16 + compile on a GPU, fp32,auto on a CPU)")
     parser.add_argument("--dropout", type=float, default=0.1, help="hidden and attention dropout (the demo uses 0)")
     parser.add_argument("--extra", default="", help="more `pretrain` flags for every setting, space-separated")
     parser.add_argument("--repeats", type=int, default=1, help="turns over the settings (medians are reported)")
     args = parser.parse_args()
-    gpu_only = [s for s in args.settings.split(",") if not s.startswith("fp32")]
-    if gpu_only and not torch.cuda.is_available():
-        sys.exit(f"{', '.join(gpu_only)}: these settings need a GPU; none is visible (fp32 settings run on a CPU)")
+    from domainlm.precision import cpu_bf16_feature, describe_cpu, resolve
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.settings = args.settings or ("fp32,bf16,bf16 + compile" if device == "cuda" else "fp32,auto")
+    unknown = [s for s in args.settings.split(",") if s not in SETTINGS]
+    if unknown:
+        sys.exit(f"--settings: {', '.join(unknown)} not among {', '.join(SETTINGS)}")
+    print(describe_cpu())
+    auto, why = resolve("auto", device)
+    print(f"auto on this {device}: {auto} ({why})", flush=True)
+    if device == "cpu" and not cpu_bf16_feature() and any(s.startswith("bf16") for s in args.settings.split(",")):
+        print("note: this CPU has no native bf16; bf16 settings run emulated (slower than fp32)")
     work = Path(tempfile.mkdtemp(prefix="domainlm-precision-"))
     from transformers import AutoTokenizer
 
@@ -94,7 +109,7 @@ def main() -> None:
             print("  turn", turn + 1, "  ".join(f"{n} {rates[n][-1] / rates[names[0]][-1]:.2f}x"
                                             for n in names[1:] if len(rates.get(n, [])) == turn + 1))
     rates = {name: statistics.median(r) for name, r in rates.items()}
-    where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{where}, {args.layers}x{args.hidden}, vocabulary {vocab:,}, micro batch {args.batch_size} x {args.seq} tokens")
     first = next(iter(rates), None)
     for name, rate in rates.items():

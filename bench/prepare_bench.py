@@ -110,6 +110,9 @@ def main() -> None:
     parser.add_argument("--mb", type=float, default=20.0)
     parser.add_argument("--work", default=None, help="folder for the generated corpora (default: a temp folder)")
     args = parser.parse_args()
+    from domainlm.precision import describe_cpu
+
+    print(describe_cpu())
     work = Path(args.work or tempfile.mkdtemp(prefix="domainlm-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     tokenizer_dir = write_sample_data(work / "data")["bert-base-chinese"]

@@ -115,7 +115,7 @@ def run_to_first_step(src: Path, store: Path, model: Path, out: Path, seq: int, 
     env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "domainlm.cli", "pretrain", "--corpus", str(store), "--model", str(model),
            "--out", str(out), "--max-steps", "2", "--max-seq-len", str(seq), "--logging-freq", "1",
-           "--eval-steps", "0", "--checkpoint-steps", "0", "--no-tensorboard", "--precision", "fp32"]
+           "--eval-steps", "0", "--checkpoint-steps", "0", "--no-tensorboard", "--precision", "auto"]
     started = time.perf_counter()
     # its own process group, so that stopping it also stops its DataLoader worker
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -180,6 +180,9 @@ def main() -> None:
     ap.add_argument("--index-only", action="store_true", help="only the sample index build, not the command")
     args = ap.parse_args()
     sys.path.insert(0, str(HERE))
+    from domainlm.precision import describe_cpu
+
+    print(describe_cpu(), flush=True)
     work = Path(args.work)
     vocab, vhash = make_model(work / "model", args.seq)
     sizes = [int(x) for x in args.sizes.split(",")]

