@@ -62,3 +62,17 @@ def test_bf16_on_this_cpu_answers_as_fp32_does(trained):  # noqa: F811
     best = np.sort(want, axis=-1)
     clear = best[:, -1] - best[:, -2] > 0.02
     assert clear.mean() > 0.8 and (got.argmax(-1) == want.argmax(-1))[clear].all()
+
+
+def test_cpu_features_are_named_in_one_line_for_benchmark_headers():
+    from domainlm.precision import cpu_features, describe_cpu
+
+    zen4 = frozenset({"fpu", "avx2", "avx512f", "avx512_vnni", "avx512_bf16"})
+    assert cpu_features(zen4) == ["AVX2", "AVX-512", "AVX512_VNNI", "AVX512_BF16"]
+    assert describe_cpu(zen4, "AMD EPYC 9654", 2) == (
+        "CPU AMD EPYC 9654, 2 cores: AVX2, AVX-512, AVX512_VNNI, AVX512_BF16 (native bf16: auto runs bf16)")
+    assert describe_cpu(frozenset({"avx2", "avx_vnni"}), "Intel Core", 1) == (
+        "CPU Intel Core, 1 core: AVX2, AVX_VNNI (no native bf16: auto runs fp32)")
+    assert describe_cpu(frozenset({"avx512f", "amx_bf16", "amx_int8"}), "", 4).endswith(
+        "AVX-512, AMX_BF16, AMX_INT8 (native bf16: auto runs bf16)")
+    assert describe_cpu().startswith("CPU ")  # this machine's
