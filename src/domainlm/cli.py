@@ -136,6 +136,17 @@ def _report(args: argparse.Namespace) -> None:
     print(report_run(args.run, args.out))
 
 
+def _launch(args: argparse.Namespace) -> int:
+    from domainlm.train.launch import launch
+
+    return launch(args.arguments, set(_commands()) - {"launch"})
+
+
+def _commands() -> list[str]:
+    parser = build_parser()
+    return list(next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from domainlm.classify.config import EvaluateConfig, FinetuneConfig, PredictConfig
     from domainlm.console.settings import ConsoleConfig
@@ -193,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for the report (default: RUN/report)")
     p.set_defaults(func=_report)
 
+    p = sub.add_parser("launch", help="run a command on several processes or machines: torchrun's options, then the "
+                       "command (torch's elastic agent and c10d rendezvous; failures in one line)", add_help=False)
+    p.add_argument("arguments", nargs=argparse.REMAINDER, help="torchrun options, then a domainlm command")
+    p.set_defaults(func=_launch)
+
     p = sub.add_parser("convert", help="a PaddleNLP ERNIE/BERT folder -> a Hugging Face folder (safetensors, config, tokenizer)")
     p.add_argument("paddle_dir", help="folder with model_state.pdparams, config.json or model_config.json, vocab.txt")
     p.add_argument("--out", required=True, help="folder for the Hugging Face model")
@@ -210,9 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["launch"]:  # torchrun's options are its own: passed on as they are, not parsed here
+        args = argparse.Namespace(func=_launch, arguments=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)  # None: success; `launch` returns its workers' exit status
     except DomainLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -227,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         outputs.release_all()  # the output-folder locks the command took
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

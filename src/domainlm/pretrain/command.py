@@ -33,6 +33,7 @@ from domainlm.pretrain.model import PretrainingModel
 from domainlm.pretrain.samples import cached_samples, parse_split, split_corpus
 from domainlm.train.checkpoint import (
     TrainState,
+    check_shared,
     load_checkpoint,
     model_fingerprint,
     resolve_resume,
@@ -144,6 +145,7 @@ def setup(cfg: PretrainConfig, out: RunFolder) -> Run:
     corpus, tokenizer, special = found.corpus, found.tokenizer, found.special
     datasets, reports, split = _datasets(cfg, accelerator, corpus, tokenizer, special, global_batch)
     out.begin(cfg)
+    check_shared(accelerator, out.out)  # checkpoints: written by rank 0, read by every rank
 
     from accelerate.utils import set_seed
 
