@@ -55,8 +55,8 @@ def test_every_command_with_an_out_enters_the_run_folder_step():
     subparsers = next(a for a in parser._actions if a.choices and "finetune" in a.choices).choices
     with_out = sorted(name for name, sub in subparsers.items()
                       if any("--out" in a.option_strings for a in sub._actions))
-    assert {"prepare", "pretrain", "finetune", "evaluate", "predict", "distill", "export", "sweep", "report", "convert",
-            "extend-vocab", "demo"} <= set(with_out)
+    assert {"prepare", "merge", "pretrain", "finetune", "evaluate", "predict", "distill", "export", "sweep", "report",
+            "convert", "extend-vocab", "demo"} <= set(with_out)
     bypass = []
     for name in with_out:
         module, function = _handler_target(subparsers[name].get_default("func"))
@@ -74,6 +74,7 @@ def test_the_source_writes_files_through_the_one_writer_only():
         "train/checkpoint.py": "writes inside its own staged step folder, fsynced, swapped into place",
         "train/logging.py": "the run's log, appended as it trains (recorded in the manifest first)",
         "data/store.py": "streams the corpus into prepare's staging folder",
+        "data/shards.py": "streams a shard's ledger into prepare's staging folder",
         "pretrain/samples.py": "the sample index cache, written beside and renamed into place",
         "classify/metrics.py": "draws into the path a Writer gave it",
         "sweep/report.py": "draws into the path a Writer gave it",

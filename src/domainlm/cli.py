@@ -19,6 +19,14 @@ def _prepare(args: argparse.Namespace) -> None:
     print(format_stats(stats))
 
 
+def _merge(args: argparse.Namespace) -> None:
+    from domainlm.data.merge import MergeConfig, merge
+    from domainlm.data.prepare import format_stats
+
+    stats = merge(cfglib.from_args(MergeConfig, args))
+    print(format_stats(stats))
+
+
 def _inspect(args: argparse.Namespace) -> None:
     from domainlm.data.inspect import inspect
 
@@ -150,6 +158,7 @@ def _commands() -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     from domainlm.classify.config import EvaluateConfig, FinetuneConfig, PredictConfig
     from domainlm.console.settings import ConsoleConfig
+    from domainlm.data.merge import MergeConfig
     from domainlm.data.prepare import PrepareConfig
     from domainlm.demo import DemoConfig
     from domainlm.distill.config import DistillConfig
@@ -165,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     # commands whose flags are a typed config's fields
     for name, help_text, cls, func in (
         ("prepare", "raw documents -> tokenized corpus store + stats", PrepareConfig, _prepare),
+        ("merge", "corpus stores -> one store: the shards of `prepare --shard` (duplicates decided as one prepare "
+                  "would), or stores prepared apart (concatenated)", MergeConfig, _merge),
         ("pretrain", "continued (domain-adaptive) MLM + SOP pretraining on a corpus store", PretrainConfig, _pretrain),
         ("finetune", "text classification (multi-class / multi-label), full or LoRA", FinetuneConfig, _finetune),
         ("evaluate", "metrics, bad cases and a report for a fine-tuned classifier on labelled data", EvaluateConfig, _evaluate),

@@ -73,6 +73,28 @@ class CorpusWriter:
         self.n_documents += 1
         self._documents.write(struct.pack("<q", self.n_sentences))
 
+    def copy_documents(self, corpus: Corpus, first: int, end: int, chunk_tokens: int = 1 << 24) -> None:
+        """Documents [first, end) of another store of the same vocabulary, appended in bulk, a chunk at a time (the
+        store checked them when it was written; `add` checks one document)."""
+        if end <= first:
+            return
+        s0, s1 = int(corpus.document_offsets[first]), int(corpus.document_offsets[end])
+        t0, t1 = int(corpus.sentence_offsets[s0]), int(corpus.sentence_offsets[s1])
+        dtype = self.dtype.newbyteorder("<")
+        for a in range(t0, t1, chunk_tokens):
+            b = min(a + chunk_tokens, t1)
+            self._tokens.write(np.asarray(corpus.tokens[a:b]).astype(dtype, copy=False).tobytes())
+            self._words.write(np.asarray(corpus.words[a:b]).tobytes())
+        for a in range(s0 + 1, s1 + 1, chunk_tokens):
+            b = min(a + chunk_tokens, s1 + 1)
+            self._sentences.write((np.asarray(corpus.sentence_offsets[a:b]) - t0 + self.n_tokens).astype("<i8").tobytes())
+        for a in range(first + 1, end + 1, chunk_tokens):
+            b = min(a + chunk_tokens, end + 1)
+            self._documents.write((np.asarray(corpus.document_offsets[a:b]) - s0 + self.n_sentences).astype("<i8").tobytes())
+        self.n_tokens += t1 - t0
+        self.n_sentences += s1 - s0
+        self.n_documents += end - first
+
     def close(self, meta: dict) -> dict:
         for f in (self._tokens, self._words, self._sentences, self._documents):
             f.flush()
