@@ -275,9 +275,20 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, config_flag: bool 
                                 **_flag_kind(hints[f.name], choice_aliases.get(f.name)))
 
 
+class _OneOrMore(argparse.Action):
+    """A flag given once holds its value; given again, the list of all its values (`--corpus A:0.3 --corpus B:0.7`)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        current = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, values if current is None else
+                (current if isinstance(current, list) else [current]) + [values])
+
+
 def _flag_kind(hint: Any, renamed_choices: dict[str, str] | None) -> dict[str, Any]:
     """argparse's action / choices for a field of type `hint` (renamed choices accepted, not listed)."""
     tp, _ = _unwrap_optional(hint)
+    if get_origin(tp) in (typing.Union, types.UnionType) and set(get_args(tp)) == {str, list[str]}:
+        return {"action": _OneOrMore, "metavar": "VALUE"}  # one value, or the flag repeated
     if tp is bool:
         return {"action": argparse.BooleanOptionalAction}
     if get_origin(tp) is Literal:

@@ -56,6 +56,18 @@ def real_tokens(batch: dict) -> torch.Tensor:
     return torch.tensor(batch["input_ids"].numel())
 
 
+def ratios(values: dict[str, float]) -> dict[str, float]:
+    """A metric given as a sum and a count (`name#sum`, `name#count`: a mean over the tokens or samples of one part of
+    each batch, e.g. one corpus of several) becomes `name`, their ratio over everything averaged together; where
+    the count is 0 (no such token in the window), it is left out."""
+    for key in [k for k in values if k.endswith("#sum")]:
+        name = key[: -len("#sum")]
+        total, count = values.pop(key), values.pop(f"{name}#count", 0.0)
+        if count:
+            values[name] = total / count
+    return values
+
+
 @dataclass
 class Evaluation:
     metrics: dict[str, float]  # mean over every evaluated micro batch of all processes
@@ -100,7 +112,7 @@ def evaluate(model, accelerator, batches: Iterable[dict], max_batches: int | Non
     net.train(was_training)
     local_rows = {k: torch.cat(v).numpy() for k, v in rows.items()}
     if accelerator.num_processes == 1:
-        return Evaluation({k: float(v) / max(n, 1) for k, v in sums.items()}, local_rows)
+        return Evaluation(ratios({k: float(v) / max(n, 1) for k, v in sums.items()}), local_rows)
     from accelerate.utils import gather_object
 
     # a process whose shard was empty knows no metric names: agree on them first
@@ -108,7 +120,7 @@ def evaluate(model, accelerator, batches: Iterable[dict], max_batches: int | Non
     vector = torch.stack([torch.as_tensor(sums.get(k, 0.0), dtype=torch.float32, device=accelerator.device)
                           for k in names] + [torch.tensor(float(n), device=accelerator.device)])
     total = accelerator.reduce(vector, reduction="sum").cpu()
-    metrics = {k: float(total[j]) / max(float(total[-1]), 1.0) for j, k in enumerate(names)}
+    metrics = ratios({k: float(total[j]) / max(float(total[-1]), 1.0) for j, k in enumerate(names)})
     shards = gather_object([local_rows])
     keys = sorted({k for s in shards for k in s})
     return Evaluation(metrics, {k: np.concatenate([s[k] for s in shards if k in s]) for k in keys})
@@ -157,7 +169,8 @@ def train_loop(
         logger.advance()
         # 3. log, evaluate, save (time spent in callbacks is not training time)
         if state.step % options.logging_freq == 0 or state.step == options.max_steps:
-            values = {k: float(accelerator.reduce(torch.stack(v).float().mean(), reduction="mean")) for k, v in window.items()}
+            values = ratios({k: float(accelerator.reduce(torch.stack(v).float().mean(), reduction="mean"))
+                             for k, v in window.items()})
             values["lr"] = lr
             values["grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
             total_tokens = int(accelerator.reduce(tokens, reduction="sum"))
