@@ -88,7 +88,7 @@ def assert_same_store(one, merged):
 
 
 @pytest.mark.parametrize("count", [3, 2])
-def test_shards_merged_are_byte_for_byte_one_prepare(tmp_path, inputs, tokenizer_dir, count):
+def test_shards_merged_are_byte_for_byte_one_prepare(tmp_path, inputs, tokenizer_dir, count, capsys):
     one = tmp_path / "one"
     stats = prepare(inputs, one, tokenizer_dir)
     assert stats["duplicates_exact"] == 2 and stats["duplicates_near"] == 1  # b's first, c's last; Y (after Z)
@@ -101,13 +101,15 @@ def test_shards_merged_are_byte_for_byte_one_prepare(tmp_path, inputs, tokenizer
             (part / shards.FOLDER / "shard.json").read_text())["taken"] == [1])
         assert (alone["duplicates_near"], alone["duplicates_exact"]) == (1, 0)
         assert sum(Corpus(p / shards.FOLDER / "dropped").n_documents for p in parts) == 1
+    prepare(inputs, parts[0], tokenizer_dir, "--shard", f"1/{count}")  # the same shard again: up to date
+    assert "is up to date" in capsys.readouterr().err
     merged = tmp_path / "merged"
     assert main(["merge", *map(str, reversed(parts)), "--out", str(merged)]) == 0  # any order
     assert_same_store(one, merged)
     assert json.loads((merged / ".domainlm-out.json").read_text())["command"] == "merge"
 
 
-def test_stores_prepared_apart_are_concatenated_in_the_order_given(tmp_path, inputs, tokenizer_dir):
+def test_stores_prepared_apart_are_concatenated_in_the_order_given(tmp_path, inputs, tokenizer_dir, err):
     first, second = tmp_path / "first", tmp_path / "second"
     sa, sb = prepare(inputs[:1], first, tokenizer_dir), prepare(inputs[1:], second, tokenizer_dir)
     merged = tmp_path / "merged"
@@ -123,6 +125,13 @@ def test_stores_prepared_apart_are_concatenated_in_the_order_given(tmp_path, inp
         assert stats[key] == sa[key] + sb[key], key
     assert stats["documents"] == m.n_documents and stats["merged_from"] == 2
     assert m.meta["vocab_hash"] == a.meta["vocab_hash"] and "shard" not in m.meta
+    # the run folder: an earlier merge is replaced only when asked, whole
+    before = (merged / "tokens.bin").read_bytes()
+    line = one_line(err("merge", second, first, "--out", merged))
+    assert line.startswith(f"error: --out {merged} holds an earlier finished `domainlm merge` run")
+    assert (merged / "tokens.bin").read_bytes() == before
+    assert main(["merge", str(second), str(first), "--out", str(merged), "--overwrite"]) == 0
+    assert Corpus(merged).n_documents == m.n_documents and (merged / "tokens.bin").read_bytes() != before
 
 
 def test_whole_files_are_dealt_largest_first_to_the_lightest_shard():

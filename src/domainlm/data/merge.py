@@ -149,7 +149,8 @@ def _replay(ledgers: list[shards.Ledger], counters: Counter) -> list[_Piece]:
     in_dropped = [np.cumsum(f == shards.NEAR) - 1 for f in fates]
     languages = [np.asarray(ledger.entries["language"]) for ledger in ledgers]
     cuts = [np.asarray(ledger.entries["cut"]) for ledger in ledgers]
-    keys = [np.asarray(ledger.keys) for ledger in ledgers]
+    keys = [np.asarray(ledger.keys) for ledger in ledgers]  # plain views of the mapped files: a row costs no memmap
+    signatures = [None if ledger.signatures is None else np.asarray(ledger.signatures) for ledger in ledgers]
     pieces: list[_Piece] = []
 
     def take(corpus: Corpus, doc: int, checked: bool) -> None:
@@ -164,8 +165,7 @@ def _replay(ledgers: list[shards.Ledger], counters: Counter) -> list[_Piece]:
         if fate == shards.IMPORTED:  # imported corpora are not deduplicated
             take(ledger.store, int(in_store[k][i]), True)
             continue
-        signature = ledger.signatures[i] if ledger.signatures is not None else None
-        dup = dedup.check(keys[k][i].tobytes(), signature)
+        dup = dedup.check(keys[k][i].tobytes(), None if signatures[k] is None else signatures[k][i])
         if dup is not None:
             counters[f"duplicates_{dup}"] += 1
             continue
@@ -232,7 +232,9 @@ def _merge(cfg: MergeConfig, out: outputs.RunFolder) -> dict:
     tokenizer_folder = first.path / "tokenizer"
     with out.writing("tokenizer"):
         shutil.copytree(tokenizer_folder, out.record("tokenizer"))
-    forbidden = corpus_forbidden_ids(load_fast_tokenizer(str(tokenizer_folder), log=lambda *a, **k: None))
+    forbidden = ()  # documents a store's writer checked are copied as they are; the others are checked as prepare does
+    if not all(piece.checked for piece in pieces):
+        forbidden = corpus_forbidden_ids(load_fast_tokenizer(str(tokenizer_folder), log=lambda *a, **k: None))
     writer = CorpusWriter(out.path, int(first.meta["vocab_size"]), forbidden_ids=forbidden)
     n_bytes = sum((s.path / name).stat().st_size for s in stores
                   for name in ("tokens.bin", "words.bin", "sentences.bin", "documents.bin"))
