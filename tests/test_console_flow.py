@@ -64,7 +64,7 @@ def test_every_start_up_check_is_a_field_error_at_creation_all_at_once(idle):
     r = client.post("/api/jobs", headers=AUTH, json={"command": "pretrain", "config": {"model": tiny, "corpus": "other-store",
                                                                                        "max_seq_len": 64}})
     assert r.status_code == 422 and list(r.json()["errors"]) == ["corpus"]
-    assert "another vocabulary" in r.json()["errors"]["corpus"]
+    assert "was tokenized with a different vocabulary" in r.json()["errors"]["corpus"]
 
     # fine-tuning: positions, the test file's labels against the training labels, the metric
     test = home / "datasets" / "test.jsonl"

@@ -136,6 +136,13 @@ def _report(args: argparse.Namespace) -> None:
     print(report_run(args.run, args.out))
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line (exit 2), like every other bad input; --help is as it was."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from domainlm.classify.config import EvaluateConfig, FinetuneConfig, PredictConfig
     from domainlm.console.settings import ConsoleConfig
@@ -146,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     from domainlm.serve.config import ExportConfig, ServeConfig
     from domainlm.sweep.command import SweepConfig
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="domainlm", description="Domain documents -> corpus -> continued pretraining -> a better small classifier.")
     parser.add_argument("--version", action="version", version=f"domainlm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -300,11 +300,11 @@ def load(cls: type[C], yaml_path: str | None = None, overrides: dict[str, Any] |
     names = {f.name for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
     if yaml_path:
+        from domainlm.files import read_text_input
+
         path = Path(yaml_path)
-        if not path.is_file():
-            raise DomainLMError(f"config file {path} does not exist")
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            raw = yaml.safe_load(read_text_input(path, "--config")) or {}
         except yaml.YAMLError as e:
             raise DomainLMError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(raw, dict):

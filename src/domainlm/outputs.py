@@ -100,8 +100,13 @@ def claim(out: str | Path, flag: str = "--out") -> None:
         os.close(fd)
     else:
         raise DomainLMError(f"{flag} {out}: its lock file {path} keeps changing; is another run starting?")
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError as e:  # a full disk: not even the lock's few bytes fit
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise DomainLMError(files.failure_line(out, files.io_failure(e), flag)) from None
     _HELD[path] = [fd, 1]
 
 

@@ -7,6 +7,7 @@ string split on a delimiter), and an optional group (per-group accuracy). Errors
 from __future__ import annotations
 
 import csv
+import io
 import json
 import sys
 from collections import Counter
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from domainlm.errors import DomainLMError
+from domainlm.files import read_text_input
 
 
 @dataclass
@@ -62,31 +64,27 @@ class Dataset:
         return [ex.text for ex in self.examples], pairs if any(p is not None for p in pairs) else None
 
 
-def _rows(path: Path):
-    """(line number, dict) for CSV, TSV and JSONL files."""
+def _rows(path: Path, flag: str | None = None):
+    """(line number, dict) for CSV, TSV and JSONL files (UTF-8, else GB18030)."""
     suffix = path.suffix.lower()
-    try:
-        if suffix == ".jsonl":
-            with open(path, encoding="utf-8-sig") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DomainLMError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                    if not isinstance(row, dict):
-                        raise DomainLMError(f"{path}:{lineno}: expected a JSON object")
-                    yield lineno, row
-        elif suffix in (".csv", ".tsv"):
-            with open(path, encoding="utf-8-sig", newline="") as f:
-                reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-                for row in reader:
-                    yield reader.line_num, row
-        else:
-            raise DomainLMError(f"{path}: unsupported file type {suffix or '(none)'}; use .csv, .tsv or .jsonl")
-    except UnicodeDecodeError as e:
-        raise DomainLMError(f"{path}: not UTF-8 ({e.reason})") from None
+    if suffix not in (".jsonl", ".csv", ".tsv"):
+        raise DomainLMError(f"{path}: unsupported file type {suffix or '(none)'}; use .csv, .tsv or .jsonl")
+    text = read_text_input(path, flag)
+    if suffix == ".jsonl":
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DomainLMError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DomainLMError(f"{path}:{lineno}: expected a JSON object")
+            yield lineno, row
+    else:
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
+        for row in reader:
+            yield reader.line_num, row
 
 
 def _labels(value, delimiter: str) -> list[str]:
@@ -122,14 +120,13 @@ def row_problem(row: dict, columns: Columns, require_labels: bool) -> str | None
 
 
 def read_examples(path: str, columns: Columns, multilabel: bool, require_labels: bool = True, skip_bad: bool = False,
-                  skip_flag: str | None = "--skip-bad-rows") -> Dataset:
-    """`skip_flag`: the flag the calling command accepts to skip bad rows (named in errors), or None."""
+                  skip_flag: str | None = "--skip-bad-rows", flag: str | None = None) -> Dataset:
+    """`skip_flag`: the flag the calling command accepts to skip bad rows (named in errors), or None; `flag`: the
+    option that names the file (in the errors about the file itself)."""
     p = Path(path)
-    if not p.is_file():
-        raise DomainLMError(f"data file {p} does not exist")
     data = Dataset(str(p))
     checked = False
-    for lineno, row in _rows(p):
+    for lineno, row in _rows(p, flag):
         if not checked:
             wanted = [c for c in (columns.text, columns.text_pair, columns.group) if c]
             if require_labels:
@@ -358,7 +355,8 @@ def task_problems(cfg, known: list[str] | None = None, known_from: str = "") -> 
         path = getattr(cfg, key, None)
         if path:
             try:
-                read[key] = read_examples(path, columns, multilabel, skip_bad=getattr(cfg, "skip_bad_rows", False))
+                read[key] = read_examples(path, columns, multilabel, skip_bad=getattr(cfg, "skip_bad_rows", False),
+                                          flag=f"--{key}")
             except DomainLMError as e:
                 errors[key] = str(e)
     labels = None
