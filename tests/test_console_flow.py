@@ -230,7 +230,7 @@ def test_sweep_job_is_checked_at_creation_runs_as_the_cli_and_shows_table_tests_
     a, b = models["which checkpoint domain-pt step-000004 seed-1"], models["which checkpoint domain-pt base seed-2"]
     table = client.get(f"/api/models/compare?ids={a['id']}&ids={b['id']}", headers=AUTH).json()
     assert [c["method"] for c in table["settings"]] == ["full", "full"] and [c["seed"] for c in table["settings"]] == ["1", "2"]
-    assert table["settings"][0]["base"] == "step-000004" and table["settings"][0]["epochs"] == 1
+    assert table["settings"][0]["base"] == "domain pt step-000004" and table["settings"][0]["epochs"] == 1  # its name
     assert table["settings"][0]["data"] == train["path"].split("/")[-1]
     assert all(c["metric"] and c["loss"] for c in table["curves"])  # one validation point per epoch, a loss per step
     assert table["floors"][0]["method"] and table["floors"][0] == table["floors"][1]  # the sweep's one floor

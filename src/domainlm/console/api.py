@@ -10,7 +10,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
 
-from domainlm.console import catalog, datasets, settings, ship
+from domainlm.console import catalog, datasets, i18n, settings, ship
 from domainlm.console.app import Conflict, Console
 from domainlm.console.db import Dataset, Job, Model
 from domainlm.console.jobs import slug
@@ -48,6 +48,15 @@ class JobCreate(BaseModel):
     config: dict[str, Any] = Field(default_factory=dict, description="the command's options (as in its YAML config); "
                                    "paths relative to --home; `model`: a listed base model, `model:ID` or a folder")
     notify: Notify = Field(default_factory=Notify)
+    gpus: list[Annotated[int, Field(ge=0, le=1023)]] | None = Field(
+        None, description="GPUs the job runs on (numbered as GET /api/resources lists them); [] the CPU only; "
+                          "unset: any free GPUs, one per process, on a machine that has them (else the CPU)")
+    processes: int = Field(1, ge=1, le=1024, description="processes; more than one runs the command under torchrun "
+                                                         "(finetune, pretrain, distill), one per GPU")
+
+
+class Move(BaseModel):
+    direction: Literal["up", "down"] = Field(description="one place sooner (up) or later (down) in the queue")
 
 
 class PredictRequest(BaseModel):
@@ -64,7 +73,8 @@ def list_jobs(request: Request, status: str = "", q: str = ""):
 @router.post("/jobs", status_code=201, summary="Create a job (validated like the CLI; 422 names each bad field)")
 def create_job(request: Request, body: JobCreate):
     c = _console(request)
-    job, errors = c.create_job(body.command, body.config, body.name, body.description, body.notify.model_dump())
+    job, errors = c.create_job(body.command, body.config, body.name, body.description, body.notify.model_dump(),
+                               body.gpus, body.processes, i18n.of(request))
     if job is None:
         return _invalid(errors)
     with c.sessions() as s:
@@ -113,6 +123,24 @@ def retry_job(request: Request, job_id: int):
     except Conflict as e:
         raise HTTPException(409, str(e)) from None
     return {"id": job_id, "status": "queued"}
+
+
+@router.post("/jobs/{job_id}/move", summary="Move a queued job one place up or down the queue; answers the queue's "
+             "job ids in order")
+def move_job(request: Request, job_id: int, body: Move):
+    c = _console(request)
+    try:
+        return {"queue": c.move(job_id, body.direction)}
+    except KeyError:
+        raise HTTPException(404, f"job {job_id} does not exist") from None
+    except Conflict as e:
+        raise HTTPException(409, str(e)) from None
+
+
+@router.get("/resources", summary="The machine: CPU, memory, the home folder's disk, each GPU (model, memory, "
+            "utilisation, the job using it)")
+def resources(request: Request):
+    return _console(request).resources()
 
 
 @router.get("/schema/{command}", summary="The create form's fields: type, default, range, help, presets")
