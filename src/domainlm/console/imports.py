@@ -27,11 +27,17 @@ from domainlm.errors import DomainLMError
 ARCHIVES = (".zip", ".tar.gz", ".tgz", ".tar")
 
 
+class Missing(DomainLMError):
+    """A server path that does not exist (the API answers 404)."""
+
+
 def allowed(home: Path, roots: list[str], value: str) -> Path:
     """A server path inside home or one of the import roots (symlinks followed), else PathError."""
     value = (value or "").strip()
     if not value:
-        raise PathError("give the folder's path on the server")
+        raise DomainLMError("give the folder's path on the server")
+    if "\x00" in value:  # no such file can exist
+        raise Missing(f"{value!r} does not exist (a path cannot hold a NUL character)")
     # a relative path is relative to home; an absolute one may lie in any allowed root
     for root in [home, *([Path(r) for r in roots] if Path(value).is_absolute() else [])]:
         try:
@@ -131,7 +137,10 @@ def add_model(s, home: Path, source: Path, name: str, copy: bool = True) -> Mode
 
 
 def register_model(s, home: Path, roots: list[str], value: str, name: str = "") -> Model:
-    return add_model(s, home, allowed(home, roots, value), name)
+    path = allowed(home, roots, value)
+    if not path.exists():
+        raise Missing(f"{value} does not exist")
+    return add_model(s, home, path, name)
 
 
 def unpack(archive: Path, filename: str, into: Path) -> Path:
@@ -183,7 +192,7 @@ def register_dataset(s, home: Path, roots: list[str], value: str, fields: dict) 
 
     path = allowed(home, roots, value)
     if not path.exists():
-        raise DomainLMError(f"{value} does not exist")
+        raise Missing(f"{value} does not exist")
     home_root = home.resolve()
     if path == home_root or home_root in path.parents:
         return datasets.register_existing(s, home, str(path), fields)

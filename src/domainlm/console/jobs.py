@@ -149,8 +149,8 @@ class JobFactory:
         if errors or cfg is None:
             return None, errors
         default_name = f"{command} {Path(str(getattr(cfg, 'model', '') or getattr(cfg, 'student', ''))).name}".strip()
-        if command == "export" and base_model is not None:  # "export model" would say nothing
-            default_name = f"export {base_model.name}"
+        if base_model is not None:  # its name as the user knows it ("export model" would say nothing)
+            default_name = f"{command} {base_model.name}"
         job = Job(name=(name or "").strip()[:200] or default_name,
                   description=(description or "").strip(), command=command, notify=notify,
                   base_model_id=base_model.id if base_model else None)

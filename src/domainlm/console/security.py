@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from domainlm import outputs
+from domainlm.errors import DomainLMError
 
 COOKIE = "domainlm_token"
 CSRF_HEADER = "x-csrf-token"
@@ -28,6 +29,8 @@ class PathError(ValueError):
 def inside(home: Path, value: str | Path) -> Path:
     """`value` (relative to home, or absolute) resolved with symlinks followed; refused unless inside home."""
     root = home.resolve()
+    if "\x00" in str(value):  # no file system takes one: refused before the path is looked at
+        raise PathError(f"{str(value)!r} is not a path (it holds a NUL character)")
     path = Path(value)
     resolved = (path if path.is_absolute() else root / path).resolve()
     if not outputs.inside(resolved, root):
@@ -198,9 +201,13 @@ async def receive_upload(request: Request, folder: Path, limit: int) -> tuple[di
                 tmp.write(chunk)
         if parser is not None:
             parser.finalize()
-    except BaseException:
+    except BaseException as e:
         tmp.close()
         os.unlink(tmp.name)
+        from python_multipart.exceptions import MultipartParseError
+
+        if isinstance(e, MultipartParseError):  # a client's broken form: its problem, said as such (not a 500)
+            raise DomainLMError(f"the upload is not a well-formed multipart form ({e})") from None
         raise
     tmp.close()
     if not state["filename"]:
