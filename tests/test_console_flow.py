@@ -255,6 +255,7 @@ def test_sweep_job_is_checked_at_creation_runs_as_the_cli_and_shows_table_tests_
     page = client.get("/models?kind=classifier&q=step-000004").text
     assert page.count("<tr data-model=") == 2 and f'<tbody class="group" data-group="{job["id"]}">' in page
     assert "2 of 9 models" in page
+    assert f'<div class="floor-note" data-field="floor">floor test accuracy {floor_value:.4f}</div>' in page
 
     # compare two checkpoints' classifiers: settings, curves, the floor beside, the paired test over both seeds
     models = {m["name"]: m for m in done["models"]}

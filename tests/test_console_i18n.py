@@ -130,6 +130,8 @@ def test_every_page_is_chinese_for_a_chinese_browser_and_english_after_the_switc
     client.get("/language/zh-CN")
     js = json.loads(re.search(r'<script type="application/json" id="i18n">(.*?)</script>', client.get("/jobs").text).group(1))
     assert js["succeeded"] == "成功" and js["no GPU"] == "无 GPU"  # the texts console.js writes itself
+    # the page that asks for the token too
+    assert "需要访问令牌" in TestClient(client.app).get("/jobs", headers=zh).text
     # the API and the CLI stay English
     assert client.get("/api/models/999").json() == {"detail": "model 999 does not exist"}
 

@@ -261,7 +261,17 @@ class Console:
                 "job_name": job.name if job else None, "job_command": job.command if job else None,
                 "step": m.step, "metrics": m.metrics, "size_bytes": m.size_bytes, "created_at": _iso(m.created_at),
                 "lineage": catalog.lineage(m, session, self.home), "can_try": m.kind in ("classifier", "linear"),
-                "method": self._method(m)}
+                "method": self._method(m), "floor": self._floor(m)}
+
+    def _floor(self, m: Model) -> dict | None:
+        """The classical floor fitted beside a classifier, on the split its headline metric is on."""
+        from domainlm.console import compare
+
+        found = compare.floor(self.home, m)
+        if not found:
+            return None
+        metric = next((k for k in ("accuracy", "f1_micro") if k in found["metrics"]), None)
+        return {"split": found["split"], "metric": metric, "value": round(found["metrics"][metric], 4)} if metric else None
 
     def _method(self, m: Model) -> str:
         from domainlm.console import compare

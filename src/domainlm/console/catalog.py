@@ -58,7 +58,8 @@ def total_steps(job: Job, train_rows: int | None) -> int | None:
         held_out = 0 if c.get("dev") else max(1, round(c["valid_ratio"] * fit))
         held_out = min(held_out, c["valid_max_rows"]) if c.get("valid_max_rows") else held_out
         runs = c["folds"] or len(c["seeds"])
-        return runs * c["epochs"] * math.ceil(max(1, fit - held_out) / (c.get("global_batch_size") or c["batch_size"]))
+        batch = c.get("global_batch_size") or c["batch_size"] * max(1, job.processes or 1)  # under torchrun: each a batch
+        return runs * c["epochs"] * math.ceil(max(1, fit - held_out) / batch)
     return None
 
 
