@@ -86,7 +86,8 @@ def test_train_watch_try_cancel_and_restart_in_the_browser(tmp_path, tiny_model)
             page.set_input_files("#f-file", train)
             page.click("#upload-button")
             page.wait_for_url(f"{base}/datasets/1")
-            assert [r.inner_text().split("\t")[:2] for r in page.query_selector_all("#distribution tr")] == [["负面", "16"], ["正面", "16"]]
+            rows = page.query_selector_all("#distribution tr")
+            assert [r.inner_text().split("\t")[:2] for r in rows] == [["负面", "16"], ["正面", "16"]]
 
             # the create form: an out-of-range value comes back next to its field, the rest as typed
             page.click("text=Create job")
@@ -121,7 +122,8 @@ def test_train_watch_try_cancel_and_restart_in_the_browser(tmp_path, tiny_model)
             log = page.inner_text("#log")
             assert "global batch 16 = 8 x 1 accumulation x 2 processes" in log and "[train] step 2" in log
             assert page.inner_text("#devices") == "CPU · 2 processes (torchrun)"
-            assert "torchrun --standalone --nproc-per-node 2 -m domainlm.cli finetune" in page.text_content("#command-line")
+            command = page.text_content("#command-line")
+            assert "torchrun --standalone --nproc-per-node 2 -m domainlm.cli finetune" in command
             assert page.inner_text("#machine #no-gpu") == "no GPU"  # the machine, on every job page
             page.screenshot(path=str(shots / "job.png"))
 
@@ -172,10 +174,11 @@ def test_train_watch_try_cancel_and_restart_in_the_browser(tmp_path, tiny_model)
             server = start_server(home, port, tiny_model)
             page.reload()  # the same cookie still works: the token is kept in the home folder
             assert page.inner_text("#status") == "running"  # adopted, not lost
-            page.wait_for_function("!document.getElementById('progress').textContent.startsWith('0 ')")  # a step or more
+            page.wait_for_function("!document.getElementById('progress').textContent.startsWith('0 ')")  # a step
             page.click("#cancel")
             page.wait_for_function("document.getElementById('status').textContent === 'cancelled'", timeout=30_000)
-            assert questions == ["Cancel job 2 (reviews sentiment (copy))? Its process is stopped; Retry starts it over."]
+            assert questions == ["Cancel job 2 (reviews sentiment (copy))? Its process is stopped; Retry starts it "
+                                 "over."]
             assert page.locator("#retry").inner_text() == "Retry"
             assert wait_for(lambda: not job_group_alive(home, 2), 10, what="job 2's process group to end")
             # Retry: the new attempt starts from 0, not from where the cancelled one stopped

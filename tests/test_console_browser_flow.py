@@ -145,7 +145,7 @@ def test_own_model_to_endpoint_in_the_browser(tmp_path, tiny_model, corpus_dir):
             page.goto(f"{base}/models/compare?ids={a}&ids={b}&ids={c}")
             assert page.evaluate("document.querySelector('#compare-table td.what').getBoundingClientRect().width") > 100
             assert page.evaluate("document.documentElement.scrollWidth") <= 1280
-            assert page.evaluate("document.querySelector('.scroll').scrollWidth <= document.querySelector('.scroll').clientWidth")
+            assert page.evaluate("(s => s.scrollWidth <= s.clientWidth)(document.querySelector('.scroll'))")
             assert page.locator("#paired-test .paired").count() == 2  # each against the first
 
             # export int8 with the accuracy change on the labelled data

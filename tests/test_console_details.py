@@ -31,7 +31,8 @@ def idle(tmp_path, tiny_model):
     client = TestClient(create_app(console))
     client.get("/?token=t")
     client.headers["X-CSRF-Token"] = console.csrf
-    train = client.post("/api/datasets", files={"file": ("train.jsonl", open(write_labelled(tmp_path / "t.jsonl"), "rb"))})
+    labelled = write_labelled(tmp_path / "t.jsonl")
+    train = client.post("/api/datasets", files={"file": ("train.jsonl", open(labelled, "rb"))})
     yield client, console, home, train.json(), tiny_model
     console.stop()
 
@@ -132,13 +133,14 @@ def test_required_selects_start_empty_and_a_linear_model_has_no_learning_rate(id
     # a linear model in compare: its method, seed and data; no learning rate, epochs, batch or length
     run = home / "jobs" / "linear-run"
     run.mkdir(parents=True)
-    (run / "config.yaml").write_text("method: linear\nlearning_rate: 3.0e-05\nepochs: 3\nseeds: [1]\ntrain: x/train.jsonl\n")
+    (run / "config.yaml").write_text("method: linear\nlearning_rate: 3.0e-05\nepochs: 3\nseeds: [1]\n"
+                                     "train: x/train.jsonl\n")
     with console.sessions() as s:
         s.add(Model(name="tfidf", kind="linear", path="jobs/linear-run", metrics={"dev accuracy": 0.5}))
         s.commit()
     table = client.get("/api/models/compare?ids=1").json()
-    assert table["settings"][0] == {"method": "linear", "LoRA rank": "", "learning rate": "", "epochs": "", "batch size": "",
-                                    "max seq len": "", "seed": "1", "base": "", "data": "train.jsonl"}
+    assert table["settings"][0] == {"method": "linear", "LoRA rank": "", "learning rate": "", "epochs": "",
+                                    "batch size": "", "max seq len": "", "seed": "1", "base": "", "data": "train.jsonl"}
     assert '<tr data-setting="learning rate"><td class="what">learning rate</td><td>–</td></tr>' in client.get(
         "/models/compare?ids=1").text
 
@@ -181,11 +183,13 @@ def test_ids_and_methods_are_answered_as_the_schema_says(idle):
     assert r.status_code == 405 and r.headers["allow"] == "GET"  # not "model id 'compare' is not an integer"
     assert client.get("/api/schema/bogus").status_code == 422
     spec = client.get("/openapi.json").json()
-    assert set(spec["paths"]["/api/models/{model_id}"]["delete"]["responses"]) >= {"200", "401", "403", "404", "409", "422"}
+    declared = spec["paths"]["/api/models/{model_id}"]["delete"]["responses"]
+    assert set(declared) >= {"200", "401", "403", "404", "409", "422"}
     # server paths: not there 404, outside the readable folders 403, a NUL character is no file at all
     assert client.post("/api/models/register", json={"path": "no/such/folder"}).status_code == 404
     assert client.post("/api/models/register", json={"path": "/etc"}).status_code == 403
     assert client.post("/api/datasets/register", json={"path": "a\x00b"}).status_code == 404
-    r = client.post("/api/models/upload", content=b"--x\r\n5--x--\r\n", headers={"Content-Type": "multipart/form-data; boundary=x"})
+    r = client.post("/api/models/upload", content=b"--x\r\n5--x--\r\n",
+                    headers={"Content-Type": "multipart/form-data; boundary=x"})
     assert r.status_code == 422 and "not a well-formed multipart form" in r.json()["errors"]["file"]
     assert client.post("/api/models/1/predict", json={"texts": ["  "]}).status_code == 422  # the schema says no blank

@@ -148,8 +148,8 @@ def test_devices_are_checked_against_the_machine_at_creation(console_env):
     assert errors(processes=2) == (422, {"processes": "2 processes need 2 GPUs, one each; this machine has 1"})
     assert errors(gpus=[], processes=999) == (422, {"processes": f"999 processes on the CPU: this machine has "
                                                                  f"{os.cpu_count()} cores"})
-    r = client.post("/api/jobs", headers=csrf, json={"command": "prepare", "config": {"input": [train], "tokenizer": tiny},
-                                                     "processes": 2, "gpus": [0]})
+    r = client.post("/api/jobs", headers=csrf, json={"command": "prepare", "processes": 2, "gpus": [0],
+                                                     "config": {"input": [train], "tokenizer": tiny}})
     assert r.json()["errors"]["processes"] == ("a prepare job runs as one process; more than one is for finetune, "
                                                "pretrain and distill")
     assert r.json()["errors"]["gpus"] == "a prepare job runs on the CPU"
@@ -169,13 +169,15 @@ def test_devices_are_checked_against_the_machine_at_creation(console_env):
 def test_the_queue_is_shown_in_order_and_can_be_reordered(console_env):
     client, console, train, tiny = console_env
     csrf = {"X-CSRF-Token": console.csrf}
-    ids = [client.post("/api/jobs", headers=csrf, json={"command": "finetune", "name": f"job {n}", "gpus": [0], "config": {
-        "model": tiny, "train": train, "max_seq_len": 64}}).json()["id"] for n in range(3)]
+    config = {"model": tiny, "train": train, "max_seq_len": 64}
+    ids = [client.post("/api/jobs", headers=csrf, json={"command": "finetune", "name": f"job {n}", "gpus": [0],
+                                                        "config": config}).json()["id"] for n in range(3)]
     with console.sessions() as s:  # the first one runs on GPU 0 (as the runner would have started it)
         j = s.get(Job, ids[0])
         j.status, j.devices = "running", [0]
         s.commit()
-    assert client.post(f"/api/jobs/{ids[2]}/move", headers=csrf, json={"direction": "up"}).json() == {"queue": [ids[2], ids[1]]}
+    moved = client.post(f"/api/jobs/{ids[2]}/move", headers=csrf, json={"direction": "up"}).json()
+    assert moved == {"queue": [ids[2], ids[1]]}
     page = client.get("/jobs").text
     assert page.index(f'data-queued="{ids[2]}"') < page.index(f'data-queued="{ids[1]}"')
     assert f"waits for GPU 0 (job {ids[0]})" in page
@@ -184,7 +186,8 @@ def test_the_queue_is_shown_in_order_and_can_be_reordered(console_env):
     r = client.post(f"/jobs/{ids[1]}/up", data={"csrf": console.csrf}, follow_redirects=False)  # the page's button
     assert r.status_code == 303
     with console.sessions() as s:
-        assert [j.id for j in sorted(s.query(Job).filter(Job.status == "queued"), key=lambda j: j.queue_position)] == ids[1:]
+        queued = sorted(s.query(Job).filter(Job.status == "queued"), key=lambda j: j.queue_position)
+        assert [j.id for j in queued] == ids[1:]
     assert client.post(f"/api/jobs/{ids[0]}/move", headers=csrf, json={"direction": "up"}).status_code == 409  # running
     assert client.post("/api/jobs/999/move", headers=csrf, json={"direction": "up"}).status_code == 404
     retried = client.post(f"/api/jobs/{ids[1]}/cancel", headers=csrf)

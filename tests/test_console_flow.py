@@ -169,15 +169,16 @@ def test_own_models_and_corpora_come_in_from_the_pages(tmp_path, tiny_model, cor
         assert named["path"].endswith("/models/demo-base_folder_")  # the folder keeps safe characters only
         r = client.post("/jobs/new", data={"csrf": console.csrf, "command": "pretrain", "model": f"model:{named['id']}",
                                            "corpus": corpus["path"], "max_seq_len": "512"})
-        assert _field_error(r.text, "max_seq_len") == ("max seq len 512 exceeds what the model demo-base (folder) can take "
-                                                       "(64 positions); use 64 or less")
+        assert _field_error(r.text, "max_seq_len") == ("max seq len 512 exceeds what the model demo-base (folder) "
+                                                       "can take (64 positions); use 64 or less")
         # "Pretrain further" starts from what the model takes (64 positions), not the form's 512
         form = client.get(f"/jobs/new?command=pretrain&base={named['id']}").text
         assert re.search(r'id="f-max_seq_len"[^>]*value="64"', form)
         job = client.post("/api/jobs", headers=AUTH, json={"command": "pretrain", "config": {
             "model": f"model:{named['id']}", "corpus": corpus["path"], "max_seq_len": 64}}).json()
         assert job["model"] == "demo-base (folder)"
-        assert f'<a href="/models/{named["id"]}" id="job-model">demo-base (folder)</a>' in client.get(f"/jobs/{job['id']}").text
+        job_page = client.get(f"/jobs/{job['id']}").text
+        assert f'<a href="/models/{named["id"]}" id="job-model">demo-base (folder)</a>' in job_page
         assert '<div class="sub">demo-base (folder)</div>' in client.get("/jobs").text
         assert "demo-base_folder_" not in client.get("/jobs").text
     finally:
@@ -344,7 +345,7 @@ def test_export_int8_download_and_an_endpoint_from_the_model_page(idle, tmp_path
     job_page = client.get(f"/jobs/{ft['id']}").text
     assert f"tensorboard --logdir {ft['folder']} --port 6006" in job_page
     # the classifier folder brought in again from the server is a classifier (Try and serve take it), not a base
-    again = client.post("/api/models/register", headers=AUTH, json={"path": clf["path"], "name": "reviews again"}).json()
+    again = client.post("/api/models/register", headers=AUTH, json={"path": clf["path"], "name": "again"}).json()
     assert again["kind"] == "classifier" and again["can_try"]
     preds = client.post(f"/api/models/{again['id']}/predict", headers=AUTH, json={"texts": ["酒店很好"]}).json()
     assert preds[0]["labels"][0] in ("neg", "pos")

@@ -37,7 +37,8 @@ def page_texts() -> set[str]:
 
     found |= set(i18n.JS_KEYS) | set(SETTINGS) | set(settings.TITLES.values())
     found |= {"queued", "running", "succeeded", "failed", "cancelled", "interrupted", "Retry", "Resume", "test", "dev"}
-    found |= {"base", "snapshot", "final", "classifier", "linear", "export", "tokenizer", "labelled", "documents", "corpus"}
+    found |= {"base", "snapshot", "final", "classifier", "linear", "export", "tokenizer", "labelled", "documents",
+              "corpus"}
     for command in settings.job_types():
         found.add(command)
         found |= {title for title, _ in settings.sections(command)} | set(settings.presets(command))
@@ -106,7 +107,8 @@ def test_every_page_is_chinese_for_a_chinese_browser_and_english_after_the_switc
     # texts of the catalogue that a Chinese page must not show (a command name such as `domainlm console` is quoted in
     # Chinese sentences too, so texts that a translation itself contains are not counted)
     words = " ".join(ZH.values())
-    english = sorted((k for k in ZH if "{" not in k and len(k) > 14 and " " in k and k not in words), key=len, reverse=True)
+    english = sorted((k for k in ZH if "{" not in k and len(k) > 14 and " " in k and k not in words), key=len,
+                     reverse=True)
     pages = ["/jobs", "/models", "/datasets", f"/datasets/{train['id']}", "/resources", "/docs",
              *(f"/jobs/new?command={c}" for c in settings.job_types())]
     for url in pages:
@@ -124,11 +126,13 @@ def test_every_page_is_chinese_for_a_chinese_browser_and_english_after_the_switc
     # the switch: a cookie, then English whatever the browser says; back to the page it was pressed on
     r = client.get("/language/en?next=/models", headers=zh, follow_redirects=False)
     assert r.status_code == 303 and r.headers["location"] == "/models" and "domainlm_lang=en" in r.headers["set-cookie"]
-    assert '<html lang="en">' in client.get("/jobs", headers=zh).text and "Create job" in client.get("/jobs", headers=zh).text
+    english_page = client.get("/jobs", headers=zh).text
+    assert '<html lang="en">' in english_page and "Create job" in english_page
     assert client.get("/language/en?next=https://evil.example/", follow_redirects=False).headers["location"] == "/jobs"
     assert client.get("/language/fr").status_code == 404
     client.get("/language/zh-CN")
-    js = json.loads(re.search(r'<script type="application/json" id="i18n">(.*?)</script>', client.get("/jobs").text).group(1))
+    blob = re.search(r'<script type="application/json" id="i18n">(.*?)</script>', client.get("/jobs").text).group(1)
+    js = json.loads(blob)
     assert js["succeeded"] == "成功" and js["no GPU"] == "无 GPU"  # the texts console.js writes itself
     # the page that asks for the token too
     assert "需要访问令牌" in TestClient(client.app).get("/jobs", headers=zh).text

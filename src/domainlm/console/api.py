@@ -32,15 +32,16 @@ class Problem(BaseModel):
 
 
 def _answers(*codes: int) -> dict:
-    meaning = {400: "a body that is not JSON", 401: "missing or wrong token", 403: "a path outside the folders the console may read, or a missing "
-               "CSRF token (cookie sessions)", 404: "no such id, or a server path that does not exist",
+    meaning = {400: "a body that is not JSON", 401: "missing or wrong token",
+               403: "a path outside the folders the console may read, or a missing CSRF token (cookie sessions)", 404: "no such id, or a server path that does not exist",
                409: "not in the current state", 413: "the upload is over --max-upload-mb", 422: "invalid options"}
     return {code: {"model": Problem, "description": meaning[code]} for code in codes}
 
 
 # the token: `Authorization: Bearer TOKEN` (the browser's pages use a cookie); checked by security.TokenAuth
 router = APIRouter(prefix="/api", responses=_answers(400, 401, 403),
-                   dependencies=[Security(HTTPBearer(auto_error=False, description="the token `domainlm console` printed"))])
+                   dependencies=[Security(HTTPBearer(auto_error=False,
+                                                     description="the token `domainlm console` printed"))])
 JobId = Annotated[int, Path(ge=1, le=MAX_ID, description="a job's id")]
 ModelId = Annotated[int, Path(ge=1, le=MAX_ID, description="a model's id")]
 DatasetId = Annotated[int, Path(ge=1, le=MAX_ID, description="a dataset's id")]
@@ -235,7 +236,8 @@ def predict(request: Request, model_id: ModelId, body: PredictRequest):
 @router.delete("/models/{model_id:int}", summary="Delete a model's files and record (needs confirm=true)",
                responses=_answers(404, 409, 422))
 def delete_model(request: Request, model_id: ModelId, confirm: Annotated[bool, Query(
-        description="true: deleting removes the model's files, so it is asked for", json_schema_extra={"enum": [True]})]):
+        description="true: deleting removes the model's files, so it is asked for",
+        json_schema_extra={"enum": [True]})]):
     c = _console(request)
     if not confirm:
         return _invalid({"confirm": "deleting removes the model's files; repeat with confirm=true"})
@@ -336,7 +338,8 @@ async def upload(request: Request) -> Dataset:
 def _upload_body(fields: dict, raw: bool) -> dict:
     """The request body of an upload route, for the OpenAPI document (the route streams it itself)."""
     form = {"type": "object", "required": ["file"], "properties": {
-        "file": {"type": "string", "format": "binary"}, **{k: {"type": "string", "description": v} for k, v in fields.items()}}}
+        "file": {"type": "string", "format": "binary"},
+        **{k: {"type": "string", "description": v} for k, v in fields.items()}}}
     content = {"multipart/form-data": {"schema": form}}
     if raw:
         content["application/octet-stream"] = {"schema": {"type": "string", "format": "binary"}}
@@ -380,8 +383,8 @@ def register_dataset(request: Request, body: Register):
 
 
 class RegisterModel(BaseModel):
-    path: str = Field(pattern=r"\S", description="a model folder on the server, inside --home or one of --import-roots: Hugging Face "
-                                  "(config.json + weights), PaddleNLP (converted), or a vocabulary only (a tokenizer)")
+    path: str = Field(pattern=r"\S", description="a model folder on the server, inside --home or one of --import-roots: "
+                      "Hugging Face (config.json + weights), PaddleNLP (converted), or a vocabulary only (a tokenizer)")
     name: str = ""
 
 

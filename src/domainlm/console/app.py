@@ -131,7 +131,8 @@ class Console:
             "progress": catalog.progress(job, folder, self._train_rows(s, job), now()),
             "headline": catalog.headline(job, folder) if done else None,
             "cancelling": bool(job.cancel_requested_at) and job.status == "running",
-            "devices": {"gpus": job.gpus, "processes": job.processes, "assigned": job.devices if job.status == "running" else None},
+            "devices": {"gpus": self._asked_gpus(job), "processes": job.processes,
+                        "assigned": job.devices if job.status == "running" else None},
             "queue": None,
             **self._restart(job, folder),
         }
@@ -142,6 +143,13 @@ class Console:
             out["queue"] = {"position": [j.id for j in waiting].index(job.id) + 1 if job in waiting else None,
                             "length": len(waiting), "waiting_for": None if start else why}
         return out
+
+    def _asked_gpus(self, job: Job) -> list[int] | None:
+        """The GPUs a job asked for, as it will get them: a job that cannot use one, or a machine without any, is the
+        CPU ([]), not "any free GPU" (None)."""
+        if job.gpus is None and (job.command not in devices.GPU_COMMANDS or not self.machine.gpu_count()):
+            return []
+        return job.gpus
 
     def model_name(self, s, job: Job) -> str | None:
         """The model a job starts from as the user knows it: one of my models by its name, a listed base model
@@ -166,7 +174,8 @@ class Console:
         checkpoint = job.command == "pretrain" and any((folder / "checkpoints").glob("step-*"))
         return {"resumable": unsuccessful and not config_error, "config_error": config_error,
                 "restart_label": "Resume" if checkpoint else "Retry",
-                "tensorboard": str(folder) if any(folder.glob("tensorboard")) or any(folder.glob("*/tensorboard")) else None}
+                "tensorboard": str(folder) if any(folder.glob("tensorboard")) or any(folder.glob("*/tensorboard"))
+                else None}
 
     def job_detail(self, s, job: Job) -> dict:
         out = self.job_summary(s, job)
@@ -271,7 +280,9 @@ class Console:
         if not found:
             return None
         metric = next((k for k in ("accuracy", "f1_micro") if k in found["metrics"]), None)
-        return {"split": found["split"], "metric": metric, "value": round(found["metrics"][metric], 4)} if metric else None
+        if metric is None:
+            return None
+        return {"split": found["split"], "metric": metric, "value": round(found["metrics"][metric], 4)}
 
     def _method(self, m: Model) -> str:
         from domainlm.console import compare

@@ -58,7 +58,7 @@ def total_steps(job: Job, train_rows: int | None) -> int | None:
         held_out = 0 if c.get("dev") else max(1, round(c["valid_ratio"] * fit))
         held_out = min(held_out, c["valid_max_rows"]) if c.get("valid_max_rows") else held_out
         runs = c["folds"] or len(c["seeds"])
-        batch = c.get("global_batch_size") or c["batch_size"] * max(1, job.processes or 1)  # under torchrun: each a batch
+        batch = c.get("global_batch_size") or c["batch_size"] * max(1, job.processes or 1)  # torchrun: one each
         return runs * c["epochs"] * math.ceil(max(1, fit - held_out) / batch)
     return None
 
@@ -139,12 +139,13 @@ def _headline(job: Job, folder: Path) -> dict | None:
         summary = read_json(folder / "summary.json")
         if summary.get("mean_std", {}).get(name):
             return {"name": f"{name} ({summary['evaluated_on']}, mean of {summary['runs']})",
-                    "value": round(summary["mean_std"][name]["mean"], 4), "metric": name, "split": summary["evaluated_on"],
-                    "runs": summary["runs"]}
+                    "value": round(summary["mean_std"][name]["mean"], 4), "metric": name,
+                    "split": summary["evaluated_on"], "runs": summary["runs"]}
         metrics = read_json(folder / "metrics.json")
         split = "test" if "test" in metrics else "dev"
         if name in metrics.get(split, {}):
-            return {"name": f"{name} ({split})", "value": round(metrics[split][name], 4), "metric": name, "split": split}
+            return {"name": f"{name} ({split})", "value": round(metrics[split][name], 4), "metric": name,
+                    "split": split}
         distill = read_json(folder / "distill.json")
         if distill.get("models", {}).get("student"):
             return {"name": f"{distill['metric']} ({distill['split']}, mean of {len(distill['seeds'])})",
@@ -161,7 +162,8 @@ def _headline(job: Job, folder: Path) -> dict | None:
         primary = results.get("primary_metric")
         best = next((c for c in results.get("cells", []) if c.get("best")), None)
         if best and primary in best:
-            return {"name": f"{primary} best: {best['model']} {best['checkpoint']}", "value": round(best[primary]["mean"], 4),
+            return {"name": f"{primary} best: {best['model']} {best['checkpoint']}",
+                    "value": round(best[primary]["mean"], 4),
                     "metric": primary, "split": results.get("task", {}).get("evaluated_on", "test"),
                     "best": f"{best['model']} {best['checkpoint']}"}
         return None
@@ -185,7 +187,8 @@ def distill_report(folder: Path) -> dict | None:
     speeds = result.get("speed_texts_per_s", {})
     rows = [{"model": name, "mean": v["mean"], "std": v["std"], "per_seed": v["per_seed"],
              "speed": speeds.get("student" if name == "plain" else name)} for name, v in result["models"].items()]
-    tests = [{"against": name, **result[f"student_vs_{name}"]} for name in ("plain", "floor") if f"student_vs_{name}" in result]
+    tests = [{"against": name, **result[f"student_vs_{name}"]} for name in ("plain", "floor")
+             if f"student_vs_{name}" in result]
     return {"metric": result["metric"], "split": result["split"], "rows": rows, "tests": tests,
             "speedup": result.get("speedup"), "best": max(r["mean"] for r in rows)}
 

@@ -47,7 +47,8 @@ def settings(home: Path, m: Model, names: dict[str, str] | None = None) -> dict:
     if job is not None and job.command == "pretrain":
         return {"method": "MLM + SOP" if c.get("binary_head", True) else "MLM", "LoRA rank": "",
                 "learning rate": c.get("max_lr", ""), "epochs": f"{c.get('max_steps', '')} steps", "batch size": c.get("micro_batch_size", ""),
-                "max seq len": c.get("max_seq_len", ""), "seed": c.get("seed", ""), "base": _short(c.get("model", ""), names),
+                "max seq len": c.get("max_seq_len", ""), "seed": c.get("seed", ""),
+                "base": _short(c.get("model", ""), names),
                 "data": Path(c.get("corpus") or "").name}
     return dict.fromkeys(SETTINGS, "")
 
@@ -172,7 +173,8 @@ def table(s, home: Path, ids: list[int], summary) -> dict:
     markdown = markdown_table(header, rows)
     for t in tests:
         markdown += (f"\n\nPaired test, {t['a']} vs {t['b']}: difference {100 * t['difference']:+.1f} points, "
-                     f"one-sided p = {t['p_value']:.3g}" + (f" (Holm-adjusted {t['p_holm']:.3g})" if "p_holm" in t else "")
+                     f"one-sided p = {t['p_value']:.3g}"
+                     + (f" (Holm-adjusted {t['p_holm']:.3g})" if "p_holm" in t else "")
                      + f" ({t['seeds'][0]} vs {t['seeds'][1]} seeds, {t['rows']} rows)")
     return {"header": header, "rows": rows, "metrics": keys, "best": best, "settings": configs, "setting_names": SETTINGS,
             "floors": floors, "floor_values": floor_values, "floor_metric": first,
@@ -187,7 +189,7 @@ def per_class(home: Path, m: Model) -> dict | None:
         return None
     run = run_folder(home, m)
     metrics = read_json(run / "metrics.json")
-    split = "test" if "per_class" in metrics.get("test", {}) else "dev" if "per_class" in metrics.get("dev", {}) else None
+    split = next((s for s in ("test", "dev") if "per_class" in metrics.get(s, {})), None)
     if split is None:
         return None
     part = metrics[split]

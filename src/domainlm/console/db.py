@@ -50,7 +50,7 @@ class Job(Base):
     devices: Mapped[list[Any]] = mapped_column(default=list, server_default=text("'[]'"))
     processes: Mapped[int] = mapped_column(default=1, server_default=text("1"))
     queue_position: Mapped[int] = mapped_column(default=0, server_default=text("0"))  # smaller: sooner
-    progress_base: Mapped[int] = mapped_column(default=0, server_default=text("0"))  # steps done when this attempt began
+    progress_base: Mapped[int] = mapped_column(default=0, server_default=text("0"))  # steps done as this attempt began
 
     base_model: Mapped[Model | None] = relationship(foreign_keys=[base_model_id])
 

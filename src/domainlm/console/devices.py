@@ -103,8 +103,9 @@ class Machine:
             cpu = {"cores": self.cpu_count(), "percent": None, "load": list(os.getloadavg())}
             ram = None
         disk = shutil.disk_usage(self.home)
-        return {"cpu": cpu, "memory": ram, "disk": {"path": str(self.home), "total": disk.total, "used": disk.used,
-                                                    "free": disk.free, "percent": round(100 * disk.used / disk.total, 1)},
+        return {"cpu": cpu, "memory": ram,
+                "disk": {"path": str(self.home), "total": disk.total, "used": disk.used, "free": disk.free,
+                         "percent": round(100 * disk.used / disk.total, 1)},
                 "gpus": [vars(g) for g in self.gpus()]}
 
 
@@ -115,7 +116,8 @@ def check(machine: Machine, command: str, gpus: list[int] | None, processes: int
     if processes < 1:
         errors["processes"] = f"processes = {processes} is out of range [1, inf]"
     elif processes > 1 and command not in DISTRIBUTED:
-        errors["processes"] = f"a {command} job runs as one process; more than one is for finetune, pretrain and distill"
+        errors["processes"] = (f"a {command} job runs as one process; more than one is for finetune, pretrain and "
+                               "distill")
     if gpus is not None and len(set(gpus)) != len(gpus):
         errors["gpus"] = f"GPUs {gpus} name one twice"
     elif gpus and command not in GPU_COMMANDS:
@@ -126,11 +128,14 @@ def check(machine: Machine, command: str, gpus: list[int] | None, processes: int
             errors["gpus"] = (f"GPU {', '.join(map(str, missing))} is not on this machine "
                               + (f"(it has {have}: {', '.join(map(str, range(have)))})" if have else "(it has no GPU)"))
         elif processes > 1 and processes != len(gpus):
-            errors.setdefault("processes", f"{len(gpus)} GPU(s) run {len(gpus)} process(es), one per GPU, not {processes}")
+            errors.setdefault("processes",
+                              f"{len(gpus)} GPU(s) run {len(gpus)} process(es), one per GPU, not {processes}")
     elif gpus is None and have and command in GPU_COMMANDS and processes > have:
-        errors.setdefault("processes", f"{processes} processes need {processes} GPUs, one each; this machine has {have}")
+        errors.setdefault("processes",
+                          f"{processes} processes need {processes} GPUs, one each; this machine has {have}")
     elif (gpus == [] or not have) and processes > machine.cpu_count():
-        errors.setdefault("processes", f"{processes} processes on the CPU: this machine has {machine.cpu_count()} cores")
+        errors.setdefault("processes",
+                          f"{processes} processes on the CPU: this machine has {machine.cpu_count()} cores")
     return errors
 
 

@@ -49,8 +49,8 @@ def _console(request: Request) -> Console:
 def render(request: Request, name: str, status_code: int = 200, **context) -> HTMLResponse:
     c = _console(request)
     _ = i18n.translator(i18n.of(request))
-    return templates.TemplateResponse(request, name, {"csrf": c.csrf, "_": _, "lang": _.lang, "languages": i18n.LANGUAGES,
-                                                      "js_messages": _.js(), **context}, status_code=status_code)
+    context = {"csrf": c.csrf, "_": _, "lang": _.lang, "languages": i18n.LANGUAGES, "js_messages": _.js(), **context}
+    return templates.TemplateResponse(request, name, context, status_code=status_code)
 
 
 @router.get("/language/{code}")

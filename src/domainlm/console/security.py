@@ -74,8 +74,8 @@ button{{padding:.4em 1em}}</style></head><body><h1>{heading}</h1>
 <button type="submit">{open}</button></form></body></html>"""
 
 
-LOGIN_TEXT = ("This console needs its access token. Open the link <code>domainlm console</code> printed when it started "
-              "(it ends in <code>?token=...</code>), or paste the token here.")
+LOGIN_TEXT = ("This console needs its access token. Open the link <code>domainlm console</code> printed when it "
+              "started (it ends in <code>?token=...</code>), or paste the token here.")
 
 
 def login_page(request: Request) -> str:
