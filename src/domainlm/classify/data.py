@@ -64,8 +64,9 @@ class Dataset:
         return [ex.text for ex in self.examples], pairs if any(p is not None for p in pairs) else None
 
 
-def _rows(path: Path, flag: str | None = None):
-    """(line number, dict) for CSV, TSV and JSONL files (UTF-8, else GB18030)."""
+def _rows(path: Path, flag: str | None = None, bad: list | None = None):
+    """(line number, dict) for CSV, TSV and JSONL files (UTF-8, else GB18030). `bad`: a list that collects
+    (line, problem) of JSONL lines that are not a JSON object, which are then skipped instead of stopping the read."""
     suffix = path.suffix.lower()
     if suffix not in (".jsonl", ".csv", ".tsv"):
         raise DomainLMError(f"{path}: unsupported file type {suffix or '(none)'}; use .csv, .tsv or .jsonl")
@@ -76,10 +77,14 @@ def _rows(path: Path, flag: str | None = None):
                 continue
             try:
                 row = json.loads(line)
+                problem = None if isinstance(row, dict) else "expected a JSON object"
             except json.JSONDecodeError as e:
-                raise DomainLMError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DomainLMError(f"{path}:{lineno}: expected a JSON object")
+                problem = f"not valid JSON ({e.msg})"
+            if problem and bad is None:
+                raise DomainLMError(f"{path}:{lineno}: {problem}")
+            if problem:
+                bad.append((lineno, problem))
+                continue
             yield lineno, row
     else:
         reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
@@ -126,7 +131,12 @@ def read_examples(path: str, columns: Columns, multilabel: bool, require_labels:
     p = Path(path)
     data = Dataset(str(p))
     checked = False
-    for lineno, row in _rows(p, flag):
+    unreadable: list[tuple[int, str]] = []
+    for lineno, row in _rows(p, flag, unreadable if skip_bad else None):
+        for line, problem in unreadable:  # lines before this one that were not a JSON object
+            data.skipped[problem.split(" (")[0]] += 1
+            data.bad_rows.append((line, problem.split(" (")[0]))
+        unreadable.clear()
         if not checked:
             wanted = [c for c in (columns.text, columns.text_pair, columns.group) if c]
             if require_labels:
@@ -158,6 +168,9 @@ def read_examples(path: str, columns: Columns, multilabel: bool, require_labels:
         pair = str(row.get(columns.text_pair) or "") if columns.text_pair else None
         group = str(row.get(columns.group) or "") if columns.group else None
         data.examples.append(Example(text, labels, pair, group, lineno))
+    for line, problem in unreadable:  # after the last readable row
+        data.skipped[problem.split(" (")[0]] += 1
+        data.bad_rows.append((line, problem.split(" (")[0]))
     if data.skipped:
         counts = ", ".join(f"{reason}: {n}" for reason, n in sorted(data.skipped.items()))
         print(f"{p}: skipped {sum(data.skipped.values())} bad rows ({counts}); {len(data.examples)} rows used",

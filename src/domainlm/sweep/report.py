@@ -13,12 +13,9 @@ from domainlm.train.logging import read_log
 
 
 def pyplot():
-    import matplotlib
+    from domainlm.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return pyplot()
 
 
 def plot_curves(series: dict[str, list[tuple[float, float]]], path: Path, title: str, ylabel: str,
