@@ -353,7 +353,9 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def dump(cfg: Any) -> str:
     """The resolved config as YAML, so that every output folder says exactly how it was made."""
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+    from domainlm.files import yaml_text
+
+    return yaml_text(to_dict(cfg))
 
 
 def write(cfg: Any, folder: str | Path, name: str = "config.yaml") -> Path:

@@ -142,3 +142,10 @@ def read_text_input(path: str | Path, flag: str | None = None) -> str:
         line = raw[: first.start].count(b"\n") + 1
         where = f"{flag} {path}" if flag else str(path)
         raise DomainLMError(f"{where}:{line}: not text (neither UTF-8 nor GB18030); give a text file in UTF-8") from None
+
+
+def yaml_text(values: dict) -> str:
+    """A config's values as the YAML that --config reads back (in field order, Unicode as it is)."""
+    import yaml
+
+    return yaml.safe_dump(values, sort_keys=False, allow_unicode=True)

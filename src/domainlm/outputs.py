@@ -411,9 +411,9 @@ class RunFolder(Writer):
                     self._entries |= set(self.earlier_entries)
                 _write_manifest(self.out, self.command, False, self._entries)
         if cfg is not None:
-            from domainlm import config as cfglib
+            import dataclasses
 
-            self.write_text("config.yaml", cfglib.dump(cfg))
+            self.write_text("config.yaml", files.yaml_text(dataclasses.asdict(cfg)))
         return self
 
     def _set_aside(self) -> None:

@@ -49,7 +49,8 @@ from domainlm.classify.model import (
 )
 from domainlm.classify.report import score, write_outputs, write_run, write_summary
 from domainlm.classify.results import HELD_OUT, TEST_FILE, Scored, fold_folder, seed_folder
-from domainlm.classify.runtime import load
+from domainlm.classify.runtime import open_runtime
+from domainlm.classify.runtime_options import RuntimeOptions
 from domainlm.errors import DomainLMError
 from domainlm.options import divergence_causes
 from domainlm.outputs import Writer
@@ -333,7 +334,7 @@ def evaluate_command(cfg: EvaluateConfig) -> dict:
     with outputs.run_folder(cfg.out, "evaluate", patterns=outputs.EVALUATE_OUTPUTS, overwrite=cfg.overwrite,
                             inputs={"--data": cfg.data}, models={"--model": cfg.model},
                             legacy=outputs.config_with("data")) as out:
-        runtime = load(cfg.model, device=cfg.device, max_seq_len=cfg.max_seq_len)
+        runtime = open_runtime(cfg.model, RuntimeOptions.of(cfg))  # resolved once, here
         labels, multilabel = runtime.labels, runtime.multilabel
         columns = Columns.of(cfg, runtime)
         # the config written beside the results says what was used, the model's settings included
@@ -358,7 +359,7 @@ def predict_command(cfg: PredictConfig) -> int:
     from domainlm.files import atomic_write
 
     check_predict_paths(cfg.input, cfg.out, cfg.overwrite)
-    runtime = load(cfg.model, device=cfg.device, max_seq_len=cfg.max_seq_len)
+    runtime = open_runtime(cfg.model, RuntimeOptions.of(cfg))  # resolved once, here
     if cfg.input == "-":
         data = Dataset("<stdin>", [Example(text, [], line=i) for i, text in read_stdin_lines(getattr(sys.stdin, "buffer", sys.stdin))])
     else:
