@@ -170,7 +170,7 @@ def test_own_models_and_corpora_come_in_from_the_pages(tmp_path, tiny_model, cor
         r = client.post("/jobs/new", data={"csrf": console.csrf, "command": "pretrain", "model": f"model:{named['id']}",
                                            "corpus": corpus["path"], "max_seq_len": "512"})
         assert _field_error(r.text, "max_seq_len") == ("max seq len 512 exceeds what the model demo-base (folder) "
-                                                       "can take (64 positions); use 64 or less")
+                                                       "can take (64 positions); use max seq len 64 or less")
         # "Pretrain further" starts from what the model takes (64 positions), not the form's 512
         form = client.get(f"/jobs/new?command=pretrain&base={named['id']}").text
         assert re.search(r'id="f-max_seq_len"[^>]*value="64"', form)

@@ -133,7 +133,7 @@ def _sweep(args: argparse.Namespace) -> None:
 def _report(args: argparse.Namespace) -> None:
     from domainlm.sweep.report import report_run
 
-    print(report_run(args.run, args.out))
+    print(report_run(args.run, args.out, overwrite=args.overwrite))
 
 
 class Parser(argparse.ArgumentParser):
@@ -198,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="curves, stats and config of a pretrain or finetune folder (Markdown + HTML)")
     p.add_argument("run", help="output folder of `domainlm pretrain` or `domainlm finetune`")
     p.add_argument("--out", help="folder for the report (default: RUN/report)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
     p.set_defaults(func=_report)
 
     p = sub.add_parser("convert", help="a PaddleNLP ERNIE/BERT folder -> a Hugging Face folder (safetensors, config, tokenizer)")

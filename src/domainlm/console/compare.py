@@ -139,8 +139,8 @@ def paired_test(home: Path, a: Model, b: Model) -> dict | None:
 def table(s, home: Path, ids: list[int], summary) -> dict:
     """The compare page and API: settings, metrics (best marked, the floors included), floors, curves, the paired
     tests (two models: one test; more: each against the first, Holm-adjusted), Markdown."""
+    from domainlm.stats import holm
     from domainlm.sweep.report import markdown_table
-    from domainlm.sweep.stats import holm
 
     models = [m for m in (s.get(Model, i) for i in ids) if m is not None]
     keys = sorted({k for m in models for k in m.metrics}, key=lambda k: (not k.startswith("test"), k))

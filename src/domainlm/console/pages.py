@@ -160,8 +160,13 @@ def new_job_page(request: Request, command: str = "finetune", clone: int | None 
 def _positions(folder) -> int | None:
     """The positions a model folder takes (None: unknown), read from its config without loading weights."""
     from domainlm import checks
+    from domainlm.errors import DomainLMError
+    from domainlm.interop.models import peek_config
 
-    config = preflight._model_config(str(folder), {}, "model")
+    try:
+        config = peek_config(str(folder))
+    except DomainLMError:
+        return None
     return checks.position_limit(config) if config is not None else None
 
 
