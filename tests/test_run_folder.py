@@ -167,6 +167,7 @@ def test_a_run_killed_during_an_overwrite_finds_the_earlier_run_back_on_the_next
     rf.earlier, rf.earlier_entries = "finished", ["metrics.json"]
     rf.begin()  # moved aside ... and the process dies (no exit from the block)
     rf.write_json("metrics.json", {"good": False})
+    rf.write_json("half.json", {"written": "before the kill"})
     with pytest.raises(Exception, match="holds an earlier"), outputs.run_folder(out, "evaluate", patterns=("*.json",),
                                                                                overwrite=False):
         pass

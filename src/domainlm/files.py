@@ -129,9 +129,13 @@ def input_file(path: str | Path, flag: str | None = None) -> Path:
 
 
 def read_text_input(path: str | Path, flag: str | None = None) -> str:
-    """A text input, decoded as UTF-8 (with or without BOM), else GB18030 (which reads GBK and GB2312): a file in
-    neither (a binary file, another encoding) is one line naming the file, the flag and the first bad byte's line."""
-    raw = input_file(path, flag).read_bytes()
+    """A text input file, decoded by decode_text; the file is named (with its flag) in every error."""
+    return decode_text(input_file(path, flag).read_bytes(), f"{flag} {path}" if flag else str(path))
+
+
+def decode_text(raw: bytes, where: str) -> str:
+    """Bytes of text as UTF-8 (with or without BOM), else GB18030 (which reads GBK and GB2312): bytes in neither (a
+    binary file, another encoding) are one line naming `where` and the line of the first bad byte."""
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -140,7 +144,6 @@ def read_text_input(path: str | Path, flag: str | None = None) -> str:
         return raw.decode("gb18030")
     except UnicodeDecodeError:
         line = raw[: first.start].count(b"\n") + 1
-        where = f"{flag} {path}" if flag else str(path)
         raise DomainLMError(f"{where}:{line}: not text (neither UTF-8 nor GB18030); give a text file in UTF-8") from None
 
 

@@ -482,10 +482,15 @@ class RunFolder(Writer):
 
 
 def restore_previous(out: Path) -> bool:
-    """Put back an earlier run's entries that an --overwrite moved aside and never finished replacing."""
+    """Put back an earlier run's entries that an --overwrite moved aside and never finished replacing (what that
+    interrupted run had written, as its manifest lists it, goes first)."""
     previous = out / PREVIOUS
     if not previous.is_dir():
         return False
+    interrupted = read_manifest(out)
+    for name in (interrupted or {}).get("entries", []):
+        if (out / name).exists() or (out / name).is_symlink():
+            remove_tree(out / name, out)
     for item in previous.iterdir():
         if item.name == MANIFEST:
             continue

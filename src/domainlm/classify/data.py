@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from domainlm.errors import DomainLMError
-from domainlm.files import read_text_input
+from domainlm.files import decode_text, read_text_input
 
 
 @dataclass
@@ -184,7 +184,7 @@ def read_stdin_lines(stream) -> list[tuple[int, str]]:
     """(line number, text) of the non-blank lines of stdin: bytes are read as UTF-8 (with or without BOM), else
     GB18030 (GBK). Empty or blank-only input, or bytes in neither encoding, is an error."""
     raw = stream.read()
-    text = raw if isinstance(raw, str) else _decode_stdin(raw)
+    text = raw if isinstance(raw, str) else decode_text(raw, "<stdin>")
     lines = [(i, line.strip()) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not lines:
         raise DomainLMError("<stdin> holds no text: give one text per line (or --input FILE)")
@@ -202,18 +202,6 @@ def keep_line_order(data: Dataset, lines: list[str]) -> list[str]:
               "answers the input line of the same number", file=sys.stderr)
     empty = json.dumps({"text": "", "labels": [], "scores": {}}) + "\n"
     return [by_line.get(i, empty) for i in range(1, max(by_line, default=0) + 1)]
-
-
-def _decode_stdin(raw: bytes) -> str:
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        first = e
-    try:
-        return raw.decode("gb18030")
-    except UnicodeDecodeError:
-        line = raw[: first.start].count(b"\n") + 1
-        raise DomainLMError(f"<stdin>:{line}: undecodable bytes (neither UTF-8 nor GB18030); send UTF-8 text") from None
 
 
 def check_predict_paths(input_path: str, out: str, overwrite: bool = False) -> None:
