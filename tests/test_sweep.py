@@ -37,9 +37,10 @@ FT = {"epochs": 2, "learning_rate": 2e-3, "batch_size": 16, "max_seq_len": 32}
 
 
 def test_sweep_table_floor_resume_and_failed_cell(tmp_path, tiny_model, pretrain_run, task_files, capsys):
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    shutil.copy(pretrain_run / "step-000002" / "config.json", broken)  # a config without weights
+    broken = tmp_path / "broken"  # passes every check before the cells (a config, a tokenizer, a weights file) ...
+    shutil.copytree(tiny_model, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])  # ... but its weights are cut: its cells fail, the others run
     spec = {"out": str(tmp_path / "sweep"), "seeds": [1, 2], "metrics": ["accuracy", "tolerant_accuracy@2"],
             "models": [{"name": "tiny", "base": tiny_model, "snapshots": str(pretrain_run)},
                        {"name": "broken", "base": str(broken)}],
@@ -70,7 +71,7 @@ def test_sweep_table_floor_resume_and_failed_cell(tmp_path, tiny_model, pretrain
     assert f"| floor | {floor['method']} | {100 * floor['test']['accuracy']:.1f} |" in table
     assert "| broken | base | failed |" in table and "test.jsonl (30 rows)" in table
     failures = json.loads((root / "failures.json").read_text())
-    assert [f["cell"] for f in failures] == ["broken/base/seed-1", "broken/base/seed-2"] and "no weights" in failures[0]["error"]
+    assert [f["cell"] for f in failures] == ["broken/base/seed-1", "broken/base/seed-2"] and "damaged or truncated" in failures[0]["error"]
     rows = (root / "table.csv").read_text().splitlines()
     assert rows[0].startswith("model,checkpoint,step,accuracy_mean") and len(rows) == 1 + 4 + 1  # header, cells, floor
     for name in ("report.html", "metric_vs_step.png", "pretraining_loss.png"):
