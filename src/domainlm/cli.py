@@ -141,7 +141,14 @@ def _sweep(args: argparse.Namespace) -> None:
 def _report(args: argparse.Namespace) -> None:
     from domainlm.sweep.report import report_run
 
-    print(report_run(args.run, args.out))
+    print(report_run(args.run, args.out, overwrite=args.overwrite))
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line (exit 2), like every other bad input; --help is as it was."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def _launch(args: argparse.Namespace) -> int:
@@ -166,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     from domainlm.serve.config import ExportConfig, ServeConfig
     from domainlm.sweep.command import SweepConfig
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="domainlm", description="Domain documents -> corpus -> continued pretraining -> a better small classifier.")
     parser.add_argument("--version", action="version", version=f"domainlm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -213,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="curves, stats and config of a pretrain or finetune folder (Markdown + HTML)")
     p.add_argument("run", help="output folder of `domainlm pretrain` or `domainlm finetune`")
     p.add_argument("--out", help="folder for the report (default: RUN/report)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
     p.set_defaults(func=_report)
 
     p = sub.add_parser("launch", help="run a command on several processes or machines: torchrun's options, then the "

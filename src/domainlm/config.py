@@ -311,11 +311,11 @@ def load(cls: type[C], yaml_path: str | None = None, overrides: dict[str, Any] |
     names = {f.name for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
     if yaml_path:
+        from domainlm.files import read_text_input
+
         path = Path(yaml_path)
-        if not path.is_file():
-            raise DomainLMError(f"config file {path} does not exist")
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            raw = yaml.safe_load(read_text_input(path, "--config")) or {}
         except yaml.YAMLError as e:
             raise DomainLMError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(raw, dict):
@@ -364,7 +364,9 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def dump(cfg: Any) -> str:
     """The resolved config as YAML, so that every output folder says exactly how it was made."""
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+    from domainlm.files import yaml_text
+
+    return yaml_text(to_dict(cfg))
 
 
 def write(cfg: Any, folder: str | Path, name: str = "config.yaml") -> Path:

@@ -25,6 +25,7 @@ from domainlm.data.store import Corpus
 from domainlm.encoder.packed import supports_packing
 from domainlm.errors import DomainLMError
 from domainlm.interop.models import load_weights
+from domainlm.options import divergence_causes
 from domainlm.outputs import RunFolder
 from domainlm.pretrain import mixture
 from domainlm.pretrain.config import PretrainConfig
@@ -193,7 +194,7 @@ def setup(cfg: PretrainConfig, out: RunFolder) -> Run:
     options = LoopOptions(
         max_steps=cfg.max_steps, accumulation=accumulation, global_batch_size=global_batch, max_grad_norm=cfg.max_grad_norm,
         logging_freq=cfg.logging_freq, eval_steps=cfg.eval_steps, checkpoint_steps=cfg.checkpoint_steps or cfg.max_steps,
-        save_steps=cfg.save_steps,
+        save_steps=cfg.save_steps, causes=divergence_causes(cfg),
     )
     out.record("log.jsonl"), out.record("tensorboard"), out.record("checkpoints")
     logger = RunLogger(out.root(), cfg.max_steps, state.step, accelerator.is_main_process, cfg.tensorboard)

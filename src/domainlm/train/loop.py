@@ -34,6 +34,47 @@ class LoopOptions:
     eval_steps: int = 0  # and always after the last step
     checkpoint_steps: int = 0
     save_steps: int = 0
+    causes: str = ""  # the options that usually make a loss non-finite, as the command's flags say them
+
+
+class Finite:
+    """Stops a run at its first non-finite loss or gradient norm, before anything is saved from it. The check
+    stays on the device and is read where the loop waits for the device anyway (logging, evaluation, saving, the
+    end); on a CPU, after every step."""
+
+    def __init__(self, accelerator, options: LoopOptions):
+        self.accelerator, self.options = accelerator, options
+        device = accelerator.device
+        self.every_step = device.type == "cpu"
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.last_good = torch.full((2,), float("nan"), dtype=torch.float64, device=device)  # (step, loss)
+
+    def see(self, step: int, loss: torch.Tensor, grad_norm) -> None:
+        good = torch.isfinite(loss.detach().float())
+        if getattr(self.accelerator, "scaler", None) is None:  # fp16's loss scaler skips an overflowing step itself
+            norm = grad_norm if isinstance(grad_norm, torch.Tensor) else torch.tensor(float(grad_norm or 0.0))
+            good = good & torch.isfinite(norm.detach().float().to(loss.device))
+        self.first_bad = torch.where(~good & (self.first_bad < 0), step, self.first_bad)
+        here = torch.stack([torch.tensor(float(step), dtype=torch.float64, device=loss.device),
+                            loss.detach().to(torch.float64)])
+        self.last_good = torch.where(good & (self.first_bad < 0), here, self.last_good)
+        if self.every_step:
+            self.check()
+
+    def check(self) -> None:
+        bad = self.first_bad
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(torch.where(bad < 0, torch.iinfo(torch.long).max, bad), reduction="min")
+            bad = torch.where(bad == torch.iinfo(torch.long).max, -1, bad)
+        step = int(bad)
+        if step < 0:
+            return
+        last_step, last_loss = (float(x) for x in self.last_good.cpu())
+        last = f"the last finite loss was {last_loss:.4g} at step {int(last_step)}" if last_step == last_step else \
+            "no step had a finite loss"
+        causes = f"; what usually causes it: {self.options.causes}" if self.options.causes else ""
+        raise DomainLMError(f"step {step}: the loss (or its gradient) is not a finite number; {last}{causes}. The run "
+                            "stopped there and saved nothing of it")
 
 
 def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
@@ -141,12 +182,14 @@ def train_loop(
     on_snapshot: Callable[[int], None] | None = None,
 ) -> TrainState:
     model.train()
+    finite = Finite(accelerator, options)
     window: dict[str, list[torch.Tensor]] = {}
     # token counts stay on the device: an int() per micro batch would wait for the GPU every time
     tokens = torch.zeros((), dtype=torch.long, device=accelerator.device)
     window_started, paused = time.perf_counter(), 0.0
     while state.step < options.max_steps:
         # 1. forward/backward over this process's micro batches of one global batch
+        step_loss = torch.zeros((), device=accelerator.device)
         for micro in range(options.accumulation):
             batch = to_device(next(batches), accelerator.device)
             last = micro == options.accumulation - 1
@@ -154,12 +197,14 @@ def train_loop(
                 with accelerator.autocast():
                     loss, metrics = model(**batch)
                 accelerator.backward(loss / options.accumulation)
+            step_loss = step_loss + loss.detach().float() / options.accumulation
             for k, v in metrics.items():
                 window.setdefault(k, []).append(v.detach())
             tokens += real_tokens(batch)
         # 2. clip, step; the lr logged for this step is the one this step used
         lr = optimizer.param_groups[0]["lr"]
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), options.max_grad_norm)
+        finite.see(state.step + 1, step_loss, grad_norm)
         optimizer.step()
         if not getattr(optimizer, "step_was_skipped", False):  # fp16 overflow: no step taken, schedule waits
             scheduler.step()
@@ -168,7 +213,14 @@ def train_loop(
         state.consumed_samples += options.global_batch_size
         logger.advance()
         # 3. log, evaluate, save (time spent in callbacks is not training time)
-        if state.step % options.logging_freq == 0 or state.step == options.max_steps:
+        log_now = state.step % options.logging_freq == 0 or state.step == options.max_steps
+        evaluate_now = state.step == options.max_steps or (options.eval_steps and state.step % options.eval_steps == 0)
+        checkpoint_now = on_checkpoint and options.checkpoint_steps and (
+            state.step % options.checkpoint_steps == 0 or state.step == options.max_steps)
+        snapshot_now = on_snapshot and options.save_steps and state.step % options.save_steps == 0
+        if log_now or evaluate_now or checkpoint_now or snapshot_now:
+            finite.check()  # nothing is logged as good, evaluated or saved after a non-finite step
+        if log_now:
             values = ratios({k: float(accelerator.reduce(torch.stack(v).float().mean(), reduction="mean"))
                              for k, v in window.items()})
             values["lr"] = lr
@@ -181,15 +233,13 @@ def train_loop(
             window_started, paused = time.perf_counter(), 0.0
         callbacks_started = time.perf_counter()
         # evaluate before the checkpoint of the same step, so that a run resumed from it has that evaluation
-        evaluate_now = state.step == options.max_steps or (options.eval_steps and state.step % options.eval_steps == 0)
         stop = bool(on_eval and evaluate_now and on_eval(state.step))
-        if on_checkpoint and options.checkpoint_steps and (
-            state.step % options.checkpoint_steps == 0 or state.step == options.max_steps
-        ):
+        if checkpoint_now:
             on_checkpoint(state)
-        if on_snapshot and options.save_steps and state.step % options.save_steps == 0:
+        if snapshot_now:
             on_snapshot(state.step)
         paused += time.perf_counter() - callbacks_started
         if stop:  # on_eval asked to stop early (no improvement for its patience)
             break
+    finite.check()
     return state
