@@ -18,6 +18,7 @@ from domainlm.errors import DomainLMError
 
 COMMANDS = {
     "prepare": ("domainlm.data.prepare", "PrepareConfig", {"input": ["a.txt"], "out": "o", "tokenizer": "t"}),
+    "merge": ("domainlm.data.merge", "MergeConfig", {"stores": ["a", "b"], "out": "o"}),
     "pretrain": ("domainlm.pretrain.config", "PretrainConfig", {"corpus": "c", "out": "o", "model": "m"}),
     "finetune": ("domainlm.classify.config", "FinetuneConfig", {"train": "t.jsonl", "out": "o", "model": "m"}),
     "evaluate": ("domainlm.classify.config", "EvaluateConfig", {"model": "m", "data": "d.jsonl", "out": "o"}),

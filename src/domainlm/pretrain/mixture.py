@@ -66,13 +66,13 @@ def specs(value, where: str = "--corpus") -> list[CorpusSpec]:
     if not items:
         raise DomainLMError(f"{where}: no corpus given")
     out = [_spec(item, where) for item in items]
-    seen: dict[Path, str] = {}
+    seen: dict[str, str] = {}
     for spec in out:
-        key = Path(spec.path).resolve()
+        key = os.path.normpath(os.path.abspath(spec.path))  # text only: a check of options touches no file
         if key in seen:
             raise DomainLMError(f"{where}: {spec.path} is given twice; give each corpus once, with its weight")
         seen[key] = spec.path
-        base = Path(spec.path).resolve().name or "corpus"
+        base = Path(key).name or "corpus"
         names = {s.name for s in out if s.name}
         spec.name = base if base not in names else next(f"{base}-{i}" for i in range(2, len(out) + 2)
                                                          if f"{base}-{i}" not in names)
