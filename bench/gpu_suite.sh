@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU figure of the README in one run (about 7 minutes on one H200): correctness of the GPU kernels first,
+# Every GPU figure of docs/benchmarks.md in one run (about 7 minutes on one H200): correctness of the GPU kernels first,
 # then attention kernels, the pretraining step (base and micro shapes, eager and compiled), `domainlm pretrain`
 # end to end, fine-tuning against a tuned Trainer, serving with and without dynamic batching, and inference against
 # a batched pipeline (the serve step makes the random 12 x 768 classifier that the predict step times).

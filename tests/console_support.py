@@ -14,8 +14,8 @@ from tests.conftest import EN_DOCS, ZH_DOCS
 FAST_FINETUNE = {"epochs": 1, "batch_size": 8, "max_seq_len": 32, "logging_freq": 1, "precision": "fp32"}
 
 
-def write_labelled(path, bad_lines: bool = False) -> str:
-    rows = [{"text": t, "label": "pos" if i % 2 else "neg"} for i, t in enumerate((ZH_DOCS + EN_DOCS) * 4)]
+def write_labelled(path, bad_lines: bool = False, labels: tuple[str, str] = ("neg", "pos")) -> str:
+    rows = [{"text": t, "label": labels[i % 2]} for i, t in enumerate((ZH_DOCS + EN_DOCS) * 4)]
     if bad_lines:
         rows[2]["text"] = ""  # line 3
         rows[4]["label"] = ""  # line 5

@@ -186,7 +186,7 @@ def test_ctrl_c_in_prepare_prints_one_line_and_leaves_no_store(tmp_path, tokeniz
 @pytest.mark.parametrize("stdin, message", [
     (b"", "<stdin> holds no text"),
     (b"\n  \n\t\n", "<stdin> holds no text"),
-    ("电脑\n".encode() + b"\xff\xfe\xfd\n", "<stdin>:2: undecodable bytes"),
+    ("电脑\n".encode() + b"\xff\xfe\xfd\n", "<stdin>:2: not text (neither UTF-8 nor GB18030)"),
 ])
 def test_predict_on_bad_stdin(classifier, stdin, message, err, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(stdin)))

@@ -118,7 +118,7 @@ def test_paths_outside_home_are_refused(env, tmp_path):
         r = client.post("/api/jobs", headers=AUTH, json={"command": "finetune", "config": {"model": tiny, "train": value}})
         assert r.status_code == 422 and "outside the console's home" in r.json()["errors"]["train"], value
         r = client.post("/api/datasets/register", headers=AUTH, json={"path": value})
-        assert r.status_code == 422 and "outside" in r.json()["errors"]["path"]
+        assert r.status_code == 403 and "outside" in r.json()["errors"]["path"]  # a folder it may not read
     r = client.post("/api/jobs", headers=AUTH, json={"command": "finetune", "config": {"model": "/etc", "train": "x"}})
     assert "listed base model" in r.json()["errors"]["model"]
     # a record pointing outside home (a tampered database) is never deleted from

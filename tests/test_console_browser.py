@@ -1,7 +1,8 @@
 """The console in headless Chromium (Debian's package, driven by Playwright): what a user does, end to end, against
-a real `domainlm console` server process that runs real fine-tuning subprocesses on the tiny model.
+a real `domainlm console` server process that runs real fine-tuning subprocesses on the tiny model (the first one in
+two processes under torchrun), in English and, after the switch, in Chinese.
 
-Screenshots go to $DOMAINLM_SCREENSHOTS (default: the test's temporary folder)."""
+Screenshots (1280 px wide) go to $DOMAINLM_SCREENSHOTS (default: the test's temporary folder)."""
 
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ def test_train_watch_try_cancel_and_restart_in_the_browser(tmp_path, tiny_model)
     shots.mkdir(parents=True, exist_ok=True)
     home, port = tmp_path / "home", free_port()
     base = f"http://127.0.0.1:{port}"
-    train = write_labelled(tmp_path / "reviews.jsonl")
+    train = write_labelled(tmp_path / "reviews.jsonl", labels=("负面", "正面"))
     server = start_server(home, port, tiny_model)
     try:
         with sync_api.sync_playwright() as p:
@@ -85,7 +86,8 @@ def test_train_watch_try_cancel_and_restart_in_the_browser(tmp_path, tiny_model)
             page.set_input_files("#f-file", train)
             page.click("#upload-button")
             page.wait_for_url(f"{base}/datasets/1")
-            assert [r.inner_text().split("\t")[:2] for r in page.query_selector_all("#distribution tr")] == [["neg", "16"], ["pos", "16"]]
+            rows = page.query_selector_all("#distribution tr")
+            assert [r.inner_text().split("\t")[:2] for r in rows] == [["负面", "16"], ["正面", "16"]]
 
             # the create form: an out-of-range value comes back next to its field, the rest as typed
             page.click("text=Create job")
@@ -102,6 +104,8 @@ def test_train_watch_try_cancel_and_restart_in_the_browser(tmp_path, tiny_model)
             page.fill("#f-logging_freq", "1")
             page.select_option("#f-precision", "fp32")
             page.fill("#f-name", "reviews sentiment")
+            assert page.inner_text("#field-gpus #no-gpu").startswith("no GPU")  # this machine: the CPU
+            page.fill("#f-processes", "2")  # two processes: torchrun
             page.click("#create")
             error = page.locator("#field-epochs .error")
             assert error.inner_text() == "epochs = 99 is out of range [1, 50]"  # as the form names it
@@ -114,9 +118,35 @@ def test_train_watch_try_cancel_and_restart_in_the_browser(tmp_path, tiny_model)
             page.wait_for_url(f"{base}/jobs/1")
             page.wait_for_function("document.getElementById('status').textContent === 'succeeded'", timeout=150_000)
             page.wait_for_selector("#chart-loss[data-points]")
-            assert int(page.get_attribute("#chart-loss", "data-points")) == 4  # one point per logged step
-            assert "[train] step 4" in page.inner_text("#log")
+            assert int(page.get_attribute("#chart-loss", "data-points")) == 2  # one point per logged step
+            log = page.inner_text("#log")
+            assert "global batch 16 = 8 x 1 accumulation x 2 processes" in log and "[train] step 2" in log
+            assert page.inner_text("#devices") == "CPU · 2 processes (torchrun)"
+            command = page.text_content("#command-line")
+            assert "torchrun --standalone --nproc-per-node 2 -m domainlm.cli finetune" in command
+            assert page.inner_text("#machine #no-gpu") == "no GPU"  # the machine, on every job page
             page.screenshot(path=str(shots / "job.png"))
+
+            # in Chinese: the switch is remembered; a classifier's page shows each label's precision and recall
+            page.click("#lang-zh-CN")
+            page.wait_for_function("document.documentElement.lang === 'zh-CN'")
+            assert page.inner_text("#status") == "成功" and page.get_attribute("#status", "data-status") == "succeeded"
+            assert page.inner_text("#devices") == "CPU · 2 个进程（torchrun）"
+            page.screenshot(path=str(shots / "job-zh.png"), full_page=True)
+            page.goto(f"{base}/models/1")
+            assert page.inner_text("h1 .kind") == "分类器" and page.locator("#per-label tr[data-label]").count() == 2
+            assert page.inner_text("#per-class h2").startswith("各类别表现")
+            page.screenshot(path=str(shots / "model-zh.png"), full_page=True)
+            page.click("#per-class a[href$='_confusion.png']")  # the matplotlib plot: labels in Chinese, no boxes
+            page.locator("img").screenshot(path=str(shots / "confusion-zh.png"))
+            page.goto(f"{base}/jobs/new")
+            assert page.inner_text("#section-devices h2").endswith("设备")
+            page.locator("#section-devices").screenshot(path=str(shots / "devices-zh.png"))
+            page.screenshot(path=str(shots / "new-job-zh.png"), full_page=True)
+            page.goto(f"{base}/resources")
+            page.screenshot(path=str(shots / "resources-zh.png"))
+            page.click("#lang-en")
+            page.wait_for_function("document.documentElement.lang === 'en'")
 
             # my models: lineage, then try it
             page.click("text=My models")
@@ -128,12 +158,14 @@ def test_train_watch_try_cancel_and_restart_in_the_browser(tmp_path, tiny_model)
             page.click("#predict")
             results = page.locator("#results tbody tr")
             assert results.count() == 2
-            assert results.nth(0).locator("td").nth(1).inner_text() in ("neg", "pos")
+            assert results.nth(0).locator("td").nth(1).inner_text() in ("负面", "正面")
             page.screenshot(path=str(shots / "try.png"), full_page=True)
 
             # a second job, cloned; the console restarts while it runs; then it is cancelled
             page.goto(f"{base}/jobs/new?clone=1")
             assert page.input_value("#f-name") == "reviews sentiment (copy)" and page.input_value("#f-max_seq_len") == "32"
+            assert page.input_value("#f-processes") == "2"  # the devices are cloned too
+            page.fill("#f-processes", "1")
             page.fill("#f-epochs", "50")
             page.click("#create")
             page.wait_for_url(f"{base}/jobs/2")
@@ -142,11 +174,19 @@ def test_train_watch_try_cancel_and_restart_in_the_browser(tmp_path, tiny_model)
             server = start_server(home, port, tiny_model)
             page.reload()  # the same cookie still works: the token is kept in the home folder
             assert page.inner_text("#status") == "running"  # adopted, not lost
+            page.wait_for_function("!document.getElementById('progress').textContent.startsWith('0 ')")  # a step
             page.click("#cancel")
             page.wait_for_function("document.getElementById('status').textContent === 'cancelled'", timeout=30_000)
-            assert questions == ["Cancel job 2 (reviews sentiment (copy))? Its process is stopped; pretraining can resume from its last checkpoint."]
+            assert questions == ["Cancel job 2 (reviews sentiment (copy))? Its process is stopped; Retry starts it "
+                                 "over."]
             assert page.locator("#retry").inner_text() == "Retry"
             assert wait_for(lambda: not job_group_alive(home, 2), 10, what="job 2's process group to end")
+            # Retry: the new attempt starts from 0, not from where the cancelled one stopped
+            page.click("#retry")
+            page.wait_for_function("document.getElementById('status').dataset.status !== 'cancelled'")
+            assert page.inner_text("#progress").startswith("0 ") and page.inner_text("#eta") == "–"
+            page.click("#cancel")
+            page.wait_for_function("document.getElementById('status').textContent === 'cancelled'", timeout=30_000)
             page.goto(f"{base}/jobs")
             assert [s.inner_text() for s in page.query_selector_all("#jobs [data-field=status]")] == ["cancelled", "succeeded"]
             page.screenshot(path=str(shots / "jobs.png"))

@@ -1,8 +1,8 @@
 """The whole flow of the console in headless Chromium (Debian's package, driven by Playwright), against a real
 `domainlm console` server that runs real subprocesses on the tiny model: register a local base model and a
 corpus store from the pages -> a bad max length refused at creation -> pretrain with two snapshots -> a sweep
-over base and snapshots with 2 seeds -> compare two fine-tuned models -> export int8 -> an endpoint and a
-prediction from it -> download the model.
+over base and snapshots with 2 seeds -> compare two fine-tuned models, then three long-named ones -> export int8 ->
+an endpoint and a prediction from it -> download the model -> the sweep, its plot and compare in Chinese.
 
 Screenshots (1280 px wide) go to $DOMAINLM_SCREENSHOTS (default: the test's temporary folder)."""
 
@@ -93,12 +93,12 @@ def test_own_model_to_endpoint_in_the_browser(tmp_path, tiny_model, corpus_dir):
             page.fill("#f-logging_freq", "1")
             page.fill("#f-num_workers", "0")
             page.select_option("#f-precision", "fp32")
-            page.fill("#f-name", "reviews domain")
+            page.fill("#f-name", "酒店评论领域")  # a Chinese name: the sweep's plot shows it in its legend
             page.click("#create")
             page.wait_for_url(f"{base}/jobs/1")
             wait_status(page, "succeeded", 120_000)
             assert [r.inner_text().split("\t")[0] for r in page.query_selector_all("#models tbody tr")] == [
-                "reviews domain step-000002", "reviews domain step-000004", "reviews domain final"]
+                "酒店评论领域 step-000002", "酒店评论领域 step-000004", "酒店评论领域 final"]
 
             # a sweep over the base model and both snapshots, 2 seeds
             page.goto(f"{base}/jobs/new?command=sweep")
@@ -126,19 +126,27 @@ def test_own_model_to_endpoint_in_the_browser(tmp_path, tiny_model, corpus_dir):
             # compare a snapshot's classifier with the base model's (settings and curves)
             page.click("text=My models")
             names = {r.get_attribute("data-model"): r.query_selector_all("td")[1].inner_text().split("\n")[0]
-                     for r in page.query_selector_all("#models tbody tr")}
-            a = next(i for i, n in names.items() if n == "which checkpoint reviews-domain step-000004 seed-1")
-            b = next(i for i, n in names.items() if n == "which checkpoint reviews-domain base seed-1")
+                     for r in page.query_selector_all("#models tr[data-model]")}
+            a = next(i for i, n in names.items() if n == "which checkpoint 酒店评论领域 step-000004 seed-1")
+            b = next(i for i, n in names.items() if n == "which checkpoint 酒店评论领域 base seed-1")
+            c = next(i for i, n in names.items() if n == "which checkpoint 酒店评论领域 step-000002 seed-2")
             page.screenshot(path=str(shots / "models.png"))
             page.check(f"tr[data-model='{a}'] input[type=checkbox]")
             page.check(f"tr[data-model='{b}'] input[type=checkbox]")
             page.click("#compare")
             assert [c.inner_text() for c in page.query_selector_all("tr[data-setting='method'] td")] == ["method", "full", "full"]
-            assert [c.inner_text() for c in page.query_selector_all("tr[data-setting='base'] td")] == ["base", "step-000004", "bert-tiny-zh"]
+            assert [c.inner_text() for c in page.query_selector_all("tr[data-setting='base'] td")] == [
+                "base", "酒店评论领域 step-000004", "bert-tiny-zh"]  # my models by their names, not their folders
             assert int(page.get_attribute("#chart-compare-metric", "data-points")) == 2  # one validation point each
             assert int(page.get_attribute("#chart-compare-loss", "data-points")) > 2
             assert "Paired test" in page.inner_text("#paired-test") and "| method |" in page.inner_text("#markdown")
             page.screenshot(path=str(shots / "compare.png"), full_page=True)
+            # three long-named models: the label column keeps its words on one line, nothing scrolls sideways
+            page.goto(f"{base}/models/compare?ids={a}&ids={b}&ids={c}")
+            assert page.evaluate("document.querySelector('#compare-table td.what').getBoundingClientRect().width") > 100
+            assert page.evaluate("document.documentElement.scrollWidth") <= 1280
+            assert page.evaluate("(s => s.scrollWidth <= s.clientWidth)(document.querySelector('.scroll'))")
+            assert page.locator("#paired-test .paired").count() == 2  # each against the first
 
             # export int8 with the accuracy change on the labelled data
             page.goto(f"{base}/models/{a}")
@@ -172,6 +180,22 @@ def test_own_model_to_endpoint_in_the_browser(tmp_path, tiny_model, corpus_dir):
             page.click("#stop-endpoint")
             page.wait_for_selector("#start-endpoint")
             assert page.evaluate("document.documentElement.scrollWidth") <= 1280  # nothing wider than the window
+
+            # in Chinese: the sweep's page with its plot (a Chinese legend, drawn with a CJK font), compare, models
+            page.click("#lang-zh-CN")
+            page.goto(f"{base}/jobs/2")
+            page.wait_for_function("document.getElementById('plot-1').naturalWidth > 0")
+            assert page.inner_text("#sweep h2") == "该发布哪个模型"
+            page.screenshot(path=str(shots / "sweep-zh.png"), full_page=True)
+            page.locator("#plot-1").screenshot(path=str(shots / "metric-vs-step-zh.png"))
+            page.goto(f"{base}/models/compare?ids={a}&ids={b}&ids={c}")
+            assert page.inner_text("tr[data-setting='learning rate'] td.what") == "学习率"
+            assert page.evaluate("document.documentElement.scrollWidth") <= 1280
+            page.screenshot(path=str(shots / "compare-zh.png"), full_page=True)
+            page.goto(f"{base}/models")
+            page.screenshot(path=str(shots / "models-zh.png"))
+            page.goto(f"{base}/jobs")
+            page.screenshot(path=str(shots / "jobs-zh.png"))
             browser.close()
     finally:
         stop_server(server)

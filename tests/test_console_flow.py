@@ -64,7 +64,7 @@ def test_every_start_up_check_is_a_field_error_at_creation_all_at_once(idle):
     r = client.post("/api/jobs", headers=AUTH, json={"command": "pretrain", "config": {"model": tiny, "corpus": "other-store",
                                                                                        "max_seq_len": 64}})
     assert r.status_code == 422 and list(r.json()["errors"]) == ["corpus"]
-    assert "another vocabulary" in r.json()["errors"]["corpus"]
+    assert "was tokenized with a different vocabulary" in r.json()["errors"]["corpus"]
 
     # fine-tuning: positions, the test file's labels against the training labels, the metric
     test = home / "datasets" / "test.jsonl"
@@ -162,6 +162,25 @@ def test_own_models_and_corpora_come_in_from_the_pages(tmp_path, tiny_model, cor
         r = client.post("/api/jobs", headers=AUTH, json={"command": "pretrain", "config": {
             "model": f"model:{bert['id']}", "corpus": corpus["path"], "max_seq_len": 64}})
         assert r.status_code == 201 and r.json()["base_model_id"] == bert["id"]
+
+        # the user's name for a model, not its folder: in errors, on the job page and in the list
+        named = client.post("/api/models/register", headers=AUTH, json={"path": str(roots / "my-bert"),
+                                                                        "name": "demo-base (folder)"}).json()
+        assert named["path"].endswith("/models/demo-base_folder_")  # the folder keeps safe characters only
+        r = client.post("/jobs/new", data={"csrf": console.csrf, "command": "pretrain", "model": f"model:{named['id']}",
+                                           "corpus": corpus["path"], "max_seq_len": "512"})
+        assert _field_error(r.text, "max_seq_len") == ("max seq len 512 exceeds what the model demo-base (folder) "
+                                                       "can take (64 positions); use max seq len 64 or less")
+        # "Pretrain further" starts from what the model takes (64 positions), not the form's 512
+        form = client.get(f"/jobs/new?command=pretrain&base={named['id']}").text
+        assert re.search(r'id="f-max_seq_len"[^>]*value="64"', form)
+        job = client.post("/api/jobs", headers=AUTH, json={"command": "pretrain", "config": {
+            "model": f"model:{named['id']}", "corpus": corpus["path"], "max_seq_len": 64}}).json()
+        assert job["model"] == "demo-base (folder)"
+        job_page = client.get(f"/jobs/{job['id']}").text
+        assert f'<a href="/models/{named["id"]}" id="job-model">demo-base (folder)</a>' in job_page
+        assert '<div class="sub">demo-base (folder)</div>' in client.get("/jobs").text
+        assert "demo-base_folder_" not in client.get("/jobs").text
     finally:
         console.stop()
 
@@ -225,12 +244,26 @@ def test_sweep_job_is_checked_at_creation_runs_as_the_cli_and_shows_table_tests_
     assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
     assert client.get(f"/jobs/{job['id']}/files/job.yaml").status_code == 404
 
+    # a cell's lineage goes through the snapshot it was fine-tuned from and the pretraining job, to the base
+    cell = next(m for m in done["models"] if m["name"] == "which checkpoint domain-pt step-000004 seed-1")
+    assert [(n["type"], n["name"]) for n in cell["lineage"]] == [
+        ("base", tiny), ("job", "domain pt"), ("model", "domain pt step-000004"), ("job", "which checkpoint"),
+        ("model", "which checkpoint domain-pt step-000004 seed-1")]
+    # the headline shows the floor fitted beside; My models groups the cells under their job and filters them
+    floor_value = json.loads(results)["floor"]["test"]["accuracy"]
+    assert done["headline"]["floor"] == round(floor_value, 4)
+    assert f"· floor {round(floor_value, 4)}</span>" in client.get("/jobs").text
+    page = client.get("/models?kind=classifier&q=step-000004").text
+    assert page.count("<tr data-model=") == 2 and f'<tbody class="group" data-group="{job["id"]}">' in page
+    assert "2 of 9 models" in page
+    assert f'<div class="floor-note" data-field="floor">floor test accuracy {floor_value:.4f}</div>' in page
+
     # compare two checkpoints' classifiers: settings, curves, the floor beside, the paired test over both seeds
     models = {m["name"]: m for m in done["models"]}
     a, b = models["which checkpoint domain-pt step-000004 seed-1"], models["which checkpoint domain-pt base seed-2"]
     table = client.get(f"/api/models/compare?ids={a['id']}&ids={b['id']}", headers=AUTH).json()
     assert [c["method"] for c in table["settings"]] == ["full", "full"] and [c["seed"] for c in table["settings"]] == ["1", "2"]
-    assert table["settings"][0]["base"] == "step-000004" and table["settings"][0]["epochs"] == 1
+    assert table["settings"][0]["base"] == "domain pt step-000004" and table["settings"][0]["epochs"] == 1  # its name
     assert table["settings"][0]["data"] == train["path"].split("/")[-1]
     assert all(c["metric"] and c["loss"] for c in table["curves"])  # one validation point per epoch, a loss per step
     assert table["floors"][0]["method"] and table["floors"][0] == table["floors"][1]  # the sweep's one floor
@@ -241,6 +274,19 @@ def test_sweep_job_is_checked_at_creation_runs_as_the_cli_and_shows_table_tests_
     assert 'id="paired-test"' in page and 'id="floor-row"' in page and 'data-curves="' in page
     assert '<div class="sub" data-field="method">full</div>' in client.get("/models").text
     assert '<div class="sub" data-field="method">full</div>' in client.get("/jobs").text
+
+    # three models: each against the first, Holm-adjusted; the floor competes for the green "best" of the first metric
+    c = models["which checkpoint domain-pt step-000002 seed-1"]
+    table = client.get(f"/api/models/compare?ids={a['id']}&ids={b['id']}&ids={c['id']}", headers=AUTH).json()
+    assert [(t["a"], t["b"]) for t in table["tests"]] == [(a["name"], b["name"]), (a["name"], c["name"])]
+    assert all(t["p_holm"] >= t["p_value"] for t in table["tests"]) and table["test"] is None
+    assert table["floor_values"] == [floor_value] * 3 and table["floor_metric"] == "test accuracy"
+    first = table["metrics"][0]
+    assert table["best"][first] == max([m["metrics"][first] for m in table["models"]] + [floor_value])
+    page = client.get(f"/models/compare?ids={a['id']}&ids={b['id']}&ids={c['id']}").text
+    floor_row = re.search(r'<tr id="floor-row">.*?</tr>', page, re.S).group(0)
+    assert floor_row.count('class="num best"') == (3 if floor_value == table["best"][first] else 0)
+    assert page.count('class="paired"') == 2 and "each model against the first, Holm-adjusted" in page
 
 
 def _run_here(console, job_id: int, run) -> None:
@@ -289,6 +335,20 @@ def test_export_int8_download_and_an_endpoint_from_the_model_page(idle, tmp_path
     info = json.loads((Path(onnx["path"]) / "export.json").read_text())
     assert onnx["kind"] == "export" and onnx["metrics"]["int8 change accuracy (points)"] == info["data_metrics"]["int8_change_points"]["accuracy"]
     assert onnx["metrics"]["fp32 accuracy"] == info["data_metrics"]["fp32"]["accuracy"]
+
+    # the classifier's page: per label precision / recall and the confusion matrix; its job: the TensorBoard command
+    page = client.get(f"/models/{clf['id']}").text
+    assert page.count("<tr data-label=") == 2 and 'id="confusion"' in page and page.count('class="num diagonal"') == 2
+    per_class = json.loads((Path(clf["path"]).parent / "metrics.json").read_text())["dev"]
+    assert f'<td class="num">{per_class["per_class"]["neg"]["support"]}</td></tr>' in page
+    assert sum(map(sum, per_class["confusion_matrix"])) == sum(v["support"] for v in per_class["per_class"].values())
+    job_page = client.get(f"/jobs/{ft['id']}").text
+    assert f"tensorboard --logdir {ft['folder']} --port 6006" in job_page
+    # the classifier folder brought in again from the server is a classifier (Try and serve take it), not a base
+    again = client.post("/api/models/register", headers=AUTH, json={"path": clf["path"], "name": "again"}).json()
+    assert again["kind"] == "classifier" and again["can_try"]
+    preds = client.post(f"/api/models/{again['id']}/predict", headers=AUTH, json={"texts": ["酒店很好"]}).json()
+    assert preds[0]["labels"][0] in ("neg", "pos")
 
     # download: the folder as a zip
     r = client.get(f"/api/models/{onnx['id']}/download")

@@ -153,7 +153,8 @@ def test_pretraining_snapshots_carry_lineage_into_fine_tuning(idle, corpus_dir):
     assert sorted((m["kind"], m["step"]) for m in models) == [("final", 4), ("snapshot", 2), ("snapshot", 4)]
     snap = next(m for m in models if m["step"] == 2 and m["kind"] == "snapshot")
     assert snap["metrics"] == {"valid loss": 6.1, "valid mlm_acc": 0.1}
-    assert client.get("/api/jobs/1").json()["headline"] == {"name": "mlm_acc (valid)", "value": 0.2}
+    headline = client.get("/api/jobs/1").json()["headline"]
+    assert headline == {"name": "mlm_acc (valid)", "value": 0.2, "metric": "mlm_acc", "split": "valid"}
     r = client.post("/api/jobs", headers={"X-CSRF-Token": console.csrf}, json={"command": "finetune", "name": "clf",
                     "config": {"model": f"model:{snap['id']}", "train": train["path"], "max_seq_len": 64}})
     ft = r.json()

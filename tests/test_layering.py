@@ -6,7 +6,7 @@ import inside a function counts as much as one at the top: it runs as soon as th
 
 0. the package face and the generic pieces every stage uses: errors, config, outputs, checks (checks of options
    against any model's config: positions, label count; nothing of a stage), spans (cutting lengths into spans of
-   least cost: inference batches, the CPU attention);
+   least cost: inference batches, the CPU attention), plots (matplotlib with fonts that draw Chinese);
 1. interop (model/tokenizer formats: HF, PaddleNLP, hub names), train (the one loop, accelerator, checkpoints),
    encoder (encoder forwards shared by pretraining, fine-tuning and inference);
 2. data (corpora: read, clean, tokenize, store), vocab (training and extending a vocabulary, over data's tokenizer);
@@ -24,7 +24,7 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "domainlm"
 LAYERS = [
-    {"", "errors", "config", "options", "precision", "files", "outputs", "checks", "spans", "stats"},
+    {"", "errors", "config", "options", "precision", "files", "outputs", "checks", "spans", "stats", "plots"},
     {"interop", "train", "encoder"},
     {"data", "vocab"},
     {"pretrain"},

@@ -119,8 +119,9 @@ def test_report_out_keeps_the_users_report(tmp_path, err):
     (run / "log.jsonl").write_text('{"step": 1, "split": "train", "loss": 1.0}\n')
     mine = users_folder(tmp_path, {"report.md": b"my report", "report.html": b"<p>mine</p>"})
     refused(err, mine, "report", run, "--out", mine, names="report.html, report.md")
-    err("report", run, "--out", tmp_path / "rep", code=0)  # its own folder: written, and rewritten on a rerun
-    err("report", run, "--out", tmp_path / "rep", code=0)
+    err("report", run, "--out", tmp_path / "rep", code=0)  # its own folder: written, and rewritten with --overwrite
+    assert "pass --overwrite" in err("report", run, "--out", tmp_path / "rep")
+    err("report", run, "--out", tmp_path / "rep", "--overwrite", code=0)
     assert (tmp_path / "rep" / "report.md").is_file()
 
 

@@ -37,9 +37,10 @@ FT = {"epochs": 2, "learning_rate": 2e-3, "batch_size": 16, "max_seq_len": 32}
 
 
 def test_sweep_table_floor_resume_and_failed_cell(tmp_path, tiny_model, pretrain_run, task_files, capsys):
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    shutil.copy(pretrain_run / "step-000002" / "config.json", broken)  # a config without weights
+    broken = tmp_path / "broken"  # passes every check before the cells (a config, a tokenizer, a weights file) ...
+    shutil.copytree(tiny_model, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])  # ... but its weights are cut: its cells fail, the others run
     spec = {"out": str(tmp_path / "sweep"), "seeds": [1, 2], "metrics": ["accuracy", "tolerant_accuracy@2"],
             "models": [{"name": "tiny", "base": tiny_model, "snapshots": str(pretrain_run)},
                        {"name": "broken", "base": str(broken)}],
@@ -70,7 +71,7 @@ def test_sweep_table_floor_resume_and_failed_cell(tmp_path, tiny_model, pretrain
     assert f"| floor | {floor['method']} | {100 * floor['test']['accuracy']:.1f} |" in table
     assert "| broken | base | failed |" in table and "test.jsonl (30 rows)" in table
     failures = json.loads((root / "failures.json").read_text())
-    assert [f["cell"] for f in failures] == ["broken/base/seed-1", "broken/base/seed-2"] and "no weights" in failures[0]["error"]
+    assert [f["cell"] for f in failures] == ["broken/base/seed-1", "broken/base/seed-2"] and "damaged or truncated" in failures[0]["error"]
     rows = (root / "table.csv").read_text().splitlines()
     assert rows[0].startswith("model,checkpoint,step,accuracy_mean") and len(rows) == 1 + 4 + 1  # header, cells, floor
     for name in ("report.html", "metric_vs_step.png", "pretraining_loss.png"):
@@ -117,7 +118,7 @@ def _bad(spec: dict, key: str, value):
 
 DELETE = object()
 BAD = [
-    ("finetune.train", "missing.jsonl", "data file missing.jsonl does not exist"),
+    ("finetune.train", "missing.jsonl", "finetune: --train missing.jsonl does not exist"),
     ("models.0.steps", [999], "steps [999] have no snapshot (available: [2, 4])"),
     ("seeds", [], "seeds: needs at least one seed"),
     ("seeds", [1, 1], "seeds: [1, 1] repeats a seed"),
@@ -240,6 +241,8 @@ def _summarize(tmp_path, cells, floor_accuracy: float) -> dict:
     (0.25, 0.5, "Ship m step 10: accuracy"),
     (0.0, 0.5, "No checkpoint is distinguishable from its base model"),
     (0.25, 0.99, "no transformer cell beats it"),
+    # a snapshot well below its base: a loss, said as one (the one-sided test alone would call it "not distinguishable")
+    (-0.2, 0.3, "No checkpoint beats its base model, and m step 10 (-"),
 ])
 def test_conclusion_on_constructed_cells(tmp_path, gain, floor_accuracy, expected):
     rng = np.random.default_rng(0)
@@ -252,11 +255,16 @@ def test_conclusion_on_constructed_cells(tmp_path, gain, floor_accuracy, expecte
     result = _summarize(tmp_path, cells, floor_accuracy)
     assert expected in result["conclusion"]
     star = [r for r in result["cells"] if r.get("star")]
-    if gain:
+    if gain > 0:
         assert [r["step"] for r in star] == [10] and star[0]["vs_base"]["p_holm"] < 0.05
         assert "★ step 10" in (tmp_path / "table.md").read_text()
     else:
         assert not star and "★ step" not in (tmp_path / "table.md").read_text()
+    worse = [r["step"] for r in result["cells"] if r.get("vs_base", {}).get("loss")]
+    assert worse == ([10] if gain < 0 else [])
+    if gain < 0:
+        assert "scores lower than its base model: keep the base model" in result["conclusion"]
+        assert "| m | step 10 |" in (tmp_path / "table.md").read_text() and "†" in (tmp_path / "table.md").read_text()
 
 
 def test_report_for_pretrain_and_finetune_runs(tmp_path, pretrain_run, tiny_model, capsys):
@@ -286,7 +294,7 @@ def test_conclusion_when_a_winning_checkpoint_is_not_the_best_cell(tmp_path):
     task = {"task": "multiclass", "labels": ["a", "b"], "train": "t.jsonl", "train_rows": 100, "dev": None, "valid_rows": 20,
             "fit_rows": 80, "test": "test.jsonl", "test_rows": 400, "evaluated_on": "test", "metric": "accuracy",
             "seeds": [1, 2, 3], "selection_metric": "accuracy"}
-    result = summarize(cfg, cells, tmp_path, task, None)
+    result = summarize(cfg, cells, outputs.Plain(tmp_path), task, None)
     assert result["conclusion"].startswith("The best cell is b base, ")
     assert "(a base model); a step 10 beats its base model after Holm adjustment, but scores lower." in result["conclusion"]
     assert not any(r.get("star") for r in result["cells"])
@@ -305,26 +313,33 @@ def test_conclusion_weighs_the_blend_by_the_same_test(tmp_path, blend_gain, floo
             cell = Cell("m", "base" if step == 0 else f"step {step}", step, "x", seed)
             correct = (rng.random(400) < p).astype(float)
             _fake_cell(tmp_path, cell.folder, correct)
-            if step:  # the cell's blend with its floor: better than the model alone by blend_gain
+            if step:  # the cell's blend with its own floor: better than the model alone by blend_gain
                 blended = np.maximum(correct, rng.random(400) < blend_gain / (1 - p))
-                rows = [{"line": i + 1, "gold": ["a"], "predicted": ["a" if c else "b"]} for i, c in enumerate(blended)]
+                own_floor = rng.random(400) < floor_p  # fitted on this seed's rows: each cell has its own
                 path = tmp_path / "cells" / cell.folder
-                (path / "blend_test_predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+                for name, values in (("blend_test_predictions.jsonl", blended), ("floor/test_predictions.jsonl", own_floor)):
+                    rows = [{"line": i + 1, "gold": ["a"], "predicted": ["a" if c else "b"]} for i, c in enumerate(values)]
+                    (path / name).parent.mkdir(exist_ok=True)
+                    (path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
                 metrics = json.loads((path / "metrics.json").read_text())
                 metrics["blend"] = {"weight": 0.6, "test": {"accuracy": float(blended.mean())}}
+                metrics["floor"] = {"test": {"accuracy": float(own_floor.mean())}}
                 (path / "metrics.json").write_text(json.dumps(metrics))
             cells.append(cell)
-    (tmp_path / "floor").mkdir()
-    floor_rows = [{"line": i + 1, "gold": ["a"], "predicted": ["a" if c else "b"]} for i, c in enumerate(rng.random(400) < floor_p)]
-    (tmp_path / "floor" / "test_predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in floor_rows))
     result = _summarize(tmp_path, cells, floor_p)
     assert expected in result["conclusion"]
     if floor_p > 0.9:
-        assert "but is not shown to beat the floor by -" in result["conclusion"]
+        assert "but is not shown to beat the floors it was mixed with (each cell's own, paired by seed) by -" in \
+            result["conclusion"]
     blend = next(r["blend"] for r in result["cells"] if r["step"] == 10)
     assert set(blend) >= {"vs_model", "vs_floor", "accuracy", "weight"}
     assert (blend["vs_model"]["win"], blend["vs_floor"]["win"]) == {(0.2, 0.62): (True, True), (0.0, 0.62): (False, False),
                                                                     (0.2, 0.95): (True, False)}[blend_gain, floor_p]
     assert "| m + floor | step 10 |" in (tmp_path / "table.md").read_text()
+    # the floors the blends were mixed with, per seed, in the table
+    floors = [json.loads((tmp_path / "cells" / f"m/step-000010/seed-{s}/metrics.json").read_text())["floor"]["test"]
+              ["accuracy"] for s in (1, 2, 3)]
+    row = next(line for line in (tmp_path / "table.md").read_text().splitlines() if line.startswith("| floor, per seed |"))
+    assert " ".join(f"{100 * v:.1f}" for v in floors) in row
     if expected.startswith("Ship"):
         assert result["conclusion"].index("Without the blend:") > 0

@@ -19,6 +19,14 @@ def _prepare(args: argparse.Namespace) -> None:
     print(format_stats(stats))
 
 
+def _merge(args: argparse.Namespace) -> None:
+    from domainlm.data.merge import MergeConfig, merge
+    from domainlm.data.prepare import format_stats
+
+    stats = merge(cfglib.from_args(MergeConfig, args))
+    print(format_stats(stats))
+
+
 def _inspect(args: argparse.Namespace) -> None:
     from domainlm.data.inspect import inspect
 
@@ -133,12 +141,31 @@ def _sweep(args: argparse.Namespace) -> None:
 def _report(args: argparse.Namespace) -> None:
     from domainlm.sweep.report import report_run
 
-    print(report_run(args.run, args.out))
+    print(report_run(args.run, args.out, overwrite=args.overwrite))
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line (exit 2), like every other bad input; --help is as it was."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from domainlm.train.launch import launch
+
+    return launch(args.arguments, set(_commands()) - {"launch"})
+
+
+def _commands() -> list[str]:
+    parser = build_parser()
+    return list(next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from domainlm.classify.config import EvaluateConfig, FinetuneConfig, PredictConfig
     from domainlm.console.settings import ConsoleConfig
+    from domainlm.data.merge import MergeConfig
     from domainlm.data.prepare import PrepareConfig
     from domainlm.demo import DemoConfig
     from domainlm.distill.config import DistillConfig
@@ -146,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     from domainlm.serve.config import ExportConfig, ServeConfig
     from domainlm.sweep.command import SweepConfig
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="domainlm", description="Domain documents -> corpus -> continued pretraining -> a better small classifier.")
     parser.add_argument("--version", action="version", version=f"domainlm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -154,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     # commands whose flags are a typed config's fields
     for name, help_text, cls, func in (
         ("prepare", "raw documents -> tokenized corpus store + stats", PrepareConfig, _prepare),
+        ("merge", "corpus stores -> one store: the shards of `prepare --shard` (duplicates decided as one prepare "
+                  "would), or stores prepared apart (concatenated)", MergeConfig, _merge),
         ("pretrain", "continued (domain-adaptive) MLM + SOP pretraining on a corpus store", PretrainConfig, _pretrain),
         ("finetune", "text classification (multi-class / multi-label), full or LoRA", FinetuneConfig, _finetune),
         ("evaluate", "metrics, bad cases and a report for a fine-tuned classifier on labelled data", EvaluateConfig, _evaluate),
@@ -191,7 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="curves, stats and config of a pretrain or finetune folder (Markdown + HTML)")
     p.add_argument("run", help="output folder of `domainlm pretrain` or `domainlm finetune`")
     p.add_argument("--out", help="folder for the report (default: RUN/report)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
     p.set_defaults(func=_report)
+
+    p = sub.add_parser("launch", help="run a command on several processes or machines: torchrun's options, then the "
+                       "command (torch's elastic agent and c10d rendezvous; failures in one line)", add_help=False)
+    p.add_argument("arguments", nargs=argparse.REMAINDER, help="torchrun options, then a domainlm command")
+    p.set_defaults(func=_launch)
 
     p = sub.add_parser("convert", help="a PaddleNLP ERNIE/BERT folder -> a Hugging Face folder (safetensors, config, tokenizer)")
     p.add_argument("paddle_dir", help="folder with model_state.pdparams, config.json or model_config.json, vocab.txt")
@@ -210,9 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["launch"]:  # torchrun's options are its own: passed on as they are, not parsed here
+        args = argparse.Namespace(func=_launch, arguments=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)  # None: success; `launch` returns its workers' exit status
     except DomainLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -227,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         outputs.release_all()  # the output-folder locks the command took
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -275,9 +275,20 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, config_flag: bool 
                                 **_flag_kind(hints[f.name], choice_aliases.get(f.name)))
 
 
+class _OneOrMore(argparse.Action):
+    """A flag given once holds its value; given again, the list of all its values (`--corpus A:0.3 --corpus B:0.7`)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        current = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, values if current is None else
+                (current if isinstance(current, list) else [current]) + [values])
+
+
 def _flag_kind(hint: Any, renamed_choices: dict[str, str] | None) -> dict[str, Any]:
     """argparse's action / choices for a field of type `hint` (renamed choices accepted, not listed)."""
     tp, _ = _unwrap_optional(hint)
+    if get_origin(tp) in (typing.Union, types.UnionType) and set(get_args(tp)) == {str, list[str]}:
+        return {"action": _OneOrMore, "metavar": "VALUE"}  # one value, or the flag repeated
     if tp is bool:
         return {"action": argparse.BooleanOptionalAction}
     if get_origin(tp) is Literal:
@@ -300,11 +311,11 @@ def load(cls: type[C], yaml_path: str | None = None, overrides: dict[str, Any] |
     names = {f.name for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
     if yaml_path:
+        from domainlm.files import read_text_input
+
         path = Path(yaml_path)
-        if not path.is_file():
-            raise DomainLMError(f"config file {path} does not exist")
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            raw = yaml.safe_load(read_text_input(path, "--config")) or {}
         except yaml.YAMLError as e:
             raise DomainLMError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(raw, dict):
@@ -353,7 +364,9 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def dump(cfg: Any) -> str:
     """The resolved config as YAML, so that every output folder says exactly how it was made."""
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+    from domainlm.files import yaml_text
+
+    return yaml_text(to_dict(cfg))
 
 
 def write(cfg: Any, folder: str | Path, name: str = "config.yaml") -> Path:

@@ -136,6 +136,11 @@ def trimmed_vocabulary(source: Path, texts: list[str], folder: Path) -> Path:
     kept = tokenizer.convert_ids_to_tokens(sorted(used))
     (folder / "vocab.txt").write_text("".join(token + "\n" for token in kept), encoding="utf-8")
     _wordpiece_folder(folder)
+    # said in the tokenizer's own config, which every model saved with it carries: text outside the demo's
+    # corpora meets [UNK] for what it never saw, and fine-tuning says so (classify.checks.unknown_tokens)
+    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config["domainlm_vocabulary"] = {"trimmed_from": source.name, "entries": len(tokenizer), "kept": len(kept)}
+    write_if_changed(folder / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     return folder
 
 

@@ -20,9 +20,12 @@ from pathlib import Path
 
 from domainlm.errors import DomainLMError
 
-# what the libraries that write our files say when the disk, not the data, is the problem
+# what the libraries that write our files say when the disk, not the data, is the problem (torch's serializer says
+# "file write failed", "iostream error" or "unexpected pos" of its zip writer; safetensors "IoError")
 _IO_WORDS = ("no space left", "os error 28", "disk quota", "file write failed", "read-only file system",
-             "permission denied", "operation not permitted", "input/output error", "ioerror")
+             "permission denied", "operation not permitted", "input/output error", "ioerror", "iostream error",
+             "unexpected pos")
+_FULL_WORDS = ("no space left", "os error 28", "file write failed", "iostream error", "unexpected pos")
 _ERRNO_WORDS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
                 errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
                 errno.EPERM: "the folder cannot be changed (read-only or immutable)", errno.EIO: "an input/output error"}
@@ -45,7 +48,7 @@ def io_failure(e: BaseException) -> str | None:
         return _ERRNO_WORDS.get(e.errno, e.strerror or str(e))
     text = str(e).lower()
     if type(e).__name__ in ("SafetensorError", "RuntimeError") and any(w in text for w in _IO_WORDS):
-        if "no space left" in text or "os error 28" in text or "file write failed" in text:
+        if any(w in text for w in _FULL_WORDS):
             return "the disk is full"
         return next(w for w in _IO_WORDS if w in text)
     return None
@@ -107,3 +110,45 @@ def write_if_changed(path: str | Path, text: str, flag: str | None = None) -> Pa
     if path.is_file() and path.read_text(encoding="utf-8") == text:
         return path
     return atomic_write(path, text, flag)
+
+
+# ---- reading inputs ----------------------------------------------------------------------------------------------
+
+def input_file(path: str | Path, flag: str | None = None) -> Path:
+    """An input that must be a regular file: one line naming it (and the flag) when it is missing, a folder or
+    something else (a device, a pipe), so that nothing that exists reads as "does not exist"."""
+    p = Path(path)
+    name = f"{flag} {p}" if flag else str(p)
+    if p.is_dir():
+        raise DomainLMError(f"{name} is a folder; it must name a file")
+    if not p.exists():
+        raise DomainLMError(f"{name} does not exist")
+    if not p.is_file():
+        raise DomainLMError(f"{name} is not a regular file")
+    return p
+
+
+def read_text_input(path: str | Path, flag: str | None = None) -> str:
+    """A text input file, decoded by decode_text; the file is named (with its flag) in every error."""
+    return decode_text(input_file(path, flag).read_bytes(), f"{flag} {path}" if flag else str(path))
+
+
+def decode_text(raw: bytes, where: str) -> str:
+    """Bytes of text as UTF-8 (with or without BOM), else GB18030 (which reads GBK and GB2312): bytes in neither (a
+    binary file, another encoding) are one line naming `where` and the line of the first bad byte."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        first = e
+    try:
+        return raw.decode("gb18030")
+    except UnicodeDecodeError:
+        line = raw[: first.start].count(b"\n") + 1
+        raise DomainLMError(f"{where}:{line}: not text (neither UTF-8 nor GB18030); give a text file in UTF-8") from None
+
+
+def yaml_text(values: dict) -> str:
+    """A config's values as the YAML that --config reads back (in field order, Unicode as it is)."""
+    import yaml
+
+    return yaml.safe_dump(values, sort_keys=False, allow_unicode=True)

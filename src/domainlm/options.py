@@ -70,3 +70,15 @@ class TrainingOptions:
     logging_freq: int = option(10, "log every N steps", low=1)
     eval_steps: int = option(0, "evaluate every N steps (0: once per epoch)", low=0)
     save_steps: int = option(0, "also save a step-N snapshot every N steps (0: none)", low=0)
+
+
+def divergence_causes(cfg) -> str:
+    """What usually makes a loss non-finite, in the run's own flags (the training loop names them when it stops)."""
+    import math
+
+    parts = [f"a learning rate too high (--learning-rate {cfg.learning_rate:g})"]
+    if math.isinf(cfg.max_grad_norm):
+        parts.append("no gradient clipping (--max-grad-norm inf)")
+    if getattr(cfg, "precision", "") == "fp16":
+        parts.append("fp16 overflow (--precision fp16; bf16 and fp32 have the range)")
+    return ", ".join(parts)

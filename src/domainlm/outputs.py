@@ -100,8 +100,13 @@ def claim(out: str | Path, flag: str = "--out") -> None:
         os.close(fd)
     else:
         raise DomainLMError(f"{flag} {out}: its lock file {path} keeps changing; is another run starting?")
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError as e:  # a full disk: not even the lock's few bytes fit
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise DomainLMError(files.failure_line(out, files.io_failure(e), flag)) from None
     _HELD[path] = [fd, 1]
 
 
@@ -406,9 +411,9 @@ class RunFolder(Writer):
                     self._entries |= set(self.earlier_entries)
                 _write_manifest(self.out, self.command, False, self._entries)
         if cfg is not None:
-            from domainlm import config as cfglib
+            import dataclasses
 
-            self.write_text("config.yaml", cfglib.dump(cfg))
+            self.write_text("config.yaml", files.yaml_text(dataclasses.asdict(cfg)))
         return self
 
     def _set_aside(self) -> None:
@@ -477,10 +482,15 @@ class RunFolder(Writer):
 
 
 def restore_previous(out: Path) -> bool:
-    """Put back an earlier run's entries that an --overwrite moved aside and never finished replacing."""
+    """Put back an earlier run's entries that an --overwrite moved aside and never finished replacing (what that
+    interrupted run had written, as its manifest lists it, goes first)."""
     previous = out / PREVIOUS
     if not previous.is_dir():
         return False
+    interrupted = read_manifest(out)
+    for name in (interrupted or {}).get("entries", []):
+        if (out / name).exists() or (out / name).is_symlink():
+            remove_tree(out / name, out)
     for item in previous.iterdir():
         if item.name == MANIFEST:
             continue

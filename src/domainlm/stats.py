@@ -50,7 +50,8 @@ def _components(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def compare_arrays(candidate: np.ndarray, base: np.ndarray) -> dict[str, np.ndarray]:
     """Vectorised over leading axes: candidate (..., S_c, N), base (..., S_b, N), both 0/1 (or scores in [0, 1]) on
-    the same N test rows in the same order. One-sided: does the candidate score higher?"""
+    the same N test rows in the same order. One-sided both ways: p_value, does the candidate score higher? p_worse,
+    does it score lower? (A one-sided test cannot see a loss; the second one says when there is one.)"""
     from scipy import stats
 
     candidate, base = np.asarray(candidate, float), np.asarray(base, float)
@@ -75,10 +76,12 @@ def compare_arrays(candidate: np.ndarray, base: np.ndarray) -> dict[str, np.ndar
         se = np.sqrt(se2)
         t = np.where(se > 0, difference / se, np.where(difference > 0, np.inf, np.where(difference < 0, -np.inf, 0.0)))
     p = stats.t.sf(t, df)
+    p_worse = stats.t.cdf(t, df)
     p = np.where((se == 0) & (difference == 0), 1.0, p)  # identical results: no evidence at all
+    p_worse = np.where((se == 0) & (difference == 0), 1.0, p_worse)
     half = stats.t.ppf(0.975, df) * se
-    return {"difference": difference, "p_value": p, "se": se, "df": df, "low": difference - half, "high": difference + half,
-            "seed_variance_known": seed_known}
+    return {"difference": difference, "p_value": p, "p_worse": p_worse, "se": se, "df": df, "low": difference - half,
+            "high": difference + half, "seed_variance_known": seed_known}
 
 
 def compare(candidate: np.ndarray, base: np.ndarray) -> dict:
@@ -87,7 +90,8 @@ def compare(candidate: np.ndarray, base: np.ndarray) -> dict:
     if candidate.shape[-1] != base.shape[-1] or candidate.shape[-1] == 0:
         raise ValueError("compare needs both models scored on the same, non-empty test rows")
     r = compare_arrays(candidate, base)
-    return {"difference": float(r["difference"]), "p_value": float(r["p_value"]), "se": float(r["se"]),
+    return {"difference": float(r["difference"]), "p_value": float(r["p_value"]), "p_worse": float(r["p_worse"]),
+            "se": float(r["se"]),
             "df": float(r["df"]), "ci95": [float(r["low"]), float(r["high"])], "rows": int(candidate.shape[-1]),
             "seeds": [int(candidate.shape[0]), int(base.shape[0])], "seed_variance_known": bool(r["seed_variance_known"])}
 

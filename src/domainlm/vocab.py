@@ -39,11 +39,10 @@ def train_wordpiece(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
 def read_terms(path: str | Path) -> list[str]:
     """One new token per line (blank lines and `#` comments ignored); UTF-8, or UTF-16 with its byte order mark."""
     from domainlm.errors import DomainLMError
+    from domainlm.files import input_file
 
     p = Path(path)
-    if not p.is_file():
-        raise DomainLMError(f"token list {p} does not exist")
-    raw = p.read_bytes()
+    raw = input_file(p, "--tokens").read_bytes()
     try:
         text = raw.decode("utf-16") if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:

@@ -41,6 +41,9 @@ def check(cfg, *, read_task: bool = True, network: bool = True, processes: int =
         checks.accumulation(cfg.global_batch_size, cfg.batch_size, processes)
     except DomainLMError as e:
         errors.setdefault("global_batch_size", str(e))
+    preset = getattr(cfg, "preset", None)
+    for name in set(errors) & set(getattr(cfg, "preset_fields", ())):  # a value the preset chose: say so
+        errors[name] += f" (set by --preset {preset}; give --{name.replace('_', '-')} to override it)"
     return found, errors
 
 
@@ -79,3 +82,29 @@ def few_valid_rows(cfg, task: Task) -> None:
     print(f"notice: --valid-ratio {cfg.valid_ratio}{preset} holds out {n} of {len(task.train)} training rows for "
           f"validation; the best epoch picked on so few follows the noise: give --dev or a larger --valid-ratio",
           file=sys.stderr)
+
+
+# a share of [UNK] tokens above this in the training texts is said once (what is lost, and what to do): low for a
+# vocabulary cut to other texts (the demo's), where it is the expected way to lose text; high for any other
+UNKNOWN_SHARE = {"trimmed": 0.005, "any": 0.25}
+
+
+def unknown_tokens(tokenizer, texts: list[str], flag: str = "--train", model_flag: str = "--model") -> float:
+    """The share of [UNK] among the tokens of (up to 2,000 of) `texts`; above UNKNOWN_SHARE a notice says how many
+    and what to do (a vocabulary cut to other texts, like the demo's, says so in its tokenizer config)."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None or not texts:
+        return 0.0
+    ids = tokenizer(texts[:2000], add_special_tokens=False)["input_ids"]
+    total = sum(len(x) for x in ids)
+    unknown = sum(x.count(unk) for x in ids)
+    share = unknown / max(total, 1)
+    trimmed = (getattr(tokenizer, "init_kwargs", {}) or {}).get("domainlm_vocabulary")
+    if share > UNKNOWN_SHARE["trimmed" if isinstance(trimmed, dict) else "any"]:
+        why = (f"its vocabulary was cut to the texts it was made for ({trimmed.get('kept')} of "
+               f"{trimmed.get('trimmed_from')}'s {trimmed.get('entries')} entries): start from a model with the full "
+               "vocabulary, or add the missing characters with `domainlm extend-vocab`") if isinstance(trimmed, dict) \
+            else "add the missing characters or words with `domainlm extend-vocab`"
+        print(f"notice: {unknown:,} of {total:,} tokens ({100 * share:.1f}%) of {flag} are [UNK] for the tokenizer of "
+              f"{model_flag}; the model sees nothing of them: {why}", file=sys.stderr)
+    return share

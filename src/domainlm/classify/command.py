@@ -26,7 +26,7 @@ from domainlm import checks, outputs
 from domainlm.classify import batching, blend, ensemble, linear
 from domainlm.classify import metrics as M
 from domainlm.classify.batching import encode, eval_batches
-from domainlm.classify.checks import check, few_valid_rows
+from domainlm.classify.checks import check, few_valid_rows, unknown_tokens
 from domainlm.classify.config import EvaluateConfig, FinetuneConfig, PredictConfig
 from domainlm.classify.data import (
     Columns,
@@ -49,8 +49,10 @@ from domainlm.classify.model import (
 )
 from domainlm.classify.report import score, write_outputs, write_run, write_summary
 from domainlm.classify.results import HELD_OUT, TEST_FILE, Scored, fold_folder, seed_folder
-from domainlm.classify.runtime import load
+from domainlm.classify.runtime import open_runtime
+from domainlm.classify.runtime_options import RuntimeOptions
 from domainlm.errors import DomainLMError
+from domainlm.options import divergence_causes
 from domainlm.outputs import Writer
 from domainlm.train.checkpoint import TrainState
 from domainlm.train.logging import RunLogger
@@ -175,7 +177,8 @@ def setup(cfg: FinetuneConfig, accelerator, tokenizer, labels: list[str], fit: D
                                      global_batch, tokenizer.pad_token_id or 0, seed, rank, world, accumulation, packed)
     options = LoopOptions(max_steps=max_steps, accumulation=accumulation, global_batch_size=global_batch,
                           max_grad_norm=cfg.max_grad_norm, logging_freq=cfg.logging_freq,
-                          eval_steps=cfg.eval_steps or steps_per_epoch, save_steps=cfg.save_steps)
+                          eval_steps=cfg.eval_steps or steps_per_epoch, save_steps=cfg.save_steps,
+                          causes=divergence_causes(cfg))
     folder.record("log.jsonl"), folder.record("tensorboard")
     logger = RunLogger(folder.root(), max_steps, 0, accelerator.is_main_process, tensorboard=True)
     return Run(cfg, accelerator, tokenizer, labels, seed, folder, fit, dev, evaluated, model, optimizer, scheduler,
@@ -245,6 +248,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
         found, errors = check(cfg)
         checks.first(errors)
         few_valid_rows(cfg, found.task)
+        if found.tokenizer is not None:
+            unknown_tokens(found.tokenizer, found.task.train.columns()[0])
         cfg.precision = mixed_precision(cfg.precision)  # the config written into --out says what ran
         accelerator = make_accelerator(cfg.precision)
         out.begin(cfg)
@@ -329,14 +334,14 @@ def evaluate_command(cfg: EvaluateConfig) -> dict:
     with outputs.run_folder(cfg.out, "evaluate", patterns=outputs.EVALUATE_OUTPUTS, overwrite=cfg.overwrite,
                             inputs={"--data": cfg.data}, models={"--model": cfg.model},
                             legacy=outputs.config_with("data")) as out:
-        runtime = load(cfg.model, device=cfg.device, max_seq_len=cfg.max_seq_len)
+        runtime = open_runtime(cfg.model, RuntimeOptions.of(cfg))  # resolved once, here
         labels, multilabel = runtime.labels, runtime.multilabel
         columns = Columns.of(cfg, runtime)
         # the config written beside the results says what was used, the model's settings included
         cfg.text_column, cfg.pair_column = columns.text, columns.text_pair
         if runtime.tokenizer is not None:
             cfg.max_seq_len = runtime.max_seq_len
-        data = read_examples(cfg.data, columns, multilabel, skip_bad=cfg.skip_bad_rows)
+        data = read_examples(cfg.data, columns, multilabel, skip_bad=cfg.skip_bad_rows, flag="--data")
         unknown = sorted({label for ex in data.examples for label in ex.labels} - set(labels))
         if unknown:
             raise DomainLMError(f"{cfg.data}: labels {unknown} are not among the model's labels ({', '.join(labels)})")
@@ -354,12 +359,12 @@ def predict_command(cfg: PredictConfig) -> int:
     from domainlm.files import atomic_write
 
     check_predict_paths(cfg.input, cfg.out, cfg.overwrite)
-    runtime = load(cfg.model, device=cfg.device, max_seq_len=cfg.max_seq_len)
+    runtime = open_runtime(cfg.model, RuntimeOptions.of(cfg))  # resolved once, here
     if cfg.input == "-":
         data = Dataset("<stdin>", [Example(text, [], line=i) for i, text in read_stdin_lines(getattr(sys.stdin, "buffer", sys.stdin))])
     else:
         columns = Columns.of(cfg, runtime)
-        data = read_examples(cfg.input, columns, runtime.multilabel, require_labels=False, skip_flag=None)
+        data = read_examples(cfg.input, columns, runtime.multilabel, require_labels=False, skip_flag=None, flag="--input")
     probs = runtime.predict(*data.columns(), cfg.batch_size, progress=True)
     labels = runtime.labels
     lines = [json.dumps({"text": ex.text, "labels": [labels[j] for j in chosen],

@@ -7,6 +7,7 @@ string split on a delimiter), and an optional group (per-group accuracy). Errors
 from __future__ import annotations
 
 import csv
+import io
 import json
 import sys
 from collections import Counter
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from domainlm.errors import DomainLMError
+from domainlm.files import decode_text, read_text_input
 
 
 @dataclass
@@ -62,31 +64,32 @@ class Dataset:
         return [ex.text for ex in self.examples], pairs if any(p is not None for p in pairs) else None
 
 
-def _rows(path: Path):
-    """(line number, dict) for CSV, TSV and JSONL files."""
+def _rows(path: Path, flag: str | None = None, bad: list | None = None):
+    """(line number, dict) for CSV, TSV and JSONL files (UTF-8, else GB18030). `bad`: a list that collects
+    (line, problem) of JSONL lines that are not a JSON object, which are then skipped instead of stopping the read."""
     suffix = path.suffix.lower()
-    try:
-        if suffix == ".jsonl":
-            with open(path, encoding="utf-8-sig") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DomainLMError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                    if not isinstance(row, dict):
-                        raise DomainLMError(f"{path}:{lineno}: expected a JSON object")
-                    yield lineno, row
-        elif suffix in (".csv", ".tsv"):
-            with open(path, encoding="utf-8-sig", newline="") as f:
-                reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-                for row in reader:
-                    yield reader.line_num, row
-        else:
-            raise DomainLMError(f"{path}: unsupported file type {suffix or '(none)'}; use .csv, .tsv or .jsonl")
-    except UnicodeDecodeError as e:
-        raise DomainLMError(f"{path}: not UTF-8 ({e.reason})") from None
+    if suffix not in (".jsonl", ".csv", ".tsv"):
+        raise DomainLMError(f"{path}: unsupported file type {suffix or '(none)'}; use .csv, .tsv or .jsonl")
+    text = read_text_input(path, flag)
+    if suffix == ".jsonl":
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                problem = None if isinstance(row, dict) else "expected a JSON object"
+            except json.JSONDecodeError as e:
+                problem = f"not valid JSON ({e.msg})"
+            if problem and bad is None:
+                raise DomainLMError(f"{path}:{lineno}: {problem}")
+            if problem:
+                bad.append((lineno, problem))
+                continue
+            yield lineno, row
+    else:
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
+        for row in reader:
+            yield reader.line_num, row
 
 
 def _labels(value, delimiter: str) -> list[str]:
@@ -122,14 +125,18 @@ def row_problem(row: dict, columns: Columns, require_labels: bool) -> str | None
 
 
 def read_examples(path: str, columns: Columns, multilabel: bool, require_labels: bool = True, skip_bad: bool = False,
-                  skip_flag: str | None = "--skip-bad-rows") -> Dataset:
-    """`skip_flag`: the flag the calling command accepts to skip bad rows (named in errors), or None."""
+                  skip_flag: str | None = "--skip-bad-rows", flag: str | None = None) -> Dataset:
+    """`skip_flag`: the flag the calling command accepts to skip bad rows (named in errors), or None; `flag`: the
+    option that names the file (in the errors about the file itself)."""
     p = Path(path)
-    if not p.is_file():
-        raise DomainLMError(f"data file {p} does not exist")
     data = Dataset(str(p))
     checked = False
-    for lineno, row in _rows(p):
+    unreadable: list[tuple[int, str]] = []
+    for lineno, row in _rows(p, flag, unreadable if skip_bad else None):
+        for line, problem in unreadable:  # lines before this one that were not a JSON object
+            data.skipped[problem.split(" (")[0]] += 1
+            data.bad_rows.append((line, problem.split(" (")[0]))
+        unreadable.clear()
         if not checked:
             wanted = [c for c in (columns.text, columns.text_pair, columns.group) if c]
             if require_labels:
@@ -161,6 +168,9 @@ def read_examples(path: str, columns: Columns, multilabel: bool, require_labels:
         pair = str(row.get(columns.text_pair) or "") if columns.text_pair else None
         group = str(row.get(columns.group) or "") if columns.group else None
         data.examples.append(Example(text, labels, pair, group, lineno))
+    for line, problem in unreadable:  # after the last readable row
+        data.skipped[problem.split(" (")[0]] += 1
+        data.bad_rows.append((line, problem.split(" (")[0]))
     if data.skipped:
         counts = ", ".join(f"{reason}: {n}" for reason, n in sorted(data.skipped.items()))
         print(f"{p}: skipped {sum(data.skipped.values())} bad rows ({counts}); {len(data.examples)} rows used",
@@ -174,7 +184,7 @@ def read_stdin_lines(stream) -> list[tuple[int, str]]:
     """(line number, text) of the non-blank lines of stdin: bytes are read as UTF-8 (with or without BOM), else
     GB18030 (GBK). Empty or blank-only input, or bytes in neither encoding, is an error."""
     raw = stream.read()
-    text = raw if isinstance(raw, str) else _decode_stdin(raw)
+    text = raw if isinstance(raw, str) else decode_text(raw, "<stdin>")
     lines = [(i, line.strip()) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not lines:
         raise DomainLMError("<stdin> holds no text: give one text per line (or --input FILE)")
@@ -192,18 +202,6 @@ def keep_line_order(data: Dataset, lines: list[str]) -> list[str]:
               "answers the input line of the same number", file=sys.stderr)
     empty = json.dumps({"text": "", "labels": [], "scores": {}}) + "\n"
     return [by_line.get(i, empty) for i in range(1, max(by_line, default=0) + 1)]
-
-
-def _decode_stdin(raw: bytes) -> str:
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        first = e
-    try:
-        return raw.decode("gb18030")
-    except UnicodeDecodeError:
-        line = raw[: first.start].count(b"\n") + 1
-        raise DomainLMError(f"<stdin>:{line}: undecodable bytes (neither UTF-8 nor GB18030); send UTF-8 text") from None
 
 
 def check_predict_paths(input_path: str, out: str, overwrite: bool = False) -> None:
@@ -358,7 +356,8 @@ def task_problems(cfg, known: list[str] | None = None, known_from: str = "") -> 
         path = getattr(cfg, key, None)
         if path:
             try:
-                read[key] = read_examples(path, columns, multilabel, skip_bad=getattr(cfg, "skip_bad_rows", False))
+                read[key] = read_examples(path, columns, multilabel, skip_bad=getattr(cfg, "skip_bad_rows", False),
+                                          flag=f"--{key}")
             except DomainLMError as e:
                 errors[key] = str(e)
     labels = None

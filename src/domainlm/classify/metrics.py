@@ -134,10 +134,9 @@ def aggregate(runs: list[dict]) -> dict:
 
 
 def confusion_png(matrix: list[list[int]], labels: list[str], path) -> None:
-    import matplotlib
+    from domainlm.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     m = np.asarray(matrix)
     size = max(4, 0.6 * len(labels) + 2)

@@ -15,11 +15,11 @@ from collections import OrderedDict
 from datetime import datetime, timezone
 from pathlib import Path
 
-from domainlm.console import catalog
+from domainlm.console import catalog, devices, i18n
 from domainlm.console.db import FINISHED, Dataset, Event, Job, Model, now, open_database
 from domainlm.console.jobs import JobFactory
 from domainlm.console.notify import Notifier, SmtpSettings
-from domainlm.console.runner import LOG_NAME, Runner
+from domainlm.console.runner import LOG_NAME, Runner, display, next_position, queue
 from domainlm.console.security import csrf_token, inside, load_or_create_secret
 from domainlm.console.settings import ConsoleConfig
 from domainlm.console.ship import Endpoints
@@ -27,6 +27,8 @@ from domainlm.errors import DomainLMError
 
 HERE = Path(__file__).parent
 NOISE = re.compile(r"\d+%\|.*\|| warnings\.warn\(|Warning: |^\s*warnings\.warn")
+# a Python warning's first line ("path.py:12: UserWarning: ..."); the line after it, indented, is its source line
+WARNING_HEAD = re.compile(r"^\S.*:\d+: \w*Warning: ")
 
 
 class Conflict(DomainLMError):
@@ -34,7 +36,8 @@ class Conflict(DomainLMError):
 
 
 class Console:
-    def __init__(self, cfg: ConsoleConfig, url: str = "", notify_backoff: float = 2.0):
+    def __init__(self, cfg: ConsoleConfig, url: str = "", notify_backoff: float = 2.0,
+                 machine: devices.Machine | None = None):
         self.cfg = cfg
         self.home = Path(cfg.home).resolve()
         self.home.mkdir(parents=True, exist_ok=True)
@@ -48,7 +51,9 @@ class Console:
             smtp = SmtpSettings(cfg.smtp_host, cfg.smtp_port, cfg.smtp_user, os.environ.get("DOMAINLM_SMTP_PASSWORD"),
                                 cfg.smtp_starttls, cfg.smtp_from)
         self.notifier = Notifier(secret.encode(), smtp, backoff=notify_backoff, on_result=self._delivery_logged)
-        self.runner = Runner(self.sessions, self.home, cfg.max_concurrent, cfg.cancel_grace, on_event=self._notify)
+        self.machine = machine or devices.Machine(self.home)
+        self.runner = Runner(self.sessions, self.home, cfg.max_concurrent, cfg.cancel_grace, on_event=self._notify,
+                             machine=self.machine)
         self.factory = JobFactory(self.home, list(cfg.base_models), email=bool(cfg.smtp_host))
         self.endpoints = Endpoints(self.home)
         self._models: OrderedDict = OrderedDict()
@@ -66,10 +71,13 @@ class Console:
     def _notify(self, job: Job, kind: str, message: str) -> None:
         if kind not in ("started", "succeeded", "failed", "cancelled", "interrupted") or not job.notify:
             return
+        _ = i18n.translator(job.notify.get("lang", i18n.DEFAULT))  # the language of whoever created the job
+        summary = _("[domainlm] job {id} '{name}' {event}", id=job.id, name=job.name, event=_(kind))
         payload = {"event": f"job.{kind}", "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                    "job": {"id": job.id, "name": job.name, "command": job.command, "status": job.status,
                            "url": f"{self.url}/jobs/{job.id}" if self.url else ""},
-                   "summary": f"[domainlm] job {job.id} '{job.name}' {kind}" + (f": {message}" if message and kind != "started" else "")}
+                   "summary": summary + (f": {_.message(message)}" if message and kind != "started" else ""),
+                   "language": _.lang}
         if kind == "succeeded":
             payload["metric"] = catalog.headline(job, self.home / job.folder)
         if kind in ("failed", "interrupted"):
@@ -84,12 +92,20 @@ class Console:
 
     # ---- jobs --------------------------------------------------------------------------------------------
     def create_job(self, command: str, values: dict, name: str = "", description: str = "",
-                   notify: dict | None = None) -> tuple[Job | None, dict]:
+                   notify: dict | None = None, gpus: list[int] | None = None, processes: int = 1,
+                   lang: str = i18n.DEFAULT, found: dict | None = None) -> tuple[Job | None, dict]:
+        """A job from a form or the API: every problem at once ({field: message}; `found`: the form's own), else the
+        job, queued last. gpus: None = any free GPUs (one per process) on a machine that has them; [] = the CPU only."""
         with self.sessions() as s:
-            job, errors = self.factory.build(s, command, values, name, description, notify)
-            if job is None:
+            errors = {**devices.check(self.machine, command, gpus, processes), **(found or {})}
+            job, more = self.factory.build(s, command, values, name, description, notify)
+            errors.update(more)
+            if job is None or errors:
                 s.rollback()
                 return None, errors
+            job.gpus, job.processes, job.queue_position = gpus, processes, next_position(s)
+            if lang != i18n.DEFAULT and job.notify:
+                job.notify = {**job.notify, "lang": lang}
             s.add(Event(job_id=job.id, kind="queued", message="created"))
             s.commit()
         self.runner.wake()
@@ -102,20 +118,51 @@ class Console:
         found = s.query(Dataset).filter(Dataset.path == rel).first()
         return found.rows if found else None
 
-    def job_summary(self, s, job: Job) -> dict:
+    def job_summary(self, s, job: Job, plan: dict | None = None) -> dict:
+        """plan: the runner's plan of the queue (reused when summarising many jobs)."""
         folder = self.home / job.folder
         done = job.status in FINISHED
-        return {
+        out = {
             "id": job.id, "name": job.name, "description": job.description, "command": job.command,
             "status": job.status, "error": job.error, "exit_code": job.exit_code, "attempts": job.attempts,
             "created_at": _iso(job.created_at), "started_at": _iso(job.started_at), "finished_at": _iso(job.finished_at),
-            "model": job.config.get("model") or job.config.get("tokenizer"), "base_model_id": job.base_model_id,
+            "model": self.model_name(s, job), "base_model_id": job.base_model_id,
             "method": _method_label(job.config) if job.command in ("finetune", "sweep") else "",
             "progress": catalog.progress(job, folder, self._train_rows(s, job), now()),
             "headline": catalog.headline(job, folder) if done else None,
             "cancelling": bool(job.cancel_requested_at) and job.status == "running",
+            "devices": {"gpus": self._asked_gpus(job), "processes": job.processes,
+                        "assigned": job.devices if job.status == "running" else None},
+            "queue": None,
             **self._restart(job, folder),
         }
+        if job.status == "queued":
+            waiting = queue(s)
+            plan = plan if plan is not None else self.runner.plan(s)
+            start, why = plan.get(job.id, (True, None))
+            out["queue"] = {"position": [j.id for j in waiting].index(job.id) + 1 if job in waiting else None,
+                            "length": len(waiting), "waiting_for": None if start else why}
+        return out
+
+    def _asked_gpus(self, job: Job) -> list[int] | None:
+        """The GPUs a job asked for, as it will get them: a job that cannot use one, or a machine without any, is the
+        CPU ([]), not "any free GPU" (None)."""
+        if job.gpus is None and (job.command not in devices.GPU_COMMANDS or not self.machine.gpu_count()):
+            return []
+        return job.gpus
+
+    def model_name(self, s, job: Job) -> str | None:
+        """The model a job starts from as the user knows it: one of my models by its name, a listed base model
+        by its name, else the path relative to the home folder."""
+        if job.base_model_id:
+            m = s.get(Model, job.base_model_id)
+            if m is not None:
+                return m.name
+        value = job.config.get("model") or job.config.get("student") or job.config.get("tokenizer")
+        if not value:
+            return None
+        home = str(self.home.resolve()) + "/"
+        return value[len(home):] if str(value).startswith(home) else value
 
     @staticmethod
     def _restart(job: Job, folder: Path) -> dict:
@@ -126,14 +173,16 @@ class Console:
         config_error = job.status == "failed" and job.exit_code == 2
         checkpoint = job.command == "pretrain" and any((folder / "checkpoints").glob("step-*"))
         return {"resumable": unsuccessful and not config_error, "config_error": config_error,
-                "restart_label": "Resume" if checkpoint else "Retry"}
+                "restart_label": "Resume" if checkpoint else "Retry",
+                "tensorboard": str(folder) if any(folder.glob("tensorboard")) or any(folder.glob("*/tensorboard"))
+                else None}
 
     def job_detail(self, s, job: Job) -> dict:
         out = self.job_summary(s, job)
         out["config"] = job.config
         out["folder"] = str(self.home / job.folder)
         out["notify"] = job.notify
-        out["command_line"] = " ".join(["domainlm", *self.runner.command_line(job)[3:]])  # what reruns it by hand
+        out["command_line"] = display(self.runner.command_line(job))  # what reruns it by hand
         out["events"] = [{"kind": e.kind, "message": e.message, "at": _iso(e.created_at)}
                          for e in s.query(Event).filter(Event.job_id == job.id).order_by(Event.id)]
         out["models"] = [self.model_summary(m) for m in s.query(Model).filter(Model.job_id == job.id).order_by(Model.id)]
@@ -147,8 +196,13 @@ class Console:
             f.seek(max(0, path.stat().st_size - 64 * 1024))
             text = f.read().decode("utf-8", errors="replace")
         # progress bars (tqdm: "NN%|###|") and library warnings are noise here; the file keeps everything
-        kept = [line.split("\r")[-1] for line in text.splitlines()]
-        kept = [ln for ln in kept if not NOISE.search(ln)]
+        kept, after_warning = [], False
+        for line in (raw.split("\r")[-1] for raw in text.splitlines()):
+            if WARNING_HEAD.search(line) or NOISE.search(line) or (after_warning and line.startswith("  ")):
+                after_warning = after_warning or bool(WARNING_HEAD.search(line))
+                continue
+            after_warning = False
+            kept.append(line)
         return "\n".join(kept[-lines:])
 
     def cancel(self, job_id: int) -> str:
@@ -168,15 +222,67 @@ class Console:
                 raise Conflict(f"job {job_id} failed on its configuration ({job.error}); running it again would fail "
                                "the same way: clone it and fix the option")
             job.status, job.resume, job.cancel_requested_at, job.error = "queued", True, None, ""
+            job.queue_position = next_position(s)  # the end of the queue, as a new job
             s.add(Event(job_id=job.id, kind="queued", message="resume" if job.command == "pretrain" else "retry"))
             s.commit()
         self.runner.wake()
 
+    def move(self, job_id: int, direction: str) -> list[int]:
+        """Move a queued job one place up or down the queue; returns the queue's job ids in their new order."""
+        with self.runner._lock, self.sessions() as s:
+            job = s.get(Job, job_id)
+            if job is None:
+                raise KeyError(job_id)
+            if job.status != "queued":
+                raise Conflict(f"job {job_id} is {job.status}; only queued jobs can be moved")
+            order = queue(s)
+            i = order.index(job)
+            j = i - 1 if direction == "up" else i + 1
+            if 0 <= j < len(order):
+                order[i], order[j] = order[j], order[i]
+            for position, queued in enumerate(order, 1):  # renumbered: positions are unique and dense again
+                queued.queue_position = position
+            s.commit()
+            ids = [q.id for q in order]
+        self.runner.wake()
+        return ids
+
+    def resources(self) -> dict:
+        """The machine now (console.devices), each GPU with the running job that holds it, and the queue's jobs."""
+        out = self.machine.snapshot()
+        with self.sessions() as s:
+            running = s.query(Job).filter(Job.status == "running").all()
+            users = {g: {"id": j.id, "name": j.name} for j in running for g in (j.devices or [])}
+            for gpu in out["gpus"]:
+                gpu["job"] = users.get(gpu["index"])
+            out["jobs"] = {"running": [{"id": j.id, "name": j.name, "gpus": j.devices or [], "processes": j.processes}
+                                       for j in running],
+                           "queued": len(queue(s)), "cpu_slots": self.cfg.max_concurrent}
+        return out
+
     # ---- models ------------------------------------------------------------------------------------------
-    def model_summary(self, m: Model) -> dict:
+    def model_summary(self, m: Model, session=None) -> dict:
+        from sqlalchemy.orm import object_session
+
+        session = session or object_session(m)
+        job = m.job
         return {"id": m.id, "name": m.name, "kind": m.kind, "path": str(self.home / m.path), "job_id": m.job_id,
+                "job_name": job.name if job else None, "job_command": job.command if job else None,
                 "step": m.step, "metrics": m.metrics, "size_bytes": m.size_bytes, "created_at": _iso(m.created_at),
-                "lineage": catalog.lineage(m), "can_try": m.kind in ("classifier", "linear"), "method": self._method(m)}
+                "lineage": catalog.lineage(m, session, self.home), "can_try": m.kind in ("classifier", "linear"),
+                "method": self._method(m), "floor": self._floor(m)}
+
+    def _floor(self, m: Model) -> dict | None:
+        """The classical floor fitted beside a classifier, on the split its headline metric is on."""
+        from domainlm.console import compare
+
+        found = compare.floor(self.home, m)
+        if not found:
+            return None
+        metric = next((k for k in ("accuracy", "f1_micro") if k in found["metrics"]), None)
+        if metric is None:
+            return None
+        return {"split": found["split"], "metric": metric, "value": round(found["metrics"][metric], 4)}
 
     def _method(self, m: Model) -> str:
         from domainlm.console import compare

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 from domainlm.classify.metrics import scalars
@@ -58,28 +58,42 @@ def total_steps(job: Job, train_rows: int | None) -> int | None:
         held_out = 0 if c.get("dev") else max(1, round(c["valid_ratio"] * fit))
         held_out = min(held_out, c["valid_max_rows"]) if c.get("valid_max_rows") else held_out
         runs = c["folds"] or len(c["seeds"])
-        return runs * c["epochs"] * math.ceil(max(1, fit - held_out) / (c.get("global_batch_size") or c["batch_size"]))
+        batch = c.get("global_batch_size") or c["batch_size"] * max(1, job.processes or 1)  # torchrun: one each
+        return runs * c["epochs"] * math.ceil(max(1, fit - held_out) / batch)
     return None
 
 
-def progress(job: Job, folder: Path, train_rows: int | None, now: datetime) -> dict:
-    """Steps done of the total (a sweep: cells), share, and an ETA from the pace so far (None where unknown)."""
-    done = 0
-    for log in run_logs(folder):
-        steps = [r["step"] for r in read_log(log)]
-        done += max(steps, default=0)
-    total = total_steps(job, train_rows)
-    if job.command == "sweep":  # cells finished (or failed) of the cells planned at creation
+def steps_done(job: Job, folder: Path) -> int:
+    """The steps its run logs reached (summed over seed / fold runs); a sweep: its cells finished or failed."""
+    if job.command == "sweep":
         cells = folder / "cells"
-        done = sum(1 for _ in cells.glob("*/*/seed-*/DONE")) + sum(1 for _ in cells.glob("*/*/seed-*/FAILED"))
-        total = job.config.get("cells")
+        return sum(1 for _ in cells.glob("*/*/seed-*/DONE")) + sum(1 for _ in cells.glob("*/*/seed-*/FAILED"))
+    return sum(max((r["step"] for r in read_log(log)), default=0) for log in run_logs(folder))
+
+
+def progress(job: Job, folder: Path, train_rows: int | None, now: datetime) -> dict:
+    """Steps done of the total (a sweep: cells), share, and an ETA from this attempt's pace (None where unknown).
+
+    An earlier attempt's log is not this attempt's progress: fine-tuning and distillation start over (their log is
+    rewritten once the new attempt logs), so until then they are at 0; pretraining resumes from its checkpoint and a
+    sweep keeps its finished cells, so they count from where the attempt began (`progress_base`)."""
+    logs = run_logs(folder)
+    done = steps_done(job, folder)
+    total = job.config.get("cells") if job.command == "sweep" else total_steps(job, train_rows)
     if job.status == "succeeded":
         return {"steps": done, "total": total or done, "fraction": 1.0, "eta_s": 0}
+    started = job.started_at.replace(tzinfo=timezone.utc).timestamp() if job.started_at else None
+    earlier = job.attempts > 0 and (job.status == "queued" or (
+        job.status == "running" and started is not None and logs and all(p.stat().st_mtime < started for p in logs)))
+    restarts = job.command not in ("pretrain", "sweep")
+    if earlier and restarts:
+        done = 0
     fraction = min(1.0, done / total) if total else None
     eta = None
-    if job.status == "running" and fraction and job.started_at:
+    base = 0 if restarts else job.progress_base
+    if job.status == "running" and fraction and job.started_at and not earlier and done > base:
         elapsed = (now - job.started_at).total_seconds()
-        eta = round(elapsed * (1 - fraction) / fraction)
+        eta = round(elapsed * (total - done) / (done - base))
     return {"steps": done, "total": total, "fraction": fraction, "eta_s": eta}
 
 
@@ -94,28 +108,64 @@ def curves(folder: Path) -> dict:
 
 
 def headline(job: Job, folder: Path) -> dict | None:
-    """The metric a notification and the jobs list show: fine-tuning's best metric, pretraining's MLM accuracy."""
+    """The metric a notification and the jobs list show: fine-tuning's best metric, pretraining's MLM accuracy; with
+    `floor`, what the classical floor fitted beside it scored on the same rows (a model below it is not worth it)."""
+    found = _headline(job, folder)  # name (as text), value, and the parts of the name a page translates
+    if found is not None and job.command in ("finetune", "distill", "sweep") and "split" in found:
+        value = floor_score(job, folder, found["metric"], found["split"])
+        if value is not None:
+            found["floor"] = round(value, 4)
+    return found
+
+
+def floor_score(job: Job, folder: Path, metric: str, split: str) -> float | None:
+    """The floor's `metric` on `split`: finetune's floor/ (one per run, or beside the seeds), the sweep's results,
+    distillation's table."""
+    if job.command == "sweep":
+        floor = read_json(folder / "results.json").get("floor") or {}
+        return floor.get(split, {}).get(metric)
+    if job.command == "distill":
+        return read_json(folder / "distill.json").get("models", {}).get("floor", {}).get("mean")
+    for candidate in (folder / "floor", *sorted(folder.glob("seed-*/floor")), *sorted(folder.glob("fold-*/floor"))):
+        value = read_json(candidate / "metrics.json").get(split, {}).get(metric)
+        if isinstance(value, float):
+            return value
+    return None
+
+
+def _headline(job: Job, folder: Path) -> dict | None:
     if job.command in ("finetune", "distill"):
         name = job.config.get("metric") or ("f1_micro" if job.config.get("task") == "multilabel" else "accuracy")
         summary = read_json(folder / "summary.json")
         if summary.get("mean_std", {}).get(name):
             return {"name": f"{name} ({summary['evaluated_on']}, mean of {summary['runs']})",
-                    "value": round(summary["mean_std"][name]["mean"], 4)}
+                    "value": round(summary["mean_std"][name]["mean"], 4), "metric": name,
+                    "split": summary["evaluated_on"], "runs": summary["runs"]}
         metrics = read_json(folder / "metrics.json")
         split = "test" if "test" in metrics else "dev"
         if name in metrics.get(split, {}):
-            return {"name": f"{name} ({split})", "value": round(metrics[split][name], 4)}
+            return {"name": f"{name} ({split})", "value": round(metrics[split][name], 4), "metric": name,
+                    "split": split}
+        distill = read_json(folder / "distill.json")
+        if distill.get("models", {}).get("student"):
+            return {"name": f"{distill['metric']} ({distill['split']}, mean of {len(distill['seeds'])})",
+                    "value": round(distill["models"]["student"]["mean"], 4), "metric": distill["metric"],
+                    "split": distill["split"], "runs": len(distill["seeds"])}
     if job.command == "pretrain":
         results = read_json(folder / "results.json")
         for split in ("valid", "test"):
             if "mlm_acc" in results.get(split, {}):
-                return {"name": f"mlm_acc ({split})", "value": round(results[split]["mlm_acc"], 4)}
+                return {"name": f"mlm_acc ({split})", "value": round(results[split]["mlm_acc"], 4), "metric": "mlm_acc",
+                        "split": split}
     if job.command == "sweep":  # the best cell's mean
         results = read_json(folder / "results.json")
         primary = results.get("primary_metric")
         best = next((c for c in results.get("cells", []) if c.get("best")), None)
         if best and primary in best:
-            return {"name": f"{primary} best: {best['model']} {best['checkpoint']}", "value": round(best[primary]["mean"], 4)}
+            return {"name": f"{primary} best: {best['model']} {best['checkpoint']}",
+                    "value": round(best[primary]["mean"], 4),
+                    "metric": primary, "split": results.get("task", {}).get("evaluated_on", "test"),
+                    "best": f"{best['model']} {best['checkpoint']}"}
         return None
     if job.command == "export":
         change = read_json(folder / "export" / "export.json").get("data_metrics", {}).get("int8_change_points", {})
@@ -127,6 +177,20 @@ def headline(job: Job, folder: Path) -> dict | None:
         if "tokens" in stats:
             return {"name": "tokens", "value": stats["tokens"]}
     return None
+
+
+def distill_report(folder: Path) -> dict | None:
+    """distill.json as the job page's table: each model's metric (mean, std, per seed, texts/s) and the tests."""
+    result = read_json(folder / "distill.json")
+    if not result.get("models"):
+        return None
+    speeds = result.get("speed_texts_per_s", {})
+    rows = [{"model": name, "mean": v["mean"], "std": v["std"], "per_seed": v["per_seed"],
+             "speed": speeds.get("student" if name == "plain" else name)} for name, v in result["models"].items()]
+    tests = [{"against": name, **result[f"student_vs_{name}"]} for name in ("plain", "floor")
+             if f"student_vs_{name}" in result]
+    return {"metric": result["metric"], "split": result["split"], "rows": rows, "tests": tests,
+            "speedup": result.get("speedup"), "best": max(r["mean"] for r in rows)}
 
 
 def _classifier_metrics(run: Path) -> dict:
@@ -199,8 +263,44 @@ def register_outputs(session, job: Job, home: Path) -> list[Model]:
     return added
 
 
-def lineage(model: Model) -> list[dict]:
-    """base -> job -> model -> job -> model ..., oldest first."""
+def run_config(run: Path) -> dict:
+    """The config.yaml a fine-tuning run wrote (one run, or seed-N inside a run with several seeds)."""
+    import yaml
+
+    for folder in (run, run.parent):
+        if (folder / "config.yaml").is_file():
+            try:
+                return yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")) or {}
+            except (OSError, yaml.YAMLError):
+                return {}
+    return {}
+
+
+def _started_from(session, home: Path | None, model: Model, job: Job) -> tuple[Model | None, str]:
+    """What a job without a recorded base model started from: one of my models found by its folder (a sweep cell's
+    snapshot or base), else the name or path it was given."""
+    value = job.config.get("model") or ""
+    if job.command == "sweep" and home is not None:  # each cell names its own base: cells/MODEL/CHECKPOINT/seed-N
+        run = home / model.path
+        value = run_config(run if model.kind == "linear" else run.parent).get("model") or ""
+    if not value:
+        return None, ""
+    if session is not None and home is not None:
+        try:
+            rel = str(Path(value).resolve().relative_to(home.resolve()))
+        except ValueError:
+            rel = None
+        if rel is not None:
+            found = session.query(Model).filter(Model.path == rel).first()
+            if found is not None:
+                return found, ""
+            return None, rel
+    return None, str(value)
+
+
+def lineage(model: Model, session=None, home: Path | None = None) -> list[dict]:
+    """base -> job -> model -> job -> model ..., oldest first (with a session and the home folder, a sweep cell's
+    chain goes on through the snapshot and the pretraining job it came from)."""
     chain: list[dict] = []
     seen = set()
     current: Model | None = model
@@ -212,8 +312,12 @@ def lineage(model: Model) -> list[dict]:
             break
         chain.append({"type": "job", "id": job.id, "name": job.name, "command": job.command})
         if job.base_model is None:
-            if job.config.get("model"):  # a sweep names its bases per cell, not once
-                chain.append({"type": "base", "name": job.config["model"]})
-            break
+            found, name = _started_from(session, home, current, job)
+            if found is None:
+                if name:
+                    chain.append({"type": "base", "name": name})
+                break
+            current = found
+            continue
         current = job.base_model
     return list(reversed(chain))

@@ -7,9 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from domainlm.console.catalog import read_json
+from domainlm.console.catalog import read_json, run_config
 from domainlm.console.db import Model
 from domainlm.train.logging import read_log
 
@@ -22,32 +21,26 @@ def run_folder(home: Path, m: Model) -> Path:
     return path if m.kind == "linear" else path.parent
 
 
-def _run_config(run: Path) -> dict:
-    for folder in (run, run.parent):  # one run, or seed-N inside a run with several seeds
-        if (folder / "config.yaml").is_file():
-            try:
-                return yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")) or {}
-            except (OSError, yaml.YAMLError):
-                return {}
-    return {}
-
-
 def method_label(method: str | None, rank) -> str:
     if not method:
         return ""
     return f"LoRA r{rank}" if method == "lora" else method
 
 
-def settings(home: Path, m: Model) -> dict:
-    """What a model was trained with, by the names of SETTINGS ("" where it does not apply)."""
+def settings(home: Path, m: Model, names: dict[str, str] | None = None) -> dict:
+    """What a model was trained with, by the names of SETTINGS ("" where it does not apply: a linear model has no
+    learning rate, epochs, batch or length). `names`: folder -> name of my models, to name a base as the user does."""
     if m.kind in ("classifier", "linear"):
         run = run_folder(home, m)
-        c = _run_config(run)
+        c = run_config(run)
         seed = run.name[5:] if run.name.startswith("seed-") else ",".join(map(str, c.get("seeds", [])))
         base = c.get("model") or ""
+        if c.get("method") == "linear" or m.kind == "linear":
+            return {**dict.fromkeys(SETTINGS, ""), "method": "linear", "seed": seed,
+                    "data": Path(c.get("train") or "").name}
         return {"method": c.get("method", ""), "LoRA rank": c.get("lora_rank", "") if c.get("method") == "lora" else "",
                 "learning rate": c.get("learning_rate", ""), "epochs": c.get("epochs", ""), "batch size": c.get("batch_size", ""),
-                "max seq len": c.get("max_seq_len", ""), "seed": seed, "base": _short(base),
+                "max seq len": c.get("max_seq_len", ""), "seed": seed, "base": _short(base, names),
                 "data": Path(c.get("train") or "").name}
     job = m.job
     c = job.config if job is not None else {}
@@ -55,19 +48,27 @@ def settings(home: Path, m: Model) -> dict:
         return {"method": "MLM + SOP" if c.get("binary_head", True) else "MLM", "LoRA rank": "",
                 "learning rate": c.get("learning_rate", c.get("max_lr", "")), "epochs": f"{c.get('max_steps', '')} steps",
                 "batch size": c.get("batch_size", c.get("micro_batch_size", "")),
-                "max seq len": c.get("max_seq_len", ""), "seed": c.get("seed", ""), "base": _short(c.get("model", "")),
+                "max seq len": c.get("max_seq_len", ""), "seed": c.get("seed", ""),
+                "base": _short(c.get("model", ""), names),
                 "data": Path(c.get("corpus") or "").name}
     return dict.fromkeys(SETTINGS, "")
 
 
-def _short(path: str) -> str:
+def _short(path: str, names: dict[str, str] | None = None) -> str:
+    """One of my models by its name; else a folder's last part (a hub name as it is)."""
+    if names and str(Path(str(path)).resolve()) in names and "/" in str(path):
+        return names[str(Path(str(path)).resolve())]
     return Path(str(path)).name if "/" in str(path) else str(path)
+
+
+def model_names(s, home: Path) -> dict[str, str]:
+    return {str((home / m.path).resolve()): m.name for m in s.query(Model)}
 
 
 def curves(home: Path, m: Model) -> dict:
     """Validation metric and training loss by step: a classifier's run log, a snapshot's pretraining log."""
     if m.kind in ("classifier", "linear"):
-        log, metric = run_folder(home, m) / "log.jsonl", _run_config(run_folder(home, m)).get("metric") or "accuracy"
+        log, metric = run_folder(home, m) / "log.jsonl", run_config(run_folder(home, m)).get("metric") or "accuracy"
     elif m.job is not None:
         log, metric = home / m.job.folder / "log.jsonl", "mlm_acc"
     else:
@@ -136,31 +137,66 @@ def paired_test(home: Path, a: Model, b: Model) -> dict | None:
 
 
 def table(s, home: Path, ids: list[int], summary) -> dict:
-    """The compare page and API: settings, metrics (best marked), floors, curves, the paired test, Markdown."""
+    """The compare page and API: settings, metrics (best marked, the floors included), floors, curves, the paired
+    tests (two models: one test; more: each against the first, Holm-adjusted), Markdown."""
+    from domainlm.stats import holm
     from domainlm.sweep.report import markdown_table
 
     models = [m for m in (s.get(Model, i) for i in ids) if m is not None]
     keys = sorted({k for m in models for k in m.metrics}, key=lambda k: (not k.startswith("test"), k))
-    configs = [settings(home, m) for m in models]
+    names = model_names(s, home)
+    configs = [settings(home, m, names) for m in models]
     floors = [floor(home, m) for m in models]
+    first = keys[0] if keys else ""
+    split, metric = (first.split(" ", 1) + [""])[:2] if first else ("", "")
+    floor_values = [f["metrics"].get(metric) if f and f["split"] == split else None for f in floors]
     header = ["model", "kind", "job", "step", *SETTINGS, *keys, "floor", "size MB"]
     rows = []
     for m, c, f in zip(models, configs, floors):
-        first = keys[0].split(" ", 1)[1] if keys else ""
-        floor_text = f"{f['metrics'][first]:.4f} ({f['split']})" if f and first in f["metrics"] else ""
+        floor_text = f"{f['metrics'][metric]:.4f} ({f['split']})" if f and metric in f["metrics"] else ""
         rows.append([m.name, m.kind, str(m.job_id or ""), str(m.step or ""), *[str(c[k]) for k in SETTINGS],
                      *[f"{m.metrics[k]:.4f}" if k in m.metrics else "" for k in keys], floor_text, f"{m.size_bytes / 1e6:.1f}"])
     best = {}
     for k in keys:
         values = [m.metrics[k] for m in models if k in m.metrics]
+        if k == first:  # the floor beside a model competes for "best" too: a model below it is not worth shipping
+            values += [v for v in floor_values if v is not None]
         if values:
             best[k] = (min if "loss" in k else max)(values)
-    test = paired_test(home, models[0], models[1]) if len(models) == 2 and all(m.kind == "classifier" for m in models) else None
+    tests, untested = [], []
+    classifiers = [m for m in models if m.kind == "classifier"]
+    for other in classifiers[1:]:
+        result = paired_test(home, classifiers[0], other)
+        (tests if result else untested).append(result or {"a": classifiers[0].name, "b": other.name})
+    if len(tests) > 1:
+        for t, adjusted in zip(tests, holm([t["p_value"] for t in tests])):
+            t["p_holm"] = float(adjusted)
     markdown = markdown_table(header, rows)
-    if test:
-        markdown += (f"\n\nPaired test, {test['a']} vs {test['b']}: difference {100 * test['difference']:+.1f} points, "
-                     f"one-sided p = {test['p_value']:.3g} ({test['seeds'][0]} vs {test['seeds'][1]} seeds, {test['rows']} rows)")
+    for t in tests:
+        markdown += (f"\n\nPaired test, {t['a']} vs {t['b']}: difference {100 * t['difference']:+.1f} points, "
+                     f"one-sided p = {t['p_value']:.3g}"
+                     + (f" (Holm-adjusted {t['p_holm']:.3g})" if "p_holm" in t else "")
+                     + f" ({t['seeds'][0]} vs {t['seeds'][1]} seeds, {t['rows']} rows)")
     return {"header": header, "rows": rows, "metrics": keys, "best": best, "settings": configs, "setting_names": SETTINGS,
-            "floors": floors, "curves": [curves(home, m) for m in models], "test": test,
-            "models": [summary(m) for m in models], "markdown": markdown}
+            "floors": floors, "floor_values": floor_values, "floor_metric": first,
+            "curves": [curves(home, m) for m in models], "test": tests[0] if len(models) == 2 and tests else None,
+            "tests": tests, "untested": untested, "models": [summary(m) for m in models], "markdown": markdown}
 
+
+def per_class(home: Path, m: Model) -> dict | None:
+    """A classifier's per-label view on its test split (else dev): precision, recall, F1 and support of each label,
+    and the confusion matrix (rows: gold, columns: predicted), from the run's metrics.json."""
+    if m.kind not in ("classifier", "linear"):
+        return None
+    run = run_folder(home, m)
+    metrics = read_json(run / "metrics.json")
+    split = next((s for s in ("test", "dev") if "per_class" in metrics.get(s, {})), None)
+    if split is None:
+        return None
+    part = metrics[split]
+    labels = list(part["per_class"])
+    matrix = part.get("confusion_matrix")
+    rows = [{"label": label, **part["per_class"][label]} for label in labels]
+    png = f"{split}_confusion.png" if (run / f"{split}_confusion.png").is_file() else None
+    return {"split": split, "labels": labels, "rows": rows, "matrix": matrix,
+            "max": max((v for row in matrix for v in row), default=0) if matrix else 0, "png": png}

@@ -8,8 +8,9 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, String, Text, create_engine, event
+from sqlalchemy import JSON, DateTime, ForeignKey, String, Text, create_engine, event, inspect, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+from sqlalchemy.schema import CreateColumn
 
 FINISHED = ("succeeded", "failed", "cancelled", "interrupted")
 
@@ -43,6 +44,13 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=now)
     started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    # devices: the GPUs asked for (None: any free ones, as many as processes; []: the CPU only), the GPUs the
+    # running attempt got, and its number of processes (more than one: started under torchrun)
+    gpus: Mapped[list[Any] | None] = mapped_column(nullable=True)
+    devices: Mapped[list[Any]] = mapped_column(default=list, server_default=text("'[]'"))
+    processes: Mapped[int] = mapped_column(default=1, server_default=text("1"))
+    queue_position: Mapped[int] = mapped_column(default=0, server_default=text("0"))  # smaller: sooner
+    progress_base: Mapped[int] = mapped_column(default=0, server_default=text("0"))  # steps done as this attempt began
 
     base_model: Mapped[Model | None] = relationship(foreign_keys=[base_model_id])
 
@@ -99,4 +107,21 @@ def open_database(url: str) -> sessionmaker:
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
     Base.metadata.create_all(engine)
+    add_missing_columns(engine)
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def add_missing_columns(engine) -> list[str]:
+    """A database made by an older console gets the columns added since (each has a default or may be NULL), so
+    that a home folder keeps its jobs and models across versions. Returns "table.column" of each one added."""
+    added = []
+    existing = inspect(engine)
+    for table in Base.metadata.tables.values():
+        have = {c["name"] for c in existing.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in have:
+                ddl = CreateColumn(column).compile(dialect=engine.dialect)
+                with engine.begin() as conn:
+                    conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {ddl}"))
+                added.append(f"{table.name}.{column.name}")
+    return added

@@ -2,6 +2,8 @@
 --import-roots) or an uploaded archive, checked as the CLI checks a `--model` / `--tokenizer` / `--corpus`.
 
 A model becomes a record of "my models" in HOME/models/NAME (copied: the user's folder is only read):
+- a classifier (a `domainlm finetune` model/ folder with domainlm_labels.json, or a Hugging Face sequence classifier):
+  kind `classifier`, to try, serve, export and compare (it can still be fine-tuned further);
 - a Hugging Face folder (config.json + weights): kind `base`, its config and tokenizer read once here;
 - a PaddleNLP folder: converted (the code of `domainlm convert`), kind `base`;
 - a folder with a vocabulary only (vocab.txt / tokenizer.json, no config.json): kind `tokenizer`, offered for
@@ -25,11 +27,17 @@ from domainlm.errors import DomainLMError
 ARCHIVES = (".zip", ".tar.gz", ".tgz", ".tar")
 
 
+class Missing(DomainLMError):
+    """A server path that does not exist (the API answers 404)."""
+
+
 def allowed(home: Path, roots: list[str], value: str) -> Path:
     """A server path inside home or one of the import roots (symlinks followed), else PathError."""
     value = (value or "").strip()
     if not value:
-        raise PathError("give the folder's path on the server")
+        raise DomainLMError("give the folder's path on the server")
+    if "\x00" in value:  # no such file can exist
+        raise Missing(f"{value!r} does not exist (a path cannot hold a NUL character)")
     # a relative path is relative to home; an absolute one may lie in any allowed root
     for root in [home, *([Path(r) for r in roots] if Path(value).is_absolute() else [])]:
         try:
@@ -58,11 +66,27 @@ def inspect_model(path: Path) -> str:
     if (path / "config.json").is_file():
         if not has_hf_weights(path):
             raise DomainLMError(f"{path.name} holds a config.json but no weights (*.safetensors or pytorch_model.bin)")
-        return "hf"
+        return "classifier" if is_classifier(path) else "hf"
     if (path / "vocab.txt").is_file() or (path / "tokenizer.json").is_file():
         return "vocab"
     raise DomainLMError(f"{path.name} holds no model: neither config.json with weights (Hugging Face), nor "
                         "model_state.pdparams (PaddleNLP), nor a vocabulary (vocab.txt / tokenizer.json)")
+
+
+def is_classifier(path: Path) -> bool:
+    """A fine-tuned classifier: the label file `domainlm finetune` saves beside the weights, or a config whose
+    architecture is a sequence classifier."""
+    import json
+
+    from domainlm.classify.runtime_base import LABELS_FILE
+
+    if (path / LABELS_FILE).is_file():
+        return True
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return any(str(a).endswith("ForSequenceClassification") for a in config.get("architectures") or [])
 
 
 def _check_hf(folder: Path, kind: str) -> None:
@@ -98,14 +122,25 @@ def add_model(s, home: Path, source: Path, name: str, copy: bool = True) -> Mode
         if isinstance(e, DomainLMError):
             raise
         raise DomainLMError(f"{source.name}: {type(e).__name__}: {e}") from None
-    record = Model(name=name, kind="tokenizer" if kind == "vocab" else "base", path=str(target.relative_to(home)),
+    if kind == "classifier":  # what Try and serve open, checked now; one that does not open is still an encoder
+        from domainlm.classify.runtime import load
+
+        try:
+            load(str(target))
+        except Exception:  # noqa: BLE001 - any reason: kept as a base model to fine-tune from
+            kind = "hf"
+    record = Model(name=name, kind={"vocab": "tokenizer", "classifier": "classifier"}.get(kind, "base"),
+                   path=str(target.relative_to(home)),
                    job_id=None, step=None, metrics={}, size_bytes=folder_size(target))
     s.add(record)
     return record
 
 
 def register_model(s, home: Path, roots: list[str], value: str, name: str = "") -> Model:
-    return add_model(s, home, allowed(home, roots, value), name)
+    path = allowed(home, roots, value)
+    if not path.exists():
+        raise Missing(f"{value} does not exist")
+    return add_model(s, home, path, name)
 
 
 def unpack(archive: Path, filename: str, into: Path) -> Path:
@@ -157,7 +192,7 @@ def register_dataset(s, home: Path, roots: list[str], value: str, fields: dict) 
 
     path = allowed(home, roots, value)
     if not path.exists():
-        raise DomainLMError(f"{value} does not exist")
+        raise Missing(f"{value} does not exist")
     home_root = home.resolve()
     if path == home_root or home_root in path.parents:
         return datasets.register_existing(s, home, str(path), fields)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import re
+import threading
 import typing
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,14 @@ def head_rows(src: Path, dst: Path, n: int) -> None:
 class JobFactory:
     def __init__(self, home: Path, base_models: list[str], email: bool = True):
         self.home, self.base_models, self.email = home, base_models, email
+        self._local = threading.local()  # requests build jobs in several threads at once
+
+    @property
+    def shown(self) -> dict[str, str]:
+        """Folder -> name of my models met in this thread's build, to name them so in its messages."""
+        if not hasattr(self._local, "shown"):
+            self._local.shown = {}
+        return self._local.shown
 
     def _model(self, s, value: Any, errors: dict, name: str) -> tuple[str | None, Model | None]:
         """A listed base model, "model:ID" (one of my models), or a model folder inside home."""
@@ -79,6 +88,7 @@ class JobFactory:
             if model is None:
                 errors[name] = f"my model {text[6:]} does not exist"
                 return None, None
+            self.shown[str(self.home / model.path)] = model.name
             return str(self.home / model.path), model
         try:
             path = inside(self.home, text)
@@ -86,10 +96,19 @@ class JobFactory:
             errors[name] = f"{text}: choose a listed base model, one of my models, or a folder inside the console's home"
             return None, None
         rel = str(path.relative_to(self.home.resolve()))
-        return str(path), s.query(Model).filter(Model.path == rel).first()
+        model = s.query(Model).filter(Model.path == rel).first()
+        if model is not None:
+            self.shown[str(path)] = model.name
+        return str(path), model
 
     def build(self, s, command: str, values: dict[str, Any], name: str = "", description: str = "",
               notify: dict | None = None) -> tuple[Job | None, dict[str, str]]:
+        self._local.shown = {}
+        job, errors = self._build(s, command, values, name, description, notify)
+        return job, {k: named(v, self.shown, self.home) for k, v in errors.items()}
+
+    def _build(self, s, command: str, values: dict[str, Any], name: str = "", description: str = "",
+               notify: dict | None = None) -> tuple[Job | None, dict[str, str]]:
         types = settings.job_types()
         if command not in types:
             return None, {"command": f"unknown job type {command!r} (one of {', '.join(types)})"}
@@ -130,8 +149,8 @@ class JobFactory:
         if errors or cfg is None:
             return None, errors
         default_name = f"{command} {Path(str(getattr(cfg, 'model', '') or getattr(cfg, 'student', ''))).name}".strip()
-        if command == "export" and base_model is not None:  # "export model" would say nothing
-            default_name = f"export {base_model.name}"
+        if base_model is not None:  # its name as the user knows it ("export model" would say nothing)
+            default_name = f"{command} {base_model.name}"
         job = Job(name=(name or "").strip()[:200] or default_name,
                   description=(description or "").strip(), command=command, notify=notify,
                   base_model_id=base_model.id if base_model else None)
@@ -185,6 +204,22 @@ class JobFactory:
             errors.setdefault("model", f"{Path(cfg.model).name} is not a fine-tuned transformer classifier (no config.json): "
                                        "choose a classifier of my models")
         return None
+
+
+GENERIC = {"model", "final", "export", "adapter"}  # folder names that say nothing about which model
+
+
+def named(message: str, shown: dict[str, str], home: Path) -> str:
+    """A message with my models named as the user named them, not by their folders: `<home>/models/demo-base_folder_`
+    and `demo-base_folder_` become `demo-base (folder)`; other paths inside home lose the home prefix."""
+    for path, name in sorted(shown.items(), key=lambda item: -len(item[0])):
+        message = message.replace(path, name)
+        base = Path(path).name
+        if base in GENERIC:
+            message = re.sub(rf"\bmodel {re.escape(base)}\b", f"model {name}", message)
+        else:
+            message = re.sub(rf"(?<![\w/.-]){re.escape(base)}(?![\w/.-])", name, message)
+    return message.replace(str(home.resolve()) + "/", "").replace(str(home) + "/", "")
 
 
 def _field_of(key: str, message: str, fields) -> str:

@@ -127,13 +127,19 @@ class Notifier:
 
 
 def email_text(payload: dict) -> str:
+    """The e-mail's body, in the language of whoever created the job."""
+    from domainlm.console.i18n import translator
+
+    _ = translator(payload.get("language", "en"))
     job = payload.get("job", {})
-    lines = [payload.get("summary", ""), "", f"job: {job.get('id')} {job.get('name')} ({job.get('command')})",
-             f"status: {job.get('status')}"]
+    lines = [payload.get("summary", ""), "", f"{_('job')}: {job.get('id')} {job.get('name')} ({job.get('command')})",
+             f"{_('status')}: {_(job.get('status'))}"]
     if payload.get("metric"):
         lines.append(f"{payload['metric']['name']}: {payload['metric']['value']}")
+        if payload["metric"].get("floor") is not None:
+            lines.append(f"{_('classical floor')}: {payload['metric']['floor']}")
     if payload.get("error"):
-        lines.append(f"error: {payload['error']}")
+        lines.append(f"{_('error')}: {_.message(payload['error'])}")
     if job.get("url"):
-        lines.append(f"details: {job['url']}")
+        lines.append(f"{_('details')}: {job['url']}")
     return "\n".join(lines) + "\n"

@@ -8,8 +8,9 @@ import json
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
+from jinja2 import pass_context
 
-from domainlm.console import catalog, datasets, jobs, preflight, settings, sweepjob
+from domainlm.console import catalog, datasets, devices, i18n, jobs, preflight, settings, sweepjob
 from domainlm.console.api import dataset_summary, get_or_404, model_upload, upload
 from domainlm.console.app import HERE, Conflict, Console
 from domainlm.console.db import Dataset, Job, Model
@@ -25,7 +26,20 @@ def _mb(n: int | None) -> str:
     return f"{(n or 0) / 1e6:.1f} MB"
 
 
+def _gb(n: int | None) -> str:
+    return f"{(n or 0) / 2**30:.1f} GiB"
+
+
+@pass_context
+def _metric(context, key: str) -> str:
+    """A metric's key as the page's language names it: the split word translated ("test accuracy")."""
+    first, _, rest = str(key).partition(" ")
+    return f"{context['_'](first)} {rest}" if rest and first in ("test", "dev", "valid") else str(key)
+
+
 templates.env.filters["mb"] = _mb
+templates.env.filters["gb"] = _gb
+templates.env.filters["metric"] = _metric
 
 
 def _console(request: Request) -> Console:
@@ -34,7 +48,20 @@ def _console(request: Request) -> Console:
 
 def render(request: Request, name: str, status_code: int = 200, **context) -> HTMLResponse:
     c = _console(request)
-    return templates.TemplateResponse(request, name, {"csrf": c.csrf, **context}, status_code=status_code)
+    _ = i18n.translator(i18n.of(request))
+    context = {"csrf": c.csrf, "_": _, "lang": _.lang, "languages": i18n.LANGUAGES, "js_messages": _.js(), **context}
+    return templates.TemplateResponse(request, name, context, status_code=status_code)
+
+
+@router.get("/language/{code}")
+def language(request: Request, code: str, next: str = "/jobs"):
+    """The language switch in the header: kept in a cookie for a year, then back to the page it was pressed on."""
+    if code not in i18n.LANGUAGES:
+        raise HTTPException(404, f"no language {code} (one of {', '.join(i18n.LANGUAGES)})")
+    target = next if next.startswith("/") and not next.startswith("//") else "/jobs"  # this console's pages only
+    response = RedirectResponse(target, status_code=303)
+    response.set_cookie(i18n.COOKIE, code, max_age=365 * 24 * 3600, samesite="strict")
+    return response
 
 
 async def _form(request: Request) -> dict:
@@ -42,7 +69,8 @@ async def _form(request: Request) -> dict:
     form = await request.form()
     if not check_csrf(_console(request).token, form.get("csrf")):  # type: ignore[arg-type]
         raise HTTPException(403, "missing or wrong CSRF token: reload the page and try again")
-    return {k: (form.getlist(k) if len(form.getlist(k)) > 1 or k in settings.MULTI_FIELDS else form.get(k)) for k in form}
+    multi = {*settings.MULTI_FIELDS, "gpus"}
+    return {k: (form.getlist(k) if len(form.getlist(k)) > 1 or k in multi else form.get(k)) for k in form}
 
 
 @router.get("/")
@@ -54,9 +82,15 @@ def home():
 def jobs_page(request: Request, status: str = "", q: str = ""):
     c = _console(request)
     with c.sessions() as s:
-        rows = [c.job_summary(s, j) for j in catalog.find_jobs(s, status, q)]
+        plan = c.runner.plan(s)
+        rows = [c.job_summary(s, j, plan) for j in catalog.find_jobs(s, status, q)]
         any_jobs = s.query(Job).count() > 0
     return render(request, "jobs.html", jobs=rows, status=status, q=q, any_jobs=any_jobs)
+
+
+@router.get("/resources")
+def resources_page(request: Request):
+    return render(request, "resources.html", machine=_console(request).resources())
 
 
 def _form_context(request: Request, command: str, values: dict, errors: dict, meta: dict) -> dict:
@@ -78,7 +112,9 @@ def _form_context(request: Request, command: str, values: dict, errors: dict, me
         my_models = [m for m in my_models if m.kind not in ("linear", "tokenizer", "export")]
     specs = settings.field_specs(command)
     errors = {k: preflight.as_form_words(str(v), specs) for k, v in errors.items()}
-    return {"command": command, "commands": settings.TITLES, "sections": settings.sections(command),
+    machine = {"gpus": [vars(g) for g in c.machine.gpus()], "cores": c.machine.cpu_count(),
+               "gpu_job": command in devices.GPU_COMMANDS, "distributed": command in devices.DISTRIBUTED}
+    return {"command": command, "commands": settings.TITLES, "sections": settings.sections(command), "machine": machine,
             "presets": settings.presets(command), "values": values, "errors": errors, "meta": meta,
             "base_models": c.cfg.base_models, "missing": _not_here(c.cfg.base_models), "my_models": my_models, "labelled": labelled,
             "documents": documents, "corpora": corpora, "email_on": bool(c.cfg.smtp_host), "pretrain_jobs": [j for j in pretrain_jobs if j["snapshots"]]}
@@ -99,18 +135,54 @@ def new_job_page(request: Request, command: str = "finetune", clone: int | None 
     if command not in settings.job_types():
         command = "finetune"
     values = jobs.defaults(command)
-    meta = {"name": "", "description": "", "notify_webhook": "", "notify_email": "", "valid_mode": "split"}
+    meta = {"name": "", "description": "", "notify_webhook": "", "notify_email": "", "valid_mode": "split",
+            "gpus_mode": "auto", "gpus": [], "processes": "1"}
     if clone is not None:
         with c.sessions() as s:
             job = get_or_404(s, Job, clone)
             command = job.command
             values = {**jobs.defaults(command), **jobs.clone_values(job)}
-            meta.update(name=f"{job.name} (copy)", description=job.description,
+            meta.update(name=i18n.translator(i18n.of(request))("{name} (copy)", name=job.name),
+                        description=job.description,
                         notify_webhook=job.notify.get("webhook", ""), notify_email=job.notify.get("email", ""),
-                        valid_mode="dev" if values.get("dev") else "split")
+                        valid_mode="dev" if values.get("dev") else "split", processes=str(job.processes),
+                        gpus_mode="auto" if job.gpus is None else "pick" if job.gpus else "cpu", gpus=job.gpus or [])
     if base is not None:
         values["model"] = f"model:{base}"
+        with c.sessions() as s:
+            m = get_or_404(s, Model, base)
+            limit = _positions(c.home / m.path)
+        if limit and "max_seq_len" in values and int(values["max_seq_len"] or 0) > limit:
+            values["max_seq_len"] = limit  # the default must fit the model it starts from
     return render(request, "new_job.html", **_form_context(request, command, values, {}, meta))
+
+
+def _positions(folder) -> int | None:
+    """The positions a model folder takes (None: unknown), read from its config without loading weights."""
+    from domainlm import checks
+    from domainlm.errors import DomainLMError
+    from domainlm.interop.models import peek_config
+
+    try:
+        config = peek_config(str(folder))
+    except DomainLMError:
+        return None
+    return checks.position_limit(config) if config is not None else None
+
+
+def _devices(form: dict) -> tuple[list[int] | None, int, dict]:
+    """The devices section of the form: any free GPUs, the CPU only, or the GPUs ticked; the number of processes."""
+    mode = form.get("gpus_mode") or "auto"
+    picked = [int(g) for g in (form.get("gpus") or []) if str(g).isdigit()]
+    gpus = None if mode == "auto" else [] if mode == "cpu" else picked
+    errors = {}
+    if mode == "pick" and not picked:
+        errors["gpus"] = "tick at least one GPU, or choose any free GPU or the CPU"
+    raw = str(form.get("processes") or "1").strip()
+    processes = int(raw) if raw.isdigit() else 1
+    if not raw.isdigit():
+        errors["processes"] = f"processes: expected a whole number, got {raw!r}"
+    return gpus, processes, errors
 
 
 @router.post("/jobs/new")
@@ -121,7 +193,10 @@ async def create_job(request: Request):
     if command not in settings.job_types():
         raise HTTPException(422, f"unknown job type {command}")
     values = jobs.form_values(command, form)
-    meta = {k: form.get(k) or "" for k in ("name", "description", "notify_webhook", "notify_email", "valid_mode")}
+    meta = {k: form.get(k) or "" for k in ("name", "description", "notify_webhook", "notify_email", "valid_mode",
+                                           "gpus_mode", "processes")}
+    gpus, processes, device_errors = _devices(form)
+    meta["gpus"] = gpus or []
     if command == "finetune":
         if meta["valid_mode"] == "dev" and not values.get("dev"):
             values.pop("dev", None)
@@ -130,7 +205,8 @@ async def create_job(request: Request):
         if meta["valid_mode"] != "dev":
             values["dev"] = None
     job, errors = c.create_job(command, values, meta["name"], meta["description"],
-                               {"webhook": meta["notify_webhook"], "email": meta["notify_email"]})
+                               {"webhook": meta["notify_webhook"], "email": meta["notify_email"]}, gpus, processes,
+                               i18n.of(request), device_errors)
     if job is None:
         return render(request, "new_job.html", 422, **_form_context(request, command, form, errors, meta))
     return RedirectResponse(f"/jobs/{job.id}", status_code=303)
@@ -144,7 +220,9 @@ def job_page(request: Request, job_id: int):
         detail = c.job_detail(s, job)
         folder = c.home / job.folder
     sweep = sweepjob.report(folder) if detail["command"] == "sweep" else None
-    return render(request, "job.html", job=detail, log=c.log_tail(job), sweep=sweep)
+    distill = catalog.distill_report(folder) if detail["command"] == "distill" else None
+    return render(request, "job.html", job=detail, log=c.log_tail(job), sweep=sweep, distill=distill,
+                  machine=c.resources())
 
 
 JOB_FILES = {"metric_vs_step.png", "pretraining_loss.png", "report.html", "table.md", "table.csv", "job.log"}
@@ -166,24 +244,48 @@ def job_file(request: Request, job_id: int, name: str):
 async def job_action(request: Request, job_id: int, action: str):
     c = _console(request)
     await _form(request)
+    back = f"/jobs/{job_id}"
     try:
         if action == "cancel":
             c.cancel(job_id)
         elif action == "retry":
             c.retry(job_id)
+        elif action in ("up", "down"):  # from the jobs list: back to it
+            c.move(job_id, action)
+            back = "/jobs#queue"
         else:
             raise HTTPException(404)
+    except KeyError:
+        raise HTTPException(404, f"job {job_id} does not exist") from None
     except Conflict:
         pass  # the page shows the job's current state, which says why
-    return RedirectResponse(f"/jobs/{job_id}", status_code=303)
+    return RedirectResponse(back, status_code=303)
+
+
+MODEL_KINDS = ("base", "snapshot", "final", "classifier", "linear", "export", "tokenizer")
 
 
 @router.get("/models")
-def models_page(request: Request, error: str = "", status_code: int = 200, path: str = "", deleted: int | None = None):
+def models_page(request: Request, error: str = "", status_code: int = 200, path: str = "", deleted: int | None = None,
+                kind: str = "", q: str = ""):
+    """My models grouped by the job that made them (own models apart), newest first; filtered by kind and name."""
     c = _console(request)
     with c.sessions() as s:
-        rows = [c.model_summary(m) for m in s.query(Model).order_by(Model.id.desc())]
-    return render(request, "models.html", status_code, models=rows, add_error=error, add_path=path, deleted=deleted,
+        query = s.query(Model).order_by(Model.id.desc())
+        if kind in MODEL_KINDS:
+            query = query.filter(Model.kind == kind)
+        if q.strip():
+            query = query.filter(Model.name.ilike(f"%{q.strip()}%"))
+        rows = [c.model_summary(m, s) for m in query]
+        total = s.query(Model).count()
+    groups: dict = {}
+    for m in rows:
+        key = m["job_id"] or 0
+        if key not in groups:
+            groups[key] = {"job_id": m["job_id"], "job_name": m["job_name"], "command": m["job_command"], "models": []}
+        groups[key]["models"].append(m)
+    return render(request, "models.html", status_code, models=rows, groups=list(groups.values()), total=total,
+                  kind=kind, q=q, kinds=MODEL_KINDS, add_error=error, add_path=path, deleted=deleted,
                   roots=[str(c.home), *c.cfg.import_roots], limit_mb=c.cfg.max_upload_mb)
 
 
@@ -236,13 +338,28 @@ def _model_page(request: Request, model_id: int, status_code: int = 200, **conte
     c = _console(request)
     with c.sessions() as s:
         m = _model_or_404(s, model_id)
-        model, trained = c.model_summary(m), compare.settings(c.home, m)
+        model, trained = c.model_summary(m, s), compare.settings(c.home, m, compare.model_names(s, c.home))
+        per_class = compare.per_class(c.home, m)
     if model["can_try"]:
         c.preload(m)  # loads in the background while the user types, so that the first "Classify" is quick
     context = {"text": "", "results": None, "error": "", "endpoint": c.endpoints.status(model_id, metrics=False),
                "endpoint_error": "", **context}
     return render(request, "model.html", status_code, model=model, trained={k: v for k, v in trained.items() if v != ""},
-                  **context)
+                  per_class=per_class, **context)
+
+
+@router.get("/models/{model_id}/files/{name}")
+def model_file(request: Request, model_id: int, name: str):
+    """A classifier's confusion matrix image (only these names, only from its run folder)."""
+    from domainlm.console import compare
+
+    c = _console(request)
+    with c.sessions() as s:
+        m = _model_or_404(s, model_id)
+        run = compare.run_folder(c.home, m) if m.kind in ("classifier", "linear") else None
+    if run is None or name not in ("test_confusion.png", "dev_confusion.png") or not (run / name).is_file():
+        raise HTTPException(404, f"model {model_id} has no file {name}")
+    return FileResponse(inside(c.home, run / name))
 
 
 @router.post("/models/{model_id}/try")

@@ -1,6 +1,9 @@
-"""The job queue: each job is `python -m domainlm.cli COMMAND --config job.yaml` in its own process group.
+"""The job queue: each job is `python -m domainlm.cli COMMAND --config job.yaml` in its own process group (under
+`torchrun --nproc-per-node N` when it asks for N > 1 processes).
 
-- At most `max_concurrent` jobs run; the oldest queued job starts next.
+- Jobs start in queue order (changeable: move up / down) when their devices are free: the GPUs a job names, or as
+  many free GPUs as it has processes; a CPU-only job when fewer than `max_concurrent` CPU-only jobs run. A job that
+  waits keeps what it waits for from the jobs behind it. CUDA_VISIBLE_DEVICES gives each job its GPUs.
 - Cancel: SIGTERM to the whole group (DataLoader workers included), SIGKILL after a grace period.
 - Jobs outlive the console: they run in their own session, so restarting the console does not stop training.
   On start the runner reconciles: a running job whose process is still alive is adopted and watched; one whose
@@ -18,7 +21,7 @@ import threading
 from datetime import timedelta
 from pathlib import Path
 
-from domainlm.console import catalog
+from domainlm.console import catalog, devices
 from domainlm.console.db import Event, Job, now
 
 LOG_NAME = "job.log"
@@ -58,11 +61,30 @@ def last_error(log: Path) -> str:
     return (errors[-1][7:] if errors else lines[-1] if lines else "")[:2000]
 
 
+def queue(s) -> list[Job]:
+    """Queued jobs in the order they start (queue position, then age)."""
+    return s.query(Job).filter(Job.status == "queued").order_by(Job.queue_position, Job.id).all()
+
+
+def next_position(s) -> int:
+    from sqlalchemy import func
+
+    return (s.query(func.max(Job.queue_position)).scalar() or 0) + 1
+
+
+def display(argv: list[str]) -> str:
+    """A job's command line as a user types it: `domainlm ...` or `torchrun ... -m domainlm.cli ...`."""
+    if argv[1:3] == ["-m", "torch.distributed.run"]:
+        return " ".join(["torchrun", *argv[3:]])
+    return " ".join(["domainlm", *argv[3:]])
+
+
 class Runner:
     def __init__(self, sessions, home: Path, max_concurrent: int = 1, grace: float = 10.0, on_event=None,
-                 poll: float = 0.5):
+                 poll: float = 0.5, machine: devices.Machine | None = None):
         self.sessions, self.home = sessions, home
         self.max_concurrent, self.grace, self.poll = max_concurrent, grace, poll
+        self.machine = machine or devices.Machine(home, gpus=[])
         self.on_event = on_event or (lambda job, kind, message: None)
         self.procs: dict[int, subprocess.Popen] = {}
         self._wake = threading.Event()
@@ -130,10 +152,43 @@ class Runner:
                     self._finish(s, job, "interrupted", code, f"killed by signal {-code}")
                 else:
                     self._finish(s, job, "failed", code, last_error(self.home / job.folder / LOG_NAME))
-            slots = self.max_concurrent - s.query(Job).filter(Job.status == "running").count()
-            for job in s.query(Job).filter(Job.status == "queued").order_by(Job.created_at, Job.id).limit(max(0, slots)):
-                self._launch(s, job)
+            for job_id, (start, detail) in self.plan(s).items():
+                if start:
+                    self._launch(s, s.get(Job, job_id), detail)
             s.commit()
+
+    def plan(self, s) -> dict[int, tuple[bool, object]]:
+        """For each queued job in order: (True, the GPUs it gets) if it can start now, else (False, why it waits)."""
+        total = self.machine.gpu_count()
+        running = s.query(Job).filter(Job.status == "running").all()
+        holder = {g: j.id for j in running for g in (j.devices or [])}
+        free = [g for g in range(total) if g not in holder]
+        cpu_jobs = [j.id for j in running if not j.devices]
+        cpu_slots = self.max_concurrent - len(cpu_jobs)
+        out: dict[int, tuple[bool, object]] = {}
+        for job in queue(s):
+            need = devices.wanted(job, total)
+            if need == 0:
+                if cpu_slots > 0:
+                    cpu_slots -= 1
+                    out[job.id] = (True, [])
+                    cpu_jobs.append(job.id)
+                else:
+                    out[job.id] = (False, {"cpu": cpu_jobs[:], "limit": self.max_concurrent})
+                continue
+            chosen = list(job.gpus) if job.gpus is not None else free[:need]
+            if len(chosen) == need and all(g in free for g in chosen):
+                out[job.id] = (True, chosen)
+                free = [g for g in free if g not in chosen]
+                holder.update(dict.fromkeys(chosen, job.id))
+                continue
+            asked = list(job.gpus) if job.gpus is not None else list(range(total))
+            out[job.id] = (False, {"gpus": {g: holder[g] for g in asked if g in holder}, "need": need})
+            for g in (job.gpus if job.gpus is not None else free[:need]):  # kept for this job, not the ones behind
+                if g in free:
+                    free.remove(g)
+                    holder[g] = job.id
+        return out
 
     def _completed(self, job: Job) -> bool:
         folder = self.home / job.folder
@@ -143,16 +198,23 @@ class Runner:
         spec = str(self.home / job.folder / "job.yaml")
         # the sweep takes its file as an argument; its finished cells are kept when it runs again
         argv = [sys.executable, "-m", "domainlm.cli", job.command, *([spec] if job.command == "sweep" else ["--config", spec])]
+        if job.processes > 1 and job.command in devices.DISTRIBUTED:  # one process per GPU (or CPU share), gloo/NCCL
+            argv[1:3] = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(job.processes),
+                         "-m", "domainlm.cli"]
         if job.resume and job.command == "pretrain":
             argv += ["--resume", "auto"]  # from its newest checkpoint
         elif job.resume and job.command in ("finetune", "distill"):
             argv += ["--overwrite"]  # fine-tuning starts over: the failed attempt's own files are replaced
         return argv
 
-    def _launch(self, s, job: Job) -> None:
+    def _launch(self, s, job: Job, gpus: list[int]) -> None:
         folder = self.home / job.folder
         argv = self.command_line(job)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if self.machine.gpu_count():  # its GPUs only (none: the CPU), numbered as NVML and the pages number them
+            env.update(CUDA_DEVICE_ORDER="PCI_BUS_ID", CUDA_VISIBLE_DEVICES=",".join(map(str, gpus)))
+        job.devices = gpus
+        job.progress_base = catalog.steps_done(job, folder) if job.command in ("pretrain", "sweep") else 0
         with open(folder / LOG_NAME, "a", encoding="utf-8") as log:
             log.write(f"$ {' '.join(argv)}\n")
             log.flush()
@@ -167,7 +229,8 @@ class Runner:
         job.started_at, job.finished_at, job.exit_code, job.error = now(), None, None, ""
         job.attempts += 1
         job.cancel_requested_at = None
-        self._event(s, job, "started", f"attempt {job.attempts}: {' '.join(['domainlm', *argv[3:]])}")
+        where = f"GPU {', '.join(map(str, gpus))}" if gpus else "CPU"
+        self._event(s, job, "started", f"attempt {job.attempts} on {where}: {display(argv)}")
 
     def _finish(self, s, job: Job, status: str, code, error: str = "") -> None:
         job.status, job.exit_code, job.error, job.finished_at = status, code, error, now()

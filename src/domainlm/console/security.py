@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from domainlm import outputs
+from domainlm.errors import DomainLMError
 
 COOKIE = "domainlm_token"
 CSRF_HEADER = "x-csrf-token"
@@ -28,6 +29,8 @@ class PathError(ValueError):
 def inside(home: Path, value: str | Path) -> Path:
     """`value` (relative to home, or absolute) resolved with symlinks followed; refused unless inside home."""
     root = home.resolve()
+    if "\x00" in str(value):  # no file system takes one: refused before the path is looked at
+        raise PathError(f"{str(value)!r} is not a path (it holds a NUL character)")
     path = Path(value)
     resolved = (path if path.is_absolute() else root / path).resolve()
     if not outputs.inside(resolved, root):
@@ -63,13 +66,26 @@ def check_csrf(token: str, supplied: str | None) -> bool:
     return bool(supplied) and hmac.compare_digest(csrf_token(token), supplied or "")
 
 
-LOGIN_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>domainlm console: token needed</title>
-<style>body{font-family:system-ui,sans-serif;max-width:34em;margin:4em auto;color:#222}input{padding:.4em;width:70%}
-button{padding:.4em 1em}</style></head><body><h1>domainlm console</h1>
-<p>This console needs its access token. Open the link <code>domainlm console</code> printed when it started
-(it ends in <code>?token=...</code>), or paste the token here.</p>
-<form method="get" action="/"><input name="token" type="password" autofocus placeholder="token">
-<button type="submit">Open</button></form></body></html>"""
+LOGIN_PAGE = """<!doctype html><html lang="{lang}"><head><meta charset="utf-8"><title>{title}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:34em;margin:4em auto;color:#222}}input{{padding:.4em;width:70%}}
+button{{padding:.4em 1em}}</style></head><body><h1>{heading}</h1>
+<p>{text}</p>
+<form method="get" action="/"><input name="token" type="password" autofocus placeholder="{token}">
+<button type="submit">{open}</button></form></body></html>"""
+
+
+LOGIN_TEXT = ("This console needs its access token. Open the link <code>domainlm console</code> printed when it "
+              "started (it ends in <code>?token=...</code>), or paste the token here.")
+
+
+def login_page(request: Request) -> str:
+    """The page that asks for the token, in the browser's language."""
+    from domainlm.console import i18n
+
+    _ = i18n.translator(i18n.of(request))
+    return LOGIN_PAGE.format(
+        lang=_.lang, title=_("domainlm console: token needed"), heading=_("domainlm console"), token=_("token"),
+        open=_("Open"), text=_(LOGIN_TEXT))
 
 
 class TokenAuth:
@@ -108,7 +124,7 @@ class TokenAuth:
         if not self._ok(request.cookies.get(COOKIE)):
             if request.url.path.startswith("/api/") or "application/json" in request.headers.get("accept", ""):
                 return JSONResponse({"detail": "missing or wrong token (Authorization: Bearer TOKEN)"}, status_code=401)
-            return HTMLResponse(LOGIN_PAGE, status_code=401)
+            return HTMLResponse(login_page(request), status_code=401)
         if request.method in UNSAFE:
             origin = request.headers.get("origin")
             if origin and origin.split("://", 1)[-1] != request.headers.get("host"):
@@ -198,9 +214,13 @@ async def receive_upload(request: Request, folder: Path, limit: int) -> tuple[di
                 tmp.write(chunk)
         if parser is not None:
             parser.finalize()
-    except BaseException:
+    except BaseException as e:
         tmp.close()
         os.unlink(tmp.name)
+        from python_multipart.exceptions import MultipartParseError
+
+        if isinstance(e, MultipartParseError):  # a client's broken form: its problem, said as such (not a 500)
+            raise DomainLMError(f"the upload is not a well-formed multipart form ({e})") from None
         raise
     tmp.close()
     if not state["filename"]:

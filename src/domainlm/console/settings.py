@@ -26,7 +26,8 @@ class ConsoleConfig:
     host: str = option("127.0.0.1", "address to listen on (0.0.0.0 lets other machines connect)")
     port: int = option(8000, "port (0: any free port)", low=0, high=65535)
     token: str | None = option(None, "access token (default: generated at first start, kept in HOME/.console-token)")
-    max_concurrent: int = option(1, "jobs running at the same time; the rest wait in the queue", low=1)
+    max_concurrent: int = option(1, "CPU-only jobs running at the same time (a GPU job starts when its GPUs are free); "
+                                    "the rest wait in the queue", low=1)
     database: str | None = option(None, "SQLAlchemy database URL (default: SQLite file HOME/console.db)")
     base_models: list[str] = option(DEFAULT_BASE_MODELS, "models offered in the create form: HF names or local folders")
     import_roots: list[str] = option([], "folders on the server whose models and corpora may be registered from the "

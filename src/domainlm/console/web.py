@@ -11,6 +11,19 @@ from domainlm.console.app import HERE, Console
 from domainlm.console.security import TokenAuth
 
 
+def allowed_methods(scope) -> list[str]:
+    """The methods of every route (API and pages) whose path matches the request's, as the OpenAPI document lists
+    them (Starlette answers HEAD for a GET too, which the document does not list)."""
+    from starlette.routing import Match
+
+    found: set[str] = set()
+    for route in [*api.router.routes, *pages.router.routes]:
+        methods = getattr(route, "methods", None) or set()
+        if methods and route.matches({**scope, "method": next(iter(methods))})[0] != Match.NONE:
+            found |= methods
+    return sorted(found - {"HEAD"})
+
+
 def create_app(console: Console) -> FastAPI:
     from contextlib import asynccontextmanager
 
@@ -37,7 +50,10 @@ def create_app(console: Console) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc: StarletteHTTPException):
-        """The API answers JSON; a page answers a page that says what is missing and where to go."""
+        """The API answers JSON; a page answers a page that says what is missing and where to go. A method the
+        path does not have is 405 with every method the path has (Starlette names only its first route's)."""
+        if exc.status_code == 405:
+            exc.headers = {**(exc.headers or {}), "Allow": ", ".join(allowed_methods(request.scope))}
         if request.url.path.startswith("/api/") or "text/html" not in request.headers.get("accept", ""):
             return await http_exception_handler(request, exc)
         return pages.render(request, "error.html", exc.status_code, status=exc.status_code, detail=exc.detail)

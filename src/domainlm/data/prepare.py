@@ -27,6 +27,7 @@ import numpy as np
 from domainlm import __version__, outputs
 from domainlm import config as cfglib
 from domainlm.config import option, reuse
+from domainlm.data import shards
 from domainlm.data.clean import Deduplicator
 from domainlm.data.readers import SUFFIXES, Document, ReadOptions, discover, format_of, read_file
 from domainlm.data.store import FILES, Corpus, CorpusWriter, find_imports, read_megatron, read_paddlenlp
@@ -66,10 +67,14 @@ class PrepareConfig(RunOptions):
     near_dup_threshold: float = option(0.8, "MinHash Jaccard threshold for near duplicates (0: off)", low=0, high=1)
     workers: int = option(-1, "worker processes (-1: one per core, 0: in this process)", low=-1)
     overwrite: bool = reuse(RunOptions, "overwrite", False, "replace an existing, different corpus in --out")
+    shard: str | None = option(None, "I/N: prepare only shard I of N (whole input files, the same share on every machine "
+                                     "given the same inputs), to be joined by `domainlm merge`")
 
     def check(self) -> None:
         if not self.input:
             raise DomainLMError("no input given: name files or folders of documents")
+        if self.shard is not None:
+            shards.parse(self.shard)
 
 
 def _is_import(path: str) -> bool:
@@ -95,15 +100,22 @@ def _split_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
 
 def _fingerprint(cfg: PrepareConfig, files: list[Path], vocab: str) -> str:
     """What the corpus depends on: inputs (path, size, mtime), vocabulary and the options that change output."""
-    ignore = {"out", "workers", "overwrite"}
+    ignore = {"out", "workers", "overwrite", "shard"}  # a shard's own fingerprint adds it (shards.store_fingerprint)
     options = {k: v for k, v in asdict(cfg).items() if k not in ignore}
     inputs = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     blob = json.dumps([options, inputs, vocab, __version__], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 
-def _documents(files: list[Path], options: ReadOptions, counters: Counter) -> Iterator[Document]:
-    for path in files:
+def shard_options(cfg: PrepareConfig) -> dict:
+    """The options that shape a corpus, as shards of one corpus must share them (their inputs are checked apart)."""
+    return {k: v for k, v in asdict(cfg).items() if k not in ("input", "out", "workers", "overwrite", "shard")}
+
+
+def _documents(files: list[Path], options: ReadOptions, counters: Counter, numbers: list[int] | None = None,
+               read: deque | None = None) -> Iterator[Document]:
+    """The documents of `files` in order; with `read`, each one's input file number (`numbers`) is appended to it."""
+    for k, path in enumerate(files):
         counters["files"] += 1
         first = True
         for doc in read_file(path, options, counters):
@@ -112,6 +124,8 @@ def _documents(files: list[Path], options: ReadOptions, counters: Counter) -> It
                 counters[f"split_documents:{doc.split}"] += 1
                 counters[f"split_files:{doc.split}"] += first
             first = False
+            if read is not None:
+                read.append(numbers[k])
             yield doc
 
 
@@ -184,9 +198,10 @@ def _continuation_table(tokenizer) -> np.ndarray:
     return table
 
 
-def _import(paths: list[Path], writer: CorpusWriter, tokenizer, counters: Counter) -> None:
+def _import(paths: list[Path], writer: CorpusWriter, tokenizer, counters: Counter, ledger=None,
+            numbers: list[int] | None = None) -> None:
     continuation = _continuation_table(tokenizer)
-    for path in paths:
+    for k, path in enumerate(paths):
         counters["files"] += 1
         reader = read_paddlenlp(path) if path.name.endswith("_ids.npy") else read_megatron(path)
         for ids, lengths in reader:
@@ -202,10 +217,12 @@ def _import(paths: list[Path], writer: CorpusWriter, tokenizer, counters: Counte
                 writer.add(ids, lengths, starts)
             except DomainLMError as e:
                 raise DomainLMError(f"{path}: {e}") from None
+            if ledger is not None:
+                ledger.add(numbers[k], "imported")
 
 
 # a store's own entries; cache/ is written by pretrain (the sample index), a manifest by prepare itself
-STORE_ENTRIES = (*FILES, "stats.json", "config.yaml", "tokenizer", "cache")
+STORE_ENTRIES = (*FILES, "stats.json", "config.yaml", "tokenizer", "cache", shards.FOLDER)
 
 
 def _store_meta(out: Path) -> dict | None:
@@ -285,7 +302,12 @@ def _prepare(cfg: PrepareConfig, out: outputs.RunFolder, workers: int, progress:
     partial = out.path
     files = [f for f in (discover(raw) if raw else []) if not (outputs.inside(f, target) or outputs.inside(f, partial))]
     vocab = vocab_hash(tokenizer)
-    fingerprint = _fingerprint(cfg, files + imports, vocab)
+    inputs_fingerprint = fingerprint = _fingerprint(cfg, files + imports, vocab)
+    shard = plan = None
+    if cfg.shard is not None:  # this machine's share: whole files, the same on every machine
+        shard = shards.parse(cfg.shard)
+        plan = shards.plan(imports, files, shard)
+        imports, files, fingerprint = plan.imports, plan.files, shards.store_fingerprint(fingerprint, shard)
     if out.earlier is not None:
         meta = _store_meta(target)
         if out.earlier == "finished" and meta is not None and meta.get("fingerprint") == fingerprint:
@@ -304,8 +326,12 @@ def _prepare(cfg: PrepareConfig, out: outputs.RunFolder, workers: int, progress:
     total_bytes = sum(p.stat().st_size for p in files + imports)
     n_bytes = 0
     bar = None
+    ledger = None
+    if plan is not None:
+        ledger = shards.LedgerWriter(out.file(shards.FOLDER), len(tokenizer), EncodeOptions.num_perm,
+                                     cfg.near_dup_threshold > 0)
     try:
-        _import(imports, writer, tokenizer, counters)
+        _import(imports, writer, tokenizer, counters, ledger, plan and plan.import_numbers)
         encode_options = EncodeOptions(
             tokenizer_file=str(partial / "tokenizer" / "tokenizer.json"), language=cfg.language, segment=cfg.segment, segmenter=cfg.segmenter,
             user_dict=cfg.user_dict, normalize=cfg.normalize, max_sentence_tokens=cfg.max_sentence_tokens,
@@ -313,7 +339,8 @@ def _prepare(cfg: PrepareConfig, out: outputs.RunFolder, workers: int, progress:
         )
         dedup = Deduplicator(cfg.near_dup_threshold, encode_options.num_perm)
         read_options = ReadOptions(cfg.text_field, cfg.encoding, cfg.skip_bad_lines, cfg.split_books)
-        chunks = _chunks(_documents(files, read_options, counters))
+        read: deque = deque()  # the input file number of each document read and not yet decided (shards)
+        chunks = _chunks(_documents(files, read_options, counters, plan and plan.file_numbers, read if plan else None))
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=not progress,
                    file=sys.stderr, smoothing=0.1)
         with out.writing():
@@ -322,18 +349,23 @@ def _prepare(cfg: PrepareConfig, out: outputs.RunFolder, workers: int, progress:
                     n = len(doc.text.encode("utf-8"))
                     n_bytes += n
                     bar.update(n)
+                    number = read.popleft() if ledger is not None else 0
                     if enc is None:
                         counters["dropped_empty"] += 1
                     elif enc.n_chars < cfg.min_doc_chars:
                         counters["dropped_short"] += 1
                     elif (dup := dedup.check(enc.key, enc.signature)) is not None:
                         counters[f"duplicates_{dup}"] += 1
+                        if ledger is not None:
+                            ledger.add(number, dup, enc)
                     else:
                         counters["sentences_cut"] += enc.n_cut
                         counters[f"lang_{enc.language}"] += 1
                         writer.add(enc.ids, enc.lengths, enc.word_starts)
+                        if ledger is not None:
+                            ledger.add(number, "kept", enc)
         bar.close()
-        if writer.n_documents == 0:
+        if writer.n_documents == 0 and shard is None:  # a shard may keep none: the merge decides
             raise DomainLMError(
                 f"no documents left from {', '.join(cfg.input)} "
                 f"(read {counters['documents_read']}, empty {counters['dropped_empty']}, "
@@ -345,7 +377,13 @@ def _prepare(cfg: PrepareConfig, out: outputs.RunFolder, workers: int, progress:
             writer.close({
                 "tokenizer": cfg.tokenizer, "vocab_hash": vocab, "word_starts": word_source,
                 "fingerprint": fingerprint, "domainlm_version": __version__,
+                **({"shard": {"index": shard[0], "count": shard[1]}} if shard else {}),
             })
+            if ledger is not None:
+                ledger.close({"index": shard[0], "count": shard[1], "files": plan.total, "listing": plan.listing,
+                              "inputs_fingerprint": inputs_fingerprint, "options": shard_options(cfg),
+                              "taken": plan.import_numbers + plan.file_numbers, "tokenizer": cfg.tokenizer,
+                              "vocab_hash": vocab, "word_starts": word_source})
         stats = _corpus_stats(Corpus(partial), counters, time.perf_counter() - started, n_bytes or total_bytes)
         out.write_json("stats.json", stats)
         out.write_text("config.yaml", cfglib.dump(cfg))

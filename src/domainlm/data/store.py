@@ -15,6 +15,7 @@ stores written before it was are scanned with plain reads, which leave no pages 
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -76,6 +77,30 @@ class CorpusWriter:
         self.n_sentences += len(lengths)
         self.n_documents += 1
         self._documents.write(struct.pack("<q", self.n_sentences))
+
+    def copy_documents(self, corpus: Corpus, first: int, end: int, chunk_tokens: int = 1 << 24) -> None:
+        """Documents [first, end) of another store of the same vocabulary, appended in bulk, a chunk at a time (the
+        store checked them when it was written; `add` checks one document)."""
+        if end <= first:
+            return
+        s0, s1 = int(corpus.document_offsets[first]), int(corpus.document_offsets[end])
+        t0, t1 = int(corpus.sentence_offsets[s0]), int(corpus.sentence_offsets[s1])
+        dtype = self.dtype.newbyteorder("<")
+        for a in range(t0, t1, chunk_tokens):
+            b = min(a + chunk_tokens, t1)
+            tokens = np.asarray(corpus.tokens[a:b])
+            self.max_id = max(self.max_id, int(tokens.max()))
+            self._tokens.write(tokens.astype(dtype, copy=False).tobytes())
+            self._words.write(np.asarray(corpus.words[a:b]).tobytes())
+        for a in range(s0 + 1, s1 + 1, chunk_tokens):
+            b = min(a + chunk_tokens, s1 + 1)
+            self._sentences.write((np.asarray(corpus.sentence_offsets[a:b]) - t0 + self.n_tokens).astype("<i8").tobytes())
+        for a in range(first + 1, end + 1, chunk_tokens):
+            b = min(a + chunk_tokens, end + 1)
+            self._documents.write((np.asarray(corpus.document_offsets[a:b]) - s0 + self.n_sentences).astype("<i8").tobytes())
+        self.n_tokens += t1 - t0
+        self.n_sentences += s1 - s0
+        self.n_documents += end - first
 
     def close(self, meta: dict) -> dict:
         for f in (self._tokens, self._words, self._sentences, self._documents):
@@ -179,6 +204,17 @@ class Corpus:
         if top >= vocab_size:
             raise DomainLMError(f"{self.path}: token id {top} is beyond {what} ({vocab_size} entries); "
                                 "prepare the corpus with the model's tokenizer")
+
+    def read_sentence_offsets(self, indices) -> np.ndarray:
+        """sentence_offsets[indices] read with plain reads, one 8-byte read each: for scattered offsets of a large
+        store at start-up (a few per held-out document), where touching them through the map would leave most of
+        sentences.bin's pages in the process."""
+        out = np.empty(len(indices), dtype=np.int64)
+        with open(self.path / "sentences.bin", "rb", buffering=0) as f:
+            fd = f.fileno()
+            for i, k in enumerate(np.asarray(indices, dtype=np.int64).tolist()):
+                out[i] = int.from_bytes(os.pread(fd, 8, 8 * k), "little", signed=True)
+        return out
 
     def sentence_lengths(self) -> np.ndarray:
         return np.diff(self.sentence_offsets)

@@ -135,15 +135,16 @@ def cls_states(runtime, texts: list[str], pairs: list[str] | None, batch_size: i
 def unlabeled_texts(cfg) -> list[str]:
     """--unlabeled (a .txt file, one text per line, or a data file's --text-column) or --corpus (its documents)."""
     if cfg.unlabeled:
-        path = Path(cfg.unlabeled)
-        if not path.is_file():
-            raise DomainLMError(f"--unlabeled {path} does not exist")
+        from domainlm.files import input_file, read_text_input
+
+        path = input_file(cfg.unlabeled, "--unlabeled")
         if path.suffix.lower() == ".txt":
-            texts = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+            texts = [line.strip() for line in read_text_input(path, "--unlabeled").splitlines() if line.strip()]
         else:
             from domainlm.classify.data import Columns, read_examples
 
-            data = read_examples(str(path), Columns(cfg.text_column), False, require_labels=False, skip_bad=True, skip_flag=None)
+            data = read_examples(str(path), Columns(cfg.text_column), False, require_labels=False, skip_bad=True,
+                                 skip_flag=None, flag="--unlabeled")
             texts = [ex.text for ex in data.examples]
         if not texts:
             raise DomainLMError(f"--unlabeled {path} holds no text")

@@ -20,7 +20,8 @@ SPECIAL = ("cls", "sep", "mask", "pad")
 
 @dataclass
 class Found:
-    corpus: object | None = None
+    corpus: object | None = None  # the first corpus (of several: see corpora)
+    corpora: list | None = None
     tokenizer: object | None = None
     config: object | None = None  # the model's config
     special: dict | None = None  # the tokenizer's [CLS], [SEP], [MASK], [PAD] ids
@@ -45,6 +46,7 @@ def check(cfg, *, network: bool = True, processes: int = 1, scan_ids: bool = Tru
     from domainlm.data.tokenize import vocab_hash
     from domainlm.interop.models import load_config, peek_config, weights_missing
     from domainlm.interop.tokenizer import load_fast_tokenizer
+    from domainlm.pretrain import mixture
 
     found, errors = Found(), {}
     try:
@@ -64,10 +66,12 @@ def check(cfg, *, network: bool = True, processes: int = 1, scan_ids: bool = Tru
     except DomainLMError as e:
         errors["global_batch_size"] = str(e)
     try:
-        found.corpus = Corpus(cfg.corpus)
+        paths = mixture.paths(cfg.corpus)
+        found.corpora = [Corpus(path) for path in paths]
     except (DomainLMError, OSError) as e:
         errors["corpus"] = str(e)
         return found, errors
+    found.corpus = found.corpora[0]
     source, field = tokenizer_source(cfg, found.corpus)
     try:
         found.tokenizer = load_fast_tokenizer(source, log=lambda *a, **k: None,
@@ -81,17 +85,19 @@ def check(cfg, *, network: bool = True, processes: int = 1, scan_ids: bool = Tru
         errors.setdefault(field, f"the tokenizer ({source}) has no {', '.join(missing)} token; an encoder tokenizer "
                                  "is needed")
     found.special = ids
-    if vocab_hash(found.tokenizer) != found.corpus.meta.get("vocab_hash"):
-        errors.setdefault("corpus", f"{cfg.corpus} was tokenized with a different vocabulary "
-                                    f"({found.corpus.meta.get('tokenizer')}) than the model's tokenizer; prepare the "
-                                    "corpus with the model's tokenizer")
+    for path, corpus in zip(paths, found.corpora):
+        if vocab_hash(found.tokenizer) != corpus.meta.get("vocab_hash"):
+            errors.setdefault("corpus", f"{path} was tokenized with a different vocabulary "
+                                        f"({corpus.meta.get('tokenizer')}) than the model's tokenizer; prepare the "
+                                        "corpus with the model's tokenizer")
     if found.config is not None:
         if found.config.vocab_size < len(found.tokenizer):
             errors.setdefault("model", f"the tokenizer has {len(found.tokenizer)} entries but the model's vocabulary "
                                        f"only {found.config.vocab_size}")
         elif scan_ids and not errors:
             try:  # before training, not in it
-                found.corpus.check_ids(found.config.vocab_size, f"the vocabulary of --model {cfg.model}")
+                for corpus in found.corpora:
+                    corpus.check_ids(found.config.vocab_size, f"the vocabulary of --model {cfg.model}")
             except DomainLMError as e:
                 errors.setdefault("corpus", str(e))
     return found, errors

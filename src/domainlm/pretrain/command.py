@@ -25,7 +25,9 @@ from domainlm.data.store import Corpus
 from domainlm.encoder.packed import supports_packing
 from domainlm.errors import DomainLMError
 from domainlm.interop.models import load_weights
+from domainlm.options import divergence_causes
 from domainlm.outputs import RunFolder
+from domainlm.pretrain import mixture
 from domainlm.pretrain.config import PretrainConfig
 from domainlm.pretrain.dataset import PretrainDataset, StepBatchSampler, collate, collate_packed
 from domainlm.pretrain.masking import MaskingOptions, default_max_predictions
@@ -33,6 +35,7 @@ from domainlm.pretrain.model import PretrainingModel
 from domainlm.pretrain.samples import cached_samples, parse_split, split_corpus
 from domainlm.train.checkpoint import (
     TrainState,
+    check_shared,
     load_checkpoint,
     model_fingerprint,
     resolve_resume,
@@ -87,6 +90,7 @@ class Run:
     collate: Callable[[list[dict]], dict]  # packed streams, or padded batches for models without packing
     logger: RunLogger
     last_valid: dict[int, dict] = field(default_factory=dict)  # step -> validation metrics
+    mixture: mixture.Mixture | None = None  # several corpora, drawn by weight
 
     def log(self, *args) -> None:
         if self.accelerator.is_main_process:
@@ -114,7 +118,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         raise DomainLMError("--resume and --overwrite both given: continue the earlier run, or replace it, not both")
     models = {"--model": cfg.model, "--tokenizer": cfg.tokenizer}
     with outputs.run_folder(cfg.out, "pretrain", patterns=outputs.PRETRAIN_OUTPUTS, overwrite=cfg.overwrite,
-                            resume=cfg.resume is not None, inputs={"--corpus": cfg.corpus}, models=models,
+                            resume=cfg.resume is not None, inputs=mixture.inputs(cfg.corpus), models=models,
                             legacy=outputs.config_with("corpus")) as out:
         run = setup(cfg, out)
         try:
@@ -142,8 +146,16 @@ def setup(cfg: PretrainConfig, out: RunFolder) -> Run:
     accumulation = checks.accumulation(cfg.global_batch_size, cfg.batch_size, world)
     global_batch = accumulation * cfg.batch_size * world
     corpus, tokenizer, special = found.corpus, found.tokenizer, found.special
-    datasets, reports, split = _datasets(cfg, accelerator, corpus, tokenizer, special, global_batch)
+    mix = None
+    if mixture.several(cfg.corpus):  # each corpus split and indexed as one alone, then blended (pretrain/mixture.py)
+        mix = mixture.build(cfg, found.corpora, lambda c: _datasets(cfg, accelerator, c, tokenizer, special, 1))
+        datasets, data, train_report = mix.datasets(), mix.data_report(), mix.train_report()
+    else:
+        datasets, reports, split = _datasets(cfg, accelerator, corpus, tokenizer, special, global_batch)
+        data = {"splits": {k: v.pop("documents") for k, v in reports.items()}, "split": split.summary(), "samples": reports}
+        train_report = reports["train"]
     out.begin(cfg)
+    check_shared(accelerator, out.out)  # checkpoints: written by rank 0, read by every rank
 
     from accelerate.utils import set_seed
 
@@ -154,7 +166,7 @@ def setup(cfg: PretrainConfig, out: RunFolder) -> Run:
     packed = cfg.unpad and supports_packing(hf_model.base_model)
     if cfg.unpad and not packed:
         log(f"model: {type(hf_model).__name__} blocks are not ones the packed encoder runs; the padded forward runs")
-    model = PretrainingModel(hf_model, cfg.binary_head)
+    model = PretrainingModel(hf_model, cfg.binary_head, mix and mix.names)
     if cfg.compile:
         model = torch.compile(model)
     optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
@@ -166,9 +178,8 @@ def setup(cfg: PretrainConfig, out: RunFolder) -> Run:
         state = load_checkpoint(accelerator, resume_from, state)
         log(f"resumed from {resume_from} at step {state.step} ({state.consumed_samples} samples consumed)")
 
-    out.write_json("data.json", {"splits": {k: v.pop("documents") for k, v in reports.items()}, "split": split.summary(),
-                                 "samples": reports, "accumulation": accumulation, "processes": world})
-    log(f"data: {json.dumps(reports['train'])}; global batch {global_batch} = {cfg.batch_size} x {accumulation} "
+    out.write_json("data.json", {**data, "accumulation": accumulation, "processes": world})
+    log(f"data: {json.dumps(train_report)}; global batch {global_batch} = {cfg.batch_size} x {accumulation} "
         f"accumulation x {world} processes")
     collate_fn = collate_packed if packed else partial(collate, pad_id=special["pad"])
     train_loader = torch.utils.data.DataLoader(
@@ -183,12 +194,12 @@ def setup(cfg: PretrainConfig, out: RunFolder) -> Run:
     options = LoopOptions(
         max_steps=cfg.max_steps, accumulation=accumulation, global_batch_size=global_batch, max_grad_norm=cfg.max_grad_norm,
         logging_freq=cfg.logging_freq, eval_steps=cfg.eval_steps, checkpoint_steps=cfg.checkpoint_steps or cfg.max_steps,
-        save_steps=cfg.save_steps,
+        save_steps=cfg.save_steps, causes=divergence_causes(cfg),
     )
     out.record("log.jsonl"), out.record("tensorboard"), out.record("checkpoints")
     logger = RunLogger(out.root(), cfg.max_steps, state.step, accelerator.is_main_process, cfg.tensorboard)
     return Run(cfg, accelerator, out, tokenizer, datasets, train_loader, model, optimizer, scheduler, state, options,
-               collate_fn, logger)
+               collate_fn, logger, mixture=mix)
 
 
 def _datasets(cfg: PretrainConfig, accelerator, corpus: Corpus, tokenizer, special: dict, global_batch: int):
@@ -254,7 +265,8 @@ def finish(run: Run, state: TrainState) -> dict:
         results["test"] = run.evaluate("test", run.cfg.test_iters)
         run.logger.log(state.step, "test", results["test"])
     run.snapshot("final")
-    run.out.write_json("results.json", {"step": state.step, **results})
+    drawn = {"corpora": run.mixture.seen(state.consumed_samples)} if run.mixture else {}  # samples, tokens per corpus
+    run.out.write_json("results.json", {"step": state.step, **results, **drawn})
     run.log(f"done: {run.out.root() / 'final'} ({json.dumps(results)})")
     run.accelerator.wait_for_everyone()
     run.accelerator.end_training()

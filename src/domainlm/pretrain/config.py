@@ -16,7 +16,8 @@ from domainlm.pretrain.samples import parse_split
 class PretrainConfig(TrainingOptions, OptimizerOptions, PrecisionOption, RunOptions):
     # the seed's PaddleNLP names, kept working: --max-lr, --warmup-rate, --eval-freq, --micro-batch-size
     ALIASES: ClassVar[dict] = {"micro_batch_size": "batch_size"}
-    corpus: str = option(help="corpus store folder from `domainlm prepare`")
+    corpus: str | list[str] = option(help="corpus store folder from `domainlm prepare`; several, drawn by weight: "
+                                          "--corpus general:0.3 --corpus domain:0.7")
     out: str = reuse(RunOptions, "out", dataclasses.MISSING, "output folder: logs, checkpoints/, step-N snapshots")
     overwrite: bool = reuse(RunOptions, "overwrite", False, "replace an earlier pretrain run in --out, checkpoints "
                                                               "included (--resume continues it instead)")
@@ -55,6 +56,9 @@ class PretrainConfig(TrainingOptions, OptimizerOptions, PrecisionOption, RunOpti
     tensorboard: bool = option(True, "write TensorBoard event files")
 
     def check(self) -> None:
+        from domainlm.pretrain.mixture import specs
+
+        specs(self.corpus)
         parse_split(self.split)
         if self.min_lr > self.learning_rate:
             raise DomainLMError(f"--min-lr {self.min_lr} is above --learning-rate {self.learning_rate}")

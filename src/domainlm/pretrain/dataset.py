@@ -73,7 +73,12 @@ class PretrainDataset(torch.utils.data.Dataset):
         self.__dict__.update(state)
 
     def __getitem__(self, g: int) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng([self.seed, SPLIT_CODES[self.split], g])
+        return self.item(g)
+
+    def item(self, g: int, key: int | None = None) -> dict[str, np.ndarray]:
+        """Sample number g; `key` numbers its masking draws (g itself, unless a blend of corpora gives the run's
+        sample number, see mixture.py)."""
+        rng = np.random.default_rng([self.seed, SPLIT_CODES[self.split], g if key is None else key])
         first, end = (int(x) for x in self.samples[self._sample_index(g)])
         if self.sop:
             budget = self.max_seq_len - 3
@@ -124,6 +129,10 @@ def collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     }
     if "sop_labels" in items[0]:
         batch["sop_labels"] = torch.tensor([int(x["sop_labels"]) for x in items], dtype=torch.int64)
+    if "source" in items[0]:  # several corpora: each sample's, and each masked token's (row-major, as the model takes them)
+        sources = np.array([int(x["source"]) for x in items], dtype=np.int64)
+        batch["sources"] = torch.from_numpy(sources)
+        batch["mlm_sources"] = torch.from_numpy(sources[np.nonzero(labels != -100)[0]])
     return batch
 
 
@@ -140,6 +149,10 @@ def collate_packed(items: list[dict]) -> dict:
     batch["mlm_labels"] = torch.from_numpy(labels[where])
     if "sop_labels" in items[0]:
         batch["sop_labels"] = torch.tensor([int(x["sop_labels"]) for x in items], dtype=torch.int64)
+    if "source" in items[0]:  # several corpora: each sample's, and each masked token's
+        sources = np.array([int(x["source"]) for x in items], dtype=np.int64)
+        batch["sources"] = torch.from_numpy(sources)
+        batch["mlm_sources"] = torch.from_numpy(np.repeat(sources, [len(x["labels"]) for x in items])[where])
     return batch
 
 

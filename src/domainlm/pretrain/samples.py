@@ -102,8 +102,32 @@ def split_corpus(
     n_train = n_docs - n_valid - n_test
     if n_valid + n_test == 0 or (n_train >= 1 and n_train >= ratios[0] * n_docs / 2):
         docs = split_documents(n_docs, ratios, seed)
-        return CorpusSplit({k: document_ranges(corpus, v) for k, v in docs.items()}, "documents")
+        split = CorpusSplit({k: document_ranges(corpus, v) for k, v in docs.items()}, "documents")
+        split.message = _held_out_share(corpus, split, ratios)
+        return split
     return _split_blocks(corpus, ratios, seed, max_tokens, min_sentences)
+
+
+# a document split that holds out more than this share of the tokens (and well over what --split asked) is said
+LARGE_HOLD_OUT = 0.05
+
+
+def _held_out_share(corpus: Corpus, split: CorpusSplit, ratios) -> str:
+    """What a split by whole documents holds out, when that is a large share: with few documents (a book's
+    chapters), one document per evaluation split can be far more than --split asked for."""
+    held = {}
+    for name in ("valid", "test"):
+        if len(split.ranges.get(name, ())):  # (first, end) sentence of each document, read without the map
+            bounds = corpus.read_sentence_offsets(np.asarray(split.ranges[name]).reshape(-1))
+            held[name] = int((bounds[1::2] - bounds[0::2]).sum())
+    share = sum(held.values()) / max(corpus.n_tokens, 1)
+    if share <= max(LARGE_HOLD_OUT, 2 * (ratios[1] + ratios[2])):
+        return ""
+    docs = sum(len(split.ranges[name]) for name in held)
+    asked = ",".join(f"{100 * r:g}" for r in ratios)
+    return (f"valid and test hold out {docs} of {corpus.n_documents} documents ({sum(held.values()):,} tokens, "
+            f"{100 * share:.0f}% of the corpus; --split {asked} asked for {100 * (ratios[1] + ratios[2]):g}%): each "
+            "takes at least one whole document; give more documents, or e.g. --split 100,0,0 to train on all of them")
 
 
 def _split_blocks(corpus: Corpus, ratios, seed: int, max_tokens: int, min_sentences: int) -> CorpusSplit:

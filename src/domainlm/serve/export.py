@@ -32,6 +32,7 @@ from domainlm.classify.runtime import (
     is_export_dir,
 )
 from domainlm.errors import DomainLMError
+from domainlm.files import input_file
 from domainlm.serve.config import ExportConfig
 from domainlm.serve.hf_config import write_hf_config
 
@@ -170,7 +171,7 @@ def read_data(cfg: ExportConfig, meta: dict):
     from domainlm.classify.data import Columns, check_labels, read_examples
 
     saved = SimpleNamespace(text_column=meta.get("text_column") or "text", pair_column=meta.get("pair_column"))
-    data = read_examples(cfg.data, Columns.of(cfg, saved), bool(meta.get("multilabel")))
+    data = read_examples(cfg.data, Columns.of(cfg, saved), bool(meta.get("multilabel")), flag="--data")
     check_labels(data, list(meta["labels"]))
     return data
 
@@ -222,8 +223,8 @@ def _prepared(cfg: ExportConfig) -> tuple:
         raise DomainLMError(f"model folder {cfg.model} does not exist")
     if is_export_dir(cfg.model):
         raise DomainLMError(f"{cfg.model} is already an export; give the PyTorch classifier it came from")
-    if cfg.data and not Path(cfg.data).is_file():
-        raise DomainLMError(f"--data {cfg.data} does not exist")
+    if cfg.data:
+        input_file(cfg.data, "--data")
     model, tokenizer, meta = _load(model_dir)
     checks.label_map(list(meta.get("labels") or []), model, model_dir)  # else every served request would fail
     data = read_data(cfg, meta) if cfg.data else None

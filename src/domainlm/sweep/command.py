@@ -114,6 +114,23 @@ def _check_base(name: str, base: str) -> None:
         raise DomainLMError(f"models: {name}: base {base}: no such folder" + ("" if local else " (and HF_HUB_OFFLINE is set)"))
 
 
+def check_models(cfg: SweepConfig) -> None:
+    """Each model as its commands check it, before any cell runs: the base as finetune checks a model (positions
+    against the cells' length, weights, tokenizer), a pretrain section as pretrain checks its options (corpus,
+    tokenizer, vocabulary; the corpus's ids are read by the run itself). A hub name not downloaded is left to the
+    run."""
+    from domainlm.classify.checks import check as finetune_check
+    from domainlm.pretrain.checks import check as pretrain_check
+
+    for spec in cfg.models:
+        _, errors = finetune_check(cell_config(cfg, spec.base, "out", cfg.seeds[0]), read_task=False, network=False)
+        pt = pretrain_config(cfg, spec)
+        if pt is not None:
+            errors = {**errors, **pretrain_check(pt, network=False, scan_ids=False)[1]}
+        if errors:
+            raise DomainLMError(f"models: {spec.name}: {next(iter(errors.values()))}")
+
+
 def plan(cfg: SweepConfig) -> list[Cell]:
     cells = []
     for spec in cfg.models:
@@ -255,6 +272,7 @@ def sweep(cfg: SweepConfig) -> dict:
                             legacy=outputs.config_with("models")) as out:
         task, data = check_data(cfg)  # every check before any work: files, options, names, steps, pretraining sections
         cells = plan(cfg)
+        check_models(cfg)
         slots = device_plan(cfg.parallel, _gpu_count() if cfg.parallel > 1 else 0)
         if cfg.parallel > 1 and slots == [None]:
             print("fewer than 2 GPUs: cells run one after another", file=sys.stderr)

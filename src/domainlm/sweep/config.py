@@ -115,6 +115,9 @@ def pretrain_config(cfg: SweepConfig, spec: ModelSpec):
     pt = cfglib.load(PretrainConfig, None, {**defaults, **spec.pretrain}, where=f"models: {spec.name}: pretrain: ")
     if not pt.save_steps:
         raise DomainLMError(f"models: {spec.name}: pretrain: save_steps is needed (the sweep fine-tunes the step-N snapshots)")
-    if not Path(pt.corpus).is_dir():
-        raise DomainLMError(f"models: {spec.name}: pretrain: corpus {pt.corpus} is not a folder")
+    from domainlm.pretrain.mixture import paths
+
+    for corpus in paths(pt.corpus):  # one corpus, or several drawn by weight
+        if not Path(corpus).is_dir():
+            raise DomainLMError(f"models: {spec.name}: pretrain: corpus {corpus} is not a folder")
     return pt

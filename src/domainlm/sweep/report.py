@@ -13,12 +13,9 @@ from domainlm.train.logging import read_log
 
 
 def pyplot():
-    import matplotlib
+    from domainlm.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return pyplot()
 
 
 def plot_curves(series: dict[str, list[tuple[float, float]]], path: Path, title: str, ylabel: str,
@@ -84,7 +81,7 @@ def html_page(title: str, blocks: list[tuple[str, object]]) -> str:
     return "\n".join(parts)
 
 
-def report_run(run: str, out: str | None = None) -> Path:
+def report_run(run: str, out: str | None = None, overwrite: bool = False) -> Path:
     """Curves, stats and config of a `pretrain` or `finetune` output folder, as report.md and report.html in a folder
     of their own (default: RUN/report), never over the run's own files."""
     folder = outputs.folder(run, "RUN")
@@ -98,7 +95,7 @@ def report_run(run: str, out: str | None = None) -> Path:
     if outputs.inside(folder, target):
         raise DomainLMError(f"--out {target} is (or holds) RUN {folder}; the report goes into a folder of its own "
                             f"(default: {folder / 'report'})")
-    with outputs.run_folder(target, "report", patterns=outputs.REPORT_OUTPUTS) as rf:
+    with outputs.run_folder(target, "report", patterns=outputs.REPORT_OUTPUTS, overwrite=overwrite) as rf:
         rf.begin()
         blocks: list[tuple[str, object]] = []
         md = [f"# Report: {folder}", ""]

@@ -70,21 +70,24 @@ def _cell_results(root: Path, folder: str) -> tuple[dict, np.ndarray] | None:
     return metrics[split], read_correctness(path / f"{split}_predictions.jsonl")[0]
 
 
-def _blend_results(root: Path, folder: str) -> tuple[dict, np.ndarray, float] | None:
-    """A cell's blend with its floor (`finetune --blend`), on the test rows only: on dev rows it chose its weight."""
+def _blend_results(root: Path, folder: str) -> tuple[dict, np.ndarray, float, dict, np.ndarray] | None:
+    """A cell's blend with its own floor (`finetune --blend`: the floor fitted on that cell's rows), on the test rows
+    only (on dev rows it chose its weight): the blend's metrics and per-row correctness, its weight, and the same two
+    of the cell's floor."""
     path = root / "cells" / folder
-    if not (path / "DONE").is_file() or not (path / "blend_test_predictions.jsonl").is_file():
+    floor = path / "floor" / "test_predictions.jsonl"
+    if not (path / "DONE").is_file() or not (path / "blend_test_predictions.jsonl").is_file() or not floor.is_file():
         return None
-    blend = json.loads((path / "metrics.json").read_text(encoding="utf-8")).get("blend", {})
-    return blend["test"], read_correctness(path / "blend_test_predictions.jsonl")[0], blend["weight"]
+    metrics = json.loads((path / "metrics.json").read_text(encoding="utf-8"))
+    blend = metrics.get("blend", {})
+    return (blend["test"], read_correctness(path / "blend_test_predictions.jsonl")[0], blend["weight"],
+            metrics["floor"]["test"], read_correctness(floor)[0])
 
 
-def _test_blends(cfg, results: list[dict], root: Path) -> None:
-    """Each blend against the model alone (same cells) and against the floor (root/floor), by the same two-level
-    test as the checkpoints, Holm-adjusted over the two."""
+def _test_blends(cfg, results: list[dict]) -> None:
+    """Each blend against the model alone (same cells) and against the floors it was mixed with (each cell's own,
+    paired by seed), by the same two-level test as the checkpoints, Holm-adjusted over the two."""
     primary = cfg.metrics[0]
-    floor_file = root / "floor" / "test_predictions.jsonl"
-    floor = read_correctness(floor_file)[0][None, :] if floor_file.is_file() else None
     for r in results:
         b = r.get("blend")
         if not b or not b["correct"]:
@@ -92,14 +95,16 @@ def _test_blends(cfg, results: list[dict], root: Path) -> None:
         for m in cfg.metrics:
             if b["values"][m]:
                 b[m] = dict(zip(("mean", "std"), mean_std(b["values"][m])))
+            if b["floor_values"][m]:
+                b.setdefault("floor", {})[m] = dict(zip(("mean", "std"), mean_std(b["floor_values"][m])))
         tests = {"vs_model": np.stack(r["correct"])} if r["correct"] else {}
-        if floor is not None and floor.shape[1] == b["correct"][0].shape[0]:
-            tests["vs_floor"] = floor
+        if b["floor_correct"]:
+            tests["vs_floor"] = np.stack(b["floor_correct"])
         for (name, base), adjusted in zip(tests.items(), holm([compare(np.stack(b["correct"]), x)["p_value"] for x in tests.values()])):
             b[name] = {**compare(np.stack(b["correct"]), base), "p_holm": float(adjusted)}
             b[name]["win"] = bool(adjusted < ALPHA and b[name]["difference"] > 0)
         b["weight"] = float(np.mean(b.pop("weights")))
-        del b["correct"]
+        del b["correct"], b["floor_correct"]
         if primary not in b:
             del r["blend"]
 
@@ -114,7 +119,9 @@ def blend_verdict(cfg, results: list[dict]) -> str | None:
     b = r["blend"]
     name = f"the blend of {r['model']} {r['checkpoint']} with the floor (model weight {b['weight']:.2f})"
     value = f"{primary} {pct(b[primary]['mean'])} ± {pct(b[primary]['std'])}"
-    tests = [(what, b[key]) for what, key in (("the model alone", "vs_model"), ("the floor", "vs_floor")) if key in b]
+    tests = [(what, b[key]) for what, key in (("the model alone", "vs_model"),
+                                               ("the floors it was mixed with (each cell's own, paired by seed)",
+                                                "vs_floor")) if key in b]
     said = {what: f"{what} by {100 * t['difference']:+.1f} points (Holm-adjusted p {pval(t['p_holm'])})" for what, t in tests}
     wins = [said[what] for what, t in tests if t["win"]]
     losses = [said[what] for what, t in tests if not t["win"]]
@@ -133,12 +140,16 @@ def gather(cfg, cells, root: Path) -> list[dict]:
                                                         "per_group": {}, "correct": []})
         blended = _blend_results(root, cell.folder)
         if blended is not None:
-            b = g.setdefault("blend", {"values": {m: [] for m in cfg.metrics}, "correct": [], "weights": []})
+            b = g.setdefault("blend", {"values": {m: [] for m in cfg.metrics}, "correct": [], "weights": [],
+                                       "floor_values": {m: [] for m in cfg.metrics}, "floor_correct": []})
             b["correct"].append(blended[1])
             b["weights"].append(blended[2])
+            b["floor_correct"].append(blended[4])
             for m in cfg.metrics:
                 if m in blended[0]:
                     b["values"][m].append(blended[0][m])
+                if m in blended[3]:
+                    b["floor_values"][m].append(blended[3][m])
         result = _cell_results(root, cell.folder)
         if result is None:
             g["failed_seeds"].append(cell.seed)
@@ -169,10 +180,13 @@ def gather(cfg, cells, root: Path) -> list[dict]:
             r["vs_base"] = compare(np.stack(r["correct"]), np.stack(base["correct"]))
             if primary in r and primary in base:
                 r["vs_base"]["metric_difference"] = r[primary]["mean"] - base[primary]["mean"]
-        for r, adjusted in zip(tested, holm([r["vs_base"]["p_value"] for r in tested])):
+        for r, adjusted, worse in zip(tested, holm([r["vs_base"]["p_value"] for r in tested]),
+                                      holm([r["vs_base"]["p_worse"] for r in tested])):
             r["vs_base"]["p_holm"] = float(adjusted)
             r["vs_base"]["win"] = bool(adjusted < ALPHA and r["vs_base"]["difference"] > 0)
-    _test_blends(cfg, results, root)
+            r["vs_base"]["p_worse_holm"] = float(worse)
+            r["vs_base"]["loss"] = bool(worse < ALPHA and r["vs_base"]["difference"] < 0)
+    _test_blends(cfg, results)
     for r in results:
         del r["correct"]
     done = [r for r in results if primary in r]
@@ -193,6 +207,7 @@ def conclusion(cfg, results: list[dict], floor: dict | None, split: str) -> str:
             f"{len(best['seeds'])} seed{'s' if len(best['seeds']) > 1 else ''}")
     tested = [r for r in results if "vs_base" in r]
     wins = [r for r in tested if r["vs_base"]["win"]]
+    losses = [r for r in tested if r["vs_base"].get("loss")]
     if best.get("star"):
         vs = best["vs_base"]
         base = next(r for r in done if r["model"] == best["model"] and r["step"] == 0)
@@ -201,6 +216,12 @@ def conclusion(cfg, results: list[dict], floor: dict | None, split: str) -> str:
     elif wins:
         names = ", ".join(f"{r['model']} {r['checkpoint']}" for r in wins)
         versus_base = f"{names} {'beats its' if len(wins) == 1 else 'beat their'} base model after Holm adjustment"
+    elif losses:
+        said = ", ".join(f"{r['model']} {r['checkpoint']} ({100 * r['vs_base']['metric_difference']:+.1f} points, "
+                         f"Holm-adjusted p {pval(r['vs_base']['p_worse_holm'])})" for r in losses)
+        versus_base = (f"no checkpoint beats its base model, and {said} "
+                       f"{'scores' if len(losses) == 1 else 'score'} lower than {'its' if len(losses) == 1 else 'their'} "
+                       "base model")
     elif tested:
         versus_base = (f"no checkpoint is distinguishable from its base model "
                        f"(smallest Holm-adjusted p = {min(r['vs_base']['p_holm'] for r in tested):.2f})")
@@ -254,7 +275,8 @@ def table(cfg, results: list[dict], floor: dict | None, split: str) -> tuple[lis
         else:
             cells = ["failed", "", *["" for _ in others]]
         cells += [f"{100 * vs['metric_difference']:+.1f}" if "metric_difference" in vs else "",
-                  pval(vs["p_value"]) if vs else "", (pval(vs["p_holm"]) + ("*" if vs["win"] else "")) if vs else ""]
+                  pval(vs["p_value"]) if vs else "",
+                  (pval(vs["p_holm"]) + ("*" if vs["win"] else "†" if vs.get("loss") else "")) if vs else ""]
         cells += [pct(r["per_group"][g]) if g in r["per_group"] else "" for g in group_names]
         rows.append([r["model"], ("★ " if r.get("star") else "") + r["checkpoint"], *cells])
         csv_rows.append([r["model"], r["checkpoint"], r["step"], *[r.get(m, {}).get(k, "") for m in cfg.metrics for k in ("mean", "std")],
@@ -269,6 +291,14 @@ def table(cfg, results: list[dict], floor: dict | None, split: str) -> tuple[lis
                          *[f"{pct(b[m]['mean'])} ± {pct(b[m]['std'])}" if m in b else "" for m in others],
                          f"{100 * vs['difference']:+.1f}" if vs else "", pval(vs["p_value"]) if vs else "",
                          (pval(vs["p_holm"]) + ("*" if vs["win"] else "")) if vs else "", *["" for _ in group_names]])
+    blended = next((r["blend"] for r in results if primary in r.get("blend", {}).get("floor", {})), None)
+    if blended:  # the floors the blends were mixed with: each seed's own rows
+        f = blended["floor"]
+        rows.append(["floor, per seed", "each cell's own rows (what its blend mixes in)",
+                     f"{pct(f[primary]['mean'])} ± {pct(f[primary]['std'])}",
+                     " ".join(pct(v) for v in blended["floor_values"][primary]),
+                     *[f"{pct(f[m]['mean'])} ± {pct(f[m]['std'])}" if m in f else "" for m in others], "", "", "",
+                     *["" for _ in group_names]])
     if floor:
         m = floor[split]
         per_group = m.get("per_group", {})
@@ -362,7 +392,8 @@ def summarize(cfg, cells, out: Writer, task: dict, floor: dict | None) -> dict:
     note = (f"Values in % on {split}: mean ± std over seeds, and each seed's value. Δ vs base: difference of the {primary} means "
             "in points. p: one-sided test that the checkpoint's per-row correctness beats its base model's, accounting for "
             "both seed and test-row variance (two-level t-test); p (Holm): adjusted for the checkpoints compared per model. "
-            f"* a win (adjusted p < {ALPHA}); ★ the best cell, marked only when it beats its base after adjustment.")
+            f"* a win (adjusted p < {ALPHA}); † a loss (lower than its base model, adjusted one-sided p < {ALPHA}); "
+            "★ the best cell, marked only when it beats its base after adjustment.")
     if any("blend" in r for r in results):
         note += (" `+ floor` rows: each cell's probabilities mixed with its own floor's, the weight chosen on its dev "
                  "rows; Δ and p there are against the model alone (the test against the floor is in the conclusion).")

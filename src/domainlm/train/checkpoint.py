@@ -236,6 +236,41 @@ def _accelerate_notes():
         logger.propagate = propagate
 
 
+def check_shared(accelerator, folder: Path, flag: str = "--out", wait: float = 10.0) -> None:
+    """Under several processes, every one must see what the main process writes in `folder`: checkpoints are written
+    once, by rank 0, and every rank reads its own part of them to resume. Rank 0 writes a probe file; a rank that does
+    not see it within `wait` seconds (a network file system may show a new file late) makes every rank stop with the
+    same one line."""
+    if accelerator.num_processes == 1:
+        return
+    import secrets
+    import socket
+    import time
+
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    from domainlm import files
+
+    token = [secrets.token_hex(8) if accelerator.is_main_process else None]
+    if accelerator.is_main_process:
+        with files.writing(folder, flag):
+            files.atomic_write(folder / f".domainlm-shared-{token[0]}", token[0])
+    broadcast_object_list(token)  # after the write: the others look once it is there
+    probe = folder / f".domainlm-shared-{token[0]}"
+    give_up = time.monotonic() + wait
+    while not (seen := probe.is_file()) and time.monotonic() < give_up:
+        time.sleep(0.2)
+    views = gather_object([(seen, socket.gethostname())])
+    if accelerator.is_main_process:
+        probe.unlink(missing_ok=True)
+    blind = [(rank, host) for rank, (ok, host) in enumerate(views) if not ok]
+    if blind:
+        ranks = ", ".join(f"rank {r} (on {h})" for r, h in blind[:4])
+        raise DomainLMError(f"{flag} {folder}: {ranks} does not see the files rank 0 (on {views[0][1]}) writes there: "
+                            f"with several machines {flag} must be a folder every node shares (a network or cluster file "
+                            "system), as checkpoints are written once, by rank 0, and read by every rank to resume")
+
+
 def save_snapshot(accelerator, folder: Path, model, hf_of, tokenizer, save=None) -> Path:
     """A plain HF model folder with the full weights, gathered from shards under FSDP. All ranks call this;
     the main process writes. `AutoModel.from_pretrained` loads it whatever it is renamed to, because

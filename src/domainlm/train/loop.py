@@ -34,6 +34,47 @@ class LoopOptions:
     eval_steps: int = 0  # and always after the last step
     checkpoint_steps: int = 0
     save_steps: int = 0
+    causes: str = ""  # the options that usually make a loss non-finite, as the command's flags say them
+
+
+class Finite:
+    """Stops a run at its first non-finite loss or gradient norm, before anything is saved from it. The check
+    stays on the device and is read where the loop waits for the device anyway (logging, evaluation, saving, the
+    end); on a CPU, after every step."""
+
+    def __init__(self, accelerator, options: LoopOptions):
+        self.accelerator, self.options = accelerator, options
+        device = accelerator.device
+        self.every_step = device.type == "cpu"
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.last_good = torch.full((2,), float("nan"), dtype=torch.float64, device=device)  # (step, loss)
+
+    def see(self, step: int, loss: torch.Tensor, grad_norm) -> None:
+        good = torch.isfinite(loss.detach().float())
+        if getattr(self.accelerator, "scaler", None) is None:  # fp16's loss scaler skips an overflowing step itself
+            norm = grad_norm if isinstance(grad_norm, torch.Tensor) else torch.tensor(float(grad_norm or 0.0))
+            good = good & torch.isfinite(norm.detach().float().to(loss.device))
+        self.first_bad = torch.where(~good & (self.first_bad < 0), step, self.first_bad)
+        here = torch.stack([torch.tensor(float(step), dtype=torch.float64, device=loss.device),
+                            loss.detach().to(torch.float64)])
+        self.last_good = torch.where(good & (self.first_bad < 0), here, self.last_good)
+        if self.every_step:
+            self.check()
+
+    def check(self) -> None:
+        bad = self.first_bad
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(torch.where(bad < 0, torch.iinfo(torch.long).max, bad), reduction="min")
+            bad = torch.where(bad == torch.iinfo(torch.long).max, -1, bad)
+        step = int(bad)
+        if step < 0:
+            return
+        last_step, last_loss = (float(x) for x in self.last_good.cpu())
+        last = f"the last finite loss was {last_loss:.4g} at step {int(last_step)}" if last_step == last_step else \
+            "no step had a finite loss"
+        causes = f"; what usually causes it: {self.options.causes}" if self.options.causes else ""
+        raise DomainLMError(f"step {step}: the loss (or its gradient) is not a finite number; {last}{causes}. The run "
+                            "stopped there and saved nothing of it")
 
 
 def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
@@ -54,6 +95,18 @@ def real_tokens(batch: dict) -> torch.Tensor:
     if "attention_mask" in batch:
         return batch["attention_mask"].sum()
     return torch.tensor(batch["input_ids"].numel())
+
+
+def ratios(values: dict[str, float]) -> dict[str, float]:
+    """A metric given as a sum and a count (`name#sum`, `name#count`: a mean over the tokens or samples of one part of
+    each batch, e.g. one corpus of several) becomes `name`, their ratio over everything averaged together; where
+    the count is 0 (no such token in the window), it is left out."""
+    for key in [k for k in values if k.endswith("#sum")]:
+        name = key[: -len("#sum")]
+        total, count = values.pop(key), values.pop(f"{name}#count", 0.0)
+        if count:
+            values[name] = total / count
+    return values
 
 
 @dataclass
@@ -100,7 +153,7 @@ def evaluate(model, accelerator, batches: Iterable[dict], max_batches: int | Non
     net.train(was_training)
     local_rows = {k: torch.cat(v).numpy() for k, v in rows.items()}
     if accelerator.num_processes == 1:
-        return Evaluation({k: float(v) / max(n, 1) for k, v in sums.items()}, local_rows)
+        return Evaluation(ratios({k: float(v) / max(n, 1) for k, v in sums.items()}), local_rows)
     from accelerate.utils import gather_object
 
     # a process whose shard was empty knows no metric names: agree on them first
@@ -108,7 +161,7 @@ def evaluate(model, accelerator, batches: Iterable[dict], max_batches: int | Non
     vector = torch.stack([torch.as_tensor(sums.get(k, 0.0), dtype=torch.float32, device=accelerator.device)
                           for k in names] + [torch.tensor(float(n), device=accelerator.device)])
     total = accelerator.reduce(vector, reduction="sum").cpu()
-    metrics = {k: float(total[j]) / max(float(total[-1]), 1.0) for j, k in enumerate(names)}
+    metrics = ratios({k: float(total[j]) / max(float(total[-1]), 1.0) for j, k in enumerate(names)})
     shards = gather_object([local_rows])
     keys = sorted({k for s in shards for k in s})
     return Evaluation(metrics, {k: np.concatenate([s[k] for s in shards if k in s]) for k in keys})
@@ -129,12 +182,14 @@ def train_loop(
     on_snapshot: Callable[[int], None] | None = None,
 ) -> TrainState:
     model.train()
+    finite = Finite(accelerator, options)
     window: dict[str, list[torch.Tensor]] = {}
     # token counts stay on the device: an int() per micro batch would wait for the GPU every time
     tokens = torch.zeros((), dtype=torch.long, device=accelerator.device)
     window_started, paused = time.perf_counter(), 0.0
     while state.step < options.max_steps:
         # 1. forward/backward over this process's micro batches of one global batch
+        step_loss = torch.zeros((), device=accelerator.device)
         for micro in range(options.accumulation):
             batch = to_device(next(batches), accelerator.device)
             last = micro == options.accumulation - 1
@@ -142,12 +197,14 @@ def train_loop(
                 with accelerator.autocast():
                     loss, metrics = model(**batch)
                 accelerator.backward(loss / options.accumulation)
+            step_loss = step_loss + loss.detach().float() / options.accumulation
             for k, v in metrics.items():
                 window.setdefault(k, []).append(v.detach())
             tokens += real_tokens(batch)
         # 2. clip, step; the lr logged for this step is the one this step used
         lr = optimizer.param_groups[0]["lr"]
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), options.max_grad_norm)
+        finite.see(state.step + 1, step_loss, grad_norm)
         optimizer.step()
         if not getattr(optimizer, "step_was_skipped", False):  # fp16 overflow: no step taken, schedule waits
             scheduler.step()
@@ -156,8 +213,16 @@ def train_loop(
         state.consumed_samples += options.global_batch_size
         logger.advance()
         # 3. log, evaluate, save (time spent in callbacks is not training time)
-        if state.step % options.logging_freq == 0 or state.step == options.max_steps:
-            values = {k: float(accelerator.reduce(torch.stack(v).float().mean(), reduction="mean")) for k, v in window.items()}
+        log_now = state.step % options.logging_freq == 0 or state.step == options.max_steps
+        evaluate_now = state.step == options.max_steps or (options.eval_steps and state.step % options.eval_steps == 0)
+        checkpoint_now = on_checkpoint and options.checkpoint_steps and (
+            state.step % options.checkpoint_steps == 0 or state.step == options.max_steps)
+        snapshot_now = on_snapshot and options.save_steps and state.step % options.save_steps == 0
+        if log_now or evaluate_now or checkpoint_now or snapshot_now:
+            finite.check()  # nothing is logged as good, evaluated or saved after a non-finite step
+        if log_now:
+            values = ratios({k: float(accelerator.reduce(torch.stack(v).float().mean(), reduction="mean"))
+                             for k, v in window.items()})
             values["lr"] = lr
             values["grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
             total_tokens = int(accelerator.reduce(tokens, reduction="sum"))
@@ -168,15 +233,13 @@ def train_loop(
             window_started, paused = time.perf_counter(), 0.0
         callbacks_started = time.perf_counter()
         # evaluate before the checkpoint of the same step, so that a run resumed from it has that evaluation
-        evaluate_now = state.step == options.max_steps or (options.eval_steps and state.step % options.eval_steps == 0)
         stop = bool(on_eval and evaluate_now and on_eval(state.step))
-        if on_checkpoint and options.checkpoint_steps and (
-            state.step % options.checkpoint_steps == 0 or state.step == options.max_steps
-        ):
+        if checkpoint_now:
             on_checkpoint(state)
-        if on_snapshot and options.save_steps and state.step % options.save_steps == 0:
+        if snapshot_now:
             on_snapshot(state.step)
         paused += time.perf_counter() - callbacks_started
         if stop:  # on_eval asked to stop early (no improvement for its patience)
             break
+    finite.check()
     return state

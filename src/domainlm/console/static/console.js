@@ -3,6 +3,13 @@
 
 const FINISHED = ["succeeded", "failed", "cancelled", "interrupted"];
 const COLORS = ["#2563eb", "#ea580c", "#16a34a", "#9333ea", "#0891b2", "#be123c"];
+// the page's language: the texts console.js writes itself, from the server's message catalogue
+const MESSAGES = JSON.parse((document.getElementById("i18n") || {}).textContent || "{}");
+function t(text, fields) {
+  let out = MESSAGES[text] || text;
+  for (const [k, v] of Object.entries(fields || {})) out = out.replace("{" + k + "}", v);
+  return out;
+}
 
 async function getJSON(url) {
   const r = await fetch(url, {credentials: "same-origin", headers: {Accept: "application/json"}});
@@ -16,9 +23,27 @@ function every(ms, fn) {
   setTimeout(tick, ms);
 }
 
-function fmtSteps(p, unit) { return p.steps + (p.total ? " / " + p.total : "") + " " + (unit || "steps"); }
+function fmtSteps(p, unit) { return p.steps + (p.total ? " / " + p.total : "") + " " + t(unit || "steps"); }
 function fmtEta(j) { return j.status === "running" && j.progress.eta_s != null ? j.progress.eta_s + " s" : "–"; }
-function setStatus(el, status) { el.textContent = status; el.className = "status " + status; }
+function setStatus(el, status) { el.textContent = t(status); el.dataset.status = status; el.className = "status " + status; }
+function gib(n) { return (n / 2 ** 30).toFixed(1) + " GiB"; }
+
+function machine(box) {
+  // the machine card: CPU, memory, disk, each GPU, polled while the page is open
+  every(3000, async () => {
+    const m = await getJSON("/api/resources");
+    const set = (sel, text) => { const el = box.querySelector(sel); if (el) el.textContent = text; };
+    if (m.cpu.percent != null) set('[data-m="cpu"]', m.cpu.percent + "%");
+    if (m.memory) set('[data-m="memory"]', m.memory.percent + "%");
+    set('[data-m="disk"]', m.disk.percent + "%");
+    for (const g of m.gpus) {
+      const el = box.querySelector('[data-gpu="' + g.index + '"]');
+      if (!el) continue;
+      el.querySelector('[data-m="gpu-util"]').textContent = (g.utilization == null ? "–" : g.utilization) + "%";
+      el.querySelector('[data-m="gpu-mem"]').textContent = t("{used} of {total}", {used: gib(g.memory_used), total: gib(g.memory_total)});
+    }
+  });
+}
 
 function jobsPage() {
   const table = document.getElementById("jobs");
@@ -29,13 +54,11 @@ function jobsPage() {
     for (const j of jobs) {
       const row = table.querySelector('tr[data-job="' + j.id + '"]');
       if (!row) continue;
-      setStatus(row.querySelector('[data-field="status"]'), j.status);
+      // a job that starts or ends changes the queue, its devices and its result: draw the page again
+      if (row.querySelector('[data-field="status"]').dataset.status !== j.status) { location.reload(); return false; }
       row.querySelector('[data-field="bar"]').style.width = ((j.progress.fraction || 0) * 100) + "%";
       row.querySelector('[data-field="steps"]').textContent = fmtSteps(j.progress, j.command === "sweep" ? "cells" : "steps");
       row.querySelector('[data-field="eta"]').textContent = j.status === "running" ? fmtEta(j) : "";
-      const h = row.querySelector('[data-field="headline"]');
-      if (j.headline) h.textContent = j.headline.name + " " + j.headline.value;
-      else if (j.error) h.textContent = j.error.slice(0, 80);
     }
   });
 }
@@ -47,7 +70,7 @@ function drawChart(canvas, series, ylabel) {
   const pts = series.flatMap(s => s.points);
   ctx.font = "12px system-ui, sans-serif";
   ctx.fillStyle = "#667085";
-  if (!pts.length) { ctx.fillText("no points yet", W / 2 - 36, H / 2); return; }
+  if (!pts.length) { ctx.fillText(t("no points yet"), W / 2 - 36, H / 2); return; }
   let [x0, x1] = [Math.min(...pts.map(p => p[0])), Math.max(...pts.map(p => p[0]))];
   let [y0, y1] = [Math.min(...pts.map(p => p[1])), Math.max(...pts.map(p => p[1]))];
   if (x1 === x0) { x0 -= 1; x1 += 1; }
@@ -62,7 +85,7 @@ function drawChart(canvas, series, ylabel) {
   }
   const xticks = [...new Set([0, 1, 2, 3, 4].map(i => Math.round(x0 + (x1 - x0) * i / 4)))];
   for (const x of xticks) ctx.fillText(String(x), X(x) - 8, H - B + 16);
-  ctx.fillText("step", W - R - 28, H - 4);
+  ctx.fillText(t("step"), W - R - 28, H - 4);
   let lx = L + 6;
   series.forEach((s, i) => {
     ctx.strokeStyle = ctx.fillStyle = COLORS[i % COLORS.length]; ctx.lineWidth = 2;
@@ -99,9 +122,6 @@ function jobPage() {
     document.getElementById("progress").textContent = fmtSteps(j.progress, j.command === "sweep" ? "cells" : "steps");
     document.getElementById("eta").textContent = fmtEta(j);
     document.getElementById("bar").style.width = ((j.progress.fraction || 0) * 100) + "%";
-    if (j.headline) document.getElementById("headline").textContent = j.headline.name + " " + j.headline.value;
-    const err = document.getElementById("error");
-    err.textContent = j.error || ""; err.hidden = !j.error;
     const pre = document.getElementById("log");
     const atEnd = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
     pre.textContent = log;
@@ -109,7 +129,7 @@ function jobPage() {
     if (document.getElementById("chart-loss")) {  // a sweep shows its table instead
       drawChart(document.getElementById("chart-loss"), seriesOf(curves, "loss", ["train", "valid"]), "loss");
       const metric = j.command === "pretrain" ? "mlm_acc" : (j.config.metric || (j.config.task === "multilabel" ? "f1_micro" : "accuracy"));
-      document.getElementById("metric-caption").textContent = metric + " by step";
+      document.getElementById("metric-caption").textContent = t("{metric} by step", {metric: metric});
       drawChart(document.getElementById("chart-metric"), seriesOf(curves, metric, j.command === "pretrain" ? ["train", "valid"] : ["valid"]), metric);
     }
     if (j.status !== status) {  // buttons and produced models change with the state: redraw the page once
@@ -179,7 +199,7 @@ function comparePage() {
 function modelPage() {
   const predict = document.getElementById("predict");
   if (predict) predict.form.addEventListener("submit", () => {
-    predict.textContent = "Classifying… (the first time loads the model)"; predict.disabled = true;
+    predict.textContent = t("Classifying… (the first time loads the model)"); predict.disabled = true;
   });
   const ship = document.getElementById("ship");
   if (!ship || !["starting", "ready"].includes(ship.dataset.state)) return;
@@ -198,6 +218,8 @@ document.addEventListener("DOMContentLoaded", () => {
     f.addEventListener("submit", e => { if (!confirm(f.dataset.confirm)) e.preventDefault(); });
   }
   const page = document.body.dataset.page;
+  const box = document.getElementById("machine");
+  if (box) machine(box);
   if (page === "jobs") jobsPage();
   if (page === "job") jobPage();
   if (page === "new-job") newJobPage();
