@@ -169,9 +169,7 @@ def bench_corpora(work: Path, store: Path, tokenizer: Path, shape: str, steps: i
     shutil.copytree(store, twin, ignore=shutil.ignore_patterns("cache"))
     common = ["--model", str(model), "--max-steps", str(warmup + steps), "--batch-size", str(batch),
               "--max-seq-len", str(seq), "--eval-steps", "0", "--checkpoint-steps", "0", "--logging-freq", "5",
-              "--eval-iters", "1", "--test-iters", "1", "--split", "100,0,0", "--no-tensorboard"]
-    if device == "cpu":
-        common += ["--precision", "fp32"]
+              "--eval-iters", "1", "--test-iters", "1", "--split", "100,0,0", "--no-tensorboard", "--precision", "auto"]
     one_s = cli("pretrain", "--corpus", str(store), "--out", str(work / "run-one"), *common)
     two_s = cli("pretrain", "--corpus", f"{store}:0.5", "--corpus", f"{twin}:0.5", "--out", str(work / "run-two"), *common)
     one, two = tokens_per_s(work / "run-one", warmup), tokens_per_s(work / "run-two", warmup)
@@ -199,10 +197,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where pretrain runs (it picks the GPU "
-                        "itself when there is one; this only pins fp32 on a CPU)")
+                        "itself when there is one; both runs at auto's precision: bf16 where the device has it)")
     parser.add_argument("--keep", help="keep the work folder here")
     args = parser.parse_args()
+    from domainlm.precision import describe_cpu
     from domainlm.vocab import train_wordpiece
+
+    print(describe_cpu(), flush=True)
 
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="corpora-bench-"))
     try:

@@ -57,6 +57,8 @@ def torch_precision(precision: str, device: str, cpu_feature: str | None | bool 
         if precision == "fp16":
             raise DomainLMError("--precision fp16 runs on a GPU only (--device cuda); on the CPU use fp32, bf16 or auto")
         return resolve(precision, "cpu", cpu_feature)
+    if precision == "auto" and gpu_bf16 is None:
+        return resolve("auto", "cuda")  # in the words training says it in (one line for distill's two models)
     if gpu_bf16 is None:
         import torch
 
