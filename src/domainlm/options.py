@@ -3,6 +3,7 @@ config is made of the groups it uses (its flags stay flat: `--learning-rate`, no
 
     RunOptions        where the output goes and how an earlier run there is treated
     PrecisionOption   one vocabulary for numeric precision, training and inference alike
+    InferencePrecision  the same words where a classifier answers, and an export's int8
     TextColumns       which columns of a data file hold the text (and a second text)
     LabelColumns      which column holds the label(s), and how several are written in one cell
     OptimizerOptions  AdamW and the learning-rate schedule
@@ -35,6 +36,16 @@ class RunOptions:
 class PrecisionOption:
     VALUE_ALIASES: ClassVar[dict] = {"precision": {"no": "fp32"}}
     precision: Literal["auto", "fp32", "bf16", "fp16"] = option("auto", PRECISION_HELP)
+
+
+@dataclass(kw_only=True)
+class InferencePrecision:
+    """A classifier's precision where it is loaded to answer (evaluate, predict, serve): an export's fp32 or int8
+    model, or a PyTorch model's autocast, by the same rule as training."""
+    VALUE_ALIASES: ClassVar[dict] = {"precision": {"no": "fp32"}}
+    precision: Literal["auto", "fp32", "int8", "bf16", "fp16"] = option(
+        "auto", "export folders: which model (auto: int8 if exported); PyTorch: bf16/fp16 autocast (auto: bf16 where "
+                "the GPU or CPU has it natively, AVX512_BF16 or AMX; fp16 on a GPU only)")
 
 
 @dataclass(kw_only=True)

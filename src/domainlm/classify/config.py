@@ -10,6 +10,7 @@ from domainlm import checks
 from domainlm.config import option, reuse
 from domainlm.errors import DomainLMError
 from domainlm.options import (
+    InferencePrecision,
     LabelColumns,
     OptimizerOptions,
     PrecisionOption,
@@ -137,7 +138,7 @@ INFERENCE_LENGTH = "tokens per example (0: the length the model was trained at)"
 
 
 @dataclass(kw_only=True)
-class EvaluateConfig(LabelColumns, TextColumns, RunOptions):
+class EvaluateConfig(LabelColumns, TextColumns, InferencePrecision, RunOptions):
     model: str = option(help="a classifier folder written by `domainlm finetune` (its model/ folder, or the --out of "
                              "--method linear)")
     data: str = option(help="labelled data to evaluate on: .csv, .tsv or .jsonl")
@@ -156,7 +157,7 @@ class EvaluateConfig(LabelColumns, TextColumns, RunOptions):
 
 
 @dataclass(kw_only=True)
-class PredictConfig(TextColumns):
+class PredictConfig(TextColumns, InferencePrecision):
     model: str = option(help="a classifier folder written by `domainlm finetune` (its model/ folder, or the --out of "
                              "--method linear)")
     input: str = option("-", "texts to classify: .csv, .tsv or .jsonl, or - for one text per line on stdin")

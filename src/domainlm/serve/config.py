@@ -7,6 +7,7 @@ from typing import Literal
 
 from domainlm.classify.config import DEVICE_HELP
 from domainlm.config import option
+from domainlm.options import InferencePrecision
 
 
 @dataclass(kw_only=True)
@@ -33,7 +34,7 @@ class ExportConfig:
 
 
 @dataclass(kw_only=True)
-class ServeConfig:
+class ServeConfig(InferencePrecision):
     model: str = option(help="a classifier folder (`domainlm finetune` output) or an export folder (`domainlm "
                              "export`); also given as the first argument")
     host: str = option("127.0.0.1", "interface to listen on (0.0.0.0 for every interface)")
@@ -41,9 +42,6 @@ class ServeConfig:
     name: str = option("", "the model's name in the KServe v2 routes (/v2/models/NAME; default: the folder's name)")
     token: str | None = option(None, "require `Authorization: Bearer TOKEN` on every route but the health probes "
                                     "(or set DOMAINLM_SERVE_TOKEN)")
-    precision: Literal["auto", "fp32", "int8", "bf16", "fp16"] = option(
-        "auto", "export folders: which model (auto: int8 if exported); PyTorch: bf16/fp16 autocast (auto: bf16 where "
-                "the GPU or CPU has it natively, AVX512_BF16 or AMX; fp16 on a GPU only)")
     device: Literal["auto", "cpu", "cuda"] = option("auto", DEVICE_HELP)
     threads: int = option(0, "intra-op threads of the model (0: every core this process may use)", low=0)
     batching: bool = option(True, "gather concurrent requests into one batch (--no-batching: one request at a time)")
