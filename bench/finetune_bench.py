@@ -155,7 +155,7 @@ def run_domainlm(model_dir: Path, train: Path, test: Path, dev: Path, args) -> t
         return train_rate, float("nan"), test_accuracy(model, AutoTokenizer.from_pretrained(str(out / "model")), labels, tests, args.seq)
     started = time.perf_counter()
     with inference_precision(args):
-        predict_command(PredictConfig(model=str(out / "model"), input=str(test), out=str(out / "pred.jsonl"),
+        predict_command(PredictConfig(model=str(out / "model"), input=str(test), out=str(out / "pred.jsonl"), overwrite=True,
                                       max_seq_len=args.seq, **device_option(args)))
     infer_rate = len(tests) / (time.perf_counter() - started)
     predictions = [json.loads(x) for x in (out / "pred.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -266,7 +266,7 @@ def compare_inference(model_dir: Path, test: Path, work: Path, args) -> None:
         theirs = predict_pipeline(model_dir, test, theirs_out, args)
         middle = time.perf_counter()
         with inference_precision(args):
-            predict_command(PredictConfig(model=str(model_dir), input=str(test), out=str(ours_out),
+            predict_command(PredictConfig(model=str(model_dir), input=str(test), out=str(ours_out), overwrite=True,
                                           max_seq_len=args.seq, **device_option(args)))
         ended = time.perf_counter()
         if r:
@@ -282,7 +282,8 @@ def compare_inference(model_dir: Path, test: Path, work: Path, args) -> None:
                                                   str(theirs_out), "--seq", str(args.seq), "--predict-batch", str(args.predict_batch),
                                                   "--precision", args.precision, "--device", args.device],
                     "domainlm predict (process)": [sys.executable, "-m", "domainlm.cli", "predict", "--model", str(model_dir),
-                                                   "--input", str(test), "--out", str(ours_out), "--max-seq-len", str(args.seq),
+                                                   "--input", str(test), "--out", str(ours_out), "--overwrite",
+                                                   "--max-seq-len", str(args.seq),
                                                    *[f"--{k}={v}" for k, v in device_option(args).items()]]}
         if "precision" not in device_option(args) and resolve("auto", args.device)[0] != args.precision:
             print(f"note: `domainlm predict` takes no --precision here: its whole-process rounds run at auto "

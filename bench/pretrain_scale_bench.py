@@ -115,7 +115,9 @@ def run_to_first_step(src: Path, store: Path, model: Path, out: Path, seq: int, 
     env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "domainlm.cli", "pretrain", "--corpus", str(store), "--model", str(model),
            "--out", str(out), "--max-steps", "2", "--max-seq-len", str(seq), "--logging-freq", "1",
-           "--eval-steps", "0", "--checkpoint-steps", "0", "--no-tensorboard", "--precision", "auto"]
+           "--checkpoint-steps", "0", "--no-tensorboard", "--precision", "auto",
+           # the flag's old name: a baseline from before the renaming knows only it (this tree takes it as an alias)
+           "--eval-freq", "0"]
     started = time.perf_counter()
     # its own process group, so that stopping it also stops its DataLoader worker
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

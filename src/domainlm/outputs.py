@@ -288,7 +288,7 @@ class Writer:
                 path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
-    def write_text(self, relative: str | Path, text: str) -> Path:
+    def write_text(self, relative: str | Path, text: str | bytes) -> Path:
         path = self.record(relative)
         if self.main:
             with files.writing(self.shown(path), self.flag):
@@ -370,16 +370,16 @@ class RunFolder(Writer):
     """
 
     def __init__(self, out: Path, command: str, *, patterns: tuple[str, ...], replace: bool, overwrite: bool | None,
-                 resume: bool, keep: tuple[str, ...], flag: str, main: bool):
+                 resume: bool, keep: tuple[str, ...], flag: str, main: bool, owned: tuple[str, ...] = (),
+                 inputs: Iterable[str] = ()):
         self.out, self.command, self.patterns, self.replace = out, command, patterns, replace
         self.overwrite, self.resume, self.keep, self.flag, self.main = overwrite, resume, keep, flag, main
+        self.owned, self.inputs = owned, list(inputs)
         self.path = out.parent / f".{out.name}.partial" if replace else out
         self.earlier: str | None = None  # "finished" or "interrupted": an earlier run of this command is here
         self.earlier_entries: list[str] = []
         self._entries: set[str] = set()
         self._begun = False
-        self.owned: tuple[str, ...] = ()
-        self.inputs: list[str] = []
         self._previous: Path | None = None  # the earlier entries, moved aside until this run is complete
 
     # ---- before any work
@@ -524,11 +524,9 @@ def run_folder(out: str | Path, command: str, *, patterns: tuple[str, ...] = ("*
     """
     out = folder(out, flag)
     main = int(os.environ.get("RANK", "0")) == 0
-    run = RunFolder(out, command, patterns=patterns, replace=replace, overwrite=overwrite, resume=resume, keep=keep,
-                    flag=flag, main=main)
-    run.owned = owned
     inputs = {**(inputs or {}), **(models or {})}
-    run.inputs = [p for p in inputs.values() if p]
+    run = RunFolder(out, command, patterns=patterns, replace=replace, overwrite=overwrite, resume=resume, keep=keep,
+                    flag=flag, main=main, owned=owned, inputs=[p for p in inputs.values() if p])
     if main:
         _check_inputs(out, inputs, models or {}, replace, flag)
         writable(out, flag)

@@ -172,7 +172,7 @@ def setup(cfg: FinetuneConfig, accelerator, tokenizer, labels: list[str], fit: D
                                 cfg.learning_rate * cfg.min_lr_ratio, cfg.lr_decay)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     y = targets(fit, labels, cfg.multilabel) if fit_targets is None else fit_targets
-    packed = cfg.unpad != "no" and packing_ready(hf) and (cfg.unpad == "yes" or accelerator.device.type == "cuda")
+    packed = cfg.unpad != "no" and packing_ready(hf)
     batches = batching.train_batches(encode(tokenizer, fit, cfg.max_seq_len), y,
                                      global_batch, tokenizer.pad_token_id or 0, seed, rank, world, accumulation, packed)
     options = LoopOptions(max_steps=max_steps, accumulation=accumulation, global_batch_size=global_batch,

@@ -90,8 +90,8 @@ class FinetuneConfig(TrainingOptions, OptimizerOptions, LabelColumns, TextColumn
     folds: int = option(0, "k-fold cross-validation on --train (0: off)", low=0, high=20)
     seeds: list[int] = option([1234], "repeat with each seed; metrics reported as mean and std")
     unpad: Literal["auto", "yes", "no"] = option(
-        "auto", "run BERT/ERNIE classifiers on one stream of real tokens per batch (auto: on a GPU; on a CPU the "
-                "padded forward with a [CLS]-only last layer is faster)")
+        "auto", "run BERT/ERNIE classifiers on one stream of real tokens per batch (auto: wherever the model's blocks "
+                "are ones the packed encoder runs; no: the padded forward)")
 
     def check(self) -> None:
         from domainlm.classify.metrics import metric_names
