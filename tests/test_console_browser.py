@@ -116,7 +116,7 @@ def test_train_watch_try_cancel_and_restart_in_the_browser(tmp_path, tiny_model)
 
             # the job page: status, curve and log update by themselves
             page.wait_for_url(f"{base}/jobs/1")
-            page.wait_for_function("document.getElementById('status').textContent === 'succeeded'", timeout=150_000)
+            page.locator("#job[data-status='succeeded']").wait_for(timeout=150_000)  # the page as redrawn at the end
             page.wait_for_selector("#chart-loss[data-points]")
             assert int(page.get_attribute("#chart-loss", "data-points")) == 2  # one point per logged step
             log = page.inner_text("#log")
@@ -176,17 +176,19 @@ def test_train_watch_try_cancel_and_restart_in_the_browser(tmp_path, tiny_model)
             assert page.inner_text("#status") == "running"  # adopted, not lost
             page.wait_for_function("!document.getElementById('progress').textContent.startsWith('0 ')")  # a step
             page.click("#cancel")
-            page.wait_for_function("document.getElementById('status').textContent === 'cancelled'", timeout=30_000)
+            # the page redraws itself once the state changes: wait for the redrawn one, not the text before it
+            page.locator("#job[data-status='cancelled']").wait_for(timeout=30_000)
             assert questions == ["Cancel job 2 (reviews sentiment (copy))? Its process is stopped; Retry starts it "
                                  "over."]
             assert page.locator("#retry").inner_text() == "Retry"
             assert wait_for(lambda: not job_group_alive(home, 2), 10, what="job 2's process group to end")
             # Retry: the new attempt starts from 0, not from where the cancelled one stopped
             page.click("#retry")
-            page.wait_for_function("document.getElementById('status').dataset.status !== 'cancelled'")
+            page.locator("#job:not([data-status='cancelled'])").wait_for()  # redrawn for the new attempt
             assert page.inner_text("#progress").startswith("0 ") and page.inner_text("#eta") == "–"
             page.click("#cancel")
-            page.wait_for_function("document.getElementById('status').textContent === 'cancelled'", timeout=30_000)
+            # the page redraws itself once the state changes: wait for the redrawn one, not the text before it
+            page.locator("#job[data-status='cancelled']").wait_for(timeout=30_000)
             page.goto(f"{base}/jobs")
             assert [s.inner_text() for s in page.query_selector_all("#jobs [data-field=status]")] == ["cancelled", "succeeded"]
             page.screenshot(path=str(shots / "jobs.png"))

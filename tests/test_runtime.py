@@ -74,8 +74,9 @@ def rows(path):
 
 
 def test_predict_and_evaluate_agree_for_every_model_kind(trained, exported, tmp_path):  # noqa: F811
-    """A finetune output, its model/ folder and its fp32 export give the same labels and scores; a linear model goes
-    through the same interface; evaluate's predictions are predict's."""
+    """A finetune output, its model/ folder and its fp32 export give the same labels and scores at the same precision
+    (auto is bf16 on a CPU that has it); a linear model goes through the same interface; evaluate's predictions are
+    predict's."""
     ft, test = trained["ft"], trained["test"]
     assert main(["export", str(ft), "--out", str(tmp_path / "fp32"), "--max-seq-len", "32"]) == 0
     assert main(["finetune", "--method", "linear", "--train", str(trained["root"] / "train.jsonl"),
@@ -83,11 +84,12 @@ def test_predict_and_evaluate_agree_for_every_model_kind(trained, exported, tmp_
     got = {}
     for name, model in (("run", ft), ("model", ft / "model"), ("fp32", tmp_path / "fp32"), ("int8", exported[0]),
                         ("linear", tmp_path / "linear")):
+        precision = ["--precision", "fp32"] if name in ("run", "model", "fp32") else []
         assert main(["predict", "--model", str(model), "--input", test, "--out", str(tmp_path / f"{name}.jsonl"),
-                     "--max-seq-len", "32", "--top-k", "3"]) == 0
+                     "--max-seq-len", "32", "--top-k", "3", *precision]) == 0
         got[name] = rows(tmp_path / f"{name}.jsonl")
         assert main(["evaluate", "--model", str(model), "--data", test, "--out", str(tmp_path / f"ev-{name}"),
-                     "--max-seq-len", "32"]) == 0
+                     "--max-seq-len", "32", *precision]) == 0
         assert [r["predicted"] for r in rows(tmp_path / f"ev-{name}" / "eval_predictions.jsonl")] == \
             [r["labels"] for r in got[name]]
     assert got["run"] == got["model"]

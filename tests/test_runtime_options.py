@@ -50,13 +50,11 @@ def test_int8_kernels_are_named_from_the_cpu_flags(tmp_path):
 @pytest.mark.skipif(not cpu_bf16_feature(), reason="this CPU has no native bf16 (AVX512_BF16 or AMX): auto is fp32")
 def test_bf16_on_this_cpu_answers_as_fp32_does(trained):  # noqa: F811
     """bf16 autocast keeps 8 bits of mantissa (a relative error of 0.4% per product): the probabilities of a
-    classifier stay within 0.01 of fp32's (measured: 0.002), with the same labels wherever fp32's two best are 0.02
-    apart. Its head is sharpened 30x so that its answers are decisive (the tiny model's are close to uniform)."""
+    classifier stay within 0.01 of fp32's (measured: 0.001), with the same labels wherever fp32's two best are 0.02
+    apart (85% of these texts). A head made sharper scales the logits' error with it: 30x gives 0.023 and one flip."""
     texts = TEXTS + [r["text"] for r in make_rows(15, 2)]
     fp32, bf16 = TorchRuntime(str(trained["ft"]), precision="fp32"), TorchRuntime(str(trained["ft"]))  # auto
     assert bf16.options.precision == "bf16" and bf16.kind == "pytorch-bf16"
-    for rt in (fp32, bf16):
-        rt.model.classifier.weight.data.mul_(30)
     want, got = fp32.predict(texts), bf16.predict(texts)
     assert np.abs(got - want).max() < 0.01 and not np.array_equal(got, want)  # close, and bf16 did run
     best = np.sort(want, axis=-1)
