@@ -15,6 +15,7 @@ in these reviews length goes with the label (the longest quarter of the training
 
     flock /tmp/bench.lock python bench/finetune_bench.py                                  # ~6 minutes on 2 cores
     flock /tmp/bench.lock python bench/finetune_bench.py --baselines tuned --parts train  # training only, ~5 minutes
+    flock /tmp/bench.lock python bench/finetune_bench.py --baselines tuned --parts train --train-rounds 3  # medians
     flock /tmp/bench.lock python bench/finetune_bench.py --predict-only RUN/model          # inference alone, ~1 minute
     python bench/finetune_bench.py --device cuda --shape 12x768 --train 16000 --baselines tuned   # one GPU
     python bench/finetune_bench.py --train 64 --test 32 --epochs 1 --baselines tuned --precision fp32   # a smoke run
@@ -141,7 +142,8 @@ def run_domainlm(model_dir: Path, train: Path, test: Path, dev: Path, args) -> t
     cfg = FinetuneConfig(train=str(train), out=str(out), model=str(model_dir), dev=str(dev), batch_size=args.batch,
                          epochs=args.epochs, learning_rate=args.lr, warmup_ratio=0.1, max_seq_len=args.seq,
                          early_stopping_patience=0, eval_steps=10**9, logging_freq=50, seeds=[0], precision=args.precision,
-                         floor=False)  # the classical floor (seconds) is not part of fine-tuning speed
+                         floor=False,  # the classical floor (seconds) is not part of fine-tuning speed
+                         overwrite=out.exists())  # a later round replaces the earlier one
     started = time.perf_counter()
     finetune(cfg)  # includes evaluating and saving the model on the dev file at the end (counted against domainlm)
     n_train = len(train.read_text(encoding="utf-8").splitlines())
@@ -326,6 +328,8 @@ def main() -> None:
     parser.add_argument("--predict-only", default=None, metavar="MODEL",
                         help="inference alone: this trained classifier (e.g. a run's domainlm/model) vs the tuned pipeline")
     parser.add_argument("--rounds", type=int, default=3, help="--predict-only: timed rounds (median)")
+    parser.add_argument("--train-rounds", type=int, default=1,
+                        help="every side trained this many times, interleaved; the median is reported")
     parser.add_argument("--process-rounds", type=int, default=0,
                         help="--predict-only: also time both as whole processes (start-up and imports included)")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
@@ -348,12 +352,20 @@ def main() -> None:
         return compare_inference(Path(args.predict_only), test, work, args)
     model_dir = base_model(work, tokenizer_dir, args.shape)
     names = {"default": "Trainer/pipeline, defaults", "tuned": "Trainer/pipeline, tuned"}
-    results = {names[b]: run_trainer(model_dir, train, test, args, b == "tuned") for b in args.baselines.split(",")}
-    ours = results["domainlm finetune/predict"] = run_domainlm(model_dir, train, test, dev, args)
+    rounds: dict[str, list[tuple[float, float, float]]] = {}
+    for _ in range(args.train_rounds):  # interleaved: load from elsewhere hits every side alike
+        for b in args.baselines.split(","):
+            rounds.setdefault(names[b], []).append(run_trainer(model_dir, train, test, args, b == "tuned"))
+        rounds.setdefault("domainlm finetune/predict", []).append(run_domainlm(model_dir, train, test, dev, args))
+    results = {name: tuple(float(np.median(column)) for column in zip(*runs)) for name, runs in rounds.items()}
+    ours = results["domainlm finetune/predict"]
     where = f"torch threads {torch_threads()}" if args.device == "cpu" else cuda_name()
     where += f", {args.precision} on every side"
     print(f"reviews: {args.train} train / {args.test} test rows, BERT {args.shape} (random init), batch {args.batch}, "
           f"{args.epochs} epochs, max {args.seq} tokens, {where}")
+    if args.train_rounds > 1:
+        print(f"median of {args.train_rounds} interleaved rounds; training samples/s by round: " + "; ".join(
+            f"{name} {', '.join(f'{r[0]:.1f}' for r in runs)}" for name, runs in rounds.items()))
     print(f"{'':30}{'train samples/s':>16}{'predict samples/s':>19}{'test accuracy':>15}")
     for name, r in results.items():
         print(f"{name:30}{r[0]:16.1f}{r[1]:19.1f}{r[2]:15.3f}")

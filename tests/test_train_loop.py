@@ -57,3 +57,24 @@ def test_tokens_per_second_leaves_out_evaluation_and_the_lr_logged_is_the_one_us
     assert values["lr"] == 0.01  # the last step trained at min_lr
     rows = evaluate(model, accelerator, [{"x": torch.ones(3, 3), "attention_mask": torch.ones(3, 2)}] * 2)
     assert rows.rows["scores"].shape == (6,) and model.training  # back to training mode after evaluating
+
+
+def test_gradients_are_clipped_as_torch_clips_them_and_left_as_they_are_below_the_norm():
+    """On a CPU the gradients are scaled only on steps whose norm is above the limit (one pass fewer); the
+    values are torch's either way, and the norm returned is the norm before clipping."""
+    from domainlm.train.loop import clip_gradients
+
+    accelerator = make_accelerator("fp32")
+    g = torch.Generator().manual_seed(1)
+    for scale, max_norm in ((1e-3, 1.0), (10.0, 1.0), (10.0, float("inf"))):
+        ours, theirs = ([torch.nn.Parameter(torch.zeros(s)) for s in ((7, 5), (5,), (300, 2))] for _ in range(2))
+        for a, b in zip(ours, theirs):
+            a.grad = torch.randn(a.shape, generator=g) * scale
+            b.grad = a.grad.clone()
+        before, copies = [a.grad for a in ours], [a.grad.clone() for a in ours]
+        norm = clip_gradients(accelerator, ours, max_norm)
+        want = torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+        assert torch.equal(norm, want)
+        for a, b, grad, copy in zip(ours, theirs, before, copies):
+            assert a.grad is grad and torch.equal(a.grad, b.grad)  # in place, and the same values
+            assert torch.equal(a.grad, copy) == (float(norm) <= max_norm)  # scaled exactly where above the limit

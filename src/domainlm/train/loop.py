@@ -77,6 +77,24 @@ class Finite:
                             "stopped there and saved nothing of it")
 
 
+def clip_gradients(accelerator, parameters: Iterable[torch.nn.Parameter], max_norm: float):
+    """`accelerator.clip_grad_norm_`, one pass over the gradients cheaper on a CPU. torch scales every gradient by
+    min(1, max_norm / norm) on every step, so as never to wait for a GPU to say the norm; a CPU says it at once, so
+    there the gradients are scaled only on the steps whose norm is above max_norm (the same values: the other steps'
+    factor is 1). Elsewhere, and with a loss scaler, FSDP or DeepSpeed, accelerate's own. Returns the norm."""
+    from accelerate.utils import DistributedType
+
+    plain = accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU)
+    if (accelerator.device.type != "cpu" or not plain or getattr(accelerator, "scaler", None) is not None
+            or not hasattr(torch.nn.utils, "get_total_norm")):  # torch < 2.6
+        return accelerator.clip_grad_norm_(parameters, max_norm)
+    parameters = [p for p in parameters if p.grad is not None]  # a process's gradients are all-reduced already
+    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters], foreach=True)
+    if float(norm) + 1e-6 > max_norm:  # torch's factor max_norm / (norm + 1e-6) is below 1 exactly then
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm, foreach=True)
+    return norm
+
+
 def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
     """Contiguous share [start, end) of n rows for one process; shares differ by at most one row, so that
     concatenating them in rank order gives every row exactly once, in order."""
@@ -203,7 +221,7 @@ def train_loop(
             tokens += real_tokens(batch)
         # 2. clip, step; the lr logged for this step is the one this step used
         lr = optimizer.param_groups[0]["lr"]
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), options.max_grad_norm)
+        grad_norm = clip_gradients(accelerator, model.parameters(), options.max_grad_norm)
         finite.see(state.step + 1, step_loss, grad_norm)
         optimizer.step()
         if not getattr(optimizer, "step_was_skipped", False):  # fp16 overflow: no step taken, schedule waits
