@@ -55,9 +55,11 @@ def main() -> None:
     layout = Layout(cu, length, p["seq_index"].to(dev), p["position_ids"].to(dev))
     q, k, v = (torch.randn(t, heads, d, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     grad = torch.randn(t, heads, d, device=dev, dtype=torch.bfloat16)
-    lengths = (cu[1:] - cu[:-1])
+    lengths = cu[1:] - cu[:-1]
     keys = torch.arange(length, device=dev)[None] < lengths[:, None]
-    qp, kp, vp = (torch.randn(b, heads, length, d, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    qp, kp, vp = (
+        torch.randn(b, heads, length, d, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
+    )
     gp = torch.randn(b, heads, length, d, device=dev, dtype=torch.bfloat16)
 
     def run(out, g):
@@ -66,7 +68,9 @@ def main() -> None:
     kernels = {
         "flash varlen (packed)": lambda: run(_FlashVarlen.apply(q, k, v, cu, length, 0.0, d**-0.5), grad),
         "flash varlen, dropout 0.1": lambda: run(_FlashVarlen.apply(q, k, v, cu, length, 0.1, d**-0.5), grad),
-        "SDPA padded, key mask (HF)": lambda: run(F.scaled_dot_product_attention(qp, kp, vp, attn_mask=keys[:, None, None]), gp),
+        "SDPA padded, key mask (HF)": lambda: run(
+            F.scaled_dot_product_attention(qp, kp, vp, attn_mask=keys[:, None, None]), gp
+        ),
         "SDPA padded, no mask (bound)": lambda: run(F.scaled_dot_product_attention(qp, kp, vp), gp),
         "padded SDPA around the stream": lambda: run(_padded_sdpa(q, k, v, layout, 0.0, d**-0.5), grad),
     }
@@ -85,8 +89,10 @@ def main() -> None:
     except Exception as e:  # noqa: BLE001  (an older PyTorch: report and go on)
         print(f"flex_attention unavailable: {e}")
     real = int(lengths.sum())
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {b} samples, {real} real tokens, padded "
-          f"{b * length} ({100 * (1 - real / (b * length)):.0f}% padding); 12 heads x 64, bf16, forward + backward")
+    print(
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {b} samples, {real} real tokens, padded "
+        f"{b * length} ({100 * (1 - real / (b * length)):.0f}% padding); 12 heads x 64, bf16, forward + backward"
+    )
     times = {}
     for name, fn in kernels.items():
         try:

@@ -34,8 +34,13 @@ def main() -> None:
     from domainlm.train.setup import build_optimizer, build_scheduler, make_accelerator
 
     accelerator = make_accelerator("fp32")
-    config = BertConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                        num_attention_heads=max(1, args.hidden // 64), intermediate_size=4 * args.hidden)
+    config = BertConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=max(1, args.hidden // 64),
+        intermediate_size=4 * args.hidden,
+    )
     model = PretrainingModel(BertForPreTraining(config), sop=True)
     optimizer = build_optimizer(model, 1e-4, 0.01)
     scheduler = build_scheduler(optimizer, 10, 0.1, 1e-4, 1e-5, "linear")

@@ -61,8 +61,14 @@ def finetuning_step(work: Path, precision: str, batch: int, seq: int):
     batches = []
     for i in range(0, len(order), batch):
         idx = order[i : i + batch]
-        batches.append(collate([features[j] for j in idx], np.array([labels.index(rows[j]["label"]) for j in idx]),
-                               tok.pad_token_id, packed=True))
+        batches.append(
+            collate(
+                [features[j] for j in idx],
+                np.array([labels.index(rows[j]["label"]) for j in idx]),
+                tok.pad_token_id,
+                packed=True,
+            )
+        )
     return model, (lambda b: model(**b)[0]), batches
 
 
@@ -91,8 +97,9 @@ def self_times(prof) -> dict[str, tuple[int, float]]:
     return {e.key: (e.count, e.self_cpu_time_total / 1e3) for e in prof.key_averages()}
 
 
-def profile(name: str, model, forward, batches: list[dict], precision: str, rows: int, variants: list[str],
-            rounds: int) -> None:
+def profile(
+    name: str, model, forward, batches: list[dict], precision: str, rows: int, variants: list[str], rounds: int
+) -> None:
     """Each variant's step profiled `rounds` times, the variants taking turns (so that a busy machine weighs on
     them alike); the tables show ms of self CPU time per step, and each op's share."""
     from torch.profiler import ProfilerActivity
@@ -125,13 +132,18 @@ def profile(name: str, model, forward, batches: list[dict], precision: str, rows
                 entry = times[v].setdefault(key, [count, 0.0])
                 entry[1] += ms / rounds
             if r == 0:
-                conversions[v] = [e for e in prof.key_averages(group_by_input_shape=True)
-                                  if e.key == "aten::_to_copy" and e.input_shapes and e.input_shapes[0]]
+                conversions[v] = [
+                    e
+                    for e in prof.key_averages(group_by_input_shape=True)
+                    if e.key == "aten::_to_copy" and e.input_shapes and e.input_shapes[0]
+                ]
     totals = {v: sum(ms for _, ms in times[v].values()) for v in variants}
     print(f"\n== {name}, {precision}: self CPU time per step, mean of {rounds} ==")
     for v in variants:
         print(f"   {v}: {KERNELS[v]}: {totals[v]:.0f} ms")
-    ops = sorted({k for v in variants for k in times[v]}, key=lambda k: -max(times[v].get(k, [0, 0])[1] for v in variants))
+    ops = sorted(
+        {k for v in variants for k in times[v]}, key=lambda k: -max(times[v].get(k, [0, 0])[1] for v in variants)
+    )
     head = "".join(f"{v + ' calls':>14}{v + ' ms':>11}{'%':>7}" for v in variants)
     print(f"{'op':44}{head}")
     for key in ops[:rows]:
@@ -142,8 +154,10 @@ def profile(name: str, model, forward, batches: list[dict], precision: str, rows
         print(f"{key[:43]:44}{cells}")
     for v in variants:
         shown = sorted(conversions[v], key=lambda e: -e.cpu_time_total)[:8]
-        print(f"-- {v}: dtype conversions (aten::_to_copy) by input shape: "
-              + "; ".join(f"{e.count}x {e.input_shapes[0]} {e.cpu_time_total / 1e3:.1f} ms" for e in shown))
+        print(
+            f"-- {v}: dtype conversions (aten::_to_copy) by input shape: "
+            + "; ".join(f"{e.count}x {e.input_shapes[0]} {e.cpu_time_total / 1e3:.1f} ms" for e in shown)
+        )
 
 
 def main() -> None:
@@ -164,12 +178,28 @@ def main() -> None:
     torch.manual_seed(0)
     if "pretrain" in args.steps:
         model, forward, batches = pretraining_step(work, precision, 16, 128)
-        profile("pretraining step, ERNIE micro, seq 128 x 16, packed", model, forward, batches, precision, args.rows,
-                args.variants.split(","), args.rounds)
+        profile(
+            "pretraining step, ERNIE micro, seq 128 x 16, packed",
+            model,
+            forward,
+            batches,
+            precision,
+            args.rows,
+            args.variants.split(","),
+            args.rounds,
+        )
     if "finetune" in args.steps:
         model, forward, batches = finetuning_step(work, precision, 32, 128)
-        profile("fine-tuning step, BERT 4x256, 32 reviews, packed", model, forward, batches, precision, args.rows,
-                args.variants.split(","), args.rounds)
+        profile(
+            "fine-tuning step, BERT 4x256, 32 reviews, packed",
+            model,
+            forward,
+            batches,
+            precision,
+            args.rows,
+            args.variants.split(","),
+            args.rounds,
+        )
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ The learning rate, 2e-4, is one at which every set-up learns. At 5e-4 the tuned 
 class (training loss stuck at ln 2, test accuracy 0.518, with seeds 0 and 1, fused or plain AdamW alike): its
 length-grouped sampler walks each mega-batch of 15 batches from the longest rows to the shortest, unshuffled, and
 in these reviews length goes with the label (the longest quarter of the training rows is 62% positive, the others
-41-45%), so the class balance swings with the batches' lengths. domainlm sorts by length too but shuffles the batches' order.
+41-45%), so the class balance swings with the batches' lengths. domainlm sorts by length too but shuffles the
+batches' order.
 
     flock /tmp/bench.lock python bench/finetune_bench.py                                  # ~6 minutes on 2 cores
     flock /tmp/bench.lock python bench/finetune_bench.py --baselines tuned --parts train  # training only, ~5 minutes
@@ -66,8 +67,16 @@ def base_model(work: Path, tokenizer_dir: Path, shape: str = "4x256") -> Path:
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     layers, width = map(int, shape.split("x"))
-    model = BertModel(BertConfig(vocab_size=len(tok), hidden_size=width, num_hidden_layers=layers,
-                                 num_attention_heads=width // 64, intermediate_size=4 * width, max_position_embeddings=512))
+    model = BertModel(
+        BertConfig(
+            vocab_size=len(tok),
+            hidden_size=width,
+            num_hidden_layers=layers,
+            num_attention_heads=width // 64,
+            intermediate_size=4 * width,
+            max_position_embeddings=512,
+        )
+    )
     out = work / f"base-{shape}"
     model.save_pretrained(out)
     tok.save_pretrained(out)
@@ -96,30 +105,66 @@ def run_trainer(model_dir: Path, train: Path, test: Path, args, tuned: bool) -> 
     rows = [json.loads(x) for x in train.read_text(encoding="utf-8").splitlines()]
     labels = sorted({r["label"] for r in rows})
     enc = tok([r["text"] for r in rows], truncation=True, max_length=args.seq)
-    dataset = [{"input_ids": enc["input_ids"][i], "token_type_ids": enc["token_type_ids"][i],
-                "attention_mask": enc["attention_mask"][i], "labels": labels.index(r["label"])} for i, r in enumerate(rows)]
+    dataset = [
+        {
+            "input_ids": enc["input_ids"][i],
+            "token_type_ids": enc["token_type_ids"][i],
+            "attention_mask": enc["attention_mask"][i],
+            "labels": labels.index(r["label"]),
+        }
+        for i, r in enumerate(rows)
+    ]
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=len(labels),
-                                                               id2label=dict(enumerate(labels)), label2id={v: i for i, v in enumerate(labels)})
-    common = dict(output_dir=str(model_dir.parent / "trainer"), per_device_train_batch_size=args.batch,
-                  num_train_epochs=args.epochs, learning_rate=args.lr, warmup_steps=0.1, weight_decay=0.01,
-                  logging_steps=50, save_strategy="no", report_to=[], use_cpu=args.device == "cpu", seed=0,
-                  disable_tqdm=True, bf16=args.precision == "bf16")
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(model_dir),
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={v: i for i, v in enumerate(labels)},
+    )
+    common = dict(
+        output_dir=str(model_dir.parent / "trainer"),
+        per_device_train_batch_size=args.batch,
+        num_train_epochs=args.epochs,
+        learning_rate=args.lr,
+        warmup_steps=0.1,
+        weight_decay=0.01,
+        logging_steps=50,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=args.device == "cpu",
+        seed=0,
+        disable_tqdm=True,
+        bf16=args.precision == "bf16",
+    )
     if tuned:
-        extra = dict(train_sampling_strategy="group_by_length", optim="adamw_torch_fused", dataloader_num_workers=args.workers,
-                     dataloader_pin_memory=args.device == "cuda")
+        extra = dict(
+            train_sampling_strategy="group_by_length",
+            optim="adamw_torch_fused",
+            dataloader_num_workers=args.workers,
+            dataloader_pin_memory=args.device == "cuda",
+        )
     else:
         extra = {}
-    trainer = Trainer(model=model, args=TrainingArguments(**common, **extra), train_dataset=dataset,
-                      data_collator=DataCollatorWithPadding(tok))
+    trainer = Trainer(
+        model=model,
+        args=TrainingArguments(**common, **extra),
+        train_dataset=dataset,
+        data_collator=DataCollatorWithPadding(tok),
+    )
     trainer.train()
     train_rate = len(dataset) * args.epochs / (time.perf_counter() - started)
     tests = [json.loads(x) for x in test.read_text(encoding="utf-8").splitlines()]
     texts = [r["text"] for r in tests]
     if "predict" not in args.parts:
         return train_rate, float("nan"), test_accuracy(model, tok, labels, tests, args.seq)
-    clf = pipeline("text-classification", model=model.eval(), tokenizer=tok, truncation=True, max_length=args.seq,
-                   **pipeline_device(args))
+    clf = pipeline(
+        "text-classification",
+        model=model.eval(),
+        tokenizer=tok,
+        truncation=True,
+        max_length=args.seq,
+        **pipeline_device(args),
+    )
     started = time.perf_counter()
     with pipeline_autocast(args):
         if tuned:
@@ -139,11 +184,24 @@ def run_domainlm(model_dir: Path, train: Path, test: Path, dev: Path, args) -> t
     from domainlm.classify.config import FinetuneConfig, PredictConfig
 
     out = model_dir.parent / "domainlm"
-    cfg = FinetuneConfig(train=str(train), out=str(out), model=str(model_dir), dev=str(dev), batch_size=args.batch,
-                         epochs=args.epochs, learning_rate=args.lr, warmup_ratio=0.1, max_seq_len=args.seq,
-                         early_stopping_patience=0, eval_steps=10**9, logging_freq=50, seeds=[0], precision=args.precision,
-                         floor=False,  # the classical floor (seconds) is not part of fine-tuning speed
-                         overwrite=out.exists())  # a later round replaces the earlier one
+    cfg = FinetuneConfig(
+        train=str(train),
+        out=str(out),
+        model=str(model_dir),
+        dev=str(dev),
+        batch_size=args.batch,
+        epochs=args.epochs,
+        learning_rate=args.lr,
+        warmup_ratio=0.1,
+        max_seq_len=args.seq,
+        early_stopping_patience=0,
+        eval_steps=10**9,
+        logging_freq=50,
+        seeds=[0],
+        precision=args.precision,
+        floor=False,  # the classical floor (seconds) is not part of fine-tuning speed
+        overwrite=out.exists(),
+    )  # a later round replaces the earlier one
     started = time.perf_counter()
     finetune(cfg)  # includes evaluating and saving the model on the dev file at the end (counted against domainlm)
     n_train = len(train.read_text(encoding="utf-8").splitlines())
@@ -154,11 +212,23 @@ def run_domainlm(model_dir: Path, train: Path, test: Path, dev: Path, args) -> t
 
         model = AutoModelForSequenceClassification.from_pretrained(str(out / "model"))
         labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-        return train_rate, float("nan"), test_accuracy(model, AutoTokenizer.from_pretrained(str(out / "model")), labels, tests, args.seq)
+        return (
+            train_rate,
+            float("nan"),
+            test_accuracy(model, AutoTokenizer.from_pretrained(str(out / "model")), labels, tests, args.seq),
+        )
     started = time.perf_counter()
     with inference_precision(args):
-        predict_command(PredictConfig(model=str(out / "model"), input=str(test), out=str(out / "pred.jsonl"), overwrite=True,
-                                      max_seq_len=args.seq, **device_option(args)))
+        predict_command(
+            PredictConfig(
+                model=str(out / "model"),
+                input=str(test),
+                out=str(out / "pred.jsonl"),
+                overwrite=True,
+                max_seq_len=args.seq,
+                **device_option(args),
+            )
+        )
     infer_rate = len(tests) / (time.perf_counter() - started)
     predictions = [json.loads(x) for x in (out / "pred.jsonl").read_text(encoding="utf-8").splitlines()]
     accuracy = float(np.mean([p["labels"] == [r["label"]] for p, r in zip(predictions, tests)]))
@@ -224,8 +294,9 @@ def test_accuracy(model, tok, labels: list[str], tests: list[dict], seq: int) ->
     with torch.inference_mode():
         for i in range(0, len(tests), 64):
             part = tests[i : i + 64]
-            enc = tok([r["text"] for r in part], truncation=True, max_length=seq, padding=True,
-                      return_tensors="pt").to(model.device)
+            enc = tok([r["text"] for r in part], truncation=True, max_length=seq, padding=True, return_tensors="pt").to(
+                model.device
+            )
             predicted = model(**enc).logits.argmax(-1).tolist()
             right += sum(labels[p] == r["label"] for p, r in zip(predicted, part))
     return right / len(tests)
@@ -236,8 +307,9 @@ def predict_pipeline(model_dir: Path, test: Path, out: Path, args) -> list[str]:
     texts, write one JSON line per text."""
     from transformers import pipeline
 
-    clf = pipeline("text-classification", model=str(model_dir), truncation=True, max_length=args.seq,
-                   **pipeline_device(args))
+    clf = pipeline(
+        "text-classification", model=str(model_dir), truncation=True, max_length=args.seq, **pipeline_device(args)
+    )
     texts = [json.loads(x)["text"] for x in test.read_text(encoding="utf-8").splitlines()]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     predictions = [None] * len(texts)
@@ -245,8 +317,13 @@ def predict_pipeline(model_dir: Path, test: Path, out: Path, args) -> list[str]:
         for i, p in zip(order, clf([texts[i] for i in order], batch_size=args.predict_batch)):
             predictions[i] = p
     with open(out, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps({"text": t, "labels": [p["label"]], "scores": {p["label"]: round(p["score"], 4)}},
-                                ensure_ascii=False) + "\n" for t, p in zip(texts, predictions))
+        f.writelines(
+            json.dumps(
+                {"text": t, "labels": [p["label"]], "scores": {p["label"]: round(p["score"], 4)}}, ensure_ascii=False
+            )
+            + "\n"
+            for t, p in zip(texts, predictions)
+        )
     return [p["label"] for p in predictions]
 
 
@@ -268,8 +345,16 @@ def compare_inference(model_dir: Path, test: Path, work: Path, args) -> None:
         theirs = predict_pipeline(model_dir, test, theirs_out, args)
         middle = time.perf_counter()
         with inference_precision(args):
-            predict_command(PredictConfig(model=str(model_dir), input=str(test), out=str(ours_out), overwrite=True,
-                                          max_seq_len=args.seq, **device_option(args)))
+            predict_command(
+                PredictConfig(
+                    model=str(model_dir),
+                    input=str(test),
+                    out=str(ours_out),
+                    overwrite=True,
+                    max_seq_len=args.seq,
+                    **device_option(args),
+                )
+            )
         ended = time.perf_counter()
         if r:
             rates["pipeline, tuned"].append(n / (middle - started))
@@ -280,16 +365,45 @@ def compare_inference(model_dir: Path, test: Path, work: Path, args) -> None:
         import sys
 
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-        commands = {"pipeline, tuned (process)": [sys.executable, __file__, "--pipeline-run", str(model_dir), str(test),
-                                                  str(theirs_out), "--seq", str(args.seq), "--predict-batch", str(args.predict_batch),
-                                                  "--precision", args.precision, "--device", args.device],
-                    "domainlm predict (process)": [sys.executable, "-m", "domainlm.cli", "predict", "--model", str(model_dir),
-                                                   "--input", str(test), "--out", str(ours_out), "--overwrite",
-                                                   "--max-seq-len", str(args.seq),
-                                                   *[f"--{k}={v}" for k, v in device_option(args).items()]]}
+        commands = {
+            "pipeline, tuned (process)": [
+                sys.executable,
+                __file__,
+                "--pipeline-run",
+                str(model_dir),
+                str(test),
+                str(theirs_out),
+                "--seq",
+                str(args.seq),
+                "--predict-batch",
+                str(args.predict_batch),
+                "--precision",
+                args.precision,
+                "--device",
+                args.device,
+            ],
+            "domainlm predict (process)": [
+                sys.executable,
+                "-m",
+                "domainlm.cli",
+                "predict",
+                "--model",
+                str(model_dir),
+                "--input",
+                str(test),
+                "--out",
+                str(ours_out),
+                "--overwrite",
+                "--max-seq-len",
+                str(args.seq),
+                *[f"--{k}={v}" for k, v in device_option(args).items()],
+            ],
+        }
         if "precision" not in device_option(args) and resolve("auto", args.device)[0] != args.precision:
-            print(f"note: `domainlm predict` takes no --precision here: its whole-process rounds run at auto "
-                  f"({resolve('auto', args.device)[0]}), not {args.precision}")
+            print(
+                f"note: `domainlm predict` takes no --precision here: its whole-process rounds run at auto "
+                f"({resolve('auto', args.device)[0]}), not {args.precision}"
+            )
         for _ in range(args.process_rounds):
             for name, command in commands.items():
                 started = time.perf_counter()
@@ -297,15 +411,26 @@ def compare_inference(model_dir: Path, test: Path, work: Path, args) -> None:
                 rates.setdefault(name, []).append(n / (time.perf_counter() - started))
     ours = [json.loads(x)["labels"][0] for x in ours_out.read_text(encoding="utf-8").splitlines()]
     gold = [json.loads(x)["label"] for x in test.read_text(encoding="utf-8").splitlines()]
-    print(f"{n} test rows, {model_dir}, max {args.seq} tokens, pipeline batch {args.predict_batch}, torch threads "
-          f"{torch_threads()}, {args.precision} on both sides, median of {args.rounds} interleaved rounds")
+    print(
+        f"{n} test rows, {model_dir}, max {args.seq} tokens, pipeline batch {args.predict_batch}, torch threads "
+        f"{torch_threads()}, {args.precision} on both sides, median of {args.rounds} interleaved rounds"
+    )
     for name, values in rates.items():
         print(f"{name:28}{median(values):10.1f} samples/s  (rounds: {', '.join(f'{v:.0f}' for v in values)})")
-    print(f"same label on {100 * np.mean([a == b for a, b in zip(ours, theirs)]):.1f}% of rows; test accuracy "
-          f"domainlm {np.mean([a == g for a, g in zip(ours, gold)]):.3f}, pipeline {np.mean([a == g for a, g in zip(theirs, gold)]):.3f}")
-    print(f"ratio vs pipeline, tuned: inference {median(rates['domainlm predict']) / median(rates['pipeline, tuned']):.2f}x")
+    print(
+        f"same label on {100 * np.mean([a == b for a, b in zip(ours, theirs)]):.1f}% of rows; test accuracy "
+        f"domainlm {np.mean([a == g for a, g in zip(ours, gold)]):.3f}, "
+        f"pipeline {np.mean([a == g for a, g in zip(theirs, gold)]):.3f}"
+    )
+    print(
+        "ratio vs pipeline, tuned: inference "
+        f"{median(rates['domainlm predict']) / median(rates['pipeline, tuned']):.2f}x"
+    )
     if args.process_rounds:
-        print(f"ratio vs pipeline, tuned, whole processes: {median(rates['domainlm predict (process)']) / median(rates['pipeline, tuned (process)']):.2f}x")
+        print(
+            "ratio vs pipeline, tuned, whole processes: "
+            f"{median(rates['domainlm predict (process)']) / median(rates['pipeline, tuned (process)']):.2f}x"
+        )
 
 
 def main() -> None:
@@ -319,21 +444,40 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--baselines", default="default,tuned", help="which Trainer/pipeline set-ups to run")
-    parser.add_argument("--parts", default="train,predict",
-                        help="what to time: train (fine-tuning) and/or predict; without predict, test accuracy comes "
-                             "from an untimed forward of each trained model")
+    parser.add_argument(
+        "--parts",
+        default="train,predict",
+        help="what to time: train (fine-tuning) and/or predict; without predict, test accuracy comes "
+        "from an untimed forward of each trained model",
+    )
     parser.add_argument("--work", default=None)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--shape", default="4x256", help="LAYERSxWIDTH of the BERT encoder (random init)")
-    parser.add_argument("--predict-only", default=None, metavar="MODEL",
-                        help="inference alone: this trained classifier (e.g. a run's domainlm/model) vs the tuned pipeline")
+    parser.add_argument(
+        "--predict-only",
+        default=None,
+        metavar="MODEL",
+        help="inference alone: this trained classifier (e.g. a run's domainlm/model) vs the tuned pipeline",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="--predict-only: timed rounds (median)")
-    parser.add_argument("--train-rounds", type=int, default=1,
-                        help="every side trained this many times, interleaved; the median is reported")
-    parser.add_argument("--process-rounds", type=int, default=0,
-                        help="--predict-only: also time both as whole processes (start-up and imports included)")
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                        help="every side's: auto is bf16 where the device has native bf16, else fp32")
+    parser.add_argument(
+        "--train-rounds",
+        type=int,
+        default=1,
+        help="every side trained this many times, interleaved; the median is reported",
+    )
+    parser.add_argument(
+        "--process-rounds",
+        type=int,
+        default=0,
+        help="--predict-only: also time both as whole processes (start-up and imports included)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="every side's: auto is bf16 where the device has native bf16, else fp32",
+    )
     parser.add_argument("--pipeline-run", nargs=3, metavar=("MODEL", "TEST", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     from domainlm.precision import describe_cpu, resolve
@@ -361,11 +505,15 @@ def main() -> None:
     ours = results["domainlm finetune/predict"]
     where = f"torch threads {torch_threads()}" if args.device == "cpu" else cuda_name()
     where += f", {args.precision} on every side"
-    print(f"reviews: {args.train} train / {args.test} test rows, BERT {args.shape} (random init), batch {args.batch}, "
-          f"{args.epochs} epochs, max {args.seq} tokens, {where}")
+    print(
+        f"reviews: {args.train} train / {args.test} test rows, BERT {args.shape} (random init), batch {args.batch}, "
+        f"{args.epochs} epochs, max {args.seq} tokens, {where}"
+    )
     if args.train_rounds > 1:
-        print(f"median of {args.train_rounds} interleaved rounds; training samples/s by round: " + "; ".join(
-            f"{name} {', '.join(f'{r[0]:.1f}' for r in runs)}" for name, runs in rounds.items()))
+        print(
+            f"median of {args.train_rounds} interleaved rounds; training samples/s by round: "
+            + "; ".join(f"{name} {', '.join(f'{r[0]:.1f}' for r in runs)}" for name, runs in rounds.items())
+        )
     print(f"{'':30}{'train samples/s':>16}{'predict samples/s':>19}{'test accuracy':>15}")
     for name, r in results.items():
         print(f"{name:30}{r[0]:16.1f}{r[1]:19.1f}{r[2]:15.3f}")

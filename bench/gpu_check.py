@@ -16,9 +16,21 @@ def model(dropout: float = 0.0):
     from transformers import ErnieConfig, ErnieModel
 
     torch.manual_seed(0)
-    return ErnieModel(ErnieConfig(vocab_size=21128, hidden_size=768, num_hidden_layers=4, num_attention_heads=12,
-                                  intermediate_size=3072, max_position_embeddings=512, type_vocab_size=4, use_task_id=True,
-                                  task_type_vocab_size=3, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout))
+    return ErnieModel(
+        ErnieConfig(
+            vocab_size=21128,
+            hidden_size=768,
+            num_hidden_layers=4,
+            num_attention_heads=12,
+            intermediate_size=3072,
+            max_position_embeddings=512,
+            type_vocab_size=4,
+            use_task_id=True,
+            task_type_vocab_size=3,
+            hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=dropout,
+        )
+    )
 
 
 def ragged(lengths, seed=0):
@@ -50,29 +62,44 @@ def main() -> int:
     lengths = [1, 37, 256, 5, 128, 200, 64, 3]
     ids, mask, types = ragged(lengths)
     m = model().cuda().eval()
-    ref = m(input_ids=ids.cuda(), attention_mask=mask.cuda(), token_type_ids=types.cuda()).last_hidden_state[mask.cuda().bool()]
+    ref = m(input_ids=ids.cuda(), attention_mask=mask.cuda(), token_type_ids=types.cuda()).last_hidden_state[
+        mask.cuda().bool()
+    ]
     packed = to_device(pack_padded(ids, mask, types), "cuda")
     args = [packed[k] for k in ("input_ids", "token_type_ids", "position_ids", "seq_index", "cu_seqlens", "max_len")]
     fp32 = encode_packed(m, *args)
     check("fp32 packed vs padded forward", rel(fp32, ref) < 1e-5, f"relative error {rel(fp32, ref):.2e} (< 1e-5)")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         bf16 = encode_packed(m, *args)
-        ref16 = m(input_ids=ids.cuda(), attention_mask=mask.cuda(), token_type_ids=types.cuda()).last_hidden_state[mask.cuda().bool()]
-    check("bf16 packed (flash) vs fp32", rel(bf16, ref) < 2e-2, f"relative error {rel(bf16, ref):.2e}; HF bf16 padded "
-          f"{rel(ref16, ref):.2e}")
+        ref16 = m(input_ids=ids.cuda(), attention_mask=mask.cuda(), token_type_ids=types.cuda()).last_hidden_state[
+            mask.cuda().bool()
+        ]
+    check(
+        "bf16 packed (flash) vs fp32",
+        rel(bf16, ref) < 2e-2,
+        f"relative error {rel(bf16, ref):.2e}; HF bf16 padded {rel(ref16, ref):.2e}",
+    )
 
     # gradients: bf16 flash path vs fp32 padded reference
     m.train()
     w = torch.randn(ref.shape, device="cuda")
-    (m(input_ids=ids.cuda(), attention_mask=mask.cuda(), token_type_ids=types.cuda()).last_hidden_state[mask.cuda().bool()] * w).sum().backward()
+    (
+        m(input_ids=ids.cuda(), attention_mask=mask.cuda(), token_type_ids=types.cuda()).last_hidden_state[
+            mask.cuda().bool()
+        ]
+        * w
+    ).sum().backward()
     reference = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
     m.zero_grad()
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = encode_packed(m, *args)
     (out.float() * w).sum().backward()
     # the key bias shifts every score of a query alike: its true gradient is 0, and both sides give rounding noise
-    worst = max(rel(p.grad, reference[n]) for n, p in m.named_parameters()
-                if p.grad is not None and "pooler" not in n and "key.bias" not in n)
+    worst = max(
+        rel(p.grad, reference[n])
+        for n, p in m.named_parameters()
+        if p.grad is not None and "pooler" not in n and "key.bias" not in n
+    )
     check("bf16 packed gradients vs fp32 padded", worst < 5e-2, f"worst relative error over parameters {worst:.2e}")
 
     # attention dropout through the flash kernel
@@ -82,8 +109,11 @@ def main() -> int:
         b = encode_packed(d, *args)
     (a.float().sum()).backward()
     finite = all(torch.isfinite(p.grad).all() for p in d.parameters() if p.grad is not None)
-    check("dropout 0.1: fresh masks each call, finite gradients", bool(rel(a, b) > 1e-3) and finite,
-          f"two calls differ by {rel(a, b):.2e}")
+    check(
+        "dropout 0.1: fresh masks each call, finite gradients",
+        bool(rel(a, b) > 1e-3) and finite,
+        f"two calls differ by {rel(a, b):.2e}",
+    )
     d.eval()
     with torch.autocast("cuda", dtype=torch.bfloat16):
         e1, e2 = encode_packed(d, *args), encode_packed(d, *args)
@@ -97,7 +127,11 @@ def main() -> int:
         xs = [p[n] for n in ("input_ids", "token_type_ids", "position_ids", "seq_index", "cu_seqlens", "max_len")]
         with torch.autocast("cuda", dtype=torch.bfloat16):
             got, want = compiled(*xs), encode_packed(m, *xs)
-        check(f"compiled packed forward, {sum(lens)} tokens", rel(got, want) < 2e-2, f"relative error {rel(got, want):.2e}")
+        check(
+            f"compiled packed forward, {sum(lens)} tokens",
+            rel(got, want) < 2e-2,
+            f"relative error {rel(got, want):.2e}",
+        )
     return 1 if failures else 0
 
 

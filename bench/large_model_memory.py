@@ -47,8 +47,13 @@ def measure(config, batch: int, length: int, steps: int, checkpointing: bool, de
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
-    result = {"params": params, "batch": batch, "length": length, "gradient_checkpointing": checkpointing,
-              "step_s": round(min(times), 3)}
+    result = {
+        "params": params,
+        "batch": batch,
+        "length": length,
+        "gradient_checkpointing": checkpointing,
+        "step_s": round(min(times), 3),
+    }
     if device == "cuda":
         result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     del model, hf, optimizer
@@ -64,8 +69,14 @@ def main() -> None:
     args = p.parse_args()
     from transformers import MegatronBertConfig
 
-    shape = dict(vocab_size=21248, hidden_size=2048, num_hidden_layers=24, num_attention_heads=8,
-                 intermediate_size=8192, max_position_embeddings=512)
+    shape = dict(
+        vocab_size=21248,
+        hidden_size=2048,
+        num_hidden_layers=24,
+        num_attention_heads=8,
+        intermediate_size=8192,
+        max_position_embeddings=512,
+    )
     if args.quick:
         shape.update(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
         args.batch, args.length, args.steps = "2", 32, 1
@@ -77,8 +88,10 @@ def main() -> None:
     print(f"{describe_cpu()}; {device}, {precision} ({why})", flush=True)
     for batch in map(int, args.batch.split(",")):
         for checkpointing in (False, True):
-            print(json.dumps(measure(config, batch, args.length, args.steps, checkpointing, device, precision == "bf16")),
-                  flush=True)
+            print(
+                json.dumps(measure(config, batch, args.length, args.steps, checkpointing, device, precision == "bf16")),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

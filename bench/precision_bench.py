@@ -32,9 +32,15 @@ import tempfile
 import time
 from pathlib import Path
 
-SETTINGS = {"fp32": ["--precision", "fp32"], "auto": ["--precision", "auto"], "bf16": ["--precision", "bf16"],
-            "bf16 + compile": ["--precision", "bf16", "--compile"], "bf16 padded": ["--precision", "bf16", "--no-unpad"],
-            "fp32 padded": ["--precision", "fp32", "--no-unpad"], "auto padded": ["--precision", "auto", "--no-unpad"]}
+SETTINGS = {
+    "fp32": ["--precision", "fp32"],
+    "auto": ["--precision", "auto"],
+    "bf16": ["--precision", "bf16"],
+    "bf16 + compile": ["--precision", "bf16", "--compile"],
+    "bf16 padded": ["--precision", "bf16", "--no-unpad"],
+    "fp32 padded": ["--precision", "fp32", "--no-unpad"],
+    "auto padded": ["--precision", "auto", "--no-unpad"],
+}
 
 
 def _run(args, work: Path, name: str, flags: list[str], log_every: int, turn: int) -> float | None:
@@ -42,11 +48,38 @@ def _run(args, work: Path, name: str, flags: list[str], log_every: int, turn: in
     out = work / f"{name.replace(' ', '')}-{turn}"
     started = time.perf_counter()
     with open(work / f"{out.name}.log", "w") as log:
-        subprocess.run([sys.executable, "-m", "domainlm.cli", "pretrain", "--corpus", args.corpus, "--out", str(out),
-                       "--model", str(work / "config"), "--from-scratch", "--max-seq-len", str(args.seq),
-                       "--batch-size", str(args.batch_size), "--max-steps", str(args.steps),
-                       "--logging-freq", str(log_every), "--eval-steps", str(10**9), "--checkpoint-steps", str(10**9),
-                       "--no-tensorboard", *flags], env=os.environ, stdout=log, stderr=subprocess.STDOUT)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "domainlm.cli",
+                "pretrain",
+                "--corpus",
+                args.corpus,
+                "--out",
+                str(out),
+                "--model",
+                str(work / "config"),
+                "--from-scratch",
+                "--max-seq-len",
+                str(args.seq),
+                "--batch-size",
+                str(args.batch_size),
+                "--max-steps",
+                str(args.steps),
+                "--logging-freq",
+                str(log_every),
+                "--eval-steps",
+                str(10**9),
+                "--checkpoint-steps",
+                str(10**9),
+                "--no-tensorboard",
+                *flags,
+            ],
+            env=os.environ,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     if not (out / "results.json").is_file():
         tail = (work / f"{out.name}.log").read_text(encoding="utf-8").splitlines()[-5:]
         print(f"{name}: failed:\n  " + "\n  ".join(tail))
@@ -71,8 +104,11 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--num-workers", type=int, default=None)
-    parser.add_argument("--settings", default=None, help=f"comma list of: {', '.join(SETTINGS)} (default: fp32,bf16,"
-                                                         "bf16 + compile on a GPU, fp32,auto on a CPU)")
+    parser.add_argument(
+        "--settings",
+        default=None,
+        help=f"comma list of: {', '.join(SETTINGS)} (default: fp32,bf16,bf16 + compile on a GPU, fp32,auto on a CPU)",
+    )
     parser.add_argument("--dropout", type=float, default=0.1, help="hidden and attention dropout (the demo uses 0)")
     parser.add_argument("--extra", default="", help="more `pretrain` flags for every setting, space-separated")
     parser.add_argument("--repeats", type=int, default=1, help="turns over the settings (medians are reported)")
@@ -93,9 +129,16 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     vocab = len(AutoTokenizer.from_pretrained(str(Path(args.corpus) / "tokenizer")))  # the store's own vocabulary
-    BertConfig(vocab_size=vocab, hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-               intermediate_size=4 * args.hidden, max_position_embeddings=512, hidden_dropout_prob=args.dropout,
-               attention_probs_dropout_prob=args.dropout).save_pretrained(work / "config")
+    BertConfig(
+        vocab_size=vocab,
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        intermediate_size=4 * args.hidden,
+        max_position_embeddings=512,
+        hidden_dropout_prob=args.dropout,
+        attention_probs_dropout_prob=args.dropout,
+    ).save_pretrained(work / "config")
     log_every = max(1, args.steps // 4)
     rates: dict[str, list[float]] = {}
     workers = [] if args.num_workers is None else ["--num-workers", str(args.num_workers)]
@@ -106,11 +149,20 @@ def main() -> None:
             if rate is not None:
                 rates.setdefault(name, []).append(rate)
         if args.repeats > 1 and len(rates.get(names[0], [])) == turn + 1:
-            print("  turn", turn + 1, "  ".join(f"{n} {rates[n][-1] / rates[names[0]][-1]:.2f}x"
-                                            for n in names[1:] if len(rates.get(n, [])) == turn + 1))
+            print(
+                "  turn",
+                turn + 1,
+                "  ".join(
+                    f"{n} {rates[n][-1] / rates[names[0]][-1]:.2f}x"
+                    for n in names[1:]
+                    if len(rates.get(n, [])) == turn + 1
+                ),
+            )
     rates = {name: statistics.median(r) for name, r in rates.items()}
     where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{where}, {args.layers}x{args.hidden}, vocabulary {vocab:,}, micro batch {args.batch_size} x {args.seq} tokens")
+    print(
+        f"{where}, {args.layers}x{args.hidden}, vocabulary {vocab:,}, micro batch {args.batch_size} x {args.seq} tokens"
+    )
     first = next(iter(rates), None)
     for name, rate in rates.items():
         if name != first:

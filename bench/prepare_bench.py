@@ -23,7 +23,10 @@ from domainlm.demo import people_daily_documents, write_sample_data
 def build_corpus(folder: Path, mb: float) -> Path:
     """Documents separated by blank lines, one sentence or paragraph per line."""
     news_docs = people_daily_documents()
-    reviews = [json.loads(x)["text"] for x in (write_sample_data(folder / "data")["reviews"]).read_text(encoding="utf-8").splitlines()]
+    reviews = [
+        json.loads(x)["text"]
+        for x in (write_sample_data(folder / "data")["reviews"]).read_text(encoding="utf-8").splitlines()
+    ]
     review_docs = ["\n".join(reviews[i : i + 5]) for i in range(0, len(reviews), 5)]
     docs, size, rep = [], 0, 0
     while size < mb * 1e6:
@@ -63,7 +66,9 @@ print(time.perf_counter() - started, n_tokens)
 def baseline(path: Path, tokenizer_dir: Path) -> tuple[float, int]:
     """What a user writes: read lines, jieba.lcut each sentence, tokenizer() each, in one process. Timed from
     the process start like `prepare` (imports and tokenizer loading included on both sides)."""
-    out = subprocess.run([sys.executable, "-c", BASELINE, str(path), str(tokenizer_dir)], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", BASELINE, str(path), str(tokenizer_dir)], capture_output=True, text=True, check=True
+    )
     seconds, n_tokens = out.stdout.split()
     return float(seconds), int(n_tokens)
 
@@ -81,7 +86,9 @@ def check_fast_path(path: Path, tokenizer_dir: Path, max_chars: int = 2_000_000)
         raise SystemExit("the fast path does not apply to this tokenizer: prepare would not use it")
     sentences = split_zh(path.read_text(encoding="utf-8")[:max_chars])
     fast = CharTableTokenizer(backend).encode_batch(sentences)
-    for sentence, (ids, offsets, _), ref in zip(sentences, fast, backend.encode_batch(sentences, add_special_tokens=False)):
+    for sentence, (ids, offsets, _), ref in zip(
+        sentences, fast, backend.encode_batch(sentences, add_special_tokens=False)
+    ):
         if ids.tolist() != ref.ids or offsets.tolist() != [o[0] for o in ref.offsets]:
             raise SystemExit(f"fast path differs from the tokenizer on: {sentence!r}")
     return len(sentences)
@@ -95,7 +102,8 @@ def run_prepare(path: Path, tokenizer_dir: Path, out: Path) -> dict:
         "import time; t = time.perf_counter()\n"
         "import json, resource, sys\n"
         "from domainlm.data.prepare import PrepareConfig, prepare\n"
-        f"cfg = PrepareConfig(input=[{str(path)!r}], out={str(out)!r}, tokenizer={str(tokenizer_dir)!r}, segment=True)\n"
+        f"cfg = PrepareConfig(input=[{str(path)!r}], out={str(out)!r}, "
+        f"tokenizer={str(tokenizer_dir)!r}, segment=True)\n"
         "stats = prepare(cfg, progress=False); s = time.perf_counter() - t\n"
         "print(json.dumps({'seconds': s, 'tokens': stats['tokens'], 'stats': stats,\n"
         "  'rss_main_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,\n"
@@ -135,11 +143,16 @@ def main() -> None:
     print(f"{'domainlm prepare (rjieba, dedup)':34}{ours_mbs:8.2f}{ours['tokens'] / ours['seconds']:12.0f}")
     each = ", ".join(f"{mb / r['seconds']:.2f}" for r in runs)
     print(f"ratio: {ours_mbs / base_mbs:.1f}x MB/s (median of prepare runs at {each} MB/s)")
-    print(f"peak RSS at {mb / 10:.1f} MB: main {small_run['rss_main_mb']:.0f} MiB, worker {small_run['rss_worker_mb']:.0f} MiB; "
-          f"at {mb:.1f} MB: main {ours['rss_main_mb']:.0f} MiB, worker {ours['rss_worker_mb']:.0f} MiB")
+    print(
+        f"peak RSS at {mb / 10:.1f} MB: main {small_run['rss_main_mb']:.0f} MiB, "
+        f"worker {small_run['rss_worker_mb']:.0f} MiB; "
+        f"at {mb:.1f} MB: main {ours['rss_main_mb']:.0f} MiB, worker {ours['rss_worker_mb']:.0f} MiB"
+    )
     s = ours["stats"]
-    print(f"store: {s['documents']} documents, {s['sentences']} sentences, {s['tokens']} tokens; "
-          f"duplicates {s['duplicates_exact']} exact, {s['duplicates_near']} near")
+    print(
+        f"store: {s['documents']} documents, {s['sentences']} sentences, {s['tokens']} tokens; "
+        f"duplicates {s['duplicates_exact']} exact, {s['duplicates_near']} near"
+    )
 
 
 if __name__ == "__main__":

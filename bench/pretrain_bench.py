@@ -42,8 +42,14 @@ def ernie(shape: str, seq: int):
     from transformers import ErnieConfig, ErnieForPreTraining
 
     torch.manual_seed(0)
-    config = ErnieConfig(vocab_size=VOCAB, max_position_embeddings=max(512, seq), type_vocab_size=4,
-                         use_task_id=True, task_type_vocab_size=3, **SHAPES[shape])
+    config = ErnieConfig(
+        vocab_size=VOCAB,
+        max_position_embeddings=max(512, seq),
+        type_vocab_size=4,
+        use_task_id=True,
+        task_type_vocab_size=3,
+        **SHAPES[shape],
+    )
     return ErnieForPreTraining(config)
 
 
@@ -91,8 +97,12 @@ def build_samples(corpus: str, n: int, seq: int, work: Path) -> list[dict]:
     data = write_sample_data(work / "data")
     store = work / f"store-{corpus}"
     if not (store / "meta.json").is_file():
-        prepare(PrepareConfig(input=[str(data[corpus])], out=str(store), tokenizer=str(data["bert-base-chinese"]), segment=True),
-                progress=False)
+        prepare(
+            PrepareConfig(
+                input=[str(data[corpus])], out=str(store), tokenizer=str(data["bert-base-chinese"]), segment=True
+            ),
+            progress=False,
+        )
     store = Corpus(store)
     tok = AutoTokenizer.from_pretrained(str(data["bert-base-chinese"]))
     sop = corpus == "news"
@@ -102,25 +112,38 @@ def build_samples(corpus: str, n: int, seq: int, work: Path) -> list[dict]:
     ds = PretrainDataset(store, samples, "train", seq, sop, masking, special, len(tok), 0, True)
     started = time.perf_counter()
     items = [ds[i] for i in range(n)]
-    print(f"domainlm data pipeline ({'SOP, ' if sop else ''}WWM masking, 1 process): "
-          f"{n / (time.perf_counter() - started):,.0f} samples/s")
+    print(
+        f"domainlm data pipeline ({'SOP, ' if sop else ''}WWM masking, 1 process): "
+        f"{n / (time.perf_counter() - started):,.0f} samples/s"
+    )
     return items
 
 
 def save_samples(items: list[dict], path: Path) -> None:
     lengths = np.array([len(x["input_ids"]) for x in items])
-    np.savez_compressed(path, lengths=lengths, ids=np.concatenate([x["input_ids"] for x in items]).astype(np.int32),
-                        types=np.concatenate([x["token_type_ids"] for x in items]).astype(np.int8),
-                        labels=np.concatenate([x["labels"] for x in items]).astype(np.int32),
-                        sop=np.array([int(x.get("sop_labels", -1)) for x in items]))
+    np.savez_compressed(
+        path,
+        lengths=lengths,
+        ids=np.concatenate([x["input_ids"] for x in items]).astype(np.int32),
+        types=np.concatenate([x["token_type_ids"] for x in items]).astype(np.int8),
+        labels=np.concatenate([x["labels"] for x in items]).astype(np.int32),
+        sop=np.array([int(x.get("sop_labels", -1)) for x in items]),
+    )
 
 
 def load_samples(path: Path) -> list[dict]:
     z = np.load(path)
     cuts = np.cumsum(z["lengths"])[:-1]
     rows = zip(np.split(z["ids"], cuts), np.split(z["types"], cuts), np.split(z["labels"], cuts), z["sop"])
-    return [{"input_ids": i.astype(np.int64), "token_type_ids": t.astype(np.int64), "labels": y.astype(np.int64),
-             **({"sop_labels": np.int64(s)} if s >= 0 else {})} for i, t, y, s in rows]
+    return [
+        {
+            "input_ids": i.astype(np.int64),
+            "token_type_ids": t.astype(np.int64),
+            "labels": y.astype(np.int64),
+            **({"sop_labels": np.int64(s)} if s >= 0 else {}),
+        }
+        for i, t, y, s in rows
+    ]
 
 
 def timed(step, batches: list[dict], warmup: int, device: str) -> float:
@@ -176,11 +199,17 @@ def bench_shape(shape: str, items: list[dict], args, peak: float) -> dict:
 
     def hf_forward(x):
         if sop:
-            return hf(input_ids=x["input_ids"], attention_mask=x["attention_mask"], token_type_ids=x["token_type_ids"],
-                      labels=x["labels"], next_sentence_label=x["sop_labels"]).loss
+            return hf(
+                input_ids=x["input_ids"],
+                attention_mask=x["attention_mask"],
+                token_type_ids=x["token_type_ids"],
+                labels=x["labels"],
+                next_sentence_label=x["sop_labels"],
+            ).loss
         # MLM only (the reviews): the loss ErnieForMaskedLM computes, on the same model's MLM logits
-        logits = hf(input_ids=x["input_ids"], attention_mask=x["attention_mask"],
-                    token_type_ids=x["token_type_ids"]).prediction_logits
+        logits = hf(
+            input_ids=x["input_ids"], attention_mask=x["attention_mask"], token_type_ids=x["token_type_ids"]
+        ).prediction_logits
         return torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]).float(), x["labels"].view(-1))
 
     ours = PretrainingModel(copy.deepcopy(hf), sop=sop)
@@ -223,8 +252,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "no"], default="auto",
-                        help="every side's: auto is bf16 where the device has native bf16, else fp32 (no: fp32)")
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "no"],
+        default="auto",
+        help="every side's: auto is bf16 where the device has native bf16, else fp32 (no: fp32)",
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile every side's forward")
     parser.add_argument("--skip", default="", help="comma list of variants not to run (e.g. 'domainlm padded')")
     parser.add_argument("--samples", type=Path, help="samples saved by --save-samples (no corpus work here)")
@@ -243,15 +276,19 @@ def main() -> None:
         if len(items) < need:
             raise SystemExit(f"{args.samples} holds {len(items)} samples; --steps/--warmup/--batch need {need}")
     else:
-        items = build_samples(args.corpus, need, args.seq, Path(args.work or tempfile.mkdtemp(prefix="domainlm-bench-")))
+        items = build_samples(
+            args.corpus, need, args.seq, Path(args.work or tempfile.mkdtemp(prefix="domainlm-bench-"))
+        )
     if args.save_samples:
         save_samples(items, args.save_samples)
         print(f"saved {len(items)} samples to {args.save_samples}")
         return
     peak = matmul_peak_tflops(args.device, args.precision)
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{where}, torch {torch.__version__}, {args.precision} on every side ({why}); {args.precision} matmul peak "
-          f"{peak:.3g} TFLOP/s measured here")
+    print(
+        f"{where}, torch {torch.__version__}, {args.precision} on every side ({why}); {args.precision} matmul peak "
+        f"{peak:.3g} TFLOP/s measured here"
+    )
     for shape in args.shapes.split(","):
         bench_shape(shape, items, args, peak)
 

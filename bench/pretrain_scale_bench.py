@@ -45,8 +45,11 @@ def make_store(folder: Path, n_sentences: int, vocab_size: int, vocab_hash: str,
     rng = np.random.default_rng(seed)
     dtype = token_dtype(vocab_size)
     n_tokens, chunk, top = 0, 1_000_000, -1
-    with open(folder / "tokens.bin", "wb") as ft, open(folder / "words.bin", "wb") as fw, \
-            open(folder / "sentences.bin", "wb") as fs:
+    with (
+        open(folder / "tokens.bin", "wb") as ft,
+        open(folder / "words.bin", "wb") as fw,
+        open(folder / "sentences.bin", "wb") as fs,
+    ):
         fs.write(np.zeros(1, "<i8").tobytes())
         for lo in range(0, n_sentences, chunk):
             lengths = rng.integers(*SENTENCE_TOKENS, size=min(chunk, n_sentences - lo))
@@ -62,10 +65,20 @@ def make_store(folder: Path, n_sentences: int, vocab_size: int, vocab_hash: str,
     ends = ends[ends < n_sentences]
     documents = np.concatenate([[0], ends, [n_sentences]]).astype("<i8")
     documents.tofile(folder / "documents.bin")
-    meta = {"format": FORMAT, "version": VERSION, "dtype": dtype.name, "vocab_size": vocab_size,
-            "n_documents": len(documents) - 1, "n_sentences": n_sentences, "n_tokens": n_tokens, "max_token_id": top,
-            "tokenizer": "synthetic", "vocab_hash": vocab_hash, "word_starts": "random",
-            "fingerprint": f"synthetic-{n_sentences}-{seed}"}
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "dtype": dtype.name,
+        "vocab_size": vocab_size,
+        "n_documents": len(documents) - 1,
+        "n_sentences": n_sentences,
+        "n_tokens": n_tokens,
+        "max_token_id": top,
+        "tokenizer": "synthetic",
+        "vocab_hash": vocab_hash,
+        "word_starts": "random",
+        "fingerprint": f"synthetic-{n_sentences}-{seed}",
+    }
     (folder / "meta.json").write_text(json.dumps(meta, indent=2))
     return folder
 
@@ -79,12 +92,23 @@ def make_model(folder: Path, seq: int):
         import torch
         from transformers import BertConfig, BertForPreTraining
 
-        texts = ["酒店的服务非常好，房间干净整洁。早餐的品种很丰富！", "工程的进度计划需要按时完成。质量验收标准必须严格执行。",
-                 "The hotel was clean and quiet. The schedule slipped by 3.5 days."] * 20
+        texts = [
+            "酒店的服务非常好，房间干净整洁。早餐的品种很丰富！",
+            "工程的进度计划需要按时完成。质量验收标准必须严格执行。",
+            "The hotel was clean and quiet. The schedule slipped by 3.5 days.",
+        ] * 20
         tok = train_wordpiece(texts, folder, vocab_size=600)
         torch.manual_seed(0)
-        BertForPreTraining(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                      intermediate_size=64, max_position_embeddings=seq)).save_pretrained(folder)
+        BertForPreTraining(
+            BertConfig(
+                vocab_size=len(tok),
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=64,
+                max_position_embeddings=seq,
+            )
+        ).save_pretrained(folder)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(folder))
@@ -113,15 +137,37 @@ def run_to_first_step(src: Path, store: Path, model: Path, out: Path, seq: int, 
     """Start the CLI, wait for its first training step, read peak RSS, stop it."""
     shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "domainlm.cli", "pretrain", "--corpus", str(store), "--model", str(model),
-           "--out", str(out), "--max-steps", "2", "--max-seq-len", str(seq), "--logging-freq", "1",
-           "--checkpoint-steps", "0", "--no-tensorboard", "--precision", "auto",
-           # the flag's old name: a baseline from before the renaming knows only it (this tree takes it as an alias)
-           "--eval-freq", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "domainlm.cli",
+        "pretrain",
+        "--corpus",
+        str(store),
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--max-steps",
+        "2",
+        "--max-seq-len",
+        str(seq),
+        "--logging-freq",
+        "1",
+        "--checkpoint-steps",
+        "0",
+        "--no-tensorboard",
+        "--precision",
+        "auto",
+        # the flag's old name: a baseline from before the renaming knows only it (this tree takes it as an alias)
+        "--eval-freq",
+        "0",
+    ]
     started = time.perf_counter()
     # its own process group, so that stopping it also stops its DataLoader worker
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     lines, result = [], None
     worker_peak = 0
     for line in proc.stdout:
@@ -129,8 +175,11 @@ def run_to_first_step(src: Path, store: Path, model: Path, out: Path, seq: int, 
         for child in _children(proc.pid):
             worker_peak = max(worker_peak, _peak_kib(child))
         if line.startswith("[train] step 1 "):
-            result = {"seconds": time.perf_counter() - started, "peak_mib": _peak_kib(proc.pid) / 1024,
-                      "worker_peak_mib": worker_peak / 1024}
+            result = {
+                "seconds": time.perf_counter() - started,
+                "peak_mib": _peak_kib(proc.pid) / 1024,
+                "worker_peak_mib": worker_peak / 1024,
+            }
             break
         if time.perf_counter() - started > timeout:
             break
@@ -195,40 +244,58 @@ def main() -> None:
         t = time.perf_counter()
         store = make_store(work / f"store-{n}", n, vocab, vhash)
         meta = json.loads((store / "meta.json").read_text())
-        print(f"store {n:,} sentences: {meta['n_documents']:,} documents, {meta['n_tokens']:,} tokens "
-              f"({time.perf_counter() - t:.0f} s to make or find)", flush=True)
+        print(
+            f"store {n:,} sentences: {meta['n_documents']:,} documents, {meta['n_tokens']:,} tokens "
+            f"({time.perf_counter() - t:.0f} s to make or find)",
+            flush=True,
+        )
         for name, src in trees.items():
             builds[(name, n)] = index_build(src, store, args.seq)
-            print(f"  {name:9s} sample index build: {builds[(name, n)]['seconds']:.2f} s, "
-                  f"peak RSS growth {builds[(name, n)]['rss_growth_mib']:.0f} MiB", flush=True)
+            print(
+                f"  {name:9s} sample index build: {builds[(name, n)]['seconds']:.2f} s, "
+                f"peak RSS growth {builds[(name, n)]['rss_growth_mib']:.0f} MiB",
+                flush=True,
+            )
         for name, src in trees.items():
             for phase in () if args.index_only else ("cold", "warm"):
                 if phase == "cold":
                     shutil.rmtree(store / "cache", ignore_errors=True)
-                r = run_to_first_step(src, store, work / "model", work / f"out-{name}-{phase}-{n}", args.seq, args.timeout)
+                r = run_to_first_step(
+                    src, store, work / "model", work / f"out-{name}-{phase}-{n}", args.seq, args.timeout
+                )
                 rows[(name, phase, n)] = r
-                print(f"  {name:9s} {phase}: first step after {r['seconds']:6.1f} s, peak RSS {r['peak_mib']:6.0f} MiB "
-                      f"(+ worker {r['worker_peak_mib']:.0f} MiB)", flush=True)
+                print(
+                    f"  {name:9s} {phase}: first step after {r['seconds']:6.1f} s, peak RSS {r['peak_mib']:6.0f} MiB "
+                    f"(+ worker {r['worker_peak_mib']:.0f} MiB)",
+                    flush=True,
+                )
     if len(sizes) >= 2:
         lo, hi = sizes[0], sizes[-1]
         print(f"\nratios {hi:,} / {lo:,} sentences (1.0 = flat):")
         for name in trees:
             a, b = builds[(name, lo)], builds[(name, hi)]
-            print(f"  {name:9s} index build: time x{b['seconds'] / a['seconds']:.2f}, "
-                  f"peak RSS growth x{b['rss_growth_mib'] / max(a['rss_growth_mib'], 1):.2f}")
+            print(
+                f"  {name:9s} index build: time x{b['seconds'] / a['seconds']:.2f}, "
+                f"peak RSS growth x{b['rss_growth_mib'] / max(a['rss_growth_mib'], 1):.2f}"
+            )
             if args.index_only:
                 continue
             for phase in ("cold", "warm"):
                 a, b = rows[(name, phase, lo)], rows[(name, phase, hi)]
-                print(f"  {name:9s} {phase}: start-up time x{b['seconds'] / a['seconds']:.2f}, "
-                      f"peak RSS x{b['peak_mib'] / a['peak_mib']:.2f}, "
-                      f"worker peak RSS x{b['worker_peak_mib'] / max(a['worker_peak_mib'], 1):.2f}")
+                print(
+                    f"  {name:9s} {phase}: start-up time x{b['seconds'] / a['seconds']:.2f}, "
+                    f"peak RSS x{b['peak_mib'] / a['peak_mib']:.2f}, "
+                    f"worker peak RSS x{b['worker_peak_mib'] / max(a['worker_peak_mib'], 1):.2f}"
+                )
     if "baseline" in trees and not args.index_only:
         print("\ndomainlm / baseline at each size (below 1.0: domainlm is cheaper):")
         for n in sizes:
             for phase in ("cold", "warm"):
                 a, b = rows[("baseline", phase, n)], rows[("domainlm", phase, n)]
-                print(f"  {n:>11,} {phase}: time x{b['seconds'] / a['seconds']:.2f}, peak RSS x{b['peak_mib'] / a['peak_mib']:.2f}")
+                print(
+                    f"  {n:>11,} {phase}: time x{b['seconds'] / a['seconds']:.2f}, "
+                    f"peak RSS x{b['peak_mib'] / a['peak_mib']:.2f}"
+                )
 
 
 if __name__ == "__main__":

@@ -68,9 +68,17 @@ def random_classifier(out: Path, tokenizer_dir: Path, layers: int, width: int) -
         return out
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    config = BertConfig(vocab_size=len(tok), hidden_size=width, num_hidden_layers=layers, num_attention_heads=width // 64,
-                        intermediate_size=4 * width, max_position_embeddings=512, num_labels=2,
-                        id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1})
+    config = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=width,
+        num_hidden_layers=layers,
+        num_attention_heads=width // 64,
+        intermediate_size=4 * width,
+        max_position_embeddings=512,
+        num_labels=2,
+        id2label={0: "neg", 1: "pos"},
+        label2id={"neg": 0, "pos": 1},
+    )
     save_classifier(BertForSequenceClassification(config).eval(), tok, out, ["neg", "pos"], False)
     return out
 
@@ -87,8 +95,10 @@ def check_learned(metrics: dict, majority: float) -> None:
     """Stop the bench unless the fp32 classifier beats the majority class on the test rows."""
     accuracy = metrics["fp32"]["accuracy"]
     if not accuracy > majority:
-        raise SystemExit(f"fp32 accuracy {accuracy:.4f} is not above the majority class ({majority:.4f}): the classifier "
-                         "learned nothing, so int8's change in accuracy means nothing; fine-tune from a pretrained --base")
+        raise SystemExit(
+            f"fp32 accuracy {accuracy:.4f} is not above the majority class ({majority:.4f}): the classifier "
+            "learned nothing, so int8's change in accuracy means nothing; fine-tune from a pretrained --base"
+        )
 
 
 def export_folder(model: Path, out: Path, data: Path | None = None) -> dict:
@@ -102,19 +112,27 @@ def export_folder(model: Path, out: Path, data: Path | None = None) -> dict:
     return export(ExportConfig(model=str(model), out=str(out), quantize="int8", data=str(data) if data else None))
 
 
-def offline(name: str, model: Path, export_dir: Path, texts: list[str], threads: int, rounds: int,
-            precision: str = "auto") -> dict:
+def offline(
+    name: str, model: Path, export_dir: Path, texts: list[str], threads: int, rounds: int, precision: str = "auto"
+) -> dict:
     """Texts/s in sorted batches of 32 and one text at a time (the same texts), per backend. Their ratio is the
     most that gathering requests into batches can give a server of this model, whatever the server does."""
     from domainlm.classify.runtime import OnnxRuntime, TorchRuntime
 
     torch_rt = TorchRuntime(str(model), threads, precision=precision)
-    padded, greedy = TorchRuntime(str(model), threads, precision=precision), OnnxRuntime(str(export_dir), "int8", threads)
+    padded, greedy = (
+        TorchRuntime(str(model), threads, precision=precision),
+        OnnxRuntime(str(export_dir), "int8", threads),
+    )
     padded.packed, greedy.call_tokens = False, 0  # as before: padded batches, cut as full as the limits allow
     base_name = torch_rt.kind  # pytorch-fp32, or pytorch-bf16 on a CPU with native bf16
-    backends = {base_name: torch_rt, f"{base_name}-padded": padded,
-                "onnx-fp32": OnnxRuntime(str(export_dir), "fp32", threads),
-                "onnx-int8": OnnxRuntime(str(export_dir), "int8", threads), "onnx-int8-full-batches": greedy}
+    backends = {
+        base_name: torch_rt,
+        f"{base_name}-padded": padded,
+        "onnx-fp32": OnnxRuntime(str(export_dir), "fp32", threads),
+        "onnx-int8": OnnxRuntime(str(export_dir), "int8", threads),
+        "onnx-int8-full-batches": greedy,
+    }
     for rt in backends.values():  # warm up: first-run allocations and kernel choices
         rt.predict(texts[:8], batch_size=8)
     tput: dict[str, list[float]] = {k: [] for k in backends}
@@ -134,10 +152,16 @@ def offline(name: str, model: Path, export_dir: Path, texts: list[str], threads:
         log(f"{name} round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.1f} texts/s" for k, v in tput.items()))
     base = statistics.median(tput[base_name])
     med = {k: statistics.median(v) for k, v in tput.items()}
-    return {k: {"texts_per_s": round(med[k], 2), "x_pytorch": round(med[k] / base, 2),
-                "texts_per_s_one_at_a_time": round(statistics.median(single[k]), 2),
-                "batch32_x_one_at_a_time": round(med[k] / statistics.median(single[k]), 2),
-                "latency_ms_p50": round(statistics.median(lat[k]), 2)} for k in backends}
+    return {
+        k: {
+            "texts_per_s": round(med[k], 2),
+            "x_pytorch": round(med[k] / base, 2),
+            "texts_per_s_one_at_a_time": round(statistics.median(single[k]), 2),
+            "batch32_x_one_at_a_time": round(med[k] / statistics.median(single[k]), 2),
+            "latency_ms_p50": round(statistics.median(lat[k]), 2),
+        }
+        for k in backends
+    }
 
 
 def kernels(threads: int, width: int = 256, tokens: int = 2048) -> dict:
@@ -152,16 +176,30 @@ def kernels(threads: int, width: int = 256, tokens: int = 2048) -> dict:
     x = rng.standard_normal((tokens, k)).astype(np.float32)
     weights = rng.standard_normal((k, n)).astype(np.float32)
     scale = np.array([np.abs(weights).max() / 63], np.float32)
-    graphs = {"fp32": ([helper.make_node("MatMul", ["x", "w"], ["y"])], [numpy_helper.from_array(weights, "w")]),
-              "int8": ([helper.make_node("DynamicQuantizeMatMul", ["x", "w", "s", "z"], ["y"], domain="com.microsoft")],
-                       [numpy_helper.from_array(np.round(weights / scale).astype(np.int8), "w"),
-                        numpy_helper.from_array(scale, "s"), numpy_helper.from_array(np.zeros(1, np.int8), "z")])}
+    graphs = {
+        "fp32": ([helper.make_node("MatMul", ["x", "w"], ["y"])], [numpy_helper.from_array(weights, "w")]),
+        "int8": (
+            [helper.make_node("DynamicQuantizeMatMul", ["x", "w", "s", "z"], ["y"], domain="com.microsoft")],
+            [
+                numpy_helper.from_array(np.round(weights / scale).astype(np.int8), "w"),
+                numpy_helper.from_array(scale, "s"),
+                numpy_helper.from_array(np.zeros(1, np.int8), "z"),
+            ],
+        ),
+    }
     result = {"shape": f"{tokens}x{k} @ {k}x{n}"}
     for nthreads in sorted({1, threads}):
         for name, (nodes, init) in graphs.items():
-            graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [tokens, k])],
-                                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [tokens, n])], init)
-            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+            graph = helper.make_graph(
+                nodes,
+                name,
+                [helper.make_tensor_value_info("x", TensorProto.FLOAT, [tokens, k])],
+                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [tokens, n])],
+                init,
+            )
+            model = helper.make_model(
+                graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+            )
             model.ir_version = 8
             opts = ort.SessionOptions()
             opts.intra_op_num_threads, opts.inter_op_num_threads = nthreads, 1
@@ -169,7 +207,9 @@ def kernels(threads: int, width: int = 256, tokens: int = 2048) -> dict:
             sess.run(None, {"x": x})
             best = min(_timed(sess, {"x": x}, 10) for _ in range(3))
             result[f"{name}_gops_{nthreads}t"] = round(2 * tokens * k * n / best / 1e9, 1)
-        result[f"int8_x_fp32_{nthreads}t"] = round(result[f"int8_gops_{nthreads}t"] / result[f"fp32_gops_{nthreads}t"], 2)
+        result[f"int8_x_fp32_{nthreads}t"] = round(
+            result[f"int8_gops_{nthreads}t"] / result[f"fp32_gops_{nthreads}t"], 2
+        )
     return result
 
 
@@ -195,8 +235,13 @@ async def load(url: str, texts: list[str], clients: int, per_client: int) -> dic
     requests = []  # built before the clock starts: the generator's own CPU is taken from the server's two cores
     for i in range(clients * per_client):
         body = json.dumps({"text": texts[i % len(texts)]}, ensure_ascii=False).encode()
-        requests.append((f"POST /predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                         f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
+        requests.append(
+            (
+                f"POST /predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            ).encode()
+            + body
+        )
 
     async def client(k: int) -> None:
         nonlocal failures
@@ -222,19 +267,46 @@ async def load(url: str, texts: list[str], clients: int, per_client: int) -> dic
     await asyncio.gather(*(client(k) for k in range(clients)))
     wall = time.perf_counter() - t
     lat = np.asarray(latencies)
-    return {"requests": len(lat), "failed": failures, "requests_per_s": round(len(lat) / wall, 2),
-            "p50_ms": round(float(np.percentile(lat, 50)), 1), "p99_ms": round(float(np.percentile(lat, 99)), 1)}
+    return {
+        "requests": len(lat),
+        "failed": failures,
+        "requests_per_s": round(len(lat) / wall, 2),
+        "p50_ms": round(float(np.percentile(lat, 50)), 1),
+        "p99_ms": round(float(np.percentile(lat, 99)), 1),
+    }
 
 
-def server_run(model: Path, precision: str, texts: list[str], batching: bool, threads: int, clients: int,
-               per_client: int, device: str = "cpu") -> dict:
+def server_run(
+    model: Path,
+    precision: str,
+    texts: list[str],
+    batching: bool,
+    threads: int,
+    clients: int,
+    per_client: int,
+    device: str = "cpu",
+) -> dict:
     """`domainlm serve` in a subprocess, warmed up, then `clients` x `per_client` one-text requests."""
     import httpx
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "domainlm.cli", "serve", str(model), "--port", str(port), "--threads", str(threads),
-           "--queue-size", str(4 * clients), "--batching" if batching else "--no-batching", "--device", device]
+    cmd = [
+        sys.executable,
+        "-m",
+        "domainlm.cli",
+        "serve",
+        str(model),
+        "--port",
+        str(port),
+        "--threads",
+        str(threads),
+        "--queue-size",
+        str(4 * clients),
+        "--batching" if batching else "--no-batching",
+        "--device",
+        device,
+    ]
     cmd += ["--precision", precision]
     proc = subprocess.Popen(cmd, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -265,18 +337,27 @@ def main() -> None:
     ap.add_argument("--big-texts", type=int, default=32, help="texts for the 12x768 throughput run")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--shapes", default="4x256,12x768", help="LAYERSxWIDTH classifiers to time")
-    ap.add_argument("--serve", default="4x256:onnx-int8,4x256:pytorch",
-                    help="SHAPE:BACKEND models to serve, each with and without batching (backend onnx-int8, onnx-fp32 "
-                         "or pytorch)")
+    ap.add_argument(
+        "--serve",
+        default="4x256:onnx-int8,4x256:pytorch",
+        help="SHAPE:BACKEND models to serve, each with and without batching (backend onnx-int8, onnx-fp32 or pytorch)",
+    )
     ap.add_argument("--trained", help="a finetune output to measure int8 accuracy on (default: train one here)")
-    ap.add_argument("--base", default="runs/demo/base-model/final",
-                    help="pretrained encoder the accuracy check fine-tunes (default: the demo's base model)")
+    ap.add_argument(
+        "--base",
+        default="runs/demo/base-model/final",
+        help="pretrained encoder the accuracy check fine-tunes (default: the demo's base model)",
+    )
     ap.add_argument("--requests", type=int, default=320, help="server requests per mode (16 clients)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the served model runs")
     ap.add_argument("--clients", type=int, default=16, help="concurrent keep-alive clients of the server runs")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: kernels,offline,accuracy,server")
-    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                    help="PyTorch's (auto: bf16 where the device has native bf16, else fp32)")
+    ap.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="PyTorch's (auto: bf16 where the device has native bf16, else fp32)",
+    )
     args = ap.parse_args()
     from domainlm.classify.runtime_options import int8_kernels
     from domainlm.precision import describe_cpu, resolve
@@ -292,8 +373,12 @@ def main() -> None:
     work = Path(args.work)
     train, test, tokenizer_dir = task_data(work, 1000, 1000)
     texts = [json.loads(x)["text"] for x in test.read_text(encoding="utf-8").splitlines()]
-    report: dict = {"cpu": describe_cpu(), "cpu_threads": args.threads, "cores_visible": os.cpu_count(),
-                    "pytorch_precision": args.precision}
+    report: dict = {
+        "cpu": describe_cpu(),
+        "cpu_threads": args.threads,
+        "cores_visible": os.cpu_count(),
+        "pytorch_precision": args.precision,
+    }
 
     if "kernels" not in skip:
         report["kernels"] = kernels(args.threads)
@@ -305,9 +390,10 @@ def main() -> None:
             n = args.big_texts if layers * width > 4 * 256 else args.texts
             model = random_classifier(work / f"random-{name}", tokenizer_dir, layers, width)
             info = export_folder(model, work / f"export-{name}")
-            report[name] = {"size_mb": info["size_mb"],
-                            **offline(name, model, work / f"export-{name}", texts[:n], args.threads, args.rounds,
-                                      args.precision)}
+            report[name] = {
+                "size_mb": info["size_mb"],
+                **offline(name, model, work / f"export-{name}", texts[:n], args.threads, args.rounds, args.precision),
+            }
             log(json.dumps({name: report[name]}))
 
     if "accuracy" not in skip:
@@ -317,10 +403,23 @@ def main() -> None:
             from domainlm.classify.config import FinetuneConfig
 
             if not (Path(args.base) / "config.json").is_file():
-                raise SystemExit(f"--base {args.base}: no pretrained model there; run `domainlm demo` first or pass --base")
+                raise SystemExit(
+                    f"--base {args.base}: no pretrained model there; run `domainlm demo` first or pass --base"
+                )
             log(f"fine-tuning {args.base} on the train rows for the int8 accuracy check")
-            finetune(FinetuneConfig(train=str(train), out=str(trained), model=args.base, epochs=5, batch_size=32,
-                                    max_seq_len=64, learning_rate=1e-3, early_stopping_patience=3, logging_freq=10))
+            finetune(
+                FinetuneConfig(
+                    train=str(train),
+                    out=str(trained),
+                    model=args.base,
+                    epochs=5,
+                    batch_size=32,
+                    max_seq_len=64,
+                    learning_rate=1e-3,
+                    early_stopping_patience=3,
+                    logging_freq=10,
+                )
+            )
         info = export_folder(trained, work / "export-trained", test)
         report["accuracy"] = info["data_metrics"]
         log(json.dumps({"accuracy": report["accuracy"]}))
@@ -340,10 +439,13 @@ def main() -> None:
             for batching in (False, True):  # the same server; --no-batching answers one request at a time
                 key = "dynamic_batching" if batching else "one_at_a_time"
                 precision = args.precision if backend == "pytorch" else backend.removeprefix("onnx-")
-                runs[key] = server_run(model, precision, texts, batching, args.threads, args.clients, per_client,
-                                       args.device)
+                runs[key] = server_run(
+                    model, precision, texts, batching, args.threads, args.clients, per_client, args.device
+                )
                 log(json.dumps({served: {key: runs[key]}}))
-            runs["throughput_x"] = round(runs["dynamic_batching"]["requests_per_s"] / runs["one_at_a_time"]["requests_per_s"], 2)
+            runs["throughput_x"] = round(
+                runs["dynamic_batching"]["requests_per_s"] / runs["one_at_a_time"]["requests_per_s"], 2
+            )
             runs["p99_ratio"] = round(runs["dynamic_batching"]["p99_ms"] / runs["one_at_a_time"]["p99_ms"], 2)
             report["server"][served] = runs
 

@@ -39,6 +39,7 @@ def err(capsys):
         capsys.readouterr()
         assert main([str(a) for a in args]) == code
         return capsys.readouterr().err
+
     return run
 
 
@@ -88,8 +89,14 @@ def corpus_dir(tmp_path_factory, tokenizer_dir):
     root = tmp_path_factory.mktemp("corpus")
     src = root / "docs.txt"
     src.write_text("\n\n".join(make_documents(80)), encoding="utf-8")
-    cfg = PrepareConfig(input=[str(src)], out=str(root / "store"), tokenizer=tokenizer_dir, workers=0,
-                        segment=True, near_dup_threshold=0)
+    cfg = PrepareConfig(
+        input=[str(src)],
+        out=str(root / "store"),
+        tokenizer=tokenizer_dir,
+        workers=0,
+        segment=True,
+        near_dup_threshold=0,
+    )
     prepare(cfg, progress=False)
     return str(root / "store")
 
@@ -101,8 +108,14 @@ def save_tiny_model(out, tokenizer, kind: str = "bert", heads: bool = True, drop
     from transformers import BertConfig, BertForPreTraining, BertModel, ErnieConfig, ErnieForPreTraining
 
     torch.manual_seed(0)
-    shape = dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                 intermediate_size=64, max_position_embeddings=64)
+    shape = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     if dropout is not None:
         shape.update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     if kind == "ernie":  # ERNIE 3.0 specifics: task type embeddings, 4 token types

@@ -27,7 +27,10 @@ def labelled(tmp_path_factory):
     from tests.test_classify import make_rows, write_jsonl
 
     root = tmp_path_factory.mktemp("labelled")
-    return {"train": write_jsonl(root / "train.jsonl", make_rows(12, 1)), "test": write_jsonl(root / "test.jsonl", make_rows(4, 2))}
+    return {
+        "train": write_jsonl(root / "train.jsonl", make_rows(12, 1)),
+        "test": write_jsonl(root / "test.jsonl", make_rows(4, 2)),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +47,15 @@ def snapshot(folder):
 
 # ---- data loss ----------------------------------------------------------------------------------------------
 
+
 def test_prepare_overwrite_replaces_only_a_corpus_store_or_an_empty_folder(tmp_path, zh_txt, tokenizer_dir, err):
     prep = ["prepare", zh_txt, "--tokenizer", tokenizer_dir, "--workers", "0", "--overwrite", "--out"]
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "thesis.docx").write_bytes(b"years of work")
-    assert f"--out {mine} holds thesis.docx, not from `domainlm prepare`; prepare replaces the whole folder" in err(*prep, mine)
+    assert f"--out {mine} holds thesis.docx, not from `domainlm prepare`; prepare replaces the whole folder" in err(
+        *prep, mine
+    )
     assert snapshot(mine) == {"thesis.docx": b"years of work"}
     store = tmp_path / "store"
     err(*prep, store, code=0)
@@ -62,12 +68,16 @@ def test_prepare_overwrite_replaces_only_a_corpus_store_or_an_empty_folder(tmp_p
     assert (empty / "meta.json").is_file()
 
 
-def test_prepare_input_inside_out_is_refused_and_a_store_inside_an_input_folder_is_not_read(tmp_path, tokenizer_dir, err):
+def test_prepare_input_inside_out_is_refused_and_a_store_inside_an_input_folder_is_not_read(
+    tmp_path, tokenizer_dir, err
+):
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "a.txt").write_text("\n\n".join(make_documents(20)), encoding="utf-8")
     before = snapshot(docs)
-    message = err("prepare", docs / "a.txt", "--out", docs, "--tokenizer", tokenizer_dir, "--workers", "0", "--overwrite")
+    message = err(
+        "prepare", docs / "a.txt", "--out", docs, "--tokenizer", tokenizer_dir, "--workers", "0", "--overwrite"
+    )
     assert f"--out {docs} holds the input {docs / 'a.txt'}, which would be replaced" in message
     assert snapshot(docs) == before
     # prepare docs/ --out docs/corpus: the store's own files (tokenizer/vocab.txt ...) are not documents
@@ -84,7 +94,9 @@ def test_predict_out_equal_to_input_is_refused(tmp_path, classifier, labelled, e
     assert data.read_bytes() == before
     folder = tmp_path / "folder"
     folder.mkdir()
-    assert f"--out {folder} is a folder" in err("predict", "--model", classifier / "model", "--input", data, "--out", folder)
+    assert f"--out {folder} is a folder" in err(
+        "predict", "--model", classifier / "model", "--input", data, "--out", folder
+    )
 
 
 def test_finetune_into_an_earlier_run_needs_overwrite_and_leaves_nothing_of_it(tmp_path, tiny_model, labelled, err):
@@ -102,8 +114,9 @@ def test_finetune_into_an_earlier_run_needs_overwrite_and_leaves_nothing_of_it(t
     other.mkdir()
     (other / "config.yaml").write_text("corpus: c\nmodel: m\nout: o\n")
     (other / "log.jsonl").write_text("")
-    assert "not from `domainlm finetune`" in err("finetune", "--model", tiny_model, "--train", labelled["train"], "--out",
-                                                 other, *FAST, "--overwrite")
+    assert "not from `domainlm finetune`" in err(
+        "finetune", "--model", tiny_model, "--train", labelled["train"], "--out", other, *FAST, "--overwrite"
+    )
     assert sorted(p.name for p in other.iterdir()) == ["config.yaml", "log.jsonl"]
 
 
@@ -117,17 +130,31 @@ def test_extend_vocab_out_equal_to_model_or_an_existing_file_is_refused(tmp_path
     assert "is (or contains) --model" in err("extend-vocab", "--model", model, "--tokens", terms, "--out", model)
     a_file = tmp_path / "report.pdf"
     a_file.write_bytes(b"%PDF")
-    assert f"--out {a_file} is an existing file" in err("extend-vocab", "--model", model, "--tokens", terms, "--out", a_file)
+    assert f"--out {a_file} is an existing file" in err(
+        "extend-vocab", "--model", model, "--tokens", terms, "--out", a_file
+    )
     assert a_file.read_bytes() == b"%PDF" and snapshot(model) == before
 
 
 # ---- one run per output folder -------------------------------------------------------------------------------
 
-def test_a_second_run_on_a_locked_out_stops_at_once_naming_the_holder(tmp_path, tokenizer_dir, tiny_model, zh_txt, labelled, err):
+
+def test_a_second_run_on_a_locked_out_stops_at_once_naming_the_holder(
+    tmp_path, tokenizer_dir, tiny_model, zh_txt, labelled, err
+):
     out = tmp_path / "busy"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from domainlm import outputs; outputs.claim(sys.argv[1]); "
-         "print('held', flush=True); time.sleep(60)", str(out)], stdout=subprocess.PIPE, text=True, env=env())
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from domainlm import outputs; outputs.claim(sys.argv[1]); "
+            "print('held', flush=True); time.sleep(60)",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env(),
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         live_partial = tmp_path / ".busy.partial"  # the holder's work in progress
@@ -163,9 +190,25 @@ def test_ctrl_c_in_prepare_prints_one_line_and_leaves_no_store(tmp_path, tokeniz
     src = tmp_path / "big.txt"
     src.write_text("\n\n".join(make_documents(40000)), encoding="utf-8")
     out = tmp_path / "store"
-    proc = subprocess.Popen([sys.executable, "-m", "domainlm.cli", "prepare", str(src), "--out", str(out), "--tokenizer",
-                             tokenizer_dir, "--workers", "2"], stderr=subprocess.PIPE, text=True, env=env(),
-                            start_new_session=True)  # its own process group: Ctrl-C reaches it and its workers
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "domainlm.cli",
+            "prepare",
+            str(src),
+            "--out",
+            str(out),
+            "--tokenizer",
+            tokenizer_dir,
+            "--workers",
+            "2",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env(),
+        start_new_session=True,
+    )  # its own process group: Ctrl-C reaches it and its workers
     partial = tmp_path / ".store.partial"
     tokens = partial / "tokens.bin"
     deadline = time.monotonic() + 120
@@ -183,11 +226,15 @@ def test_ctrl_c_in_prepare_prints_one_line_and_leaves_no_store(tmp_path, tokeniz
 
 # ---- tracebacks that became messages -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("stdin, message", [
-    (b"", "<stdin> holds no text"),
-    (b"\n  \n\t\n", "<stdin> holds no text"),
-    ("电脑\n".encode() + b"\xff\xfe\xfd\n", "<stdin>:2: not text (neither UTF-8 nor GB18030)"),
-])
+
+@pytest.mark.parametrize(
+    "stdin, message",
+    [
+        (b"", "<stdin> holds no text"),
+        (b"\n  \n\t\n", "<stdin> holds no text"),
+        ("电脑\n".encode() + b"\xff\xfe\xfd\n", "<stdin>:2: not text (neither UTF-8 nor GB18030)"),
+    ],
+)
 def test_predict_on_bad_stdin(classifier, stdin, message, err, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(stdin)))
     assert message in err("predict", "--model", classifier / "model")
@@ -203,15 +250,37 @@ def test_predict_reads_gbk_stdin(classifier, err, monkeypatch, capsys):
 
 def test_max_seq_len_beyond_the_models_positions(tmp_path, tiny_model, classifier, labelled, err):
     out = tmp_path / "ft"
-    message = err("finetune", "--model", tiny_model, "--train", labelled["train"], "--out", out, *FAST, "--max-seq-len", "128")
+    message = err(
+        "finetune", "--model", tiny_model, "--train", labelled["train"], "--out", out, *FAST, "--max-seq-len", "128"
+    )
     assert "--max-seq-len 128 exceeds what the model" in message and "(64 positions); use --max-seq-len 64" in message
     assert not out.exists() or not any(out.iterdir())
     # evaluate / predict: the model fixes the limit and nothing is trained, so it is used, with a notice
-    notice = err("evaluate", "--model", classifier / "model", "--data", labelled["test"], "--out", tmp_path / "ev",
-                 "--max-seq-len", "4096", code=0)
+    notice = err(
+        "evaluate",
+        "--model",
+        classifier / "model",
+        "--data",
+        labelled["test"],
+        "--out",
+        tmp_path / "ev",
+        "--max-seq-len",
+        "4096",
+        code=0,
+    )
     assert "--max-seq-len 4096 is more than" in notice and "using 64" in notice
-    assert "using 64" in err("predict", "--model", classifier / "model", "--input", labelled["test"], "--out",
-                             tmp_path / "p.jsonl", "--max-seq-len", "4096", code=0)
+    assert "using 64" in err(
+        "predict",
+        "--model",
+        classifier / "model",
+        "--input",
+        labelled["test"],
+        "--out",
+        tmp_path / "p.jsonl",
+        "--max-seq-len",
+        "4096",
+        code=0,
+    )
 
 
 def test_out_that_is_an_existing_file(tmp_path, tiny_model, classifier, labelled, corpus_dir, err):
@@ -258,38 +327,63 @@ def test_skip_bad_rows_is_reported_and_only_advised_where_accepted(tmp_path, tin
     from tests.test_classify import make_rows, write_jsonl
 
     rows = make_rows(12, 3)
-    bad = write_jsonl(tmp_path / "bad.jsonl", rows[:2] + [{"text": "", "label": "pc"}, {"text": "好", "label": ""}] + rows[2:])
-    assert "bad.jsonl:3: empty text (pass --skip-bad-rows" in err("evaluate", "--model", classifier / "model", "--data",
-                                                                 bad, "--out", tmp_path / "ev")
-    report = err("evaluate", "--model", classifier / "model", "--data", bad, "--out", tmp_path / "ev", "--skip-bad-rows", code=0)
+    bad = write_jsonl(
+        tmp_path / "bad.jsonl", rows[:2] + [{"text": "", "label": "pc"}, {"text": "好", "label": ""}] + rows[2:]
+    )
+    assert "bad.jsonl:3: empty text (pass --skip-bad-rows" in err(
+        "evaluate", "--model", classifier / "model", "--data", bad, "--out", tmp_path / "ev"
+    )
+    report = err(
+        "evaluate", "--model", classifier / "model", "--data", bad, "--out", tmp_path / "ev", "--skip-bad-rows", code=0
+    )
     assert f"{bad}: skipped 2 bad rows (empty text: 1, no label: 1); {len(rows)} rows used" in report
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["n"] == len(rows)
     message = err("predict", "--model", classifier / "model", "--input", bad, "--out", tmp_path / "p.jsonl")
     assert "bad.jsonl:3: empty text" in message and "--skip-bad-rows" not in message
-    report = err("finetune", "--model", tiny_model, "--train", bad, "--out", tmp_path / "ft", *FAST, "--skip-bad-rows", code=0)
+    report = err(
+        "finetune", "--model", tiny_model, "--train", bad, "--out", tmp_path / "ft", *FAST, "--skip-bad-rows", code=0
+    )
     assert "skipped 2 bad rows" in report
 
 
 def test_metric_is_checked_before_any_training(tmp_path, tiny_model, labelled, err):
     out = tmp_path / "ft"
-    message = err("finetune", "--model", tiny_model, "--train", labelled["train"], "--out", out, *FAST, "--metric", "bogus")
+    message = err(
+        "finetune", "--model", tiny_model, "--train", labelled["train"], "--out", out, *FAST, "--metric", "bogus"
+    )
     assert "--metric 'bogus' is not computed for a multiclass task; choose one of accuracy" in message
     assert not out.exists()
     assert "'accuracy' is not computed for a multilabel task" in err(
-        "finetune", "--model", tiny_model, "--train", labelled["train"], "--out", out, "--task", "multilabel", "--metric", "accuracy")
+        "finetune",
+        "--model",
+        tiny_model,
+        "--train",
+        labelled["train"],
+        "--out",
+        out,
+        "--task",
+        "multilabel",
+        "--metric",
+        "accuracy",
+    )
 
 
 def test_a_tokenizer_error_is_shown_whole(tmp_path, zh_txt, err, monkeypatch):
     import transformers
 
     def fail(*a, **k):
-        raise ValueError("Couldn't instantiate the backend tokenizer from one of:\n(1) a `tokenizers` library "
-                         "serialization file,\n(2) a slow tokenizer instance to convert or\n(3) an equivalent slow "
-                         "tokenizer class to instantiate and convert.\nYou need to have sentencepiece installed.")
+        raise ValueError(
+            "Couldn't instantiate the backend tokenizer from one of:\n(1) a `tokenizers` library "
+            "serialization file,\n(2) a slow tokenizer instance to convert or\n(3) an equivalent slow "
+            "tokenizer class to instantiate and convert.\nYou need to have sentencepiece installed."
+        )
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fail)
     message = err("prepare", zh_txt, "--out", tmp_path / "o", "--tokenizer", "some/model")
-    assert "could not be loaded: Couldn't instantiate" in message and "You need to have sentencepiece installed." in message
+    assert (
+        "could not be loaded: Couldn't instantiate" in message
+        and "You need to have sentencepiece installed." in message
+    )
     assert len(message.strip().splitlines()) == 1
 
 
@@ -299,9 +393,12 @@ def test_evaluate_into_a_finetune_run_or_its_model_folder_is_refused(tmp_path, c
     run = tmp_path / "run"
     shutil.copytree(classifier, run)
     before = snapshot(run)
-    assert "holds the output of `domainlm finetune`" in err("evaluate", "--model", run / "model", "--data",
-                                                            labelled["test"], "--out", run)
-    assert "lies inside --model" in err("evaluate", "--model", run / "model", "--data", labelled["test"], "--out", run / "model")
+    assert "holds the output of `domainlm finetune`" in err(
+        "evaluate", "--model", run / "model", "--data", labelled["test"], "--out", run
+    )
+    assert "lies inside --model" in err(
+        "evaluate", "--model", run / "model", "--data", labelled["test"], "--out", run / "model"
+    )
     assert snapshot(run) == before
     ev = tmp_path / "ev"  # evaluating again into the same folder: only with --overwrite, which replaces its own files
     err("evaluate", "--model", run / "model", "--data", labelled["test"], "--out", ev, code=0)
@@ -315,6 +412,8 @@ def test_an_imported_corpus_holding_special_ids_is_refused(tmp_path, tokenizer_d
     ids = np.array(tokenizer.encode("酒店很好。", add_special_tokens=True))  # [CLS] ... [SEP], as some tools write
     np.save(tmp_path / "pd_ids.npy", ids)
     np.savez(tmp_path / "pd_idx.npz", lens=np.array([len(ids)]), docs=np.array([0, 1]))
-    message = err("prepare", tmp_path / "pd_ids.npy", "--out", tmp_path / "c", "--tokenizer", tokenizer_dir, "--workers", "0")
+    message = err(
+        "prepare", tmp_path / "pd_ids.npy", "--out", tmp_path / "c", "--tokenizer", tokenizer_dir, "--workers", "0"
+    )
     assert f"pd_ids.npy: special token id {tokenizer.cls_token_id} at position 0 of document 1" in message
     assert not (tmp_path / "c").exists() and not (tmp_path / ".c.partial").exists()

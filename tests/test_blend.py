@@ -41,8 +41,26 @@ def test_finetune_blend_single_run_and_folds(tmp_path, tiny_model):
     train = write_jsonl(tmp_path / "train.jsonl", make_rows(14, 1))
     test = write_jsonl(tmp_path / "test.jsonl", make_rows(6, 2))
     out = tmp_path / "one"
-    assert main(["finetune", "--model", tiny_model, "--train", train, "--test", test, "--out", str(out), *FAST,
-                 "--epochs", "2", "--blend"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--model",
+                tiny_model,
+                "--train",
+                train,
+                "--test",
+                test,
+                "--out",
+                str(out),
+                *FAST,
+                "--epochs",
+                "2",
+                "--blend",
+            ]
+        )
+        == 0
+    )
     result = json.loads((out / "blend.json").read_text())
     assert result["chosen_on"] == "dev" and json.loads((out / "metrics.json").read_text())["blend"] == result
     assert "Blend" in (out / "report.md").read_text()
@@ -51,17 +69,44 @@ def test_finetune_blend_single_run_and_folds(tmp_path, tiny_model):
     dev_rows = Dataset("dev", [Example(d["text"], d["gold"], line=d["line"]) for d in dev])
     model, floor = load(str(out)), load(str(out / "floor"))
     cfg = SimpleNamespace(**vars(CFG))
-    w, _ = blend.choose_weight(model.predict(*dev_rows.columns(), max_seq_len=32), floor.predict(*dev_rows.columns()),
-                               dev_rows, model.labels, cfg)
+    w, _ = blend.choose_weight(
+        model.predict(*dev_rows.columns(), max_seq_len=32),
+        floor.predict(*dev_rows.columns()),
+        dev_rows,
+        model.labels,
+        cfg,
+    )
     assert result["weight"] == w and result["selection_rows"] == len(dev)
     texts = [json.loads(x)["text"] for x in open(test, encoding="utf-8")]
     gold = [json.loads(x)["label"] for x in open(test, encoding="utf-8")]
     probs = w * model.predict(texts, max_seq_len=32) + (1 - w) * floor.predict(texts)
-    assert result["test"]["accuracy"] == pytest.approx(np.mean([model.labels[j] == g for j, g in zip(probs.argmax(1), gold)]))
+    assert result["test"]["accuracy"] == pytest.approx(
+        np.mean([model.labels[j] == g for j, g in zip(probs.argmax(1), gold)])
+    )
     # folds: chosen on the out-of-fold rows (every training row)
     out = tmp_path / "cv"
-    assert main(["finetune", "--model", tiny_model, "--train", train, "--test", test, "--out", str(out), *FAST,
-                 "--folds", "2", "--epochs", "1", "--blend"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--model",
+                tiny_model,
+                "--train",
+                train,
+                "--test",
+                test,
+                "--out",
+                str(out),
+                *FAST,
+                "--folds",
+                "2",
+                "--epochs",
+                "1",
+                "--blend",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["blend"]["chosen_on"] == "oof" and summary["blend"]["selection_rows"] == 42
     assert "test" in summary["blend"] and "Blend" in (out / "summary.md").read_text()
@@ -69,7 +114,28 @@ def test_finetune_blend_single_run_and_folds(tmp_path, tiny_model):
 
 def test_blend_bad_options(tmp_path, tiny_model, capsys):
     train = write_jsonl(tmp_path / "train.jsonl", make_rows(5, 1))
-    assert main(["finetune", "--model", tiny_model, "--train", train, "--out", str(tmp_path / "o"), "--blend", "--no-floor"]) == 2
+    assert (
+        main(
+            ["finetune", "--model", tiny_model, "--train", train, "--out", str(tmp_path / "o"), "--blend", "--no-floor"]
+        )
+        == 2
+    )
     assert "--blend mixes the transformer with the floor: it needs --floor" in capsys.readouterr().err
-    assert main(["finetune", "--model", tiny_model, "--train", train, "--out", str(tmp_path / "o"), "--blend", "--seeds", "1,2"]) == 2
+    assert (
+        main(
+            [
+                "finetune",
+                "--model",
+                tiny_model,
+                "--train",
+                train,
+                "--out",
+                str(tmp_path / "o"),
+                "--blend",
+                "--seeds",
+                "1,2",
+            ]
+        )
+        == 2
+    )
     assert "--blend takes one seed (or --folds)" in capsys.readouterr().err

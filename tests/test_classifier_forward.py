@@ -29,10 +29,22 @@ def _batch():
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])  # a boolean mask, an additive one
 def test_cls_only_forward_matches_the_full_model_in_logits_and_gradients(kind, padded, attention):
     torch.manual_seed(0)
-    shape = dict(vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
-                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3, attn_implementation=attention)
-    model = (BertForSequenceClassification(BertConfig(**shape)) if kind == "bert"
-             else ErnieForSequenceClassification(ErnieConfig(**shape)))
+    shape = dict(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=3,
+        attn_implementation=attention,
+    )
+    model = (
+        BertForSequenceClassification(BertConfig(**shape))
+        if kind == "bert"
+        else ErnieForSequenceClassification(ErnieConfig(**shape))
+    )
     assert _cls_only_ready(model)
     ids, mask, types = _batch()
     if not padded:
@@ -55,8 +67,9 @@ def test_models_outside_the_bert_layout_run_their_own_forward():
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
     torch.manual_seed(0)
-    model = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=100, dim=32, n_layers=1, n_heads=2,
-                                                                 hidden_dim=64, num_labels=2)).eval()
+    model = DistilBertForSequenceClassification(
+        DistilBertConfig(vocab_size=100, dim=32, n_layers=1, n_heads=2, hidden_dim=64, num_labels=2)
+    ).eval()
     assert not _cls_only_ready(model)
     ids, mask, _ = _batch()
     torch.testing.assert_close(classifier_logits(model, ids, mask), model(input_ids=ids, attention_mask=mask).logits)
@@ -68,10 +81,21 @@ def test_packed_classifier_matches_the_padded_one_in_loss_and_gradients(kind, la
     from domainlm.encoder.packed import pack_padded
 
     torch.manual_seed(0)
-    shape = dict(vocab_size=100, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64,
-                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3)
-    hf = (BertForSequenceClassification(BertConfig(**shape)) if kind == "bert"
-          else ErnieForSequenceClassification(ErnieConfig(**shape)))
+    shape = dict(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=3,
+    )
+    hf = (
+        BertForSequenceClassification(BertConfig(**shape))
+        if kind == "bert"
+        else ErnieForSequenceClassification(ErnieConfig(**shape))
+    )
     assert packing_ready(hf)
     model = Classifier(hf, multilabel=False).train()
     ids, mask, types = _batch()

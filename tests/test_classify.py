@@ -27,8 +27,13 @@ def make_rows(n_per_class: int, seed: int, multilabel: bool = False) -> list[dic
                 other = rng.choice([c for c in CLASSES if c != label])
                 text += "".join(rng.choice(CLASSES[other]) for _ in range(6))
                 labels.append(other)
-            rows.append({"text": "".join(rng.sample(text, len(text))), "label": labels if multilabel else label,
-                         "group": rng.choice(["成本数据", "质量验收"])})
+            rows.append(
+                {
+                    "text": "".join(rng.sample(text, len(text))),
+                    "label": labels if multilabel else label,
+                    "group": rng.choice(["成本数据", "质量验收"]),
+                }
+            )
     rng.shuffle(rows)
     return rows
 
@@ -41,12 +46,27 @@ def write_jsonl(path, rows):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("cls")
-    return {"train": write_jsonl(root / "train.jsonl", make_rows(40, 1)), "test": write_jsonl(root / "test.jsonl", make_rows(15, 2)),
-            "root": root}
+    return {
+        "train": write_jsonl(root / "train.jsonl", make_rows(40, 1)),
+        "test": write_jsonl(root / "test.jsonl", make_rows(15, 2)),
+        "root": root,
+    }
 
 
-FAST = ["--batch-size", "16", "--learning-rate", "2e-3", "--max-seq-len", "32", "--warmup-ratio", "0.05", "--logging-freq", "5",
-        "--precision", "fp32"]
+FAST = [
+    "--batch-size",
+    "16",
+    "--learning-rate",
+    "2e-3",
+    "--max-seq-len",
+    "32",
+    "--warmup-ratio",
+    "0.05",
+    "--logging-freq",
+    "5",
+    "--precision",
+    "fp32",
+]
 
 
 def finetune(model, train, out, *flags):
@@ -54,6 +74,7 @@ def finetune(model, train, out, *flags):
 
 
 # ---- metrics against hand-computed values --------------------------------------------------------------
+
 
 def test_multiclass_metrics_by_hand():
     labels = ["a", "b", "c"]
@@ -67,8 +88,10 @@ def test_multiclass_metrics_by_hand():
     assert m["f1_macro"] == pytest.approx((0.5 + 0 + 2 / 3) / 3)
     assert m["f1_micro"] == 0.5
     assert m["confusion_matrix"] == [[1, 1, 0], [0, 0, 0], [1, 0, 1]]
-    assert m["per_group"] == {"x": {"n": 2, "accuracy": 0.5, "tolerant_accuracy@2": 1.0},
-                              "y": {"n": 2, "accuracy": 0.5, "tolerant_accuracy@2": 1.0}}
+    assert m["per_group"] == {
+        "x": {"n": 2, "accuracy": 0.5, "tolerant_accuracy@2": 1.0},
+        "y": {"n": 2, "accuracy": 0.5, "tolerant_accuracy@2": 1.0},
+    }
     assert M.topk_accuracy(scores, gold, 1) == 0.5
 
 
@@ -88,6 +111,7 @@ def test_multilabel_metrics_thresholds_and_aggregate():
 
 # ---- data ---------------------------------------------------------------------------------------------------
 
+
 def test_validation_split_ratio_cap_stratified_and_kfold():
     ds = Dataset("d", [Example(f"t{i}", ["a" if i % 4 else "b"]) for i in range(400)])
     train, valid = split_validation(ds, 0.1, cap=1000, seed=0)
@@ -100,7 +124,9 @@ def test_validation_split_ratio_cap_stratified_and_kfold():
     with pytest.raises(DomainLMError, match=r"no training example for \['rare'\]"):
         split_validation(lonely, 0.5, cap=100, seed=0)
     folds = kfold(ds, 4, seed=0)
-    assert len(folds) == 4 and sorted(ex.text for _, t in folds for ex in t.examples) == sorted(ex.text for ex in ds.examples)
+    assert len(folds) == 4 and sorted(ex.text for _, t in folds for ex in t.examples) == sorted(
+        ex.text for ex in ds.examples
+    )
 
 
 def test_csv_tsv_multilabel_cells_and_bad_rows(tmp_path):
@@ -114,21 +140,36 @@ def test_csv_tsv_multilabel_cells_and_bad_rows(tmp_path):
     tsv.write_text("content\ttag\n好\tA\n\tB\n", encoding="utf-8")
     with pytest.raises(DomainLMError, match=r"d\.tsv:3: empty text"):
         read_examples(str(tsv), Columns(text="content", label="tag"), multilabel=False)
-    assert read_examples(str(tsv), Columns(text="content", label="tag"), False, skip_bad=True).skipped == {"empty text": 1}
+    assert read_examples(str(tsv), Columns(text="content", label="tag"), False, skip_bad=True).skipped == {
+        "empty text": 1
+    }
     with pytest.raises(DomainLMError, match=r"d\.tsv:2: missing column\(s\) text"):
         read_examples(str(tsv), Columns(), multilabel=False)
 
 
 # ---- commands -----------------------------------------------------------------------------------------------
 
+
 def test_full_finetune_beats_majority_then_evaluate_and_predict(tmp_path, tiny_model, data, capsys, monkeypatch):
     out = tmp_path / "ft"
-    assert finetune(tiny_model, data["train"], out, "--test", data["test"], "--epochs", "8", "--group-column", "group") == 0
+    assert (
+        finetune(tiny_model, data["train"], out, "--test", data["test"], "--epochs", "8", "--group-column", "group")
+        == 0
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test"]["accuracy"] > 0.6  # majority class: 1/3
     assert set(metrics["test"]["per_group"]) == {"成本数据", "质量验收"}
-    for name in ("model/config.json", "model/domainlm_labels.json", "config.yaml", "report.md", "log.jsonl",
-                 "test_predictions.jsonl", "test_bad_cases.jsonl", "test_confusion.png", "dev_predictions.jsonl"):
+    for name in (
+        "model/config.json",
+        "model/domainlm_labels.json",
+        "config.yaml",
+        "report.md",
+        "log.jsonl",
+        "test_predictions.jsonl",
+        "test_bad_cases.jsonl",
+        "test_confusion.png",
+        "dev_predictions.jsonl",
+    ):
         assert (out / name).is_file(), name
     assert (out / "test_confusion.png").stat().st_size > 1000
     assert "| hotel |" in (out / "report.md").read_text()
@@ -136,12 +177,31 @@ def test_full_finetune_beats_majority_then_evaluate_and_predict(tmp_path, tiny_m
     assert all(b["gold"] != b["predicted"] for b in bad)
     assert len(bad) == round((1 - metrics["test"]["accuracy"]) * metrics["test"]["n"])
     # evaluate: same model, same data, same numbers
-    assert main(["evaluate", "--model", str(out / "model"), "--data", data["test"], "--out", str(tmp_path / "ev"),
-                 "--group-column", "group"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(out / "model"),
+                "--data",
+                data["test"],
+                "--out",
+                str(tmp_path / "ev"),
+                "--group-column",
+                "group",
+            ]
+        )
+        == 0
+    )
     ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
-    assert ev["accuracy"] == pytest.approx(metrics["test"]["accuracy"]) and ev["per_group"] == metrics["test"]["per_group"]
+    assert (
+        ev["accuracy"] == pytest.approx(metrics["test"]["accuracy"]) and ev["per_group"] == metrics["test"]["per_group"]
+    )
     # predict: a file, and stdin
-    assert main(["predict", "--model", str(out / "model"), "--input", data["test"], "--out", str(tmp_path / "p.jsonl")]) == 0
+    assert (
+        main(["predict", "--model", str(out / "model"), "--input", data["test"], "--out", str(tmp_path / "p.jsonl")])
+        == 0
+    )
     preds = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert len(preds) == 45 and set(preds[0]) == {"text", "labels", "scores"}
     # finetune scores the test rows in length order and puts them back: row by row, the same as predict
@@ -159,8 +219,22 @@ def test_full_finetune_beats_majority_then_evaluate_and_predict(tmp_path, tiny_m
 
 def test_lora_trains_only_adapters_and_reloads_merged(tmp_path, tiny_model, data, capsys):
     out = tmp_path / "lora"
-    assert finetune(tiny_model, data["train"], out, "--method", "lora", "--lora-rank", "8", "--epochs", "6",
-                    "--learning-rate", "1e-2") == 0
+    assert (
+        finetune(
+            tiny_model,
+            data["train"],
+            out,
+            "--method",
+            "lora",
+            "--lora-rank",
+            "8",
+            "--epochs",
+            "6",
+            "--learning-rate",
+            "1e-2",
+        )
+        == 0
+    )
     assert "LoRA rank 8" in capsys.readouterr().out
     assert (out / "adapter" / "adapter_config.json").is_file() and (out / "model" / "config.json").is_file()
     dev = json.loads((out / "metrics.json").read_text())["dev"]
@@ -172,7 +246,9 @@ def test_lora_trains_only_adapters_and_reloads_merged(tmp_path, tiny_model, data
 
 def test_kfold_and_seeds_aggregate_mean_and_std(tmp_path, tiny_model, data):
     out = tmp_path / "cv"
-    assert finetune(tiny_model, data["train"], out, "--folds", "3", "--epochs", "2", "--early-stopping-patience", "0") == 0
+    assert (
+        finetune(tiny_model, data["train"], out, "--folds", "3", "--epochs", "2", "--early-stopping-patience", "0") == 0
+    )
     summary = json.loads((out / "summary.json").read_text())
     accs = [json.loads((out / f"fold-{k}" / "metrics.json").read_text())["held_out"]["accuracy"] for k in (1, 2, 3)]
     assert summary["evaluated_on"] == "held_out" and summary["runs"] == 3  # each fold's held-out rows, not "test"
@@ -196,14 +272,46 @@ def test_multilabel_finetune(tmp_path, tiny_model):
 
 def test_early_stopping_presets_and_bad_inputs(tmp_path, tiny_model, data, capsys):
     out = tmp_path / "es"
-    assert finetune(tiny_model, data["train"], out, "--epochs", "30", "--eval-steps", "2", "--early-stopping-patience", "2",
-                    "--learning-rate", "1e-9") == 0  # nothing improves: stops after 3 evaluations
+    assert (
+        finetune(
+            tiny_model,
+            data["train"],
+            out,
+            "--epochs",
+            "30",
+            "--eval-steps",
+            "2",
+            "--early-stopping-patience",
+            "2",
+            "--learning-rate",
+            "1e-9",
+        )
+        == 0
+    )  # nothing improves: stops after 3 evaluations
     m = json.loads((out / "metrics.json").read_text())
     assert m["steps"] == 6 and m["best_step"] == 2
     import yaml
 
-    assert main(["finetune", "--model", tiny_model, "--train", data["train"], "--out", str(tmp_path / "pre"), "--preset",
-                 "few-shot", "--epochs", "1", "--max-seq-len", "32"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--model",
+                tiny_model,
+                "--train",
+                data["train"],
+                "--out",
+                str(tmp_path / "pre"),
+                "--preset",
+                "few-shot",
+                "--epochs",
+                "1",
+                "--max-seq-len",
+                "32",
+            ]
+        )
+        == 0
+    )
     resolved = yaml.safe_load((tmp_path / "pre" / "config.yaml").read_text())
     assert resolved["epochs"] == 1 and resolved["learning_rate"] == 5e-5 and resolved["early_stopping_patience"] == 5
     capsys.readouterr()
@@ -212,19 +320,32 @@ def test_early_stopping_presets_and_bad_inputs(tmp_path, tiny_model, data, capsy
         assert main(list(args)) == 2
         return capsys.readouterr().err
 
-    assert "--epochs = 51 is out of range [1, 50]" in error("finetune", "--model", tiny_model, "--train", data["train"], "--out", "o", "--epochs", "51")
-    assert "--learning-rate = 1.0 is out of range" not in error("finetune", "--model", tiny_model, "--train", data["train"], "--out", "o", "--learning-rate", "2")
-    assert "--learning-rate = 2.0 is out of range (0, 1]" in error("finetune", "--model", tiny_model, "--train", data["train"], "--out", "o", "--learning-rate", "2")
-    assert "missing column(s) review" in error("finetune", "--model", tiny_model, "--train", data["train"], "--out", "o", "--text-column", "review")
+    assert "--epochs = 51 is out of range [1, 50]" in error(
+        "finetune", "--model", tiny_model, "--train", data["train"], "--out", "o", "--epochs", "51"
+    )
+    assert "--learning-rate = 1.0 is out of range" not in error(
+        "finetune", "--model", tiny_model, "--train", data["train"], "--out", "o", "--learning-rate", "2"
+    )
+    assert "--learning-rate = 2.0 is out of range (0, 1]" in error(
+        "finetune", "--model", tiny_model, "--train", data["train"], "--out", "o", "--learning-rate", "2"
+    )
+    assert "missing column(s) review" in error(
+        "finetune", "--model", tiny_model, "--train", data["train"], "--out", "o", "--text-column", "review"
+    )
     multi = write_jsonl(tmp_path / "multi.jsonl", make_rows(5, 4, multilabel=True))
     assert "several labels" in error("finetune", "--model", tiny_model, "--train", multi, "--out", "o")
     dev = write_jsonl(tmp_path / "dev.jsonl", [{"text": "好", "label": "sports"}])
     assert "dev.jsonl:1: label(s) ['sports'] never seen in training" in error(
-        "finetune", "--model", tiny_model, "--train", data["train"], "--out", "o", "--dev", dev)
-    assert "is not a sequence classifier" in error("evaluate", "--model", tiny_model, "--data", data["test"], "--out", "o")
+        "finetune", "--model", tiny_model, "--train", data["train"], "--out", "o", "--dev", dev
+    )
+    assert "is not a sequence classifier" in error(
+        "evaluate", "--model", tiny_model, "--data", data["test"], "--out", "o"
+    )
     clf = tmp_path / "ft"
     assert finetune(tiny_model, data["train"], clf, "--epochs", "1") == 0
-    assert "labels ['sports'] are not among the model's labels" in error("evaluate", "--model", str(clf / "model"), "--data", dev, "--out", "o")
+    assert "labels ['sports'] are not among the model's labels" in error(
+        "evaluate", "--model", str(clf / "model"), "--data", dev, "--out", "o"
+    )
 
 
 def test_unpadded_finetune_trains_like_the_padded_one(tmp_path, tokenizer, data):
@@ -235,7 +356,10 @@ def test_unpadded_finetune_trains_like_the_padded_one(tmp_path, tokenizer, data)
     model_dir = save_tiny_model(tmp_path / "nodrop", tokenizer, heads=False, dropout=0.0)
     logs = {}
     for mode in ("yes", "no"):
-        assert finetune(str(model_dir), data["train"], tmp_path / mode, "--epochs", "1", "--unpad", mode, "--no-floor") == 0
+        assert (
+            finetune(str(model_dir), data["train"], tmp_path / mode, "--epochs", "1", "--unpad", mode, "--no-floor")
+            == 0
+        )
         logs[mode] = read_log(tmp_path / mode / "log.jsonl")
     assert [(r["step"], r["split"]) for r in logs["yes"]] == [(r["step"], r["split"]) for r in logs["no"]]
     assert len(logs["yes"]) >= 3

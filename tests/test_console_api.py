@@ -38,8 +38,16 @@ def receivers():
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, tiny_model, receivers):
     home = tmp_path_factory.mktemp("console-home")
-    cfg = ConsoleConfig(home=str(home), token=TOKEN, base_models=[tiny_model], webhook_secret="s3cret",
-                        max_upload_mb=0.02, cancel_grace=2, smtp_host="127.0.0.1", smtp_port=receivers[1].port)
+    cfg = ConsoleConfig(
+        home=str(home),
+        token=TOKEN,
+        base_models=[tiny_model],
+        webhook_secret="s3cret",
+        max_upload_mb=0.02,
+        cancel_grace=2,
+        smtp_host="127.0.0.1",
+        smtp_port=receivers[1].port,
+    )
     console = Console(cfg, url="http://testserver", notify_backoff=0.2)
     with TestClient(create_app(console)) as client:
         yield client, console, home, tiny_model
@@ -51,13 +59,19 @@ def upload(client, path, name=None):
 
 
 def test_check_values_reports_every_bad_field_at_once():
-    cfg, errors = cfglib.check_values(FinetuneConfig, {"train": "t.jsonl", "out": "o", "model": "m", "epochs": 99,
-                                                       "learning_rate": "fast", "valid_ratio": 0.9})
+    cfg, errors = cfglib.check_values(
+        FinetuneConfig,
+        {"train": "t.jsonl", "out": "o", "model": "m", "epochs": 99, "learning_rate": "fast", "valid_ratio": 0.9},
+    )
     assert cfg is None
-    assert errors == {"epochs": "--epochs = 99 is out of range [1, 50]",
-                      "learning_rate": "--learning-rate: expected float, got 'fast'",
-                      "valid_ratio": "--valid-ratio = 0.9 is out of range [0.01, 0.5]"}
-    _, errors = cfglib.check_values(FinetuneConfig, {"train": "t", "out": "o", "model": "m", "method": "lora", "lora_rank": 12})
+    assert errors == {
+        "epochs": "--epochs = 99 is out of range [1, 50]",
+        "learning_rate": "--learning-rate: expected float, got 'fast'",
+        "valid_ratio": "--valid-ratio = 0.9 is out of range [0.01, 0.5]",
+    }
+    _, errors = cfglib.check_values(
+        FinetuneConfig, {"train": "t", "out": "o", "model": "m", "method": "lora", "lora_rank": 12}
+    )
     assert list(errors) == ["lora_rank"] and "8, 16, 32 or 64" in errors["lora_rank"]
 
 
@@ -83,7 +97,9 @@ def test_every_call_needs_the_token(env):
     browser = TestClient(client.app)
     first = browser.get(f"/jobs?token={TOKEN}", follow_redirects=False)
     assert first.status_code == 303 and first.headers["location"] == "/jobs"  # the token leaves the address bar
-    assert "httponly" in first.headers["set-cookie"].lower() and "samesite=strict" in first.headers["set-cookie"].lower()
+    assert (
+        "httponly" in first.headers["set-cookie"].lower() and "samesite=strict" in first.headers["set-cookie"].lower()
+    )
     assert browser.get("/jobs").status_code == 200 and browser.get("/openapi.json").status_code == 200
     # a state-changing call on the cookie alone needs the CSRF token
     assert browser.post("/api/jobs/999/cancel").status_code == 403
@@ -96,15 +112,37 @@ def test_every_call_needs_the_token(env):
 def test_bad_options_are_422_with_field_names_and_create_nothing(env):
     client, _, home, tiny = env
     train = upload(client, write_labelled(home.parent / "t422.jsonl")).json()["path"]
-    r = client.post("/api/jobs", headers=AUTH, json={"command": "finetune", "config": {
-        "model": tiny, "train": train, "epochs": 99, "batch_size": 0, "method": "lora", "lora_rank": 12,
-        "warmup_ratio": "lots", "bogus": 1, "out": "/tmp/x"}})
+    r = client.post(
+        "/api/jobs",
+        headers=AUTH,
+        json={
+            "command": "finetune",
+            "config": {
+                "model": tiny,
+                "train": train,
+                "epochs": 99,
+                "batch_size": 0,
+                "method": "lora",
+                "lora_rank": 12,
+                "warmup_ratio": "lots",
+                "bogus": 1,
+                "out": "/tmp/x",
+            },
+        },
+    )
     assert r.status_code == 422
     errors = r.json()["errors"]
     assert set(errors) == {"epochs", "batch_size", "warmup_ratio", "bogus", "out"}
     assert errors["epochs"] == "--epochs = 99 is out of range [1, 50]"
-    r = client.post("/api/jobs", headers=AUTH, json={"command": "finetune", "config": {
-        "model": tiny, "train": train, "method": "lora", "lora_rank": 12, "max_seq_len": 64}, "notify": {"webhook": "ftp://x", "email": "nope"}})
+    r = client.post(
+        "/api/jobs",
+        headers=AUTH,
+        json={
+            "command": "finetune",
+            "config": {"model": tiny, "train": train, "method": "lora", "lora_rank": 12, "max_seq_len": 64},
+            "notify": {"webhook": "ftp://x", "email": "nope"},
+        },
+    )
     assert set(r.json()["errors"]) == {"lora_rank", "notify_webhook", "notify_email"}
     assert client.get("/api/jobs", headers=AUTH).json() == []
     assert not (home / "jobs").exists()
@@ -115,7 +153,9 @@ def test_paths_outside_home_are_refused(env, tmp_path):
     outside = Path(write_labelled(tmp_path / "outside.jsonl"))
     (home / "link.jsonl").symlink_to(outside)
     for value in ("../outside.jsonl", str(outside), "link.jsonl", "datasets/../../outside.jsonl"):
-        r = client.post("/api/jobs", headers=AUTH, json={"command": "finetune", "config": {"model": tiny, "train": value}})
+        r = client.post(
+            "/api/jobs", headers=AUTH, json={"command": "finetune", "config": {"model": tiny, "train": value}}
+        )
         assert r.status_code == 422 and "outside the console's home" in r.json()["errors"]["train"], value
         r = client.post("/api/datasets/register", headers=AUTH, json={"path": value})
         assert r.status_code == 403 and "outside" in r.json()["errors"]["path"]  # a folder it may not read
@@ -143,9 +183,10 @@ def test_uploads_are_checked_sanitised_and_size_limited(env, tmp_path):
     big = b'{"text": "x", "label": "a"}\n' * 1000  # 28 KB, over the 20 KB limit
     r = client.post("/api/datasets", headers=AUTH, files={"file": ("big.jsonl", big)})
     assert r.status_code == 413
-    chunks = iter([big[i:i + 4096] for i in range(0, len(big), 4096)])  # no Content-Length: counted as it streams
-    r = client.post("/api/datasets?filename=big.jsonl", headers={**AUTH, "Content-Type": "application/octet-stream"},
-                    content=chunks)
+    chunks = iter([big[i : i + 4096] for i in range(0, len(big), 4096)])  # no Content-Length: counted as it streams
+    r = client.post(
+        "/api/datasets?filename=big.jsonl", headers={**AUTH, "Content-Type": "application/octet-stream"}, content=chunks
+    )
     assert r.status_code == 413
     r = client.post("/api/datasets", headers=AUTH, files={"file": ("model.bin", b"\x00\x01")})
     assert r.status_code == 422 and "unsupported file type" in r.json()["errors"]["file"]
@@ -163,15 +204,27 @@ def test_finetune_job_runs_registers_its_model_and_notifies(env, receivers):
     client, console, home, tiny = env
     hook, smtp = receivers
     train = upload(client, write_labelled(home.parent / "train.jsonl")).json()["path"]
-    r = client.post("/api/jobs", headers=AUTH, json={
-        "command": "finetune", "name": "sentiment <b>v1</b>", "config": {"model": tiny, "train": train, **FAST_FINETUNE},
-        "notify": {"webhook": hook.url, "email": "team@example.org"}})
+    r = client.post(
+        "/api/jobs",
+        headers=AUTH,
+        json={
+            "command": "finetune",
+            "name": "sentiment <b>v1</b>",
+            "config": {"model": tiny, "train": train, **FAST_FINETUNE},
+            "notify": {"webhook": hook.url, "email": "team@example.org"},
+        },
+    )
     assert r.status_code == 201, r.text
     job = r.json()
     assert Path(job["folder"], "job.yaml").is_file()
     assert cfglib.load(FinetuneConfig, str(Path(job["folder"], "job.yaml"))).epochs == 1  # the CLI reads it back
-    done = wait_for(lambda: (j := client.get(f"/api/jobs/{job['id']}", headers=AUTH).json())["status"]
-                    not in ("queued", "running") and j, what="the job to finish")
+    done = wait_for(
+        lambda: (
+            (j := client.get(f"/api/jobs/{job['id']}", headers=AUTH).json())["status"] not in ("queued", "running")
+            and j
+        ),
+        what="the job to finish",
+    )
     assert done["status"] == "succeeded", client.get(f"/api/jobs/{job['id']}/log", headers=AUTH).text
     assert done["progress"]["fraction"] == 1.0 and done["progress"]["steps"] == 4
     assert done["headline"]["name"] == "accuracy (dev)" and 0 <= done["headline"]["value"] <= 1
@@ -183,7 +236,9 @@ def test_finetune_job_runs_registers_its_model_and_notifies(env, receivers):
     assert model["kind"] == "classifier" and model["path"] == str(Path(job["folder"]) / "model")
     assert [n["type"] for n in model["lineage"]] == ["base", "job", "model"] and model["lineage"][0]["name"] == tiny
     assert model["size_bytes"] > 0 and "dev accuracy" in model["metrics"]
-    preds = client.post(f"/api/models/{model['id']}/predict", headers=AUTH, json={"texts": ["酒店很好", "the hotel"]}).json()
+    preds = client.post(
+        f"/api/models/{model['id']}/predict", headers=AUTH, json={"texts": ["酒店很好", "the hotel"]}
+    ).json()
     assert [p["text"] for p in preds] == ["酒店很好", "the hotel"]
     for p in preds:
         assert p["labels"][0] in ("neg", "pos") and p["labels"][0] == p["scores"][0]["label"]
@@ -204,17 +259,28 @@ def test_finetune_job_runs_registers_its_model_and_notifies(env, receivers):
     assert ok["job"]["url"] == f"http://testserver/jobs/{job['id']}"
     wait_for(lambda: len(smtp.messages) == 2, 20, what="e-mails")
     mails = {message_from_bytes(m.content, policy=policy.default)["Subject"].strip(): m for m in smtp.messages}
-    assert set(mails) == {"[domainlm] job 1 'sentiment <b>v1</b>' started",
-                          f"[domainlm] job 1 'sentiment <b>v1</b>' succeeded: {ok['metric']['name']} = {ok['metric']['value']}"}
+    assert set(mails) == {
+        "[domainlm] job 1 'sentiment <b>v1</b>' started",
+        f"[domainlm] job 1 'sentiment <b>v1</b>' succeeded: {ok['metric']['name']} = {ok['metric']['value']}",
+    }
     assert smtp.messages[0].rcpt_tos == ["team@example.org"]
 
     # a second job from this model: lineage goes through it; cancel stops its whole process group
-    r = client.post("/api/jobs", headers=AUTH, json={"command": "finetune", "name": "second", "config": {
-        "model": f"model:{model['id']}", "train": train, **FAST_FINETUNE, "epochs": 50}})
+    r = client.post(
+        "/api/jobs",
+        headers=AUTH,
+        json={
+            "command": "finetune",
+            "name": "second",
+            "config": {"model": f"model:{model['id']}", "train": train, **FAST_FINETUNE, "epochs": 50},
+        },
+    )
     second = r.json()
     assert second["base_model_id"] == model["id"] and second["config"]["model"] == model["path"]
-    running = wait_for(lambda: (j := client.get(f"/api/jobs/{second['id']}", headers=AUTH).json())["status"] == "running"
-                       and j, what="the second job to start")
+    running = wait_for(
+        lambda: (j := client.get(f"/api/jobs/{second['id']}", headers=AUTH).json())["status"] == "running" and j,
+        what="the second job to start",
+    )
     with console.sessions() as s:
         from domainlm.console.db import Job
 
@@ -222,8 +288,11 @@ def test_finetune_job_runs_registers_its_model_and_notifies(env, receivers):
     assert os.getpgid(pgid) == pgid  # its own process group
     assert client.delete(f"/api/models/{model['id']}?confirm=true", headers=AUTH).status_code == 409  # in use
     assert client.post(f"/api/jobs/{second['id']}/cancel", headers=AUTH).json()["status"] == "running"
-    final = wait_for(lambda: (j := client.get(f"/api/jobs/{second['id']}", headers=AUTH).json())["status"] == "cancelled"
-                     and j, 30, what="the cancel")
+    final = wait_for(
+        lambda: (j := client.get(f"/api/jobs/{second['id']}", headers=AUTH).json())["status"] == "cancelled" and j,
+        30,
+        what="the cancel",
+    )
     assert final["resumable"] and client.post(f"/api/jobs/{second['id']}/cancel", headers=AUTH).status_code == 409
     with pytest.raises(ProcessLookupError):
         os.killpg(pgid, 0)

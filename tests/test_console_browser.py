@@ -15,23 +15,47 @@ from pathlib import Path
 import pytest
 
 CHROMIUM = "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
-                                reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)")
+pytestmark = pytest.mark.skipif(
+    not Path(CHROMIUM).exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)"
+)
 pytest.importorskip("fastapi")
 sync_api = pytest.importorskip("playwright.sync_api")
 
 from tests.console_support import free_port, wait_for, write_labelled  # noqa: E402
 
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 TOKEN = "browser-test-token"
 
 
 def start_server(home: Path, port: int, tiny_model: str) -> subprocess.Popen:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "domainlm.cli", "console", "--home", str(home), "--port", str(port), "--token", TOKEN,
-         "--base-models", tiny_model, "--cancel-grace", "3"],
-        stdout=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        [
+            sys.executable,
+            "-m",
+            "domainlm.cli",
+            "console",
+            "--home",
+            str(home),
+            "--port",
+            str(port),
+            "--token",
+            TOKEN,
+            "--base-models",
+            tiny_model,
+            "--cancel-grace",
+            "3",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     line = proc.stdout.readline()
     assert line.startswith("domainlm console: http://127.0.0.1:"), line
     return proc
@@ -151,7 +175,11 @@ def test_train_watch_try_cancel_and_restart_in_the_browser(tmp_path, tiny_model)
             # my models: lineage, then try it
             page.click("text=My models")
             row = page.locator("tr[data-model='1']")
-            assert [s.strip() for s in row.locator(".lineage").inner_text().split("→")] == [Path(tiny_model).name, "job 1", "reviews sentiment"]
+            assert [s.strip() for s in row.locator(".lineage").inner_text().split("→")] == [
+                Path(tiny_model).name,
+                "job 1",
+                "reviews sentiment",
+            ]
             page.screenshot(path=str(shots / "models.png"))
             row.locator("text=Try").click()
             page.fill("#f-text", "酒店的服务非常好\nthe schedule slipped")
@@ -163,7 +191,9 @@ def test_train_watch_try_cancel_and_restart_in_the_browser(tmp_path, tiny_model)
 
             # a second job, cloned; the console restarts while it runs; then it is cancelled
             page.goto(f"{base}/jobs/new?clone=1")
-            assert page.input_value("#f-name") == "reviews sentiment (copy)" and page.input_value("#f-max_seq_len") == "32"
+            assert (
+                page.input_value("#f-name") == "reviews sentiment (copy)" and page.input_value("#f-max_seq_len") == "32"
+            )
             assert page.input_value("#f-processes") == "2"  # the devices are cloned too
             page.fill("#f-processes", "1")
             page.fill("#f-epochs", "50")
@@ -178,8 +208,9 @@ def test_train_watch_try_cancel_and_restart_in_the_browser(tmp_path, tiny_model)
             page.click("#cancel")
             # the page redraws itself once the state changes: wait for the redrawn one, not the text before it
             page.locator("#job[data-status='cancelled']").wait_for(timeout=30_000)
-            assert questions == ["Cancel job 2 (reviews sentiment (copy))? Its process is stopped; Retry starts it "
-                                 "over."]
+            assert questions == [
+                "Cancel job 2 (reviews sentiment (copy))? Its process is stopped; Retry starts it over."
+            ]
             assert page.locator("#retry").inner_text() == "Retry"
             assert wait_for(lambda: not job_group_alive(home, 2), 10, what="job 2's process group to end")
             # Retry: the new attempt starts from 0, not from where the cancelled one stopped
@@ -190,7 +221,10 @@ def test_train_watch_try_cancel_and_restart_in_the_browser(tmp_path, tiny_model)
             # the page redraws itself once the state changes: wait for the redrawn one, not the text before it
             page.locator("#job[data-status='cancelled']").wait_for(timeout=30_000)
             page.goto(f"{base}/jobs")
-            assert [s.inner_text() for s in page.query_selector_all("#jobs [data-field=status]")] == ["cancelled", "succeeded"]
+            assert [s.inner_text() for s in page.query_selector_all("#jobs [data-field=status]")] == [
+                "cancelled",
+                "succeeded",
+            ]
             page.screenshot(path=str(shots / "jobs.png"))
             browser.close()
     finally:

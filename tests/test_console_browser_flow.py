@@ -30,9 +30,11 @@ from tests.console_support import free_port, write_labelled  # noqa: E402
 
 
 def wait_status(page, status: str, timeout: int) -> None:
-    page.wait_for_function(f"document.getElementById('status').textContent === '{status}' || "
-                           "['failed', 'cancelled', 'interrupted'].includes(document.getElementById('status').textContent)",
-                           timeout=timeout)
+    page.wait_for_function(
+        f"document.getElementById('status').textContent === '{status}' || "
+        "['failed', 'cancelled', 'interrupted'].includes(document.getElementById('status').textContent)",
+        timeout=timeout,
+    )
     assert page.inner_text("#status") == status, page.inner_text("#error")
 
 
@@ -46,8 +48,24 @@ def test_own_model_to_endpoint_in_the_browser(tmp_path, tiny_model, corpus_dir):
     home, port = tmp_path / "home", free_port()
     base = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
-        [sys.executable, "-m", "domainlm.cli", "console", "--home", str(home), "--port", str(port), "--token", TOKEN,
-         "--import-roots", str(shared)], stdout=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        [
+            sys.executable,
+            "-m",
+            "domainlm.cli",
+            "console",
+            "--home",
+            str(home),
+            "--port",
+            str(port),
+            "--token",
+            TOKEN,
+            "--import-roots",
+            str(shared),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert server.stdout.readline().startswith("domainlm console: http://127.0.0.1:")
     try:
         with sync_api.sync_playwright() as p:
@@ -83,11 +101,19 @@ def test_own_model_to_endpoint_in_the_browser(tmp_path, tiny_model, corpus_dir):
             page.fill("#f-max_steps", "4")
             page.click("#create")
             error = page.locator("#field-max_seq_len .error")
-            assert error.inner_text() == "max seq len 512 exceeds what the model bert-tiny-zh can take (64 positions); use max seq len 64 or less"
+            assert error.inner_text() == (
+                "max seq len 512 exceeds what the model bert-tiny-zh can take (64 positions); "
+                "use max seq len 64 or less"
+            )
             page.locator("#field-max_seq_len").screenshot(path=str(shots / "field-error.png"))
             assert page.evaluate("fetch('/api/jobs').then(r => r.json())") == []  # nothing was created
-            for field, value in (("max_seq_len", "64"), ("batch_size", "4"), ("save_steps", "2"), ("eval_steps", "2"),
-                                 ("checkpoint_steps", "2")):
+            for field, value in (
+                ("max_seq_len", "64"),
+                ("batch_size", "4"),
+                ("save_steps", "2"),
+                ("eval_steps", "2"),
+                ("checkpoint_steps", "2"),
+            ):
                 page.fill(f"#f-{field}", value)
             page.click("summary:has-text('Advanced options')")
             page.fill("#f-logging_freq", "1")
@@ -98,7 +124,10 @@ def test_own_model_to_endpoint_in_the_browser(tmp_path, tiny_model, corpus_dir):
             page.wait_for_url(f"{base}/jobs/1")
             wait_status(page, "succeeded", 120_000)
             assert [r.inner_text().split("\t")[0] for r in page.query_selector_all("#models tbody tr")] == [
-                "酒店评论领域 step-000002", "酒店评论领域 step-000004", "酒店评论领域 final"]
+                "酒店评论领域 step-000002",
+                "酒店评论领域 step-000004",
+                "酒店评论领域 final",
+            ]
 
             # a sweep over the base model and both snapshots, 2 seeds
             page.goto(f"{base}/jobs/new?command=sweep")
@@ -125,8 +154,10 @@ def test_own_model_to_endpoint_in_the_browser(tmp_path, tiny_model, corpus_dir):
 
             # compare a snapshot's classifier with the base model's (settings and curves)
             page.click("text=My models")
-            names = {r.get_attribute("data-model"): r.query_selector_all("td")[1].inner_text().split("\n")[0]
-                     for r in page.query_selector_all("#models tr[data-model]")}
+            names = {
+                r.get_attribute("data-model"): r.query_selector_all("td")[1].inner_text().split("\n")[0]
+                for r in page.query_selector_all("#models tr[data-model]")
+            }
             a = next(i for i, n in names.items() if n == "which checkpoint 酒店评论领域 step-000004 seed-1")
             b = next(i for i, n in names.items() if n == "which checkpoint 酒店评论领域 base seed-1")
             c = next(i for i, n in names.items() if n == "which checkpoint 酒店评论领域 step-000002 seed-2")
@@ -134,9 +165,16 @@ def test_own_model_to_endpoint_in_the_browser(tmp_path, tiny_model, corpus_dir):
             page.check(f"tr[data-model='{a}'] input[type=checkbox]")
             page.check(f"tr[data-model='{b}'] input[type=checkbox]")
             page.click("#compare")
-            assert [c.inner_text() for c in page.query_selector_all("tr[data-setting='method'] td")] == ["method", "full", "full"]
+            assert [c.inner_text() for c in page.query_selector_all("tr[data-setting='method'] td")] == [
+                "method",
+                "full",
+                "full",
+            ]
             assert [c.inner_text() for c in page.query_selector_all("tr[data-setting='base'] td")] == [
-                "base", "酒店评论领域 step-000004", "bert-tiny-zh"]  # my models by their names, not their folders
+                "base",
+                "酒店评论领域 step-000004",
+                "bert-tiny-zh",
+            ]  # my models by their names, not their folders
             assert int(page.get_attribute("#chart-compare-metric", "data-points")) == 2  # one validation point each
             assert int(page.get_attribute("#chart-compare-loss", "data-points")) > 2
             assert "Paired test" in page.inner_text("#paired-test") and "| method |" in page.inner_text("#markdown")
@@ -165,8 +203,11 @@ def test_own_model_to_endpoint_in_the_browser(tmp_path, tiny_model, corpus_dir):
             page.click("#start-endpoint")
             page.wait_for_function("document.getElementById('endpoint-state').textContent === 'ready'", timeout=60_000)
             url, token = page.inner_text("#endpoint-url"), page.inner_text("#endpoint-token")
-            request = urllib.request.Request(url + "/predict", data=json.dumps({"text": ["酒店的服务非常好"]}).encode(),
-                                             headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+            request = urllib.request.Request(
+                url + "/predict",
+                data=json.dumps({"text": ["酒店的服务非常好"]}).encode(),
+                headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+            )
             answer = json.loads(urllib.request.urlopen(request, timeout=30).read())
             assert answer["predictions"][0]["labels"][0] in ("neg", "pos")
             page.wait_for_function("document.getElementById('endpoint-metrics').textContent.includes('\"200\": 1')")

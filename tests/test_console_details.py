@@ -38,8 +38,14 @@ def idle(tmp_path, tiny_model):
 
 
 def _job(client, tiny, train, **config):
-    r = client.post("/api/jobs", json={"command": "finetune", "name": "j", "config": {
-        "model": tiny, "train": train["path"], "max_seq_len": 64, **config}})
+    r = client.post(
+        "/api/jobs",
+        json={
+            "command": "finetune",
+            "name": "j",
+            "config": {"model": tiny, "train": train["path"], "max_seq_len": 64, **config},
+        },
+    )
     assert r.status_code == 201, r.text
     return r.json()
 
@@ -54,8 +60,12 @@ def test_an_upload_names_every_bad_row_by_line_invalid_json_included(idle, tmp_p
     (tmp_path / "rows.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
     r = client.post("/api/datasets", files={"file": ("rows.jsonl", open(tmp_path / "rows.jsonl", "rb"))})
     assert r.status_code == 201, r.text
-    assert r.json()["bad_rows"] == [[2, "not valid JSON"], [4, "expected a JSON object"], [7, "empty text"],
-                                    [33, "not valid JSON"]]
+    assert r.json()["bad_rows"] == [
+        [2, "not valid JSON"],
+        [4, "expected a JSON object"],
+        [7, "empty text"],
+        [33, "not valid JSON"],
+    ]
     assert r.json()["rows"] == 29
     page = client.get(f"/datasets/{r.json()['id']}", headers={"Accept-Language": "zh-CN"}).text
     assert "不是有效的 JSON" in page and "应为 JSON 对象" in page
@@ -71,10 +81,22 @@ def test_the_log_panel_leaves_out_each_warning_with_its_source_line(idle):
     client, console, home, train, tiny = idle
     job = _job(client, tiny, train)
     lines = [f"[train] step {i} loss=0.{i}" for i in range(1, 6)]
-    (Path(job["folder"]) / "job.log").write_text("\n".join([
-        lines[0], "/venv/lib/python3.11/site-packages/domainlm/sweep/summary.py:309: UserWarning: Glyph 27169 missing",
-        "  fig.tight_layout()", lines[1], "/x/y.py:12: FutureWarning: `foo` is deprecated", "  warnings.warn(",
-        lines[2], "Map: 100%|██████████| 32/32 [00:00<00:00]", "  indented output of the job itself", *lines[3:]]))
+    (Path(job["folder"]) / "job.log").write_text(
+        "\n".join(
+            [
+                lines[0],
+                "/venv/lib/python3.11/site-packages/domainlm/sweep/summary.py:309: UserWarning: Glyph 27169 missing",
+                "  fig.tight_layout()",
+                lines[1],
+                "/x/y.py:12: FutureWarning: `foo` is deprecated",
+                "  warnings.warn(",
+                lines[2],
+                "Map: 100%|██████████| 32/32 [00:00<00:00]",
+                "  indented output of the job itself",
+                *lines[3:],
+            ]
+        )
+    )
     tail = client.get(f"/api/jobs/{job['id']}/log").text.splitlines()
     assert tail == [*lines[:3], "  indented output of the job itself", *lines[3:]]
 
@@ -83,8 +105,9 @@ def test_a_retried_job_shows_no_progress_of_the_attempt_before(idle):
     client, console, home, train, tiny = idle
     job = _job(client, tiny, train)
     folder = Path(job["folder"])
-    (folder / "log.jsonl").write_text("".join(json.dumps({"step": s, "split": "train", "loss": 0.5}) + "\n"
-                                              for s in range(1, 22)))
+    (folder / "log.jsonl").write_text(
+        "".join(json.dumps({"step": s, "split": "train", "loss": 0.5}) + "\n" for s in range(1, 22))
+    )
     old = time.time() - 60
     os.utime(folder / "log.jsonl", (old, old))
     with console.sessions() as s:  # the first attempt failed at step 21; the retry has just started
@@ -101,11 +124,16 @@ def test_a_retried_job_shows_no_progress_of_the_attempt_before(idle):
         j = s.get(Job, job["id"])
         j.command, j.config, j.progress_base = "pretrain", {**j.config, "max_steps": 100}, 20
         s.commit()
-    (folder / "log.jsonl").write_text("".join(json.dumps({"step": s, "split": "train", "loss": 0.5}) + "\n"
-                                              for s in range(1, 21)))
+    (folder / "log.jsonl").write_text(
+        "".join(json.dumps({"step": s, "split": "train", "loss": 0.5}) + "\n" for s in range(1, 21))
+    )
     os.utime(folder / "log.jsonl", (old, old))
-    assert client.get(f"/api/jobs/{job['id']}").json()["progress"] == {"steps": 20, "total": 100, "fraction": 0.2,
-                                                                      "eta_s": None}
+    assert client.get(f"/api/jobs/{job['id']}").json()["progress"] == {
+        "steps": 20,
+        "total": 100,
+        "fraction": 0.2,
+        "eta_s": None,
+    }
     with open(folder / "log.jsonl", "a") as f:
         f.write(json.dumps({"step": 22, "split": "train", "loss": 0.5}) + "\n")
     eta = client.get(f"/api/jobs/{job['id']}").json()["progress"]["eta_s"]
@@ -127,43 +155,74 @@ def test_required_selects_start_empty_and_a_linear_model_has_no_learning_rate(id
         form = client.get(f"/jobs/new?command={command}").text
         train_select = re.search(r'<select name="train" id="f-train" >(.*?)</select>', form, re.S).group(1)
         assert train_select.lstrip().startswith('<option value="">(choose a dataset)</option>'), command
-        assert 'selected' not in train_select and "bad.jsonl · 30 rows · 2 bad rows" in train_select
+        assert "selected" not in train_select and "bad.jsonl · 30 rows · 2 bad rows" in train_select
     r = client.post("/jobs/new", data={"csrf": console.csrf, "command": "finetune", "model": tiny, "train": ""})
     assert r.status_code == 422 and "train: a value is required" in r.text
     # a linear model in compare: its method, seed and data; no learning rate, epochs, batch or length
     run = home / "jobs" / "linear-run"
     run.mkdir(parents=True)
-    (run / "config.yaml").write_text("method: linear\nlearning_rate: 3.0e-05\nepochs: 3\nseeds: [1]\n"
-                                     "train: x/train.jsonl\n")
+    (run / "config.yaml").write_text(
+        "method: linear\nlearning_rate: 3.0e-05\nepochs: 3\nseeds: [1]\ntrain: x/train.jsonl\n"
+    )
     with console.sessions() as s:
         s.add(Model(name="tfidf", kind="linear", path="jobs/linear-run", metrics={"dev accuracy": 0.5}))
         s.commit()
     table = client.get("/api/models/compare?ids=1").json()
-    assert table["settings"][0] == {"method": "linear", "LoRA rank": "", "learning rate": "", "epochs": "",
-                                    "batch size": "", "max seq len": "", "seed": "1", "base": "", "data": "train.jsonl"}
-    assert '<tr data-setting="learning rate"><td class="what">learning rate</td><td>–</td></tr>' in client.get(
-        "/models/compare?ids=1").text
+    assert table["settings"][0] == {
+        "method": "linear",
+        "LoRA rank": "",
+        "learning rate": "",
+        "epochs": "",
+        "batch size": "",
+        "max seq len": "",
+        "seed": "1",
+        "base": "",
+        "data": "train.jsonl",
+    }
+    assert (
+        '<tr data-setting="learning rate"><td class="what">learning rate</td><td>–</td></tr>'
+        in client.get("/models/compare?ids=1").text
+    )
 
 
 def test_a_distillation_job_shows_its_table_not_markdown_in_the_log(idle, tmp_path):
     client, console, home, train, tiny = idle
     job = _job(client, tiny, train)
     folder = Path(job["folder"])
-    result = {"metric": "accuracy", "split": "test", "seeds": [1, 2], "speedup": 3.25,
-              "speed_texts_per_s": {"teacher": 100.0, "student": 325.0},
-              "models": {"teacher": {"mean": 0.9, "std": 0.0, "per_seed": [0.9, 0.9]},
-                         "student": {"mean": 0.85, "std": 0.01, "per_seed": [0.84, 0.86]},
-                         "floor": {"mean": 0.7, "std": 0.0, "per_seed": [0.7]}},
-              "student_vs_floor": {"difference": 0.15, "ci95": [0.1, 0.2], "p_value": 0.001, "p_holm": 0.001,
-                                   "seeds": [2, 1], "rows": 40}}
+    result = {
+        "metric": "accuracy",
+        "split": "test",
+        "seeds": [1, 2],
+        "speedup": 3.25,
+        "speed_texts_per_s": {"teacher": 100.0, "student": 325.0},
+        "models": {
+            "teacher": {"mean": 0.9, "std": 0.0, "per_seed": [0.9, 0.9]},
+            "student": {"mean": 0.85, "std": 0.01, "per_seed": [0.84, 0.86]},
+            "floor": {"mean": 0.7, "std": 0.0, "per_seed": [0.7]},
+        },
+        "student_vs_floor": {
+            "difference": 0.15,
+            "ci95": [0.1, 0.2],
+            "p_value": 0.001,
+            "p_holm": 0.001,
+            "seeds": [2, 1],
+            "rows": 40,
+        },
+    }
     (folder / "distill.json").write_text(json.dumps(result))
     with console.sessions() as s:
         j = s.get(Job, job["id"])
         j.command, j.status = "distill", "succeeded"
         s.commit()
     detail = client.get(f"/api/jobs/{job['id']}").json()
-    assert detail["headline"] == {"name": "accuracy (test, mean of 2)", "value": 0.85, "metric": "accuracy",
-                                  "split": "test", "runs": 2, "floor": 0.7}
+    assert detail["headline"] == {
+        "name": "accuracy (test, mean of 2)",
+        "value": 0.85,
+        "metric": "accuracy",
+        "split": "test",
+        "runs": 2,
+        "floor": 0.7,
+    }
     page = client.get(f"/jobs/{job['id']}").text
     rows = re.findall(r"<tr><td>(\w+)</td><td class=\"num( best)?\">([\d.]+) ± ([\d.]+)</td>", page)
     assert rows == [("teacher", " best", "90.0", "0.0"), ("student", "", "85.0", "1.0"), ("floor", "", "70.0", "0.0")]
@@ -189,7 +248,8 @@ def test_ids_and_methods_are_answered_as_the_schema_says(idle):
     assert client.post("/api/models/register", json={"path": "no/such/folder"}).status_code == 404
     assert client.post("/api/models/register", json={"path": "/etc"}).status_code == 403
     assert client.post("/api/datasets/register", json={"path": "a\x00b"}).status_code == 404
-    r = client.post("/api/models/upload", content=b"--x\r\n5--x--\r\n",
-                    headers={"Content-Type": "multipart/form-data; boundary=x"})
+    r = client.post(
+        "/api/models/upload", content=b"--x\r\n5--x--\r\n", headers={"Content-Type": "multipart/form-data; boundary=x"}
+    )
     assert r.status_code == 422 and "not a well-formed multipart form" in r.json()["errors"]["file"]
     assert client.post("/api/models/1/predict", json={"texts": ["  "]}).status_code == 422  # the schema says no blank

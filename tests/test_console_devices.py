@@ -69,11 +69,11 @@ def _state(sessions, job_id):
 
 def test_jobs_start_when_their_gpus_are_free_each_with_its_own(queue_env):
     sessions, runner, add, home = queue_env
-    a = add([0])          # GPU 0
-    b = add([0])          # GPU 0 too: waits for a
-    c = add(None)         # any free GPU: GPU 1
-    d = add([])           # the CPU: one CPU-only job at a time
-    e = add([])           # waits for d
+    a = add([0])  # GPU 0
+    b = add([0])  # GPU 0 too: waits for a
+    c = add(None)  # any free GPU: GPU 1
+    d = add([])  # the CPU: one CPU-only job at a time
+    e = add([])  # waits for d
     f = add([1], command="finetune")  # GPU 1 is c's
     with sessions() as s:
         plan = runner.plan(s)
@@ -90,8 +90,11 @@ def test_jobs_start_when_their_gpus_are_free_each_with_its_own(queue_env):
     assert _state(sessions, a)[0] == "succeeded" and [_state(sessions, j)[0] for j in (e, f)] == ["queued"] * 2
     for j in (b, c, d):
         (home / "jobs" / str(j) / "finish").touch()
-    wait_for(lambda: _state(sessions, f) == ("running", [1]) and _state(sessions, e) == ("running", []), 20,
-             what="the last two")
+    wait_for(
+        lambda: _state(sessions, f) == ("running", [1]) and _state(sessions, e) == ("running", []),
+        20,
+        what="the last two",
+    )
     for j in (e, f):
         (home / "jobs" / str(j) / "finish").touch()
     wait_for(lambda: all(_state(sessions, j)[0] == "succeeded" for j in (a, b, c, d, e, f)), 20, what="all six")
@@ -101,7 +104,7 @@ def test_a_waiting_job_keeps_its_gpus_from_the_jobs_behind_it(queue_env):
     sessions, runner, add, home = queue_env
     first = add([0])
     both = add([0, 1], processes=2)  # waits for GPU 0; GPU 1 is kept for it
-    later = add([1])                 # would fit on GPU 1 now, but must not overtake `both` for ever
+    later = add([1])  # would fit on GPU 1 now, but must not overtake `both` for ever
     with sessions() as s:
         plan = runner.plan(s)
     assert plan[first][0] and plan[both] == (False, {"gpus": {0: first}, "need": 2})
@@ -124,12 +127,16 @@ def test_more_than_one_process_runs_under_torchrun(queue_env):
 @pytest.fixture
 def console_env(tmp_path, tiny_model):
     home = tmp_path / "home"
-    console = Console(ConsoleConfig(home=str(home), token="t", base_models=[tiny_model]),
-                      machine=Machine(home, TWO_GPUS[:1]))
+    console = Console(
+        ConsoleConfig(home=str(home), token="t", base_models=[tiny_model]), machine=Machine(home, TWO_GPUS[:1])
+    )
     client = TestClient(create_app(console))
     client.get("/?token=t")
-    train = client.post("/api/datasets", headers={"X-CSRF-Token": console.csrf},
-                        files={"file": ("t.jsonl", open(write_labelled(tmp_path / "t.jsonl"), "rb"))}).json()
+    train = client.post(
+        "/api/datasets",
+        headers={"X-CSRF-Token": console.csrf},
+        files={"file": ("t.jsonl", open(write_labelled(tmp_path / "t.jsonl"), "rb"))},
+    ).json()
     yield client, console, train["path"], tiny_model
     console.stop()
 
@@ -146,12 +153,18 @@ def test_devices_are_checked_against_the_machine_at_creation(console_env):
     assert errors(gpus=[3]) == (422, {"gpus": "GPU 3 is not on this machine (it has 1: 0)"})
     assert errors(gpus=[0], processes=2) == (422, {"processes": "1 GPU(s) run 1 process(es), one per GPU, not 2"})
     assert errors(processes=2) == (422, {"processes": "2 processes need 2 GPUs, one each; this machine has 1"})
-    assert errors(gpus=[], processes=999) == (422, {"processes": f"999 processes on the CPU: this machine has "
-                                                                 f"{os.cpu_count()} cores"})
-    r = client.post("/api/jobs", headers=csrf, json={"command": "prepare", "processes": 2, "gpus": [0],
-                                                     "config": {"input": [train], "tokenizer": tiny}})
-    assert r.json()["errors"]["processes"] == ("a prepare job runs as one process; more than one is for finetune, "
-                                               "pretrain and distill")
+    assert errors(gpus=[], processes=999) == (
+        422,
+        {"processes": f"999 processes on the CPU: this machine has {os.cpu_count()} cores"},
+    )
+    r = client.post(
+        "/api/jobs",
+        headers=csrf,
+        json={"command": "prepare", "processes": 2, "gpus": [0], "config": {"input": [train], "tokenizer": tiny}},
+    )
+    assert r.json()["errors"]["processes"] == (
+        "a prepare job runs as one process; more than one is for finetune, pretrain and distill"
+    )
     assert r.json()["errors"]["gpus"] == "a prepare job runs on the CPU"
     assert client.get("/api/jobs").json() == []  # nothing was created
     ok = client.post("/api/jobs", headers=csrf, json={**base, "gpus": [0]}).json()
@@ -159,8 +172,18 @@ def test_devices_are_checked_against_the_machine_at_creation(console_env):
     # the form: the machine's GPUs to tick, a field error beside the devices
     form = client.get("/jobs/new").text
     assert 'id="f-gpu-0"' in form and "NVIDIA H100 80GB HBM3" in form and 'name="processes"' in form
-    r = client.post("/jobs/new", data={"csrf": console.csrf, "command": "finetune", "model": tiny, "train": train,
-                                       "max_seq_len": "64", "gpus_mode": "pick", "processes": "two"})
+    r = client.post(
+        "/jobs/new",
+        data={
+            "csrf": console.csrf,
+            "command": "finetune",
+            "model": tiny,
+            "train": train,
+            "max_seq_len": "64",
+            "gpus_mode": "pick",
+            "processes": "two",
+        },
+    )
     assert r.status_code == 422
     assert "tick at least one GPU, or choose any free GPU or the CPU" in r.text
     assert "processes: expected a whole number, got &#39;two&#39;" in r.text
@@ -170,8 +193,12 @@ def test_the_queue_is_shown_in_order_and_can_be_reordered(console_env):
     client, console, train, tiny = console_env
     csrf = {"X-CSRF-Token": console.csrf}
     config = {"model": tiny, "train": train, "max_seq_len": 64}
-    ids = [client.post("/api/jobs", headers=csrf, json={"command": "finetune", "name": f"job {n}", "gpus": [0],
-                                                        "config": config}).json()["id"] for n in range(3)]
+    ids = [
+        client.post(
+            "/api/jobs", headers=csrf, json={"command": "finetune", "name": f"job {n}", "gpus": [0], "config": config}
+        ).json()["id"]
+        for n in range(3)
+    ]
     with console.sessions() as s:  # the first one runs on GPU 0 (as the runner would have started it)
         j = s.get(Job, ids[0])
         j.status, j.devices = "running", [0]
@@ -203,8 +230,11 @@ def test_the_machine_is_on_its_page_and_on_every_job_page(console_env):
     assert m["memory"]["total"] > 0 and m["gpus"][0]["name"] == "NVIDIA H100 80GB HBM3" and m["gpus"][0]["job"] is None
     page = client.get("/resources").text
     assert "NVIDIA H100 80GB HBM3" in page and "1.0 GiB of 80.0 GiB" in page
-    job = client.post("/api/jobs", headers={"X-CSRF-Token": console.csrf}, json={"command": "finetune", "config": {
-        "model": tiny, "train": train, "max_seq_len": 64}}).json()
+    job = client.post(
+        "/api/jobs",
+        headers={"X-CSRF-Token": console.csrf},
+        json={"command": "finetune", "config": {"model": tiny, "train": train, "max_seq_len": 64}},
+    ).json()
     assert 'id="machine"' in client.get(f"/jobs/{job['id']}").text
     # without a GPU (NVML finds none here): said so, on the page and in the form
     console.machine = console.runner.machine = Machine(console.home)

@@ -30,8 +30,11 @@ def idle(tmp_path, tiny_model, corpus_dir):
     console = Console(ConsoleConfig(home=str(home), token=TOKEN, base_models=[tiny_model]))
     client = TestClient(create_app(console))
     client.get(f"/?token={TOKEN}")
-    train = client.post("/api/datasets", headers={"X-CSRF-Token": console.csrf},
-                        files={"file": ("train.jsonl", open(write_labelled(tmp_path / "train.jsonl"), "rb"))}).json()
+    train = client.post(
+        "/api/datasets",
+        headers={"X-CSRF-Token": console.csrf},
+        files={"file": ("train.jsonl", open(write_labelled(tmp_path / "train.jsonl"), "rb"))},
+    ).json()
     shutil.copytree(corpus_dir, home / "store")
     corpus = client.post("/api/datasets/register", headers=AUTH, json={"path": "store"}).json()
     yield client, console, home, train, corpus, tiny_model
@@ -45,12 +48,25 @@ def _field_error(html: str, name: str) -> str | None:
 
 def test_every_start_up_check_is_a_field_error_at_creation_all_at_once(idle):
     client, console, home, train, corpus, tiny = idle
-    r = client.post("/jobs/new", data={"csrf": console.csrf, "command": "pretrain", "model": tiny, "corpus": corpus["path"],
-                                       "max_seq_len": "512", "max_steps": "0", "batch_size": "4",
-                                       "global_batch_size": "6"})
+    r = client.post(
+        "/jobs/new",
+        data={
+            "csrf": console.csrf,
+            "command": "pretrain",
+            "model": tiny,
+            "corpus": corpus["path"],
+            "max_seq_len": "512",
+            "max_steps": "0",
+            "batch_size": "4",
+            "global_batch_size": "6",
+        },
+    )
     assert r.status_code == 422
     # the model has 64 positions; named as the form names the field, together with the range error
-    assert _field_error(r.text, "max_seq_len") == f"max seq len 512 exceeds what the model {tiny.rstrip('/').split('/')[-1]} can take (64 positions); use max seq len 64 or less"
+    assert _field_error(r.text, "max_seq_len") == (
+        f"max seq len 512 exceeds what the model {tiny.rstrip('/').split('/')[-1]} can take (64 positions); "
+        "use max seq len 64 or less"
+    )
     assert _field_error(r.text, "max_steps") == "max steps = 0 is out of range [1, inf]"
     assert _field_error(r.text, "global_batch_size") == "global batch size 6 is not a multiple of batch size 4"
     assert client.get("/api/jobs", headers=AUTH).json() == []
@@ -61,28 +77,49 @@ def test_every_start_up_check_is_a_field_error_at_creation_all_at_once(idle):
     meta = (other / "meta.json").read_text().replace('"vocab_hash": "', '"vocab_hash": "x')
     (other / "meta.json").write_text(meta)
     client.post("/api/datasets/register", headers=AUTH, json={"path": "other-store"})
-    r = client.post("/api/jobs", headers=AUTH, json={"command": "pretrain", "config": {"model": tiny, "corpus": "other-store",
-                                                                                       "max_seq_len": 64}})
+    r = client.post(
+        "/api/jobs",
+        headers=AUTH,
+        json={"command": "pretrain", "config": {"model": tiny, "corpus": "other-store", "max_seq_len": 64}},
+    )
     assert r.status_code == 422 and list(r.json()["errors"]) == ["corpus"]
     assert "was tokenized with a different vocabulary" in r.json()["errors"]["corpus"]
 
     # fine-tuning: positions, the test file's labels against the training labels, the metric
     test = home / "datasets" / "test.jsonl"
     test.write_text('{"text": "好", "label": "neutral"}\n', encoding="utf-8")
-    r = client.post("/api/jobs", headers=AUTH, json={"command": "finetune", "config": {
-        "model": tiny, "train": train["path"], "test": "datasets/test.jsonl", "max_seq_len": 100, "metric": "nonsense"}})
+    r = client.post(
+        "/api/jobs",
+        headers=AUTH,
+        json={
+            "command": "finetune",
+            "config": {
+                "model": tiny,
+                "train": train["path"],
+                "test": "datasets/test.jsonl",
+                "max_seq_len": 100,
+                "metric": "nonsense",
+            },
+        },
+    )
     errors = r.json()["errors"]
     assert set(errors) == {"max_seq_len", "test", "metric"}
     assert errors["test"] == "datasets/test.jsonl:1: label(s) ['neutral'] never seen in training (known: neg, pos)"
-    r = client.post("/api/jobs", headers=AUTH, json={"command": "pretrain", "config": {"model": tiny, "corpus": corpus["path"],
-                                                                                       "max_seq_len": 64}})
+    r = client.post(
+        "/api/jobs",
+        headers=AUTH,
+        json={"command": "pretrain", "config": {"model": tiny, "corpus": corpus["path"], "max_seq_len": 64}},
+    )
     assert r.status_code == 201
 
 
 def test_a_configuration_error_offers_clone_and_fix_not_resume(idle):
     client, console, home, train, corpus, tiny = idle
-    job = client.post("/api/jobs", headers=AUTH, json={"command": "pretrain", "config": {
-        "model": tiny, "corpus": corpus["path"], "max_seq_len": 64}}).json()
+    job = client.post(
+        "/api/jobs",
+        headers=AUTH,
+        json={"command": "pretrain", "config": {"model": tiny, "corpus": corpus["path"], "max_seq_len": 64}},
+    ).json()
     from domainlm.console.db import Job
 
     with console.sessions() as s:
@@ -112,7 +149,10 @@ def test_own_models_and_corpora_come_in_from_the_pages(tmp_path, tiny_model, cor
     shutil.copytree(tiny_model, roots / "my-bert")
     shutil.copytree(Path(__file__).parent / "fixtures" / "paddle_ernie" / "current", roots / "paddle-ernie")
     (roots / "vocab-only").mkdir()
-    shutil.copy(Path(__file__).parent / "fixtures" / "paddle_ernie" / "current" / "vocab.txt", roots / "vocab-only" / "vocab.txt")
+    shutil.copy(
+        Path(__file__).parent / "fixtures" / "paddle_ernie" / "current" / "vocab.txt",
+        roots / "vocab-only" / "vocab.txt",
+    )
     shutil.copytree(corpus_dir, roots / "store")
     (roots / "empty").mkdir()
     home = tmp_path / "home"
@@ -122,8 +162,11 @@ def test_own_models_and_corpora_come_in_from_the_pages(tmp_path, tiny_model, cor
     try:
         page = client.get("/models").text
         assert 'id="register-model"' in page and str(roots) in page
-        r = client.post("/models/register", data={"csrf": console.csrf, "path": str(roots / "my-bert"), "name": "my bert"},
-                        follow_redirects=False)
+        r = client.post(
+            "/models/register",
+            data={"csrf": console.csrf, "path": str(roots / "my-bert"), "name": "my bert"},
+            follow_redirects=False,
+        )
         assert r.status_code == 303
         bert = client.get(r.headers["location"].replace("/models", "/api/models")).json()
         assert bert["kind"] == "base" and bert["name"] == "my bert" and (Path(bert["path"]) / "config.json").is_file()
@@ -141,8 +184,12 @@ def test_own_models_and_corpora_come_in_from_the_pages(tmp_path, tiny_model, cor
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w:gz") as t:
             t.add(tiny_model, arcname="packed-bert")
-        r = client.post("/models/upload", data={"csrf": console.csrf}, files={"file": ("packed-bert.tar.gz", buf.getvalue())},
-                        follow_redirects=False)
+        r = client.post(
+            "/models/upload",
+            data={"csrf": console.csrf},
+            files={"file": ("packed-bert.tar.gz", buf.getvalue())},
+            follow_redirects=False,
+        )
         assert r.status_code == 303
         packed = client.get(r.headers["location"].replace("/models", "/api/models")).json()
         assert packed["name"] == "packed-bert" and packed["kind"] == "base"
@@ -154,28 +201,56 @@ def test_own_models_and_corpora_come_in_from_the_pages(tmp_path, tiny_model, cor
         assert f'value="model:{vocab["id"]}"' in client.get("/jobs/new?command=prepare").text
 
         # a corpus store on the server, registered from the datasets page
-        r = client.post("/datasets/register", data={"csrf": console.csrf, "path": str(roots / "store"), "name": "legal"},
-                        follow_redirects=False)
+        r = client.post(
+            "/datasets/register",
+            data={"csrf": console.csrf, "path": str(roots / "store"), "name": "legal"},
+            follow_redirects=False,
+        )
         assert r.status_code == 303
         corpus = client.get(r.headers["location"].replace("/datasets", "/api/datasets")).json()
-        assert corpus["kind"] == "corpus" and corpus["name"] == "legal" and (home / corpus["path"] / "meta.json").is_file()
-        r = client.post("/api/jobs", headers=AUTH, json={"command": "pretrain", "config": {
-            "model": f"model:{bert['id']}", "corpus": corpus["path"], "max_seq_len": 64}})
+        assert (
+            corpus["kind"] == "corpus" and corpus["name"] == "legal" and (home / corpus["path"] / "meta.json").is_file()
+        )
+        r = client.post(
+            "/api/jobs",
+            headers=AUTH,
+            json={
+                "command": "pretrain",
+                "config": {"model": f"model:{bert['id']}", "corpus": corpus["path"], "max_seq_len": 64},
+            },
+        )
         assert r.status_code == 201 and r.json()["base_model_id"] == bert["id"]
 
         # the user's name for a model, not its folder: in errors, on the job page and in the list
-        named = client.post("/api/models/register", headers=AUTH, json={"path": str(roots / "my-bert"),
-                                                                        "name": "demo-base (folder)"}).json()
+        named = client.post(
+            "/api/models/register", headers=AUTH, json={"path": str(roots / "my-bert"), "name": "demo-base (folder)"}
+        ).json()
         assert named["path"].endswith("/models/demo-base_folder_")  # the folder keeps safe characters only
-        r = client.post("/jobs/new", data={"csrf": console.csrf, "command": "pretrain", "model": f"model:{named['id']}",
-                                           "corpus": corpus["path"], "max_seq_len": "512"})
-        assert _field_error(r.text, "max_seq_len") == ("max seq len 512 exceeds what the model demo-base (folder) "
-                                                       "can take (64 positions); use max seq len 64 or less")
+        r = client.post(
+            "/jobs/new",
+            data={
+                "csrf": console.csrf,
+                "command": "pretrain",
+                "model": f"model:{named['id']}",
+                "corpus": corpus["path"],
+                "max_seq_len": "512",
+            },
+        )
+        assert _field_error(r.text, "max_seq_len") == (
+            "max seq len 512 exceeds what the model demo-base (folder) "
+            "can take (64 positions); use max seq len 64 or less"
+        )
         # "Pretrain further" starts from what the model takes (64 positions), not the form's 512
         form = client.get(f"/jobs/new?command=pretrain&base={named['id']}").text
         assert re.search(r'id="f-max_seq_len"[^>]*value="64"', form)
-        job = client.post("/api/jobs", headers=AUTH, json={"command": "pretrain", "config": {
-            "model": f"model:{named['id']}", "corpus": corpus["path"], "max_seq_len": 64}}).json()
+        job = client.post(
+            "/api/jobs",
+            headers=AUTH,
+            json={
+                "command": "pretrain",
+                "config": {"model": f"model:{named['id']}", "corpus": corpus["path"], "max_seq_len": 64},
+            },
+        ).json()
         assert job["model"] == "demo-base (folder)"
         job_page = client.get(f"/jobs/{job['id']}").text
         assert f'<a href="/models/{named["id"]}" id="job-model">demo-base (folder)</a>' in job_page
@@ -189,8 +264,15 @@ def _fake_pretrain_job(client, console, home, tiny, corpus):
     """A pretraining job whose run folder holds two step-N snapshots (as `domainlm pretrain --save-steps` leaves it)."""
     from domainlm.console.db import Job
 
-    pre = client.post("/api/jobs", headers=AUTH, json={"command": "pretrain", "name": "domain pt", "config": {
-        "model": tiny, "corpus": corpus["path"], "max_seq_len": 64, "max_steps": 4, "save_steps": 2}}).json()
+    pre = client.post(
+        "/api/jobs",
+        headers=AUTH,
+        json={
+            "command": "pretrain",
+            "name": "domain pt",
+            "config": {"model": tiny, "corpus": corpus["path"], "max_seq_len": 64, "max_steps": 4, "save_steps": 2},
+        },
+    ).json()
     folder = home / "jobs" / f"{pre['id']:04d}-domain-pt"
     for name in ("step-000002", "step-000004", "final"):
         shutil.copytree(tiny, folder / name)
@@ -210,15 +292,28 @@ def test_sweep_job_is_checked_at_creation_runs_as_the_cli_and_shows_table_tests_
     pre = _fake_pretrain_job(client, console, home, tiny, corpus)
     page = client.get("/jobs/new?command=sweep").text
     assert f'<option value="{pre["id"]}" >job {pre["id"]}: domain pt (2 snapshots)</option>' in page
-    base = {"csrf": console.csrf, "command": "sweep", "pretrain_jobs": str(pre["id"]), "train": train["path"],
-            "test": train["path"], "epochs": "1", "batch_size": "8", "precision": "fp32", "logging_freq": "1", "floor": "true"}
+    base = {
+        "csrf": console.csrf,
+        "command": "sweep",
+        "pretrain_jobs": str(pre["id"]),
+        "train": train["path"],
+        "test": train["path"],
+        "epochs": "1",
+        "batch_size": "8",
+        "precision": "fp32",
+        "logging_freq": "1",
+        "floor": "true",
+    }
     r = client.post("/jobs/new", data={**base, "max_seq_len": "128", "seeds": "1,1", "metrics": "accuracy,bogus"})
     assert r.status_code == 422
     assert "max seq len 128 exceeds what the model" in _field_error(r.text, "max_seq_len")
     assert _field_error(r.text, "seeds") == "seeds: [1, 1] repeats a seed"
     assert _field_error(r.text, "metrics").startswith("metrics: [&#39;bogus&#39;] not computed for a multiclass task")
-    r = client.post("/jobs/new", data={**base, "max_seq_len": "32", "seeds": "1,2", "name": "which checkpoint"},
-                    follow_redirects=False)
+    r = client.post(
+        "/jobs/new",
+        data={**base, "max_seq_len": "32", "seeds": "1,2", "name": "which checkpoint"},
+        follow_redirects=False,
+    )
     assert r.status_code == 303
     job = client.get(r.headers["location"].replace("/jobs", "/api/jobs"), headers=AUTH).json()
     assert job["progress"]["total"] == 6 and job["command_line"].endswith(f"sweep {job['folder']}/job.yaml")
@@ -232,7 +327,11 @@ def test_sweep_job_is_checked_at_creation_runs_as_the_cli_and_shows_table_tests_
         s.commit()
     console.runner.reconcile()
     done = client.get(f"/api/jobs/{job['id']}", headers=AUTH).json()
-    assert done["status"] == "succeeded" and done["progress"]["steps"] == 6 and done["headline"]["name"].startswith("accuracy best")
+    assert (
+        done["status"] == "succeeded"
+        and done["progress"]["steps"] == 6
+        and done["headline"]["name"].startswith("accuracy best")
+    )
     assert len(done["models"]) == 6 and done["models"][0]["name"] == "which checkpoint domain-pt base seed-1"
     page = client.get(f"/jobs/{job['id']}").text
     results = (home / job["folder"].split(str(home.resolve()) + "/")[1] / "results.json").read_text()
@@ -247,8 +346,12 @@ def test_sweep_job_is_checked_at_creation_runs_as_the_cli_and_shows_table_tests_
     # a cell's lineage goes through the snapshot it was fine-tuned from and the pretraining job, to the base
     cell = next(m for m in done["models"] if m["name"] == "which checkpoint domain-pt step-000004 seed-1")
     assert [(n["type"], n["name"]) for n in cell["lineage"]] == [
-        ("base", tiny), ("job", "domain pt"), ("model", "domain pt step-000004"), ("job", "which checkpoint"),
-        ("model", "which checkpoint domain-pt step-000004 seed-1")]
+        ("base", tiny),
+        ("job", "domain pt"),
+        ("model", "domain pt step-000004"),
+        ("job", "which checkpoint"),
+        ("model", "which checkpoint domain-pt step-000004 seed-1"),
+    ]
     # the headline shows the floor fitted beside; My models groups the cells under their job and filters them
     floor_value = json.loads(results)["floor"]["test"]["accuracy"]
     assert done["headline"]["floor"] == round(floor_value, 4)
@@ -262,14 +365,19 @@ def test_sweep_job_is_checked_at_creation_runs_as_the_cli_and_shows_table_tests_
     models = {m["name"]: m for m in done["models"]}
     a, b = models["which checkpoint domain-pt step-000004 seed-1"], models["which checkpoint domain-pt base seed-2"]
     table = client.get(f"/api/models/compare?ids={a['id']}&ids={b['id']}", headers=AUTH).json()
-    assert [c["method"] for c in table["settings"]] == ["full", "full"] and [c["seed"] for c in table["settings"]] == ["1", "2"]
+    assert [c["method"] for c in table["settings"]] == ["full", "full"] and [c["seed"] for c in table["settings"]] == [
+        "1",
+        "2",
+    ]
     assert table["settings"][0]["base"] == "domain pt step-000004" and table["settings"][0]["epochs"] == 1  # its name
     assert table["settings"][0]["data"] == train["path"].split("/")[-1]
     assert all(c["metric"] and c["loss"] for c in table["curves"])  # one validation point per epoch, a loss per step
     assert table["floors"][0]["method"] and table["floors"][0] == table["floors"][1]  # the sweep's one floor
     test = table["test"]
     assert test["seeds"] == [2, 2] and test["rows"] == 32 and 0 <= test["p_value"] <= 1
-    assert "Paired test, " in table["markdown"] and "| method |" in table["markdown"].replace(" | LoRA rank", " | method | LoRA rank")
+    assert "Paired test, " in table["markdown"] and "| method |" in table["markdown"].replace(
+        " | LoRA rank", " | method | LoRA rank"
+    )
     page = client.get(f"/models/compare?ids={a['id']}&ids={b['id']}").text
     assert 'id="paired-test"' in page and 'id="floor-row"' in page and 'data-curves="' in page
     assert '<div class="sub" data-field="method">full</div>' in client.get("/models").text
@@ -314,8 +422,15 @@ def test_export_int8_download_and_an_endpoint_from_the_model_page(idle, tmp_path
     from tests.console_support import FAST_FINETUNE, wait_for
 
     client, console, home, train, corpus, tiny = idle
-    ft = client.post("/api/jobs", headers=AUTH, json={"command": "finetune", "name": "reviews", "config": {
-        "model": tiny, "train": train["path"], **FAST_FINETUNE, "floor": False}}).json()
+    ft = client.post(
+        "/api/jobs",
+        headers=AUTH,
+        json={
+            "command": "finetune",
+            "name": "reviews",
+            "config": {"model": tiny, "train": train["path"], **FAST_FINETUNE, "floor": False},
+        },
+    ).json()
     _run_here(console, ft["id"], lambda: finetune(cfglib.load(FinetuneConfig, f"{ft['folder']}/job.yaml")))
     clf = client.get(f"/api/jobs/{ft['id']}", headers=AUTH).json()["models"][0]
     page = client.get(f"/models/{clf['id']}").text
@@ -323,8 +438,18 @@ def test_export_int8_download_and_an_endpoint_from_the_model_page(idle, tmp_path
     form = client.get(f"/jobs/new?command=export&base={clf['id']}").text
     assert f'<option value="model:{clf["id"]}" selected>' in form
 
-    r = client.post("/jobs/new", data={"csrf": console.csrf, "command": "export", "model": f"model:{clf['id']}",
-                                       "quantize": "int8", "data": train["path"], "max_seq_len": "32"}, follow_redirects=False)
+    r = client.post(
+        "/jobs/new",
+        data={
+            "csrf": console.csrf,
+            "command": "export",
+            "model": f"model:{clf['id']}",
+            "quantize": "int8",
+            "data": train["path"],
+            "max_seq_len": "32",
+        },
+        follow_redirects=False,
+    )
     assert r.status_code == 303
     job = client.get(r.headers["location"].replace("/jobs", "/api/jobs"), headers=AUTH).json()
     assert job["name"] == "export reviews" and job["command_line"].endswith(f"export --config {job['folder']}/job.yaml")
@@ -333,7 +458,10 @@ def test_export_int8_download_and_an_endpoint_from_the_model_page(idle, tmp_path
     assert done["status"] == "succeeded" and done["headline"]["name"] == "int8 change of accuracy (points)"
     onnx = done["models"][0]
     info = json.loads((Path(onnx["path"]) / "export.json").read_text())
-    assert onnx["kind"] == "export" and onnx["metrics"]["int8 change accuracy (points)"] == info["data_metrics"]["int8_change_points"]["accuracy"]
+    assert (
+        onnx["kind"] == "export"
+        and onnx["metrics"]["int8 change accuracy (points)"] == info["data_metrics"]["int8_change_points"]["accuracy"]
+    )
     assert onnx["metrics"]["fp32 accuracy"] == info["data_metrics"]["fp32"]["accuracy"]
 
     # the classifier's page: per label precision / recall and the confusion matrix; its job: the TensorBoard command
@@ -353,20 +481,32 @@ def test_export_int8_download_and_an_endpoint_from_the_model_page(idle, tmp_path
     # download: the folder as a zip
     r = client.get(f"/api/models/{onnx['id']}/download")
     names = zipfile.ZipFile(io.BytesIO(r.content)).namelist()
-    assert r.headers["content-type"] == "application/zip" and "export/model.int8.onnx" in names and "export/export.json" in names
+    assert (
+        r.headers["content-type"] == "application/zip"
+        and "export/model.int8.onnx" in names
+        and "export/export.json" in names
+    )
     assert not list((home / "downloads").glob("*.zip"))  # the temporary zip is removed once sent
 
     # an endpoint: started from the page, URL and token shown, a prediction, /metrics relayed, stopped
     r = client.post(f"/models/{onnx['id']}/endpoint/start", data={"csrf": console.csrf}, follow_redirects=False)
     assert r.status_code == 303
     try:
-        status = wait_for(lambda: (st := client.get(f"/api/models/{onnx['id']}/endpoint").json())["state"] in ("ready", "stopped")
-                          and st, 60, what="the endpoint")
+        status = wait_for(
+            lambda: (
+                (st := client.get(f"/api/models/{onnx['id']}/endpoint").json())["state"] in ("ready", "stopped") and st
+            ),
+            60,
+            what="the endpoint",
+        )
         assert status["state"] == "ready", status
         page = client.get(f"/models/{onnx['id']}").text
         assert f'<code id="endpoint-url">{status["url"]}</code>' in page and status["token"] in page
-        request = urllib.request.Request(status["url"] + "/predict", data=json.dumps({"text": ["酒店的服务非常好"]}).encode(),
-                                         headers={"Authorization": f"Bearer {status['token']}", "Content-Type": "application/json"})
+        request = urllib.request.Request(
+            status["url"] + "/predict",
+            data=json.dumps({"text": ["酒店的服务非常好"]}).encode(),
+            headers={"Authorization": f"Bearer {status['token']}", "Content-Type": "application/json"},
+        )
         answer = json.loads(urllib.request.urlopen(request, timeout=10).read())
         assert answer["predictions"][0]["labels"][0] in ("neg", "pos")
         unauthorized = urllib.request.Request(status["url"] + "/predict", data=b'{"text": "x"}')
@@ -384,20 +524,41 @@ def test_export_int8_download_and_an_endpoint_from_the_model_page(idle, tmp_path
 
 def test_the_smaller_things_a_user_noticed(idle):
     client, console, home, train, corpus, tiny = idle
-    job = client.post("/api/jobs", headers=AUTH, json={"command": "finetune", "name": "alpha", "config": {
-        "model": tiny, "train": train["path"], "max_seq_len": 64}}).json()
+    job = client.post(
+        "/api/jobs",
+        headers=AUTH,
+        json={
+            "command": "finetune",
+            "name": "alpha",
+            "config": {"model": tiny, "train": train["path"], "max_seq_len": 64},
+        },
+    ).json()
     # the command that reruns it, as typed
     assert job["command_line"] == f"domainlm finetune --config {job['folder']}/job.yaml"
     # an e-mail address without an SMTP server is refused at creation, not silently never sent
-    r = client.post("/api/jobs", headers=AUTH, json={"command": "finetune", "config": {"model": tiny, "train": train["path"],
-                    "max_seq_len": 64}, "notify": {"email": "team@example.org"}})
-    assert r.json()["errors"] == {"notify_email": "e-mail notifications are off: start the console with --smtp-host (or use a webhook)"}
+    r = client.post(
+        "/api/jobs",
+        headers=AUTH,
+        json={
+            "command": "finetune",
+            "config": {"model": tiny, "train": train["path"], "max_seq_len": 64},
+            "notify": {"email": "team@example.org"},
+        },
+    )
+    assert r.json()["errors"] == {
+        "notify_email": "e-mail notifications are off: start the console with --smtp-host (or use a webhook)"
+    }
     assert "off: the console was started without --smtp-host" in client.get("/jobs/new").text
     # the log panel: the last lines, without progress bars and warnings, and a link to the whole log
     folder = Path(job["folder"])
     lines = [f"[train] step {i} loss=0.{i}" for i in range(1, 301)]
-    (folder / "job.log").write_text("\n".join(lines[:150] + ["Map: 100%|██████████| 32/32 [00:00<00:00]",
-                                                             "/x/y.py:12: UserWarning: something", "  warnings.warn("] + lines[150:]))
+    (folder / "job.log").write_text(
+        "\n".join(
+            lines[:150]
+            + ["Map: 100%|██████████| 32/32 [00:00<00:00]", "/x/y.py:12: UserWarning: something", "  warnings.warn("]
+            + lines[150:]
+        )
+    )
     tail = client.get(f"/api/jobs/{job['id']}/log").text.splitlines()
     assert tail == lines[-200:]
     assert client.get(f"/jobs/{job['id']}/files/job.log").text.count("\n") == 302
@@ -411,8 +572,15 @@ def test_the_smaller_things_a_user_noticed(idle):
     r = client.post("/jobs/new", data={"csrf": console.csrf, "command": "prepare", "tokenizer": tiny})
     assert r.status_code == 422 and _field_error(r.text, "input")
     # the job list: filter by status, search
-    client.post("/api/jobs", headers=AUTH, json={"command": "pretrain", "name": "beta", "config": {
-        "model": tiny, "corpus": corpus["path"], "max_seq_len": 64}})
+    client.post(
+        "/api/jobs",
+        headers=AUTH,
+        json={
+            "command": "pretrain",
+            "name": "beta",
+            "config": {"model": tiny, "corpus": corpus["path"], "max_seq_len": 64},
+        },
+    )
     client.post(f"/api/jobs/{job['id']}/cancel", headers=AUTH)
     assert [j["name"] for j in client.get("/api/jobs?status=cancelled", headers=AUTH).json()] == ["alpha"]
     assert [j["name"] for j in client.get("/api/jobs?q=pretrain", headers=AUTH).json()] == ["beta"]
@@ -426,8 +594,12 @@ def test_the_smaller_things_a_user_noticed(idle):
     r = client.post(f"/datasets/{corpus['id']}/delete", data={"csrf": console.csrf, "confirm": "true"})
     assert r.status_code == 409 and "job(s) 2 still use" in r.text  # the queued pretraining reads it
     client.post("/api/jobs/2/cancel", headers=AUTH)
-    assert client.post(f"/datasets/{corpus['id']}/delete", data={"csrf": console.csrf}).status_code == 422  # unconfirmed
-    r = client.post(f"/datasets/{corpus['id']}/delete", data={"csrf": console.csrf, "confirm": "true"}, follow_redirects=False)
+    assert (
+        client.post(f"/datasets/{corpus['id']}/delete", data={"csrf": console.csrf}).status_code == 422
+    )  # unconfirmed
+    r = client.post(
+        f"/datasets/{corpus['id']}/delete", data={"csrf": console.csrf, "confirm": "true"}, follow_redirects=False
+    )
     assert r.status_code == 303 and not (home / "store").exists()
     # a listed hub name that is not on this machine says so; a local folder does not
     console.cfg.base_models = [tiny, "nobody/not-downloaded-zh"]
@@ -438,9 +610,22 @@ def test_the_smaller_things_a_user_noticed(idle):
 
 def test_cross_field_checks_are_reported_together(idle):
     client, console, home, train, corpus, tiny = idle
-    r = client.post("/api/jobs", headers=AUTH, json={"command": "finetune", "config": {
-        "model": tiny, "train": train["path"], "max_seq_len": 64, "metric": "bogus", "method": "lora", "lora_rank": 12,
-        "folds": 1}})
+    r = client.post(
+        "/api/jobs",
+        headers=AUTH,
+        json={
+            "command": "finetune",
+            "config": {
+                "model": tiny,
+                "train": train["path"],
+                "max_seq_len": 64,
+                "metric": "bogus",
+                "method": "lora",
+                "lora_rank": 12,
+                "folds": 1,
+            },
+        },
+    )
     errors = r.json()["errors"]
     assert set(errors) == {"metric", "lora_rank", "folds"}  # three checks of FinetuneConfig.check, one answer
     assert errors["lora_rank"] == "--lora-rank 12 is not allowed: choose 8, 16, 32 or 64"

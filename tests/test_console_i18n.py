@@ -37,8 +37,18 @@ def page_texts() -> set[str]:
 
     found |= set(i18n.JS_KEYS) | set(SETTINGS) | set(settings.TITLES.values())
     found |= {"queued", "running", "succeeded", "failed", "cancelled", "interrupted", "Retry", "Resume", "test", "dev"}
-    found |= {"base", "snapshot", "final", "classifier", "linear", "export", "tokenizer", "labelled", "documents",
-              "corpus"}
+    found |= {
+        "base",
+        "snapshot",
+        "final",
+        "classifier",
+        "linear",
+        "export",
+        "tokenizer",
+        "labelled",
+        "documents",
+        "corpus",
+    }
     for command in settings.job_types():
         found.add(command)
         found |= {title for title, _ in settings.sections(command)} | set(settings.presets(command))
@@ -57,15 +67,26 @@ def test_each_translation_keeps_the_fields_of_its_text():
     field = re.compile(r"\{([a-z_]+)\}")
     wrong = {k: v for k, v in ZH.items() if sorted(field.findall(k)) != sorted(field.findall(v))}
     assert wrong == {}
-    assert all(v.strip() and v != k or k in ("AdamW beta1", "ONNX opset", "alpha") or k.isascii() and v.isascii()
-               for k, v in ZH.items())
+    assert all(
+        v.strip() and v != k or k in ("AdamW beta1", "ONNX opset", "alpha") or k.isascii() and v.isascii()
+        for k, v in ZH.items()
+    )
 
 
-@pytest.mark.parametrize(("cookie", "header", "lang"), [
-    (None, "zh-CN,zh;q=0.9,en;q=0.8", "zh-CN"), (None, "en-US,en;q=0.9", "en"), (None, "zh-TW", "zh-CN"),
-    (None, "fr-FR, en;q=0.5, zh;q=0.7", "zh-CN"), (None, "fr-FR", "en"), (None, None, "en"),
-    ("en", "zh-CN", "en"), ("zh-CN", "en-US", "zh-CN"), ("xx", "zh", "zh-CN"),
-])
+@pytest.mark.parametrize(
+    ("cookie", "header", "lang"),
+    [
+        (None, "zh-CN,zh;q=0.9,en;q=0.8", "zh-CN"),
+        (None, "en-US,en;q=0.9", "en"),
+        (None, "zh-TW", "zh-CN"),
+        (None, "fr-FR, en;q=0.5, zh;q=0.7", "zh-CN"),
+        (None, "fr-FR", "en"),
+        (None, None, "en"),
+        ("en", "zh-CN", "en"),
+        ("zh-CN", "en-US", "zh-CN"),
+        ("xx", "zh", "zh-CN"),
+    ],
+)
 def test_the_language_is_the_switch_else_the_browsers(cookie, header, lang):
     assert i18n.pick(cookie, header) == lang
 
@@ -73,8 +94,10 @@ def test_the_language_is_the_switch_else_the_browsers(cookie, header, lang):
 def test_messages_from_the_checks_are_translated_with_their_values():
     _ = i18n.translator("zh-CN")
     assert _.message("epochs = 99 is out of range [1, 50]") == "训练轮数 = 99 超出允许范围 [1, 50]"
-    assert _.message("max seq len 512 exceeds what the model demo-base (folder) can take (64 positions); use 64 or "
-                     "less") == "最大序列长度 512 超过了模型 demo-base (folder) 能接受的长度（64 个位置）；请使用 64 或更小的值"
+    assert (
+        _.message("max seq len 512 exceeds what the model demo-base (folder) can take (64 positions); use 64 or less")
+        == "最大序列长度 512 超过了模型 demo-base (folder) 能接受的长度（64 个位置）；请使用 64 或更小的值"
+    )
     assert _.message("job 4 has already succeeded") == "任务 4 已经成功"
     assert _.message("a sentence no key matches") == "a sentence no key matches"  # shown as it is, not lost
     assert _("Create job") == "新建任务" and i18n.translator("en")("Create job") == "Create job"
@@ -87,8 +110,11 @@ def idle(tmp_path, tiny_model):
     console = Console(ConsoleConfig(home=str(home), token="t", base_models=[tiny_model]))
     client = TestClient(create_app(console))
     client.get("/?token=t")
-    train = client.post("/api/datasets", headers={"X-CSRF-Token": console.csrf},
-                        files={"file": ("train.jsonl", open(write_labelled(tmp_path / "train.jsonl"), "rb"))}).json()
+    train = client.post(
+        "/api/datasets",
+        headers={"X-CSRF-Token": console.csrf},
+        files={"file": ("train.jsonl", open(write_labelled(tmp_path / "train.jsonl"), "rb"))},
+    ).json()
     yield client, console, train, tiny_model
     console.stop()
 
@@ -107,10 +133,18 @@ def test_every_page_is_chinese_for_a_chinese_browser_and_english_after_the_switc
     # texts of the catalogue that a Chinese page must not show (a command name such as `domainlm console` is quoted in
     # Chinese sentences too, so texts that a translation itself contains are not counted)
     words = " ".join(ZH.values())
-    english = sorted((k for k in ZH if "{" not in k and len(k) > 14 and " " in k and k not in words), key=len,
-                     reverse=True)
-    pages = ["/jobs", "/models", "/datasets", f"/datasets/{train['id']}", "/resources", "/docs",
-             *(f"/jobs/new?command={c}" for c in settings.job_types())]
+    english = sorted(
+        (k for k in ZH if "{" not in k and len(k) > 14 and " " in k and k not in words), key=len, reverse=True
+    )
+    pages = [
+        "/jobs",
+        "/models",
+        "/datasets",
+        f"/datasets/{train['id']}",
+        "/resources",
+        "/docs",
+        *(f"/jobs/new?command={c}" for c in settings.job_types()),
+    ]
     for url in pages:
         html = client.get(url, headers=zh).text
         assert '<html lang="zh-CN">' in html, url
@@ -120,8 +154,18 @@ def test_every_page_is_chinese_for_a_chinese_browser_and_english_after_the_switc
     form = client.get("/jobs/new", headers=zh).text
     assert "训练轮数" in form and "遍历训练数据的轮数" in form and '<span class="option-name">epochs</span>' in form
     # a field error comes back in Chinese, with the CLI's range and the field's Chinese name
-    r = client.post("/jobs/new", headers=zh, data={"csrf": console.csrf, "command": "finetune", "model": tiny,
-                                                   "train": train["path"], "epochs": "99", "max_seq_len": "64"})
+    r = client.post(
+        "/jobs/new",
+        headers=zh,
+        data={
+            "csrf": console.csrf,
+            "command": "finetune",
+            "model": tiny,
+            "train": train["path"],
+            "epochs": "99",
+            "max_seq_len": "64",
+        },
+    )
     assert r.status_code == 422 and "训练轮数 = 99 超出允许范围 [1, 50]" in r.text and "任务未创建" in r.text
     # the switch: a cookie, then English whatever the browser says; back to the page it was pressed on
     r = client.get("/language/en?next=/models", headers=zh, follow_redirects=False)
@@ -144,9 +188,16 @@ def test_notifications_speak_the_language_of_whoever_created_the_job(idle):
     from domainlm.console.notify import email_text
 
     client, console, train, tiny = idle
-    r = client.post("/api/jobs", headers={"X-CSRF-Token": console.csrf, "Accept-Language": "zh-CN"}, json={
-        "command": "finetune", "name": "情感", "config": {"model": tiny, "train": train["path"], "max_seq_len": 64},
-        "notify": {"webhook": "http://127.0.0.1:9/hook"}})
+    r = client.post(
+        "/api/jobs",
+        headers={"X-CSRF-Token": console.csrf, "Accept-Language": "zh-CN"},
+        json={
+            "command": "finetune",
+            "name": "情感",
+            "config": {"model": tiny, "train": train["path"], "max_seq_len": 64},
+            "notify": {"webhook": "http://127.0.0.1:9/hook"},
+        },
+    )
     assert r.status_code == 201 and r.json()["notify"]["lang"] == "zh-CN"
     sent = []
     console.notifier.send = lambda payload, webhook=None, email=None: sent.append(payload)

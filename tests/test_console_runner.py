@@ -26,7 +26,8 @@ PROGRAM = textwrap.dedent("""
     stubborn = sys.argv[1] == "stubborn"
     if stubborn:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    child = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN) "
+    child = subprocess.Popen([sys.executable, "-c", "import signal, time; "
+                              "signal.signal(signal.SIGTERM, signal.SIG_IGN) "
                               "if %r else None; time.sleep(60)" % stubborn])
     open("pids", "w").write(f"{os.getpid()} {child.pid}")
     seconds = float(sys.argv[2])
@@ -82,8 +83,12 @@ def status(sessions, job_id):
 
 def pids(home, job_id):
     path = home / "jobs" / str(job_id) / "pids"
-    return wait_for(lambda: path.is_file() and path.read_text().split() and [int(p) for p in path.read_text().split()],
-                    30, 0.05, "the job's pids")
+    return wait_for(
+        lambda: path.is_file() and path.read_text().split() and [int(p) for p in path.read_text().split()],
+        30,
+        0.05,
+        "the job's pids",
+    )
 
 
 def gone(pid: int) -> bool:
@@ -127,11 +132,16 @@ def test_queue_respects_the_concurrency_limit_and_cancels_queued_jobs(runner_env
     runner = make(max_concurrent=1)
     first, second, third = add(seconds=0.5, marker="results.json"), add(seconds=0.5, marker="results.json"), add()
     runner.start()
-    assert status(sessions, first).status == "running" or wait_for(lambda: status(sessions, first).status == "running", 5)
+    assert status(sessions, first).status == "running" or wait_for(
+        lambda: status(sessions, first).status == "running", 5
+    )
     assert status(sessions, second).status == "queued"
     assert runner.cancel(third) == "cancelled"  # never started
     wait_for(lambda: status(sessions, second).status == "succeeded", 20, what="the second job")
-    assert status(sessions, first).status == "succeeded" and status(sessions, first).finished_at <= status(sessions, second).started_at
+    assert (
+        status(sessions, first).status == "succeeded"
+        and status(sessions, first).finished_at <= status(sessions, second).started_at
+    )
     assert status(sessions, third).pid is None
 
 
@@ -194,7 +204,9 @@ def test_notifications_never_block_and_give_up_after_retries():
     notifier = Notifier(b"k", retries=2, backoff=0.05, on_result=lambda item, ok, msg: results.append((ok, msg)))
     try:
         started = time.monotonic()
-        notifier.send({"event": "job.failed", "job": {"id": 1}}, webhook=f"http://127.0.0.1:{server.server_address[1]}/")
+        notifier.send(
+            {"event": "job.failed", "job": {"id": 1}}, webhook=f"http://127.0.0.1:{server.server_address[1]}/"
+        )
         assert time.monotonic() - started < 0.05  # queued, not delivered, by the caller
         wait_for(lambda: results, 10, 0.05, "the delivery to give up")
         assert len(seen) == 3 and results == [(False, "gave up after 3 attempts: HTTP Error 503: Service Unavailable")]
@@ -211,4 +223,7 @@ def test_a_failing_command_is_failed_with_the_clis_error_line(runner_env):
     job = add(command="finetune", mode="fail")
     wait_for(lambda: status(sessions, job).status == "failed", 20, what="the failure")
     j = status(sessions, job)
-    assert j.exit_code == 2 and j.error == "data/train.jsonl:7: no label (pass --skip-bad-rows to skip and count such rows)"
+    assert (
+        j.exit_code == 2
+        and j.error == "data/train.jsonl:7: no label (pass --skip-bad-rows to skip and count such rows)"
+    )

@@ -30,17 +30,57 @@ checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "404",
 def test_schemathesis_finds_no_failure_in_the_console_api(tmp_path, tiny_model):
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "domainlm.cli", "console", "--home", str(tmp_path / "home"), "--port", str(port),
-         "--token", "T", "--base-models", tiny_model, "--max-upload-mb", "1"], stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "domainlm.cli",
+            "console",
+            "--home",
+            str(tmp_path / "home"),
+            "--port",
+            str(port),
+            "--token",
+            "T",
+            "--base-models",
+            tiny_model,
+            "--max-upload-mb",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert server.stdout.readline().startswith("domainlm console: http://127.0.0.1:")
         (tmp_path / "schemathesis.toml").write_text(CONFIG)
         run = subprocess.run(
-            [sys.executable, "-m", "schemathesis.cli", "--config-file", str(tmp_path / "schemathesis.toml"), "run",
-             f"http://127.0.0.1:{port}/openapi.json", "--checks", "all", "-H", "Authorization: Bearer T",
-             "--max-examples", "30", "--seed", "20260101", "--workers", "1", "--max-failures", "20",
-             "--no-color"], capture_output=True, text=True, timeout=240, cwd=tmp_path)
-        summary = run.stdout[run.stdout.rfind("SUMMARY"):]
+            [
+                sys.executable,
+                "-m",
+                "schemathesis.cli",
+                "--config-file",
+                str(tmp_path / "schemathesis.toml"),
+                "run",
+                f"http://127.0.0.1:{port}/openapi.json",
+                "--checks",
+                "all",
+                "-H",
+                "Authorization: Bearer T",
+                "--max-examples",
+                "30",
+                "--seed",
+                "20260101",
+                "--workers",
+                "1",
+                "--max-failures",
+                "20",
+                "--no-color",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=240,
+            cwd=tmp_path,
+        )
+        summary = run.stdout[run.stdout.rfind("SUMMARY") :]
         assert run.returncode == 0, run.stdout[-6000:]
         assert "Tested: 2" in summary and "generated" in summary and "failure" not in summary.split("Test cases:")[1]
     finally:

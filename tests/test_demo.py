@@ -71,18 +71,60 @@ def test_the_trimmed_vocabulary_tokenizes_its_texts_as_the_full_one(tmp_path):
     words cut into word pieces, accents and full-width forms the tokenizer folds) come out token for token the same."""
     from transformers import BertTokenizerFast
 
-    entries = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "unused", "今", "天", "气", "好", "不", "hello", "hell", "he",
-               "##llo", "##o", "world", "cafe", "1998", "年", "，", ",", "##s"]
+    entries = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        "unused",
+        "今",
+        "天",
+        "气",
+        "好",
+        "不",
+        "hello",
+        "hell",
+        "he",
+        "##llo",
+        "##o",
+        "world",
+        "cafe",
+        "1998",
+        "年",
+        "，",
+        ",",
+        "##s",
+    ]
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "vocab.txt").write_text("\n".join(entries) + "\n", encoding="utf-8")
     texts = ["今天天气好，hello world", "hellos Café 1998年", "  今天\u200b不好 ", "hex"]
     trimmed = trimmed_vocabulary(tmp_path / "full", texts, tmp_path / "trimmed")
     kept = (trimmed / "vocab.txt").read_text(encoding="utf-8").split()
-    assert kept == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "今", "天", "气", "好", "不", "hello", "world", "cafe",
-                    "1998", "年", "，", "##s"]  # "hex" is [UNK] in both
+    assert kept == [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        "今",
+        "天",
+        "气",
+        "好",
+        "不",
+        "hello",
+        "world",
+        "cafe",
+        "1998",
+        "年",
+        "，",
+        "##s",
+    ]  # "hex" is [UNK] in both
     full, small = (BertTokenizerFast.from_pretrained(str(p)) for p in (tmp_path / "full", trimmed))
     for text in texts:
-        assert small.convert_ids_to_tokens(small(text)["input_ids"]) == full.convert_ids_to_tokens(full(text)["input_ids"])
+        assert small.convert_ids_to_tokens(small(text)["input_ids"]) == full.convert_ids_to_tokens(
+            full(text)["input_ids"]
+        )
 
 
 def test_the_demo_tokenizer_keeps_what_its_texts_use(tmp_path, sample_data):
@@ -97,8 +139,9 @@ def test_the_demo_tokenizer_keeps_what_its_texts_use(tmp_path, sample_data):
     assert len(full) == 21128 and 5000 < len(small) < 10000
     texts = [json.loads(x)["text"] for x in sample_data["reviews"].read_text(encoding="utf-8").splitlines()[::10]]
     texts += sample_data["news"].read_text(encoding="utf-8").split("\n\n")[::20]
-    assert [small.convert_ids_to_tokens(x) for x in small(texts)["input_ids"]] == \
-        [full.convert_ids_to_tokens(x) for x in full(texts)["input_ids"]]
+    assert [small.convert_ids_to_tokens(x) for x in small(texts)["input_ids"]] == [
+        full.convert_ids_to_tokens(x) for x in full(texts)["input_ids"]
+    ]
 
 
 def test_the_base_model_config_follows_the_demo_options(tmp_path):
@@ -107,15 +150,25 @@ def test_the_base_model_config_follows_the_demo_options(tmp_path):
     from domainlm.demo import tiny_config
 
     config = AutoConfig.from_pretrained(str(tiny_config(tmp_path / "a", 21128, layers=4, hidden=256)))
-    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads, config.intermediate_size) == (4, 256, 4, 1024)
+    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads, config.intermediate_size) == (
+        4,
+        256,
+        4,
+        1024,
+    )
     assert config.hidden_dropout_prob == config.attention_probs_dropout_prob == 0.0  # the fused CPU attention path
     config = AutoConfig.from_pretrained(str(tiny_config(tmp_path / "b", 21128, dropout=0.1)))
     assert config.hidden_dropout_prob == config.attention_probs_dropout_prob == 0.1
 
 
-@pytest.mark.parametrize("flags, message", [({"hidden": 100}, "--hidden 100: must be a multiple of 64"),
-                                            ({"snapshots": 9, "domain_steps": 4}, "--snapshots 9 is more than --domain-steps 4"),
-                                            ({"seeds": []}, "--seeds needs at least one seed")])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ({"hidden": 100}, "--hidden 100: must be a multiple of 64"),
+        ({"snapshots": 9, "domain_steps": 4}, "--snapshots 9 is more than --domain-steps 4"),
+        ({"seeds": []}, "--seeds needs at least one seed"),
+    ],
+)
 def test_bad_demo_options_are_refused_by_name(flags, message):
     from domainlm.demo import DemoConfig
 
@@ -134,6 +187,8 @@ def test_a_rerun_over_an_earlier_demos_base_model_of_another_shape_says_what_to_
     refuse_other_base_model(config, base, {**wanted, "vocab_size": 21128})  # the same model: it resumes
     with pytest.raises(DomainLMError) as e:
         refuse_other_base_model(config, base, wanted)
-    assert str(e.value) == (f"{base} holds the pretraining of another base model (vocab_size 21128 -> 7096); delete it "
-                            f"and {tmp_path / 'domain-pretrain'} to pretrain anew, or choose another --out")
+    assert str(e.value) == (
+        f"{base} holds the pretraining of another base model (vocab_size 21128 -> 7096); delete it "
+        f"and {tmp_path / 'domain-pretrain'} to pretrain anew, or choose another --out"
+    )
     assert (base / "checkpoints").is_dir()  # nothing deleted

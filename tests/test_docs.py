@@ -33,6 +33,7 @@ def nav_pages() -> list[str]:
         elif isinstance(node, dict):
             for value in node.values():
                 walk(value)
+
     walk(config["nav"])
     return pages
 
@@ -64,11 +65,19 @@ def committed(paths: list[str]) -> set[str] | None:
 
 
 def test_the_site_builds_strict_with_every_link_checked(tmp_path):
-    pytest.importorskip("mkdocs", reason="mkdocs is not installed (it comes with the dev extra: pip install -e '.[dev]')")
+    pytest.importorskip(
+        "mkdocs", reason="mkdocs is not installed (it comes with the dev extra: pip install -e '.[dev]')"
+    )
     site = tmp_path / "site"
     # not -q: with -q, mkdocs 1.6 hides the warnings that --strict counts and exits 0 over a broken link
-    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
     warnings = [line for line in (done.stdout + done.stderr).splitlines() if "WARNING" in line or "Error" in line]
     assert done.returncode == 0, "\n".join(warnings) or done.stderr[-2000:]
     for page in nav_pages():

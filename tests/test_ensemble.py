@@ -17,8 +17,30 @@ def cv(tmp_path_factory, tiny_model):
     train = write_jsonl(root / "train.jsonl", make_rows(14, 1))
     test = write_jsonl(root / "test.jsonl", make_rows(6, 2))
     out = root / "cv"
-    assert main(["finetune", "--model", tiny_model, "--train", train, "--test", test, "--out", str(out), *FAST,
-                 "--folds", "3", "--epochs", "3", "--early-stopping-patience", "0", "--no-floor"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--model",
+                tiny_model,
+                "--train",
+                train,
+                "--test",
+                test,
+                "--out",
+                str(out),
+                *FAST,
+                "--folds",
+                "3",
+                "--epochs",
+                "3",
+                "--early-stopping-patience",
+                "0",
+                "--no-floor",
+            ]
+        )
+        == 0
+    )
     return {"root": root, "train": train, "test": test, "out": out}
 
 
@@ -76,8 +98,9 @@ def test_export_writes_an_ensemble_of_verified_members(cv, tmp_path):
     texts = [json.loads(x)["text"] for x in open(cv["test"], encoding="utf-8")]
     onnx = load_runtime(str(out))
     assert onnx.kind == "ensemble of 3 onnx-fp32"
-    np.testing.assert_allclose(onnx.predict(texts, max_seq_len=32), load_runtime(str(cv["out"])).predict(texts, max_seq_len=32),
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        onnx.predict(texts, max_seq_len=32), load_runtime(str(cv["out"])).predict(texts, max_seq_len=32), atol=1e-4
+    )
 
 
 def test_an_ensemble_of_linear_floors_predicts_through_its_members(tmp_path):

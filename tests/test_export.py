@@ -15,27 +15,64 @@ from domainlm.serve.config import ExportConfig
 from domainlm.serve.export import compare, export, sample_batches
 from tests.test_classify import make_rows, write_jsonl
 
-TEXTS = ["酒店房间早餐", "电脑屏幕", "书的内容很好，作者的观点值得推荐给朋友们，书的内容很好，作者的观点值得推荐",
-         "键盘", "交通方便服务周到", "性能电池手感" * 6, "入住", "朋友"]
+TEXTS = [
+    "酒店房间早餐",
+    "电脑屏幕",
+    "书的内容很好，作者的观点值得推荐给朋友们，书的内容很好，作者的观点值得推荐",
+    "键盘",
+    "交通方便服务周到",
+    "性能电池手感" * 6,
+    "入住",
+    "朋友",
+]
 
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, tiny_model):
     """A tiny classifier fine-tuned to tell hotel / book / pc texts apart, and its test file."""
     root = tmp_path_factory.mktemp("trained")
-    train, test = write_jsonl(root / "train.jsonl", make_rows(40, 1)), write_jsonl(root / "test.jsonl", make_rows(15, 2))
+    train, test = (
+        write_jsonl(root / "train.jsonl", make_rows(40, 1)),
+        write_jsonl(root / "test.jsonl", make_rows(15, 2)),
+    )
     dev = write_jsonl(root / "dev.jsonl", make_rows(5, 3))  # every training row trains
-    assert main(["finetune", "--model", tiny_model, "--train", train, "--dev", dev, "--out", str(root / "ft"), "--epochs", "12",
-                 "--batch-size", "16", "--learning-rate", "2e-3", "--max-seq-len", "32", "--warmup-ratio", "0.05",
-                 "--logging-freq", "50"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--model",
+                tiny_model,
+                "--train",
+                train,
+                "--dev",
+                dev,
+                "--out",
+                str(root / "ft"),
+                "--epochs",
+                "12",
+                "--batch-size",
+                "16",
+                "--learning-rate",
+                "2e-3",
+                "--max-seq-len",
+                "32",
+                "--warmup-ratio",
+                "0.05",
+                "--logging-freq",
+                "50",
+            ]
+        )
+        == 0
+    )
     return {"ft": root / "ft", "test": test, "root": root}
 
 
 @pytest.fixture(scope="session")
 def exported(trained):
     out = trained["root"] / "export-int8"
-    info = export(ExportConfig(model=str(trained["ft"]), out=str(out), quantize="int8", data=trained["test"],
-                               max_seq_len=32))
+    info = export(
+        ExportConfig(model=str(trained["ft"]), out=str(out), quantize="int8", data=trained["test"], max_seq_len=32)
+    )
     return out, info
 
 
@@ -56,8 +93,9 @@ def test_round_trip_several_batch_sizes_and_lengths(exported, trained):
             np.testing.assert_allclose(b, a, atol=1e-5)
     # text pairs go through token_type_ids alike
     pairs = ["酒店", "电脑屏幕", "书"]
-    np.testing.assert_allclose(onnx_rt.predict(TEXTS[:3], pairs, max_seq_len=32), torch_rt.predict(TEXTS[:3], pairs, max_seq_len=32),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        onnx_rt.predict(TEXTS[:3], pairs, max_seq_len=32), torch_rt.predict(TEXTS[:3], pairs, max_seq_len=32), atol=1e-5
+    )
 
 
 def test_int8_loads_predicts_and_reports_its_accuracy_change(exported, trained):
@@ -67,7 +105,9 @@ def test_int8_loads_predicts_and_reports_its_accuracy_change(exported, trained):
     stored = json.loads((out / "export.json").read_text())
     m = stored["data_metrics"]
     assert m["rows"] == 45 and m["fp32"]["accuracy"] > 0.6  # the trained model, not chance (1/3)
-    assert m["int8_change_points"]["accuracy"] == pytest.approx(100 * (m["int8"]["accuracy"] - m["fp32"]["accuracy"]), abs=1e-3)
+    assert m["int8_change_points"]["accuracy"] == pytest.approx(
+        100 * (m["int8"]["accuracy"] - m["fp32"]["accuracy"]), abs=1e-3
+    )
     rt = load_runtime(str(out))  # auto: the int8 model when there is one
     assert rt.kind == "onnx-int8"
     probs = rt.predict(["酒店房间早餐入住", "电脑性能屏幕电池", "书内容作者观点"])
@@ -79,8 +119,22 @@ def test_int8_loads_predicts_and_reports_its_accuracy_change(exported, trained):
 def test_predict_and_evaluate_accept_an_export_folder(exported, trained, tmp_path):
     out, _ = exported
     for model, name in ((str(trained["ft"] / "model"), "torch"), (str(out), "onnx")):
-        assert main(["evaluate", "--model", model, "--data", trained["test"], "--out", str(tmp_path / name),
-                     "--max-seq-len", "32"]) == 0
+        assert (
+            main(
+                [
+                    "evaluate",
+                    "--model",
+                    model,
+                    "--data",
+                    trained["test"],
+                    "--out",
+                    str(tmp_path / name),
+                    "--max-seq-len",
+                    "32",
+                ]
+            )
+            == 0
+        )
     torch_m = json.loads((tmp_path / "torch" / "metrics.json").read_text())
     onnx_m = json.loads((tmp_path / "onnx" / "metrics.json").read_text())
     stored = json.loads((out / "export.json").read_text())["data_metrics"]

@@ -13,7 +13,7 @@ from tests.test_export import exported, trained  # noqa: F401 - shared session f
 TEXTS = ["酒店房间早餐入住", "电脑性能屏幕电池", "书内容作者观点"]
 
 
-def test_transformers_reads_the_export_and_its_onnx_model_agrees(exported):  # noqa: F811
+def test_transformers_reads_the_export_and_its_onnx_model_agrees(exported):
     import onnxruntime as ort
     from transformers import AutoConfig, AutoTokenizer
 
@@ -27,8 +27,11 @@ def test_transformers_reads_the_export_and_its_onnx_model_agrees(exported):  # n
     session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     assert [o.name for o in session.get_outputs()] == ["logits"]  # what optimum's classes read
-    feed = {k: v.astype(np.int64) for k, v in tokenizer(TEXTS, padding=True, truncation=True, max_length=32,
-                                                          return_tensors="np").items() if k in names}
+    feed = {
+        k: v.astype(np.int64)
+        for k, v in tokenizer(TEXTS, padding=True, truncation=True, max_length=32, return_tensors="np").items()
+        if k in names
+    }
     logits = session.run(["logits"], feed)[0]
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
@@ -36,9 +39,12 @@ def test_transformers_reads_the_export_and_its_onnx_model_agrees(exported):  # n
     assert [config.id2label[int(i)] for i in probs.argmax(-1)] == ["hotel", "pc", "book"]
 
 
-def test_optimum_loads_the_export(exported):  # noqa: F811
-    optimum = pytest.importorskip("optimum.onnxruntime", exc_type=ImportError,
-                                  reason="optimum[onnxruntime] does not import with this transformers")
+def test_optimum_loads_the_export(exported):
+    optimum = pytest.importorskip(
+        "optimum.onnxruntime",
+        exc_type=ImportError,
+        reason="optimum[onnxruntime] does not import with this transformers",
+    )
     from transformers import AutoTokenizer
 
     model = optimum.ORTModelForSequenceClassification.from_pretrained(exported[0], file_name="model.onnx")

@@ -9,7 +9,8 @@ TRICKY = [
     "酒店ABC服务Hotel123很好！Café déjà vu，Ｆｕｌｌ－ｗｉｄｔｈ１２３。",
     "兼容字豈更車（U+F900）😀表情 ℃ ½ ≥ §1.2.3 e-mail: a.b@c.com",
     "a\u0301 combining, 中\u0301 after a CJK char, ﹏ wavy, 〜 wave, 「引用」『二重』【括弧】",
-    "   leading and trailing spaces   ", "unknownwordxyzqq 不在词表的字：龘靐齉",
+    "   leading and trailing spaces   ",
+    "unknownwordxyzqq 不在词表的字：龘靐齉",
     "",
 ]
 
@@ -48,7 +49,8 @@ def test_other_tokenizers_are_not_taken(tmp_path):
 
 
 def test_the_one_cjk_table_is_the_tokenizers_own_at_every_code_point():
-    """Every code point of planes 0-3 (surrogates aside) is isolated by BERT's normaliser exactly when data/cjk.py says so."""
+    """Every code point of planes 0-3 (surrogates aside) is isolated by BERT's normaliser exactly when data/cjk.py
+    says so."""
     from tokenizers import normalizers
 
     from domainlm.data.cjk import CJK_CLASS, is_cjk
@@ -64,20 +66,41 @@ def test_the_one_cjk_table_is_the_tokenizers_own_at_every_code_point():
     import re
 
     pattern = re.compile(f"[{CJK_CLASS}]")
-    assert all(bool(pattern.match(chr(cp))) == (cp in isolated) for cp in (0x4DBF, 0x4DC0, 0x2B81F, 0x2B820, 0x2B91F, 0x2B920, 0x2CEAF, 0x2CEB0))
+    assert all(
+        bool(pattern.match(chr(cp))) == (cp in isolated)
+        for cp in (0x4DBF, 0x4DC0, 0x2B81F, 0x2B820, 0x2B91F, 0x2B920, 0x2CEAF, 0x2CEB0)
+    )
 
 
 # ---- property-based: random text from every block that matters --------------------------------------------
 
-BLOCKS = [(0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
-          (0x2B740, 0x2B81F), (0x2B820, 0x2B91F), (0x2B920, 0x2CEAF), (0x2CEB0, 0x2EBEF), (0x2F800, 0x2FA1F),
-          (0x30000, 0x3134F),  # CJK blocks, those the tokenizer does not isolate included
-          (0xFF00, 0xFFEF),  # full-width and half-width forms
-          (0x3000, 0x303F), (0x2E80, 0x2FDF),  # CJK punctuation, radicals
-          (0x00C0, 0x024F), (0x0300, 0x036F),  # accented Latin, combining accents
-          (0x1F300, 0x1FAFF), (0x2600, 0x27BF),  # emoji, symbols
-          (0x0000, 0x001F), (0x007F, 0x009F), (0x200B, 0x200F), (0xFFF0, 0xFFFF),  # control, invisible, specials
-          (0x0030, 0x0039), (0x0020, 0x007E), (0x0660, 0x0669)]  # digits, ASCII, Arabic-Indic digits
+BLOCKS = [
+    (0x3400, 0x4DBF),
+    (0x4E00, 0x9FFF),
+    (0xF900, 0xFAFF),
+    (0x20000, 0x2A6DF),
+    (0x2A700, 0x2B73F),
+    (0x2B740, 0x2B81F),
+    (0x2B820, 0x2B91F),
+    (0x2B920, 0x2CEAF),
+    (0x2CEB0, 0x2EBEF),
+    (0x2F800, 0x2FA1F),
+    (0x30000, 0x3134F),  # CJK blocks, those the tokenizer does not isolate included
+    (0xFF00, 0xFFEF),  # full-width and half-width forms
+    (0x3000, 0x303F),
+    (0x2E80, 0x2FDF),  # CJK punctuation, radicals
+    (0x00C0, 0x024F),
+    (0x0300, 0x036F),  # accented Latin, combining accents
+    (0x1F300, 0x1FAFF),
+    (0x2600, 0x27BF),  # emoji, symbols
+    (0x0000, 0x001F),
+    (0x007F, 0x009F),
+    (0x200B, 0x200F),
+    (0xFFF0, 0xFFFF),  # control, invisible, specials
+    (0x0030, 0x0039),
+    (0x0020, 0x007E),
+    (0x0660, 0x0669),
+]  # digits, ASCII, Arabic-Indic digits
 SPECIAL_STRINGS = ["[SEP]", "[MASK]", "[CLS]", "[PAD]", "[UNK]", "[sep]", "[MASK", "SEP]", "##", " "]
 
 
@@ -95,7 +118,9 @@ def backends(tmp_path_factory):
 
     out = {}
     for lowercase in (True, False):
-        tok = train_wordpiece((ZH_DOCS + EN_DOCS + TRICKY) * 2, tmp_path_factory.mktemp(f"t{lowercase}"), 500, lowercase)
+        tok = train_wordpiece(
+            (ZH_DOCS + EN_DOCS + TRICKY) * 2, tmp_path_factory.mktemp(f"t{lowercase}"), 500, lowercase
+        )
         backend = tok.backend_tokenizer
         backend.encode_special_tokens = True
         out[lowercase] = (backend, set(tok.all_special_ids) - {tok.unk_token_id})
@@ -136,7 +161,12 @@ def test_special_strings_are_text_and_the_store_refuses_special_ids(tmp_path, to
     assert tokenizer.sep_token_id in as_specials and tokenizer.mask_token_id in as_specials
     assert enc.ids.tolist() == as_text  # the literal strings are kept as the text they are
     forbidden = corpus_forbidden_ids(tokenizer)
-    assert set(forbidden) == {tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id, tokenizer.mask_token_id}
+    assert set(forbidden) == {
+        tokenizer.cls_token_id,
+        tokenizer.sep_token_id,
+        tokenizer.pad_token_id,
+        tokenizer.mask_token_id,
+    }
     assert not set(forbidden) & set(enc.ids.tolist())
     writer = CorpusWriter(tmp_path / "store", len(tokenizer), forbidden_ids=forbidden)
     writer.add(np.array([5, tokenizer.unk_token_id, 7]), np.array([3]), np.ones(3, bool))  # [UNK] is text

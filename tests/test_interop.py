@@ -62,13 +62,18 @@ def assert_reproduces_paddle(hf_dir: Path) -> None:
         with torch.no_grad():
             base = model.ernie(input_ids=ids, token_type_ids=types)
             heads = model(input_ids=ids, token_type_ids=types)
-        for name, value in (("last_hidden_state", base.last_hidden_state), ("pooler_output", base.pooler_output),
-                            ("mlm_logits", heads.prediction_logits), ("sop_logits", heads.seq_relationship_logits)):
+        for name, value in (
+            ("last_hidden_state", base.last_hidden_state),
+            ("pooler_output", base.pooler_output),
+            ("mlm_logits", heads.prediction_logits),
+            ("sop_logits", heads.seq_relationship_logits),
+        ):
             diff = np.abs(value[0].numpy() - expected[f"{name}_{i}"]).max()
             assert diff < 1e-4, (name, i, diff)
 
 
 # ---- conversion -------------------------------------------------------------------------------------------
+
 
 def test_convert_reproduces_paddlenlp_outputs_and_ids_and_leaves_the_source_alone(tmp_path, capsys):
     before = tree_digest(PADDLE_DIR)
@@ -76,8 +81,12 @@ def test_convert_reproduces_paddlenlp_outputs_and_ids_and_leaves_the_source_alon
     assert main(["convert", str(PADDLE_DIR), "--out", str(out)]) == 0
     assert "ErnieForPreTraining, 49 weights" in capsys.readouterr().out
     config = json.loads((out / "config.json").read_text())
-    assert (config["model_type"], config["use_task_id"], config["task_type_vocab_size"], config["type_vocab_size"]) == \
-        ("ernie", True, 16, 4)
+    assert (config["model_type"], config["use_task_id"], config["task_type_vocab_size"], config["type_vocab_size"]) == (
+        "ernie",
+        True,
+        16,
+        4,
+    )
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     assert_reproduces_paddle(out)
     assert tree_digest(PADDLE_DIR) == before
@@ -136,9 +145,12 @@ def test_paddle_bert_and_classifier_folders_reproduce_paddlenlp(tmp_path):
         ids, types = torch.tensor([EXPECTED["input_ids"][i]]), torch.tensor([EXPECTED["token_type_ids"][i]])
         with torch.no_grad():
             base = bert.bert(input_ids=ids, token_type_ids=types)
-            got = {"bert_last_hidden_state": base.last_hidden_state, "bert_pooler_output": base.pooler_output,
-                   "bert_sop_logits": bert(input_ids=ids, token_type_ids=types).seq_relationship_logits,
-                   "classifier_logits": classifier(input_ids=ids, token_type_ids=types).logits}
+            got = {
+                "bert_last_hidden_state": base.last_hidden_state,
+                "bert_pooler_output": base.pooler_output,
+                "bert_sop_logits": bert(input_ids=ids, token_type_ids=types).seq_relationship_logits,
+                "classifier_logits": classifier(input_ids=ids, token_type_ids=types).logits,
+            }
             if i == 0:
                 got["bert_mlm_logits"] = bert(input_ids=ids).prediction_logits
         for name, value in got.items():
@@ -155,7 +167,9 @@ def test_every_paddle_tensor_used_and_every_hf_weight_filled_or_refused(tmp_path
     extra = tmp_path / "extra"
     shutil.copytree(PADDLE_DIR, extra)
     _write_pdparams(extra, {**state, "ernie.encoder.adapter.weight": np.zeros((2, 2), np.float32)})
-    with pytest.raises(DomainLMError, match=r"1 Paddle tensors have no Hugging Face counterpart \(ernie.encoder.adapter.weight\)"):
+    with pytest.raises(
+        DomainLMError, match=r"1 Paddle tensors have no Hugging Face counterpart \(ernie.encoder.adapter.weight\)"
+    ):
         paddle.convert(extra, tmp_path / "a", log=lambda *_: None)
     missing = tmp_path / "missing"
     shutil.copytree(PADDLE_DIR, missing)
@@ -192,6 +206,7 @@ def test_pdparams_reader_admits_numpy_arrays_only(tmp_path):
 
 # ---- names, folders, mistyped paths -----------------------------------------------------------------------
 
+
 def test_paddlenlp_names_map_to_hf_and_fail_clearly_offline(tmp_path, monkeypatch, capsys):
     assert hub_name("ernie-3.0-medium-zh") == "nghuyong/ernie-3.0-medium-zh"
     assert hub_name("ERNIE-3.0-Micro-zh") == "nghuyong/ernie-3.0-micro-zh"
@@ -206,7 +221,10 @@ def test_paddlenlp_names_map_to_hf_and_fail_clearly_offline(tmp_path, monkeypatc
     assert "nghuyong/ernie-3.0-micro-zh is not in the local cache and the hub is offline" in err
     assert "huggingface-cli download nghuyong/ernie-3.0-micro-zh" in err and "Traceback" not in err
     assert main(["prepare", str(docs), "--out", str(tmp_path / "c"), "--tokenizer", "bert-base-chines"]) == 2
-    assert "bert-base-chines: no such folder, and not in the local Hugging Face cache (HF_HUB_OFFLINE is set)" in capsys.readouterr().err
+    assert (
+        "bert-base-chines: no such folder, and not in the local Hugging Face cache (HF_HUB_OFFLINE is set)"
+        in capsys.readouterr().err
+    )
     assert time.perf_counter() - started < 10
     assert not (tmp_path / "c").exists()
 
@@ -224,10 +242,15 @@ def test_mistyped_local_folder_fails_at_once(tmp_path, tiny_model, monkeypatch, 
     started = time.perf_counter()
     cases = [
         (["prepare", str(docs), "--out", "c", "--tokenizer", "./tokenizr"], "--tokenizer ./tokenizr: no such folder"),
-        (["finetune", "--model", "runs/ernie-finetune", "--train", str(data), "--out", "f"],
-         "--model runs/ernie-finetune: no such folder; did you mean runs/ernie-finetuned?"),
+        (
+            ["finetune", "--model", "runs/ernie-finetune", "--train", str(data), "--out", "f"],
+            "--model runs/ernie-finetune: no such folder; did you mean runs/ernie-finetuned?",
+        ),
         (["evaluate", "--model", str(tmp_path / "runs" / "nope"), "--data", str(data), "--out", "e"], "no such folder"),
-        (["predict", "--model", "runs/x/model", "--input", str(data), "--out", "p.jsonl"], "--model runs/x/model: no such folder"),
+        (
+            ["predict", "--model", "runs/x/model", "--input", str(data), "--out", "p.jsonl"],
+            "--model runs/x/model: no such folder",
+        ),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
@@ -261,10 +284,16 @@ def test_vocab_txt_only_folder_reads_as_bert_wordpiece(tmp_path, capsys):
     assert "read it as a BERT WordPiece vocabulary" in capsys.readouterr().err
     assert tokenizer.is_fast
     assert tokenizer("CAFÉ")["input_ids"] == tokenizer("cafe")["input_ids"]  # lower-cased, accents stripped
-    assert tokenizer.convert_ids_to_tokens(tokenizer("工程hotel", add_special_tokens=False)["input_ids"]) == ["工", "程", "hotel"]
+    assert tokenizer.convert_ids_to_tokens(tokenizer("工程hotel", add_special_tokens=False)["input_ids"]) == [
+        "工",
+        "程",
+        "hotel",
+    ]
     assert tokenizer("[MASK]", add_special_tokens=False)["input_ids"] == [tokenizer.mask_token_id]
     for i, (text, pair) in enumerate(EXPECTED["texts"]):  # the same ids as PaddleNLP's tokenizer on this vocabulary
         assert (tokenizer(text, pair) if pair else tokenizer(text))["input_ids"] == EXPECTED["input_ids"][i]
     (folder / "vocab.txt").write_text("a\nb\n", encoding="utf-8")
-    with pytest.raises(DomainLMError, match=r"special tokens \[CLS\], \[MASK\], \[PAD\], \[SEP\], \[UNK\] are not in the vocabulary"):
+    with pytest.raises(
+        DomainLMError, match=r"special tokens \[CLS\], \[MASK\], \[PAD\], \[SEP\], \[UNK\] are not in the vocabulary"
+    ):
         load_fast_tokenizer(str(folder))

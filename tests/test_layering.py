@@ -68,8 +68,12 @@ def layer(module: str) -> int:
 
 
 def test_no_import_runs_up_the_layers():
-    upward = [f"{m} (layer {layer(m)}) imports {d} (layer {layer(d)})"
-              for m, deps in sorted(graph().items()) for d in sorted(deps) if layer(d) > layer(m)]
+    upward = [
+        f"{m} (layer {layer(m)}) imports {d} (layer {layer(d)})"
+        for m, deps in sorted(graph().items())
+        for d in sorted(deps)
+        if layer(d) > layer(m)
+    ]
     assert not upward, "\n".join(upward)
 
 
@@ -81,7 +85,7 @@ def test_no_import_loop_between_files():
         state[m] = "grey"
         for d in sorted(g[m]):
             if state.get(d) == "grey":
-                loops.append(" -> ".join(stack[stack.index(d):] + [d]))
+                loops.append(" -> ".join(stack[stack.index(d) :] + [d]))
             elif d not in state:
                 visit(d, [*stack, d])
         state[m] = "black"
@@ -97,5 +101,11 @@ def test_the_checks_see_a_loop_and_an_upward_import(tmp_path):
     (tmp_path / "a.py").write_text("def f():\n    from domainlm.classify import runtime\n    import domainlm.cli\n")
     known = {"domainlm.classify.runtime": Path(), "domainlm.cli": Path(), "domainlm.classify": Path()}
     assert imports(tmp_path / "a.py", known) == {"domainlm.classify.runtime", "domainlm.cli"}
-    assert layer("domainlm.checks") < layer("domainlm.interop.paddle") < layer("domainlm.data.tokenize") \
-        < layer("domainlm.classify.runtime") < layer("domainlm.serve.server") < layer("domainlm.console.app")
+    assert (
+        layer("domainlm.checks")
+        < layer("domainlm.interop.paddle")
+        < layer("domainlm.data.tokenize")
+        < layer("domainlm.classify.runtime")
+        < layer("domainlm.serve.server")
+        < layer("domainlm.console.app")
+    )

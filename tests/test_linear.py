@@ -15,9 +15,12 @@ from tests.test_classify import make_rows, write_jsonl
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("lin")
-    return {"train": write_jsonl(root / "train.jsonl", make_rows(40, 1)), "dev": write_jsonl(root / "dev.jsonl", make_rows(10, 5)),
-            "test": write_jsonl(root / "test.jsonl", make_rows(15, 2)),
-            "ml": write_jsonl(root / "ml.jsonl", make_rows(40, 3, multilabel=True))}
+    return {
+        "train": write_jsonl(root / "train.jsonl", make_rows(40, 1)),
+        "dev": write_jsonl(root / "dev.jsonl", make_rows(10, 5)),
+        "test": write_jsonl(root / "test.jsonl", make_rows(15, 2)),
+        "ml": write_jsonl(root / "ml.jsonl", make_rows(40, 3, multilabel=True)),
+    }
 
 
 def test_binary_scores_equal_scikit_learn_and_survive_save_load(tmp_path, files):
@@ -43,15 +46,33 @@ def test_binary_scores_equal_scikit_learn_and_survive_save_load(tmp_path, files)
 
 def test_method_linear_then_evaluate_and_predict(tmp_path, files, capsys):
     out = tmp_path / "lin"
-    assert main(["finetune", "--method", "linear", "--train", files["train"], "--dev", files["dev"], "--test", files["test"],
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--method",
+                "linear",
+                "--train",
+                files["train"],
+                "--dev",
+                files["dev"],
+                "--test",
+                files["test"],
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     m = json.loads((out / "metrics.json").read_text())
     assert m["test"]["accuracy"] > 0.9 and m["train_rows"] == 120 and "TF-IDF" in m["method"]
     meta = json.loads((out / "linear.json").read_text())
     best = max(c["dev_accuracy"] for c in meta["selection"])
     assert m["dev"]["accuracy"] == pytest.approx(best)
     assert main(["evaluate", "--model", str(out), "--data", files["test"], "--out", str(tmp_path / "ev")]) == 0
-    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["accuracy"] == pytest.approx(m["test"]["accuracy"])
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["accuracy"] == pytest.approx(
+        m["test"]["accuracy"]
+    )
     assert main(["predict", "--model", str(out), "--input", files["test"], "--out", str(tmp_path / "p.jsonl")]) == 0
     preds = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
     gold = [json.loads(x)["label"] for x in open(files["test"], encoding="utf-8")]
@@ -60,7 +81,9 @@ def test_method_linear_then_evaluate_and_predict(tmp_path, files, capsys):
 
 def test_multilabel_floor_tunes_thresholds(tmp_path, files):
     out = tmp_path / "ml"
-    assert main(["finetune", "--method", "linear", "--task", "multilabel", "--train", files["ml"], "--out", str(out)]) == 0
+    assert (
+        main(["finetune", "--method", "linear", "--task", "multilabel", "--train", files["ml"], "--out", str(out)]) == 0
+    )
     m = json.loads((out / "metrics.json").read_text())
     thresholds = [v["threshold"] for v in m["dev"]["per_class"].values()]
     assert len(thresholds) == 3 and m["dev"]["f1_micro"] > 0.6
@@ -69,11 +92,34 @@ def test_multilabel_floor_tunes_thresholds(tmp_path, files):
 
 def test_finetune_reports_the_floor_beside_the_model(tmp_path, tiny_model, files):
     out = tmp_path / "ft"
-    assert main(["finetune", "--model", tiny_model, "--train", files["train"], "--test", files["test"], "--out", str(out),
-                 "--epochs", "1", "--max-seq-len", "32", "--batch-size", "32"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--model",
+                tiny_model,
+                "--train",
+                files["train"],
+                "--test",
+                files["test"],
+                "--out",
+                str(out),
+                "--epochs",
+                "1",
+                "--max-seq-len",
+                "32",
+                "--batch-size",
+                "32",
+            ]
+        )
+        == 0
+    )
     m = json.loads((out / "metrics.json").read_text())
     floor = json.loads((out / "floor" / "metrics.json").read_text())
-    assert m["floor"]["test"]["accuracy"] == pytest.approx(floor["test"]["accuracy"]) and floor["train_rows"] == m["train_rows"] == 96
+    assert (
+        m["floor"]["test"]["accuracy"] == pytest.approx(floor["test"]["accuracy"])
+        and floor["train_rows"] == m["train_rows"] == 96
+    )
     assert "Classical floor (char" in (out / "report.md").read_text()
     assert (out / "floor" / "linear.json").is_file()
 
@@ -81,7 +127,22 @@ def test_finetune_reports_the_floor_beside_the_model(tmp_path, tiny_model, files
 def test_bad_options_are_rejected_before_any_work(tmp_path, files, tiny_model, capsys):
     assert main(["finetune", "--train", files["train"], "--out", str(tmp_path / "x")]) == 2
     assert "--model (only --method linear needs none)" in capsys.readouterr().err
-    assert main(["finetune", "--model", tiny_model, "--train", files["train"], "--out", str(tmp_path / "x"), "--metric", "bogus"]) == 2
+    assert (
+        main(
+            [
+                "finetune",
+                "--model",
+                tiny_model,
+                "--train",
+                files["train"],
+                "--out",
+                str(tmp_path / "x"),
+                "--metric",
+                "bogus",
+            ]
+        )
+        == 2
+    )
     assert "--metric 'bogus' is not computed for a multiclass task; choose one of accuracy" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
@@ -99,8 +160,10 @@ def test_floor_per_fold_is_the_mean_of_the_folds(tmp_path, files):
         fit, dev = split_validation(fit_rows, 0.2, 0, 1)
         runs.append(Scored({}, rows={"dev": dev, HELD_OUT: held}, fit=fit))
     floor = linear.beside(cfg, runs, ["book", "hotel", "pc"], HELD_OUT, outputs.Plain(tmp_path))
-    folds = [json.loads((tmp_path / "floor" / f"fold-{k}" / "metrics.json").read_text())[HELD_OUT]["accuracy"]
-             for k in (1, 2)]
+    folds = [
+        json.loads((tmp_path / "floor" / f"fold-{k}" / "metrics.json").read_text())[HELD_OUT]["accuracy"]
+        for k in (1, 2)
+    ]
     summary = floor["summary"]
     assert summary[HELD_OUT]["accuracy"] == pytest.approx(np.mean(folds)) and summary["train_rows"] == 48
     # the probabilities stay in memory for the blend, one set per fold, each on its own held-out rows

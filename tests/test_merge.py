@@ -1,6 +1,6 @@
-"""Corpora prepared in shards (`prepare --shard I/N`) and joined by `domainlm merge`: byte for byte the store one prepare
-of all the inputs writes, duplicates across shards included; stores prepared apart are concatenated; every store that
-does not belong is refused in one line."""
+"""Corpora prepared in shards (`prepare --shard I/N`) and joined by `domainlm merge`: byte for byte the store one
+prepare of all the inputs writes, duplicates across shards included; stores prepared apart are concatenated; every
+store that does not belong is refused in one line."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def _text(rng: random.Random, n: int) -> str:
 
 def _mutate(rng: random.Random, text: str, k: int) -> str:
     i = rng.randint(0, len(text) - k)
-    return text[:i] + "".join(rng.choice(CHARS) for _ in range(k)) + text[i + k:]
+    return text[:i] + "".join(rng.choice(CHARS) for _ in range(k)) + text[i + k :]
 
 
 def chain(threshold: float = 0.5, seed: int = 10) -> tuple[str, str, str]:
@@ -70,8 +70,20 @@ def inputs(tmp_path_factory):
 
 
 def prepare(inputs, out, tokenizer_dir, *flags):
-    args = ["prepare", *map(str, inputs), "--out", str(out), "--tokenizer", tokenizer_dir, "--workers", "0",
-            "--near-dup-threshold", "0.5", "--segment", *flags]
+    args = [
+        "prepare",
+        *map(str, inputs),
+        "--out",
+        str(out),
+        "--tokenizer",
+        tokenizer_dir,
+        "--workers",
+        "0",
+        "--near-dup-threshold",
+        "0.5",
+        "--segment",
+        *flags,
+    ]
     assert main(args) == 0
     return json.loads((out / "stats.json").read_text())
 
@@ -94,11 +106,16 @@ def test_shards_merged_are_byte_for_byte_one_prepare(tmp_path, inputs, tokenizer
     assert stats["duplicates_exact"] == 2 and stats["duplicates_near"] == 1  # b's first, c's last; Y (after Z)
     parts = [tmp_path / f"shard{i}" for i in range(1, count + 1)]
     shard_stats = [prepare(inputs, part, tokenizer_dir, "--shard", f"{i}/{count}") for i, part in enumerate(parts, 1)]
-    assert sum(s["files"] for s in shard_stats) == 3 and sum(s["documents_read"] for s in shard_stats) == \
-        stats["documents_read"]
+    assert (
+        sum(s["files"] for s in shard_stats) == 3
+        and sum(s["documents_read"] for s in shard_stats) == stats["documents_read"]
+    )
     if count == 3:  # the shard of b.jsonl alone: Y kept, X dropped as its near duplicate, and kept aside for the merge
-        alone = next(s for s, part in zip(shard_stats, parts) if json.loads(
-            (part / shards.FOLDER / "shard.json").read_text())["taken"] == [1])
+        alone = next(
+            s
+            for s, part in zip(shard_stats, parts)
+            if json.loads((part / shards.FOLDER / "shard.json").read_text())["taken"] == [1]
+        )
         assert (alone["duplicates_near"], alone["duplicates_exact"]) == (1, 0)
         assert sum(Corpus(p / shards.FOLDER / "dropped").n_documents for p in parts) == 1
     prepare(inputs, parts[0], tokenizer_dir, "--shard", f"1/{count}")  # the same shard again: up to date
@@ -159,10 +176,16 @@ def test_a_store_that_does_not_belong_is_refused_in_one_line(tmp_path, inputs, t
     cases = [
         ([s1, s2, s2], "store {s2} is given twice: its documents would be merged twice"),
         ([s1], "shard(s) 2 of 2 missing (given: 1): give every shard of the run"),
-        ([s1, other_options], f"store {other_options} was prepared with --min-doc-chars 3, store {s1} with "
-                              "--min-doc-chars 10: shards of one corpus share every option"),
-        ([s1, plain], f"store {s1} is a shard of a `prepare --shard` run and store {plain} is not: merge the shards of "
-                      "one run, or stores prepared apart, not both at once"),
+        (
+            [s1, other_options],
+            f"store {other_options} was prepared with --min-doc-chars 3, store {s1} with "
+            "--min-doc-chars 10: shards of one corpus share every option",
+        ),
+        (
+            [s1, plain],
+            f"store {s1} is a shard of a `prepare --shard` run and store {plain} is not: merge the shards of "
+            "one run, or stores prepared apart, not both at once",
+        ),
         ([plain, other_vocab], f"store {other_vocab} was tokenized with another vocabulary"),
         ([s1, tmp_path / "nothing"], f"store {tmp_path / 'nothing'}: {tmp_path / 'nothing'} is not a corpus store"),
     ]
@@ -175,7 +198,10 @@ def test_a_store_that_does_not_belong_is_refused_in_one_line(tmp_path, inputs, t
     assert line == f"error: stores {s2} and {s3} are both shard 2 of 2: give each shard once\n"
     # a shard that takes no file
     line = one_line(err("prepare", *inputs, "--out", tmp_path / "s4", "--tokenizer", tokenizer_dir, "--shard", "4/4"))
-    assert line == "error: --shard 4/4: no input file falls to this shard (3 file(s) for 4 shards; a shard takes whole " \
-                   "files): use at most 3 shards\n"
-    assert one_line(err("prepare", *inputs, "--out", tmp_path / "s5", "--tokenizer", tokenizer_dir, "--shard", "0/2")) \
-        .startswith("error: --shard '0/2': expected I/N with 1 <= I <= N")
+    assert (
+        line == "error: --shard 4/4: no input file falls to this shard (3 file(s) for 4 shards; a shard takes whole "
+        "files): use at most 3 shards\n"
+    )
+    assert one_line(
+        err("prepare", *inputs, "--out", tmp_path / "s5", "--tokenizer", tokenizer_dir, "--shard", "0/2")
+    ).startswith("error: --shard '0/2': expected I/N with 1 <= I <= N")

@@ -23,8 +23,11 @@ COMMANDS = {
     "finetune": ("domainlm.classify.config", "FinetuneConfig", {"train": "t.jsonl", "out": "o", "model": "m"}),
     "evaluate": ("domainlm.classify.config", "EvaluateConfig", {"model": "m", "data": "d.jsonl", "out": "o"}),
     "predict": ("domainlm.classify.config", "PredictConfig", {"model": "m"}),
-    "distill": ("domainlm.distill.config", "DistillConfig", {"teacher": "t", "student": "s", "train": "t.jsonl",
-                                                             "out": "o"}),
+    "distill": (
+        "domainlm.distill.config",
+        "DistillConfig",
+        {"teacher": "t", "student": "s", "train": "t.jsonl", "out": "o"},
+    ),
     "export": ("domainlm.serve.config", "ExportConfig", {"model": "m", "out": "o"}),
     "serve": ("domainlm.serve.config", "ServeConfig", {"model": "m"}),
     "demo": ("domainlm.demo", "DemoConfig", {}),
@@ -33,8 +36,10 @@ COMMANDS = {
 
 ODD_FLOATS = st.sampled_from([math.nan, math.inf, -math.inf, -1.0, 0.0, 1.0, 1e308, -1e-308, 5e-324, 2.0, 0.999999])
 ODD_INTS = st.sampled_from([-1, 0, 1, 2**63, -(2**63), 10**12, 3])
-ODD_TEXT = st.one_of(st.sampled_from(["", " ", "nan", "inf", "-1", "1e999", "0x10", "真", "a,b", "../x", "\x00", "yes"]),
-                     st.text(max_size=12))
+ODD_TEXT = st.one_of(
+    st.sampled_from(["", " ", "nan", "inf", "-1", "1e999", "0x10", "真", "a,b", "../x", "\x00", "yes"]),
+    st.text(max_size=12),
+)
 
 
 def _config(command: str):
@@ -93,7 +98,9 @@ def test_the_console_form_checks_give_a_message_per_bad_field(command, data):
     """The console's form check (check_values) never raises and names each bad field under its own key."""
     cls, required = _config(command)
     hints = typing.get_type_hints(cls)
-    field = data.draw(st.sampled_from([f for f in dataclasses.fields(cls) if not dataclasses.is_dataclass(hints[f.name])]))
+    field = data.draw(
+        st.sampled_from([f for f in dataclasses.fields(cls) if not dataclasses.is_dataclass(hints[f.name])])
+    )
     value = data.draw(_value_for(hints[field.name]))
     cfg, errors = cfglib.check_values(cls, {**required, field.name: value})
     assert (cfg is None) == bool(errors)
@@ -108,8 +115,13 @@ def test_the_cli_stops_a_bad_flag_in_one_line(command, capsys):
     from domainlm.cli import main
 
     with pytest.raises(SystemExit) as done:
-        main([command, "--precision" if command in ("pretrain", "finetune", "distill", "serve") else "--no-such-flag",
-              "bogus"])
+        main(
+            [
+                command,
+                "--precision" if command in ("pretrain", "finetune", "distill", "serve") else "--no-such-flag",
+                "bogus",
+            ]
+        )
     assert done.value.code == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: domainlm")
@@ -117,16 +129,19 @@ def test_the_cli_stops_a_bad_flag_in_one_line(command, capsys):
 
 # ---- the numbers a training run takes never give a non-finite model -----------------------------------------------
 
-TRAINING = st.fixed_dictionaries({}, optional={
-    "learning_rate": st.sampled_from([1e-9, 1e-3, 0.5, 1.0]),
-    "adam_beta1": st.sampled_from([0.0, 0.5, 0.999999]),
-    "adam_beta2": st.sampled_from([0.0, 0.9, 0.999999]),
-    "adam_epsilon": st.sampled_from([1e-30, 1e-8, 1.0]),
-    "max_grad_norm": st.sampled_from([1e-9, 1.0, math.inf]),
-    "layer_lr_decay": st.sampled_from([1e-6, 0.5, 1.0]),
-    "weight_decay": st.sampled_from([0.0, 1.0]),
-    "warmup_ratio": st.sampled_from([0.0, 1.0]),
-})
+TRAINING = st.fixed_dictionaries(
+    {},
+    optional={
+        "learning_rate": st.sampled_from([1e-9, 1e-3, 0.5, 1.0]),
+        "adam_beta1": st.sampled_from([0.0, 0.5, 0.999999]),
+        "adam_beta2": st.sampled_from([0.0, 0.9, 0.999999]),
+        "adam_epsilon": st.sampled_from([1e-30, 1e-8, 1.0]),
+        "max_grad_norm": st.sampled_from([1e-9, 1.0, math.inf]),
+        "layer_lr_decay": st.sampled_from([1e-6, 0.5, 1.0]),
+        "weight_decay": st.sampled_from([0.0, 1.0]),
+        "warmup_ratio": st.sampled_from([0.0, 1.0]),
+    },
+)
 
 
 @pytest.fixture(scope="module")
@@ -136,11 +151,16 @@ def rows(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("p") / "train.jsonl", make_rows(12, 1))
 
 
-@settings(max_examples=8, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=8,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(options=TRAINING)
-def test_a_finetune_with_any_accepted_numbers_ends_finite_or_in_one_line(tmp_path_factory, tiny_model, rows, options,
-                                                                         capsys):
+def test_a_finetune_with_any_accepted_numbers_ends_finite_or_in_one_line(
+    tmp_path_factory, tiny_model, rows, options, capsys
+):
     from safetensors.numpy import load_file
 
     from domainlm.cli import main
@@ -148,8 +168,27 @@ def test_a_finetune_with_any_accepted_numbers_ends_finite_or_in_one_line(tmp_pat
     out = tmp_path_factory.mktemp("run") / "ft"
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
     capsys.readouterr()
-    code = main(["finetune", "--model", tiny_model, "--train", rows, "--out", str(out), "--epochs", "1",
-                 "--batch-size", "8", "--max-seq-len", "32", "--no-floor", "--precision", "fp32", *flags])
+    code = main(
+        [
+            "finetune",
+            "--model",
+            tiny_model,
+            "--train",
+            rows,
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--max-seq-len",
+            "32",
+            "--no-floor",
+            "--precision",
+            "fp32",
+            *flags,
+        ]
+    )
     err = capsys.readouterr().err
     assert code in (0, 2) and "Traceback" not in err
     if code == 2:

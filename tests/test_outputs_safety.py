@@ -15,11 +15,14 @@ from tests.test_interop import PADDLE_DIR
 
 # ---- the helpers ------------------------------------------------------------------------------------------
 
+
 def test_inside_follows_links_and_strict_excludes_the_root(tmp_path):
     (tmp_path / "a" / "b").mkdir(parents=True)
     (tmp_path / "link").symlink_to(tmp_path / "a")
     assert outputs.inside(tmp_path / "link" / "b", tmp_path / "a")
-    assert outputs.inside(tmp_path / "a", tmp_path / "a") and not outputs.inside(tmp_path / "a", tmp_path / "a", strict=True)
+    assert outputs.inside(tmp_path / "a", tmp_path / "a") and not outputs.inside(
+        tmp_path / "a", tmp_path / "a", strict=True
+    )
     assert not outputs.inside(tmp_path / "ab", tmp_path / "a")
     with pytest.raises(DomainLMError, match="does not lie inside"):
         outputs.remove_tree(tmp_path / "link", tmp_path / "a")
@@ -39,6 +42,7 @@ def test_stage_keeps_the_old_folder_until_the_new_one_is_complete(tmp_path):
 
 
 # ---- convert ----------------------------------------------------------------------------------------------
+
 
 def test_convert_over_an_earlier_output_keeps_it_when_the_new_one_fails(tmp_path, err, monkeypatch):
     out = tmp_path / "hf"
@@ -70,7 +74,9 @@ def test_convert_never_replaces_the_users_files(tmp_path, err, monkeypatch):
     src = tmp_path / "models" / "ernie"
     shutil.copytree(PADDLE_DIR, src)
     before = snapshot(tmp_path / "models")
-    assert f"--out {tmp_path / 'models'} holds the input {src}" in err("convert", src, "--out", tmp_path / "models", "--overwrite")
+    assert f"--out {tmp_path / 'models'} holds the input {src}" in err(
+        "convert", src, "--out", tmp_path / "models", "--overwrite"
+    )
     assert snapshot(tmp_path / "models") == before
     # the working folder
     monkeypatch.chdir(docs)
@@ -84,6 +90,7 @@ def test_convert_never_replaces_the_users_files(tmp_path, err, monkeypatch):
 
 
 # ---- every other command with an --out: the user's files under its names are refused, byte for byte kept ------
+
 
 def users_folder(tmp_path, files: dict[str, bytes]) -> Path:
     folder = tmp_path / "mine"
@@ -107,9 +114,19 @@ def test_sweep_keeps_the_users_table(tmp_path, tiny_model, err):
 
     mine = users_folder(tmp_path, {"table.md": b"| my | table |\n"})
     spec = tmp_path / "sweep.yaml"
-    spec.write_text(yaml.safe_dump({"out": str(mine), "seeds": [1], "models": [{"name": "tiny", "base": tiny_model}],
-                                    "finetune": {"train": write_jsonl(tmp_path / "t.jsonl", make_rows(12, 1)),
-                                                 "test": write_jsonl(tmp_path / "e.jsonl", make_rows(4, 2))}}))
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "out": str(mine),
+                "seeds": [1],
+                "models": [{"name": "tiny", "base": tiny_model}],
+                "finetune": {
+                    "train": write_jsonl(tmp_path / "t.jsonl", make_rows(12, 1)),
+                    "test": write_jsonl(tmp_path / "e.jsonl", make_rows(4, 2)),
+                },
+            }
+        )
+    )
     refused(err, mine, "sweep", spec, names="table.md")
 
 
@@ -127,8 +144,18 @@ def test_report_out_keeps_the_users_report(tmp_path, err):
 
 def test_pretrain_out_keeps_the_users_config_and_results(tmp_path, tiny_model, err):
     mine = users_folder(tmp_path, {"config.yaml": b"mine: 1\n", "results.json": b"{}", "notes.txt": b"x"})
-    refused(err, mine, "pretrain", "--corpus", tmp_path / "c", "--model", tiny_model, "--out", mine,
-            names="config.yaml, results.json")
+    refused(
+        err,
+        mine,
+        "pretrain",
+        "--corpus",
+        tmp_path / "c",
+        "--model",
+        tiny_model,
+        "--out",
+        mine,
+        names="config.yaml, results.json",
+    )
 
 
 def test_demo_out_keeps_the_users_data(tmp_path, err):
@@ -141,9 +168,22 @@ def test_finetune_and_evaluate_keep_the_users_files_of_their_names(tmp_path, tin
 
     train = write_jsonl(tmp_path / "train.jsonl", make_rows(12, 1))
     mine = users_folder(tmp_path, {"report.md": b"mine", "metrics.json": b"{}"})
-    refused(err, mine, "finetune", "--model", tiny_model, "--train", train, "--out", mine, "--overwrite",
-            names="metrics.json, report.md")
-    refused(err, mine, "evaluate", "--model", tiny_model, "--data", train, "--out", mine, names="metrics.json, report.md")
+    refused(
+        err,
+        mine,
+        "finetune",
+        "--model",
+        tiny_model,
+        "--train",
+        train,
+        "--out",
+        mine,
+        "--overwrite",
+        names="metrics.json, report.md",
+    )
+    refused(
+        err, mine, "evaluate", "--model", tiny_model, "--data", train, "--out", mine, names="metrics.json, report.md"
+    )
 
 
 def test_extend_vocab_into_a_folder_of_the_users(tmp_path, tiny_model, err):
@@ -154,7 +194,8 @@ def test_extend_vocab_into_a_folder_of_the_users(tmp_path, tiny_model, err):
 
 
 def test_prepare_never_replaces_the_working_folder_nor_writes_after_the_work_into_an_unwritable_one(
-        tmp_path, zh_txt, tokenizer_dir, err, monkeypatch):
+    tmp_path, zh_txt, tokenizer_dir, err, monkeypatch
+):
     work = users_folder(tmp_path, {"notes.txt": b"mine"})
     monkeypatch.chdir(work)
     message = err("prepare", zh_txt, "--out", ".", "--tokenizer", tokenizer_dir, "--workers", "0", "--overwrite")
@@ -171,7 +212,10 @@ def test_prepare_never_replaces_the_working_folder_nor_writes_after_the_work_int
 
 # ---- a killed run resumes at once -------------------------------------------------------------------------
 
-def test_a_run_killed_with_sigkill_resumes_at_once_though_its_loader_workers_live_on(tmp_path, corpus_dir, tiny_model, err):
+
+def test_a_run_killed_with_sigkill_resumes_at_once_though_its_loader_workers_live_on(
+    tmp_path, corpus_dir, tiny_model, err
+):
     import signal
     import subprocess
     import sys
@@ -180,11 +224,34 @@ def test_a_run_killed_with_sigkill_resumes_at_once_though_its_loader_workers_liv
     from tests.test_bad_inputs import env
 
     out = tmp_path / "run"
-    args = ["pretrain", "--corpus", corpus_dir, "--model", tiny_model, "--out", str(out), "--max-seq-len", "48",
-            "--batch-size", "4", "--checkpoint-steps", "2", "--num-workers", "2", "--no-tensorboard",
-            "--logging-freq", "1000", "--eval-steps", "1000"]
-    run = subprocess.Popen([sys.executable, "-m", "domainlm.cli", *args, "--max-steps", "100000"], env=env(),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [
+        "pretrain",
+        "--corpus",
+        corpus_dir,
+        "--model",
+        tiny_model,
+        "--out",
+        str(out),
+        "--max-seq-len",
+        "48",
+        "--batch-size",
+        "4",
+        "--checkpoint-steps",
+        "2",
+        "--num-workers",
+        "2",
+        "--no-tensorboard",
+        "--logging-freq",
+        "1000",
+        "--eval-steps",
+        "1000",
+    ]
+    run = subprocess.Popen(
+        [sys.executable, "-m", "domainlm.cli", *args, "--max-steps", "100000"],
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 240
         while not list((out / "checkpoints").glob("step-*/manifest.json")) and time.monotonic() < deadline:

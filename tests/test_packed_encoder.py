@@ -16,12 +16,22 @@ def _model(kind: str):
     from transformers import BertConfig, BertModel, ErnieConfig, ErnieModel, RobertaConfig, RobertaModel
 
     torch.manual_seed(0)
-    shape = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                 max_position_embeddings=40, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    shape = dict(
+        vocab_size=97,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=40,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     if kind == "ernie":
         return ErnieModel(ErnieConfig(**shape, type_vocab_size=4, use_task_id=True, task_type_vocab_size=3))
     if kind == "roberta":
-        return RobertaModel(RobertaConfig(**{**shape, "max_position_embeddings": 42}, pad_token_id=1))  # positions from 2
+        return RobertaModel(
+            RobertaConfig(**{**shape, "max_position_embeddings": 42}, pad_token_id=1)
+        )  # positions from 2
     return BertModel(BertConfig(**shape, type_vocab_size=2))
 
 
@@ -33,7 +43,7 @@ def _ragged(lengths, vocab=97, seed=0):
     mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
     types = torch.zeros_like(ids)
     for i, n in enumerate(lengths):
-        types[i, n // 2:n] = 1
+        types[i, n // 2 : n] = 1
     ids = ids * mask + 1 * (1 - mask)  # pad id 1 (RoBERTa's)
     return ids, mask, types * mask
 
@@ -47,8 +57,10 @@ def test_packed_forward_and_gradients_equal_padded(kind):
     padded = model(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
     packed = pack_padded(ids, mask, types)
     assert packed["max_len"] == 40 and packed["cu_seqlens"].tolist() == [0, 7, 8, 48, 51, 63]
-    hidden = encode_packed(model, **{k: packed[k] for k in ("input_ids", "token_type_ids", "position_ids",
-                                                          "seq_index", "cu_seqlens", "max_len")})
+    hidden = encode_packed(
+        model,
+        **{k: packed[k] for k in ("input_ids", "token_type_ids", "position_ids", "seq_index", "cu_seqlens", "max_len")},
+    )
     assert hidden.shape == (sum(lengths), 32)
     real = mask.bool()
     torch.testing.assert_close(hidden, padded[real], atol=ATOL, rtol=0)
@@ -60,8 +72,10 @@ def test_packed_forward_and_gradients_equal_padded(kind):
     (padded[real] * weights).sum().backward()
     reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    hidden = encode_packed(model, **{k: packed[k] for k in ("input_ids", "token_type_ids", "position_ids",
-                                                          "seq_index", "cu_seqlens", "max_len")})
+    hidden = encode_packed(
+        model,
+        **{k: packed[k] for k in ("input_ids", "token_type_ids", "position_ids", "seq_index", "cu_seqlens", "max_len")},
+    )
     (hidden * weights).sum().backward()
     got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert set(got) == set(reference) - {n for n in reference if "pooler" in n}
@@ -77,8 +91,13 @@ def test_inference_forward_equals_padded_for_batches_and_single_texts(lengths):
     with torch.inference_mode():
         padded = model(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
         packed = pack_padded(ids, mask, types)
-        hidden = encode_packed(model, **{k: packed[k] for k in ("input_ids", "token_type_ids", "position_ids",
-                                                              "seq_index", "cu_seqlens", "max_len")})
+        hidden = encode_packed(
+            model,
+            **{
+                k: packed[k]
+                for k in ("input_ids", "token_type_ids", "position_ids", "seq_index", "cu_seqlens", "max_len")
+            },
+        )
     torch.testing.assert_close(hidden, padded[mask.bool()], atol=ATOL, rtol=0)
 
 
@@ -89,12 +108,17 @@ def test_attention_in_spans_equals_each_sample_alone(lengths):
     gradients equal those of the sample attending alone (a one-token sample included)."""
     heads, dim = 2, 32
     layout_args = pack([{"input_ids": np.zeros(n, np.int64)} for n in lengths])
-    layout = Layout(layout_args["cu_seqlens"], layout_args["max_len"], layout_args["seq_index"], layout_args["position_ids"])
+    layout = Layout(
+        layout_args["cu_seqlens"], layout_args["max_len"], layout_args["seq_index"], layout_args["position_ids"]
+    )
     spans = layout.spans(heads * dim)
     assert len(spans) > 1 and spans[0][0] == 0 and spans[-1][1] == sum(lengths)
     assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
     if lengths == sorted(lengths):
-        assert [(part.n_samples, part.max_len, part.equal_lengths()) for *_, part in spans] == [(6, 3, True), (3, 256, False)]
+        assert [(part.n_samples, part.max_len, part.equal_lengths()) for *_, part in spans] == [
+            (6, 3, True),
+            (3, 256, False),
+        ]
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(sum(lengths), heads, dim, generator=g, requires_grad=True) for _ in range(3))
     weights = torch.randn(sum(lengths), heads, dim, generator=g)
@@ -105,7 +129,9 @@ def test_attention_in_spans_equals_each_sample_alone(lengths):
         t.grad = None
     cu = layout.cu_seqlens.tolist()
     for a, b in zip(cu[:-1], cu[1:]):
-        alone = torch.nn.functional.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v))).transpose(0, 1)
+        alone = torch.nn.functional.scaled_dot_product_attention(
+            *(t[a:b].transpose(0, 1) for t in (q, k, v))
+        ).transpose(0, 1)
         torch.testing.assert_close(out[a:b], alone.detach(), atol=ATOL, rtol=0)
         (alone * weights[a:b]).sum().backward()
     for mine, reference in zip(got, (q.grad, k.grad, v.grad)):
@@ -158,9 +184,12 @@ def test_the_bf16_products_kernel_is_attention():
     q, k, v = (torch.randn(3, 2, 9, 16, generator=g) for _ in range(3))
     mask = (torch.arange(9)[None, :] < torch.tensor([9, 4, 1])[:, None])[:, None, None, :]
     for m in (mask, None):
-        torch.testing.assert_close(_bmm_attention(q, k, v, m, 0.0, 0.3),
-                                   torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=0.3),
-                                   atol=ATOL, rtol=0)
+        torch.testing.assert_close(
+            _bmm_attention(q, k, v, m, 0.0, 0.3),
+            torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=0.3),
+            atol=ATOL,
+            rtol=0,
+        )
     assert not _bmm_attention(q, k, v, mask, 1.0, 0.3).any()  # dropout acts on the probabilities
 
 
@@ -192,9 +221,11 @@ def test_bf16_attention_on_the_cpu_stays_in_bf16(lengths):
 
 
 def test_pack_gives_ids_per_sample():
-    rows = [{"input_ids": np.array([2, 5, 6, 3]), "token_type_ids": np.array([0, 0, 1, 1])},
-            {"input_ids": np.array([2])},
-            {"input_ids": np.array([2, 7, 3])}]
+    rows = [
+        {"input_ids": np.array([2, 5, 6, 3]), "token_type_ids": np.array([0, 0, 1, 1])},
+        {"input_ids": np.array([2])},
+        {"input_ids": np.array([2, 7, 3])},
+    ]
     p = pack(rows)
     assert p["input_ids"].tolist() == [2, 5, 6, 3, 2, 2, 7, 3]
     assert p["position_ids"].tolist() == [0, 1, 2, 3, 0, 0, 1, 2]
@@ -225,8 +256,16 @@ def test_samples_do_not_see_each_other():
 def test_unsupported_blocks_are_detected():
     from transformers import MegatronBertConfig, MegatronBertModel
 
-    model = MegatronBertModel(MegatronBertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                                 intermediate_size=32, max_position_embeddings=16))
+    model = MegatronBertModel(
+        MegatronBertConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=16,
+        )
+    )
     assert not supports_packing(model)  # pre-LayerNorm blocks: the padded HF forward runs instead
 
 
@@ -235,8 +274,12 @@ def test_flash_kernel_is_chosen_only_where_it_runs():
     q = torch.randn(10, 4, 8)
     assert not flash_usable(q)
     assert not flash_usable(q.bfloat16())
-    layout = Layout(torch.tensor([0, 4, 10], dtype=torch.int32), 6, torch.tensor([0] * 4 + [1] * 6),
-                    torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 4, 5]))
+    layout = Layout(
+        torch.tensor([0, 4, 10], dtype=torch.int32),
+        6,
+        torch.tensor([0] * 4 + [1] * 6),
+        torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 4, 5]),
+    )
     assert layout.n_samples == 2
 
 

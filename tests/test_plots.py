@@ -21,8 +21,12 @@ def test_chinese_labels_render_without_a_missing_glyph(tmp_path):
     assert plots.cjk_fonts(), "no CJK font on this machine: apt-get install fonts-noto-cjk"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        plot_curves({"基线模型 base": [(0, 0.5), (2, 0.61)], "领域预训练 step-2": [(0, 0.52), (2, 0.7)]},
-                    tmp_path / "curves.png", "准确率随预训练步数的变化", "准确率 (%)")
+        plot_curves(
+            {"基线模型 base": [(0, 0.5), (2, 0.61)], "领域预训练 step-2": [(0, 0.52), (2, 0.7)]},
+            tmp_path / "curves.png",
+            "准确率随预训练步数的变化",
+            "准确率 (%)",
+        )
         confusion_png([[5, 1, 0], [2, 3, 1], [0, 0, 4]], ["正面", "负面", "中性 neutral"], tmp_path / "confusion.png")
     assert _missing_glyphs(caught) == []
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "confusion.png").stat().st_size > 0

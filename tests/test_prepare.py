@@ -14,7 +14,9 @@ from tests.conftest import EN_DOCS, ZH_DOCS
 
 
 def run_prepare(inputs, out, tokenizer_dir, *flags):
-    return main(["prepare", *map(str, inputs), "--out", str(out), "--tokenizer", tokenizer_dir, "--workers", "0", *flags])
+    return main(
+        ["prepare", *map(str, inputs), "--out", str(out), "--tokenizer", tokenizer_dir, "--workers", "0", *flags]
+    )
 
 
 def test_store_round_trip_and_pickle_by_path(tmp_path):
@@ -49,8 +51,16 @@ def test_prepare_end_to_end_ids_and_word_flags_decode_back(tmp_path, zh_txt, tok
     jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in EN_DOCS), encoding="utf-8")
     out = tmp_path / "corpus"
     assert run_prepare([zh_txt, jsonl], out, tokenizer_dir, "--segment") == 0
-    assert {p.name for p in out.iterdir()} >= {"tokens.bin", "words.bin", "sentences.bin", "documents.bin",
-                                              "meta.json", "stats.json", "config.yaml", "tokenizer"}
+    assert {p.name for p in out.iterdir()} >= {
+        "tokens.bin",
+        "words.bin",
+        "sentences.bin",
+        "documents.bin",
+        "meta.json",
+        "stats.json",
+        "config.yaml",
+        "tokenizer",
+    }
     corpus = Corpus(out)
     stats = json.loads((out / "stats.json").read_text())
     assert stats["documents"] == len(ZH_DOCS) + len(EN_DOCS) == corpus.n_documents
@@ -81,8 +91,10 @@ def test_rerun_is_a_no_op_different_corpus_refused_overwrite_replaces(tmp_path, 
     assert run_prepare([zh_txt], out, tokenizer_dir) == 0
     assert "up to date" in capsys.readouterr().err
     assert run_prepare([zh_txt], out, tokenizer_dir, "--segment") == 2
-    assert "holds an earlier finished `domainlm prepare` run (a corpus made from other inputs or options); pass " \
-           "--overwrite" in capsys.readouterr().err
+    assert (
+        "holds an earlier finished `domainlm prepare` run (a corpus made from other inputs or options); pass "
+        "--overwrite" in capsys.readouterr().err
+    )
     assert (out / "tokens.bin").read_bytes() == before  # nothing already written was touched
     assert run_prepare([zh_txt], out, tokenizer_dir, "--segment", "--overwrite") == 0
     assert Corpus(out).meta["word_starts"] == "segmenter:rjieba"
@@ -104,8 +116,9 @@ def test_drops_and_duplicates_are_counted(tmp_path, tokenizer_dir):
     docs = ZH_DOCS + [ZH_DOCS[0], ZH_DOCS[1][:-3] + "真不错。", "短", "\u200b\u3000"]
     p = tmp_path / "d.jsonl"
     p.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs), encoding="utf-8")
-    cfg = PrepareConfig(input=[str(p)], out=str(tmp_path / "c"), tokenizer=tokenizer_dir, workers=0,
-                        near_dup_threshold=0.5)
+    cfg = PrepareConfig(
+        input=[str(p)], out=str(tmp_path / "c"), tokenizer=tokenizer_dir, workers=0, near_dup_threshold=0.5
+    )
     stats = prepare(cfg, progress=False)
     assert stats["documents_read"] == len(docs)
     assert (stats["duplicates_exact"], stats["duplicates_near"]) == (1, 1)
@@ -116,8 +129,9 @@ def test_drops_and_duplicates_are_counted(tmp_path, tokenizer_dir):
 def test_over_long_sentences_are_cut_and_counted(tmp_path, tokenizer_dir):
     p = tmp_path / "long.txt"
     p.write_text("酒店" * 40 + "。短句。\n", encoding="utf-8")
-    cfg = PrepareConfig(input=[str(p)], out=str(tmp_path / "c"), tokenizer=tokenizer_dir, workers=0,
-                        max_sentence_tokens=16)
+    cfg = PrepareConfig(
+        input=[str(p)], out=str(tmp_path / "c"), tokenizer=tokenizer_dir, workers=0, max_sentence_tokens=16
+    )
     stats = prepare(cfg, progress=False)
     c = Corpus(tmp_path / "c")
     assert stats["sentences_cut"] == 1
@@ -136,8 +150,10 @@ def test_worker_processes_give_the_same_store(tmp_path, zh_txt, tokenizer_dir):
 
 
 def test_import_paddlenlp_and_megatron(tmp_path, tokenizer_dir, tokenizer):
-    sents = [[tokenizer.encode(s, add_special_tokens=False) for s in ("酒店很好。", "服务周到。")],
-             [tokenizer.encode("电脑不错。", add_special_tokens=False)]]
+    sents = [
+        [tokenizer.encode(s, add_special_tokens=False) for s in ("酒店很好。", "服务周到。")],
+        [tokenizer.encode("电脑不错。", add_special_tokens=False)],
+    ]
     flat = np.array([t for d in sents for s in d for t in s])
     lens = np.array([len(s) for d in sents for s in d])
     np.save(tmp_path / "pd_ids.npy", flat)

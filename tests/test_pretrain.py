@@ -16,8 +16,19 @@ from domainlm.pretrain.samples import build_samples, cached_samples, split_docum
 from domainlm.train.logging import read_log
 from tests.conftest import save_tiny_model
 
-FAST = ["--max-seq-len", "48", "--batch-size", "4", "--logging-freq", "1", "--eval-iters", "2",
-        "--num-workers", "0", "--no-tensorboard"]
+FAST = [
+    "--max-seq-len",
+    "48",
+    "--batch-size",
+    "4",
+    "--logging-freq",
+    "1",
+    "--eval-iters",
+    "2",
+    "--num-workers",
+    "0",
+    "--no-tensorboard",
+]
 
 
 def pretrain(corpus, model, out, *flags):
@@ -25,6 +36,7 @@ def pretrain(corpus, model, out, *flags):
 
 
 # ---- samples ----------------------------------------------------------------------------------------------
+
 
 def test_split_is_by_document_disjoint_and_complete():
     parts = split_documents(100, (0.8, 0.1, 0.1), seed=1)
@@ -40,9 +52,13 @@ def test_split_is_by_document_disjoint_and_complete():
 def test_samples_stay_in_one_document_and_fill_up_to_max(corpus_dir, min_sentences):
     corpus = Corpus(corpus_dir)
     docs = np.arange(corpus.n_documents)
-    samples, report = build_samples(corpus, docs, max_tokens=40, short_seq_prob=0.0, min_sentences=min_sentences, seed=3)
+    samples, report = build_samples(
+        corpus, docs, max_tokens=40, short_seq_prob=0.0, min_sentences=min_sentences, seed=3
+    )
     doc_of = np.searchsorted(np.asarray(corpus.document_offsets), samples, side="right") - 1
-    assert (doc_of[:, 0] == np.searchsorted(np.asarray(corpus.document_offsets), samples[:, 1] - 1, side="right") - 1).all()
+    assert (
+        doc_of[:, 0] == np.searchsorted(np.asarray(corpus.document_offsets), samples[:, 1] - 1, side="right") - 1
+    ).all()
     assert ((samples[:, 1] - samples[:, 0]) >= min_sentences).all()
     lengths = np.asarray(corpus.sentence_offsets)[samples[:, 1]] - np.asarray(corpus.sentence_offsets)[samples[:, 0]]
     # a sample goes over max only when its forced minimum of sentences does
@@ -73,7 +89,9 @@ def test_sop_pairs_are_balanced_and_well_formed(corpus_dir, tokenizer):
     corpus = Corpus(corpus_dir)
     samples, _ = build_samples(corpus, np.arange(corpus.n_documents), 45, 0.0, 2, seed=0)
     special = {"cls": tokenizer.cls_token_id, "sep": tokenizer.sep_token_id, "mask": tokenizer.mask_token_id}
-    ds = PretrainDataset(corpus, samples, "train", 48, True, MaskingOptions(max_predictions=7), special, len(tokenizer), 0, True)
+    ds = PretrainDataset(
+        corpus, samples, "train", 48, True, MaskingOptions(max_predictions=7), special, len(tokenizer), 0, True
+    )
     items = [ds[g] for g in range(400)]
     swapped = np.mean([int(x["sop_labels"]) for x in items])
     assert 0.4 < swapped < 0.6
@@ -83,7 +101,11 @@ def test_sop_pairs_are_balanced_and_well_formed(corpus_dir, tokenizer):
         assert (ids == special["sep"]).sum() == 2
         sep = int(np.flatnonzero(ids == special["sep"])[0])
         assert (x["token_type_ids"][: sep + 1] == 0).all() and (x["token_type_ids"][sep + 1 :] == 1).all()
-    assert truncate_pair(30, 10, 32) == (22, 10) and truncate_pair(20, 20, 30) == (15, 15) and truncate_pair(3, 4, 10) == (3, 4)
+    assert (
+        truncate_pair(30, 10, 32) == (22, 10)
+        and truncate_pair(20, 20, 30) == (15, 15)
+        and truncate_pair(3, 4, 10) == (3, 4)
+    )
 
 
 def test_epochs_reshuffle_and_masks_are_dynamic_but_reproducible(corpus_dir, tokenizer):
@@ -98,12 +120,15 @@ def test_epochs_reshuffle_and_masks_are_dynamic_but_reproducible(corpus_dir, tok
     assert np.array_equal(a["input_ids"], b["input_ids"])
     # the same underlying sample in the next epoch gets a different mask
     g2 = n + [ds._sample_index(g) for g in range(n, 2 * n)].index(ds._sample_index(3))
-    assert np.array_equal(np.where(a["labels"] >= 0, a["labels"], a["input_ids"]),
-                          np.where(ds[g2]["labels"] >= 0, ds[g2]["labels"], ds[g2]["input_ids"]))
+    assert np.array_equal(
+        np.where(a["labels"] >= 0, a["labels"], a["input_ids"]),
+        np.where(ds[g2]["labels"] >= 0, ds[g2]["labels"], ds[g2]["input_ids"]),
+    )
     assert not np.array_equal(a["labels"], ds[g2]["labels"])
 
 
 # ---- masking ---------------------------------------------------------------------------------------------
+
 
 def _words(n_words, rng):
     lengths = rng.integers(1, 4, size=n_words)
@@ -133,8 +158,15 @@ def test_whole_words_masked_together_specials_never_rate_close():
     assert abs(masked / total - 0.15) < 0.02
     # 80% [MASK], 10% random, 10% kept, over many positions
     ids = np.arange(10, 20010)
-    out, labels = mask_tokens(ids, np.ones(len(ids), bool), np.zeros(len(ids), bool),
-                              MaskingOptions(max_predictions=10**6, whole_word=False), 30000, 4, np.random.default_rng(1))
+    out, labels = mask_tokens(
+        ids,
+        np.ones(len(ids), bool),
+        np.zeros(len(ids), bool),
+        MaskingOptions(max_predictions=10**6, whole_word=False),
+        30000,
+        4,
+        np.random.default_rng(1),
+    )
     picked = labels >= 0
     share_mask = (out[picked] == 4).mean()
     share_keep = (out[picked] == ids[picked]).mean()
@@ -143,8 +175,15 @@ def test_whole_words_masked_together_specials_never_rate_close():
 
 def test_cap_and_ngram_distribution():
     ids = np.arange(100, 612)
-    _, labels = mask_tokens(ids, np.ones(512, bool), np.zeros(512, bool), MaskingOptions(max_predictions=20),
-                            1000, 4, np.random.default_rng(0))
+    _, labels = mask_tokens(
+        ids,
+        np.ones(512, bool),
+        np.zeros(512, bool),
+        MaskingOptions(max_predictions=20),
+        1000,
+        4,
+        np.random.default_rng(0),
+    )
     assert (labels >= 0).sum() == 20
     p = ngram_probabilities(3, False)
     assert np.allclose(p, np.array([1, 1 / 2, 1 / 3]) / (11 / 6))
@@ -161,10 +200,29 @@ def test_step_batch_sampler_resumes_at_data_position():
 
 # ---- the command -----------------------------------------------------------------------------------------
 
+
 def test_loss_decreases_snapshots_load_under_any_name(tmp_path, corpus_dir, tiny_model):
     out = tmp_path / "run"
-    assert pretrain(corpus_dir, tiny_model, out, "--max-steps", "40", "--learning-rate", "3e-3", "--warmup-ratio", "0.05",
-                    "--save-steps", "20", "--eval-steps", "20", "--checkpoint-steps", "20") == 0
+    assert (
+        pretrain(
+            corpus_dir,
+            tiny_model,
+            out,
+            "--max-steps",
+            "40",
+            "--learning-rate",
+            "3e-3",
+            "--warmup-ratio",
+            "0.05",
+            "--save-steps",
+            "20",
+            "--eval-steps",
+            "20",
+            "--checkpoint-steps",
+            "20",
+        )
+        == 0
+    )
     rows = read_log(out / "log.jsonl", "train")
     first, last = np.mean([r["mlm_loss"] for r in rows[:5]]), np.mean([r["mlm_loss"] for r in rows[-5:]])
     assert last < first - 0.5, (first, last)
@@ -191,8 +249,20 @@ def test_ernie_3_config_and_headless_checkpoint_are_loaded_loudly(tmp_path, corp
 
 def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, corpus_dir, tiny_model, capsys):
     full = tmp_path / "full"
-    flags = ["--max-steps", "8", "--checkpoint-steps", "4", "--keep-last", "0", "--eval-steps", "3",
-             "--global-batch-size", "8", "--learning-rate", "1e-3"]
+    flags = [
+        "--max-steps",
+        "8",
+        "--checkpoint-steps",
+        "4",
+        "--keep-last",
+        "0",
+        "--eval-steps",
+        "3",
+        "--global-batch-size",
+        "8",
+        "--learning-rate",
+        "1e-3",
+    ]
     assert pretrain(corpus_dir, tiny_model, full, *flags) == 0
     resumed = tmp_path / "resumed"
     shutil.copytree(full, resumed)
@@ -210,11 +280,28 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, corpus_dir, 
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_damaged_checkpoint_is_skipped_and_a_full_disk_keeps_the_last_good_one(tmp_path, corpus_dir, tiny_model, capsys, monkeypatch):
+def test_damaged_checkpoint_is_skipped_and_a_full_disk_keeps_the_last_good_one(
+    tmp_path, corpus_dir, tiny_model, capsys, monkeypatch
+):
     out = tmp_path / "run"
     assert pretrain(corpus_dir, tiny_model, out, "--max-steps", "4", "--checkpoint-steps", "2", "--keep-last", "0") == 0
     (out / "checkpoints" / "step-000004" / "state.json").unlink()
-    assert pretrain(corpus_dir, tiny_model, out, "--max-steps", "6", "--checkpoint-steps", "2", "--keep-last", "0", "--resume", "auto") == 0
+    assert (
+        pretrain(
+            corpus_dir,
+            tiny_model,
+            out,
+            "--max-steps",
+            "6",
+            "--checkpoint-steps",
+            "2",
+            "--keep-last",
+            "0",
+            "--resume",
+            "auto",
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert "skipping checkpoint" in captured.err and "step-000004" in captured.err and "at step 2" in captured.out
     real_save = torch.save
@@ -225,7 +312,22 @@ def test_damaged_checkpoint_is_skipped_and_a_full_disk_keeps_the_last_good_one(t
         return real_save(obj, path, *a, **k)
 
     monkeypatch.setattr(torch, "save", full_disk)  # Accelerate's save_state writes optimizer state with torch.save
-    assert pretrain(corpus_dir, tiny_model, out, "--max-steps", "8", "--checkpoint-steps", "2", "--keep-last", "1", "--resume", "auto") == 2
+    assert (
+        pretrain(
+            corpus_dir,
+            tiny_model,
+            out,
+            "--max-steps",
+            "8",
+            "--checkpoint-steps",
+            "2",
+            "--keep-last",
+            "1",
+            "--resume",
+            "auto",
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "step-000008: could not write: the disk is full" in err and "MB free there" in err and "step-000006" in err
     assert (out / "checkpoints" / "step-000006" / "manifest.json").is_file()
@@ -238,8 +340,12 @@ def test_bad_inputs(tmp_path, corpus_dir, tiny_model, capsys):
         return capsys.readouterr().err
 
     base = ["--corpus", corpus_dir, "--model", tiny_model, "--out", str(tmp_path / "o")]
-    assert "is not a corpus store" in error("--corpus", str(tmp_path), "--model", tiny_model, "--out", str(tmp_path / "o"))
-    assert "exceeds what the model" in error(*base, "--max-seq-len", "128") and "(64 positions)" in error(*base, "--max-seq-len", "128")
+    assert "is not a corpus store" in error(
+        "--corpus", str(tmp_path), "--model", tiny_model, "--out", str(tmp_path / "o")
+    )
+    assert "exceeds what the model" in error(*base, "--max-seq-len", "128") and "(64 positions)" in error(
+        *base, "--max-seq-len", "128"
+    )
     assert "not a multiple of --batch-size 3" in error(*base, "--batch-size", "3", "--global-batch-size", "8")
     assert "--split '1,2'" in error(*base, "--split", "1,2")
     assert "above --learning-rate" in error(*base, "--min-lr", "0.1", "--learning-rate", "0.01")
@@ -248,25 +354,47 @@ def test_bad_inputs(tmp_path, corpus_dir, tiny_model, capsys):
     other = tmp_path / "other-tok"
     train_wordpiece(["completely different words only"] * 5, other, vocab_size=200)
     assert "different vocabulary" in error(*base, "--tokenizer", str(other))
-    assert "missing: no such folder" in error("--corpus", corpus_dir, "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o"))
+    assert "missing: no such folder" in error(
+        "--corpus", corpus_dir, "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")
+    )
     # a config without weights trains only on purpose
     cfg_only = tmp_path / "cfg-only"
     cfg_only.mkdir()
     shutil.copy(os.path.join(tiny_model, "config.json"), cfg_only)
-    assert "no weights; pass --from-scratch" in error("--corpus", corpus_dir, "--model", str(cfg_only), "--out", str(tmp_path / "o"))
+    assert "no weights; pass --from-scratch" in error(
+        "--corpus", corpus_dir, "--model", str(cfg_only), "--out", str(tmp_path / "o")
+    )
     # encoder weights missing from a checkpoint: refuse rather than train from random weights
     from safetensors.torch import load_file, save_file
 
     broken = tmp_path / "broken"
     shutil.copytree(tiny_model, broken)
     weights = load_file(broken / "model.safetensors")
-    save_file({k: v for k, v in weights.items() if "layer.1." not in k}, broken / "model.safetensors", metadata={"format": "pt"})
-    assert "encoder weights are missing" in error("--corpus", corpus_dir, "--model", str(broken), "--out", str(tmp_path / "o"))
+    save_file(
+        {k: v for k, v in weights.items() if "layer.1." not in k},
+        broken / "model.safetensors",
+        metadata={"format": "pt"},
+    )
+    assert "encoder weights are missing" in error(
+        "--corpus", corpus_dir, "--model", str(broken), "--out", str(tmp_path / "o")
+    )
     # resume with another global batch
     run = tmp_path / "run"
     assert pretrain(corpus_dir, tiny_model, run, "--max-steps", "2", "--global-batch-size", "8") == 0
-    assert "global batch 8" in error("--corpus", corpus_dir, "--model", tiny_model, "--out", str(run), "--max-steps", "4",
-                                     "--global-batch-size", "4", "--resume", "auto")
+    assert "global batch 8" in error(
+        "--corpus",
+        corpus_dir,
+        "--model",
+        tiny_model,
+        "--out",
+        str(run),
+        "--max-steps",
+        "4",
+        "--global-batch-size",
+        "4",
+        "--resume",
+        "auto",
+    )
     assert "cannot resume from" in error(*base, "--resume", str(tmp_path / "nope"))
 
 
@@ -297,8 +425,23 @@ def test_unpadded_run_trains_to_the_same_losses_as_the_padded_one(tmp_path, corp
     model_dir = save_tiny_model(tmp_path / "nodrop", tokenizer, dropout=0.0)
     runs = {}
     for name, flags in {"packed": [], "padded": ["--no-unpad"]}.items():
-        assert pretrain(corpus_dir, str(model_dir), tmp_path / name, "--max-steps", "10", "--learning-rate", "3e-3",
-                        "--eval-steps", "5", "--precision", "fp32", *flags) == 0
+        assert (
+            pretrain(
+                corpus_dir,
+                str(model_dir),
+                tmp_path / name,
+                "--max-steps",
+                "10",
+                "--learning-rate",
+                "3e-3",
+                "--eval-steps",
+                "5",
+                "--precision",
+                "fp32",
+                *flags,
+            )
+            == 0
+        )
         runs[name] = read_log(tmp_path / name / "log.jsonl")
     for a, b in zip(runs["packed"], runs["padded"]):
         assert (a["step"], a["split"]) == (b["step"], b["split"])

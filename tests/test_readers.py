@@ -48,9 +48,7 @@ def test_binary_and_undecodable_files_are_errors_naming_file_and_line(tmp_path):
 
 def test_jsonl_field_errors_and_skip(tmp_path):
     p = tmp_path / "d.jsonl"
-    p.write_text(
-        json.dumps({"content": "甲"}) + "\n{broken\n" + json.dumps({"title": "x"}) + "\n", encoding="utf-8"
-    )
+    p.write_text(json.dumps({"content": "甲"}) + "\n{broken\n" + json.dumps({"title": "x"}) + "\n", encoding="utf-8")
     docs, _ = read(p, text_field="content", skip_bad_lines=True)
     assert [d.text for d in docs] == ["甲"]
     with pytest.raises(DomainLMError, match=r"d\.jsonl:2: bad JSONL line"):
@@ -69,7 +67,9 @@ def test_markdown_keeps_text_drops_markup():
 
 
 def test_pdf_text_layer_headers_footers_page_numbers_removed(tmp_path):
-    pages = [["ACME Handbook", f"Chapter text on page {i} continues here.", "It ends.", f"- {i} -"] for i in range(1, 5)]
+    pages = [
+        ["ACME Handbook", f"Chapter text on page {i} continues here.", "It ends.", f"- {i} -"] for i in range(1, 5)
+    ]
     p = tmp_path / "h.pdf"
     write_pdf(p, pages)
     docs, _ = read(p)

@@ -26,6 +26,7 @@ def error_line(stderr: str) -> str:
     assert len(errors) == 1 and "Traceback" not in stderr, stderr
     return errors[0]
 
+
 # ---- every command goes through it ---------------------------------------------------------------------------
 
 # how each command with an --out writes it: through run_folder, or (predict: one file) through the atomic writer
@@ -35,8 +36,12 @@ WRITES_BY = {"predict": "atomic_write"}
 def _handler_target(handler) -> tuple[str, str]:
     """The library function a cli handler calls: (module, function), from its `from M import f` lines."""
     tree = ast.parse(inspect.getsource(handler))
-    imports = {a.asname or a.name: node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-               for a in node.names}
+    imports = {
+        a.asname or a.name: node.module
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom)
+        for a in node.names
+    }
     calls = [n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
     name = next(c for c in calls if c in imports and not c[0].isupper() and c not in ("read_terms",))
     return imports[name], name
@@ -52,18 +57,37 @@ def _reaches(module: str, function: str, word: str, depth: int = 3) -> bool:
         return True
     if depth == 0:
         return False
-    called = {n.func.id for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
-    return any(_reaches(module, c, word, depth - 1) for c in called if c != function and callable(getattr(mod, c, None))
-               and inspect.getmodule(getattr(mod, c)) is mod)
+    called = {
+        n.func.id for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+    }
+    return any(
+        _reaches(module, c, word, depth - 1)
+        for c in called
+        if c != function and callable(getattr(mod, c, None)) and inspect.getmodule(getattr(mod, c)) is mod
+    )
 
 
 def test_every_command_with_an_out_enters_the_run_folder_step():
     parser = build_parser()
     subparsers = next(a for a in parser._actions if a.choices and "finetune" in a.choices).choices
-    with_out = sorted(name for name, sub in subparsers.items()
-                      if any("--out" in a.option_strings for a in sub._actions))
-    assert {"prepare", "merge", "pretrain", "finetune", "evaluate", "predict", "distill", "export", "sweep", "report",
-            "convert", "extend-vocab", "demo"} <= set(with_out)
+    with_out = sorted(
+        name for name, sub in subparsers.items() if any("--out" in a.option_strings for a in sub._actions)
+    )
+    assert {
+        "prepare",
+        "merge",
+        "pretrain",
+        "finetune",
+        "evaluate",
+        "predict",
+        "distill",
+        "export",
+        "sweep",
+        "report",
+        "convert",
+        "extend-vocab",
+        "demo",
+    } <= set(with_out)
     bypass = []
     for name in with_out:
         module, function = _handler_target(subparsers[name].get_default("func"))
@@ -91,7 +115,7 @@ def test_the_source_writes_files_through_the_one_writer_only():
         "demo.py": "the demo's tokenizer folder, built in a folder of its own before use",
         "vocab.py": "writes into the staging folder extend-vocab's run folder gave it",
     }
-    pattern = ("write_text(", "write_bytes(", 'open(', "np.save(", "savefig(", "json.dump(", "torch.save(")
+    pattern = ("write_text(", "write_bytes(", "open(", "np.save(", "savefig(", "json.dump(", "torch.save(")
     src = Path(__file__).resolve().parents[1] / "src" / "domainlm"
     found = []
     for path in sorted(src.rglob("*.py")):
@@ -100,10 +124,18 @@ def test_the_source_writes_files_through_the_one_writer_only():
             continue
         for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             code = line.split("#")[0]
-            if any(p in code for p in pattern) and not any(ok in code for ok in ("out.write", ".write_text(\"",
-                                                                                  "folder.write", "cache.write",
-                                                                                  "rf.write", "floor.write",
-                                                                                  "target.write")):
+            if any(p in code for p in pattern) and not any(
+                ok in code
+                for ok in (
+                    "out.write",
+                    '.write_text("',
+                    "folder.write",
+                    "cache.write",
+                    "rf.write",
+                    "floor.write",
+                    "target.write",
+                )
+            ):
                 if "open(" in code and not any(m in code for m in ('"w"', "'w'", '"wb"', "'wb'", '"a"')):
                     continue  # reading
                 found.append(f"{rel}:{lineno}: {line.strip()}")
@@ -111,6 +143,7 @@ def test_the_source_writes_files_through_the_one_writer_only():
 
 
 # ---- the manifest knows what is there, as it is written ----------------------------------------------------------
+
 
 def manifest_is_the_folder(out: Path) -> dict:
     manifest = json.loads((out / outputs.MANIFEST).read_text())
@@ -123,8 +156,10 @@ def test_a_crash_leaves_a_manifest_that_knows_every_entry_and_a_rerun_clears_exa
     out = tmp_path / "run"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(RuntimeError), outputs.run_folder(out, "finetune", patterns=("model", "*.json"),
-                                                         overwrite=False) as rf:
+    with (
+        pytest.raises(RuntimeError),
+        outputs.run_folder(out, "finetune", patterns=("model", "*.json"), overwrite=False) as rf,
+    ):
         rf.begin()
         rf.write_json("metrics.json", {"a": 1})
         with rf.staged("model") as folder:
@@ -134,8 +169,10 @@ def test_a_crash_leaves_a_manifest_that_knows_every_entry_and_a_rerun_clears_exa
     assert manifest == {"command": "finetune", "complete": False, "entries": ["metrics.json", "model"]}
     assert not (out / "model").exists() and not (out.parent / ".model.partial").exists()
     # an interrupted run of its own: refused without --overwrite, replaced with it; the user's file stays
-    with pytest.raises(Exception, match="holds an earlier interrupted `domainlm finetune` run"), \
-            outputs.run_folder(out, "finetune", patterns=("model", "*.json"), overwrite=False):
+    with (
+        pytest.raises(Exception, match="holds an earlier interrupted `domainlm finetune` run"),
+        outputs.run_folder(out, "finetune", patterns=("model", "*.json"), overwrite=False),
+    ):
         pass
     with outputs.run_folder(out, "finetune", patterns=("model", "*.json"), overwrite=True) as rf:
         rf.begin()
@@ -163,14 +200,25 @@ def test_a_run_killed_during_an_overwrite_finds_the_earlier_run_back_on_the_next
         rf.begin()
         rf.write_json("metrics.json", {"good": True})
     before = snapshot(out)
-    rf = outputs.RunFolder(out, "evaluate", patterns=("*.json",), replace=False, overwrite=True, resume=False, keep=(),
-                           flag="--out", main=True)
+    rf = outputs.RunFolder(
+        out,
+        "evaluate",
+        patterns=("*.json",),
+        replace=False,
+        overwrite=True,
+        resume=False,
+        keep=(),
+        flag="--out",
+        main=True,
+    )
     rf.earlier, rf.earlier_entries = "finished", ["metrics.json"]
     rf.begin()  # moved aside ... and the process dies (no exit from the block)
     rf.write_json("metrics.json", {"good": False})
     rf.write_json("half.json", {"written": "before the kill"})
-    with pytest.raises(Exception, match="holds an earlier"), outputs.run_folder(out, "evaluate", patterns=("*.json",),
-                                                                               overwrite=False):
+    with (
+        pytest.raises(Exception, match="holds an earlier"),
+        outputs.run_folder(out, "evaluate", patterns=("*.json",), overwrite=False),
+    ):
         pass
     assert "an interrupted --overwrite had moved the earlier run aside; it is back" in capsys.readouterr().err
     assert snapshot(out) == before
@@ -183,25 +231,47 @@ def test_paths_are_confined_to_the_folder(tmp_path):
             with pytest.raises(RuntimeError, match="not a path inside"):
                 rf.write_text(bad, "x")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
-    (tmp_path / "run" / outputs.MANIFEST).write_text(json.dumps({"command": "report", "complete": True,
-                                                                  "entries": ["../../victim", "ok.md"]}))
+    (tmp_path / "run" / outputs.MANIFEST).write_text(
+        json.dumps({"command": "report", "complete": True, "entries": ["../../victim", "ok.md"]})
+    )
     assert outputs.read_manifest(tmp_path / "run")["entries"] == ["ok.md"]  # a name that leads elsewhere is dropped
 
 
 # ---- the cases a user met ----------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     from tests.test_classify import make_rows, write_jsonl
 
     root = tmp_path_factory.mktemp("task")
-    return {"train": write_jsonl(root / "train.jsonl", make_rows(30, 1)), "test": write_jsonl(root / "test.jsonl", make_rows(9, 2))}
+    return {
+        "train": write_jsonl(root / "train.jsonl", make_rows(30, 1)),
+        "test": write_jsonl(root / "test.jsonl", make_rows(9, 2)),
+    }
 
 
 def test_a_fold_run_with_test_is_replaced_whole_by_overwrite(tmp_path, tiny_model, task, err):
     out = tmp_path / "cv"
-    base = ["finetune", "--model", tiny_model, "--train", task["train"], "--test", task["test"], "--out", out,
-            "--epochs", "1", "--batch-size", "8", "--max-seq-len", "32", "--precision", "fp32"]
+    base = [
+        "finetune",
+        "--model",
+        tiny_model,
+        "--train",
+        task["train"],
+        "--test",
+        task["test"],
+        "--out",
+        out,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--max-seq-len",
+        "32",
+        "--precision",
+        "fp32",
+    ]
     err(*base, "--folds", "3", code=0)
     first = json.loads((out / "ensemble.json").read_text())["members"]
     assert first == ["fold-1", "fold-2", "fold-3"]
@@ -226,13 +296,34 @@ def test_metrics_json_is_written_once_per_run(tmp_path, tiny_model, task, monkey
         return real(path, data, flag)
 
     monkeypatch.setattr(files, "atomic_write", counting)
-    common = ["--model", tiny_model, "--train", task["train"], "--test", task["test"], "--epochs", "1",
-              "--batch-size", "8", "--max-seq-len", "32", "--precision", "fp32", "--blend"]
+    common = [
+        "--model",
+        tiny_model,
+        "--train",
+        task["train"],
+        "--test",
+        task["test"],
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--max-seq-len",
+        "32",
+        "--precision",
+        "fp32",
+        "--blend",
+    ]
     assert main(["finetune", *common, "--out", str(tmp_path / "one")]) == 0
     assert main(["finetune", *common, "--folds", "2", "--out", str(tmp_path / "cv")]) == 0
     assert writes and all(n == 1 for n in writes.values()), writes
-    assert {"one/metrics.json", "one/report.md", "one/floor/metrics.json", "cv/summary.json", "cv/fold-1/metrics.json",
-            "cv/floor/fold-2/metrics.json"} <= set(writes)
+    assert {
+        "one/metrics.json",
+        "one/report.md",
+        "one/floor/metrics.json",
+        "cv/summary.json",
+        "cv/fold-1/metrics.json",
+        "cv/floor/fold-2/metrics.json",
+    } <= set(writes)
     one = json.loads((tmp_path / "one" / "metrics.json").read_text())
     assert {"floor", "blend", "dev", "test"} <= set(one)  # the floor and the blend beside the model, in one write
     manifest_is_the_folder(tmp_path / "one")
@@ -252,10 +343,30 @@ def test_convert_takes_a_folder_for_a_conversion_only_by_its_manifest(tmp_path, 
         assert snapshot(docs) == before
 
 
-def test_pretrain_into_a_finished_run_needs_overwrite_even_without_its_checkpoints(tmp_path, corpus_dir, tiny_model, err):
+def test_pretrain_into_a_finished_run_needs_overwrite_even_without_its_checkpoints(
+    tmp_path, corpus_dir, tiny_model, err
+):
     out = tmp_path / "pt"
-    base = ["pretrain", "--corpus", corpus_dir, "--model", tiny_model, "--out", out, "--max-seq-len", "48",
-            "--batch-size", "4", "--max-steps", "2", "--num-workers", "0", "--no-tensorboard", "--precision", "fp32"]
+    base = [
+        "pretrain",
+        "--corpus",
+        corpus_dir,
+        "--model",
+        tiny_model,
+        "--out",
+        out,
+        "--max-seq-len",
+        "48",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "2",
+        "--num-workers",
+        "0",
+        "--no-tensorboard",
+        "--precision",
+        "fp32",
+    ]
     err(*base, code=0)
     shutil.rmtree(out / "checkpoints")  # to save space
     before = snapshot(out)
@@ -269,6 +380,7 @@ def test_pretrain_into_a_finished_run_needs_overwrite_even_without_its_checkpoin
 
 
 # ---- a full disk, an immutable folder --------------------------------------------------------------------------
+
 
 def _tmpfs(path: Path, size: str = "6m"):
     if os.geteuid() != 0 or shutil.which("mount") is None:
@@ -293,8 +405,9 @@ def _fill(disk: Path, leave_kb: int) -> None:
         f.write(b"\0" * max(0, free - leave_kb * 1024))
 
 
-def test_a_full_disk_is_one_line_naming_out_and_leaves_no_staging(small_disk, tmp_path, tiny_model, task, corpus_dir,
-                                                                   zh_txt, tokenizer_dir, err):
+def test_a_full_disk_is_one_line_naming_out_and_leaves_no_staging(
+    small_disk, tmp_path, tiny_model, task, corpus_dir, zh_txt, tokenizer_dir, err
+):
     common = ["--epochs", "1", "--batch-size", "8", "--max-seq-len", "32", "--precision", "fp32", "--no-floor"]
     # finetune: the model does not fit (it is written after training)
     _fill(small_disk, 64)
@@ -307,8 +420,9 @@ def test_a_full_disk_is_one_line_naming_out_and_leaves_no_staging(small_disk, tm
     err("finetune", "--model", tiny_model, "--train", task["train"], "--out", out, *common, "--overwrite", code=0)
     before = snapshot(out)
     _fill(small_disk, 64)
-    message = error_line(err("finetune", "--model", tiny_model, "--train", task["train"], "--out", out, *common,
-                           "--overwrite"))
+    message = error_line(
+        err("finetune", "--model", tiny_model, "--train", task["train"], "--out", out, *common, "--overwrite")
+    )
     assert "the disk is full" in message and snapshot(out) == before
     # predict: one file
     (small_disk / "filler").unlink()
@@ -325,9 +439,28 @@ def test_a_full_disk_is_one_line_naming_out_and_leaves_no_staging(small_disk, tm
     (small_disk / "filler").unlink()
     _fill(small_disk, 300)
     pt = small_disk / "pt"
-    message = error_line(err("pretrain", "--corpus", corpus_dir, "--model", tiny_model, "--out", pt, "--max-seq-len", "48",
-                           "--batch-size", "4", "--max-steps", "2", "--num-workers", "0", "--no-tensorboard",
-                           "--precision", "fp32"))
+    message = error_line(
+        err(
+            "pretrain",
+            "--corpus",
+            corpus_dir,
+            "--model",
+            tiny_model,
+            "--out",
+            pt,
+            "--max-seq-len",
+            "48",
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "2",
+            "--num-workers",
+            "0",
+            "--no-tensorboard",
+            "--precision",
+            "fp32",
+        )
+    )
     assert "the disk is full" in message and "MB free there" in message
     assert not list(pt.rglob(".*tmp*")) and not list(pt.rglob("*.partial"))
 

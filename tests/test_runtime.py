@@ -14,8 +14,16 @@ from domainlm.classify.runtime import Runtime, TorchRuntime, best_k, choose
 from domainlm.cli import main
 from tests.test_export import exported, trained  # noqa: F401 - shared session fixtures
 
-TEXTS = ["书内容作者观点" * 5, "酒店", "电脑性能屏幕电池", "入住", "书的内容很好，作者的观点值得推荐给朋友们" * 3, "键盘手感",
-         "酒店房间早餐入住", "电脑"]
+TEXTS = [
+    "书内容作者观点" * 5,
+    "酒店",
+    "电脑性能屏幕电池",
+    "入住",
+    "书的内容很好，作者的观点值得推荐给朋友们" * 3,
+    "键盘手感",
+    "酒店房间早餐入住",
+    "电脑",
+]
 
 
 @pytest.mark.parametrize("batch_size,budget", [(4, 0), (64, 40), (3, 25), (1, 0)])
@@ -33,8 +41,13 @@ def test_length_batches_cover_every_row_once_sorted_and_within_budget(batch_size
 
 
 def test_pad_right_pads_ids_with_the_pad_id_and_the_rest_with_zeros():
-    batch = pad([{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "token_type_ids": [0, 1, 1]},
-                 {"input_ids": [8], "attention_mask": [1], "token_type_ids": [0]}], pad_id=3)
+    batch = pad(
+        [
+            {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "token_type_ids": [0, 1, 1]},
+            {"input_ids": [8], "attention_mask": [1], "token_type_ids": [0]},
+        ],
+        pad_id=3,
+    )
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 3, 3]] and batch["input_ids"].dtype == np.int64
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["token_type_ids"].tolist() == [[0, 1, 1], [0, 0, 0]]
@@ -48,7 +61,7 @@ def test_choose_argmax_or_saved_thresholds_and_best_k():
     assert best_k(probs, 2).tolist() == [[1, 2], [0, 2], [0, 1]]
 
 
-def test_torch_runtime_equals_the_full_forward_of_each_text_alone_in_input_order(trained):  # noqa: F811
+def test_torch_runtime_equals_the_full_forward_of_each_text_alone_in_input_order(trained):
     """Sorted, padded or not, [CLS]-only last layer: the same probabilities as the model's own forward, per text."""
     rt = TorchRuntime(str(trained["ft"]), precision="fp32")  # auto is bf16 on a CPU that has it
     assert rt.kind == "pytorch-fp32" and rt.labels == ["book", "hotel", "pc"]
@@ -65,33 +78,86 @@ def test_torch_runtime_equals_the_full_forward_of_each_text_alone_in_input_order
     np.testing.assert_allclose(rt.predict(same_length), rt.predict(same_length, batch_size=1), atol=1e-6)
     assert rt.predict([]).shape == (0, 3)
     repeated = [TEXTS[2], TEXTS[0], TEXTS[2], TEXTS[1], TEXTS[0]]  # repeats run once, every row gets its answer
-    np.testing.assert_allclose(rt.predict(repeated, batch_size=2, max_seq_len=32), np.stack(expected)[[2, 0, 2, 1, 0]],
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        rt.predict(repeated, batch_size=2, max_seq_len=32), np.stack(expected)[[2, 0, 2, 1, 0]], atol=1e-5
+    )
 
 
 def rows(path):
     return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
 
 
-def test_predict_and_evaluate_agree_for_every_model_kind(trained, exported, tmp_path):  # noqa: F811
+def test_predict_and_evaluate_agree_for_every_model_kind(trained, exported, tmp_path):
     """A finetune output, its model/ folder and its fp32 export give the same labels and scores at the same precision
     (auto is bf16 on a CPU that has it); a linear model goes through the same interface; evaluate's predictions are
     predict's."""
     ft, test = trained["ft"], trained["test"]
     assert main(["export", str(ft), "--out", str(tmp_path / "fp32"), "--max-seq-len", "32"]) == 0
-    assert main(["finetune", "--method", "linear", "--train", str(trained["root"] / "train.jsonl"),
-                 "--dev", str(trained["root"] / "dev.jsonl"), "--out", str(tmp_path / "linear")]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--method",
+                "linear",
+                "--train",
+                str(trained["root"] / "train.jsonl"),
+                "--dev",
+                str(trained["root"] / "dev.jsonl"),
+                "--out",
+                str(tmp_path / "linear"),
+            ]
+        )
+        == 0
+    )
     got = {}
-    for name, model in (("run", ft), ("model", ft / "model"), ("fp32", tmp_path / "fp32"), ("int8", exported[0]),
-                        ("linear", tmp_path / "linear")):
+    for name, model in (
+        ("run", ft),
+        ("model", ft / "model"),
+        ("fp32", tmp_path / "fp32"),
+        ("int8", exported[0]),
+        ("linear", tmp_path / "linear"),
+    ):
         precision = ["--precision", "fp32"] if name in ("run", "model", "fp32") else []
-        assert main(["predict", "--model", str(model), "--input", test, "--out", str(tmp_path / f"{name}.jsonl"),
-                     "--max-seq-len", "32", "--top-k", "3", *precision]) == 0
+        assert (
+            main(
+                [
+                    "predict",
+                    "--model",
+                    str(model),
+                    "--input",
+                    test,
+                    "--out",
+                    str(tmp_path / f"{name}.jsonl"),
+                    "--max-seq-len",
+                    "32",
+                    "--top-k",
+                    "3",
+                    *precision,
+                ]
+            )
+            == 0
+        )
         got[name] = rows(tmp_path / f"{name}.jsonl")
-        assert main(["evaluate", "--model", str(model), "--data", test, "--out", str(tmp_path / f"ev-{name}"),
-                     "--max-seq-len", "32", *precision]) == 0
-        assert [r["predicted"] for r in rows(tmp_path / f"ev-{name}" / "eval_predictions.jsonl")] == \
-            [r["labels"] for r in got[name]]
+        assert (
+            main(
+                [
+                    "evaluate",
+                    "--model",
+                    str(model),
+                    "--data",
+                    test,
+                    "--out",
+                    str(tmp_path / f"ev-{name}"),
+                    "--max-seq-len",
+                    "32",
+                    *precision,
+                ]
+            )
+            == 0
+        )
+        assert [r["predicted"] for r in rows(tmp_path / f"ev-{name}" / "eval_predictions.jsonl")] == [
+            r["labels"] for r in got[name]
+        ]
     assert got["run"] == got["model"]
     for a, b in zip(got["model"], got["fp32"]):
         assert a["labels"] == b["labels"] and a["scores"].keys() == b["scores"].keys()
@@ -113,7 +179,7 @@ def test_predict_uses_the_thresholds_saved_with_a_multilabel_model(tmp_path, tin
     assert isinstance(TorchRuntime(str(folder)), Runtime)
 
 
-def test_the_runtime_packs_batches_and_gives_the_padded_probabilities(trained):  # noqa: F811
+def test_the_runtime_packs_batches_and_gives_the_padded_probabilities(trained):
     """A BERT classifier runs packed on any device (no padded position in a linear layer; the CPU's attention kernel
     stands in for flash), with every batch queued before the first result is read; GPU-sized batch limits."""
     rt = TorchRuntime(str(trained["ft"]), precision="fp32")  # equal within fp32's rounding
@@ -146,9 +212,12 @@ def test_padded_batches_are_cut_where_padding_plus_calls_cost_least():
         assert sorted(np.concatenate(batches).tolist()) == list(range(len(lengths)))
         assert all(len(b) <= rows_cap for b in batches)
         s = np.sort(lengths)
-        best = min(cost([np.arange(a, b) for a, b in zip((0, *cuts), (*cuts, len(s)))], s, call)
-                   for k in range(len(s)) for cuts in combinations(range(1, len(s)), k)
-                   if all(b - a <= rows_cap for a, b in zip((0, *cuts), (*cuts, len(s)))))
+        best = min(
+            cost([np.arange(a, b) for a, b in zip((0, *cuts), (*cuts, len(s)))], s, call)
+            for k in range(len(s))
+            for cuts in combinations(range(1, len(s)), k)
+            if all(b - a <= rows_cap for a, b in zip((0, *cuts), (*cuts, len(s))))
+        )
         assert cost(batches, lengths, call) == best, (lengths, call, rows_cap)
     lengths = np.array([10, 10, 10, 10, 128])
     assert [sorted(b.tolist()) for b in length_batches(lengths, 64, 8192, 8)] == [[0, 1, 2, 3], [4]]

@@ -37,8 +37,22 @@ def test_device_cpu_is_honoured_and_cuda_without_a_gpu_is_a_one_line_error(untra
         load(str(untrained), device="cuda")
     data = write_jsonl(tmp_path / "in.jsonl", make_rows(1, 1))
     capsys.readouterr()
-    assert main(["predict", "--model", str(untrained), "--input", data, "--out", str(tmp_path / "p.jsonl"),
-                 "--device", "cuda"]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(untrained),
+                "--input",
+                data,
+                "--out",
+                str(tmp_path / "p.jsonl"),
+                "--device",
+                "cuda",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert "--device cuda" in err and "--device cpu" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "p.jsonl").exists()
@@ -47,13 +61,18 @@ def test_device_cpu_is_honoured_and_cuda_without_a_gpu_is_a_one_line_error(untra
 def test_precision_follows_the_rule_of_training_on_the_cpu_and_the_gpu():
     # a CPU: auto is bf16 where it has native bf16 (the rule of domainlm.precision), fp32 elsewhere
     assert torch_precision("auto", "cpu", cpu_feature=None) == (
-        "fp32", "this CPU has no native bf16 (AVX512_BF16 or AMX)")
+        "fp32",
+        "this CPU has no native bf16 (AVX512_BF16 or AMX)",
+    )
     assert torch_precision("auto", "cpu", cpu_feature="AVX512_BF16") == ("bf16", "this CPU has AVX512_BF16")
     assert torch_precision("auto", "cpu", cpu_feature="AMX") == ("bf16", "this CPU has AMX")
     assert torch_precision("bf16", "cpu", cpu_feature=None) == ("bf16", "as asked")  # slow there, but asked for
     assert torch_precision("fp32", "cpu", cpu_feature="AMX") == torch_precision("no", "cpu") == ("fp32", "as asked")
-    with pytest.raises(DomainLMError, match=r"^--precision fp16 runs on a GPU only \(--device cuda\); on the CPU use "
-                                            r"fp32, bf16 or auto$"):
+    with pytest.raises(
+        DomainLMError,
+        match=r"^--precision fp16 runs on a GPU only \(--device cuda\); on the CPU use "
+        r"fp32, bf16 or auto$",
+    ):
         torch_precision("fp16", "cpu")
     # a GPU: bf16 where it has it; bf16 asked of one without it runs fp16
     assert torch_precision("auto", "cuda", gpu_bf16=True) == ("bf16", "the GPU has bf16")
@@ -76,7 +95,9 @@ def test_the_runtime_runs_and_says_the_precision_auto_resolves_to(untrained, mon
     assert (rt.kind, rt.options.precision, rt.autocast) == ("pytorch-bf16", "bf16", torch.bfloat16)
     load(str(untrained), device="cpu")  # said once per process
     assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("precision")] == [
-        "precision fp32 (this CPU has no native bf16 (AVX512_BF16 or AMX))", "precision bf16 (this CPU has AVX512_BF16)"]
+        "precision fp32 (this CPU has no native bf16 (AVX512_BF16 or AMX))",
+        "precision bf16 (this CPU has AVX512_BF16)",
+    ]
     with torch.autocast("cpu", dtype=torch.bfloat16):  # what the runtime's autocast makes of its last layer
         assert rt.model.classifier(torch.zeros(1, rt.config.hidden_size)).dtype == torch.bfloat16
     assert rt.predict(["a text"]).dtype == np.float32  # probabilities are fp32 whatever ran
@@ -91,16 +112,46 @@ def long_model(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("long")
     torch.manual_seed(0)
     base = root / "base"
-    BertForPreTraining(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=64, max_position_embeddings=300,
-                                  initializer_range=1.0)).save_pretrained(base)  # large weights: scores vary by text
+    BertForPreTraining(
+        BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=300,
+            initializer_range=1.0,
+        )
+    ).save_pretrained(base)  # large weights: scores vary by text
     tokenizer.save_pretrained(base)
     # the same 140 filler tokens first, the topic after them: at 128 tokens every row looks alike, at 256 they differ
     rows = [{"body": "的很是了也都和在" * 17 + r["text"] * 4, "label": r["label"]} for r in make_rows(6, 1)]
     train = write_jsonl(root / "train.jsonl", rows)
-    assert main(["finetune", "--model", str(base), "--train", train, "--out", str(root / "ft"), "--epochs", "1",
-                 "--batch-size", "6", "--learning-rate", "1e-5", "--max-seq-len", "256", "--text-column", "body",
-                 "--no-floor"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--model",
+                str(base),
+                "--train",
+                train,
+                "--out",
+                str(root / "ft"),
+                "--epochs",
+                "1",
+                "--batch-size",
+                "6",
+                "--learning-rate",
+                "1e-5",
+                "--max-seq-len",
+                "256",
+                "--text-column",
+                "body",
+                "--no-floor",
+            ]
+        )
+        == 0
+    )
     return root
 
 
@@ -115,19 +166,53 @@ def test_a_model_fine_tuned_at_256_is_used_at_256_without_the_flag(long_model, t
     assert np.ptp(at_128, axis=0).max() < 1e-6 and np.ptp(at_256, axis=0).max() > 1e-3  # the length shows
 
     def scores(path):
-        return np.array([[row["scores"][label] for label in rt.labels]
-                         for row in map(json.loads, path.read_text().splitlines())])
+        return np.array(
+            [[row["scores"][label] for label in rt.labels] for row in map(json.loads, path.read_text().splitlines())]
+        )
 
     # predict and evaluate read the column `body` and use 256, both saved with the model
-    assert main(["predict", "--model", str(ft), "--input", str(long_model / "train.jsonl"), "--out", str(tmp_path / "p.jsonl"),
-                 "--top-k", "3"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(ft),
+                "--input",
+                str(long_model / "train.jsonl"),
+                "--out",
+                str(tmp_path / "p.jsonl"),
+                "--top-k",
+                "3",
+            ]
+        )
+        == 0
+    )
     np.testing.assert_allclose(scores(tmp_path / "p.jsonl"), at_256, atol=1e-4)
-    assert main(["evaluate", "--model", str(ft), "--data", str(long_model / "train.jsonl"), "--out", str(tmp_path / "ev")]) == 0
+    assert (
+        main(["evaluate", "--model", str(ft), "--data", str(long_model / "train.jsonl"), "--out", str(tmp_path / "ev")])
+        == 0
+    )
     ev = [json.loads(line) for line in (tmp_path / "ev" / "eval_predictions.jsonl").read_text().splitlines()]
     np.testing.assert_allclose([[r["scores"][label] for label in rt.labels] for r in ev], at_256, atol=1e-4)
     # a flag still overrides it; one over the model's positions is capped with a notice naming both numbers
-    assert main(["predict", "--model", str(ft), "--input", str(long_model / "train.jsonl"), "--out", str(tmp_path / "q.jsonl"),
-                 "--top-k", "3", "--max-seq-len", "128"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(ft),
+                "--input",
+                str(long_model / "train.jsonl"),
+                "--out",
+                str(tmp_path / "q.jsonl"),
+                "--top-k",
+                "3",
+                "--max-seq-len",
+                "128",
+            ]
+        )
+        == 0
+    )
     np.testing.assert_allclose(scores(tmp_path / "q.jsonl"), at_128, atol=1e-4)
     capsys.readouterr()
     assert load(str(ft), max_seq_len=4096).max_seq_len == 300
@@ -145,7 +230,9 @@ def test_serve_serves_a_linear_floor(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", make_rows(20, 1))
     test = write_jsonl(tmp_path / "test.jsonl", make_rows(5, 2))
     assert main(["finetune", "--method", "linear", "--train", train, "--out", str(tmp_path / "floor")]) == 0
-    assert main(["predict", "--model", str(tmp_path / "floor"), "--input", test, "--out", str(tmp_path / "p.jsonl")]) == 0
+    assert (
+        main(["predict", "--model", str(tmp_path / "floor"), "--input", test, "--out", str(tmp_path / "p.jsonl")]) == 0
+    )
     expected = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     cfg, app = build(ServeConfig(model=str(tmp_path / "floor")))
     texts = [row["text"] for row in expected]
@@ -169,6 +256,12 @@ def test_an_export_keeps_the_settings_of_the_model(long_model, tmp_path):
     assert info["max_seq_len"] == 256  # no --max-seq-len: the length the model was fine-tuned at
     rt = load(str(tmp_path / "onnx"))
     assert (rt.kind, rt.max_seq_len, rt.text_column, rt.task) == ("onnx-fp32", 256, "body", "multiclass")
-    assert export(ExportConfig(model=str(long_model / "ft"), out=str(tmp_path / "onnx"), optimize=False,
-                               max_seq_len=64, overwrite=True))["max_seq_len"] == 64  # the flag overrides it
+    assert (
+        export(
+            ExportConfig(
+                model=str(long_model / "ft"), out=str(tmp_path / "onnx"), optimize=False, max_seq_len=64, overwrite=True
+            )
+        )["max_seq_len"]
+        == 64
+    )  # the flag overrides it
     assert load(str(tmp_path / "onnx")).max_seq_len == 64

@@ -25,8 +25,12 @@ def make_corpus(tmp_path, tokenizer_dir, n_docs: int, sentences_per_doc: int):
     docs = ["\n".join(SENTENCES[(d * 7 + i) % len(SENTENCES)] for i in range(sentences_per_doc)) for d in range(n_docs)]
     src.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
     out = tmp_path / f"store-{n_docs}"
-    prepare(PrepareConfig(input=[str(src)], out=str(out), tokenizer=tokenizer_dir, workers=0, segment=True,
-                          near_dup_threshold=0), progress=False)
+    prepare(
+        PrepareConfig(
+            input=[str(src)], out=str(out), tokenizer=tokenizer_dir, workers=0, segment=True, near_dup_threshold=0
+        ),
+        progress=False,
+    )
     corpus = Corpus(out)
     assert corpus.n_documents == n_docs
     return corpus
@@ -92,8 +96,29 @@ def test_a_corpus_too_small_even_for_blocks_names_the_flag(tmp_path, tokenizer_d
 def test_pretrain_on_a_small_corpus_runs_with_the_default_split(tmp_path, tokenizer_dir, tiny_model, capsys, n_docs):
     corpus = make_corpus(tmp_path, tokenizer_dir, n_docs, 60 // n_docs)
     out = tmp_path / "run"
-    assert main(["pretrain", "--corpus", str(corpus.path), "--model", tiny_model, "--out", str(out), "--max-steps", "2",
-                 "--max-seq-len", "48", "--batch-size", "4", "--num-workers", "0", "--no-tensorboard"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--corpus",
+                str(corpus.path),
+                "--model",
+                tiny_model,
+                "--out",
+                str(out),
+                "--max-steps",
+                "2",
+                "--max-seq-len",
+                "48",
+                "--batch-size",
+                "4",
+                "--num-workers",
+                "0",
+                "--no-tensorboard",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert f"split: the corpus has {n_docs} document(s): too few to split 98,1,1 by documents" in printed
     data = json.loads((out / "data.json").read_text())
@@ -115,7 +140,9 @@ def test_sample_index_is_memory_mapped_and_shared_by_path(tmp_path, corpus_dir, 
     special = {"cls": tokenizer.cls_token_id, "sep": tokenizer.sep_token_id, "mask": tokenizer.mask_token_id}
     ds = PretrainDataset(corpus, again, "train", 48, True, MaskingOptions(), special, len(tokenizer), 0, True)
     blob = pickle.dumps(ds)
-    in_memory = PretrainDataset(corpus, np.array(again), "train", 48, True, MaskingOptions(), special, len(tokenizer), 0, True)
+    in_memory = PretrainDataset(
+        corpus, np.array(again), "train", 48, True, MaskingOptions(), special, len(tokenizer), 0, True
+    )
     assert len(blob) < len(pickle.dumps(in_memory)) - built.nbytes + 200  # a worker gets the path, not a copy
     copy = pickle.loads(blob)
     assert isinstance(copy.samples, np.memmap) and str(copy.samples.filename) == str(again.filename)

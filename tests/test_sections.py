@@ -8,10 +8,12 @@ from domainlm.data.readers import ReadOptions, read_file
 from domainlm.data.sections import PAGES_PER_DOCUMENT, is_heading_text
 from tests.pdf import write_pdf
 
-BODY = ["The contractor shall keep the site clean and safe at all times.",
-        "Inspections are recorded in the quality log with date and signature.",
-        "Costs are reported monthly against the approved budget lines.",
-        "Deviations from the schedule are explained in the weekly report."]
+BODY = [
+    "The contractor shall keep the site clean and safe at all times.",
+    "Inspections are recorded in the quality log with date and signature.",
+    "Costs are reported monthly against the approved budget lines.",
+    "Deviations from the schedule are explained in the weekly report.",
+]
 
 
 def page(i: int, heading: str | None = None) -> list[str]:
@@ -81,7 +83,9 @@ def test_docx_is_cut_at_heading_styles_else_at_heading_text(tmp_path):
     styled = tmp_path / "styled.docx"
     d.save(styled)
     docs = read(styled)
-    assert len(docs) == 6 and {x.split for x in docs} == {"headings"}  # title + chapter headings join their first section
+    assert len(docs) == 6 and {x.split for x in docs} == {
+        "headings"
+    }  # title + chapter headings join their first section
     assert docs[0].text.startswith("施工管理手册\n第1章 总则\n1.1 范围")
     plain = docx.Document()
     for ch in ("一", "二", "三"):
@@ -108,11 +112,27 @@ def test_markdown_is_cut_at_headings_outside_code_and_short_files_stay_whole(tmp
 
 
 def test_heading_text_rules():
-    for heading in ("第一章 总则", "第3节 范围", "第十二条", "Chapter 4", "CHAPTER IV Costs", "Part 2", "1.2 Scope",
-                    "3 总则", "2.1.3 验收标准", "4、 术语"):
+    for heading in (
+        "第一章 总则",
+        "第3节 范围",
+        "第十二条",
+        "Chapter 4",
+        "CHAPTER IV Costs",
+        "Part 2",
+        "1.2 Scope",
+        "3 总则",
+        "2.1.3 验收标准",
+        "4、 术语",
+    ):
         assert is_heading_text(heading) == (heading != "4、 术语"), heading
-    for sentence in ("第一章规定的内容适用于全部工程，各方应当遵守。", "3.5 days late.", "2019年工程进度", "12,000 元",
-                     "1.5%", "Chapter text on page 3 continues here."):
+    for sentence in (
+        "第一章规定的内容适用于全部工程，各方应当遵守。",
+        "3.5 days late.",
+        "2019年工程进度",
+        "12,000 元",
+        "1.5%",
+        "Chapter text on page 3 continues here.",
+    ):
         assert not is_heading_text(sentence), sentence
 
 
@@ -124,15 +144,47 @@ def test_prepare_records_the_rule_in_stats(tmp_path, tokenizer_dir, capsys):
     add_outline(p, [("One", 0, []), ("Two", 4, [])])
     txt = tmp_path / "notes.txt"
     txt.write_text("A note on costs.\n\nA note on quality.\n", encoding="utf-8")
-    assert main(["prepare", str(p), str(txt), "--out", str(tmp_path / "c"), "--tokenizer", tokenizer_dir,
-                 "--workers", "0", "--min-doc-chars", "1"]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                str(p),
+                str(txt),
+                "--out",
+                str(tmp_path / "c"),
+                "--tokenizer",
+                tokenizer_dir,
+                "--workers",
+                "0",
+                "--min-doc-chars",
+                "1",
+            ]
+        )
+        == 0
+    )
     stats = json.loads((tmp_path / "c" / "stats.json").read_text())
     assert stats["document_split"] == {"outline": {"files": 1, "documents": 2}}
     assert stats["documents"] == 4
     assert "document_split" in capsys.readouterr().out
-    assert main(["prepare", str(p), "--out", str(tmp_path / "w"), "--tokenizer", tokenizer_dir, "--workers", "0",
-                 "--no-split-books"]) == 0
-    assert json.loads((tmp_path / "w" / "stats.json").read_text())["document_split"] == {"whole": {"files": 1, "documents": 1}}
+    assert (
+        main(
+            [
+                "prepare",
+                str(p),
+                "--out",
+                str(tmp_path / "w"),
+                "--tokenizer",
+                tokenizer_dir,
+                "--workers",
+                "0",
+                "--no-split-books",
+            ]
+        )
+        == 0
+    )
+    assert json.loads((tmp_path / "w" / "stats.json").read_text())["document_split"] == {
+        "whole": {"files": 1, "documents": 1}
+    }
 
 
 def test_utf16_text_with_bom_is_read(tmp_path):

@@ -56,7 +56,7 @@ def running(runtime: Runtime, **options):
 
 
 @pytest.fixture(scope="module")
-def torch_rt(trained):  # noqa: F811
+def torch_rt(trained):
     # fp32: the answers of a gathering equal each text's alone within fp32's rounding (in bf16, auto on a CPU that
     # has it, a text's scores move in the third decimal with the batch it runs in)
     return TorchRuntime(str(trained["ft"]), max_seq_len=32, precision="fp32")
@@ -75,7 +75,7 @@ def post_many(url: str, bodies: list, headers=None) -> list[httpx.Response]:
         return list(pool.map(one, bodies))
 
 
-def test_answers_labels_for_pytorch_and_onnx_alike(torch_rt, exported):  # noqa: F811
+def test_answers_labels_for_pytorch_and_onnx_alike(torch_rt, exported):
     for rt in (torch_rt, load_runtime(str(exported[0]), "fp32")):
         with running(rt) as url:
             r = httpx.post(url + "/predict", json={"text": list(KNOWN), "top_k": 2})
@@ -88,8 +88,11 @@ def test_answers_labels_for_pytorch_and_onnx_alike(torch_rt, exported):  # noqa:
             assert first["scores"]["hotel"] == first["top_k"][0]["score"] > 1 / 3
             one = httpx.post(url + "/predict", json={"text": "电脑性能屏幕电池"}).json()["predictions"]
             assert len(one) == 1 and one[0]["labels"] == ["pc"] and len(one[0]["top_k"]) == 3  # default --top-k
-            assert httpx.get(url + "/labels").json() == {"labels": ["book", "hotel", "pc"], "multilabel": False,
-                                                         "thresholds": None}
+            assert httpx.get(url + "/labels").json() == {
+                "labels": ["book", "hotel", "pc"],
+                "multilabel": False,
+                "thresholds": None,
+            }
             assert httpx.get(url + "/health").json()["status"] == "ok"
             schema = httpx.get(url + "/openapi.json").json()
             assert "text_pair" in json.dumps(schema["paths"]["/predict"]["post"]["requestBody"])
@@ -110,8 +113,12 @@ def test_concurrent_requests_are_batched(torch_rt):
 
 
 def test_a_gathering_of_texts_and_text_pairs_answers_each_request_its_own_rows(torch_rt):
-    bodies = [{"text": "酒店房间早餐入住"}, {"text": ["电脑性能", "书内容"], "text_pair": ["屏幕电池", "作者观点"]},
-              {"text": ["书内容作者观点", "电脑性能屏幕电池"]}, {"text": "酒店", "text_pair": "早餐入住"}] * 2
+    bodies = [
+        {"text": "酒店房间早餐入住"},
+        {"text": ["电脑性能", "书内容"], "text_pair": ["屏幕电池", "作者观点"]},
+        {"text": ["书内容作者观点", "电脑性能屏幕电池"]},
+        {"text": "酒店", "text_pair": "早餐入住"},
+    ] * 2
     with running(SlowRuntime(torch_rt, 0.05), max_wait_ms=300, max_batch=32) as url:
         answers = post_many(url, bodies)
         gathered = httpx.get(url + "/metrics.json").json()["requests_per_gathering"]
@@ -156,8 +163,11 @@ def test_every_bad_request_gets_its_status_and_message(torch_rt):
         auth = {"Authorization": "Bearer s3cret"}
         with httpx.Client(base_url=url, headers=auth) as client:
             for body, status, words in BAD:
-                r = (client.post("/predict", content=body, headers={"Content-Type": "application/json"})
-                     if isinstance(body, bytes) else client.post("/predict", json=body))
+                r = (
+                    client.post("/predict", content=body, headers={"Content-Type": "application/json"})
+                    if isinstance(body, bytes)
+                    else client.post("/predict", json=body)
+                )
                 assert r.status_code == status, (body, r.text)
                 assert words in r.json()["error"], (body, r.json())
             # a body without a length is bounded too
@@ -170,8 +180,12 @@ def test_every_bad_request_gets_its_status_and_message(torch_rt):
             assert r.status_code == 401 and "token" in r.json()["error"] and r.headers["www-authenticate"] == "Bearer"
         assert httpx.get(url + "/labels").status_code == 401 and httpx.get(url + "/metrics.json").status_code == 401
         assert httpx.get(url + "/health").status_code == 200  # probes need no token
-        assert "access-control-allow-origin" not in httpx.options(
-            url + "/predict", headers={"Origin": "http://x.example", "Access-Control-Request-Method": "POST"}).headers
+        assert (
+            "access-control-allow-origin"
+            not in httpx.options(
+                url + "/predict", headers={"Origin": "http://x.example", "Access-Control-Request-Method": "POST"}
+            ).headers
+        )
     statuses = {s for _, s, _ in BAD}
     assert {int(k) for k in metrics["requests"] if k != "total"} == statuses | {200}
     assert metrics["requests"]["413"] == sum(s == 413 for _, s, _ in BAD) + 1
@@ -187,7 +201,9 @@ def test_full_queue_answers_503(torch_rt):
         assert all(a.json()["predictions"][0]["labels"] == ["hotel"] for a in answers if a.status_code == 200)
         m = httpx.get(url + "/metrics.json").json()
         assert m["requests"]["503"] == codes.count(503)
-        assert httpx.post(url + "/predict", json={"text": "书内容作者观点"}).json()["predictions"][0]["labels"] == ["book"]
+        assert httpx.post(url + "/predict", json={"text": "书内容作者观点"}).json()["predictions"][0]["labels"] == [
+            "book"
+        ]
 
 
 def test_multilabel_answers_use_saved_thresholds(tmp_path, tiny_model, tokenizer):
@@ -204,16 +220,22 @@ def test_multilabel_answers_use_saved_thresholds(tmp_path, tiny_model, tokenizer
         assert httpx.get(url + "/labels").json()["thresholds"] == [0.0, 1.01, 0.0]
 
 
-def test_cli_serve_an_export_end_to_end(exported):  # noqa: F811
+def test_cli_serve_an_export_end_to_end(exported):
     from domainlm.classify.runtime_options import int8_note
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "DOMAINLM_SERVE_TOKEN": "t"}
-    proc = subprocess.Popen([sys.executable, "-m", "domainlm.cli", "serve", str(exported[0]), "--port", "0",
-                             "--threads", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "domainlm.cli", "serve", str(exported[0]), "--port", "0", "--threads", "1"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()  # printed once the port is bound and listening, not before
-        assert line.startswith(f"serving {exported[0]} as 'export-int8' (onnx-int8, 3 labels; cpu, int8, 1 thread, "
-                               "32 tokens per text; "), line
+        assert line.startswith(
+            f"serving {exported[0]} as 'export-int8' (onnx-int8, 3 labels; cpu, int8, 1 thread, 32 tokens per text; "
+        ), line
         assert int8_note("onnx-int8", "cpu") in line and int8_note("onnx-int8", "cpu").startswith("int8 ONNX Runtime")
         url = line.split(" on ", 1)[1].split()[0]
         assert url.startswith("http://127.0.0.1:") and not url.endswith(":0")
@@ -228,7 +250,7 @@ def test_cli_serve_an_export_end_to_end(exported):  # noqa: F811
         proc.wait(10)
 
 
-def test_a_port_in_use_and_an_empty_token_variable_are_one_line_each(exported, err, monkeypatch):  # noqa: F811
+def test_a_port_in_use_and_an_empty_token_variable_are_one_line_each(exported, err, monkeypatch):
     from tests.conftest import one_line
 
     with socket.socket() as busy:
@@ -236,11 +258,14 @@ def test_a_port_in_use_and_an_empty_token_variable_are_one_line_each(exported, e
         busy.listen()
         port = busy.getsockname()[1]
         message = one_line(err("serve", exported[0], "--port", port))
-    assert message.strip() == (f"error: --port {port} is in use on 127.0.0.1; stop what listens there or choose "
-                               "another --port (0: any free port)")
+    assert message.strip() == (
+        f"error: --port {port} is in use on 127.0.0.1; stop what listens there or choose "
+        "another --port (0: any free port)"
+    )
     monkeypatch.setenv("DOMAINLM_SERVE_TOKEN", "  ")
     assert "DOMAINLM_SERVE_TOKEN is set but empty, which would serve without authentication" in one_line(
-        err("serve", exported[0], "--port", 0))
+        err("serve", exported[0], "--port", 0)
+    )
     monkeypatch.setenv("DOMAINLM_SERVE_TOKEN", "")
     assert "DOMAINLM_SERVE_TOKEN is set but empty" in one_line(err("serve", exported[0], "--port", 0))
 
@@ -258,5 +283,7 @@ def test_a_failing_batch_answers_500_and_the_server_goes_on(torch_rt):
     with running(BrokenRuntime(torch_rt, 0.0), batching=False) as url:
         r = httpx.post(url + "/predict", json={"text": "书" * 30})
         assert r.status_code == 500 and r.json()["error"] == "prediction failed: RuntimeError: kernel failed"
-        assert httpx.post(url + "/predict", json={"text": "书内容作者观点"}).json()["predictions"][0]["labels"] == ["book"]
+        assert httpx.post(url + "/predict", json={"text": "书内容作者观点"}).json()["predictions"][0]["labels"] == [
+            "book"
+        ]
         assert httpx.get(url + "/metrics.json").json()["requests"]["500"] == 1

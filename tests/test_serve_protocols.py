@@ -17,7 +17,7 @@ from tests.test_serve import KNOWN, SlowRuntime, post_many, running, torch_rt  #
 TEXTS = list(KNOWN)
 
 
-def test_huggingface_inference_client_with_and_without_the_token(torch_rt):  # noqa: F811
+def test_huggingface_inference_client_with_and_without_the_token(torch_rt):
     from huggingface_hub import InferenceClient
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -30,36 +30,49 @@ def test_huggingface_inference_client_with_and_without_the_token(torch_rt):  # n
             assert [scores[label] for label in torch_rt.labels] == pytest.approx(expected.tolist(), abs=1e-5)
             assert [o.score for o in out] == sorted(scores.values(), reverse=True)
             top = InferenceClient(base_url=url, token=token).text_classification(TEXTS[1], top_k=1)
-            assert [(o.label, round(o.score, 4)) for o in top] == [("pc", round(max(torch_rt.predict(TEXTS[1:2])[0]), 4))]
+            assert [(o.label, round(o.score, 4)) for o in top] == [
+                ("pc", round(max(torch_rt.predict(TEXTS[1:2])[0]), 4))
+            ]
             if token:
                 with pytest.raises(HfHubHTTPError) as denied:
                     InferenceClient(base_url=url, token="wrong").text_classification(TEXTS[0])
                 assert denied.value.response.status_code == 401
 
 
-def test_tei_bodies_answer_as_text_embeddings_inference_does(torch_rt):  # noqa: F811
+def test_tei_bodies_answer_as_text_embeddings_inference_does(torch_rt):
     with running(torch_rt, max_chars=60) as url, httpx.Client(base_url=url) as client:
         single = client.post("/predict", json={"inputs": TEXTS[0]}).json()
         assert isinstance(single, list) and single[0]["label"] == "hotel" and len(single) == 3
         batch = client.post("/predict", json={"inputs": TEXTS, "truncate": True}).json()
         assert [rows[0]["label"] for rows in batch] == [KNOWN[t] for t in TEXTS]
         assert client.post("/", json={"inputs": TEXTS[0]}).json() == [single]  # Inference Endpoints: one per input
-        pairs = client.post("/predict", json={"inputs": [["电脑性能", "屏幕电池"], ["书内容", "作者观点"]],
-                                              "parameters": {"top_k": 2, "function_to_apply": "softmax"}}).json()
+        pairs = client.post(
+            "/predict",
+            json={
+                "inputs": [["电脑性能", "屏幕电池"], ["书内容", "作者观点"]],
+                "parameters": {"top_k": 2, "function_to_apply": "softmax"},
+            },
+        ).json()
         alone = torch_rt.predict(["电脑性能", "书内容"], ["屏幕电池", "作者观点"])
         assert [d["score"] for rows in pairs for d in rows] == pytest.approx(
-            [x for row in alone.tolist() for x in sorted(row, reverse=True)[:2]], abs=1e-5)
+            [x for row in alone.tolist() for x in sorted(row, reverse=True)[:2]], abs=1e-5
+        )
         own = client.post("/predict", json={"text": TEXTS[0]}).json()  # this server's body, unchanged
         assert own["predictions"][0]["labels"] == ["hotel"]
         # truncate false: a text over the model's 32 tokens is refused, not cut; true (and the default) cuts it
         long = "酒店房间早餐入住" * 5
         refused = client.post("/predict", json={"inputs": [TEXTS[0], long], "truncate": False})
         assert refused.status_code == 413 and refused.json()["error"] == (
-            "inputs[1] has more than 32 tokens, the model's length; send \"truncate\": true to cut it")
+            'inputs[1] has more than 32 tokens, the model\'s length; send "truncate": true to cut it'
+        )
         assert client.post("/predict", json={"inputs": long}).status_code == 200
         assert client.post("/predict", json={"inputs": TEXTS[0], "truncate": False}).status_code == 200
         for body, status, words in [
-            ({"inputs": "x", "parameters": {"function_to_apply": "sigmoid"}}, 422, "this model's scores are its softmax"),
+            (
+                {"inputs": "x", "parameters": {"function_to_apply": "sigmoid"}},
+                422,
+                "this model's scores are its softmax",
+            ),
             ({"inputs": "x", "parameters": {"top_k": 0}}, 422, "'parameters.top_k' must be a positive integer"),
             ({"inputs": [["a", "b"], ["c"]]}, 422, "all of one kind"),
             ({"inputs": ["ok", " "]}, 422, "inputs[1] is empty"),
@@ -70,7 +83,7 @@ def test_tei_bodies_answer_as_text_embeddings_inference_does(torch_rt):  # noqa:
             assert r.status_code == status and words in r.json()["error"], (body, r.text)
 
 
-def test_tritonclient_over_kserve_v2(torch_rt):  # noqa: F811
+def test_tritonclient_over_kserve_v2(torch_rt):
     import tritonclient.http as triton
     from tritonclient.utils import InferenceServerException
 
@@ -104,24 +117,36 @@ def test_tritonclient_over_kserve_v2(torch_rt):  # noqa: F811
         client.close()
         # pairs as [n, 2] rows; the limits and the shape checked with the --flag named
         with httpx.Client(base_url=url, headers=auth) as http:
-            body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2, 2],
-                                "data": ["电脑性能", "屏幕电池", "书内容", "作者观点"]}]}
+            body = {
+                "inputs": [
+                    {
+                        "name": "text",
+                        "datatype": "BYTES",
+                        "shape": [2, 2],
+                        "data": ["电脑性能", "屏幕电池", "书内容", "作者观点"],
+                    }
+                ]
+            }
             got = http.post("/v2/models/topics/infer", json=body).json()
             out = {o["name"]: o for o in got["outputs"]}
-            np.testing.assert_allclose(np.reshape(out["probabilities"]["data"], (2, 3)),
-                                       torch_rt.predict(["电脑性能", "书内容"], ["屏幕电池", "作者观点"]), atol=1e-5)
+            np.testing.assert_allclose(
+                np.reshape(out["probabilities"]["data"], (2, 3)),
+                torch_rt.predict(["电脑性能", "书内容"], ["屏幕电池", "作者观点"]),
+                atol=1e-5,
+            )
             for tensor, status, words in [
                 ({"shape": [3], "data": ["a", "b"]}, 422, "inputs[0].data has 2 items but its shape [3] holds 3"),
                 ({"shape": [1], "data": ["a"], "datatype": "FP32"}, 422, "inputs[0].datatype: Input should be 'BYTES'"),
                 ({"shape": [65], "data": ["a"] * 65}, 413, "at most 64 per request (--max-texts)"),
                 ({"shape": [1, 3], "data": ["a"] * 3}, 422, "give [n] or [n, 1] for n texts"),
             ]:
-                r = http.post("/v2/models/topics/infer",
-                              json={"inputs": [{"name": "text", "datatype": "BYTES", **tensor}]})
+                r = http.post(
+                    "/v2/models/topics/infer", json={"inputs": [{"name": "text", "datatype": "BYTES", **tensor}]}
+                )
                 assert r.status_code == status and words in r.json()["error"], (tensor, r.text)
 
 
-def test_prometheus_metrics_parse_and_count(torch_rt):  # noqa: F811
+def test_prometheus_metrics_parse_and_count(torch_rt):
     from prometheus_client.parser import text_string_to_metric_families
 
     with running(torch_rt, name="topics") as url, httpx.Client(base_url=url) as client:
@@ -151,13 +176,22 @@ def test_prometheus_metrics_parse_and_count(torch_rt):  # noqa: F811
     assert value("domainlm_batch_tokens_count") == as_json["batches"]
     assert value("domainlm_queue_depth") == 0
     info = next(labels for (name, labels) in samples if name == "domainlm_model_info")
-    assert dict(info)["name"] == "topics" and dict(info)["kind"] == torch_rt.kind  # pytorch-fp32, or -bf16 on a CPU with bf16
+    assert (
+        dict(info)["name"] == "topics" and dict(info)["kind"] == torch_rt.kind
+    )  # pytorch-fp32, or -bf16 on a CPU with bf16
     assert as_json["requests"] == {"total": 5, "200": 4, "422": 1}
 
 
-def test_the_server_runs_the_runtimes_batches(exported):  # noqa: F811
+def test_the_server_runs_the_runtimes_batches(exported):
     rt = load_runtime(str(exported[0]), "fp32")  # ONNX pads: batches are cut where padding + calls cost least
-    texts = ["酒店", "电脑", "书内容作者观点很好", "酒店房间早餐入住交通方便服务周到价格有点贵", "书", "电脑性能屏幕电池"]
+    texts = [
+        "酒店",
+        "电脑",
+        "书内容作者观点很好",
+        "酒店房间早餐入住交通方便服务周到价格有点贵",
+        "书",
+        "电脑性能屏幕电池",
+    ]
     plan = rt.plan(rt.encode(texts))
     with running(rt, max_wait_ms=0) as url:
         assert httpx.post(url + "/predict", json={"text": texts}).status_code == 200
@@ -168,16 +202,25 @@ def test_the_server_runs_the_runtimes_batches(exported):  # noqa: F811
     assert m["batch_sizes"] == sizes and m["batches"] == len(plan.rows) > 1
 
 
-def test_json_sent_as_text_is_415_and_allow_lists_every_method(torch_rt):  # noqa: F811
+def test_json_sent_as_text_is_415_and_allow_lists_every_method(torch_rt):
     body = json.dumps({"text": TEXTS[0]})
     with running(torch_rt, name="topics") as url, httpx.Client(base_url=url) as client:
         for path in ("/predict", "/", "/v2/models/topics/infer"):
             r = client.post(path, content=body, headers={"Content-Type": "text/plain"})
             assert r.status_code == 415 and r.json()["error"].startswith("the body is sent as text/plain"), path
-        assert client.post("/predict", content=body, headers={"Content-Type": "application/json; charset=utf-8"}
-                           ).status_code == 200
-        for method, path, allow in [("OPTIONS", "/predict", "POST"), ("PUT", "/", "POST"), ("OPTIONS", "/health", "GET"),
-                                    ("HEAD", "/labels", "GET"), ("DELETE", "/v2/models/topics", "GET")]:
+        assert (
+            client.post(
+                "/predict", content=body, headers={"Content-Type": "application/json; charset=utf-8"}
+            ).status_code
+            == 200
+        )
+        for method, path, allow in [
+            ("OPTIONS", "/predict", "POST"),
+            ("PUT", "/", "POST"),
+            ("OPTIONS", "/health", "GET"),
+            ("HEAD", "/labels", "GET"),
+            ("DELETE", "/v2/models/topics", "GET"),
+        ]:
             r = client.request(method, path)
             assert r.status_code == 405 and r.headers["allow"] == allow, (method, path, r.headers)
         assert client.get("/nowhere").json() == {"error": "no route GET /nowhere (see /docs)"}
@@ -203,7 +246,7 @@ class TimedRuntime(SlowRuntime):
         return out
 
 
-def test_the_model_thread_only_runs_the_model_while_the_next_gathering_is_prepared(torch_rt):  # noqa: F811
+def test_the_model_thread_only_runs_the_model_while_the_next_gathering_is_prepared(torch_rt):
     rt = TimedRuntime(torch_rt, 0.3)
     with running(rt, batching=False) as url:
         answers = post_many(url, [{"text": t} for t in TEXTS])

@@ -41,8 +41,14 @@ def write_store(folder, n_sentences: int, tokenizer, seed: int = 0, old: bool = 
             sl = lengths[d * DOC_SENTENCES : (d + 1) * DOC_SENTENCES]
             writer.add(ids[a:b], sl, starts[a:b])
             a = b
-    writer.close({"tokenizer": "synthetic", "vocab_hash": vocab_hash(tokenizer), "word_starts": "random",
-                  "fingerprint": f"synthetic-{n_sentences}-{seed}"})
+    writer.close(
+        {
+            "tokenizer": "synthetic",
+            "vocab_hash": vocab_hash(tokenizer),
+            "word_starts": "random",
+            "fingerprint": f"synthetic-{n_sentences}-{seed}",
+        }
+    )
     if old:
         meta = json.loads((folder / "meta.json").read_text())
         del meta["max_token_id"]
@@ -53,9 +59,35 @@ def write_store(folder, n_sentences: int, tokenizer, seed: int = 0, old: bool = 
 def start(store: str, model: str, out) -> subprocess.Popen:
     """`pretrain --max-steps 3` in one process (no DataLoader worker), as a user would type it; a fifth of the
     documents held out, so that what reads the held-out documents' offsets shows."""
-    cmd = [sys.executable, "-m", "domainlm.cli", "pretrain", "--corpus", store, "--model", model, "--out", str(out),
-           "--max-steps", "3", "--logging-freq", "1", "--max-seq-len", "64", "--num-workers", "0", "--no-tensorboard",
-           "--eval-iters", "1", "--test-iters", "1", "--precision", "fp32", "--split", "80,10,10"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "domainlm.cli",
+        "pretrain",
+        "--corpus",
+        store,
+        "--model",
+        model,
+        "--out",
+        str(out),
+        "--max-steps",
+        "3",
+        "--logging-freq",
+        "1",
+        "--max-seq-len",
+        "64",
+        "--num-workers",
+        "0",
+        "--no-tensorboard",
+        "--eval-iters",
+        "1",
+        "--test-iters",
+        "1",
+        "--precision",
+        "fp32",
+        "--split",
+        "80,10,10",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -95,9 +127,12 @@ def test_start_up_memory_does_not_grow_with_the_corpus(tmp_path, tiny_model, tok
     finally:
         for folder in tmp_path.glob("store-*"):
             shutil.rmtree(folder)
-    assert large_peak / small_peak < 1.05, f"peak memory {small_peak:.0f} MiB with 200k sentences, {large_peak:.0f} with 2M"
-    assert large_step / small_step < 1.03, (f"memory at the first step {small_step:.0f} MiB with 200k sentences, "
-                                            f"{large_step:.0f} with 2M")
+    assert large_peak / small_peak < 1.05, (
+        f"peak memory {small_peak:.0f} MiB with 200k sentences, {large_peak:.0f} with 2M"
+    )
+    assert large_step / small_step < 1.03, (
+        f"memory at the first step {small_step:.0f} MiB with 200k sentences, {large_step:.0f} with 2M"
+    )
 
 
 def test_the_largest_id_is_kept_in_meta_and_an_old_store_is_scanned(tmp_path, tokenizer, monkeypatch):
@@ -111,6 +146,9 @@ def test_the_largest_id_is_kept_in_meta_and_an_old_store_is_scanned(tmp_path, to
     picks = [0, 7, 4999, 5000, 123]
     assert old.read_sentence_offsets(picks).tolist() == np.asarray(old.sentence_offsets)[picks].tolist()
     for c in (corpus, old):
-        with pytest.raises(DomainLMError, match=rf"^{c.path}: token id {top} is beyond the vocabulary of --model m "
-                                                rf"\({top} entries\); prepare the corpus with the model's tokenizer$"):
+        with pytest.raises(
+            DomainLMError,
+            match=rf"^{c.path}: token id {top} is beyond the vocabulary of --model m "
+            rf"\({top} entries\); prepare the corpus with the model's tokenizer$",
+        ):
             c.check_ids(top, "the vocabulary of --model m")

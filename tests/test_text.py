@@ -31,7 +31,10 @@ def test_page_furniture_repeated_headers_and_numbers():
 
 
 def test_reflow_joins_wrapped_lines_only():
-    page = "工程进度计划必须在每个月的第一周内提交给项目\n经理审核，逾期将影响付款。\n第二章\nThe schedule is reviewed by the site\nmanager every week."
+    page = (
+        "工程进度计划必须在每个月的第一周内提交给项目\n经理审核，逾期将影响付款。\n第二章\n"
+        "The schedule is reviewed by the site\nmanager every week."
+    )
     out = reflow_lines(page).split("\n")
     assert out[0] == "工程进度计划必须在每个月的第一周内提交给项目经理审核，逾期将影响付款。"
     assert "第二章" in out
@@ -62,7 +65,14 @@ def test_minhash_estimates_jaccard():
 
 def test_chinese_sentences_keep_closing_quotes_and_split_on_newline():
     text = "老师说：“机器学习很重要！”大家都同意。真的吗？是的……\n第二行没有标点；分号也断句"
-    assert split_zh(text) == ["老师说：“机器学习很重要！”", "大家都同意。", "真的吗？", "是的……", "第二行没有标点；", "分号也断句"]
+    assert split_zh(text) == [
+        "老师说：“机器学习很重要！”",
+        "大家都同意。",
+        "真的吗？",
+        "是的……",
+        "第二行没有标点；",
+        "分号也断句",
+    ]
 
 
 def test_english_sentences_respect_abbreviations_and_decimals():

@@ -16,8 +16,27 @@ from domainlm.cli import main
 from domainlm.train.checkpoint import find_latest
 from domainlm.train.logging import read_log
 
-FAST = ["--max-seq-len", "48", "--batch-size", "4", "--logging-freq", "1", "--eval-iters", "2", "--test-iters", "2",
-        "--num-workers", "0", "--no-tensorboard", "--global-batch-size", "8", "--learning-rate", "1e-3", "--eval-steps", "4"]
+FAST = [
+    "--max-seq-len",
+    "48",
+    "--batch-size",
+    "4",
+    "--logging-freq",
+    "1",
+    "--eval-iters",
+    "2",
+    "--test-iters",
+    "2",
+    "--num-workers",
+    "0",
+    "--no-tensorboard",
+    "--global-batch-size",
+    "8",
+    "--learning-rate",
+    "1e-3",
+    "--eval-steps",
+    "4",
+]
 
 
 def args(corpus, model, out, *flags):
@@ -32,7 +51,9 @@ def assert_same_run(a, b):
     ra, rb = comparable(read_log(a / "log.jsonl")), comparable(read_log(b / "log.jsonl"))
     assert [(r["step"], r["split"]) for r in ra] == [(r["step"], r["split"]) for r in rb]
     for x, y in zip(ra, rb):  # a subprocess may use another thread count: equal up to float reduction order
-        assert x.keys() == y.keys() and all(y[k] == pytest.approx(x[k], rel=1e-5, abs=1e-7) for k in x if k != "split"), (x, y)
+        assert x.keys() == y.keys() and all(
+            y[k] == pytest.approx(x[k], rel=1e-5, abs=1e-7) for k in x if k != "split"
+        ), (x, y)
     from safetensors.torch import load_file
 
     wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
@@ -55,7 +76,9 @@ def test_checkpoint_files_load_without_pickle_and_the_manifest_lists_them(tmp_pa
 
 def test_truncated_file_skips_to_the_previous_checkpoint(tmp_path, corpus_dir, tiny_model, capsys):
     out = tmp_path / "run"
-    assert main(args(corpus_dir, tiny_model, out, "--max-steps", "4", "--checkpoint-steps", "2", "--keep-last", "0")) == 0
+    assert (
+        main(args(corpus_dir, tiny_model, out, "--max-steps", "4", "--checkpoint-steps", "2", "--keep-last", "0")) == 0
+    )
     weights = out / "checkpoints" / "step-000004" / "optimizer.bin"
     size = weights.stat().st_size
     with open(weights, "r+b") as f:
@@ -64,8 +87,24 @@ def test_truncated_file_skips_to_the_previous_checkpoint(tmp_path, corpus_dir, t
     assert find_latest(out / "checkpoints") == out / "checkpoints" / "step-000002"
     err = capsys.readouterr().err
     assert "skipping checkpoint" in err and f"optimizer.bin has {size // 2} bytes, the manifest says {size}" in err
-    assert main(args(corpus_dir, tiny_model, out, "--max-steps", "6", "--checkpoint-steps", "2", "--keep-last", "0",
-                     "--resume", "auto")) == 0
+    assert (
+        main(
+            args(
+                corpus_dir,
+                tiny_model,
+                out,
+                "--max-steps",
+                "6",
+                "--checkpoint-steps",
+                "2",
+                "--keep-last",
+                "0",
+                "--resume",
+                "auto",
+            )
+        )
+        == 0
+    )
     assert "at step 2" in capsys.readouterr().out
     assert weights.stat().st_size == size  # the resumed run wrote step 4 again, whole
     assert [r["step"] for r in read_log(out / "log.jsonl", "train")] == [1, 2, 3, 4, 5, 6]
@@ -85,8 +124,24 @@ def test_pruning_stays_inside_the_checkpoints_folder(tmp_path, corpus_dir, tiny_
     (out / "checkpoints").mkdir(parents=True)
     os.symlink(elsewhere, out / "checkpoints" / "step-000000")
     outputs._write_manifest(out, "pretrain", False, ["checkpoints"])  # a run of its own, interrupted
-    assert main(args(corpus_dir, tiny_model, out, "--max-steps", "3", "--checkpoint-steps", "1", "--keep-last", "1",
-                     "--resume", "auto")) == 0
+    assert (
+        main(
+            args(
+                corpus_dir,
+                tiny_model,
+                out,
+                "--max-steps",
+                "3",
+                "--checkpoint-steps",
+                "1",
+                "--keep-last",
+                "1",
+                "--resume",
+                "auto",
+            )
+        )
+        == 0
+    )
     assert (elsewhere / "precious.txt").read_text() == "keep me"
     assert "not removing" in capsys.readouterr().err
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000000", "step-000003"]
@@ -100,8 +155,12 @@ def test_kill_9_at_a_random_moment_then_resume_auto_matches_the_uninterrupted_ru
     took = time.monotonic() - started  # about the time the killed run needs after its first checkpoint
     killed = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.Popen([sys.executable, "-m", "domainlm.cli", *args(corpus_dir, tiny_model, killed, *flags)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "domainlm.cli", *args(corpus_dir, tiny_model, killed, *flags)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 240
         while not (killed / "checkpoints" / "step-000001").is_dir() and proc.poll() is None:

@@ -35,8 +35,17 @@ def still_model(tmp_path_factory, tiny_model):
 
 
 def torchrun(*args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",  # a free port
-           "-m", "domainlm.cli", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",  # a free port
+        "-m",
+        "domainlm.cli",
+        *args,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     return done
@@ -67,10 +76,44 @@ def test_process_shares_of_a_global_batch_are_the_one_process_micro_batches():
 def test_pretrain_two_processes_equal_one_with_accumulation_and_resume(tmp_path, corpus_dir, still_model):
     """1 process x 2 micro batches = 2 processes x 1, step for step; and 2 processes resumed from the step-3
     checkpoint (every rank's RNG state restored) end where the uninterrupted run ends."""
-    flags = ["pretrain", "--corpus", corpus_dir, "--model", still_model, "--max-seq-len", "48", "--batch-size", "4",
-             "--global-batch-size", "8", "--max-steps", "6", "--warmup-ratio", "0.34", "--learning-rate", "2e-3", "--min-lr", "1e-4",
-             "--lr-decay", "cosine", "--logging-freq", "1", "--eval-steps", "3", "--eval-iters", "2", "--test-iters", "3",
-             "--num-workers", "0", "--no-tensorboard", "--checkpoint-steps", "3", "--precision", "fp32"]
+    flags = [
+        "pretrain",
+        "--corpus",
+        corpus_dir,
+        "--model",
+        still_model,
+        "--max-seq-len",
+        "48",
+        "--batch-size",
+        "4",
+        "--global-batch-size",
+        "8",
+        "--max-steps",
+        "6",
+        "--warmup-ratio",
+        "0.34",
+        "--learning-rate",
+        "2e-3",
+        "--min-lr",
+        "1e-4",
+        "--lr-decay",
+        "cosine",
+        "--logging-freq",
+        "1",
+        "--eval-steps",
+        "3",
+        "--eval-iters",
+        "2",
+        "--test-iters",
+        "3",
+        "--num-workers",
+        "0",
+        "--no-tensorboard",
+        "--checkpoint-steps",
+        "3",
+        "--precision",
+        "fp32",
+    ]
     assert main([*flags, "--out", str(tmp_path / "one")]) == 0
     torchrun(*flags, "--out", str(tmp_path / "two"))
     rows = assert_same_logs(tmp_path / "one", tmp_path / "two")
@@ -80,7 +123,10 @@ def test_pretrain_two_processes_equal_one_with_accumulation_and_resume(tmp_path,
     assert json.loads((tmp_path / "one" / "data.json").read_text())["accumulation"] == 2
     from safetensors.torch import load_file
 
-    wa, wb = load_file(tmp_path / "one" / "final" / "model.safetensors"), load_file(tmp_path / "two" / "final" / "model.safetensors")
+    wa, wb = (
+        load_file(tmp_path / "one" / "final" / "model.safetensors"),
+        load_file(tmp_path / "two" / "final" / "model.safetensors"),
+    )
     assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
     step3 = tmp_path / "two" / "checkpoints" / "step-000003"
@@ -99,9 +145,33 @@ def test_pretrain_two_processes_equal_one_with_accumulation_and_resume(tmp_path,
 def test_finetune_two_processes_equal_one_and_gather_every_dev_row_once(tmp_path, still_model):
     train = write_jsonl(tmp_path / "train.jsonl", make_rows(12, 1))
     dev = write_jsonl(tmp_path / "dev.jsonl", make_rows(5, 2))  # 15 rows: not divisible by 2 processes
-    flags = ["finetune", "--model", still_model, "--train", train, "--dev", dev, "--test", dev, "--batch-size", "4",
-             "--global-batch-size", "8", "--epochs", "2", "--learning-rate", "2e-3", "--max-seq-len", "32",
-             "--logging-freq", "1", "--eval-steps", "3", "--warmup-ratio", "0.2"]
+    flags = [
+        "finetune",
+        "--model",
+        still_model,
+        "--train",
+        train,
+        "--dev",
+        dev,
+        "--test",
+        dev,
+        "--batch-size",
+        "4",
+        "--global-batch-size",
+        "8",
+        "--epochs",
+        "2",
+        "--learning-rate",
+        "2e-3",
+        "--max-seq-len",
+        "32",
+        "--logging-freq",
+        "1",
+        "--eval-steps",
+        "3",
+        "--warmup-ratio",
+        "0.2",
+    ]
     assert main([*flags, "--out", str(tmp_path / "one")]) == 0
     done = torchrun(*flags, "--out", str(tmp_path / "two"))
     assert "global batch 8 = 4 x 1 accumulation x 2 processes" in done.stdout  # the layout, as pretrain prints it
@@ -110,7 +180,10 @@ def test_finetune_two_processes_equal_one_and_gather_every_dev_row_once(tmp_path
     assert ma["steps"] == mb["steps"] == 2 * 5  # 36 rows / 8 per step: 4 full steps and one of 4 rows, per epoch
     assert ma["dev"]["n"] == mb["dev"]["n"] == 15
     assert mb["dev"]["accuracy"] == pytest.approx(ma["dev"]["accuracy"])
-    pa, pb = ([json.loads(x) for x in (tmp_path / d / "dev_predictions.jsonl").read_text().splitlines()] for d in ("one", "two"))
+    pa, pb = (
+        [json.loads(x) for x in (tmp_path / d / "dev_predictions.jsonl").read_text().splitlines()]
+        for d in ("one", "two")
+    )
     assert [p["line"] for p in pb] == list(range(1, 16)) == [p["line"] for p in pa]
     assert [p["predicted"] for p in pa] == [p["predicted"] for p in pb]
     for x, y in zip(pa, pb):

@@ -16,7 +16,9 @@ class Toy(torch.nn.Module):
 
     def forward(self, x, attention_mask):
         loss = self.w(x).pow(2).mean()
-        return loss, {"loss": loss.detach(), "scores": self.w(x).detach()[:, 0]} if not self.training else {"loss": loss.detach()}
+        return loss, {"loss": loss.detach(), "scores": self.w(x).detach()[:, 0]} if not self.training else {
+            "loss": loss.detach()
+        }
 
 
 class Log:
@@ -44,12 +46,19 @@ def test_tokens_per_second_leaves_out_evaluation_and_the_lr_logged_is_the_one_us
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     log, pause = Log(), 0.25
     started = time.perf_counter()
-    train_loop(model=model, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator, batches=batches(),
-               state=TrainState(), options=LoopOptions(max_steps=4, accumulation=2, global_batch_size=8, logging_freq=4,
-                                                       eval_steps=1),
-               logger=log, on_eval=lambda step: time.sleep(pause))
+    train_loop(
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        accelerator=accelerator,
+        batches=batches(),
+        state=TrainState(),
+        options=LoopOptions(max_steps=4, accumulation=2, global_batch_size=8, logging_freq=4, eval_steps=1),
+        logger=log,
+        on_eval=lambda step: time.sleep(pause),
+    )
     wall = time.perf_counter() - started
-    (step, split, values), = log.rows
+    ((step, split, values),) = log.rows
     tokens = 4 * 2 * 4 * 5  # steps x micro batches x rows x tokens
     assert step == 4 and wall > 4 * pause
     assert values["tokens_per_s"] > tokens / (wall - 4 * pause) * 0.5  # counted over training time only

@@ -21,9 +21,31 @@ from tests.test_classify import make_rows, write_jsonl
 from tests.test_train_distributed import assert_same_logs, still_model  # noqa: F401  (a fixture)
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-PRETRAIN = ["--max-seq-len", "48", "--batch-size", "4", "--global-batch-size", "8", "--warmup-ratio", "0.34",
-            "--learning-rate", "2e-3", "--min-lr", "1e-4", "--logging-freq", "1", "--eval-iters", "2", "--test-iters", "2",
-            "--num-workers", "0", "--no-tensorboard", "--precision", "fp32"]
+PRETRAIN = [
+    "--max-seq-len",
+    "48",
+    "--batch-size",
+    "4",
+    "--global-batch-size",
+    "8",
+    "--warmup-ratio",
+    "0.34",
+    "--learning-rate",
+    "2e-3",
+    "--min-lr",
+    "1e-4",
+    "--logging-freq",
+    "1",
+    "--eval-iters",
+    "2",
+    "--test-iters",
+    "2",
+    "--num-workers",
+    "0",
+    "--no-tensorboard",
+    "--precision",
+    "fp32",
+]
 
 
 def free_port() -> int:
@@ -34,8 +56,22 @@ def free_port() -> int:
 
 def node(port: int, *args, cwd=None, join_timeout: int = 60, launcher=("-m", "torch.distributed.run")):
     """One torchrun "node" of two (one process each), started in the background."""
-    cmd = [sys.executable, *launcher, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
-           "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "test", "--rdzv-conf", f"join_timeout={join_timeout}"]
+    cmd = [
+        sys.executable,
+        *launcher,
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "1",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{port}",
+        "--rdzv-id",
+        "test",
+        "--rdzv-conf",
+        f"join_timeout={join_timeout}",
+    ]
     if launcher[-1] != "launch":
         cmd += ["-m", "domainlm.cli"]
     return subprocess.Popen([*cmd, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=cwd)
@@ -67,9 +103,22 @@ def assert_same_weights(a: Path, b: Path) -> None:
 # The runs on two nodes are compared with one process (accumulating the two micro batches), which
 # tests/test_train_distributed.py finds equal to two processes on one node: the same comparison, one launch less.
 
-def test_two_nodes_pretrain_as_two_processes_on_one_node(tmp_path, corpus_dir, still_model):  # noqa: F811
-    flags = ["pretrain", "--corpus", corpus_dir, "--model", still_model, *PRETRAIN, "--max-steps", "4",
-             "--eval-steps", "2", "--checkpoint-steps", "2"]
+
+def test_two_nodes_pretrain_as_two_processes_on_one_node(tmp_path, corpus_dir, still_model):
+    flags = [
+        "pretrain",
+        "--corpus",
+        corpus_dir,
+        "--model",
+        still_model,
+        *PRETRAIN,
+        "--max-steps",
+        "4",
+        "--eval-steps",
+        "2",
+        "--checkpoint-steps",
+        "2",
+    ]
     assert main([*flags, "--out", str(tmp_path / "one-node")]) == 0
     results = two_nodes(*flags, "--out", str(tmp_path / "two-nodes"))
     assert [code for code, _, _ in results] == [0, 0], [err[-3000:] for _, _, err in results]
@@ -82,12 +131,32 @@ def test_two_nodes_pretrain_as_two_processes_on_one_node(tmp_path, corpus_dir, s
     assert sorted(p.name for p in step.glob("random_states_*")) == ["random_states_0.pkl", "random_states_1.pkl"]
 
 
-def test_two_nodes_finetune_as_two_processes_on_one_node(tmp_path, still_model):  # noqa: F811
+def test_two_nodes_finetune_as_two_processes_on_one_node(tmp_path, still_model):
     train = write_jsonl(tmp_path / "train.jsonl", make_rows(8, 1))
     dev = write_jsonl(tmp_path / "dev.jsonl", make_rows(5, 2))
-    flags = ["finetune", "--model", still_model, "--train", train, "--dev", dev, "--batch-size", "4",
-             "--global-batch-size", "8", "--epochs", "1", "--learning-rate", "2e-3", "--max-seq-len", "32",
-             "--logging-freq", "1", "--precision", "fp32"]
+    flags = [
+        "finetune",
+        "--model",
+        still_model,
+        "--train",
+        train,
+        "--dev",
+        dev,
+        "--batch-size",
+        "4",
+        "--global-batch-size",
+        "8",
+        "--epochs",
+        "1",
+        "--learning-rate",
+        "2e-3",
+        "--max-seq-len",
+        "32",
+        "--logging-freq",
+        "1",
+        "--precision",
+        "fp32",
+    ]
     assert main([*flags, "--out", str(tmp_path / "one-node")]) == 0
     results = two_nodes(*flags, "--out", str(tmp_path / "two-nodes"))
     assert [code for code, _, _ in results] == [0, 0], [err[-3000:] for _, _, err in results]
@@ -97,22 +166,46 @@ def test_two_nodes_finetune_as_two_processes_on_one_node(tmp_path, still_model):
 
 def test_a_node_that_never_joins_ends_in_one_line(tmp_path):
     started = time.monotonic()
-    p = node(free_port(), "pretrain", "--corpus", "c", "--model", "m", "--out", str(tmp_path / "run"), join_timeout=2,
-             launcher=("-m", "domainlm.cli", "launch"))
+    p = node(
+        free_port(),
+        "pretrain",
+        "--corpus",
+        "c",
+        "--model",
+        "m",
+        "--out",
+        str(tmp_path / "run"),
+        join_timeout=2,
+        launcher=("-m", "domainlm.cli", "launch"),
+    )
     _, err = p.communicate(timeout=120)
     assert p.returncode == 2 and time.monotonic() - started < 60
     line = one_line(err)
-    assert line.startswith("error: the rendezvous at 127.0.0.1:") and "did not gather --nnodes 2 within the join " \
-        "timeout of 2 s: start the same command on every node" in line
+    assert (
+        line.startswith("error: the rendezvous at 127.0.0.1:")
+        and "did not gather --nnodes 2 within the join timeout of 2 s: start the same command on every node" in line
+    )
     assert not (tmp_path / "run").exists()
 
 
-def test_an_out_the_nodes_do_not_share_is_refused_in_one_line(tmp_path, corpus_dir, still_model):  # noqa: F811
+def test_an_out_the_nodes_do_not_share_is_refused_in_one_line(tmp_path, corpus_dir, still_model):
     """Each "node" runs in a folder of its own and names --out relatively: as two machines with local disks."""
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
-    results = two_nodes("pretrain", "--corpus", corpus_dir, "--model", still_model, *PRETRAIN, "--max-steps", "2",
-                        "--out", "run", cwd=(tmp_path / "a", tmp_path / "b"), launcher=("-m", "domainlm.cli", "launch"))
+    results = two_nodes(
+        "pretrain",
+        "--corpus",
+        corpus_dir,
+        "--model",
+        still_model,
+        *PRETRAIN,
+        "--max-steps",
+        "2",
+        "--out",
+        "run",
+        cwd=(tmp_path / "a", tmp_path / "b"),
+        launcher=("-m", "domainlm.cli", "launch"),
+    )
     assert [code for code, _, _ in results] == [2, 2]
     for _, _, err in results:
         lines = [x for x in err.splitlines() if x.startswith("error:")]
@@ -136,16 +229,46 @@ def _workers(launcher: psutil.Process) -> dict[int, psutil.Process]:
     return found
 
 
-def test_a_killed_worker_is_restarted_and_the_run_ends_as_an_uninterrupted_one(tmp_path, corpus_dir, still_model):  # noqa: F811
+def test_a_killed_worker_is_restarted_and_the_run_ends_as_an_uninterrupted_one(tmp_path, corpus_dir, still_model):
     """--max-restarts 1: kill -9 of rank 1 once a checkpoint exists; torch's agent stops the group and starts it again,
     `--resume auto` continues from the newest complete checkpoint, and the final weights are those of a run that was
     never interrupted (same checkpoint steps)."""
-    flags = ["pretrain", "--corpus", corpus_dir, "--model", still_model, *PRETRAIN, "--max-steps", "12",
-             "--eval-steps", "0", "--checkpoint-steps", "3", "--keep-last", "0"]
+    flags = [
+        "pretrain",
+        "--corpus",
+        corpus_dir,
+        "--model",
+        still_model,
+        *PRETRAIN,
+        "--max-steps",
+        "12",
+        "--eval-steps",
+        "0",
+        "--checkpoint-steps",
+        "3",
+        "--keep-last",
+        "0",
+    ]
     assert main([*flags, "--out", str(tmp_path / "uninterrupted")]) == 0
     out = tmp_path / "elastic"
-    cmd = [sys.executable, "-m", "domainlm.cli", "launch", "--standalone", "--nproc-per-node", "2", "--max-restarts", "1",
-           "--monitor-interval", "0.1", *flags, "--out", str(out), "--resume", "auto"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "domainlm.cli",
+        "launch",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "--max-restarts",
+        "1",
+        "--monitor-interval",
+        "0.1",
+        *flags,
+        "--out",
+        str(out),
+        "--resume",
+        "auto",
+    ]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     launcher = psutil.Process(p.pid)
     killed = None

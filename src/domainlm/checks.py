@@ -27,8 +27,10 @@ def max_seq_len(config, value: int, model: str, cap: bool = False) -> int:
 
         print(f"--max-seq-len {value} is more than {model} takes ({limit} positions); using {limit}", file=sys.stderr)
         return limit
-    raise DomainLMError(f"--max-seq-len {value} exceeds what the model {Path(model).name} can take ({limit} positions); "
-                        f"use --max-seq-len {limit} or less")
+    raise DomainLMError(
+        f"--max-seq-len {value} exceeds what the model {Path(model).name} can take ({limit} positions); "
+        f"use --max-seq-len {limit} or less"
+    )
 
 
 def accumulation(global_batch: int | None, batch_size: int, processes: int = 1) -> int:
@@ -58,9 +60,11 @@ def tokenizer_fits(tokenizer, config, model: str) -> None:
     vocab.txt loads as the 5 special tokens): every text would become [UNK]."""
     size = getattr(config, "vocab_size", None)
     if size and 2 * len(tokenizer) < size:
-        raise DomainLMError(f"--model {model}: its tokenizer has {len(tokenizer)} entries for a model of {size} "
-                            "embeddings, so it is not the model's tokenizer; put the model's vocab.txt (or tokenizer "
-                            "files) into the folder")
+        raise DomainLMError(
+            f"--model {model}: its tokenizer has {len(tokenizer)} entries for a model of {size} "
+            "embeddings, so it is not the model's tokenizer; put the model's vocab.txt (or tokenizer "
+            "files) into the folder"
+        )
 
 
 def label_map(labels: list[str], model, path: str) -> None:

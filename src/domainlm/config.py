@@ -40,8 +40,15 @@ def option(
 ) -> Any:
     """A config field with help text and an optional [low, high] range (low exclusive if low_open, high if
     high_open). `inf`: what an infinite value means, where one is allowed (e.g. "no clipping")."""
-    meta = {"help": help, "low": low, "high": high, "low_open": low_open, "high_open": high_open, "inf": inf,
-            "positional": positional}
+    meta = {
+        "help": help,
+        "low": low,
+        "high": high,
+        "low_open": low_open,
+        "high_open": high_open,
+        "inf": inf,
+        "positional": positional,
+    }
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda d=default: list(d), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -191,11 +198,11 @@ def _from_yaml_boolean(value: bool, tp: Any, where: str) -> str:
             return meant[0]
         raise DomainLMError(
             f"{where}: YAML reads an unquoted {'/'.join(words)} as the boolean {str(value).lower()}, which is not one "
-            f"of {', '.join(choices)}; write the choice in quotes, e.g. \"{choices[0]}\""
+            f'of {", ".join(choices)}; write the choice in quotes, e.g. "{choices[0]}"'
         )
     raise DomainLMError(
         f"{where}: YAML reads an unquoted {'/'.join(words)} as the boolean {str(value).lower()}, not as text; "
-        f"write the text in quotes, e.g. \"{words[0]}\""
+        f'write the text in quotes, e.g. "{words[0]}"'
     )
 
 
@@ -255,8 +262,13 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, config_flag: bool 
     hints = typing.get_type_hints(cls)
     choice_aliases = value_aliases(cls)
     for old, new in aliases(cls).items():  # renamed options: the old flag still works (with a notice), unlisted
-        parser.add_argument(_flag(old), dest=old, default=argparse.SUPPRESS, help=argparse.SUPPRESS,
-                            **_flag_kind(hints[new], choice_aliases.get(new)))
+        parser.add_argument(
+            _flag(old),
+            dest=old,
+            default=argparse.SUPPRESS,
+            help=argparse.SUPPRESS,
+            **_flag_kind(hints[new], choice_aliases.get(new)),
+        )
     for f in dataclasses.fields(cls):
         tp, _ = _unwrap_optional(hints[f.name])
         if tp is dict or (get_origin(tp) is list and get_args(tp) == (dict,)) or _nested(tp):
@@ -271,8 +283,12 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, config_flag: bool 
         if f.metadata.get("positional"):
             parser.add_argument(f.name, nargs="*", default=argparse.SUPPRESS, help=f.metadata.get("help"))
         else:
-            parser.add_argument(_flag(f.name), default=argparse.SUPPRESS, help=help_text,
-                                **_flag_kind(hints[f.name], choice_aliases.get(f.name)))
+            parser.add_argument(
+                _flag(f.name),
+                default=argparse.SUPPRESS,
+                help=help_text,
+                **_flag_kind(hints[f.name], choice_aliases.get(f.name)),
+            )
 
 
 class _OneOrMore(argparse.Action):
@@ -280,8 +296,11 @@ class _OneOrMore(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         current = getattr(namespace, self.dest, None)
-        setattr(namespace, self.dest, values if current is None else
-                (current if isinstance(current, list) else [current]) + [values])
+        setattr(
+            namespace,
+            self.dest,
+            values if current is None else (current if isinstance(current, list) else [current]) + [values],
+        )
 
 
 def _flag_kind(hint: Any, renamed_choices: dict[str, str] | None) -> dict[str, Any]:
@@ -303,8 +322,7 @@ def _nested(tp: Any) -> bool:
     return dataclasses.is_dataclass(inner)
 
 
-def load(cls: type[C], yaml_path: str | None = None, overrides: dict[str, Any] | None = None,
-         where: str = "") -> C:
+def load(cls: type[C], yaml_path: str | None = None, overrides: dict[str, Any] | None = None, where: str = "") -> C:
     """Build a validated config: defaults, then the YAML file, then explicit overrides. `where` prefixes the
     names in messages about a nested section (e.g. "models[0].pretrain: ")."""
     hints = typing.get_type_hints(cls)

@@ -36,11 +36,14 @@ class DemoConfig:
     out: str = option("runs/demo", "output folder")
     layers: int = option(2, "encoder layers of the base model", low=1, high=24)
     hidden: int = option(128, "hidden size of the base model (64 per attention head)", low=64, high=1024)
-    dropout: float = option(0.0, "dropout of the base model's config (attention and hidden), inherited downstream",
-                            low=0, high=0.5)
+    dropout: float = option(
+        0.0, "dropout of the base model's config (attention and hidden), inherited downstream", low=0, high=0.5
+    )
     base_steps: int = option(800, "pretraining steps of the base model on the general corpus", low=1)
     domain_steps: int = option(400, "continued pretraining steps on the reviews (MLM only)", low=2)
-    snapshots: int = option(2, "snapshots of the continued pretraining, evenly spaced, each fine-tuned in the sweep", low=1)
+    snapshots: int = option(
+        2, "snapshots of the continued pretraining, evenly spaced, each fine-tuned in the sweep", low=1
+    )
     base_lr: float = option(2e-3, "peak learning rate of the base model's pretraining", low=0, high=1, low_open=True)
     domain_lr: float = option(1e-3, "peak learning rate of the continued pretraining", low=0, high=1, low_open=True)
     warmup_ratio: float = option(0.2, "share of pretraining steps spent warming up", low=0, high=1)
@@ -152,16 +155,23 @@ def sentiment_task(reviews: Path, folder: Path, train_rows: int, test_rows: int,
 
     The test rows are drawn first, so that the test set (and the domain corpus, which excludes it) stays the same
     whatever the number of training rows."""
-    rows = list({_key(r["text"]): r for r in map(json.loads, reviews.read_text(encoding="utf-8").splitlines())}.values())
+    rows = list(
+        {_key(r["text"]): r for r in map(json.loads, reviews.read_text(encoding="utf-8").splitlines())}.values()
+    )
     random.Random(seed).shuffle(rows)
     by_label = {label: [r for r in rows if r["label"] == label] for label in ("pos", "neg")}
     fewest = min(len(v) for v in by_label.values())
     if (train_rows + test_rows) // 2 > fewest:
-        raise DomainLMError(f"--train-rows {train_rows} and --test-rows {test_rows} need {(train_rows + test_rows) // 2} "
-                            f"distinct reviews of each label; there are {fewest}")
+        raise DomainLMError(
+            f"--train-rows {train_rows} and --test-rows {test_rows} need {(train_rows + test_rows) // 2} "
+            f"distinct reviews of each label; there are {fewest}"
+        )
     half_test = test_rows // 2
     test = by_label["pos"][:half_test] + by_label["neg"][:half_test]
-    train = by_label["pos"][half_test : half_test + train_rows // 2] + by_label["neg"][half_test : half_test + train_rows // 2]
+    train = (
+        by_label["pos"][half_test : half_test + train_rows // 2]
+        + by_label["neg"][half_test : half_test + train_rows // 2]
+    )
     paths = []
     for name, part in (("train", train), ("test", test)):
         random.Random(seed).shuffle(part)
@@ -189,8 +199,9 @@ def domain_corpus(reviews: Path, test: Path, out: Path) -> dict:
     return {"kept": len(kept), "dropped": dropped, "test_texts": len(held_out)}
 
 
-def tiny_config(folder: Path, vocab_size: int, layers: int = 2, hidden: int = 128, dropout: float = 0.0,
-                max_len: int = 128) -> Path:
+def tiny_config(
+    folder: Path, vocab_size: int, layers: int = 2, hidden: int = 128, dropout: float = 0.0, max_len: int = 128
+) -> Path:
     """A small BERT config (2 layers, 128 wide by default): trains on a 2-core CPU in minutes.
 
     No dropout by default: a model trained for minutes underfits, so dropout only slows its learning, and dropout
@@ -198,9 +209,16 @@ def tiny_config(folder: Path, vocab_size: int, layers: int = 2, hidden: int = 12
     on 2 CPU cores; fine-tuned accuracy unchanged within the spread of seeds)."""
     from transformers import BertConfig
 
-    BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=hidden // 64,
-               intermediate_size=4 * hidden, max_position_embeddings=max_len, hidden_dropout_prob=dropout,
-               attention_probs_dropout_prob=dropout).save_pretrained(folder)
+    BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        intermediate_size=4 * hidden,
+        max_position_embeddings=max_len,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    ).save_pretrained(folder)
     return folder
 
 
@@ -213,8 +231,10 @@ def refuse_other_base_model(config_dir: Path, base_run: Path, wanted: dict) -> N
     had = json.loads(old.read_text(encoding="utf-8"))
     changed = ", ".join(f"{k} {had.get(k)} -> {v}" for k, v in wanted.items() if had.get(k) != v)
     if changed:
-        raise DomainLMError(f"{base_run} holds the pretraining of another base model ({changed}); delete it and "
-                            f"{base_run.parent / 'domain-pretrain'} to pretrain anew, or choose another --out")
+        raise DomainLMError(
+            f"{base_run} holds the pretraining of another base model ({changed}); delete it and "
+            f"{base_run.parent / 'domain-pretrain'} to pretrain anew, or choose another --out"
+        )
 
 
 def _stage(n: int, text: str) -> None:
@@ -229,18 +249,45 @@ def prepare_corpora(cfg: DemoConfig, out: Path) -> tuple[Path, Path, Path]:
     from domainlm.data.prepare import PrepareConfig, format_stats, prepare
 
     data = write_sample_data(out / "data", cfg.seed)
-    _stage(1, "sentiment task (a labelled training set, a disjoint test set) and the domain corpus without the test rows")
+    _stage(
+        1, "sentiment task (a labelled training set, a disjoint test set) and the domain corpus without the test rows"
+    )
     train, test = sentiment_task(data["reviews"], out / "data", cfg.train_rows, cfg.test_rows, cfg.seed)
     domain = domain_corpus(data["reviews"], test, out / "data" / "domain.jsonl")
-    print(f"sentiment: {cfg.train_rows} training rows, {cfg.test_rows} test rows; domain corpus: {domain['kept']} reviews, "
-          f"{domain['dropped']} removed because their text is in the test set", file=sys.stderr)
+    print(
+        f"sentiment: {cfg.train_rows} training rows, {cfg.test_rows} test rows; "
+        f"domain corpus: {domain['kept']} reviews, "
+        f"{domain['dropped']} removed because their text is in the test set",
+        file=sys.stderr,
+    )
 
     _stage(2, "prepare the general corpus (People's Daily 1998-01) and the domain corpus (reviews)")
     for name, source in (("news", data["news"]), ("reviews", out / "data" / "domain.jsonl")):
-        stats = prepare(PrepareConfig(input=[str(source)], out=str(out / f"corpus-{name}"), tokenizer=str(data["tokenizer"]),
-                                      segment=True, overwrite=True))  # the demo's own folder: rebuilt when its input changed
-        print(f"{name}: " + format_stats({k: stats[k] for k in ("documents", "sentences", "tokens", "tokens_per_sentence",
-                                                              "duplicates_exact", "single_sentence_documents")}).replace("\n", "; "))
+        stats = prepare(
+            PrepareConfig(
+                input=[str(source)],
+                out=str(out / f"corpus-{name}"),
+                tokenizer=str(data["tokenizer"]),
+                segment=True,
+                overwrite=True,
+            )
+        )  # the demo's own folder: rebuilt when its input changed
+        print(
+            f"{name}: "
+            + format_stats(
+                {
+                    k: stats[k]
+                    for k in (
+                        "documents",
+                        "sentences",
+                        "tokens",
+                        "tokens_per_sentence",
+                        "duplicates_exact",
+                        "single_sentence_documents",
+                    )
+                }
+            ).replace("\n", "; ")
+        )
     return train, test, data["tokenizer"]
 
 
@@ -253,29 +300,57 @@ def pretrain_models(cfg: DemoConfig, corpora: Path, tokenizer: Path, out: Path) 
     from domainlm.pretrain.command import pretrain
     from domainlm.pretrain.config import PretrainConfig
 
-    def run_pretrain(corpus: Path, model: str, run: Path, steps: int, scratch: bool, save_steps: int, sop: bool) -> None:
+    def run_pretrain(
+        corpus: Path, model: str, run: Path, steps: int, scratch: bool, save_steps: int, sop: bool
+    ) -> None:
         resume = "auto" if (run / "checkpoints").is_dir() else None
         lr = cfg.base_lr if scratch else cfg.domain_lr
         # beta2 0.98 and a long warmup: a post-LN encoder trained from scratch at these rates diverges without them
-        pretrain(PretrainConfig(corpus=str(corpus), out=str(run), model=model, from_scratch=scratch, max_seq_len=128,
-                                binary_head=sop, batch_size=32, max_steps=steps, learning_rate=lr, min_lr=lr / 10,
-                                warmup_ratio=cfg.warmup_ratio, adam_beta2=0.98, max_ngrams=cfg.max_ngrams, logging_freq=25,
-                                eval_steps=max(1, steps // 4), checkpoint_steps=max(1, steps // 4), save_steps=save_steps,
-                                seed=cfg.seed, resume=resume))
+        pretrain(
+            PretrainConfig(
+                corpus=str(corpus),
+                out=str(run),
+                model=model,
+                from_scratch=scratch,
+                max_seq_len=128,
+                binary_head=sop,
+                batch_size=32,
+                max_steps=steps,
+                learning_rate=lr,
+                min_lr=lr / 10,
+                warmup_ratio=cfg.warmup_ratio,
+                adam_beta2=0.98,
+                max_ngrams=cfg.max_ngrams,
+                logging_freq=25,
+                eval_steps=max(1, steps // 4),
+                checkpoint_steps=max(1, steps // 4),
+                save_steps=save_steps,
+                seed=cfg.seed,
+                resume=resume,
+            )
+        )
 
     _stage(3, "pretrain the 'released' base model from scratch on the general corpus")
     base_run = out / "base-model"
     vocab = len(AutoTokenizer.from_pretrained(str(tokenizer)))
-    refuse_other_base_model(out / "tiny-config", base_run, {"vocab_size": vocab, "num_hidden_layers": cfg.layers,
-                                                            "hidden_size": cfg.hidden})
+    refuse_other_base_model(
+        out / "tiny-config", base_run, {"vocab_size": vocab, "num_hidden_layers": cfg.layers, "hidden_size": cfg.hidden}
+    )
     config = tiny_config(out / "tiny-config", vocab, cfg.layers, cfg.hidden, cfg.dropout)
     run_pretrain(corpora / "corpus-news", str(config), base_run, cfg.base_steps, True, 0, True)
 
     _stage(4, "continue pretraining the base model on the reviews (test rows excluded), with snapshots")
     domain_run = out / "domain-pretrain"
     # most reviews are one sentence: sentence-order prediction would leave them out, so MLM only
-    run_pretrain(corpora / "corpus-reviews", str(base_run / "final"), domain_run, cfg.domain_steps, False,
-                 cfg.domain_steps // cfg.snapshots, False)
+    run_pretrain(
+        corpora / "corpus-reviews",
+        str(base_run / "final"),
+        domain_run,
+        cfg.domain_steps,
+        False,
+        cfg.domain_steps // cfg.snapshots,
+        False,
+    )
     return base_run, domain_run
 
 
@@ -284,8 +359,13 @@ def demo(cfg: DemoConfig) -> dict:
 
     # a rerun reuses its own stages; the user's files under the demo's names are refused (a demo from before the
     # manifest is known by its domain corpus)
-    with outputs.run_folder(cfg.out, "demo", patterns=outputs.DEMO_OUTPUTS, resume=True,
-                            legacy=lambda o: (o / "data" / "domain.jsonl").is_file()) as run:
+    with outputs.run_folder(
+        cfg.out,
+        "demo",
+        patterns=outputs.DEMO_OUTPUTS,
+        resume=True,
+        legacy=lambda o: (o / "data" / "domain.jsonl").is_file(),
+    ) as run:
         run.begin()
         out = run.root()
         for stage in ("data", "tiny-config", "corpus-news", "corpus-reviews", "base-model", "domain-pretrain", "sweep"):
@@ -294,13 +374,33 @@ def demo(cfg: DemoConfig) -> dict:
         base_run, domain_run = pretrain_models(cfg, out, tokenizer, out)
 
         _stage(5, f"sweep: base model and every snapshot, fine-tuned alike, {len(cfg.seeds)} seeds each")
-        result = sweep(SweepConfig(
-            out=str(out / "sweep"), seeds=list(cfg.seeds), metrics=["accuracy", "f1_macro"],
-            models=[{"name": f"tiny-{cfg.layers}x{cfg.hidden}", "base": str(base_run / "final"), "snapshots": str(domain_run)}],
-            finetune={"train": str(train), "test": str(test), "epochs": cfg.epochs, "learning_rate": cfg.learning_rate,
-                      "batch_size": 32, "max_seq_len": 128, "early_stopping_patience": 3},
-        ))
-        print(f"\nno test row was seen in pretraining: the domain corpus ({out / 'data' / 'domain.jsonl'}) leaves out every "
-              "review whose text is in the test set")
+        result = sweep(
+            SweepConfig(
+                out=str(out / "sweep"),
+                seeds=list(cfg.seeds),
+                metrics=["accuracy", "f1_macro"],
+                models=[
+                    {
+                        "name": f"tiny-{cfg.layers}x{cfg.hidden}",
+                        "base": str(base_run / "final"),
+                        "snapshots": str(domain_run),
+                    }
+                ],
+                finetune={
+                    "train": str(train),
+                    "test": str(test),
+                    "epochs": cfg.epochs,
+                    "learning_rate": cfg.learning_rate,
+                    "batch_size": 32,
+                    "max_seq_len": 128,
+                    "early_stopping_patience": 3,
+                },
+            )
+        )
+        print(
+            "\nno test row was seen in pretraining: "
+            f"the domain corpus ({out / 'data' / 'domain.jsonl'}) leaves out every "
+            "review whose text is in the test set"
+        )
         print(f"table: {out / 'sweep' / 'table.md'}\nreport: {out / 'sweep' / 'report.html'}")
         return result

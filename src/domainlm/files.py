@@ -22,13 +22,28 @@ from domainlm.errors import DomainLMError
 
 # what the libraries that write our files say when the disk, not the data, is the problem (torch's serializer says
 # "file write failed", "iostream error" or "unexpected pos" of its zip writer; safetensors "IoError")
-_IO_WORDS = ("no space left", "os error 28", "disk quota", "file write failed", "read-only file system",
-             "permission denied", "operation not permitted", "input/output error", "ioerror", "iostream error",
-             "unexpected pos")
+_IO_WORDS = (
+    "no space left",
+    "os error 28",
+    "disk quota",
+    "file write failed",
+    "read-only file system",
+    "permission denied",
+    "operation not permitted",
+    "input/output error",
+    "ioerror",
+    "iostream error",
+    "unexpected pos",
+)
 _FULL_WORDS = ("no space left", "os error 28", "file write failed", "iostream error", "unexpected pos")
-_ERRNO_WORDS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
-                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-                errno.EPERM: "the folder cannot be changed (read-only or immutable)", errno.EIO: "an input/output error"}
+_ERRNO_WORDS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "the folder cannot be changed (read-only or immutable)",
+    errno.EIO: "an input/output error",
+}
 
 
 def free_mb(path: str | Path) -> float | None:
@@ -114,6 +129,7 @@ def write_if_changed(path: str | Path, text: str, flag: str | None = None) -> Pa
 
 # ---- reading inputs ----------------------------------------------------------------------------------------------
 
+
 def input_file(path: str | Path, flag: str | None = None) -> Path:
     """An input that must be a regular file: one line naming it (and the flag) when it is missing, a folder or
     something else (a device, a pipe), so that nothing that exists reads as "does not exist"."""
@@ -144,7 +160,9 @@ def decode_text(raw: bytes, where: str) -> str:
         return raw.decode("gb18030")
     except UnicodeDecodeError:
         line = raw[: first.start].count(b"\n") + 1
-        raise DomainLMError(f"{where}:{line}: not text (neither UTF-8 nor GB18030); give a text file in UTF-8") from None
+        raise DomainLMError(
+            f"{where}:{line}: not text (neither UTF-8 nor GB18030); give a text file in UTF-8"
+        ) from None
 
 
 def yaml_text(values: dict) -> str:

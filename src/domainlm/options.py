@@ -21,15 +21,19 @@ from typing import ClassVar, Literal
 from domainlm.config import option
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-PRECISION_HELP = ("numeric precision: fp32, or bf16 / fp16 autocast (auto: bf16 on a GPU that has it and on a CPU "
-                  "with native bf16 (AVX512_BF16 or AMX), else fp32)")
+PRECISION_HELP = (
+    "numeric precision: fp32, or bf16 / fp16 autocast (auto: bf16 on a GPU that has it and on a CPU "
+    "with native bf16 (AVX512_BF16 or AMX), else fp32)"
+)
 
 
 @dataclass(kw_only=True)
 class RunOptions:
     out: str = option(help="output folder")
-    overwrite: bool = option(False, "replace an earlier run of this command in --out (only its own files are "
-                                    "removed, as its manifest lists them)")
+    overwrite: bool = option(
+        False,
+        "replace an earlier run of this command in --out (only its own files are removed, as its manifest lists them)",
+    )
 
 
 @dataclass(kw_only=True)
@@ -42,10 +46,13 @@ class PrecisionOption:
 class InferencePrecision:
     """A classifier's precision where it is loaded to answer (evaluate, predict, serve): an export's fp32 or int8
     model, or a PyTorch model's autocast, by the same rule as training."""
+
     VALUE_ALIASES: ClassVar[dict] = {"precision": {"no": "fp32"}}
     precision: Literal["auto", "fp32", "int8", "bf16", "fp16"] = option(
-        "auto", "export folders: which model (auto: int8 if exported); PyTorch: bf16/fp16 autocast (auto: bf16 where "
-                "the GPU or CPU has it natively, AVX512_BF16 or AMX; fp16 on a GPU only)")
+        "auto",
+        "export folders: which model (auto: int8 if exported); PyTorch: bf16/fp16 autocast (auto: bf16 where "
+        "the GPU or CPU has it natively, AVX512_BF16 or AMX; fp16 on a GPU only)",
+    )
 
 
 @dataclass(kw_only=True)
@@ -63,14 +70,16 @@ class LabelColumns:
 @dataclass(kw_only=True)
 class OptimizerOptions:
     """AdamW within the ranges torch accepts (betas in [0, 1), epsilon > 0), and the warmup-then-decay schedule."""
+
     ALIASES: ClassVar[dict] = {"max_lr": "learning_rate", "warmup_rate": "warmup_ratio"}
     learning_rate: float = option(3e-5, "peak learning rate", low=0, high=1, low_open=True)
     weight_decay: float = option(0.01, "AdamW weight decay (not on biases and norms)", low=0, high=1)
     adam_beta1: float = option(0.9, "AdamW beta1", low=0, high=1, high_open=True)
     adam_beta2: float = option(0.999, "AdamW beta2", low=0, high=1, high_open=True)
     adam_epsilon: float = option(1e-8, "AdamW epsilon", low=0, high=1, low_open=True)
-    max_grad_norm: float = option(1.0, "gradient clipping norm (inf: no clipping)", low=0, low_open=True,
-                                  inf="no clipping")
+    max_grad_norm: float = option(
+        1.0, "gradient clipping norm (inf: no clipping)", low=0, low_open=True, inf="no clipping"
+    )
     warmup_ratio: float = option(0.1, "share of optimizer steps spent warming up", low=0, high=1)
     lr_decay: Literal["linear", "cosine"] = option("linear", "decay after warmup")
 

@@ -85,8 +85,10 @@ def claim(out: str | Path, flag: str = "--out") -> None:
             if not (holder.isdigit() and not _alive(int(holder)) and (time.sleep(0.2) or _try_lock(fd))):
                 os.close(fd)
                 if holder.isdigit() and not _alive(int(holder)):
-                    raise DomainLMError(f"{flag} {out} is still locked, though the run that took it (PID {holder}) has "
-                                        "ended; try again in a few seconds") from None
+                    raise DomainLMError(
+                        f"{flag} {out} is still locked, though the run that took it (PID {holder}) has "
+                        "ended; try again in a few seconds"
+                    ) from None
                 raise DomainLMError(
                     f"{flag} {out} is in use by another domainlm run ({f'PID {holder}' if holder else 'starting'}); "
                     f"wait for it to finish or choose another {flag}"
@@ -134,6 +136,7 @@ def release_all() -> None:
 
 # ---- paths ----------------------------------------------------------------------------------------------
 
+
 def folder(out: str | Path, flag: str = "--out") -> Path:
     """`out` as a folder path: an existing file there is an error naming it."""
     path = Path(out)
@@ -173,7 +176,9 @@ def writable(out: str | Path, flag: str = "--out") -> None:
             with open(where / f".domainlm-write-test-{os.getpid()}", "wb") as probe:
                 os.unlink(probe.name)
         except OSError as e:
-            raise DomainLMError(f"{flag} {out}: cannot write in {where} ({e.strerror}); choose a writable folder") from None
+            raise DomainLMError(
+                f"{flag} {out}: cannot write in {where} ({e.strerror}); choose a writable folder"
+            ) from None
 
 
 def protect(out: str | Path, inputs=(), flag: str = "--out") -> None:
@@ -181,14 +186,17 @@ def protect(out: str | Path, inputs=(), flag: str = "--out") -> None:
     one (or the folder above them)."""
     out = Path(out)
     if inside(Path.cwd(), out):
-        raise DomainLMError(f"{flag} {out} is (or holds) the working folder, which would be replaced: "
-                            f"choose a new folder, e.g. {flag} {out / 'out'}")
+        raise DomainLMError(
+            f"{flag} {out} is (or holds) the working folder, which would be replaced: "
+            f"choose a new folder, e.g. {flag} {out / 'out'}"
+        )
     for item in inputs:
         if item and inside(item, out):
             raise DomainLMError(f"{flag} {out} holds the input {item}, which would be replaced: choose another {flag}")
 
 
 # ---- stage, then swap into place ------------------------------------------------------------------------
+
 
 def swap(partial: Path, target: Path) -> None:
     """Rename the finished `partial` to `target`; an old `target` is moved aside first and removed only once
@@ -228,6 +236,7 @@ def stage(target: str | Path):
 
 # ---- the manifest: what a command wrote into its --out -----------------------------------------------------
 
+
 def read_manifest(out: Path) -> dict | None:
     try:
         value = json.loads((Path(out) / MANIFEST).read_text(encoding="utf-8"))
@@ -242,8 +251,13 @@ def read_manifest(out: Path) -> dict | None:
 
 def _plain_name(name) -> bool:
     """An entry of a manifest is a name directly in its folder: never a path that leads elsewhere."""
-    return isinstance(name, str) and name not in ("", ".", "..", MANIFEST, PREVIOUS) and "/" not in name \
-        and "\\" not in name and "\0" not in name
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..", MANIFEST, PREVIOUS)
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+    )
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
@@ -256,6 +270,7 @@ def _write_manifest(folder: Path, command: str, complete: bool, entries: Iterabl
 
 # ---- the run folder --------------------------------------------------------------------------------------------
 
+
 def _relative(relative: str | Path, flag: str) -> Path:
     relative = Path(relative)
     if relative.is_absolute() or not relative.parts or ".." in relative.parts or not _plain_name(relative.parts[0]):
@@ -266,6 +281,7 @@ def _relative(relative: str | Path, flag: str) -> Path:
 class Writer:
     """Writing into a folder: every file atomically, every folder a library writes staged and swapped into place,
     an I/O failure as one line. Subclasses say where a relative path lands (record)."""
+
     flag = "--out"
     main = True
 
@@ -369,9 +385,21 @@ class RunFolder(Writer):
     writes here; on the others every method is a no-op that still returns the paths.
     """
 
-    def __init__(self, out: Path, command: str, *, patterns: tuple[str, ...], replace: bool, overwrite: bool | None,
-                 resume: bool, keep: tuple[str, ...], flag: str, main: bool, owned: tuple[str, ...] = (),
-                 inputs: Iterable[str] = ()):
+    def __init__(
+        self,
+        out: Path,
+        command: str,
+        *,
+        patterns: tuple[str, ...],
+        replace: bool,
+        overwrite: bool | None,
+        resume: bool,
+        keep: tuple[str, ...],
+        flag: str,
+        main: bool,
+        owned: tuple[str, ...] = (),
+        inputs: Iterable[str] = (),
+    ):
         self.out, self.command, self.patterns, self.replace = out, command, patterns, replace
         self.overwrite, self.resume, self.keep, self.flag, self.main = overwrite, resume, keep, flag, main
         self.owned, self.inputs = owned, list(inputs)
@@ -389,7 +417,8 @@ class RunFolder(Writer):
         raise DomainLMError(
             f"{self.flag} {self.out} holds an earlier {self.earlier} `domainlm {self.command}` run"
             f"{f' ({what})' if what else ''}; pass --overwrite to replace it{resume} (only its own files are "
-            f"removed), or choose another {self.flag}")
+            f"removed), or choose another {self.flag}"
+        )
 
     def begin(self, cfg=None) -> RunFolder:
         """Every check has passed: from here on this run owns --out."""
@@ -458,8 +487,9 @@ class RunFolder(Writer):
             return
         with files.writing(self.out, self.flag):
             found = {p.name for p in self.path.iterdir()} - {MANIFEST, PREVIOUS} if self.path.is_dir() else set()
-            self._entries = found if self.replace else \
-                (self._entries & found) | {n for n in found if _matches(n, self.patterns)}
+            self._entries = (
+                found if self.replace else (self._entries & found) | {n for n in found if _matches(n, self.patterns)}
+            )
             _write_manifest(self.path, self.command, True, self._entries)
             if self.replace:
                 swap(self.path, self.out)  # the old folder is removed only once the new one is in place
@@ -505,10 +535,21 @@ def restore_previous(out: Path) -> bool:
 
 
 @contextlib.contextmanager
-def run_folder(out: str | Path, command: str, *, patterns: tuple[str, ...] = ("*",), overwrite: bool | None = None,
-               resume: bool = False, replace: bool = False, inputs: dict[str, str | None] | None = None,
-               models: dict[str, str | None] | None = None, keep: tuple[str, ...] = (), owned: tuple[str, ...] = (),
-               legacy: Callable[[Path], bool] | None = None, flag: str = "--out"):
+def run_folder(
+    out: str | Path,
+    command: str,
+    *,
+    patterns: tuple[str, ...] = ("*",),
+    overwrite: bool | None = None,
+    resume: bool = False,
+    replace: bool = False,
+    inputs: dict[str, str | None] | None = None,
+    models: dict[str, str | None] | None = None,
+    keep: tuple[str, ...] = (),
+    owned: tuple[str, ...] = (),
+    legacy: Callable[[Path], bool] | None = None,
+    flag: str = "--out",
+):
     """Enter `command`'s output folder `out` (see RunFolder); yields the RunFolder.
 
     patterns   the names the command writes directly in `out`: a file of the user's under one of them is refused
@@ -525,8 +566,19 @@ def run_folder(out: str | Path, command: str, *, patterns: tuple[str, ...] = ("*
     out = folder(out, flag)
     main = int(os.environ.get("RANK", "0")) == 0
     inputs = {**(inputs or {}), **(models or {})}
-    run = RunFolder(out, command, patterns=patterns, replace=replace, overwrite=overwrite, resume=resume, keep=keep,
-                    flag=flag, main=main, owned=owned, inputs=[p for p in inputs.values() if p])
+    run = RunFolder(
+        out,
+        command,
+        patterns=patterns,
+        replace=replace,
+        overwrite=overwrite,
+        resume=resume,
+        keep=keep,
+        flag=flag,
+        main=main,
+        owned=owned,
+        inputs=[p for p in inputs.values() if p],
+    )
     if main:
         _check_inputs(out, inputs, models or {}, replace, flag)
         writable(out, flag)
@@ -534,8 +586,10 @@ def run_folder(out: str | Path, command: str, *, patterns: tuple[str, ...] = ("*
     try:
         if main:
             if restore_previous(out):
-                print(f"{flag} {out}: an interrupted --overwrite had moved the earlier run aside; it is back",
-                      file=sys.stderr)
+                print(
+                    f"{flag} {out}: an interrupted --overwrite had moved the earlier run aside; it is back",
+                    file=sys.stderr,
+                )
             _recognise(run, legacy)
         try:
             yield run
@@ -547,8 +601,9 @@ def run_folder(out: str | Path, command: str, *, patterns: tuple[str, ...] = ("*
         release(out)
 
 
-def _check_inputs(out: Path, inputs: dict[str, str | None], models: dict[str, str | None], replace: bool,
-                  flag: str) -> None:
+def _check_inputs(
+    out: Path, inputs: dict[str, str | None], models: dict[str, str | None], replace: bool, flag: str
+) -> None:
     if replace:
         protect(out, [p for p in inputs.values() if p], flag)
     for name, path in models.items():
@@ -565,11 +620,16 @@ def _recognise(run: RunFolder, legacy: Callable[[Path], bool] | None) -> None:
         return
     manifest = read_manifest(out)
     if manifest is not None and manifest["command"] != run.command and set(manifest["entries"]) & set(present):
-        raise DomainLMError(f"{run.flag} {out} holds the output of `domainlm {manifest['command']}`; "
-                            f"{run.command} writes a folder of its own: choose another {run.flag}")
+        raise DomainLMError(
+            f"{run.flag} {out} holds the output of `domainlm {manifest['command']}`; "
+            f"{run.command} writes a folder of its own: choose another {run.flag}"
+        )
     if manifest is not None and manifest["command"] == run.command:
-        own = set(manifest["entries"]) | set(run.owned) if manifest.get("complete") else \
-            set(manifest["entries"]) | {n for n in present if _matches(n, run.patterns)}
+        own = (
+            set(manifest["entries"]) | set(run.owned)
+            if manifest.get("complete")
+            else set(manifest["entries"]) | {n for n in present if _matches(n, run.patterns)}
+        )
         run.earlier = "finished" if manifest.get("complete") else "interrupted"
     elif manifest is None and legacy is not None and legacy(out):
         own, run.earlier = {n for n in present if _matches(n, run.patterns)}, "finished"
@@ -579,18 +639,25 @@ def _recognise(run: RunFolder, legacy: Callable[[Path], bool] | None) -> None:
     mine = present if run.replace else [n for n in present if _matches(n, run.patterns)]
     foreign = [n for n in mine if n not in own]
     if foreign:
-        whole = f"; {run.command} replaces the whole folder, with or without --overwrite" if run.replace else \
-            f"; {run.command} would overwrite them"
-        raise DomainLMError(f"{run.flag} {out} holds {', '.join(foreign[:4])}, not from `domainlm {run.command}`{whole}: "
-                            f"move them or choose another {run.flag}")
+        whole = (
+            f"; {run.command} replaces the whole folder, with or without --overwrite"
+            if run.replace
+            else f"; {run.command} would overwrite them"
+        )
+        raise DomainLMError(
+            f"{run.flag} {out} holds {', '.join(foreign[:4])}, not from `domainlm {run.command}`{whole}: "
+            f"move them or choose another {run.flag}"
+        )
     if run.earlier is None:
         return
     for name in [] if run.resume else run.earlier_entries:
         for item in [Path.cwd(), *run.inputs]:
             if inside(item, out / name):
                 what = "the working folder" if item == Path.cwd() else f"the input {item}"
-                raise DomainLMError(f"{run.flag} {out}: {out / name} holds {what}, which {run.command} would replace; "
-                                    f"choose another {run.flag}")
+                raise DomainLMError(
+                    f"{run.flag} {out}: {out / name} holds {what}, which {run.command} would replace; "
+                    f"choose another {run.flag}"
+                )
     if run.resume or run.overwrite is None:
         if run.overwrite is None and not run.resume:
             run.overwrite = True  # a command with no --overwrite replaces its own earlier output
@@ -601,6 +668,7 @@ def _recognise(run: RunFolder, legacy: Callable[[Path], bool] | None) -> None:
 
 def config_with(key: str) -> Callable[[Path], bool]:
     """For a folder written before manifests: its config.yaml holds `key` (one command's option)."""
+
     def legacy(out: Path) -> bool:
         import yaml
 
@@ -609,19 +677,70 @@ def config_with(key: str) -> Callable[[Path], bool]:
         except (OSError, ValueError, yaml.YAMLError):
             return False
         return isinstance(config, dict) and key in config
+
     return legacy
 
 
 # What each command writes into its --out, so that a file of the user's under one of these names is refused.
-FINETUNE_OUTPUTS = ("config.yaml", "model", "adapter", "metrics.json", "report.md", "report.html", "log.jsonl",
-                    "tensorboard", "*_predictions.jsonl", "*_bad_cases.jsonl", "*_confusion.png", "curve_*.png",
-                    "step-*", "seed-*", "fold-*", "summary.json", "summary.md", "linear.npz", "linear.json", "floor",
-                    "converted-model", "oof.jsonl", "ensemble.json", "blend.json", "domainlm_labels.json")
-EVALUATE_OUTPUTS = ("config.yaml", "metrics.json", "report.md", "eval_predictions.jsonl", "eval_bad_cases.jsonl",
-                    "eval_confusion.png")
-PRETRAIN_OUTPUTS = ("config.yaml", "data.json", "results.json", "log.jsonl", "tensorboard", "step-*", "final",
-                    "converted-model", "checkpoints")
+FINETUNE_OUTPUTS = (
+    "config.yaml",
+    "model",
+    "adapter",
+    "metrics.json",
+    "report.md",
+    "report.html",
+    "log.jsonl",
+    "tensorboard",
+    "*_predictions.jsonl",
+    "*_bad_cases.jsonl",
+    "*_confusion.png",
+    "curve_*.png",
+    "step-*",
+    "seed-*",
+    "fold-*",
+    "summary.json",
+    "summary.md",
+    "linear.npz",
+    "linear.json",
+    "floor",
+    "converted-model",
+    "oof.jsonl",
+    "ensemble.json",
+    "blend.json",
+    "domainlm_labels.json",
+)
+EVALUATE_OUTPUTS = (
+    "config.yaml",
+    "metrics.json",
+    "report.md",
+    "eval_predictions.jsonl",
+    "eval_bad_cases.jsonl",
+    "eval_confusion.png",
+)
+PRETRAIN_OUTPUTS = (
+    "config.yaml",
+    "data.json",
+    "results.json",
+    "log.jsonl",
+    "tensorboard",
+    "step-*",
+    "final",
+    "converted-model",
+    "checkpoints",
+)
 REPORT_OUTPUTS = ("report.md", "report.html", "curve_*.png")
-SWEEP_OUTPUTS = ("config.yaml", "cells", "pretrain", "floor", "table.md", "table.csv", "results.json", "report.md",
-                 "report.html", "failures.json", "summary.json", "*.png")
+SWEEP_OUTPUTS = (
+    "config.yaml",
+    "cells",
+    "pretrain",
+    "floor",
+    "table.md",
+    "table.csv",
+    "results.json",
+    "report.md",
+    "report.html",
+    "failures.json",
+    "summary.json",
+    "*.png",
+)
 DEMO_OUTPUTS = ("data", "tiny-config", "corpus-*", "base-model", "domain-pretrain", "sweep")

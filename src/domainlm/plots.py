@@ -20,10 +20,28 @@ FONT_ENV = "DOMAINLM_PLOT_FONT"
 # WenQuanYi (fonts-wqy-*), the macOS and Windows ones, then the Japanese / Korean / traditional cuts of Noto (which
 # still draw nearly every simplified character).
 CJK_FONTS = (
-    "Noto Sans CJK SC", "Source Han Sans SC", "Noto Sans SC", "Source Han Sans CN", "WenQuanYi Zen Hei",
-    "WenQuanYi Micro Hei", "Sarasa Gothic SC", "PingFang SC", "Hiragino Sans GB", "Heiti SC", "STHeiti",
-    "Microsoft YaHei", "SimHei", "Droid Sans Fallback", "AR PL UMing CN", "AR PL UKai CN", "Noto Sans CJK TC",
-    "Noto Sans CJK HK", "Noto Sans CJK JP", "Noto Sans CJK KR", "Noto Serif CJK SC", "Source Han Serif SC",
+    "Noto Sans CJK SC",
+    "Source Han Sans SC",
+    "Noto Sans SC",
+    "Source Han Sans CN",
+    "WenQuanYi Zen Hei",
+    "WenQuanYi Micro Hei",
+    "Sarasa Gothic SC",
+    "PingFang SC",
+    "Hiragino Sans GB",
+    "Heiti SC",
+    "STHeiti",
+    "Microsoft YaHei",
+    "SimHei",
+    "Droid Sans Fallback",
+    "AR PL UMing CN",
+    "AR PL UKai CN",
+    "Noto Sans CJK TC",
+    "Noto Sans CJK HK",
+    "Noto Sans CJK JP",
+    "Noto Sans CJK KR",
+    "Noto Serif CJK SC",
+    "Source Han Serif SC",
 )
 LATIN = "DejaVu Sans"
 
@@ -54,8 +72,11 @@ def configure() -> tuple[str, ...]:
     matplotlib.rcParams["font.family"] = [LATIN, *fonts]
     matplotlib.rcParams["axes.unicode_minus"] = False  # CJK fonts often lack U+2212
     if not fonts:
-        print("plots: no CJK font found, so Chinese labels show as boxes; install one (Debian/Ubuntu: apt-get install "
-              f"fonts-noto-cjk) or set {FONT_ENV}=/path/to/font.otf", file=sys.stderr)
+        print(
+            "plots: no CJK font found, so Chinese labels show as boxes; install one (Debian/Ubuntu: apt-get install "
+            f"fonts-noto-cjk) or set {FONT_ENV}=/path/to/font.otf",
+            file=sys.stderr,
+        )
         warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font")  # said once above
     return fonts
 

@@ -60,11 +60,23 @@ def announce(precision: str, why: str, main: bool = True) -> None:
 
 
 # the features that decide how fast a CPU runs an encoder, as Linux names them in /proc/cpuinfo, and as they are said
-CPU_FEATURES = (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_vnni", "AVX512_VNNI"), ("avx_vnni", "AVX_VNNI"),
-                ("avx512_bf16", "AVX512_BF16"), ("amx_bf16", "AMX_BF16"), ("amx_int8", "AMX_INT8"))
+CPU_FEATURES = (
+    ("avx2", "AVX2"),
+    ("avx512f", "AVX-512"),
+    ("avx512_vnni", "AVX512_VNNI"),
+    ("avx_vnni", "AVX_VNNI"),
+    ("avx512_bf16", "AVX512_BF16"),
+    ("amx_bf16", "AMX_BF16"),
+    ("amx_int8", "AMX_INT8"),
+)
 # where there is no /proc/cpuinfo: PyTorch's own probes
-TORCH_PROBES = (("AVX2", "_is_avx2_supported"), ("AVX-512", "_is_avx512_supported"), ("VNNI", "_is_vnni_supported"),
-                ("AVX512_BF16", "_is_avx512_bf16_supported"), ("AMX", "_is_amx_tile_supported"))
+TORCH_PROBES = (
+    ("AVX2", "_is_avx2_supported"),
+    ("AVX-512", "_is_avx512_supported"),
+    ("VNNI", "_is_vnni_supported"),
+    ("AVX512_BF16", "_is_avx512_bf16_supported"),
+    ("AMX", "_is_amx_tile_supported"),
+)
 
 
 @functools.cache

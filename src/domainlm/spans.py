@@ -12,8 +12,9 @@ from collections.abc import Callable
 import numpy as np
 
 
-def cheapest_spans(lengths: np.ndarray, span_cost: Callable[[np.ndarray, np.ndarray], np.ndarray],
-                   max_rows: int | None = None) -> list[tuple[int, int]]:
+def cheapest_spans(
+    lengths: np.ndarray, span_cost: Callable[[np.ndarray, np.ndarray], np.ndarray], max_rows: int | None = None
+) -> list[tuple[int, int]]:
     """[start, end) spans covering `lengths` in order, at most `max_rows` long, minimising the sum of
     `span_cost(rows, longest)` (vectorised over the candidate starts of one end; inf forbids a span).
     O(n x max_rows); ties go to the earliest start, i.e. the fewest spans."""

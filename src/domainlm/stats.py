@@ -43,7 +43,7 @@ def _components(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     seed_means = x.mean(axis=-1)
     between = seed_means.var(axis=-1, ddof=1)
     resid = x - x.mean(axis=-2, keepdims=True) - seed_means[..., None] + x.mean(axis=(-2, -1))[..., None, None]
-    noise = (resid ** 2).sum(axis=(-2, -1)) / ((s - 1) * max(n - 1, 1))
+    noise = (resid**2).sum(axis=(-2, -1)) / ((s - 1) * max(n - 1, 1))
     sigma_u2 = np.maximum(between - noise / n, 0.0)
     return sigma_u2 / s, between / s, np.full(x.shape[:-2], float(s - 1))
 
@@ -63,16 +63,22 @@ def compare_arrays(candidate: np.ndarray, base: np.ndarray) -> dict[str, np.ndar
     v_b, w_b, df_b = _components(base)
     # one model with a single seed: assume its seed variance equals the other's (same architecture, same recipe)
     ratio = base.shape[-2] / candidate.shape[-2]
-    v_c, w_c, df_c = (np.where(np.isnan(v_c), v_b * ratio, v_c), np.where(np.isnan(w_c), w_b * ratio, w_c),
-                      np.where(np.isnan(df_c), df_b, df_c))
-    v_b, w_b, df_b = (np.where(np.isnan(v_b), v_c / ratio, v_b), np.where(np.isnan(w_b), w_c / ratio, w_b),
-                      np.where(np.isnan(df_b), df_c, df_b))
+    v_c, w_c, df_c = (
+        np.where(np.isnan(v_c), v_b * ratio, v_c),
+        np.where(np.isnan(w_c), w_b * ratio, w_c),
+        np.where(np.isnan(df_c), df_b, df_c),
+    )
+    v_b, w_b, df_b = (
+        np.where(np.isnan(v_b), v_c / ratio, v_b),
+        np.where(np.isnan(w_b), w_c / ratio, w_b),
+        np.where(np.isnan(df_b), df_c, df_b),
+    )
     seed_known = ~np.isnan(v_c)
     v_c, v_b, w_c, w_b = (np.nan_to_num(v) for v in (v_c, v_b, w_c, w_b))
     se2 = v_rows + v_c + v_b
     with np.errstate(divide="ignore", invalid="ignore"):
-        denom = v_rows ** 2 / max(n - 1, 1) + np.where(seed_known, w_c ** 2 / df_c + w_b ** 2 / df_b, 0.0)
-        df = np.where(denom > 0, se2 ** 2 / denom, float(max(n - 1, 1)))
+        denom = v_rows**2 / max(n - 1, 1) + np.where(seed_known, w_c**2 / df_c + w_b**2 / df_b, 0.0)
+        df = np.where(denom > 0, se2**2 / denom, float(max(n - 1, 1)))
         se = np.sqrt(se2)
         t = np.where(se > 0, difference / se, np.where(difference > 0, np.inf, np.where(difference < 0, -np.inf, 0.0)))
     p = stats.t.sf(t, df)
@@ -80,8 +86,16 @@ def compare_arrays(candidate: np.ndarray, base: np.ndarray) -> dict[str, np.ndar
     p = np.where((se == 0) & (difference == 0), 1.0, p)  # identical results: no evidence at all
     p_worse = np.where((se == 0) & (difference == 0), 1.0, p_worse)
     half = stats.t.ppf(0.975, df) * se
-    return {"difference": difference, "p_value": p, "p_worse": p_worse, "se": se, "df": df, "low": difference - half,
-            "high": difference + half, "seed_variance_known": seed_known}
+    return {
+        "difference": difference,
+        "p_value": p,
+        "p_worse": p_worse,
+        "se": se,
+        "df": df,
+        "low": difference - half,
+        "high": difference + half,
+        "seed_variance_known": seed_known,
+    }
 
 
 def compare(candidate: np.ndarray, base: np.ndarray) -> dict:
@@ -90,10 +104,17 @@ def compare(candidate: np.ndarray, base: np.ndarray) -> dict:
     if candidate.shape[-1] != base.shape[-1] or candidate.shape[-1] == 0:
         raise ValueError("compare needs both models scored on the same, non-empty test rows")
     r = compare_arrays(candidate, base)
-    return {"difference": float(r["difference"]), "p_value": float(r["p_value"]), "p_worse": float(r["p_worse"]),
-            "se": float(r["se"]),
-            "df": float(r["df"]), "ci95": [float(r["low"]), float(r["high"])], "rows": int(candidate.shape[-1]),
-            "seeds": [int(candidate.shape[0]), int(base.shape[0])], "seed_variance_known": bool(r["seed_variance_known"])}
+    return {
+        "difference": float(r["difference"]),
+        "p_value": float(r["p_value"]),
+        "p_worse": float(r["p_worse"]),
+        "se": float(r["se"]),
+        "df": float(r["df"]),
+        "ci95": [float(r["low"]), float(r["high"])],
+        "rows": int(candidate.shape[-1]),
+        "seeds": [int(candidate.shape[0]), int(base.shape[0])],
+        "seed_variance_known": bool(r["seed_variance_known"]),
+    }
 
 
 def holm(p_values) -> np.ndarray:

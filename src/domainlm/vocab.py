@@ -29,8 +29,13 @@ def train_wordpiece(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
     )
     tokenizer = BertTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
-        mask_token="[MASK]", do_lower_case=lowercase,
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        do_lower_case=lowercase,
     )
     tokenizer.save_pretrained(str(out_dir))
     return tokenizer
@@ -53,7 +58,9 @@ def read_terms(path: str | Path) -> list[str]:
         if not term or term.startswith("#"):
             continue
         if len(term.split()) > 1:  # a tokenizer splits at whitespace first: such a token would never match
-            raise DomainLMError(f"--tokens {p}, line {n}: {term!r} contains a space; one token per line, without spaces")
+            raise DomainLMError(
+                f"--tokens {p}, line {n}: {term!r} contains a space; one token per line, without spaces"
+            )
         terms.append(term)
     if not terms:
         raise DomainLMError(f"--tokens {p} lists no tokens (blank lines and # comments are skipped); nothing to add")
@@ -72,9 +79,12 @@ def extend_vocabulary(model: str, terms: list[str], out: str | Path, overwrite: 
     from domainlm.interop.paddle import convert, is_paddle_folder
 
     if Path(model).exists() and outputs.inside(model, out):
-        raise DomainLMError(f"--out {out} is (or contains) --model {model}: it would rewrite the input model; "
-                            "choose a new folder")
-    with outputs.run_folder(out, "extend-vocab", replace=True, overwrite=overwrite, models={"--model": model}) as target:
+        raise DomainLMError(
+            f"--out {out} is (or contains) --model {model}: it would rewrite the input model; choose a new folder"
+        )
+    with outputs.run_folder(
+        out, "extend-vocab", replace=True, overwrite=overwrite, models={"--model": model}
+    ) as target:
         target.begin()  # nothing in --out unless the extended model is complete
         with tempfile.TemporaryDirectory() as tmp:
             if is_paddle_folder(model):  # converted first, like every other --model (the user's folder is only read)
@@ -111,4 +121,9 @@ def _extend(model: str, terms: list[str], out: Path) -> dict:
             emb[tokenizer.convert_tokens_to_ids(t)] = emb[pieces[t]].mean(dim=0)
     hf.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    return {"added": len(new), "already_present": len(terms) - len(new), "vocab_size": len(tokenizer), "old_embeddings": old_size}
+    return {
+        "added": len(new),
+        "already_present": len(terms) - len(new),
+        "vocab_size": len(tokenizer),
+        "old_embeddings": old_size,
+    }

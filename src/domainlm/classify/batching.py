@@ -54,7 +54,9 @@ def collate(items: list[dict], targets: np.ndarray | None, pad_id: int, packed: 
     return batch
 
 
-def length_batches(lengths: Sequence[int], batch_size: int, token_budget: int = 0, call_tokens: int = 0) -> list[np.ndarray]:
+def length_batches(
+    lengths: Sequence[int], batch_size: int, token_budget: int = 0, call_tokens: int = 0
+) -> list[np.ndarray]:
     """Row indices sorted by length (stable), cut into batches of at most `batch_size` rows and, with a token budget,
     of at most `token_budget` padded tokens (rows x longest row), so that short texts run in larger batches.
 
@@ -77,8 +79,11 @@ def length_batches(lengths: Sequence[int], batch_size: int, token_budget: int = 
     return batches
 
 
-def _cheapest_cuts(sorted_lengths: np.ndarray, batch_size: int, token_budget: int, call_tokens: int) -> list[tuple[int, int]]:
+def _cheapest_cuts(
+    sorted_lengths: np.ndarray, batch_size: int, token_budget: int, call_tokens: int
+) -> list[tuple[int, int]]:
     """[start, end) spans of ascending lengths minimising sum(rows x longest + call_tokens) within the limits."""
+
     def cost(rows: np.ndarray, longest: np.ndarray) -> np.ndarray:
         padded = rows * longest
         total = (padded + call_tokens).astype(float)
@@ -89,12 +94,14 @@ def _cheapest_cuts(sorted_lengths: np.ndarray, batch_size: int, token_budget: in
     return cheapest_spans(sorted_lengths, cost, batch_size)
 
 
-def eval_batches(features: list[dict], batch_size: int, pad_id: int, targets: np.ndarray | None = None,
-                 packed: bool = False) -> Iterator[dict]:
+def eval_batches(
+    features: list[dict], batch_size: int, pad_id: int, targets: np.ndarray | None = None, packed: bool = False
+) -> Iterator[dict]:
     """In order (predictions line up with the input)."""
     for i in range(0, len(features), batch_size):
-        yield collate(features[i : i + batch_size], None if targets is None else targets[i : i + batch_size], pad_id,
-                      packed)
+        yield collate(
+            features[i : i + batch_size], None if targets is None else targets[i : i + batch_size], pad_id, packed
+        )
 
 
 def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
@@ -118,8 +125,17 @@ def steps_per_epoch(n: int, global_batch: int, micro_batches: int) -> int:
     return full + (rest >= micro_batches)
 
 
-def train_batches(features: list[dict], targets: np.ndarray, batch_size: int, pad_id: int, seed: int,
-                  rank: int = 0, world: int = 1, accumulation: int = 1, packed: bool = False) -> Iterator[dict]:
+def train_batches(
+    features: list[dict],
+    targets: np.ndarray,
+    batch_size: int,
+    pad_id: int,
+    seed: int,
+    rank: int = 0,
+    world: int = 1,
+    accumulation: int = 1,
+    packed: bool = False,
+) -> Iterator[dict]:
     """Endless epochs of global batches of `batch_size` rows, this process's micro batches of each.
 
     A global batch is cut into world x accumulation contiguous micro batches and process r takes micro

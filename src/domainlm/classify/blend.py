@@ -32,8 +32,14 @@ def choose_weight(model: np.ndarray, floor: np.ndarray, rows: Dataset, labels: l
     return best, values
 
 
-def blend(cfg, selection: tuple[np.ndarray, np.ndarray, Dataset], chosen_on: str, labels: list[str],
-          test: tuple[np.ndarray, np.ndarray, Dataset] | None = None, out: Writer | None = None) -> dict:
+def blend(
+    cfg,
+    selection: tuple[np.ndarray, np.ndarray, Dataset],
+    chosen_on: str,
+    labels: list[str],
+    test: tuple[np.ndarray, np.ndarray, Dataset] | None = None,
+    out: Writer | None = None,
+) -> dict:
     """The weight chosen on `selection` (model probabilities, floor probabilities, rows) alone; the test rows are
     scored with it (and their predictions written as blend_test_*.jsonl)."""
     model, floor, rows = selection
@@ -44,15 +50,22 @@ def blend(cfg, selection: tuple[np.ndarray, np.ndarray, Dataset], chosen_on: str
 
     thresholds = tuned(weight)
     probs = weight * model + (1 - weight) * floor
-    result = {"weight": weight, "chosen_on": chosen_on, "selection_rows": len(rows), "by_weight": values,
-              chosen_on: score(probs, rows, labels, cfg.multilabel, cfg.tolerant_k, thresholds, cfg.ordinal)}
+    result = {
+        "weight": weight,
+        "chosen_on": chosen_on,
+        "selection_rows": len(rows),
+        "by_weight": values,
+        chosen_on: score(probs, rows, labels, cfg.multilabel, cfg.tolerant_k, thresholds, cfg.ordinal),
+    }
     if test is not None:
         t_model, t_floor, t_rows = test
         t_probs = weight * t_model + (1 - weight) * t_floor
         result["test"] = score(t_probs, t_rows, labels, cfg.multilabel, cfg.tolerant_k, thresholds, cfg.ordinal)
         # the two parts alone on the same rows, for the comparison in one place
-        result["test_parts"] = {name: M.scalars(score(p, t_rows, labels, cfg.multilabel, cfg.tolerant_k, tuned(w)))
-                                for name, p, w in (("model", t_model, 1.0), ("floor", t_floor, 0.0))}
+        result["test_parts"] = {
+            name: M.scalars(score(p, t_rows, labels, cfg.multilabel, cfg.tolerant_k, tuned(w)))
+            for name, p, w in (("model", t_model, 1.0), ("floor", t_floor, 0.0))
+        }
         if out is not None:
             write_outputs(out, "blend_test", t_rows, t_probs, labels, cfg.multilabel, result["test"], thresholds)
     if thresholds is not None:
@@ -62,17 +75,27 @@ def blend(cfg, selection: tuple[np.ndarray, np.ndarray, Dataset], chosen_on: str
 
 def line(result: dict, metric: str) -> str:
     split = "test" if "test" in result else result["chosen_on"]
-    text = (f"Blend {result['weight']:.2f} x model + {1 - result['weight']:.2f} x floor (weight chosen on "
-            f"{result['selection_rows']} {result['chosen_on']} rows): {split} {metric} {result[split][metric]:.4f}")
+    text = (
+        f"Blend {result['weight']:.2f} x model + {1 - result['weight']:.2f} x floor (weight chosen on "
+        f"{result['selection_rows']} {result['chosen_on']} rows): {split} {metric} {result[split][metric]:.4f}"
+    )
     if "test_parts" in result:
         parts = result["test_parts"]
         return text + f" (model alone {parts['model'][metric]:.4f}, floor alone {parts['floor'][metric]:.4f})."
     return text + "; measured on the rows that chose the weight, so optimistic."
 
 
-def finetune_blend(cfg, labels: list[str], runs: list[Scored], floor: list[Scored], train: Dataset,
-                   held_out: list[np.ndarray] | None, ensemble: dict[str, np.ndarray] | None, test: Dataset | None,
-                   out: Writer) -> dict:
+def finetune_blend(
+    cfg,
+    labels: list[str],
+    runs: list[Scored],
+    floor: list[Scored],
+    train: Dataset,
+    held_out: list[np.ndarray] | None,
+    ensemble: dict[str, np.ndarray] | None,
+    test: Dataset | None,
+    out: Writer,
+) -> dict:
     """The blend of a `finetune` run, from the probabilities its models kept: a single run (the weight chosen on its
     dev rows) or a fold ensemble (on the out-of-fold rows; the --test rows scored by both ensembles). Written to
     blend.json (and blend_test_*.jsonl)."""

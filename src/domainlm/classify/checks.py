@@ -27,8 +27,9 @@ class Found:
     tokenizer: object | None = None
 
 
-def check(cfg, *, read_task: bool = True, network: bool = True, processes: int = 1,
-          model_flag: str = "--model") -> tuple[Found, dict[str, str]]:
+def check(
+    cfg, *, read_task: bool = True, network: bool = True, processes: int = 1, model_flag: str = "--model"
+) -> tuple[Found, dict[str, str]]:
     """Every problem of a fine-tuning config that shows before training, by field (`network`: False for checks
     that must not wait on a model hub: a hub name not in the local cache is then left to the run; `model_flag`: what
     the command calls the model, e.g. distill's --student)."""
@@ -79,9 +80,11 @@ def few_valid_rows(cfg, task: Task) -> None:
     if task.dev is not None or n >= FEW_VALID_ROWS:
         return
     preset = f" (set by --preset {cfg.preset})" if "valid_ratio" in getattr(cfg, "preset_fields", ()) else ""
-    print(f"notice: --valid-ratio {cfg.valid_ratio}{preset} holds out {n} of {len(task.train)} training rows for "
-          f"validation; the best epoch picked on so few follows the noise: give --dev or a larger --valid-ratio",
-          file=sys.stderr)
+    print(
+        f"notice: --valid-ratio {cfg.valid_ratio}{preset} holds out {n} of {len(task.train)} training rows for "
+        f"validation; the best epoch picked on so few follows the noise: give --dev or a larger --valid-ratio",
+        file=sys.stderr,
+    )
 
 
 # a share of [UNK] tokens above this in the training texts is said once (what is lost, and what to do): low for a
@@ -101,10 +104,18 @@ def unknown_tokens(tokenizer, texts: list[str], flag: str = "--train", model_fla
     share = unknown / max(total, 1)
     trimmed = (getattr(tokenizer, "init_kwargs", {}) or {}).get("domainlm_vocabulary")
     if share > UNKNOWN_SHARE["trimmed" if isinstance(trimmed, dict) else "any"]:
-        why = (f"its vocabulary was cut to the texts it was made for ({trimmed.get('kept')} of "
-               f"{trimmed.get('trimmed_from')}'s {trimmed.get('entries')} entries): start from a model with the full "
-               "vocabulary, or add the missing characters with `domainlm extend-vocab`") if isinstance(trimmed, dict) \
+        why = (
+            (
+                f"its vocabulary was cut to the texts it was made for ({trimmed.get('kept')} of "
+                f"{trimmed.get('trimmed_from')}'s {trimmed.get('entries')} entries): start from a model with the full "
+                "vocabulary, or add the missing characters with `domainlm extend-vocab`"
+            )
+            if isinstance(trimmed, dict)
             else "add the missing characters or words with `domainlm extend-vocab`"
-        print(f"notice: {unknown:,} of {total:,} tokens ({100 * share:.1f}%) of {flag} are [UNK] for the tokenizer of "
-              f"{model_flag}; the model sees nothing of them: {why}", file=sys.stderr)
+        )
+        print(
+            f"notice: {unknown:,} of {total:,} tokens ({100 * share:.1f}%) of {flag} are [UNK] for the tokenizer of "
+            f"{model_flag}; the model sees nothing of them: {why}",
+            file=sys.stderr,
+        )
     return share

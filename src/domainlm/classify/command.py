@@ -64,6 +64,7 @@ from domainlm.train.setup import build_optimizer, build_scheduler, make_accelera
 class EarlyStopping:
     """The best validation score so far, the weights and dev probabilities that gave it, and how many evaluations
     in a row did not beat it."""
+
     metric: str
     patience: int  # 0: never stop early
     value: float = -math.inf
@@ -75,7 +76,9 @@ class EarlyStopping:
     def update(self, metrics: dict, step: int, model: torch.nn.Module, probs: np.ndarray) -> bool:
         """Record an evaluation (its metrics, the model, its dev probabilities); True when training should stop."""
         if self.metric not in metrics:
-            raise DomainLMError(f"--metric {self.metric!r} is not computed; choose one of {', '.join(M.scalars(metrics))}")
+            raise DomainLMError(
+                f"--metric {self.metric!r} is not computed; choose one of {', '.join(M.scalars(metrics))}"
+            )
         if metrics[self.metric] > self.value:  # the restored model's weights and probabilities, exactly
             self.value, self.step, self.bad, self.probs = metrics[self.metric], step, 0, probs
             self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -88,6 +91,7 @@ class EarlyStopping:
 class Run:
     """One fine-tuning run (a seed or a fold): everything setup() builds and train()/finish() use. Every process
     trains on its share of each global batch and evaluates its shard of dev and test; the main process alone writes."""
+
     cfg: FinetuneConfig
     accelerator: object
     tokenizer: object
@@ -125,8 +129,9 @@ class Run:
         shards = [np.arange(*shard_range(len(features), r, world)) for r in range(world)]
         order = np.concatenate([s[np.argsort(lengths[s], kind="stable")] for s in shards])  # what evaluate gathers
         mine = order[slice(*shard_range(len(features), rank, world))]  # shards are contiguous: so is its part
-        batches = eval_batches([features[i] for i in mine], self.cfg.batch_size * 2, self.tokenizer.pad_token_id or 0,
-                               y[mine], self.packed)
+        batches = eval_batches(
+            [features[i] for i in mine], self.cfg.batch_size * 2, self.tokenizer.pad_token_id or 0, y[mine], self.packed
+        )
         with torch.random.fork_rng(devices=[]):  # evaluation must not move the training RNG
             gathered = evaluate(self.model, self.accelerator, batches).rows["scores"]
         probs = np.empty_like(gathered)
@@ -137,13 +142,30 @@ class Run:
         return score(probs, data, self.labels, self.cfg.multilabel, self.cfg.tolerant_k, thresholds, self.cfg.ordinal)
 
     def save(self, folder: Writer, thresholds=None) -> None:
-        save_classifier(self.hf(), self.tokenizer, folder, self.labels, self.cfg.multilabel, thresholds,
-                        self.cfg.inference_settings())
+        save_classifier(
+            self.hf(),
+            self.tokenizer,
+            folder,
+            self.labels,
+            self.cfg.multilabel,
+            thresholds,
+            self.cfg.inference_settings(),
+        )
 
 
-def setup(cfg: FinetuneConfig, accelerator, tokenizer, labels: list[str], fit: Dataset, dev: Dataset,
-          evaluated: dict[str, Dataset], seed: int, folder: Writer, make_model=Classifier,
-          fit_targets: np.ndarray | None = None) -> Run:
+def setup(
+    cfg: FinetuneConfig,
+    accelerator,
+    tokenizer,
+    labels: list[str],
+    fit: Dataset,
+    dev: Dataset,
+    evaluated: dict[str, Dataset],
+    seed: int,
+    folder: Writer,
+    make_model=Classifier,
+    fit_targets: np.ndarray | None = None,
+) -> Run:
     """The model (full or LoRA), batch sizes, optimizer, schedule and this process's training batches.
     `make_model(hf, multilabel)` and `fit_targets` (one row per row of `fit`) let another objective (distillation)
     train by the same recipe."""
@@ -152,8 +174,16 @@ def setup(cfg: FinetuneConfig, accelerator, tokenizer, labels: list[str], fit: D
     set_seed(seed)
     log = print if accelerator.is_main_process else (lambda *a, **k: None)
     with accelerator.main_process_first():  # a PaddleNLP folder is converted into --out once, by rank 0
-        hf = load_classifier(cfg.model, labels, cfg.multilabel, cfg.method, cfg.lora_rank, cfg.lora_alpha, log=log,
-                             work_dir=Path(cfg.out))
+        hf = load_classifier(
+            cfg.model,
+            labels,
+            cfg.multilabel,
+            cfg.method,
+            cfg.lora_rank,
+            cfg.lora_alpha,
+            log=log,
+            work_dir=Path(cfg.out),
+        )
     if cfg.gradient_checkpointing:
         enable_checkpointing(hf)
     model = make_model(hf, cfg.multilabel)
@@ -164,25 +194,66 @@ def setup(cfg: FinetuneConfig, accelerator, tokenizer, labels: list[str], fit: D
     if steps_per_epoch == 0:
         raise DomainLMError(f"{len(fit)} training rows cannot fill {world * accumulation} micro batches of one step")
     max_steps = cfg.epochs * steps_per_epoch
-    log(f"data: {len(fit)} training rows, {max_steps} steps; global batch {global_batch} = {cfg.batch_size} x "
-        f"{accumulation} accumulation x {world} processes")
-    optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
-                                cfg.adam_epsilon, cfg.layer_lr_decay)
-    scheduler = build_scheduler(optimizer, max_steps, cfg.warmup_ratio, cfg.learning_rate,
-                                cfg.learning_rate * cfg.min_lr_ratio, cfg.lr_decay)
+    log(
+        f"data: {len(fit)} training rows, {max_steps} steps; global batch {global_batch} = {cfg.batch_size} x "
+        f"{accumulation} accumulation x {world} processes"
+    )
+    optimizer = build_optimizer(
+        model,
+        cfg.learning_rate,
+        cfg.weight_decay,
+        (cfg.adam_beta1, cfg.adam_beta2),
+        cfg.adam_epsilon,
+        cfg.layer_lr_decay,
+    )
+    scheduler = build_scheduler(
+        optimizer, max_steps, cfg.warmup_ratio, cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio, cfg.lr_decay
+    )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     y = targets(fit, labels, cfg.multilabel) if fit_targets is None else fit_targets
     packed = cfg.unpad != "no" and packing_ready(hf)
-    batches = batching.train_batches(encode(tokenizer, fit, cfg.max_seq_len), y,
-                                     global_batch, tokenizer.pad_token_id or 0, seed, rank, world, accumulation, packed)
-    options = LoopOptions(max_steps=max_steps, accumulation=accumulation, global_batch_size=global_batch,
-                          max_grad_norm=cfg.max_grad_norm, logging_freq=cfg.logging_freq,
-                          eval_steps=cfg.eval_steps or steps_per_epoch, save_steps=cfg.save_steps,
-                          causes=divergence_causes(cfg))
+    batches = batching.train_batches(
+        encode(tokenizer, fit, cfg.max_seq_len),
+        y,
+        global_batch,
+        tokenizer.pad_token_id or 0,
+        seed,
+        rank,
+        world,
+        accumulation,
+        packed,
+    )
+    options = LoopOptions(
+        max_steps=max_steps,
+        accumulation=accumulation,
+        global_batch_size=global_batch,
+        max_grad_norm=cfg.max_grad_norm,
+        logging_freq=cfg.logging_freq,
+        eval_steps=cfg.eval_steps or steps_per_epoch,
+        save_steps=cfg.save_steps,
+        causes=divergence_causes(cfg),
+    )
     folder.record("log.jsonl"), folder.record("tensorboard")
     logger = RunLogger(folder.root(), max_steps, 0, accelerator.is_main_process, tensorboard=True)
-    return Run(cfg, accelerator, tokenizer, labels, seed, folder, fit, dev, evaluated, model, optimizer, scheduler,
-               batches, options, logger, EarlyStopping(cfg.best_metric, cfg.early_stopping_patience), packed)
+    return Run(
+        cfg,
+        accelerator,
+        tokenizer,
+        labels,
+        seed,
+        folder,
+        fit,
+        dev,
+        evaluated,
+        model,
+        optimizer,
+        scheduler,
+        batches,
+        options,
+        logger,
+        EarlyStopping(cfg.best_metric, cfg.early_stopping_patience),
+        packed,
+    )
 
 
 def train(run: Run) -> TrainState:
@@ -200,17 +271,28 @@ def train(run: Run) -> TrainState:
             run.save(run.folder.sub(f"step-{step:06d}"))
 
     try:
-        state = train_loop(model=run.model, optimizer=run.optimizer, scheduler=run.scheduler, accelerator=run.accelerator,
-                           batches=run.batches, state=TrainState(), options=run.options, logger=run.logger,
-                           on_eval=on_eval, on_snapshot=on_snapshot)
+        state = train_loop(
+            model=run.model,
+            optimizer=run.optimizer,
+            scheduler=run.scheduler,
+            accelerator=run.accelerator,
+            batches=run.batches,
+            state=TrainState(),
+            options=run.options,
+            logger=run.logger,
+            on_eval=on_eval,
+            on_snapshot=on_snapshot,
+        )
         if best.state is None:  # the loop evaluates after its last step; only a run of no steps has not
             on_eval(state.step)
     finally:
         run.logger.close()
     run.accelerator.unwrap_model(run.model).load_state_dict(best.state)
     if run.main:
-        print(f"best {cfg.best_metric} {best.value:.4f} at step {best.step} (stopped at step {state.step} of "
-              f"{run.options.max_steps})")
+        print(
+            f"best {cfg.best_metric} {best.value:.4f} at step {best.step} (stopped at step {state.step} of "
+            f"{run.options.max_steps})"
+        )
     return state
 
 
@@ -219,16 +301,30 @@ def finish(run: Run, state: TrainState) -> Scored:
     metrics and probabilities are returned, not written (the report comes once every run is done)."""
     cfg, probs = run.cfg, run.best.probs
     thresholds = M.tune_thresholds(probs, targets(run.dev, run.labels, True)) if cfg.multilabel else None
-    scored = Scored({"seed": run.seed, "best_step": run.best.step, "steps": state.step, "train_rows": len(run.fit)},
-                    {"dev": probs}, {"dev": run.dev}, thresholds, run.fit, run.folder)
+    scored = Scored(
+        {"seed": run.seed, "best_step": run.best.step, "steps": state.step, "train_rows": len(run.fit)},
+        {"dev": probs},
+        {"dev": run.dev},
+        thresholds,
+        run.fit,
+        run.folder,
+    )
     for name, data in run.evaluated.items():
         scored.probs[name], scored.rows[name] = run.scores(data), data
     for name, data in scored.rows.items():
         if name != TEST_FILE:  # a fold's --test rows count in the ensemble's figures only
             scored.metrics[name] = run.score(scored.probs[name], data, thresholds)
             if run.main:
-                write_outputs(run.folder, name, data, scored.probs[name], run.labels, cfg.multilabel,
-                              scored.metrics[name], thresholds)
+                write_outputs(
+                    run.folder,
+                    name,
+                    data,
+                    scored.probs[name],
+                    run.labels,
+                    cfg.multilabel,
+                    scored.metrics[name],
+                    thresholds,
+                )
     if run.main:
         run.save(run.folder, thresholds)
     run.accelerator.wait_for_everyone()
@@ -243,8 +339,15 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected; domainlm reports what matters
     inputs = {"--train": cfg.train, "--dev": cfg.dev, "--test": cfg.test}
-    with outputs.run_folder(cfg.out, "finetune", patterns=outputs.FINETUNE_OUTPUTS, overwrite=cfg.overwrite,
-                            inputs=inputs, models={"--model": cfg.model}, legacy=outputs.config_with("train")) as out:
+    with outputs.run_folder(
+        cfg.out,
+        "finetune",
+        patterns=outputs.FINETUNE_OUTPUTS,
+        overwrite=cfg.overwrite,
+        inputs=inputs,
+        models={"--model": cfg.model},
+        legacy=outputs.config_with("train"),
+    ) as out:
         found, errors = check(cfg)
         checks.first(errors)
         few_valid_rows(cfg, found.task)
@@ -266,8 +369,11 @@ def _runs(cfg: FinetuneConfig, found, accelerator, out: Writer) -> tuple[list[Sc
     def run(rows: Dataset, evaluated: dict[str, Dataset], seed: int, folder: Writer) -> Scored:
         fit, dev = task.split(rows, cfg, seed)
         if cfg.method == "linear":
-            return linear.run(cfg, fit, dev, evaluated, task.labels, seed, folder) if accelerator.is_main_process \
+            return (
+                linear.run(cfg, fit, dev, evaluated, task.labels, seed, folder)
+                if accelerator.is_main_process
                 else Scored({})
+            )
         one = setup(cfg, accelerator, found.tokenizer, task.labels, fit, dev, evaluated, seed, folder)
         return finish(one, train(one))
 
@@ -292,8 +398,12 @@ def _report(cfg: FinetuneConfig, task: Task, runs: list[Scored], held_out, out: 
     """The floor, the fold ensemble and the blend beside the runs, then every report, each file written once."""
     metric = cfg.best_metric
     evaluated = HELD_OUT if cfg.folds else "test" if task.test is not None else "dev"
-    summary = {"runs": len(runs), "evaluated_on": evaluated, "labels": task.labels,
-               "skipped_rows": dict(task.train.skipped)}
+    summary = {
+        "runs": len(runs),
+        "evaluated_on": evaluated,
+        "labels": task.labels,
+        "skipped_rows": dict(task.train.skipped),
+    }
     floor = linear.beside(cfg, runs, task.labels, evaluated, out) if cfg.floor and cfg.method != "linear" else None
     if floor is not None:
         summary["floor"] = floor["summary"]
@@ -302,14 +412,18 @@ def _report(cfg: FinetuneConfig, task: Task, runs: list[Scored], held_out, out: 
         cv, probs = ensemble.cross_validation(cfg, task.train, held_out, runs, task.test, task.labels, out)
         summary.update(cv)
     if cfg.blend:
-        summary["blend"] = blend.finetune_blend(cfg, task.labels, runs, floor["runs"], task.train, held_out, probs,
-                                                task.test, out)
+        summary["blend"] = blend.finetune_blend(
+            cfg, task.labels, runs, floor["runs"], task.train, held_out, probs, task.test, out
+        )
         print(blend.line(summary["blend"], metric))
     title = f"Fine-tuning {cfg.model}" if cfg.method != "linear" else "Linear floor"
     if len(runs) == 1:  # one run: the floor and the blend beside it in its own report
         result = {**runs[0].metrics, **{k: summary[k] for k in ("floor", "blend") if k in summary}}
-        lines = [linear.floor_line(summary["floor"], evaluated, metric, result.get(evaluated, {}).get(metric))] \
-            if "floor" in summary else []
+        lines = (
+            [linear.floor_line(summary["floor"], evaluated, metric, result.get(evaluated, {}).get(metric))]
+            if "floor" in summary
+            else []
+        )
         lines += [blend.line(summary["blend"], metric)] if "blend" in summary else []
         write_run(out, result, title, sections(runs[0]), task.labels, lines)
         return {**summary, **runs[0].metrics}
@@ -330,10 +444,17 @@ def sections(run: Scored) -> dict:
 
 # ---- evaluate and predict ------------------------------------------------------------------------------
 
+
 def evaluate_command(cfg: EvaluateConfig) -> dict:
-    with outputs.run_folder(cfg.out, "evaluate", patterns=outputs.EVALUATE_OUTPUTS, overwrite=cfg.overwrite,
-                            inputs={"--data": cfg.data}, models={"--model": cfg.model},
-                            legacy=outputs.config_with("data")) as out:
+    with outputs.run_folder(
+        cfg.out,
+        "evaluate",
+        patterns=outputs.EVALUATE_OUTPUTS,
+        overwrite=cfg.overwrite,
+        inputs={"--data": cfg.data},
+        models={"--model": cfg.model},
+        legacy=outputs.config_with("data"),
+    ) as out:
         runtime = open_runtime(cfg.model, RuntimeOptions.of(cfg))  # resolved once, here
         labels, multilabel = runtime.labels, runtime.multilabel
         columns = Columns.of(cfg, runtime)
@@ -361,15 +482,29 @@ def predict_command(cfg: PredictConfig) -> int:
     check_predict_paths(cfg.input, cfg.out, cfg.overwrite)
     runtime = open_runtime(cfg.model, RuntimeOptions.of(cfg))  # resolved once, here
     if cfg.input == "-":
-        data = Dataset("<stdin>", [Example(text, [], line=i) for i, text in read_stdin_lines(getattr(sys.stdin, "buffer", sys.stdin))])
+        data = Dataset(
+            "<stdin>",
+            [Example(text, [], line=i) for i, text in read_stdin_lines(getattr(sys.stdin, "buffer", sys.stdin))],
+        )
     else:
         columns = Columns.of(cfg, runtime)
-        data = read_examples(cfg.input, columns, runtime.multilabel, require_labels=False, skip_flag=None, flag="--input")
+        data = read_examples(
+            cfg.input, columns, runtime.multilabel, require_labels=False, skip_flag=None, flag="--input"
+        )
     probs = runtime.predict(*data.columns(), cfg.batch_size, progress=True)
     labels = runtime.labels
-    lines = [json.dumps({"text": ex.text, "labels": [labels[j] for j in chosen],
-                         "scores": {labels[j]: round(float(p[j]), 4) for j in best}}, ensure_ascii=False) + "\n"
-             for ex, p, chosen, best in zip(data.examples, probs, runtime.choose(probs), best_k(probs, cfg.top_k))]
+    lines = [
+        json.dumps(
+            {
+                "text": ex.text,
+                "labels": [labels[j] for j in chosen],
+                "scores": {labels[j]: round(float(p[j]), 4) for j in best},
+            },
+            ensure_ascii=False,
+        )
+        + "\n"
+        for ex, p, chosen, best in zip(data.examples, probs, runtime.choose(probs), best_k(probs, cfg.top_k))
+    ]
     text = "".join(keep_line_order(data, lines) if cfg.input == "-" else lines)
     if cfg.out == "-":
         sys.stdout.write(text)

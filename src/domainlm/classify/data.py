@@ -44,8 +44,13 @@ class Columns:
         columns the options leave unset with the ones it was trained on."""
         text = getattr(cfg, "text_column", None) or (model.text_column if model is not None else "text")
         pair = getattr(cfg, "pair_column", None) or (model.pair_column if model is not None else None)
-        return cls(text, pair, getattr(cfg, "label_column", "label"), getattr(cfg, "group_column", None),
-                   getattr(cfg, "label_delimiter", ","))
+        return cls(
+            text,
+            pair,
+            getattr(cfg, "label_column", "label"),
+            getattr(cfg, "group_column", None),
+            getattr(cfg, "label_delimiter", ","),
+        )
 
 
 @dataclass
@@ -124,8 +129,15 @@ def row_problem(row: dict, columns: Columns, require_labels: bool) -> str | None
     return None
 
 
-def read_examples(path: str, columns: Columns, multilabel: bool, require_labels: bool = True, skip_bad: bool = False,
-                  skip_flag: str | None = "--skip-bad-rows", flag: str | None = None) -> Dataset:
+def read_examples(
+    path: str,
+    columns: Columns,
+    multilabel: bool,
+    require_labels: bool = True,
+    skip_bad: bool = False,
+    skip_flag: str | None = "--skip-bad-rows",
+    flag: str | None = None,
+) -> Dataset:
     """`skip_flag`: the flag the calling command accepts to skip bad rows (named in errors), or None; `flag`: the
     option that names the file (in the errors about the file itself)."""
     p = Path(path)
@@ -144,7 +156,8 @@ def read_examples(path: str, columns: Columns, multilabel: bool, require_labels:
             missing = [c for c in wanted if c not in row]
             if missing:
                 raise DomainLMError(
-                    f"{p}:{lineno}: missing column(s) {', '.join(missing)} (found: {', '.join(map(str, row)) or 'none'}); "
+                    f"{p}:{lineno}: missing column(s) {', '.join(missing)} "
+                    f"(found: {', '.join(map(str, row)) or 'none'}); "
                     "set --text-column / --label-column / --pair-column / --group-column"
                 )
             checked = True
@@ -156,8 +169,10 @@ def read_examples(path: str, columns: Columns, multilabel: bool, require_labels:
         elif problem is None and require_labels and not labels:
             problem = "no label"
         elif require_labels and not multilabel and len(labels) > 1:
-            problem = (f"several labels {labels} in a multiclass task (use --task multilabel, or --label-delimiter "
-                       "if the delimiter is part of a label)")
+            problem = (
+                f"several labels {labels} in a multiclass task (use --task multilabel, or --label-delimiter "
+                "if the delimiter is part of a label)"
+            )
         if problem:
             if skip_bad:
                 data.skipped[problem.split(" (")[0]] += 1
@@ -173,8 +188,10 @@ def read_examples(path: str, columns: Columns, multilabel: bool, require_labels:
         data.bad_rows.append((line, problem.split(" (")[0]))
     if data.skipped:
         counts = ", ".join(f"{reason}: {n}" for reason, n in sorted(data.skipped.items()))
-        print(f"{p}: skipped {sum(data.skipped.values())} bad rows ({counts}); {len(data.examples)} rows used",
-              file=sys.stderr)
+        print(
+            f"{p}: skipped {sum(data.skipped.values())} bad rows ({counts}); {len(data.examples)} rows used",
+            file=sys.stderr,
+        )
     if not data.examples:
         raise DomainLMError(f"{p}: no usable rows")
     return data
@@ -198,8 +215,11 @@ def keep_line_order(data: Dataset, lines: list[str]) -> list[str]:
     blank = [i for i in range(1, max(by_line, default=0) + 1) if i not in by_line]
     if blank:
         shown = ", ".join(map(str, blank[:10])) + (", ..." if len(blank) > 10 else "")
-        print(f"<stdin>: {len(blank)} blank line(s) ({shown}) answered with no labels, so that each output line "
-              "answers the input line of the same number", file=sys.stderr)
+        print(
+            f"<stdin>: {len(blank)} blank line(s) ({shown}) answered with no labels, so that each output line "
+            "answers the input line of the same number",
+            file=sys.stderr,
+        )
     empty = json.dumps({"text": "", "labels": [], "scores": {}}) + "\n"
     return [by_line.get(i, empty) for i in range(1, max(by_line, default=0) + 1)]
 
@@ -213,7 +233,9 @@ def check_predict_paths(input_path: str, out: str, overwrite: bool = False) -> N
     if o.is_dir():
         raise DomainLMError(f"--out {o} is a folder; predict writes one JSONL file: name a file")
     if not o.absolute().parent.is_dir():  # checked before predicting, not after
-        raise DomainLMError(f"--out {o}: the folder {o.parent} does not exist; create it or name a file in an existing one")
+        raise DomainLMError(
+            f"--out {o}: the folder {o.parent} does not exist; create it or name a file in an existing one"
+        )
     if input_path != "-" and o.exists() and o.resolve() == Path(input_path).resolve():
         raise DomainLMError(f"--out {o} is --input: it would overwrite the data being classified; name another file")
     if o.exists() and not overwrite:
@@ -295,9 +317,14 @@ def fold_indices(data: Dataset, k: int, seed: int) -> list[np.ndarray]:
     stratified = min(counts.values()) >= k
     if not stratified:
         few = ", ".join(f"{label} ({n})" for label, n in sorted(counts.items()) if n < k)
-        print(f"warning: {data.path}: fewer rows than --folds {k} for {few}: folds are not stratified and some hold "
-              "none of those classes", file=sys.stderr)
-    splitter = StratifiedKFold(k, shuffle=True, random_state=seed) if stratified else KFold(k, shuffle=True, random_state=seed)
+        print(
+            f"warning: {data.path}: fewer rows than --folds {k} for {few}: folds are not stratified and some hold "
+            "none of those classes",
+            file=sys.stderr,
+        )
+    splitter = (
+        StratifiedKFold(k, shuffle=True, random_state=seed) if stratified else KFold(k, shuffle=True, random_state=seed)
+    )
     return [test_idx for _, test_idx in splitter.split(np.zeros(len(data)), strata if stratified else None)]
 
 
@@ -305,8 +332,12 @@ def kfold(data: Dataset, k: int, seed: int) -> list[tuple[Dataset, Dataset]]:
     folds = []
     for test_idx in fold_indices(data, k, seed):
         held = set(test_idx.tolist())
-        folds.append((Dataset(data.path, [ex for i, ex in enumerate(data.examples) if i not in held]),
-                      Dataset(data.path, [data.examples[i] for i in test_idx])))
+        folds.append(
+            (
+                Dataset(data.path, [ex for i, ex in enumerate(data.examples) if i not in held]),
+                Dataset(data.path, [data.examples[i] for i in test_idx]),
+            )
+        )
     return folds
 
 
@@ -315,15 +346,18 @@ def ordered_labels(labels: list[str]) -> list[str]:
     try:
         return sorted(labels, key=float)
     except ValueError:
-        raise DomainLMError(f"--ordinal: the labels ({', '.join(labels)}) are not numbers; give their order with "
-                            "--labels") from None
+        raise DomainLMError(
+            f"--ordinal: the labels ({', '.join(labels)}) are not numbers; give their order with --labels"
+        ) from None
 
 
 # ---- the task: the one reader of a classification task's files ----------------------------------------------------
 
+
 @dataclass
 class Task:
     """The task data, read (and checked) once and passed on: training rows, the --dev and --test rows, labels."""
+
     train: Dataset
     dev: Dataset | None
     test: Dataset | None
@@ -356,8 +390,9 @@ def task_problems(cfg, known: list[str] | None = None, known_from: str = "") -> 
         path = getattr(cfg, key, None)
         if path:
             try:
-                read[key] = read_examples(path, columns, multilabel, skip_bad=getattr(cfg, "skip_bad_rows", False),
-                                          flag=f"--{key}")
+                read[key] = read_examples(
+                    path, columns, multilabel, skip_bad=getattr(cfg, "skip_bad_rows", False), flag=f"--{key}"
+                )
             except DomainLMError as e:
                 errors[key] = str(e)
     labels = None
@@ -381,8 +416,10 @@ def _task_labels(cfg, train: Dataset, multilabel: bool, known: list[str] | None,
     if known is not None:
         unknown = sorted({label for ex in train.examples for label in ex.labels} - set(known))
         if unknown:
-            raise DomainLMError(f"{known_from} predicts {', '.join(known)}; --train {train.path} has labels {unknown} it "
-                                "does not know: use a model trained on these labels")
+            raise DomainLMError(
+                f"{known_from} predicts {', '.join(known)}; --train {train.path} has labels {unknown} it "
+                "does not know: use a model trained on these labels"
+            )
         return list(known)
     given = getattr(cfg, "labels", None) or None
     labels = label_list(train, given)

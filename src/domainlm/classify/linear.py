@@ -59,8 +59,12 @@ class LinearModel:
     def _vectorizer(self):
         from sklearn.feature_extraction.text import TfidfVectorizer
 
-        vec = TfidfVectorizer(analyzer=self.analyzer, ngram_range=self.ngram_range, sublinear_tf=True,
-                              vocabulary={t: i for i, t in enumerate(self.vocabulary)})
+        vec = TfidfVectorizer(
+            analyzer=self.analyzer,
+            ngram_range=self.ngram_range,
+            sublinear_tf=True,
+            vocabulary={t: i for i, t in enumerate(self.vocabulary)},
+        )
         vec.idf_ = self.idf
         return vec
 
@@ -98,7 +102,9 @@ def _estimator(kind: str, c: float):
     return LinearSVC(C=c, max_iter=5000)
 
 
-def _fit_weights(x, y: np.ndarray, kind: str, c: float, n_labels: int, multilabel: bool) -> tuple[np.ndarray, np.ndarray]:
+def _fit_weights(
+    x, y: np.ndarray, kind: str, c: float, n_labels: int, multilabel: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """Weights in one shape for every case: (labels, features) and (labels,)."""
     if multilabel:
         coef, intercept = np.zeros((n_labels, x.shape[1])), np.zeros(n_labels)
@@ -112,7 +118,10 @@ def _fit_weights(x, y: np.ndarray, kind: str, c: float, n_labels: int, multilabe
         return coef, intercept
     present = np.unique(y)
     est = _estimator(kind, c).fit(x, y)
-    coef, intercept = np.zeros((n_labels, x.shape[1])), np.full(n_labels, -1e4)  # labels absent from training: never chosen
+    coef, intercept = (
+        np.zeros((n_labels, x.shape[1])),
+        np.full(n_labels, -1e4),
+    )  # labels absent from training: never chosen
     if len(present) == 2:  # one weight vector w: softmax([-w/2, w/2]) equals sigmoid(w)
         coef[present[0]], coef[present[1]] = -est.coef_[0] / 2, est.coef_[0] / 2
         intercept[present[0]], intercept[present[1]] = -est.intercept_[0] / 2, est.intercept_[0] / 2
@@ -121,7 +130,9 @@ def _fit_weights(x, y: np.ndarray, kind: str, c: float, n_labels: int, multilabe
     return coef, intercept
 
 
-def fit(train: Dataset, dev: Dataset, labels: list[str], multilabel: bool, metric: str, tolerant_k: int = 2) -> LinearModel:
+def fit(
+    train: Dataset, dev: Dataset, labels: list[str], multilabel: bool, metric: str, tolerant_k: int = 2
+) -> LinearModel:
     """Every candidate fitted on train and scored on dev by `metric`; the best one (first on ties) is returned."""
     from sklearn.feature_extraction.text import TfidfVectorizer
 
@@ -138,14 +149,33 @@ def fit(train: Dataset, dev: Dataset, labels: list[str], multilabel: bool, metri
                 probs = _scores(x_dev, coef, intercept, multilabel)
                 m = score(probs, dev, labels, multilabel, tolerant_k)  # multi-label: thresholds tuned for the pick only
                 if metric not in m:
-                    raise DomainLMError(f"--metric {metric!r} is not computed; choose one of "
-                                        f"{', '.join(k for k, v in m.items() if isinstance(v, float))}")
-                selection.append({"analyzer": analyzer, "ngram_range": list(ngrams), "classifier": kind, "C": c,
-                                  f"dev_{metric}": round(float(m[metric]), 6)})
+                    raise DomainLMError(
+                        f"--metric {metric!r} is not computed; choose one of "
+                        f"{', '.join(k for k, v in m.items() if isinstance(v, float))}"
+                    )
+                selection.append(
+                    {
+                        "analyzer": analyzer,
+                        "ngram_range": list(ngrams),
+                        "classifier": kind,
+                        "C": c,
+                        f"dev_{metric}": round(float(m[metric]), 6),
+                    }
+                )
                 if m[metric] > best_value:
                     best_value = m[metric]
-                    best = LinearModel(labels, multilabel, analyzer, ngrams, kind, c, vec.get_feature_names_out().tolist(),
-                                       vec.idf_.copy(), coef, intercept)
+                    best = LinearModel(
+                        labels,
+                        multilabel,
+                        analyzer,
+                        ngrams,
+                        kind,
+                        c,
+                        vec.get_feature_names_out().tolist(),
+                        vec.idf_.copy(),
+                        coef,
+                        intercept,
+                    )
                     best_probs = probs
     best.selection = selection
     if multilabel:
@@ -153,8 +183,15 @@ def fit(train: Dataset, dev: Dataset, labels: list[str], multilabel: bool, metri
     return best
 
 
-def evaluate(train: Dataset, dev: Dataset, evaluated: dict[str, Dataset], labels: list[str], multilabel: bool,
-             metric: str, tolerant_k: int = 2) -> tuple[LinearModel, Scored]:
+def evaluate(
+    train: Dataset,
+    dev: Dataset,
+    evaluated: dict[str, Dataset],
+    labels: list[str],
+    multilabel: bool,
+    metric: str,
+    tolerant_k: int = 2,
+) -> tuple[LinearModel, Scored]:
     """Fit the floor and score it on dev and on each of `evaluated` (by split name) with the same metric functions as
     the transformer; the probabilities are kept (Scored)."""
     start = time.perf_counter()
@@ -162,8 +199,11 @@ def evaluate(train: Dataset, dev: Dataset, evaluated: dict[str, Dataset], labels
     rows = {"dev": dev, **evaluated}
     probs = {name: model.scores(data) for name, data in rows.items()}
     metrics = {"method": model.description, "train_rows": len(train), "selected_on": f"dev {metric}"}
-    metrics |= {name: score(probs[name], data, labels, multilabel, tolerant_k, model.thresholds)
-                for name, data in rows.items() if name != TEST_FILE}
+    metrics |= {
+        name: score(probs[name], data, labels, multilabel, tolerant_k, model.thresholds)
+        for name, data in rows.items()
+        if name != TEST_FILE
+    }
     metrics["seconds"] = round(time.perf_counter() - start, 2)
     return model, Scored(metrics, probs, rows, model.thresholds, fit=train)
 
@@ -178,11 +218,21 @@ def save(model: LinearModel, folder: Writer | str | Path, cfg=None) -> None:
     if cfg is not None:
         model.settings = {k: v for k, v in cfg.inference_settings().items() if k != "max_seq_len"}
     folder = folder if isinstance(folder, Writer) else Plain(folder)
-    meta = {"format": FORMAT, "version": 1, "labels": model.labels, "multilabel": model.multilabel,
-            "analyzer": model.analyzer, "ngram_range": list(model.ngram_range), "classifier": model.classifier,
-            "C": model.C, "description": model.description,
-            "thresholds": None if model.thresholds is None else [float(t) for t in model.thresholds],
-            "selection": model.selection, "settings": model.settings, "vocabulary": model.vocabulary}
+    meta = {
+        "format": FORMAT,
+        "version": 1,
+        "labels": model.labels,
+        "multilabel": model.multilabel,
+        "analyzer": model.analyzer,
+        "ngram_range": list(model.ngram_range),
+        "classifier": model.classifier,
+        "C": model.C,
+        "description": model.description,
+        "thresholds": None if model.thresholds is None else [float(t) for t in model.thresholds],
+        "selection": model.selection,
+        "settings": model.settings,
+        "vocabulary": model.vocabulary,
+    }
     arrays = io.BytesIO()
     np.savez(arrays, idf=model.idf, coef=model.coef, intercept=model.intercept)
     folder.write_bytes("linear.npz", arrays.getvalue())
@@ -204,23 +254,39 @@ def load(folder: str | Path) -> LinearModel:
     if meta.get("format") != FORMAT or coef.shape != (len(meta["labels"]), len(meta["vocabulary"])):
         raise DomainLMError(f"{folder}: linear.json and linear.npz do not belong together")
     thresholds = None if meta["thresholds"] is None else np.asarray(meta["thresholds"])
-    return LinearModel(meta["labels"], meta["multilabel"], meta["analyzer"], tuple(meta["ngram_range"]), meta["classifier"],
-                       meta["C"], meta["vocabulary"], idf, coef, intercept, thresholds, meta.get("selection", []),
-                       meta.get("settings", {}))
+    return LinearModel(
+        meta["labels"],
+        meta["multilabel"],
+        meta["analyzer"],
+        tuple(meta["ngram_range"]),
+        meta["classifier"],
+        meta["C"],
+        meta["vocabulary"],
+        idf,
+        coef,
+        intercept,
+        thresholds,
+        meta.get("selection", []),
+        meta.get("settings", {}),
+    )
 
 
-def run(cfg, fit_rows: Dataset, dev: Dataset, evaluated: dict[str, Dataset], labels: list[str], seed: int,
-        folder: Writer) -> Scored:
+def run(
+    cfg, fit_rows: Dataset, dev: Dataset, evaluated: dict[str, Dataset], labels: list[str], seed: int, folder: Writer
+) -> Scored:
     """`finetune --method linear`: the floor alone, saved with its predictions like a fine-tuning run (its
     metrics.json and report.md come once the command has all results)."""
     model, scored = evaluate(fit_rows, dev, evaluated, labels, cfg.multilabel, cfg.best_metric, cfg.tolerant_k)
-    print(f"{model.description}: dev {cfg.best_metric} {scored.metrics['dev'][cfg.best_metric]:.4f} "
-          f"(best of {len(model.selection)} candidates, {scored.metrics['seconds']} s)")
+    print(
+        f"{model.description}: dev {cfg.best_metric} {scored.metrics['dev'][cfg.best_metric]:.4f} "
+        f"(best of {len(model.selection)} candidates, {scored.metrics['seconds']} s)"
+    )
     save(model, folder, cfg)
     for name, data in scored.rows.items():
         if name != TEST_FILE:
-            write_outputs(folder, name, data, scored.probs[name], labels, cfg.multilabel, scored.metrics[name],
-                          model.thresholds)
+            write_outputs(
+                folder, name, data, scored.probs[name], labels, cfg.multilabel, scored.metrics[name], model.thresholds
+            )
     scored.metrics = {"seed": seed, **scored.metrics}
     scored.folder = folder
     return scored
@@ -228,12 +294,17 @@ def run(cfg, fit_rows: Dataset, dev: Dataset, evaluated: dict[str, Dataset], lab
 
 def floor_line(floor: dict, split: str, metric: str, model_value: float | None = None) -> str:
     value = floor[split][metric]
-    line = (f"Classical floor ({floor['method']}, fitted on the same {floor['train_rows']} training rows, chosen on dev): "
-            f"{split} {metric} {value:.4f}.")
+    line = (
+        f"Classical floor ({floor['method']}, fitted on the same {floor['train_rows']} training rows, chosen on dev): "
+        f"{split} {metric} {value:.4f}."
+    )
     if model_value is not None:
         gap = 100 * (model_value - value)
-        line += (f" The model scores {model_value:.4f}: {abs(gap):.1f} points "
-                 f"{'above' if gap > 0 else 'below'} the floor." if gap else " The model scores the same.")
+        line += (
+            f" The model scores {model_value:.4f}: {abs(gap):.1f} points {'above' if gap > 0 else 'below'} the floor."
+            if gap
+            else " The model scores the same."
+        )
     return line
 
 
@@ -245,17 +316,30 @@ def beside(cfg, runs: list[Scored], labels: list[str], evaluated: str, out: Writ
     folds = cfg.folds > 0
     floors = []
     for k, run in enumerate(runs if folds else runs[:1], 1):
-        model, scored = evaluate(run.fit, run.rows["dev"], {n: d for n, d in run.rows.items() if n != "dev"}, labels,
-                                 cfg.multilabel, cfg.best_metric, cfg.tolerant_k)
+        model, scored = evaluate(
+            run.fit,
+            run.rows["dev"],
+            {n: d for n, d in run.rows.items() if n != "dev"},
+            labels,
+            cfg.multilabel,
+            cfg.best_metric,
+            cfg.tolerant_k,
+        )
         scored.folder = out.sub(FLOOR).sub(fold_folder(k) if folds else "")
         save(model, scored.folder, cfg)
         scored.folder.write_json("metrics.json", scored.metrics)
         floors.append(scored)
-    summary = {"method": floors[0].metrics["method"], "train_rows": floors[0].metrics["train_rows"],
-               "selected_on": floors[0].metrics["selected_on"]}
+    summary = {
+        "method": floors[0].metrics["method"],
+        "train_rows": floors[0].metrics["train_rows"],
+        "selected_on": floors[0].metrics["selected_on"],
+    }
     for split in ("dev", evaluated):
         if all(split in f.metrics for f in floors):
-            summary[split] = (scalars(floors[0].metrics[split]) if len(floors) == 1 else
-                              {k: v["mean"] for k, v in aggregate([f.metrics[split] for f in floors]).items()})
+            summary[split] = (
+                scalars(floors[0].metrics[split])
+                if len(floors) == 1
+                else {k: v["mean"] for k, v in aggregate([f.metrics[split] for f in floors]).items()}
+            )
     print(floor_line(summary, evaluated, cfg.best_metric))
     return {"summary": summary, "runs": floors}

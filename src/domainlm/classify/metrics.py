@@ -25,22 +25,33 @@ def ordinal_metrics(pred: np.ndarray, gold: np.ndarray) -> dict:
     return {"mae_classes": float(distance.mean()), "accuracy_within_1": float((distance <= 1).mean())}
 
 
-def multiclass_metrics(scores: np.ndarray, gold: np.ndarray, labels: list[str], tolerant_k: int = 2,
-                       groups: list[str] | None = None, ordinal: bool = False) -> dict:
+def multiclass_metrics(
+    scores: np.ndarray,
+    gold: np.ndarray,
+    labels: list[str],
+    tolerant_k: int = 2,
+    groups: list[str] | None = None,
+    ordinal: bool = False,
+) -> dict:
     from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
     pred = scores.argmax(axis=1)
     ids = list(range(len(labels)))
-    result = {"n": int(len(gold)), "accuracy": float(accuracy_score(gold, pred)),
-              f"tolerant_accuracy@{tolerant_k}": topk_accuracy(scores, gold, tolerant_k)}
+    result = {
+        "n": int(len(gold)),
+        "accuracy": float(accuracy_score(gold, pred)),
+        f"tolerant_accuracy@{tolerant_k}": topk_accuracy(scores, gold, tolerant_k),
+    }
     for avg in ("macro", "micro", "weighted"):
         p, r, f, _ = precision_recall_fscore_support(gold, pred, labels=ids, average=avg, zero_division=0)
         result.update({f"precision_{avg}": float(p), f"recall_{avg}": float(r), f"f1_{avg}": float(f)})
     if ordinal:
         result.update(ordinal_metrics(pred, gold))
     p, r, f, s = precision_recall_fscore_support(gold, pred, labels=ids, average=None, zero_division=0)
-    result["per_class"] = {labels[i]: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
-                           for i in ids}
+    result["per_class"] = {
+        labels[i]: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+        for i in ids
+    }
     result["confusion_matrix"] = confusion_matrix(gold, pred, labels=ids).tolist()
     if groups is not None:
         correct = pred == gold
@@ -49,21 +60,34 @@ def multiclass_metrics(scores: np.ndarray, gold: np.ndarray, labels: list[str], 
     return result
 
 
-def multilabel_metrics(probs: np.ndarray, gold: np.ndarray, labels: list[str], thresholds: np.ndarray,
-                       groups: list[str] | None = None) -> dict:
+def multilabel_metrics(
+    probs: np.ndarray, gold: np.ndarray, labels: list[str], thresholds: np.ndarray, groups: list[str] | None = None
+) -> dict:
     from sklearn.metrics import accuracy_score, hamming_loss, precision_recall_fscore_support
 
     pred = (probs >= thresholds[None, :]).astype(int)
     gold = gold.astype(int)
-    overlap = ((pred & gold).sum(axis=1) > 0)
-    result = {"n": int(len(gold)), "subset_accuracy": float(accuracy_score(gold, pred)),
-              "hamming_loss": float(hamming_loss(gold, pred)), "tolerant_accuracy": float(overlap.mean())}
+    overlap = (pred & gold).sum(axis=1) > 0
+    result = {
+        "n": int(len(gold)),
+        "subset_accuracy": float(accuracy_score(gold, pred)),
+        "hamming_loss": float(hamming_loss(gold, pred)),
+        "tolerant_accuracy": float(overlap.mean()),
+    }
     for avg in ("macro", "micro", "weighted"):
         p, r, f, _ = precision_recall_fscore_support(gold, pred, average=avg, zero_division=0)
         result.update({f"precision_{avg}": float(p), f"recall_{avg}": float(r), f"f1_{avg}": float(f)})
     p, r, f, s = precision_recall_fscore_support(gold, pred, average=None, zero_division=0)
-    result["per_class"] = {labels[i]: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
-                                       "support": int(s[i]), "threshold": float(thresholds[i])} for i in range(len(labels))}
+    result["per_class"] = {
+        labels[i]: {
+            "precision": float(p[i]),
+            "recall": float(r[i]),
+            "f1": float(f[i]),
+            "support": int(s[i]),
+            "threshold": float(thresholds[i]),
+        }
+        for i in range(len(labels))
+    }
     if groups is not None:
         exact = (pred == gold).all(axis=1)
         result["per_group"] = _per_group(groups, exact, overlap, None)
@@ -75,8 +99,10 @@ def _per_group(groups: list[str], correct: np.ndarray, tolerant: np.ndarray, k: 
     for i, g in enumerate(groups):
         by[g].append(i)
     name = f"tolerant_accuracy@{k}" if k else "tolerant_accuracy"
-    return {g: {"n": len(idx), "accuracy": float(correct[idx].mean()), name: float(tolerant[idx].mean())}
-            for g, idx in sorted(by.items())}
+    return {
+        g: {"n": len(idx), "accuracy": float(correct[idx].mean()), name: float(tolerant[idx].mean())}
+        for g, idx in sorted(by.items())
+    }
 
 
 def tune_thresholds(probs: np.ndarray, gold: np.ndarray, grid: np.ndarray | None = None) -> np.ndarray:
@@ -129,8 +155,13 @@ def scalars(metrics: dict) -> dict:
 def aggregate(runs: list[dict]) -> dict:
     """Mean and standard deviation of every scalar metric over runs (folds or seeds)."""
     keys = list(scalars(runs[0]))
-    return {k: {"mean": float(np.mean([r[k] for r in runs])), "std": float(np.std([r[k] for r in runs], ddof=1)) if len(runs) > 1 else 0.0}
-            for k in keys}
+    return {
+        k: {
+            "mean": float(np.mean([r[k] for r in runs])),
+            "std": float(np.std([r[k] for r in runs], ddof=1)) if len(runs) > 1 else 0.0,
+        }
+        for k in keys
+    }
 
 
 def confusion_png(matrix: list[list[int]], labels: list[str], path) -> None:

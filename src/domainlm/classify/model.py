@@ -25,13 +25,17 @@ CLS_ONLY = ("BertForSequenceClassification", "ErnieForSequenceClassification")
 
 def _cls_only_ready(hf: nn.Module) -> bool:
     config = getattr(hf, "config", None)
-    return (type(hf).__name__ in CLS_ONLY and config is not None and not config.is_decoder
-            and getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
-            and not getattr(config, "chunk_size_feed_forward", 0)
-            and getattr(config, "position_embedding_type", "absolute") == "absolute"
-            # sharded (FSDP) layers gather their weights in their own forward: calling their parts directly would not
-            and not any("FSDP" in type(m).__name__ or "FullySharded" in type(m).__name__ for m in hf.modules())
-            and type(next(hf.parameters())).__name__ != "DTensor")
+    return (
+        type(hf).__name__ in CLS_ONLY
+        and config is not None
+        and not config.is_decoder
+        and getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
+        and not getattr(config, "chunk_size_feed_forward", 0)
+        and getattr(config, "position_embedding_type", "absolute") == "absolute"
+        # sharded (FSDP) layers gather their weights in their own forward: calling their parts directly would not
+        and not any("FSDP" in type(m).__name__ or "FullySharded" in type(m).__name__ for m in hf.modules())
+        and type(next(hf.parameters())).__name__ != "DTensor"
+    )
 
 
 def classifier_logits(hf: nn.Module, input_ids, attention_mask, token_type_ids=None):
@@ -79,7 +83,11 @@ def _cls_attention(attention: nn.Module, hidden: torch.Tensor, mask: torch.Tenso
     scores = scores * attention.scaling
     if mask is not None:  # [batch, 1, query, key]: the [CLS] query's row; bool (sdpa: True attends) or additive (eager)
         row = mask[:, :, 0]
-        scores = scores.masked_fill(~row, torch.finfo(scores.dtype).min) if row.dtype == torch.bool else scores + row.to(scores.dtype)
+        scores = (
+            scores.masked_fill(~row, torch.finfo(scores.dtype).min)
+            if row.dtype == torch.bool
+            else scores + row.to(scores.dtype)
+        )
     probs = F.dropout(torch.softmax(scores, dim=-1), attention.dropout.p, attention.training)
     mixed = torch.einsum("bhl,bld->bhd", probs, hidden)
     context = torch.einsum("bhd,hsd->bhs", mixed, attention.value.weight.view(heads, size, width))
@@ -103,8 +111,16 @@ def packed_forward(hf: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tens
     encoder = hf.base_model
     *_, last = encoder.encoder.layer
     layout = Layout(batch["cu_seqlens"], batch["max_len"], batch["seq_index"], batch["position_ids"])
-    hidden = encode_packed(encoder, batch["input_ids"], batch["token_type_ids"], batch["position_ids"],
-                           batch["seq_index"], batch["cu_seqlens"], batch["max_len"], depth=len(encoder.encoder.layer) - 1)
+    hidden = encode_packed(
+        encoder,
+        batch["input_ids"],
+        batch["token_type_ids"],
+        batch["position_ids"],
+        batch["seq_index"],
+        batch["cu_seqlens"],
+        batch["max_len"],
+        depth=len(encoder.encoder.layer) - 1,
+    )
     padded = scatter_padded(hidden, layout)
     context = last.attention.output(_cls_attention(last.attention.self, padded, layout.key_mask()), padded[:, :1])
     cls = last.output(last.intermediate(context), context)
@@ -157,8 +173,16 @@ def enable_checkpointing(hf: nn.Module) -> None:
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def load_classifier(name_or_path: str, labels: list[str], multilabel: bool, method: str, lora_rank: int, lora_alpha: int, log=print,
-                    work_dir: str | Path | None = None):
+def load_classifier(
+    name_or_path: str,
+    labels: list[str],
+    multilabel: bool,
+    method: str,
+    lora_rank: int,
+    lora_alpha: int,
+    log=print,
+    work_dir: str | Path | None = None,
+):
     """The encoder with a new classification head (interop.models.load_weights); LoRA adapters on it for
     method "lora". work_dir: where a PaddleNLP folder is converted (the run's --out)."""
     from transformers import AutoModelForSequenceClassification
@@ -166,15 +190,27 @@ def load_classifier(name_or_path: str, labels: list[str], multilabel: bool, meth
     from domainlm.interop.models import load_weights
 
     model = load_weights(
-        name_or_path, AutoModelForSequenceClassification, work_dir=work_dir, log=log, new_heads_notice=False,
-        num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={v: i for i, v in enumerate(labels)},
+        name_or_path,
+        AutoModelForSequenceClassification,
+        work_dir=work_dir,
+        log=log,
+        new_heads_notice=False,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={v: i for i, v in enumerate(labels)},
         problem_type="multi_label_classification" if multilabel else "single_label_classification",
-        ignore_mismatched_sizes=True)
+        ignore_mismatched_sizes=True,
+    )
     if method == "lora":
         from peft import LoraConfig, TaskType, get_peft_model
 
-        config = LoraConfig(task_type=TaskType.SEQ_CLS, r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.1,
-                            target_modules=LORA_TARGETS)
+        config = LoraConfig(
+            task_type=TaskType.SEQ_CLS,
+            r=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_dropout=0.1,
+            target_modules=LORA_TARGETS,
+        )
         model = get_peft_model(model, config)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
@@ -182,8 +218,15 @@ def load_classifier(name_or_path: str, labels: list[str], multilabel: bool, meth
     return model
 
 
-def save_classifier(model, tokenizer, out: Writer | Path, labels: list[str], multilabel: bool, thresholds=None,
-                    settings: dict | None = None) -> Path:
+def save_classifier(
+    model,
+    tokenizer,
+    out: Writer | Path,
+    labels: list[str],
+    multilabel: bool,
+    thresholds=None,
+    settings: dict | None = None,
+) -> Path:
     """<out>/model: a plain HF classifier (LoRA merged in); <out>/adapter: the LoRA adapter alone, each staged and
     swapped into place. Beside the weights, domainlm_labels.json: the labels, the thresholds, and `settings`
     (FinetuneConfig.inference_settings: task, max_seq_len, text/pair columns), the defaults of every command that
@@ -220,19 +263,24 @@ def load_trained(path: str):
 
     path = resolve_model_dir(path)
     if is_paddle_folder(path):
-        raise DomainLMError(f"{path} is a PaddleNLP folder; convert it first (domainlm convert {path} --out DIR) "
-                            "and pass DIR")
+        raise DomainLMError(
+            f"{path} is a PaddleNLP folder; convert it first (domainlm convert {path} --out DIR) and pass DIR"
+        )
     config = load_config(path)
     archs = config.architectures or []
     if not any(a.endswith("ForSequenceClassification") for a in archs):
-        raise DomainLMError(f"{path} is not a sequence classifier (architectures: {archs or 'none'}); "
-                            "fine-tune one with `domainlm finetune`")
+        raise DomainLMError(
+            f"{path} is not a sequence classifier (architectures: {archs or 'none'}); "
+            "fine-tune one with `domainlm finetune`"
+        )
     meta_path = Path(path) / "domainlm_labels.json"
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     else:
-        meta = {"labels": [config.id2label[i] for i in range(config.num_labels)],
-                "multilabel": config.problem_type == "multi_label_classification"}
+        meta = {
+            "labels": [config.id2label[i] for i in range(config.num_labels)],
+            "multilabel": config.problem_type == "multi_label_classification",
+        }
     with weights_errors(path):
         model = AutoModelForSequenceClassification.from_pretrained(path)
     model.eval()

@@ -32,6 +32,7 @@ def fold_folder(k: int) -> str:
 class Scored:
     """One model's results: `metrics` (what metrics.json holds), and its probabilities and the rows they score,
     by split name; `fit` the rows it trained on, `folder` where its files are."""
+
     metrics: dict
     probs: dict[str, np.ndarray] = field(default_factory=dict)
     rows: dict[str, Dataset] = field(default_factory=dict)
@@ -44,5 +45,7 @@ class Scored:
         from domainlm.classify.metrics import choose
 
         chosen = choose(self.probs[split], multilabel, self.thresholds)
-        return np.asarray([sorted(labels[j] for j in c) == sorted(ex.labels)
-                           for c, ex in zip(chosen, self.rows[split].examples)], dtype=float)
+        return np.asarray(
+            [sorted(labels[j] for j in c) == sorted(ex.labels) for c, ex in zip(chosen, self.rows[split].examples)],
+            dtype=float,
+        )

@@ -53,10 +53,36 @@ from domainlm.classify.runtime_options import RuntimeOptions, torch_precision
 from domainlm.errors import DomainLMError
 from domainlm.precision import announce
 
-__all__ = ["CPU_ROWS", "DEVICES", "EXPORT_META", "GPU_ROWS", "GPU_TOKEN_BUDGET", "INPUT_NAMES", "LABELS_FILE",
-           "TOKEN_BUDGET", "ClassifierRuntime", "EnsembleRuntime", "LinearRuntime", "OnnxRuntime", "Plan", "Runtime",
-           "RuntimeOptions", "TokenEnsembleRuntime", "TorchRuntime", "autocast_dtype", "available_cores", "best_k",
-           "choose", "classifier_dir", "is_export_dir", "load", "open_runtime", "resolve_device", "thresholds_of"]
+__all__ = [
+    "CPU_ROWS",
+    "DEVICES",
+    "EXPORT_META",
+    "GPU_ROWS",
+    "GPU_TOKEN_BUDGET",
+    "INPUT_NAMES",
+    "LABELS_FILE",
+    "TOKEN_BUDGET",
+    "ClassifierRuntime",
+    "EnsembleRuntime",
+    "LinearRuntime",
+    "OnnxRuntime",
+    "Plan",
+    "Runtime",
+    "RuntimeOptions",
+    "TokenEnsembleRuntime",
+    "TorchRuntime",
+    "autocast_dtype",
+    "available_cores",
+    "best_k",
+    "choose",
+    "classifier_dir",
+    "is_export_dir",
+    "load",
+    "open_runtime",
+    "resolve_device",
+    "thresholds_of",
+]
+
 
 class TorchRuntime(Runtime):
     """A PyTorch classifier (a classifier folder or a `finetune` output; LoRA is merged in there) in inference mode,
@@ -72,8 +98,10 @@ class TorchRuntime(Runtime):
         from domainlm.classify.model import load_trained
 
         if precision == "int8":
-            raise DomainLMError(f"{path} is a PyTorch classifier; int8 needs an export: domainlm export {path} --out DIR "
-                                "--quantize int8")
+            raise DomainLMError(
+                f"{path} is a PyTorch classifier; int8 needs an export: domainlm export {path} --out DIR "
+                "--quantize int8"
+            )
         if threads:
             torch.set_num_threads(threads)
         resolved, why = torch_precision(precision, device)
@@ -115,8 +143,10 @@ class TorchRuntime(Runtime):
 
         with torch.inference_mode(), self.autocasting():
             if "cu_seqlens" in batch:
-                moved = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                         for k, v in batch.items()}
+                moved = {
+                    k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                    for k, v in batch.items()
+                }
                 return packed_logits(self.model, moved)
             feed = {k: torch.from_numpy(v).to(self.device) for k, v in batch.items() if k in self.input_names}
             return classifier_logits(self.model, **feed)
@@ -140,8 +170,9 @@ class OnnxRuntime(Runtime):
     """An export folder: model.onnx (fp32) and, if quantized, model.int8.onnx, run by ONNX Runtime (on a CUDA GPU
     when `device` is 'cuda' and ONNX Runtime has its CUDA provider, else on the CPU)."""
 
-    def __init__(self, path: str, precision: str = "auto", threads: int = 0, max_seq_len: int | None = None,
-                 device: str = "cpu"):
+    def __init__(
+        self, path: str, precision: str = "auto", threads: int = 0, max_seq_len: int | None = None, device: str = "cpu"
+    ):
         import onnxruntime as ort
         from transformers import AutoTokenizer
 
@@ -150,7 +181,9 @@ class OnnxRuntime(Runtime):
             info = json.loads((folder / EXPORT_META).read_text(encoding="utf-8"))
             meta = json.loads((folder / LABELS_FILE).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
-            raise DomainLMError(f"{folder} is not a complete export folder ({e}); run `domainlm export` again") from None
+            raise DomainLMError(
+                f"{folder} is not a complete export folder ({e}); run `domainlm export` again"
+            ) from None
         files = info.get("files", {})
         if precision == "auto":
             precision = "int8" if "int8" in files else "fp32"
@@ -172,20 +205,28 @@ class OnnxRuntime(Runtime):
             if "CUDAExecutionProvider" in ort.get_available_providers():
                 providers.insert(0, "CUDAExecutionProvider")
             else:
-                print("ONNX Runtime here has no CUDA provider (install onnxruntime-gpu); running the export on the CPU",
-                      file=sys.stderr)
+                print(
+                    "ONNX Runtime here has no CUDA provider (install onnxruntime-gpu); running the export on the CPU",
+                    file=sys.stderr,
+                )
         self.session = ort.InferenceSession(str(self.file), options, providers=providers)
-        self.options = RuntimeOptions("cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu",
-                                      precision, threads)
+        self.options = RuntimeOptions(
+            "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu", precision, threads
+        )
         self.input_names = [i.name for i in self.session.get_inputs()]
         width = self.session.get_outputs()[0].shape[-1]
         # what the model-vs-options checks read off a transformers config: positions, type, outputs
-        self.config = SimpleNamespace(max_position_embeddings=info.get("max_position_embeddings"),
-                                      model_type=info.get("model_type", ""),
-                                      num_labels=width if isinstance(width, int) else len(meta["labels"]))
+        self.config = SimpleNamespace(
+            max_position_embeddings=info.get("max_position_embeddings"),
+            model_type=info.get("model_type", ""),
+            num_labels=width if isinstance(width, int) else len(meta["labels"]),
+        )
         # the export's length (the model's own, or --max-seq-len of export) unless one is given
-        super().__init__(AutoTokenizer.from_pretrained(str(folder)),
-                         {**meta, "max_seq_len": info.get("max_seq_len") or meta.get("max_seq_len")}, max_seq_len or 0)
+        super().__init__(
+            AutoTokenizer.from_pretrained(str(folder)),
+            {**meta, "max_seq_len": info.get("max_seq_len") or meta.get("max_seq_len")},
+            max_seq_len or 0,
+        )
 
     def probs_batch(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         feed = {k: batch[k] if k in batch else np.zeros_like(batch["input_ids"]) for k in self.input_names}
@@ -200,11 +241,18 @@ class LinearRuntime(ClassifierRuntime):
     def __init__(self, model: linear.LinearModel):
         self.model = model
         self.options = RuntimeOptions("cpu", "fp32", 1)  # character n-grams: no tokens, no length
-        super().__init__({**model.settings, "labels": model.labels, "multilabel": model.multilabel,
-                          "thresholds": model.thresholds})
+        super().__init__(
+            {**model.settings, "labels": model.labels, "multilabel": model.multilabel, "thresholds": model.thresholds}
+        )
 
-    def predict(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 64,
-                max_seq_len: int | None = None, progress: bool = False) -> np.ndarray:
+    def predict(
+        self,
+        texts: list[str],
+        pairs: list[str] | None = None,
+        batch_size: int = 64,
+        max_seq_len: int | None = None,
+        progress: bool = False,
+    ) -> np.ndarray:
         if not texts:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
         return self.model.text_scores(linear.joined(texts, pairs))
@@ -216,10 +264,14 @@ def open_ensemble(path: str, open_member: Callable[[str], ClassifierRuntime]) ->
     members = [open_member(str(Path(path) / m)) for m in meta["members"]]
     for name, member in zip(meta["members"], members):
         if member.labels != meta["labels"] or member.multilabel != bool(meta.get("multilabel")):
-            raise DomainLMError(f"{Path(path) / name}: its labels ({', '.join(member.labels)}) differ from the "
-                                f"ensemble's ({', '.join(meta['labels'])})")
+            raise DomainLMError(
+                f"{Path(path) / name}: its labels ({', '.join(member.labels)}) differ from the "
+                f"ensemble's ({', '.join(meta['labels'])})"
+            )
     tokenizers = [m.tokenizer for m in members]
-    shared = all(t is not None for t in tokenizers) and all(t.get_vocab() == tokenizers[0].get_vocab() for t in tokenizers)
+    shared = all(t is not None for t in tokenizers) and all(
+        t.get_vocab() == tokenizers[0].get_vocab() for t in tokenizers
+    )
     return (TokenEnsembleRuntime if shared else EnsembleRuntime)(meta, members)
 
 
@@ -235,8 +287,14 @@ class EnsembleRuntime(ClassifierRuntime):
         self.options = first.options
         ClassifierRuntime.__init__(self, {**settings, **meta}, first.max_seq_len)
 
-    def predict(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 64,
-                max_seq_len: int | None = None, progress: bool = False) -> np.ndarray:
+    def predict(
+        self,
+        texts: list[str],
+        pairs: list[str] | None = None,
+        batch_size: int = 64,
+        max_seq_len: int | None = None,
+        progress: bool = False,
+    ) -> np.ndarray:
         n = max_seq_len or self.max_seq_len
         return np.mean([m.predict(texts, pairs, batch_size, n, progress) for m in self.members], axis=0)
 
@@ -287,8 +345,9 @@ KINDS: list[Kind] = [
 ]
 
 
-def load(folder: str, precision: str = "auto", device: str = "auto", threads: int = 0,
-         max_seq_len: int = 0) -> ClassifierRuntime:
+def load(
+    folder: str, precision: str = "auto", device: str = "auto", threads: int = 0, max_seq_len: int = 0
+) -> ClassifierRuntime:
     """`open_runtime` with the options given one by one."""
     return open_runtime(folder, RuntimeOptions(device, precision, threads, max_seq_len))
 

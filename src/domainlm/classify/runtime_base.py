@@ -117,8 +117,14 @@ class ClassifierRuntime:
     def task(self) -> str:
         return "multilabel" if self.multilabel else "multiclass"
 
-    def predict(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 0,
-                max_seq_len: int | None = None, progress: bool = False) -> np.ndarray:
+    def predict(
+        self,
+        texts: list[str],
+        pairs: list[str] | None = None,
+        batch_size: int = 0,
+        max_seq_len: int | None = None,
+        progress: bool = False,
+    ) -> np.ndarray:
         raise NotImplementedError
 
     def choose(self, probs: np.ndarray) -> list[list[int]]:
@@ -128,9 +134,13 @@ class ClassifierRuntime:
         """Per text: the chosen label(s) with their scores, and the top k."""
         answers = []
         for p, chosen, best in zip(probs, self.choose(probs), best_k(probs, top_k)):
-            answers.append({"labels": [self.labels[j] for j in chosen],
-                            "scores": {self.labels[j]: round(float(p[j]), digits) for j in chosen},
-                            "top_k": [{"label": self.labels[j], "score": round(float(p[j]), digits)} for j in best]})
+            answers.append(
+                {
+                    "labels": [self.labels[j] for j in chosen],
+                    "scores": {self.labels[j]: round(float(p[j]), digits) for j in chosen},
+                    "top_k": [{"label": self.labels[j], "score": round(float(p[j]), digits)} for j in best],
+                }
+            )
         return answers
 
     def activation(self, logits: np.ndarray) -> np.ndarray:
@@ -194,11 +204,20 @@ class Runtime(ClassifierRuntime):
         batch_size, token_budget = rows_cap, token_budget or budget
         # a text that repeats (common in real files) runs once: its rows share the first one's probabilities
         first: dict[tuple, int] = {}
-        same = np.asarray([first.setdefault((tuple(f["input_ids"]), tuple(f.get("token_type_ids", ()))), i)
-                           for i, f in enumerate(features)], dtype=np.int64)
+        same = np.asarray(
+            [
+                first.setdefault((tuple(f["input_ids"]), tuple(f.get("token_type_ids", ()))), i)
+                for i, f in enumerate(features)
+            ],
+            dtype=np.int64,
+        )
         unique = np.flatnonzero(same == np.arange(len(features)))
-        batches = length_batches([len(features[i]["input_ids"]) for i in unique], batch_size, token_budget,
-                                 0 if self.packed else self.call_tokens)
+        batches = length_batches(
+            [len(features[i]["input_ids"]) for i in unique],
+            batch_size,
+            token_budget,
+            0 if self.packed else self.call_tokens,
+        )
         groups = [unique[idx] for idx in batches]
         tokens = [len(rows) * max(len(features[j]["input_ids"]) for j in rows) for rows in groups]
         return Plan(same, groups, [self.feed([features[j] for j in rows]) for rows in groups], tokens)
@@ -210,8 +229,9 @@ class Runtime(ClassifierRuntime):
             out[rows] = probs
         return out[plan.same]
 
-    def probs_features(self, features: list[dict], batch_size: int = 0, token_budget: int = 0,
-                       progress: bool = False) -> np.ndarray:
+    def probs_features(
+        self, features: list[dict], batch_size: int = 0, token_budget: int = 0, progress: bool = False
+    ) -> np.ndarray:
         """Probabilities of encoded texts, in their order, batch by batch as `plan` cuts them."""
         plan = self.plan(features, batch_size, token_budget)
         if progress and sys.stderr.isatty() and self.device == "cpu":  # a GPU gets every batch queued at once
@@ -223,10 +243,14 @@ class Runtime(ClassifierRuntime):
             return out[plan.same]
         return self.run(plan)
 
-    def predict(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 0,
-                max_seq_len: int | None = None, progress: bool = False) -> np.ndarray:
+    def predict(
+        self,
+        texts: list[str],
+        pairs: list[str] | None = None,
+        batch_size: int = 0,
+        max_seq_len: int | None = None,
+        progress: bool = False,
+    ) -> np.ndarray:
         if not texts:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
         return self.probs_features(self.encode(texts, pairs, max_seq_len), batch_size, progress=progress)
-
-

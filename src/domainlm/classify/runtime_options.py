@@ -43,8 +43,9 @@ class RuntimeOptions:
         return f"{self.device}, {self.precision}{threads}{length}"
 
 
-def torch_precision(precision: str, device: str, cpu_feature: str | None | bool = False,
-                    gpu_bf16: bool | None = None) -> tuple[str, str]:
+def torch_precision(
+    precision: str, device: str, cpu_feature: str | None | bool = False, gpu_bf16: bool | None = None
+) -> tuple[str, str]:
     """(fp32 | bf16 | fp16, why) of a PyTorch classifier on `device` ("cpu" or "cuda"): `auto` by the rule of
     training (domainlm.precision.resolve: bf16 where the device runs it natively, else fp32); bf16 asked of a GPU
     without it runs fp16 autocast; fp16 on a CPU is an error. `cpu_feature` and `gpu_bf16` stand in for the
@@ -55,7 +56,9 @@ def torch_precision(precision: str, device: str, cpu_feature: str | None | bool 
     precision = "fp32" if precision == "no" else precision
     if device != "cuda":
         if precision == "fp16":
-            raise DomainLMError("--precision fp16 runs on a GPU only (--device cuda); on the CPU use fp32, bf16 or auto")
+            raise DomainLMError(
+                "--precision fp16 runs on a GPU only (--device cuda); on the CPU use fp32, bf16 or auto"
+            )
         return resolve(precision, "cpu", cpu_feature)
     if precision == "auto" and gpu_bf16 is None:
         return resolve("auto", "cuda")  # in the words training says it in (one line for distill's two models)

@@ -36,8 +36,9 @@ class Conflict(DomainLMError):
 
 
 class Console:
-    def __init__(self, cfg: ConsoleConfig, url: str = "", notify_backoff: float = 2.0,
-                 machine: devices.Machine | None = None):
+    def __init__(
+        self, cfg: ConsoleConfig, url: str = "", notify_backoff: float = 2.0, machine: devices.Machine | None = None
+    ):
         self.cfg = cfg
         self.home = Path(cfg.home).resolve()
         self.home.mkdir(parents=True, exist_ok=True)
@@ -48,12 +49,19 @@ class Console:
         self.sessions = open_database(cfg.database or f"sqlite:///{self.home / 'console.db'}")
         smtp = None
         if cfg.smtp_host:
-            smtp = SmtpSettings(cfg.smtp_host, cfg.smtp_port, cfg.smtp_user, os.environ.get("DOMAINLM_SMTP_PASSWORD"),
-                                cfg.smtp_starttls, cfg.smtp_from)
+            smtp = SmtpSettings(
+                cfg.smtp_host,
+                cfg.smtp_port,
+                cfg.smtp_user,
+                os.environ.get("DOMAINLM_SMTP_PASSWORD"),
+                cfg.smtp_starttls,
+                cfg.smtp_from,
+            )
         self.notifier = Notifier(secret.encode(), smtp, backoff=notify_backoff, on_result=self._delivery_logged)
         self.machine = machine or devices.Machine(self.home)
-        self.runner = Runner(self.sessions, self.home, cfg.max_concurrent, cfg.cancel_grace, on_event=self._notify,
-                             machine=self.machine)
+        self.runner = Runner(
+            self.sessions, self.home, cfg.max_concurrent, cfg.cancel_grace, on_event=self._notify, machine=self.machine
+        )
         self.factory = JobFactory(self.home, list(cfg.base_models), email=bool(cfg.smtp_host))
         self.endpoints = Endpoints(self.home)
         self._models: OrderedDict = OrderedDict()
@@ -73,11 +81,19 @@ class Console:
             return
         _ = i18n.translator(job.notify.get("lang", i18n.DEFAULT))  # the language of whoever created the job
         summary = _("[domainlm] job {id} '{name}' {event}", id=job.id, name=job.name, event=_(kind))
-        payload = {"event": f"job.{kind}", "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                   "job": {"id": job.id, "name": job.name, "command": job.command, "status": job.status,
-                           "url": f"{self.url}/jobs/{job.id}" if self.url else ""},
-                   "summary": summary + (f": {_.message(message)}" if message and kind != "started" else ""),
-                   "language": _.lang}
+        payload = {
+            "event": f"job.{kind}",
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "job": {
+                "id": job.id,
+                "name": job.name,
+                "command": job.command,
+                "status": job.status,
+                "url": f"{self.url}/jobs/{job.id}" if self.url else "",
+            },
+            "summary": summary + (f": {_.message(message)}" if message and kind != "started" else ""),
+            "language": _.lang,
+        }
         if kind == "succeeded":
             payload["metric"] = catalog.headline(job, self.home / job.folder)
         if kind in ("failed", "interrupted"):
@@ -86,14 +102,28 @@ class Console:
 
     def _delivery_logged(self, item, ok: bool, message: str) -> None:
         with self.sessions() as s:
-            s.add(Event(job_id=item.payload["job"]["id"], kind=f"{item.channel} {'sent' if ok else 'failed'}",
-                        message=f"{item.payload['event']} to {item.target}: {message}"))
+            s.add(
+                Event(
+                    job_id=item.payload["job"]["id"],
+                    kind=f"{item.channel} {'sent' if ok else 'failed'}",
+                    message=f"{item.payload['event']} to {item.target}: {message}",
+                )
+            )
             s.commit()
 
     # ---- jobs --------------------------------------------------------------------------------------------
-    def create_job(self, command: str, values: dict, name: str = "", description: str = "",
-                   notify: dict | None = None, gpus: list[int] | None = None, processes: int = 1,
-                   lang: str = i18n.DEFAULT, found: dict | None = None) -> tuple[Job | None, dict]:
+    def create_job(
+        self,
+        command: str,
+        values: dict,
+        name: str = "",
+        description: str = "",
+        notify: dict | None = None,
+        gpus: list[int] | None = None,
+        processes: int = 1,
+        lang: str = i18n.DEFAULT,
+        found: dict | None = None,
+    ) -> tuple[Job | None, dict]:
         """A job from a form or the API: every problem at once ({field: message}; `found`: the form's own), else the
         job, queued last. gpus: None = any free GPUs (one per process) on a machine that has them; [] = the CPU only."""
         with self.sessions() as s:
@@ -123,16 +153,28 @@ class Console:
         folder = self.home / job.folder
         done = job.status in FINISHED
         out = {
-            "id": job.id, "name": job.name, "description": job.description, "command": job.command,
-            "status": job.status, "error": job.error, "exit_code": job.exit_code, "attempts": job.attempts,
-            "created_at": _iso(job.created_at), "started_at": _iso(job.started_at), "finished_at": _iso(job.finished_at),
-            "model": self.model_name(s, job), "base_model_id": job.base_model_id,
+            "id": job.id,
+            "name": job.name,
+            "description": job.description,
+            "command": job.command,
+            "status": job.status,
+            "error": job.error,
+            "exit_code": job.exit_code,
+            "attempts": job.attempts,
+            "created_at": _iso(job.created_at),
+            "started_at": _iso(job.started_at),
+            "finished_at": _iso(job.finished_at),
+            "model": self.model_name(s, job),
+            "base_model_id": job.base_model_id,
             "method": _method_label(job.config) if job.command in ("finetune", "sweep") else "",
             "progress": catalog.progress(job, folder, self._train_rows(s, job), now()),
             "headline": catalog.headline(job, folder) if done else None,
             "cancelling": bool(job.cancel_requested_at) and job.status == "running",
-            "devices": {"gpus": self._asked_gpus(job), "processes": job.processes,
-                        "assigned": job.devices if job.status == "running" else None},
+            "devices": {
+                "gpus": self._asked_gpus(job),
+                "processes": job.processes,
+                "assigned": job.devices if job.status == "running" else None,
+            },
             "queue": None,
             **self._restart(job, folder),
         }
@@ -140,8 +182,11 @@ class Console:
             waiting = queue(s)
             plan = plan if plan is not None else self.runner.plan(s)
             start, why = plan.get(job.id, (True, None))
-            out["queue"] = {"position": [j.id for j in waiting].index(job.id) + 1 if job in waiting else None,
-                            "length": len(waiting), "waiting_for": None if start else why}
+            out["queue"] = {
+                "position": [j.id for j in waiting].index(job.id) + 1 if job in waiting else None,
+                "length": len(waiting),
+                "waiting_for": None if start else why,
+            }
         return out
 
     def _asked_gpus(self, job: Job) -> list[int] | None:
@@ -162,7 +207,7 @@ class Console:
         if not value:
             return None
         home = str(self.home.resolve()) + "/"
-        return value[len(home):] if str(value).startswith(home) else value
+        return value[len(home) :] if str(value).startswith(home) else value
 
     @staticmethod
     def _restart(job: Job, folder: Path) -> dict:
@@ -172,10 +217,14 @@ class Console:
         unsuccessful = job.status in ("failed", "cancelled", "interrupted")
         config_error = job.status == "failed" and job.exit_code == 2
         checkpoint = job.command == "pretrain" and any((folder / "checkpoints").glob("step-*"))
-        return {"resumable": unsuccessful and not config_error, "config_error": config_error,
-                "restart_label": "Resume" if checkpoint else "Retry",
-                "tensorboard": str(folder) if any(folder.glob("tensorboard")) or any(folder.glob("*/tensorboard"))
-                else None}
+        return {
+            "resumable": unsuccessful and not config_error,
+            "config_error": config_error,
+            "restart_label": "Resume" if checkpoint else "Retry",
+            "tensorboard": str(folder)
+            if any(folder.glob("tensorboard")) or any(folder.glob("*/tensorboard"))
+            else None,
+        }
 
     def job_detail(self, s, job: Job) -> dict:
         out = self.job_summary(s, job)
@@ -183,9 +232,13 @@ class Console:
         out["folder"] = str(self.home / job.folder)
         out["notify"] = job.notify
         out["command_line"] = display(self.runner.command_line(job))  # what reruns it by hand
-        out["events"] = [{"kind": e.kind, "message": e.message, "at": _iso(e.created_at)}
-                         for e in s.query(Event).filter(Event.job_id == job.id).order_by(Event.id)]
-        out["models"] = [self.model_summary(m) for m in s.query(Model).filter(Model.job_id == job.id).order_by(Model.id)]
+        out["events"] = [
+            {"kind": e.kind, "message": e.message, "at": _iso(e.created_at)}
+            for e in s.query(Event).filter(Event.job_id == job.id).order_by(Event.id)
+        ]
+        out["models"] = [
+            self.model_summary(m) for m in s.query(Model).filter(Model.job_id == job.id).order_by(Model.id)
+        ]
         return out
 
     def log_tail(self, job: Job, lines: int = 200) -> str:
@@ -217,10 +270,14 @@ class Console:
         with self.sessions() as s:
             job = s.get(Job, job_id)
             if job.status not in ("failed", "cancelled", "interrupted"):
-                raise Conflict(f"job {job_id} is {job.status}; only failed, cancelled or interrupted jobs can be resumed")
+                raise Conflict(
+                    f"job {job_id} is {job.status}; only failed, cancelled or interrupted jobs can be resumed"
+                )
             if self._restart(job, self.home / job.folder)["config_error"]:
-                raise Conflict(f"job {job_id} failed on its configuration ({job.error}); running it again would fail "
-                               "the same way: clone it and fix the option")
+                raise Conflict(
+                    f"job {job_id} failed on its configuration ({job.error}); running it again would fail "
+                    "the same way: clone it and fix the option"
+                )
             job.status, job.resume, job.cancel_requested_at, job.error = "queued", True, None, ""
             job.queue_position = next_position(s)  # the end of the queue, as a new job
             s.add(Event(job_id=job.id, kind="queued", message="resume" if job.command == "pretrain" else "retry"))
@@ -255,9 +312,13 @@ class Console:
             users = {g: {"id": j.id, "name": j.name} for j in running for g in (j.devices or [])}
             for gpu in out["gpus"]:
                 gpu["job"] = users.get(gpu["index"])
-            out["jobs"] = {"running": [{"id": j.id, "name": j.name, "gpus": j.devices or [], "processes": j.processes}
-                                       for j in running],
-                           "queued": len(queue(s)), "cpu_slots": self.cfg.max_concurrent}
+            out["jobs"] = {
+                "running": [
+                    {"id": j.id, "name": j.name, "gpus": j.devices or [], "processes": j.processes} for j in running
+                ],
+                "queued": len(queue(s)),
+                "cpu_slots": self.cfg.max_concurrent,
+            }
         return out
 
     # ---- models ------------------------------------------------------------------------------------------
@@ -266,11 +327,23 @@ class Console:
 
         session = session or object_session(m)
         job = m.job
-        return {"id": m.id, "name": m.name, "kind": m.kind, "path": str(self.home / m.path), "job_id": m.job_id,
-                "job_name": job.name if job else None, "job_command": job.command if job else None,
-                "step": m.step, "metrics": m.metrics, "size_bytes": m.size_bytes, "created_at": _iso(m.created_at),
-                "lineage": catalog.lineage(m, session, self.home), "can_try": m.kind in ("classifier", "linear"),
-                "method": self._method(m), "floor": self._floor(m)}
+        return {
+            "id": m.id,
+            "name": m.name,
+            "kind": m.kind,
+            "path": str(self.home / m.path),
+            "job_id": m.job_id,
+            "job_name": job.name if job else None,
+            "job_command": job.command if job else None,
+            "step": m.step,
+            "metrics": m.metrics,
+            "size_bytes": m.size_bytes,
+            "created_at": _iso(m.created_at),
+            "lineage": catalog.lineage(m, session, self.home),
+            "can_try": m.kind in ("classifier", "linear"),
+            "method": self._method(m),
+            "floor": self._floor(m),
+        }
 
     def _floor(self, m: Model) -> dict | None:
         """The classical floor fitted beside a classifier, on the split its headline metric is on."""
@@ -325,15 +398,19 @@ class Console:
         if not texts:
             raise DomainLMError("type at least one text")
         if len(texts) > 100:  # answering the first 100 would pass silently for all of them
-            raise DomainLMError(f"{len(texts)} texts: try answers at most 100 at a time; use `domainlm predict` for more")
+            raise DomainLMError(
+                f"{len(texts)} texts: try answers at most 100 at a time; use `domainlm predict` for more"
+            )
         runtime = self._load(m)  # its own max_seq_len (saved with it), else its job's
         with self.sessions() as s:
             job = s.get(Job, m.job_id) if m.job_id else None
             max_seq_len = None if "max_seq_len" in runtime.meta else (job.config if job else {}).get("max_seq_len")
         with self._models_lock:  # one forward pass at a time per loaded model
             probs = runtime.predict(texts, None, 16, max_seq_len)
-        return [{"text": text, "labels": d["labels"], "scores": d["top_k"]}
-                for text, d in zip(texts, runtime.decide(probs, top_k, digits=4))]
+        return [
+            {"text": text, "labels": d["labels"], "scores": d["top_k"]}
+            for text, d in zip(texts, runtime.decide(probs, top_k, digits=4))
+        ]
 
     def delete_model(self, model_id: int) -> dict:
         with self.sessions() as s:
@@ -345,7 +422,9 @@ class Console:
                 raise Conflict(f"refusing to delete {m.path}")
             users = s.query(Job).filter(Job.base_model_id == m.id, Job.status.in_(("queued", "running"))).all()
             if users:
-                raise Conflict(f"{m.name} is the base of job(s) {', '.join(str(j.id) for j in users)} that have not finished")
+                raise Conflict(
+                    f"{m.name} is the base of job(s) {', '.join(str(j.id) for j in users)} that have not finished"
+                )
             size = m.size_bytes
             self.endpoints.stop(model_id)
             if m.kind == "linear":  # its files only: the folder is also its job's run folder

@@ -83,8 +83,10 @@ def progress(job: Job, folder: Path, train_rows: int | None, now: datetime) -> d
     if job.status == "succeeded":
         return {"steps": done, "total": total or done, "fraction": 1.0, "eta_s": 0}
     started = job.started_at.replace(tzinfo=timezone.utc).timestamp() if job.started_at else None
-    earlier = job.attempts > 0 and (job.status == "queued" or (
-        job.status == "running" and started is not None and logs and all(p.stat().st_mtime < started for p in logs)))
+    earlier = job.attempts > 0 and (
+        job.status == "queued"
+        or (job.status == "running" and started is not None and logs and all(p.stat().st_mtime < started for p in logs))
+    )
     restarts = job.command not in ("pretrain", "sweep")
     if earlier and restarts:
         done = 0
@@ -138,34 +140,53 @@ def _headline(job: Job, folder: Path) -> dict | None:
         name = job.config.get("metric") or ("f1_micro" if job.config.get("task") == "multilabel" else "accuracy")
         summary = read_json(folder / "summary.json")
         if summary.get("mean_std", {}).get(name):
-            return {"name": f"{name} ({summary['evaluated_on']}, mean of {summary['runs']})",
-                    "value": round(summary["mean_std"][name]["mean"], 4), "metric": name,
-                    "split": summary["evaluated_on"], "runs": summary["runs"]}
+            return {
+                "name": f"{name} ({summary['evaluated_on']}, mean of {summary['runs']})",
+                "value": round(summary["mean_std"][name]["mean"], 4),
+                "metric": name,
+                "split": summary["evaluated_on"],
+                "runs": summary["runs"],
+            }
         metrics = read_json(folder / "metrics.json")
         split = "test" if "test" in metrics else "dev"
         if name in metrics.get(split, {}):
-            return {"name": f"{name} ({split})", "value": round(metrics[split][name], 4), "metric": name,
-                    "split": split}
+            return {
+                "name": f"{name} ({split})",
+                "value": round(metrics[split][name], 4),
+                "metric": name,
+                "split": split,
+            }
         distill = read_json(folder / "distill.json")
         if distill.get("models", {}).get("student"):
-            return {"name": f"{distill['metric']} ({distill['split']}, mean of {len(distill['seeds'])})",
-                    "value": round(distill["models"]["student"]["mean"], 4), "metric": distill["metric"],
-                    "split": distill["split"], "runs": len(distill["seeds"])}
+            return {
+                "name": f"{distill['metric']} ({distill['split']}, mean of {len(distill['seeds'])})",
+                "value": round(distill["models"]["student"]["mean"], 4),
+                "metric": distill["metric"],
+                "split": distill["split"],
+                "runs": len(distill["seeds"]),
+            }
     if job.command == "pretrain":
         results = read_json(folder / "results.json")
         for split in ("valid", "test"):
             if "mlm_acc" in results.get(split, {}):
-                return {"name": f"mlm_acc ({split})", "value": round(results[split]["mlm_acc"], 4), "metric": "mlm_acc",
-                        "split": split}
+                return {
+                    "name": f"mlm_acc ({split})",
+                    "value": round(results[split]["mlm_acc"], 4),
+                    "metric": "mlm_acc",
+                    "split": split,
+                }
     if job.command == "sweep":  # the best cell's mean
         results = read_json(folder / "results.json")
         primary = results.get("primary_metric")
         best = next((c for c in results.get("cells", []) if c.get("best")), None)
         if best and primary in best:
-            return {"name": f"{primary} best: {best['model']} {best['checkpoint']}",
-                    "value": round(best[primary]["mean"], 4),
-                    "metric": primary, "split": results.get("task", {}).get("evaluated_on", "test"),
-                    "best": f"{best['model']} {best['checkpoint']}"}
+            return {
+                "name": f"{primary} best: {best['model']} {best['checkpoint']}",
+                "value": round(best[primary]["mean"], 4),
+                "metric": primary,
+                "split": results.get("task", {}).get("evaluated_on", "test"),
+                "best": f"{best['model']} {best['checkpoint']}",
+            }
         return None
     if job.command == "export":
         change = read_json(folder / "export" / "export.json").get("data_metrics", {}).get("int8_change_points", {})
@@ -185,12 +206,29 @@ def distill_report(folder: Path) -> dict | None:
     if not result.get("models"):
         return None
     speeds = result.get("speed_texts_per_s", {})
-    rows = [{"model": name, "mean": v["mean"], "std": v["std"], "per_seed": v["per_seed"],
-             "speed": speeds.get("student" if name == "plain" else name)} for name, v in result["models"].items()]
-    tests = [{"against": name, **result[f"student_vs_{name}"]} for name in ("plain", "floor")
-             if f"student_vs_{name}" in result]
-    return {"metric": result["metric"], "split": result["split"], "rows": rows, "tests": tests,
-            "speedup": result.get("speedup"), "best": max(r["mean"] for r in rows)}
+    rows = [
+        {
+            "model": name,
+            "mean": v["mean"],
+            "std": v["std"],
+            "per_seed": v["per_seed"],
+            "speed": speeds.get("student" if name == "plain" else name),
+        }
+        for name, v in result["models"].items()
+    ]
+    tests = [
+        {"against": name, **result[f"student_vs_{name}"]}
+        for name in ("plain", "floor")
+        if f"student_vs_{name}" in result
+    ]
+    return {
+        "metric": result["metric"],
+        "split": result["split"],
+        "rows": rows,
+        "tests": tests,
+        "speedup": result.get("speedup"),
+        "best": max(r["mean"] for r in rows),
+    }
 
 
 def _classifier_metrics(run: Path) -> dict:
@@ -205,8 +243,12 @@ def _classifier_metrics(run: Path) -> dict:
 def _snapshot_metrics(folder: Path, step: int | None) -> dict:
     if step is None:  # final: results.json holds the full validation and test evaluation
         results = read_json(folder / "results.json")
-        return {f"{split} {k}": round(float(v), 4) for split in ("valid", "test") for k, v in results.get(split, {}).items()
-                if k in ("loss", "mlm_acc", "sop_acc")}
+        return {
+            f"{split} {k}": round(float(v), 4)
+            for split in ("valid", "test")
+            for k, v in results.get(split, {}).items()
+            if k in ("loss", "mlm_acc", "sop_acc")
+        }
     rows = [r for r in read_log(folder / "log.jsonl", "valid") if r["step"] <= step]
     return {f"valid {k}": v for k, v in rows[-1].items() if k in ("loss", "mlm_acc", "sop_acc")} if rows else {}
 
@@ -230,8 +272,14 @@ def register_outputs(session, job: Job, home: Path) -> list[Model]:
             runs = sorted(folder.glob("cells/*/*/seed-*"))
         for run in runs:
             if (run / "model" / "config.json").is_file():
-                found.append((run / "model", "classifier", read_json(run / "metrics.json").get("best_step"),
-                              _classifier_metrics(run)))
+                found.append(
+                    (
+                        run / "model",
+                        "classifier",
+                        read_json(run / "metrics.json").get("best_step"),
+                        _classifier_metrics(run),
+                    )
+                )
             elif (run / LINEAR_FILES[0]).is_file():  # `--method linear`: the run folder is the model
                 found.append((run, "linear", None, _classifier_metrics(run)))
     elif job.command == "export" and (folder / "export" / "export.json").is_file():
@@ -245,12 +293,17 @@ def register_outputs(session, job: Job, home: Path) -> list[Model]:
         rel = str(path.relative_to(home))
         if rel in known:
             continue
-        suffix = "" if path in (folder / "model", folder, folder / "export") else f" {path.parent.name if kind == 'classifier' else path.name}"
+        suffix = (
+            ""
+            if path in (folder / "model", folder, folder / "export")
+            else f" {path.parent.name if kind == 'classifier' else path.name}"
+        )
         if job.command == "sweep":
             suffix = " " + " ".join(path.relative_to(folder / "cells").parts[:-1])
         size = sum(folder_size(path / f) for f in LINEAR_FILES) if kind == "linear" else folder_size(path)
-        model = Model(name=f"{job.name}{suffix}", kind=kind, path=rel, job_id=job.id, step=step, metrics=metrics,
-                      size_bytes=size)
+        model = Model(
+            name=f"{job.name}{suffix}", kind=kind, path=rel, job_id=job.id, step=step, metrics=metrics, size_bytes=size
+        )
         session.add(model)
         added.append(model)
     corpus = folder / "corpus"
@@ -258,8 +311,17 @@ def register_outputs(session, job: Job, home: Path) -> list[Model]:
         rel = str(corpus.relative_to(home))
         if not session.query(Dataset).filter(Dataset.path == rel).first():
             stats = read_json(corpus / "stats.json")
-            session.add(Dataset(name=job.name, path=rel, kind="corpus", size_bytes=folder_size(corpus),
-                                rows=int(stats.get("documents", 0)), columns={"stats": stats}, job_id=job.id))
+            session.add(
+                Dataset(
+                    name=job.name,
+                    path=rel,
+                    kind="corpus",
+                    size_bytes=folder_size(corpus),
+                    rows=int(stats.get("documents", 0)),
+                    columns={"stats": stats},
+                    job_id=job.id,
+                )
+            )
     return added
 
 

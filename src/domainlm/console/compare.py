@@ -36,21 +36,37 @@ def settings(home: Path, m: Model, names: dict[str, str] | None = None) -> dict:
         seed = run.name[5:] if run.name.startswith("seed-") else ",".join(map(str, c.get("seeds", [])))
         base = c.get("model") or ""
         if c.get("method") == "linear" or m.kind == "linear":
-            return {**dict.fromkeys(SETTINGS, ""), "method": "linear", "seed": seed,
-                    "data": Path(c.get("train") or "").name}
-        return {"method": c.get("method", ""), "LoRA rank": c.get("lora_rank", "") if c.get("method") == "lora" else "",
-                "learning rate": c.get("learning_rate", ""), "epochs": c.get("epochs", ""), "batch size": c.get("batch_size", ""),
-                "max seq len": c.get("max_seq_len", ""), "seed": seed, "base": _short(base, names),
-                "data": Path(c.get("train") or "").name}
+            return {
+                **dict.fromkeys(SETTINGS, ""),
+                "method": "linear",
+                "seed": seed,
+                "data": Path(c.get("train") or "").name,
+            }
+        return {
+            "method": c.get("method", ""),
+            "LoRA rank": c.get("lora_rank", "") if c.get("method") == "lora" else "",
+            "learning rate": c.get("learning_rate", ""),
+            "epochs": c.get("epochs", ""),
+            "batch size": c.get("batch_size", ""),
+            "max seq len": c.get("max_seq_len", ""),
+            "seed": seed,
+            "base": _short(base, names),
+            "data": Path(c.get("train") or "").name,
+        }
     job = m.job
     c = job.config if job is not None else {}
     if job is not None and job.command == "pretrain":
-        return {"method": "MLM + SOP" if c.get("binary_head", True) else "MLM", "LoRA rank": "",
-                "learning rate": c.get("learning_rate", c.get("max_lr", "")), "epochs": f"{c.get('max_steps', '')} steps",
-                "batch size": c.get("batch_size", c.get("micro_batch_size", "")),
-                "max seq len": c.get("max_seq_len", ""), "seed": c.get("seed", ""),
-                "base": _short(c.get("model", ""), names),
-                "data": Path(c.get("corpus") or "").name}
+        return {
+            "method": "MLM + SOP" if c.get("binary_head", True) else "MLM",
+            "LoRA rank": "",
+            "learning rate": c.get("learning_rate", c.get("max_lr", "")),
+            "epochs": f"{c.get('max_steps', '')} steps",
+            "batch size": c.get("batch_size", c.get("micro_batch_size", "")),
+            "max seq len": c.get("max_seq_len", ""),
+            "seed": c.get("seed", ""),
+            "base": _short(c.get("model", ""), names),
+            "data": Path(c.get("corpus") or "").name,
+        }
     return dict.fromkeys(SETTINGS, "")
 
 
@@ -76,9 +92,11 @@ def curves(home: Path, m: Model) -> dict:
     rows = read_log(log) if log.is_file() else []
     upto = m.step if m.kind in ("snapshot",) and m.step else None
     keep = [r for r in rows if upto is None or r["step"] <= upto]
-    return {"name": metric,
-            "metric": [[r["step"], r[metric]] for r in keep if r["split"] == "valid" and metric in r],
-            "loss": [[r["step"], r["loss"]] for r in keep if r["split"] == "train" and "loss" in r]}
+    return {
+        "name": metric,
+        "metric": [[r["step"], r[metric]] for r in keep if r["split"] == "valid" and metric in r],
+        "loss": [[r["step"], r["loss"]] for r in keep if r["split"] == "train" and "loss" in r],
+    }
 
 
 def floor(home: Path, m: Model) -> dict | None:
@@ -154,8 +172,18 @@ def table(s, home: Path, ids: list[int], summary) -> dict:
     rows = []
     for m, c, f in zip(models, configs, floors):
         floor_text = f"{f['metrics'][metric]:.4f} ({f['split']})" if f and metric in f["metrics"] else ""
-        rows.append([m.name, m.kind, str(m.job_id or ""), str(m.step or ""), *[str(c[k]) for k in SETTINGS],
-                     *[f"{m.metrics[k]:.4f}" if k in m.metrics else "" for k in keys], floor_text, f"{m.size_bytes / 1e6:.1f}"])
+        rows.append(
+            [
+                m.name,
+                m.kind,
+                str(m.job_id or ""),
+                str(m.step or ""),
+                *[str(c[k]) for k in SETTINGS],
+                *[f"{m.metrics[k]:.4f}" if k in m.metrics else "" for k in keys],
+                floor_text,
+                f"{m.size_bytes / 1e6:.1f}",
+            ]
+        )
     best = {}
     for k in keys:
         values = [m.metrics[k] for m in models if k in m.metrics]
@@ -173,14 +201,29 @@ def table(s, home: Path, ids: list[int], summary) -> dict:
             t["p_holm"] = float(adjusted)
     markdown = markdown_table(header, rows)
     for t in tests:
-        markdown += (f"\n\nPaired test, {t['a']} vs {t['b']}: difference {100 * t['difference']:+.1f} points, "
-                     f"one-sided p = {t['p_value']:.3g}"
-                     + (f" (Holm-adjusted {t['p_holm']:.3g})" if "p_holm" in t else "")
-                     + f" ({t['seeds'][0]} vs {t['seeds'][1]} seeds, {t['rows']} rows)")
-    return {"header": header, "rows": rows, "metrics": keys, "best": best, "settings": configs, "setting_names": SETTINGS,
-            "floors": floors, "floor_values": floor_values, "floor_metric": first,
-            "curves": [curves(home, m) for m in models], "test": tests[0] if len(models) == 2 and tests else None,
-            "tests": tests, "untested": untested, "models": [summary(m) for m in models], "markdown": markdown}
+        markdown += (
+            f"\n\nPaired test, {t['a']} vs {t['b']}: difference {100 * t['difference']:+.1f} points, "
+            f"one-sided p = {t['p_value']:.3g}"
+            + (f" (Holm-adjusted {t['p_holm']:.3g})" if "p_holm" in t else "")
+            + f" ({t['seeds'][0]} vs {t['seeds'][1]} seeds, {t['rows']} rows)"
+        )
+    return {
+        "header": header,
+        "rows": rows,
+        "metrics": keys,
+        "best": best,
+        "settings": configs,
+        "setting_names": SETTINGS,
+        "floors": floors,
+        "floor_values": floor_values,
+        "floor_metric": first,
+        "curves": [curves(home, m) for m in models],
+        "test": tests[0] if len(models) == 2 and tests else None,
+        "tests": tests,
+        "untested": untested,
+        "models": [summary(m) for m in models],
+        "markdown": markdown,
+    }
 
 
 def per_class(home: Path, m: Model) -> dict | None:
@@ -198,5 +241,11 @@ def per_class(home: Path, m: Model) -> dict | None:
     matrix = part.get("confusion_matrix")
     rows = [{"label": label, **part["per_class"][label]} for label in labels]
     png = f"{split}_confusion.png" if (run / f"{split}_confusion.png").is_file() else None
-    return {"split": split, "labels": labels, "rows": rows, "matrix": matrix,
-            "max": max((v for row in matrix for v in row), default=0) if matrix else 0, "png": png}
+    return {
+        "split": split,
+        "labels": labels,
+        "rows": rows,
+        "matrix": matrix,
+        "max": max((v for row in matrix for v in row), default=0) if matrix else 0,
+        "png": png,
+    }

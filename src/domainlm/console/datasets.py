@@ -17,8 +17,14 @@ DOCUMENTS = {".txt", ".md", ".pdf", ".docx", ".gz", ".jsonl"}
 MAX_BAD_ROWS_KEPT = 1000
 
 
-def check(record: Dataset, path: Path, text_column: str = "text", label_column: str = "label",
-          multilabel: bool = False, display: str | None = None) -> None:
+def check(
+    record: Dataset,
+    path: Path,
+    text_column: str = "text",
+    label_column: str = "label",
+    multilabel: bool = False,
+    display: str | None = None,
+) -> None:
     """Rows, labels, their distribution and bad rows (by line) from `read_examples`, as `finetune` reads them.
     A file that is not labelled data (a corpus of documents) is kept as documents for `prepare`."""
     from domainlm.classify.data import Columns, read_examples
@@ -32,8 +38,10 @@ def check(record: Dataset, path: Path, text_column: str = "text", label_column: 
         record.kind = "corpus"
         return
     if suffix not in LABELLED | DOCUMENTS:
-        raise DomainLMError(f"{path.name}: unsupported file type {suffix or '(none)'}; use .csv, .tsv or .jsonl for "
-                            "labelled data, or .txt, .md, .pdf, .docx, .jsonl, .gz documents for a corpus")
+        raise DomainLMError(
+            f"{path.name}: unsupported file type {suffix or '(none)'}; use .csv, .tsv or .jsonl for "
+            "labelled data, or .txt, .md, .pdf, .docx, .jsonl, .gz documents for a corpus"
+        )
     if suffix not in LABELLED:
         record.kind = "documents"
         return
@@ -58,8 +66,14 @@ def add_upload(s, home: Path, tmp: Path, filename: str, fields: dict[str, str]) 
     checked = tmp.with_name(tmp.name + Path(name).suffix.lower())
     tmp.rename(checked)  # the readers pick the format by suffix
     try:
-        check(record, checked, fields.get("text_column") or "text", fields.get("label_column") or "label",
-              fields.get("task") == "multilabel", display=name)
+        check(
+            record,
+            checked,
+            fields.get("text_column") or "text",
+            fields.get("label_column") or "label",
+            fields.get("task") == "multilabel",
+            display=name,
+        )
     except DomainLMError:
         checked.unlink(missing_ok=True)
         raise
@@ -78,8 +92,13 @@ def register_existing(s, home: Path, value: str, fields: dict[str, str]) -> Data
     if existing is not None:
         return existing
     record = Dataset(name=(fields.get("name") or path.name)[:200], path=rel, kind="")
-    check(record, path, fields.get("text_column") or "text", fields.get("label_column") or "label",
-          fields.get("task") == "multilabel")
+    check(
+        record,
+        path,
+        fields.get("text_column") or "text",
+        fields.get("label_column") or "label",
+        fields.get("task") == "multilabel",
+    )
     s.add(record)
     return record
 
@@ -105,8 +124,9 @@ def delete(s, home: Path, record: Dataset) -> None:
     path = inside(home, record.path)
     if path == home.resolve() or path in (home.resolve() / "datasets", home.resolve() / "jobs"):
         raise DomainLMError(f"refusing to delete {record.path}")
-    busy = [j.id for j in s.query(Job).filter(Job.status.in_(("queued", "running")))
-            if str(path) in str(j.config.values())]
+    busy = [
+        j.id for j in s.query(Job).filter(Job.status.in_(("queued", "running"))) if str(path) in str(j.config.values())
+    ]
     if busy:
         raise DomainLMError(f"job(s) {', '.join(map(str, busy))} still use {record.name}; wait for them or cancel them")
     if path.is_dir():

@@ -100,12 +100,14 @@ def open_database(url: str) -> sessionmaker:
     sqlite = url.startswith("sqlite")
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30} if sqlite else {})
     if sqlite:
+
         @event.listens_for(engine, "connect")
         def _pragmas(conn, _record):
             cur = conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
+
     Base.metadata.create_all(engine)
     add_missing_columns(engine)
     return sessionmaker(engine, expire_on_commit=False)

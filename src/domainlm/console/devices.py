@@ -69,8 +69,15 @@ class Machine:
                     utilization = int(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
                 except pynvml.NVMLError:
                     utilization = None
-                out.append(Gpu(i, name.decode() if isinstance(name, bytes) else str(name), int(memory.total),
-                               int(memory.used), utilization))
+                out.append(
+                    Gpu(
+                        i,
+                        name.decode() if isinstance(name, bytes) else str(name),
+                        int(memory.total),
+                        int(memory.used),
+                        utilization,
+                    )
+                )
         except pynvml.NVMLError:
             return out
         return out
@@ -96,17 +103,28 @@ class Machine:
             import psutil
 
             memory = psutil.virtual_memory()
-            cpu = {"cores": self.cpu_count(), "percent": psutil.cpu_percent(interval=None),
-                   "load": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None}
+            cpu = {
+                "cores": self.cpu_count(),
+                "percent": psutil.cpu_percent(interval=None),
+                "load": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+            }
             ram = {"total": memory.total, "used": memory.total - memory.available, "percent": memory.percent}
         except ImportError:
             cpu = {"cores": self.cpu_count(), "percent": None, "load": list(os.getloadavg())}
             ram = None
         disk = shutil.disk_usage(self.home)
-        return {"cpu": cpu, "memory": ram,
-                "disk": {"path": str(self.home), "total": disk.total, "used": disk.used, "free": disk.free,
-                         "percent": round(100 * disk.used / disk.total, 1)},
-                "gpus": [vars(g) for g in self.gpus()]}
+        return {
+            "cpu": cpu,
+            "memory": ram,
+            "disk": {
+                "path": str(self.home),
+                "total": disk.total,
+                "used": disk.used,
+                "free": disk.free,
+                "percent": round(100 * disk.used / disk.total, 1),
+            },
+            "gpus": [vars(g) for g in self.gpus()],
+        }
 
 
 def check(machine: Machine, command: str, gpus: list[int] | None, processes: int) -> dict[str, str]:
@@ -116,8 +134,9 @@ def check(machine: Machine, command: str, gpus: list[int] | None, processes: int
     if processes < 1:
         errors["processes"] = f"processes = {processes} is out of range [1, inf]"
     elif processes > 1 and command not in DISTRIBUTED:
-        errors["processes"] = (f"a {command} job runs as one process; more than one is for finetune, pretrain and "
-                               "distill")
+        errors["processes"] = (
+            f"a {command} job runs as one process; more than one is for finetune, pretrain and distill"
+        )
     if gpus is not None and len(set(gpus)) != len(gpus):
         errors["gpus"] = f"GPUs {gpus} name one twice"
     elif gpus and command not in GPU_COMMANDS:
@@ -125,17 +144,21 @@ def check(machine: Machine, command: str, gpus: list[int] | None, processes: int
     elif gpus:
         missing = [g for g in gpus if not 0 <= g < have]
         if missing:
-            errors["gpus"] = (f"GPU {', '.join(map(str, missing))} is not on this machine "
-                              + (f"(it has {have}: {', '.join(map(str, range(have)))})" if have else "(it has no GPU)"))
+            errors["gpus"] = f"GPU {', '.join(map(str, missing))} is not on this machine " + (
+                f"(it has {have}: {', '.join(map(str, range(have)))})" if have else "(it has no GPU)"
+            )
         elif processes > 1 and processes != len(gpus):
-            errors.setdefault("processes",
-                              f"{len(gpus)} GPU(s) run {len(gpus)} process(es), one per GPU, not {processes}")
+            errors.setdefault(
+                "processes", f"{len(gpus)} GPU(s) run {len(gpus)} process(es), one per GPU, not {processes}"
+            )
     elif gpus is None and have and command in GPU_COMMANDS and processes > have:
-        errors.setdefault("processes",
-                          f"{processes} processes need {processes} GPUs, one each; this machine has {have}")
+        errors.setdefault(
+            "processes", f"{processes} processes need {processes} GPUs, one each; this machine has {have}"
+        )
     elif (gpus == [] or not have) and processes > machine.cpu_count():
-        errors.setdefault("processes",
-                          f"{processes} processes on the CPU: this machine has {machine.cpu_count()} cores")
+        errors.setdefault(
+            "processes", f"{processes} processes on the CPU: this machine has {machine.cpu_count()} cores"
+        )
     return errors
 
 

@@ -26,9 +26,28 @@ FIELD = re.compile(r"\\\{([a-z_][a-z0-9_]*)\\\}")
 # its words ("max seq len 512 exceeds ..." -> field "max seq len", value "512")
 ONE_WORD = {"value", "other_value", "n", "m", "p", "have", "limit", "id", "s", "mb", "line", "suffix", "status"}
 # what console.js writes into pages itself (statuses, units, chart and button texts)
-JS_KEYS = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted", "starting", "ready", "stopped",
-           "steps", "cells", "step", "no points yet", "Classifying… (the first time loads the model)",
-           "{metric} by step", "no GPU", "{used} of {total}", "free", "waiting", "n/a")
+JS_KEYS = (
+    "queued",
+    "running",
+    "succeeded",
+    "failed",
+    "cancelled",
+    "interrupted",
+    "starting",
+    "ready",
+    "stopped",
+    "steps",
+    "cells",
+    "step",
+    "no points yet",
+    "Classifying… (the first time loads the model)",
+    "{metric} by step",
+    "no GPU",
+    "{used} of {total}",
+    "free",
+    "waiting",
+    "n/a",
+)
 
 
 @functools.cache
@@ -42,8 +61,10 @@ def catalogue(lang: str) -> dict[str, str]:
 def _patterns(lang: str) -> list[tuple[re.Pattern, str]]:
     """Keys with fields as regular expressions, the longest (most specific) first."""
     keys = sorted((k for k in catalogue(lang) if "{" in k), key=len, reverse=True)
+
     def group(m: re.Match) -> str:
         return f"(?P<{m.group(1)}>\\S+?)" if m.group(1) in ONE_WORD else f"(?P<{m.group(1)}>.+?)"
+
     return [(re.compile("^" + FIELD.sub(group, re.escape(k)) + "$", re.S), catalogue(lang)[k]) for k in keys]
 
 

@@ -45,8 +45,10 @@ def allowed(home: Path, roots: list[str], value: str) -> Path:
         except PathError:
             continue
     where = ", ".join([str(home.resolve()), *[str(Path(r).resolve()) for r in roots]])
-    raise PathError(f"{value} is outside the folders the console may read ({where}); start the console with "
-                    "--import-roots FOLDER to allow another one")
+    raise PathError(
+        f"{value} is outside the folders the console may read ({where}); start the console with "
+        "--import-roots FOLDER to allow another one"
+    )
 
 
 def _target(home: Path, sub: str, name: str) -> Path:
@@ -69,8 +71,10 @@ def inspect_model(path: Path) -> str:
         return "classifier" if is_classifier(path) else "hf"
     if (path / "vocab.txt").is_file() or (path / "tokenizer.json").is_file():
         return "vocab"
-    raise DomainLMError(f"{path.name} holds no model: neither config.json with weights (Hugging Face), nor "
-                        "model_state.pdparams (PaddleNLP), nor a vocabulary (vocab.txt / tokenizer.json)")
+    raise DomainLMError(
+        f"{path.name} holds no model: neither config.json with weights (Hugging Face), nor "
+        "model_state.pdparams (PaddleNLP), nor a vocabulary (vocab.txt / tokenizer.json)"
+    )
 
 
 def is_classifier(path: Path) -> bool:
@@ -129,9 +133,15 @@ def add_model(s, home: Path, source: Path, name: str, copy: bool = True) -> Mode
             load(str(target))
         except Exception:  # noqa: BLE001 - any reason: kept as a base model to fine-tune from
             kind = "hf"
-    record = Model(name=name, kind={"vocab": "tokenizer", "classifier": "classifier"}.get(kind, "base"),
-                   path=str(target.relative_to(home)),
-                   job_id=None, step=None, metrics={}, size_bytes=folder_size(target))
+    record = Model(
+        name=name,
+        kind={"vocab": "tokenizer", "classifier": "classifier"}.get(kind, "base"),
+        path=str(target.relative_to(home)),
+        job_id=None,
+        step=None,
+        metrics={},
+        size_bytes=folder_size(target),
+    )
     s.add(record)
     return record
 
@@ -155,16 +165,22 @@ def unpack(archive: Path, filename: str, into: Path) -> Path:
             with zipfile.ZipFile(archive) as z:
                 for info in z.infolist():
                     target = (into / info.filename).resolve()
-                    if info.filename.startswith("/") or (target != into.resolve() and into.resolve() not in target.parents):
+                    if info.filename.startswith("/") or (
+                        target != into.resolve() and into.resolve() not in target.parents
+                    ):
                         raise DomainLMError(f"{filename}: entry {info.filename} would land outside the folder")
                 z.extractall(into)
         else:
             with tarfile.open(archive) as t:
                 for member in t.getmembers():
                     if not (member.isfile() or member.isdir()):
-                        raise DomainLMError(f"{filename}: entry {member.name} is a link or device; only files are accepted")
+                        raise DomainLMError(
+                            f"{filename}: entry {member.name} is a link or device; only files are accepted"
+                        )
                     target = (into / member.name).resolve()
-                    if member.name.startswith("/") or (target != into.resolve() and into.resolve() not in target.parents):
+                    if member.name.startswith("/") or (
+                        target != into.resolve() and into.resolve() not in target.parents
+                    ):
                         raise DomainLMError(f"{filename}: entry {member.name} would land outside the folder")
                 t.extractall(into)
     except (zipfile.BadZipFile, tarfile.TarError, EOFError) as e:

@@ -93,7 +93,9 @@ class JobFactory:
         try:
             path = inside(self.home, text)
         except PathError:
-            errors[name] = f"{text}: choose a listed base model, one of my models, or a folder inside the console's home"
+            errors[name] = (
+                f"{text}: choose a listed base model, one of my models, or a folder inside the console's home"
+            )
             return None, None
         rel = str(path.relative_to(self.home.resolve()))
         model = s.query(Model).filter(Model.path == rel).first()
@@ -101,14 +103,16 @@ class JobFactory:
             self.shown[str(path)] = model.name
         return str(path), model
 
-    def build(self, s, command: str, values: dict[str, Any], name: str = "", description: str = "",
-              notify: dict | None = None) -> tuple[Job | None, dict[str, str]]:
+    def build(
+        self, s, command: str, values: dict[str, Any], name: str = "", description: str = "", notify: dict | None = None
+    ) -> tuple[Job | None, dict[str, str]]:
         self._local.shown = {}
         job, errors = self._build(s, command, values, name, description, notify)
         return job, {k: named(v, self.shown, self.home) for k, v in errors.items()}
 
-    def _build(self, s, command: str, values: dict[str, Any], name: str = "", description: str = "",
-               notify: dict | None = None) -> tuple[Job | None, dict[str, str]]:
+    def _build(
+        self, s, command: str, values: dict[str, Any], name: str = "", description: str = "", notify: dict | None = None
+    ) -> tuple[Job | None, dict[str, str]]:
         types = settings.job_types()
         if command not in types:
             return None, {"command": f"unknown job type {command!r} (one of {', '.join(types)})"}
@@ -144,16 +148,22 @@ class JobFactory:
         if notify.get("email") and not EMAIL.match(notify["email"]):
             errors["notify_email"] = "not an e-mail address"
         elif notify.get("email") and not self.email:  # accepted and never sent would be worse than refused
-            errors["notify_email"] = "e-mail notifications are off: start the console with --smtp-host (or use a webhook)"
+            errors["notify_email"] = (
+                "e-mail notifications are off: start the console with --smtp-host (or use a webhook)"
+            )
         sweep = self._preflight(s, cls, command, cfg, values, errors)
         if errors or cfg is None:
             return None, errors
         default_name = f"{command} {Path(str(getattr(cfg, 'model', '') or getattr(cfg, 'student', ''))).name}".strip()
         if base_model is not None:  # its name as the user knows it ("export model" would say nothing)
             default_name = f"{command} {base_model.name}"
-        job = Job(name=(name or "").strip()[:200] or default_name,
-                  description=(description or "").strip(), command=command, notify=notify,
-                  base_model_id=base_model.id if base_model else None)
+        job = Job(
+            name=(name or "").strip()[:200] or default_name,
+            description=(description or "").strip(),
+            command=command,
+            notify=notify,
+            base_model_id=base_model.id if base_model else None,
+        )
         s.add(job)
         s.flush()
         job.folder = f"jobs/{job.id:04d}-{slug(job.name)}"
@@ -201,8 +211,11 @@ class JobFactory:
         elif command == "distill":
             preflight.distill(cfg, errors, self.home)
         elif command == "export" and not (Path(cfg.model) / "config.json").is_file():
-            errors.setdefault("model", f"{Path(cfg.model).name} is not a fine-tuned transformer classifier (no config.json): "
-                                       "choose a classifier of my models")
+            errors.setdefault(
+                "model",
+                f"{Path(cfg.model).name} is not a fine-tuned transformer classifier (no config.json): "
+                "choose a classifier of my models",
+            )
         return None
 
 
@@ -240,7 +253,7 @@ def clone_values(job: Job) -> dict[str, Any]:
         if key in settings.CONTROLLED:
             continue
         if isinstance(value, str) and value.startswith(home_prefix):
-            value = value[len(home_prefix):]
+            value = value[len(home_prefix) :]
         elif isinstance(value, list) and key not in settings.MULTI_FIELDS:
             value = ",".join(map(str, value))
         out[key] = value

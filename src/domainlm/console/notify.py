@@ -47,8 +47,15 @@ class _Delivery:
 class Notifier:
     """send() only queues; one thread delivers, retrying each failure after backoff x 2^attempt seconds."""
 
-    def __init__(self, secret: bytes, smtp: SmtpSettings | None = None, retries: int = 5, backoff: float = 2.0,
-                 timeout: float = 10.0, on_result=None):
+    def __init__(
+        self,
+        secret: bytes,
+        smtp: SmtpSettings | None = None,
+        retries: int = 5,
+        backoff: float = 2.0,
+        timeout: float = 10.0,
+        on_result=None,
+    ):
         self.secret, self.smtp = secret, smtp
         self.retries, self.backoff, self.timeout = retries, backoff, timeout
         self.on_result = on_result  # (delivery, ok, message) -> None, for the job's event log
@@ -62,7 +69,9 @@ class Notifier:
     def send(self, payload: dict, webhook: str | None = None, email: str | None = None) -> None:
         with self._cv:
             if webhook:
-                heapq.heappush(self._heap, (time.monotonic(), next(self._order), _Delivery("webhook", webhook, payload)))
+                heapq.heappush(
+                    self._heap, (time.monotonic(), next(self._order), _Delivery("webhook", webhook, payload))
+                )
             if email and self.smtp is not None:
                 heapq.heappush(self._heap, (time.monotonic(), next(self._order), _Delivery("email", email, payload)))
             self._cv.notify()
@@ -106,9 +115,17 @@ class Notifier:
     def _deliver(self, item: _Delivery) -> None:
         if item.channel == "webhook":
             body = json.dumps(item.payload, ensure_ascii=False, sort_keys=True).encode()
-            request = urllib.request.Request(item.target, data=body, method="POST", headers={
-                "Content-Type": "application/json", SIGNATURE_HEADER: sign(self.secret, body),
-                "X-Domainlm-Event": item.payload.get("event", ""), "User-Agent": "domainlm-console"})
+            request = urllib.request.Request(
+                item.target,
+                data=body,
+                method="POST",
+                headers={
+                    "Content-Type": "application/json",
+                    SIGNATURE_HEADER: sign(self.secret, body),
+                    "X-Domainlm-Event": item.payload.get("event", ""),
+                    "User-Agent": "domainlm-console",
+                },
+            )
             with urllib.request.urlopen(request, timeout=self.timeout) as response:  # non-2xx raises HTTPError
                 response.read()
             return
@@ -132,8 +149,12 @@ def email_text(payload: dict) -> str:
 
     _ = translator(payload.get("language", "en"))
     job = payload.get("job", {})
-    lines = [payload.get("summary", ""), "", f"{_('job')}: {job.get('id')} {job.get('name')} ({job.get('command')})",
-             f"{_('status')}: {_(job.get('status'))}"]
+    lines = [
+        payload.get("summary", ""),
+        "",
+        f"{_('job')}: {job.get('id')} {job.get('name')} ({job.get('command')})",
+        f"{_('status')}: {_(job.get('status'))}",
+    ]
     if payload.get("metric"):
         lines.append(f"{payload['metric']['name']}: {payload['metric']['value']}")
         if payload["metric"].get("floor") is not None:

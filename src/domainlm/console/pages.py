@@ -100,8 +100,10 @@ def _form_context(request: Request, command: str, values: dict, errors: dict, me
         documents = jobs.dataset_choices(s, ("documents", "labelled"))
         corpora = jobs.dataset_choices(s, ("corpus",))
         my_models = s.query(Model).order_by(Model.id.desc()).all()
-        pretrain_jobs = [{"id": j.id, "name": j.name, "snapshots": len(list((c.home / j.folder).glob("step-*")))}
-                         for j in s.query(Job).filter(Job.command == "pretrain", Job.status == "succeeded").order_by(Job.id.desc())]
+        pretrain_jobs = [
+            {"id": j.id, "name": j.name, "snapshots": len(list((c.home / j.folder).glob("step-*")))}
+            for j in s.query(Job).filter(Job.command == "pretrain", Job.status == "succeeded").order_by(Job.id.desc())
+        ]
     if command == "distill":  # teachers: classifiers and exports; students: encoders (the template tells them apart)
         my_models = [m for m in my_models if m.kind not in ("tokenizer",)]
     elif command == "export":  # what `domainlm export` takes: a fine-tuned transformer classifier
@@ -112,12 +114,30 @@ def _form_context(request: Request, command: str, values: dict, errors: dict, me
         my_models = [m for m in my_models if m.kind not in ("linear", "tokenizer", "export")]
     specs = settings.field_specs(command)
     errors = {k: preflight.as_form_words(str(v), specs) for k, v in errors.items()}
-    machine = {"gpus": [vars(g) for g in c.machine.gpus()], "cores": c.machine.cpu_count(),
-               "gpu_job": command in devices.GPU_COMMANDS, "distributed": command in devices.DISTRIBUTED}
-    return {"command": command, "commands": settings.TITLES, "sections": settings.sections(command), "machine": machine,
-            "presets": settings.presets(command), "values": values, "errors": errors, "meta": meta,
-            "base_models": c.cfg.base_models, "missing": _not_here(c.cfg.base_models), "my_models": my_models, "labelled": labelled,
-            "documents": documents, "corpora": corpora, "email_on": bool(c.cfg.smtp_host), "pretrain_jobs": [j for j in pretrain_jobs if j["snapshots"]]}
+    machine = {
+        "gpus": [vars(g) for g in c.machine.gpus()],
+        "cores": c.machine.cpu_count(),
+        "gpu_job": command in devices.GPU_COMMANDS,
+        "distributed": command in devices.DISTRIBUTED,
+    }
+    return {
+        "command": command,
+        "commands": settings.TITLES,
+        "sections": settings.sections(command),
+        "machine": machine,
+        "presets": settings.presets(command),
+        "values": values,
+        "errors": errors,
+        "meta": meta,
+        "base_models": c.cfg.base_models,
+        "missing": _not_here(c.cfg.base_models),
+        "my_models": my_models,
+        "labelled": labelled,
+        "documents": documents,
+        "corpora": corpora,
+        "email_on": bool(c.cfg.smtp_host),
+        "pretrain_jobs": [j for j in pretrain_jobs if j["snapshots"]],
+    }
 
 
 def _not_here(names: list[str]) -> set[str]:
@@ -135,18 +155,31 @@ def new_job_page(request: Request, command: str = "finetune", clone: int | None 
     if command not in settings.job_types():
         command = "finetune"
     values = jobs.defaults(command)
-    meta = {"name": "", "description": "", "notify_webhook": "", "notify_email": "", "valid_mode": "split",
-            "gpus_mode": "auto", "gpus": [], "processes": "1"}
+    meta = {
+        "name": "",
+        "description": "",
+        "notify_webhook": "",
+        "notify_email": "",
+        "valid_mode": "split",
+        "gpus_mode": "auto",
+        "gpus": [],
+        "processes": "1",
+    }
     if clone is not None:
         with c.sessions() as s:
             job = get_or_404(s, Job, clone)
             command = job.command
             values = {**jobs.defaults(command), **jobs.clone_values(job)}
-            meta.update(name=i18n.translator(i18n.of(request))("{name} (copy)", name=job.name),
-                        description=job.description,
-                        notify_webhook=job.notify.get("webhook", ""), notify_email=job.notify.get("email", ""),
-                        valid_mode="dev" if values.get("dev") else "split", processes=str(job.processes),
-                        gpus_mode="auto" if job.gpus is None else "pick" if job.gpus else "cpu", gpus=job.gpus or [])
+            meta.update(
+                name=i18n.translator(i18n.of(request))("{name} (copy)", name=job.name),
+                description=job.description,
+                notify_webhook=job.notify.get("webhook", ""),
+                notify_email=job.notify.get("email", ""),
+                valid_mode="dev" if values.get("dev") else "split",
+                processes=str(job.processes),
+                gpus_mode="auto" if job.gpus is None else "pick" if job.gpus else "cpu",
+                gpus=job.gpus or [],
+            )
     if base is not None:
         values["model"] = f"model:{base}"
         with c.sessions() as s:
@@ -193,8 +226,10 @@ async def create_job(request: Request):
     if command not in settings.job_types():
         raise HTTPException(422, f"unknown job type {command}")
     values = jobs.form_values(command, form)
-    meta = {k: form.get(k) or "" for k in ("name", "description", "notify_webhook", "notify_email", "valid_mode",
-                                           "gpus_mode", "processes")}
+    meta = {
+        k: form.get(k) or ""
+        for k in ("name", "description", "notify_webhook", "notify_email", "valid_mode", "gpus_mode", "processes")
+    }
     gpus, processes, device_errors = _devices(form)
     meta["gpus"] = gpus or []
     if command == "finetune":
@@ -204,9 +239,17 @@ async def create_job(request: Request):
             return render(request, "new_job.html", 422, **_form_context(request, command, form, errors, meta))
         if meta["valid_mode"] != "dev":
             values["dev"] = None
-    job, errors = c.create_job(command, values, meta["name"], meta["description"],
-                               {"webhook": meta["notify_webhook"], "email": meta["notify_email"]}, gpus, processes,
-                               i18n.of(request), device_errors)
+    job, errors = c.create_job(
+        command,
+        values,
+        meta["name"],
+        meta["description"],
+        {"webhook": meta["notify_webhook"], "email": meta["notify_email"]},
+        gpus,
+        processes,
+        i18n.of(request),
+        device_errors,
+    )
     if job is None:
         return render(request, "new_job.html", 422, **_form_context(request, command, form, errors, meta))
     return RedirectResponse(f"/jobs/{job.id}", status_code=303)
@@ -221,8 +264,9 @@ def job_page(request: Request, job_id: int):
         folder = c.home / job.folder
     sweep = sweepjob.report(folder) if detail["command"] == "sweep" else None
     distill = catalog.distill_report(folder) if detail["command"] == "distill" else None
-    return render(request, "job.html", job=detail, log=c.log_tail(job), sweep=sweep, distill=distill,
-                  machine=c.resources())
+    return render(
+        request, "job.html", job=detail, log=c.log_tail(job), sweep=sweep, distill=distill, machine=c.resources()
+    )
 
 
 JOB_FILES = {"metric_vs_step.png", "pretraining_loss.png", "report.html", "table.md", "table.csv", "job.log"}
@@ -266,8 +310,15 @@ MODEL_KINDS = ("base", "snapshot", "final", "classifier", "linear", "export", "t
 
 
 @router.get("/models")
-def models_page(request: Request, error: str = "", status_code: int = 200, path: str = "", deleted: int | None = None,
-                kind: str = "", q: str = ""):
+def models_page(
+    request: Request,
+    error: str = "",
+    status_code: int = 200,
+    path: str = "",
+    deleted: int | None = None,
+    kind: str = "",
+    q: str = "",
+):
     """My models grouped by the job that made them (own models apart), newest first; filtered by kind and name."""
     c = _console(request)
     with c.sessions() as s:
@@ -284,9 +335,22 @@ def models_page(request: Request, error: str = "", status_code: int = 200, path:
         if key not in groups:
             groups[key] = {"job_id": m["job_id"], "job_name": m["job_name"], "command": m["job_command"], "models": []}
         groups[key]["models"].append(m)
-    return render(request, "models.html", status_code, models=rows, groups=list(groups.values()), total=total,
-                  kind=kind, q=q, kinds=MODEL_KINDS, add_error=error, add_path=path, deleted=deleted,
-                  roots=[str(c.home), *c.cfg.import_roots], limit_mb=c.cfg.max_upload_mb)
+    return render(
+        request,
+        "models.html",
+        status_code,
+        models=rows,
+        groups=list(groups.values()),
+        total=total,
+        kind=kind,
+        q=q,
+        kinds=MODEL_KINDS,
+        add_error=error,
+        add_path=path,
+        deleted=deleted,
+        roots=[str(c.home), *c.cfg.import_roots],
+        limit_mb=c.cfg.max_upload_mb,
+    )
 
 
 @router.post("/models/register")
@@ -342,10 +406,23 @@ def _model_page(request: Request, model_id: int, status_code: int = 200, **conte
         per_class = compare.per_class(c.home, m)
     if model["can_try"]:
         c.preload(m)  # loads in the background while the user types, so that the first "Classify" is quick
-    context = {"text": "", "results": None, "error": "", "endpoint": c.endpoints.status(model_id, metrics=False),
-               "endpoint_error": "", **context}
-    return render(request, "model.html", status_code, model=model, trained={k: v for k, v in trained.items() if v != ""},
-                  per_class=per_class, **context)
+    context = {
+        "text": "",
+        "results": None,
+        "error": "",
+        "endpoint": c.endpoints.status(model_id, metrics=False),
+        "endpoint_error": "",
+        **context,
+    }
+    return render(
+        request,
+        "model.html",
+        status_code,
+        model=model,
+        trained={k: v for k, v in trained.items() if v != ""},
+        per_class=per_class,
+        **context,
+    )
 
 
 @router.get("/models/{model_id}/files/{name}")
@@ -447,14 +524,24 @@ async def register_dataset_page(request: Request):
     c = _console(request)
     form = await _form(request)
     try:
-        record = c.register_dataset(form.get("path") or "", {k: form.get(k) or "" for k in ("name", "text_column", "label_column", "task")})
+        record = c.register_dataset(
+            form.get("path") or "", {k: form.get(k) or "" for k in ("name", "text_column", "label_column", "task")}
+        )
         return RedirectResponse(f"/datasets/{record.id}", status_code=303)
     except (DomainLMError, PathError) as e:
         error = str(e)
     with c.sessions() as s:
         rows = [dataset_summary(d) for d in s.query(Dataset).order_by(Dataset.id.desc())]
-    return render(request, "datasets.html", 422, datasets=rows, error="", register_error=error,
-                  register_path=form.get("path") or "", limit_mb=c.cfg.max_upload_mb)
+    return render(
+        request,
+        "datasets.html",
+        422,
+        datasets=rows,
+        error="",
+        register_error=error,
+        register_path=form.get("path") or "",
+        limit_mb=c.cfg.max_upload_mb,
+    )
 
 
 @router.get("/datasets/{dataset_id}")
@@ -468,8 +555,15 @@ def _dataset_page(request: Request, dataset_id: int, status_code: int = 200, del
         d = get_or_404(s, Dataset, dataset_id)
         summary = dataset_summary(d)
     path = inside(c.home, d.path)
-    return render(request, "dataset.html", status_code, dataset=summary, stats=catalog.read_json(path / "stats.json"),
-                  preview=datasets.preview(path), delete_error=delete_error)
+    return render(
+        request,
+        "dataset.html",
+        status_code,
+        dataset=summary,
+        stats=catalog.read_json(path / "stats.json"),
+        preview=datasets.preview(path),
+        delete_error=delete_error,
+    )
 
 
 @router.post("/datasets/{dataset_id}/delete")
@@ -497,11 +591,20 @@ def api_docs(request: Request):
         for method, op in methods.items():
             body = op.get("requestBody", {}).get("content", {})
             schema = next(iter(body.values()), {}).get("schema", {}) if body else {}
-            routes.append({"method": method.upper(), "path": path, "summary": op.get("summary", ""),
-                           "description": op.get("description", ""),
-                           "params": [(p["name"], p["in"], p.get("required", False)) for p in op.get("parameters", [])],
-                           "body": schema.get("$ref", "").rsplit("/", 1)[-1] or ("form or file" if body else ""),
-                           "responses": sorted(op.get("responses", {}))})
-    schemas = {name: {k: v.get("description", v.get("type", "")) for k, v in s.get("properties", {}).items()}
-               for name, s in spec.get("components", {}).get("schemas", {}).items() if not name.startswith(("HTTP", "Validation"))}
+            routes.append(
+                {
+                    "method": method.upper(),
+                    "path": path,
+                    "summary": op.get("summary", ""),
+                    "description": op.get("description", ""),
+                    "params": [(p["name"], p["in"], p.get("required", False)) for p in op.get("parameters", [])],
+                    "body": schema.get("$ref", "").rsplit("/", 1)[-1] or ("form or file" if body else ""),
+                    "responses": sorted(op.get("responses", {})),
+                }
+            )
+    schemas = {
+        name: {k: v.get("description", v.get("type", "")) for k, v in s.get("properties", {}).items()}
+        for name, s in spec.get("components", {}).get("schemas", {}).items()
+        if not name.startswith(("HTTP", "Validation"))
+    }
     return render(request, "docs.html", routes=routes, schemas=schemas, info=spec["info"])

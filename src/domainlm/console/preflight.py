@@ -15,9 +15,11 @@ FLAG = re.compile(r"--([a-z][a-z0-9-]*)")
 
 def as_form_words(message: str, fields) -> str:
     """`--max-seq-len 512 ...` -> `max seq len 512 ...` for the fields the form shows (flags are the CLI's words)."""
+
     def word(m: re.Match) -> str:
         name = m.group(1).replace("-", "_")
         return name.replace("_", " ") if name in fields else m.group(0)
+
     return FLAG.sub(word, message)
 
 

@@ -25,8 +25,14 @@ from domainlm.console import catalog, devices
 from domainlm.console.db import Event, Job, now
 
 LOG_NAME = "job.log"
-DONE_MARKERS = {"finetune": ("metrics.json", "summary.json"), "pretrain": ("results.json",), "prepare": ("corpus/meta.json",),
-                "sweep": ("results.json",), "export": ("export/export.json",), "distill": ("distill.json",)}
+DONE_MARKERS = {
+    "finetune": ("metrics.json", "summary.json"),
+    "pretrain": ("results.json",),
+    "prepare": ("corpus/meta.json",),
+    "sweep": ("results.json",),
+    "export": ("export/export.json",),
+    "distill": ("distill.json",),
+}
 
 
 def proc_start_time(pid: int) -> str | None:
@@ -35,7 +41,7 @@ def proc_start_time(pid: int) -> str | None:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = stat[stat.rindex(")") + 2:].split()
+    fields = stat[stat.rindex(")") + 2 :].split()
     return None if fields[0] == "Z" else fields[19]  # a zombie has finished
 
 
@@ -80,8 +86,16 @@ def display(argv: list[str]) -> str:
 
 
 class Runner:
-    def __init__(self, sessions, home: Path, max_concurrent: int = 1, grace: float = 10.0, on_event=None,
-                 poll: float = 0.5, machine: devices.Machine | None = None):
+    def __init__(
+        self,
+        sessions,
+        home: Path,
+        max_concurrent: int = 1,
+        grace: float = 10.0,
+        on_event=None,
+        poll: float = 0.5,
+        machine: devices.Machine | None = None,
+    ):
         self.sessions, self.home = sessions, home
         self.max_concurrent, self.grace, self.poll = max_concurrent, grace, poll
         self.machine = machine or devices.Machine(home, gpus=[])
@@ -125,7 +139,9 @@ class Runner:
                 if self._completed(job):
                     self._finish(s, job, "succeeded", None)
                 else:
-                    self._finish(s, job, "interrupted", None, "the job's process ended while the console was not watching")
+                    self._finish(
+                        s, job, "interrupted", None, "the job's process ended while the console was not watching"
+                    )
             s.commit()
 
     # ---- one pass: finished jobs, cancel escalation, then start queued ones ------------------------------
@@ -144,8 +160,13 @@ class Runner:
                     self._finish(s, job, "cancelled", None if code == "gone" else code)
                 elif code == "gone":  # adopted after a restart: the exit status is lost; the outputs tell
                     ok = self._completed(job)
-                    self._finish(s, job, "succeeded" if ok else "failed", None,
-                                 "" if ok else last_error(self.home / job.folder / LOG_NAME))
+                    self._finish(
+                        s,
+                        job,
+                        "succeeded" if ok else "failed",
+                        None,
+                        "" if ok else last_error(self.home / job.folder / LOG_NAME),
+                    )
                 elif code == 0:
                     self._finish(s, job, "succeeded", 0)
                 elif code < 0:
@@ -184,7 +205,7 @@ class Runner:
                 continue
             asked = list(job.gpus) if job.gpus is not None else list(range(total))
             out[job.id] = (False, {"gpus": {g: holder[g] for g in asked if g in holder}, "need": need})
-            for g in (job.gpus if job.gpus is not None else free[:need]):  # kept for this job, not the ones behind
+            for g in job.gpus if job.gpus is not None else free[:need]:  # kept for this job, not the ones behind
                 if g in free:
                     free.remove(g)
                     holder[g] = job.id
@@ -197,10 +218,23 @@ class Runner:
     def command_line(self, job: Job) -> list[str]:
         spec = str(self.home / job.folder / "job.yaml")
         # the sweep takes its file as an argument; its finished cells are kept when it runs again
-        argv = [sys.executable, "-m", "domainlm.cli", job.command, *([spec] if job.command == "sweep" else ["--config", spec])]
+        argv = [
+            sys.executable,
+            "-m",
+            "domainlm.cli",
+            job.command,
+            *([spec] if job.command == "sweep" else ["--config", spec]),
+        ]
         if job.processes > 1 and job.command in devices.DISTRIBUTED:  # one process per GPU (or CPU share), gloo/NCCL
-            argv[1:3] = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(job.processes),
-                         "-m", "domainlm.cli"]
+            argv[1:3] = [
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                str(job.processes),
+                "-m",
+                "domainlm.cli",
+            ]
         if job.resume and job.command == "pretrain":
             argv += ["--resume", "auto"]  # from its newest checkpoint
         elif job.resume and job.command in ("finetune", "distill"):
@@ -219,8 +253,15 @@ class Runner:
             log.write(f"$ {' '.join(argv)}\n")
             log.flush()
             try:
-                proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        cwd=str(folder), env=env, start_new_session=True)
+                proc = subprocess.Popen(
+                    argv,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    cwd=str(folder),
+                    env=env,
+                    start_new_session=True,
+                )
             except OSError as e:
                 self._finish(s, job, "failed", None, f"could not start: {e}")
                 return

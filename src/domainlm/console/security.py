@@ -74,8 +74,10 @@ button{{padding:.4em 1em}}</style></head><body><h1>{heading}</h1>
 <button type="submit">{open}</button></form></body></html>"""
 
 
-LOGIN_TEXT = ("This console needs its access token. Open the link <code>domainlm console</code> printed when it "
-              "started (it ends in <code>?token=...</code>), or paste the token here.")
+LOGIN_TEXT = (
+    "This console needs its access token. Open the link <code>domainlm console</code> printed when it "
+    "started (it ends in <code>?token=...</code>), or paste the token here."
+)
 
 
 def login_page(request: Request) -> str:
@@ -84,8 +86,13 @@ def login_page(request: Request) -> str:
 
     _ = i18n.translator(i18n.of(request))
     return LOGIN_PAGE.format(
-        lang=_.lang, title=_("domainlm console: token needed"), heading=_("domainlm console"), token=_("token"),
-        open=_("Open"), text=_(LOGIN_TEXT))
+        lang=_.lang,
+        title=_("domainlm console: token needed"),
+        heading=_("domainlm console"),
+        token=_("token"),
+        open=_("Open"),
+        text=_(LOGIN_TEXT),
+    )
 
 
 class TokenAuth:
@@ -132,7 +139,9 @@ class TokenAuth:
             content_type = request.headers.get("content-type", "")
             is_form = content_type.startswith(("application/x-www-form-urlencoded", "multipart/form-data"))
             # forms carry the token in a field that their handlers check after reading the body
-            handler_checks = is_form and (not request.url.path.startswith("/api/") or request.url.path == "/api/datasets")
+            handler_checks = is_form and (
+                not request.url.path.startswith("/api/") or request.url.path == "/api/datasets"
+            )
             if not handler_checks and not check_csrf(self.token, request.headers.get(CSRF_HEADER)):
                 return JSONResponse({"detail": "missing or wrong CSRF token (X-CSRF-Token header)"}, status_code=403)
             request.scope.setdefault("state", {})["csrf_checked"] = not handler_checks
@@ -196,10 +205,18 @@ async def receive_upload(request: Request, folder: Path, limit: int) -> tuple[di
         if declared.isdigit() and int(declared) > limit:  # refused before reading; others are counted as they come
             raise UploadTooLarge(f"the upload is larger than the limit of {limit / 1e6:g} MB")
         if content_type == b"multipart/form-data":
-            parser = MultipartParser(params.get(b"boundary", b""), {
-                "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
-                "on_header_end": on_header_end, "on_headers_finished": on_headers_finished,
-                "on_part_data": on_part_data, "on_part_end": on_part_end})
+            parser = MultipartParser(
+                params.get(b"boundary", b""),
+                {
+                    "on_part_begin": on_part_begin,
+                    "on_header_field": on_header_field,
+                    "on_header_value": on_header_value,
+                    "on_header_end": on_header_end,
+                    "on_headers_finished": on_headers_finished,
+                    "on_part_data": on_part_data,
+                    "on_part_end": on_part_end,
+                },
+            )
         else:
             parser = None
             state["filename"] = request.query_params.get("filename", "")

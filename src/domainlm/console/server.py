@@ -19,7 +19,9 @@ def serve(cfg: ConsoleConfig) -> None:
         from domainlm.console.app import Console
         from domainlm.console.web import create_app
     except ImportError as e:
-        raise DomainLMError(f"the console needs its extra: pip install 'domainlm[console]' ({e.name} is missing)") from None
+        raise DomainLMError(
+            f"the console needs its extra: pip install 'domainlm[console]' ({e.name} is missing)"
+        ) from None
     sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -32,7 +34,11 @@ def serve(cfg: ConsoleConfig) -> None:
     console = Console(cfg, url=f"http://{shown}:{port}")
     app = create_app(console)
     print(f"domainlm console: {console.url}/?token={console.token}", flush=True)
-    print(f"home {console.home}; webhook signatures use the key in {console.home / '.webhook-secret'} "
-          "unless --webhook-secret", file=sys.stderr, flush=True)
+    print(
+        f"home {console.home}; webhook signatures use the key in {console.home / '.webhook-secret'} "
+        "unless --webhook-secret",
+        file=sys.stderr,
+        flush=True,
+    )
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
     server.run(sockets=[sock])

@@ -15,8 +15,12 @@ from domainlm.config import _unwrap_optional, option
 
 # Offered in the create form next to "my models"; HF names resolve through the local cache or a mirror.
 DEFAULT_BASE_MODELS = [
-    "nghuyong/ernie-3.0-nano-zh", "nghuyong/ernie-3.0-micro-zh", "nghuyong/ernie-3.0-mini-zh",
-    "nghuyong/ernie-3.0-medium-zh", "nghuyong/ernie-3.0-base-zh", "nghuyong/ernie-3.0-xbase-zh",
+    "nghuyong/ernie-3.0-nano-zh",
+    "nghuyong/ernie-3.0-micro-zh",
+    "nghuyong/ernie-3.0-mini-zh",
+    "nghuyong/ernie-3.0-medium-zh",
+    "nghuyong/ernie-3.0-base-zh",
+    "nghuyong/ernie-3.0-xbase-zh",
 ]
 
 
@@ -26,15 +30,25 @@ class ConsoleConfig:
     host: str = option("127.0.0.1", "address to listen on (0.0.0.0 lets other machines connect)")
     port: int = option(8000, "port (0: any free port)", low=0, high=65535)
     token: str | None = option(None, "access token (default: generated at first start, kept in HOME/.console-token)")
-    max_concurrent: int = option(1, "CPU-only jobs running at the same time (a GPU job starts when its GPUs are free); "
-                                    "the rest wait in the queue", low=1)
+    max_concurrent: int = option(
+        1,
+        "CPU-only jobs running at the same time (a GPU job starts when its GPUs are free); the rest wait in the queue",
+        low=1,
+    )
     database: str | None = option(None, "SQLAlchemy database URL (default: SQLite file HOME/console.db)")
     base_models: list[str] = option(DEFAULT_BASE_MODELS, "models offered in the create form: HF names or local folders")
-    import_roots: list[str] = option([], "folders on the server whose models and corpora may be registered from the "
-                                         "pages (copied into --home); --home itself always may")
-    max_upload_mb: float = option(500.0, "largest accepted upload in MB (checked while streaming)", low=0, low_open=True)
+    import_roots: list[str] = option(
+        [],
+        "folders on the server whose models and corpora may be registered from the "
+        "pages (copied into --home); --home itself always may",
+    )
+    max_upload_mb: float = option(
+        500.0, "largest accepted upload in MB (checked while streaming)", low=0, low_open=True
+    )
     cancel_grace: float = option(10.0, "seconds between SIGTERM and SIGKILL when a job is cancelled", low=0)
-    webhook_secret: str | None = option(None, "HMAC-SHA256 key of webhook signatures (default: generated, HOME/.webhook-secret)")
+    webhook_secret: str | None = option(
+        None, "HMAC-SHA256 key of webhook signatures (default: generated, HOME/.webhook-secret)"
+    )
     smtp_host: str | None = option(None, "SMTP server for e-mail notifications (default: e-mail off)")
     smtp_port: int = option(25, "SMTP port", low=1, high=65535)
     smtp_user: str | None = option(None, "SMTP login (password from the DOMAINLM_SMTP_PASSWORD variable)")
@@ -49,8 +63,13 @@ def job_types() -> dict[str, type]:
     from domainlm.pretrain.config import PretrainConfig
     from domainlm.serve.config import ExportConfig
 
-    types = {"finetune": FinetuneConfig, "pretrain": PretrainConfig, "prepare": PrepareConfig, "sweep": SweepJobConfig,
-             "export": ExportConfig}
+    types = {
+        "finetune": FinetuneConfig,
+        "pretrain": PretrainConfig,
+        "prepare": PrepareConfig,
+        "sweep": SweepJobConfig,
+        "export": ExportConfig,
+    }
     try:  # `domainlm distill`, where this version has it
         from domainlm.distill.config import DistillConfig
 
@@ -60,18 +79,40 @@ def job_types() -> dict[str, type]:
     return types
 
 
-TITLES = {"finetune": "Classification fine-tuning", "pretrain": "Domain pretraining (MLM + SOP)",
-          "prepare": "Prepare a corpus (documents -> token store)",
-          "sweep": "Sweep: base models x snapshots x seeds",
-          "export": "Export (ONNX, int8)", "distill": "Distil a teacher into a student"}
+TITLES = {
+    "finetune": "Classification fine-tuning",
+    "pretrain": "Domain pretraining (MLM + SOP)",
+    "prepare": "Prepare a corpus (documents -> token store)",
+    "sweep": "Sweep: base models x snapshots x seeds",
+    "export": "Export (ONNX, int8)",
+    "distill": "Distil a teacher into a student",
+}
 
 # The CLI has scenario presets for fine-tuning; pretraining's are the console's (they only fill the form).
 PRETRAIN_PRESETS = {
-    "small-corpus": {"max_steps": 1000, "batch_size": 16, "learning_rate": 5e-5, "min_lr": 5e-6, "warmup_ratio": 0.06,
-                     "max_seq_len": 256, "eval_steps": 100, "checkpoint_steps": 200, "save_steps": 250},
-    "large-corpus": {"max_steps": 20000, "batch_size": 32, "learning_rate": 1e-4, "min_lr": 1e-5, "warmup_ratio": 0.01,
-                     "max_seq_len": 512, "lr_decay": "cosine", "eval_steps": 500, "checkpoint_steps": 1000,
-                     "save_steps": 5000},
+    "small-corpus": {
+        "max_steps": 1000,
+        "batch_size": 16,
+        "learning_rate": 5e-5,
+        "min_lr": 5e-6,
+        "warmup_ratio": 0.06,
+        "max_seq_len": 256,
+        "eval_steps": 100,
+        "checkpoint_steps": 200,
+        "save_steps": 250,
+    },
+    "large-corpus": {
+        "max_steps": 20000,
+        "batch_size": 32,
+        "learning_rate": 1e-4,
+        "min_lr": 1e-5,
+        "warmup_ratio": 0.01,
+        "max_seq_len": 512,
+        "lr_decay": "cosine",
+        "eval_steps": 500,
+        "checkpoint_steps": 1000,
+        "save_steps": 5000,
+    },
 }
 
 # `out` inside the job folder (which also holds job.yaml and job.log); `prepare` wants a folder of its own.
@@ -91,15 +132,45 @@ LAYOUT: dict[str, list[tuple[str, list[str]]]] = {
     "finetune": [
         ("Method", ["method", "lora_rank", "lora_alpha", "floor"]),
         ("Model", ["model"]),
-        ("Hyperparameters", ["preset", "epochs", "batch_size", "global_batch_size", "learning_rate", "max_seq_len", "warmup_ratio",
-                             "lr_decay", "weight_decay", "early_stopping_patience", "metric", "seeds"]),
+        (
+            "Hyperparameters",
+            [
+                "preset",
+                "epochs",
+                "batch_size",
+                "global_batch_size",
+                "learning_rate",
+                "max_seq_len",
+                "warmup_ratio",
+                "lr_decay",
+                "weight_decay",
+                "early_stopping_patience",
+                "metric",
+                "seeds",
+            ],
+        ),
         ("Data", ["train", "task", "text_column", "label_column", "pair_column", "test"]),
         ("Validation", ["valid_ratio", "valid_max_rows", "dev"]),
     ],
     "pretrain": [
         ("Model", ["model", "from_scratch"]),
-        ("Hyperparameters", ["max_steps", "batch_size", "global_batch_size", "learning_rate", "min_lr", "warmup_ratio",
-                             "lr_decay", "max_seq_len", "masked_lm_prob", "save_steps", "eval_steps", "checkpoint_steps"]),
+        (
+            "Hyperparameters",
+            [
+                "max_steps",
+                "batch_size",
+                "global_batch_size",
+                "learning_rate",
+                "min_lr",
+                "warmup_ratio",
+                "lr_decay",
+                "max_seq_len",
+                "masked_lm_prob",
+                "save_steps",
+                "eval_steps",
+                "checkpoint_steps",
+            ],
+        ),
         ("Data", ["corpus", "split"]),
     ],
     "prepare": [
@@ -109,8 +180,10 @@ LAYOUT: dict[str, list[tuple[str, list[str]]]] = {
         ("Models", ["base_models", "pretrain_jobs"]),
         ("Seeds and table", ["seeds", "metrics", "floor"]),
         ("Data", ["train", "test", "dev", "task", "text_column", "label_column"]),
-        ("Fine-tuning of every cell", ["method", "lora_rank", "epochs", "batch_size", "learning_rate", "max_seq_len",
-                                       "valid_ratio"]),
+        (
+            "Fine-tuning of every cell",
+            ["method", "lora_rank", "epochs", "batch_size", "learning_rate", "max_seq_len", "valid_ratio"],
+        ),
     ],
     "export": [
         ("Model", ["model", "quantize"]),
@@ -130,6 +203,7 @@ MULTI_FIELDS = {"input": "datasets", "base_models": "models", "pretrain_jobs": "
 @dataclass
 class FieldSpec:
     """What a form needs to draw one config field."""
+
     name: str
     widget: str  # text | number | select | checkbox | model | dataset | datasets
     help: str
@@ -185,8 +259,9 @@ def field_specs(command: str) -> dict[str, FieldSpec]:
         default = CONSOLE_DEFAULTS.get(command, {}).get(f.name, default)
         if isinstance(default, list):
             default = ",".join(map(str, default))
-        specs[f.name] = FieldSpec(f.name, widget, f.metadata.get("help", ""), default, required, choices,
-                                  _range_text(f.metadata), optional)
+        specs[f.name] = FieldSpec(
+            f.name, widget, f.metadata.get("help", ""), default, required, choices, _range_text(f.metadata), optional
+        )
     return specs
 
 

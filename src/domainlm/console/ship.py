@@ -35,7 +35,11 @@ def zip_model(path: Path, files: tuple[str, ...] | None, into: Path) -> Path:
     fd, name = tempfile.mkstemp(dir=into, prefix=".download-", suffix=".zip")
     os.close(fd)
     with zipfile.ZipFile(name, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as z:
-        chosen = [path / f for f in files] if files else sorted(p for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+        chosen = (
+            [path / f for f in files]
+            if files
+            else sorted(p for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+        )
         for p in chosen:
             if p.is_file():
                 z.write(p, f"{path.name}/{p.relative_to(path)}")
@@ -86,13 +90,28 @@ class Endpoints:
             port, token = _free_port(), secrets.token_urlsafe(18)
             log = self.home / "endpoints" / f"model-{model_id}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
-            argv = [sys.executable, "-m", "domainlm.cli", "serve", str(path), "--host", "127.0.0.1", "--port", str(port)]
+            argv = [
+                sys.executable,
+                "-m",
+                "domainlm.cli",
+                "serve",
+                str(path),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ]
             with open(log, "w", encoding="utf-8") as out:
                 out.write(f"$ domainlm {' '.join(argv[4:])}\n")
                 out.flush()
-                proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        env=dict(os.environ, DOMAINLM_SERVE_TOKEN=token, PYTHONUNBUFFERED="1"),
-                                        start_new_session=True)
+                proc = subprocess.Popen(
+                    argv,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=dict(os.environ, DOMAINLM_SERVE_TOKEN=token, PYTHONUNBUFFERED="1"),
+                    start_new_session=True,
+                )
             self.running[model_id] = Endpoint(model_id, proc, port, token, log)
             return self.running[model_id]
 
@@ -105,8 +124,12 @@ class Endpoints:
         if ep.proc.poll() is not None:
             lines = [ln for ln in ep.log.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
             errors = [ln[7:] for ln in lines if ln.startswith("error: ")]
-            return {**out, "state": "stopped", "exit_code": ep.proc.returncode,
-                    "error": (errors or lines[-1:] or [""])[-1] if ep.proc.returncode else ""}
+            return {
+                **out,
+                "state": "stopped",
+                "exit_code": ep.proc.returncode,
+                "error": (errors or lines[-1:] or [""])[-1] if ep.proc.returncode else "",
+            }
         health = ep.get("/health", 0.5)
         if health is None:
             return {**out, "state": "starting", "seconds": round(time.time() - ep.started)}

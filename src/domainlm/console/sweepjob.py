@@ -24,8 +24,23 @@ from domainlm.errors import DomainLMError
 from domainlm.options import PrecisionOption
 
 # fine-tuning options every cell shares, as the form shows them (the rest keep the CLI's defaults)
-FINETUNE_FIELDS = ("train", "dev", "test", "task", "text_column", "label_column", "method", "lora_rank", "epochs",
-                   "batch_size", "learning_rate", "max_seq_len", "valid_ratio", "precision", "logging_freq")
+FINETUNE_FIELDS = (
+    "train",
+    "dev",
+    "test",
+    "task",
+    "text_column",
+    "label_column",
+    "method",
+    "lora_rank",
+    "epochs",
+    "batch_size",
+    "learning_rate",
+    "max_seq_len",
+    "valid_ratio",
+    "precision",
+    "logging_freq",
+)
 
 
 def _ft(name: str, default=None, help: str | None = None):
@@ -55,8 +70,9 @@ class SweepJobConfig(PrecisionOption):
     batch_size: int = _ft("batch_size")
     learning_rate: float = _ft("learning_rate")
     max_seq_len: int = _ft("max_seq_len")
-    valid_ratio: float = option(0.2, "share of the training rows held out for validation when no dev file",
-                                low=0.2, high=0.5)
+    valid_ratio: float = option(
+        0.2, "share of the training rows held out for validation when no dev file", low=0.2, high=0.5
+    )
     logging_freq: int = _ft("logging_freq")
     out: str = option(help="output folder (set by the console)")
 
@@ -84,7 +100,9 @@ def to_sweep(factory, s, cfg: SweepJobConfig, errors: dict):
             errors["pretrain_jobs"] = f"job {job_id} is not a pretraining job"
             continue
         if not any((factory.home / job.folder).glob("step-*")):
-            errors["pretrain_jobs"] = f"pretraining job {job_id} ({job.name}) has no step-N snapshots (save steps 0, or not finished)"
+            errors["pretrain_jobs"] = (
+                f"pretraining job {job_id} ({job.name}) has no step-N snapshots (save steps 0, or not finished)"
+            )
             continue
         base = str(job.config.get("model", ""))
         bases.add(base)
@@ -99,8 +117,14 @@ def to_sweep(factory, s, cfg: SweepJobConfig, errors: dict):
     finetune = {k: getattr(cfg, k) for k in FINETUNE_FIELDS if getattr(cfg, k) is not None}
     if cfg.method != "lora":
         finetune.pop("lora_rank")
-    values = {"out": cfg.out, "models": models, "finetune": finetune, "seeds": cfg.seeds, "metrics": cfg.metrics,
-              "floor": cfg.floor}
+    values = {
+        "out": cfg.out,
+        "models": models,
+        "finetune": finetune,
+        "seeds": cfg.seeds,
+        "metrics": cfg.metrics,
+        "floor": cfg.floor,
+    }
     # the sweep's check() stops at its first problem: note it, set that field to a valid stand-in, check again, so
     # that one answer lists every problem (and the checks after these still run)
     stand_in = {"seeds": ("seeds", [1]), "metrics": ("metrics", ["accuracy"])}
@@ -164,5 +188,11 @@ def report(folder: Path) -> dict | None:
     header, rows, _ = table(cfg, results["cells"], results.get("floor"), results["task"]["evaluated_on"])
     plots = [p.name for p in (folder / "metric_vs_step.png", folder / "pretraining_loss.png") if p.is_file()]
     failures = read_json(folder / "failures.json") if (folder / "failures.json").is_file() else []
-    return {"conclusion": results["conclusion"], "header": header, "rows": rows, "plots": plots, "failures": failures,
-            "markdown": (folder / "table.md").read_text(encoding="utf-8") if (folder / "table.md").is_file() else ""}
+    return {
+        "conclusion": results["conclusion"],
+        "header": header,
+        "rows": rows,
+        "plots": plots,
+        "failures": failures,
+        "markdown": (folder / "table.md").read_text(encoding="utf-8") if (folder / "table.md").is_file() else "",
+    }

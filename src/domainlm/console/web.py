@@ -39,9 +39,15 @@ def create_app(console: Console) -> FastAPI:
             console.stop()
 
     # /docs is the console's own page over /openapi.json: the usual Swagger UI would load from a CDN
-    app = FastAPI(title="domainlm console", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  description="Create, watch and compare domainlm training jobs. Every call needs "
-                              "`Authorization: Bearer TOKEN` (the token `domainlm console` printed).")
+    app = FastAPI(
+        title="domainlm console",
+        version="1",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        description="Create, watch and compare domainlm training jobs. Every call needs "
+        "`Authorization: Bearer TOKEN` (the token `domainlm console` printed).",
+    )
     app.state.console = console
     app.add_middleware(TokenAuth, token=console.token)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")

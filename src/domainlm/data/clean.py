@@ -95,6 +95,7 @@ def reflow_lines(page: str) -> str:
 
 # ---- duplicates -------------------------------------------------------------------------------------------
 
+
 def exact_key(text: str) -> bytes:
     """Whitespace-insensitive digest: the same text re-wrapped is still the same document."""
     return hashlib.blake2b("".join(text.split()).encode("utf-8"), digest_size=16).digest()

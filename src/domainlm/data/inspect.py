@@ -34,8 +34,11 @@ def inspect(path: str, samples: int = 5, tokenizer: str | None = None, seed: int
     corpus = Corpus(path)
     stats_path = Path(path) / "stats.json"
     stats = json.loads(stats_path.read_text(encoding="utf-8")) if stats_path.is_file() else corpus.meta
-    lines = [f"corpus {path} (format v{corpus.meta['version']}, {corpus.meta['dtype']}, "
-             f"word starts from {corpus.meta.get('word_starts')})", format_stats(stats)]
+    lines = [
+        f"corpus {path} (format v{corpus.meta['version']}, {corpus.meta['dtype']}, "
+        f"word starts from {corpus.meta.get('word_starts')})",
+        format_stats(stats),
+    ]
     local = Path(path) / "tokenizer"
     tok = load_fast_tokenizer(tokenizer or (str(local) if local.is_dir() else corpus.meta["tokenizer"]))
     if samples:

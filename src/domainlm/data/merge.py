@@ -40,14 +40,21 @@ from domainlm.options import RunOptions
 
 # counts a merge adds up from the stores' stats.json; the rest it counts again (shards) or recomputes from the store
 SUMMED = ("files", "documents_read", "dropped_empty", "dropped_short", "bad_lines_skipped")
-DECIDED = ("duplicates_exact", "duplicates_near", "sentences_cut")  # by the duplicate decisions (summed for plain stores)
+DECIDED = (
+    "duplicates_exact",
+    "duplicates_near",
+    "sentences_cut",
+)  # by the duplicate decisions (summed for plain stores)
 
 
 @dataclass(kw_only=True)
 class MergeConfig(RunOptions):
-    stores: list[str] = option([], "corpus stores: the shards of one `prepare --shard` run (their duplicates decided "
-                                   "as one prepare would), or stores prepared apart (concatenated in this order)",
-                               positional=True)
+    stores: list[str] = option(
+        [],
+        "corpus stores: the shards of one `prepare --shard` run (their duplicates decided "
+        "as one prepare would), or stores prepared apart (concatenated in this order)",
+        positional=True,
+    )
     out: str = reuse(RunOptions, "out", dataclasses.MISSING, "output folder for the merged corpus store")
     overwrite: bool = reuse(RunOptions, "overwrite", False, "replace an earlier merge in --out")
 
@@ -66,8 +73,15 @@ def merge(cfg: MergeConfig) -> dict:
     """Merge the stores into --out (built beside it and swapped into place); returns the stats (also in stats.json)."""
     from domainlm.data.prepare import STORE_ENTRIES
 
-    with outputs.run_folder(cfg.out, "merge", patterns=STORE_ENTRIES, replace=True, overwrite=cfg.overwrite,
-                            models={f"store {s}": s for s in cfg.stores}, owned=("cache",)) as out:
+    with outputs.run_folder(
+        cfg.out,
+        "merge",
+        patterns=STORE_ENTRIES,
+        replace=True,
+        overwrite=cfg.overwrite,
+        models={f"store {s}": s for s in cfg.stores},
+        owned=("cache",),
+    ) as out:
         return _merge(cfg, out)
 
 
@@ -85,16 +99,20 @@ def _check_alike(stores: list[Corpus]) -> None:
             raise DomainLMError(
                 f"store {other.path} was tokenized with another vocabulary ({other.meta.get('tokenizer')}, hash "
                 f"{other.meta.get('vocab_hash')}) than store {first.path} ({first.meta.get('tokenizer')}, hash "
-                f"{first.meta.get('vocab_hash')}): the stores of one corpus share one tokenizer")
+                f"{first.meta.get('vocab_hash')}): the stores of one corpus share one tokenizer"
+            )
         if other.meta.get("word_starts") != first.meta.get("word_starts"):
             raise DomainLMError(
                 f"store {other.path} marks word starts by {other.meta.get('word_starts')}, store {first.path} by "
-                f"{first.meta.get('word_starts')} (prepare --segment): whole-word masking would differ between them")
+                f"{first.meta.get('word_starts')} (prepare --segment): whole-word masking would differ between them"
+            )
     sharded = [s for s in stores if "shard" in s.meta]
     if sharded and len(sharded) != len(stores):
         plain = next(s for s in stores if "shard" not in s.meta)
-        raise DomainLMError(f"store {sharded[0].path} is a shard of a `prepare --shard` run and store {plain.path} is "
-                            "not: merge the shards of one run, or stores prepared apart, not both at once")
+        raise DomainLMError(
+            f"store {sharded[0].path} is a shard of a `prepare --shard` run and store {plain.path} is "
+            "not: merge the shards of one run, or stores prepared apart, not both at once"
+        )
 
 
 def _ledgers(stores: list[Corpus]) -> list[shards.Ledger]:
@@ -105,31 +123,42 @@ def _ledgers(stores: list[Corpus]) -> list[shards.Ledger]:
     for ledger in ledgers:
         path, info = ledger.store.path, ledger.info
         if ledger.count != first.count:
-            raise DomainLMError(f"store {path} is shard {ledger.index} of {ledger.count}, store {first.store.path} "
-                                f"shard {first.index} of {first.count}: merge the shards of one `prepare --shard` run")
+            raise DomainLMError(
+                f"store {path} is shard {ledger.index} of {ledger.count}, store {first.store.path} "
+                f"shard {first.index} of {first.count}: merge the shards of one `prepare --shard` run"
+            )
         if ledger.index in by_index:
-            raise DomainLMError(f"stores {by_index[ledger.index].store.path} and {path} are both shard {ledger.index} "
-                                f"of {ledger.count}: give each shard once")
+            raise DomainLMError(
+                f"stores {by_index[ledger.index].store.path} and {path} are both shard {ledger.index} "
+                f"of {ledger.count}: give each shard once"
+            )
         by_index[ledger.index] = ledger
         if (info["listing"], info["files"]) != (first.info["listing"], first.info["files"]):
-            raise DomainLMError(f"store {path} was prepared from another input listing ({info['files']} files) than "
-                                f"store {first.store.path} ({first.info['files']} files, or other names or sizes): "
-                                "every shard must be given the same inputs")
+            raise DomainLMError(
+                f"store {path} was prepared from another input listing ({info['files']} files) than "
+                f"store {first.store.path} ({first.info['files']} files, or other names or sizes): "
+                "every shard must be given the same inputs"
+            )
         for key, value in first.info["options"].items():
             if info["options"].get(key) != value:
                 flag = "--" + key.replace("_", "-")
-                raise DomainLMError(f"store {path} was prepared with {flag} {info['options'].get(key)!r}, store "
-                                    f"{first.store.path} with {flag} {value!r}: shards of one corpus share every option")
+                raise DomainLMError(
+                    f"store {path} was prepared with {flag} {info['options'].get(key)!r}, store "
+                    f"{first.store.path} with {flag} {value!r}: shards of one corpus share every option"
+                )
     missing = [i for i in range(1, first.count + 1) if i not in by_index]
     if missing:
-        raise DomainLMError(f"shard(s) {', '.join(map(str, missing))} of {first.count} missing (given: "
-                            f"{', '.join(map(str, sorted(by_index)))}): give every shard of the run")
+        raise DomainLMError(
+            f"shard(s) {', '.join(map(str, missing))} of {first.count} missing (given: "
+            f"{', '.join(map(str, sorted(by_index)))}): give every shard of the run"
+        )
     return [by_index[i] for i in sorted(by_index)]
 
 
 @dataclass
 class _Piece:
     """Documents [first, end) of one store, in the merged order."""
+
     corpus: Corpus
     first: int
     end: int
@@ -176,8 +205,10 @@ def _replay(ledgers: list[shards.Ledger], counters: Counter) -> list[_Piece]:
         elif fate == shards.NEAR:  # dropped by its shard, kept by the run over all inputs
             take(ledger.dropped, int(in_dropped[k][i]), False)
         else:
-            raise DomainLMError(f"{ledger.store.path}: document {i + 1} of its ledger was an exact duplicate in its shard "
-                                "but is not one over all the inputs; the shard is damaged, prepare it again")
+            raise DomainLMError(
+                f"{ledger.store.path}: document {i + 1} of its ledger was an exact duplicate in its shard "
+                "but is not one over all the inputs; the shard is damaged, prepare it again"
+            )
     return pieces
 
 
@@ -202,8 +233,11 @@ def _fingerprint(stores: list[Corpus], ledgers: list[shards.Ledger] | None) -> s
         seen = sorted({ledger.info["inputs_fingerprint"] for ledger in ledgers})
         if len(seen) == 1:
             return seen[0]  # the fingerprint of one prepare over the same inputs
-        print("note: the shards saw the inputs with other paths or modification times (copies?): the merged store's "
-              "fingerprint is made from theirs, not the one a single prepare would write", file=sys.stderr)
+        print(
+            "note: the shards saw the inputs with other paths or modification times (copies?): the merged store's "
+            "fingerprint is made from theirs, not the one a single prepare would write",
+            file=sys.stderr,
+        )
     else:
         seen = [str(s.meta.get("fingerprint")) for s in stores]
     return hashlib.sha256(json.dumps(seen).encode()).hexdigest()[:16]
@@ -236,8 +270,11 @@ def _merge(cfg: MergeConfig, out: outputs.RunFolder) -> dict:
     if not all(piece.checked for piece in pieces):
         forbidden = corpus_forbidden_ids(load_fast_tokenizer(str(tokenizer_folder), log=lambda *a, **k: None))
     writer = CorpusWriter(out.path, int(first.meta["vocab_size"]), forbidden_ids=forbidden)
-    n_bytes = sum((s.path / name).stat().st_size for s in stores
-                  for name in ("tokens.bin", "words.bin", "sentences.bin", "documents.bin"))
+    n_bytes = sum(
+        (s.path / name).stat().st_size
+        for s in stores
+        for name in ("tokens.bin", "words.bin", "sentences.bin", "documents.bin")
+    )
     with out.writing():
         for piece in pieces:
             if piece.checked:
@@ -246,11 +283,17 @@ def _merge(cfg: MergeConfig, out: outputs.RunFolder) -> dict:
             for doc in range(piece.first, piece.end):
                 sentences = piece.corpus.document_sentences(doc)
                 ids, words = piece.corpus.span(sentences.start, sentences.stop)
-                lengths = np.diff(np.asarray(piece.corpus.sentence_offsets[sentences.start:sentences.stop + 1]))
+                lengths = np.diff(np.asarray(piece.corpus.sentence_offsets[sentences.start : sentences.stop + 1]))
                 writer.add(ids, lengths, words)
-        writer.close({"tokenizer": first.meta.get("tokenizer"), "vocab_hash": first.meta.get("vocab_hash"),
-                      "word_starts": first.meta.get("word_starts"), "fingerprint": _fingerprint(stores, ledgers),
-                      "domainlm_version": first.meta.get("domainlm_version")})
+        writer.close(
+            {
+                "tokenizer": first.meta.get("tokenizer"),
+                "vocab_hash": first.meta.get("vocab_hash"),
+                "word_starts": first.meta.get("word_starts"),
+                "fingerprint": _fingerprint(stores, ledgers),
+                "domainlm_version": first.meta.get("domainlm_version"),
+            }
+        )
     if writer.n_documents == 0:
         raise DomainLMError(f"no documents left in {', '.join(cfg.stores)}")
     stats = _corpus_stats(Corpus(out.path), counters, time.perf_counter() - started, n_bytes)

@@ -48,8 +48,12 @@ from domainlm.options import RunOptions
 
 @dataclass(kw_only=True)
 class PrepareConfig(RunOptions):
-    input: list[str] = option([], "files or folders of raw documents (txt, jsonl, md, pdf, docx, .gz; "
-                              "or a PaddleNLP *_ids.npy / Megatron .bin corpus to import)", positional=True)
+    input: list[str] = option(
+        [],
+        "files or folders of raw documents (txt, jsonl, md, pdf, docx, .gz; "
+        "or a PaddleNLP *_ids.npy / Megatron .bin corpus to import)",
+        positional=True,
+    )
     out: str = reuse(RunOptions, "out", dataclasses.MISSING, "output folder for the corpus store")
     tokenizer: str = option(help="Hugging Face fast tokenizer: a name or a path")
     language: Literal["auto", "zh", "en"] = option("auto", "document language; auto detects per document")
@@ -59,16 +63,22 @@ class PrepareConfig(RunOptions):
     text_field: str = option("text", "JSONL field holding the document text")
     encoding: Literal["auto", "utf-8", "gb18030"] = option("auto", "text file encoding (GBK is read as gb18030)")
     skip_bad_lines: bool = option(False, "skip and count malformed JSONL lines instead of failing")
-    split_books: bool = option(True, "cut long pdf/docx/md files into documents at their outline (PDF bookmarks), "
-                               "headings or page groups; the rule used per file is in the stats")
+    split_books: bool = option(
+        True,
+        "cut long pdf/docx/md files into documents at their outline (PDF bookmarks), "
+        "headings or page groups; the rule used per file is in the stats",
+    )
     normalize: Literal["NFC", "NFKC", "none"] = option("NFC", "Unicode normalisation form")
     min_doc_chars: int = option(10, "drop documents shorter than this after cleaning", low=0)
     max_sentence_tokens: int = option(510, "cut longer sentences into pieces of this many tokens", low=8)
     near_dup_threshold: float = option(0.8, "MinHash Jaccard threshold for near duplicates (0: off)", low=0, high=1)
     workers: int = option(-1, "worker processes (-1: one per core, 0: in this process)", low=-1)
     overwrite: bool = reuse(RunOptions, "overwrite", False, "replace an existing, different corpus in --out")
-    shard: str | None = option(None, "I/N: prepare only shard I of N (whole input files, the same share on every machine "
-                                     "given the same inputs), to be joined by `domainlm merge`")
+    shard: str | None = option(
+        None,
+        "I/N: prepare only shard I of N (whole input files, the same share on every machine "
+        "given the same inputs), to be joined by `domainlm merge`",
+    )
 
     def check(self) -> None:
         if not self.input:
@@ -112,8 +122,13 @@ def shard_options(cfg: PrepareConfig) -> dict:
     return {k: v for k, v in asdict(cfg).items() if k not in ("input", "out", "workers", "overwrite", "shard")}
 
 
-def _documents(files: list[Path], options: ReadOptions, counters: Counter, numbers: list[int] | None = None,
-               read: deque | None = None) -> Iterator[Document]:
+def _documents(
+    files: list[Path],
+    options: ReadOptions,
+    counters: Counter,
+    numbers: list[int] | None = None,
+    read: deque | None = None,
+) -> Iterator[Document]:
     """The documents of `files` in order; with `read`, each one's input file number (`numbers`) is appended to it."""
     for k, path in enumerate(files):
         counters["files"] += 1
@@ -198,8 +213,9 @@ def _continuation_table(tokenizer) -> np.ndarray:
     return table
 
 
-def _import(paths: list[Path], writer: CorpusWriter, tokenizer, counters: Counter, ledger=None,
-            numbers: list[int] | None = None) -> None:
+def _import(
+    paths: list[Path], writer: CorpusWriter, tokenizer, counters: Counter, ledger=None, numbers: list[int] | None = None
+) -> None:
     continuation = _continuation_table(tokenizer)
     for k, path in enumerate(paths):
         counters["files"] += 1
@@ -246,7 +262,8 @@ def _corpus_stats(corpus: Corpus, counters: Counter, seconds: float, n_bytes: in
         "tokens_per_document": round(float(doc_tokens.mean()), 2) if len(doc_tokens) else 0.0,
         "sentences_per_document": round(float(doc_sentences.mean()), 2) if len(doc_sentences) else 0.0,
         "sentence_tokens_p50_p95_max": [int(np.percentile(lengths, q)) for q in (50, 95)] + [int(lengths.max())]
-        if len(lengths) else [0, 0, 0],
+        if len(lengths)
+        else [0, 0, 0],
         "single_sentence_documents": int((doc_sentences == 1).sum()),
         "files": counters["files"],
         "documents_read": counters["documents_read"],
@@ -256,10 +273,13 @@ def _corpus_stats(corpus: Corpus, counters: Counter, seconds: float, n_bytes: in
         "duplicates_near": counters["duplicates_near"],
         "bad_lines_skipped": counters["bad_lines_skipped"],
         "sentences_cut": counters["sentences_cut"],
-        "languages": {k[len("lang_"):]: v for k, v in counters.items() if k.startswith("lang_")},
+        "languages": {k[len("lang_") :]: v for k, v in counters.items() if k.startswith("lang_")},
         # pdf/docx/md files per rule that cut them into documents (data/sections.py), and the documents read
-        "document_split": {k.split(":", 1)[1]: {"files": v, "documents": counters[f"split_documents:{k.split(':', 1)[1]}"]}
-                           for k, v in sorted(counters.items()) if k.startswith("split_files:")},
+        "document_split": {
+            k.split(":", 1)[1]: {"files": v, "documents": counters[f"split_documents:{k.split(':', 1)[1]}"]}
+            for k, v in sorted(counters.items())
+            if k.startswith("split_files:")
+        },
         "seconds": round(seconds, 2),
         "mb_per_second": round(n_bytes / 1e6 / max(seconds, 1e-9), 2),
         "tokens_per_second": round(corpus.n_tokens / max(seconds, 1e-9), 1),
@@ -283,9 +303,17 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
     swapped into place when complete; the same inputs and options again leave it as it is."""
     workers = _workers(cfg.workers)
     inputs = {f"input {item}": item for item in cfg.input}
-    with outputs.run_folder(cfg.out, "prepare", patterns=STORE_ENTRIES, replace=True, overwrite=cfg.overwrite,
-                            resume=True, inputs=inputs, owned=("cache",),
-                            legacy=lambda o: _store_meta(o) is not None) as out:
+    with outputs.run_folder(
+        cfg.out,
+        "prepare",
+        patterns=STORE_ENTRIES,
+        replace=True,
+        overwrite=cfg.overwrite,
+        resume=True,
+        inputs=inputs,
+        owned=("cache",),
+        legacy=lambda o: _store_meta(o) is not None,
+    ) as out:
         return _prepare(cfg, out, workers, progress)
 
 
@@ -328,21 +356,34 @@ def _prepare(cfg: PrepareConfig, out: outputs.RunFolder, workers: int, progress:
     bar = None
     ledger = None
     if plan is not None:
-        ledger = shards.LedgerWriter(out.file(shards.FOLDER), len(tokenizer), EncodeOptions.num_perm,
-                                     cfg.near_dup_threshold > 0)
+        ledger = shards.LedgerWriter(
+            out.file(shards.FOLDER), len(tokenizer), EncodeOptions.num_perm, cfg.near_dup_threshold > 0
+        )
     try:
         _import(imports, writer, tokenizer, counters, ledger, plan and plan.import_numbers)
         encode_options = EncodeOptions(
-            tokenizer_file=str(partial / "tokenizer" / "tokenizer.json"), language=cfg.language, segment=cfg.segment, segmenter=cfg.segmenter,
-            user_dict=cfg.user_dict, normalize=cfg.normalize, max_sentence_tokens=cfg.max_sentence_tokens,
+            tokenizer_file=str(partial / "tokenizer" / "tokenizer.json"),
+            language=cfg.language,
+            segment=cfg.segment,
+            segmenter=cfg.segmenter,
+            user_dict=cfg.user_dict,
+            normalize=cfg.normalize,
+            max_sentence_tokens=cfg.max_sentence_tokens,
             near_dup_threshold=cfg.near_dup_threshold,
         )
         dedup = Deduplicator(cfg.near_dup_threshold, encode_options.num_perm)
         read_options = ReadOptions(cfg.text_field, cfg.encoding, cfg.skip_bad_lines, cfg.split_books)
         read: deque = deque()  # the input file number of each document read and not yet decided (shards)
         chunks = _chunks(_documents(files, read_options, counters, plan and plan.file_numbers, read if plan else None))
-        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=not progress,
-                   file=sys.stderr, smoothing=0.1)
+        bar = tqdm(
+            total=total_bytes,
+            unit="B",
+            unit_scale=True,
+            desc="prepare",
+            disable=not progress,
+            file=sys.stderr,
+            smoothing=0.1,
+        )
         with out.writing():
             for docs, encoded in _encode_all(chunks, encode_options, workers):
                 for doc, enc in zip(docs, encoded):
@@ -374,16 +415,31 @@ def _prepare(cfg: PrepareConfig, out: outputs.RunFolder, workers: int, progress:
             )
         word_source = f"segmenter:{cfg.segmenter}" if cfg.segment else "tokenizer"
         with out.writing():
-            writer.close({
-                "tokenizer": cfg.tokenizer, "vocab_hash": vocab, "word_starts": word_source,
-                "fingerprint": fingerprint, "domainlm_version": __version__,
-                **({"shard": {"index": shard[0], "count": shard[1]}} if shard else {}),
-            })
+            writer.close(
+                {
+                    "tokenizer": cfg.tokenizer,
+                    "vocab_hash": vocab,
+                    "word_starts": word_source,
+                    "fingerprint": fingerprint,
+                    "domainlm_version": __version__,
+                    **({"shard": {"index": shard[0], "count": shard[1]}} if shard else {}),
+                }
+            )
             if ledger is not None:
-                ledger.close({"index": shard[0], "count": shard[1], "files": plan.total, "listing": plan.listing,
-                              "inputs_fingerprint": inputs_fingerprint, "options": shard_options(cfg),
-                              "taken": plan.import_numbers + plan.file_numbers, "tokenizer": cfg.tokenizer,
-                              "vocab_hash": vocab, "word_starts": word_source})
+                ledger.close(
+                    {
+                        "index": shard[0],
+                        "count": shard[1],
+                        "files": plan.total,
+                        "listing": plan.listing,
+                        "inputs_fingerprint": inputs_fingerprint,
+                        "options": shard_options(cfg),
+                        "taken": plan.import_numbers + plan.file_numbers,
+                        "tokenizer": cfg.tokenizer,
+                        "vocab_hash": vocab,
+                        "word_starts": word_source,
+                    }
+                )
         stats = _corpus_stats(Corpus(partial), counters, time.perf_counter() - started, n_bytes or total_bytes)
         out.write_json("stats.json", stats)
         out.write_text("config.yaml", cfglib.dump(cfg))

@@ -95,8 +95,12 @@ def detect_encoding(path: Path, head: bytes, forced: str = "auto") -> str:
     """UTF-8 (with or without BOM), UTF-16/32 with a BOM (what Windows Notepad writes as "Unicode"), or
     GB18030; a binary file or an undecodable one is an error."""
     if forced == "auto":
-        for bom, encoding in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
-                              (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
+        for bom, encoding in (
+            (codecs.BOM_UTF32_LE, "utf-32"),
+            (codecs.BOM_UTF32_BE, "utf-32"),
+            (codecs.BOM_UTF16_LE, "utf-16"),
+            (codecs.BOM_UTF16_BE, "utf-16"),
+        ):
             if head.startswith(bom):  # the codec reads the BOM and the byte order from it
                 return encoding
     nul = head.find(b"\x00")

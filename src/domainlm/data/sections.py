@@ -103,8 +103,9 @@ def top_levels(levels: list[int]) -> set[int]:
     return set(present[:2])
 
 
-def split_text(lines: list[str], heading_levels: dict[int, int] | None = None, first_line: int = 1,
-               whole: bool = False) -> tuple[list[Section], str]:
+def split_text(
+    lines: list[str], heading_levels: dict[int, int] | None = None, first_line: int = 1, whole: bool = False
+) -> tuple[list[Section], str]:
     """docx / Markdown / any text: at styled headings (line index -> level), else heading text, else whole."""
     text = "\n".join(lines)
     if whole or len(text) < LONG_CHARS:

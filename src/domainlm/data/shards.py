@@ -15,9 +15,9 @@ over all the inputs would:
                      imported), language (uint8, an index into shard.json's list), sentences cut (int32)
     keys.bin         the exact-duplicate digest of each row (16 bytes)
     signatures.bin   its MinHash values (uint32 x num_perm), when near duplicates are looked for
-    dropped/         a corpus store of the documents this shard dropped as near duplicates: one prepare of all the inputs
-                     may keep one of them, because near duplicates are not transitive (the document it resembled may
-                     itself be dropped as a near duplicate of a document in an earlier shard)
+    dropped/         a corpus store of the documents this shard dropped as near duplicates: one prepare of all the
+                     inputs may keep one of them, because near duplicates are not transitive (the document it
+                     resembled may itself be dropped as a near duplicate of a document in an earlier shard)
 
 A document dropped as an exact duplicate has no tokens kept: one prepare drops it too, whatever else happens (its
 text, and so its signature, is the earlier one's; that one was kept, or dropped with a query that can only find more
@@ -82,6 +82,7 @@ def store_fingerprint(inputs_fingerprint: str, shard: tuple[int, int]) -> str:
 @dataclass
 class Plan:
     """This shard's share of the inputs: for imports and documents, the files it reads and their input numbers."""
+
     imports: list[Path]
     import_numbers: list[int]
     files: list[Path]
@@ -95,12 +96,19 @@ def plan(imports: list[Path], files: list[Path], shard: tuple[int, int]) -> Plan
     owner = assign([p.stat().st_size for p in everything], shard[1])
     mine = [i for i, s in enumerate(owner) if s == shard[0]]
     if not mine:
-        raise DomainLMError(f"--shard {shard[0]}/{shard[1]}: no input file falls to this shard ({len(everything)} "
-                            f"file(s) for {shard[1]} shards; a shard takes whole files): use at most {len(everything)} shards")
+        raise DomainLMError(
+            f"--shard {shard[0]}/{shard[1]}: no input file falls to this shard ({len(everything)} "
+            f"file(s) for {shard[1]} shards; a shard takes whole files): use at most {len(everything)} shards"
+        )
     n_imports = len(imports)
-    return Plan([everything[i] for i in mine if i < n_imports], [i for i in mine if i < n_imports],
-                [everything[i] for i in mine if i >= n_imports], [i for i in mine if i >= n_imports],
-                len(everything), listing(everything))
+    return Plan(
+        [everything[i] for i in mine if i < n_imports],
+        [i for i in mine if i < n_imports],
+        [everything[i] for i in mine if i >= n_imports],
+        [i for i in mine if i >= n_imports],
+        len(everything),
+        listing(everything),
+    )
 
 
 class LedgerWriter:
@@ -144,9 +152,14 @@ class LedgerWriter:
                 f.flush()
                 f.close()
         self.dropped.close({"tokenizer": info.get("tokenizer"), "vocab_hash": info.get("vocab_hash")})
-        (self.folder / "shard.json").write_text(json.dumps(
-            {**info, "entries": self.n, "num_perm": self.num_perm, "near": self.near, "languages": self.languages},
-            indent=1, ensure_ascii=False), encoding="utf-8")
+        (self.folder / "shard.json").write_text(
+            json.dumps(
+                {**info, "entries": self.n, "num_perm": self.num_perm, "near": self.near, "languages": self.languages},
+                indent=1,
+                ensure_ascii=False,
+            ),
+            encoding="utf-8",
+        )
 
 
 class Ledger:
@@ -158,13 +171,20 @@ class Ledger:
         try:
             self.info = json.loads((folder / "shard.json").read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            raise DomainLMError(f"{store.path}: its shard ledger ({folder / 'shard.json'}) is missing or damaged ({e}); "
-                                "prepare the shard again") from None
+            raise DomainLMError(
+                f"{store.path}: its shard ledger ({folder / 'shard.json'}) is missing or damaged ({e}); "
+                "prepare the shard again"
+            ) from None
         n = int(self.info["entries"])
         self.entries = _map(folder / "entries.bin", ENTRY, n)
         self.keys = _map(folder / "keys.bin", np.dtype(("u1", KEY_BYTES)), n)  # [n, 16]
-        self.signatures = _map(folder / "signatures.bin", np.dtype("<u4"), n * self.info["num_perm"]).reshape(
-            n, self.info["num_perm"]) if self.info["near"] else None
+        self.signatures = (
+            _map(folder / "signatures.bin", np.dtype("<u4"), n * self.info["num_perm"]).reshape(
+                n, self.info["num_perm"]
+            )
+            if self.info["near"]
+            else None
+        )
         self.dropped = Corpus(folder / "dropped")
         self.index, self.count = int(self.info["index"]), int(self.info["count"])
 
@@ -172,5 +192,7 @@ class Ledger:
 def _map(path: Path, dtype: np.dtype, count: int) -> np.ndarray:
     size = path.stat().st_size if path.is_file() else -1
     if size != dtype.itemsize * count:
-        raise DomainLMError(f"{path}: {size} bytes, expected {dtype.itemsize * count}; the shard is damaged, prepare it again")
+        raise DomainLMError(
+            f"{path}: {size} bytes, expected {dtype.itemsize * count}; the shard is damaged, prepare it again"
+        )
     return np.memmap(path, dtype=dtype, mode="r", shape=(count,)) if count else np.zeros(0, dtype)

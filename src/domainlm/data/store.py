@@ -94,10 +94,14 @@ class CorpusWriter:
             self._words.write(np.asarray(corpus.words[a:b]).tobytes())
         for a in range(s0 + 1, s1 + 1, chunk_tokens):
             b = min(a + chunk_tokens, s1 + 1)
-            self._sentences.write((np.asarray(corpus.sentence_offsets[a:b]) - t0 + self.n_tokens).astype("<i8").tobytes())
+            self._sentences.write(
+                (np.asarray(corpus.sentence_offsets[a:b]) - t0 + self.n_tokens).astype("<i8").tobytes()
+            )
         for a in range(first + 1, end + 1, chunk_tokens):
             b = min(a + chunk_tokens, end + 1)
-            self._documents.write((np.asarray(corpus.document_offsets[a:b]) - s0 + self.n_sentences).astype("<i8").tobytes())
+            self._documents.write(
+                (np.asarray(corpus.document_offsets[a:b]) - s0 + self.n_sentences).astype("<i8").tobytes()
+            )
         self.n_tokens += t1 - t0
         self.n_sentences += s1 - s0
         self.n_documents += end - first
@@ -128,9 +132,7 @@ class Corpus:
         self.path = Path(path)
         meta_path = self.path / "meta.json"
         if not self.path.is_dir() or not meta_path.is_file():
-            raise DomainLMError(
-                f"{self.path} is not a corpus store (no meta.json); create one with `domainlm prepare`"
-            )
+            raise DomainLMError(f"{self.path} is not a corpus store (no meta.json); create one with `domainlm prepare`")
         try:
             self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
@@ -202,8 +204,10 @@ class Corpus:
         a tokenizer's vocabulary fails deep inside otherwise."""
         top = self.max_token_id()
         if top >= vocab_size:
-            raise DomainLMError(f"{self.path}: token id {top} is beyond {what} ({vocab_size} entries); "
-                                "prepare the corpus with the model's tokenizer")
+            raise DomainLMError(
+                f"{self.path}: token id {top} is beyond {what} ({vocab_size} entries); "
+                "prepare the corpus with the model's tokenizer"
+            )
 
     def read_sentence_offsets(self, indices) -> np.ndarray:
         """sentence_offsets[indices] read with plain reads, one 8-byte read each: for scattered offsets of a large
@@ -235,6 +239,7 @@ class Corpus:
 
 
 # ---- imports of corpora prepared by other tools ---------------------------------------------------------
+
 
 def find_imports(folder: Path) -> list[Path]:
     """Corpora of other tools in a folder: PaddleNLP `<prefix>_ids.npy` (+ `_idx.npz`) and Megatron `.bin`
@@ -270,7 +275,16 @@ def read_paddlenlp(ids_path: Path):
 
 
 _MEGATRON_MAGIC = b"MMIDIDX\x00\x00"
-_MEGATRON_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16}
+_MEGATRON_DTYPES = {
+    1: np.uint8,
+    2: np.int8,
+    3: np.int16,
+    4: np.int32,
+    5: np.int64,
+    6: np.float64,
+    7: np.float32,
+    8: np.uint16,
+}
 
 
 def read_megatron(bin_path: Path):

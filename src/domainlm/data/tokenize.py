@@ -85,7 +85,7 @@ class DocumentEncoder:
         that text, and whether it starts a word of the tokenizer's pre-tokenizer."""
         text = "\n".join(sentences)
         if self.fast is not None:  # newlines are whitespace to a BERT-style tokenizer: one pass per document
-            (ids, offsets, first), = self.fast.encode_batch([text])
+            ((ids, offsets, first),) = self.fast.encode_batch([text])
             return text, ids, offsets, first
         ids, offsets, first, start = [], [], [], 0
         for sentence, enc in zip(sentences, self.backend.encode_batch(sentences, add_special_tokens=False)):
@@ -118,7 +118,9 @@ class DocumentEncoder:
         step = opts.max_sentence_tokens
         n_cut = int((lengths > step).sum())
         if n_cut:
-            lengths = np.asarray([p for n in lengths.tolist() for p in [step] * (n // step) + ([n % step] if n % step else [])])
+            lengths = np.asarray(
+                [p for n in lengths.tolist() for p in [step] * (n // step) + ([n % step] if n % step else [])]
+            )
         flags = flags.copy()
         flags[np.concatenate([[0], np.cumsum(lengths)[:-1]])] = True  # a sentence (piece) starts a word
         signature = minhash_signature(text, opts.num_perm) if opts.near_dup_threshold > 0 else None

@@ -31,8 +31,10 @@ def check(cfg, *, network: bool = True) -> tuple[Found, dict[str, str]]:
     try:
         found.labels, teacher_multilabel = model_labels(cfg.teacher)
         if teacher_multilabel != (cfg.task == "multilabel"):
-            errors["task"] = (f"--teacher {cfg.teacher} is a {'multilabel' if teacher_multilabel else 'multiclass'} "
-                              f"classifier but --task is {cfg.task}")
+            errors["task"] = (
+                f"--teacher {cfg.teacher} is a {'multilabel' if teacher_multilabel else 'multiclass'} "
+                f"classifier but --task is {cfg.task}"
+            )
     except DomainLMError as e:
         errors["teacher"] = str(e)
     if found.labels is not None:
@@ -40,8 +42,9 @@ def check(cfg, *, network: bool = True) -> tuple[Found, dict[str, str]]:
         for key, message in problems.items():
             errors.setdefault(key, message)
     found.finetune = student_config(cfg, Path(cfg.out))
-    found.student, problems = student_checks.check(found.finetune, read_task=False, network=network,
-                                                   model_flag="--student")
+    found.student, problems = student_checks.check(
+        found.finetune, read_task=False, network=network, model_flag="--student"
+    )
     for key, message in problems.items():
         errors.setdefault("student" if key == "model" else key, message)
     return found, errors

@@ -34,9 +34,9 @@ def pack(hard: np.ndarray | None, soft: np.ndarray, multilabel: bool, hidden: np
     packed = np.full((n, width + labels + states), np.nan if multilabel else -1.0, dtype=np.float32)
     if hard is not None and len(hard):
         packed[: len(hard), :width] = np.asarray(hard, dtype=np.float32).reshape(len(hard), width)
-    packed[:, width:width + labels] = soft
+    packed[:, width : width + labels] = soft
     if hidden is not None:
-        packed[:, width + labels:] = hidden
+        packed[:, width + labels :] = hidden
     return packed
 
 
@@ -44,8 +44,16 @@ class DistillClassifier(Classifier):
     """A Classifier that, on packed targets (training), mixes the two losses; on plain targets (evaluation) it is the
     Classifier. With alpha = 1 the loss is the Classifier's cross-entropy, computed the same way."""
 
-    def __init__(self, hf_model, multilabel: bool, n_labels: int, temperature: float, alpha: float,
-                 hidden_weight: float = 0.0, teacher_width: int = 0):
+    def __init__(
+        self,
+        hf_model,
+        multilabel: bool,
+        n_labels: int,
+        temperature: float,
+        alpha: float,
+        hidden_weight: float = 0.0,
+        teacher_width: int = 0,
+    ):
         super().__init__(hf_model, multilabel)
         self.n_labels, self.temperature, self.alpha = n_labels, temperature, alpha
         self.hidden_weight, self.teacher_width = hidden_weight, teacher_width if hidden_weight else 0
@@ -62,18 +70,22 @@ class DistillClassifier(Classifier):
             states, logits = (x.float() for x in packed_forward(self.hf, batch))
         elif self.hidden_weight:  # the full forward, for the last layer's [CLS] state
             given = {k: batch.get(k) for k in ("attention_mask", "token_type_ids")}
-            out = self.hf(input_ids=batch["input_ids"], output_hidden_states=True,
-                          **{k: v for k, v in given.items() if v is not None})
+            out = self.hf(
+                input_ids=batch["input_ids"],
+                output_hidden_states=True,
+                **{k: v for k, v in given.items() if v is not None},
+            )
             logits, states = out.logits.float(), out.hidden_states[-1][:, 0].float()
         else:
             logits = self.batch_logits(batch).float()
-        hard, soft = labels[:, :width], labels[:, width:width + self.n_labels].float()
+        hard, soft = labels[:, :width], labels[:, width : width + self.n_labels].float()
         t = self.temperature
         if self.multilabel:
             has = ~torch.isnan(hard[:, 0])
             ce = F.binary_cross_entropy_with_logits(logits[has], hard[has].float()) if has.any() else logits.sum() * 0
             scaled = logits / t
-            # per-label KL of Bernoulli(soft) to Bernoulli(sigmoid(scaled)): cross-entropy less the soft targets' entropy
+            # per-label KL of Bernoulli(soft) to Bernoulli(sigmoid(scaled)): cross-entropy less the soft targets'
+            # entropy
             entropy = -(soft * torch.log(soft.clamp_min(1e-12)) + (1 - soft) * torch.log((1 - soft).clamp_min(1e-12)))
             kl = (F.binary_cross_entropy_with_logits(scaled, soft, reduction="none") - entropy).mean()
             acc = ((logits > 0) == (soft > 0.5)).all(dim=-1).float().mean()
@@ -87,7 +99,7 @@ class DistillClassifier(Classifier):
         loss = ce if self.alpha == 1 else self.alpha * ce + (1 - self.alpha) * kl * t * t
         metrics = {"loss": loss.detach(), "acc": acc, "kl": kl.detach(), "ce": ce.detach()}
         if states is not None:
-            mse = F.mse_loss(self.projection(states), labels[:, width + self.n_labels:].float())
+            mse = F.mse_loss(self.projection(states), labels[:, width + self.n_labels :].float())
             loss = loss + self.hidden_weight * mse
             metrics.update(loss=loss.detach(), hidden_mse=mse.detach())
         return loss, metrics

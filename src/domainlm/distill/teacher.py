@@ -28,24 +28,34 @@ def model_labels(path: str) -> tuple[list[str], bool]:
     folder = Path(path)
     if not folder.exists():
         raise DomainLMError(f"--teacher {path} does not exist")
-    for candidate in (folder / "ensemble.json", folder / LABELS_FILE, Path(classifier_dir(folder)) / LABELS_FILE,
-                      folder / "linear.json"):
+    for candidate in (
+        folder / "ensemble.json",
+        folder / LABELS_FILE,
+        Path(classifier_dir(folder)) / LABELS_FILE,
+        folder / "linear.json",
+    ):
         if candidate.is_file():
             meta = json.loads(candidate.read_text(encoding="utf-8"))
             if "labels" in meta:
                 return list(meta["labels"]), bool(meta.get("multilabel"))
-    raise DomainLMError(f"--teacher {path} is not a classifier folder (no label map found); give a `domainlm finetune` output")
+    raise DomainLMError(
+        f"--teacher {path} is not a classifier folder (no label map found); give a `domainlm finetune` output"
+    )
 
 
 def _fingerprint(path: str) -> list:
     """Every file of the teacher (sizes and modification times): a retrained or replaced teacher is a new key."""
     root = Path(path).resolve()
-    return [str(root)] + [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
-                          for p in sorted(root.rglob("*")) if p.is_file() and CACHE not in p.parts]
+    return [str(root)] + [
+        (str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and CACHE not in p.parts
+    ]
 
 
-def cache_key(teacher: str, parts: dict[str, tuple[list[str], list[str] | None]], max_seq_len: int,
-              hidden: bool = False) -> str:
+def cache_key(
+    teacher: str, parts: dict[str, tuple[list[str], list[str] | None]], max_seq_len: int, hidden: bool = False
+) -> str:
     h = hashlib.sha256(json.dumps(_fingerprint(teacher)).encode())
     h.update(f"{max_seq_len} {hidden}".encode())
     for name, (texts, pairs) in parts.items():
@@ -69,14 +79,25 @@ def read_cache(folder: Path, key: str) -> tuple[dict[str, np.ndarray], dict] | N
         if not all(np.issubdtype(v.dtype, np.floating) and np.isfinite(v).all() for v in probs.values()):
             raise ValueError("it holds arrays that are not finite numbers")
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        print(f"notice: the teacher cache {arrays} is damaged ({str(e).splitlines()[0][:120]}); computing the "
-              "teacher's outputs again", file=sys.stderr)
+        print(
+            f"notice: the teacher cache {arrays} is damaged ({str(e).splitlines()[0][:120]}); computing the "
+            "teacher's outputs again",
+            file=sys.stderr,
+        )
         return None
     return probs, meta
 
 
-def teacher_outputs(teacher: str, parts: dict[str, tuple[list[str], list[str] | None]], out: Writer, max_seq_len: int,
-                    batch_size: int, load, speed_part: str, hidden: bool = False) -> tuple[dict[str, np.ndarray], dict]:
+def teacher_outputs(
+    teacher: str,
+    parts: dict[str, tuple[list[str], list[str] | None]],
+    out: Writer,
+    max_seq_len: int,
+    batch_size: int,
+    load,
+    speed_part: str,
+    hidden: bool = False,
+) -> tuple[dict[str, np.ndarray], dict]:
     """The teacher's probabilities for each named set of texts (and with `hidden` its last [CLS] states, as
     "hidden-<name>"), from the cache in `out`/teacher_cache when its key matches and it verifies (the teacher is
     then not loaded), else computed in one batched pass each and cached. Also its speed on `speed_part`."""
@@ -90,16 +111,33 @@ def teacher_outputs(teacher: str, parts: dict[str, tuple[list[str], list[str] | 
     from domainlm.classify.runtime import TorchRuntime
 
     if hidden and not isinstance(runtime, TorchRuntime):
-        raise DomainLMError(f"--hidden-weight needs a PyTorch teacher (a `finetune` output); {teacher} is "
-                            f"{runtime.kind}, whose hidden states are not at hand")
-    probs, meta = {}, {"teacher": str(Path(teacher).resolve()), "kind": runtime.kind, "max_seq_len": max_seq_len,
-                       "rows": {k: len(v[0]) for k, v in parts.items()}}
+        raise DomainLMError(
+            f"--hidden-weight needs a PyTorch teacher (a `finetune` output); {teacher} is "
+            f"{runtime.kind}, whose hidden states are not at hand"
+        )
+    probs, meta = (
+        {},
+        {
+            "teacher": str(Path(teacher).resolve()),
+            "kind": runtime.kind,
+            "max_seq_len": max_seq_len,
+            "rows": {k: len(v[0]) for k, v in parts.items()},
+        },
+    )
     if parts.get(speed_part, ([],))[0]:  # a first call pays for lazy set-up: not part of the timed pass
-        runtime.predict(parts[speed_part][0][:8], None if parts[speed_part][1] is None else parts[speed_part][1][:8],
-                        batch_size, max_seq_len)
+        runtime.predict(
+            parts[speed_part][0][:8],
+            None if parts[speed_part][1] is None else parts[speed_part][1][:8],
+            batch_size,
+            max_seq_len,
+        )
     for name, (texts, pairs) in parts.items():
         started = time.perf_counter()
-        probs[name] = runtime.predict(texts, pairs, batch_size, max_seq_len) if texts else np.zeros((0, len(runtime.labels)), np.float32)
+        probs[name] = (
+            runtime.predict(texts, pairs, batch_size, max_seq_len)
+            if texts
+            else np.zeros((0, len(runtime.labels)), np.float32)
+        )
         if name == speed_part and texts:
             meta["texts_per_s"] = len(texts) / max(time.perf_counter() - started, 1e-9)
         if hidden:
@@ -143,8 +181,15 @@ def unlabeled_texts(cfg) -> list[str]:
         else:
             from domainlm.classify.data import Columns, read_examples
 
-            data = read_examples(str(path), Columns(cfg.text_column), False, require_labels=False, skip_bad=True,
-                                 skip_flag=None, flag="--unlabeled")
+            data = read_examples(
+                str(path),
+                Columns(cfg.text_column),
+                False,
+                require_labels=False,
+                skip_bad=True,
+                skip_flag=None,
+                flag="--unlabeled",
+            )
             texts = [ex.text for ex in data.examples]
         if not texts:
             raise DomainLMError(f"--unlabeled {path} holds no text")

@@ -102,7 +102,8 @@ class _FlashVarlen(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu, max_len: int, dropout_p: float, scale: float):
         out, lse, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu, cu, max_len, max_len, dropout_p, False, False, scale=scale)
+            q, k, v, cu, cu, max_len, max_len, dropout_p, False, False, scale=scale
+        )
         ctx.save_for_backward(q, k, v, out, lse, cu, rng_state, unused)
         ctx.max_len, ctx.dropout_p, ctx.scale = max_len, dropout_p, scale
         return out
@@ -111,8 +112,22 @@ class _FlashVarlen(torch.autograd.Function):
     def backward(ctx, grad):
         q, k, v, out, lse, cu, rng_state, unused = ctx.saved_tensors
         dq, dk, dv = torch.ops.aten._flash_attention_backward(
-            grad.contiguous(), q, k, v, out, lse, cu, cu, ctx.max_len, ctx.max_len, ctx.dropout_p, False,
-            rng_state, unused, scale=ctx.scale)
+            grad.contiguous(),
+            q,
+            k,
+            v,
+            out,
+            lse,
+            cu,
+            cu,
+            ctx.max_len,
+            ctx.max_len,
+            ctx.dropout_p,
+            False,
+            rng_state,
+            unused,
+            scale=ctx.scale,
+        )
         return dq, dk, dv, None, None, None, None
 
 
@@ -147,8 +162,10 @@ def _attention(q, k, v, mask: torch.Tensor | None, dropout_p: float, scale: floa
 
 def _padded_sdpa(q, k, v, layout: Layout, dropout_p: float, scale: float) -> torch.Tensor:
     if layout.equal_lengths():  # [T, h, d] is [B, L, h, d] already: no copy, no mask
+
         def padded(t: torch.Tensor) -> torch.Tensor:
             return t.view(layout.n_samples, layout.max_len, *t.shape[1:]).transpose(1, 2)
+
         out = _attention(padded(q), padded(k), padded(v), None, dropout_p, scale)
         return out.transpose(1, 2).reshape(q.shape)
 

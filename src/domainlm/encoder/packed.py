@@ -40,13 +40,22 @@ def supports_packing(base_model: nn.Module) -> bool:
     layer = layers[0]
     try:
         sa = layer.attention.self
-        parts = (sa.query, sa.key, sa.value, layer.attention.output.dense, layer.attention.output.LayerNorm,
-                 layer.intermediate.dense, layer.output.dense, layer.output.LayerNorm)
+        parts = (
+            sa.query,
+            sa.key,
+            sa.value,
+            layer.attention.output.dense,
+            layer.attention.output.LayerNorm,
+            layer.intermediate.dense,
+            layer.output.dense,
+            layer.output.LayerNorm,
+        )
     except AttributeError:  # pre-LayerNorm (MegatronBert) and other block shapes
         return False
     drops = [getattr(block, "dropout", None) for block in (layer.attention.output, layer.output)]
     return all(isinstance(p, (nn.Linear, nn.LayerNorm)) for p in parts) and all(
-        d is None or isinstance(d, nn.Dropout) for d in drops)
+        d is None or isinstance(d, nn.Dropout) for d in drops
+    )
 
 
 def position_offset(base_model: nn.Module) -> int:
@@ -81,8 +90,16 @@ def _output(block: nn.Module, hidden: torch.Tensor, residual: torch.Tensor) -> t
     return block.LayerNorm(hidden + residual)
 
 
-def encode_packed(base_model: nn.Module, input_ids, token_type_ids, position_ids, seq_index, cu_seqlens,
-                  max_len: int, depth: int | None = None) -> torch.Tensor:
+def encode_packed(
+    base_model: nn.Module,
+    input_ids,
+    token_type_ids,
+    position_ids,
+    seq_index,
+    cu_seqlens,
+    max_len: int,
+    depth: int | None = None,
+) -> torch.Tensor:
     """Hidden states [T, hidden] of a packed stream (each argument as `pack` makes it), after the first `depth`
     layers (default: all)."""
     config = base_model.config
@@ -90,19 +107,24 @@ def encode_packed(base_model: nn.Module, input_ids, token_type_ids, position_ids
     offset = position_offset(base_model)
     positions = position_ids + offset if offset else position_ids
     # the embeddings module takes [batch, length] ids: the stream is one row of T tokens
-    x = base_model.embeddings(input_ids=input_ids[None], token_type_ids=token_type_ids[None],
-                              position_ids=positions[None])[0]
+    x = base_model.embeddings(
+        input_ids=input_ids[None], token_type_ids=token_type_ids[None], position_ids=positions[None]
+    )[0]
     heads = config.num_attention_heads
     attention_dropout = getattr(config, "attention_probs_dropout_prob", 0.0)
     # gradient checkpointing as the model was told (`gradient_checkpointing_enable`): each layer recomputed in the
     # backward pass; non-reentrant, which replays dropout exactly
     layers = base_model.encoder.layer
     # transformers 4 keeps the switch on the encoder, 5 on each layer
-    recompute = (getattr(base_model.encoder, "gradient_checkpointing", False)
-                 or getattr(layers[0], "gradient_checkpointing", False)) and torch.is_grad_enabled()
+    recompute = (
+        getattr(base_model.encoder, "gradient_checkpointing", False)
+        or getattr(layers[0], "gradient_checkpointing", False)
+    ) and torch.is_grad_enabled()
     for layer in layers[:depth]:
         if recompute:
-            x = torch.utils.checkpoint.checkpoint(_layer, layer, x, layout, heads, attention_dropout, use_reentrant=False)
+            x = torch.utils.checkpoint.checkpoint(
+                _layer, layer, x, layout, heads, attention_dropout, use_reentrant=False
+            )
         else:
             x = _layer(layer, x, layout, heads, attention_dropout)
     return x
@@ -123,22 +145,35 @@ def pack(rows: list[dict[str, np.ndarray]]) -> dict:
     cu = np.zeros(len(rows) + 1, dtype=np.int32)
     np.cumsum(lengths, out=cu[1:])
     ids = np.concatenate([np.asarray(r["input_ids"], dtype=np.int64) for r in rows])
-    types = np.concatenate([np.asarray(r["token_type_ids"], dtype=np.int64) if "token_type_ids" in r
-                            else np.zeros(n, np.int64) for r, n in zip(rows, lengths)])
+    types = np.concatenate(
+        [
+            np.asarray(r["token_type_ids"], dtype=np.int64) if "token_type_ids" in r else np.zeros(n, np.int64)
+            for r, n in zip(rows, lengths)
+        ]
+    )
     seq_index = np.repeat(np.arange(len(rows), dtype=np.int64), lengths)
     positions = np.arange(len(ids), dtype=np.int64) - np.repeat(cu[:-1].astype(np.int64), lengths)
-    return {"input_ids": torch.from_numpy(ids), "token_type_ids": torch.from_numpy(types),
-            "position_ids": torch.from_numpy(positions), "seq_index": torch.from_numpy(seq_index),
-            "cu_seqlens": torch.from_numpy(cu), "max_len": int(lengths.max())}
+    return {
+        "input_ids": torch.from_numpy(ids),
+        "token_type_ids": torch.from_numpy(types),
+        "position_ids": torch.from_numpy(positions),
+        "seq_index": torch.from_numpy(seq_index),
+        "cu_seqlens": torch.from_numpy(cu),
+        "max_len": int(lengths.max()),
+    }
 
 
-def pack_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> dict:
+def pack_padded(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+) -> dict:
     """A right-padded [B, L] batch -> the packed stream of its real tokens (for tests and padded callers)."""
     mask = attention_mask.bool().cpu().numpy()
     ids = input_ids.cpu().numpy()
     types = None if token_type_ids is None else token_type_ids.cpu().numpy()
-    rows = [{"input_ids": ids[i][mask[i]], **({} if types is None else {"token_type_ids": types[i][mask[i]]})}
-            for i in range(len(ids))]
+    rows = [
+        {"input_ids": ids[i][mask[i]], **({} if types is None else {"token_type_ids": types[i][mask[i]]})}
+        for i in range(len(ids))
+    ]
     return pack(rows)
 
 

@@ -22,8 +22,11 @@ HEAD_PREFIXES = ("cls.", "lm_head.", "classifier.", "score.", "pooler.")
 
 
 def has_weights(path: Path) -> bool:
-    return any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin")) or \
-        any(path.glob("*.safetensors.index.json"))
+    return (
+        any(path.glob("*.safetensors"))
+        or any(path.glob("pytorch_model*.bin"))
+        or any(path.glob("*.safetensors.index.json"))
+    )
 
 
 @contextlib.contextmanager
@@ -35,14 +38,17 @@ def weights_errors(source: str):
     except pickle.UnpicklingError as e:
         first = str(e).split(".")[0]
         raise DomainLMError(
-            f"{source}: its pytorch_model.bin holds more than tensors, and PyTorch's safe loading refused it ({first}); "
+            f"{source}: its pytorch_model.bin holds more than tensors, "
+            f"and PyTorch's safe loading refused it ({first}); "
             "domainlm does not run code from a weights file: save the model as safetensors where you trust it"
         ) from None
     except Exception as e:
         if type(e).__name__ != "SafetensorError":
             raise
-        raise DomainLMError(f"{source}: a .safetensors file is damaged or truncated ({' '.join(str(e).split())}); "
-                            "copy or download it again") from None
+        raise DomainLMError(
+            f"{source}: a .safetensors file is damaged or truncated ({' '.join(str(e).split())}); "
+            "copy or download it again"
+        ) from None
 
 
 def load_config(name_or_path: str, flag: str = "--model"):
@@ -92,8 +98,9 @@ def loadable(name_or_path: str, work_dir: str | Path | None, log=print, flag: st
     source = resolve_source(name_or_path, flag, log=log)
     if is_paddle_folder(source):
         if work_dir is None:
-            raise DomainLMError(f"{name_or_path} is a PaddleNLP folder; convert it first: "
-                                f"domainlm convert {name_or_path} --out DIR")
+            raise DomainLMError(
+                f"{name_or_path} is a PaddleNLP folder; convert it first: domainlm convert {name_or_path} --out DIR"
+            )
         return converted_copy(source, work_dir, log=log)
     return source
 
@@ -106,8 +113,17 @@ def weights_missing(name_or_path: str) -> bool:
     return local.is_dir() and not has_weights(local) and not is_paddle_folder(local)
 
 
-def load_weights(name_or_path: str, auto_class, *, from_scratch: bool = False, work_dir: str | Path | None = None,
-                 log=print, flag: str = "--model", new_heads_notice: bool = True, **kwargs):
+def load_weights(
+    name_or_path: str,
+    auto_class,
+    *,
+    from_scratch: bool = False,
+    work_dir: str | Path | None = None,
+    log=print,
+    flag: str = "--model",
+    new_heads_notice: bool = True,
+    **kwargs,
+):
     """An `auto_class` model (AutoModelForPreTraining, AutoModelForSequenceClassification, ...) of `name_or_path`,
     with `kwargs` for from_pretrained / from_config. Missing encoder weights are an error unless `from_scratch`, so
     that a mistyped name never trains from random weights unnoticed; missing head weights are initialised (and
@@ -119,8 +135,11 @@ def load_weights(name_or_path: str, auto_class, *, from_scratch: bool = False, w
             setattr(config, key, value)
         return auto_class.from_config(config)
     if weights_missing(name_or_path):
-        scratch = "; pass --from-scratch to train from random weights" if auto_class.__name__.endswith("PreTraining") \
+        scratch = (
+            "; pass --from-scratch to train from random weights"
+            if auto_class.__name__.endswith("PreTraining")
             else "; fine-tuning needs a trained encoder"
+        )
         raise DomainLMError(f"{name_or_path} holds a config but no weights{scratch}")
     source = loadable(name_or_path, work_dir, log=log, flag=flag)
     with weights_errors(source):
@@ -129,11 +148,14 @@ def load_weights(name_or_path: str, auto_class, *, from_scratch: bool = False, w
     encoder = [k for k in missing if not k.startswith(HEAD_PREFIXES)]
     if encoder:
         raise DomainLMError(
-            f"{source}: {len(encoder)} encoder weights are missing from the checkpoint (e.g. {', '.join(encoder[:3])}); "
+            f"{source}: {len(encoder)} encoder weights are missing from the checkpoint "
+            f"(e.g. {', '.join(encoder[:3])}); "
             f"it is not a trained encoder of {type(model).__name__}. Pass --from-scratch to train from random weights "
-            "on purpose" if auto_class.__name__.endswith("PreTraining") else
-            f"{source}: {len(encoder)} encoder weights are missing (e.g. {', '.join(encoder[:3])}); it is not a trained "
-            "encoder")
+            "on purpose"
+            if auto_class.__name__.endswith("PreTraining")
+            else f"{source}: {len(encoder)} encoder weights are missing (e.g. {', '.join(encoder[:3])}); "
+            "it is not a trained encoder"
+        )
     heads = sorted({k.rsplit(".", 1)[0] for k in missing if k.startswith(HEAD_PREFIXES)})
     if heads and new_heads_notice:
         log(f"model: {source} has no pretraining head weights for {', '.join(heads)}; they are newly initialised")

@@ -41,8 +41,10 @@ PADDLE_TO_HF = {
 
 def hub_offline() -> bool:
     """True when the user told Hugging Face libraries not to use the network."""
-    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
-               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+        for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def hub_kwargs() -> dict:

@@ -34,13 +34,38 @@ HF_WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
 # 1e-12, whatever the config says; its BERT uses config.layer_norm_eps (default 1e-12)
 PADDLE_LAYER_NORM_EPS = 1e-12
 # PaddleNLP's defaults for keys that older configs leave out (paddlenlp/transformers/ernie/configuration.py)
-ERNIE_DEFAULTS = {"hidden_act": "gelu", "type_vocab_size": 2, "task_type_vocab_size": 3, "use_task_id": False,
-                  "pad_token_id": 0, "max_position_embeddings": 512, "initializer_range": 0.02}
-BERT_DEFAULTS = {"hidden_act": "gelu", "type_vocab_size": 16, "pad_token_id": 0, "max_position_embeddings": 512,
-                 "initializer_range": 0.02}
-HF_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-           "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
-           "type_vocab_size", "initializer_range", "pad_token_id", "task_type_vocab_size", "use_task_id")
+ERNIE_DEFAULTS = {
+    "hidden_act": "gelu",
+    "type_vocab_size": 2,
+    "task_type_vocab_size": 3,
+    "use_task_id": False,
+    "pad_token_id": 0,
+    "max_position_embeddings": 512,
+    "initializer_range": 0.02,
+}
+BERT_DEFAULTS = {
+    "hidden_act": "gelu",
+    "type_vocab_size": 16,
+    "pad_token_id": 0,
+    "max_position_embeddings": 512,
+    "initializer_range": 0.02,
+}
+HF_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_act",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "initializer_range",
+    "pad_token_id",
+    "task_type_vocab_size",
+    "use_task_id",
+)
 
 
 def has_hf_weights(path: Path) -> bool:
@@ -54,7 +79,9 @@ def is_paddle_folder(path: str | Path) -> bool:
     if not path.is_dir():
         return False
     try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8")) if (path / "config.json").is_file() else {}
+        config = (
+            json.loads((path / "config.json").read_text(encoding="utf-8")) if (path / "config.json").is_file() else {}
+        )
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         config = {}
     if isinstance(config, dict) and "paddlenlp_version" in config:
@@ -76,6 +103,7 @@ def _read_json(path: Path) -> dict:
 
 # ---- config ---------------------------------------------------------------------------------------------
 
+
 def _flatten_legacy(config: dict) -> dict:
     """`model_config.json`: {"init_args": [{...base model args..., "init_class": "ErnieModel"}],
     "init_class": "ErnieForSequenceClassification", "num_classes": 2} or a flat dict with "init_class"."""
@@ -86,8 +114,11 @@ def _flatten_legacy(config: dict) -> dict:
         flat.update(_flatten_legacy(args[0]))
     flat.update({k: v for k, v in config.items() if k not in ("init_args", "init_class")})
     flat["architecture"] = outer_class or flat.get("architecture")
-    flat.setdefault("base_class", (args[0].get("init_class") if isinstance(args, list) and args
-                                   and isinstance(args[0], dict) else None) or outer_class)
+    flat.setdefault(
+        "base_class",
+        (args[0].get("init_class") if isinstance(args, list) and args and isinstance(args[0], dict) else None)
+        or outer_class,
+    )
     return flat
 
 
@@ -109,10 +140,14 @@ def read_paddle_config(folder: str | Path) -> dict:
     if model_type is None:
         raise DomainLMError(
             f"{source}: model type {flat.get('model_type') or flat.get('architecture') or 'unknown'} is not supported; "
-            "domainlm converts PaddleNLP ERNIE and BERT models")
+            "domainlm converts PaddleNLP ERNIE and BERT models"
+        )
     flat["model_type"] = model_type
-    missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
-               if k not in flat]
+    missing = [
+        k
+        for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+        if k not in flat
+    ]
     if missing:
         raise DomainLMError(f"{source}: missing {', '.join(missing)}")
     if flat.get("pool_act", "tanh") != "tanh":
@@ -128,9 +163,16 @@ def hf_config(folder: str | Path, num_labels: int | None = None):
     flat = read_paddle_config(folder)
     defaults = ERNIE_DEFAULTS if flat["model_type"] == "ernie" else BERT_DEFAULTS
     kwargs = {**defaults, **{k: flat[k] for k in HF_KEYS if k in flat}}
-    kwargs["layer_norm_eps"] = PADDLE_LAYER_NORM_EPS if flat["model_type"] == "ernie" else flat.get("layer_norm_eps", PADDLE_LAYER_NORM_EPS)
+    kwargs["layer_norm_eps"] = (
+        PADDLE_LAYER_NORM_EPS if flat["model_type"] == "ernie" else flat.get("layer_norm_eps", PADDLE_LAYER_NORM_EPS)
+    )
     names = flat.get("id2label")
-    labels = num_labels or flat.get("num_labels") or flat.get("num_classes") or (len(names) if isinstance(names, dict) else None)
+    labels = (
+        num_labels
+        or flat.get("num_labels")
+        or flat.get("num_classes")
+        or (len(names) if isinstance(names, dict) else None)
+    )
     if labels:
         kwargs["num_labels"] = int(labels)
         if isinstance(names, dict) and len(names) == int(labels):  # the classes' names, when PaddleNLP kept them
@@ -144,13 +186,17 @@ def hf_config(folder: str | Path, num_labels: int | None = None):
 
 # ---- weights --------------------------------------------------------------------------------------------
 
+
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Admits what `paddle.save` writes for a state dict: dicts, strings, tuples and numpy arrays."""
 
     ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
         ("builtins", "tuple"),  # paddle.save reduces a Tensor to tuple(((name, ndarray),))
         ("collections", "OrderedDict"),
         ("_codecs", "encode"),  # pickle protocol 2 (older Paddle) writes array bytes as encode(str, "latin1")
@@ -220,7 +266,11 @@ _BODY_RULES = [
     (r"encoder\.layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)", r"encoder.layer.\1.attention.self.query.\2", True),
     (r"encoder\.layers\.(\d+)\.self_attn\.k_proj\.(weight|bias)", r"encoder.layer.\1.attention.self.key.\2", True),
     (r"encoder\.layers\.(\d+)\.self_attn\.v_proj\.(weight|bias)", r"encoder.layer.\1.attention.self.value.\2", True),
-    (r"encoder\.layers\.(\d+)\.self_attn\.out_proj\.(weight|bias)", r"encoder.layer.\1.attention.output.dense.\2", True),
+    (
+        r"encoder\.layers\.(\d+)\.self_attn\.out_proj\.(weight|bias)",
+        r"encoder.layer.\1.attention.output.dense.\2",
+        True,
+    ),
     (r"encoder\.layers\.(\d+)\.norm1\.(weight|bias)", r"encoder.layer.\1.attention.output.LayerNorm.\2", False),
     (r"encoder\.layers\.(\d+)\.linear1\.(weight|bias)", r"encoder.layer.\1.intermediate.dense.\2", True),
     (r"encoder\.layers\.(\d+)\.linear2\.(weight|bias)", r"encoder.layer.\1.output.dense.\2", True),
@@ -242,7 +292,7 @@ def map_names(state: dict[str, np.ndarray], prefix: str) -> tuple[dict[str, np.n
     """Paddle names -> HF names (Linear weights transposed); returns the mapped dict and the unused names."""
     mapped, unused = {}, []
     for name, array in state.items():
-        body = name[len(prefix) + 1:] if name.startswith(prefix + ".") else name
+        body = name[len(prefix) + 1 :] if name.startswith(prefix + ".") else name
         for rules, hf_prefix, text in ((_BODY_RULES, prefix + ".", body), (_HEAD_RULES, "", name)):
             hit = next(((p, r, t) for p, r, t in rules if re.fullmatch(p, text)), None)
             if hit is not None:
@@ -250,7 +300,9 @@ def map_names(state: dict[str, np.ndarray], prefix: str) -> tuple[dict[str, np.n
                 new = hf_prefix + re.sub(pattern, repl, text)
                 array = array.T if transpose and array.ndim == 2 and new.endswith("weight") else array
                 if new in mapped and not np.array_equal(mapped[new], array):
-                    raise DomainLMError(f"two different Paddle tensors map to {new}; the file is not a model domainlm knows")
+                    raise DomainLMError(
+                        f"two different Paddle tensors map to {new}; the file is not a model domainlm knows"
+                    )
                 mapped[new] = array
                 break
         else:
@@ -279,8 +331,10 @@ def build_hf_model(folder: str | Path):
     prefix = flat["model_type"]  # PaddleNLP and HF both call the base model `ernie` / `bert`
     mapped, unused = map_names(state, prefix)
     if unused:
-        raise DomainLMError(f"{folder}: {len(unused)} Paddle tensors have no Hugging Face counterpart "
-                            f"({', '.join(sorted(unused)[:8])}); refusing a partial conversion")
+        raise DomainLMError(
+            f"{folder}: {len(unused)} Paddle tensors have no Hugging Face counterpart "
+            f"({', '.join(sorted(unused)[:8])}); refusing a partial conversion"
+        )
     family = "Ernie" if prefix == "ernie" else "Bert"
     has = lambda p: any(k.startswith(p) for k in mapped)  # noqa: E731
     if has("classifier."):
@@ -292,7 +346,7 @@ def build_hf_model(folder: str | Path):
     else:
         head, num_labels = "Model", None
     if head == "Model":  # a bare HF base model names its weights without the `ernie.` / `bert.` prefix
-        mapped = {k[len(prefix) + 1:]: v for k, v in mapped.items()}
+        mapped = {k[len(prefix) + 1 :]: v for k, v in mapped.items()}
     config = hf_config(folder, num_labels)
     word = f"{prefix}.embeddings.word_embeddings.weight"
     decoder = mapped.get("cls.predictions.decoder.weight")
@@ -308,21 +362,40 @@ def build_hf_model(folder: str | Path):
     unfilled = sorted(set(expected) - set(mapped))
     extra = sorted(set(mapped) - set(expected))
     if unfilled or extra:
-        what = [f"{len(unfilled)} {cls.__name__} weights not in the Paddle file ({', '.join(unfilled[:8])})"] if unfilled else []
+        what = (
+            [f"{len(unfilled)} {cls.__name__} weights not in the Paddle file ({', '.join(unfilled[:8])})"]
+            if unfilled
+            else []
+        )
         what += [f"{len(extra)} tensors the model does not have ({', '.join(extra[:8])})"] if extra else []
         raise DomainLMError(f"{folder}: {'; '.join(what)}; refusing a partial conversion")
-    wrong = [f"{k} {tuple(mapped[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if tuple(mapped[k].shape) != tuple(v.shape)]
+    wrong = [
+        f"{k} {tuple(mapped[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if tuple(mapped[k].shape) != tuple(v.shape)
+    ]
     if wrong:
         raise DomainLMError(f"{folder}: shapes do not match the config: {', '.join(wrong[:6])}")
-    model, info = cls.from_pretrained(None, config=config, state_dict={k: _to_tensor(mapped[k], v) for k, v in expected.items()},
-                                      output_loading_info=True)
+    model, info = cls.from_pretrained(
+        None,
+        config=config,
+        state_dict={k: _to_tensor(mapped[k], v) for k, v in expected.items()},
+        output_loading_info=True,
+    )
     problems = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
     if problems or info.get("error_msgs"):
-        raise DomainLMError(f"{folder}: transformers did not take every weight ({problems or info['error_msgs']}); "
-                            "refusing a partial conversion")
+        raise DomainLMError(
+            f"{folder}: transformers did not take every weight ({problems or info['error_msgs']}); "
+            "refusing a partial conversion"
+        )
     model.eval()
-    return model, {"paddle_tensors": len(state), "hf_weights": len(expected), "architecture": cls.__name__,
-                   "config_source": Path(flat["_source"]).name, "task_id": flat.get("task_id", 0)}
+    return model, {
+        "paddle_tensors": len(state),
+        "hf_weights": len(expected),
+        "architecture": cls.__name__,
+        "config_source": Path(flat["_source"]).name,
+        "task_id": flat.get("task_id", 0),
+    }
 
 
 def source_fingerprint(folder: Path) -> str:
@@ -334,8 +407,15 @@ def source_fingerprint(folder: Path) -> str:
     return hashlib.sha256(json.dumps([str(folder.resolve()), parts]).encode()).hexdigest()[:16]
 
 
-CONVERT_OUTPUTS = ("config.json", "model.safetensors", "conversion.json", "vocab.txt", "tokenizer.json",
-                   "tokenizer_config.json", "special_tokens_map.json")
+CONVERT_OUTPUTS = (
+    "config.json",
+    "model.safetensors",
+    "conversion.json",
+    "vocab.txt",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
 
 
 def _earlier_conversion(out: Path) -> bool:
@@ -355,30 +435,50 @@ def convert(src: str | Path, out: str | Path, overwrite: bool = False, log=print
     if not src.is_dir():
         raise DomainLMError(f"{src}: no such folder")
     if not is_paddle_folder(src):
-        raise DomainLMError(f"{src} is not a PaddleNLP model folder (no {WEIGHTS} or {LEGACY_CONFIG}, "
-                            "or it already holds Hugging Face weights)")
+        raise DomainLMError(
+            f"{src} is not a PaddleNLP model folder (no {WEIGHTS} or {LEGACY_CONFIG}, "
+            "or it already holds Hugging Face weights)"
+        )
     if outputs.inside(out, src):
         raise DomainLMError(f"--out {out} is inside the PaddleNLP folder; choose a folder outside it")
-    with outputs.run_folder(out, "convert", patterns=CONVERT_OUTPUTS, overwrite=overwrite, replace=True,
-                            models={"PADDLE_DIR": str(src)}, legacy=_earlier_conversion) as target:
+    with outputs.run_folder(
+        out,
+        "convert",
+        patterns=CONVERT_OUTPUTS,
+        overwrite=overwrite,
+        replace=True,
+        models={"PADDLE_DIR": str(src)},
+        legacy=_earlier_conversion,
+    ) as target:
         model, report = build_hf_model(src)
         tokenizer = load_fast_tokenizer(str(src), log=log) if (src / "vocab.txt").is_file() else None
         if tokenizer is None:
-            print(f"warning: {src} has no vocab.txt, so {out} gets no tokenizer: copy the model's vocab.txt (or "
-                  "tokenizer files) into it before using it", file=sys.stderr)
+            print(
+                f"warning: {src} has no vocab.txt, so {out} gets no tokenizer: copy the model's vocab.txt (or "
+                "tokenizer files) into it before using it",
+                file=sys.stderr,
+            )
         if report["task_id"]:
-            log(f"note: the Paddle config sets task_id {report['task_id']}; Hugging Face ERNIE uses task type 0 "
-                "unless task_type_ids are passed")
+            log(
+                f"note: the Paddle config sets task_id {report['task_id']}; Hugging Face ERNIE uses task type 0 "
+                "unless task_type_ids are passed"
+            )
         target.begin()  # the old folder stays until the new one is complete and in place
         with target.writing():
             model.save_pretrained(target.root())
             if tokenizer is not None:
                 tokenizer.save_pretrained(target.root())
-        report = {**report, "source": str(src.resolve()), "source_fingerprint": source_fingerprint(src),
-                  "tokenizer": tokenizer is not None}
+        report = {
+            **report,
+            "source": str(src.resolve()),
+            "source_fingerprint": source_fingerprint(src),
+            "tokenizer": tokenizer is not None,
+        }
         target.write_json("conversion.json", report)
-    log(f"converted {src} ({report['config_source']}, {report['paddle_tensors']} Paddle tensors) -> {out} "
-        f"({report['architecture']}, {report['hf_weights']} weights{', fast tokenizer' if tokenizer else ''})")
+    log(
+        f"converted {src} ({report['config_source']}, {report['paddle_tensors']} Paddle tensors) -> {out} "
+        f"({report['architecture']}, {report['hf_weights']} weights{', fast tokenizer' if tokenizer else ''})"
+    )
     return report
 
 
@@ -386,8 +486,11 @@ def converted_copy(src: str | Path, work_dir, log=print) -> str:
     """The HF conversion of a PaddleNLP folder, cached in `work_dir/converted-model` (redone when the source
     changes; `work_dir`: a folder, or a run's Writer, which records the entry). The user's folder is only read."""
     src = Path(src)
-    target = work_dir.record("converted-model") if isinstance(work_dir, outputs.Writer) else \
-        Path(work_dir) / "converted-model"
+    target = (
+        work_dir.record("converted-model")
+        if isinstance(work_dir, outputs.Writer)
+        else Path(work_dir) / "converted-model"
+    )
     marker = target / "conversion.json"
     if marker.is_file():
         try:
@@ -396,8 +499,10 @@ def converted_copy(src: str | Path, work_dir, log=print) -> str:
                 return str(target)
         except (OSError, json.JSONDecodeError):
             pass
-    log(f"model: {src} is a PaddleNLP folder; converting it to Hugging Face format in {target} "
-        f"(once; `domainlm convert {src} --out DIR` makes a reusable copy)")
+    log(
+        f"model: {src} is a PaddleNLP folder; converting it to Hugging Face format in {target} "
+        f"(once; `domainlm convert {src} --out DIR` makes a reusable copy)"
+    )
     target.parent.mkdir(parents=True, exist_ok=True)
     convert(src, target, overwrite=True, log=log)
     return str(target)

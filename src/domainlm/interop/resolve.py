@@ -33,7 +33,11 @@ def _no_such_folder(value: str, flag: str) -> DomainLMError:
             hint = f"; did you mean {parent / close[0]}?"
     elif str(parent) not in ("", "."):
         hint = f" (its parent {parent} does not exist either)"
-    offline = " (HF_HUB_OFFLINE is set, so it is not looked up on the hub)" if hub_offline() and not looks_local(value) else ""
+    offline = (
+        " (HF_HUB_OFFLINE is set, so it is not looked up on the hub)"
+        if hub_offline() and not looks_local(value)
+        else ""
+    )
     return DomainLMError(f"{flag} {value}: no such folder{offline}{hint}")
 
 
@@ -62,11 +66,13 @@ def hub_error(value: str, flag: str, error: Exception) -> DomainLMError:
     if original is not None and hub_offline():
         return DomainLMError(
             f"{flag} {original}: its Hugging Face conversion {value} is not in the local cache and the hub is "
-            f"offline (HF_HUB_OFFLINE). Where a hub is reachable run `huggingface-cli download {value} --local-dir DIR` "
-            f"and pass {flag} DIR")
+            "offline (HF_HUB_OFFLINE). Where a hub is reachable run "
+            f"`huggingface-cli download {value} --local-dir DIR` and pass {flag} DIR"
+        )
     if hub_offline():
-        return DomainLMError(f"{flag} {value}: no such folder, and not in the local Hugging Face cache "
-                             "(HF_HUB_OFFLINE is set)")
+        return DomainLMError(
+            f"{flag} {value}: no such folder, and not in the local Hugging Face cache (HF_HUB_OFFLINE is set)"
+        )
     return DomainLMError(f"{flag} {value} could not be loaded: {whole}")
 
 
@@ -95,6 +101,7 @@ def resolve_model_dir(value: str) -> str:
     runs = sorted(p for p in path.iterdir() if p.is_dir() and _has_model(p / "model"))
     if runs:
         names = ", ".join(p.name for p in runs[:6])
-        raise DomainLMError(f"--model {value} holds {len(runs)} fine-tuned runs ({names}); pass one of them, "
-                            f"e.g. --model {runs[0]}")
+        raise DomainLMError(
+            f"--model {value} holds {len(runs)} fine-tuned runs ({names}); pass one of them, e.g. --model {runs[0]}"
+        )
     raise DomainLMError(f"--model {value} holds no model (no config.json in it or in {os.path.join(value, 'model')})")

@@ -10,8 +10,16 @@ from pathlib import Path
 from domainlm.errors import DomainLMError
 
 # tokenizer classes that read vocab.txt as a BERT WordPiece vocabulary (HF and PaddleNLP names)
-WORDPIECE_CLASSES = {"BertTokenizer", "BertTokenizerFast", "ErnieTokenizer", "ErnieTokenizerFast", "ErnieTinyTokenizer",
-                     "RobertaChineseTokenizer", "BertChineseTokenizer", ""}
+WORDPIECE_CLASSES = {
+    "BertTokenizer",
+    "BertTokenizerFast",
+    "ErnieTokenizer",
+    "ErnieTokenizerFast",
+    "ErnieTinyTokenizer",
+    "RobertaChineseTokenizer",
+    "BertChineseTokenizer",
+    "",
+}
 
 
 def _log_stderr(message: str) -> None:
@@ -35,22 +43,38 @@ def wordpiece_from_vocab(folder: Path, log=_log_stderr):
             config = json.loads(config_path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise DomainLMError(f"{config_path}: not readable JSON ({e})") from None
-    options = {k: config[k] for k in ("do_lower_case", "tokenize_chinese_chars", "strip_accents", "unk_token",
-                                      "sep_token", "pad_token", "cls_token", "mask_token") if isinstance(config.get(k), (str, bool))}
+    options = {
+        k: config[k]
+        for k in (
+            "do_lower_case",
+            "tokenize_chinese_chars",
+            "strip_accents",
+            "unk_token",
+            "sep_token",
+            "pad_token",
+            "cls_token",
+            "mask_token",
+        )
+        if isinstance(config.get(k), (str, bool))
+    }
     vocab = (folder / "vocab.txt").read_text(encoding="utf-8").splitlines()
     specials = {options.get(f"{k}_token", f"[{k.upper()}]") for k in ("unk", "sep", "pad", "cls", "mask")}
     absent = sorted(specials - set(vocab))
     if absent:
-        raise DomainLMError(f"{folder / 'vocab.txt'}: special tokens {', '.join(absent)} are not in the vocabulary; "
-                            "an encoder tokenizer needs them (set other names in tokenizer_config.json)")
+        raise DomainLMError(
+            f"{folder / 'vocab.txt'}: special tokens {', '.join(absent)} are not in the vocabulary; "
+            "an encoder tokenizer needs them (set other names in tokenizer_config.json)"
+        )
     if isinstance(config.get("model_max_length"), int):
         options["model_max_length"] = config["model_max_length"]
     key = "vocab" if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters else "vocab_file"
     tokenizer = BertTokenizerFast(**{key: str(folder / "vocab.txt")}, **options)
     source = f"{config.get('tokenizer_class')} settings from tokenizer_config.json" if config else "BERT's defaults"
-    log(f"tokenizer: {folder} has vocab.txt but no tokenizer.json; read it as a BERT WordPiece vocabulary "
+    log(
+        f"tokenizer: {folder} has vocab.txt but no tokenizer.json; read it as a BERT WordPiece vocabulary "
         f"({len(tokenizer)} entries; lower-case {options.get('do_lower_case', True)}; CJK characters split one by one; "
-        f"{source})")
+        f"{source})"
+    )
     return tokenizer
 
 
@@ -81,8 +105,10 @@ def load_fast_tokenizer(name_or_path: str, log=_log_stderr, flag: str = "--token
         except (OSError, ValueError, ImportError) as e:
             if not folder.is_dir():
                 raise hub_error(source, flag, e) from None
-            # the whole message on one line: its advice ("You need sentencepiece ...") is often on the last line
-                raise DomainLMError(f"tokenizer {name_or_path!r} could not be loaded: {' '.join(str(e).split())}") from None
+                # the whole message on one line: its advice ("You need sentencepiece ...") is often on the last line
+                raise DomainLMError(
+                    f"tokenizer {name_or_path!r} could not be loaded: {' '.join(str(e).split())}"
+                ) from None
     if not getattr(tokenizer, "is_fast", False):
         raise DomainLMError(
             f"tokenizer {name_or_path!r} is not a fast (Rust) tokenizer; domainlm needs one for offsets and "

@@ -59,8 +59,11 @@ def check(cfg, *, network: bool = True, processes: int = 1, scan_ids: bool = Tru
         except DomainLMError as e:
             errors["max_seq_len"] = str(e)
         if not cfg.from_scratch and weights_missing(cfg.model):
-            errors.setdefault("from_scratch", f"{cfg.model} holds a config but no weights; pass --from-scratch to "
-                                              "train from random weights, or choose a model with weights")
+            errors.setdefault(
+                "from_scratch",
+                f"{cfg.model} holds a config but no weights; pass --from-scratch to "
+                "train from random weights, or choose a model with weights",
+            )
     try:
         checks.accumulation(cfg.global_batch_size, cfg.batch_size, processes)
     except DomainLMError as e:
@@ -74,26 +77,34 @@ def check(cfg, *, network: bool = True, processes: int = 1, scan_ids: bool = Tru
     found.corpus = found.corpora[0]
     source, field = tokenizer_source(cfg, found.corpus)
     try:
-        found.tokenizer = load_fast_tokenizer(source, log=lambda *a, **k: None,
-                                              flag="--tokenizer" if field == "tokenizer" else "--model")
+        found.tokenizer = load_fast_tokenizer(
+            source, log=lambda *a, **k: None, flag="--tokenizer" if field == "tokenizer" else "--model"
+        )
     except DomainLMError as e:
         errors.setdefault(field, str(e))
         return found, errors
     ids = {k: getattr(found.tokenizer, f"{k}_token_id") for k in SPECIAL}
     missing = [k for k, v in ids.items() if v is None]
     if missing:
-        errors.setdefault(field, f"the tokenizer ({source}) has no {', '.join(missing)} token; an encoder tokenizer "
-                                 "is needed")
+        errors.setdefault(
+            field, f"the tokenizer ({source}) has no {', '.join(missing)} token; an encoder tokenizer is needed"
+        )
     found.special = ids
     for path, corpus in zip(paths, found.corpora):
         if vocab_hash(found.tokenizer) != corpus.meta.get("vocab_hash"):
-            errors.setdefault("corpus", f"{path} was tokenized with a different vocabulary "
-                                        f"({corpus.meta.get('tokenizer')}) than the model's tokenizer; prepare the "
-                                        "corpus with the model's tokenizer")
+            errors.setdefault(
+                "corpus",
+                f"{path} was tokenized with a different vocabulary "
+                f"({corpus.meta.get('tokenizer')}) than the model's tokenizer; prepare the "
+                "corpus with the model's tokenizer",
+            )
     if found.config is not None:
         if found.config.vocab_size < len(found.tokenizer):
-            errors.setdefault("model", f"the tokenizer has {len(found.tokenizer)} entries but the model's vocabulary "
-                                       f"only {found.config.vocab_size}")
+            errors.setdefault(
+                "model",
+                f"the tokenizer has {len(found.tokenizer)} entries but the model's vocabulary "
+                f"only {found.config.vocab_size}",
+            )
         elif scan_ids and not errors:
             try:  # before training, not in it
                 for corpus in found.corpora:

@@ -48,7 +48,9 @@ from domainlm.train.loop import LoopOptions, evaluate, train_loop
 from domainlm.train.setup import build_optimizer, build_scheduler, make_accelerator, mixed_precision
 
 
-def eval_batch_indices(n: int, global_batch: int, micro_batch: int, rank: int, world: int, iters: int) -> list[list[int]]:
+def eval_batch_indices(
+    n: int, global_batch: int, micro_batch: int, rank: int, world: int, iters: int
+) -> list[list[int]]:
     """This process's micro batches of the first `iters` global batches of an evaluation split (samples
     0..n-1, the last global batch cut at n). Rank r takes its contiguous share of each global batch, like
     training, so every process count evaluates the same micro batches."""
@@ -76,6 +78,7 @@ def loader_workers(asked: int | None, accelerator) -> int:
 @dataclass
 class Run:
     """Everything setup() builds and train()/finish() use."""
+
     cfg: PretrainConfig
     accelerator: object
     out: RunFolder
@@ -98,8 +101,9 @@ class Run:
 
     def evaluate(self, split: str, iters: int) -> dict[str, float]:
         a, ds = self.accelerator, self.datasets[split]
-        batches = eval_batch_indices(len(ds), self.options.global_batch_size, self.cfg.batch_size,
-                                     a.process_index, a.num_processes, iters)
+        batches = eval_batch_indices(
+            len(ds), self.options.global_batch_size, self.cfg.batch_size, a.process_index, a.num_processes, iters
+        )
         loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, collate_fn=self.collate)
         # evaluation must not draw from the global RNG, or a resumed run would diverge from an uninterrupted one
         with torch.random.fork_rng(devices=[]):
@@ -117,9 +121,16 @@ def pretrain(cfg: PretrainConfig) -> dict:
     if cfg.resume and cfg.overwrite:
         raise DomainLMError("--resume and --overwrite both given: continue the earlier run, or replace it, not both")
     models = {"--model": cfg.model, "--tokenizer": cfg.tokenizer}
-    with outputs.run_folder(cfg.out, "pretrain", patterns=outputs.PRETRAIN_OUTPUTS, overwrite=cfg.overwrite,
-                            resume=cfg.resume is not None, inputs=mixture.inputs(cfg.corpus), models=models,
-                            legacy=outputs.config_with("corpus")) as out:
+    with outputs.run_folder(
+        cfg.out,
+        "pretrain",
+        patterns=outputs.PRETRAIN_OUTPUTS,
+        overwrite=cfg.overwrite,
+        resume=cfg.resume is not None,
+        inputs=mixture.inputs(cfg.corpus),
+        models=models,
+        legacy=outputs.config_with("corpus"),
+    ) as out:
         run = setup(cfg, out)
         try:
             state = train(run)
@@ -141,7 +152,9 @@ def setup(cfg: PretrainConfig, out: RunFolder) -> Run:
     if cfg.resume and resume_from is None and out.earlier == "finished":
         out.refuse_earlier("and no checkpoint to resume from")
     cfg.precision = mixed_precision(cfg.precision)
-    accelerator = make_accelerator(cfg.precision, find_unused_parameters=not cfg.binary_head)  # pooler unused without SOP
+    accelerator = make_accelerator(
+        cfg.precision, find_unused_parameters=not cfg.binary_head
+    )  # pooler unused without SOP
     world = accelerator.num_processes
     accumulation = checks.accumulation(cfg.global_batch_size, cfg.batch_size, world)
     global_batch = accumulation * cfg.batch_size * world
@@ -152,7 +165,11 @@ def setup(cfg: PretrainConfig, out: RunFolder) -> Run:
         datasets, data, train_report = mix.datasets(), mix.data_report(), mix.train_report()
     else:
         datasets, reports, split = _datasets(cfg, accelerator, corpus, tokenizer, special, global_batch)
-        data = {"splits": {k: v.pop("documents") for k, v in reports.items()}, "split": split.summary(), "samples": reports}
+        data = {
+            "splits": {k: v.pop("documents") for k, v in reports.items()},
+            "split": split.summary(),
+            "samples": reports,
+        }
         train_report = reports["train"]
     out.begin(cfg)
     check_shared(accelerator, out.out)  # checkpoints: written by rank 0, read by every rank
@@ -162,15 +179,18 @@ def setup(cfg: PretrainConfig, out: RunFolder) -> Run:
     set_seed(cfg.seed)
     log = print if accelerator.is_main_process else (lambda *a, **k: None)
     with accelerator.main_process_first():  # a PaddleNLP folder is converted into --out once, by rank 0
-        hf_model = load_weights(cfg.model, AutoModelForPreTraining, from_scratch=cfg.from_scratch, log=log, work_dir=out)
+        hf_model = load_weights(
+            cfg.model, AutoModelForPreTraining, from_scratch=cfg.from_scratch, log=log, work_dir=out
+        )
     packed = cfg.unpad and supports_packing(hf_model.base_model)
     if cfg.unpad and not packed:
         log(f"model: {type(hf_model).__name__} blocks are not ones the packed encoder runs; the padded forward runs")
     model = PretrainingModel(hf_model, cfg.binary_head, mix and mix.names)
     if cfg.compile:
         model = torch.compile(model)
-    optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
-                                cfg.adam_epsilon)
+    optimizer = build_optimizer(
+        model, cfg.learning_rate, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon
+    )
     scheduler = build_scheduler(optimizer, cfg.max_steps, cfg.warmup_ratio, cfg.learning_rate, cfg.min_lr, cfg.lr_decay)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     state = TrainState(global_batch_size=global_batch, model_fingerprint=model_fingerprint(found.config))
@@ -179,27 +199,51 @@ def setup(cfg: PretrainConfig, out: RunFolder) -> Run:
         log(f"resumed from {resume_from} at step {state.step} ({state.consumed_samples} samples consumed)")
 
     out.write_json("data.json", {**data, "accumulation": accumulation, "processes": world})
-    log(f"data: {json.dumps(train_report)}; global batch {global_batch} = {cfg.batch_size} x {accumulation} "
-        f"accumulation x {world} processes")
+    log(
+        f"data: {json.dumps(train_report)}; global batch {global_batch} = {cfg.batch_size} x {accumulation} "
+        f"accumulation x {world} processes"
+    )
     collate_fn = collate_packed if packed else partial(collate, pad_id=special["pad"])
     train_loader = torch.utils.data.DataLoader(
         datasets["train"],
-        batch_sampler=StepBatchSampler(state.consumed_samples, global_batch, cfg.batch_size, accelerator.process_index,
-                                       world),
+        batch_sampler=StepBatchSampler(
+            state.consumed_samples, global_batch, cfg.batch_size, accelerator.process_index, world
+        ),
         collate_fn=collate_fn,
-        num_workers=loader_workers(cfg.num_workers, accelerator), persistent_workers=False,
+        num_workers=loader_workers(cfg.num_workers, accelerator),
+        persistent_workers=False,
         pin_memory=accelerator.device.type == "cuda",
         generator=torch.Generator(),  # its own seed stream: creating the iterator must not draw from the global RNG
     )
     options = LoopOptions(
-        max_steps=cfg.max_steps, accumulation=accumulation, global_batch_size=global_batch, max_grad_norm=cfg.max_grad_norm,
-        logging_freq=cfg.logging_freq, eval_steps=cfg.eval_steps, checkpoint_steps=cfg.checkpoint_steps or cfg.max_steps,
-        save_steps=cfg.save_steps, causes=divergence_causes(cfg),
+        max_steps=cfg.max_steps,
+        accumulation=accumulation,
+        global_batch_size=global_batch,
+        max_grad_norm=cfg.max_grad_norm,
+        logging_freq=cfg.logging_freq,
+        eval_steps=cfg.eval_steps,
+        checkpoint_steps=cfg.checkpoint_steps or cfg.max_steps,
+        save_steps=cfg.save_steps,
+        causes=divergence_causes(cfg),
     )
     out.record("log.jsonl"), out.record("tensorboard"), out.record("checkpoints")
     logger = RunLogger(out.root(), cfg.max_steps, state.step, accelerator.is_main_process, cfg.tensorboard)
-    return Run(cfg, accelerator, out, tokenizer, datasets, train_loader, model, optimizer, scheduler, state, options,
-               collate_fn, logger, mixture=mix)
+    return Run(
+        cfg,
+        accelerator,
+        out,
+        tokenizer,
+        datasets,
+        train_loader,
+        model,
+        optimizer,
+        scheduler,
+        state,
+        options,
+        collate_fn,
+        logger,
+        mixture=mix,
+    )
 
 
 def _datasets(cfg: PretrainConfig, accelerator, corpus: Corpus, tokenizer, special: dict, global_batch: int):
@@ -215,7 +259,13 @@ def _datasets(cfg: PretrainConfig, accelerator, corpus: Corpus, tokenizer, speci
         for name, ranges in split.ranges.items():
             if len(ranges):
                 samples[name], reports[name] = cached_samples(
-                    corpus, name, ranges, max_tokens, cfg.short_seq_prob if name == "train" else 0.0, 2 if sop else 1, cfg.seed
+                    corpus,
+                    name,
+                    ranges,
+                    max_tokens,
+                    cfg.short_seq_prob if name == "train" else 0.0,
+                    2 if sop else 1,
+                    cfg.seed,
                 )
                 reports[name]["documents"] = int(len(ranges))
     if len(samples["train"]) < global_batch:
@@ -226,16 +276,25 @@ def _datasets(cfg: PretrainConfig, accelerator, corpus: Corpus, tokenizer, speci
     masking = MaskingOptions(
         masked_lm_prob=cfg.masked_lm_prob,
         max_predictions=cfg.max_predictions_per_seq or default_max_predictions(cfg.max_seq_len, cfg.masked_lm_prob),
-        max_ngrams=cfg.max_ngrams, favor_longer_ngram=cfg.favor_longer_ngram, whole_word=cfg.whole_word_mask,
+        max_ngrams=cfg.max_ngrams,
+        favor_longer_ngram=cfg.favor_longer_ngram,
+        whole_word=cfg.whole_word_mask,
     )
-    datasets = {name: PretrainDataset(corpus, s, name, cfg.max_seq_len, sop, masking, special, len(tokenizer), cfg.seed,
-                                      shuffle=name == "train")
-                for name, s in samples.items() if len(s)}
+    datasets = {
+        name: PretrainDataset(
+            corpus, s, name, cfg.max_seq_len, sop, masking, special, len(tokenizer), cfg.seed, shuffle=name == "train"
+        )
+        for name, s in samples.items()
+        if len(s)
+    }
     empty = [name for name, s in samples.items() if not len(s)]
     if empty and accelerator.is_main_process:
         held = " and ".join(f"the {n} split ({reports[n]['documents']} documents)" for n in empty)
-        print(f"warning: {held} holds 0 samples{' (too few sentences for SOP)' if sop else ''}: no "
-              f"{' or '.join(empty)} loss is reported; raise its share in --split", file=sys.stderr)
+        print(
+            f"warning: {held} holds 0 samples{' (too few sentences for SOP)' if sop else ''}: no "
+            f"{' or '.join(empty)} loss is reported; raise its share in --split",
+            file=sys.stderr,
+        )
     return datasets, reports, split
 
 
@@ -250,10 +309,19 @@ def train(run: Run) -> TrainState:
     def on_checkpoint(state: TrainState) -> None:
         save_checkpoint(run.accelerator, out / "checkpoints", state, cfg.keep_last)
 
-    state = train_loop(model=run.model, optimizer=run.optimizer, scheduler=run.scheduler, accelerator=run.accelerator,
-                       batches=iter(run.train_loader), state=run.state, options=run.options, logger=run.logger,
-                       on_eval=on_eval, on_checkpoint=on_checkpoint,
-                       on_snapshot=lambda step: run.snapshot(step_name(step)))
+    state = train_loop(
+        model=run.model,
+        optimizer=run.optimizer,
+        scheduler=run.scheduler,
+        accelerator=run.accelerator,
+        batches=iter(run.train_loader),
+        state=run.state,
+        options=run.options,
+        logger=run.logger,
+        on_eval=on_eval,
+        on_checkpoint=on_checkpoint,
+        on_snapshot=lambda step: run.snapshot(step_name(step)),
+    )
     return state
 
 

@@ -38,8 +38,17 @@ class PretrainDataset(torch.utils.data.Dataset):
     """
 
     def __init__(
-        self, corpus: Corpus, samples: np.ndarray, split: str, max_seq_len: int, sop: bool,
-        masking: MaskingOptions, special_ids: dict[str, int], vocab_size: int, seed: int, shuffle: bool,
+        self,
+        corpus: Corpus,
+        samples: np.ndarray,
+        split: str,
+        max_seq_len: int,
+        sop: bool,
+        masking: MaskingOptions,
+        special_ids: dict[str, int],
+        vocab_size: int,
+        seed: int,
+        shuffle: bool,
     ):
         self.corpus, self.samples, self.split = corpus, samples, split
         self.max_seq_len, self.sop, self.masking = max_seq_len, sop, masking
@@ -120,7 +129,12 @@ def collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     attention = np.zeros((n, width), dtype=np.int64)
     for i, x in enumerate(items):
         k = len(x["input_ids"])
-        input_ids[i, :k], types[i, :k], labels[i, :k], attention[i, :k] = x["input_ids"], x["token_type_ids"], x["labels"], 1
+        input_ids[i, :k], types[i, :k], labels[i, :k], attention[i, :k] = (
+            x["input_ids"],
+            x["token_type_ids"],
+            x["labels"],
+            1,
+        )
     batch = {
         "input_ids": torch.from_numpy(input_ids),
         "token_type_ids": torch.from_numpy(types),
@@ -129,7 +143,9 @@ def collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     }
     if "sop_labels" in items[0]:
         batch["sop_labels"] = torch.tensor([int(x["sop_labels"]) for x in items], dtype=torch.int64)
-    if "source" in items[0]:  # several corpora: each sample's, and each masked token's (row-major, as the model takes them)
+    if (
+        "source" in items[0]
+    ):  # several corpora: each sample's, and each masked token's (row-major, as the model takes them)
         sources = np.array([int(x["source"]) for x in items], dtype=np.int64)
         batch["sources"] = torch.from_numpy(sources)
         batch["mlm_sources"] = torch.from_numpy(sources[np.nonzero(labels != -100)[0]])

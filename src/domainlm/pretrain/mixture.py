@@ -45,7 +45,9 @@ def _spec(item, where: str) -> CorpusSpec:
     if isinstance(item, dict):
         unknown = set(item) - {"path", "weight"}
         if "path" not in item or unknown:
-            raise DomainLMError(f"{where}: a corpus given as a mapping has `path` and an optional `weight`, got {item!r}")
+            raise DomainLMError(
+                f"{where}: a corpus given as a mapping has `path` and an optional `weight`, got {item!r}"
+            )
         path, weight = str(item["path"]), item.get("weight", 1.0)
     elif isinstance(item, str):
         path, weight = item, 1.0
@@ -74,8 +76,11 @@ def specs(value, where: str = "--corpus") -> list[CorpusSpec]:
         seen[key] = spec.path
         base = Path(key).name or "corpus"
         names = {s.name for s in out if s.name}
-        spec.name = base if base not in names else next(f"{base}-{i}" for i in range(2, len(out) + 2)
-                                                         if f"{base}-{i}" not in names)
+        spec.name = (
+            base
+            if base not in names
+            else next(f"{base}-{i}" for i in range(2, len(out) + 2) if f"{base}-{i}" not in names)
+        )
     return out
 
 
@@ -155,8 +160,9 @@ class BlendedDataset(torch.utils.data.Dataset):
 class Mixture:
     """The run's corpora: their specs, per split the blended dataset, and what was drawn from each."""
 
-    def __init__(self, corpora: list[CorpusSpec], per_corpus: list[dict], reports: list[dict], splits: list,
-                 max_tokens: int):
+    def __init__(
+        self, corpora: list[CorpusSpec], per_corpus: list[dict], reports: list[dict], splits: list, max_tokens: int
+    ):
         self.corpora, self.per_corpus, self.reports, self.splits = corpora, per_corpus, reports, splits
         self.max_tokens = max_tokens  # text tokens of a sample (special tokens aside)
         total = sum(c.weight for c in corpora)
@@ -176,11 +182,20 @@ class Mixture:
 
     def data_report(self) -> dict:
         """data.json's account of the corpora: each one's split and samples, its weight and share."""
-        return {"corpora": {c.name: {"path": c.path, "weight": c.weight, "share": round(s, 6),
-                                     "splits": {k: v.pop("documents") for k, v in r.items()},
-                                     "split": split.summary(), "samples": r}
-                            for c, s, r, split in zip(self.corpora, self.shares, self.reports, self.splits)},
-                "period": Blend([c.weight for c in self.corpora]).whole}
+        return {
+            "corpora": {
+                c.name: {
+                    "path": c.path,
+                    "weight": c.weight,
+                    "share": round(s, 6),
+                    "splits": {k: v.pop("documents") for k, v in r.items()},
+                    "split": split.summary(),
+                    "samples": r,
+                }
+                for c, s, r, split in zip(self.corpora, self.shares, self.reports, self.splits)
+            },
+            "period": Blend([c.weight for c in self.corpora]).whole,
+        }
 
     def train_report(self) -> dict:
         return {c.name: r["train"] for c, r in zip(self.corpora, self.reports)}
@@ -189,9 +204,15 @@ class Mixture:
         """Per corpus: its weight and share, and the training samples and tokens (each sample's text tokens, as the
         sample index counts them) the first `consumed` samples of the run drew from it."""
         counts = Blend([c.weight for c in self.corpora]).counts(consumed)
-        return {c.name: {"weight": c.weight, "share": round(s, 6), "samples": n,
-                         "tokens": tokens_drawn(self.per_corpus[k]["train"], n, self.max_tokens)}
-                for k, (c, s, n) in enumerate(zip(self.corpora, self.shares, counts))}
+        return {
+            c.name: {
+                "weight": c.weight,
+                "share": round(s, 6),
+                "samples": n,
+                "tokens": tokens_drawn(self.per_corpus[k]["train"], n, self.max_tokens),
+            }
+            for k, (c, s, n) in enumerate(zip(self.corpora, self.shares, counts))
+        }
 
 
 def tokens_drawn(dataset, count: int, max_tokens: int, chunk: int = 1 << 20) -> int:
@@ -230,6 +251,8 @@ def build(cfg, corpora: list, one_corpus) -> Mixture:
     mixture = Mixture(chosen, per_corpus, reports, splits, cfg.max_seq_len - (3 if cfg.binary_head else 2))
     if int(os.environ.get("RANK", "0")) == 0:
         shares = ", ".join(f"{c.name} {s:.1%}" for c, s in zip(chosen, mixture.shares))
-        print(f"corpora: {shares} of the samples (blended in periods of {Blend([c.weight for c in chosen]).period})",
-              file=sys.stderr)
+        print(
+            f"corpora: {shares} of the samples (blended in periods of {Blend([c.weight for c in chosen]).period})",
+            file=sys.stderr,
+        )
     return mixture

@@ -39,13 +39,23 @@ class PretrainingModel(nn.Module):
         encoder; a padded one (`attention_mask`, `labels`) the model's own HF forward."""
         encoder = self.hf.base_model
         if "cu_seqlens" in batch:
-            hidden = encode_packed(encoder, batch["input_ids"], batch["token_type_ids"], batch["position_ids"],
-                                   batch["seq_index"], batch["cu_seqlens"], batch["max_len"])
+            hidden = encode_packed(
+                encoder,
+                batch["input_ids"],
+                batch["token_type_ids"],
+                batch["position_ids"],
+                batch["seq_index"],
+                batch["cu_seqlens"],
+                batch["max_len"],
+            )
             masked_hidden, targets = hidden.index_select(0, batch["mlm_positions"]), batch["mlm_labels"]
             pooled = encoder.pooler(first_tokens(hidden, batch["cu_seqlens"])[:, None]) if self.sop else None
         else:
-            out = encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          token_type_ids=batch["token_type_ids"])
+            out = encoder(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                token_type_ids=batch["token_type_ids"],
+            )
             masked = batch["labels"] != -100
             masked_hidden, targets = out.last_hidden_state[masked], batch["labels"][masked]
             pooled = out.pooler_output
@@ -88,4 +98,3 @@ def _by_source(name: str, values, sources, names: list[str]) -> dict:
     for i, corpus in enumerate(names):
         out[f"{name}/{corpus}#sum"], out[f"{name}/{corpus}#count"] = sums[i], counts[i]
     return out
-

@@ -125,9 +125,11 @@ def _held_out_share(corpus: Corpus, split: CorpusSplit, ratios) -> str:
         return ""
     docs = sum(len(split.ranges[name]) for name in held)
     asked = ",".join(f"{100 * r:g}" for r in ratios)
-    return (f"valid and test hold out {docs} of {corpus.n_documents} documents ({sum(held.values()):,} tokens, "
-            f"{100 * share:.0f}% of the corpus; --split {asked} asked for {100 * (ratios[1] + ratios[2]):g}%): each "
-            "takes at least one whole document; give more documents, or e.g. --split 100,0,0 to train on all of them")
+    return (
+        f"valid and test hold out {docs} of {corpus.n_documents} documents ({sum(held.values()):,} tokens, "
+        f"{100 * share:.0f}% of the corpus; --split {asked} asked for {100 * (ratios[1] + ratios[2]):g}%): each "
+        "takes at least one whole document; give more documents, or e.g. --split 100,0,0 to train on all of them"
+    )
 
 
 def _split_blocks(corpus: Corpus, ratios, seed: int, max_tokens: int, min_sentences: int) -> CorpusSplit:
@@ -239,9 +241,18 @@ def cached_samples(
     """build_samples, cached in <corpus>/cache keyed by everything that changes the result; the index comes
     back memory-mapped (read-only), so it costs page cache, not process memory."""
     ranges = np.asarray(docs) if np.ndim(docs) == 2 else document_ranges(corpus, docs)
-    key_src = json.dumps([corpus.meta.get("fingerprint"), corpus.n_tokens, split,
-                          hashlib.sha256(np.ascontiguousarray(ranges, dtype=np.int64).data).hexdigest(),
-                          max_tokens, short_seq_prob, min_sentences, seed])
+    key_src = json.dumps(
+        [
+            corpus.meta.get("fingerprint"),
+            corpus.n_tokens,
+            split,
+            hashlib.sha256(np.ascontiguousarray(ranges, dtype=np.int64).data).hexdigest(),
+            max_tokens,
+            short_seq_prob,
+            min_sentences,
+            seed,
+        ]
+    )
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     cache = corpus.path / "cache"
     path, report_path = cache / f"samples-{split}-{key}.npy", cache / f"samples-{split}-{key}.json"

@@ -133,8 +133,16 @@ class Batcher:
             too_long = [i for i, f in enumerate(rows) if len(f["input_ids"]) > rt.max_seq_len] if job.strict else []
             if too_long:
                 i = too_long[0]
-                refused.append((job, BadRequest(413, f"inputs[{i}] has more than {rt.max_seq_len} tokens, the "
-                                                     "model's length; send \"truncate\": true to cut it")))
+                refused.append(
+                    (
+                        job,
+                        BadRequest(
+                            413,
+                            f"inputs[{i}] has more than {rt.max_seq_len} tokens, the "
+                            'model\'s length; send "truncate": true to cut it',
+                        ),
+                    )
+                )
             else:
                 kept.append((job, rows))
         for job, error in refused:

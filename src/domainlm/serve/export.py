@@ -89,9 +89,17 @@ def export_onnx(model, input_names: list[str], path: Path, opset: int) -> None:
     axes = {name: {0: "batch", 1: "sequence"} for name in input_names}
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about Python conditions; the verification decides
-        torch.onnx.export(wrapper, example, str(path), input_names=input_names, output_names=["logits"],
-                          dynamic_axes={**axes, "logits": {0: "batch"}}, opset_version=opset, dynamo=False,
-                          do_constant_folding=True)
+        torch.onnx.export(
+            wrapper,
+            example,
+            str(path),
+            input_names=input_names,
+            output_names=["logits"],
+            dynamic_axes={**axes, "logits": {0: "batch"}},
+            opset_version=opset,
+            dynamo=False,
+            do_constant_folding=True,
+        )
     model.eval()  # export restores the wrapper's mode, which would switch the model's dropout back on
 
 
@@ -116,8 +124,13 @@ def quantize_int8(src: Path, dst: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     logging.getLogger().setLevel(logging.ERROR)  # the quantizer's advice to pre-process is for static quantization
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, reduce_range=True,
-                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    quantize_dynamic(
+        str(src),
+        str(dst),
+        weight_type=QuantType.QInt8,
+        reduce_range=True,
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
 
 
 def sample_batches(tokenizer, input_names: list[str], max_len: int, type_vocab: int, seed: int = 0) -> list[dict]:
@@ -155,8 +168,10 @@ def compare(runtime: OnnxRuntime, model, batches: list[dict], multilabel: bool) 
         ref = (torch.sigmoid(logits) if multilabel else torch.softmax(logits, -1)).numpy()
         got = runtime.probs_batch(batch)
         if got.shape != ref.shape:
-            raise DomainLMError(f"ONNX output shape {got.shape} != PyTorch {ref.shape} for a batch of "
-                                f"{batch['input_ids'].shape}: the axes are not dynamic")
+            raise DomainLMError(
+                f"ONNX output shape {got.shape} != PyTorch {ref.shape} for a batch of "
+                f"{batch['input_ids'].shape}: the axes are not dynamic"
+            )
         worst = max(worst, float(np.abs(got - ref).max()))
         same += int((got.argmax(-1) == ref.argmax(-1)).sum())
         rows += len(ref)
@@ -190,7 +205,9 @@ def data_metrics(cfg: ExportConfig, runtimes: dict[str, OnnxRuntime], data) -> d
         metrics = score(probs, data, rt.labels, rt.multilabel, 2, rt.thresholds if rt.multilabel else None)
         result[name] = {k: round(float(metrics[k]), 6) for k in keys if k in metrics}
     if "int8" in result:
-        result["int8_change_points"] = {k: round(100 * (result["int8"][k] - result["fp32"][k]), 3) for k in result["fp32"]}
+        result["int8_change_points"] = {
+            k: round(100 * (result["int8"][k] - result["fp32"][k]), 3) for k in result["fp32"]
+        }
     return result
 
 
@@ -200,18 +217,28 @@ def export_ensemble(cfg: ExportConfig) -> dict:
     from domainlm.classify.ensemble_file import read_ensemble, write_ensemble
 
     meta = read_ensemble(cfg.model)  # its members are folders inside it, never paths elsewhere
-    with outputs.run_folder(cfg.out, "export", replace=True, overwrite=cfg.overwrite, models={"--model": cfg.model},
-                            legacy=is_export_dir) as out:
-        members = {member: _prepared(dataclasses.replace(cfg, model=str(Path(cfg.model) / member)))
-                   for member in meta["members"]}
+    with outputs.run_folder(
+        cfg.out, "export", replace=True, overwrite=cfg.overwrite, models={"--model": cfg.model}, legacy=is_export_dir
+    ) as out:
+        members = {
+            member: _prepared(dataclasses.replace(cfg, model=str(Path(cfg.model) / member)))
+            for member in meta["members"]
+        }
         out.begin()
         infos = {}
         for member, prepared in members.items():
             _log(f"member {member}")
             infos[member] = _export_into(out.sub(member), *prepared)
         extra = {k: v for k, v in meta.items() if k not in ("kind", "members", "labels", "multilabel", "thresholds")}
-        write_ensemble(out, list(meta["members"]), meta["labels"], bool(meta.get("multilabel")), meta.get("thresholds"),
-                       **extra, source=str(Path(cfg.model).resolve()))
+        write_ensemble(
+            out,
+            list(meta["members"]),
+            meta["labels"],
+            bool(meta.get("multilabel")),
+            meta.get("thresholds"),
+            **extra,
+            source=str(Path(cfg.model).resolve()),
+        )
         out.write_text("config.yaml", cfglib.dump(cfg))
     return {"members": infos}
 
@@ -230,8 +257,9 @@ def _prepared(cfg: ExportConfig) -> tuple:
     data = read_data(cfg, meta) if cfg.data else None
     # the length the classifier was trained at (else MAX_SEQ_LEN) unless --max-seq-len says otherwise, within
     # the model's positions: what predict and serve use by default
-    max_len = checks.max_seq_len(model.config, cfg.max_seq_len or meta.get("max_seq_len") or MAX_SEQ_LEN, model_dir,
-                                 cap=True)
+    max_len = checks.max_seq_len(
+        model.config, cfg.max_seq_len or meta.get("max_seq_len") or MAX_SEQ_LEN, model_dir, cap=True
+    )
     if tokenizer.model_max_length and tokenizer.model_max_length < 10**6:
         max_len = min(max_len, tokenizer.model_max_length)
     cfg = dataclasses.replace(cfg, max_seq_len=max_len)  # what config.yaml records, and --data is checked at
@@ -243,8 +271,14 @@ def export(cfg: ExportConfig) -> dict:
 
     if is_ensemble(cfg.model) and not is_export_dir(cfg.model):
         return export_ensemble(cfg)
-    with outputs.run_folder(cfg.out, "export", replace=True, overwrite=cfg.overwrite,
-                            models={"--model": classifier_dir(cfg.model)}, legacy=is_export_dir) as out:
+    with outputs.run_folder(
+        cfg.out,
+        "export",
+        replace=True,
+        overwrite=cfg.overwrite,
+        models={"--model": classifier_dir(cfg.model)},
+        legacy=is_export_dir,
+    ) as out:
         prepared = _prepared(cfg)
         out.begin()  # written beside --out, swapped into place once verified: a failed export leaves no half folder
         info = _export_into(out, *prepared)
@@ -275,11 +309,21 @@ def _export_into(out, cfg: ExportConfig, model_dir: str, model, tokenizer, meta:
         tokenizer.save_pretrained(folder)
         write_hf_config(folder, model, meta)  # config.json with the label map: optimum and transformers load the folder
     out.write_json(LABELS_FILE, meta)
-    info = {"format": "onnx", "exporter": "torch.onnx.export (TorchScript, dynamo=False)", "opset": cfg.opset,
-            "optimized": fused, "inputs": input_names, "dynamic_axes": {"batch": 0, "sequence": 1},
-            "max_seq_len": max_len, "max_position_embeddings": getattr(model.config, "max_position_embeddings", None),
-            "model_type": getattr(model.config, "model_type", ""), "source": str(Path(model_dir).resolve()),
-            "files": {"fp32": "model.onnx"}, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
+    info = {
+        "format": "onnx",
+        "exporter": "torch.onnx.export (TorchScript, dynamo=False)",
+        "opset": cfg.opset,
+        "optimized": fused,
+        "inputs": input_names,
+        "dynamic_axes": {"batch": 0, "sequence": 1},
+        "max_seq_len": max_len,
+        "max_position_embeddings": getattr(model.config, "max_position_embeddings", None),
+        "model_type": getattr(model.config, "model_type", ""),
+        "source": str(Path(model_dir).resolve()),
+        "files": {"fp32": "model.onnx"},
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
     out.write_json(EXPORT_META, info)  # the runtime reads it; rewritten whole below
     batches = sample_batches(tokenizer, input_names, max_len, getattr(model.config, "type_vocab_size", 1))
     multilabel = bool(meta.get("multilabel"))
@@ -287,11 +331,15 @@ def _export_into(out, cfg: ExportConfig, model_dir: str, model, tokenizer, meta:
     diff, agree = compare(runtimes["fp32"], model, batches, multilabel)
     shapes = [list(b["input_ids"].shape) for b in batches]
     info["verification"] = {"shapes": shapes, "fp32_max_abs_diff": diff, "tolerance": cfg.tolerance}
-    _log(f"verified fp32 on batch x length {', '.join(f'{b}x{n}' for b, n in shapes)}: "
-         f"max |ORT - PyTorch| probability {diff:.2e} (tolerance {cfg.tolerance:g})")
+    _log(
+        f"verified fp32 on batch x length {', '.join(f'{b}x{n}' for b, n in shapes)}: "
+        f"max |ORT - PyTorch| probability {diff:.2e} (tolerance {cfg.tolerance:g})"
+    )
     if diff > cfg.tolerance or not np.isfinite(diff):
-        raise DomainLMError(f"ONNX Runtime and PyTorch disagree: max probability difference {diff:.3g} > --tolerance "
-                            f"{cfg.tolerance:g}; the export is not usable (try --no-optimize or another --opset)")
+        raise DomainLMError(
+            f"ONNX Runtime and PyTorch disagree: max probability difference {diff:.3g} > --tolerance "
+            f"{cfg.tolerance:g}; the export is not usable (try --no-optimize or another --opset)"
+        )
     if cfg.quantize == "int8":
         with out.writing():
             quantize_int8(fp32, out.file("model.int8.onnx"))
@@ -300,16 +348,25 @@ def _export_into(out, cfg: ExportConfig, model_dir: str, model, tokenizer, meta:
         out.write_json(EXPORT_META, info)
         runtimes["int8"] = OnnxRuntime(str(folder), "int8")
         diff8, agree8 = compare(runtimes["int8"], model, batches, multilabel)
-        info["verification"].update(int8_max_abs_diff=diff8, int8_same_best_label=agree8, int8_tolerance=cfg.int8_tolerance)
-        _log(f"int8: max |ORT int8 - PyTorch| probability {diff8:.2e} (tolerance {cfg.int8_tolerance:g}), "
-             f"same best label on {100 * agree8:.1f}% of the sample rows")
+        info["verification"].update(
+            int8_max_abs_diff=diff8, int8_same_best_label=agree8, int8_tolerance=cfg.int8_tolerance
+        )
+        _log(
+            f"int8: max |ORT int8 - PyTorch| probability {diff8:.2e} (tolerance {cfg.int8_tolerance:g}), "
+            f"same best label on {100 * agree8:.1f}% of the sample rows"
+        )
         if diff8 > cfg.int8_tolerance or not np.isfinite(diff8):
-            raise DomainLMError(f"the int8 model is too far from PyTorch: max probability difference {diff8:.3g} > "
-                                f"--int8-tolerance {cfg.int8_tolerance:g}")
+            raise DomainLMError(
+                f"the int8 model is too far from PyTorch: max probability difference {diff8:.3g} > "
+                f"--int8-tolerance {cfg.int8_tolerance:g}"
+            )
     sizes = {name: round((folder / f).stat().st_size / 2**20, 3) for name, f in info["files"].items()}
     info["size_mb"] = sizes
-    _log("size: " + ", ".join(f"{k} {v:.1f} MiB" for k, v in sizes.items()) +
-         (f" ({sizes['fp32'] / sizes['int8']:.1f}x smaller)" if "int8" in sizes else ""))
+    _log(
+        "size: "
+        + ", ".join(f"{k} {v:.1f} MiB" for k, v in sizes.items())
+        + (f" ({sizes['fp32'] / sizes['int8']:.1f}x smaller)" if "int8" in sizes else "")
+    )
     if data is not None:
         info["data_metrics"] = data_metrics(cfg, runtimes, data)
         _log(f"on {cfg.data}: " + json.dumps({k: v for k, v in info["data_metrics"].items() if k not in ("data",)}))

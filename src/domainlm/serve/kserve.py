@@ -67,8 +67,7 @@ def infer_request_model(cfg: ServeConfig) -> type[BaseModel]:
     text = {"type": "string", "minLength": 1, "maxLength": cfg.max_chars, "pattern": r"\S"}
     shapes = []
     for n in range(1, cfg.max_texts + 1):  # JSON Schema cannot multiply: each row count is one case
-        shapes.append({"properties": {"shape": {"enum": [[n], [n, 1]]},
-                                      "data": {"minItems": n, "maxItems": n}}})
+        shapes.append({"properties": {"shape": {"enum": [[n], [n, 1]]}, "data": {"minItems": n, "maxItems": n}}})
         shapes.append({"properties": {"shape": {"enum": [[n, 2]]}, "data": {"minItems": 2 * n, "maxItems": 2 * n}}})
 
     class TextTensor(BaseModel):
@@ -79,8 +78,9 @@ def infer_request_model(cfg: ServeConfig) -> type[BaseModel]:
         datatype: Literal["BYTES"]
         shape: Annotated[list[int], Field(min_length=1, max_length=2)]
         parameters: dict[str, Any] | None = None
-        data: Annotated[list[str], WithJsonSchema({"type": "array", "items": text, "minItems": 1,
-                                                   "maxItems": 2 * cfg.max_texts})]
+        data: Annotated[
+            list[str], WithJsonSchema({"type": "array", "items": text, "minItems": 1, "maxItems": 2 * cfg.max_texts})
+        ]
 
     class InferRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -110,8 +110,9 @@ def parse_infer(payload, model: type[BaseModel], cfg: ServeConfig) -> tuple[Quer
     tensor = request.inputs[0]
     shape = tensor.shape
     if shape[0] < 1 or (len(shape) == 2 and shape[1] not in (1, 2)):
-        raise BadRequest(422, f"inputs[0].shape {shape}: give [n] or [n, 1] for n texts, [n, 2] for n (text, text "
-                              "pair) rows")
+        raise BadRequest(
+            422, f"inputs[0].shape {shape}: give [n] or [n, 1] for n texts, [n, 2] for n (text, text pair) rows"
+        )
     rows, cols = shape[0], shape[1] if len(shape) == 2 else 1
     if rows > cfg.max_texts:
         raise BadRequest(413, f"inputs[0] has {rows} texts; at most {cfg.max_texts} per request (--max-texts)")
@@ -125,24 +126,32 @@ def parse_infer(payload, model: type[BaseModel], cfg: ServeConfig) -> tuple[Quer
 
 def model_metadata(name: str, runtime: ClassifierRuntime) -> dict:
     n = len(runtime.labels)
-    return {"name": name, "platform": f"domainlm-{runtime.kind}",
-            "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1, 2] if runtime.pair_column else [-1]}],
-            "outputs": [{"name": "label", "datatype": "BYTES", "shape": [-1]},
-                        {"name": "probabilities", "datatype": "FP32", "shape": [-1, n]},
-                        {"name": "chosen", "datatype": "BOOL", "shape": [-1, n]}],
-            "parameters": {"labels": runtime.labels, "multilabel": runtime.multilabel}}
+    return {
+        "name": name,
+        "platform": f"domainlm-{runtime.kind}",
+        "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1, 2] if runtime.pair_column else [-1]}],
+        "outputs": [
+            {"name": "label", "datatype": "BYTES", "shape": [-1]},
+            {"name": "probabilities", "datatype": "FP32", "shape": [-1, n]},
+            {"name": "chosen", "datatype": "BOOL", "shape": [-1, n]},
+        ],
+        "parameters": {"labels": runtime.labels, "multilabel": runtime.multilabel},
+    }
 
 
-def infer_response(name: str, runtime: ClassifierRuntime, probs: np.ndarray, wanted: list[str],
-                   request_id: str | None) -> dict:
+def infer_response(
+    name: str, runtime: ClassifierRuntime, probs: np.ndarray, wanted: list[str], request_id: str | None
+) -> dict:
     n, width = probs.shape
     chosen = [set(row) for row in runtime.choose(probs)]
     tensors = {
-        "label": {"datatype": "BYTES", "shape": [n],
-                  "data": [",".join(runtime.labels[j] for j in sorted(row)) for row in chosen]},
+        "label": {
+            "datatype": "BYTES",
+            "shape": [n],
+            "data": [",".join(runtime.labels[j] for j in sorted(row)) for row in chosen],
+        },
         "probabilities": {"datatype": "FP32", "shape": [n, width], "data": probs.astype(float).ravel().tolist()},
-        "chosen": {"datatype": "BOOL", "shape": [n, width],
-                   "data": [j in row for row in chosen for j in range(width)]},
+        "chosen": {"datatype": "BOOL", "shape": [n, width], "data": [j in row for row in chosen for j in range(width)]},
     }
     answer: dict = {"model_name": name}
     if request_id is not None:

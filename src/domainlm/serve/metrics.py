@@ -29,18 +29,30 @@ class ServerMetrics:
     def __init__(self, queue_depth, info: dict[str, str]):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = PromCounter("domainlm_requests", "HTTP requests answered, by route and status",
-                                    ["route", "status"], registry=r)
-        self.latency = Histogram("domainlm_request_duration_seconds", "time from request to answer, by route",
-                                 ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.requests = PromCounter(
+            "domainlm_requests", "HTTP requests answered, by route and status", ["route", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "domainlm_request_duration_seconds",
+            "time from request to answer, by route",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.texts = PromCounter("domainlm_texts", "texts classified", registry=r)
         self.batch_size = Histogram("domainlm_batch_size", "texts per model batch", buckets=SIZE_BUCKETS, registry=r)
-        self.batch_tokens = Histogram("domainlm_batch_tokens", "padded tokens per model batch (rows x longest)",
-                                      buckets=TOKEN_BUCKETS, registry=r)
-        self.gathered = Histogram("domainlm_gathered_requests", "requests answered by one gathering of the worker",
-                                  buckets=SIZE_BUCKETS, registry=r)
-        self.inference = Histogram("domainlm_inference_duration_seconds", "model time per gathering",
-                                   buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_tokens = Histogram(
+            "domainlm_batch_tokens", "padded tokens per model batch (rows x longest)", buckets=TOKEN_BUCKETS, registry=r
+        )
+        self.gathered = Histogram(
+            "domainlm_gathered_requests",
+            "requests answered by one gathering of the worker",
+            buckets=SIZE_BUCKETS,
+            registry=r,
+        )
+        self.inference = Histogram(
+            "domainlm_inference_duration_seconds", "model time per gathering", buckets=LATENCY_BUCKETS, registry=r
+        )
         self.queue = Gauge("domainlm_queue_depth", "requests waiting for the model", registry=r)
         self.queue.set_function(queue_depth)
         Info("domainlm_model", "the served model", registry=r).info(info)
@@ -83,15 +95,21 @@ class ServerMetrics:
             lat = np.asarray(self.latencies_ms, dtype=float)
             pct = {f"p{q}": round(float(np.percentile(lat, q)), 3) for q in (50, 90, 99)} if len(lat) else {}
             sizes = sum(k * v for k, v in self.batch_sizes.items())
-            return {"uptime_s": round(time.time() - self.started, 1),
-                    "requests": {"total": sum(self.by_status.values()),
-                                 **{str(k): v for k, v in sorted(self.by_status.items())}},
-                    "texts": self.text_count, "batches": self.batch_count,
-                    "mean_batch_size": round(sizes / self.batch_count, 3) if self.batch_count else 0.0,
-                    "max_batch_size": max(self.batch_sizes, default=0),
-                    "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
-                    "requests_per_gathering": {str(k): v for k, v in sorted(self.gatherings.items())},
-                    "latency_ms": {"window": len(lat), **pct}, "queued": self.queue_depth()}
+            return {
+                "uptime_s": round(time.time() - self.started, 1),
+                "requests": {
+                    "total": sum(self.by_status.values()),
+                    **{str(k): v for k, v in sorted(self.by_status.items())},
+                },
+                "texts": self.text_count,
+                "batches": self.batch_count,
+                "mean_batch_size": round(sizes / self.batch_count, 3) if self.batch_count else 0.0,
+                "max_batch_size": max(self.batch_sizes, default=0),
+                "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+                "requests_per_gathering": {str(k): v for k, v in sorted(self.gatherings.items())},
+                "latency_ms": {"window": len(lat), **pct},
+                "queued": self.queue_depth(),
+            }
 
 
 class CountRequests:

@@ -41,6 +41,7 @@ class Query:
 
 # ---- schemas ----------------------------------------------------------------------------------------------------
 
+
 class LabelScore(BaseModel):
     label: str
     score: float
@@ -68,18 +69,24 @@ def request_models(cfg: ServeConfig, activation: str) -> tuple[type[BaseModel], 
     Text = Annotated[str, StringConstraints(min_length=1, max_length=cfg.max_chars, pattern=r"\S")]
     Texts = Annotated[list[Text], Field(min_length=1, max_length=cfg.max_texts)]
     Positive = Annotated[int, Field(ge=1)]
-    Singles = Annotated[list[Annotated[list[Text], Field(min_length=1, max_length=1)]],  # [[text], ...]
-                        Field(min_length=1, max_length=cfg.max_texts)]
-    Pairs = Annotated[list[Annotated[list[Text], Field(min_length=2, max_length=2)]],  # [[text, text_pair], ...]
-                      Field(min_length=1, max_length=cfg.max_texts)]
+    Singles = Annotated[
+        list[Annotated[list[Text], Field(min_length=1, max_length=1)]],  # [[text], ...]
+        Field(min_length=1, max_length=cfg.max_texts),
+    ]
+    Pairs = Annotated[
+        list[Annotated[list[Text], Field(min_length=2, max_length=2)]],  # [[text, text_pair], ...]
+        Field(min_length=1, max_length=cfg.max_texts),
+    ]
 
     class PredictRequest(BaseModel):
         """One text or a list; for pair tasks as many text pairs as texts."""
 
         model_config = ConfigDict(extra="forbid", json_schema_extra=_pairs_match(cfg.max_texts))
-        text: Text | Texts = Field(description=f"one text, or a list of 1 to {cfg.max_texts} (--max-texts); each "
-                                               f"at most {cfg.max_chars} characters (--max-chars)",
-                                   examples=["酒店的服务非常好"])
+        text: Text | Texts = Field(
+            description=f"one text, or a list of 1 to {cfg.max_texts} (--max-texts); each "
+            f"at most {cfg.max_chars} characters (--max-chars)",
+            examples=["酒店的服务非常好"],
+        )
         text_pair: Text | Texts | None = Field(None, description="second text(s) for pair tasks, as many as texts")
         top_k: Positive | None = Field(None, description=f"how many best labels to list (default {cfg.top_k})")
 
@@ -87,7 +94,8 @@ def request_models(cfg: ServeConfig, activation: str) -> tuple[type[BaseModel], 
         model_config = ConfigDict(extra="forbid")
         top_k: Positive | None = Field(None, description="list only the k best labels (default: every label)")
         function_to_apply: Literal[activation] | None = Field(  # type: ignore[valid-type]
-            None, description=f"the model's own: {activation} (the scores are its probabilities)")
+            None, description=f"the model's own: {activation} (the scores are its probabilities)"
+        )
 
     class HFRequest(BaseModel):
         """The Hugging Face body: `inputs` one text, a list of texts, or a list of [text] / [text, text_pair]."""
@@ -95,10 +103,12 @@ def request_models(cfg: ServeConfig, activation: str) -> tuple[type[BaseModel], 
         model_config = ConfigDict(extra="forbid")
         inputs: Text | Texts | Singles | Pairs = Field(
             description=f"1 to {cfg.max_texts} texts (--max-texts), each at most {cfg.max_chars} characters",
-            examples=["酒店的服务非常好"])
+            examples=["酒店的服务非常好"],
+        )
         parameters: HFParameters | None = None
-        truncate: bool | None = Field(None, description="false: a text over the model's length is refused (413) "
-                                                        "instead of cut (default: cut)")
+        truncate: bool | None = Field(
+            None, description="false: a text over the model's length is refused (413) instead of cut (default: cut)"
+        )
 
     return PredictRequest, HFRequest
 
@@ -106,12 +116,19 @@ def request_models(cfg: ServeConfig, activation: str) -> tuple[type[BaseModel], 
 def _pairs_match(max_texts: int):
     """JSON Schema cannot say "as many text pairs as texts"; it can list the cases: no pair, one text and one pair
     (a string or a list of one), or two lists of n items for each n the limit allows."""
+
     def extra(schema: dict) -> None:
         one = {"anyOf": [{"type": "string"}, {"type": "array", "maxItems": 1}]}
         cases = [{"properties": {"text_pair": {"type": "null"}}}, {"properties": {"text": one, "text_pair": one}}]
-        cases += [{"properties": {"text": {"type": "array", "minItems": n, "maxItems": n},
-                                  "text_pair": {"type": "array", "minItems": n, "maxItems": n}}}
-                  for n in range(2, max_texts + 1)]
+        cases += [
+            {
+                "properties": {
+                    "text": {"type": "array", "minItems": n, "maxItems": n},
+                    "text_pair": {"type": "array", "minItems": n, "maxItems": n},
+                }
+            }
+            for n in range(2, max_texts + 1)
+        ]
         schema["anyOf"] = cases
 
     return extra
@@ -136,6 +153,7 @@ def inline_schema(model: type[BaseModel]) -> dict:
 
 
 # ---- checks -----------------------------------------------------------------------------------------------------
+
 
 def _texts(value, name: str, cfg: ServeConfig) -> list[str]:
     items = [value] if isinstance(value, str) else value
@@ -177,15 +195,18 @@ def parse_request(body: bytes, cfg: ServeConfig, activation: str = "softmax") ->
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BadRequest(400, f"the body is not valid JSON: {e}") from None
     except RecursionError:  # Python's parser stops at its recursion limit
-        raise BadRequest(400, "the body nests JSON too deeply; send {\"text\": ...}") from None
+        raise BadRequest(400, 'the body nests JSON too deeply; send {"text": ...}') from None
     if not isinstance(payload, dict):
         raise BadRequest(422, 'the body must be a JSON object such as {"text": "..."} or {"inputs": "..."}')
     if "inputs" in payload:
         return _hf_request(payload, cfg, activation)
     unknown = sorted(set(payload) - {"text", "text_pair", "top_k"})
     if unknown:
-        raise BadRequest(422, f"unknown field(s) {', '.join(unknown)}; expected text, text_pair, top_k (or the "
-                              "Hugging Face body: inputs, parameters, truncate)")
+        raise BadRequest(
+            422,
+            f"unknown field(s) {', '.join(unknown)}; expected text, text_pair, top_k (or the "
+            "Hugging Face body: inputs, parameters, truncate)",
+        )
     if "text" not in payload:
         raise BadRequest(422, "'text' is required: one string or a list of strings")
     texts = _texts(payload["text"], "text", cfg)
@@ -201,26 +222,32 @@ def parse_request(body: bytes, cfg: ServeConfig, activation: str = "softmax") ->
 def _hf_request(payload: dict, cfg: ServeConfig, activation: str) -> Query:
     unknown = sorted(set(payload) - {"inputs", "parameters", "truncate"})
     if unknown:
-        raise BadRequest(422, f"unknown field(s) {', '.join(unknown)}; the Hugging Face body has inputs, parameters, "
-                              "truncate")
+        raise BadRequest(
+            422, f"unknown field(s) {', '.join(unknown)}; the Hugging Face body has inputs, parameters, truncate"
+        )
     inputs = payload["inputs"]
     pairs = None
     if isinstance(inputs, list) and inputs and all(isinstance(x, list) for x in inputs):
         if len(inputs) > cfg.max_texts:
-            raise BadRequest(413, f"'inputs' has {len(inputs)} texts; at most {cfg.max_texts} per request "
-                                  "(--max-texts)")
+            raise BadRequest(
+                413, f"'inputs' has {len(inputs)} texts; at most {cfg.max_texts} per request (--max-texts)"
+            )
         sizes = {len(x) for x in inputs}
         if not sizes <= {1, 2} or len(sizes) > 1:
-            raise BadRequest(422, "'inputs' as a list of lists takes [text] or [text, text_pair] items, all of one "
-                                  "kind")
+            raise BadRequest(
+                422, "'inputs' as a list of lists takes [text] or [text, text_pair] items, all of one kind"
+            )
         texts = [_texts(x[0], f"inputs[{i}][0]", cfg)[0] for i, x in enumerate(inputs)]
         if sizes == {2}:
             pairs = [_texts(x[1], f"inputs[{i}][1]", cfg)[0] for i, x in enumerate(inputs)]
     elif isinstance(inputs, (str, list)):
         texts = _texts(inputs, "inputs", cfg)
     else:
-        raise BadRequest(422, f"'inputs' must be a string, a list of strings, or a list of [text, text_pair] lists, "
-                              f"not {type(inputs).__name__}")
+        raise BadRequest(
+            422,
+            f"'inputs' must be a string, a list of strings, or a list of [text, text_pair] lists, "
+            f"not {type(inputs).__name__}",
+        )
     parameters = payload.get("parameters")
     if parameters is None:
         parameters = {}
@@ -231,13 +258,22 @@ def _hf_request(payload: dict, cfg: ServeConfig, activation: str) -> Query:
         raise BadRequest(422, f"unknown parameter(s) {', '.join(unknown)}; expected top_k, function_to_apply")
     function = parameters.get("function_to_apply")
     if function is not None and function != activation:
-        raise BadRequest(422, f"'function_to_apply' {function!r}: this model's scores are its {activation} "
-                              f"probabilities; send {activation!r} or leave it out")
+        raise BadRequest(
+            422,
+            f"'function_to_apply' {function!r}: this model's scores are its {activation} "
+            f"probabilities; send {activation!r} or leave it out",
+        )
     truncate = payload.get("truncate")
     if truncate is not None and not isinstance(truncate, bool):
         raise BadRequest(422, f"'truncate' must be true or false, not {truncate!r}")
-    return Query(texts, pairs, _top_k(parameters.get("top_k"), "parameters.top_k"), strict=truncate is False,
-                 hf=True, single=isinstance(inputs, str))
+    return Query(
+        texts,
+        pairs,
+        _top_k(parameters.get("top_k"), "parameters.top_k"),
+        strict=truncate is False,
+        hf=True,
+        single=isinstance(inputs, str),
+    )
 
 
 def check_content_type(request: Request) -> None:
@@ -247,8 +283,11 @@ def check_content_type(request: Request) -> None:
         return
     media = given.split(";", 1)[0].strip().lower()
     if media not in JSON_TYPES and not (media.startswith("application/") and media.endswith("+json")):
-        raise BadRequest(415, f"the body is sent as {media or 'an empty media type'}; send it as application/json "
-                              "(Content-Type: application/json)")
+        raise BadRequest(
+            415,
+            f"the body is sent as {media or 'an empty media type'}; send it as application/json "
+            "(Content-Type: application/json)",
+        )
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -51,10 +51,16 @@ from domainlm.serve.requests import (
     request_models,
 )
 
-ERRORS = {400: "malformed JSON, or the client went away", 401: "missing or wrong token",
-          404: "no model of that name", 413: "body, text count, text length or tokens over the limits",
-          415: "the body is not sent as application/json", 422: "a field is missing, of the wrong type or empty",
-          500: "the model failed on this batch", 503: "the queue is full (retry after a second), or the worker stopped"}
+ERRORS = {
+    400: "malformed JSON, or the client went away",
+    401: "missing or wrong token",
+    404: "no model of that name",
+    413: "body, text count, text length or tokens over the limits",
+    415: "the body is not sent as application/json",
+    422: "a field is missing, of the wrong type or empty",
+    500: "the model failed on this batch",
+    503: "the queue is full (retry after a second), or the worker stopped",
+}
 
 
 class Health(BaseModel):
@@ -88,8 +94,11 @@ def token_dependency(token: str):
     async def require_token(credentials: HTTPAuthorizationCredentials | None = Depends(scheme)) -> None:  # noqa: B008
         given = credentials.credentials.encode() if credentials is not None else b""
         if credentials is None or not hmac.compare_digest(given, expected):
-            raise HTTPException(401, "missing or wrong token: send 'Authorization: Bearer TOKEN'",
-                                headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(
+                401,
+                "missing or wrong token: send 'Authorization: Bearer TOKEN'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     return require_token
 
@@ -97,17 +106,26 @@ def token_dependency(token: str):
 def hf_answer(runtime: ClassifierRuntime, probs, top_k: int | None) -> list[list[dict]]:
     """Per text, the labels with their scores, best first (the k best with top_k)."""
     best = best_k(probs, top_k or len(runtime.labels))
-    return [[{"label": runtime.labels[j], "score": round(float(p[j]), 6)} for j in order]
-            for p, order in zip(probs, best)]
+    return [
+        [{"label": runtime.labels[j], "score": round(float(p[j]), 6)} for j in order] for p, order in zip(probs, best)
+    ]
 
 
 def create_app(runtime: ClassifierRuntime, cfg: ServeConfig) -> FastAPI:
     name = cfg.name or Path(cfg.model).name or "model"
     batcher = Batcher(runtime, cfg)
     options = runtime.options
-    metrics = ServerMetrics(batcher.queue.qsize, {
-        "name": name, "kind": runtime.kind, "labels": str(len(runtime.labels)), "device": options.device,
-        "precision": options.precision, "max_seq_len": str(options.max_seq_len)})
+    metrics = ServerMetrics(
+        batcher.queue.qsize,
+        {
+            "name": name,
+            "kind": runtime.kind,
+            "labels": str(len(runtime.labels)),
+            "device": options.device,
+            "precision": options.precision,
+            "max_seq_len": str(options.max_seq_len),
+        },
+    )
     batcher.metrics = metrics
     auth = [Depends(token_dependency(cfg.token))] if cfg.token else []
     denied = (401,) if cfg.token else ()
@@ -121,18 +139,26 @@ def create_app(runtime: ClassifierRuntime, cfg: ServeConfig) -> FastAPI:
         yield
         batcher.stop()
 
-    app = FastAPI(title="domainlm classifier", version="1", lifespan=lifespan,
-                  description=f"{runtime.kind} classifier with {len(runtime.labels)} labels"
-                              f"{' (multi-label)' if runtime.multilabel else ''}, served as `{name}`. "
-                              "Protocols: this server's JSON and Hugging Face's (POST /predict, POST /), KServe v2 "
-                              "(/v2/...). Metrics: /metrics (Prometheus), /metrics.json."
-                              + (" Send `Authorization: Bearer TOKEN`." if cfg.token else ""))
+    app = FastAPI(
+        title="domainlm classifier",
+        version="1",
+        lifespan=lifespan,
+        description=f"{runtime.kind} classifier with {len(runtime.labels)} labels"
+        f"{' (multi-label)' if runtime.multilabel else ''}, served as `{name}`. "
+        "Protocols: this server's JSON and Hugging Face's (POST /predict, POST /), KServe v2 "
+        "(/v2/...). Metrics: /metrics (Prometheus), /metrics.json."
+        + (" Send `Authorization: Bearer TOKEN`." if cfg.token else ""),
+    )
     app.state.metrics, app.state.batcher, app.state.runtime, app.state.name = metrics, batcher, runtime, name
     if cfg.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
-        app.add_middleware(CORSMiddleware, allow_origins=cfg.cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=cfg.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     app.add_middleware(CountRequests, metrics=metrics)
 
     def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -142,8 +168,11 @@ def create_app(runtime: ClassifierRuntime, cfg: ServeConfig) -> FastAPI:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 405:  # every method of the path, not only those of the first route matching it
             allowed = allowed_methods(app, request.url.path)
-            return error(405, f"{request.method} is not allowed on {request.url.path}; use {', '.join(allowed)}",
-                         headers={"Allow": ", ".join(allowed)})
+            return error(
+                405,
+                f"{request.method} is not allowed on {request.url.path}; use {', '.join(allowed)}",
+                headers={"Allow": ", ".join(allowed)},
+            )
         if exc.status_code == 404:
             return error(404, f"no route {request.method} {request.url.path} (see /docs)")
         return error(exc.status_code, str(exc.detail), headers=exc.headers)
@@ -162,8 +191,9 @@ def create_app(runtime: ClassifierRuntime, cfg: ServeConfig) -> FastAPI:
         loop = asyncio.get_running_loop()
         job = Job(query.texts, query.pairs, query.strict, loop.create_future(), loop)
         if not batcher.submit(job):
-            raise BadRequest(503, f"the server is busy: {cfg.queue_size} requests are waiting (--queue-size); "
-                                  "retry later")
+            raise BadRequest(
+                503, f"the server is busy: {cfg.queue_size} requests are waiting (--queue-size); retry later"
+            )
         try:
             return await job.future
         except BadRequest:
@@ -194,44 +224,88 @@ def create_app(runtime: ClassifierRuntime, cfg: ServeConfig) -> FastAPI:
     post_errors = errors(400, *denied, 413, 415, 422, 500, 503)
     request_body = {"requestBody": {"required": True, "content": {"application/json": {"schema": body_schema}}}}
 
-    @app.post("/predict", summary="labels and scores of one text or a list (this server's or the HF body)",
-              dependencies=auth, openapi_extra=request_body, response_class=Response, responses={
-                  200: {"description": "this server's answer, or text-embeddings-inference's (one list of labels "
-                                       "and scores for a string, one per input for a list)",
-                        "content": {"application/json": {"schema": {"anyOf": [own, hf_one, hf_many]}}}},
-                  **post_errors})
+    @app.post(
+        "/predict",
+        summary="labels and scores of one text or a list (this server's or the HF body)",
+        dependencies=auth,
+        openapi_extra=request_body,
+        response_class=Response,
+        responses={
+            200: {
+                "description": "this server's answer, or text-embeddings-inference's (one list of labels "
+                "and scores for a string, one per input for a list)",
+                "content": {"application/json": {"schema": {"anyOf": [own, hf_one, hf_many]}}},
+            },
+            **post_errors,
+        },
+    )
     async def predict(request: Request):
         return await classify(request, per_input=False)
 
-    @app.post("/", summary="the Hugging Face Inference Endpoints route (huggingface_hub's InferenceClient)",
-              dependencies=auth, openapi_extra=request_body, response_class=Response, responses={
-                  200: {"description": "one list of labels and scores per input (or this server's answer)",
-                        "content": {"application/json": {"schema": {"anyOf": [own, hf_many]}}}},
-                  **post_errors})
+    @app.post(
+        "/",
+        summary="the Hugging Face Inference Endpoints route (huggingface_hub's InferenceClient)",
+        dependencies=auth,
+        openapi_extra=request_body,
+        response_class=Response,
+        responses={
+            200: {
+                "description": "one list of labels and scores per input (or this server's answer)",
+                "content": {"application/json": {"schema": {"anyOf": [own, hf_many]}}},
+            },
+            **post_errors,
+        },
+    )
     async def root(request: Request):
         return await classify(request, per_input=True)
 
     @app.get("/health", summary="liveness: the model is loaded and the worker runs", response_model=Health)
     async def health():
-        return {"status": "ok" if batcher.alive else "worker stopped", "model": runtime.kind,
-                "labels": len(runtime.labels), "queued": batcher.queue.qsize()}
+        return {
+            "status": "ok" if batcher.alive else "worker stopped",
+            "model": runtime.kind,
+            "labels": len(runtime.labels),
+            "queued": batcher.queue.qsize(),
+        }
 
-    @app.get("/labels", summary="the label set, multi-label flag and thresholds", dependencies=auth,
-             response_model=Labels, responses=errors(*denied))
+    @app.get(
+        "/labels",
+        summary="the label set, multi-label flag and thresholds",
+        dependencies=auth,
+        response_model=Labels,
+        responses=errors(*denied),
+    )
     async def labels():
-        return {"labels": runtime.labels, "multilabel": runtime.multilabel,
-                "thresholds": [float(t) for t in runtime.thresholds] if runtime.multilabel else None}
+        return {
+            "labels": runtime.labels,
+            "multilabel": runtime.multilabel,
+            "thresholds": [float(t) for t in runtime.thresholds] if runtime.multilabel else None,
+        }
 
-    @app.get("/metrics", summary="Prometheus metrics (text format)", dependencies=auth, response_class=Response,
-             responses={200: {"description": "the Prometheus text format", "content": {"text/plain": {
-                 "schema": {"type": "string"}}}}, **errors(*denied)})
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics (text format)",
+        dependencies=auth,
+        response_class=Response,
+        responses={
+            200: {
+                "description": "the Prometheus text format",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            },
+            **errors(*denied),
+        },
+    )
     async def prometheus():
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/metrics.json", summary="request counts, batch sizes, latency percentiles (ms) as JSON",
-             dependencies=auth, responses=errors(*denied))
+    @app.get(
+        "/metrics.json",
+        summary="request counts, batch sizes, latency percentiles (ms) as JSON",
+        dependencies=auth,
+        responses=errors(*denied),
+    )
     async def metrics_json() -> dict:
         return metrics.snapshot()
 
@@ -239,8 +313,17 @@ def create_app(runtime: ClassifierRuntime, cfg: ServeConfig) -> FastAPI:
     return app
 
 
-def add_v2_routes(app: FastAPI, runtime: ClassifierRuntime, served: str, auth: list, denied: tuple, infer, refused,
-                  infer_model, batcher: Batcher) -> None:
+def add_v2_routes(
+    app: FastAPI,
+    runtime: ClassifierRuntime,
+    served: str,
+    auth: list,
+    denied: tuple,
+    infer,
+    refused,
+    infer_model,
+    batcher: Batcher,
+) -> None:
     """KServe v2 / Open Inference Protocol routes (REST): health, metadata, readiness, inference."""
     cfg: ServeConfig = batcher.cfg
     empty = {"description": "yes (an empty body)", "content": {}}
@@ -249,27 +332,45 @@ def add_v2_routes(app: FastAPI, runtime: ClassifierRuntime, served: str, auth: l
         if model != served:
             raise BadRequest(404, f"no model {model!r}: this server serves {served!r} (/v2/models/{served})")
 
-    @app.get("/v2", summary="v2 server metadata", response_model=kserve.ServerMetadata, dependencies=auth,
-             responses=errors(*denied), tags=["KServe v2"])
+    @app.get(
+        "/v2",
+        summary="v2 server metadata",
+        response_model=kserve.ServerMetadata,
+        dependencies=auth,
+        responses=errors(*denied),
+        tags=["KServe v2"],
+    )
     async def v2_server():
         from domainlm import __version__
 
         return {"name": "domainlm", "version": __version__, "extensions": []}
 
-    @app.get("/v2/health/live", summary="v2 liveness", response_class=Response, responses={200: empty},
-             tags=["KServe v2"])
+    @app.get(
+        "/v2/health/live", summary="v2 liveness", response_class=Response, responses={200: empty}, tags=["KServe v2"]
+    )
     async def v2_live():
         return Response(status_code=200)
 
-    @app.get("/v2/health/ready", summary="v2 readiness", response_class=Response,
-             responses={200: empty, **errors(503)}, tags=["KServe v2"])
+    @app.get(
+        "/v2/health/ready",
+        summary="v2 readiness",
+        response_class=Response,
+        responses={200: empty, **errors(503)},
+        tags=["KServe v2"],
+    )
     async def v2_ready():
         if not batcher.alive:
             return JSONResponse({"error": "the worker stopped"}, status_code=503)
         return Response(status_code=200)
 
-    @app.get("/v2/models/{name}", summary="v2 model metadata: inputs, outputs, labels", dependencies=auth,
-             response_model=kserve.ModelMetadata, responses=errors(*denied, 404), tags=["KServe v2"])
+    @app.get(
+        "/v2/models/{name}",
+        summary="v2 model metadata: inputs, outputs, labels",
+        dependencies=auth,
+        response_model=kserve.ModelMetadata,
+        responses=errors(*denied, 404),
+        tags=["KServe v2"],
+    )
     async def v2_model(name: str):
         try:
             known(name)
@@ -277,8 +378,13 @@ def add_v2_routes(app: FastAPI, runtime: ClassifierRuntime, served: str, auth: l
             return refused(e)
         return kserve.model_metadata(name, runtime)
 
-    @app.get("/v2/models/{name}/ready", summary="v2 model readiness", response_class=Response,
-             responses={200: empty, **errors(404, 503)}, tags=["KServe v2"])
+    @app.get(
+        "/v2/models/{name}/ready",
+        summary="v2 model readiness",
+        response_class=Response,
+        responses={200: empty, **errors(404, 503)},
+        tags=["KServe v2"],
+    )
     async def v2_model_ready(name: str):
         try:
             known(name)
@@ -288,19 +394,33 @@ def add_v2_routes(app: FastAPI, runtime: ClassifierRuntime, served: str, auth: l
             return JSONResponse({"error": "the worker stopped"}, status_code=503)
         return Response(status_code=200)
 
-    @app.post("/v2/models/{name}/infer", summary="v2 inference: texts in (BYTES), labels and probabilities out",
-              dependencies=auth, response_class=Response, tags=["KServe v2"], openapi_extra={"requestBody": {
-                  "required": True, "content": {"application/json": {"schema": inline_schema(infer_model)}}}},
-              responses={200: {"description": "the outputs asked for (all by default)", "content": {
-                  "application/json": {"schema": inline_schema(kserve.InferResponse)}}},
-                  **errors(400, *denied, 404, 413, 415, 422, 500, 503)})
+    @app.post(
+        "/v2/models/{name}/infer",
+        summary="v2 inference: texts in (BYTES), labels and probabilities out",
+        dependencies=auth,
+        response_class=Response,
+        tags=["KServe v2"],
+        openapi_extra={
+            "requestBody": {"required": True, "content": {"application/json": {"schema": inline_schema(infer_model)}}}
+        },
+        responses={
+            200: {
+                "description": "the outputs asked for (all by default)",
+                "content": {"application/json": {"schema": inline_schema(kserve.InferResponse)}},
+            },
+            **errors(400, *denied, 404, 413, 415, 422, 500, 503),
+        },
+    )
     async def v2_infer(request: Request, name: str):
         try:
             known(name)
             check_content_type(request)
             if request.headers.get("inference-header-content-length") is not None:
-                raise BadRequest(415, "binary tensor data is not taken here; send the texts as JSON "
-                                      "(tritonclient: set_data_from_numpy(..., binary_data=False))")
+                raise BadRequest(
+                    415,
+                    "binary tensor data is not taken here; send the texts as JSON "
+                    "(tritonclient: set_data_from_numpy(..., binary_data=False))",
+                )
             body = await read_body(request, cfg.body_limit())
             try:
                 payload = json.loads(body)
@@ -325,17 +445,22 @@ def allowed_methods(app: FastAPI, path: str) -> list[str]:
 
 # ---- the command ------------------------------------------------------------------------------------------------
 
+
 def resolve_token(cfg: ServeConfig) -> ServeConfig:
     """--token, else DOMAINLM_SERVE_TOKEN (which keeps it out of `ps`); an empty one of either is refused, since
     it would serve without authentication."""
     if cfg.token is not None and not cfg.token.strip():
-        raise DomainLMError("--token is empty, which would serve without authentication; give a token, or leave "
-                            "--token out to serve without one")
+        raise DomainLMError(
+            "--token is empty, which would serve without authentication; give a token, or leave "
+            "--token out to serve without one"
+        )
     env = os.environ.get("DOMAINLM_SERVE_TOKEN")
     if cfg.token is None and env is not None:
         if not env.strip():
-            raise DomainLMError("DOMAINLM_SERVE_TOKEN is set but empty, which would serve without authentication; "
-                                "put a token in it, or unset it to serve without one")
+            raise DomainLMError(
+                "DOMAINLM_SERVE_TOKEN is set but empty, which would serve without authentication; "
+                "put a token in it, or unset it to serve without one"
+            )
         cfg = dataclasses.replace(cfg, token=env)
     return cfg
 
@@ -353,8 +478,9 @@ def build(cfg: ServeConfig) -> tuple[ServeConfig, FastAPI]:
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket on host:port, or one line saying why not (a port in use, an address not of this machine)."""
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
     except socket.gaierror as e:
         raise DomainLMError(f"--host {host}: not an address to listen on ({e.strerror})") from None
     sock = socket.socket(family, kind, proto)
@@ -365,8 +491,10 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         if e.errno == errno.EADDRINUSE:
-            raise DomainLMError(f"--port {port} is in use on {host}; stop what listens there or choose another "
-                                "--port (0: any free port)") from None
+            raise DomainLMError(
+                f"--port {port} is in use on {host}; stop what listens there or choose another "
+                "--port (0: any free port)"
+            ) from None
         raise DomainLMError(f"--host {host} --port {port}: cannot listen there ({e.strerror})") from None
     return sock
 
@@ -378,8 +506,10 @@ def start_line(cfg: ServeConfig, runtime: ClassifierRuntime, port: int) -> str:
     details = [f"{runtime.kind}, {len(runtime.labels)} labels", options.describe()]
     note = int8_note(runtime.kind, options.device)
     host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
-    return (f"serving {cfg.model} as {cfg.name!r} ({'; '.join(details + ([note] if note else []))}) on "
-            f"http://{host}:{port} (docs: /docs; batching {'on' if cfg.batching else 'off'})")
+    return (
+        f"serving {cfg.model} as {cfg.name!r} ({'; '.join(details + ([note] if note else []))}) on "
+        f"http://{host}:{port} (docs: /docs; batching {'on' if cfg.batching else 'off'})"
+    )
 
 
 def serve(cfg: ServeConfig) -> None:

@@ -62,6 +62,7 @@ class Cell:
 
 # ---- planning: what exists, what pretraining must run, which cells --------------------------------------------
 
+
 def _expected_steps(pt) -> list[int]:
     return list(range(pt.save_steps, pt.max_steps + 1, pt.save_steps))
 
@@ -84,7 +85,9 @@ def _snapshots(cfg: SweepConfig, spec: ModelSpec) -> list[tuple[int, str]]:
     else:
         if isinstance(found, str):
             if not Path(found).is_dir():
-                raise DomainLMError(f"models: {name}: snapshots folder {found} does not exist (add a pretrain section to make it)")
+                raise DomainLMError(
+                    f"models: {name}: snapshots folder {found} does not exist (add a pretrain section to make it)"
+                )
             folders = sorted(Path(found).glob("step-*"))
             if not folders:
                 raise DomainLMError(f"models: {name}: no step-* snapshots in {found}")
@@ -100,7 +103,9 @@ def _snapshots(cfg: SweepConfig, spec: ModelSpec) -> list[tuple[int, str]]:
     if wanted:
         missing = sorted(set(wanted) - {s for s, _ in out})
         if missing:
-            raise DomainLMError(f"models: {name}: steps {missing} have no snapshot (available: {sorted(s for s, _ in out) or 'none'})")
+            raise DomainLMError(
+                f"models: {name}: steps {missing} have no snapshot (available: {sorted(s for s, _ in out) or 'none'})"
+            )
         out = [(s, p) for s, p in out if s in set(wanted)]
     return sorted(out)
 
@@ -111,7 +116,9 @@ def _check_base(name: str, base: str) -> None:
     local = looks_local(base)
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     if not Path(base).exists() and (local or offline):
-        raise DomainLMError(f"models: {name}: base {base}: no such folder" + ("" if local else " (and HF_HUB_OFFLINE is set)"))
+        raise DomainLMError(
+            f"models: {name}: base {base}: no such folder" + ("" if local else " (and HF_HUB_OFFLINE is set)")
+        )
 
 
 def check_models(cfg: SweepConfig) -> None:
@@ -153,17 +160,31 @@ def check_data(cfg: SweepConfig):
         raise DomainLMError(f"finetune: {e}") from None
     train = task.train
     if not ft.dev and ft.valid_max_rows and ft.valid_max_rows < MIN_VALID_RATIO * len(train):
-        raise DomainLMError(f"finetune: valid_max_rows {ft.valid_max_rows} is under {MIN_VALID_RATIO:.0%} of the {len(train)} "
-                            "training rows; raise it (0: no cap) or give a `dev` file")
+        raise DomainLMError(
+            f"finetune: valid_max_rows {ft.valid_max_rows} is under {MIN_VALID_RATIO:.0%} of the {len(train)} "
+            "training rows; raise it (0: no cap) or give a `dev` file"
+        )
     n_valid = task.n_valid(ft)
     test = task.test
-    return {"task": ft.task, "labels": task.labels, "train": ft.train, "train_rows": len(train), "dev": ft.dev,
-            "valid_rows": n_valid, "fit_rows": len(train) - (0 if task.dev else n_valid), "test": ft.test,
-            "test_rows": len(test) if test else 0, "evaluated_on": "test" if test else "dev", "metric": cfg.metrics[0],
-            "seeds": cfg.seeds, "selection_metric": ft.best_metric}, task
+    return {
+        "task": ft.task,
+        "labels": task.labels,
+        "train": ft.train,
+        "train_rows": len(train),
+        "dev": ft.dev,
+        "valid_rows": n_valid,
+        "fit_rows": len(train) - (0 if task.dev else n_valid),
+        "test": ft.test,
+        "test_rows": len(test) if test else 0,
+        "evaluated_on": "test" if test else "dev",
+        "metric": cfg.metrics[0],
+        "seeds": cfg.seeds,
+        "selection_metric": ft.best_metric,
+    }, task
 
 
 # ---- running ------------------------------------------------------------------------------------------------
+
 
 def device_plan(parallel: int, gpus: int) -> list[str | None]:
     """One slot per concurrent cell: a GPU index for each of min(parallel, gpus) workers when more than one GPU is
@@ -208,8 +229,13 @@ def run_cell(cfg: SweepConfig, cell: Cell, root: Path, device: str | None = None
             spec = cfglib.write(ft, folder, "cell.yaml")
             env = {**os.environ, "CUDA_VISIBLE_DEVICES": device}
             with open(folder / "cell.log", "w", encoding="utf-8") as log:
-                done = subprocess.run([sys.executable, "-m", "domainlm.cli", "finetune", "--config", str(spec)],
-                                      stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
+                done = subprocess.run(
+                    [sys.executable, "-m", "domainlm.cli", "finetune", "--config", str(spec)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    check=False,
+                )
             if done.returncode:
                 tail = (folder / "cell.log").read_text(encoding="utf-8").strip().splitlines()[-1:] or ["no output"]
                 raise RuntimeError(f"exit status {done.returncode}: {tail[0]}")
@@ -268,8 +294,9 @@ def sweep(cfg: SweepConfig) -> dict:
     from domainlm.sweep.summary import fit_floor, summarize
 
     cfglib.validate(cfg)  # again: a config built in code has not been through load()
-    with outputs.run_folder(cfg.out, "sweep", patterns=outputs.SWEEP_OUTPUTS, resume=True,
-                            legacy=outputs.config_with("models")) as out:
+    with outputs.run_folder(
+        cfg.out, "sweep", patterns=outputs.SWEEP_OUTPUTS, resume=True, legacy=outputs.config_with("models")
+    ) as out:
         task, data = check_data(cfg)  # every check before any work: files, options, names, steps, pretraining sections
         cells = plan(cfg)
         check_models(cfg)
@@ -283,6 +310,8 @@ def sweep(cfg: SweepConfig) -> dict:
         run_cells(cfg, cells, out.root(), slots)
         result = summarize(cfg, cells, out, task, floor)
     if result["failures"]:
-        raise DomainLMError(f"{len(result['failures'])} of {len(cells)} cells failed (see {Path(cfg.out) / 'failures.json'}); "
-                            "the table shows the others")
+        raise DomainLMError(
+            f"{len(result['failures'])} of {len(cells)} cells failed (see {Path(cfg.out) / 'failures.json'}); "
+            "the table shows the others"
+        )
     return result

@@ -18,8 +18,13 @@ def pyplot():
     return pyplot()
 
 
-def plot_curves(series: dict[str, list[tuple[float, float]]], path: Path, title: str, ylabel: str,
-                errors: dict[str, list[float]] | None = None) -> Path:
+def plot_curves(
+    series: dict[str, list[tuple[float, float]]],
+    path: Path,
+    title: str,
+    ylabel: str,
+    errors: dict[str, list[float]] | None = None,
+) -> Path:
     """One line per name; points (x, y); optional error bars."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -51,13 +56,17 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 def html_page(title: str, blocks: list[tuple[str, object]]) -> str:
     """blocks: ("h2", text) | ("table", (header, rows)) | ("img", path) | ("pre", text) | ("p", text) |
     ("lead", text: the conclusion, set apart) | ("ul", [text, ...])."""
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
-             "td:first-child,td:nth-child(2),th:first-child,th:nth-child(2){text-align:left}th{background:#f4f4f4}tr.floor td{background:#fff7e0}"
-             "tr.win td{background:#eaf7ea}.lead{font-size:1.2em;border-left:5px solid #2a7;background:#f3fbf6;"
-             "padding:.8em 1em}pre{background:#f8f8f8;padding:1em;overflow:auto}.note{color:#555;font-size:.9em}"
-             "</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+        "td:first-child,td:nth-child(2),th:first-child,th:nth-child(2){text-align:left}"
+        "th{background:#f4f4f4}tr.floor td{background:#fff7e0}"
+        "tr.win td{background:#eaf7ea}.lead{font-size:1.2em;border-left:5px solid #2a7;background:#f3fbf6;"
+        "padding:.8em 1em}pre{background:#f8f8f8;padding:1em;overflow:auto}.note{color:#555;font-size:.9em}"
+        "</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+    ]
     for kind, content in blocks:
         if kind == "table":
             header, rows = content
@@ -88,22 +97,31 @@ def report_run(run: str, out: str | None = None, overwrite: bool = False) -> Pat
     log = read_log(folder / "log.jsonl")
     if not log:
         if (folder / "log.jsonl").is_file():
-            raise DomainLMError(f"{folder / 'log.jsonl'} holds no records yet (the run logs its first one after "
-                                "--logging-freq steps); nothing to report")
+            raise DomainLMError(
+                f"{folder / 'log.jsonl'} holds no records yet (the run logs its first one after "
+                "--logging-freq steps); nothing to report"
+            )
         raise DomainLMError(f"{folder} has no log.jsonl: not a `domainlm pretrain` or `finetune` output folder")
     target = Path(out) if out else folder / "report"
     if outputs.inside(folder, target):
-        raise DomainLMError(f"--out {target} is (or holds) RUN {folder}; the report goes into a folder of its own "
-                            f"(default: {folder / 'report'})")
+        raise DomainLMError(
+            f"--out {target} is (or holds) RUN {folder}; the report goes into a folder of its own "
+            f"(default: {folder / 'report'})"
+        )
     with outputs.run_folder(target, "report", patterns=outputs.REPORT_OUTPUTS, overwrite=overwrite) as rf:
         rf.begin()
         blocks: list[tuple[str, object]] = []
         md = [f"# Report: {folder}", ""]
-        keys = [k for k in ("loss", "mlm_loss", "sop_loss", "mlm_acc", "sop_acc", "acc", "accuracy", "f1_micro")
-                if any(k in r for r in log)]
+        keys = [
+            k
+            for k in ("loss", "mlm_loss", "sop_loss", "mlm_acc", "sop_acc", "acc", "accuracy", "f1_micro")
+            if any(k in r for r in log)
+        ]
         for key in keys:
-            series = {split: [(r["step"], r[key]) for r in log if r["split"] == split and key in r]
-                      for split in ("train", "valid")}
+            series = {
+                split: [(r["step"], r[key]) for r in log if r["split"] == split and key in r]
+                for split in ("train", "valid")
+            }
             png = rf.file(f"curve_{key}.png")
             with rf.writing(png.name):
                 plot_curves(series, png, key, key)

@@ -45,7 +45,11 @@ def step_name(step: int) -> str:
 
 def model_fingerprint(config) -> str:
     """Architecture identity: the config minus fields that do not change the weights' meaning."""
-    d = {k: v for k, v in config.to_dict().items() if k not in ("_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype")}
+    d = {
+        k: v
+        for k, v in config.to_dict().items()
+        if k not in ("_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype")
+    }
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -141,7 +145,9 @@ def _prune(folder: Path, keep_last: int) -> None:
         return
     done = sorted(p for p in folder.glob(f"{STEP_PREFIX}*") if p.is_dir())
     for old in done[:-keep_last]:
-        if old.is_symlink() or not outputs.inside(old, folder, strict=True):  # a link to somewhere else is not ours to delete
+        if old.is_symlink() or not outputs.inside(
+            old, folder, strict=True
+        ):  # a link to somewhere else is not ours to delete
             print(f"warning: not removing {old}: it is not a checkpoint folder inside {folder}", file=sys.stderr)
             continue
         _remove(old, folder)
@@ -209,8 +215,11 @@ def load_checkpoint(accelerator, path: Path, expected: TrainState) -> TrainState
     with _accelerate_notes() as notes:
         accelerator.load_state(str(path))
     if any("Could not load random states" in n for n in notes):
-        print(f"warning: {path}: random_states_{accelerator.process_index}.pkl could not be loaded; resuming without "
-              "it, so dropout and masking draw other numbers than an uninterrupted run would", file=sys.stderr)
+        print(
+            f"warning: {path}: random_states_{accelerator.process_index}.pkl could not be loaded; resuming without "
+            "it, so dropout and masking draw other numbers than an uninterrupted run would",
+            file=sys.stderr,
+        )
     return state
 
 
@@ -266,9 +275,11 @@ def check_shared(accelerator, folder: Path, flag: str = "--out", wait: float = 1
     blind = [(rank, host) for rank, (ok, host) in enumerate(views) if not ok]
     if blind:
         ranks = ", ".join(f"rank {r} (on {h})" for r, h in blind[:4])
-        raise DomainLMError(f"{flag} {folder}: {ranks} does not see the files rank 0 (on {views[0][1]}) writes there: "
-                            f"with several machines {flag} must be a folder every node shares (a network or cluster file "
-                            "system), as checkpoints are written once, by rank 0, and read by every rank to resume")
+        raise DomainLMError(
+            f"{flag} {folder}: {ranks} does not see the files rank 0 (on {views[0][1]}) writes there: "
+            f"with several machines {flag} must be a folder every node shares (a network or cluster file "
+            "system), as checkpoints are written once, by rank 0, and read by every rank to resume"
+        )
 
 
 def save_snapshot(accelerator, folder: Path, model, hf_of, tokenizer, save=None) -> Path:
@@ -283,8 +294,10 @@ def save_snapshot(accelerator, folder: Path, model, hf_of, tokenizer, save=None)
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         hf = hf_of(unwrapped)
-        prefix = next(name for name, module in unwrapped.named_modules() if module is hf) + "."  # "_orig_mod.hf." compiled
-        weights = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+        prefix = (
+            next(name for name, module in unwrapped.named_modules() if module is hf) + "."
+        )  # "_orig_mod.hf." compiled
+        weights = {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
         tmp = folder.parent / f".{folder.name}.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -20,7 +20,11 @@ class RunLogger:
         out.mkdir(parents=True, exist_ok=True)
         # A resumed run drops what the interrupted one logged after its checkpoint (at the checkpoint's own step,
         # training and validation come before it, the test after); a fresh run starts over.
-        kept = [r for r in read_log(self.path) if r["step"] < start_step or (r["step"] == start_step and r["split"] != "test")]
+        kept = [
+            r
+            for r in read_log(self.path)
+            if r["step"] < start_step or (r["step"] == start_step and r["split"] != "test")
+        ]
         kept = kept if start_step else []
         self._file = open(self.path, "w", encoding="utf-8")
         self._file.writelines(json.dumps(r) + "\n" for r in kept)
@@ -30,8 +34,15 @@ class RunLogger:
             self.tb = SummaryWriter(str(out / "tensorboard"))
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", file=sys.stderr,
-                        dynamic_ncols=True, disable=not sys.stderr.isatty())
+        self.bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            desc="train",
+            unit="step",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            disable=not sys.stderr.isatty(),
+        )
 
     def log(self, step: int, split: str, values: dict) -> None:
         if not self.enabled:
@@ -42,7 +53,11 @@ class RunLogger:
         if self.tb is not None:
             for k, v in values.items():
                 self.tb.add_scalar(f"{split}/{k}", float(v), step)
-        summary = " ".join(f"{k}={float(v):.4g}" for k, v in values.items() if k in ("loss", "mlm_acc", "sop_acc", "accuracy", "f1_micro", "lr", "tokens_per_s"))
+        summary = " ".join(
+            f"{k}={float(v):.4g}"
+            for k, v in values.items()
+            if k in ("loss", "mlm_acc", "sop_acc", "accuracy", "f1_micro", "lr", "tokens_per_s")
+        )
         if self.bar is not None and self.bar.disable:
             print(f"[{split}] step {step} {summary}", file=sys.stderr, flush=True)
         elif self.bar is not None:
@@ -78,8 +93,10 @@ def read_log(path: Path, split: str | None = None) -> list[dict]:
                 raise ValueError("not a log record")
         except ValueError:
             if lineno == len(lines):
-                print(f"warning: {path}:{lineno}: incomplete last record ignored (the run was stopped while "
-                      "writing it)", file=sys.stderr)
+                print(
+                    f"warning: {path}:{lineno}: incomplete last record ignored (the run was stopped while writing it)",
+                    file=sys.stderr,
+                )
                 break
             raise DomainLMError(f"{path}:{lineno}: damaged log record {line[:40]!r}") from None
         rows.append(record)

@@ -55,8 +55,9 @@ class Finite:
             norm = grad_norm if isinstance(grad_norm, torch.Tensor) else torch.tensor(float(grad_norm or 0.0))
             good = good & torch.isfinite(norm.detach().float().to(loss.device))
         self.first_bad = torch.where(~good & (self.first_bad < 0), step, self.first_bad)
-        here = torch.stack([torch.tensor(float(step), dtype=torch.float64, device=loss.device),
-                            loss.detach().to(torch.float64)])
+        here = torch.stack(
+            [torch.tensor(float(step), dtype=torch.float64, device=loss.device), loss.detach().to(torch.float64)]
+        )
         self.last_good = torch.where(good & (self.first_bad < 0), here, self.last_good)
         if self.every_step:
             self.check()
@@ -70,11 +71,16 @@ class Finite:
         if step < 0:
             return
         last_step, last_loss = (float(x) for x in self.last_good.cpu())
-        last = f"the last finite loss was {last_loss:.4g} at step {int(last_step)}" if last_step == last_step else \
-            "no step had a finite loss"
+        last = (
+            f"the last finite loss was {last_loss:.4g} at step {int(last_step)}"
+            if last_step == last_step
+            else "no step had a finite loss"
+        )
         causes = f"; what usually causes it: {self.options.causes}" if self.options.causes else ""
-        raise DomainLMError(f"step {step}: the loss (or its gradient) is not a finite number; {last}{causes}. The run "
-                            "stopped there and saved nothing of it")
+        raise DomainLMError(
+            f"step {step}: the loss (or its gradient) is not a finite number; {last}{causes}. The run "
+            "stopped there and saved nothing of it"
+        )
 
 
 def clip_gradients(accelerator, parameters: Iterable[torch.nn.Parameter], max_norm: float):
@@ -85,8 +91,12 @@ def clip_gradients(accelerator, parameters: Iterable[torch.nn.Parameter], max_no
     from accelerate.utils import DistributedType
 
     plain = accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU)
-    if (accelerator.device.type != "cpu" or not plain or getattr(accelerator, "scaler", None) is not None
-            or not hasattr(torch.nn.utils, "get_total_norm")):  # torch < 2.6
+    if (
+        accelerator.device.type != "cpu"
+        or not plain
+        or getattr(accelerator, "scaler", None) is not None
+        or not hasattr(torch.nn.utils, "get_total_norm")
+    ):  # torch < 2.6
         return accelerator.clip_grad_norm_(parameters, max_norm)
     parameters = [p for p in parameters if p.grad is not None]  # a process's gradients are all-reduced already
     norm = torch.nn.utils.get_total_norm([p.grad for p in parameters], foreach=True)
@@ -176,8 +186,10 @@ def evaluate(model, accelerator, batches: Iterable[dict], max_batches: int | Non
 
     # a process whose shard was empty knows no metric names: agree on them first
     names = sorted(set().union(*gather_object([sorted(sums)])))
-    vector = torch.stack([torch.as_tensor(sums.get(k, 0.0), dtype=torch.float32, device=accelerator.device)
-                          for k in names] + [torch.tensor(float(n), device=accelerator.device)])
+    vector = torch.stack(
+        [torch.as_tensor(sums.get(k, 0.0), dtype=torch.float32, device=accelerator.device) for k in names]
+        + [torch.tensor(float(n), device=accelerator.device)]
+    )
     total = accelerator.reduce(vector, reduction="sum").cpu()
     metrics = ratios({k: float(total[j]) / max(float(total[-1]), 1.0) for j, k in enumerate(names)})
     shards = gather_object([local_rows])
@@ -233,14 +245,21 @@ def train_loop(
         # 3. log, evaluate, save (time spent in callbacks is not training time)
         log_now = state.step % options.logging_freq == 0 or state.step == options.max_steps
         evaluate_now = state.step == options.max_steps or (options.eval_steps and state.step % options.eval_steps == 0)
-        checkpoint_now = on_checkpoint and options.checkpoint_steps and (
-            state.step % options.checkpoint_steps == 0 or state.step == options.max_steps)
+        checkpoint_now = (
+            on_checkpoint
+            and options.checkpoint_steps
+            and (state.step % options.checkpoint_steps == 0 or state.step == options.max_steps)
+        )
         snapshot_now = on_snapshot and options.save_steps and state.step % options.save_steps == 0
         if log_now or evaluate_now or checkpoint_now or snapshot_now:
             finite.check()  # nothing is logged as good, evaluated or saved after a non-finite step
         if log_now:
-            values = ratios({k: float(accelerator.reduce(torch.stack(v).float().mean(), reduction="mean"))
-                             for k, v in window.items()})
+            values = ratios(
+                {
+                    k: float(accelerator.reduce(torch.stack(v).float().mean(), reduction="mean"))
+                    for k, v in window.items()
+                }
+            )
             values["lr"] = lr
             values["grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
             total_tokens = int(accelerator.reduce(tokens, reduction="sum"))

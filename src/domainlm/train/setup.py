@@ -51,12 +51,16 @@ def make_accelerator(precision: str = "auto", find_unused_parameters: bool = Fal
 
     resolved = precision if precision in ("fp32", "bf16", "fp16") else mixed_precision(precision)
     _forget_other_precision(accelerate_name(resolved))
-    accelerator = Accelerator(mixed_precision=accelerate_name(resolved), cpu=cpu, kwargs_handlers=[ddp],
-                              step_scheduler_with_optimizer=False)
+    accelerator = Accelerator(
+        mixed_precision=accelerate_name(resolved), cpu=cpu, kwargs_handlers=[ddp], step_scheduler_with_optimizer=False
+    )
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and accelerator.distributed_type != "FSDP":
         # Accelerate enables FSDP only on GPUs and other accelerators; on CPUs it quietly runs data parallel
-        accelerator.print(f"warning: FSDP was asked for, but Accelerate runs {accelerator.distributed_type} on this machine "
-                          "(it shards only on GPUs and other accelerators)", file=sys.stderr)
+        accelerator.print(
+            f"warning: FSDP was asked for, but Accelerate runs {accelerator.distributed_type} on this machine "
+            "(it shards only on GPUs and other accelerators)",
+            file=sys.stderr,
+        )
     return accelerator
 
 
@@ -77,15 +81,19 @@ def layer_depths(model: torch.nn.Module) -> dict[str, int]:
     if not index:
         raise DomainLMError("--layer-lr-decay: the model has no numbered encoder layers (`layer.<i>.`) to decay over")
     n_layers = max(index.values()) + 1
-    return {name: n_layers - index[name] if name in index else n_layers + 1 if "embed" in name.lower() else 0
-            for name, p in model.named_parameters() if p.requires_grad}
+    return {
+        name: n_layers - index[name] if name in index else n_layers + 1 if "embed" in name.lower() else 0
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
 
 
 _LAYER = re.compile(r"\.layers?\.(\d+)\.")
 
 
-def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999), eps=1e-8,
-                    layer_decay: float = 1.0):
+def build_optimizer(
+    model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999), eps=1e-8, layer_decay: float = 1.0
+):
     """AdamW; biases and LayerNorm weights get no weight decay. With layer_decay < 1 each parameter trains at
     lr x layer_decay^depth (layer_depths): the head at lr, lower layers ever slower. The fused kernel (CPU and
     CUDA) updates all parameters in one pass instead of a chain of per-tensor ops."""
@@ -97,8 +105,10 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, beta
         no_decay = p.ndim < 2 or "norm" in name.lower()
         groups.setdefault((depths.get(name, 0), no_decay), []).append(p)
     # depth 0 first: the loop logs the first group's lr, the peak one
-    params = [{"params": ps, "weight_decay": 0.0 if no_decay else weight_decay, "lr": lr * layer_decay ** depth}
-              for (depth, no_decay), ps in sorted(groups.items())]
+    params = [
+        {"params": ps, "weight_decay": 0.0 if no_decay else weight_decay, "lr": lr * layer_decay**depth}
+        for (depth, no_decay), ps in sorted(groups.items())
+    ]
     return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, fused=True)
 
 
@@ -122,8 +132,12 @@ def build_scheduler(optimizer, max_steps: int, warmup_ratio: float, max_lr: floa
     warmup = warmup_steps(max_steps, warmup_ratio)
     decay_steps = max_steps - warmup - 1
     return get_wsd_schedule(
-        optimizer, num_warmup_steps=warmup,
+        optimizer,
+        num_warmup_steps=warmup,
         # a run too short to decay trains its last step at the peak
-        num_stable_steps=0 if decay_steps else 1, num_decay_steps=decay_steps,
-        warmup_type="linear", decay_type=decay, min_lr_ratio=min_lr / max_lr if max_lr > 0 else 0.0,
+        num_stable_steps=0 if decay_steps else 1,
+        num_decay_steps=decay_steps,
+        warmup_type="linear",
+        decay_type=decay,
+        min_lr_ratio=min_lr / max_lr if max_lr > 0 else 0.0,
     )
