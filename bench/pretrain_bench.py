@@ -13,6 +13,7 @@ MFU (useful FLOPs over a matmul peak measured in the same run) and, on a GPU, pe
 
     python bench/pretrain_bench.py                                   # CPU: micro and medium shapes, ~4 minutes
     python bench/pretrain_bench.py --shapes micro --precision fp32   # fp32 on every side, whatever the CPU
+    python bench/pretrain_bench.py --shapes micro --steps 24 --rounds 3   # every side 3 times in turns: medians
     python bench/pretrain_bench.py --corpus reviews --shapes micro   # CPU: short texts, where unpadding pays most
     python bench/pretrain_bench.py --device cuda --shapes base --seq 256 --batch 128 --compile   # one GPU
     python bench/pretrain_bench.py --save-samples S.npz ...          # build samples here, --samples S.npz elsewhere
@@ -217,24 +218,41 @@ def bench_shape(shape: str, items: list[dict], args, peak: float) -> dict:
     fast = PretrainingModel(copy.deepcopy(hf), sop=sop)
     variants["domainlm"] = (fast, lambda x: fast(**x)[0], packed)
     variants = {k: v for k, v in variants.items() if k not in args.skip.split(",")}
-    seconds, memory = {}, {}
-    for name, (model, forward, batches) in variants.items():
-        if args.device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        step = make_step(model, forward, args.device, args.precision, args.compile)
-        try:
-            seconds[name] = timed(step, batches, args.warmup, args.device)
-        except Exception as e:  # report and go on: one failing variant must not hide the others' figures
-            print(f"  {name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
-            continue
-        finally:
-            model.to("cpu")
-        if args.device == "cuda":
-            memory[name] = torch.cuda.max_memory_allocated() / 2**30
-            torch.cuda.empty_cache()
+    runs, memory, steps, failed = {}, {}, {}, set()
+    for _ in range(args.rounds):  # in turns: a noisy machine's slow minutes fall on every side
+        for name, (model, forward, batches) in variants.items():
+            if name in failed:
+                continue
+            if args.device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            if name in steps:
+                model.to(args.device)  # back from the CPU, where the other sides' turns left it
+            else:
+                steps[name] = make_step(model, forward, args.device, args.precision, args.compile)
+            try:
+                runs.setdefault(name, []).append(timed(steps[name], batches, args.warmup, args.device))
+            except Exception as e:  # report and go on: one failing variant must not hide the others' figures
+                print(f"  {name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+                failed.add(name)
+                continue
+            finally:
+                model.to("cpu")
+            if args.device == "cuda":
+                memory[name] = torch.cuda.max_memory_allocated() / 2**30
+                torch.cuda.empty_cache()
+    seconds = {name: float(np.median(times)) for name, times in runs.items()}
     base = seconds.get("HF tuned")
     label = f"{shape} seq {args.seq} x {b}{' compiled' if args.compile else ''}"
     print(f"{label}: padding {100 * (1 - tokens / slots):.0f}% of the padded batches' positions")
+    if args.rounds > 1 and base:
+        print(
+            f"  median of {args.rounds} rounds in turns; ratio by round: "
+            + "; ".join(
+                f"{name} {', '.join(f'{b_ / s_:.2f}x' for b_, s_ in zip(runs['HF tuned'], times))}"
+                for name, times in runs.items()
+                if name != "HF tuned"
+            )
+        )
     for name, s in seconds.items():
         mfu = 100 * flops / s / 1e12 / peak
         mem = f" | peak {memory[name]:5.1f} GiB" if name in memory else ""
@@ -251,6 +269,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1, help="every side timed this many times in turns; medians")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument(
         "--precision",
