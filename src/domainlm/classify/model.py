@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from domainlm.encoder.attention import Layout, scatter_padded
-from domainlm.encoder.packed import encode_packed, supports_packing
+from domainlm.encoder.packed import encode_batch, supports_packing
 from domainlm.errors import DomainLMError
 from domainlm.outputs import Writer
 
@@ -111,16 +111,7 @@ def packed_forward(hf: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tens
     encoder = hf.base_model
     *_, last = encoder.encoder.layer
     layout = Layout(batch["cu_seqlens"], batch["max_len"], batch["seq_index"], batch["position_ids"])
-    hidden = encode_packed(
-        encoder,
-        batch["input_ids"],
-        batch["token_type_ids"],
-        batch["position_ids"],
-        batch["seq_index"],
-        batch["cu_seqlens"],
-        batch["max_len"],
-        depth=len(encoder.encoder.layer) - 1,
-    )
+    hidden = encode_batch(encoder, batch, depth=len(encoder.encoder.layer) - 1)
     padded = scatter_padded(hidden, layout)
     context = last.attention.output(_cls_attention(last.attention.self, padded, layout.key_mask()), padded[:, :1])
     cls = last.output(last.intermediate(context), context)

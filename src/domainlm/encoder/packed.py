@@ -130,6 +130,12 @@ def encode_packed(
     return x
 
 
+def encode_batch(base_model: nn.Module, batch: dict, depth: int | None = None) -> torch.Tensor:
+    """`encode_packed` of a batch as `pack` (or a collate built on it) makes it."""
+    rows = (batch[k] for k in ROW_KEYS)
+    return encode_packed(base_model, *rows, batch["cu_seqlens"], batch["max_len"], depth=depth)
+
+
 def first_tokens(hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     """Each sample's first ([CLS]) row: [B, hidden]."""
     return hidden.index_select(0, cu_seqlens[:-1].long())

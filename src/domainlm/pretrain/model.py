@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from domainlm.encoder.packed import encode_packed, first_tokens
+from domainlm.encoder.packed import encode_batch, first_tokens
 from domainlm.errors import DomainLMError
 
 
@@ -39,15 +39,7 @@ class PretrainingModel(nn.Module):
         encoder; a padded one (`attention_mask`, `labels`) the model's own HF forward."""
         encoder = self.hf.base_model
         if "cu_seqlens" in batch:
-            hidden = encode_packed(
-                encoder,
-                batch["input_ids"],
-                batch["token_type_ids"],
-                batch["position_ids"],
-                batch["seq_index"],
-                batch["cu_seqlens"],
-                batch["max_len"],
-            )
+            hidden = encode_batch(encoder, batch)
             masked_hidden, targets = hidden.index_select(0, batch["mlm_positions"]), batch["mlm_labels"]
             pooled = encoder.pooler(first_tokens(hidden, batch["cu_seqlens"])[:, None]) if self.sop else None
         else:
