@@ -30,11 +30,10 @@ from tests.console_support import free_port, write_labelled  # noqa: E402
 
 
 def wait_status(page, status: str, timeout: int) -> None:
-    page.wait_for_function(
-        f"document.getElementById('status').textContent === '{status}' || "
-        "['failed', 'cancelled', 'interrupted'].includes(document.getElementById('status').textContent)",
-        timeout=timeout,
-    )
+    """Until the job ends: the page as the server draws it then (the page reloads itself on a change of state;
+    reading it before that reload finishes would read the page being left)."""
+    ends = ", ".join(f"#job[data-status='{s}']" for s in (status, "failed", "cancelled", "interrupted"))
+    page.locator(ends).wait_for(timeout=timeout)
     assert page.inner_text("#status") == status, page.inner_text("#error")
 
 
