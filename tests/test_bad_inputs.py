@@ -147,7 +147,7 @@ def test_a_second_run_on_a_locked_out_stops_at_once_naming_the_holder(
         [
             sys.executable,
             "-c",
-            "import sys, time; from domainlm import outputs; outputs.claim(sys.argv[1]); "
+            "import sys, time; from domainlm import locks; locks.claim(sys.argv[1]); "
             "print('held', flush=True); time.sleep(60)",
             str(out),
         ],

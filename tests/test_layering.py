@@ -4,7 +4,7 @@ Every `import domainlm...` / `from domainlm... import ...` of src/domainlm is re
 import inside a function counts as much as one at the top: it runs as soon as the function does). Layers, bottom up
 (a module may import its own layer and the ones below, never one above):
 
-0. the package face and the generic pieces every stage uses: errors, config, outputs, checks (checks of options
+0. the package face and the generic pieces every stage uses: errors, config, locks, outputs, checks (checks of options
    against any model's config: positions, label count; nothing of a stage), spans (cutting lengths into spans of
    least cost: inference batches, the CPU attention), plots (matplotlib with fonts that draw Chinese);
 1. interop (model/tokenizer formats: HF, PaddleNLP, hub names), train (the one loop, accelerator, checkpoints),
@@ -24,7 +24,7 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "domainlm"
 LAYERS = [
-    {"", "errors", "config", "options", "precision", "files", "outputs", "checks", "spans", "stats", "plots"},
+    {"", "errors", "config", "options", "precision", "files", "locks", "outputs", "checks", "spans", "stats", "plots"},
     {"interop", "train", "encoder"},
     {"data", "vocab"},
     {"pretrain"},

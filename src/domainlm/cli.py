@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from domainlm import __version__, outputs
+from domainlm import __version__, locks
 from domainlm import config as cfglib
 from domainlm.errors import DomainLMError
 
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     finally:
-        outputs.release_all()  # the output-folder locks the command took
+        locks.release_all()  # the output-folder locks the command took
     return code or 0
 
 

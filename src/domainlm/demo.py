@@ -29,6 +29,9 @@ from domainlm.config import option
 from domainlm.errors import DomainLMError
 from domainlm.files import write_if_changed
 
+# what `domainlm demo` writes into its --out (a file of the user's under one of these names is refused)
+DEMO_OUTPUTS = ("data", "tiny-config", "corpus-*", "base-model", "domain-pretrain", "sweep")
+
 
 @dataclass(kw_only=True)
 class DemoConfig:
@@ -362,7 +365,7 @@ def demo(cfg: DemoConfig) -> dict:
     with outputs.run_folder(
         cfg.out,
         "demo",
-        patterns=outputs.DEMO_OUTPUTS,
+        patterns=DEMO_OUTPUTS,
         resume=True,
         legacy=lambda o: (o / "data" / "domain.jsonl").is_file(),
     ) as run:

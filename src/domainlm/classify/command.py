@@ -59,6 +59,45 @@ from domainlm.train.logging import RunLogger
 from domainlm.train.loop import LoopOptions, evaluate, shard_range, train_loop
 from domainlm.train.setup import build_optimizer, build_scheduler, make_accelerator, mixed_precision
 
+# what `domainlm finetune` writes into its --out (a file of the user's under one of these names is refused)
+FINETUNE_OUTPUTS = (
+    "config.yaml",
+    "model",
+    "adapter",
+    "metrics.json",
+    "report.md",
+    "report.html",
+    "log.jsonl",
+    "tensorboard",
+    "*_predictions.jsonl",
+    "*_bad_cases.jsonl",
+    "*_confusion.png",
+    "curve_*.png",
+    "step-*",
+    "seed-*",
+    "fold-*",
+    "summary.json",
+    "summary.md",
+    "linear.npz",
+    "linear.json",
+    "floor",
+    "converted-model",
+    "oof.jsonl",
+    "ensemble.json",
+    "blend.json",
+    "domainlm_labels.json",
+)
+
+# what `domainlm evaluate` writes into its --out (a file of the user's under one of these names is refused)
+EVALUATE_OUTPUTS = (
+    "config.yaml",
+    "metrics.json",
+    "report.md",
+    "eval_predictions.jsonl",
+    "eval_bad_cases.jsonl",
+    "eval_confusion.png",
+)
+
 
 @dataclass
 class EarlyStopping:
@@ -342,7 +381,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     with outputs.run_folder(
         cfg.out,
         "finetune",
-        patterns=outputs.FINETUNE_OUTPUTS,
+        patterns=FINETUNE_OUTPUTS,
         overwrite=cfg.overwrite,
         inputs=inputs,
         models={"--model": cfg.model},
@@ -449,7 +488,7 @@ def evaluate_command(cfg: EvaluateConfig) -> dict:
     with outputs.run_folder(
         cfg.out,
         "evaluate",
-        patterns=outputs.EVALUATE_OUTPUTS,
+        patterns=EVALUATE_OUTPUTS,
         overwrite=cfg.overwrite,
         inputs={"--data": cfg.data},
         models={"--model": cfg.model},

@@ -47,6 +47,19 @@ from domainlm.train.logging import RunLogger
 from domainlm.train.loop import LoopOptions, evaluate, train_loop
 from domainlm.train.setup import build_optimizer, build_scheduler, make_accelerator, mixed_precision
 
+# what `domainlm pretrain` writes into its --out (a file of the user's under one of these names is refused)
+PRETRAIN_OUTPUTS = (
+    "config.yaml",
+    "data.json",
+    "results.json",
+    "log.jsonl",
+    "tensorboard",
+    "step-*",
+    "final",
+    "converted-model",
+    "checkpoints",
+)
+
 
 def eval_batch_indices(
     n: int, global_batch: int, micro_batch: int, rank: int, world: int, iters: int
@@ -124,7 +137,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     with outputs.run_folder(
         cfg.out,
         "pretrain",
-        patterns=outputs.PRETRAIN_OUTPUTS,
+        patterns=PRETRAIN_OUTPUTS,
         overwrite=cfg.overwrite,
         resume=cfg.resume is not None,
         inputs=mixture.inputs(cfg.corpus),

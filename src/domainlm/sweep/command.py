@@ -44,6 +44,22 @@ from domainlm.errors import DomainLMError
 from domainlm.files import atomic_write
 from domainlm.sweep.config import MIN_VALID_RATIO, ModelSpec, SweepConfig, cell_config, pretrain_config
 
+# what `domainlm sweep` writes into its --out (a file of the user's under one of these names is refused)
+SWEEP_OUTPUTS = (
+    "config.yaml",
+    "cells",
+    "pretrain",
+    "floor",
+    "table.md",
+    "table.csv",
+    "results.json",
+    "report.md",
+    "report.html",
+    "failures.json",
+    "summary.json",
+    "*.png",
+)
+
 
 @dataclass
 class Cell:
@@ -295,7 +311,7 @@ def sweep(cfg: SweepConfig) -> dict:
 
     cfglib.validate(cfg)  # again: a config built in code has not been through load()
     with outputs.run_folder(
-        cfg.out, "sweep", patterns=outputs.SWEEP_OUTPUTS, resume=True, legacy=outputs.config_with("models")
+        cfg.out, "sweep", patterns=SWEEP_OUTPUTS, resume=True, legacy=outputs.config_with("models")
     ) as out:
         task, data = check_data(cfg)  # every check before any work: files, options, names, steps, pretraining sections
         cells = plan(cfg)

@@ -11,6 +11,9 @@ from domainlm import outputs
 from domainlm.errors import DomainLMError
 from domainlm.train.logging import read_log
 
+# what `domainlm report` writes into its --out (a file of the user's under one of these names is refused)
+REPORT_OUTPUTS = ("report.md", "report.html", "curve_*.png")
+
 
 def pyplot():
     from domainlm.plots import pyplot
@@ -108,7 +111,7 @@ def report_run(run: str, out: str | None = None, overwrite: bool = False) -> Pat
             f"--out {target} is (or holds) RUN {folder}; the report goes into a folder of its own "
             f"(default: {folder / 'report'})"
         )
-    with outputs.run_folder(target, "report", patterns=outputs.REPORT_OUTPUTS, overwrite=overwrite) as rf:
+    with outputs.run_folder(target, "report", patterns=REPORT_OUTPUTS, overwrite=overwrite) as rf:
         rf.begin()
         blocks: list[tuple[str, object]] = []
         md = [f"# Report: {folder}", ""]
