@@ -109,7 +109,7 @@ def test_the_source_writes_files_through_the_one_writer_only():
         "pretrain/samples.py": "the sample index cache, written beside and renamed into place",
         "classify/metrics.py": "draws into the path a Writer gave it",
         "sweep/report.py": "draws into the path a Writer gave it",
-        "sweep/summary.py": "draws into the path a Writer gave it",
+        "sweep/table.py": "draws into the path a Writer gave it",
         "sweep/command.py": "a GPU cell's log, streamed from its process",
         "console/": "the console's own files (uploads, job files, logs)",
         "demo.py": "the demo's tokenizer folder, built in a folder of its own before use",

@@ -179,7 +179,7 @@ def check(factory, s, cfg: SweepJobConfig, errors: dict):
 def report(folder: Path) -> dict | None:
     """The sentence, the table (the sweep's own definition) and the plots of a finished sweep."""
     from domainlm.sweep.config import SweepConfig
-    from domainlm.sweep.summary import table
+    from domainlm.sweep.table import table
 
     results = read_json(folder / "results.json")
     if not results:
