@@ -497,26 +497,28 @@ async def delete_model(request: Request, model_id: int):
 
 @router.get("/datasets")
 def datasets_page(request: Request):
+    return _datasets_page(request)
+
+
+def _datasets_page(request: Request, status_code: int = 200, error: str = "", **context) -> HTMLResponse:
+    """The list of datasets, newest first, with an upload's or a registration's error where there is one."""
     c = _console(request)
     with c.sessions() as s:
         rows = [dataset_summary(d) for d in s.query(Dataset).order_by(Dataset.id.desc())]
-    return render(request, "datasets.html", datasets=rows, error="", limit_mb=c.cfg.max_upload_mb)
+    return render(
+        request, "datasets.html", status_code, datasets=rows, error=error, limit_mb=c.cfg.max_upload_mb, **context
+    )
 
 
 @router.post("/datasets")
 async def upload_page(request: Request):
-    c = _console(request)
-    error, status = "", 200
     try:
         record = await upload(request)
         return RedirectResponse(f"/datasets/{record.id}", status_code=303)
     except UploadTooLarge as e:
-        error, status = str(e), 413
+        return _datasets_page(request, 413, str(e))
     except DomainLMError as e:
-        error, status = str(e), 422
-    with c.sessions() as s:
-        rows = [dataset_summary(d) for d in s.query(Dataset).order_by(Dataset.id.desc())]
-    return render(request, "datasets.html", status, datasets=rows, error=error, limit_mb=c.cfg.max_upload_mb)
+        return _datasets_page(request, 422, str(e))
 
 
 @router.post("/datasets/register")
@@ -529,19 +531,7 @@ async def register_dataset_page(request: Request):
         )
         return RedirectResponse(f"/datasets/{record.id}", status_code=303)
     except (DomainLMError, PathError) as e:
-        error = str(e)
-    with c.sessions() as s:
-        rows = [dataset_summary(d) for d in s.query(Dataset).order_by(Dataset.id.desc())]
-    return render(
-        request,
-        "datasets.html",
-        422,
-        datasets=rows,
-        error="",
-        register_error=error,
-        register_path=form.get("path") or "",
-        limit_mb=c.cfg.max_upload_mb,
-    )
+        return _datasets_page(request, 422, register_error=str(e), register_path=form.get("path") or "")
 
 
 @router.get("/datasets/{dataset_id}")
