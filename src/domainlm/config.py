@@ -354,11 +354,8 @@ def load(cls: type[C], yaml_path: str | None = None, overrides: dict[str, Any] |
         preset = {"name": values["preset"], "fields": [n for n in settings if n not in values]}
         for name in preset["fields"]:
             values[name] = settings[name]
-    missing = [
-        f.name
-        for f in dataclasses.fields(cls)
-        if f.name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
-    ]
+    required = [f for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+    missing = [f.name for f in required if f.name not in values and f.default_factory is dataclasses.MISSING]
     if missing:
         raise DomainLMError(f"{where}missing required option(s): " + ", ".join(_flag(m) for m in missing))
     cfg = cls(**values)
