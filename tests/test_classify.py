@@ -208,8 +208,9 @@ def test_full_finetune_beats_majority_then_evaluate_and_predict(tmp_path, tiny_m
     tested = [json.loads(x) for x in (out / "test_predictions.jsonl").read_text().splitlines()]
     assert [t["text"] for t in tested] == [p["text"] for p in preds]
     assert [t["predicted"] for t in tested] == [p["labels"] for p in preds]
-    for t, p in zip(tested, preds):
-        assert all(t["scores"][k] == pytest.approx(v, abs=2e-4) for k, v in p["scores"].items())
+    for t, p in zip(tested, preds):  # at auto (bf16 where the CPU has it) a score moves in the 4th decimal with
+        # the batch its text runs in (finetune's batches are not predict's); in fp32 they agree to the rounding
+        assert all(t["scores"][k] == pytest.approx(v, abs=5e-4) for k, v in p["scores"].items())
     capsys.readouterr()
     monkeypatch.setattr("sys.stdin", io.StringIO("电脑屏幕电池键盘\n酒店房间早餐\n"))
     assert main(["predict", "--model", str(out / "model")]) == 0

@@ -43,6 +43,7 @@ from domainlm.classify.metrics import best_k
 from domainlm.classify.model import (
     Classifier,
     enable_checkpointing,
+    inference_layers,
     load_classifier,
     packing_ready,
     save_classifier,
@@ -171,11 +172,22 @@ class Run:
         batches = eval_batches(
             [features[i] for i in mine], self.cfg.batch_size * 2, self.tokenizer.pad_token_id or 0, y[mine], self.packed
         )
-        with torch.random.fork_rng(devices=[]):  # evaluation must not move the training RNG
+        classifier = self.accelerator.unwrap_model(self.model)
+        with torch.random.fork_rng(devices=[]), inference_layers(classifier, self.inference_dtype()):
+            # evaluation must not move the training RNG
             gathered = evaluate(self.model, self.accelerator, batches).rows["scores"]
         probs = np.empty_like(gathered)
         probs[order] = gathered
         return probs
+
+    def inference_dtype(self) -> torch.dtype | None:
+        """The dtype evaluations run the packed inference layers at (`inference_layers`): the run's precision on a
+        CPU, unsharded; None elsewhere."""
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.device.type != "cpu" or self.accelerator.distributed_type == DistributedType.FSDP:
+            return None
+        return {"no": torch.float32, "bf16": torch.bfloat16}.get(str(self.accelerator.mixed_precision))
 
     def score(self, probs: np.ndarray, data: Dataset, thresholds=None) -> dict:
         return score(probs, data, self.labels, self.cfg.multilabel, self.cfg.tolerant_k, thresholds, self.cfg.ordinal)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from domainlm.encoder.attention import Layout, scatter_padded
+from domainlm.encoder.frozen import FrozenEncoder
 from domainlm.encoder.packed import encode_batch, supports_packing
 from domainlm.errors import DomainLMError
 from domainlm.outputs import Writer
@@ -102,24 +104,27 @@ def packing_ready(hf: nn.Module) -> bool:
     return _cls_only_ready(hf) and supports_packing(hf.base_model)
 
 
-def packed_forward(hf: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def packed_forward(
+    hf: nn.Module, batch: dict, frozen: FrozenEncoder | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The last layer's [CLS] states and the logits of a packed batch (`encoder.packed.pack`): the layers below the
     last run on the stream of real tokens, the last one for each sample's [CLS] query alone (as in
     classifier_logits), over the sample's own rows scattered into a [samples, longest] buffer. No linear layer
     touches a padded position, so a batch of texts of any lengths costs what its real tokens cost: on a CPU a
-    batch of mixed lengths ran slower per text than the texts one at a time, padded."""
+    batch of mixed lengths ran slower per text than the texts one at a time, padded. `frozen`: the layers below the
+    last packed for CPU inference (`encoder.frozen.freeze`)."""
     encoder = hf.base_model
     *_, last = encoder.encoder.layer
     layout = Layout(batch["cu_seqlens"], batch["max_len"], batch["seq_index"], batch["position_ids"])
-    hidden = encode_batch(encoder, batch, depth=len(encoder.encoder.layer) - 1)
+    hidden = encode_batch(encoder, batch, depth=len(encoder.encoder.layer) - 1, frozen=frozen)
     padded = scatter_padded(hidden, layout)
     context = last.attention.output(_cls_attention(last.attention.self, padded, layout.key_mask()), padded[:, :1])
     cls = last.output(last.intermediate(context), context)
     return cls[:, 0], hf.classifier(hf.dropout(encoder.pooler(cls)))
 
 
-def packed_logits(hf: nn.Module, batch: dict) -> torch.Tensor:
-    return packed_forward(hf, batch)[1]
+def packed_logits(hf: nn.Module, batch: dict, frozen: FrozenEncoder | None = None) -> torch.Tensor:
+    return packed_forward(hf, batch, frozen)[1]
 
 
 class Classifier(nn.Module):
@@ -129,13 +134,14 @@ class Classifier(nn.Module):
     def __init__(self, hf_model: nn.Module, multilabel: bool):
         super().__init__()
         self.hf, self.multilabel = hf_model, multilabel
+        self.frozen: FrozenEncoder | None = None  # set while `inference_layers` evaluates
 
     def logits(self, input_ids, attention_mask, token_type_ids=None):
         return classifier_logits(self.hf, input_ids, attention_mask, token_type_ids)
 
     def batch_logits(self, batch: dict) -> torch.Tensor:
         if "cu_seqlens" in batch:
-            return packed_logits(self.hf, batch)
+            return packed_logits(self.hf, batch, None if self.training else self.frozen)
         return self.logits(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
 
     def forward(self, labels, **batch):
@@ -150,6 +156,22 @@ class Classifier(nn.Module):
         if not self.training:  # evaluation: per-row scores, which the shared evaluator gathers across processes
             metrics["scores"] = torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=-1)
         return loss, metrics
+
+
+@contextlib.contextmanager
+def inference_layers(classifier: Classifier, dtype: torch.dtype | None):
+    """While in this block, the classifier evaluates with its encoder's layers packed for CPU inference at `dtype`
+    (encoder.frozen, as the runtime of `predict`, `evaluate` and `serve` runs them), so that the scores fine-tuning
+    reports for dev and test are the ones `predict` gives for the same weights. None (a GPU, fp16, sharded
+    weights), or a model that is not packed: the modules run."""
+    from domainlm.encoder.frozen import freeze
+
+    ready = dtype is not None and packing_ready(classifier.hf)
+    classifier.frozen = freeze(classifier.hf.base_model, dtype) if ready else None
+    try:
+        yield
+    finally:
+        classifier.frozen = None
 
 
 def enable_checkpointing(hf: nn.Module) -> None:

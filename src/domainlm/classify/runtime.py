@@ -88,7 +88,8 @@ class TorchRuntime(Runtime):
     """A PyTorch classifier (a classifier folder or a `finetune` output; LoRA is merged in there) in inference mode,
     on `device` ('cpu' or 'cuda'), under bf16/fp16 autocast as `precision` resolves (`torch_precision`: auto is bf16
     where the CPU or GPU has it natively). The last layer runs for the [CLS] position only
-    (classify.model.classifier_logits / packed_forward)."""
+    (classify.model.classifier_logits / packed_forward); on a CPU the layers below it run with their weights packed
+    once for oneDNN (encoder.frozen)."""
 
     kind = "pytorch-fp32"
 
@@ -118,7 +119,16 @@ class TorchRuntime(Runtime):
         from domainlm.classify.model import packing_ready
 
         self.packed = packing_ready(self.model)
+        self.frozen = self._freeze() if self.packed and device == "cpu" else None
         super().__init__(tokenizer, meta, max_seq_len)
+
+    def _freeze(self):
+        """The encoder's layers packed for CPU inference at the runtime's precision (encoder.frozen), or None."""
+        import torch
+
+        from domainlm.encoder.frozen import freeze
+
+        return freeze(self.model.base_model, self.autocast or torch.float32)
 
     def feed(self, features: list[dict]) -> dict:
         """BERT/ERNIE classifiers take one packed stream of the batch's real tokens (no linear layer sees a padded
@@ -147,7 +157,7 @@ class TorchRuntime(Runtime):
                     k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
                     for k, v in batch.items()
                 }
-                return packed_logits(self.model, moved)
+                return packed_logits(self.model, moved, self.frozen)
             feed = {k: torch.from_numpy(v).to(self.device) for k, v in batch.items() if k in self.input_names}
             return classifier_logits(self.model, **feed)
 

@@ -14,6 +14,8 @@ the modules' weights, as their forward does, with the dropout of `encoder.dropou
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -99,9 +101,11 @@ def encode_packed(
     cu_seqlens,
     max_len: int,
     depth: int | None = None,
+    frozen: Callable[[torch.Tensor, Layout, int | None], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Hidden states [T, hidden] of a packed stream (each argument as `pack` makes it), after the first `depth`
-    layers (default: all)."""
+    layers (default: all); in inference, by `frozen(x, layout, depth)` where given (the layers packed by
+    `encoder.frozen.freeze`), in its dtype."""
     config = base_model.config
     layout = Layout(cu_seqlens, max_len, seq_index, position_ids)
     offset = position_offset(base_model)
@@ -110,6 +114,8 @@ def encode_packed(
     x = base_model.embeddings(
         input_ids=input_ids[None], token_type_ids=token_type_ids[None], position_ids=positions[None]
     )[0]
+    if frozen is not None:
+        return frozen(x, layout, depth)
     heads = config.num_attention_heads
     attention_dropout = getattr(config, "attention_probs_dropout_prob", 0.0)
     # gradient checkpointing as the model was told (`gradient_checkpointing_enable`): each layer recomputed in the
@@ -130,10 +136,15 @@ def encode_packed(
     return x
 
 
-def encode_batch(base_model: nn.Module, batch: dict, depth: int | None = None) -> torch.Tensor:
+def encode_batch(
+    base_model: nn.Module,
+    batch: dict,
+    depth: int | None = None,
+    frozen: Callable[[torch.Tensor, Layout, int | None], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """`encode_packed` of a batch as `pack` (or a collate built on it) makes it."""
     rows = (batch[k] for k in ROW_KEYS)
-    return encode_packed(base_model, *rows, batch["cu_seqlens"], batch["max_len"], depth=depth)
+    return encode_packed(base_model, *rows, batch["cu_seqlens"], batch["max_len"], depth=depth, frozen=frozen)
 
 
 def first_tokens(hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
