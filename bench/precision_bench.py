@@ -3,9 +3,9 @@ a GPU, or a CPU with AVX512_BF16 or AMX), bf16, bf16 + `--compile`, and padded (
 
 Each setting runs the real command in its own process (Accelerate fixes the precision once per process) on a
 prepared corpus, from the same random weights (BERT-base shape by default), and reports the training tokens/s
-of its logged windows after the first (the first holds start-up and, with `--compile`, compilation) and the
-whole command's wall time. The baseline is fp32, the precision a user gets on a device without native bf16. The
-header names the CPU's features and what auto is there.
+of its logged windows after the first (all their tokens over all their training time; the first window holds
+start-up and, with `--compile`, compilation) and the whole command's wall time. The baseline is fp32, the
+precision a user gets on a device without native bf16. The header names the CPU's features and what auto is there.
 
     python bench/precision_bench.py --corpus runs/demo/corpus-news        # ~3 minutes on one H100
     python bench/precision_bench.py --corpus STORE --settings "bf16,bf16 padded" --seq 256 --batch-size 128
@@ -17,7 +17,7 @@ header names the CPU's features and what auto is there.
         --batch-size 32 --steps 40 --extra=--no-binary-head --repeats 3
 
 With --repeats N the settings run in turns, N times, so that a shared machine's slow minutes fall on both; each
-turn's ratio is printed, then the medians.
+turn's ratio is printed, then the ratio of the medians and the median of the turns' ratios.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ SETTINGS = {
 
 
 def _run(args, work: Path, name: str, flags: list[str], log_every: int, turn: int) -> float | None:
-    """One `pretrain` command; its median training tokens/s over the logged windows after the first."""
+    """One `pretrain` command; its training tokens/s over the logged windows after the first."""
     out = work / f"{name.replace(' ', '')}-{turn}"
     started = time.perf_counter()
     with open(work / f"{out.name}.log", "w") as log:
@@ -86,9 +86,16 @@ def _run(args, work: Path, name: str, flags: list[str], log_every: int, turn: in
         return None
     wall = time.perf_counter() - started
     logs = [json.loads(x) for x in (out / "log.jsonl").read_text(encoding="utf-8").splitlines()]
-    windows = [r["tokens_per_s"] for r in logs if r.get("split") == "train" and "tokens_per_s" in r][1:]
-    rate = statistics.median(windows)
-    print(f"{name:16} {rate:>10,.0f} tokens/s (median of {len(windows)} windows)   whole command {wall:.0f} s")
+    windows = [r for r in logs if r.get("split") == "train" and "tokens_per_s" in r][1:]
+    # every setting trains on the same batches, window by window; later windows hold longer texts (slower per token),
+    # so the rate is all their tokens over all their training time, not a median that could pick unlike windows
+    tokens = sum(r["tokens"] for r in windows)
+    rate = tokens / sum(r["tokens"] / r["tokens_per_s"] for r in windows)
+    middle = statistics.median(r["tokens_per_s"] for r in windows)
+    print(
+        f"{name:16} {rate:>10,.0f} tokens/s over {len(windows)} windows (their median {middle:,.0f})   "
+        f"whole command {wall:.0f} s"
+    )
     return rate
 
 
@@ -158,6 +165,9 @@ def main() -> None:
                     if len(rates.get(n, [])) == turn + 1
                 ),
             )
+    turns = {  # each setting against the first in the same turn: paired in time, so a slow minute hits both
+        name: [a / b for a, b in zip(r, rates[names[0]])] for name, r in rates.items() if names[0] in rates
+    }
     rates = {name: statistics.median(r) for name, r in rates.items()}
     where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(
@@ -166,7 +176,9 @@ def main() -> None:
     first = next(iter(rates), None)
     for name, rate in rates.items():
         if name != first:
-            print(f"ratio {name} vs {first}: {rate / rates[first]:.2f}x")
+            paired = statistics.median(turns[name])
+            paired = f", median of the turns' ratios {paired:.2f}x" if len(turns[name]) > 1 else ""
+            print(f"ratio {name} vs {first}: {rate / rates[first]:.2f}x (medians){paired}")
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def test_tokens_per_second_leaves_out_evaluation_and_the_lr_logged_is_the_one_us
     wall = time.perf_counter() - started
     ((step, split, values),) = log.rows
     tokens = 4 * 2 * 4 * 5  # steps x micro batches x rows x tokens
-    assert step == 4 and wall > 4 * pause
+    assert step == 4 and wall > 4 * pause and values["tokens"] == tokens
     assert values["tokens_per_s"] > tokens / (wall - 4 * pause) * 0.5  # counted over training time only
     assert values["tokens_per_s"] > 3 * tokens / wall
     assert values["lr"] == 0.01  # the last step trained at min_lr

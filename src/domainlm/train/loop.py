@@ -263,6 +263,7 @@ def train_loop(
             values["lr"] = lr
             values["grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
             total_tokens = int(accelerator.reduce(tokens, reduction="sum"))
+            values["tokens"] = total_tokens  # the window's real tokens, all processes: rates over windows weigh by it
             values["tokens_per_s"] = total_tokens / max(time.perf_counter() - window_started - paused, 1e-9)
             logger.log(state.step, "train", values)
             window.clear()
