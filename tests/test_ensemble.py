@@ -76,6 +76,10 @@ def test_ensemble_probabilities_are_the_mean_of_the_folds(cv, tmp_path):
     batch = exact.pad(exact.encode(texts[:5], max_seq_len=32))
     np.testing.assert_allclose(exact.probs_batch(batch), exact.predict(texts[:5], max_seq_len=32), atol=1e-5)
     np.testing.assert_allclose(ensemble.probs_batch(batch), probs[:5], atol=2e-3)
+    # the server's own batches: packed once for every member (PyTorch members run packed), the predict answers
+    packed = exact.feed(exact.encode(texts[:5], max_seq_len=32))
+    assert exact.packed and "cu_seqlens" in packed
+    np.testing.assert_allclose(exact.probs_batch(packed), exact.predict(texts[:5], max_seq_len=32), atol=1e-6)
     # the reported ensemble and single-fold metrics are those of these probabilities
     summary = json.loads((cv["out"] / "summary.json").read_text())
     gold = [json.loads(x)["label"] for x in open(cv["test"], encoding="utf-8")]

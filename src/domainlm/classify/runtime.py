@@ -311,12 +311,17 @@ class EnsembleRuntime(ClassifierRuntime):
 
 class TokenEnsembleRuntime(EnsembleRuntime, Runtime):
     """Members that share a tokenizer (those of one run): also a token model, so that the server encodes a batch
-    once and each member scores it."""
+    once and each member scores it: packed where every member runs packed batches (PyTorch BERT/ERNIE members),
+    padded otherwise."""
 
     def __init__(self, meta: dict, members: list[ClassifierRuntime]):
         EnsembleRuntime.__init__(self, meta, members)
         self.tokenizer = members[0].tokenizer
         self.pad_id = getattr(self.tokenizer, "pad_token_id", None) or 0
+        self.packed = all(getattr(m, "packed", False) for m in members)
+
+    def feed(self, features: list[dict]) -> dict:
+        return self.members[0].feed(features) if self.packed else self.pad(features)
 
     def probs_batch(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         return np.mean([m.probs_batch(batch) for m in self.members], axis=0)
