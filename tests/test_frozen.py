@@ -128,3 +128,17 @@ def test_fine_tuning_evaluates_with_the_packed_layers_and_trains_without(trained
         assert classifier.frozen is None and packed.dtype == torch.float32
         with inference_layers(classifier, None):  # a GPU, fp16, sharded weights: nothing packed
             assert classifier.frozen is None
+
+
+def test_fine_tuning_packs_its_evaluations_at_the_run_precision_on_a_cpu():
+    from types import SimpleNamespace
+
+    from domainlm.classify.command import Run
+    from domainlm.train.setup import make_accelerator
+
+    run = SimpleNamespace(accelerator=make_accelerator("fp32"))
+    assert Run.inference_dtype(run) == torch.float32
+    run.accelerator = SimpleNamespace(device=torch.device("cpu"), distributed_type="NO", mixed_precision="bf16")
+    assert Run.inference_dtype(run) == torch.bfloat16
+    run.accelerator.device = torch.device("cuda")  # a GPU: the modules (no device is used here)
+    assert Run.inference_dtype(run) is None
