@@ -31,7 +31,8 @@ def normalize_text(text: str, form: str = "NFC") -> str:
 
 
 _PAGE_NUMBER = re.compile(
-    r"^(?:[-–—\s]*\d{1,4}[-–—\s]*|page\s*\d+(?:\s*(?:of|/)\s*\d+)?|第\s*\d+\s*页(?:\s*[，,/]?\s*共\s*\d+\s*页)?"
+    r"^(?:[-–—\s]*\d{1,4}[-–—\s]*|page\s*\d+(?:\s*(?:of|/)\s*\d+)?"
+    r"|第\s*\d+\s*页(?:\s*[，,/]?\s*共\s*\d+\s*页)?"
     r"|\d+\s*/\s*\d+|[ivxlcdm]{1,6})$",
     re.I,
 )
