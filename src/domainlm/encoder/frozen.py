@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from domainlm.encoder.attention import Layout, packed_attention
+from domainlm.encoder.packed import joined_qkv
 
 # transformers' `hidden_act` names -> oneDNN's (attr, algorithm) of `_linear_pointwise`
 ACTIVATIONS = {
@@ -98,12 +99,9 @@ def _norm(norm: nn.LayerNorm, dtype: torch.dtype) -> nn.LayerNorm:
 
 
 def _freeze_layer(layer: nn.Module, dtype: torch.dtype) -> FrozenLayer:
-    sa, block, ffn = layer.attention.self, layer.attention.output, layer.output
-    qkv = [sa.query, sa.key, sa.value]
-    biases = [m.bias for m in qkv]
-    joined_bias = None if any(b is None for b in biases) else torch.cat(biases)
+    block, ffn = layer.attention.output, layer.output
     return FrozenLayer(
-        _product(torch.cat([m.weight for m in qkv]), joined_bias, dtype),
+        _product(*joined_qkv(layer.attention.self), dtype),
         _product(block.dense.weight, block.dense.bias, dtype),
         _norm(block.LayerNorm, dtype),
         _product(layer.intermediate.dense.weight, layer.intermediate.dense.bias, dtype),

@@ -66,9 +66,12 @@ def position_offset(base_model: nn.Module) -> int:
     return 0 if pad is None else pad + 1
 
 
-def _qkv(sa: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    weight = torch.cat([sa.query.weight, sa.key.weight, sa.value.weight])
-    bias = torch.cat([sa.query.bias, sa.key.bias, sa.value.bias])
+def joined_qkv(sa: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The query, key and value projections of a self-attention module as one weight and bias (None where the
+    projections have none)."""
+    parts = (sa.query, sa.key, sa.value)
+    weight = torch.cat([m.weight for m in parts])
+    bias = None if any(m.bias is None for m in parts) else torch.cat([m.bias for m in parts])
     return weight, bias
 
 
@@ -76,7 +79,7 @@ def _layer(layer: nn.Module, x: torch.Tensor, layout: Layout, heads: int, attent
     t, width = x.shape
     sa = layer.attention.self
     if torch.is_grad_enabled():  # one product of three times the width; its weight is joined anew as it trains
-        q, k, v = F.linear(x, *_qkv(sa)).view(t, 3, heads, width // heads).unbind(1)
+        q, k, v = F.linear(x, *joined_qkv(sa)).view(t, 3, heads, width // heads).unbind(1)
     else:  # inference: joining the weights would copy them on every call, which costs a short text more than it saves
         q, k, v = (F.linear(x, m.weight, m.bias).view(t, heads, width // heads) for m in (sa.query, sa.key, sa.value))
     context = packed_attention(q, k, v, layout, attention_dropout if layer.training else 0.0)
