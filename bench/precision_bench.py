@@ -148,26 +148,22 @@ def main() -> None:
     ).save_pretrained(work / "config")
     log_every = max(1, args.steps // 4)
     rates: dict[str, list[float]] = {}
+    turns: dict[str, list[float]] = {}  # each setting against the first in the same turn: a slow minute hits both
     workers = [] if args.num_workers is None else ["--num-workers", str(args.num_workers)]
     names = args.settings.split(",")
     for turn in range(args.repeats):
+        ran = {}  # this turn's rates
         for name in names:
             rate = _run(args, work, name, SETTINGS[name] + workers + args.extra.split(), log_every, turn)
             if rate is not None:
                 rates.setdefault(name, []).append(rate)
-        if args.repeats > 1 and len(rates.get(names[0], [])) == turn + 1:
-            print(
-                "  turn",
-                turn + 1,
-                "  ".join(
-                    f"{n} {rates[n][-1] / rates[names[0]][-1]:.2f}x"
-                    for n in names[1:]
-                    if len(rates.get(n, [])) == turn + 1
-                ),
-            )
-    turns = {  # each setting against the first in the same turn: paired in time, so a slow minute hits both
-        name: [a / b for a, b in zip(r, rates[names[0]])] for name, r in rates.items() if names[0] in rates
-    }
+                ran[name] = rate
+        if names[0] in ran:
+            paired = {n: ran[n] / ran[names[0]] for n in names[1:] if n in ran}
+            for n, ratio in paired.items():
+                turns.setdefault(n, []).append(ratio)
+            if args.repeats > 1:
+                print("  turn", turn + 1, "  ".join(f"{n} {ratio:.2f}x" for n, ratio in paired.items()))
     rates = {name: statistics.median(r) for name, r in rates.items()}
     where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(
@@ -176,8 +172,8 @@ def main() -> None:
     first = next(iter(rates), None)
     for name, rate in rates.items():
         if name != first:
-            paired = statistics.median(turns[name])
-            paired = f", median of the turns' ratios {paired:.2f}x" if len(turns[name]) > 1 else ""
+            paired = turns.get(name, [])
+            paired = f", median of the turns' ratios {statistics.median(paired):.2f}x" if len(paired) > 1 else ""
             print(f"ratio {name} vs {first}: {rate / rates[first]:.2f}x (medians){paired}")
 
 
