@@ -50,7 +50,7 @@ from domainlm.classify.model import (
 )
 from domainlm.classify.report import score, write_outputs, write_run, write_summary
 from domainlm.classify.results import HELD_OUT, TEST_FILE, Scored, fold_folder, seed_folder
-from domainlm.classify.runtime import autocast_dtype, open_runtime
+from domainlm.classify.runtime import compute_dtype, open_runtime
 from domainlm.classify.runtime_options import RuntimeOptions
 from domainlm.errors import DomainLMError
 from domainlm.options import divergence_causes
@@ -182,13 +182,13 @@ class Run:
 
     def inference_dtype(self) -> torch.dtype | None:
         """The dtype evaluations run the packed inference layers at (`inference_layers`): the run's precision on a
-        CPU, unsharded, as the runtime takes it (its autocast dtype, else fp32); None elsewhere."""
+        CPU, unsharded, as the runtime computes it (`compute_dtype`); None elsewhere."""
         from accelerate.utils import DistributedType
 
         if self.accelerator.device.type != "cpu" or self.accelerator.distributed_type == DistributedType.FSDP:
             return None
         precision = str(self.accelerator.mixed_precision)
-        return autocast_dtype("fp32" if precision == "no" else precision) or torch.float32
+        return compute_dtype("fp32" if precision == "no" else precision)
 
     def score(self, probs: np.ndarray, data: Dataset, thresholds=None) -> dict:
         return score(probs, data, self.labels, self.cfg.multilabel, self.cfg.tolerant_k, thresholds, self.cfg.ordinal)

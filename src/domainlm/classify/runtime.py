@@ -46,6 +46,7 @@ from domainlm.classify.runtime_base import (
     autocast_dtype,
     available_cores,
     classifier_dir,
+    compute_dtype,
     is_export_dir,
     resolve_device,
 )
@@ -76,6 +77,7 @@ __all__ = [
     "best_k",
     "choose",
     "classifier_dir",
+    "compute_dtype",
     "is_export_dir",
     "load",
     "open_runtime",
@@ -124,11 +126,9 @@ class TorchRuntime(Runtime):
 
     def _freeze(self):
         """The encoder's layers packed for CPU inference at the runtime's precision (encoder.frozen), or None."""
-        import torch
-
         from domainlm.encoder.frozen import freeze
 
-        return freeze(self.model.base_model, self.autocast or torch.float32)
+        return freeze(self.model.base_model, compute_dtype(self.options.precision))
 
     def feed(self, features: list[dict]) -> dict:
         """BERT/ERNIE classifiers take one packed stream of the batch's real tokens (no linear layer sees a padded

@@ -72,6 +72,13 @@ def autocast_dtype(precision: str):
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def compute_dtype(precision: str):
+    """The dtype a resolved precision computes in: its autocast dtype, else fp32 (what encoder.frozen packs at)."""
+    import torch
+
+    return autocast_dtype(precision) or torch.float32
+
+
 class ClassifierRuntime:
     """Every model kind: `labels`, `multilabel` (`task`), `thresholds`, `options` (device, precision, threads,
     max_seq_len as resolved at load), `text_column`, `pair_column`, `kind`, and `predict(texts, pairs) ->
