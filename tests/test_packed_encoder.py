@@ -178,6 +178,32 @@ def test_training_forward_runs_the_cpu_kernels_with_dropout():
     assert (train - evaluated).abs().mean() < evaluated.abs().mean()
 
 
+@pytest.mark.parametrize("kind", ["bert", "ernie", "roberta"])
+def test_training_embeddings_are_the_modules_with_the_cpu_dropout(kind):
+    """In training the packed encoder computes the embeddings itself (for the cheaper dropout): each value the module
+    gives without dropout, kept or zeroed as `encoder.dropout` decides, with the gradients of that."""
+    from domainlm.encoder.dropout import dropout
+    from domainlm.encoder.packed import embed
+
+    model = _with_dropout(_model(kind), 0.25)
+    ids, mask, types = _ragged([9, 1, 30])
+    p = pack_padded(ids, mask, types)
+    positions = p["position_ids"] + (2 if kind == "roberta" else 0)
+    rows = (p["input_ids"], p["token_type_ids"], positions)
+    emb = model.embeddings.eval()
+    reference = emb(input_ids=rows[0][None], token_type_ids=rows[1][None], position_ids=rows[2][None])[0]
+    torch.manual_seed(3)
+    mine = embed(emb.train(), *rows)
+    torch.manual_seed(3)
+    expected = dropout(reference, 0.25, True)  # the same draws: the masks agree
+    torch.testing.assert_close(mine, expected, atol=ATOL, rtol=0)
+    assert 0.6 < (mine != 0).float().mean() < 0.9
+    mine.sum().backward()
+    table = emb.word_embeddings.weight.grad
+    assert table[p["input_ids"].unique()].abs().sum(1).gt(0).all() and not table[0].any()
+    assert torch.equal(embed(emb.eval(), *rows), reference)  # in inference: the module's own forward
+
+
 def test_the_bf16_products_kernel_is_attention():
     """`_bmm_attention` (what bf16 runs on a CPU) computes what SDPA does, with a key mask or without."""
     g = torch.Generator().manual_seed(0)

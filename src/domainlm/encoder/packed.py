@@ -75,6 +75,23 @@ def joined_qkv(sa: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     return weight, bias
 
 
+def embed(emb: nn.Module, input_ids, token_type_ids, positions) -> torch.Tensor:
+    """The embeddings module's output [T, hidden] for a stream of T tokens. In training, on a BERT-shaped module
+    (word, token type and position tables, LayerNorm, dropout; ERNIE's task type table), computed here as its forward
+    computes it, in its order, with the dropout of `encoder.dropout`: the module's own dropout draws one Bernoulli
+    variate per element, 3% of a bf16 fine-tuning step on a CPU. Otherwise the module's forward."""
+    drop = getattr(emb, "dropout", None)
+    parts = ("word_embeddings", "token_type_embeddings", "position_embeddings", "LayerNorm")
+    if not (emb.training and isinstance(drop, nn.Dropout) and drop.p > 0 and all(hasattr(emb, n) for n in parts)):
+        # the module takes [batch, length] ids: the stream is one row of T tokens
+        return emb(input_ids=input_ids[None], token_type_ids=token_type_ids[None], position_ids=positions[None])[0]
+    x = emb.word_embeddings(input_ids) + emb.token_type_embeddings(token_type_ids)
+    x = x + emb.position_embeddings(positions)
+    if getattr(emb, "use_task_id", False):  # ERNIE's task type: 0 unless given, as its forward takes it
+        x += emb.task_type_embeddings(torch.zeros_like(input_ids))
+    return dropout(emb.LayerNorm(x), drop.p, True)
+
+
 def _layer(layer: nn.Module, x: torch.Tensor, layout: Layout, heads: int, attention_dropout: float) -> torch.Tensor:
     t, width = x.shape
     sa = layer.attention.self
@@ -113,10 +130,7 @@ def encode_packed(
     layout = Layout(cu_seqlens, max_len, seq_index, position_ids)
     offset = position_offset(base_model)
     positions = position_ids + offset if offset else position_ids
-    # the embeddings module takes [batch, length] ids: the stream is one row of T tokens
-    x = base_model.embeddings(
-        input_ids=input_ids[None], token_type_ids=token_type_ids[None], position_ids=positions[None]
-    )[0]
+    x = embed(base_model.embeddings, input_ids, token_type_ids, positions)
     if frozen is not None:
         return frozen(x, layout, depth)
     heads = config.num_attention_heads
