@@ -19,13 +19,23 @@ async function getJSON(url) {
 
 function every(ms, fn) {
   // keeps polling through errors (a console restart), so a page left open picks up where it was
-  const tick = async () => { try { if (await fn() === false) return; } catch (e) { /* retry next tick */ } setTimeout(tick, ms); };
+  const tick = async () => {
+    try {
+      if (await fn() === false) return;
+    } catch (e) { /* retry next tick */ }
+    setTimeout(tick, ms);
+  };
   setTimeout(tick, ms);
 }
 
 function fmtSteps(p, unit) { return p.steps + (p.total ? " / " + p.total : "") + " " + t(unit || "steps"); }
 function fmtEta(j) { return j.status === "running" && j.progress.eta_s != null ? j.progress.eta_s + " s" : "–"; }
-function setStatus(el, status) { el.textContent = t(status); el.dataset.status = status; el.className = "status " + status; }
+function setStatus(el, status) {
+  el.textContent = t(status);
+  el.dataset.status = status;
+  el.className = "status " + status;
+}
+function stepUnit(j) { return j.command === "sweep" ? "cells" : "steps"; }
 function gib(n) { return (n / 2 ** 30).toFixed(1) + " GiB"; }
 
 function machine(box) {
@@ -40,7 +50,8 @@ function machine(box) {
       const el = box.querySelector('[data-gpu="' + g.index + '"]');
       if (!el) continue;
       el.querySelector('[data-m="gpu-util"]').textContent = (g.utilization == null ? "–" : g.utilization) + "%";
-      el.querySelector('[data-m="gpu-mem"]').textContent = t("{used} of {total}", {used: gib(g.memory_used), total: gib(g.memory_total)});
+      el.querySelector('[data-m="gpu-mem"]').textContent =
+        t("{used} of {total}", {used: gib(g.memory_used), total: gib(g.memory_total)});
     }
   });
 }
@@ -57,7 +68,7 @@ function jobsPage() {
       // a job that starts or ends changes the queue, its devices and its result: draw the page again
       if (row.querySelector('[data-field="status"]').dataset.status !== j.status) { location.reload(); return false; }
       row.querySelector('[data-field="bar"]').style.width = ((j.progress.fraction || 0) * 100) + "%";
-      row.querySelector('[data-field="steps"]').textContent = fmtSteps(j.progress, j.command === "sweep" ? "cells" : "steps");
+      row.querySelector('[data-field="steps"]').textContent = fmtSteps(j.progress, stepUnit(j));
       row.querySelector('[data-field="eta"]').textContent = j.status === "running" ? fmtEta(j) : "";
     }
   });
@@ -92,7 +103,9 @@ function drawChart(canvas, series, ylabel) {
     ctx.beginPath();
     s.points.forEach((p, k) => (k ? ctx.lineTo(X(p[0]), Y(p[1])) : ctx.moveTo(X(p[0]), Y(p[1]))));
     ctx.stroke();
-    if (s.points.length < 40) s.points.forEach(p => { ctx.beginPath(); ctx.arc(X(p[0]), Y(p[1]), 2.5, 0, 7); ctx.fill(); });
+    if (s.points.length < 40) {
+      s.points.forEach(p => { ctx.beginPath(); ctx.arc(X(p[0]), Y(p[1]), 2.5, 0, 7); ctx.fill(); });
+    }
     ctx.fillRect(lx, T + 2, 10, 3); ctx.fillStyle = "#344054"; ctx.fillText(s.name, lx + 14, T + 8);
     lx += ctx.measureText(s.name).width + 34;
   });
@@ -104,7 +117,8 @@ function seriesOf(curves, key, splits) {
   for (const [run, bySplit] of Object.entries(curves)) {
     for (const split of splits) {
       const rows = (bySplit[split] || []).filter(r => key in r);
-      if (rows.length) out.push({name: (run === "run" ? "" : run + " ") + split, points: rows.map(r => [r.step, r[key]])});
+      const name = (run === "run" ? "" : run + " ") + split;
+      if (rows.length) out.push({name: name, points: rows.map(r => [r.step, r[key]])});
     }
   }
   return out;
@@ -116,10 +130,11 @@ function jobPage() {
   let status = box.dataset.status;
   const update = async () => {
     const [j, log, curves] = await Promise.all([
-      getJSON("/api/jobs/" + id), fetch("/api/jobs/" + id + "/log?lines=200", {credentials: "same-origin"}).then(r => r.text()),
+      getJSON("/api/jobs/" + id),
+      fetch("/api/jobs/" + id + "/log?lines=200", {credentials: "same-origin"}).then(r => r.text()),
       getJSON("/api/jobs/" + id + "/curves")]);
     setStatus(document.getElementById("status"), j.status);
-    document.getElementById("progress").textContent = fmtSteps(j.progress, j.command === "sweep" ? "cells" : "steps");
+    document.getElementById("progress").textContent = fmtSteps(j.progress, stepUnit(j));
     document.getElementById("eta").textContent = fmtEta(j);
     document.getElementById("bar").style.width = ((j.progress.fraction || 0) * 100) + "%";
     const pre = document.getElementById("log");
@@ -128,9 +143,12 @@ function jobPage() {
     if (atEnd) pre.scrollTop = pre.scrollHeight;
     if (document.getElementById("chart-loss")) {  // a sweep shows its table instead
       drawChart(document.getElementById("chart-loss"), seriesOf(curves, "loss", ["train", "valid"]), "loss");
-      const metric = j.command === "pretrain" ? "mlm_acc" : (j.config.metric || (j.config.task === "multilabel" ? "f1_micro" : "accuracy"));
+      const pretrain = j.command === "pretrain";
+      const fallback = j.config.task === "multilabel" ? "f1_micro" : "accuracy";
+      const metric = pretrain ? "mlm_acc" : (j.config.metric || fallback);
       document.getElementById("metric-caption").textContent = t("{metric} by step", {metric: metric});
-      drawChart(document.getElementById("chart-metric"), seriesOf(curves, metric, j.command === "pretrain" ? ["train", "valid"] : ["valid"]), metric);
+      const splits = pretrain ? ["train", "valid"] : ["valid"];
+      drawChart(document.getElementById("chart-metric"), seriesOf(curves, metric, splits), metric);
     }
     if (j.status !== status) {  // buttons and produced models change with the state: redraw the page once
       status = j.status;
@@ -208,7 +226,8 @@ function modelPage() {
     const state = document.getElementById("endpoint-state");
     if (ep.state === "stopped" || ep.state === "none") { location.reload(); return false; }
     setStatus(state, ep.state);
-    state.classList.replace(ep.state === "ready" ? "ready" : "starting", ep.state === "ready" ? "succeeded" : "running");
+    const ready = ep.state === "ready";
+    state.classList.replace(ready ? "ready" : "starting", ready ? "succeeded" : "running");
     if (ep.metrics) document.getElementById("endpoint-metrics").textContent = JSON.stringify(ep.metrics, null, 1);
   });
 }
