@@ -164,6 +164,30 @@ def test_cpu_dropout_keeps_1_minus_p_scaled_and_follows_the_seed():
     assert dropout(x.detach().bfloat16(), 0.5, True).dtype == torch.bfloat16
 
 
+def test_cpu_dropout_add_is_the_residual_plus_the_same_dropout():
+    """One pass for a layer's output dropout and residual: the same masks as `dropout` from the same seed, the sum in
+    the residual's dtype (fp32 under autocast, the bf16 product not rounded first), gradients to both."""
+    from domainlm.encoder.dropout import dropout, dropout_add
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 64, generator=g, requires_grad=True)
+    residual = torch.randn(300, 64, generator=g, requires_grad=True)
+    torch.manual_seed(5)
+    fused = dropout_add(x, residual, 0.2, True)
+    torch.manual_seed(5)
+    plain = dropout(x, 0.2, True) + residual
+    torch.testing.assert_close(fused, plain, atol=1e-6, rtol=0)
+    fused.sum().backward()
+    kept = (plain - residual).detach() != 0
+    assert torch.equal(residual.grad, torch.ones_like(residual)) and torch.equal(x.grad, kept.float() / 0.8)
+    low = x.detach().bfloat16()
+    torch.manual_seed(5)
+    mixed = dropout_add(low, residual.detach(), 0.2, True)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, residual.detach() + low.float() * (kept.float() / 0.8), atol=1e-6, rtol=0)
+    assert torch.equal(dropout_add(x, residual, 0.2, False), x + residual)
+
+
 def test_training_forward_runs_the_cpu_kernels_with_dropout():
     """A training forward with dropout on a CPU: the products kernel and its dropout, finite, and different from
     the same forward without dropout (eval) by about what dropout 0.1 does."""

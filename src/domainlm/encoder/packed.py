@@ -23,7 +23,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from domainlm.encoder.attention import Layout, packed_attention, scatter_padded
-from domainlm.encoder.dropout import dropout
+from domainlm.encoder.dropout import dropout, dropout_add
 
 ROW_KEYS = ("input_ids", "token_type_ids", "position_ids", "seq_index")
 
@@ -108,8 +108,9 @@ def _output(block: nn.Module, hidden: torch.Tensor, residual: torch.Tensor) -> t
     """A BERT block's output (BertSelfOutput, BertOutput): dense, dropout, residual, LayerNorm, as its own forward
     computes it, with the dropout of `encoder.dropout` (fewer random draws on a CPU)."""
     drop = getattr(block, "dropout", None)
-    hidden = dropout(block.dense(hidden), drop.p if drop is not None else 0.0, block.training)
-    return block.LayerNorm(hidden + residual)
+    return block.LayerNorm(
+        dropout_add(block.dense(hidden), residual, drop.p if drop is not None else 0.0, block.training)
+    )
 
 
 def encode_packed(
