@@ -416,9 +416,10 @@ def finetune(cfg: FinetuneConfig) -> dict:
 def _runs(cfg: FinetuneConfig, found, accelerator, out: Writer) -> tuple[list[Scored], list[np.ndarray] | None]:
     """One run per seed, or per fold (each fold's held-out rows, and the --test rows, scored by its model)."""
     task: Task = found.task
-    trained = []
+    prepared = False  # a run before this one prepared a model and an optimizer with the accelerator
 
     def run(rows: Dataset, evaluated: dict[str, Dataset], seed: int, folder: Writer) -> Scored:
+        nonlocal prepared
         fit, dev = task.split(rows, cfg, seed)
         if cfg.method == "linear":
             return (
@@ -426,9 +427,9 @@ def _runs(cfg: FinetuneConfig, found, accelerator, out: Writer) -> tuple[list[Sc
                 if accelerator.is_main_process
                 else Scored({})
             )
-        if trained:  # the run before prepared its model and optimizer: let them go (a collection: 0.3 s, so only here)
+        if prepared:  # let the run before's model and optimizer go (a collection: 0.3 s, so only where one ran)
             accelerator.free_memory()
-        trained.append(seed)
+        prepared = True
         one = setup(cfg, accelerator, found.tokenizer, task.labels, fit, dev, evaluated, seed, folder)
         return finish(one, train(one))
 
